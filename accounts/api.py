@@ -1,0 +1,174 @@
+"""REST API for the current user, users (admins) and API tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts import commands, roles
+from accounts.models import APIToken, User
+from accounts.permissions import HasPerm
+from audit.actor import Actor
+
+
+def django_errors(exc: Exception) -> Exception:
+    """Map a command's Django exception onto DRF's (400 with field errors, 403)."""
+    if isinstance(exc, DjangoValidationError):
+        return ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
+    if isinstance(exc, DjangoPermissionDenied):
+        return PermissionDenied(str(exc))
+    return exc
+
+
+class UserSerializer(serializers.ModelSerializer):
+    role = serializers.CharField(read_only=True)
+
+    class Meta:
+        model = User
+        fields = ["id", "username", "email", "role", "is_active", "last_login", "date_joined"]
+        read_only_fields = fields
+
+
+class UserCreateSerializer(serializers.Serializer):
+    username = serializers.CharField(max_length=150)
+    email = serializers.EmailField(required=False, allow_blank=True)
+    password = serializers.CharField(write_only=True, min_length=8, required=False)
+    role = serializers.ChoiceField(choices=roles.ROLES)
+
+
+class RoleSerializer(serializers.Serializer):
+    role = serializers.ChoiceField(choices=roles.ROLES)
+
+
+class MeView(APIView):
+    @extend_schema(responses=UserSerializer)
+    def get(self, request: Request) -> Response:
+        data = UserSerializer(request.user).data
+        data["permissions"] = sorted(request.user.get_all_permissions())
+        data["token"] = getattr(request.auth, "key", None)
+        return Response(data)
+
+
+class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Users and their roles (admins)."""
+
+    queryset = User.objects.order_by("username").prefetch_related("groups")
+    serializer_class = UserSerializer
+    permission_classes = [HasPerm.of("accounts.manage_users")]
+    filterset_fields = ["is_active", "username"]
+
+    @extend_schema(request=UserCreateSerializer, responses={201: UserSerializer})
+    def create(self, request: Request) -> Response:
+        s = UserCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            user = commands.create_user(
+                Actor.from_request(request), by=request.user, **s.validated_data
+            )
+        except (DjangoValidationError, DjangoPermissionDenied) as exc:
+            raise django_errors(exc) from exc
+        return Response(UserSerializer(user).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=RoleSerializer, responses=UserSerializer)
+    @action(detail=True, methods=["post"])
+    def role(self, request: Request, pk: Any = None) -> Response:
+        user = self.get_object()
+        s = RoleSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            commands.set_role(
+                Actor.from_request(request), user, s.validated_data["role"], by=request.user
+            )
+        except (DjangoValidationError, DjangoPermissionDenied) as exc:
+            raise django_errors(exc) from exc
+        return Response(UserSerializer(user).data)
+
+
+class TokenSerializer(serializers.ModelSerializer):
+    username = serializers.CharField(source="user.username", read_only=True)
+    is_active = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = APIToken
+        fields = [
+            "id",
+            "key",
+            "name",
+            "username",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "read_only",
+            "allowed_ips",
+            "last_used_at",
+            "last_used_ip",
+            "is_active",
+        ]
+        read_only_fields = fields
+
+
+class TokenCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    expires_days = serializers.IntegerField(
+        min_value=1, required=False, allow_null=True, default=90
+    )
+    read_only = serializers.BooleanField(default=False)
+    allowed_ips = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list
+    )
+
+
+class TokenViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Your API tokens. The secret is in the creation response only; DELETE revokes."""
+
+    serializer_class = TokenSerializer
+    filterset_fields = ["read_only"]
+
+    def get_queryset(self) -> Any:
+        qs = APIToken.objects.select_related("user")
+        if self.request.user.has_perm("accounts.manage_all_tokens"):
+            return qs
+        return qs.filter(user=self.request.user)
+
+    @extend_schema(
+        request=TokenCreateSerializer,
+        responses={
+            201: inline_serializer(
+                "TokenCreated",
+                {"token": serializers.CharField(), "detail": TokenSerializer()},
+            )
+        },
+    )
+    def create(self, request: Request) -> Response:
+        s = TokenCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            issued = commands.create_token(
+                Actor.from_request(request), request.user, by=request.user, **s.validated_data
+            )
+        except (DjangoValidationError, DjangoPermissionDenied) as exc:
+            raise django_errors(exc) from exc
+        return Response(
+            {"token": issued.plaintext, "detail": TokenSerializer(issued.token).data},
+            status=status.HTTP_201_CREATED,
+        )
+
+    def perform_destroy(self, instance: APIToken) -> None:
+        try:
+            commands.revoke_token(Actor.from_request(self.request), instance, by=self.request.user)
+        except DjangoPermissionDenied as exc:
+            raise django_errors(exc) from exc

@@ -1,0 +1,315 @@
+"""Every change to accounts, roles, tokens and login security: one function per verb.
+
+Each takes the actor explicitly, checks, writes its rows and appends its event in one
+transaction. Views, forms and management commands call these; they never write these models or
+events themselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import Group
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from accounts import roles, tokens
+from accounts.models import APIToken, LoginState, User
+from audit import store
+from audit.actor import Actor
+
+__all__ = [
+    "IssuedToken",
+    "create_token",
+    "create_user",
+    "is_locked",
+    "record_login",
+    "record_login_failure",
+    "record_logout",
+    "record_token_rejected",
+    "revoke_token",
+    "set_active",
+    "set_role",
+    "unlock",
+]
+
+
+def _normalize_username(username: str) -> str:
+    return (username or "").strip()[:150] or "(empty)"
+
+
+def _require(actor_user: User | None, perm: str) -> None:
+    if actor_user is None or not actor_user.has_perm(perm):
+        raise PermissionDenied(f"you need the {perm} permission")
+
+
+# --- Users and roles --------------------------------------------------------------------------
+
+
+@transaction.atomic
+def create_user(
+    actor: Actor,
+    *,
+    username: str,
+    password: str | None,
+    role: str,
+    email: str = "",
+    by: User | None = None,
+    superuser: bool = False,
+) -> User:
+    """Create a user with a role. ``by`` is the acting user (None for the shell/bootstrap)."""
+    if by is not None:
+        _require(by, "accounts.manage_users")
+    if role not in roles.ROLES:
+        raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
+    user = User(username=username, email=email, is_superuser=superuser, is_staff=superuser)
+    user.full_clean(exclude=["password"])
+    if password:
+        user.set_password(password)
+    else:
+        user.set_unusable_password()
+    user.save()
+    user.groups.set([Group.objects.get(name=role)])
+    store.append(
+        "user",
+        str(user.pk),
+        "user.created",
+        {"username": user.username, "role": role, "superuser": superuser},
+        actor=actor,
+        expected_version=0,
+    )
+    return user
+
+
+@transaction.atomic
+def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> None:
+    if by is not None:
+        _require(by, "accounts.manage_users")
+        if by.pk == user.pk:
+            raise PermissionDenied("you cannot change your own role")
+    if role not in roles.ROLES:
+        raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
+    previous = user.role
+    if previous == role:
+        return
+    user.groups.remove(*Group.objects.filter(name__in=roles.ROLES))
+    user.groups.add(Group.objects.get(name=role))
+    store.append(
+        "user",
+        str(user.pk),
+        "user.role_changed",
+        {"username": user.username, "from": previous, "to": role},
+        actor=actor,
+    )
+
+
+@transaction.atomic
+def set_active(actor: Actor, user: User, active: bool, *, by: User | None = None) -> None:
+    if by is not None:
+        _require(by, "accounts.manage_users")
+        if by.pk == user.pk:
+            raise PermissionDenied("you cannot deactivate yourself")
+    if user.is_active == active:
+        return
+    user.is_active = active
+    user.save(update_fields=["is_active"])
+    if not active:
+        # A deactivated user's tokens die with the account.
+        APIToken.objects.filter(user=user, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+    store.append(
+        "user",
+        str(user.pk),
+        "user.reactivated" if active else "user.deactivated",
+        {"username": user.username},
+        actor=actor,
+    )
+
+
+# --- API tokens -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: APIToken
+    plaintext: str  # shown once, never stored
+
+
+def _validate_ips(allowed_ips: list[str]) -> list[str]:
+    out = []
+    for item in allowed_ips:
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError as exc:
+            raise ValidationError(
+                {"allowed_ips": f"{item!r} is not an IP address or network"}
+            ) from exc
+    return out
+
+
+@transaction.atomic
+def create_token(
+    actor: Actor,
+    user: User,
+    *,
+    name: str,
+    expires_days: int | None = 90,
+    read_only: bool = False,
+    allowed_ips: list[str] | None = None,
+    by: User | None = None,
+) -> IssuedToken:
+    """Issue a token for ``user``. A user may issue its own; others need manage_all_tokens."""
+    if by is not None and by.pk != user.pk:
+        _require(by, "accounts.manage_all_tokens")
+    if not user.is_active:
+        raise ValidationError({"user": "the user is inactive"})
+    name = (name or "").strip()
+    if not name or len(name) > 100:
+        raise ValidationError({"name": "a name of 1 to 100 characters is required"})
+    max_days = settings.SANDBOX_TOKEN_MAX_DAYS
+    if expires_days is not None and not (1 <= expires_days <= max_days):
+        raise ValidationError({"expires_days": f"must be between 1 and {max_days} days"})
+    ips = _validate_ips(allowed_ips or [])
+    key, secret, plaintext = tokens.generate()
+    version = settings.SANDBOX_TOKEN_PEPPER_CURRENT
+    now = timezone.now()
+    token = APIToken.objects.create(
+        key=key,
+        digest=tokens.digest(secret, version),
+        pepper_version=version,
+        user=user,
+        name=name,
+        created_at=now,
+        expires_at=now + timedelta(days=expires_days) if expires_days else None,
+        read_only=read_only,
+        allowed_ips=ips,
+    )
+    store.append(
+        "token",
+        key,
+        "token.created",
+        {
+            "token_id": key,
+            "name": name,
+            "user_id": user.pk,
+            "username": user.username,
+            "expires_at": token.expires_at.isoformat() if token.expires_at else None,
+            "read_only": read_only,
+            "allowed_ips": ips,
+        },
+        actor=actor,
+        expected_version=0,
+    )
+    return IssuedToken(token, plaintext)
+
+
+@transaction.atomic
+def revoke_token(actor: Actor, token: APIToken, *, by: User | None = None) -> bool:
+    """Revoke; False when it was already revoked (nothing recorded twice)."""
+    if by is not None and by.pk != token.user_id:
+        _require(by, "accounts.manage_all_tokens")
+    token = APIToken.objects.select_for_update().get(pk=token.pk)
+    if token.revoked_at is not None:
+        return False
+    token.revoked_at = timezone.now()
+    token.save(update_fields=["revoked_at"])
+    store.append(
+        "token",
+        token.key,
+        "token.revoked",
+        {"token_id": token.key, "name": token.name, "username": token.user.username},
+        actor=actor,
+    )
+    return True
+
+
+def record_token_rejected(actor: Actor, token: APIToken, reason: str) -> None:
+    """Record a refused use of an existing token, at most once a minute per token and reason,
+    so that a client retrying with a dead token cannot flood the log."""
+    from audit.models import Event
+
+    last = (
+        Event.objects.filter(aggregate_type="token", aggregate_id=token.key)
+        .order_by("-version")
+        .values("type", "data", "recorded_at")
+        .first()
+    )
+    if (
+        last
+        and last["type"] == "auth.token_rejected"
+        and json.loads(last["data"]).get("reason") == reason
+        and timezone.now() - last["recorded_at"] < timedelta(minutes=1)
+    ):
+        return
+    store.append(
+        "token",
+        token.key,
+        "auth.token_rejected",
+        {"token_id": token.key, "username": token.user.username, "reason": reason},
+        actor=actor,
+    )
+
+
+# --- Login security ---------------------------------------------------------------------------
+
+
+def is_locked(username: str, now: datetime | None = None) -> datetime | None:
+    """The time the lock ends, if ``username`` is locked now."""
+    state = LoginState.objects.filter(username=_normalize_username(username)).first()
+    now = now or timezone.now()
+    if state and state.locked_until and state.locked_until > now:
+        return state.locked_until
+    return None
+
+
+@transaction.atomic
+def record_login(actor: Actor, user: User) -> None:
+    store.append("account", _normalize_username(user.username), "auth.logged_in", {}, actor=actor)
+
+
+@transaction.atomic
+def record_logout(actor: Actor, user: User) -> None:
+    store.append("account", _normalize_username(user.username), "auth.logged_out", {}, actor=actor)
+
+
+@transaction.atomic
+def record_login_failure(actor: Actor, username: str, reason: str) -> datetime | None:
+    """Record a failure; lock the username when the threshold is reached. Returns the lock end."""
+    name = _normalize_username(username)
+    store.append("account", name, "auth.login_failed", {"reason": reason}, actor=actor)
+    if reason == "locked":
+        return is_locked(name)
+    # The projection was updated inline by the append above.
+    state = LoginState.objects.select_for_update().get(username=name)
+    window_start = timezone.now() - timedelta(seconds=settings.SANDBOX_LOCKOUT_WINDOW_S)
+    recent = [t for t in state.recent_failures if datetime.fromisoformat(t) >= window_start]
+    already_locked = state.locked_until is not None and state.locked_until > timezone.now()
+    if len(recent) >= settings.SANDBOX_LOCKOUT_THRESHOLD and not already_locked:
+        until = timezone.now() + timedelta(seconds=settings.SANDBOX_LOCKOUT_S)
+        store.append(
+            "account",
+            name,
+            "auth.locked_out",
+            {"until": until.isoformat(), "failures": len(recent)},
+            actor=Actor.system(name="lockout"),
+            causation_id=actor.request_id,
+        )
+        return until
+    return None
+
+
+@transaction.atomic
+def unlock(actor: Actor, username: str, *, by: User | None = None) -> bool:
+    if by is not None:
+        _require(by, "accounts.manage_users")
+    name = _normalize_username(username)
+    if is_locked(name) is None:
+        return False
+    store.append("account", name, "auth.unlocked", {}, actor=actor)
+    return True

@@ -1,0 +1,43 @@
+"""Create the first admin account if there is no user yet, and say how to log in."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+
+from accounts import commands
+from accounts.models import User
+from audit.actor import Actor
+
+
+class Command(BaseCommand):
+    help = __doc__
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("--username", default=os.environ.get("SANDBOX_ADMIN_USER", "admin"))
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        path = settings.DATA_DIR / "secrets" / "admin_password"
+        if User.objects.exists():
+            if path.exists():
+                self.stdout.write(f"Log in as {options['username']} with the password in {path}")
+            return
+        password = os.environ.get("SANDBOX_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        commands.create_user(
+            Actor.system(channel="shell", name="bootstrap_admin"),
+            username=options["username"],
+            password=password,
+            role="admin",
+            superuser=True,
+        )
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_text(password + "\n")
+        path.chmod(0o600)
+        self.stdout.write(
+            f"Created the first admin. Log in at http://127.0.0.1:8000/accounts/login/ as "
+            f"{options['username']} / {password}  (also kept in {path})"
+        )

@@ -1,0 +1,59 @@
+"""Projection of auth events into ``LoginState`` (inline: the lockout check reads it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from accounts.models import LoginState
+from audit.projections import Projector, register
+from audit.store import RecordedEvent
+
+MAX_RECENT_FAILURES = 50
+
+
+@register
+class LoginStateProjector(Projector):
+    name = "accounts.login_state"
+    event_types = frozenset(
+        {"auth.login_failed", "auth.logged_in", "auth.locked_out", "auth.unlocked"}
+    )
+    inline = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        names = {e.aggregate_id for e in events}
+        states = {s.username: s for s in LoginState.objects.filter(username__in=names)}
+        created: set[str] = set()
+        for e in events:
+            state = states.get(e.aggregate_id)
+            if state is None:
+                state = states[e.aggregate_id] = LoginState(username=e.aggregate_id)
+                created.add(e.aggregate_id)
+            at = e.recorded_at
+            if e.type == "auth.login_failed":
+                state.recent_failures = (state.recent_failures + [at.isoformat()])[
+                    -MAX_RECENT_FAILURES:
+                ]
+                state.failure_count += 1
+                state.last_failure_at = at
+            elif e.type == "auth.logged_in":
+                state.recent_failures = []
+                state.last_login_at = at
+            elif e.type == "auth.locked_out":
+                state.locked_until = datetime.fromisoformat(e.data["until"])
+                state.recent_failures = []
+            elif e.type == "auth.unlocked":
+                state.locked_until = None
+                state.recent_failures = []
+        LoginState.objects.bulk_create([states[n] for n in created])
+        fields = [
+            "recent_failures",
+            "failure_count",
+            "locked_until",
+            "last_login_at",
+            "last_failure_at",
+        ]
+        LoginState.objects.bulk_update([s for n, s in states.items() if n not in created], fields)
+
+    def reset(self) -> None:
+        LoginState.objects.all().delete()

@@ -1,0 +1,75 @@
+"""Roles as groups of permissions: admin, operator, viewer, auditor.
+
+Each user holds one role. The permission lists name codenames as ``app_label.codename``; a
+codename whose model does not exist yet is skipped, and ``sync_roles`` runs after every migrate, so
+a new app's permissions join their roles as soon as its migration runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth.models import Group, Permission
+
+ADMIN, OPERATOR, VIEWER, AUDITOR = "admin", "operator", "viewer", "auditor"
+ROLES = (ADMIN, OPERATOR, VIEWER, AUDITOR)
+
+# Guest permissions that a role or a token may hold a subset of (see vms).
+VM_VIEW = ["vms.view_virtualmachine", "vms.view_snapshot"]
+VM_DRIVE = [
+    "vms.add_virtualmachine",
+    "vms.operate_vm",
+    "vms.delete_virtualmachine",
+    "vms.exec_vm",
+    "vms.read_files",
+    "vms.write_files",
+    "vms.console_vm",
+    "vms.snapshot_vm",
+    "vms.rollback_snapshot",
+]
+AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
+
+ROLE_PERMISSIONS: dict[str, list[str]] = {
+    ADMIN: ["*"],
+    OPERATOR: VM_VIEW + VM_DRIVE,
+    VIEWER: VM_VIEW,
+    AUDITOR: VM_VIEW + AUDIT,
+}
+
+
+def role_of(user: Any) -> str:
+    if getattr(user, "is_superuser", False):
+        return ADMIN
+    names = {g.name for g in user.groups.all()} if user.pk else set()
+    for role in ROLES:
+        if role in names:
+            return role
+    return ""
+
+
+def _permissions(spec: list[str]) -> list[Permission]:
+    if spec == ["*"]:
+        return list(Permission.objects.all())
+    found = []
+    for dotted in spec:
+        app_label, codename = dotted.split(".", 1)
+        perm = Permission.objects.filter(
+            content_type__app_label=app_label, codename=codename
+        ).first()
+        if perm is not None:
+            found.append(perm)
+    return found
+
+
+def sync_roles() -> None:
+    for role, spec in ROLE_PERMISSIONS.items():
+        group, _ = Group.objects.get_or_create(name=role)
+        group.permissions.set(_permissions(spec))
+
+
+def sync_roles_after_migrate(sender: Any = None, **kwargs: Any) -> None:
+    """post_migrate fires once per app; sync after the last one, when all permissions exist."""
+    from django.apps import apps
+
+    if sender is list(apps.get_app_configs())[-1]:
+        sync_roles()

@@ -1,0 +1,61 @@
+"""Every event type the product records, in one place, each with its schema version.
+
+Types are named in the past tense. Adding a type: add it here with ``schema_version=1``; changing
+the shape of its data: bump the version and keep projectors able to read the old one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["EventType", "get", "all_types", "types_for"]
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    name: str
+    aggregate_type: str
+    schema_version: int
+    category: str  # access, change, data, monitoring, operations
+    description: str
+
+
+_TYPES: dict[str, EventType] = {}
+
+
+def _define(name: str, aggregate: str, category: str, description: str, version: int = 1) -> None:
+    _TYPES[name] = EventType(name, aggregate, version, category, description)
+
+
+# Accounts and access (security events).
+_define("auth.logged_in", "account", "access", "A user logged in to the dashboard.")
+_define("auth.logged_out", "account", "access", "A user logged out.")
+_define("auth.login_failed", "account", "access", "A login attempt failed (reason in data).")
+_define("auth.locked_out", "account", "access", "Repeated failures locked an account.")
+_define("auth.unlocked", "account", "access", "An administrator unlocked an account.")
+_define("auth.token_rejected", "token", "access", "An existing API token was refused.")
+_define("user.created", "user", "access", "A user account was created.")
+_define("user.role_changed", "user", "access", "A user's role changed.")
+_define("user.deactivated", "user", "access", "A user account was deactivated.")
+_define("user.reactivated", "user", "access", "A user account was reactivated.")
+_define("user.password_changed", "user", "access", "A user's password was changed.")
+_define("token.created", "token", "access", "An API token was created (secret shown once).")
+_define("token.revoked", "token", "access", "An API token was revoked.")
+
+# The audit log itself.
+_define("audit.digest_signed", "audit", "monitoring", "A signed digest covers a range of events.")
+_define("audit.chain_verified", "audit", "monitoring", "A chain verification ran (result in data).")
+_define("audit.projection_rebuilt", "audit", "monitoring", "A projection was rebuilt from zero.")
+_define("audit.exported", "audit", "data", "An audit report or evidence bundle was exported.")
+
+
+def get(name: str) -> EventType | None:
+    return _TYPES.get(name)
+
+
+def all_types() -> list[EventType]:
+    return sorted(_TYPES.values(), key=lambda t: t.name)
+
+
+def types_for(category: str) -> frozenset[str]:
+    return frozenset(t.name for t in _TYPES.values() if t.category == category)

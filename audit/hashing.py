@@ -1,0 +1,94 @@
+"""The canonical encoding of an event and its chain hash.
+
+The hash covers every recorded field except ``position``: order is proven by the chain itself
+(each hash covers the previous one), so a verifier re-derives positions from the links and can
+tell a reordered row from an altered one. ``data`` is stored as the exact canonical JSON text
+that was hashed, so verification needs no re-encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = [
+    "GENESIS_HASH",
+    "HASHED_FIELDS",
+    "canonical_json",
+    "check_data",
+    "event_hash",
+    "format_time",
+]
+
+GENESIS_HASH = "0" * 64
+
+# Every field but ``data`` (appended verbatim) and ``position``, in a fixed order.
+HASHED_FIELDS = (
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "type",
+    "schema_version",
+    "actor_type",
+    "actor_id",
+    "actor_name",
+    "token_id",
+    "channel",
+    "source_ip",
+    "request_id",
+    "correlation_id",
+    "causation_id",
+    "recorded_at",
+)
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 text; NaN and infinities are refused."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _check_json(value: Any, path: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{path}: {value} is not valid JSON")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{path}: NUL characters cannot be stored")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{path}: keys must be strings, got {k!r}")
+            _check_json(v, f"{path}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_json(v, f"{path}[{i}]")
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        raise ValueError(f"{path}: {type(value).__name__} is not JSON")
+
+
+def check_data(data: Any) -> str:
+    """Validate event data and return its canonical JSON text."""
+    if not isinstance(data, Mapping):
+        raise ValueError("event data must be a JSON object")
+    _check_json(data, "data")
+    return canonical_json(data)
+
+
+def event_hash(fields: Mapping[str, Any], data_json: str, prev_hash: str) -> str:
+    parts = []
+    for name in HASHED_FIELDS:
+        value = fields[name]
+        if isinstance(value, datetime):
+            value = format_time(value)
+        parts.append("" if value is None else str(value))
+    header = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(f"{prev_hash}\n{header}\n{data_json}".encode()).hexdigest()

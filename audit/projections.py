@@ -1,0 +1,182 @@
+"""Projections: read models folded from the log, each applied exactly once.
+
+A projector declares the event types it reads. Its checkpoint row (name, position) is written in
+the same transaction as its read-model rows: a crash leaves both or neither. Inline projectors
+run inside the append transaction (a read after a write sees it); the others follow the log from
+their checkpoint (``run_pending``), in the worker. ``rebuild`` resets a projection and replays
+the whole log; the result must equal the incrementally built one.
+
+Projectors get events in batches so that a rebuild can fold many events in memory and write
+each row once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import ClassVar
+
+from django.db import connection, transaction
+from django.utils.module_loading import autodiscover_modules
+
+from audit.models import ProjectionCheckpoint
+from audit.store import RecordedEvent, head, iter_events
+
+__all__ = [
+    "Projector",
+    "apply_inline",
+    "get",
+    "lag_by_projection",
+    "rebuild",
+    "register",
+    "registry",
+    "run_pending",
+]
+
+log = logging.getLogger("sandbox.audit.projections")
+
+
+class Projector:
+    """Subclass, set ``name`` and ``event_types``, implement ``handle`` and ``reset``."""
+
+    name: ClassVar[str]
+    event_types: ClassVar[frozenset[str]]
+    inline: ClassVar[bool] = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Delete every row of this projection's read model."""
+        raise NotImplementedError
+
+
+_registry: dict[str, Projector] = {}
+_inline: list[Projector] = []
+_discovered = False
+
+
+def register(cls: type[Projector]) -> type[Projector]:
+    """Class decorator: register a projector (one instance per process)."""
+    instance = cls()
+    if cls.name in _registry and type(_registry[cls.name]) is not cls:
+        raise ValueError(f"two projectors named {cls.name}")
+    _registry[cls.name] = instance
+    _inline[:] = [p for p in _registry.values() if p.inline]
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if not _discovered:
+        autodiscover_modules("projectors")
+        _discovered = True
+
+
+def registry() -> dict[str, Projector]:
+    _discover()
+    return dict(_registry)
+
+
+def get(name: str) -> Projector:
+    _discover()
+    try:
+        return _registry[name]
+    except KeyError:
+        known = ", ".join(sorted(_registry)) or "none"
+        raise KeyError(f"no projection named {name!r} (known: {known})") from None
+
+
+def _save_checkpoint(name: str, position: int) -> None:
+    table = ProjectionCheckpoint._meta.db_table
+    with connection.cursor() as cur:
+        cur.execute(
+            f"UPDATE {table} SET position = %s, updated_at = CURRENT_TIMESTAMP WHERE name = %s",
+            [position, name],
+        )
+        if cur.rowcount == 0:
+            cur.execute(
+                f"INSERT INTO {table} (name, position, updated_at) "
+                "VALUES (%s, %s, CURRENT_TIMESTAMP)",
+                [name, position],
+            )
+
+
+def apply_inline(events: Sequence[RecordedEvent]) -> None:
+    """Called by the store inside the append transaction."""
+    _discover()
+    for projector in _inline:
+        relevant = [e for e in events if e.type in projector.event_types]
+        if relevant:
+            projector.handle(relevant)
+            _save_checkpoint(projector.name, relevant[-1].position)
+
+
+def _checkpoint_for_update(name: str) -> int:
+    """The checkpoint, row-locked so that two followers never apply the same batch."""
+    ProjectionCheckpoint.objects.get_or_create(name=name)
+    return ProjectionCheckpoint.objects.select_for_update().get(name=name).position
+
+
+def run_pending(name: str | None = None, *, batch: int = 2000, max_batches: int = 50) -> int:
+    """Advance followed (not inline) projections; returns how many events were applied."""
+    applied = 0
+    for projector in registry().values():
+        if projector.inline or (name and projector.name != name):
+            continue
+        for _ in range(max_batches):
+            with transaction.atomic():
+                position = _checkpoint_for_update(projector.name)
+                # Appends commit in position order, so everything up to the head is visible:
+                # after the last relevant event the checkpoint can move to the head itself.
+                until = head()[0]
+                if until <= position:
+                    break
+                batch_events = next(
+                    iter_events(position, until=until, types=projector.event_types, batch=batch),
+                    [],
+                )
+                if batch_events:
+                    projector.handle(batch_events)
+                    applied += len(batch_events)
+                done = len(batch_events) < batch
+                _save_checkpoint(projector.name, until if done else batch_events[-1].position)
+            if done:
+                break
+    return applied
+
+
+def rebuild(name: str, *, batch: int = 5000) -> int:
+    """Reset one projection and replay the whole log into it, in one transaction.
+
+    For an inline projection the event table is locked meanwhile, so no append can slip in
+    between the replay and the switch back to inline application. Returns events applied.
+    """
+    from audit.store import _lock
+
+    projector = get(name)
+    count = 0
+    with transaction.atomic():
+        if projector.inline:
+            _lock()
+        else:
+            _checkpoint_for_update(projector.name)
+        projector.reset()
+        until = head()[0]
+        for events in iter_events(0, until=until, types=projector.event_types, batch=batch):
+            projector.handle(events)
+            count += len(events)
+        _save_checkpoint(projector.name, until)
+    log.info("projection rebuilt", extra={"projection": name, "events": count})
+    return count
+
+
+def lag_by_projection(head_position: int | None = None) -> dict[str, int]:
+    """For followed projections: events of their types past their checkpoint."""
+    position = head()[0] if head_position is None else head_position
+    checkpoints = dict(ProjectionCheckpoint.objects.values_list("name", "position"))
+    return {
+        name: max(0, position - checkpoints.get(name, 0))
+        for name, projector in registry().items()
+        if not projector.inline
+    }

@@ -1,0 +1,392 @@
+"""Appending to and reading from the event store.
+
+Appends are serialized: on PostgreSQL an EXCLUSIVE lock on the event table (readers go on; a
+lock timeout turns into ``EventStoreUnavailable``), on SQLite the write lock that an IMMEDIATE
+transaction takes at BEGIN. Under that lock the next position is the last one plus one, so
+positions are gap-free and commit order equals position order: a reader that tails by position
+never skips a late commit. The per-aggregate version is checked under the same lock (a stale
+writer gets ``ConcurrencyError``) and backed by a unique constraint.
+
+Inline projections run in the same transaction, so a read after a write sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+
+from audit import catalogue
+from audit.actor import Actor
+from audit.errors import ConcurrencyError, EventStoreUnavailable, InvalidEvent
+from audit.hashing import GENESIS_HASH, check_data, event_hash
+from audit.models import Event
+
+__all__ = [
+    "ANY_VERSION",
+    "PendingEvent",
+    "RecordedEvent",
+    "append",
+    "append_many",
+    "aggregate_version",
+    "head",
+    "iter_events",
+]
+
+log = logging.getLogger("sandbox.audit")
+
+ANY_VERSION = -1  # append without an optimistic concurrency check (security events)
+
+TABLE = Event._meta.db_table
+COLUMNS = (
+    "position",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "type",
+    "schema_version",
+    "data",
+    "actor_type",
+    "actor_id",
+    "actor_name",
+    "token_id",
+    "channel",
+    "source_ip",
+    "request_id",
+    "correlation_id",
+    "causation_id",
+    "recorded_at",
+    "prev_hash",
+    "hash",
+)
+_SELECT = ", ".join(COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingEvent:
+    """An event to append. ``expected_version`` is the aggregate's version the caller saw."""
+
+    aggregate_type: str
+    aggregate_id: str
+    type: str
+    data: dict[str, Any] = field(default_factory=dict)
+    expected_version: int = ANY_VERSION
+    causation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """An event as stored; what projectors, followers and exports see."""
+
+    position: int
+    event_id: str
+    aggregate_type: str
+    aggregate_id: str
+    version: int
+    type: str
+    schema_version: int
+    data_json: str
+    actor_type: str
+    actor_id: str
+    actor_name: str
+    token_id: str
+    channel: str
+    source_ip: str
+    request_id: str
+    correlation_id: str
+    causation_id: str
+    recorded_at: datetime
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.data_json)
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """Column name to stored value (``data`` is the canonical JSON text)."""
+        return {name: self.data_json if name == "data" else getattr(self, name) for name in COLUMNS}
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.hashed_fields()
+        out["recorded_at"] = self.recorded_at.astimezone(UTC).isoformat(timespec="microseconds")
+        out["data"] = self.data
+        return out
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RecordedEvent:
+        values = list(row)
+        values[1] = str(uuid.UUID(str(values[1])))
+        recorded = values[17]
+        if isinstance(recorded, str):
+            recorded = datetime.fromisoformat(recorded)
+        if recorded.tzinfo is None:
+            recorded = recorded.replace(tzinfo=UTC)
+        values[17] = recorded
+        values[13] = values[13] or ""
+        return cls(*values)
+
+
+def _prep_uuid(value: uuid.UUID) -> Any:
+    return value if connection.vendor == "postgresql" else value.hex
+
+
+def _prep_time(value: datetime) -> Any:
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _lock() -> None:
+    """Serialize appenders for the rest of this transaction."""
+    if connection.vendor == "postgresql":
+        timeout = int(settings.SANDBOX_EVENT_LOCK_TIMEOUT_MS)
+        with connection.cursor() as cur:
+            cur.execute(
+                f"SET LOCAL lock_timeout = '{timeout}ms'; LOCK TABLE {TABLE} IN EXCLUSIVE MODE"
+            )
+    # SQLite: the IMMEDIATE transaction already holds the database's write lock.
+
+
+def head() -> tuple[int, str]:
+    """(last position, last hash); (0, GENESIS_HASH) for an empty store."""
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT position, hash FROM {TABLE} ORDER BY position DESC LIMIT 1")
+        row = cur.fetchone()
+    return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+
+def aggregate_version(aggregate_type: str, aggregate_id: str) -> int:
+    with connection.cursor() as cur:
+        cur.execute(
+            f"SELECT COALESCE(MAX(version), 0) FROM {TABLE} "
+            "WHERE aggregate_type = %s AND aggregate_id = %s",
+            [aggregate_type, aggregate_id],
+        )
+        return cur.fetchone()[0]
+
+
+def _head_and_versions(keys: list[tuple[str, str]]) -> tuple[int, str, dict[tuple[str, str], int]]:
+    with connection.cursor() as cur:
+        if len(keys) == 1:
+            # One round trip for the common single-aggregate command.
+            cur.execute(
+                f"SELECT h.position, h.hash, v.version FROM "
+                f"(SELECT COALESCE(MAX(version), 0) AS version FROM {TABLE} "
+                f" WHERE aggregate_type = %s AND aggregate_id = %s) v "
+                f"LEFT JOIN (SELECT position, hash FROM {TABLE} "
+                f" ORDER BY position DESC LIMIT 1) h ON 1 = 1",
+                list(keys[0]),
+            )
+            position, last_hash, version = cur.fetchone()
+            versions = {keys[0]: version}
+        else:
+            cur.execute(f"SELECT position, hash FROM {TABLE} ORDER BY position DESC LIMIT 1")
+            row = cur.fetchone()
+            position, last_hash = row if row else (None, None)
+            versions = dict.fromkeys(keys, 0)
+            # Chunked OR of pairs: portable, and indexes serve each pair.
+            for i in range(0, len(keys), 200):
+                chunk = keys[i : i + 200]
+                where = " OR ".join(["(aggregate_type = %s AND aggregate_id = %s)"] * len(chunk))
+                params = [p for key in chunk for p in key]
+                cur.execute(
+                    f"SELECT aggregate_type, aggregate_id, MAX(version) FROM {TABLE} "
+                    f"WHERE {where} GROUP BY aggregate_type, aggregate_id",
+                    params,
+                )
+                for atype, aid, version in cur.fetchall():
+                    versions[(atype, aid)] = version
+    return (position or 0), (last_hash or GENESIS_HASH), versions
+
+
+def append(
+    aggregate_type: str,
+    aggregate_id: str,
+    type: str,
+    data: dict[str, Any] | None = None,
+    *,
+    actor: Actor,
+    expected_version: int = ANY_VERSION,
+    causation_id: str = "",
+    correlation_id: str = "",
+) -> RecordedEvent:
+    """Append one event; see ``append_many``."""
+    return append_many(
+        [
+            PendingEvent(
+                aggregate_type, aggregate_id, type, data or {}, expected_version, causation_id
+            )
+        ],
+        actor=actor,
+        correlation_id=correlation_id,
+    )[0]
+
+
+def append_many(
+    pending: Sequence[PendingEvent], *, actor: Actor, correlation_id: str = ""
+) -> list[RecordedEvent]:
+    """Append events atomically, in order, and apply inline projections to them.
+
+    Joins the caller's transaction when there is one, so that the caller's read-model writes and
+    the events commit together; otherwise opens its own. Raises ``ConcurrencyError`` for a stale
+    ``expected_version``, ``EventStoreUnavailable`` when the store cannot take the events (the
+    caller must then not act), ``InvalidEvent`` for an unknown type or non-JSON data.
+    """
+    if not pending:
+        return []
+    prepared = []
+    for p in pending:
+        spec = catalogue.get(p.type)
+        if spec is None:
+            raise InvalidEvent(f"unknown event type {p.type!r}: add it to audit.catalogue")
+        if spec.aggregate_type != p.aggregate_type:
+            raise InvalidEvent(f"{p.type} belongs to {spec.aggregate_type}, not {p.aggregate_type}")
+        if not p.aggregate_id or len(p.aggregate_id) > 64:
+            raise InvalidEvent("aggregate id must be 1 to 64 characters")
+        try:
+            data_json = check_data(p.data)
+        except ValueError as exc:
+            raise InvalidEvent(str(exc)) from exc
+        prepared.append((p, spec.schema_version, data_json))
+
+    correlation = correlation_id or actor.request_id or uuid.uuid4().hex
+    actor_fields = actor.as_fields()
+    actor_fields["source_ip"] = actor_fields["source_ip"] or ""
+    try:
+        with transaction.atomic(savepoint=False):
+            _lock()
+            keys = list(dict.fromkeys((p.aggregate_type, p.aggregate_id) for p in pending))
+            position, prev_hash, versions = _head_and_versions(keys)
+            now = datetime.now(UTC)
+            recorded: list[RecordedEvent] = []
+            rows: list[Any] = []
+            for p, schema_version, data_json in prepared:
+                key = (p.aggregate_type, p.aggregate_id)
+                current = versions[key]
+                if p.expected_version != ANY_VERSION and p.expected_version != current:
+                    from sandbox_site.metrics import APPEND_FAILURES
+
+                    APPEND_FAILURES.labels("conflict").inc()
+                    raise ConcurrencyError(
+                        p.aggregate_type, p.aggregate_id, p.expected_version, current
+                    )
+                versions[key] = current + 1
+                position += 1
+                event_id = uuid.uuid4()
+                fields = {
+                    "event_id": event_id,
+                    "aggregate_type": p.aggregate_type,
+                    "aggregate_id": p.aggregate_id,
+                    "version": current + 1,
+                    "type": p.type,
+                    "schema_version": schema_version,
+                    **actor_fields,
+                    "correlation_id": correlation,
+                    "causation_id": p.causation_id,
+                    "recorded_at": now,
+                }
+                digest = event_hash(fields, data_json, prev_hash)
+                event = RecordedEvent(
+                    position=position,
+                    event_id=str(event_id),
+                    aggregate_type=p.aggregate_type,
+                    aggregate_id=p.aggregate_id,
+                    version=current + 1,
+                    type=p.type,
+                    schema_version=schema_version,
+                    data_json=data_json,
+                    actor_type=actor_fields["actor_type"],
+                    actor_id=actor_fields["actor_id"],
+                    actor_name=actor_fields["actor_name"],
+                    token_id=actor_fields["token_id"],
+                    channel=actor_fields["channel"],
+                    source_ip=actor_fields["source_ip"],
+                    request_id=actor_fields["request_id"],
+                    correlation_id=correlation,
+                    causation_id=p.causation_id,
+                    recorded_at=now,
+                    prev_hash=prev_hash,
+                    hash=digest,
+                )
+                recorded.append(event)
+                row = list(event.hashed_fields().values())
+                row[1] = _prep_uuid(event_id)
+                row[17] = _prep_time(now)
+                rows.append(row)
+                prev_hash = digest
+            _insert(rows)
+            from audit import projections
+
+            projections.apply_inline(recorded)
+    except (ConcurrencyError, InvalidEvent):
+        raise
+    except IntegrityError as exc:
+        # The unique (aggregate, version) key is the backstop behind the check above.
+        raise ConcurrencyError(pending[0].aggregate_type, pending[0].aggregate_id, -1, -1) from exc
+    except (OperationalError, InterfaceError) as exc:
+        from sandbox_site.metrics import APPEND_FAILURES
+
+        APPEND_FAILURES.labels("unavailable").inc()
+        raise EventStoreUnavailable(f"event store unavailable: {exc}") from exc
+
+    from sandbox_site.metrics import EVENTS_APPENDED
+
+    for event in recorded:
+        EVENTS_APPENDED.labels(event.type).inc()
+    return recorded
+
+
+def _insert(rows: list[list[Any]]) -> None:
+    placeholders = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
+    with connection.cursor() as cur:
+        for i in range(0, len(rows), 500):
+            chunk = rows[i : i + 500]
+            cur.execute(
+                f"INSERT INTO {TABLE} ({_SELECT}) VALUES " + ", ".join([placeholders] * len(chunk)),
+                [v for row in chunk for v in row],
+            )
+
+
+def iter_events(
+    after: int = 0,
+    *,
+    until: int | None = None,
+    types: frozenset[str] | None = None,
+    batch: int = 5000,
+) -> Iterator[list[RecordedEvent]]:
+    """Batches of events in position order, from ``after`` (exclusive) to ``until`` (inclusive).
+
+    Keyset pagination by position: constant memory, no long-lived server-side cursor.
+    """
+    position = after
+    type_filter = ""
+    type_params: list[Any] = []
+    if types is not None:
+        if not types:
+            return
+        type_filter = " AND type IN (" + ", ".join(["%s"] * len(types)) + ")"
+        type_params = sorted(types)
+    while True:
+        upper = "" if until is None else " AND position <= %s"
+        params: list[Any] = [position] + ([] if until is None else [until]) + type_params + [batch]
+        with connection.cursor() as cur:
+            cur.execute(
+                f"SELECT {_SELECT} FROM {TABLE} WHERE position > %s{upper}{type_filter} "
+                "ORDER BY position LIMIT %s",
+                params,
+            )
+            rows = cur.fetchall()
+        if not rows:
+            return
+        events = [RecordedEvent.from_row(r) for r in rows]
+        yield events
+        position = events[-1].position
+        if len(rows) < batch:
+            return

@@ -1,0 +1,296 @@
+"""Settings, read once from the environment.
+
+Embedded defaults run everything on one machine (SQLite, the django-q2 ORM broker, the in-memory
+channel layer); ``DATABASE_URL`` and ``REDIS_URL`` switch to PostgreSQL and Redis. Secrets that
+are not given are generated once into ``$SANDBOX_DATA_DIR/secrets/`` so that a restart keeps
+sessions, tokens and signatures valid.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off", ""}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be a boolean (true/false), got {value!r}")
+
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
+
+
+DATA_DIR = Path(os.environ.get("SANDBOX_DATA_DIR", BASE_DIR / "var")).resolve()
+TESTING = "pytest" in sys.modules or env_bool("SANDBOX_TESTING")
+
+
+def persistent_secret(name: str, env_name: str, nbytes: int = 48) -> str:
+    """The secret from the environment, else one generated once and kept in the data dir."""
+    if value := os.environ.get(env_name):
+        return value
+    path = DATA_DIR / "secrets" / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(nbytes)
+    # O_EXCL: two processes starting together must agree on one secret.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+    return value
+
+
+SECRET_KEY = persistent_secret("django_secret_key", "DJANGO_SECRET_KEY")
+DEBUG = env_bool("DJANGO_DEBUG", False)
+ALLOWED_HOSTS = [
+    h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+]
+if TESTING:
+    ALLOWED_HOSTS += ["testserver"]
+CSRF_TRUSTED_ORIGINS = [
+    o.strip() for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
+]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "django_q",
+    "audit",
+    "accounts",
+    "vms",
+]
+
+MIDDLEWARE = [
+    "sandbox_site.middleware.RequestContextMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "sandbox_site.middleware.EventStoreUnavailableMiddleware",
+]
+
+ROOT_URLCONF = "sandbox_site.urls"
+WSGI_APPLICATION = None
+ASGI_APPLICATION = "sandbox_site.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "accounts.context_processors.roles",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+DATABASE_URL = os.environ.get("DATABASE_URL", "")
+if DATABASE_URL:
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+else:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "sandbox.sqlite3",
+            # IMMEDIATE: a write transaction takes SQLite's write lock at BEGIN, so appends are
+            # serialized without lock upgrades that deadlock; WAL lets readers run meanwhile.
+            "OPTIONS": {
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": str(DATA_DIR / "test.sqlite3")},
+        }
+    }
+DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# How long an append waits for the event store lock before the action is refused (503).
+SANDBOX_EVENT_LOCK_TIMEOUT_MS = env_int("SANDBOX_EVENT_LOCK_TIMEOUT_MS", 5000)
+
+# --- Redis: channel layer and task broker -----------------------------------------------------
+REDIS_URL = os.environ.get("REDIS_URL", "")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": os.environ.get("SANDBOX_REDIS_PREFIX", "sbx"),
+            },
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+Q_CLUSTER: dict[str, object] = {
+    "name": os.environ.get("SANDBOX_QUEUE", "sandbox"),
+    "workers": env_int("SANDBOX_WORKERS", 2),
+    # timeout below retry, finite attempts: a long task is never delivered twice while running.
+    "timeout": env_int("SANDBOX_TASK_TIMEOUT", 600),
+    "retry": env_int("SANDBOX_TASK_TIMEOUT", 600) + 60,
+    "max_attempts": 3,
+    "ack_failures": True,
+    "catch_up": False,
+    "label": "Tasks",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- Auth -------------------------------------------------------------------------------------
+AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = ["accounts.backends.LockoutModelBackend"]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+if TESTING:
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Lockout: this many failed logins for one username within the window locks it for LOCKOUT_S.
+SANDBOX_LOCKOUT_THRESHOLD = env_int("SANDBOX_LOCKOUT_THRESHOLD", 5)
+SANDBOX_LOCKOUT_WINDOW_S = env_int("SANDBOX_LOCKOUT_WINDOW_S", 900)
+SANDBOX_LOCKOUT_S = env_int("SANDBOX_LOCKOUT_S", 900)
+
+# API token peppers, by version: tokens keep the version they were hashed with, so a new pepper
+# can be added (and made current) without invalidating existing tokens.
+SANDBOX_TOKEN_PEPPERS = {1: persistent_secret("token_pepper_v1", "SANDBOX_TOKEN_PEPPER_V1")}
+if extra := os.environ.get("SANDBOX_TOKEN_PEPPER_V2"):
+    SANDBOX_TOKEN_PEPPERS[2] = extra
+SANDBOX_TOKEN_PEPPER_CURRENT = max(SANDBOX_TOKEN_PEPPERS)
+SANDBOX_TOKEN_MAX_DAYS = env_int("SANDBOX_TOKEN_MAX_DAYS", 365)
+
+# Key for HMAC-SHA256 signed digests over event ranges.
+SANDBOX_DIGEST_HMAC_KEYS = {"hmac-1": persistent_secret("digest_hmac_1", "SANDBOX_DIGEST_HMAC_KEY")}
+SANDBOX_DIGEST_HMAC_CURRENT = "hmac-1"
+
+# --- API --------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "accounts.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "accounts.permissions.TokenWriteAllowed",
+    ],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "EXCEPTION_HANDLER": "sandbox_site.api.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MicroVM Sandbox API",
+    "DESCRIPTION": "Create, run, snapshot and audit hardware-isolated microVM sandboxes.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+}
+
+# --- Static files, i18n ----------------------------------------------------------------------
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "staticfiles"
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+X_FRAME_OPTIONS = "DENY"
+
+# --- Logging: one JSON object per line, with the request id of the request being served -----
+LOG_LEVEL = os.environ.get("SANDBOX_LOG_LEVEL", "INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"context": {"()": "sandbox_site.logging.ContextFilter"}},
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "timestamp": False,
+            "datefmt": "%Y-%m-%dT%H:%M:%S%z",
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json",
+            "filters": ["context"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+        "django.request": {"level": "ERROR"},
+    },
+}
+
+# --- The product ------------------------------------------------------------------------------
+SANDBOX_HYPERVISOR = os.environ.get("SANDBOX_HYPERVISOR", "auto")
+if SANDBOX_HYPERVISOR not in {"auto", "cloud-hypervisor", "qemu"}:
+    raise ImproperlyConfigured(
+        f"SANDBOX_HYPERVISOR must be auto, cloud-hypervisor or qemu, got {SANDBOX_HYPERVISOR!r}"
+    )
+SANDBOX_RUNTIME_DIR = Path(os.environ.get("SANDBOX_RUNTIME_DIR", "/run/microvm-sandbox"))
+SANDBOX_AUDIT_RETENTION_DAYS = env_int("SANDBOX_AUDIT_RETENTION_DAYS", 7 * 365)

@@ -1,0 +1,32 @@
+"""URL map: dashboard, accounts, API v1 (with its schema and docs), health and metrics."""
+
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from accounts.api import MeView, TokenViewSet, UserViewSet
+from audit.api import EventViewSet
+from sandbox_site import health, metrics, views
+
+router = DefaultRouter()
+router.register("tokens", TokenViewSet, basename="token")
+router.register("users", UserViewSet, basename="user")
+router.register("events", EventViewSet, basename="event")
+
+api_v1 = [
+    path("", include(router.urls)),
+    path("me/", MeView.as_view(), name="me"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("accounts/", include("accounts.urls")),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include(api_v1)),
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
+]

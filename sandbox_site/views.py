@@ -1,0 +1,19 @@
+"""The dashboard's home page."""
+
+from __future__ import annotations
+
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from audit.models import Event
+
+
+@login_required
+def home(request: HttpRequest) -> HttpResponse:
+    user = request.user
+    if user.has_perm("audit.view_audit_trail"):
+        events = Event.objects.order_by("-position")[:25]
+    else:
+        events = Event.objects.filter(actor_id=str(user.pk)).order_by("-position")[:25]
+    return render(request, "home.html", {"events": events})

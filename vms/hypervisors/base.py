@@ -1,0 +1,210 @@
+"""The contract every VMM driver satisfies, and the value types that cross it.
+
+Nothing outside ``vms/hypervisors/`` knows a VMM's wire format: callers build a ``VMSpec``, give
+each VM a ``RuntimeDir`` and talk to the driver through the ``Hypervisor`` protocol below. Drivers
+are plain Python (no Django imports) so that they can be driven from tests, benches and workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "BootMode",
+    "DiskSpec",
+    "HypervisorError",
+    "Hypervisor",
+    "NetSpec",
+    "NotSupported",
+    "RuntimeDir",
+    "SnapshotFiles",
+    "VMInfo",
+    "VMSpec",
+    "VMState",
+]
+
+
+class HypervisorError(RuntimeError):
+    """A VMM refused or failed an operation; ``str()`` is a reason fit to show an operator."""
+
+
+class NotSupported(HypervisorError):
+    """The operation cannot be done with this VMM or machine type (e.g. vCPU hotplug on microvm)."""
+
+
+BootMode = Literal["linux", "uefi"]
+
+
+class VMState(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    DEAD = "dead"  # no VMM process
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    path: Path
+    readonly: bool = False
+    format: Literal["raw", "qcow2"] = "raw"
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    tap: str
+    mac: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything a VMM needs to start one guest. Paths are absolute host paths."""
+
+    vm_id: str
+    boot: BootMode = "linux"
+    vcpus: int = 1
+    max_vcpus: int | None = None
+    memory_mib: int = 256
+    max_memory_mib: int | None = None
+    kernel: Path | None = None
+    initramfs: Path | None = None
+    cmdline: str = ""
+    firmware_code: Path | None = None  # UEFI code (OVMF_CODE.fd / CLOUDHV.fd)
+    firmware_vars: Path | None = None  # per-VM writable copy of the UEFI variable store
+    disks: tuple[DiskSpec, ...] = ()
+    nets: tuple[NetSpec, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def replace(self, **changes: object) -> VMSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RuntimeDir:
+    """The per-VM directory holding the VMM's sockets, pidfile and log.
+
+    Unix socket paths are limited to 107 bytes, so keep the root short.
+    """
+
+    root: Path
+
+    @property
+    def control_socket(self) -> Path:  # QMP for QEMU, the REST API for Cloud Hypervisor
+        return self.root / "control.sock"
+
+    @property
+    def serial_socket(self) -> Path:
+        return self.root / "console.sock"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "vmm.pid"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.root / "vmm.log"
+
+    def create(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def pid(self) -> int | None:
+        try:
+            return int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    state: VMState
+    pid: int | None
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    detail: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """What a driver wrote for one snapshot: every file under ``directory`` it needs to restore."""
+
+    directory: Path
+    files: tuple[Path, ...]
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    """One VMM. Every method takes the VM's runtime directory; none blocks without a timeout."""
+
+    name: str
+
+    def start(self, spec: VMSpec, runtime: RuntimeDir) -> int:
+        """Start the VMM in its own session and boot the guest; return the VMM pid.
+
+        Returns once the VMM answers on its control socket, not when the guest is up
+        (use ``agent_connect`` and the agent's hello for that).
+        """
+        ...
+
+    def restore(self, spec: VMSpec, runtime: RuntimeDir, snapshot: SnapshotFiles) -> int:
+        """Start a new VMM from a snapshot; the guest is running when this returns."""
+        ...
+
+    def snapshot(self, runtime: RuntimeDir, directory: Path) -> SnapshotFiles:
+        """Save the guest state into ``directory`` (which must exist and be empty).
+
+        The guest is left paused; the caller resumes or destroys it.
+        """
+        ...
+
+    def pause(self, runtime: RuntimeDir) -> None: ...
+
+    def resume(self, runtime: RuntimeDir) -> None: ...
+
+    def power_button(self, runtime: RuntimeDir) -> None:
+        """Ask the guest to shut down (ACPI power button or equivalent)."""
+        ...
+
+    def reboot(self, runtime: RuntimeDir) -> None: ...
+
+    def resize(
+        self, runtime: RuntimeDir, *, vcpus: int | None = None, memory_mib: int | None = None
+    ) -> None:
+        """Change vCPUs and/or memory of a running guest; ``NotSupported`` where impossible."""
+        ...
+
+    def info(self, runtime: RuntimeDir) -> VMInfo: ...
+
+    def counters(self, runtime: RuntimeDir) -> dict[str, dict[str, int]]:
+        """Device counters keyed by device id (block: read_bytes..., net: rx_bytes...)."""
+        ...
+
+    def is_alive(self, runtime: RuntimeDir) -> bool:
+        """True while this VM's VMM process exists (checked by pid and command line)."""
+        ...
+
+    def agent_connect(self, runtime: RuntimeDir, timeout: float) -> socket.socket:
+        """A connected stream to the guest agent's port (after any VMM handshake)."""
+        ...
+
+    def stop_hard(self, runtime: RuntimeDir, timeout: float = 5.0) -> None:
+        """Kill the VMM process (SIGTERM, then SIGKILL) and wait for it to go."""
+        ...
+
+    def destroy(self, runtime: RuntimeDir) -> None:
+        """Kill the VMM if alive and remove every socket and file of the runtime directory."""
+        ...
