@@ -1,0 +1,125 @@
+"""Shared fixtures: users per role, API clients, and test-only handling of append-only tables."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# Keep this module importable without Django configured: the guest and hypervisor suites run
+# with ``-p no:django`` and share this conftest.
+
+
+def _disable_triggers_sql(vendor: str) -> list[str]:
+    from audit import db as audit_db
+
+    if vendor == "postgresql":
+        return [f"ALTER TABLE {t} DISABLE TRIGGER USER" for t in audit_db.PROTECTED_TABLES]
+    return audit_db.drop_statements(vendor)
+
+
+def _enable_triggers_sql(vendor: str) -> list[str]:
+    from audit import db as audit_db
+
+    if vendor == "postgresql":
+        return [f"ALTER TABLE {t} ENABLE TRIGGER USER" for t in audit_db.PROTECTED_TABLES]
+    return audit_db.create_statements(vendor)
+
+
+@contextlib.contextmanager
+def append_only_guard_lifted(conn: Any = None) -> Iterator[None]:
+    """Test-only: lift the append-only triggers, as a superuser attacker could."""
+    if conn is None:
+        from django.db import connection as conn
+    with conn.cursor() as cur:
+        for sql in _disable_triggers_sql(conn.vendor):
+            cur.execute(sql)
+    try:
+        yield
+    finally:
+        with conn.cursor() as cur:
+            for sql in _enable_triggers_sql(conn.vendor):
+                cur.execute(sql)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _flush_around_append_only_tables(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Transactional tests end with a flush (TRUNCATE/DELETE of every table), which the
+    append-only triggers rightly refuse; lift them around the flush, in tests only."""
+    if not request.config.pluginmanager.hasplugin("django"):
+        yield
+        return
+    from django.db.backends.base.operations import BaseDatabaseOperations
+
+    original = BaseDatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self: Any, sql_list: list[str]) -> None:
+        with append_only_guard_lifted(self.connection):
+            original(self, sql_list)
+
+    BaseDatabaseOperations.execute_sql_flush = execute_sql_flush  # type: ignore[method-assign]
+    yield
+    BaseDatabaseOperations.execute_sql_flush = original  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def tamper() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    return append_only_guard_lifted
+
+
+@pytest.fixture
+def make_user(db: Any) -> Callable[..., Any]:
+    from accounts import commands
+    from audit.actor import Actor
+
+    counter = iter(range(1, 10_000))
+
+    def make(
+        role: str = "operator", username: str | None = None, password: str = "pw-Long-enough-1"
+    ) -> Any:
+        name = username or f"{role}{next(counter)}"
+        return commands.create_user(
+            Actor.system(channel="shell", name="tests"),
+            username=name,
+            password=password,
+            role=role,
+            superuser=False,
+        )
+
+    return make
+
+
+@pytest.fixture
+def issue_token(db: Any) -> Callable[..., str]:
+    from accounts import commands
+    from audit.actor import Actor
+
+    def issue(user: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("name", "test")
+        return commands.create_token(
+            Actor.system(channel="shell", name="tests"), user, **kwargs
+        ).plaintext
+
+    return issue
+
+
+@pytest.fixture
+def token_client(issue_token: Callable[..., str]) -> Callable[..., Any]:
+    from rest_framework.test import APIClient
+
+    def client_for(user: Any, **kwargs: Any) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {issue_token(user, **kwargs)}")
+        return client
+
+    return client_for
+
+
+@pytest.fixture
+def postgres_only(db: Any) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL (set DATABASE_URL); SQLite has no equivalent")
