@@ -1,8 +1,33 @@
 """The event store app."""
 
+from typing import Any
+
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
+    """The worker's recurring jobs: follow the log, sign digests. Idempotent."""
+    from django_q.models import Schedule
+
+    for name, func, minutes in (
+        ("audit.run_projections", "audit.tasks.run_projections", 1),
+        ("audit.sign_digest", "audit.tasks.sign_digest", 60),
+    ):
+        Schedule.objects.update_or_create(
+            name=name,
+            defaults={
+                "func": func,
+                "schedule_type": Schedule.MINUTES,
+                "minutes": minutes,
+                "repeats": -1,
+            },
+        )
 
 
 class AuditConfig(AppConfig):
     name = "audit"
     verbose_name = "Audit log"
+
+    def ready(self) -> None:
+        post_migrate.connect(ensure_schedules, sender=self)

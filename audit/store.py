@@ -124,7 +124,8 @@ class RecordedEvent:
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> RecordedEvent:
         values = list(row)
-        values[1] = str(uuid.UUID(str(values[1])))
+        event_id = values[1]
+        values[1] = str(event_id) if isinstance(event_id, uuid.UUID) else str(uuid.UUID(event_id))
         recorded = values[17]
         if isinstance(recorded, str):
             recorded = datetime.fromisoformat(recorded)
@@ -343,7 +344,20 @@ def append_many(
     return recorded
 
 
+COPY_THRESHOLD = 8
+
+
 def _insert(rows: list[list[Any]]) -> None:
+    if connection.vendor == "postgresql" and len(rows) >= COPY_THRESHOLD:
+        # COPY moves a batch in one stream with binary-free text rows and no per-parameter
+        # client-side binding; INSERT triggers (the NOTIFY) still fire for COPY.
+        with (
+            connection.cursor() as cur,
+            cur.cursor.copy(f"COPY {TABLE} ({_SELECT}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+        return
     placeholders = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
     with connection.cursor() as cur:
         for i in range(0, len(rows), 500):

@@ -1,0 +1,66 @@
+# MicroVM Sandbox: `make run` (the dashboard on http://127.0.0.1:8000) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+# Debian packages the product and its tests use (QEMU guests, image building, browser tests).
+SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2fsprogs mtools \
+	fdisk dosfstools systemd-boot-efi binutils zstd cpio kmod iproute2 nftables \
+	chromium chromium-driver nodejs npm python3-venv
+
+.PHONY: run test test-sqlite lint format check deps system-deps frontend images bench clean
+
+run: deps frontend images
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py bootstrap_admin
+	$(PY) manage.py serve
+
+test: deps frontend
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The event store and account suites on the embedded SQLite default (CI runs both databases).
+test-sqlite: deps
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest tests/audit tests/accounts tests/test_platform.py $(PYTEST_ARGS)
+
+deps: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@command -v qemu-system-x86_64 >/dev/null && command -v npm >/dev/null || $(MAKE) system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; \
+	fi
+
+frontend: static/build/.built
+
+static/build/.built: frontend/package.json frontend/package-lock.json frontend/build.mjs $(wildcard frontend/src/*.js)
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error && npm run build
+
+images: deps
+	@if [ -f images/build.py ]; then $(PY) images/build.py; fi
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+check: deps
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+bench: deps
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf static/build frontend/node_modules var/staticfiles

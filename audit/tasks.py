@@ -1,0 +1,18 @@
+"""Worker tasks of the audit log (scheduled by ``audit.apps``)."""
+
+from __future__ import annotations
+
+from audit.actor import Actor
+
+
+def run_projections() -> int:
+    from audit.projections import run_pending
+
+    return run_pending()
+
+
+def sign_digest() -> int | None:
+    from audit.commands import sign_digest as sign
+
+    digest = sign(Actor.system(channel="worker", name="digest-signer"))
+    return digest.end_position if digest else None
