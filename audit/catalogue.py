@@ -42,6 +42,53 @@ _define("user.password_changed", "user", "access", "A user's password was change
 _define("token.created", "token", "access", "An API token was created (secret shown once).")
 _define("token.revoked", "token", "access", "An API token was revoked.")
 
+# Virtual machines: a request event per command, then the worker's outcome event(s).
+for _verb, _outcomes in (
+    ("create", ()),
+    ("start", ("started", "start_failed")),
+    ("stop", ("stopped", "stop_failed")),
+    ("reboot", ("rebooted", "reboot_failed")),
+    ("pause", ("paused", "pause_failed")),
+    ("resume", ("resumed", "resume_failed")),
+    ("resize", ("resized", "resize_failed")),
+    ("snapshot", ("snapshotted", "snapshot_failed")),
+    ("restore", ("restored", "restore_failed")),
+    ("destroy", ("destroyed", "destroy_failed")),
+):
+    _define(f"vm.{_verb}_requested", "vm", "change", f"A {_verb} of a VM was requested.")
+    for _outcome in _outcomes:
+        _define(f"vm.{_outcome}", "vm", "change", f"Worker outcome of a {_verb} request.")
+_define("vm.created", "vm", "change", "A VM was defined (spec, owner, template, identity).")
+_define("vm.progress", "vm", "operations", "A step of a long VM operation (booting, snapshotting).")
+_define("vm.crashed", "vm", "monitoring", "The reconciler found the VM's VMM dead.")
+_define("vm.recovered", "vm", "monitoring", "The reconciler brought a VM record back in line.")
+_define(
+    "vm.exec_completed", "vm", "data", "A command ran in the guest (argv, exit, output hashes)."
+)
+_define(
+    "vm.file_uploaded", "vm", "data", "A file was written into the guest (path, size, SHA-256)."
+)
+_define("vm.file_downloaded", "vm", "data", "A file was read from the guest (path, size, SHA-256).")
+_define("vm.console_opened", "vm", "access", "A console session started (recording referenced).")
+_define("vm.console_closed", "vm", "access", "A console session ended (recording, size, SHA-256).")
+
+# Snapshots.
+_define(
+    "snapshot.created", "snapshot", "data", "A snapshot was taken (files and SHA-256 manifest)."
+)
+_define("snapshot.verified", "snapshot", "data", "A snapshot's manifest was checked before use.")
+_define("snapshot.corrupted", "snapshot", "data", "A snapshot failed its manifest check.")
+_define("snapshot.deleted", "snapshot", "data", "A snapshot was deleted (by a user or retention).")
+
+# Networking.
+_define("net.ip_leased", "vm", "change", "An address was leased to a VM.")
+_define("net.ip_released", "vm", "change", "A VM's address was released.")
+_define("net.port_forward_added", "vm", "change", "A host port was forwarded to a VM.")
+_define("net.port_forward_removed", "vm", "change", "A port forward was removed.")
+
+# Quotas and limits.
+_define("quota.changed", "user", "change", "A user's or group's quota changed.")
+
 # The audit log itself.
 _define("audit.digest_signed", "audit", "monitoring", "A signed digest covers a range of events.")
 _define("audit.chain_verified", "audit", "monitoring", "A chain verification ran (result in data).")
