@@ -6,7 +6,9 @@ PYTHON ?= python3
 # Debian packages the product and its tests use (QEMU guests, image building, browser tests).
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2fsprogs mtools \
 	fdisk dosfstools systemd-boot-efi binutils zstd cpio kmod iproute2 nftables \
-	chromium chromium-driver nodejs npm python3-venv
+	chromium chromium-driver
+# Installed from Debian only when the command is missing (a machine may have its own Node.js).
+COMMAND_PACKAGES := node:nodejs npm:npm
 
 .PHONY: run test test-sqlite lint format check deps system-deps frontend images bench clean
 
@@ -32,7 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 system-deps:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done; \
+		for cp in $(COMMAND_PACKAGES); do command -v $${cp%%:*} >/dev/null || echo $${cp#*:}; done; \
+		$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
