@@ -49,7 +49,7 @@ static/build/.built: frontend/package.json frontend/package-lock.json frontend/b
 	cd frontend && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
 images: deps
-	@if [ -f images/build.py ]; then $(PY) images/build.py; fi
+	@if [ "$$(id -u)" = 0 ]; then $(PY) images/build.py --uefi; else sudo $(PY) images/build.py --uefi; fi
 
 lint:
 	$(VENV)/bin/ruff check .

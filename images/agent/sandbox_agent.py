@@ -1,0 +1,1125 @@
+#!/usr/bin/env python3
+"""MicroVM Sandbox guest agent: runs commands and moves files for the host, protocol v1.
+
+One stdlib-only file, started as ``python3 -I -S sandbox_agent.py --guest`` by the guest's init.
+It serves the framed protocol described in docs/agent-protocol.md over:
+
+- the virtio-serial port named ``sandbox.agent`` (QEMU), found through /sys/class/virtio-ports
+  because the guest has no udev;
+- AF_VSOCK port 1024 when the kernel has a vsock transport (Cloud Hypervisor's hybrid vsock);
+- ``--listen-unix PATH`` or ``--stdio`` when run on a host, for tests.
+
+Start-up time matters (Python starts in about 2 s under TCG), so only what the first hello needs
+is imported at module load; subprocess, hashlib, socket and friends are imported on first use.
+Every request carries an id and runs concurrently with the others (threads); a bad frame gets an
+error frame and the agent keeps serving: it never exits because of what a client sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+PROTOCOL_VERSION = 1
+SUPPORTED_PROTOCOLS = (1,)
+AGENT_VERSION = "1.0.0"
+
+MAGIC = b"\x7fSBA"
+PREFIX_LEN = 12  # magic + header length (u32 BE) + payload length (u32 BE)
+MAX_FRAME = 1 << 20  # header + payload
+CHUNK = 256 * 1024  # file chunk size; leaves room for the header inside MAX_FRAME
+EXEC_READ = 64 * 1024
+LIST_BATCH = 500
+# A frame that is too large but whose header is readable is skipped by length (the client gets
+# an error for that request id); beyond this the lengths are more likely garbage, so resync by
+# scanning for the next magic instead of swallowing gigabytes.
+MAX_SKIP = 64 << 20
+MAX_ACTIVE = 256
+VSOCK_PORT = 1024
+PORT_NAME = "sandbox.agent"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BUSYBOX = "/usr/lib/sandbox/busybox"
+
+OPS = (
+    "hello", "ping", "exec", "stdin", "signal", "put", "data", "get", "list", "stat", "health",
+    "configure", "shutdown",
+)  # fmt: skip
+
+_started = time.monotonic()
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"sandbox-agent[{time.monotonic() - _started:9.3f}] {message}\n")
+    sys.stderr.flush()
+
+
+class RequestError(Exception):
+    """A request failed in a way the client should see: becomes an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _os_error(exc: OSError) -> RequestError:
+    import errno
+
+    code = {
+        errno.ENOENT: "not_found",
+        errno.EACCES: "permission_denied",
+        errno.EPERM: "permission_denied",
+        errno.EEXIST: "exists",
+        errno.ENOTDIR: "not_a_directory",
+        errno.EISDIR: "is_a_directory",
+        errno.ENOSPC: "no_space",
+    }.get(exc.errno or 0, "io_error")
+    where = f": {exc.filename}" if exc.filename else ""
+    return RequestError(code, f"{exc.strerror or exc}{where}")
+
+
+def encode_frame(header: dict, payload: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join(
+        (MAGIC, len(head).to_bytes(4, "big"), len(payload).to_bytes(4, "big"), head, payload)
+    )
+
+
+class FrameParser:
+    """Incremental decoder: feed bytes, get ("frame", header, payload) or ("error", id, code, msg).
+
+    It never raises on bad input. Garbage before a magic is skipped (one error per run of
+    garbage); an oversized frame with a readable header is skipped by its declared length.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.skip = 0  # payload bytes of an oversized frame still to discard
+        self.in_garbage = False
+
+    def reset(self) -> None:
+        self.buf.clear()
+        self.skip = 0
+        self.in_garbage = False
+
+    def feed(self, data: bytes) -> list[tuple]:
+        out: list[tuple] = []
+        if self.skip:
+            drop = min(self.skip, len(data))
+            self.skip -= drop
+            data = data[drop:]
+        self.buf += data
+        buf = self.buf
+        while len(buf) >= PREFIX_LEN or (buf and buf[:4] != MAGIC[: len(buf)]):
+            if buf[:4] != MAGIC:
+                at = buf.find(MAGIC)
+                if not self.in_garbage:
+                    self.in_garbage = True
+                    out.append(("error", None, "bad_frame", "bytes outside a frame skipped"))
+                if at < 0:
+                    # Keep a tail that could be the start of the next magic.
+                    keep = next((k for k in (3, 2, 1) if buf.endswith(MAGIC[:k])), 0)
+                    del buf[: len(buf) - keep]
+                    break
+                del buf[:at]
+                continue
+            if len(buf) < PREFIX_LEN:
+                break
+            hlen = int.from_bytes(buf[4:8], "big")
+            plen = int.from_bytes(buf[8:12], "big")
+            if hlen == 0 or hlen > MAX_FRAME:
+                out.append(("error", None, "bad_frame", f"bad header length {hlen}"))
+                del buf[:1]  # resync on the next magic
+                self.in_garbage = True
+                continue
+            if hlen + plen > MAX_FRAME:
+                if len(buf) < PREFIX_LEN + hlen:
+                    break
+                req_id = self._peek_id(bytes(buf[PREFIX_LEN : PREFIX_LEN + hlen]))
+                if plen > MAX_SKIP or req_id is False:
+                    out.append(("error", None, "bad_frame", "oversized frame, resynchronising"))
+                    del buf[:1]
+                    self.in_garbage = True
+                    continue
+                out.append(
+                    (
+                        "error",
+                        req_id,
+                        "frame_too_large",
+                        f"frame of {hlen + plen} bytes exceeds the maximum of {MAX_FRAME}",
+                    )
+                )
+                del buf[: PREFIX_LEN + hlen]
+                drop = min(plen, len(buf))
+                del buf[:drop]
+                self.skip = plen - drop
+                self.in_garbage = False
+                if self.skip:
+                    break
+                continue
+            end = PREFIX_LEN + hlen + plen
+            if len(buf) < end:
+                break
+            self.in_garbage = False
+            head = bytes(buf[PREFIX_LEN : PREFIX_LEN + hlen])
+            payload = bytes(buf[PREFIX_LEN + hlen : end])
+            del buf[:end]
+            try:
+                header = json.loads(head)
+            except ValueError:
+                out.append(("error", None, "bad_frame", "header is not valid JSON"))
+                continue
+            if not isinstance(header, dict):
+                out.append(("error", None, "bad_frame", "header is not a JSON object"))
+                continue
+            out.append(("frame", header, payload))
+        return out
+
+    @staticmethod
+    def _peek_id(head: bytes) -> object:
+        try:
+            header = json.loads(head)
+        except ValueError:
+            return False
+        return header.get("id") if isinstance(header, dict) else False
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class Transport:
+    """A byte stream. ``persistent`` streams (virtio-serial) survive the host disconnecting."""
+
+    persistent = False
+    name = "stream"
+
+    def read(self) -> bytes:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class FdTransport(Transport):
+    def __init__(self, rfd: int, wfd: int, name: str) -> None:
+        self.rfd, self.wfd, self.name = rfd, wfd, name
+
+    def read(self) -> bytes:
+        return os.read(self.rfd, CHUNK + PREFIX_LEN + 4096)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.wfd, view) :]
+
+
+class VirtioSerialTransport(FdTransport):
+    """The guest end of a virtio-serial port.
+
+    read() returns EOF while no host is connected: the caller polls. A write while the host is
+    away blocks until it reconnects (the kernel's choice), so output is delayed, not lost.
+    """
+
+    persistent = True
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        super().__init__(fd, fd, f"virtio-serial:{path}")
+
+
+class SocketTransport(Transport):
+    def __init__(self, sock, name: str) -> None:  # noqa: ANN001 - socket imported lazily
+        self.sock, self.name = sock, name
+
+    def read(self) -> bytes:
+        return self.sock.recv(CHUNK + PREFIX_LEN + 4096)
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _str_list(value: object, field: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError("bad_request", f"{field} must be a list of strings")
+    return value
+
+
+def _path(req: dict, field: str = "path") -> str:
+    value = req.get(field)
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise RequestError("bad_request", f"{field} must be an absolute path")
+    return value
+
+
+def _number(req: dict, field: str, *, positive: bool = False) -> float | None:
+    value = req.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError("bad_request", f"{field} must be a number")
+    if positive and value <= 0:
+        raise RequestError("bad_request", f"{field} must be positive")
+    return float(value)
+
+
+class Exec:
+    """One running process: its stdin buffer is fed by the session's reader thread."""
+
+    def __init__(self, session: Session, req_id: object, req: dict, stdin_data: bytes) -> None:
+        argv = _str_list(req.get("argv"), "argv")
+        if not argv:
+            raise RequestError("bad_request", "argv must not be empty")
+        env_req = req.get("env") or {}
+        if not isinstance(env_req, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env_req.items()
+        ):
+            raise RequestError("bad_request", "env must map strings to strings")
+        cwd = req.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise RequestError("bad_request", "cwd must be a string")
+        self.stdin_mode = req.get("stdin", "data" if stdin_data else "none")
+        if self.stdin_mode not in ("none", "data", "stream"):
+            raise RequestError("bad_request", "stdin must be none, data or stream")
+        self.session, self.id = session, req_id
+        self.argv, self.cwd = argv, cwd
+        base = {} if req.get("clear_env") else dict(os.environ)
+        base.setdefault("PATH", DEFAULT_PATH)
+        base.update(env_req)
+        self.env = base
+        self.timeout = _number(req, "timeout", positive=True)
+        self.pending = [stdin_data] if stdin_data else []
+        self.stdin_eof = self.stdin_mode != "stream"
+        self.lock = threading.Lock()
+        self.wake_r, self.wake_w = os.pipe()
+        self.proc = None
+        self.done = False
+
+    # Called from the reader thread.
+    def feed_stdin(self, data: bytes, eof: bool) -> None:
+        with self.lock:
+            if data:
+                self.pending.append(data)
+            if eof:
+                self.stdin_eof = True
+        self._wake()
+
+    def kill(self, signum: int) -> None:
+        import signal
+
+        # The group outlives its leader while any member lives, and its id cannot be reused
+        # until then, so killpg is right even after the leader has been reaped.
+        proc = self.proc
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                if proc.returncode is None:
+                    proc.send_signal(signum)
+        if signum == signal.SIGKILL:
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        import select
+        import signal
+        import subprocess
+
+        try:
+            try:
+                self.proc = proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL if self.stdin_mode == "none" else subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=self.env,
+                    cwd=self.cwd,
+                    start_new_session=True,  # own process group: a timeout kills the tree
+                    bufsize=0,
+                )
+            except OSError as exc:
+                err = _os_error(exc)
+                self.session.send_error(self.id, "exec_failed", f"{err.code}: {err.message}")
+                return
+            started = time.monotonic()
+            deadline = started + self.timeout if self.timeout else None
+            timed_out = False
+            kill_deadline = None  # after a kill, how long we keep draining pipes
+            poller = select.poll()
+            fds: dict[int, str] = {}
+            for stream, kind in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+                fds[stream.fileno()] = kind
+                poller.register(stream.fileno(), select.POLLIN)
+            poller.register(self.wake_r, select.POLLIN)
+            stdin_fd = proc.stdin.fileno() if proc.stdin else None
+            if stdin_fd is not None:
+                os.set_blocking(stdin_fd, False)
+            stdin_registered = False
+            while fds or stdin_fd is not None:
+                if stdin_fd is not None:
+                    stdin_fd, stdin_registered = self._pump_stdin(
+                        poller, stdin_fd, stdin_registered
+                    )
+                    if not fds and stdin_fd is None:
+                        break
+                now = time.monotonic()
+                if deadline is not None and not timed_out and now >= deadline:
+                    timed_out = True
+                    self.kill(signal.SIGKILL)
+                    kill_deadline = now + 2.0
+                if kill_deadline is not None and now >= kill_deadline:
+                    break  # a process outside the group still holds the pipes: give up on them
+                limit = min(x for x in (deadline, kill_deadline, now + 3600) if x is not None)
+                wait_ms = max(0, int((limit - now) * 1000)) + 1
+                if not fds:
+                    wait_ms = min(wait_ms, 50)  # only stdin left: notice the process exiting
+                for fd, _event in poller.poll(wait_ms):
+                    if fd == self.wake_r:
+                        os.read(self.wake_r, 4096)
+                        continue
+                    if fd == stdin_fd:
+                        continue  # writable: _pump_stdin handles it at the top of the loop
+                    data = os.read(fd, EXEC_READ)
+                    if data:
+                        self.session.send({"id": self.id, "kind": fds[fd]}, data)
+                    else:
+                        poller.unregister(fd)
+                        del fds[fd]
+                if stdin_fd is not None and proc.poll() is not None:
+                    if stdin_registered:
+                        poller.unregister(stdin_fd)
+                    proc.stdin.close()  # nobody will read it any more
+                    proc.stdin = None
+                    stdin_fd = None
+            remaining = None
+            if deadline is not None and not timed_out:
+                remaining = max(0.0, deadline - time.monotonic())
+            try:
+                proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                self.kill(signal.SIGKILL)
+                proc.wait()
+            duration = time.monotonic() - started
+            if timed_out:
+                self.kill(signal.SIGKILL)  # stragglers of the tree that outlived the leader
+            code = proc.returncode
+            self.session.send(
+                {
+                    "id": self.id,
+                    "kind": "exit",
+                    "exit_code": code if code >= 0 else None,
+                    "signal": -code if code < 0 else None,
+                    "timed_out": timed_out,
+                    "duration_s": round(duration, 6),
+                    "pid": proc.pid,
+                }
+            )
+        except Exception as exc:  # noqa: BLE001 - report, never die
+            log(f"exec {self.argv!r} failed: {exc!r}")
+            self.session.send_error(self.id, "internal", repr(exc))
+        finally:
+            self.done = True
+            self.session.finish(self.id)
+            for stream in (self.proc.stdout, self.proc.stderr) if self.proc else ():
+                stream.close()
+            if self.proc and self.proc.stdin:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+
+    def _pump_stdin(self, poller, fd: int, registered: bool) -> tuple[int | None, bool]:  # noqa: ANN001
+        import select
+
+        with self.lock:
+            while self.pending:
+                chunk = self.pending[0]
+                try:
+                    n = os.write(fd, chunk)
+                except BlockingIOError:
+                    break
+                except BrokenPipeError:
+                    self.pending.clear()  # the process stopped reading: drop the rest
+                    self.stdin_eof = True
+                    break
+                if n == len(chunk):
+                    self.pending.pop(0)
+                else:
+                    self.pending[0] = chunk[n:]
+            want_out = bool(self.pending)
+            close = not self.pending and self.stdin_eof
+        if close:
+            if registered:
+                poller.unregister(fd)
+            self.proc.stdin.close()
+            self.proc.stdin = None
+            return None, False
+        if want_out and not registered:
+            poller.register(fd, select.POLLOUT)
+            return fd, True
+        if not want_out and registered:
+            poller.unregister(fd)
+            return fd, False
+        return fd, registered
+
+
+class Put:
+    """An incoming file: chunks go to a temporary file beside the target, renamed at the end."""
+
+    def __init__(self, req: dict) -> None:
+        import hashlib
+
+        self.path = _path(req)
+        self.size = _number(req, "size")
+        self.sha256 = req.get("sha256")
+        mode = req.get("mode", 0o644)
+        if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o7777:
+            raise RequestError("bad_request", "mode must be an integer permission mask")
+        self.mode = mode
+        parent, name = os.path.split(self.path)
+        if not name:
+            raise RequestError("bad_request", "path names a directory")
+        try:
+            if req.get("mkdirs"):
+                os.makedirs(parent, exist_ok=True)
+            if os.path.isdir(self.path):
+                raise RequestError("is_a_directory", f"{self.path} is a directory")
+            self.tmp = os.path.join(parent, f".{name}.sbx-{os.urandom(6).hex()}")
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _os_error(exc) from exc
+        self.hash = hashlib.sha256()
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self.hash.update(data)
+        self.written += len(data)
+
+    def finish(self, sha256: object) -> dict:
+        expected = sha256 or self.sha256
+        os.close(self.fd)
+        self.fd = -1
+        digest = self.hash.hexdigest()
+        if not isinstance(expected, str):
+            self.abort()
+            raise RequestError("bad_request", "sha256 is required (in put or in the last chunk)")
+        if self.size is not None and self.written != self.size:
+            self.abort()
+            raise RequestError("size_mismatch", f"got {self.written} bytes, expected {self.size}")
+        if digest != expected.lower():
+            self.abort()
+            raise RequestError("checksum_mismatch", f"sha256 {digest} != expected {expected}")
+        os.chmod(self.tmp, self.mode)
+        os.replace(self.tmp, self.path)
+        return {"kind": "result", "size": self.written, "sha256": digest, "path": self.path}
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def _file_type(mode: int) -> str:
+    import stat
+
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "other"
+
+
+def _stat_dict(st: os.stat_result) -> dict:
+    return {
+        "type": _file_type(st.st_mode),
+        "size": st.st_size,
+        "mode": st.st_mode & 0o7777,
+        "mtime": st.st_mtime,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+    }
+
+
+class Options:
+    """What differs between a guest and a test run on a host."""
+
+    def __init__(self, *, apply_configure: bool, system_shutdown: bool) -> None:
+        self.apply_configure = apply_configure
+        self.system_shutdown = system_shutdown
+
+
+class Session:
+    """One client stream: decodes requests, runs them, serialises replies onto the stream."""
+
+    def __init__(self, transport: Transport, options: Options) -> None:
+        self.transport = transport
+        self.options = options
+        self.wlock = threading.Lock()
+        self.active: dict[object, object] = {}  # id -> Exec | Put | True (other running ops)
+        self.alock = threading.Lock()
+        self.closed = False
+
+    # ---- output
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        data = encode_frame(header, payload)
+        with self.wlock:
+            if self.closed:
+                return
+            try:
+                self.transport.write(data)
+            except OSError as exc:
+                log(f"{self.transport.name}: write failed: {exc}")
+                self.closed = True
+
+    def send_error(self, req_id: object, code: str, message: str) -> None:
+        self.send({"id": req_id, "kind": "error", "code": code, "message": message})
+
+    def finish(self, req_id: object) -> None:
+        with self.alock:
+            self.active.pop(req_id, None)
+
+    def _claim(self, req_id: object, value: object) -> None:
+        with self.alock:
+            if req_id in self.active:
+                raise RequestError("duplicate_id", f"request {req_id!r} is still running")
+            if len(self.active) >= MAX_ACTIVE:
+                raise RequestError("busy", f"more than {MAX_ACTIVE} requests running")
+            self.active[req_id] = value
+
+    def _spawn(self, req_id: object, fn, *args: object) -> None:  # noqa: ANN001
+        def target() -> None:
+            try:
+                fn(*args)
+            except RequestError as exc:
+                self.send_error(req_id, exc.code, exc.message)
+            except OSError as exc:
+                err = _os_error(exc)
+                self.send_error(req_id, err.code, err.message)
+            except Exception as exc:  # noqa: BLE001 - report, never die
+                log(f"request {req_id!r} failed: {exc!r}")
+                self.send_error(req_id, "internal", repr(exc))
+            finally:
+                self.finish(req_id)
+
+        threading.Thread(target=target, daemon=True).start()
+
+    # ---- input
+    def serve(self) -> None:
+        parser = FrameParser()
+        log(f"serving on {self.transport.name}")
+        while True:
+            try:
+                data = self.transport.read()
+            except OSError as exc:
+                log(f"{self.transport.name}: read failed: {exc}")
+                data = b""
+            if not data:
+                if not self.transport.persistent:
+                    break
+                # virtio-serial: no host connected. Partial frames of the last connection are
+                # meaningless now, and so are uploads it had in flight.
+                if parser.buf or parser.skip:
+                    parser.reset()
+                self._abort_puts()
+                time.sleep(0.1)
+                continue
+            for item in parser.feed(data):
+                if item[0] == "error":
+                    self.send_error(item[1], item[2], item[3])
+                else:
+                    self.dispatch(item[1], item[2])
+        self.close()
+
+    def close(self) -> None:
+        import signal
+
+        with self.wlock:
+            self.closed = True
+        with self.alock:
+            active = list(self.active.values())
+        for item in active:
+            if isinstance(item, Exec):
+                item.kill(signal.SIGKILL)
+        self._abort_puts()
+        self.transport.close()
+        log(f"{self.transport.name}: closed")
+
+    def _abort_puts(self) -> None:
+        with self.alock:
+            puts = [(k, v) for k, v in self.active.items() if isinstance(v, Put)]
+            for key, _ in puts:
+                del self.active[key]
+        for _, put in puts:
+            put.abort()
+
+    def dispatch(self, req: dict, payload: bytes) -> None:
+        req_id = req.get("id")
+        op = req.get("op")
+        try:
+            if req_id is None or isinstance(req_id, bool) or not isinstance(req_id, int | str):
+                raise RequestError("bad_request", "every request needs an integer or string id")
+            handler = getattr(self, f"op_{op}", None) if op in OPS else None
+            if handler is None:
+                raise RequestError("unknown_op", f"unknown op {op!r}")
+            handler(req_id, req, payload)
+        except RequestError as exc:
+            self.send_error(req_id, exc.code, exc.message)
+        except OSError as exc:
+            err = _os_error(exc)
+            self.send_error(req_id, err.code, err.message)
+        except Exception as exc:  # noqa: BLE001 - report, never die
+            log(f"{op} failed: {exc!r}")
+            self.send_error(req_id, "internal", repr(exc))
+
+    # ---- operations (run on the reader thread unless they may block)
+    def op_hello(self, req_id: object, req: dict, _payload: bytes) -> None:
+        wanted = req.get("protocol", [PROTOCOL_VERSION])
+        if isinstance(wanted, int):
+            wanted = [wanted]
+        common = [v for v in SUPPORTED_PROTOCOLS if isinstance(wanted, list) and v in wanted]
+        if not common:
+            raise RequestError(
+                "unsupported_version", f"agent speaks protocol {list(SUPPORTED_PROTOCOLS)}"
+            )
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as fh:
+                boot_id = fh.read().strip()
+        except OSError:
+            boot_id = None
+        self.send(
+            {
+                "id": req_id,
+                "kind": "hello",
+                "protocol": max(common),
+                "agent_version": AGENT_VERSION,
+                "capabilities": list(OPS),
+                "max_frame": MAX_FRAME,
+                "chunk_size": CHUNK,
+                "os": sys.platform,
+                "hostname": os.uname().nodename,
+                "boot_id": boot_id,
+                "pid": os.getpid(),
+                "uptime_s": _uptime(),
+                "transport": self.transport.name,
+            }
+        )
+
+    def op_ping(self, req_id: object, _req: dict, _payload: bytes) -> None:
+        self.send({"id": req_id, "kind": "pong"})
+
+    def op_exec(self, req_id: object, req: dict, payload: bytes) -> None:
+        proc = Exec(self, req_id, req, payload)
+        self._claim(req_id, proc)
+        threading.Thread(target=proc.run, daemon=True).start()
+
+    def op_stdin(self, req_id: object, req: dict, payload: bytes) -> None:
+        proc = self.active.get(req_id)
+        if not isinstance(proc, Exec) or proc.stdin_mode != "stream":
+            raise RequestError("unknown_id", f"no exec {req_id!r} with streamed stdin")
+        proc.feed_stdin(payload, bool(req.get("eof")))
+
+    def op_signal(self, req_id: object, req: dict, _payload: bytes) -> None:
+        target = self.active.get(req.get("target"))
+        signum = req.get("signal", 15)
+        if not isinstance(target, Exec):
+            raise RequestError("unknown_id", f"no running exec {req.get('target')!r}")
+        if not isinstance(signum, int) or isinstance(signum, bool) or not 0 < signum < 65:
+            raise RequestError("bad_request", "signal must be a signal number")
+        target.kill(signum)
+        self.send({"id": req_id, "kind": "result"})
+
+    def op_put(self, req_id: object, req: dict, _payload: bytes) -> None:
+        with self.alock:
+            if req_id in self.active:
+                raise RequestError("duplicate_id", f"request {req_id!r} is still running")
+        put = Put(req)
+        try:
+            self._claim(req_id, put)
+        except RequestError:
+            put.abort()
+            raise
+        self.send({"id": req_id, "kind": "ready", "chunk_size": CHUNK})
+
+    def op_data(self, req_id: object, req: dict, payload: bytes) -> None:
+        put = self.active.get(req_id)
+        if not isinstance(put, Put):
+            raise RequestError("unknown_id", f"no upload {req_id!r} in progress")
+        try:
+            if payload:
+                put.write(payload)
+            if req.get("eof"):
+                self.finish(req_id)
+                self.send({"id": req_id, **put.finish(req.get("sha256"))})
+        except BaseException:
+            self.finish(req_id)
+            put.abort()
+            raise
+
+    def op_get(self, req_id: object, req: dict, _payload: bytes) -> None:
+        path = _path(req)
+        self._claim(req_id, True)
+        self._spawn(req_id, self._get, req_id, path)
+
+    def _get(self, req_id: object, path: str) -> None:
+        import hashlib
+
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if _file_type(st.st_mode) != "file":
+                raise RequestError("not_a_file", f"{path} is not a regular file")
+            meta = {"id": req_id, "kind": "meta", "size": st.st_size, "mode": st.st_mode & 0o7777}
+            self.send(meta)
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                self.send({"id": req_id, "kind": "data"}, chunk)
+        self.send({"id": req_id, "kind": "result", "size": size, "sha256": digest.hexdigest()})
+
+    def op_list(self, req_id: object, req: dict, _payload: bytes) -> None:
+        path = _path(req)
+        entries = []
+        count = 0
+        with os.scandir(path) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # vanished while listing
+                entries.append({"name": entry.name, **_stat_dict(st)})
+                if len(entries) == LIST_BATCH:
+                    count += len(entries)
+                    self.send({"id": req_id, "kind": "entries", "entries": entries})
+                    entries = []
+        count += len(entries)
+        if entries:
+            self.send({"id": req_id, "kind": "entries", "entries": entries})
+        self.send({"id": req_id, "kind": "result", "count": count})
+
+    def op_stat(self, req_id: object, req: dict, _payload: bytes) -> None:
+        path = _path(req)
+        st = os.stat(path, follow_symlinks=bool(req.get("follow_symlinks", True)))
+        result = {"id": req_id, "kind": "result", "path": path, **_stat_dict(st)}
+        if result["type"] == "symlink":
+            result["target"] = os.readlink(path)
+        self.send(result)
+
+    def op_health(self, req_id: object, _req: dict, _payload: bytes) -> None:
+        meminfo: dict[str, int] = {}
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemFree", "MemAvailable", "Buffers", "Cached"):
+                    meminfo[key] = int(rest.split()[0])
+        with open("/proc/loadavg") as fh:
+            fields = fh.read().split()
+        running, _, total = fields[3].partition("/")
+        self.send(
+            {
+                "id": req_id,
+                "kind": "result",
+                "agent_version": AGENT_VERSION,
+                "protocol": PROTOCOL_VERSION,
+                "uptime_s": _uptime(),
+                "load": [float(x) for x in fields[:3]],
+                "processes": {"running": int(running), "total": int(total)},
+                "memory_kib": {
+                    "total": meminfo.get("MemTotal"),
+                    "free": meminfo.get("MemFree"),
+                    "available": meminfo.get("MemAvailable"),
+                    "buffers": meminfo.get("Buffers"),
+                    "cached": meminfo.get("Cached"),
+                },
+                "time": time.time(),
+                "hostname": os.uname().nodename,
+            }
+        )
+
+    def op_configure(self, req_id: object, req: dict, _payload: bytes) -> None:
+        plan = _configure_plan(req)
+        self._claim(req_id, True)
+        self._spawn(req_id, self._configure, req_id, plan)
+
+    def _configure(self, req_id: object, plan: list[tuple]) -> None:
+        applied: list[str] = []
+        if self.options.apply_configure:
+            for step in plan:
+                _apply_step(step)
+                applied.append(_describe(step))
+        self.send(
+            {
+                "id": req_id,
+                "kind": "result",
+                "applied": applied,
+                "planned": [_describe(s) for s in plan],
+                "dry_run": not self.options.apply_configure,
+            }
+        )
+
+    def op_shutdown(self, req_id: object, req: dict, _payload: bytes) -> None:
+        action = req.get("action", "poweroff")
+        if action not in ("poweroff", "reboot"):
+            raise RequestError("bad_request", "action must be poweroff or reboot")
+        self.send({"id": req_id, "kind": "result", "action": action})
+        threading.Thread(target=_shutdown, args=(action, self.options), daemon=True).start()
+
+
+def _uptime() -> float | None:
+    try:
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _configure_plan(req: dict) -> list[tuple]:
+    """Validate a configure request into steps; nothing is changed until all of it is valid."""
+    import ipaddress
+    import re
+
+    plan: list[tuple] = []
+    when = _number(req, "time")
+    if when is not None:
+        plan.append(("time", when))
+    hostname = req.get("hostname")
+    if hostname is not None:
+        if not isinstance(hostname, str) or not re.fullmatch(
+            r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", hostname
+        ):
+            raise RequestError("bad_request", "hostname is not a valid host name")
+        plan.append(("hostname", hostname))
+    net = req.get("network")
+    if net is not None:
+        if not isinstance(net, dict):
+            raise RequestError("bad_request", "network must be an object")
+        dev = net.get("interface", "eth0")
+        if not isinstance(dev, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", dev):
+            raise RequestError("bad_request", "interface is not a valid interface name")
+        mac = net.get("mac")
+        if mac is not None:
+            pattern = r"([0-9a-f]{2}:){5}[0-9a-f]{2}"
+            mac_ok = isinstance(mac, str) and re.fullmatch(pattern, mac, re.I)
+            if not mac_ok:
+                raise RequestError("bad_request", "mac must look like 52:54:00:12:34:56")
+            plan.append(("ip", "link", "set", "dev", dev, "down"))
+            plan.append(("ip", "link", "set", "dev", dev, "address", mac.lower()))
+            plan.append(("ip", "link", "set", "dev", dev, "up"))
+        address = net.get("address")
+        if address is not None:
+            try:
+                iface = ipaddress.ip_interface(address)
+            except (TypeError, ValueError) as exc:
+                raise RequestError("bad_request", f"address: {exc}") from exc
+            plan.append(("ip", "addr", "flush", "dev", dev))
+            plan.append(("ip", "addr", "add", iface.with_prefixlen, "dev", dev))
+        gateway = net.get("gateway")
+        if gateway is not None:
+            try:
+                gw = ipaddress.ip_address(gateway)
+            except (TypeError, ValueError) as exc:
+                raise RequestError("bad_request", f"gateway: {exc}") from exc
+            plan.append(("ip", "route", "replace", "default", "via", str(gw), "dev", dev))
+        dns = net.get("dns")
+        if dns is not None:
+            servers = [str(ipaddress.ip_address(s)) for s in _str_list(dns, "dns")]
+            plan.append(("dns", servers))
+    if not plan:
+        raise RequestError("bad_request", "nothing to configure")
+    return plan
+
+
+def _describe(step: tuple) -> str:
+    return " ".join(str(x) for x in step)
+
+
+def _apply_step(step: tuple) -> None:
+    import socket
+    import subprocess
+
+    kind = step[0]
+    if kind == "time":
+        time.clock_settime(time.CLOCK_REALTIME, step[1])
+    elif kind == "hostname":
+        socket.sethostname(step[1])
+        # /etc/hostname and /etc/hosts are links into /run in the guest (read-only root).
+        for path, text in (
+            ("/etc/hostname", f"{step[1]}\n"),
+            ("/etc/hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{step[1]}\n::1\tlocalhost\n"),
+        ):
+            try:
+                with open(path, "w") as fh:
+                    fh.write(text)
+            except OSError as exc:
+                log(f"configure: cannot write {path}: {exc}")
+    elif kind == "dns":
+        with open("/etc/resolv.conf", "w") as fh:
+            fh.write("".join(f"nameserver {s}\n" for s in step[1]))
+    else:
+        import shutil
+
+        ip = shutil.which("ip") or BUSYBOX
+        argv = [ip, *step[1:]] if ip != BUSYBOX else [BUSYBOX, "ip", *step[1:]]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+        if proc.returncode != 0:
+            raise RequestError("configure_failed", f"{_describe(step)}: {proc.stderr.strip()}")
+
+
+def _shutdown(action: str, options: Options) -> None:
+    import signal
+
+    time.sleep(0.2)  # let the reply leave before the transport goes away
+    if not options.system_shutdown:
+        log(f"shutdown ({action}) requested: exiting (not the system's init)")
+        os._exit(0)
+    os.sync()
+    # busybox init: SIGUSR2 powers off, SIGTERM reboots, after running the shutdown actions.
+    os.kill(1, signal.SIGUSR2 if action == "poweroff" else signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def find_virtio_port(name: str) -> str | None:
+    base = "/sys/class/virtio-ports"
+    try:
+        ports = os.listdir(base)
+    except OSError:
+        return None
+    for port in sorted(ports):
+        try:
+            with open(f"{base}/{port}/name") as fh:
+                if fh.read().strip() == name:
+                    return f"/dev/{port}"
+        except OSError:
+            continue
+    return None
+
+
+def serve_virtio_serial(name: str, options: Options) -> None:
+    """Serve the named port forever; wait for it to appear (drivers may still be probing)."""
+    waited = 0.0
+    while True:
+        path = find_virtio_port(name)
+        if path and os.path.exists(path):
+            try:
+                Session(VirtioSerialTransport(path), options).serve()
+            except OSError as exc:
+                log(f"{path}: {exc}")
+            time.sleep(1)
+            continue
+        if waited == 0.0 or waited > 30:
+            log(f"waiting for virtio-serial port {name!r}")
+            waited = 0.0
+        time.sleep(0.5)
+        waited += 0.5
+
+
+def serve_listener(sock, name: str, options: Options) -> None:  # noqa: ANN001
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError as exc:
+            log(f"{name}: accept failed: {exc}")
+            time.sleep(0.5)
+            continue
+        session = Session(SocketTransport(conn, name), options)
+        threading.Thread(target=session.serve, daemon=True).start()
+
+
+def serve_vsock(port: int, options: Options) -> None:
+    import socket
+
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.bind((socket.VMADDR_CID_ANY, port))
+        sock.listen(16)
+    except (OSError, AttributeError) as exc:
+        log(f"no AF_VSOCK listener ({exc}); virtio-serial only")
+        return
+    serve_listener(sock, f"vsock:{port}", options)
+
+
+def serve_unix(path: str, options: Options) -> None:
+    import socket
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    serve_listener(sock, f"unix:{path}", options)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="MicroVM Sandbox guest agent")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--guest", action="store_true", help="serve virtio-serial and vsock")
+    mode.add_argument("--listen-unix", metavar="PATH", help="serve a unix socket (tests)")
+    mode.add_argument("--stdio", action="store_true", help="serve stdin/stdout (tests)")
+    parser.add_argument("--port-name", default=PORT_NAME)
+    parser.add_argument("--vsock-port", type=int, default=VSOCK_PORT)
+    parser.add_argument(
+        "--apply-configure",
+        action="store_true",
+        help="really change clock, hostname and network (implied by --guest)",
+    )
+    args = parser.parse_args(argv)
+    options = Options(
+        apply_configure=args.guest or args.apply_configure, system_shutdown=args.guest
+    )
+    log(f"agent {AGENT_VERSION} protocol {PROTOCOL_VERSION} pid {os.getpid()}")
+    if args.stdio:
+        Session(FdTransport(0, 1, "stdio"), options).serve()
+        return 0
+    if args.listen_unix:
+        serve_unix(args.listen_unix, options)
+        return 0
+    if args.vsock_port:
+        threading.Thread(target=serve_vsock, args=(args.vsock_port, options), daemon=True).start()
+    serve_virtio_serial(args.port_name, options)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,132 @@
+"""Fixtures that run the real guest agent on this host, over a unix socket.
+
+The agent is the very file that goes into the guest image (images/agent/sandbox_agent.py),
+started with ``--listen-unix``; nothing here needs Django, a VMM or root.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from vms.agent.client import AgentClient
+
+AGENT = Path(__file__).resolve().parents[2] / "images" / "agent" / "sandbox_agent.py"
+
+
+class RunningAgent:
+    def __init__(self, proc: subprocess.Popen[bytes], path: str) -> None:
+        self.proc = proc
+        self.path = path
+
+    def connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self.path)
+        return sock
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_agent(directory: str, *extra: str) -> RunningAgent:
+    path = f"{directory}/agent.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path, *extra],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not Path(path).exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the agent did not start listening")
+        time.sleep(0.01)
+    return RunningAgent(proc, path)
+
+
+def stop_agent(agent: RunningAgent) -> None:
+    if agent.alive():
+        agent.proc.terminate()
+        try:
+            agent.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A short directory: unix socket paths are limited to 107 bytes."""
+    path = tempfile.mkdtemp(prefix="sbx-ag-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(short_dir: str) -> Iterator[RunningAgent]:
+    running = start_agent(short_dir)
+    yield running
+    stop_agent(running)
+
+
+@pytest.fixture
+def client(agent: RunningAgent) -> Iterator[AgentClient]:
+    with AgentClient(agent.connect, timeout=20) as c:
+        c.hello(timeout=10)
+        yield c
+
+
+@pytest.fixture(scope="session")
+def agent_module() -> ModuleType:
+    """The agent file imported as a module, for unit tests of its frame parser."""
+    spec = importlib.util.spec_from_file_location("sandbox_agent_under_test", AGENT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def raw(agent: RunningAgent) -> Iterator[Callable[[], RawConnection]]:
+    """Connections that speak bytes, for frames the client would never send."""
+    opened: list[RawConnection] = []
+
+    def make() -> RawConnection:
+        conn = RawConnection(agent.connect())
+        opened.append(conn)
+        return conn
+
+    yield make
+    for conn in opened:
+        conn.sock.close()
+
+
+class RawConnection:
+    def __init__(self, sock: socket.socket) -> None:
+        from vms.agent.client import decode_frames
+
+        self.sock = sock
+        self.sock.settimeout(10)
+        self.buf = bytearray()
+        self._decode = decode_frames
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self) -> tuple[dict, bytes]:
+        while True:
+            for frame in self._decode(self.buf):
+                return frame
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("agent closed the connection")
+            self.buf += chunk
