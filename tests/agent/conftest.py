@@ -45,11 +45,19 @@ def start_agent(directory: str, *extra: str) -> RunningAgent:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
-    while not Path(path).exists():
+    # The socket file appears at bind(), before listen(): wait for a connect to succeed.
+    while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError("the agent did not start listening")
-        time.sleep(0.01)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            time.sleep(0.01)
+        finally:
+            probe.close()
     return RunningAgent(proc, path)
 
 
