@@ -109,6 +109,7 @@ class TokenSerializer(serializers.ModelSerializer):
             "revoked_at",
             "read_only",
             "allowed_ips",
+            "scopes",
             "last_used_at",
             "last_used_ip",
             "is_active",
@@ -122,6 +123,9 @@ class TokenCreateSerializer(serializers.Serializer):
         min_value=1, required=False, allow_null=True, default=90
     )
     read_only = serializers.BooleanField(default=False)
+    scopes = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, default=list
+    )
     allowed_ips = serializers.ListField(
         child=serializers.CharField(max_length=64), required=False, default=list
     )

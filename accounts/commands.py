@@ -162,6 +162,7 @@ def create_token(
     expires_days: int | None = 90,
     read_only: bool = False,
     allowed_ips: list[str] | None = None,
+    scopes: list[str] | None = None,
     by: User | None = None,
 ) -> IssuedToken:
     """Issue a token for ``user``. A user may issue its own; others need manage_all_tokens."""
@@ -176,6 +177,14 @@ def create_token(
     if expires_days is not None and not (1 <= expires_days <= max_days):
         raise ValidationError({"expires_days": f"must be between 1 and {max_days} days"})
     ips = _validate_ips(allowed_ips or [])
+    scopes = sorted(set(scopes or []))
+    unknown = [s for s in scopes if s not in roles.SCOPES]
+    if unknown:
+        raise ValidationError({"scopes": f"unknown scopes {unknown}; known: {roles.SCOPES}"})
+    beyond = [s for s in scopes if not user.has_perm(s)]
+    if beyond:
+        # A token never exceeds its user.
+        raise ValidationError({"scopes": f"{user.username} does not hold {beyond}"})
     key, secret, plaintext = tokens.generate()
     version = settings.SANDBOX_TOKEN_PEPPER_CURRENT
     now = timezone.now()
@@ -189,6 +198,7 @@ def create_token(
         expires_at=now + timedelta(days=expires_days) if expires_days else None,
         read_only=read_only,
         allowed_ips=ips,
+        scopes=scopes,
     )
     store.append(
         "token",
@@ -202,6 +212,7 @@ def create_token(
             "expires_at": token.expires_at.isoformat() if token.expires_at else None,
             "read_only": read_only,
             "allowed_ips": ips,
+            "scopes": scopes,
         },
         actor=actor,
         expected_version=0,

@@ -42,6 +42,8 @@ class APIToken(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True)
     read_only = models.BooleanField(default=False)
     allowed_ips = models.JSONField(default=list, blank=True)
+    # Permission names ("vms.exec_vm", ...) this token is limited to; empty: all of the user's.
+    scopes = models.JSONField(default=list, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_used_ip = models.CharField(max_length=45, blank=True)
 

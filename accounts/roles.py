@@ -15,7 +15,19 @@ ADMIN, OPERATOR, VIEWER, AUDITOR = "admin", "operator", "viewer", "auditor"
 ROLES = (ADMIN, OPERATOR, VIEWER, AUDITOR)
 
 # Guest permissions that a role or a token may hold a subset of (see vms).
-VM_VIEW = ["vms.view_virtualmachine", "vms.view_snapshot"]
+VM_VIEW = ["vms.view_virtualmachine", "vms.view_snapshot"]  # read every user's VMs
+# Token scopes may name these; anything else is refused at token creation.
+SCOPES = [
+    "vms.add_virtualmachine",
+    "vms.operate_vm",
+    "vms.delete_virtualmachine",
+    "vms.exec_vm",
+    "vms.read_files",
+    "vms.write_files",
+    "vms.console_vm",
+    "vms.snapshot_vm",
+    "vms.rollback_snapshot",
+]
 VM_DRIVE = [
     "vms.add_virtualmachine",
     "vms.operate_vm",
@@ -31,7 +43,7 @@ AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     ADMIN: ["*"],
-    OPERATOR: VM_VIEW + VM_DRIVE,
+    OPERATOR: VM_DRIVE,  # its own VMs only: view_* grants reading everyone's
     VIEWER: VM_VIEW,
     AUDITOR: VM_VIEW + AUDIT,
 }

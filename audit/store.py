@@ -38,6 +38,7 @@ __all__ = [
     "aggregate_version",
     "head",
     "iter_events",
+    "lock",
 ]
 
 log = logging.getLogger("sandbox.audit")
@@ -142,6 +143,17 @@ def _prep_uuid(value: uuid.UUID) -> Any:
 
 def _prep_time(value: datetime) -> Any:
     return connection.ops.adapt_datetimefield_value(value)
+
+
+def lock() -> None:
+    """Take the append lock for the rest of the current transaction.
+
+    Commands take it before reading the projections they check (state, quota), so that checks
+    and appends of concurrent commands happen one after the other.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("store.lock() outside a transaction would be released at once")
+    _lock()
 
 
 def _lock() -> None:

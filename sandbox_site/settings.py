@@ -141,7 +141,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": DATA_DIR / "sandbox.sqlite3",
+            "NAME": Path(os.environ.get("SANDBOX_SQLITE_PATH", DATA_DIR / "sandbox.sqlite3")),
             # IMMEDIATE: a write transaction takes SQLite's write lock at BEGIN, so appends are
             # serialized without lock upgrades that deadlock; WAL lets readers run meanwhile.
             "OPTIONS": {
@@ -149,7 +149,8 @@ else:
                 "timeout": 20,
                 "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
             },
-            "TEST": {"NAME": str(DATA_DIR / "test.sqlite3")},
+            # A file (threads and worker processes share it), one per test run.
+            "TEST": {"NAME": str(DATA_DIR / f"test-{os.getpid()}.sqlite3")},
         }
     }
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
@@ -301,3 +302,46 @@ if SANDBOX_HYPERVISOR not in {"auto", "cloud-hypervisor", "qemu"}:
     )
 SANDBOX_RUNTIME_DIR = Path(os.environ.get("SANDBOX_RUNTIME_DIR", "/run/microvm-sandbox"))
 SANDBOX_AUDIT_RETENTION_DAYS = env_int("SANDBOX_AUDIT_RETENTION_DAYS", 7 * 365)
+
+# --- VMs: system limits, default quotas, identity, snapshots ----------------------------------
+SANDBOX_MAX_VMS = env_int("SANDBOX_MAX_VMS", 50)  # live VMs on this installation
+SANDBOX_MAX_VCPUS_PER_VM = env_int("SANDBOX_MAX_VCPUS_PER_VM", 8)
+SANDBOX_MAX_MEMORY_MIB_PER_VM = env_int("SANDBOX_MAX_MEMORY_MIB_PER_VM", 16384)
+SANDBOX_MAX_DISK_MIB_PER_VM = env_int("SANDBOX_MAX_DISK_MIB_PER_VM", 65536)
+SANDBOX_DEFAULT_QUOTA = {
+    "vms": env_int("SANDBOX_QUOTA_VMS", 10),
+    "vcpus": env_int("SANDBOX_QUOTA_VCPUS", 16),
+    "memory_mib": env_int("SANDBOX_QUOTA_MEMORY_MIB", 16384),
+    "disk_mib": env_int("SANDBOX_QUOTA_DISK_MIB", 102400),
+    "snapshots": env_int("SANDBOX_QUOTA_SNAPSHOTS", 20),
+}
+SANDBOX_NETWORK_CIDR = os.environ.get("SANDBOX_NETWORK_CIDR", "10.250.0.0/24")
+SANDBOX_TEMPLATES_FILE = os.environ.get("SANDBOX_TEMPLATES_FILE", "")
+SANDBOX_SNAPSHOT_DIR = Path(os.environ.get("SANDBOX_SNAPSHOT_DIR", DATA_DIR / "snapshots"))
+SANDBOX_VM_DATA_DIR = Path(os.environ.get("SANDBOX_VM_DATA_DIR", DATA_DIR / "vms"))
+SANDBOX_SNAPSHOT_KEEP_LAST = env_int("SANDBOX_SNAPSHOT_KEEP_LAST", 10)  # per VM; 0: no limit
+SANDBOX_SNAPSHOT_MAX_AGE_DAYS = env_int("SANDBOX_SNAPSHOT_MAX_AGE_DAYS", 30)  # 0: no limit
+# Exec events always hold sizes and SHA-256 of the output; the output itself only if asked.
+SANDBOX_EXEC_RECORD_OUTPUT = env_bool("SANDBOX_EXEC_RECORD_OUTPUT", False)
+SANDBOX_EXEC_MAX_TIMEOUT_S = env_int("SANDBOX_EXEC_MAX_TIMEOUT_S", 600)
+SANDBOX_STOP_GRACE_S = env_int("SANDBOX_STOP_GRACE_S", 20)
+
+# --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------
+# New digests are signed with this algorithm; digests of either kind stay verifiable.
+SANDBOX_DIGEST_ALGORITHM = os.environ.get("SANDBOX_DIGEST_ALGORITHM", "ed25519")
+if SANDBOX_DIGEST_ALGORITHM not in {"ed25519", "hmac-sha256"}:
+    raise ImproperlyConfigured(
+        f"SANDBOX_DIGEST_ALGORITHM must be ed25519 or hmac-sha256, got {SANDBOX_DIGEST_ALGORITHM!r}"
+    )
+# Ed25519 keys: "id:base64-seed,..." from the environment, else PEM files <id>.pem in the key
+# directory (the current one generated there once); retired public keys as <id>.pub.pem there
+# or "id:base64-public,..." in SANDBOX_DIGEST_ED25519_PUBLIC_KEYS. Keys load lazily (audit.keys).
+SANDBOX_DIGEST_ED25519_CURRENT = os.environ.get("SANDBOX_DIGEST_ED25519_CURRENT", "ed25519-1")
+SANDBOX_DIGEST_ED25519_KEYS = os.environ.get("SANDBOX_DIGEST_ED25519_KEYS", "")
+SANDBOX_DIGEST_ED25519_PUBLIC_KEYS = os.environ.get("SANDBOX_DIGEST_ED25519_PUBLIC_KEYS", "")
+SANDBOX_DIGEST_ED25519_DIR = Path(
+    os.environ.get("SANDBOX_DIGEST_ED25519_DIR", DATA_DIR / "secrets" / "ed25519")
+)
+# Where finished exports are kept, and the size up to which an export runs inside the request.
+SANDBOX_AUDIT_EXPORT_DIR = Path(os.environ.get("SANDBOX_AUDIT_EXPORT_DIR", DATA_DIR / "exports"))
+SANDBOX_AUDIT_INLINE_EXPORT_MAX = env_int("SANDBOX_AUDIT_INLINE_EXPORT_MAX", 20_000)

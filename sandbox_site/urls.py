@@ -8,15 +8,21 @@ from rest_framework.routers import DefaultRouter
 from accounts.api import MeView, TokenViewSet, UserViewSet
 from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
+from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
 router.register("users", UserViewSet, basename="user")
 router.register("events", EventViewSet, basename="event")
+router.register("vms", VMViewSet, basename="vm")
+router.register("snapshots", SnapshotViewSet, basename="snapshot")
+router.register("templates", TemplateViewSet, basename="template")
 
 api_v1 = [
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),
+    path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
+    path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]

@@ -1,1 +1,237 @@
-"""VM read models (projections of vm.* events) arrive with the lifecycle work (issue 4)."""
+"""Read models of the VM domain, projected from vm.*, snapshot.* and net.* events.
+
+Only ``vms.projectors`` writes VirtualMachine, Snapshot, Usage and RequestOutcome rows, inside
+the append transaction; commands and tasks change them by appending events. Templates and
+quotas are configuration (edited by admins), not projections.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+__all__ = [
+    "ACTIVE_STATES",
+    "Quota",
+    "RequestOutcome",
+    "Snapshot",
+    "Template",
+    "Usage",
+    "VMState",
+    "VirtualMachine",
+]
+
+
+class VMState(models.TextChoices):
+    CREATING = "creating"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    REBOOTING = "rebooting"
+    RESIZING = "resizing"
+    SNAPSHOTTING = "snapshotting"
+    RESTORING = "restoring"
+    DESTROYING = "destroying"
+    DESTROYED = "destroyed"
+    FAILED = "failed"
+    CRASHED = "crashed"
+
+
+# States that count against quotas (everything but destroyed).
+ACTIVE_STATES = frozenset(s.value for s in VMState) - {VMState.DESTROYED.value}
+
+
+class Template(models.Model):
+    """A VM shape offered to users: built in, from YAML (SANDBOX_TEMPLATES_FILE) or the admin."""
+
+    name = models.SlugField(max_length=63, unique=True)
+    description = models.CharField(max_length=200, blank=True)
+    boot = models.CharField(max_length=8, choices=[("linux", "Linux"), ("uefi", "UEFI")])
+    image = models.CharField(max_length=63, default="linux", help_text="linux, uefi or windows")
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_mib = models.PositiveIntegerField(default=1024)
+    source = models.CharField(max_length=16, default="builtin")
+    enabled = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class VirtualMachine(models.Model):
+    """A VM as the log says it is now. ``version`` is its aggregate version."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    name = models.CharField(max_length=63)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="vms"
+    )
+    template = models.CharField(max_length=63)
+    boot = models.CharField(max_length=8)
+    image = models.CharField(max_length=63, default="linux")
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_mib = models.PositiveIntegerField()
+    state = models.CharField(max_length=16, choices=VMState.choices, db_index=True)
+    pending_request = models.CharField(
+        max_length=64, blank=True
+    )  # event id of the request in flight
+    pending_type = models.CharField(max_length=64, blank=True)
+    host = models.CharField(max_length=100, blank=True)
+    hypervisor = models.CharField(max_length=32, blank=True)
+    hostname = models.CharField(max_length=63)
+    mac = models.CharField(max_length=17)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    source_snapshot = models.ForeignKey(
+        "vms.Snapshot", null=True, blank=True, on_delete=models.SET_NULL, related_name="clones"
+    )
+    # The snapshot the current state descends from: the parent of the next snapshot.
+    last_snapshot = models.ForeignKey(
+        "vms.Snapshot", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    last_error = models.TextField(blank=True)
+    progress = models.JSONField(default=dict, blank=True)
+    version = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    state_changed_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["owner", "name"],
+                condition=~models.Q(state="destroyed"),
+                name="vms_unique_live_name_per_owner",
+            )
+        ]
+        permissions = [
+            ("operate_vm", "Can start, stop, reboot, pause, resume and resize VMs"),
+            ("exec_vm", "Can run commands in guests"),
+            ("read_files", "Can download files from guests"),
+            ("write_files", "Can upload files into guests"),
+            ("console_vm", "Can type into guest consoles"),
+            ("snapshot_vm", "Can take snapshots"),
+            ("rollback_snapshot", "Can restore and clone snapshots"),
+            ("manage_all_vms", "Can act on every user's VMs"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.pending_request)
+
+
+class Snapshot(models.Model):
+    """A saved VM state: files, SHA-256 manifest, lineage."""
+
+    class State(models.TextChoices):
+        CREATING = "creating"
+        READY = "ready"
+        FAILED = "failed"
+        CORRUPTED = "corrupted"
+        DELETED = "deleted"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    name = models.CharField(max_length=63)
+    vm = models.ForeignKey(
+        VirtualMachine, null=True, blank=True, on_delete=models.SET_NULL, related_name="snapshots"
+    )
+    vm_name = models.CharField(max_length=63)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="snapshots"
+    )
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="children"
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.CREATING)
+    template = models.CharField(max_length=63)
+    boot = models.CharField(max_length=8)
+    image = models.CharField(max_length=63, default="linux")
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_mib = models.PositiveIntegerField()
+    size_bytes = models.BigIntegerField(default=0)
+    manifest = models.JSONField(default=dict, blank=True)  # relative path -> {size, sha256}
+    last_error = models.TextField(blank=True)
+    version = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField()
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} of {self.vm_name} ({self.state})"
+
+
+class Usage(models.Model):
+    """Projection: what each user holds now, for quotas."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, primary_key=True, on_delete=models.CASCADE
+    )
+    vms = models.IntegerField(default=0)
+    vcpus = models.IntegerField(default=0)
+    memory_mib = models.BigIntegerField(default=0)
+    disk_mib = models.BigIntegerField(default=0)
+    snapshots = models.IntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"usage of {self.user_id}"
+
+
+class Quota(models.Model):
+    """Limits for a user, or for everyone in a group (a user's own quota wins; else the most
+    generous of its groups'; else the defaults in settings). Empty fields: no limit from here."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="quota",
+    )
+    group = models.OneToOneField(
+        "auth.Group", null=True, blank=True, on_delete=models.CASCADE, related_name="quota"
+    )
+    max_vms = models.PositiveIntegerField(null=True, blank=True)
+    max_vcpus = models.PositiveIntegerField(null=True, blank=True)
+    max_memory_mib = models.PositiveIntegerField(null=True, blank=True)
+    max_disk_mib = models.PositiveIntegerField(null=True, blank=True)
+    max_snapshots = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=models.Q(user__isnull=False, group__isnull=True)
+                | models.Q(user__isnull=True, group__isnull=False),
+                name="vms_quota_user_xor_group",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"quota of {self.user or self.group}"
+
+
+class RequestOutcome(models.Model):
+    """One outcome per request event: the unique key makes a retried task's second outcome fail."""
+
+    request_event_id = models.CharField(max_length=64, primary_key=True)
+    outcome_event_id = models.CharField(max_length=64)
+    outcome_type = models.CharField(max_length=64)
+    position = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.request_event_id} -> {self.outcome_type}"

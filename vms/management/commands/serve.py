@@ -40,7 +40,7 @@ class Command(BaseCommand):
             ]
         }
         if not options["no_worker"]:
-            commands["worker"] = [python, manage, "qcluster"]
+            commands["worker"] = [python, manage, "worker"]
         procs = {name: subprocess.Popen(argv) for name, argv in commands.items()}
         self.stdout.write(
             f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ "

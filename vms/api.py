@@ -1,0 +1,520 @@
+"""REST API of the VM domain: VMs and their actions, snapshots, templates, quotas, requests.
+
+Views parse and validate input, then call ``vms.commands`` (state changes) or ``vms.guest``
+(exec, files); they never append events or write read models. Long actions answer 202 with the
+request event and a status URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import django_filters
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.parsers import FileUploadParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from accounts.caller import Caller
+from audit.api import EventSerializer
+from audit.models import Event
+from vms import commands, guest, quotas
+from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
+
+# --- Serializers ------------------------------------------------------------------------------
+
+
+class SnapshotBriefSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Snapshot
+        fields = ["id", "name", "state", "created_at"]
+        read_only_fields = fields
+
+
+class VMSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = VirtualMachine
+        fields = [
+            "id",
+            "url",
+            "name",
+            "owner",
+            "template",
+            "boot",
+            "vcpus",
+            "memory_mib",
+            "disk_mib",
+            "state",
+            "pending_type",
+            "progress",
+            "last_error",
+            "host",
+            "hypervisor",
+            "hostname",
+            "mac",
+            "ip",
+            "source_snapshot",
+            "last_snapshot",
+            "version",
+            "created_at",
+            "updated_at",
+            "state_changed_at",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, vm: VirtualMachine) -> str:
+        return f"/api/v1/vms/{vm.pk}/"
+
+
+class VMCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63)
+    template = serializers.CharField(max_length=63, default="linux-default")
+    vcpus = serializers.IntegerField(min_value=1, required=False)
+    memory_mib = serializers.IntegerField(min_value=128, required=False)
+    disk_mib = serializers.IntegerField(min_value=64, required=False)
+    start = serializers.BooleanField(default=True)
+
+
+class StopSerializer(serializers.Serializer):
+    force = serializers.BooleanField(default=False)
+    grace_s = serializers.IntegerField(min_value=0, max_value=600, required=False)
+
+
+class ResizeSerializer(serializers.Serializer):
+    vcpus = serializers.IntegerField(min_value=1, required=False)
+    memory_mib = serializers.IntegerField(min_value=128, required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if not attrs:
+            raise ValidationError("give vcpus, memory_mib or both")
+        return attrs
+
+
+class SnapshotCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63, required=False, allow_blank=True)
+
+
+class ExecSerializer(serializers.Serializer):
+    argv = serializers.ListField(
+        child=serializers.CharField(allow_blank=True, max_length=65536),
+        min_length=1,
+        max_length=4096,
+    )
+    cwd = serializers.CharField(required=False, max_length=4096)
+    env = serializers.DictField(
+        child=serializers.CharField(allow_blank=True, max_length=65536), required=False
+    )
+    stdin = serializers.CharField(
+        required=False, allow_blank=True, trim_whitespace=False, help_text="text"
+    )
+    stdin_b64 = serializers.CharField(required=False, help_text="bytes, base64")
+    timeout = serializers.FloatField(min_value=0.1, default=60.0)
+
+    def validate_timeout(self, value: float) -> float:
+        from django.conf import settings
+
+        if value > settings.SANDBOX_EXEC_MAX_TIMEOUT_S:
+            raise ValidationError(f"at most {settings.SANDBOX_EXEC_MAX_TIMEOUT_S} seconds")
+        return value
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "stdin" in attrs and "stdin_b64" in attrs:
+            raise ValidationError("give stdin or stdin_b64, not both")
+        if "stdin_b64" in attrs:
+            try:
+                attrs["stdin_bytes"] = base64.b64decode(attrs.pop("stdin_b64"), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ValidationError({"stdin_b64": "not valid base64"}) from exc
+        elif "stdin" in attrs:
+            attrs["stdin_bytes"] = attrs.pop("stdin").encode()
+        for key in attrs.get("env", {}):
+            if not key or "=" in key or "\x00" in key:
+                raise ValidationError({"env": f"invalid variable name {key!r}"})
+        if any("\x00" in a for a in attrs["argv"]):
+            raise ValidationError({"argv": "NUL characters are not allowed"})
+        return attrs
+
+
+class SnapshotSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+
+    class Meta:
+        model = Snapshot
+        fields = [
+            "id",
+            "name",
+            "vm",
+            "vm_name",
+            "owner",
+            "parent",
+            "state",
+            "template",
+            "vcpus",
+            "memory_mib",
+            "disk_mib",
+            "size_bytes",
+            "manifest",
+            "last_error",
+            "created_at",
+            "deleted_at",
+        ]
+        read_only_fields = fields
+
+
+class CloneSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=63)
+
+
+class TemplateSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Template
+        fields = [
+            "name",
+            "description",
+            "boot",
+            "image",
+            "vcpus",
+            "memory_mib",
+            "disk_mib",
+            "source",
+            "enabled",
+        ]
+        read_only_fields = fields
+
+
+def accepted(result: commands.Accepted, status_code: int = status.HTTP_202_ACCEPTED) -> Response:
+    body: dict[str, Any] = {
+        "request": {
+            "event_id": result.request.event_id,
+            "type": result.request.type,
+            "position": result.request.position,
+        },
+        "status_url": f"/api/v1/requests/{result.request.event_id}/",
+        "vm": VMSerializer(result.vm).data,
+    }
+    if result.snapshot is not None:
+        body["snapshot"] = SnapshotBriefSerializer(result.snapshot).data
+    return Response(body, status=status_code)
+
+
+# --- Filters ----------------------------------------------------------------------------------
+
+
+class VMFilter(django_filters.FilterSet):
+    state = django_filters.CharFilter()
+    owner = django_filters.CharFilter(field_name="owner__username")
+    owner_id = django_filters.NumberFilter()
+    template = django_filters.CharFilter()
+    name = django_filters.CharFilter(field_name="name", lookup_expr="icontains")
+    include_destroyed = django_filters.BooleanFilter(method="filter_destroyed")
+
+    class Meta:
+        model = VirtualMachine
+        fields: list[str] = []
+
+    def filter_queryset(self, queryset: Any) -> Any:
+        if not self.form.cleaned_data.get("include_destroyed") and not self.form.cleaned_data.get(
+            "state"
+        ):
+            queryset = queryset.exclude(state="destroyed")
+        return super().filter_queryset(queryset)
+
+    def filter_destroyed(self, queryset: Any, name: str, value: bool) -> Any:
+        return queryset
+
+
+class SnapshotFilter(django_filters.FilterSet):
+    vm_id = django_filters.UUIDFilter(field_name="vm_id")
+    state = django_filters.CharFilter()
+    owner = django_filters.CharFilter(field_name="owner__username")
+
+    class Meta:
+        model = Snapshot
+        fields: list[str] = []
+
+
+# --- Views ------------------------------------------------------------------------------------
+
+
+class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Your VMs (everyone's for viewers, auditors and admins). DELETE destroys."""
+
+    serializer_class = VMSerializer
+    filterset_class = VMFilter
+
+    def get_queryset(self) -> Any:
+        return commands.visible_vms(Caller.from_request(self.request)).order_by("-created_at")
+
+    def caller(self) -> Caller:
+        return Caller.from_request(self.request)
+
+    @extend_schema(
+        request=VMCreateSerializer,
+        responses={202: inline_serializer("Accepted", {"status_url": serializers.CharField()})},
+    )
+    def create(self, request: Request) -> Response:
+        s = VMCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        result = commands.create(
+            self.caller(),
+            name=d["name"],
+            template=d["template"],
+            vcpus=d.get("vcpus"),
+            memory_mib=d.get("memory_mib"),
+            disk_mib=d.get("disk_mib"),
+            start_now=d["start"],
+        )
+        return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={202: None})
+    def destroy(self, request: Request, pk: Any = None) -> Response:
+        return accepted(commands.destroy(self.caller(), self.get_object()))
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: Any = None) -> Response:
+        return accepted(commands.start(self.caller(), self.get_object()))
+
+    @extend_schema(request=StopSerializer, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: Any = None) -> Response:
+        s = StopSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return accepted(commands.stop(self.caller(), self.get_object(), **s.validated_data))
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def reboot(self, request: Request, pk: Any = None) -> Response:
+        return accepted(commands.reboot(self.caller(), self.get_object()))
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: Any = None) -> Response:
+        return accepted(commands.pause(self.caller(), self.get_object()))
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: Any = None) -> Response:
+        return accepted(commands.resume(self.caller(), self.get_object()))
+
+    @extend_schema(request=ResizeSerializer, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def resize(self, request: Request, pk: Any = None) -> Response:
+        s = ResizeSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return accepted(commands.resize(self.caller(), self.get_object(), **s.validated_data))
+
+    @extend_schema(request=SnapshotCreateSerializer, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def snapshot(self, request: Request, pk: Any = None) -> Response:
+        s = SnapshotCreateSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return accepted(
+            commands.snapshot(
+                self.caller(), self.get_object(), name=s.validated_data.get("name", "")
+            )
+        )
+
+    @extend_schema(
+        request=ExecSerializer,
+        responses=inline_serializer(
+            "ExecResult",
+            {
+                "exit_code": serializers.IntegerField(allow_null=True),
+                "signal": serializers.IntegerField(allow_null=True),
+                "timed_out": serializers.BooleanField(),
+                "duration_s": serializers.FloatField(),
+                "stdout": serializers.CharField(),
+                "stderr": serializers.CharField(),
+                "stdout_b64": serializers.CharField(),
+                "stderr_b64": serializers.CharField(),
+                "stdout_truncated": serializers.BooleanField(),
+                "stderr_truncated": serializers.BooleanField(),
+                "event_position": serializers.IntegerField(),
+            },
+        ),
+    )
+    @action(detail=True, methods=["post"])
+    def exec(self, request: Request, pk: Any = None) -> Response:
+        """Run a command in the guest and return its output (the websocket streams long ones)."""
+        s = ExecSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        result = guest.run_exec(
+            self.caller(),
+            self.get_object(),
+            d["argv"],
+            cwd=d.get("cwd"),
+            env=d.get("env"),
+            stdin=d.get("stdin_bytes"),
+            timeout=d["timeout"],
+        )
+        return Response(
+            {
+                "exit_code": result.exit_code,
+                "signal": result.signal,
+                "timed_out": result.timed_out,
+                "duration_s": result.duration_s,
+                "stdout": result.stdout.decode(errors="replace"),
+                "stderr": result.stderr.decode(errors="replace"),
+                "stdout_b64": base64.b64encode(result.stdout).decode(),
+                "stderr_b64": base64.b64encode(result.stderr).decode(),
+                "stdout_truncated": result.stdout_truncated,
+                "stderr_truncated": result.stderr_truncated,
+                "event_position": result.event_position,
+            }
+        )
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("path", str, required=True, description="absolute path in the guest")
+        ],
+        request={"application/octet-stream": bytes},
+    )
+    @action(
+        detail=True,
+        methods=["get", "put", "post"],
+        parser_classes=[FileUploadParser, MultiPartParser],
+    )
+    def files(self, request: Request, pk: Any = None) -> Any:
+        """GET downloads ``path``; PUT (raw body) or POST (multipart ``file``) uploads to it."""
+        vm = self.get_object()
+        path = request.query_params.get("path", "")
+        caller = self.caller()
+        if request.method == "GET":
+            guest.validate_guest_path(path)
+            tmp = tempfile.NamedTemporaryFile(prefix="sbx-dl-", delete=False)  # noqa: SIM115
+            tmp.close()
+            try:
+                size, sha256 = guest.download(caller, vm, path, Path(tmp.name))
+                fh = open(tmp.name, "rb")  # noqa: SIM115 - FileResponse closes it
+            finally:
+                Path(tmp.name).unlink(missing_ok=True)  # the open handle keeps the data
+            response = FileResponse(fh, as_attachment=True, filename=Path(path).name or "download")
+            response["X-Content-SHA256"] = sha256
+            response["Content-Length"] = str(size)
+            return response
+        upload = request.data.get("file")
+        if upload is None:
+            raise ValidationError(
+                {"file": "send the file as the body (PUT) or as multipart 'file'"}
+            )
+        size, sha256 = guest.upload(caller, vm, path, upload)
+        return Response(
+            {"path": path, "size": size, "sha256": sha256}, status=status.HTTP_201_CREATED
+        )
+
+    @extend_schema(responses=EventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, pk: Any = None) -> Response:
+        """The VM's timeline: its events (and its snapshots'), oldest first."""
+        vm = self.get_object()
+        snapshot_ids = [str(s) for s in Snapshot.objects.filter(vm=vm).values_list("pk", flat=True)]
+        qs = Event.objects.filter(
+            aggregate_type="vm", aggregate_id=str(vm.pk)
+        ) | Event.objects.filter(aggregate_type="snapshot", aggregate_id__in=snapshot_ids)
+        qs = qs.order_by("position")
+        after = request.query_params.get("after")
+        if after:
+            try:
+                qs = qs.filter(position__gt=int(after))
+            except ValueError as exc:
+                raise ValidationError({"after": "a position (integer)"}) from exc
+        page = self.paginate_queryset(qs)
+        return self.get_paginated_response(EventSerializer(page, many=True).data)
+
+
+class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """Snapshots: restore one in place, clone it into a new VM, delete it (DELETE)."""
+
+    serializer_class = SnapshotSerializer
+    filterset_class = SnapshotFilter
+
+    def get_queryset(self) -> Any:
+        return commands.visible_snapshots(Caller.from_request(self.request)).order_by("-created_at")
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def restore(self, request: Request, pk: Any = None) -> Response:
+        snap = self.get_object()
+        if snap.vm is None or snap.vm.state == "destroyed":
+            raise ValidationError({"snapshot": "its VM is gone: clone it into a new VM instead"})
+        return accepted(commands.restore(Caller.from_request(request), snap.vm, snap))
+
+    @extend_schema(request=CloneSerializer, responses={202: None})
+    @action(detail=True, methods=["post"])
+    def clone(self, request: Request, pk: Any = None) -> Response:
+        s = CloneSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        return accepted(
+            commands.clone(
+                Caller.from_request(request), self.get_object(), name=s.validated_data["name"]
+            )
+        )
+
+    def destroy(self, request: Request, pk: Any = None) -> Response:
+        commands.delete_snapshot(Caller.from_request(request), self.get_object())
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
+    serializer_class = TemplateSerializer
+    queryset = Template.objects.filter(enabled=True)
+    lookup_field = "name"
+
+
+class QuotaMeView(APIView):
+    """Your effective quota, what you use, and what remains."""
+
+    def get(self, request: Request) -> Response:
+        quota = quotas.effective_quota(request.user)
+        used = quotas.usage_of(request.user)
+        remaining = {
+            r: (None if getattr(quota, r) is None else max(0, getattr(quota, r) - used[r]))
+            for r in quotas.RESOURCES
+        }
+        return Response({"quota": quota.as_dict(), "used": used, "remaining": remaining})
+
+
+class RequestStatusView(APIView):
+    """Where a request stands: pending, succeeded or failed, with its outcome event."""
+
+    def get(self, request: Request, event_id: str) -> Response:
+        try:
+            eid = uuid.UUID(event_id)
+        except ValueError as exc:
+            raise NotFound("no such request") from exc
+        event = Event.objects.filter(event_id=eid, type__endswith="_requested").first()
+        if event is None:
+            raise NotFound("no such request")
+        vm = (
+            commands.visible_vms(Caller.from_request(request)).filter(pk=event.aggregate_id).first()
+        )
+        if vm is None and not request.user.has_perm("audit.view_audit_trail"):
+            raise NotFound("no such request")
+        outcome = RequestOutcome.objects.filter(request_event_id=str(eid)).first()
+        body: dict[str, Any] = {
+            "request": EventSerializer(event).data,
+            "state": "pending"
+            if outcome is None
+            else ("failed" if outcome.outcome_type.endswith("_failed") else "succeeded"),
+            "outcome": None,
+            "vm": VMSerializer(vm).data if vm else None,
+        }
+        if outcome is not None:
+            body["outcome"] = EventSerializer(Event.objects.get(position=outcome.position)).data
+        return Response(body)

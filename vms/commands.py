@@ -1,0 +1,483 @@
+"""Every VM action: one function per verb.
+
+Each checks permission, ownership, state and quota against the projections and appends the
+request event, in one transaction taken under the event store's append lock (so concurrent
+requests are checked one after the other). The worker task that carries the request out is
+enqueued on commit; it appends the outcome through ``record_outcome``. Views, consumers and tasks
+never write VM events or read-model rows themselves.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+
+from accounts.caller import Caller
+from audit import store
+from audit.actor import Actor
+from audit.errors import ConcurrencyError
+from vms import identity, quotas
+from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine, VMState
+
+__all__ = [
+    "Accepted",
+    "Busy",
+    "InvalidState",
+    "NotFound",
+    "clone",
+    "create",
+    "delete_snapshot",
+    "destroy",
+    "pause",
+    "reboot",
+    "record_exec",
+    "record_file_transfer",
+    "record_outcome",
+    "record_progress",
+    "resize",
+    "restore",
+    "resume",
+    "snapshot",
+    "start",
+    "stop",
+    "visible_snapshots",
+    "visible_vms",
+]
+
+NAME_MAX = 63
+
+
+class NotFound(Exception):
+    """No such VM or snapshot, or not one the caller may see."""
+
+
+class InvalidState(Exception):
+    """The VM's state does not allow the action (409 with the current state)."""
+
+    def __init__(self, vm: VirtualMachine, action: str, allowed: frozenset[str]) -> None:
+        self.vm, self.action, self.allowed = vm, action, allowed
+        super().__init__(
+            f"cannot {action} a VM that is {vm.state} (allowed from: {', '.join(sorted(allowed))})"
+        )
+
+
+class Busy(InvalidState):
+    def __init__(self, vm: VirtualMachine, action: str) -> None:
+        self.vm, self.action, self.allowed = vm, action, frozenset()
+        Exception.__init__(
+            self, f"cannot {action}: the VM is busy with {vm.pending_type or vm.state}"
+        )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request that the log has taken; the worker will append its outcome."""
+
+    vm: VirtualMachine
+    request: store.RecordedEvent
+    snapshot: Snapshot | None = None
+
+
+# verb -> (permission, states it may start from)
+RULES: dict[str, tuple[str, frozenset[str]]] = {
+    "start": ("vms.operate_vm", frozenset({"stopped", "failed", "crashed"})),
+    "stop": ("vms.operate_vm", frozenset({"running", "paused", "failed", "crashed"})),
+    "reboot": ("vms.operate_vm", frozenset({"running"})),
+    "pause": ("vms.operate_vm", frozenset({"running"})),
+    "resume": ("vms.operate_vm", frozenset({"paused"})),
+    "resize": ("vms.operate_vm", frozenset({"running", "stopped"})),
+    "snapshot": ("vms.snapshot_vm", frozenset({"running", "paused"})),
+    "restore": (
+        "vms.rollback_snapshot",
+        frozenset({"running", "paused", "stopped", "failed", "crashed"}),
+    ),
+    "destroy": ("vms.delete_virtualmachine", frozenset(s.value for s in VMState) - {"destroyed"}),
+}
+
+
+# --- Visibility -------------------------------------------------------------------------------
+
+
+def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
+    """Everyone's VMs for readers of all (viewer, auditor, admin); one's own for operators."""
+    qs = VirtualMachine.objects.select_related("owner")
+    if caller.user.has_perm("vms.view_virtualmachine"):
+        return qs
+    return qs.filter(owner=caller.user)
+
+
+def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
+    qs = Snapshot.objects.select_related("owner", "vm")
+    if caller.user.has_perm("vms.view_snapshot"):
+        return qs
+    return qs.filter(owner=caller.user)
+
+
+def _own_or_admin(caller: Caller, owner_id: int) -> None:
+    if owner_id != caller.user.pk and not caller.user.has_perm("vms.manage_all_vms"):
+        raise PermissionDenied("you may only act on your own VMs")
+
+
+def _fresh(vm_id: uuid.UUID) -> VirtualMachine:
+    try:
+        return VirtualMachine.objects.get(pk=vm_id)
+    except VirtualMachine.DoesNotExist:
+        raise NotFound(f"no VM {vm_id}") from None
+
+
+# --- Requests on an existing VM ---------------------------------------------------------------
+
+
+def _request(
+    caller: Caller, vm: VirtualMachine, verb: str, data: dict[str, Any] | None = None
+) -> tuple[VirtualMachine, store.RecordedEvent]:
+    """Check and append ``vm.<verb>_requested``; the caller holds the transaction."""
+    perm, allowed = RULES[verb]
+    caller.require(perm)
+    _own_or_admin(caller, vm.owner_id)
+    store.lock()
+    vm = _fresh(vm.pk)  # re-read under the lock: the state another request left
+    if vm.busy and verb != "destroy":
+        raise Busy(vm, verb)
+    if vm.state not in allowed:
+        raise InvalidState(vm, verb, allowed)
+    event = store.append(
+        "vm",
+        str(vm.pk),
+        f"vm.{verb}_requested",
+        data or {},
+        actor=caller.actor,
+        expected_version=vm.version,
+    )
+    _enqueue_on_commit(event)
+    return _fresh(vm.pk), event
+
+
+def _enqueue_on_commit(event: store.RecordedEvent) -> None:
+    from vms import tasks
+
+    transaction.on_commit(lambda: tasks.enqueue(event.event_id))
+
+
+@transaction.atomic
+def start(caller: Caller, vm: VirtualMachine) -> Accepted:
+    return Accepted(*_request(caller, vm, "start"))
+
+
+@transaction.atomic
+def stop(
+    caller: Caller, vm: VirtualMachine, *, force: bool = False, grace_s: int | None = None
+) -> Accepted:
+    grace = settings.SANDBOX_STOP_GRACE_S if grace_s is None else grace_s
+    if not 0 <= grace <= 600:
+        raise ValidationError({"grace_s": "must be between 0 and 600 seconds"})
+    return Accepted(*_request(caller, vm, "stop", {"force": force, "grace_s": grace}))
+
+
+@transaction.atomic
+def reboot(caller: Caller, vm: VirtualMachine) -> Accepted:
+    return Accepted(*_request(caller, vm, "reboot"))
+
+
+@transaction.atomic
+def pause(caller: Caller, vm: VirtualMachine) -> Accepted:
+    return Accepted(*_request(caller, vm, "pause"))
+
+
+@transaction.atomic
+def resume(caller: Caller, vm: VirtualMachine) -> Accepted:
+    return Accepted(*_request(caller, vm, "resume"))
+
+
+@transaction.atomic
+def resize(
+    caller: Caller, vm: VirtualMachine, *, vcpus: int | None = None, memory_mib: int | None = None
+) -> Accepted:
+    if vcpus is None and memory_mib is None:
+        raise ValidationError({"detail": "give vcpus, memory_mib or both"})
+    new_vcpus = vm.vcpus if vcpus is None else vcpus
+    new_memory = vm.memory_mib if memory_mib is None else memory_mib
+    _validate_shape(new_vcpus, new_memory, vm.disk_mib)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    quotas.check(
+        fresh.owner,
+        vcpus=new_vcpus - fresh.vcpus,
+        memory_mib=new_memory - fresh.memory_mib,
+    )
+    return Accepted(
+        *_request(caller, fresh, "resize", {"vcpus": new_vcpus, "memory_mib": new_memory})
+    )
+
+
+@transaction.atomic
+def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
+    name = _validate_name(name or f"{vm.name}-snap", "name")
+    store.lock()
+    fresh = _fresh(vm.pk)
+    _own_or_admin(caller, fresh.owner_id)
+    quotas.check(fresh.owner, snapshots=1)
+    snapshot_id = uuid.uuid4()
+    vm_after, event = _request(
+        caller,
+        fresh,
+        "snapshot",
+        {
+            "snapshot_id": str(snapshot_id),
+            "name": name,
+            "parent_id": str(fresh.last_snapshot_id) if fresh.last_snapshot_id else None,
+        },
+    )
+    return Accepted(vm_after, event, Snapshot.objects.get(pk=snapshot_id))
+
+
+@transaction.atomic
+def restore(caller: Caller, vm: VirtualMachine, snap: Snapshot) -> Accepted:
+    """Put ``vm`` back into the state of one of its own snapshots (in place)."""
+    _check_snapshot_usable(caller, snap)
+    if snap.vm_id != vm.pk:
+        raise ValidationError(
+            {"snapshot": "restore in place takes a snapshot of this VM; clone others"}
+        )
+    return Accepted(*_request(caller, vm, "restore", {"snapshot_id": str(snap.pk)}), snapshot=snap)
+
+
+@transaction.atomic
+def destroy(caller: Caller, vm: VirtualMachine) -> Accepted:
+    return Accepted(*_request(caller, vm, "destroy"))
+
+
+# --- Creation ---------------------------------------------------------------------------------
+
+
+def _validate_name(name: str, field: str) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > NAME_MAX or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValidationError({field: "1 to 63 letters, digits, '-', '_' or '.'"})
+    return name
+
+
+def _validate_shape(vcpus: int, memory_mib: int, disk_mib: int) -> None:
+    errors = {}
+    if not 1 <= vcpus:
+        errors["vcpus"] = "at least 1"
+    if memory_mib < 128:
+        errors["memory_mib"] = "at least 128 MiB"
+    if disk_mib < 64:
+        errors["disk_mib"] = "at least 64 MiB"
+    if errors:
+        raise ValidationError(errors)
+    quotas.check_vm_shape(vcpus, memory_mib, disk_mib)
+
+
+def _new_vm_events(
+    caller: Caller,
+    *,
+    vm_id: uuid.UUID,
+    name: str,
+    template: Template | Snapshot,
+    vcpus: int,
+    memory_mib: int,
+    disk_mib: int,
+    source_snapshot: Snapshot | None,
+) -> store.RecordedEvent:
+    if (
+        VirtualMachine.objects.filter(owner=caller.user, name=name)
+        .exclude(state="destroyed")
+        .exists()
+    ):
+        raise ValidationError({"name": f"you already have a VM named {name!r}"})
+    quotas.check(caller.user, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib)
+    created = store.append(
+        "vm",
+        str(vm_id),
+        "vm.created",
+        {
+            "name": name,
+            "owner_id": caller.user.pk,
+            "owner": caller.user.username,
+            "template": template.template if isinstance(template, Snapshot) else template.name,
+            "boot": template.boot,
+            "image": template.image,
+            "vcpus": vcpus,
+            "memory_mib": memory_mib,
+            "disk_mib": disk_mib,
+            "hostname": identity.hostname_for(name),
+            "mac": identity.new_mac(),
+            "ip": identity.allocate_ip(),
+            "source_snapshot_id": str(source_snapshot.pk) if source_snapshot else None,
+        },
+        actor=caller.actor,
+        expected_version=0,
+    )
+    return created
+
+
+@transaction.atomic
+def create(
+    caller: Caller,
+    *,
+    name: str,
+    template: str,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    disk_mib: int | None = None,
+    start_now: bool = True,
+) -> Accepted:
+    caller.require("vms.add_virtualmachine")
+    name = _validate_name(name, "name")
+    tpl = Template.objects.filter(name=template, enabled=True).first()
+    if tpl is None:
+        raise ValidationError({"template": f"no enabled template named {template!r}"})
+    shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
+    _validate_shape(*shape)
+    store.lock()
+    vm_id = uuid.uuid4()
+    created = _new_vm_events(
+        caller,
+        vm_id=vm_id,
+        name=name,
+        template=tpl,
+        vcpus=shape[0],
+        memory_mib=shape[1],
+        disk_mib=shape[2],
+        source_snapshot=None,
+    )
+    if not start_now:
+        return Accepted(_fresh(vm_id), created)
+    request = store.append(
+        "vm",
+        str(vm_id),
+        "vm.start_requested",
+        {},
+        actor=caller.actor,
+        expected_version=created.version,
+    )
+    _enqueue_on_commit(request)
+    return Accepted(_fresh(vm_id), request)
+
+
+def _check_snapshot_usable(caller: Caller, snap: Snapshot) -> None:
+    caller.require("vms.rollback_snapshot")
+    _own_or_admin(caller, snap.owner_id)
+    if snap.state != Snapshot.State.READY:
+        raise ValidationError({"snapshot": f"the snapshot is {snap.state}, not ready"})
+
+
+@transaction.atomic
+def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
+    """A new VM, with its own identity, started from ``snap``."""
+    caller.require("vms.add_virtualmachine")
+    _check_snapshot_usable(caller, snap)
+    name = _validate_name(name, "name")
+    store.lock()
+    vm_id = uuid.uuid4()
+    created = _new_vm_events(
+        caller,
+        vm_id=vm_id,
+        name=name,
+        template=snap,
+        vcpus=snap.vcpus,
+        memory_mib=snap.memory_mib,
+        disk_mib=snap.disk_mib,
+        source_snapshot=snap,
+    )
+    request = store.append(
+        "vm",
+        str(vm_id),
+        "vm.restore_requested",
+        {"snapshot_id": str(snap.pk), "clone": True},
+        actor=caller.actor,
+        expected_version=created.version,
+    )
+    _enqueue_on_commit(request)
+    return Accepted(_fresh(vm_id), request, snap)
+
+
+@transaction.atomic
+def delete_snapshot(
+    caller: Caller, snap: Snapshot, *, reason: str = "user", enforce_permissions: bool = True
+) -> store.RecordedEvent:
+    """Delete a snapshot (its files go; its record stays). Retention passes
+    ``enforce_permissions=False``: the policy, not a user, decides."""
+    if enforce_permissions:
+        caller.require("vms.snapshot_vm")
+        _own_or_admin(caller, snap.owner_id)
+    if snap.state == Snapshot.State.DELETED:
+        raise ValidationError({"snapshot": "already deleted"})
+    if snap.state == Snapshot.State.CREATING:
+        raise ValidationError({"snapshot": "still being taken"})
+    event = store.append(
+        "snapshot",
+        str(snap.pk),
+        "snapshot.deleted",
+        {"reason": reason, "vm_id": str(snap.vm_id) if snap.vm_id else None, "name": snap.name},
+        actor=caller.actor,
+        expected_version=snap.version,
+    )
+    from vms import tasks
+
+    transaction.on_commit(lambda: tasks.enqueue_snapshot_cleanup(str(snap.pk)))
+    return event
+
+
+# --- Records of guest access (exec, files) -----------------------------------------------------
+
+
+def record_exec(caller: Caller, vm: VirtualMachine, details: dict[str, Any]) -> store.RecordedEvent:
+    return store.append("vm", str(vm.pk), "vm.exec_completed", details, actor=caller.actor)
+
+
+def record_file_transfer(
+    caller: Caller, vm: VirtualMachine, *, direction: str, path: str, size: int, sha256: str
+) -> store.RecordedEvent:
+    kind = "vm.file_uploaded" if direction == "upload" else "vm.file_downloaded"
+    return store.append(
+        "vm", str(vm.pk), kind, {"path": path, "size": size, "sha256": sha256}, actor=caller.actor
+    )
+
+
+# --- The worker's side ------------------------------------------------------------------------
+
+WORKER = Actor(kind="system", username="worker", channel="worker")
+
+
+def record_outcome(
+    request: store.RecordedEvent, outcome: str, data: dict[str, Any] | None = None
+) -> store.RecordedEvent | None:
+    """Append the outcome of ``request``; None when an outcome was already recorded (a retry)."""
+    actor = Actor.system(channel="worker", name="worker")
+    try:
+        with transaction.atomic():
+            if RequestOutcome.objects.filter(request_event_id=request.event_id).exists():
+                return None
+            return store.append(
+                request.aggregate_type,
+                request.aggregate_id,
+                outcome,
+                data or {},
+                actor=actor,
+                causation_id=request.event_id,
+                correlation_id=request.correlation_id,
+            )
+    except (IntegrityError, ConcurrencyError):
+        # The unique RequestOutcome key: another attempt recorded it first.
+        return None
+
+
+def record_progress(request: store.RecordedEvent, step: str, pct: int, message: str = "") -> None:
+    store.append(
+        request.aggregate_type,
+        request.aggregate_id,
+        "vm.progress",
+        {"step": step, "pct": pct, "message": message, "request": request.event_id},
+        actor=Actor.system(channel="worker", name="worker"),
+        causation_id=request.event_id,
+        correlation_id=request.correlation_id,
+    )

@@ -1,0 +1,318 @@
+"""Inline projection of vm.*, snapshot.* and net.* events into the VM read models.
+
+A request event puts the VM into a transitional state and records the request as pending; the
+worker's outcome event (caused by that request) settles the state, clears the pending request
+and writes a ``RequestOutcome`` row whose primary key is the request's event id, so a second
+outcome for one request (a retried task) fails to append.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from audit.projections import Projector, register
+from audit.store import RecordedEvent
+from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine, VMState
+
+# request type -> transitional state
+REQUESTED = {
+    "vm.start_requested": VMState.STARTING,
+    "vm.stop_requested": VMState.STOPPING,
+    "vm.reboot_requested": VMState.REBOOTING,
+    "vm.pause_requested": VMState.PAUSING,
+    "vm.resume_requested": VMState.RESUMING,
+    "vm.resize_requested": VMState.RESIZING,
+    "vm.snapshot_requested": VMState.SNAPSHOTTING,
+    "vm.restore_requested": VMState.RESTORING,
+    "vm.destroy_requested": VMState.DESTROYING,
+}
+
+# outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running)
+OUTCOMES = {
+    "vm.started": VMState.RUNNING,
+    "vm.start_failed": VMState.FAILED,
+    "vm.stopped": VMState.STOPPED,
+    "vm.stop_failed": VMState.RUNNING,
+    "vm.rebooted": VMState.RUNNING,
+    "vm.reboot_failed": VMState.RUNNING,
+    "vm.paused": VMState.PAUSED,
+    "vm.pause_failed": VMState.RUNNING,
+    "vm.resumed": VMState.RUNNING,
+    "vm.resume_failed": VMState.PAUSED,
+    "vm.resized": VMState.RUNNING,
+    "vm.resize_failed": VMState.RUNNING,
+    "vm.snapshotted": VMState.RUNNING,
+    "vm.snapshot_failed": VMState.RUNNING,
+    "vm.restored": VMState.RUNNING,
+    "vm.restore_failed": VMState.FAILED,
+    "vm.destroyed": VMState.DESTROYED,
+    "vm.destroy_failed": VMState.FAILED,
+}
+
+FAILURES = frozenset(t for t in OUTCOMES if t.endswith("_failed"))
+
+
+def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -> None:
+    row = usage.setdefault(user_id, {})
+    for key, value in delta.items():
+        row[key] = row.get(key, 0) + value
+
+
+@register
+class VMProjector(Projector):
+    name = "vms.state"
+    event_types = frozenset(
+        {
+            "vm.created",
+            "vm.progress",
+            "vm.crashed",
+            "vm.recovered",
+            "net.ip_leased",
+            "net.ip_released",
+        }
+        | set(REQUESTED)
+        | set(OUTCOMES)
+        | {"snapshot.created", "snapshot.deleted", "snapshot.corrupted", "snapshot.verified"}
+    )
+    inline = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        vm_ids = {uuid.UUID(e.aggregate_id) for e in events if e.aggregate_type == "vm"}
+        snap_ids = {uuid.UUID(e.aggregate_id) for e in events if e.aggregate_type == "snapshot"}
+        snap_ids |= {
+            uuid.UUID(e.data["snapshot_id"])
+            for e in events
+            if e.type in ("vm.snapshot_requested", "vm.snapshotted", "vm.snapshot_failed")
+            and e.data.get("snapshot_id")
+        }
+        vms = {vm.id: vm for vm in VirtualMachine.objects.filter(id__in=vm_ids)}
+        snaps = {s.id: s for s in Snapshot.objects.filter(id__in=snap_ids)}
+        new_vms: dict[uuid.UUID, VirtualMachine] = {}
+        new_snaps: dict[uuid.UUID, Snapshot] = {}
+        outcomes: list[RequestOutcome] = []
+        usage: dict[int, dict[str, int]] = {}
+
+        for e in events:
+            data = e.data
+            at = e.recorded_at
+            if e.aggregate_type == "snapshot":
+                snap = snaps.get(uuid.UUID(e.aggregate_id))
+                if snap is None:
+                    continue
+                self._snapshot_event(e, data, snap, usage)
+                continue
+            vm_id = uuid.UUID(e.aggregate_id)
+            if e.type == "vm.created":
+                vm = VirtualMachine(
+                    id=vm_id,
+                    name=data["name"],
+                    owner_id=data["owner_id"],
+                    template=data["template"],
+                    boot=data["boot"],
+                    image=data.get("image", "linux"),
+                    vcpus=data["vcpus"],
+                    memory_mib=data["memory_mib"],
+                    disk_mib=data["disk_mib"],
+                    state=VMState.STOPPED,
+                    hostname=data["hostname"],
+                    mac=data["mac"],
+                    ip=data.get("ip"),
+                    source_snapshot_id=data.get("source_snapshot_id"),
+                    last_snapshot_id=data.get("source_snapshot_id"),
+                    created_at=at,
+                    updated_at=at,
+                    state_changed_at=at,
+                    version=e.version,
+                )
+                vms[vm_id] = new_vms[vm_id] = vm
+                _usage_delta(
+                    usage,
+                    vm.owner_id,
+                    vms=1,
+                    vcpus=vm.vcpus,
+                    memory_mib=vm.memory_mib,
+                    disk_mib=vm.disk_mib,
+                )
+                continue
+            vm = vms.get(vm_id)
+            if vm is None:  # events of a VM whose creation predates this projection's reset
+                continue
+            vm.version = e.version
+            vm.updated_at = at
+            if e.type in REQUESTED:
+                self._set_state(vm, REQUESTED[e.type], at)
+                vm.pending_request = e.event_id
+                vm.pending_type = e.type
+                vm.last_error = ""
+                vm.progress = {}
+                if e.type == "vm.snapshot_requested":
+                    snap = Snapshot(
+                        id=uuid.UUID(data["snapshot_id"]),
+                        name=data["name"],
+                        vm_id=vm_id,
+                        vm_name=vm.name,
+                        owner_id=vm.owner_id,
+                        parent_id=data.get("parent_id"),
+                        state=Snapshot.State.CREATING,
+                        template=vm.template,
+                        boot=vm.boot,
+                        image=vm.image,
+                        vcpus=vm.vcpus,
+                        memory_mib=vm.memory_mib,
+                        disk_mib=vm.disk_mib,
+                        created_at=at,
+                    )
+                    snaps[snap.id] = new_snaps[snap.id] = snap
+                    _usage_delta(usage, vm.owner_id, snapshots=1)
+            elif e.type in OUTCOMES:
+                state = data.get("state") or OUTCOMES[e.type]
+                self._set_state(vm, state, at)
+                if vm.pending_request == e.causation_id:
+                    vm.pending_request = vm.pending_type = ""
+                vm.progress = {}
+                if e.type in FAILURES:
+                    vm.last_error = str(data.get("reason", "failed"))[:2000]
+                if e.causation_id:
+                    outcomes.append(
+                        RequestOutcome(
+                            request_event_id=e.causation_id,
+                            outcome_event_id=e.event_id,
+                            outcome_type=e.type,
+                            position=e.position,
+                        )
+                    )
+                if e.type == "vm.started":
+                    vm.host = data.get("host", vm.host)
+                    vm.hypervisor = data.get("hypervisor", vm.hypervisor)
+                elif e.type == "vm.resized":
+                    _usage_delta(
+                        usage,
+                        vm.owner_id,
+                        vcpus=data["vcpus"] - vm.vcpus,
+                        memory_mib=data["memory_mib"] - vm.memory_mib,
+                    )
+                    vm.vcpus, vm.memory_mib = data["vcpus"], data["memory_mib"]
+                elif e.type in ("vm.snapshotted", "vm.restored") and data.get("snapshot_id"):
+                    vm.last_snapshot_id = uuid.UUID(data["snapshot_id"])
+                elif e.type == "vm.snapshot_failed" and data.get("snapshot_id"):
+                    snap = snaps.get(uuid.UUID(data["snapshot_id"]))
+                    if snap is not None and snap.state == Snapshot.State.CREATING:
+                        snap.state = Snapshot.State.FAILED
+                        snap.last_error = str(data.get("reason", ""))[:2000]
+                        _usage_delta(usage, vm.owner_id, snapshots=-1)
+                elif e.type == "vm.destroyed":
+                    _usage_delta(
+                        usage,
+                        vm.owner_id,
+                        vms=-1,
+                        vcpus=-vm.vcpus,
+                        memory_mib=-vm.memory_mib,
+                        disk_mib=-vm.disk_mib,
+                    )
+                    vm.ip = None
+            elif e.type == "vm.progress":
+                vm.progress = {k: data[k] for k in ("step", "pct", "message") if k in data}
+            elif e.type == "vm.crashed":
+                self._set_state(vm, VMState.CRASHED, at)
+                vm.pending_request = vm.pending_type = ""
+                vm.last_error = str(data.get("reason", "the VMM died"))[:2000]
+            elif e.type == "vm.recovered":
+                self._set_state(vm, data["state"], at)
+                vm.pending_request = vm.pending_type = ""
+                if data.get("reason"):
+                    vm.last_error = str(data["reason"])[:2000]
+            elif e.type == "net.ip_leased":
+                vm.ip = data["ip"]
+            elif e.type == "net.ip_released":
+                vm.ip = None
+
+        VirtualMachine.objects.bulk_create(list(new_vms.values()))
+        changed = [vm for vm_id, vm in vms.items() if vm_id not in new_vms]
+        if changed:
+            VirtualMachine.objects.bulk_update(
+                changed,
+                [
+                    "state",
+                    "pending_request",
+                    "pending_type",
+                    "host",
+                    "hypervisor",
+                    "vcpus",
+                    "memory_mib",
+                    "ip",
+                    "last_error",
+                    "progress",
+                    "last_snapshot",
+                    "version",
+                    "updated_at",
+                    "state_changed_at",
+                ],
+            )
+        Snapshot.objects.bulk_create(list(new_snaps.values()))
+        old_snaps = [s for sid, s in snaps.items() if sid not in new_snaps]
+        if old_snaps:
+            Snapshot.objects.bulk_update(
+                old_snaps,
+                ["state", "size_bytes", "manifest", "last_error", "version", "deleted_at"],
+            )
+        RequestOutcome.objects.bulk_create(outcomes)
+        self._apply_usage(usage)
+
+    @staticmethod
+    def _set_state(vm: VirtualMachine, state: str, at: datetime) -> None:
+        if vm.state != state:
+            vm.state = state
+            vm.state_changed_at = at
+
+    @staticmethod
+    def _snapshot_event(
+        e: RecordedEvent, data: dict[str, Any], snap: Snapshot, usage: dict[int, dict[str, int]]
+    ) -> None:
+        snap.version = e.version
+        if e.type == "snapshot.created":
+            snap.state = Snapshot.State.READY
+            snap.manifest = data["manifest"]
+            snap.size_bytes = data["size_bytes"]
+        elif e.type == "snapshot.corrupted":
+            snap.state = Snapshot.State.CORRUPTED
+            snap.last_error = str(data.get("reason", ""))[:2000]
+        elif e.type == "snapshot.deleted":
+            if snap.state != Snapshot.State.DELETED:
+                if snap.state in (
+                    Snapshot.State.READY,
+                    Snapshot.State.CORRUPTED,
+                    Snapshot.State.CREATING,
+                ):
+                    _usage_delta(usage, snap.owner_id, snapshots=-1)
+                snap.state = Snapshot.State.DELETED
+                snap.deleted_at = e.recorded_at
+
+    @staticmethod
+    def _apply_usage(usage: dict[int, dict[str, int]]) -> None:
+        if not usage:
+            return
+        rows = {u.user_id: u for u in Usage.objects.filter(user_id__in=list(usage))}
+        new = []
+        for user_id, delta in usage.items():
+            row = rows.get(user_id)
+            if row is None:
+                row = Usage(user_id=user_id)
+                new.append(row)
+            for key, value in delta.items():
+                setattr(row, key, getattr(row, key) + value)
+        Usage.objects.bulk_create(new)
+        if rows:
+            Usage.objects.bulk_update(
+                list(rows.values()), ["vms", "vcpus", "memory_mib", "disk_mib", "snapshots"]
+            )
+
+    def reset(self) -> None:
+        RequestOutcome.objects.all().delete()
+        VirtualMachine.objects.update(source_snapshot=None, last_snapshot=None)
+        Snapshot.objects.update(parent=None)
+        Snapshot.objects.all().delete()
+        VirtualMachine.objects.all().delete()
+        Usage.objects.all().delete()

@@ -1,0 +1,115 @@
+"""Quotas (per user, inherited from groups) and system limits.
+
+Checks run inside the command's transaction after the event store lock is taken, so two
+concurrent requests are checked one after the other against committed usage: together they can
+never exceed a limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from vms.models import ACTIVE_STATES, Quota, Usage, VirtualMachine
+
+RESOURCES = ("vms", "vcpus", "memory_mib", "disk_mib", "snapshots")
+
+
+class QuotaExceeded(Exception):
+    """A named quota or limit refuses the request."""
+
+    def __init__(
+        self, quota: str, limit: int, used: int, requested: int, scope: str = "user"
+    ) -> None:
+        self.quota, self.limit, self.used, self.requested, self.scope = (
+            quota,
+            limit,
+            used,
+            requested,
+            scope,
+        )
+        super().__init__(
+            f"{scope} quota {quota} exceeded: {used} in use + {requested} requested > limit {limit}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "detail": str(self),
+            "quota": self.quota,
+            "scope": self.scope,
+            "limit": self.limit,
+            "used": self.used,
+            "requested": self.requested,
+        }
+
+
+@dataclass(frozen=True)
+class EffectiveQuota:
+    vms: int | None
+    vcpus: int | None
+    memory_mib: int | None
+    disk_mib: int | None
+    snapshots: int | None
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {r: getattr(self, r) for r in RESOURCES} | {"source": self.source}
+
+
+def effective_quota(user: Any) -> EffectiveQuota:
+    own = Quota.objects.filter(user=user).first()
+    if own is not None:
+        return _from_quota(own, "user")
+    group_quotas = list(Quota.objects.filter(group__in=user.groups.all()))
+    if group_quotas:
+        # The most generous group wins; a group without a limit on a resource lifts it.
+        values: dict[str, int | None] = {}
+        for r in RESOURCES:
+            limits = [getattr(q, f"max_{r}") for q in group_quotas]
+            values[r] = None if any(v is None for v in limits) else max(limits)  # type: ignore[type-var]
+        return EffectiveQuota(**values, source="group")  # type: ignore[arg-type]
+    return EffectiveQuota(**settings.SANDBOX_DEFAULT_QUOTA, source="default")
+
+
+def _from_quota(q: Quota, source: str) -> EffectiveQuota:
+    return EffectiveQuota(
+        vms=q.max_vms,
+        vcpus=q.max_vcpus,
+        memory_mib=q.max_memory_mib,
+        disk_mib=q.max_disk_mib,
+        snapshots=q.max_snapshots,
+        source=source,
+    )
+
+
+def usage_of(user: Any) -> dict[str, int]:
+    row = Usage.objects.filter(user=user).first()
+    return {r: (getattr(row, r) if row else 0) for r in RESOURCES}
+
+
+def check_vm_shape(vcpus: int, memory_mib: int, disk_mib: int) -> None:
+    for name, value, limit in (
+        ("max_vcpus_per_vm", vcpus, settings.SANDBOX_MAX_VCPUS_PER_VM),
+        ("max_memory_mib_per_vm", memory_mib, settings.SANDBOX_MAX_MEMORY_MIB_PER_VM),
+        ("max_disk_mib_per_vm", disk_mib, settings.SANDBOX_MAX_DISK_MIB_PER_VM),
+    ):
+        if value > limit:
+            raise QuotaExceeded(name, limit, 0, value, scope="system")
+
+
+def check(user: Any, **requested: int) -> None:
+    """Raise QuotaExceeded unless ``user`` may add ``requested`` (resource -> amount)."""
+    if requested.get("vms"):
+        live = VirtualMachine.objects.filter(state__in=ACTIVE_STATES).count()
+        if live + requested["vms"] > settings.SANDBOX_MAX_VMS:
+            raise QuotaExceeded(
+                "max_vms", settings.SANDBOX_MAX_VMS, live, requested["vms"], scope="system"
+            )
+    quota = effective_quota(user)
+    used = usage_of(user)
+    for resource, amount in requested.items():
+        limit = getattr(quota, resource)
+        if amount > 0 and limit is not None and used[resource] + amount > limit:
+            raise QuotaExceeded(resource, limit, used[resource], amount)

@@ -1,0 +1,126 @@
+"""Bring the VM read models in line with the VMM processes that really exist on this host.
+
+Runs when the worker starts (``startup=True``: no task of this host is running, so every pending
+request is orphaned and gets settled) and every minute (only VMs with no request in flight). It
+appends ``vm.crashed`` for a VM whose VMM died, settles interrupted requests with an outcome
+(``vm.started`` if the guest did come up, else ``vm.start_failed`` with the reason), and kills VMM
+processes that belong to no live VM. A task delivered again later finds the outcome and does
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.utils import timezone
+
+from audit import store
+from audit.actor import Actor
+from vms import commands, runtime, worker
+from vms.hypervisors import reconcile as scanner
+from vms.models import VirtualMachine
+
+log = logging.getLogger("sandbox.vms.reconcile")
+
+SYSTEM = Actor(kind="system", username="reconciler", channel="worker")
+
+
+def _settle(vm: VirtualMachine, alive: bool) -> str:
+    request = worker.load_request(vm.pending_request)
+    if request is None:
+        return "no request"
+    verb = request.type.removeprefix("vm.").removesuffix("_requested")
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    if verb in ("start", "restore", "reboot", "resume"):
+        if alive:
+            try:
+                with worker._agent(vm, 30.0):
+                    pass
+                worker._configure_identity(vm)
+                commands.record_outcome(
+                    request,
+                    {
+                        "start": "vm.started",
+                        "restore": "vm.restored",
+                        "reboot": "vm.rebooted",
+                        "resume": "vm.resumed",
+                    }[verb],
+                    {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True},
+                )
+                return "completed"
+            except Exception as exc:  # noqa: BLE001 - any failure: the guest is not usable
+                log.warning("interrupted %s of %s: guest not answering: %s", verb, vm.pk, exc)
+        with contextlib.suppress(Exception):
+            hv.destroy(rt)
+        commands.record_outcome(
+            request,
+            f"vm.{verb}_failed",
+            {
+                "reason": f"the worker stopped during the {verb}; the guest did not come up",
+                "state": "failed",
+            },
+        )
+        return "failed"
+    if verb in ("stop", "destroy"):
+        with contextlib.suppress(Exception):
+            hv.destroy(rt)
+        if verb == "destroy":
+            worker.do_destroy(vm, request)
+        commands.record_outcome(
+            request, "vm.stopped" if verb == "stop" else "vm.destroyed", {"recovered": True}
+        )
+        return "completed"
+    # pause, resize, snapshot: report where the VM really is.
+    state = "crashed"
+    if alive:
+        with contextlib.suppress(Exception):
+            state = hv.info(rt).state.value
+    commands.record_outcome(
+        request,
+        f"vm.{verb}_failed",
+        {
+            "reason": f"the worker stopped during the {verb}",
+            "state": state if state != "dead" else "crashed",
+        },
+    )
+    return "failed"
+
+
+def reconcile(*, startup: bool = False) -> dict[str, int]:
+    root = Path(settings.SANDBOX_RUNTIME_DIR)
+    vms = list(VirtualMachine.objects.exclude(state="destroyed"))
+    by_key = {vm.pk.hex[:12]: vm for vm in vms}
+    report = (
+        scanner.scan(root, known_ids=by_key.keys()) if root.is_dir() else scanner.ReconcileReport()
+    )
+    counts = {"orphans": len(report.orphans), "crashed": 0, "settled": 0, "stray": 0}
+    if report.orphans:
+        scanner.teardown_orphans(report.orphans)
+    stale_before = timezone.now() - timedelta(seconds=int(settings.Q_CLUSTER["retry"]))
+    for key, vm in by_key.items():
+        alive = key in report.alive
+        if vm.pending_request:
+            if startup or vm.state_changed_at < stale_before:
+                _settle(vm, alive)
+                counts["settled"] += 1
+            continue
+        if vm.state in ("running", "paused") and not alive:
+            store.append(
+                "vm",
+                str(vm.pk),
+                "vm.crashed",
+                {"reason": "the VMM process is gone", "host": runtime.host_name()},
+                actor=SYSTEM,
+            )
+            counts["crashed"] += 1
+        elif vm.state in ("stopped", "failed", "crashed", "creating") and alive:
+            with contextlib.suppress(Exception):
+                runtime.hypervisor().destroy(runtime.runtime_dir(vm.pk))
+            counts["stray"] += 1
+    if any(counts.values()):
+        log.info("reconciled", extra=counts)
+    return counts

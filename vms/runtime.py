@@ -1,0 +1,87 @@
+"""Where a VM lives on its host, and the VMSpec the drivers get for it."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import socket
+from pathlib import Path
+
+from django.conf import settings
+
+from vms.hypervisors.base import DiskSpec, Hypervisor, RuntimeDir, VMSpec
+from vms.models import VirtualMachine
+
+
+def host_name() -> str:
+    return socket.gethostname()
+
+
+def runtime_dir(vm_id: object) -> RuntimeDir:
+    # Short names: unix socket paths are limited to 107 bytes.
+    return RuntimeDir(Path(settings.SANDBOX_RUNTIME_DIR) / str(vm_id).replace("-", "")[:12])
+
+
+def vm_data_dir(vm_id: object) -> Path:
+    return Path(settings.SANDBOX_VM_DATA_DIR) / str(vm_id)
+
+
+def snapshot_dir(snapshot_id: object) -> Path:
+    return Path(settings.SANDBOX_SNAPSHOT_DIR) / str(snapshot_id)
+
+
+@functools.cache
+def hypervisor() -> Hypervisor:
+    from vms.hypervisors.probe import select_hypervisor
+
+    return select_hypervisor(settings.SANDBOX_HYPERVISOR)
+
+
+def build_spec(vm: VirtualMachine) -> VMSpec:
+    """The driver-level description of ``vm``: shared read-only root, its own data disk."""
+    from vms import images
+
+    if vm.image == "windows":
+        raise images.ImageNotBuilt(
+            "no Windows image is installed on this host (see docs/images.md for the UEFI path)"
+        )
+    data_disk = vm_data_dir(vm.pk) / "data.img"
+    extra = {"hostname": vm.hostname}
+    if vm.boot == "uefi":
+        uefi = images.uefi_image()
+        return VMSpec(
+            vm_id=vm.pk.hex[:12],
+            boot="uefi",
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            firmware_code=uefi.firmware_code,
+            disks=(
+                DiskSpec(path=uefi.disk, readonly=True, id="esp"),
+                DiskSpec(path=uefi.rootfs, readonly=True, id="root"),
+                DiskSpec(path=data_disk, id="data"),
+            ),
+            extra=extra,
+        )
+    linux = images.linux_image()
+    return VMSpec(
+        vm_id=vm.pk.hex[:12],
+        boot="linux",
+        vcpus=vm.vcpus,
+        memory_mib=vm.memory_mib,
+        kernel=linux.kernel,
+        initramfs=linux.initramfs,
+        cmdline=linux.cmdline,  # identity comes through the agent, so snapshots stay portable
+        disks=(
+            DiskSpec(path=linux.rootfs, readonly=True, id="root"),
+            DiskSpec(path=data_disk, id="data"),
+        ),
+        extra=extra,
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,97 @@
+"""VM templates: built-in defaults plus an optional YAML file, synced into the Template table.
+
+YAML (``SANDBOX_TEMPLATES_FILE``)::
+
+    templates:
+      - name: linux-small
+        description: One vCPU, 256 MiB
+        boot: linux
+        vcpus: 1
+        memory_mib: 256
+        disk_mib: 512
+
+Rows edited in the admin (source "admin") are left alone by the sync.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from vms.models import Template
+
+BUILTIN: list[dict[str, Any]] = [
+    {
+        "name": "linux-default",
+        "description": "Debian 12, direct kernel boot: 2 vCPU, 512 MiB",
+        "boot": "linux",
+        "image": "linux",
+        "vcpus": 2,
+        "memory_mib": 512,
+        "disk_mib": 1024,
+    },
+    {
+        "name": "linux-small",
+        "description": "Debian 12, direct kernel boot: 1 vCPU, 256 MiB",
+        "boot": "linux",
+        "image": "linux",
+        "vcpus": 1,
+        "memory_mib": 256,
+        "disk_mib": 512,
+    },
+    {
+        "name": "windows-default",
+        "description": "Windows through UEFI: 4 vCPU, 2048 MiB (needs a Windows image on the host)",
+        "boot": "uefi",
+        "image": "windows",
+        "vcpus": 4,
+        "memory_mib": 2048,
+        "disk_mib": 32768,
+    },
+]
+
+FIELDS = ("description", "boot", "image", "vcpus", "memory_mib", "disk_mib")
+
+
+def load_yaml(path: str | Path) -> list[dict[str, Any]]:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ImproperlyConfigured(f"SANDBOX_TEMPLATES_FILE {path}: {exc}") from exc
+    items = (doc or {}).get("templates", [])
+    if not isinstance(items, list):
+        raise ImproperlyConfigured(f"{path}: 'templates' must be a list")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ImproperlyConfigured(f"{path}: template #{i} needs a name")
+        missing = [f for f in ("boot", "vcpus", "memory_mib") if f not in item]
+        if missing:
+            raise ImproperlyConfigured(f"{path}: template {item['name']} lacks {missing}")
+        if item["boot"] not in ("linux", "uefi"):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: boot must be linux or uefi"
+            )
+        out.append(item)
+    return out
+
+
+def sync_templates() -> None:
+    wanted = [(t, "builtin") for t in BUILTIN]
+    if settings.SANDBOX_TEMPLATES_FILE:
+        wanted += [(t, "yaml") for t in load_yaml(settings.SANDBOX_TEMPLATES_FILE)]
+    for spec, source in wanted:
+        row = Template.objects.filter(name=spec["name"]).first()
+        if row is not None and row.source == "admin":
+            continue
+        values = {f: spec[f] for f in FIELDS if f in spec} | {"source": source}
+        values.setdefault("image", "linux" if spec["boot"] == "linux" else "uefi")
+        Template.objects.update_or_create(name=spec["name"], defaults=values)
+
+
+def sync_after_migrate(sender: Any = None, **kwargs: Any) -> None:
+    sync_templates()

@@ -1,0 +1,378 @@
+"""Carrying out VM requests on this host: the hypervisor work behind each request event.
+
+``handle(request)`` is idempotent: it returns at once when the request already has an outcome
+(a task delivered twice, or one settled by the reconciler), and a start that finds a VMM left by
+a crashed attempt kills it before booting again. Every failure becomes an outcome event with a
+reason, never a silent hang: all waits have deadlines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from audit import store
+from audit.actor import Actor
+from audit.models import Event
+from vms import commands, runtime
+from vms.hypervisors.base import HypervisorError, NotSupported, SnapshotFiles
+from vms.models import RequestOutcome, Snapshot, VirtualMachine
+
+log = logging.getLogger("sandbox.vms.worker")
+
+AGENT_READY_TIMEOUT_S = 120.0
+
+
+class RequestFailed(Exception):
+    """A request that could not be carried out; ``state`` is where the VM is left."""
+
+    def __init__(self, reason: str, state: str | None = None, **data: Any) -> None:
+        super().__init__(reason)
+        self.state = state
+        self.data = data
+
+
+def load_request(event_id: str) -> store.RecordedEvent | None:
+    row = Event.objects.filter(event_id=uuid.UUID(event_id)).values_list(*store.COLUMNS).first()
+    return store.RecordedEvent.from_row(row) if row else None
+
+
+def handle(event_id: str) -> str:
+    request = load_request(event_id)
+    if request is None:
+        return f"no request event {event_id}"
+    if RequestOutcome.objects.filter(request_event_id=event_id).exists():
+        return "already done"
+    vm = VirtualMachine.objects.filter(pk=request.aggregate_id).first()
+    verb = request.type.removeprefix("vm.").removesuffix("_requested")
+    if vm is None:
+        return "no such VM"
+    if vm.pending_request != event_id:
+        # Superseded (a destroy overtook it): record that it was not carried out.
+        commands.record_outcome(
+            request,
+            f"vm.{verb}_failed",
+            {"reason": "superseded by a later request", "state": vm.state},
+        )
+        return "superseded"
+    handler = HANDLERS[verb]
+    try:
+        outcome, data = handler(vm, request)
+    except RequestFailed as exc:
+        data = {"reason": str(exc), **exc.data}
+        if exc.state:
+            data["state"] = exc.state
+        commands.record_outcome(request, f"vm.{verb}_failed", data)
+        return f"failed: {exc}"
+    except Exception as exc:  # an unexpected error still settles the request, with its reason
+        log.exception("request %s (%s) failed", event_id, request.type)
+        data = {"reason": f"{type(exc).__name__}: {exc}"[:2000]}
+        if verb in ("start", "restore"):
+            _kill(vm)
+        commands.record_outcome(request, f"vm.{verb}_failed", data)
+        return f"error: {exc}"
+    commands.record_outcome(request, outcome, data)
+    return outcome
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> Any:
+    from vms.agent.client import AgentClient
+
+    client = AgentClient.from_hypervisor(runtime.hypervisor(), runtime.runtime_dir(vm.pk))
+    try:
+        client.hello(timeout=timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _configure_identity(vm: VirtualMachine) -> None:
+    with _agent(vm, 30.0) as agent:
+        agent.configure(time=time.time(), hostname=vm.hostname)
+
+
+def _kill(vm: VirtualMachine) -> None:
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    with contextlib.suppress(Exception):
+        hv.destroy(rt)
+
+
+def _progress(request: store.RecordedEvent, step: str, pct: int, message: str = "") -> None:
+    commands.record_progress(request, step, pct, message)
+
+
+def _ensure_data_disk(vm: VirtualMachine) -> None:
+    from vms.images import make_data_disk
+
+    path = runtime.vm_data_dir(vm.pk) / "data.img"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_data_disk(path, vm.disk_mib)
+
+
+def _template_cache() -> Any:
+    from vms.hypervisors.qemu import QemuHypervisor
+    from vms.hypervisors.templates import TemplateCache
+
+    hv = runtime.hypervisor()
+    return TemplateCache(hv) if isinstance(hv, QemuHypervisor) else None
+
+
+def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    if hv.is_alive(rt):
+        # A VMM left by an attempt that died mid-way: never run two for one VM.
+        hv.destroy(rt)
+    rt.create()
+    _ensure_data_disk(vm)
+    spec = runtime.build_spec(vm)
+    _progress(request, "booting", 20, "starting the VMM")
+    cache = _template_cache()
+    started = time.monotonic()
+    if cache is not None:
+        result = cache.start(spec, rt)
+        restored, pid = result.restored, result.pid
+    else:
+        pid, restored = hv.start(spec, rt), False
+    if not restored:
+        _progress(request, "booting", 50, "waiting for the guest agent")
+        with _agent(vm):
+            pass
+        _configure_identity(vm)
+    return {
+        "host": runtime.host_name(),
+        "hypervisor": hv.name,
+        "pid": pid,
+        "from_template": restored,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+# --- handlers: (vm, request) -> (outcome type, data) ------------------------------------------
+
+
+def do_start(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    try:
+        data = _boot(vm, request)
+    except Exception as exc:
+        _kill(vm)
+        raise RequestFailed(f"boot failed: {exc}", state="failed") from exc
+    return "vm.started", data
+
+
+def do_stop(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    graceful = False
+    if hv.is_alive(rt) and not request.data.get("force"):
+        grace = float(request.data.get("grace_s", 20))
+        _progress(request, "stopping", 30, "asking the guest to power off")
+        with contextlib.suppress(Exception):
+            with _agent(vm, min(grace, 10.0)) as agent:
+                agent.shutdown("poweroff")
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and hv.is_alive(rt):
+            time.sleep(0.2)
+        graceful = not hv.is_alive(rt)
+    hv.destroy(rt)
+    return "vm.stopped", {"graceful": graceful}
+
+
+def do_reboot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    try:
+        hv.reboot(rt)
+        time.sleep(0.5)
+        with _agent(vm):
+            pass
+    except Exception as exc:
+        raise RequestFailed(
+            f"reboot failed: {exc}", state="running" if hv.is_alive(rt) else "crashed"
+        ) from exc
+    return "vm.rebooted", {}
+
+
+def do_pause(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    try:
+        runtime.hypervisor().pause(runtime.runtime_dir(vm.pk))
+    except HypervisorError as exc:
+        raise RequestFailed(f"pause failed: {exc}", state="running") from exc
+    return "vm.paused", {}
+
+
+def do_resume(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    try:
+        runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
+    except HypervisorError as exc:
+        raise RequestFailed(f"resume failed: {exc}", state="paused") from exc
+    return "vm.resumed", {}
+
+
+def do_resize(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    vcpus, memory = request.data["vcpus"], request.data["memory_mib"]
+    previous_state = (
+        "stopped"
+        if vm.state == "resizing" and not runtime.hypervisor().is_alive(runtime.runtime_dir(vm.pk))
+        else "running"
+    )
+    if previous_state == "stopped":
+        # Applies at the next start.
+        return "vm.resized", {
+            "vcpus": vcpus,
+            "memory_mib": memory,
+            "state": "stopped",
+            "live": False,
+        }
+    try:
+        runtime.hypervisor().resize(
+            runtime.runtime_dir(vm.pk),
+            vcpus=vcpus if vcpus != vm.vcpus else None,
+            memory_mib=memory if memory != vm.memory_mib else None,
+        )
+    except NotSupported as exc:
+        raise RequestFailed(
+            f"{exc}; stop the VM and resize it while stopped", state="running"
+        ) from exc
+    except HypervisorError as exc:
+        raise RequestFailed(f"resize failed: {exc}", state="running") from exc
+    return "vm.resized", {"vcpus": vcpus, "memory_mib": memory, "live": True}
+
+
+def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    snapshot_id = request.data["snapshot_id"]
+    directory = runtime.snapshot_dir(snapshot_id)
+    was_paused = hv.info(rt).state.value == "paused"
+    try:
+        directory.mkdir(parents=True, exist_ok=False)
+        _progress(request, "snapshotting", 20, "saving guest memory and devices")
+        files = hv.snapshot(rt, directory)
+        if not was_paused:
+            hv.resume(rt)
+        _progress(request, "snapshotting", 70, "hashing the snapshot files")
+        manifest = {
+            str(path.relative_to(directory)): {
+                "size": path.stat().st_size,
+                "sha256": runtime.sha256_file(path),
+            }
+            for path in sorted(files.files)
+        }
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            if not was_paused and hv.is_alive(rt):
+                hv.resume(rt)
+        shutil.rmtree(directory, ignore_errors=True)
+        raise RequestFailed(
+            f"snapshot failed: {exc}",
+            state="paused" if was_paused else "running",
+            snapshot_id=snapshot_id,
+        ) from exc
+    size = sum(f["size"] for f in manifest.values())
+    store.append(
+        "snapshot",
+        snapshot_id,
+        "snapshot.created",
+        {"vm_id": str(vm.pk), "manifest": manifest, "size_bytes": size, "files": len(manifest)},
+        actor=Actor.system(channel="worker", name="worker"),
+        causation_id=request.event_id,
+        correlation_id=request.correlation_id,
+        expected_version=0,
+    )
+    return "vm.snapshotted", {
+        "snapshot_id": snapshot_id,
+        "size_bytes": size,
+        "state": "paused" if was_paused else "running",
+    }
+
+
+def verify_snapshot(snap: Snapshot) -> str | None:
+    """The first file whose size or SHA-256 differs from the manifest, or None."""
+    directory = runtime.snapshot_dir(snap.pk)
+    for name, expected in sorted(snap.manifest.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if (
+            path.stat().st_size != expected["size"]
+            or runtime.sha256_file(path) != expected["sha256"]
+        ):
+            return f"{name} fails its SHA-256 check"
+    return None
+
+
+def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    snap = Snapshot.objects.get(pk=request.data["snapshot_id"])
+    clone = bool(request.data.get("clone"))
+    failed_state = "failed" if clone else ("stopped" if vm.state != "running" else "failed")
+    _progress(request, "restoring", 10, "checking the snapshot's SHA-256 manifest")
+    problem = verify_snapshot(snap)
+    if problem:
+        store.append(
+            "snapshot",
+            str(snap.pk),
+            "snapshot.corrupted",
+            {"reason": problem},
+            actor=Actor.system(channel="worker", name="worker"),
+            causation_id=request.event_id,
+        )
+        raise RequestFailed(f"snapshot {snap.name} is corrupted: {problem}", state=failed_state)
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
+    rt.create()
+    _ensure_data_disk(vm)
+    spec = runtime.build_spec(vm)
+    files = SnapshotFiles(
+        directory=runtime.snapshot_dir(snap.pk),
+        files=tuple(runtime.snapshot_dir(snap.pk) / name for name in snap.manifest),
+    )
+    _progress(request, "restoring", 40, "starting the VMM from the snapshot")
+    started = time.monotonic()
+    try:
+        pid = hv.restore(spec, rt, files)
+        # Its own identity and a correct clock: copies of one snapshot run side by side.
+        _configure_identity(vm)
+    except Exception as exc:
+        _kill(vm)
+        raise RequestFailed(f"restore failed: {exc}", state=failed_state) from exc
+    return "vm.restored", {
+        "snapshot_id": str(snap.pk),
+        "clone": clone,
+        "pid": pid,
+        "host": runtime.host_name(),
+        "hypervisor": hv.name,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    _kill(vm)
+    shutil.rmtree(runtime.vm_data_dir(vm.pk), ignore_errors=True)
+    return "vm.destroyed", {}
+
+
+HANDLERS: dict[str, Callable[[VirtualMachine, store.RecordedEvent], tuple[str, dict[str, Any]]]] = {
+    "start": do_start,
+    "stop": do_stop,
+    "reboot": do_reboot,
+    "pause": do_pause,
+    "resume": do_resume,
+    "resize": do_resize,
+    "snapshot": do_snapshot,
+    "restore": do_restore,
+    "destroy": do_destroy,
+}
+
+
+def cleanup_snapshot(snapshot_id: str) -> None:
+    """Remove a deleted snapshot's files (its record stays in the log)."""
+    snap = Snapshot.objects.filter(pk=snapshot_id, state=Snapshot.State.DELETED).first()
+    if snap is not None:
+        shutil.rmtree(runtime.snapshot_dir(snap.pk), ignore_errors=True)
