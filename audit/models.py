@@ -6,9 +6,19 @@ TRUNCATE. Never give these models a save path other than ``audit.store``.
 
 from __future__ import annotations
 
+import uuid
+
+from django.conf import settings
 from django.db import models
 
-__all__ = ["ActivityCount", "Digest", "Event", "ProjectionCheckpoint"]
+__all__ = [
+    "ActivityCount",
+    "Digest",
+    "DigestKey",
+    "Event",
+    "ExportJob",
+    "ProjectionCheckpoint",
+]
 
 
 class Event(models.Model):
@@ -113,3 +123,80 @@ class ActivityCount(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.event_type} {self.actor_name}: {self.count}"
+
+
+class DigestKey(models.Model):
+    """A public key that signs digests, registered the first time a host signs with it.
+
+    Several hosts share one database but each has its own data directory: the registry lets any
+    host verify (and export) digests signed elsewhere, and refuses a second, different key under
+    an id already in use. Key ids are never reused; a retired key stays here so that its old
+    digests keep verifying.
+    """
+
+    key_id = models.CharField(max_length=64, unique=True)
+    algorithm = models.CharField(max_length=16, default="ed25519")
+    public_key = models.CharField(max_length=64)  # base64 of the 32 raw bytes
+    fingerprint = models.CharField(max_length=64)  # SHA-256 hex of the raw bytes
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["created_at", "key_id"]
+
+    def __str__(self) -> str:
+        return f"{self.key_id} ({self.algorithm}, {self.fingerprint[:16]})"
+
+
+class ExportJob(models.Model):
+    """A compliance report or evidence bundle being produced, with its progress.
+
+    Small exports run inline in the request; large ones in the worker, which updates
+    ``processed`` as it goes so that the dashboard and the API can show progress. The file's
+    SHA-256 is recorded here and in the ``audit.exported`` event appended when it is ready.
+    """
+
+    class Kind(models.TextChoices):
+        REPORT = "report", "Compliance report"
+        BUNDLE = "bundle", "Evidence bundle"
+        ARCHIVE = "archive", "Archive bundle"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    format = models.CharField(max_length=8)  # json, csv, pdf, zip
+    framework = models.CharField(max_length=16, blank=True)
+    params = models.JSONField(default=dict)  # the validated request: period, positions
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    total = models.PositiveIntegerField(default=0)  # events to go through (estimate)
+    processed = models.PositiveIntegerField(default=0)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="audit_exports"
+    )
+    created_at = models.DateTimeField()
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    file_name = models.CharField(max_length=200, blank=True)
+    size = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    first_position = models.BigIntegerField(null=True, blank=True)
+    last_position = models.BigIntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.format} {self.status} ({self.id})"
+
+    @property
+    def percent(self) -> int:
+        if self.status == self.Status.DONE:
+            return 100
+        if not self.total:
+            return 0
+        return min(99, int(100 * self.processed / self.total))

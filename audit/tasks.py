@@ -16,3 +16,10 @@ def sign_digest() -> int | None:
 
     digest = sign(Actor.system(channel="worker", name="digest-signer"))
     return digest.end_position if digest else None
+
+
+def run_export(job_id: str) -> str:
+    """Produce a queued audit export (``audit.exports``); safe to deliver twice."""
+    from audit.exports import run_export as run
+
+    return run(job_id)

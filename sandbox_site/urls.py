@@ -23,6 +23,7 @@ api_v1 = [
     path("me/", MeView.as_view(), name="me"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
     path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
+    path("audit/", include("audit.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
 ]
@@ -30,6 +31,7 @@ api_v1 = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/", include("accounts.urls")),
+    path("audit/", include("audit.urls_dashboard")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("healthz", health.healthz, name="healthz"),

@@ -1,0 +1,230 @@
+"""Evidence bundles: a range of the log, the digests that sign it and the keys, in one zip.
+
+The range is widened to whole signed digests (CloudTrail's digest files work the same way):
+the first event's link must equal a digest's ``start_prev_hash`` and the last event's hash a
+digest's ``end_hash``, so that every exported line is proven by a signature. The caller signs a
+digest over the pending tail first, so the newest events are covered too.
+
+Contents (see docs/audit-exports.md):
+
+- ``events.jsonl``: one event per line, exactly the stored columns, ``data`` as its stored
+  canonical JSON text and ``recorded_at`` as hashed, so ``audit.hashing.event_hash`` recomputes;
+- ``digests.json``: the digests covering the range, each with its signed document;
+- ``keys.json``: the Ed25519 public keys (with fingerprints) known to the server;
+- ``README.txt``: how to verify;
+- ``manifest.json``: what the bundle holds, with the SHA-256 and size of every file above;
+- ``manifest.sig``: an Ed25519 signature of ``manifest.json``.
+
+``python -m audit.offline verify bundle.zip`` checks all of it without the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from django.conf import settings
+
+from audit import keys, offline, signing
+from audit.hashing import canonical_json, format_time
+from audit.models import Digest
+from audit.store import iter_events
+
+__all__ = ["BundleInfo", "NotCovered", "aligned_range", "write_bundle"]
+
+Progress = Callable[[int], None]
+
+README = """Evidence bundle of the MicroVM Sandbox audit log.
+
+Verify it, offline, with the project's package installed (no database, no server):
+
+    python -m audit.offline verify {name}
+
+Pin the signing keys you obtained independently (GET /api/v1/audit/keys/, or an earlier
+bundle) so that a bundle re-signed by someone else is refused:
+
+    python -m audit.offline verify {name} --trust <fingerprint>
+
+The verifier recomputes the SHA-256 chain hash of every line of events.jsonl from its content
+and the previous line's hash (audit/hashing.py, event_hash), checks that positions follow each
+other, that each signed digest's signature is valid and its end hash equals the hash of the
+event at its end position, and that the digests cover exactly the exported range. Any changed,
+removed, inserted or reordered line is reported with its line number and position.
+
+Keys in this bundle (SHA-256 fingerprints of the raw Ed25519 public keys):
+{keys}
+"""
+
+
+class NotCovered(Exception):
+    """No signed digest covers part of the requested range (sign one first)."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    first_position: int
+    last_position: int
+    events: int
+    digests: int
+
+
+def aligned_range(first: int, last: int) -> tuple[int, int, list[Digest]]:
+    """The digests overlapping [first, last] and the range they cover exactly."""
+    digests = list(
+        Digest.objects.filter(end_position__gte=first, start_position__lte=last).order_by(
+            "start_position"
+        )
+    )
+    if not digests or digests[-1].end_position < last or digests[0].start_position > first:
+        covered = f"{digests[0].start_position}..{digests[-1].end_position}" if digests else "none"
+        raise NotCovered(f"positions {first}..{last} are not all signed (digests cover {covered})")
+    return digests[0].start_position, digests[-1].end_position, digests
+
+
+class _HashingWriter:
+    """Write-through to a zip member while hashing and counting what was written."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        self.fh.write(data)
+
+
+def _digest_entry(d: Digest) -> dict[str, Any]:
+    return {
+        "id": d.pk,
+        "start_position": d.start_position,
+        "end_position": d.end_position,
+        "event_count": d.event_count,
+        "start_prev_hash": d.start_prev_hash,
+        "end_hash": d.end_hash,
+        "algorithm": d.algorithm,
+        "key_id": d.key_id,
+        "document": d.document,
+        "signature": d.signature,
+        "created_at": format_time(d.created_at),
+    }
+
+
+def write_bundle(
+    fh: IO[bytes],
+    *,
+    first: int,
+    last: int,
+    kind: str = "bundle",
+    requested: dict[str, Any] | None = None,
+    created_by: str = "",
+    name: str = "bundle.zip",
+    progress: Progress | None = None,
+) -> BundleInfo:
+    """Write the bundle of positions [first, last], widened to whole digests, into ``fh``."""
+    start, end, digests = aligned_range(first, last)
+    files: dict[str, dict[str, Any]] = {}
+    key_infos = keys.public_key_infos()
+    manifest_key_id, manifest_key = keys.current_key()
+    keys.register(manifest_key_id, manifest_key.public_key())
+    if manifest_key_id not in {k.key_id for k in key_infos}:
+        key_infos = keys.public_key_infos()
+
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        count = 0
+        end_hash = ""
+        with zf.open(offline.EVENTS_FILE, "w", force_zip64=True) as member:
+            out = _HashingWriter(member)
+            for batch in iter_events(start - 1, until=end, batch=5000):
+                lines = []
+                for e in batch:
+                    fields = e.hashed_fields()
+                    fields["recorded_at"] = format_time(e.recorded_at)
+                    lines.append(canonical_json(fields))
+                    end_hash = e.hash
+                out.write(("\n".join(lines) + "\n").encode())
+                count += len(batch)
+                if progress is not None:
+                    progress(count)
+        files[offline.EVENTS_FILE] = {"sha256": out.sha.hexdigest(), "size": out.size}
+        if count != end - start + 1:
+            raise RuntimeError(
+                f"expected {end - start + 1} events in {start}..{end}, read {count}: "
+                "the log has gaps; run verify_audit_chain"
+            )
+
+        def add(member_name: str, data: bytes) -> None:
+            zf.writestr(member_name, data)
+            files[member_name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+        add(
+            offline.DIGESTS_FILE,
+            (canonical_json([_digest_entry(d) for d in digests]) + "\n").encode(),
+        )
+        add(
+            offline.KEYS_FILE,
+            (
+                canonical_json(
+                    {
+                        "keys": [
+                            {
+                                "key_id": k.key_id,
+                                "algorithm": k.algorithm,
+                                "public_key": k.public_key,
+                                "fingerprint": k.fingerprint,
+                            }
+                            for k in key_infos
+                        ]
+                    }
+                )
+                + "\n"
+            ).encode(),
+        )
+        add(
+            "README.txt",
+            README.format(
+                name=name,
+                keys="\n".join(f"  {k.key_id}: {k.fingerprint}" for k in key_infos) or "  none",
+            ).encode(),
+        )
+        manifest = {
+            "format": offline.BUNDLE_FORMAT,
+            "format_version": offline.FORMAT_VERSION,
+            "kind": kind,
+            "created_at": format_time(datetime.now(UTC)),
+            "created_by": created_by,
+            "requested": requested or {},
+            "range": {
+                "first_position": start,
+                "last_position": end,
+                "event_count": count,
+                "start_prev_hash": digests[0].start_prev_hash,
+                "end_hash": end_hash,
+            },
+            "digests": {
+                "count": len(digests),
+                "algorithms": sorted({d.algorithm for d in digests}),
+                "key_ids": sorted({d.key_id for d in digests}),
+            },
+            "retention_days": settings.SANDBOX_AUDIT_RETENTION_DAYS,
+            "files": files,
+        }
+        manifest_bytes = (canonical_json(manifest) + "\n").encode()
+        zf.writestr(offline.MANIFEST_FILE, manifest_bytes)
+        zf.writestr(
+            offline.MANIFEST_SIG_FILE,
+            canonical_json(
+                {
+                    "algorithm": signing.ED25519,
+                    "key_id": manifest_key_id,
+                    "signature": signing.sign(manifest_key, manifest_bytes),
+                }
+            )
+            + "\n",
+        )
+    return BundleInfo(start, end, count, len(digests))

@@ -1,0 +1,286 @@
+"""REST API for auditors: compliance reports, evidence bundles, archives, digests and keys.
+
+Mounted under ``/api/v1/audit/`` (``audit.urls``). Reading needs ``audit.view_audit_trail``,
+exporting ``audit.export_audit``, signing a digest now ``audit.verify_audit``; exports and
+signing are writes, so a read-only token is refused them. None of these endpoints drives a VM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import FileResponse
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.reverse import reverse
+from rest_framework.views import APIView
+
+from accounts.permissions import HasPerm, TokenWriteAllowed
+from audit import compliance, exports, keys
+from audit.actor import Actor
+from audit.models import Digest, ExportJob
+
+CONTENT_TYPES = {
+    "json": "application/json",
+    "csv": "text/csv; charset=utf-8",
+    "pdf": "application/pdf",
+    "zip": "application/zip",
+}
+
+
+def _perms(*perms: str, write: bool = False) -> list[type]:
+    classes: list[type] = [IsAuthenticated]
+    if write:
+        classes.append(TokenWriteAllowed)
+    return classes + [HasPerm.of(p) for p in perms]
+
+
+class ExportJobSerializer(serializers.ModelSerializer):
+    requested_by = serializers.CharField(source="requested_by.username", read_only=True)
+    since = serializers.CharField(source="params.since", read_only=True)
+    until = serializers.CharField(source="params.until", read_only=True)
+    percent = serializers.IntegerField(read_only=True)
+    url = serializers.SerializerMethodField()
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ExportJob
+        fields = [
+            "id",
+            "kind",
+            "format",
+            "framework",
+            "since",
+            "until",
+            "status",
+            "total",
+            "processed",
+            "percent",
+            "requested_by",
+            "created_at",
+            "started_at",
+            "finished_at",
+            "file_name",
+            "size",
+            "sha256",
+            "first_position",
+            "last_position",
+            "error",
+            "url",
+            "download_url",
+        ]
+        read_only_fields = fields
+
+    def get_url(self, job: ExportJob) -> str:
+        return reverse("audit-api:export-detail", [job.pk], request=self.context.get("request"))
+
+    def get_download_url(self, job: ExportJob) -> str | None:
+        if job.status != ExportJob.Status.DONE:
+            return None
+        return reverse("audit-api:export-download", [job.pk], request=self.context.get("request"))
+
+
+class ReportRequestSerializer(serializers.Serializer):
+    framework = serializers.ChoiceField(choices=list(compliance.FRAMEWORKS))
+    format = serializers.ChoiceField(choices=list(exports.REPORT_FORMATS), default="json")
+    since = serializers.CharField(help_text="ISO 8601 date or date-time (UTC if no offset)")
+    until = serializers.CharField(help_text="ISO 8601 date or date-time, excluded")
+
+
+class BundleRequestSerializer(serializers.Serializer):
+    since = serializers.CharField(help_text="ISO 8601 date or date-time (UTC if no offset)")
+    until = serializers.CharField(help_text="ISO 8601 date or date-time, excluded")
+
+
+class ArchiveRequestSerializer(serializers.Serializer):
+    before = serializers.DateTimeField(help_text="archive every event recorded before this")
+
+
+def _start(request: Request, kind: str) -> Response:
+    data = request.data if hasattr(request.data, "get") else {}
+    try:
+        req = exports.clean_request(kind, data)
+    except DjangoValidationError as exc:
+        raise ValidationError(exc.message_dict) from exc
+    job = exports.request_export(Actor.from_request(request), request.user, req)
+    body = ExportJobSerializer(job, context={"request": request}).data
+    if job.status == ExportJob.Status.DONE:
+        return Response(body, status=status.HTTP_201_CREATED)
+    if job.status == ExportJob.Status.FAILED:
+        return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
+    return Response(body, status=status.HTTP_202_ACCEPTED)
+
+
+class ReportView(APIView):
+    """Produce a compliance report for a period (201 when done inline, 202 when queued)."""
+
+    permission_classes = _perms("audit.export_audit", write=True)
+
+    @extend_schema(
+        request=ReportRequestSerializer,
+        responses={201: ExportJobSerializer, 202: ExportJobSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        return _start(request, "report")
+
+
+class BundleView(APIView):
+    """Produce an evidence bundle (zip) for a period, widened to whole signed digests."""
+
+    permission_classes = _perms("audit.export_audit", write=True)
+
+    @extend_schema(
+        request=BundleRequestSerializer,
+        responses={201: ExportJobSerializer, 202: ExportJobSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        return _start(request, "bundle")
+
+
+class ArchiveView(APIView):
+    """Produce an archive bundle of every event recorded before a date."""
+
+    permission_classes = _perms("audit.export_audit", write=True)
+
+    @extend_schema(
+        request=ArchiveRequestSerializer,
+        responses={201: ExportJobSerializer, 202: ExportJobSerializer},
+    )
+    def post(self, request: Request) -> Response:
+        return _start(request, "archive")
+
+
+class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
+    """Export jobs with their progress; ``download`` streams a finished file."""
+
+    queryset = ExportJob.objects.select_related("requested_by").order_by("-created_at")
+    serializer_class = ExportJobSerializer
+    permission_classes = _perms("audit.export_audit")
+    filterset_fields = ["kind", "status", "format"]
+
+    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    @action(detail=True, methods=["get"])
+    def download(self, request: Request, pk: Any = None) -> Any:
+        job = self.get_object()
+        if job.status != ExportJob.Status.DONE:
+            return Response(
+                {"detail": f"the export is {job.status}", "status": job.status},
+                status=status.HTTP_409_CONFLICT,
+            )
+        path = exports.export_path(job)
+        if not path.exists():
+            return Response(
+                {"detail": "the export file is no longer on this server"},
+                status=status.HTTP_410_GONE,
+            )
+        response = FileResponse(
+            path.open("rb"),
+            as_attachment=True,
+            filename=job.file_name,
+            content_type=CONTENT_TYPES[job.format],
+        )
+        response["X-Content-SHA256"] = job.sha256
+        return response
+
+
+class FrameworkView(APIView):
+    """The control mapping: frameworks, controls, evidence areas and their event types."""
+
+    permission_classes = _perms("audit.view_audit_trail")
+
+    @extend_schema(
+        responses=inline_serializer("Frameworks", {"frameworks": serializers.JSONField()})
+    )
+    def get(self, request: Request) -> Response:
+        return Response(
+            {
+                "frameworks": [
+                    {
+                        "key": f.key,
+                        "name": f.name,
+                        "controls": [
+                            {
+                                "id": c.id,
+                                "title": c.title,
+                                "areas": list(c.areas),
+                                "evidence": c.evidence,
+                            }
+                            for c in f.controls
+                        ],
+                    }
+                    for f in compliance.FRAMEWORKS.values()
+                ],
+                "areas": {
+                    a.name: {"title": a.title, "event_types": sorted(a.event_types)}
+                    for a in compliance.AREAS.values()
+                },
+                "exception_rules": [
+                    {"kind": r.kind, "title": r.title, "area": r.area}
+                    for r in (*compliance.EXCEPTION_RULES, compliance.NO_VERIFICATION)
+                ],
+            }
+        )
+
+
+class DigestSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Digest
+        fields = [
+            "id",
+            "start_position",
+            "end_position",
+            "event_count",
+            "start_prev_hash",
+            "end_hash",
+            "algorithm",
+            "key_id",
+            "document",
+            "signature",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class DigestViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Signed digests, newest first; POST signs the events since the last one now."""
+
+    queryset = Digest.objects.order_by("-end_position")
+    serializer_class = DigestSerializer
+
+    def get_permissions(self) -> list[Any]:
+        if self.action == "create":
+            return [p() for p in _perms("audit.verify_audit", write=True)]
+        return [p() for p in _perms("audit.view_audit_trail")]
+
+    @extend_schema(request=None, responses={201: DigestSerializer, 200: DigestSerializer})
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        from audit.commands import sign_digest
+
+        digest = sign_digest(request)
+        if digest is None:
+            return Response(
+                {"detail": "nothing to sign: no events since the last digest"},
+                status=status.HTTP_200_OK,
+            )
+        return Response(DigestSerializer(digest).data, status=status.HTTP_201_CREATED)
+
+
+class KeyView(APIView):
+    """The public keys that sign digests and bundles, with SHA-256 fingerprints to pin."""
+
+    permission_classes = _perms("audit.view_audit_trail")
+
+    @extend_schema(responses=inline_serializer("DigestKeys", {"keys": serializers.JSONField()}))
+    def get(self, request: Request) -> Response:
+        return Response({"keys": [k.as_dict() for k in keys.public_key_infos()]})

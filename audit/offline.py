@@ -1,0 +1,528 @@
+"""Verify an evidence bundle offline, without the database, the server or Django settings.
+
+    python -m audit.offline verify bundle.zip [--trust FINGERPRINT ...] [--hmac-key ID=SECRET]
+                                              [--json]
+
+Needs only this package (``audit.hashing`` for the chain hash, ``audit.signing`` for Ed25519,
+both free of Django) and ``cryptography``. It checks, reporting every problem and naming the
+line of ``events.jsonl`` where the chain first breaks:
+
+1. the manifest's Ed25519 signature and the SHA-256 of every file it lists;
+2. each digest's signature with the bundled public keys (or, for HMAC digests, a secret given
+   with ``--hmac-key``), that the digests follow each other without gaps and cover exactly the
+   exported range;
+3. every event line: exactly the stored fields, its hash recomputed from its content and the
+   previous line's hash, its position the next one, and its hash equal to the signed end hash
+   wherever a digest ends.
+
+The bundled keys prove that nothing changed since the digests were signed *by whoever holds
+those keys*; pin the keys you obtained independently (the keys API, an earlier bundle) with
+``--trust FINGERPRINT`` to prove that the holder is the server.
+
+Exit status: 0 verified, 1 verification failed, 2 the bundle could not be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import json
+import sys
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from audit import signing
+from audit.hashing import GENESIS_HASH, event_hash
+
+__all__ = ["BUNDLE_FORMAT", "EVENT_FIELDS", "Problem", "Result", "main", "verify_bundle"]
+
+BUNDLE_FORMAT = "microvm-sandbox-evidence-bundle"
+FORMAT_VERSION = 1
+EVENTS_FILE = "events.jsonl"
+DIGESTS_FILE = "digests.json"
+KEYS_FILE = "keys.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SIG_FILE = "manifest.sig"
+
+# Exactly the stored columns of an event (audit.store.COLUMNS), kept here so that this module
+# needs no Django; a test asserts the two stay equal.
+EVENT_FIELDS = (
+    "position",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "type",
+    "schema_version",
+    "data",
+    "actor_type",
+    "actor_id",
+    "actor_name",
+    "token_id",
+    "channel",
+    "source_ip",
+    "request_id",
+    "correlation_id",
+    "causation_id",
+    "recorded_at",
+    "prev_hash",
+    "hash",
+)
+_FIELD_SET = frozenset(EVENT_FIELDS)
+_INT_FIELDS = ("position", "version", "schema_version")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong; ``line`` and ``position`` name the event line where there is one."""
+
+    where: str  # manifest, file, keys, digest, events
+    detail: str
+    line: int | None = None
+    position: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            at = f"{EVENTS_FILE} line {self.line}"
+            if self.position is not None:
+                at += f" (position {self.position})"
+            return f"{at}: {self.detail}"
+        return f"{self.where}: {self.detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "where": self.where,
+            "line": self.line,
+            "position": self.position,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Result:
+    """What a verification found."""
+
+    events: int = 0
+    first_position: int | None = None
+    last_position: int | None = None
+    digests: int = 0
+    key_fingerprints: dict[str, str] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "events": self.events,
+            "first_position": self.first_position,
+            "last_position": self.last_position,
+            "digests": self.digests,
+            "keys": self.key_fingerprints,
+            "problems": [p.as_dict() for p in self.problems],
+        }
+
+
+class _Unreadable(Exception):
+    """The bundle is not a zip, or lacks its manifest: nothing can be verified."""
+
+
+def _sha256_of(zf: zipfile.ZipFile, name: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with zf.open(name) as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _load_json(zf: zipfile.ZipFile, name: str, problems: list[Problem]) -> Any:
+    try:
+        return json.loads(zf.read(name))
+    except KeyError:
+        problems.append(Problem(name, "missing from the bundle"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        problems.append(Problem(name, f"not valid JSON: {exc}"))
+    return None
+
+
+def _load_keys(
+    raw: Any, trusted: frozenset[str], result: Result, problems: list[Problem]
+) -> dict[str, str]:
+    """Key id to base64 public key, for the keys that are well-formed (and trusted, if pinned)."""
+    keys: dict[str, str] = {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
+        if raw is not None:
+            problems.append(Problem(KEYS_FILE, 'expected {"keys": [...]}'))
+        return keys
+    for entry in raw["keys"]:
+        if not isinstance(entry, dict):
+            problems.append(Problem(KEYS_FILE, f"not a key entry: {entry!r}"))
+            continue
+        key_id, public = entry.get("key_id"), entry.get("public_key")
+        if entry.get("algorithm") != signing.ED25519:
+            problems.append(Problem(KEYS_FILE, f"key {key_id!r}: algorithm is not ed25519"))
+            continue
+        try:
+            signing.public_from_b64(str(public))
+        except ValueError as exc:
+            problems.append(Problem(KEYS_FILE, f"key {key_id!r}: {exc}"))
+            continue
+        fp = signing.fingerprint(str(public))
+        result.key_fingerprints[str(key_id)] = fp
+        if trusted and fp not in trusted:
+            problems.append(
+                Problem(KEYS_FILE, f"key {key_id!r} (fingerprint {fp}) is not one you trust")
+            )
+            continue
+        keys[str(key_id)] = str(public)
+    return keys
+
+
+def _check_manifest_signature(
+    zf: zipfile.ZipFile, manifest_bytes: bytes, keys: dict[str, str], problems: list[Problem]
+) -> None:
+    sig = _load_json(zf, MANIFEST_SIG_FILE, problems)
+    if sig is None:
+        return
+    key_id = sig.get("key_id") if isinstance(sig, dict) else None
+    if not isinstance(sig, dict) or sig.get("algorithm") != signing.ED25519:
+        problems.append(Problem(MANIFEST_SIG_FILE, "not an Ed25519 signature record"))
+    elif key_id not in keys:
+        problems.append(Problem(MANIFEST_SIG_FILE, f"signed with unknown key {key_id!r}"))
+    elif not signing.verify(keys[key_id], manifest_bytes, str(sig.get("signature", ""))):
+        problems.append(Problem(MANIFEST_SIG_FILE, "the manifest's signature does not verify"))
+
+
+@dataclass(frozen=True)
+class _Digest:
+    number: int  # 1-based, in the bundle's order
+    start: int
+    end: int
+    start_prev_hash: str
+    end_hash: str
+
+
+def _check_digests(
+    raw: Any,
+    keys: dict[str, str],
+    hmac_keys: dict[str, str],
+    problems: list[Problem],
+) -> list[_Digest]:
+    """Signature and self-consistency of each digest, then contiguity. Returns the good ones."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not raw:
+        problems.append(Problem(DIGESTS_FILE, "no digests: nothing proves the events unchanged"))
+        return []
+    good: list[_Digest] = []
+    for number, entry in enumerate(raw, start=1):
+        label = f"digest {number}"
+        try:
+            document = str(entry["document"])
+            doc = json.loads(document)
+            algorithm, key_id, signature = doc["algorithm"], doc["key_id"], entry["signature"]
+            digest = _Digest(
+                number,
+                int(doc["start_position"]),
+                int(doc["end_position"]),
+                str(doc["start_prev_hash"]),
+                str(doc["end_hash"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(Problem(DIGESTS_FILE, f"{label} is malformed: {exc}"))
+            continue
+        if algorithm == signing.ED25519:
+            if key_id not in keys:
+                problems.append(
+                    Problem(DIGESTS_FILE, f"{label} is signed with key {key_id!r}, not bundled")
+                )
+                continue
+            valid = signing.verify(keys[key_id], document, str(signature))
+        elif algorithm == signing.HMAC_SHA256:
+            if key_id not in hmac_keys:
+                problems.append(
+                    Problem(
+                        DIGESTS_FILE,
+                        f"{label} is HMAC-SHA256 ({key_id}): it verifies only with the server's "
+                        f"secret; pass --hmac-key {key_id}=SECRET",
+                    )
+                )
+                continue
+            expected = hmac.new(hmac_keys[key_id].encode(), document.encode(), hashlib.sha256)
+            valid = hmac.compare_digest(
+                base64.b64encode(expected.digest()).decode(), str(signature)
+            )
+        else:
+            problems.append(Problem(DIGESTS_FILE, f"{label}: unknown algorithm {algorithm!r}"))
+            continue
+        if not valid:
+            problems.append(Problem(DIGESTS_FILE, f"{label} has a bad signature"))
+            continue
+        listed = (entry.get("start_position"), entry.get("end_position"), entry.get("end_hash"))
+        if listed != (digest.start, digest.end, digest.end_hash):
+            problems.append(
+                Problem(DIGESTS_FILE, f"{label}: listed fields differ from its document")
+            )
+            continue
+        good.append(digest)
+    good.sort(key=lambda d: d.start)
+    for before, after in zip(good, good[1:], strict=False):
+        if after.start != before.end + 1 or after.start_prev_hash != before.end_hash:
+            problems.append(
+                Problem(
+                    DIGESTS_FILE,
+                    f"digest {after.number} ({after.start}..{after.end}) does not follow digest "
+                    f"{before.number} ({before.start}..{before.end})",
+                )
+            )
+    return good
+
+
+def _lines(fh: IO[bytes], sha: Any) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(fh, start=1):
+        sha.update(raw)
+        yield number, raw
+
+
+def _check_events(
+    zf: zipfile.ZipFile,
+    digests: Sequence[_Digest],
+    manifest_range: dict[str, Any],
+    result: Result,
+    problems: list[Problem],
+) -> str | None:
+    """Walk events.jsonl; stop at the first broken line. Returns the file's SHA-256."""
+    if EVENTS_FILE not in zf.namelist():
+        problems.append(Problem(EVENTS_FILE, "missing from the bundle"))
+        return None
+    ends = {d.end: d for d in digests}
+    if digests:
+        first_position, prev_hash = digests[0].start, digests[0].start_prev_hash
+        last_signed = digests[-1].end
+    else:
+        first_position = int(manifest_range.get("first_position") or 1)
+        prev_hash = str(manifest_range.get("start_prev_hash") or GENESIS_HASH)
+        last_signed = None
+    expected = first_position
+    sha = hashlib.sha256()
+    broken = False
+    with zf.open(EVENTS_FILE) as fh:
+        for number, raw in _lines(fh, sha):
+            if broken:
+                continue  # keep hashing the file for the manifest check
+            problem = _check_line(number, raw, expected, prev_hash, ends)
+            if problem is not None:
+                problems.append(problem)
+                broken = True
+                continue
+            fields = json.loads(raw)
+            if result.first_position is None:
+                result.first_position = fields["position"]
+            result.last_position = fields["position"]
+            result.events += 1
+            prev_hash = fields["hash"]
+            expected += 1
+    if not broken and last_signed is not None and result.last_position != last_signed:
+        at = result.events + 1
+        problems.append(
+            Problem(
+                "events",
+                f"the events end at position {result.last_position or first_position - 1} but "
+                f"the signed digests cover up to {last_signed}: lines are missing at the end",
+                line=at,
+                position=(result.last_position or first_position - 1) + 1,
+            )
+        )
+    return sha.hexdigest()
+
+
+def _check_line(
+    number: int, raw: bytes, expected: int, prev_hash: str, ends: dict[int, _Digest]
+) -> Problem | None:
+    try:
+        fields = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Problem("events", f"not a JSON object: {exc}", line=number)
+    if not isinstance(fields, dict):
+        return Problem("events", "not a JSON object", line=number)
+    position = fields.get("position")
+    if set(fields) != _FIELD_SET:
+        extra = sorted(set(fields) - _FIELD_SET)
+        lacking = sorted(_FIELD_SET - set(fields))
+        return Problem(
+            "events",
+            f"fields differ from the stored ones (extra {extra}, missing {lacking})",
+            line=number,
+            position=position if isinstance(position, int) else None,
+        )
+    if not all(isinstance(fields[f], int) and not isinstance(fields[f], bool) for f in _INT_FIELDS):
+        return Problem("events", "position, version and schema_version must be integers", number)
+    if not isinstance(fields["data"], str):
+        return Problem("events", "data must be the stored canonical JSON text", number, position)
+    if event_hash(fields, fields["data"], fields["prev_hash"]) != fields["hash"]:
+        return Problem(
+            "events",
+            "altered: the line's content does not match its hash",
+            line=number,
+            position=position,
+        )
+    if position != expected:
+        kind = "missing" if position > expected else "reordered"
+        why = (
+            f"position {expected} is absent here (an event was removed or lines were reordered)"
+            if kind == "missing"
+            else f"position {position} comes after position {expected - 1} (lines reordered)"
+        )
+        return Problem("events", f"{kind}: {why}", line=number, position=position)
+    if fields["prev_hash"] != prev_hash:
+        return Problem(
+            "events",
+            "broken link: the line does not follow the previous line's hash "
+            "(a line was removed, inserted, reordered or rewritten before it)",
+            line=number,
+            position=position,
+        )
+    digest = ends.get(position)
+    if digest is not None and fields["hash"] != digest.end_hash:
+        return Problem(
+            "events",
+            f"the hash differs from the one signed by digest {digest.number}",
+            line=number,
+            position=position,
+        )
+    return None
+
+
+def verify_bundle(
+    path: str,
+    *,
+    trusted_fingerprints: Sequence[str] = (),
+    hmac_keys: dict[str, str] | None = None,
+) -> Result:
+    """Verify the bundle at ``path``; raises ``_Unreadable`` when it cannot be read at all."""
+    result = Result()
+    problems = result.problems
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise _Unreadable(f"{path}: not a readable zip file: {exc}") from exc
+    with zf:
+        try:
+            manifest_bytes = zf.read(MANIFEST_FILE)
+            manifest = json.loads(manifest_bytes)
+        except KeyError as exc:
+            raise _Unreadable(f"{path}: no {MANIFEST_FILE}: not an evidence bundle") from exc
+        except ValueError as exc:
+            raise _Unreadable(f"{path}: {MANIFEST_FILE} is not JSON: {exc}") from exc
+        if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != 1:
+            problems.append(Problem(MANIFEST_FILE, "not a version 1 evidence bundle manifest"))
+        trusted = frozenset(fp.lower() for fp in trusted_fingerprints)
+        keys = _load_keys(_load_json(zf, KEYS_FILE, problems), trusted, result, problems)
+        _check_manifest_signature(zf, manifest_bytes, keys, problems)
+        digests = _check_digests(
+            _load_json(zf, DIGESTS_FILE, problems), keys, hmac_keys or {}, problems
+        )
+        result.digests = len(digests)
+        manifest_range = manifest.get("range") or {}
+        if digests and (
+            digests[0].start != manifest_range.get("first_position")
+            or digests[-1].end != manifest_range.get("last_position")
+        ):
+            problems.append(
+                Problem(
+                    DIGESTS_FILE,
+                    f"the digests cover {digests[0].start}..{digests[-1].end}, not the exported "
+                    f"range {manifest_range.get('first_position')}.."
+                    f"{manifest_range.get('last_position')}",
+                )
+            )
+        events_sha = _check_events(zf, digests, manifest_range, result, problems)
+
+        files = manifest.get("files") or {}
+        for name in sorted(set(zf.namelist()) - set(files) - {MANIFEST_FILE, MANIFEST_SIG_FILE}):
+            problems.append(Problem("files", f"{name} is in the bundle but not in the manifest"))
+        for name, meta in sorted(files.items()):
+            if name not in zf.namelist():
+                problems.append(Problem("files", f"{name} is listed in the manifest but absent"))
+                continue
+            actual = events_sha if name == EVENTS_FILE else _sha256_of(zf, name)[0]
+            if actual != meta.get("sha256"):
+                problems.append(Problem("files", f"{name}: SHA-256 differs from the manifest"))
+        if EVENTS_FILE not in files:
+            problems.append(Problem("files", f"{EVENTS_FILE} is not listed in the manifest"))
+    return result
+
+
+def _parse_hmac_keys(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key_id, sep, secret = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--hmac-key expects ID=SECRET, got {item!r}")
+        out[key_id] = secret
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m audit.offline", description="Verify an audit evidence bundle offline."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify a bundle (.zip)")
+    verify.add_argument("bundle")
+    verify.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="FINGERPRINT",
+        help="SHA-256 fingerprint of a public key you obtained independently (repeatable)",
+    )
+    verify.add_argument(
+        "--hmac-key",
+        action="append",
+        default=[],
+        metavar="ID=SECRET",
+        help="secret for HMAC-SHA256 digests (older digests; repeatable)",
+    )
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+
+    try:
+        result = verify_bundle(
+            args.bundle,
+            trusted_fingerprints=args.trust,
+            hmac_keys=_parse_hmac_keys(args.hmac_key),
+        )
+    except _Unreadable as exc:
+        print(f"UNREADABLE: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    elif result.ok:
+        keys = ", ".join(f"{k} {fp}" for k, fp in sorted(result.key_fingerprints.items()))
+        print(
+            f"OK: {result.events} events, positions {result.first_position}.."
+            f"{result.last_position}, chain intact; {result.digests} signed digests valid; "
+            f"keys: {keys or 'none'}"
+        )
+    else:
+        for problem in result.problems:
+            print(f"FAILED: {problem}", file=sys.stderr)
+        print(
+            f"{result.events} events verified before the first problem; "
+            f"{len(result.problems)} problem(s)",
+            file=sys.stderr,
+        )
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
