@@ -225,15 +225,8 @@ class VMFilter(django_filters.FilterSet):
         model = VirtualMachine
         fields: list[str] = []
 
-    def filter_queryset(self, queryset: Any) -> Any:
-        if not self.form.cleaned_data.get("include_destroyed") and not self.form.cleaned_data.get(
-            "state"
-        ):
-            queryset = queryset.exclude(state="destroyed")
-        return super().filter_queryset(queryset)
-
     def filter_destroyed(self, queryset: Any, name: str, value: bool) -> Any:
-        return queryset
+        return queryset  # read by VMViewSet.get_queryset: lists hide destroyed VMs by default
 
 
 class SnapshotFilter(django_filters.FilterSet):
@@ -256,7 +249,15 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     filterset_class = VMFilter
 
     def get_queryset(self) -> Any:
-        return commands.visible_vms(Caller.from_request(self.request)).order_by("-created_at")
+        qs = commands.visible_vms(Caller.from_request(self.request)).order_by("-created_at")
+        params = self.request.query_params
+        if (
+            self.action == "list"
+            and "state" not in params
+            and params.get("include_destroyed") not in ("true", "1", "True")
+        ):
+            qs = qs.exclude(state="destroyed")
+        return qs
 
     def caller(self) -> Caller:
         return Caller.from_request(self.request)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from audit import catalogue
 from audit.projections import Projector, register
 from audit.store import RecordedEvent
 from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine, VMState
@@ -64,18 +65,10 @@ def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -
 @register
 class VMProjector(Projector):
     name = "vms.state"
+    # Every event of the vm and snapshot aggregates: even those folded into nothing (exec, file
+    # transfers) move the aggregate's version, which commands check.
     event_types = frozenset(
-        {
-            "vm.created",
-            "vm.progress",
-            "vm.crashed",
-            "vm.recovered",
-            "net.ip_leased",
-            "net.ip_released",
-        }
-        | set(REQUESTED)
-        | set(OUTCOMES)
-        | {"snapshot.created", "snapshot.deleted", "snapshot.corrupted", "snapshot.verified"}
+        t.name for t in catalogue.all_types() if t.aggregate_type in ("vm", "snapshot")
     )
     inline = True
 

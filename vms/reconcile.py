@@ -1,7 +1,9 @@
 """Bring the VM read models in line with the VMM processes that really exist on this host.
 
-Runs when the worker starts (``startup=True``: no task of this host is running, so every pending
-request is orphaned and gets settled) and every minute (only VMs with no request in flight). It
+Runs when the worker starts (``startup=True``: no task of this host is running, so every request
+a worker had claimed but not finished was interrupted and gets settled; unclaimed ones are still
+queued and left alone) and every minute (claimed requests only once they outlive the task
+timeout; unclaimed ones sitting for minutes are enqueued again). It
 appends ``vm.crashed`` for a VM whose VMM died, settles interrupted requests with an outcome
 (``vm.started`` if the guest did come up, else ``vm.start_failed`` with the reason), and kills VMM
 processes that belong to no live VM. A task delivered again later finds the outcome and does
@@ -27,6 +29,7 @@ from vms.models import VirtualMachine
 log = logging.getLogger("sandbox.vms.reconcile")
 
 SYSTEM = Actor(kind="system", username="reconciler", channel="worker")
+REQUEUE_AFTER_S = 120  # a request nobody claimed for this long gets enqueued again
 
 
 def _settle(vm: VirtualMachine, alive: bool) -> str:
@@ -97,16 +100,29 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
     report = (
         scanner.scan(root, known_ids=by_key.keys()) if root.is_dir() else scanner.ReconcileReport()
     )
-    counts = {"orphans": len(report.orphans), "crashed": 0, "settled": 0, "stray": 0}
+    counts = {"orphans": len(report.orphans), "crashed": 0, "settled": 0, "requeued": 0, "stray": 0}
     if report.orphans:
         scanner.teardown_orphans(report.orphans)
-    stale_before = timezone.now() - timedelta(seconds=int(settings.Q_CLUSTER["retry"]))
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=int(settings.Q_CLUSTER["retry"]))
+    lost_before = now - timedelta(seconds=REQUEUE_AFTER_S)
     for key, vm in by_key.items():
         alive = key in report.alive
         if vm.pending_request:
-            if startup or vm.state_changed_at < stale_before:
-                _settle(vm, alive)
-                counts["settled"] += 1
+            request = worker.load_request(vm.pending_request)
+            if request is None:
+                continue
+            if worker.is_claimed(request):
+                # Claimed but no outcome: interrupted if no task of this host can be running.
+                if startup or vm.state_changed_at < stale_before:
+                    _settle(vm, alive)
+                    counts["settled"] += 1
+            elif vm.state_changed_at < lost_before:
+                # Never picked up (a lost queue message): deliver it again; claims dedupe.
+                from vms import tasks
+
+                tasks.enqueue(request.event_id)
+                counts["requeued"] += 1
             continue
         if vm.state in ("running", "paused") and not alive:
             store.append(

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+from django.db import transaction
 
 from audit import store
 from audit.actor import Actor
@@ -60,6 +63,8 @@ def handle(event_id: str) -> str:
             {"reason": "superseded by a later request", "state": vm.state},
         )
         return "superseded"
+    if not claim(request):
+        return "claimed by another worker"
     handler = HANDLERS[verb]
     try:
         outcome, data = handler(vm, request)
@@ -78,6 +83,31 @@ def handle(event_id: str) -> str:
         return f"error: {exc}"
     commands.record_outcome(request, outcome, data)
     return outcome
+
+
+def is_claimed(request: store.RecordedEvent) -> bool:
+    return Event.objects.filter(
+        aggregate_type=request.aggregate_type,
+        aggregate_id=request.aggregate_id,
+        type="vm.progress",
+        causation_id=request.event_id,
+    ).exists()
+
+
+def claim(request: store.RecordedEvent) -> bool:
+    """Record that this worker carries the request out; False if another already does.
+
+    Under the append lock, so of two deliveries of one task exactly one claims it. The claim is
+    what the reconciler looks for: a claimed request without an outcome was interrupted.
+    """
+    with transaction.atomic():
+        store.lock()
+        if is_claimed(request):
+            return False
+        commands.record_progress(
+            request, "accepted", 5, f"worker {runtime.host_name()}:{os.getpid()}"
+        )
+    return True
 
 
 # --- helpers ----------------------------------------------------------------------------------
