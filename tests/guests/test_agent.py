@@ -1,0 +1,62 @@
+"""The guest agent on a real QEMU guest: exec semantics and file transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from .conftest import Guest
+
+pytestmark = pytest.mark.guest
+
+
+def test_exec_echo_returns_stdout_and_zero_exit(shared_guest: Guest) -> None:
+    result = shared_guest.client.exec(["echo", "hello from the guest"])
+    assert result.exit_code == 0
+    assert result.stdout == b"hello from the guest\n"
+    assert result.stderr == b""
+
+
+def test_exec_keeps_stderr_apart_from_stdout(shared_guest: Guest) -> None:
+    result = shared_guest.client.exec(["sh", "-c", "echo out; echo err >&2"])
+    assert result.stdout == b"out\n"
+    assert result.stderr == b"err\n"
+
+
+def test_exec_reports_non_zero_exit(shared_guest: Guest) -> None:
+    result = shared_guest.client.exec(["sh", "-c", "exit 42"])
+    assert result.exit_code == 42
+    assert not result.ok
+
+
+def test_exec_feeds_stdin(shared_guest: Guest) -> None:
+    result = shared_guest.client.exec(["sha256sum"], stdin=b"abc" * 1000)
+    assert result.exit_code == 0
+    assert result.stdout.split()[0].decode() == hashlib.sha256(b"abc" * 1000).hexdigest()
+
+
+def test_exec_timeout_kills_the_process(shared_guest: Guest) -> None:
+    started = time.monotonic()
+    result = shared_guest.client.exec(["sleep", "1000"], timeout=1.0)
+    assert result.timed_out
+    assert result.exit_code != 0
+    assert time.monotonic() - started < 20
+    # Nothing is left running in the guest.
+    left = shared_guest.client.exec(["sh", "-c", "ps -eo args | grep -c '^sleep 1000' || true"])
+    assert left.stdout.strip() == b"0"
+
+
+def test_upload_and_download_10_mb_keep_their_sha256(shared_guest: Guest, tmp_path) -> None:  # noqa: ANN001
+    data = os.urandom(10 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    up = shared_guest.client.put_file(data, "/tmp/blob.bin", timeout=120)
+    assert up.size == len(data) and up.sha256 == digest
+    inside = shared_guest.client.exec(["sha256sum", "/tmp/blob.bin"])
+    assert inside.stdout.split()[0].decode() == digest
+    down = shared_guest.client.get_file("/tmp/blob.bin", tmp_path / "blob.bin", timeout=120)
+    assert down.sha256 == digest
+    assert hashlib.sha256((tmp_path / "blob.bin").read_bytes()).hexdigest() == digest
+    shared_guest.client.exec(["rm", "/tmp/blob.bin"])
