@@ -44,6 +44,15 @@ BUILTIN: list[dict[str, Any]] = [
         "disk_mib": 512,
     },
     {
+        "name": "linux-uefi",
+        "description": "Debian 12 through UEFI firmware (OVMF): 1 vCPU, 512 MiB",
+        "boot": "uefi",
+        "image": "uefi",
+        "vcpus": 1,
+        "memory_mib": 512,
+        "disk_mib": 512,
+    },
+    {
         "name": "windows-default",
         "description": "Windows through UEFI: 4 vCPU, 2048 MiB (needs a Windows image on the host)",
         "boot": "uefi",

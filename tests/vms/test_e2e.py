@@ -31,14 +31,20 @@ def test_vm_lifecycle_through_the_api(make_user, issue_token, worker, vm_dirs) -
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {issue_token(user)}")
 
-    created = client.post("/api/v1/vms/", {"name": "e2e-1", "template": "linux-small"}, format="json")
+    created = client.post(
+        "/api/v1/vms/", {"name": "e2e-1", "template": "linux-small"}, format="json"
+    )
     assert created.status_code == 202, created.json()
     vm_id = created.json()["vm"]["id"]
     assert client.get(created.json()["status_url"]).json()["state"] in ("pending", "succeeded")
     vm = settled(client, vm_id, "running", "failed")
     assert vm["state"] == "running", vm["last_error"]
 
-    run = client.post(f"/api/v1/vms/{vm_id}/exec/", {"argv": ["sh", "-c", "hostname; echo oops >&2; exit 3"]}, format="json")
+    run = client.post(
+        f"/api/v1/vms/{vm_id}/exec/",
+        {"argv": ["sh", "-c", "hostname; echo oops >&2; exit 3"]},
+        format="json",
+    )
     assert run.status_code == 200, run.json()
     body = run.json()
     assert (body["stdout"], body["stderr"], body["exit_code"]) == ("e2e-1\n", "oops\n", 3)
@@ -64,19 +70,25 @@ def test_vm_lifecycle_through_the_api(make_user, issue_token, worker, vm_dirs) -
     settled(client, vm_id, "running")
     snapshot = client.get(f"/api/v1/snapshots/{snapshot_id}/").json()
     assert snapshot["state"] == "ready", snapshot["last_error"]
-    assert snapshot["manifest"] and all(len(f["sha256"]) == 64 for f in snapshot["manifest"].values())
+    assert snapshot["manifest"] and all(
+        len(f["sha256"]) == 64 for f in snapshot["manifest"].values()
+    )
 
     assert client.delete(f"/api/v1/vms/{vm_id}/").status_code == 202
     settled(client, vm_id, "destroyed")
 
-    clone = client.post(f"/api/v1/snapshots/{snapshot_id}/clone/", {"name": "e2e-clone"}, format="json")
+    clone = client.post(
+        f"/api/v1/snapshots/{snapshot_id}/clone/", {"name": "e2e-clone"}, format="json"
+    )
     assert clone.status_code == 202, clone.json()
     clone_id = clone.json()["vm"]["id"]
     cloned = settled(client, clone_id, "running", "failed")
     assert cloned["state"] == "running", cloned["last_error"]
     assert cloned["mac"] != vm["mac"]
     check = client.post(
-        f"/api/v1/vms/{clone_id}/exec/", {"argv": ["sh", "-c", "hostname; sha256sum /data/payload.bin"]}, format="json"
+        f"/api/v1/vms/{clone_id}/exec/",
+        {"argv": ["sh", "-c", "hostname; sha256sum /data/payload.bin"]},
+        format="json",
     ).json()
     assert check["exit_code"] == 0
     assert check["stdout"].splitlines() == ["e2e-clone", f"{digest}  /data/payload.bin"]
@@ -84,14 +96,26 @@ def test_vm_lifecycle_through_the_api(make_user, issue_token, worker, vm_dirs) -
     assert client.delete(f"/api/v1/vms/{clone_id}/").status_code == 202
     settled(client, clone_id, "destroyed")
 
-    timeline = [e["type"] for e in client.get(f"/api/v1/vms/{vm_id}/events/?limit=200").json()["results"]]
+    timeline = [
+        e["type"] for e in client.get(f"/api/v1/vms/{vm_id}/events/?limit=200").json()["results"]
+    ]
     for step in (
-        "vm.created", "vm.start_requested", "vm.started", "vm.exec_completed", "vm.file_uploaded",
-        "vm.file_downloaded", "vm.snapshot_requested", "snapshot.created", "vm.snapshotted",
-        "vm.destroy_requested", "vm.destroyed",
+        "vm.created",
+        "vm.start_requested",
+        "vm.started",
+        "vm.exec_completed",
+        "vm.file_uploaded",
+        "vm.file_downloaded",
+        "vm.snapshot_requested",
+        "snapshot.created",
+        "vm.snapshotted",
+        "vm.destroy_requested",
+        "vm.destroyed",
     ):
         assert step in timeline, (step, timeline)
-    clone_timeline = [e["type"] for e in client.get(f"/api/v1/vms/{clone_id}/events/").json()["results"]]
+    clone_timeline = [
+        e["type"] for e in client.get(f"/api/v1/vms/{clone_id}/events/").json()["results"]
+    ]
     assert clone_timeline[:3] == ["vm.created", "vm.restore_requested", "vm.progress"]
     assert "vm.restored" in clone_timeline and clone_timeline[-1] == "vm.destroyed"
 
