@@ -224,3 +224,38 @@ def test_restore_of_a_truncated_state_fails_cleanly(
     assert not hv.is_alive(runtime)
     assert _qemu_pids_for(runtime) == []
     hv.destroy(runtime)
+
+
+def test_template_serves_a_fresh_data_disk_but_never_one_with_data(
+    hv: QemuHypervisor,
+    templates,
+    make_spec,
+    runtime_root: Path,  # noqa: ANN001
+) -> None:
+    from vms.hypervisors.templates import disk_is_fresh
+    from vms.images import make_data_disk
+
+    disk = runtime_root / "data-vm.img"
+    make_data_disk(disk, 64)
+    base = make_spec("datavm")
+    spec = base.replace(disks=(*base.disks, DiskSpec(disk, id="data")))
+    assert disk_is_fresh(disk)
+    assert templates.usable_for(spec) is None
+    runtime = RuntimeDir(runtime_root / "datavm")
+    try:
+        assert templates.start(spec, runtime, fallback=False).restored
+        client = connect_agent(hv, runtime, 30)
+        try:
+            wrote = client.exec(["sh", "-c", "echo kept > /data/kept && sync && cat /data/kept"])
+            assert wrote.stdout == b"kept\n", wrote
+        finally:
+            client.close()
+    finally:
+        hv.destroy(runtime)
+    # The disk now holds the guest's data: restoring the template would replace it.
+    assert not disk_is_fresh(disk)
+    assert "has been used" in (templates.usable_for(spec) or "")
+    with pytest.raises(HypervisorError, match="has been used"):
+        templates.start(spec, runtime, fallback=False)
+    assert not hv.is_alive(runtime)
+    hv.destroy(runtime)

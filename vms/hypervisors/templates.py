@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 import uuid
@@ -32,7 +33,7 @@ from typing import Any
 from .base import DiskSpec, HypervisorError, RuntimeDir, SnapshotFiles, VMSpec
 from .qemu import SNAPSHOT_MANIFEST, QemuHypervisor
 
-__all__ = ["StartResult", "TemplateCache", "default_cache_dir"]
+__all__ = ["StartResult", "TemplateCache", "default_cache_dir", "disk_is_fresh"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,26 @@ def _make_data_disk(path: Path, size_mib: int) -> None:
     make_data_disk(path, size_mib)
 
 
+_EXT4_MAGIC = 0xEF53
+
+
+def disk_is_fresh(path: Path) -> bool:
+    """True if a raw disk holds nothing a guest wrote: an ext4 never mounted (mkfs leaves the
+    superblock's mount count and last-mount time at zero; the first mount sets them), or a
+    disk whose first 64 KiB are zero. Anything else, or an unreadable disk, is not fresh."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 * 1024)
+    except OSError:
+        return False
+    sb = head[1024:2048]
+    if len(sb) == 1024 and struct.unpack_from("<H", sb, 0x38)[0] == _EXT4_MAGIC:
+        mount_time = struct.unpack_from("<I", sb, 0x2C)[0]
+        mount_count = struct.unpack_from("<H", sb, 0x34)[0]
+        return mount_time == 0 and mount_count == 0
+    return not any(head)
+
+
 @dataclass(frozen=True)
 class StartResult:
     pid: int
@@ -135,14 +156,23 @@ class TemplateCache:
 
     # -- keys --------------------------------------------------------------------------------
     def usable_for(self, spec: VMSpec) -> str | None:
-        """None if a template can serve ``spec``, else the reason it cannot."""
+        """None if a template can serve ``spec``, else the reason it cannot.
+
+        A restore puts the template's copy of each writable disk in place of the VM's (the
+        saved guest RAM has that filesystem mounted), so a template may only serve a VM whose
+        writable disks hold nothing yet: restarting a VM that has data must cold-boot.
+        """
         if spec.nets:
             return "NICs carry their MAC in saved device state: cold boot"
         if spec.boot != "linux":
             return "templates are for microvm Linux guests"
         for d in spec.disks:
-            if not d.readonly and d.format != "raw":
+            if d.readonly:
+                continue
+            if d.format != "raw":
                 return "template data disks must be raw"
+            if not disk_is_fresh(d.path):
+                return f"data disk {d.path.name} has been used: cold boot keeps its contents"
         return None
 
     def key(self, spec: VMSpec) -> str:
