@@ -346,6 +346,9 @@ class Exec:
         import signal
         import subprocess
 
+        # The process's time starts before the spawn: fork and exec are part of running it
+        # (under TCG they cost tens of milliseconds), not protocol overhead.
+        started = time.monotonic()
         try:
             try:
                 self.proc = proc = subprocess.Popen(
@@ -362,7 +365,6 @@ class Exec:
                 err = _os_error(exc)
                 self.session.send_error(self.id, "exec_failed", f"{err.code}: {err.message}")
                 return
-            started = time.monotonic()
             deadline = started + self.timeout if self.timeout else None
             timed_out = False
             kill_deadline = None  # after a kill, how long we keep draining pipes

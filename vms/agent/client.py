@@ -415,7 +415,8 @@ class AgentClient:
                         raise AgentTimeout(
                             f"{self.name} did not answer hello within {timeout:.1f}s"
                         ) from None
-                    attempt = min(attempt * 1.5, 2.0)
+                    # A short cap: a guest that just came up is noticed within half a second.
+                    attempt = min(attempt * 1.5, 0.5)
                     continue
             finally:
                 self._close_call(call)

@@ -1,0 +1,259 @@
+"""API latency and throughput under 50 concurrent clients, against the real server on PostgreSQL.
+
+    python bench/api.py [--clients 50] [--rate 320] [--seconds 15]
+
+Creates a throwaway PostgreSQL database (DATABASE_URL's server, else the local one), migrates
+it, seeds an operator with a token and 200 VMs, starts the server the way `make run` does
+(`manage.py serve`: web and worker), and drives it with --clients keep-alive connections that
+together send --rate requests per second (open loop: each request has a scheduled send time and
+its latency counts from then, so a server that falls behind shows it). The mix: 60 % list
+(`GET /api/v1/vms/?limit=20`), 30 % retrieve, 10 % command acceptance (`POST /api/v1/vms/`, a
+new VM defined and stopped: the command path, with its event, without booting a guest). The last
+line is one JSON object: clients, requests, rps, p50_ms, p99_ms, errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from event_store import ensure_postgres  # noqa: E402
+
+
+def ensure_redis(url: str) -> None:
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return
+    except OSError:
+        pass
+    subprocess.run(
+        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        check=True,
+    )
+    time.sleep(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client: the client must cost far less than the server."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port, self.token = port, token
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {self.token}\r\n"
+            f"Accept: application/json\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        assert self.reader is not None
+        self.writer.write(head.encode() + body)
+        await self.writer.drain()
+        status_line = await self.reader.readline()
+        status = int(status_line.split()[1])
+        length, chunked, close = 0, False, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            name = name.lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "connection" and "close" in value.lower():
+                close = True
+        if chunked:
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        else:
+            await self.reader.readexactly(length)
+        if close:
+            self.writer.close()
+            self.writer = None
+        return status
+
+
+async def drive(port: int, token: str, vm_ids: list[str], clients: int, rate: float, seconds: float, warmup: float):
+    latencies: list[float] = []
+    errors = 0
+    counter = 0
+    start = time.perf_counter() + 0.5
+    interval = clients / rate  # each client's period
+
+    async def client(i: int) -> None:
+        nonlocal errors, counter
+        conn = Connection(port, token)
+        rng = random.Random(i)
+        k = 0
+        while True:
+            due = start + (i / clients) * interval + k * interval
+            k += 1
+            if due > start + warmup + seconds:
+                return
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            roll = rng.random()
+            try:
+                if roll < 0.6:
+                    status = await conn.request("GET", "/api/v1/vms/?limit=20")
+                elif roll < 0.9:
+                    status = await conn.request("GET", f"/api/v1/vms/{rng.choice(vm_ids)}/")
+                else:
+                    counter += 1
+                    body = json.dumps({"name": f"b{i}-{counter}", "template": "linux-small", "start": False})
+                    status = await conn.request("POST", "/api/v1/vms/", body.encode())
+            except (OSError, ValueError, asyncio.IncompleteReadError):
+                status = 0
+                conn = Connection(port, token)
+            elapsed = time.perf_counter() - due  # open loop: from the scheduled send time
+            if due >= start + warmup:
+                latencies.append(elapsed)
+                if status >= 400 or status == 0:
+                    errors += 1
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies, errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=320.0, help="requests per second, all clients")
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    args = parser.parse_args()
+
+    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
+    ensure_postgres(base_url)
+    ensure_redis(redis_url)
+    import psycopg
+
+    parsed = urlparse(base_url)
+    db_name = f"sandbox_bench_api_{os.getpid()}"
+    admin_url = urlunparse(parsed._replace(path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+    env = dict(os.environ)
+    data_dir = ROOT / "var" / f"bench-api-{os.getpid()}"
+    env.update(
+        DATABASE_URL=urlunparse(parsed._replace(path=f"/{db_name}")),
+        REDIS_URL=redis_url,
+        SANDBOX_DATA_DIR=str(data_dir),
+        SANDBOX_LOG_LEVEL="WARNING",
+        SANDBOX_MAX_VMS="1000000",
+        DJANGO_SETTINGS_MODULE="sandbox_site.settings",
+    )
+    os.environ.update(env)
+    server = None
+    try:
+        import django
+
+        django.setup()
+        from django.core.management import call_command
+
+        call_command("migrate", verbosity=0)
+        token, vm_ids = seed()
+        from django.db import connections
+
+        connections.close_all()
+        port = free_port()
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        latencies, errors = asyncio.run(
+            drive(port, token, vm_ids, args.clients, args.rate, args.seconds, args.warmup)
+        )
+    finally:
+        if server is not None and server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+        from django.db import connections
+
+        connections.close_all()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        import shutil
+
+        shutil.rmtree(data_dir, ignore_errors=True)
+    latencies.sort()
+    result = {
+        "clients": args.clients,
+        "target_rps": args.rate,
+        "requests": len(latencies),
+        "rps": round(len(latencies) / args.seconds, 1),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p95_ms": round(latencies[int(len(latencies) * 0.95) - 1] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
+        "max_ms": round(latencies[-1] * 1000, 2),
+        "errors": errors,
+        "mix": "60% list, 30% retrieve, 10% create",
+    }
+    print(json.dumps(result))
+
+
+def seed() -> tuple[str, list[str]]:
+    from accounts import commands as accounts
+    from accounts.caller import Caller
+    from audit.actor import Actor
+    from vms import commands
+    from vms.models import Quota
+
+    user = accounts.create_user(Actor.system(), username="bench", password=None, role="operator")
+    Quota.objects.create(user=user, max_vms=100000, max_vcpus=1000000, max_memory_mib=10**9, max_disk_mib=10**9)
+    caller = Caller.for_user(user, channel="shell")
+    vm_ids = [
+        str(commands.create(caller, name=f"seed-{i}", template="linux-small", start_now=False).vm.pk)
+        for i in range(200)
+    ]
+    token = accounts.create_token(Actor.system(), user, name="bench").plaintext
+    return token, vm_ids
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``ws/vms/<id>/exec/``: run one command in the guest and stream its output as it comes.
+
+The client sends one JSON message ``{"argv": [...], "cwd", "env", "stdin", "timeout"}`` (validated
+like the HTTP exec); the server answers with ``{"type": "stdout"|"stderr", "data": <text>,
+"b64": <base64>}`` frames while the command runs and a final ``{"type": "exit", "exit_code",
+"signal", "timed_out", "duration_s", "event_position"}``, then closes. Errors are
+``{"type": "error", "status", "detail"}`` frames followed by a close. The command runs in a thread
+(the agent client is synchronous); its chunks are handed to the event loop through a queue, so the
+consumer never blocks; a disconnect cancels the forwarding task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.core.exceptions import PermissionDenied, ValidationError
+
+from accounts.caller import Caller
+from audit.actor import Actor
+from sandbox_site import context
+
+
+class ExecConsumer(AsyncWebsocketConsumer):
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=4401)
+            return
+        self.vm = await self._visible_vm(user, self.scope["url_route"]["kwargs"]["vm_id"])
+        if self.vm is None:
+            await self.close(code=4404)
+            return
+        self.started = False
+        self.forwarder: asyncio.Task[None] | None = None
+        await self.accept()
+
+    @database_sync_to_async
+    def _visible_vm(self, user: Any, vm_id: str) -> Any:
+        from vms import commands
+
+        return commands.visible_vms(Caller(user=user)).filter(pk=vm_id).first()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.started:
+            await self._error(409, "one command per connection")
+            return
+        self.started = True
+        try:
+            request = json.loads(text_data or "")
+        except ValueError:
+            await self._error(400, "send one JSON object")
+            return
+        from vms.api import ExecSerializer
+
+        s = ExecSerializer(data=request)
+        if not s.is_valid():
+            await self._error(400, s.errors)
+            return
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def emit(stream: str) -> Any:
+            return lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, (stream, chunk))
+
+        self.forwarder = asyncio.create_task(self._forward(queue))
+        try:
+            result = await asyncio.to_thread(
+                self._run, s.validated_data, emit("stdout"), emit("stderr")
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+            await self.forwarder
+            await self._error(*_status_of(exc))
+            return
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+        await self.forwarder
+        await self.send(
+            text_data=json.dumps(
+                {
+                    "type": "exit",
+                    "exit_code": result.exit_code,
+                    "signal": result.signal,
+                    "timed_out": result.timed_out,
+                    "duration_s": result.duration_s,
+                    "event_position": result.event_position,
+                }
+            )
+        )
+        await self.close()
+
+    def _run(self, data: dict[str, Any], on_stdout: Any, on_stderr: Any) -> Any:
+        from django.db import close_old_connections
+
+        from vms import guest
+        from vms.models import VirtualMachine
+
+        close_old_connections()
+        try:
+            client = self.scope.get("client") or (None, None)
+            with context.bind(
+                channel="api", source_ip=client[0], request_id=context.new_request_id()
+            ):
+                user = self.scope["user"]
+                caller = Caller(user=user, actor=Actor.for_user(user, channel="api"))
+                vm = VirtualMachine.objects.get(pk=self.vm.pk)
+                return guest.run_exec(
+                    caller,
+                    vm,
+                    data["argv"],
+                    cwd=data.get("cwd"),
+                    env=data.get("env"),
+                    stdin=data.get("stdin_bytes"),
+                    timeout=data["timeout"],
+                    on_stdout=on_stdout,
+                    on_stderr=on_stderr,
+                )
+        finally:
+            close_old_connections()
+
+    async def _forward(self, queue: asyncio.Queue[tuple[str, bytes] | None]) -> None:
+        while (item := await queue.get()) is not None:
+            stream, chunk = item
+            await self.send(
+                text_data=json.dumps(
+                    {
+                        "type": stream,
+                        "data": chunk.decode(errors="replace"),
+                        "b64": base64.b64encode(chunk).decode(),
+                    }
+                )
+            )
+
+    async def _error(self, status: int, detail: Any) -> None:
+        await self.send(text_data=json.dumps({"type": "error", "status": status, "detail": detail}))
+        await self.close()
+
+    async def disconnect(self, code: int) -> None:
+        forwarder = getattr(self, "forwarder", None)
+        if forwarder is not None and not forwarder.done():
+            forwarder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await forwarder
+
+
+def _status_of(exc: Exception) -> tuple[int, str]:
+    from vms.commands import InvalidState
+    from vms.guest import GuestUnavailable
+
+    if isinstance(exc, PermissionDenied):
+        return 403, str(exc)
+    if isinstance(exc, ValidationError):
+        return 400, "; ".join(exc.messages)
+    if isinstance(exc, InvalidState):
+        return 409, str(exc)
+    if isinstance(exc, GuestUnavailable):
+        return 503, str(exc)
+    return 502, f"{type(exc).__name__}: {exc}"
