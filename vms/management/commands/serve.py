@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 
 
 class Command(BaseCommand):
@@ -22,28 +23,45 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=os.environ.get("SANDBOX_HOST", "127.0.0.1"))
         parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "8000")))
         parser.add_argument("--no-worker", action="store_true", help="web only")
+        parser.add_argument(
+            "--web-workers",
+            type=int,
+            default=None,
+            help="web processes (default: 1 on the embedded in-memory channel layer, which cannot "
+            "join processes; the CPU count, at most 4, with REDIS_URL)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         python = sys.executable
         manage = os.path.join(os.getcwd(), "manage.py")
-        commands = {
-            "web": [
+        workers = options["web_workers"]
+        if workers is None:
+            workers = min(4, os.cpu_count() or 1) if settings.REDIS_URL else 1
+        if workers > 1 and not settings.REDIS_URL:
+            raise CommandError("several web processes need REDIS_URL (a shared channel layer)")
+        if workers == 1:
+            web = [python, "-m", "daphne", "-b", options["host"], "-p", str(options["port"])]
+            web += ["--proxy-headers", "sandbox_site.asgi:application"]
+        else:
+            # Daphne serves one process; Django runs a process's sync views in one thread, so
+            # throughput on several cores needs several processes: uvicorn's workers share the
+            # listening socket (websockets too), Redis joins their channel layers.
+            web = [
                 python,
                 "-m",
-                "daphne",
-                "-b",
-                options["host"],
-                "-p",
-                str(options["port"]),
-                "--proxy-headers",
+                "uvicorn",
                 "sandbox_site.asgi:application",
+                "--host",
+                options["host"],
             ]
-        }
+            web += ["--port", str(options["port"]), "--workers", str(workers), "--no-access-log"]
+            web += ["--proxy-headers", "--lifespan", "off"]
+        commands = {"web": web}
         if not options["no_worker"]:
             commands["worker"] = [python, manage, "worker"]
         procs = {name: subprocess.Popen(argv) for name, argv in commands.items()}
         self.stdout.write(
-            f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ "
+            f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ ({workers} web) "
             f"({', '.join(f'{n} pid {p.pid}' for n, p in procs.items())}); Ctrl-C stops."
         )
         stopping = False
