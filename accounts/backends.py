@@ -1,13 +1,47 @@
-"""Password authentication that refuses locked accounts."""
+"""Password authentication that refuses locked accounts, with cheap permission checks."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
 from accounts.commands import is_locked
+
+_group_perms: dict[int, frozenset[str]] = {}
+_all_perms: frozenset[str] | None = None
+_lock = threading.Lock()
+
+
+def clear_permission_cache() -> None:
+    """Called when role permissions are synced (accounts.roles.sync_roles)."""
+    global _all_perms
+    with _lock:
+        _group_perms.clear()
+        _all_perms = None
+
+
+def _perms_of_group(group_id: int) -> frozenset[str]:
+    cached = _group_perms.get(group_id)
+    if cached is None:
+        rows = Permission.objects.filter(group__id=group_id).values_list(
+            "content_type__app_label", "codename"
+        )
+        cached = frozenset(f"{app}.{codename}" for app, codename in rows)
+        with _lock:
+            _group_perms[group_id] = cached
+    return cached
+
+
+def _every_perm() -> frozenset[str]:
+    global _all_perms
+    if _all_perms is None:
+        rows = Permission.objects.values_list("content_type__app_label", "codename")
+        _all_perms = frozenset(f"{app}.{codename}" for app, codename in rows)
+    return _all_perms
 
 
 class LockoutModelBackend(ModelBackend):
@@ -15,6 +49,11 @@ class LockoutModelBackend(ModelBackend):
 
     Raising PermissionDenied makes ``authenticate()`` give up and send ``user_login_failed``,
     whose receiver records the attempt with reason ``locked``.
+
+    Permissions come from the user's role groups only (the product grants none per user): a
+    group's permission set is cached per process (roles change only when ``sync_roles`` runs,
+    which clears the cache), and the user's group membership is read fresh once per request, so
+    a role change applies to the very next request.
     """
 
     def authenticate(
@@ -27,3 +66,22 @@ class LockoutModelBackend(ModelBackend):
                 request._sandbox_login_failure = "locked"
             raise PermissionDenied("account locked")
         return super().authenticate(request, username=username, password=password, **kwargs)
+
+    def get_all_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
+        if not user_obj.is_active or user_obj.is_anonymous or obj is not None:
+            return set()
+        if not hasattr(user_obj, "_perm_cache"):
+            if user_obj.is_superuser:
+                perms: set[str] = set(_every_perm())
+            else:
+                perms = set()
+                for group_id in user_obj.groups.values_list("id", flat=True):
+                    perms |= _perms_of_group(group_id)
+            user_obj._perm_cache = perms
+        return user_obj._perm_cache
+
+    def get_group_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
+        return self.get_all_permissions(user_obj, obj)
+
+    def get_user_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
+        return set()

@@ -74,9 +74,12 @@ def _permissions(spec: list[str]) -> list[Permission]:
 
 
 def sync_roles() -> None:
+    from accounts.backends import clear_permission_cache
+
     for role, spec in ROLE_PERMISSIONS.items():
         group, _ = Group.objects.get_or_create(name=role)
         group.permissions.set(_permissions(spec))
+    clear_permission_cache()
 
 
 def sync_roles_after_migrate(sender: Any = None, **kwargs: Any) -> None:

@@ -10,4 +10,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("tokens/", views.tokens, name="tokens"),
     path("tokens/<int:pk>/revoke/", views.revoke_token, name="revoke-token"),
+    path("users/", views.users, name="users"),
+    path("users/<int:pk>/role/", views.user_role, name="user-role"),
+    path("users/<int:pk>/active/", views.user_active, name="user-active"),
 ]

@@ -1,10 +1,12 @@
-"""Dashboard views for accounts: login and the API token page."""
+"""Dashboard views for accounts: login, the API token page, and user and role admin."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.contrib import messages
+from django.contrib.auth import password_validation
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -60,3 +62,107 @@ def revoke_token(request: HttpRequest, pk: int) -> HttpResponse:
     except PermissionDenied:
         messages.error(request, "You cannot revoke that token.")
     return redirect("accounts:tokens")
+
+
+# --- Users and roles (admins) -------------------------------------------------------------------
+
+
+class UserCreateForm(forms.Form):
+    """A new account (kept here, beside its only view)."""
+
+    username = forms.CharField(max_length=150)
+    email = forms.EmailField(required=False)
+    role = forms.ChoiceField(choices=[(r, r) for r in ("operator", "viewer", "auditor", "admin")])
+    password = forms.CharField(
+        widget=forms.PasswordInput, required=False, help_text="empty: no password login"
+    )
+
+    def clean_password(self) -> str:
+        password = self.cleaned_data.get("password") or ""
+        if password:
+            password_validation.validate_password(password)
+        return password
+
+
+def _manager(request: HttpRequest) -> None:
+    if not request.user.has_perm("accounts.manage_users"):
+        raise PermissionDenied("you need the accounts.manage_users permission")
+
+
+@login_required
+def users(request: HttpRequest) -> HttpResponse:
+    """Every account with its role; create one. Changes go through accounts.commands."""
+    from accounts.roles import ROLES
+
+    _manager(request)
+    form = UserCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = commands.create_user(
+                Actor.from_request(request),
+                username=form.cleaned_data["username"],
+                password=form.cleaned_data["password"],
+                role=form.cleaned_data["role"],
+                email=form.cleaned_data["email"],
+                by=request.user,  # type: ignore[arg-type]
+            )
+        except ValidationError as exc:
+            for field, errors in exc.message_dict.items():
+                form.add_error(field if field in form.fields else None, errors)
+        else:
+            messages.success(
+                request, f"User {user.username} created ({form.cleaned_data['role']})."
+            )
+            return redirect("accounts:users")
+    from accounts.models import User
+
+    people = User.objects.prefetch_related("groups").order_by("username")
+    return render(
+        request,
+        "accounts/users.html",
+        {"form": form, "people": people, "roles": ROLES, "section": "users"},
+    )
+
+
+@login_required
+@require_POST
+def user_role(request: HttpRequest, pk: int) -> HttpResponse:
+    from accounts.models import User
+
+    _manager(request)
+    person = get_object_or_404(User, pk=pk)
+    try:
+        commands.set_role(
+            Actor.from_request(request),
+            person,
+            request.POST.get("role", ""),
+            by=request.user,  # type: ignore[arg-type]
+        )
+        messages.success(request, f"{person.username} is now {person.role}.")
+    except (PermissionDenied, ValidationError) as exc:
+        messages.error(request, f"Role of {person.username} not changed: {_message(exc)}")
+    return redirect("accounts:users")
+
+
+@login_required
+@require_POST
+def user_active(request: HttpRequest, pk: int) -> HttpResponse:
+    from accounts.models import User
+
+    _manager(request)
+    person = get_object_or_404(User, pk=pk)
+    active = request.POST.get("active") == "1"
+    try:
+        commands.set_active(Actor.from_request(request), person, active, by=request.user)  # type: ignore[arg-type]
+        messages.success(
+            request, f"{person.username} {'reactivated' if active else 'deactivated'}."
+        )
+    except (PermissionDenied, ValidationError) as exc:
+        messages.error(request, f"{person.username} not changed: {_message(exc)}")
+    return redirect("accounts:users")
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return " ".join(exc.messages)
+    return str(exc)
