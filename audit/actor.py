@@ -75,13 +75,13 @@ class Actor:
         token_id = getattr(token, "key", "") if token is not None else ""
         return cls.for_user(user, token_id=token_id)
 
-    def as_fields(self) -> dict[str, object]:
+    def as_fields(self) -> dict[str, str]:
         return {
             "actor_type": self.kind,
             "actor_id": str(self.user_id) if self.user_id is not None else "",
             "actor_name": self.username,
             "token_id": self.token_id,
             "channel": self.channel,
-            "source_ip": self.source_ip,
+            "source_ip": self.source_ip or "",
             "request_id": self.request_id,
         }

@@ -367,6 +367,7 @@ def _check_line(
         return Problem("events", "position, version and schema_version must be integers", number)
     if not isinstance(fields["data"], str):
         return Problem("events", "data must be the stored canonical JSON text", number, position)
+    position = fields["position"]  # an int from here on (checked just above)
     if event_hash(fields, fields["data"], fields["prev_hash"]) != fields["hash"]:
         return Problem(
             "events",

@@ -271,7 +271,6 @@ def append_many(
 
     correlation = correlation_id or actor.request_id or uuid.uuid4().hex
     actor_fields = actor.as_fields()
-    actor_fields["source_ip"] = actor_fields["source_ip"] or ""
     try:
         with transaction.atomic(savepoint=False):
             _lock()

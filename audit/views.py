@@ -287,3 +287,66 @@ def sessions(request: HttpRequest) -> HttpResponse:
     )
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "audit/sessions.html", {"page": page, "section": "sessions"})
+
+
+def _console_recording(position: int) -> tuple[Event, dict[str, Any], Any, str]:
+    """The closing event at ``position``, its data, the recording file, and what is wrong with
+    it ("" when its size and SHA-256 match the event)."""
+    import hashlib
+
+    from vms.console import resolve_recording
+
+    closed = get_object_or_404(Event, position=position, type="vm.console_closed")
+    data = closed.payload
+    path = resolve_recording(str(data.get("recording", "")))
+    if path is None or not path.is_file():
+        return closed, data, None, "the recording is not on this server"
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    if (size, digest.hexdigest()) != (data.get("size"), data.get("sha256")):
+        return closed, data, path, "the recording does NOT match its event (altered or truncated)"
+    return closed, data, path, ""
+
+
+@require_GET
+@_needs(VIEW)
+def session_replay(request: HttpRequest, position: int) -> HttpResponse:
+    """Play a console recording back, after checking it against its ``vm.console_closed``."""
+    from vms.models import VirtualMachine
+
+    closed, data, _, problem = _console_recording(position)
+    opened = Event.objects.filter(
+        type="vm.console_opened", event_id=closed.causation_id or None
+    ).first()
+    vm = VirtualMachine.objects.filter(pk=closed.aggregate_id).only("name").first()
+    return render(
+        request,
+        "vms/replay.html",
+        {
+            "closed": closed,
+            "opened": opened,
+            "opened_mode": opened.payload.get("mode") if opened else "",
+            "data": data,
+            "session": data.get("session", ""),
+            "vm_name": vm.name if vm else "",
+            "intact": not problem,
+            "problem": problem,
+            "section": "sessions",
+        },
+    )
+
+
+@require_GET
+@_needs(VIEW)
+def session_cast(request: HttpRequest, position: int) -> HttpResponse:
+    """The recording itself (asciicast v2), only when it matches its event."""
+    _, data, path, problem = _console_recording(position)
+    if problem:
+        raise Http404(problem)
+    response = FileResponse(path.open("rb"), content_type="application/x-asciicast")
+    response["X-Content-SHA256"] = data["sha256"]
+    return response

@@ -10,8 +10,15 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import path  # noqa: E402
 
-websocket_urlpatterns: list = []  # console, live VM list and metrics consumers join here
+from vms import consumers  # noqa: E402
+
+websocket_urlpatterns = [
+    path("ws/vms/live/", consumers.VMListConsumer.as_asgi()),
+    path("ws/vms/<uuid:vm_id>/live/", consumers.VMLiveConsumer.as_asgi()),
+    path("ws/vms/<uuid:vm_id>/console/", consumers.ConsoleConsumer.as_asgi()),
+]
 
 application = ProtocolTypeRouter(
     {

@@ -2,11 +2,14 @@
 
 Counters live in each process; gauges that describe shared state (event store head, projection
 lag) are read from the database at scrape time by a collector, so any process reports the truth.
+The VM collector samples this host's live VMs at scrape time (VMM process, device counters) and
+adds the guest health last sampled by a page that watches the VM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
@@ -16,7 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -90,6 +93,80 @@ class EventStoreCollector(Collector):
 
 
 REGISTRY.register(EventStoreCollector())
+
+
+# Per-VM families: (name, help, Sample attribute, kind). Counters are exported as such so that
+# Prometheus computes rates itself; the page's 1 Hz rates come from the same samples.
+VM_FAMILIES = (
+    ("sandbox_vm_cpu_seconds_total", "CPU time of the VM's VMM process.", "cpu_seconds", "c"),
+    ("sandbox_vm_cpu_percent", "VMM CPU use since the previous sample, % of one core.",
+     "cpu_percent", "g"),
+    ("sandbox_vm_memory_rss_bytes", "Resident memory of the VM's VMM process.", "rss_bytes", "g"),
+    ("sandbox_vm_disk_read_bytes_total", "Bytes read by the guest's disks.", "disk_read_bytes",
+     "c"),
+    ("sandbox_vm_disk_write_bytes_total", "Bytes written by the guest's disks.",
+     "disk_write_bytes", "c"),
+    ("sandbox_vm_network_receive_bytes_total", "Bytes received by the guest's NICs.",
+     "net_rx_bytes", "c"),
+    ("sandbox_vm_network_transmit_bytes_total", "Bytes sent by the guest's NICs.",
+     "net_tx_bytes", "c"),
+)  # fmt: skip
+
+
+def _kib(value: int | None) -> int | None:
+    return None if value is None else value * 1024
+
+
+VM_HEALTH_FAMILIES = (
+    ("sandbox_vm_guest_uptime_seconds", "Guest uptime (agent health).",
+     lambda h: h.get("uptime_s")),
+    ("sandbox_vm_guest_load1", "Guest 1-minute load average (agent health).",
+     lambda h: (h.get("load") or [None])[0]),
+    ("sandbox_vm_guest_memory_available_bytes", "Guest MemAvailable (agent health).",
+     lambda h: _kib((h.get("memory_kib") or {}).get("available"))),
+    ("sandbox_vm_guest_processes", "Processes in the guest (agent health).",
+     lambda h: (h.get("processes") or {}).get("total")),
+)  # fmt: skip
+
+
+class VMCollector(Collector):
+    """The live VMs of this host at scrape time: VMM process CPU and memory, disk and network
+    counters (``vms.metrics_live``), and the guest health last sampled by a watching page."""
+
+    LABELS = ("vm_id", "vm")
+
+    def describe(self) -> Iterator[Any]:
+        for name, help_text, _, kind in VM_FAMILIES:
+            yield self._family(name, help_text, kind)
+        for name, help_text, _ in VM_HEALTH_FAMILIES:
+            yield GaugeMetricFamily(name, help_text, labels=self.LABELS)
+
+    def _family(self, name: str, help_text: str, kind: str) -> Any:
+        if kind == "c":
+            return CounterMetricFamily(name.removesuffix("_total"), help_text, labels=self.LABELS)
+        return GaugeMetricFamily(name, help_text, labels=self.LABELS)
+
+    def collect(self) -> Iterator[Any]:
+        from vms.metrics_live import prometheus_samples
+
+        samples = prometheus_samples()
+        for name, help_text, attr, kind in VM_FAMILIES:
+            family = self._family(name, help_text, kind)
+            for s in samples:
+                value = getattr(s, attr)
+                if value is not None:
+                    family.add_metric([s.vm_id, s.name], value)
+            yield family
+        for name, help_text, read in VM_HEALTH_FAMILIES:
+            family = GaugeMetricFamily(name, help_text, labels=self.LABELS)
+            for s in samples:
+                value = read(s.health) if s.health else None
+                if value is not None:
+                    family.add_metric([s.vm_id, s.name], value)
+            yield family
+
+
+REGISTRY.register(VMCollector())
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -141,7 +141,7 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": Path(os.environ.get("SANDBOX_SQLITE_PATH", DATA_DIR / "sandbox.sqlite3")),
+            "NAME": str(os.environ.get("SANDBOX_SQLITE_PATH", DATA_DIR / "sandbox.sqlite3")),
             # IMMEDIATE: a write transaction takes SQLite's write lock at BEGIN, so appends are
             # serialized without lock upgrades that deadlock; WAL lets readers run meanwhile.
             "OPTIONS": {

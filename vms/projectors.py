@@ -130,9 +130,10 @@ class VMProjector(Projector):
                     disk_mib=vm.disk_mib,
                 )
                 continue
-            vm = vms.get(vm_id)
-            if vm is None:  # events of a VM whose creation predates this projection's reset
+            found = vms.get(vm_id)
+            if found is None:  # events of a VM whose creation predates this projection's reset
                 continue
+            vm = found
             vm.version = e.version
             vm.updated_at = at
             if e.type in REQUESTED:

@@ -104,7 +104,7 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
     if report.orphans:
         scanner.teardown_orphans(report.orphans)
     now = timezone.now()
-    stale_before = now - timedelta(seconds=int(settings.Q_CLUSTER["retry"]))
+    stale_before = now - timedelta(seconds=float(settings.Q_CLUSTER["retry"]))  # type: ignore[arg-type]
     lost_before = now - timedelta(seconds=REQUEUE_AFTER_S)
     for key, vm in by_key.items():
         alive = key in report.alive

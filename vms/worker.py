@@ -288,7 +288,7 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
         if not was_paused:
             hv.resume(rt)
         _progress(request, "snapshotting", 70, "hashing the snapshot files")
-        manifest = {
+        manifest: dict[str, dict[str, Any]] = {
             str(path.relative_to(directory)): {
                 "size": path.stat().st_size,
                 "sha256": runtime.sha256_file(path),

@@ -1,0 +1,409 @@
+"""The in-browser serial console: one reader per VM per web process, fan-out, scrollback,
+recording, and the events that reference each session.
+
+QEMU's serial chardev socket accepts a single client, and several browsers may watch one VM, so
+each web process holds at most ONE connection per VM (a ``ConsoleHub``): it reads the guest's
+output once and hands every chunk to all attached websockets, keeping the last
+``SCROLLBACK_BYTES`` in a ring so a late joiner first sees what was on the screen. The ring is
+seeded from the tail of ``console.log`` (which QEMU keeps while nobody is attached). When the last
+websocket leaves, the connection is closed, freeing the socket for other tools.
+
+Every session is recorded as asciicast v2 (output with timestamps; input too for operators) under
+the console directory and referenced by ``vm.console_opened`` / ``vm.console_closed`` (path, size,
+SHA-256), appended through the command functions at the bottom of this module, so an auditor can
+replay it. File writes happen off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from django.conf import settings
+from django.db import transaction
+
+from audit import store
+from audit.actor import Actor
+
+log = logging.getLogger("sandbox.vms.console")
+
+SCROLLBACK_BYTES = 128 * 1024  # what a late joiner gets replayed
+READ_CHUNK = 64 * 1024
+RECONNECT_S = 1.0  # retry interval while the VMM's socket is absent (VM stopped, rebooting)
+FLUSH_INTERVAL_S = 0.5  # recordings are written in batches, off the event loop
+
+Mode = Literal["write", "read"]
+
+
+def console_dir() -> Path:
+    """Where recordings live (``SANDBOX_CONSOLE_DIR``, else ``DATA_DIR/console``)."""
+    configured = getattr(settings, "SANDBOX_CONSOLE_DIR", None)
+    return Path(configured) if configured else Path(settings.DATA_DIR) / "console"
+
+
+# --- Who may do what ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    vm_id: str
+    vm_name: str
+    mode: Mode
+    state: str
+
+
+def access_for(user: Any, vm_id: object) -> Access | None:
+    """The console access of ``user`` to VM ``vm_id``: None when the VM is not visible to them
+    (another operator's VM looks exactly like a missing one), "write" for those who may type
+    (vms.console_vm on their own VM, or on any VM with vms.manage_all_vms), else "read"."""
+    from accounts.caller import Caller
+    from vms.commands import visible_vms
+
+    if user is None or not user.is_authenticated or not user.is_active:
+        return None
+    vm = visible_vms(Caller(user=user)).filter(pk=vm_id).exclude(state="destroyed").first()
+    if vm is None:
+        return None
+    may_type = user.has_perm("vms.console_vm") and (
+        vm.owner_id == user.pk or user.has_perm("vms.manage_all_vms")
+    )
+    return Access(str(vm.pk), vm.name, "write" if may_type else "read", vm.state)
+
+
+# --- The reader and its fan-out -----------------------------------------------------------------
+
+
+class Subscriber(Protocol):
+    def deliver(self, chunk: bytes) -> None:
+        """Guest output; must not block (queue it)."""
+
+    def notify(self, status: dict[str, Any]) -> None:
+        """A status change of the serial link (connected, disconnected)."""
+
+
+def _tail(path: Path, limit: int) -> bytes:
+    """The last ``limit`` bytes of ``path``, starting at a line boundary when cut."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            data = fh.read(limit)
+    except OSError:
+        return b""
+    if size > limit:
+        cut = data.find(b"\n")
+        data = data[cut + 1 :] if cut >= 0 else data
+    return data
+
+
+class ConsoleHub:
+    """One serial connection of this process to one VM, shared by every attached websocket."""
+
+    def __init__(self, vm_id: str, socket_path: Path, log_path: Path) -> None:
+        self.vm_id = vm_id
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.subscribers: set[Subscriber] = set()
+        self.scrollback = bytearray()
+        self.connected = False
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # Called with the registry lock held, so attach/detach of one VM never interleave.
+    async def _attach(self, sub: Subscriber) -> bytes:
+        if self._task is None:
+            # Seed the ring from the log before connecting: at worst a line appears twice,
+            # never is a line lost.
+            self.scrollback[:] = await asyncio.to_thread(_tail, self.log_path, SCROLLBACK_BYTES)
+            self._task = asyncio.create_task(self._run(), name=f"console-reader-{self.vm_id}")
+        # Snapshot and registration with no await in between: the subscriber gets the ring, then
+        # exactly the chunks after it.
+        self.subscribers.add(sub)
+        sub.notify({"type": "link", "connected": self.connected})
+        return bytes(self.scrollback)
+
+    async def _detach(self, sub: Subscriber) -> bool:
+        """Remove ``sub``; close the link when nobody is left. True when the hub is done."""
+        self.subscribers.discard(sub)
+        if self.subscribers:
+            return False
+        await self.close()
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._drop_writer()
+
+    def _drop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    async def send_input(self, data: bytes) -> bool:
+        """Write keystrokes to the guest; False when the serial link is down."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            return False
+        writer.write(data)
+        # Returns at once under the transport's high-water mark; waits only for a stuck guest.
+        await writer.drain()
+        return True
+
+    def _broadcast_status(self, status: dict[str, Any]) -> None:
+        for sub in list(self.subscribers):
+            sub.notify(status)
+
+    async def _run(self) -> None:
+        announced_down = False
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+            except OSError as exc:
+                if not announced_down:
+                    self._broadcast_status(
+                        {"type": "link", "connected": False, "reason": f"no serial socket: {exc}"}
+                    )
+                    announced_down = True
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            self._writer = writer
+            self.connected, announced_down = True, False
+            self._broadcast_status({"type": "link", "connected": True})
+            try:
+                while chunk := await reader.read(READ_CHUNK):
+                    self.scrollback += chunk
+                    if len(self.scrollback) > SCROLLBACK_BYTES:
+                        del self.scrollback[: len(self.scrollback) - SCROLLBACK_BYTES]
+                    for sub in list(self.subscribers):
+                        sub.deliver(chunk)
+            except OSError as exc:
+                log.info("console %s: serial link lost: %s", self.vm_id, exc)
+            finally:
+                self.connected = False
+                self._drop_writer()
+            self._broadcast_status({"type": "link", "connected": False, "reason": "VMM closed"})
+            announced_down = True
+            await asyncio.sleep(RECONNECT_S)
+
+
+class _Registry:
+    """The hubs of this process, keyed by VM id. All calls happen on the server's event loop."""
+
+    def __init__(self) -> None:
+        self.hubs: dict[str, ConsoleHub] = {}
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _the_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._loop is not loop:
+            # A new loop (tests run one per test): hubs of a finished loop are gone with it.
+            self._lock, self._loop, self.hubs = asyncio.Lock(), loop, {}
+        return self._lock
+
+    async def attach(self, vm_id: str, sub: Subscriber) -> tuple[ConsoleHub, bytes]:
+        from vms import runtime
+
+        async with self._the_lock():
+            hub = self.hubs.get(vm_id)
+            if hub is None:
+                rt = runtime.runtime_dir(vm_id)
+                hub = self.hubs[vm_id] = ConsoleHub(vm_id, rt.serial_socket, rt.serial_log)
+            return hub, await hub._attach(sub)
+
+    async def detach(self, hub: ConsoleHub, sub: Subscriber) -> None:
+        async with self._the_lock():
+            if await hub._detach(sub) and self.hubs.get(hub.vm_id) is hub:
+                del self.hubs[hub.vm_id]
+
+
+HUBS = _Registry()
+
+
+# --- Recording (asciicast v2) -------------------------------------------------------------------
+
+
+class Recording:
+    """An asciicast v2 file: a header line, then ``[seconds, "o"|"i", text]`` lines.
+
+    Callers on the event loop only append to memory; ``flush`` writes (and hashes) in a thread.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        cols: int,
+        rows: int,
+        title: str,
+        record_input: bool,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self.record_input = record_input
+        self._now = now
+        self.started = now()
+        self._pending: list[bytes] = []
+        self._io_lock = threading.Lock()
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.output_bytes = 0
+        self.input_bytes = 0
+        self._out = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._in = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        header = {
+            "version": 2,
+            "width": cols,
+            "height": rows,
+            "timestamp": int(datetime.now(UTC).timestamp()),
+            "title": title,
+            "env": {"TERM": "xterm-256color", "SHELL": "/bin/bash"},
+        }
+        self._pending.append(_line(header))
+
+    def _frame(self, kind: str, text: str) -> None:
+        if text:
+            self._pending.append(_line([round(self._now() - self.started, 6), kind, text]))
+
+    def output(self, chunk: bytes) -> None:
+        self.output_bytes += len(chunk)
+        self._frame("o", self._out.decode(chunk))
+
+    def input(self, chunk: bytes) -> None:
+        self.input_bytes += len(chunk)
+        if self.record_input:
+            self._frame("i", self._in.decode(chunk))
+
+    def _write(self, final: bool) -> None:
+        with self._io_lock:
+            if final:
+                self._frame("o", self._out.decode(b"", final=True))
+            batch, self._pending = self._pending, []
+            if not batch:
+                return
+            data = b"".join(batch)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("ab") as fh:
+                fh.write(data)
+            self._sha.update(data)
+            self.size += len(data)
+
+    async def flush(self, final: bool = False) -> None:
+        await asyncio.to_thread(self._write, final)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    @property
+    def duration_s(self) -> float:
+        return round(self._now() - self.started, 3)
+
+
+def _line(value: object) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, separators=(", ", ": ")) + "\n").encode()
+
+
+def new_recording_path(vm_id: str, session: str) -> tuple[Path, str]:
+    """(absolute path, path relative to the console directory, as events reference it)."""
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    relative = f"{vm_id}/{day}-{session}.cast"
+    return console_dir() / relative, relative
+
+
+def resolve_recording(relative: str) -> Path | None:
+    """The file an event references, refusing anything outside the console directory."""
+    root = console_dir().resolve()
+    path = (root / relative).resolve()
+    if root not in path.parents:
+        return None
+    return path
+
+
+# --- Commands: the events of a console session --------------------------------------------------
+
+
+def session_actor(user: Any, scope: dict[str, Any]) -> Actor:
+    """The user actor of a websocket session (no HTTP request context here)."""
+    client = scope.get("client") or (None, None)
+    return Actor(
+        kind="user",
+        user_id=user.pk,
+        username=user.username,
+        channel="dashboard",
+        source_ip=client[0],
+        request_id=uuid.uuid4().hex,
+    )
+
+
+@transaction.atomic
+def record_opened(
+    actor: Actor, vm_id: str, *, session: str, mode: Mode, recording: str, cols: int, rows: int
+) -> store.RecordedEvent:
+    return store.append(
+        "vm",
+        vm_id,
+        "vm.console_opened",
+        {
+            "session": session,
+            "mode": "operator" if mode == "write" else "viewer",
+            "recording": recording,
+            "format": "asciicast-v2",
+            "cols": cols,
+            "rows": rows,
+        },
+        actor=actor,
+    )
+
+
+@transaction.atomic
+def record_closed(
+    actor: Actor,
+    vm_id: str,
+    *,
+    session: str,
+    opened_event_id: str,
+    recording: str,
+    size: int,
+    sha256: str,
+    duration_s: float,
+    input_bytes: int,
+    output_bytes: int,
+    ignored_input_bytes: int,
+) -> store.RecordedEvent:
+    return store.append(
+        "vm",
+        vm_id,
+        "vm.console_closed",
+        {
+            "session": session,
+            "recording": recording,
+            "format": "asciicast-v2",
+            "size": size,
+            "sha256": sha256,
+            "duration_s": duration_s,
+            "input_bytes": input_bytes,
+            "output_bytes": output_bytes,
+            "ignored_input_bytes": ignored_input_bytes,
+        },
+        actor=actor,
+        causation_id=opened_event_id,
+        correlation_id=actor.request_id,
+    )

@@ -1,0 +1,328 @@
+"""Websocket consumers of the dashboard: the live VM list, a VM's live page, the serial console.
+
+Every consumer checks login and visibility on connect (another operator's VM is refused exactly
+like a missing one), never blocks the event loop (database work goes through
+``database_sync_to_async``, files and samplers through threads), and cancels and awaits every
+task it started when the socket closes.
+
+Close codes before accept: 4401 not logged in, 4403 not visible / not allowed, 4503 the event
+store could not record the console session (fail closed: no unrecorded session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from vms import console, live, metrics_live
+
+log = logging.getLogger("sandbox.vms.consumers")
+
+OUTBOX_MAX = 2048  # queued frames per websocket before a too-slow client is dropped
+CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN, CLOSE_UNRECORDED, CLOSE_TOO_SLOW = 4401, 4403, 4503, 4008
+
+
+def _int(value: str | None, default: int, lo: int, hi: int) -> int:
+    try:
+        return max(lo, min(hi, int(value or default)))
+    except ValueError:
+        return default
+
+
+def _query(scope: dict[str, Any]) -> dict[str, str]:
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(scope.get("query_string", b"").decode()))
+
+
+class _Outbox:
+    """A bounded queue of frames and the task that sends them, so that a producer (the serial
+    reader, the follower) never waits for one slow browser."""
+
+    def __init__(self, consumer: AsyncWebsocketConsumer) -> None:
+        self.consumer = consumer
+        self.queue: asyncio.Queue[tuple[str | None, bytes | None]] = asyncio.Queue(OUTBOX_MAX)
+        self.task = asyncio.create_task(self._pump())
+        self.overflowed = False
+
+    def put(self, text: str | None = None, data: bytes | None = None) -> None:
+        try:
+            self.queue.put_nowait((text, data))
+        except asyncio.QueueFull:
+            if not self.overflowed:
+                self.overflowed = True
+                self.task.cancel()
+                asyncio.create_task(self.consumer.close(code=CLOSE_TOO_SLOW))  # noqa: RUF006
+
+    async def _pump(self) -> None:
+        while True:
+            text, data = await self.queue.get()
+            await self.consumer.send(text_data=text, bytes_data=data)
+
+    async def aclose(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+
+
+@database_sync_to_async
+def _visible_vm(user: Any, vm_id: str) -> dict[str, Any] | None:
+    from accounts.caller import Caller
+    from vms.commands import visible_vms
+
+    if not user.is_active:
+        return None
+    vm = visible_vms(Caller(user=user)).filter(pk=vm_id).first()
+    return live.vm_summary(vm) if vm else None
+
+
+class VMListConsumer(AsyncWebsocketConsumer):
+    """``ws/vms/live/``: the VMs the user may see, as they change (the list page)."""
+
+    outbox: _Outbox | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.user_id = user.pk
+        self.sees_all = await database_sync_to_async(user.has_perm)("vms.view_virtualmachine")
+        self.sent: dict[str, int] = {}  # vm id -> last version sent
+        await self.accept()
+        self.outbox = _Outbox(self)
+        await self.channel_layer.group_add(live.LIST_GROUP, self.channel_name)
+        await live.ensure_follower()
+        # After joining: a change between the page's render and now is in this snapshot.
+        for vm in await self._snapshot(user):
+            self._push(vm)
+
+    @database_sync_to_async
+    def _snapshot(self, user: Any) -> list[dict[str, Any]]:
+        from accounts.caller import Caller
+        from vms.commands import visible_vms
+
+        qs = visible_vms(Caller(user=user)).exclude(state="destroyed")
+        return [live.vm_summary(vm) for vm in qs]
+
+    def _push(self, vm: dict[str, Any]) -> None:
+        if not self.sees_all and vm["owner_id"] != self.user_id:
+            return
+        if self.sent.get(vm["id"], -1) >= vm["version"]:
+            return  # a duplicate (another process's follower) or older than what was sent
+        self.sent[vm["id"]] = vm["version"]
+        assert self.outbox is not None
+        self.outbox.put(text=json.dumps({"type": "vm", "vm": vm}))
+
+    async def vm_event(self, message: dict[str, Any]) -> None:
+        if message.get("vm"):
+            self._push(message["vm"])
+
+    async def disconnect(self, code: int) -> None:
+        if self.outbox is not None:
+            await self.channel_layer.group_discard(live.LIST_GROUP, self.channel_name)
+            await self.outbox.aclose()
+
+
+class VMLiveConsumer(AsyncWebsocketConsumer):
+    """``ws/vms/<id>/live/?after=<position>``: one VM's state, timeline and metrics."""
+
+    outbox: _Outbox | None = None
+    metrics: metrics_live.MetricsHub | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
+        vm = await _visible_vm(user, self.vm_id)
+        if vm is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.group = live.vm_group(self.vm_id)
+        self.last_position = _int(_query(self.scope).get("after"), 0, 0, 1 << 62)
+        await self.accept()
+        self.outbox = _Outbox(self)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await live.ensure_follower()
+        # Catch up on what happened between the page's render and the join.
+        for event in await self._catch_up():
+            self._event(event, None)
+        fresh = await _visible_vm(user, self.vm_id)
+        self.outbox.put(text=json.dumps({"type": "vm", "vm": fresh or vm}))
+        if (fresh or vm)["state"] != "destroyed":
+            self.metrics = await metrics_live.subscribe(self.vm_id, self._metrics)
+
+    @database_sync_to_async
+    def _catch_up(self) -> list[dict[str, Any]]:
+        from vms.models import VirtualMachine
+
+        vm = VirtualMachine.objects.filter(pk=self.vm_id).first()
+        return live.vm_timeline(vm, after=self.last_position) if vm else []
+
+    def _event(self, event: dict[str, Any], vm: dict[str, Any] | None) -> None:
+        if event["position"] <= self.last_position:
+            return  # already sent (catch-up) or a copy from another process's follower
+        self.last_position = event["position"]
+        assert self.outbox is not None
+        self.outbox.put(text=json.dumps({"type": "event", "event": event, "vm": vm}))
+
+    def _metrics(self, message: dict[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.put(text=json.dumps(message))
+
+    async def vm_event(self, message: dict[str, Any]) -> None:
+        self._event(message["event"], message.get("vm"))
+
+    async def disconnect(self, code: int) -> None:
+        if self.metrics is not None:
+            await metrics_live.unsubscribe(self.metrics, self._metrics)
+            self.metrics = None
+        if self.outbox is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.outbox.aclose()
+
+
+class ConsoleConsumer(AsyncWebsocketConsumer):
+    """``ws/vms/<id>/console/?cols=&rows=``: the VM's serial console.
+
+    Binary frames both ways are terminal bytes; text frames are JSON status (server to browser).
+    Input from a read-only session (viewers, auditors) is counted and dropped here: it never
+    reaches the hub, let alone the guest.
+    """
+
+    hub: console.ConsoleHub | None = None
+    outbox: _Outbox | None = None
+    recording: console.Recording | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
+        access = await database_sync_to_async(console.access_for)(user, vm_id)
+        if access is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.access = access
+        self.ignored_input = 0
+        query = _query(self.scope)
+        cols, rows = _int(query.get("cols"), 80, 10, 500), _int(query.get("rows"), 24, 5, 200)
+        self.session = uuid.uuid4().hex[:16]
+        self.actor = console.session_actor(user, self.scope)
+        path, self.recording_ref = console.new_recording_path(access.vm_id, self.session)
+        try:
+            opened = await database_sync_to_async(console.record_opened)(
+                self.actor,
+                access.vm_id,
+                session=self.session,
+                mode=access.mode,
+                recording=self.recording_ref,
+                cols=cols,
+                rows=rows,
+            )
+        except Exception:
+            log.exception("console session of %s not recorded: refused", access.vm_id)
+            await self.close(code=CLOSE_UNRECORDED)
+            return
+        self.opened_event_id = opened.event_id
+        self.recording = console.Recording(
+            path,
+            cols=cols,
+            rows=rows,
+            title=f"{access.vm_name} ({user.username}, {access.mode})",
+            record_input=access.mode == "write",
+        )
+        await self.accept()
+        self.outbox = _Outbox(self)
+        self.outbox.put(
+            text=json.dumps(
+                {
+                    "type": "session",
+                    "session": self.session,
+                    "mode": access.mode,
+                    "vm": access.vm_name,
+                    "state": access.state,
+                }
+            )
+        )
+        self.flusher = asyncio.create_task(self._flush_periodically())
+        self.hub, scrollback = await console.HUBS.attach(access.vm_id, self)
+        if scrollback:
+            self.deliver(scrollback)
+
+    # Subscriber protocol (called by the hub on the event loop; must not block).
+    def deliver(self, chunk: bytes) -> None:
+        if self.outbox is not None and self.recording is not None:
+            self.recording.output(chunk)
+            self.outbox.put(data=chunk)
+
+    def notify(self, status: dict[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.put(text=json.dumps(status))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        data = bytes_data
+        if text_data is not None:
+            try:
+                message = json.loads(text_data)
+            except ValueError:
+                return
+            if message.get("type") != "input" or not isinstance(message.get("data"), str):
+                return  # resize and pings: a serial line has no window size
+            data = message["data"].encode()
+        if not data or self.hub is None or self.recording is None:
+            return
+        if self.access.mode != "write":
+            self.ignored_input += len(data)
+            return
+        self.recording.input(data)
+        if not await self.hub.send_input(data):
+            self.notify({"type": "link", "connected": False, "reason": "input not delivered"})
+
+    async def _flush_periodically(self) -> None:
+        assert self.recording is not None
+        while True:
+            await asyncio.sleep(console.FLUSH_INTERVAL_S)
+            await self.recording.flush()
+
+    async def disconnect(self, code: int) -> None:
+        if self.hub is not None:
+            await console.HUBS.detach(self.hub, self)
+            self.hub = None
+        if self.outbox is not None:
+            await self.outbox.aclose()
+        flusher = getattr(self, "flusher", None)
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        if self.recording is None:
+            return
+        recording, self.recording = self.recording, None
+        await recording.flush(final=True)
+        try:
+            await database_sync_to_async(console.record_closed)(
+                self.actor,
+                self.access.vm_id,
+                session=self.session,
+                opened_event_id=self.opened_event_id,
+                recording=self.recording_ref,
+                size=recording.size,
+                sha256=recording.sha256,
+                duration_s=recording.duration_s,
+                input_bytes=recording.input_bytes,
+                output_bytes=recording.output_bytes,
+                ignored_input_bytes=self.ignored_input,
+            )
+        except Exception:
+            log.exception("console session %s: closing event not recorded", self.session)

@@ -1,0 +1,71 @@
+"""Dashboard forms of the VM domain. They parse input only: limits, quotas and state rules are
+checked by ``vms.commands``, whose errors the views attach to these forms."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any
+
+from django import forms
+
+from vms.models import Template, VMState
+
+
+def template_choices() -> list[tuple[str, str]]:
+    return [
+        (t.name, f"{t.name} — {t.vcpus} vCPU, {t.memory_mib} MiB, {t.disk_mib} MiB disk")
+        for t in Template.objects.filter(enabled=True)
+    ]
+
+
+class CreateVMForm(forms.Form):
+    name = forms.CharField(max_length=63, help_text="letters, digits, '-', '_' or '.'")
+    template = forms.ChoiceField(choices=[])
+    vcpus = forms.IntegerField(min_value=1, required=False, help_text="empty: the template's")
+    memory_mib = forms.IntegerField(min_value=128, required=False, label="Memory (MiB)")
+    disk_mib = forms.IntegerField(min_value=64, required=False, label="Disk (MiB)")
+    start = forms.BooleanField(required=False, initial=True, label="Start it now")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["template"].choices = template_choices()  # type: ignore[attr-defined]
+
+
+class ResizeForm(forms.Form):
+    vcpus = forms.IntegerField(min_value=1, required=False)
+    memory_mib = forms.IntegerField(min_value=128, required=False, label="Memory (MiB)")
+
+
+class SnapshotForm(forms.Form):
+    name = forms.CharField(max_length=63, required=False)
+
+
+class CloneForm(forms.Form):
+    name = forms.CharField(max_length=63)
+
+
+class StopForm(forms.Form):
+    force = forms.BooleanField(required=False)
+
+
+class ExecForm(forms.Form):
+    command = forms.CharField(max_length=65536, help_text="split like a shell would (no shell)")
+    timeout = forms.FloatField(min_value=0.1, max_value=600, initial=30, required=False)
+
+    def clean_command(self) -> list[str]:
+        try:
+            argv = shlex.split(self.cleaned_data["command"])
+        except ValueError as exc:
+            raise forms.ValidationError(f"cannot split the command: {exc}") from exc
+        if not argv:
+            raise forms.ValidationError("give a command")
+        return argv
+
+
+class FilterForm(forms.Form):
+    q = forms.CharField(required=False, label="Search")
+    state = forms.ChoiceField(
+        required=False, choices=[("", "live (not destroyed)"), ("all", "all")] + VMState.choices
+    )
+    template = forms.CharField(required=False)
+    owner = forms.CharField(required=False)

@@ -1,0 +1,30 @@
+"""Dashboard routes of the VM domain, mounted by the project under ``/vms/``.
+
+path("vms/", include("vms.urls")),   # in sandbox_site.urls urlpatterns
+"""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from vms import views
+
+app_name = "vms"
+
+urlpatterns = [
+    path("", views.vm_list, name="list"),
+    path("new/", views.vm_create, name="create"),
+    path("<uuid:pk>/", views.vm_detail, name="detail"),
+    path("<uuid:pk>/console/", views.vm_console, name="console"),
+    path("<uuid:pk>/exec/", views.vm_exec, name="exec"),
+    path(
+        "<uuid:pk>/<str:verb>/",
+        views.vm_action,
+        name="action",
+    ),
+    path(
+        "<uuid:pk>/snapshots/<uuid:snapshot_pk>/<str:verb>/",
+        views.snapshot_action,
+        name="snapshot-action",
+    ),
+]

@@ -1,0 +1,308 @@
+"""Dashboard pages of the VM domain: the list, the create form, a VM's page with every action of
+the API, the exec box and the console.
+
+Views parse input and call ``vms.commands`` (state changes) or ``vms.guest`` (exec); they never
+append events or write read models. Errors are shown where they happen: a refused action as a
+message above the actions, a refused form field on the field, and an action that fails later (in
+the worker) as the VM's last error and in its live timeline.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_POST
+
+from accounts.caller import Caller
+from vms import commands, console, guest, live, quotas
+from vms.forms import (
+    CloneForm,
+    CreateVMForm,
+    ExecForm,
+    FilterForm,
+    ResizeForm,
+    SnapshotForm,
+    StopForm,
+)
+from vms.models import Snapshot, Template, VirtualMachine
+
+REFUSALS = (
+    commands.InvalidState,
+    commands.NotFound,
+    quotas.QuotaExceeded,
+    PermissionDenied,
+    ValidationError,
+    guest.GuestUnavailable,
+)
+
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        if hasattr(exc, "message_dict"):
+            return "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+        return " ".join(exc.messages)
+    return str(exc)
+
+
+def _vm(request: HttpRequest, pk: Any) -> VirtualMachine:
+    vm = commands.visible_vms(Caller.from_request(request)).filter(pk=pk).first()
+    if vm is None:
+        raise Http404("no such VM")  # another operator's VM looks exactly like a missing one
+    return vm
+
+
+def _quota_context(user: Any) -> dict[str, Any]:
+    quota = quotas.effective_quota(user)
+    used = quotas.usage_of(user)
+    rows = []
+    remaining = {}
+    for r in quotas.RESOURCES:
+        limit = getattr(quota, r)
+        remaining[r] = None if limit is None else max(0, limit - used[r])
+        rows.append({"resource": r, "limit": limit, "used": used[r], "remaining": remaining[r]})
+    return {"quota_rows": rows, "quota_source": quota.source, "remaining": remaining}
+
+
+# --- The list ---------------------------------------------------------------------------------
+
+
+@require_GET
+@login_required
+def vm_list(request: HttpRequest) -> HttpResponse:
+    caller = Caller.from_request(request)
+    form = FilterForm(request.GET or None)
+    qs = commands.visible_vms(caller).order_by("-created_at")
+    f = form.cleaned_data if form.is_valid() else {}
+    state = f.get("state") or ""
+    if state == "":
+        qs = qs.exclude(state="destroyed")
+    elif state != "all":
+        qs = qs.filter(state=state)
+    if f.get("q"):
+        qs = qs.filter(name__icontains=f["q"])
+    if f.get("template"):
+        qs = qs.filter(template=f["template"])
+    sees_all = request.user.has_perm("vms.view_virtualmachine")
+    if f.get("owner") and sees_all:
+        qs = qs.filter(owner__username=f["owner"])
+    vms = list(qs[:500])
+    return render(
+        request,
+        "vms/list.html",
+        {
+            "form": form,
+            "vms": vms,
+            "sees_all": sees_all,
+            "templates": Template.objects.filter(enabled=True),
+            "filters": json.dumps(
+                {
+                    "q": f.get("q") or "",
+                    "state": state,
+                    "template": f.get("template") or "",
+                    "owner": f.get("owner") or "",
+                }
+            ),
+            "section": "vms",
+        },
+    )
+
+
+# --- Create -----------------------------------------------------------------------------------
+
+
+@login_required
+def vm_create(request: HttpRequest) -> HttpResponse:
+    caller = Caller.from_request(request)
+    if not caller.has("vms.add_virtualmachine"):
+        raise PermissionDenied("you need the vms.add_virtualmachine permission")
+    form = CreateVMForm(request.POST or None, initial={"template": "linux-small", "start": True})
+    if request.method == "POST" and form.is_valid():
+        d = form.cleaned_data
+        try:
+            result = commands.create(
+                caller,
+                name=d["name"],
+                template=d["template"],
+                vcpus=d["vcpus"],
+                memory_mib=d["memory_mib"],
+                disk_mib=d["disk_mib"],
+                start_now=d["start"],
+            )
+        except quotas.QuotaExceeded as exc:
+            field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}
+            form.add_error(field.get(exc.quota), f"Over quota: {exc}")
+        except ValidationError as exc:
+            for key, errors in exc.message_dict.items():
+                form.add_error(key if key in form.fields else None, errors)
+        else:
+            messages.success(request, f"VM {result.vm.name} created.")
+            return redirect("vms:detail", pk=result.vm.pk)
+    templates = [
+        {"name": t.name, "vcpus": t.vcpus, "memory_mib": t.memory_mib, "disk_mib": t.disk_mib}
+        for t in Template.objects.filter(enabled=True)
+    ]
+    return render(
+        request,
+        "vms/create.html",
+        {"form": form, "templates_json": templates, **_quota_context(request.user)},
+    )
+
+
+# --- A VM's page ------------------------------------------------------------------------------
+
+
+def _can(caller: Caller, vm: VirtualMachine, perm: str) -> bool:
+    owns = vm.owner_id == caller.user.pk or caller.user.has_perm("vms.manage_all_vms")
+    return owns and caller.has(perm)
+
+
+@require_GET
+@login_required
+def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
+    caller = Caller.from_request(request)
+    vm = _vm(request, pk)
+    timeline = live.vm_timeline(vm, limit=100)
+    snapshots = Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.DELETED)
+    rules = {verb: sorted(states) for verb, (_, states) in commands.RULES.items()}
+    return render(
+        request,
+        "vms/detail.html",
+        {
+            "vm": vm,
+            "vm_json": live.vm_summary(vm),
+            "timeline": list(reversed(timeline)),
+            "last_position": timeline[-1]["position"] if timeline else 0,
+            "snapshots": snapshots,
+            "rules": rules,
+            "can": {
+                "operate": _can(caller, vm, "vms.operate_vm"),
+                "snapshot": _can(caller, vm, "vms.snapshot_vm"),
+                "rollback": _can(caller, vm, "vms.rollback_snapshot"),
+                "destroy": _can(caller, vm, "vms.delete_virtualmachine"),
+                "exec": _can(caller, vm, "vms.exec_vm"),
+                "console": _can(caller, vm, "vms.console_vm"),
+                "clone": _can(caller, vm, "vms.rollback_snapshot")
+                and caller.has("vms.add_virtualmachine"),
+            },
+            "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
+            "snapshot_form": SnapshotForm(),
+            "exec_form": ExecForm(),
+        },
+    )
+
+
+def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
+    caller = Caller.from_request(request)
+    if verb == "stop":
+        form = StopForm(request.POST)
+        form.is_valid()
+        commands.stop(caller, vm, force=bool(form.cleaned_data.get("force")))
+    elif verb == "resize":
+        form = ResizeForm(request.POST)
+        if not form.is_valid():
+            raise ValidationError(form.errors.get_json_data())
+        changes = {k: v for k, v in form.cleaned_data.items() if v is not None}
+        if changes.get("vcpus") == vm.vcpus:
+            changes.pop("vcpus")
+        if changes.get("memory_mib") == vm.memory_mib:
+            changes.pop("memory_mib")
+        if not changes:
+            raise ValidationError("nothing to change: give other vCPUs or memory")
+        commands.resize(caller, vm, **changes)
+    elif verb == "snapshot":
+        form = SnapshotForm(request.POST)
+        form.is_valid()
+        commands.snapshot(caller, vm, name=form.cleaned_data.get("name") or "")
+    elif verb in ("start", "reboot", "pause", "resume", "destroy"):
+        getattr(commands, verb)(caller, vm)
+    else:
+        raise Http404("no such action")
+    return f"{verb.capitalize()} requested."
+
+
+@require_POST
+@login_required
+def vm_action(request: HttpRequest, pk: Any, verb: str) -> HttpResponse:
+    vm = _vm(request, pk)
+    try:
+        messages.success(request, _run_action(request, vm, verb))
+    except REFUSALS as exc:
+        messages.error(request, f"{verb.capitalize()} refused: {_explain(exc)}")
+    return redirect("vms:detail", pk=vm.pk)
+
+
+@require_POST
+@login_required
+def snapshot_action(request: HttpRequest, pk: Any, snapshot_pk: Any, verb: str) -> HttpResponse:
+    caller = Caller.from_request(request)
+    vm = _vm(request, pk)
+    snap = commands.visible_snapshots(caller).filter(pk=snapshot_pk, vm=vm).first()
+    if snap is None:
+        raise Http404("no such snapshot")
+    try:
+        if verb == "restore":
+            commands.restore(caller, vm, snap)
+            messages.success(request, f"Restore of {snap.name} requested.")
+        elif verb == "clone":
+            form = CloneForm(request.POST)
+            if not form.is_valid():
+                raise ValidationError({"name": "give the new VM a name"})
+            result = commands.clone(caller, snap, name=form.cleaned_data["name"])
+            messages.success(request, f"Clone {result.vm.name} requested.")
+            return redirect("vms:detail", pk=result.vm.pk)
+        elif verb == "delete":
+            commands.delete_snapshot(caller, snap)
+            messages.success(request, f"Snapshot {snap.name} deleted.")
+        else:
+            raise Http404("no such action")
+    except REFUSALS as exc:
+        messages.error(request, f"{verb.capitalize()} refused: {_explain(exc)}")
+    return redirect("vms:detail", pk=vm.pk)
+
+
+@require_POST
+@login_required
+def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
+    """The exec box: run one command, answer its output as JSON (audited like the API's)."""
+    vm = _vm(request, pk)
+    form = ExecForm(request.POST)
+    if not form.is_valid():
+        return JsonResponse({"error": form.errors.get_json_data()}, status=400)
+    try:
+        result = guest.run_exec(
+            Caller.from_request(request),
+            vm,
+            form.cleaned_data["command"],
+            timeout=form.cleaned_data.get("timeout") or 30.0,
+        )
+    except REFUSALS as exc:
+        status = 403 if isinstance(exc, PermissionDenied) else 409
+        return JsonResponse({"error": _explain(exc)}, status=status)
+    return JsonResponse(
+        {
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "timed_out": result.timed_out,
+            "duration_s": round(result.duration_s, 3),
+            "stdout": result.stdout.decode(errors="replace"),
+            "stderr": result.stderr.decode(errors="replace"),
+            "truncated": result.stdout_truncated or result.stderr_truncated,
+            "event_position": result.event_position,
+        }
+    )
+
+
+@require_GET
+@login_required
+def vm_console(request: HttpRequest, pk: Any) -> HttpResponse:
+    vm = _vm(request, pk)
+    access = console.access_for(request.user, vm.pk)
+    if access is None:
+        raise Http404("no console for this VM")
+    return render(request, "vms/console.html", {"vm": vm, "mode": access.mode})
