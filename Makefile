@@ -55,7 +55,8 @@ images: deps
 MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py audit/projections.py \
 	audit/catalogue.py audit/actor.py audit/errors.py audit/offline.py accounts/commands.py \
 	accounts/tokens.py accounts/caller.py accounts/backends.py vms/commands.py vms/quotas.py \
-	vms/projectors.py vms/worker.py vms/guest.py vms/reconcile.py vms/hypervisors vms/agent
+	vms/projectors.py vms/worker.py vms/guest.py vms/reconcile.py vms/hypervisors vms/agent \
+	vms/live.py vms/console.py vms/consumers.py vms/metrics_live.py vms/exec_consumer.py
 
 lint:
 	$(VENV)/bin/ruff check .

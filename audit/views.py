@@ -319,9 +319,11 @@ def session_replay(request: HttpRequest, position: int) -> HttpResponse:
     from vms.models import VirtualMachine
 
     closed, data, _, problem = _console_recording(position)
-    opened = Event.objects.filter(
-        type="vm.console_opened", event_id=closed.causation_id or None
-    ).first()
+    opened = (
+        Event.objects.filter(type="vm.console_opened", event_id=closed.causation_id).first()
+        if closed.causation_id
+        else None
+    )
     vm = VirtualMachine.objects.filter(pk=closed.aggregate_id).only("name").first()
     return render(
         request,
@@ -342,7 +344,7 @@ def session_replay(request: HttpRequest, position: int) -> HttpResponse:
 
 @require_GET
 @_needs(VIEW)
-def session_cast(request: HttpRequest, position: int) -> HttpResponse:
+def session_cast(request: HttpRequest, position: int) -> FileResponse:
     """The recording itself (asciicast v2), only when it matches its event."""
     _, data, path, problem = _console_recording(position)
     if problem:

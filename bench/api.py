@@ -44,7 +44,19 @@ def ensure_redis(url: str) -> None:
     except OSError:
         pass
     subprocess.run(
-        ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         check=True,
     )
     time.sleep(0.5)
@@ -100,7 +112,15 @@ class Connection:
         return status
 
 
-async def drive(port: int, token: str, vm_ids: list[str], clients: int, rate: float, seconds: float, warmup: float):
+async def drive(
+    port: int,
+    token: str,
+    vm_ids: list[str],
+    clients: int,
+    rate: float,
+    seconds: float,
+    warmup: float,
+):
     latencies: list[float] = []
     errors = 0
     counter = 0
@@ -128,7 +148,9 @@ async def drive(port: int, token: str, vm_ids: list[str], clients: int, rate: fl
                     status = await conn.request("GET", f"/api/v1/vms/{rng.choice(vm_ids)}/")
                 else:
                     counter += 1
-                    body = json.dumps({"name": f"b{i}-{counter}", "template": "linux-small", "start": False})
+                    body = json.dumps(
+                        {"name": f"b{i}-{counter}", "template": "linux-small", "start": False}
+                    )
                     status = await conn.request("POST", "/api/v1/vms/", body.encode())
             except (OSError, ValueError, asyncio.IncompleteReadError):
                 status = 0
@@ -146,7 +168,9 @@ async def drive(port: int, token: str, vm_ids: list[str], clients: int, rate: fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--rate", type=float, default=320.0, help="requests per second, all clients")
+    parser.add_argument(
+        "--rate", type=float, default=320.0, help="requests per second, all clients"
+    )
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     args = parser.parse_args()
@@ -245,10 +269,14 @@ def seed() -> tuple[str, list[str]]:
     from vms.models import Quota
 
     user = accounts.create_user(Actor.system(), username="bench", password=None, role="operator")
-    Quota.objects.create(user=user, max_vms=100000, max_vcpus=1000000, max_memory_mib=10**9, max_disk_mib=10**9)
+    Quota.objects.create(
+        user=user, max_vms=100000, max_vcpus=1000000, max_memory_mib=10**9, max_disk_mib=10**9
+    )
     caller = Caller.for_user(user, channel="shell")
     vm_ids = [
-        str(commands.create(caller, name=f"seed-{i}", template="linux-small", start_now=False).vm.pk)
+        str(
+            commands.create(caller, name=f"seed-{i}", template="linux-small", start_now=False).vm.pk
+        )
         for i in range(200)
     ]
     token = accounts.create_token(Actor.system(), user, name="bench").plaintext

@@ -13,11 +13,13 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.urls import path  # noqa: E402
 
 from vms import consumers  # noqa: E402
+from vms.exec_consumer import ExecConsumer  # noqa: E402
 
 websocket_urlpatterns = [
     path("ws/vms/live/", consumers.VMListConsumer.as_asgi()),
     path("ws/vms/<uuid:vm_id>/live/", consumers.VMLiveConsumer.as_asgi()),
     path("ws/vms/<uuid:vm_id>/console/", consumers.ConsoleConsumer.as_asgi()),
+    path("ws/vms/<uuid:vm_id>/exec/", ExecConsumer.as_asgi()),
 ]
 
 application = ProtocolTypeRouter(

@@ -32,6 +32,7 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/", include("accounts.urls")),
     path("audit/", include("audit.urls_dashboard")),
+    path("vms/", include("vms.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("healthz", health.healthz, name="healthz"),

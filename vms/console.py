@@ -64,7 +64,7 @@ class Access:
     state: str
 
 
-def access_for(user: Any, vm_id: object) -> Access | None:
+def access_for(user: Any, vm_id: uuid.UUID | str) -> Access | None:
     """The console access of ``user`` to VM ``vm_id``: None when the VM is not visible to them
     (another operator's VM looks exactly like a missing one), "write" for those who may type
     (vms.console_vm on their own VM, or on any VM with vms.manage_all_vms), else "read"."""

@@ -199,9 +199,21 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     reaches the hub, let alone the guest.
     """
 
+    # The console fans out in this process (one serial reader per VM), so it needs no channel
+    # layer: an alias that is not configured gives none (channels.layers.get_channel_layer), and
+    # saves a layer subscription per console websocket.
+    channel_layer_alias = "console-needs-no-layer"
+
     hub: console.ConsoleHub | None = None
     outbox: _Outbox | None = None
     recording: console.Recording | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Whatever ends the consumer (a clean close, or an error), the session ends recorded.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._end_session()
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -296,11 +308,17 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             await self.recording.flush()
 
     async def disconnect(self, code: int) -> None:
+        await self._end_session()
+
+    async def _end_session(self) -> None:
+        """Detach from the hub, stop the tasks, close the recording and append the closing
+        event; idempotent (called on disconnect and again when the consumer ends)."""
         if self.hub is not None:
             await console.HUBS.detach(self.hub, self)
             self.hub = None
         if self.outbox is not None:
             await self.outbox.aclose()
+            self.outbox = None
         flusher = getattr(self, "flusher", None)
         if flusher is not None:
             flusher.cancel()

@@ -200,14 +200,14 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
 def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
     caller = Caller.from_request(request)
     if verb == "stop":
-        form = StopForm(request.POST)
-        form.is_valid()
-        commands.stop(caller, vm, force=bool(form.cleaned_data.get("force")))
+        stop = StopForm(request.POST)
+        stop.is_valid()
+        commands.stop(caller, vm, force=bool(stop.cleaned_data.get("force")))
     elif verb == "resize":
-        form = ResizeForm(request.POST)
-        if not form.is_valid():
-            raise ValidationError(form.errors.get_json_data())
-        changes = {k: v for k, v in form.cleaned_data.items() if v is not None}
+        resize = ResizeForm(request.POST)
+        if not resize.is_valid():
+            raise ValidationError(resize.errors.get_json_data())
+        changes = {k: v for k, v in resize.cleaned_data.items() if v is not None}
         if changes.get("vcpus") == vm.vcpus:
             changes.pop("vcpus")
         if changes.get("memory_mib") == vm.memory_mib:
@@ -216,9 +216,9 @@ def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
             raise ValidationError("nothing to change: give other vCPUs or memory")
         commands.resize(caller, vm, **changes)
     elif verb == "snapshot":
-        form = SnapshotForm(request.POST)
-        form.is_valid()
-        commands.snapshot(caller, vm, name=form.cleaned_data.get("name") or "")
+        snap = SnapshotForm(request.POST)
+        snap.is_valid()
+        commands.snapshot(caller, vm, name=snap.cleaned_data.get("name") or "")
     elif verb in ("start", "reboot", "pause", "resume", "destroy"):
         getattr(commands, verb)(caller, vm)
     else:

@@ -1,0 +1,145 @@
+// A VM's page, live: state, progress of long actions, last error, timeline (ws/vms/<id>/live/),
+// which actions the state allows, metrics charts at 1 Hz, and the exec box.
+import { connectLive, csrfToken, el } from "./live.js";
+import { Sparkline, formatBytes } from "./sparkline.js";
+
+const page = document.getElementById("vm-page");
+const vmId = page.dataset.vmId;
+let after = Number(page.dataset.after || 0);
+let vm = JSON.parse(document.getElementById("vm-data").textContent);
+const rules = JSON.parse(document.getElementById("vm-rules").textContent);
+
+const stateEl = document.querySelector('#vm-page [data-field="state"]');
+const pendingEl = document.getElementById("vm-pending");
+const progress = document.getElementById("vm-progress");
+const errorBox = document.getElementById("vm-last-error");
+const timeline = document.querySelector("#vm-timeline tbody");
+
+function renderVM() {
+  stateEl.textContent = vm.state;
+  stateEl.className = `state state-${vm.state}`;
+  pendingEl.textContent = vm.pending_type ? vm.pending_type.replace(/^vm\.|_requested$/g, "") + "…" : "";
+  const p = vm.progress || {};
+  progress.hidden = !vm.pending_type;
+  progress.querySelector("progress").value = p.pct || 0;
+  progress.querySelector(".progress-text").textContent = [p.step, p.pct != null ? `${p.pct}%` : "", p.message].filter(Boolean).join(" · ");
+  errorBox.hidden = !vm.last_error;
+  errorBox.querySelector("span").textContent = vm.last_error || "";
+  for (const [field, text] of [["vcpus", vm.vcpus], ["memory", `${vm.memory_mib} MiB`]]) {
+    const node = document.querySelector(`#vm-spec [data-field="${field}"]`);
+    if (node) node.textContent = text;
+  }
+  const ip = document.querySelector('#vm-spec [data-field="ip"] code');
+  if (ip) ip.textContent = vm.ip || "—";
+  const host = document.querySelector('#vm-spec [data-field="host"]');
+  if (host) host.textContent = `${vm.host || "—"} / ${vm.hypervisor || "—"}`;
+  // Enable what the state allows; anything but destroy waits while a request is in flight.
+  for (const button of document.querySelectorAll("button[data-verb]")) {
+    const verb = button.dataset.verb;
+    const allowed = verb === "exec" ? ["running"] : rules[verb] || [];
+    const busy = vm.pending_type && verb !== "destroy";
+    button.disabled = vm.state === "destroyed" || busy || !allowed.includes(vm.state);
+  }
+  document.title = `${vm.name} (${vm.state}) · MicroVM Sandbox`;
+}
+
+function describe(e) {
+  const d = e.data || {};
+  if (d.reason) return el("span", { class: "bad" }, d.reason);
+  if (d.step) return `${d.step} ${d.pct}% ${d.message || ""}`;
+  if (d.argv) return el("code", {}, `${d.argv.join(" ")} → ${d.exit_code}`);
+  if (d.recording) return `${d.mode || ""} ${d.recording}`;
+  return "";
+}
+
+function addEvent(e) {
+  if (e.position <= after) return;
+  after = e.position;
+  const row = el("tr", { dataset: { position: e.position }, class: `ev-${e.type.replace(/[._]/g, "-")} flash-row` },
+    el("td", {}, e.position), el("td", {}, e.recorded_at.slice(11, 19)), el("td", {}, el("code", {}, e.type)),
+    el("td", {}, e.actor), el("td", { class: "ev-data" }, describe(e)));
+  timeline.prepend(row);
+  if (e.aggregate_type === "snapshot" || e.type === "vm.snapshotted") {
+    document.getElementById("snapshots-changed").hidden = false;
+  }
+}
+
+// --- metrics ------------------------------------------------------------------------------------
+const charts = {};
+for (const canvas of document.querySelectorAll("canvas[data-chart]")) {
+  const name = canvas.dataset.chart;
+  charts[name] = new Sparkline(canvas, name === "cpu_percent" ? { colors: ["#2457c5"] } : name === "rss_bytes" ? { colors: ["#1e7d3a"] } : {});
+}
+const metric = (name) => document.querySelector(`[data-metric="${name}"]`);
+const rate = (v) => (v == null ? "—" : `${formatBytes(v)}/s`);
+
+function onMetrics(s) {
+  charts.cpu_percent.push(s.cpu_percent);
+  charts.rss_bytes.push(s.rss_bytes);
+  charts.disk_bps.push(s.disk_read_bps, s.disk_write_bps);
+  charts.net_bps.push(s.net_rx_bps, s.net_tx_bps);
+  metric("cpu_percent").textContent = s.cpu_percent == null ? "—" : `${s.cpu_percent.toFixed(1)} %`;
+  metric("rss_bytes").textContent = formatBytes(s.rss_bytes);
+  metric("disk_bps").textContent = `${rate(s.disk_read_bps)} / ${rate(s.disk_write_bps)}`;
+  metric("net_bps").textContent = `${rate(s.net_rx_bps)} / ${rate(s.net_tx_bps)}`;
+  const health = document.querySelector("#vm-health span");
+  const h = s.health;
+  if (h) {
+    const mem = h.memory_kib || {};
+    health.textContent = `up ${Math.round(h.uptime_s)} s · load ${h.load.map((x) => x.toFixed(2)).join(" ")} · ` +
+      `${h.processes.total} processes · ${formatBytes((mem.available || 0) * 1024)} of ${formatBytes((mem.total || 0) * 1024)} available` +
+      ` · agent ${h.agent_version} (${s.health_age_s} s ago)`;
+  } else if (s.state !== "running") {
+    health.textContent = `the VM is ${s.state}`;
+  }
+  document.getElementById("metrics-note").textContent = s.notes.length ? s.notes.join("; ") : "1 Hz";
+}
+
+// --- live ----------------------------------------------------------------------------------------
+renderVM();
+connectLive(
+  () => `/ws/vms/${vmId}/live/?after=${after}`,
+  (msg) => {
+    if (msg.type === "event") addEvent(msg.event);
+    if ((msg.type === "event" || msg.type === "vm") && msg.vm && msg.vm.version >= vm.version) {
+      vm = msg.vm;
+      renderVM();
+    }
+    if (msg.type === "metrics") onMetrics(msg.sample);
+  },
+  document.getElementById("live-status"),
+);
+
+// --- exec ----------------------------------------------------------------------------------------
+const execForm = document.getElementById("exec-form");
+if (execForm) {
+  const out = document.getElementById("exec-out");
+  execForm.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const button = execForm.querySelector("button");
+    button.disabled = true;
+    out.hidden = false;
+    out.className = "exec-out";
+    out.textContent = "running…";
+    try {
+      const response = await fetch(execForm.action, {
+        method: "POST", body: new FormData(execForm), headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
+      });
+      const body = await response.json();
+      if (!response.ok) {
+        out.className = "exec-out failed";
+        out.textContent = typeof body.error === "string" ? body.error : JSON.stringify(body.error);
+      } else {
+        out.textContent = "";
+        out.append(el("span", { class: "muted" }, `exit ${body.exit_code}${body.timed_out ? " (timed out)" : ""} in ${body.duration_s} s\n`));
+        out.append(body.stdout);
+        if (body.stderr) out.append(el("span", { class: "bad" }, body.stderr));
+      }
+    } catch (err) {
+      out.className = "exec-out failed";
+      out.textContent = String(err);
+    } finally {
+      renderVM();
+    }
+  });
+}
