@@ -98,3 +98,10 @@ def install(apps: Any, schema_editor: Any) -> None:
 def uninstall(apps: Any, schema_editor: Any) -> None:
     for sql in drop_statements(schema_editor.connection.vendor):
         schema_editor.execute(sql, None)  # None: no %-interpolation of the SQL
+
+
+def reinstall_after_rebuild(apps: Any, schema_editor: Any) -> None:
+    """SQLite applies most field changes by rebuilding the table, which drops its triggers: any
+    migration that alters a protected table must end with this operation."""
+    if schema_editor.connection.vendor == "sqlite":
+        install(apps, schema_editor)

@@ -29,22 +29,22 @@ class Event(models.Model):
     aggregate_type = models.CharField(max_length=32)
     aggregate_id = models.CharField(max_length=64)
     version = models.PositiveIntegerField()
-    type = models.CharField(max_length=64, db_index=True)
+    type = models.CharField(max_length=64)
     schema_version = models.PositiveSmallIntegerField(default=1)
     # The exact canonical JSON that was hashed: jsonb would renormalize numbers and key order.
     data = models.TextField(default="{}")
     actor_type = models.CharField(max_length=16)
-    actor_id = models.CharField(max_length=64, blank=True, db_index=True)
+    actor_id = models.CharField(max_length=64, blank=True)
     actor_name = models.CharField(max_length=150, blank=True)
     token_id = models.CharField(max_length=32, blank=True)
     channel = models.CharField(max_length=16)
     source_ip = models.CharField(max_length=45, blank=True)
     request_id = models.CharField(max_length=64, blank=True)
-    correlation_id = models.CharField(max_length=64, blank=True, db_index=True)
+    correlation_id = models.CharField(max_length=64, blank=True)
     causation_id = models.CharField(max_length=64, blank=True)
-    recorded_at = models.DateTimeField(db_index=True)
+    recorded_at = models.DateTimeField()
     prev_hash = models.CharField(max_length=64)
-    hash = models.CharField(max_length=64, unique=True)
+    hash = models.CharField(max_length=64)
 
     class Meta:
         ordering = ["position"]
@@ -52,7 +52,16 @@ class Event(models.Model):
             models.UniqueConstraint(
                 fields=["aggregate_type", "aggregate_id", "version"],
                 name="audit_event_aggregate_version_uniq",
-            )
+            ),
+            models.UniqueConstraint(fields=["hash"], name="audit_event_hash_uniq"),
+        ]
+        # Declared here rather than with db_index/unique on the fields: on PostgreSQL those also
+        # add a varchar_pattern_ops twin per text column, four more indexes every append updates.
+        indexes = [
+            models.Index(fields=["type", "position"], name="audit_event_type_idx"),
+            models.Index(fields=["actor_id"], name="audit_event_actor_idx"),
+            models.Index(fields=["correlation_id"], name="audit_event_corr_idx"),
+            models.Index(fields=["recorded_at"], name="audit_event_time_idx"),
         ]
         permissions = [
             ("view_audit_trail", "Can read the whole audit trail"),
