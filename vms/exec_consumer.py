@@ -95,7 +95,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
         await self.close()
 
     def _run(self, data: dict[str, Any], on_stdout: Any, on_stderr: Any) -> Any:
-        from django.db import close_old_connections
+        from django.db import close_old_connections, connections
 
         from vms import guest
         from vms.models import VirtualMachine
@@ -121,7 +121,8 @@ class ExecConsumer(AsyncWebsocketConsumer):
                     on_stderr=on_stderr,
                 )
         finally:
-            close_old_connections()
+            # This runs in an executor thread: its connection is its own, close it.
+            connections.close_all()
 
     async def _forward(self, queue: asyncio.Queue[tuple[str, bytes] | None]) -> None:
         while (item := await queue.get()) is not None:

@@ -13,7 +13,21 @@ from django.urls import re_path
 
 from vms.exec_consumer import ExecConsumer
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("close_sync_thread_db"),
+]
+
+
+@pytest.fixture
+async def close_sync_thread_db():
+    """database_sync_to_async runs in one shared thread whose connection would keep the test
+    database in use after the session: close it after each test."""
+    yield
+    from django.db import connections
+
+    await database_sync_to_async(connections.close_all)()
+
 
 APP = URLRouter([re_path(r"^ws/vms/(?P<vm_id>[0-9a-f-]+)/exec/$", ExecConsumer.as_asgi())])
 
