@@ -90,5 +90,10 @@ def event_hash(fields: Mapping[str, Any], data_json: str, prev_hash: str) -> str
         if isinstance(value, datetime):
             value = format_time(value)
         parts.append("" if value is None else str(value))
+    return hash_parts(parts, data_json, prev_hash)
+
+
+def hash_parts(parts: list[str], data_json: str, prev_hash: str) -> str:
+    """The hash from the HASHED_FIELDS values already rendered as strings, in order."""
     header = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(f"{prev_hash}\n{header}\n{data_json}".encode()).hexdigest()

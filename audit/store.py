@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 from audit import catalogue
 from audit.actor import Actor
 from audit.errors import ConcurrencyError, EventStoreUnavailable, InvalidEvent
-from audit.hashing import GENESIS_HASH, check_data, event_hash
+from audit.hashing import GENESIS_HASH, check_data, format_time, hash_parts
 from audit.models import Event
 
 __all__ = [
@@ -69,6 +70,7 @@ COLUMNS = (
     "hash",
 )
 _SELECT = ", ".join(COLUMNS)
+_LOCK_SQL = f"LOCK TABLE {TABLE} IN EXCLUSIVE MODE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +139,6 @@ class RecordedEvent:
         return cls(*values)
 
 
-def _prep_uuid(value: uuid.UUID) -> Any:
-    return value if connection.vendor == "postgresql" else value.hex
-
-
-def _prep_time(value: datetime) -> Any:
-    return connection.ops.adapt_datetimefield_value(value)
-
-
 def lock() -> None:
     """Take the append lock for the rest of the current transaction.
 
@@ -161,9 +155,13 @@ def _lock() -> None:
     if connection.vendor == "postgresql":
         timeout = int(settings.SANDBOX_EVENT_LOCK_TIMEOUT_MS)
         with connection.cursor() as cur:
-            cur.execute(
-                f"SET LOCAL lock_timeout = '{timeout}ms'; LOCK TABLE {TABLE} IN EXCLUSIVE MODE"
-            )
+            if f"lock_timeout={timeout}" not in connection.settings_dict["OPTIONS"].get(
+                "options", ""
+            ):
+                # The session's lock_timeout (set at connect) is not the configured one.
+                cur.execute(f"SET LOCAL lock_timeout = '{timeout}ms'")
+            with connection.wrap_database_errors:  # psycopg's errors as Django's
+                cur.cursor.execute(_LOCK_SQL, prepare=True)
     # SQLite: the IMMEDIATE transaction already holds the database's write lock.
 
 
@@ -204,18 +202,20 @@ def _head_and_versions(keys: list[tuple[str, str]]) -> tuple[int, str, dict[tupl
             row = cur.fetchone()
             position, last_hash = row if row else (None, None)
             versions = dict.fromkeys(keys, 0)
-            # Chunked OR of pairs: portable, and indexes serve each pair.
+            # One index probe per aggregate (a correlated MAX over the unique key): an OR of
+            # hundreds of pairs plans and runs far worse on PostgreSQL.
             for i in range(0, len(keys), 200):
                 chunk = keys[i : i + 200]
-                where = " OR ".join(["(aggregate_type = %s AND aggregate_id = %s)"] * len(chunk))
+                values = ", ".join(["(%s, %s)"] * len(chunk))
                 params = [p for key in chunk for p in key]
                 cur.execute(
-                    f"SELECT aggregate_type, aggregate_id, MAX(version) FROM {TABLE} "
-                    f"WHERE {where} GROUP BY aggregate_type, aggregate_id",
+                    f"WITH k(t, i) AS (VALUES {values}) "
+                    f"SELECT k.t, k.i, (SELECT MAX(e.version) FROM {TABLE} e "
+                    f" WHERE e.aggregate_type = k.t AND e.aggregate_id = k.i) FROM k",
                     params,
                 )
                 for atype, aid, version in cur.fetchall():
-                    versions[(atype, aid)] = version
+                    versions[(atype, aid)] = version or 0
     return (position or 0), (last_hash or GENESIS_HASH), versions
 
 
@@ -277,6 +277,16 @@ def append_many(
             keys = list(dict.fromkeys((p.aggregate_type, p.aggregate_id) for p in pending))
             position, prev_hash, versions = _head_and_versions(keys)
             now = datetime.now(UTC)
+            # Per call, not per event: the vendor and adapted values (Django's connection proxy
+            # is a thread-local lookup), and the hashed parts every event of the call shares.
+            db_now = connection.ops.adapt_datetimefield_value(now)
+            as_uuid = connection.vendor == "postgresql"
+            now_text = format_time(now)
+            a = actor_fields
+            actor_parts = [
+                a["actor_type"], a["actor_id"], a["actor_name"], a["token_id"], a["channel"],
+                a["source_ip"], a["request_id"], correlation,
+            ]  # fmt: skip
             recorded: list[RecordedEvent] = []
             rows: list[Any] = []
             for p, schema_version, data_json in prepared:
@@ -289,49 +299,35 @@ def append_many(
                     raise ConcurrencyError(
                         p.aggregate_type, p.aggregate_id, p.expected_version, current
                     )
-                versions[key] = current + 1
+                version = versions[key] = current + 1
                 position += 1
                 event_id = uuid.uuid4()
-                fields = {
-                    "event_id": event_id,
-                    "aggregate_type": p.aggregate_type,
-                    "aggregate_id": p.aggregate_id,
-                    "version": current + 1,
-                    "type": p.type,
-                    "schema_version": schema_version,
-                    **actor_fields,
-                    "correlation_id": correlation,
-                    "causation_id": p.causation_id,
-                    "recorded_at": now,
-                }
-                digest = event_hash(fields, data_json, prev_hash)
-                event = RecordedEvent(
-                    position=position,
-                    event_id=str(event_id),
-                    aggregate_type=p.aggregate_type,
-                    aggregate_id=p.aggregate_id,
-                    version=current + 1,
-                    type=p.type,
-                    schema_version=schema_version,
-                    data_json=data_json,
-                    actor_type=actor_fields["actor_type"],
-                    actor_id=actor_fields["actor_id"],
-                    actor_name=actor_fields["actor_name"],
-                    token_id=actor_fields["token_id"],
-                    channel=actor_fields["channel"],
-                    source_ip=actor_fields["source_ip"],
-                    request_id=actor_fields["request_id"],
-                    correlation_id=correlation,
-                    causation_id=p.causation_id,
-                    recorded_at=now,
-                    prev_hash=prev_hash,
-                    hash=digest,
-                )
-                recorded.append(event)
-                row = list(event.hashed_fields().values())
-                row[1] = _prep_uuid(event_id)
-                row[17] = _prep_time(now)
-                rows.append(row)
+                event_id_text = str(event_id)
+                digest = hash_parts(
+                    [
+                        event_id_text, p.aggregate_type, p.aggregate_id, str(version), p.type,
+                        str(schema_version), *actor_parts, p.causation_id, now_text,
+                    ],
+                    data_json,
+                    prev_hash,
+                )  # fmt: skip
+                recorded.append(
+                    RecordedEvent(
+                        position, event_id_text, p.aggregate_type, p.aggregate_id, version,
+                        p.type, schema_version, data_json, a["actor_type"], a["actor_id"],
+                        a["actor_name"], a["token_id"], a["channel"], a["source_ip"],
+                        a["request_id"], correlation, p.causation_id, now, prev_hash, digest,
+                    )
+                )  # fmt: skip
+                rows.append(
+                    [
+                        position, event_id if as_uuid else event_id.hex, p.aggregate_type,
+                        p.aggregate_id, version, p.type, schema_version, data_json,
+                        a["actor_type"], a["actor_id"], a["actor_name"], a["token_id"],
+                        a["channel"], a["source_ip"], a["request_id"], correlation,
+                        p.causation_id, db_now, prev_hash, digest,
+                    ]
+                )  # fmt: skip
                 prev_hash = digest
             _insert(rows)
             from audit import projections
@@ -350,8 +346,8 @@ def append_many(
 
     from sandbox_site.metrics import EVENTS_APPENDED
 
-    for event in recorded:
-        EVENTS_APPENDED.labels(event.type).inc()
+    for kind, n in Counter(e.type for e in recorded).items():
+        EVENTS_APPENDED.labels(kind).inc(n)
     return recorded
 
 

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace, url: str) -> dict[str, float | int]:
     raw.commit()
 
     def raw_insert(i: int) -> None:
+        # What a hand-written appender does: the same lock, head read, canonical hash and the
+        # same full row, every value bound as a parameter; no ORM, no projections, no checks.
         with raw.transaction():
             raw.execute("SET LOCAL lock_timeout = '5000ms'; LOCK TABLE raw_event IN EXCLUSIVE MODE")
             row = raw.execute(
@@ -119,14 +121,40 @@ def run(args: argparse.Namespace, url: str) -> dict[str, float | int]:
             data = canonical_json({"i": i, "role": "operator"})
             now = datetime.now(UTC)
             event_id = uuid.uuid4()
-            header = json.dumps(
+            fields = [
+                str(event_id),
+                "user",
+                f"r{i}",
+                1,
+                "user.role_changed",
+                1,
+                "system",
+                "",
+                "bench",
+                "",
+                "system",
+                "",
+                "",
+                "c",
+                "",
+                now.isoformat(),
+            ]
+            header = json.dumps(fields, separators=(",", ":"))
+            digest = hashlib.sha256(f"{prev}\n{header}\n{data}".encode()).hexdigest()
+            raw.execute(
+                "INSERT INTO raw_event (position, event_id, aggregate_type, aggregate_id, version, type, schema_version,"
+                " data, actor_type, actor_id, actor_name, token_id, channel, source_ip, request_id, correlation_id,"
+                " causation_id, recorded_at, prev_hash, hash) VALUES"
+                " (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [
-                    str(event_id),
+                    position + 1,
+                    event_id,
                     "user",
                     f"r{i}",
                     1,
                     "user.role_changed",
                     1,
+                    data,
                     "system",
                     "",
                     "bench",
@@ -136,16 +164,10 @@ def run(args: argparse.Namespace, url: str) -> dict[str, float | int]:
                     "",
                     "c",
                     "",
-                    now.isoformat(),
-                ]
-            )
-            digest = hashlib.sha256(f"{prev}\n{header}\n{data}".encode()).hexdigest()
-            raw.execute(
-                "INSERT INTO raw_event (position, event_id, aggregate_type, aggregate_id, version, type, schema_version,"
-                " data, actor_type, actor_id, actor_name, token_id, channel, source_ip, request_id, correlation_id,"
-                " causation_id, recorded_at, prev_hash, hash) VALUES"
-                " (%s, %s, 'user', %s, 1, 'user.role_changed', 1, %s, 'system', '', 'bench', '', 'system', '', '', 'c', '', %s, %s, %s)",
-                [position + 1, event_id, f"r{i}", data, now, prev, digest],
+                    now,
+                    prev,
+                    digest,
+                ],
             )
 
     def product_insert(i: int) -> None:

@@ -135,7 +135,18 @@ if DATABASE_URL:
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Server-side binding lets psycopg prepare the hot statements (the event store's
         # appends) after a few uses instead of parsing and planning them every time.
-        DATABASES["default"].setdefault("OPTIONS", {})["server_side_binding"] = True
+        options = DATABASES["default"].setdefault("OPTIONS", {})
+        options["server_side_binding"] = True
+        # Statements run this often are prepared (psycopg's automatic preparation). Behind a
+        # pooler in transaction mode (PgBouncer) prepared statements break: set it to "off".
+        prepare = os.environ.get("SANDBOX_PG_PREPARE_THRESHOLD", "5")
+        options["prepare_threshold"] = None if prepare.lower() in ("off", "none", "") else int(prepare)
+        # The event store's lock wait, once per session (audit.store only re-sets it when the
+        # setting differs at run time): appends then send a single, preparable LOCK statement.
+        options["options"] = (
+            options.get("options", "")
+            + f" -c lock_timeout={env_int('SANDBOX_EVENT_LOCK_TIMEOUT_MS', 5000)}"
+        ).strip()
 else:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
