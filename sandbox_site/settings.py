@@ -131,16 +131,25 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=60)}
+    # conn_max_age=0 with a pool: under ASGI each request runs in its own thread context, so
+    # persistent per-thread connections would mean a new PostgreSQL backend per request.
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Server-side binding lets psycopg prepare the hot statements (the event store's
         # appends) after a few uses instead of parsing and planning them every time.
         options = DATABASES["default"].setdefault("OPTIONS", {})
         options["server_side_binding"] = True
+        options["pool"] = {
+            "min_size": env_int("SANDBOX_DB_POOL_MIN", 2),
+            "max_size": env_int("SANDBOX_DB_POOL_MAX", 16),
+            "timeout": 10,
+        }
         # Statements run this often are prepared (psycopg's automatic preparation). Behind a
         # pooler in transaction mode (PgBouncer) prepared statements break: set it to "off".
         prepare = os.environ.get("SANDBOX_PG_PREPARE_THRESHOLD", "5")
-        options["prepare_threshold"] = None if prepare.lower() in ("off", "none", "") else int(prepare)
+        options["prepare_threshold"] = (
+            None if prepare.lower() in ("off", "none", "") else int(prepare)
+        )
         # The event store's lock wait, once per session (audit.store only re-sets it when the
         # setting differs at run time): appends then send a single, preparable LOCK statement.
         options["options"] = (
