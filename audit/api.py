@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.permissions import HasPerm
+from audit.hashing import EVENT_COLUMNS
 from audit.models import Event
 
 
@@ -20,28 +21,7 @@ class EventSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Event
-        fields = [
-            "position",
-            "event_id",
-            "aggregate_type",
-            "aggregate_id",
-            "version",
-            "type",
-            "schema_version",
-            "data",
-            "actor_type",
-            "actor_id",
-            "actor_name",
-            "token_id",
-            "channel",
-            "source_ip",
-            "request_id",
-            "correlation_id",
-            "causation_id",
-            "recorded_at",
-            "prev_hash",
-            "hash",
-        ]
+        fields = list(EVENT_COLUMNS)
         read_only_fields = fields
 
 

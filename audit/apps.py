@@ -7,22 +7,15 @@ from django.db.models.signals import post_migrate
 
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
-    """The worker's recurring jobs: follow the log, sign digests. Idempotent."""
-    from django_q.models import Schedule
+    """The worker's recurring jobs: follow the log, sign digests."""
+    from sandbox_site import schedules
 
-    for name, func, minutes in (
-        ("audit.run_projections", "audit.tasks.run_projections", 1),
-        ("audit.sign_digest", "audit.tasks.sign_digest", 60),
-    ):
-        Schedule.objects.update_or_create(
-            name=name,
-            defaults={
-                "func": func,
-                "schedule_type": Schedule.MINUTES,
-                "minutes": minutes,
-                "repeats": -1,
-            },
-        )
+    schedules.ensure(
+        [
+            ("audit.run_projections", "audit.tasks.run_projections", 1),
+            ("audit.sign_digest", "audit.tasks.sign_digest", 60),
+        ]
+    )
 
 
 class AuditConfig(AppConfig):

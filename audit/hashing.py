@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "EVENT_COLUMNS",
     "GENESIS_HASH",
     "HASHED_FIELDS",
     "canonical_json",
@@ -25,6 +26,31 @@ __all__ = [
 ]
 
 GENESIS_HASH = "0" * 64
+
+# Every stored column of an event, in table order: the store's SQL, exports and the offline
+# verifier (which must not import Django) all read this one list.
+EVENT_COLUMNS = (
+    "position",
+    "event_id",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "type",
+    "schema_version",
+    "data",
+    "actor_type",
+    "actor_id",
+    "actor_name",
+    "token_id",
+    "channel",
+    "source_ip",
+    "request_id",
+    "correlation_id",
+    "causation_id",
+    "recorded_at",
+    "prev_hash",
+    "hash",
+)
 
 # Every field but ``data`` (appended verbatim) and ``position``, in a fixed order.
 HASHED_FIELDS = (

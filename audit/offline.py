@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from audit import signing
-from audit.hashing import GENESIS_HASH, event_hash
+from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, event_hash
 
 __all__ = ["BUNDLE_FORMAT", "EVENT_FIELDS", "Problem", "Result", "main", "verify_bundle"]
 
@@ -48,30 +48,7 @@ KEYS_FILE = "keys.json"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_SIG_FILE = "manifest.sig"
 
-# Exactly the stored columns of an event (audit.store.COLUMNS), kept here so that this module
-# needs no Django; a test asserts the two stay equal.
-EVENT_FIELDS = (
-    "position",
-    "event_id",
-    "aggregate_type",
-    "aggregate_id",
-    "version",
-    "type",
-    "schema_version",
-    "data",
-    "actor_type",
-    "actor_id",
-    "actor_name",
-    "token_id",
-    "channel",
-    "source_ip",
-    "request_id",
-    "correlation_id",
-    "causation_id",
-    "recorded_at",
-    "prev_hash",
-    "hash",
-)
+EVENT_FIELDS = EVENT_COLUMNS  # exactly the stored columns, from the Django-free hashing module
 _FIELD_SET = frozenset(EVENT_FIELDS)
 _INT_FIELDS = ("position", "version", "schema_version")
 

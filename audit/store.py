@@ -27,7 +27,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 from audit import catalogue
 from audit.actor import Actor
 from audit.errors import ConcurrencyError, EventStoreUnavailable, InvalidEvent
-from audit.hashing import GENESIS_HASH, check_data, format_time, hash_parts
+from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, check_data, format_time, hash_parts
 from audit.models import Event
 
 __all__ = [
@@ -47,28 +47,7 @@ log = logging.getLogger("sandbox.audit")
 ANY_VERSION = -1  # append without an optimistic concurrency check (security events)
 
 TABLE = Event._meta.db_table
-COLUMNS = (
-    "position",
-    "event_id",
-    "aggregate_type",
-    "aggregate_id",
-    "version",
-    "type",
-    "schema_version",
-    "data",
-    "actor_type",
-    "actor_id",
-    "actor_name",
-    "token_id",
-    "channel",
-    "source_ip",
-    "request_id",
-    "correlation_id",
-    "causation_id",
-    "recorded_at",
-    "prev_hash",
-    "hash",
-)
+COLUMNS = EVENT_COLUMNS
 _SELECT = ", ".join(COLUMNS)
 _LOCK_SQL = f"LOCK TABLE {TABLE} IN EXCLUSIVE MODE"
 

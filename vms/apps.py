@@ -7,21 +7,15 @@ from django.db.models.signals import post_migrate
 
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
-    from django_q.models import Schedule
+    """Reconcile the host every minute, apply snapshot retention hourly."""
+    from sandbox_site import schedules
 
-    for name, func, minutes in (
-        ("vms.reconcile", "vms.tasks.reconcile", 1),
-        ("vms.retention", "vms.tasks.apply_retention", 60),
-    ):
-        Schedule.objects.update_or_create(
-            name=name,
-            defaults={
-                "func": func,
-                "schedule_type": Schedule.MINUTES,
-                "minutes": minutes,
-                "repeats": -1,
-            },
-        )
+    schedules.ensure(
+        [
+            ("vms.reconcile", "vms.tasks.reconcile", 1),
+            ("vms.retention", "vms.tasks.apply_retention", 60),
+        ]
+    )
 
 
 class VmsConfig(AppConfig):
