@@ -16,18 +16,6 @@ ROLES = (ADMIN, OPERATOR, VIEWER, AUDITOR)
 
 # Guest permissions that a role or a token may hold a subset of (see vms).
 VM_VIEW = ["vms.view_virtualmachine", "vms.view_snapshot"]  # read every user's VMs
-# Token scopes may name these; anything else is refused at token creation.
-SCOPES = [
-    "vms.add_virtualmachine",
-    "vms.operate_vm",
-    "vms.delete_virtualmachine",
-    "vms.exec_vm",
-    "vms.read_files",
-    "vms.write_files",
-    "vms.console_vm",
-    "vms.snapshot_vm",
-    "vms.rollback_snapshot",
-]
 VM_DRIVE = [
     "vms.add_virtualmachine",
     "vms.operate_vm",
@@ -39,6 +27,8 @@ VM_DRIVE = [
     "vms.snapshot_vm",
     "vms.rollback_snapshot",
 ]
+# Token scopes may name these (the guest permissions); anything else is refused at creation.
+SCOPES = VM_DRIVE
 AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {

@@ -52,24 +52,10 @@ EVENT_COLUMNS = (
     "hash",
 )
 
-# Every field but ``data`` (appended verbatim) and ``position``, in a fixed order.
-HASHED_FIELDS = (
-    "event_id",
-    "aggregate_type",
-    "aggregate_id",
-    "version",
-    "type",
-    "schema_version",
-    "actor_type",
-    "actor_id",
-    "actor_name",
-    "token_id",
-    "channel",
-    "source_ip",
-    "request_id",
-    "correlation_id",
-    "causation_id",
-    "recorded_at",
+# Every column but ``position`` (order is proven by the links), ``data`` (appended verbatim) and
+# the two hashes, in column order.
+HASHED_FIELDS = tuple(
+    c for c in EVENT_COLUMNS if c not in ("position", "data", "prev_hash", "hash")
 )
 
 
