@@ -22,7 +22,7 @@ test: deps frontend
 
 # The event store and account suites on the embedded SQLite default (CI runs both databases).
 test-sqlite: deps
-	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest tests/audit tests/accounts tests/test_platform.py $(PYTEST_ARGS)
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest tests/audit tests/accounts tests/test_platform.py tests/test_serving.py $(PYTEST_ARGS)
 
 deps: $(VENV)/.installed
 

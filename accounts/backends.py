@@ -44,6 +44,19 @@ def _every_perm() -> frozenset[str]:
     return _all_perms
 
 
+def prime_permissions(user: Any, group_ids: list[int]) -> None:
+    """Set ``user``'s permissions from group ids read with the user (token authentication)."""
+    if not user.is_active:
+        user._perm_cache = set()
+    elif user.is_superuser:
+        user._perm_cache = set(_every_perm())
+    else:
+        perms: set[str] = set()
+        for group_id in group_ids:
+            perms |= _perms_of_group(group_id)
+        user._perm_cache = perms
+
+
 class LockoutModelBackend(ModelBackend):
     """ModelBackend that stops at a locked username, before the password is even checked.
 

@@ -23,4 +23,7 @@ class AuditConfig(AppConfig):
     verbose_name = "Audit log"
 
     def ready(self) -> None:
+        from sandbox_site import postgres
+
         post_migrate.connect(ensure_schedules, sender=self)
+        postgres.install()

@@ -62,6 +62,34 @@ def ensure_redis(url: str) -> None:
     time.sleep(0.5)
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds used so far by the processes of session ``sid`` (the server and its children)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # field 6, session id (after pid and comm)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(sid: int, timeout: float = 60.0) -> None:
+    """Until the server's processes (web and worker cluster) are done starting: the worker
+    cluster forks and imports for several seconds after the web port opens."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    last = session_cpu_s(sid)
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = session_cpu_s(sid)
+        quiet = quiet + 1 if now - last < 0.1 else 0
+        last = now
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,14 +148,20 @@ async def drive(
     rate: float,
     seconds: float,
     warmup: float,
+    create_share: float = 0.1,
 ):
     latencies: list[float] = []
+    timeline: dict[int, list[float]] = {}  # second of the run (by send time) -> latencies
+    by_kind: dict[str, list[float]] = {"list": [], "retrieve": [], "create": []}
     errors = 0
     statuses: dict[int, int] = {}
     last_done = [0.0]
     counter = 0
     start = time.perf_counter() + 0.5
     interval = clients / rate  # each client's period
+    # 60 % list, 30 % retrieve, 10 % create by default: reads split 2:1 whatever the writes.
+    list_to = (1 - create_share) * 2 / 3
+    retrieve_to = 1 - create_share
 
     async def client(i: int) -> None:
         nonlocal errors, counter
@@ -143,10 +177,11 @@ async def drive(
             if delay > 0:
                 await asyncio.sleep(delay)
             roll = rng.random()
+            kind = "list" if roll < list_to else "retrieve" if roll < retrieve_to else "create"
             try:
-                if roll < 0.6:
+                if kind == "list":
                     status = await conn.request("GET", "/api/v1/vms/?limit=20")
-                elif roll < 0.9:
+                elif kind == "retrieve":
                     status = await conn.request("GET", f"/api/v1/vms/{rng.choice(vm_ids)}/")
                 else:
                     counter += 1
@@ -162,15 +197,24 @@ async def drive(
                 last_done[0] = max(last_done[0], time.perf_counter())
                 statuses[status] = statuses.get(status, 0) + 1
                 latencies.append(elapsed)
+                by_kind[kind].append(elapsed)
+                timeline.setdefault(int(due - start), []).append(elapsed)
                 if status >= 400 or status == 0:
                     errors += 1
 
     await asyncio.gather(*(client(i) for i in range(clients)))
     print("statuses", statuses, file=sys.stderr)
+    for second, values in sorted(timeline.items()):  # where a slow run went wrong
+        values.sort()
+        print(
+            f"t={second:3d}s n={len(values):4d} p50={values[len(values) // 2] * 1000:8.1f} ms "
+            f"max={values[-1] * 1000:8.1f} ms",
+            file=sys.stderr,
+        )
     # Completed requests over the time they really took: a server that falls behind finishes
     # the measured window late, and its throughput shows it.
     elapsed = max(seconds, last_done[0] - (start + warmup))
-    return latencies, errors, elapsed
+    return latencies, errors, elapsed, by_kind
 
 
 def main() -> None:
@@ -181,6 +225,9 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument(
+        "--create-share", type=float, default=0.1, help="share of requests that create a VM"
+    )
     args = parser.parse_args()
 
     base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -235,8 +282,18 @@ def main() -> None:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.2)
-        latencies, errors, elapsed = asyncio.run(
-            drive(port, token, vm_ids, args.clients, args.rate, args.seconds, args.warmup)
+        wait_quiet(server.pid)
+        latencies, errors, elapsed, by_kind = asyncio.run(
+            drive(
+                port,
+                token,
+                vm_ids,
+                args.clients,
+                args.rate,
+                args.seconds,
+                args.warmup,
+                args.create_share,
+            )
         )
     finally:
         if server is not None and server.poll() is None:
@@ -264,8 +321,14 @@ def main() -> None:
         "p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         "max_ms": round(latencies[-1] * 1000, 2),
         "errors": errors,
-        "mix": "60% list, 30% retrieve, 10% create",
+        "mix": f"{(1 - args.create_share) * 200 / 3:.0f}% list, "
+        f"{(1 - args.create_share) * 100 / 3:.0f}% retrieve, {args.create_share * 100:.0f}% create",
     }
+    for kind, values in by_kind.items():
+        values.sort()
+        if values:
+            result[f"{kind}_p50_ms"] = round(statistics.median(values) * 1000, 2)
+            result[f"{kind}_p99_ms"] = round(values[int(len(values) * 0.99) - 1] * 1000, 2)
     print(json.dumps(result))
 
 

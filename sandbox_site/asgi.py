@@ -1,11 +1,14 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels (authenticated)."""
+"""ASGI entry point: HTTP through Django (in thread lanes), websockets through Channels."""
 
 import os
 
-from django.core.asgi import get_asgi_application
+from django.core.wsgi import get_wsgi_application
+
+from sandbox_site.lanes import Lanes, tune_interpreter
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sandbox_site.settings")
-django_asgi_app = get_asgi_application()
+tune_interpreter()
+django_http_app = Lanes(get_wsgi_application())
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
@@ -24,7 +27,7 @@ websocket_urlpatterns = [
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": django_http_app,
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

@@ -131,8 +131,8 @@ TEMPLATES = [
 # --- Database -------------------------------------------------------------------------------
 DATABASE_URL = os.environ.get("DATABASE_URL", "")
 if DATABASE_URL:
-    # conn_max_age=0 with a pool: under ASGI each request runs in its own thread context, so
-    # persistent per-thread connections would mean a new PostgreSQL backend per request.
+    # conn_max_age=0 with a pool: a request borrows a connection and gives it back, so idle
+    # threads (and the executor threads of websocket consumers) hold no PostgreSQL backend.
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=0)}
     if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         # Server-side binding lets psycopg prepare the hot statements (the event store's
@@ -141,7 +141,9 @@ if DATABASE_URL:
         options["server_side_binding"] = True
         options["pool"] = {
             "min_size": env_int("SANDBOX_DB_POOL_MIN", 2),
-            "max_size": env_int("SANDBOX_DB_POOL_MAX", 16),
+            # Each web thread holds a connection for its request: both lanes' threads, and a
+            # few for the process's other work (the live-update follower).
+            "max_size": env_int("SANDBOX_DB_POOL_MAX", 2 * env_int("SANDBOX_WEB_THREADS", 12) + 4),
             "timeout": 10,
         }
         # Statements run this often are prepared (psycopg's automatic preparation). Behind a
@@ -253,8 +255,8 @@ REST_FRAMEWORK = {
         "accounts.permissions.TokenWriteAllowed",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_FILTER_BACKENDS": ["sandbox_site.pagination.FilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sandbox_site.api.exception_handler",
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from django.conf import settings
@@ -79,9 +80,15 @@ class Busy(InvalidState):
 class Accepted:
     """A request that the log has taken; the worker will append its outcome."""
 
-    vm: VirtualMachine
+    vm_id: uuid.UUID
     request: store.RecordedEvent
     snapshot: Snapshot | None = None
+
+    @cached_property
+    def vm(self) -> VirtualMachine:
+        """The VM as the projection has it, read when first asked for: after the command's
+        transaction, so not while it holds the event store's lock."""
+        return _fresh(self.vm_id)
 
 
 # verb -> (permission, states it may start from)
@@ -126,7 +133,7 @@ def _own_or_admin(caller: Caller, owner_id: int) -> None:
 
 def _fresh(vm_id: uuid.UUID) -> VirtualMachine:
     try:
-        return VirtualMachine.objects.get(pk=vm_id)
+        return VirtualMachine.objects.select_related("owner").get(pk=vm_id)
     except VirtualMachine.DoesNotExist:
         raise NotFound(f"no VM {vm_id}") from None
 
@@ -136,7 +143,7 @@ def _fresh(vm_id: uuid.UUID) -> VirtualMachine:
 
 def _request(
     caller: Caller, vm: VirtualMachine, verb: str, data: dict[str, Any] | None = None
-) -> tuple[VirtualMachine, store.RecordedEvent]:
+) -> tuple[uuid.UUID, store.RecordedEvent]:
     """Check and append ``vm.<verb>_requested``; the caller holds the transaction."""
     perm, allowed = RULES[verb]
     caller.require(perm)
@@ -156,7 +163,7 @@ def _request(
         expected_version=vm.version,
     )
     _enqueue_on_commit(event)
-    return _fresh(vm.pk), event
+    return vm.pk, event
 
 
 def _enqueue_on_commit(event: store.RecordedEvent) -> None:
@@ -224,7 +231,7 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
     _own_or_admin(caller, fresh.owner_id)
     quotas.check(fresh.owner, snapshots=1)
     snapshot_id = uuid.uuid4()
-    vm_after, event = _request(
+    vm_id, event = _request(
         caller,
         fresh,
         "snapshot",
@@ -234,7 +241,7 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
             "parent_id": str(fresh.last_snapshot_id) if fresh.last_snapshot_id else None,
         },
     )
-    return Accepted(vm_after, event, Snapshot.objects.get(pk=snapshot_id))
+    return Accepted(vm_id, event, Snapshot.objects.get(pk=snapshot_id))
 
 
 @transaction.atomic
@@ -294,6 +301,7 @@ def _new_vm_events(
     ):
         raise ValidationError({"name": f"you already have a VM named {name!r}"})
     quotas.check(caller.user, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib)
+    mac, ip = identity.allocate()
     created = store.append(
         "vm",
         str(vm_id),
@@ -309,8 +317,8 @@ def _new_vm_events(
             "memory_mib": memory_mib,
             "disk_mib": disk_mib,
             "hostname": identity.hostname_for(name),
-            "mac": identity.new_mac(),
-            "ip": identity.allocate_ip(),
+            "mac": mac,
+            "ip": ip,
             "source_snapshot_id": str(source_snapshot.pk) if source_snapshot else None,
         },
         actor=caller.actor,
@@ -350,7 +358,7 @@ def create(
         source_snapshot=None,
     )
     if not start_now:
-        return Accepted(_fresh(vm_id), created)
+        return Accepted(vm_id, created)
     request = store.append(
         "vm",
         str(vm_id),
@@ -360,7 +368,7 @@ def create(
         expected_version=created.version,
     )
     _enqueue_on_commit(request)
-    return Accepted(_fresh(vm_id), request)
+    return Accepted(vm_id, request)
 
 
 def _check_snapshot_usable(caller: Caller, snap: Snapshot) -> None:
@@ -397,7 +405,7 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         expected_version=created.version,
     )
     _enqueue_on_commit(request)
-    return Accepted(_fresh(vm_id), request, snap)
+    return Accepted(vm_id, request, snap)
 
 
 @transaction.atomic

@@ -107,6 +107,11 @@ class VirtualMachine(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # The API's lists: newest first, everyone's (readers of all) or one owner's.
+        indexes = [
+            models.Index(fields=["-created_at"], name="vms_vm_newest"),
+            models.Index(fields=["owner", "-created_at"], name="vms_vm_owner_newest"),
+        ]
         constraints = [
             models.UniqueConstraint(
                 fields=["owner", "name"],

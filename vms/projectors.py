@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from django.db.models import F
+
 from audit import catalogue
 from audit.projections import Projector, register
 from audit.store import RecordedEvent
@@ -81,7 +83,9 @@ class VMProjector(Projector):
             if e.type in ("vm.snapshot_requested", "vm.snapshotted", "vm.snapshot_failed")
             and e.data.get("snapshot_id")
         }
-        vms = {vm.id: vm for vm in VirtualMachine.objects.filter(id__in=vm_ids)}
+        # A VM created in this batch has no row yet (vm.created is its first event): don't ask.
+        born = {uuid.UUID(e.aggregate_id) for e in events if e.type == "vm.created"}
+        vms = {vm.id: vm for vm in VirtualMachine.objects.filter(id__in=vm_ids - born)}
         snaps = {s.id: s for s in Snapshot.objects.filter(id__in=snap_ids)}
         new_vms: dict[uuid.UUID, VirtualMachine] = {}
         new_snaps: dict[uuid.UUID, Snapshot] = {}
@@ -286,22 +290,14 @@ class VMProjector(Projector):
 
     @staticmethod
     def _apply_usage(usage: dict[int, dict[str, int]]) -> None:
-        if not usage:
-            return
-        rows = {u.user_id: u for u in Usage.objects.filter(user_id__in=list(usage))}
-        new = []
+        # One UPDATE per user (usually one user per batch), relative to the stored counts;
+        # a user's first VM or snapshot creates the row.
         for user_id, delta in usage.items():
-            row = rows.get(user_id)
-            if row is None:
-                row = Usage(user_id=user_id)
-                new.append(row)
-            for key, value in delta.items():
-                setattr(row, key, getattr(row, key) + value)
-        Usage.objects.bulk_create(new)
-        if rows:
-            Usage.objects.bulk_update(
-                list(rows.values()), ["vms", "vcpus", "memory_mib", "disk_mib", "snapshots"]
-            )
+            changes = {key: F(key) + value for key, value in delta.items() if value}
+            if not changes:
+                continue
+            if not Usage.objects.filter(user_id=user_id).update(**changes):
+                Usage.objects.create(user_id=user_id, **delta)
 
     def reset(self) -> None:
         RequestOutcome.objects.all().delete()

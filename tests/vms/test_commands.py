@@ -248,3 +248,22 @@ def test_concurrent_creates_at_the_quota_limit(make_user) -> None:
     assert sorted(results) == ["ok"] * 3 + ["quota"] * 5, results
     assert VirtualMachine.objects.filter(owner=user).count() == 3
     assert Usage.objects.get(user=user).vms == 3
+
+
+def test_addresses_are_the_lowest_free_and_run_out_cleanly(caller_for, settings) -> None:
+    settings.SANDBOX_NETWORK_CIDR = "10.9.0.0/29"  # gateway .1, VMs .2 to .6
+    settings.SANDBOX_MAX_VMS = 100
+    caller = caller_for("admin")
+    vms = [
+        commands.create(caller, name=f"ip{i}", template="linux-small", start_now=False).vm
+        for i in range(6)
+    ]
+    assert [vm.ip for vm in vms] == ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"] + [
+        None
+    ]
+    assert len({vm.mac for vm in vms}) == 6
+    assert all(vm.mac.startswith("52:54:00:") for vm in vms)
+    # A destroyed VM's address is free again, and it is the lowest one that is.
+    settle(commands.destroy(caller, vms[1]), "vm.destroyed")
+    again = commands.create(caller, name="ip-again", template="linux-small", start_now=False).vm
+    assert again.ip == "10.9.0.3"

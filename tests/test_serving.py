@@ -1,0 +1,152 @@
+"""The serving path's shortcuts: one-query token authentication, one-query pages, the thread
+lanes, the C timestamp loader. Each must give what the slower path it replaces gave."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+from typing import Any
+
+import pytest
+from django.contrib.auth.models import Group
+from django.db import connection
+
+from accounts.authentication import lookup
+from accounts.models import APIToken
+from sandbox_site.lanes import Lanes
+
+pytestmark = pytest.mark.django_db
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.attname: getattr(obj, f.attname) for f in obj._meta.concrete_fields}
+
+
+@pytest.mark.parametrize("role", ["operator", "viewer", "auditor", "admin"])
+def test_token_lookup_loads_what_the_orm_loads(make_user, issue_token, role) -> None:
+    user = make_user(role)
+    scopes = ["vms.exec_vm"] if role in ("operator", "admin") else []
+    plaintext = issue_token(user, allowed_ips=["127.0.0.0/8"], scopes=scopes)
+    key = plaintext.split("_")[1]
+    token = lookup(key)
+    assert token is not None
+    orm = APIToken.objects.select_related("user").get(key=key)
+    assert _fields(token) == _fields(orm)  # JSON lists decoded, datetimes aware
+    assert _fields(token.user) == _fields(orm.user)
+    assert (
+        token.user.get_all_permissions()
+        == type(orm.user).objects.get(pk=user.pk).get_all_permissions()
+    )
+    assert token.user.get_all_permissions()  # every role holds some
+
+
+def test_token_lookup_sees_group_changes_at_once(make_user, issue_token) -> None:
+    user = make_user("viewer")
+    key = issue_token(user).split("_")[1]
+    assert not lookup(key).user.has_perm("vms.add_virtualmachine")
+    user.groups.add(Group.objects.get(name="operator"))
+    assert lookup(key).user.has_perm("vms.add_virtualmachine")
+    user.groups.clear()
+    assert lookup(key).user.get_all_permissions() == set()
+
+
+def test_token_lookup_of_an_unknown_key_is_none() -> None:
+    assert lookup("nosuchkey000") is None
+
+
+def test_pages_carry_the_same_count_as_a_count_query(make_user, token_client) -> None:
+    from accounts.caller import Caller
+    from vms import commands
+
+    user = make_user("operator")
+    caller = Caller.for_user(user)
+    for i in range(7):
+        commands.create(caller, name=f"p{i}", template="linux-small", start_now=False)
+    client = token_client(user)
+    names = []
+    for offset in (0, 3, 6):
+        page = client.get(f"/api/v1/vms/?limit=3&offset={offset}").json()
+        assert page["count"] == 7
+        names += [vm["name"] for vm in page["results"]]
+    assert names == [f"p{i}" for i in reversed(range(7))]  # newest first, no gaps
+    past_end = client.get("/api/v1/vms/?limit=3&offset=50").json()
+    assert past_end["count"] == 7 and past_end["results"] == []
+    filtered = client.get("/api/v1/vms/?limit=2&name=p1").json()
+    assert filtered["count"] == 1 and filtered["results"][0]["name"] == "p1"
+    bad = client.get("/api/v1/vms/?owner_id=notanumber")
+    assert bad.status_code == 400  # a filter parameter still goes through the filter form
+
+
+def test_a_read_is_served_while_every_write_thread_waits(monkeypatch) -> None:
+    """The lanes: writes stuck (as on the event store's lock) do not hold up reads."""
+    monkeypatch.setenv("SANDBOX_WEB_READ_THREADS", "1")
+    monkeypatch.setenv("SANDBOX_WEB_WRITE_THREADS", "2")
+    release = threading.Event()
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["REQUEST_METHOD"] == "POST":
+            release.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [environ["REQUEST_METHOD"].encode()]
+
+    app = Lanes(wsgi_app)
+
+    async def call(method: str) -> bytes:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "headers": [],
+            "http_version": "1.1",
+            "scheme": "http",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 1234),
+            "root_path": "",
+        }
+        body: list[bytes] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                body.append(message.get("body", b""))
+
+        await app(scope, receive, send)
+        return b"".join(body)
+
+    async def scenario() -> None:
+        writes = [asyncio.ensure_future(call("POST")) for _ in range(3)]
+        await asyncio.sleep(0.2)
+        assert await asyncio.wait_for(call("GET"), 5) == b"GET"
+        assert not any(w.done() for w in writes)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*writes), 10) == [b"POST"] * 3
+
+    asyncio.run(scenario())
+
+
+def test_timestamps_are_aware_utc(make_user) -> None:
+    user = make_user("viewer")
+    fresh = type(user).objects.get(pk=user.pk)
+    assert fresh.date_joined.tzinfo is not None
+    assert fresh.date_joined.utcoffset() == datetime.timedelta(0)
+    assert abs(fresh.date_joined - user.date_joined) < datetime.timedelta(microseconds=1)
+
+
+def test_postgres_uses_the_c_timestamp_loader(postgres_only) -> None:
+    from sandbox_site import postgres
+
+    if postgres._FAST is None:
+        pytest.fail("psycopg's C extension is a dependency (psycopg[binary]) but is missing")
+    loader, oid, text = postgres._FAST
+    connection.ensure_connection()
+    assert connection.connection.adapters.get_loader(oid, text) is loader
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT TIMESTAMPTZ '2026-01-01 10:00:00.25+02'")
+        (value,) = cursor.fetchone()
+    assert value == datetime.datetime(2026, 1, 1, 8, 0, 0, 250000, tzinfo=datetime.UTC)
+    assert value.tzinfo is datetime.UTC
