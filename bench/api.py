@@ -1,15 +1,16 @@
 """API latency and throughput under 50 concurrent clients, against the real server on PostgreSQL.
 
-    python bench/api.py [--clients 50] [--rate 320] [--seconds 15]
+    python bench/api.py [--clients 50] [--rate 320] [--seconds 15] [--create-share 0.1]
 
 Creates a throwaway PostgreSQL database (DATABASE_URL's server, else the local one), migrates
 it, seeds an operator with a token and 200 VMs, starts the server the way `make run` does
-(`manage.py serve`: web and worker), and drives it with --clients keep-alive connections that
-together send --rate requests per second (open loop: each request has a scheduled send time and
-its latency counts from then, so a server that falls behind shows it). The mix: 60 % list
-(`GET /api/v1/vms/?limit=20`), 30 % retrieve, 10 % command acceptance (`POST /api/v1/vms/`, a
-new VM defined and stopped: the command path, with its event, without booting a guest). The last
-line is one JSON object: clients, requests, rps, p50_ms, p99_ms, errors.
+(`manage.py serve`: web and worker), waits until its processes are done starting, and drives it
+with --clients keep-alive connections that together send --rate requests per second (open loop:
+each request has a scheduled send time and its latency counts from then, so a server that falls
+behind shows it). The mix: 60 % list (`GET /api/v1/vms/?limit=20`), 30 % retrieve, 10 % command
+acceptance (`POST /api/v1/vms/`, a new VM defined and stopped: the command path, with its event,
+without booting a guest). The last line is one JSON object: clients, requests, rps, p50_ms,
+p99_ms, errors, and p50/p99 per kind; stderr has a per-second timeline.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
-from sandbox_site.lanes import Lanes, tune_interpreter
+from sandbox_site.lanes import Lanes, tune_interpreter, warm_database
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sandbox_site.settings")
 tune_interpreter()
 django_http_app = Lanes(get_wsgi_application())
+warm_database()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -12,13 +12,23 @@ their own, reads keep their threads whatever the writes are doing, and the rever
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import io
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from a2wsgi import WSGIMiddleware
+from a2wsgi.wsgi import Body, build_environ
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Request bodies up to this size are read on the event loop before the thread starts; larger
+# or unsized ones are streamed to the app as it reads them.
+BODY_PREREAD_LIMIT = 1 << 20
+# Responses up to this size go back to the event loop whole, larger ones in chunks.
+BUFFER_LIMIT = 1 << 20
 
 
 def lane_threads() -> tuple[int, int]:
@@ -29,17 +39,161 @@ def lane_threads() -> tuple[int, int]:
     )
 
 
+class _Responder:
+    """One request: the WSGI app runs in a lane's thread; a response that fits in memory
+    comes back to the event loop once, whole (a2wsgi would hop threads for the status, every
+    chunk and the end); a large or streaming one is sent chunk by chunk as it is produced."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Any) -> None:
+        self.loop = loop
+        self.send = send
+        self.status = 500
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.streaming = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Any:
+        self.status = int(status.split(" ", 1)[0])
+        self.headers = [(k.lower().encode("latin1"), v.encode("latin1")) for k, v in headers]
+        return self._write
+
+    def _write(self, chunk: bytes) -> None:  # the legacy write() callable: stream it
+        self._stream(chunk)
+
+    def _stream(self, chunk: bytes) -> None:
+        if not self.streaming:
+            self.streaming = True
+            self._call(
+                {"type": "http.response.start", "status": self.status, "headers": self.headers}
+            )
+        self._call({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    def _call(self, message: dict[str, Any]) -> None:
+        asyncio.run_coroutine_threadsafe(self.send(message), self.loop).result()
+
+    def run(self, app: Any, environ: dict[str, Any]) -> bytes | None:
+        """In the lane's thread: the whole body, or None once it has been streamed."""
+        iterable = app(environ, self.start_response)
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in iterable:
+                if self.streaming:
+                    self._stream(chunk)
+                    continue
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > BUFFER_LIMIT:
+                    for c in chunks:
+                        self._stream(c)
+                    chunks = []
+            if self.streaming:
+                self._call({"type": "http.response.body", "body": b""})
+                return None
+            return b"".join(chunks)
+        finally:
+            close = getattr(iterable, "close", None)
+            if close is not None:
+                close()
+
+
+class Lane:
+    """A thread pool running a WSGI app for ASGI HTTP requests."""
+
+    def __init__(self, wsgi_app: Any, threads: int, name: str) -> None:
+        self.app = wsgi_app
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        body = await _preread(scope, receive)
+        if body is None:
+            wsgi_input: Any = Body(loop, receive)
+        else:
+            wsgi_input = io.BytesIO(body)
+        environ = build_environ(scope, wsgi_input)  # type: ignore[arg-type]
+        responder = _Responder(loop, send)
+        context = contextvars.copy_context()
+        content = await loop.run_in_executor(
+            self.executor,
+            context.run,
+            responder.run,  # type: ignore[arg-type]
+            self.app,
+            environ,
+        )
+        if content is not None:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": responder.status,
+                    "headers": responder.headers,
+                }
+            )
+            await send({"type": "http.response.body", "body": content})
+
+
+async def _preread(scope: dict[str, Any], receive: Any) -> bytes | None:
+    """The whole body when it is announced and small (no thread hop per read), else None."""
+    length = None
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+            break
+    if length is None:
+        return b"" if scope.get("method") in READ_METHODS else None
+    if length > BODY_PREREAD_LIMIT:
+        return None
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
 class Lanes:
     """ASGI application serving a WSGI app's HTTP requests from a read and a write thread pool."""
 
     def __init__(self, wsgi_app: Any) -> None:
         reads, writes = lane_threads()
-        self.reads = WSGIMiddleware(wsgi_app, workers=reads)
-        self.writes = WSGIMiddleware(wsgi_app, workers=writes)
+        self.reads = Lane(wsgi_app, reads, "http-read")
+        self.writes = Lane(wsgi_app, writes, "http-write")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         lane = self.reads if scope.get("method") in READ_METHODS else self.writes
         await lane(scope, receive, send)
+
+
+def warm_database() -> None:
+    """Open this process's connection pool before the first request rather than during it.
+
+    A new PostgreSQL connection costs milliseconds (and its first queries more, while the
+    backend fills its caches): opened on demand, the first second under load queued behind
+    them. The pool (shared by the process's threads) keeps ``SANDBOX_DB_POOL_MIN`` connections
+    open from here on. In a thread of its own: the server imports this module from its event
+    loop, where Django refuses database work, and startup need not wait.
+    """
+    threading.Thread(target=_touch_database, name="db-warmup", daemon=True).start()
+
+
+def _touch_database() -> None:
+    import logging
+
+    from django.db import connection
+
+    try:
+        connection.ensure_connection()
+    except Exception:  # the database may come up later: the first request will retry
+        logging.getLogger(__name__).warning("database not reachable at start", exc_info=True)
+    finally:
+        connection.close()
 
 
 def tune_interpreter() -> None:

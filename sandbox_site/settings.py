@@ -140,10 +140,13 @@ if DATABASE_URL:
         options = DATABASES["default"].setdefault("OPTIONS", {})
         options["server_side_binding"] = True
         options["pool"] = {
+            # `serve` raises the minimum of web processes to their lanes' threads.
             "min_size": env_int("SANDBOX_DB_POOL_MIN", 2),
             # Each web thread holds a connection for its request: both lanes' threads, and a
             # few for the process's other work (the live-update follower).
-            "max_size": env_int("SANDBOX_DB_POOL_MAX", 2 * env_int("SANDBOX_WEB_THREADS", 12) + 4),
+            # Each web thread holds a connection for its request, and websocket consumers
+            # borrow some for their database work.
+            "max_size": env_int("SANDBOX_DB_POOL_MAX", 24),
             "timeout": 10,
         }
         # Statements run this often are prepared (psycopg's automatic preparation). Behind a

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -150,3 +151,60 @@ def test_postgres_uses_the_c_timestamp_loader(postgres_only) -> None:
         (value,) = cursor.fetchone()
     assert value == datetime.datetime(2026, 1, 1, 8, 0, 0, 250000, tzinfo=datetime.UTC)
     assert value.tzinfo is datetime.UTC
+
+
+def _fleet(make_user):
+    """Two operators with VMs (one destroyed) and a viewer."""
+    from accounts.caller import Caller
+    from vms import commands
+
+    alice, bob, viewer = make_user("operator"), make_user("operator"), make_user("viewer")
+    for user, count in ((alice, 4), (bob, 3)):
+        caller = Caller.for_user(user)
+        for i in range(count):
+            commands.create(caller, name=f"{user.username}-{i}", template="linux-small")
+    gone = commands.create(Caller.for_user(alice), name="gone", template="linux-small")
+    commands.record_outcome(gone.request, "vm.start_failed", {"reason": "test"})
+    commands.record_outcome(
+        commands.destroy(Caller.for_user(alice), gone.vm).request, "vm.destroyed", {}
+    )
+    return alice, bob, viewer, gone.vm
+
+
+@pytest.mark.parametrize("who", ["alice", "viewer"])
+def test_compiled_list_pages_match_the_orm(make_user, token_client, who) -> None:
+    alice, bob, viewer, _ = _fleet(make_user)
+    client = token_client({"alice": alice, "viewer": viewer}[who])
+    for query in ("", "?limit=2", "?limit=2&offset=2", "?limit=3&offset=6", "?limit=2&offset=99"):
+        compiled = client.get(f"/api/v1/vms/{query}")
+        sep = "&" if "?" in query else "?"
+        orm = client.get(f"/api/v1/vms/{query}{sep}name=")  # a parameter: the ORM's path
+        assert compiled.status_code == orm.status_code == 200
+        body, expected = compiled.json(), orm.json()
+        expected["next"] = expected["next"] and expected["next"].replace("&name=", "")
+        expected["previous"] = expected["previous"] and expected["previous"].replace("&name=", "")
+        assert body == expected
+    everything = client.get("/api/v1/vms/?limit=100").json()
+    owners = {vm["owner"] for vm in everything["results"]}
+    assert owners == ({alice.username} if who == "alice" else {alice.username, bob.username})
+    assert "gone" not in {vm["name"] for vm in everything["results"]}
+
+
+def test_compiled_retrieve_matches_the_serializer_and_hides_others_vms(
+    make_user, token_client
+) -> None:
+    from vms.api import VMSerializer
+    from vms.models import VirtualMachine
+
+    alice, bob, viewer, gone = _fleet(make_user)
+    bobs = VirtualMachine.objects.filter(owner=bob).first()
+    alices = VirtualMachine.objects.filter(owner=alice).exclude(pk=gone.pk).first()
+    as_alice, as_viewer = token_client(alice), token_client(viewer)
+    for vm in (alices, gone):  # a destroyed VM is still shown by id
+        response = as_alice.get(f"/api/v1/vms/{vm.pk}/")
+        assert response.status_code == 200
+        assert response.json() == VMSerializer(VirtualMachine.objects.get(pk=vm.pk)).data
+    assert as_alice.get(f"/api/v1/vms/{bobs.pk}/").status_code == 404
+    assert as_viewer.get(f"/api/v1/vms/{bobs.pk}/").json()["owner"] == bob.username
+    assert as_alice.get("/api/v1/vms/not-a-uuid/").status_code == 404
+    assert as_alice.get(f"/api/v1/vms/{uuid.uuid4()}/").status_code == 404

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import django_filters
-from django.http import FileResponse
+from django.db.models import Count, IntegerField, Subquery, Value
+from django.http import FileResponse, Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -28,6 +29,8 @@ from rest_framework.views import APIView
 from accounts.caller import Caller
 from audit.api import EventSerializer
 from audit.models import Event
+from sandbox_site.compiled import CompiledQuery, cached
+from sandbox_site.pagination import NOT_FILTERS, TOTAL
 from vms import commands, guest, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
@@ -87,34 +90,100 @@ class VMSerializer(serializers.ModelSerializer):
         return f"/api/v1/vms/{vm.pk}/"
 
     def to_representation(self, vm: VirtualMachine) -> dict[str, Any]:
-        # The list endpoint is the hottest in the product: build the dict directly instead of
-        # through 24 field objects (same output, about ten times less CPU per VM).
-        return {
-            "id": str(vm.pk),
-            "url": f"/api/v1/vms/{vm.pk}/",
-            "name": vm.name,
-            "owner": vm.owner.username,
-            "template": vm.template,
-            "boot": vm.boot,
-            "vcpus": vm.vcpus,
-            "memory_mib": vm.memory_mib,
-            "disk_mib": vm.disk_mib,
-            "state": vm.state,
-            "pending_type": vm.pending_type,
-            "progress": vm.progress,
-            "last_error": vm.last_error,
-            "host": vm.host,
-            "hypervisor": vm.hypervisor,
-            "hostname": vm.hostname,
-            "mac": vm.mac,
-            "ip": vm.ip,
-            "source_snapshot": str(vm.source_snapshot_id) if vm.source_snapshot_id else None,
-            "last_snapshot": str(vm.last_snapshot_id) if vm.last_snapshot_id else None,
-            "version": vm.version,
-            "created_at": _iso(vm.created_at),
-            "updated_at": _iso(vm.updated_at),
-            "state_changed_at": _iso(vm.state_changed_at),
-        }
+        values = {name: getattr(vm, name) for name in VM_COLUMNS[:-1]}
+        values["owner__username"] = vm.owner.username
+        return vm_representation(values)
+
+
+# The columns of a VM's API representation (attribute names), its owner's username last.
+VM_COLUMNS = [
+    "id",
+    "name",
+    "template",
+    "boot",
+    "vcpus",
+    "memory_mib",
+    "disk_mib",
+    "state",
+    "pending_type",
+    "progress",
+    "last_error",
+    "host",
+    "hypervisor",
+    "hostname",
+    "mac",
+    "ip",
+    "source_snapshot_id",
+    "last_snapshot_id",
+    "version",
+    "created_at",
+    "updated_at",
+    "state_changed_at",
+    "owner__username",
+]
+
+
+def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
+    """A VM as the API shows it, from its VM_COLUMNS values.
+
+    The list endpoint is the hottest in the product: the dict is built directly instead of
+    through 24 serializer fields (same output, about ten times less CPU per VM).
+    """
+    return {
+        "id": str(v["id"]),
+        "url": f"/api/v1/vms/{v['id']}/",
+        "name": v["name"],
+        "owner": v["owner__username"],
+        "template": v["template"],
+        "boot": v["boot"],
+        "vcpus": v["vcpus"],
+        "memory_mib": v["memory_mib"],
+        "disk_mib": v["disk_mib"],
+        "state": v["state"],
+        "pending_type": v["pending_type"],
+        "progress": v["progress"],
+        "last_error": v["last_error"],
+        "host": v["host"],
+        "hypervisor": v["hypervisor"],
+        "hostname": v["hostname"],
+        "mac": v["mac"],
+        "ip": v["ip"],
+        "source_snapshot": str(v["source_snapshot_id"]) if v["source_snapshot_id"] else None,
+        "last_snapshot": str(v["last_snapshot_id"]) if v["last_snapshot_id"] else None,
+        "version": v["version"],
+        "created_at": _iso(v["created_at"]),
+        "updated_at": _iso(v["updated_at"]),
+        "state_changed_at": _iso(v["state_changed_at"]),
+    }
+
+
+# --- Compiled reads: the default list page and one VM ----------------------------------------
+
+# Stand-ins compiled into the SQL where a request's values go (sandbox_site.compiled).
+OWNER_STAND_IN = -7_319_446_581
+VM_STAND_IN = uuid.UUID("5a4d0000-0000-4000-8000-0000c0ffee00")
+
+
+def _visible(everyone: bool) -> Any:
+    qs = VirtualMachine.objects.all()
+    return qs if everyone else qs.filter(owner_id=OWNER_STAND_IN)
+
+
+@cached
+def _page_query(everyone: bool, limit: int, offset: int) -> CompiledQuery:
+    """The list without filters: live VMs, newest first, with the count (one query)."""
+    qs = _visible(everyone).exclude(state="destroyed").order_by("-created_at")
+    total = qs.order_by().annotate(_one=Value(1)).values("_one").annotate(n=Count("*"))
+    page = qs.values(*VM_COLUMNS).annotate(
+        **{TOTAL: Subquery(total.values("n"), output_field=IntegerField())}
+    )[offset : offset + limit]
+    return CompiledQuery(page, {} if everyone else {"owner": OWNER_STAND_IN})
+
+
+@cached
+def _one_query(everyone: bool) -> CompiledQuery:
+    qs = _visible(everyone).filter(pk=VM_STAND_IN).values(*VM_COLUMNS)
+    return CompiledQuery(qs, {"vm": VM_STAND_IN} | ({} if everyone else {"owner": OWNER_STAND_IN}))
 
 
 class VMCreateSerializer(serializers.Serializer):
@@ -285,6 +354,33 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 
     serializer_class = VMSerializer
     filterset_class = VMFilter
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        if not NOT_FILTERS.issuperset(request.query_params):
+            return super().list(request, *args, **kwargs)  # filters: the ORM's way
+        caller = Caller.from_request(request)
+        everyone = commands.sees_all_vms(caller)
+        paginator = self.paginator
+        assert paginator is not None
+        limit = paginator.get_limit(request)
+        offset = paginator.get_offset(request)
+        rows = _page_query(everyone, limit, offset).run(owner=caller.user.pk)
+        if not rows and offset:
+            return super().list(request, *args, **kwargs)  # past the end: counted apart
+        paginator.request, paginator.limit, paginator.offset = request, limit, offset
+        paginator.count = rows[0][TOTAL] if rows else 0
+        return paginator.get_paginated_response([vm_representation(row) for row in rows])
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            vm_id = uuid.UUID(str(kwargs["pk"]))
+        except ValueError:
+            raise Http404("No VirtualMachine matches the given query.") from None
+        caller = Caller.from_request(request)
+        rows = _one_query(commands.sees_all_vms(caller)).run(vm=vm_id, owner=caller.user.pk)
+        if not rows:
+            raise Http404("No VirtualMachine matches the given query.")
+        return Response(vm_representation(rows[0]))
 
     def get_queryset(self) -> Any:
         qs = commands.visible_vms(Caller.from_request(self.request)).order_by("-created_at")

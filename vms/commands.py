@@ -23,6 +23,7 @@ from accounts.caller import Caller
 from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
+from sandbox_site.compiled import CompiledQuery, cached
 from vms import identity, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine, VMState
 
@@ -111,10 +112,14 @@ RULES: dict[str, tuple[str, frozenset[str]]] = {
 # --- Visibility -------------------------------------------------------------------------------
 
 
+def sees_all_vms(caller: Caller) -> bool:
+    """Readers of all (viewer, auditor, admin) see everyone's VMs; operators their own."""
+    return bool(caller.user.has_perm("vms.view_virtualmachine"))
+
+
 def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
-    """Everyone's VMs for readers of all (viewer, auditor, admin); one's own for operators."""
     qs = VirtualMachine.objects.select_related("owner")
-    if caller.user.has_perm("vms.view_virtualmachine"):
+    if sees_all_vms(caller):
         return qs
     return qs.filter(owner=caller.user)
 
@@ -283,6 +288,20 @@ def _validate_shape(vcpus: int, memory_mib: int, disk_mib: int) -> None:
     quotas.check_vm_shape(vcpus, memory_mib, disk_mib)
 
 
+OWNER_STAND_IN = -7_319_446_583
+NAME_STAND_IN = "stand-in-vm-name"
+
+
+@cached
+def _name_taken_query() -> CompiledQuery:
+    """One of the owner's live VMs with this name, if any (runs under the lock: compiled)."""
+    qs = VirtualMachine.objects.filter(owner_id=OWNER_STAND_IN, name=NAME_STAND_IN)
+    return CompiledQuery(
+        qs.exclude(state="destroyed").values("id")[:1],
+        {"owner": OWNER_STAND_IN, "name": NAME_STAND_IN},
+    )
+
+
 def _new_vm_events(
     caller: Caller,
     *,
@@ -293,14 +312,14 @@ def _new_vm_events(
     memory_mib: int,
     disk_mib: int,
     source_snapshot: Snapshot | None,
+    limits: quotas.EffectiveQuota,
 ) -> store.RecordedEvent:
-    if (
-        VirtualMachine.objects.filter(owner=caller.user, name=name)
-        .exclude(state="destroyed")
-        .exists()
-    ):
+    """Check the name and the quotas and append vm.created; the caller holds the lock."""
+    if _name_taken_query().run(owner=caller.user.pk, name=name):
         raise ValidationError({"name": f"you already have a VM named {name!r}"})
-    quotas.check(caller.user, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib)
+    quotas.check(
+        caller.user, quota=limits, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib
+    )
     mac, ip = identity.allocate()
     created = store.append(
         "vm",
@@ -345,6 +364,7 @@ def create(
         raise ValidationError({"template": f"no enabled template named {template!r}"})
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
+    limits = quotas.effective_quota(caller.user)
     store.lock()
     vm_id = uuid.uuid4()
     created = _new_vm_events(
@@ -356,6 +376,7 @@ def create(
         memory_mib=shape[1],
         disk_mib=shape[2],
         source_snapshot=None,
+        limits=limits,
     )
     if not start_now:
         return Accepted(vm_id, created)
@@ -384,6 +405,7 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
     caller.require("vms.add_virtualmachine")
     _check_snapshot_usable(caller, snap)
     name = _validate_name(name, "name")
+    limits = quotas.effective_quota(caller.user)
     store.lock()
     vm_id = uuid.uuid4()
     created = _new_vm_events(
@@ -395,6 +417,7 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         memory_mib=snap.memory_mib,
         disk_mib=snap.disk_mib,
         source_snapshot=snap,
+        limits=limits,
     )
     request = store.append(
         "vm",

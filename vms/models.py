@@ -111,6 +111,7 @@ class VirtualMachine(models.Model):
         indexes = [
             models.Index(fields=["-created_at"], name="vms_vm_newest"),
             models.Index(fields=["owner", "-created_at"], name="vms_vm_owner_newest"),
+            models.Index(fields=["mac"], name="vms_vm_mac"),
         ]
         constraints = [
             models.UniqueConstraint(

@@ -267,3 +267,21 @@ def test_addresses_are_the_lowest_free_and_run_out_cleanly(caller_for, settings)
     settle(commands.destroy(caller, vms[1]), "vm.destroyed")
     again = commands.create(caller, name="ip-again", template="linux-small", start_now=False).vm
     assert again.ip == "10.9.0.3"
+
+
+def test_the_system_vm_limit_counts_every_users_live_vms(caller_for, settings) -> None:
+    settings.SANDBOX_MAX_VMS = 3
+    alice, bob = caller_for("operator"), caller_for("operator")
+    first = commands.create(alice, name="a1", template="linux-small", start_now=False)
+    commands.create(alice, name="a2", template="linux-small", start_now=False)
+    commands.create(bob, name="b1", template="linux-small", start_now=False)
+    with pytest.raises(QuotaExceeded) as refused:
+        commands.create(bob, name="b2", template="linux-small", start_now=False)
+    assert (refused.value.quota, refused.value.scope, refused.value.used) == (
+        "max_vms",
+        "system",
+        3,
+    )
+    assert not VirtualMachine.objects.filter(name="b2").exists()
+    settle(commands.destroy(alice, first.vm), "vm.destroyed")  # a destroyed VM frees its place
+    assert commands.create(bob, name="b2", template="linux-small", start_now=False).vm.name == "b2"

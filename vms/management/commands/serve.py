@@ -64,7 +64,15 @@ class Command(BaseCommand):
         commands = {"web": web}
         if not options["no_worker"]:
             commands["worker"] = [python, manage, "worker"]
-        procs = {name: subprocess.Popen(argv) for name, argv in commands.items()}
+        from sandbox_site.lanes import lane_threads
+
+        # Web processes keep a database connection open per lane thread (opened at start).
+        web_env = dict(os.environ)
+        web_env.setdefault("SANDBOX_DB_POOL_MIN", str(sum(lane_threads())))
+        procs = {
+            name: subprocess.Popen(argv, env=web_env if name == "web" else None)
+            for name, argv in commands.items()
+        }
         self.stdout.write(
             f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ ({workers} web) "
             f"({', '.join(f'{n} pid {p.pid}' for n, p in procs.items())}); Ctrl-C stops."
