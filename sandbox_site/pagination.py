@@ -12,6 +12,13 @@ from rest_framework.pagination import LimitOffsetPagination
 TOTAL = "pagination_total_count"
 
 
+def with_total(queryset: QuerySet[Any]) -> QuerySet[Any]:
+    """``queryset`` with each row carrying the number of rows it has before any slicing (as
+    ``TOTAL``), a scalar subquery that PostgreSQL runs once."""
+    total = queryset.order_by().annotate(_one=Value(1)).values("_one").annotate(n=Count("*"))
+    return queryset.annotate(**{TOTAL: Subquery(total.values("n"), output_field=IntegerField())})
+
+
 class Pagination(LimitOffsetPagination):
     """``?limit=&offset=`` with ``count``, read in the page's own query.
 
@@ -29,12 +36,7 @@ class Pagination(LimitOffsetPagination):
         if self.limit is None:
             return None
         self.offset = self.get_offset(request)
-        total = queryset.order_by().annotate(_one=Value(1)).values("_one").annotate(n=Count("*"))
-        rows = list(
-            queryset.annotate(**{TOTAL: Subquery(total.values("n"), output_field=IntegerField())})[
-                self.offset : self.offset + self.limit
-            ]
-        )
+        rows = list(with_total(queryset)[self.offset : self.offset + self.limit])
         self.count = getattr(rows[0], TOTAL) if rows else queryset.count()
         if self.count > self.limit and self.template is not None:
             self.display_page_controls = True

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import django_filters
-from django.db.models import Count, IntegerField, Subquery, Value
 from django.http import FileResponse, Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -30,7 +29,7 @@ from accounts.caller import Caller
 from audit.api import EventSerializer
 from audit.models import Event
 from sandbox_site.compiled import CompiledQuery, cached
-from sandbox_site.pagination import NOT_FILTERS, TOTAL
+from sandbox_site.pagination import NOT_FILTERS, TOTAL, with_total
 from vms import commands, guest, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
@@ -52,53 +51,12 @@ class SnapshotBriefSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class VMSerializer(serializers.ModelSerializer):
-    owner = serializers.CharField(source="owner.username", read_only=True)
-    url = serializers.SerializerMethodField()
-
-    class Meta:
-        model = VirtualMachine
-        fields = [
-            "id",
-            "url",
-            "name",
-            "owner",
-            "template",
-            "boot",
-            "vcpus",
-            "memory_mib",
-            "disk_mib",
-            "state",
-            "pending_type",
-            "progress",
-            "last_error",
-            "host",
-            "hypervisor",
-            "hostname",
-            "mac",
-            "ip",
-            "source_snapshot",
-            "last_snapshot",
-            "version",
-            "created_at",
-            "updated_at",
-            "state_changed_at",
-        ]
-        read_only_fields = fields
-
-    def get_url(self, vm: VirtualMachine) -> str:
-        return f"/api/v1/vms/{vm.pk}/"
-
-    def to_representation(self, vm: VirtualMachine) -> dict[str, Any]:
-        values = {name: getattr(vm, name) for name in VM_COLUMNS[:-1]}
-        values["owner__username"] = vm.owner.username
-        return vm_representation(values)
-
-
-# The columns of a VM's API representation (attribute names), its owner's username last.
-VM_COLUMNS = [
+# A VM as the API shows it.
+VM_FIELDS = [
     "id",
+    "url",
     "name",
+    "owner",
     "template",
     "boot",
     "vcpus",
@@ -113,14 +71,38 @@ VM_COLUMNS = [
     "hostname",
     "mac",
     "ip",
-    "source_snapshot_id",
-    "last_snapshot_id",
+    "source_snapshot",
+    "last_snapshot",
     "version",
     "created_at",
     "updated_at",
     "state_changed_at",
-    "owner__username",
 ]
+# The columns behind them: the owner by name, the snapshots by id (the URL is derived).
+_COLUMN_OF = {
+    "owner": "owner__username",
+    "source_snapshot": "source_snapshot_id",
+    "last_snapshot": "last_snapshot_id",
+}
+VM_COLUMNS = [_COLUMN_OF.get(name, name) for name in VM_FIELDS if name != "url"]
+
+
+class VMSerializer(serializers.ModelSerializer):
+    owner = serializers.CharField(source="owner.username", read_only=True)
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = VirtualMachine
+        fields = VM_FIELDS
+        read_only_fields = fields
+
+    def get_url(self, vm: VirtualMachine) -> str:
+        return f"/api/v1/vms/{vm.pk}/"
+
+    def to_representation(self, vm: VirtualMachine) -> dict[str, Any]:
+        values = {name: getattr(vm, name) for name in VM_COLUMNS if name != "owner__username"}
+        values["owner__username"] = vm.owner.username
+        return vm_representation(values)
 
 
 def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
@@ -173,10 +155,7 @@ def _visible(everyone: bool) -> Any:
 def _page_query(everyone: bool, limit: int, offset: int) -> CompiledQuery:
     """The list without filters: live VMs, newest first, with the count (one query)."""
     qs = _visible(everyone).exclude(state="destroyed").order_by("-created_at")
-    total = qs.order_by().annotate(_one=Value(1)).values("_one").annotate(n=Count("*"))
-    page = qs.values(*VM_COLUMNS).annotate(
-        **{TOTAL: Subquery(total.values("n"), output_field=IntegerField())}
-    )[offset : offset + limit]
+    page = with_total(qs).values(*VM_COLUMNS, TOTAL)[offset : offset + limit]
     return CompiledQuery(page, {} if everyone else {"owner": OWNER_STAND_IN})
 
 

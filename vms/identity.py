@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Iterator
 
 from django.conf import settings
+from django.db.models import Q
 
 from sandbox_site.compiled import CompiledQuery, cached
 from vms.models import ACTIVE_STATES, VirtualMachine
@@ -24,49 +25,42 @@ def hostname_for(name: str) -> str:
     return label or "sandbox"
 
 
-# Compiled once (sandbox_site.compiled): both run under the event store's lock.
+# Compiled once (sandbox_site.compiled): it runs under the event store's lock.
 MAC_STAND_INS = [f"stand-in-mac-{i}" for i in range(4)]
 
 
 @cached
-def _macs_query() -> CompiledQuery:
+def _taken_query() -> CompiledQuery:
+    """Live VMs' addresses, and whether the candidate MACs are taken, in one query."""
     live = VirtualMachine.objects.filter(state__in=ACTIVE_STATES)
     return CompiledQuery(
-        live.filter(mac__in=MAC_STAND_INS).values("mac"),
+        live.filter(Q(ip__isnull=False) | Q(mac__in=MAC_STAND_INS)).values("mac", "ip"),
         {f"m{i}": mac for i, mac in enumerate(MAC_STAND_INS)},
     )
-
-
-@cached
-def _ips_query() -> CompiledQuery:
-    live = VirtualMachine.objects.filter(state__in=ACTIVE_STATES)
-    return CompiledQuery(live.filter(ip__isnull=False).values("ip"), {})
 
 
 def allocate() -> tuple[str, str | None]:
     """A MAC and the lowest free host address of SANDBOX_NETWORK_CIDR (the first is the
     gateway), both unused by any live VM; the address is None when the network is full.
 
-    Reads only what it must: the addresses in use (at most the network's size, whatever the
-    number of VMs) and whether a few random MACs are taken (indexed).
+    One query that reads only what it must: the addresses in use (at most the network's size,
+    whatever the number of VMs) and which of four random MACs are taken (indexed).
     """
     while True:
-        # QEMU/KVM's OUI and three random bytes; four candidates, so a taken one costs no
-        # second query.
+        # QEMU/KVM's OUI and three random bytes.
         candidates = [
             "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3)) for _ in range(4)
         ]
-        rows = _macs_query().run(**{f"m{i}": mac for i, mac in enumerate(candidates)})
+        rows = _taken_query().run(**{f"m{i}": mac for i, mac in enumerate(candidates)})
         taken_macs = {row["mac"] for row in rows}
         free = [mac for mac in candidates if mac not in taken_macs]
         if free:
-            mac = free[0]
             break
-    taken_ips = {row["ip"] for row in _ips_query().run()}
+    taken_ips = {row["ip"] for row in rows if row["ip"]}
     for ip in _host_addresses(settings.SANDBOX_NETWORK_CIDR):
         if ip not in taken_ips:
-            return mac, ip
-    return mac, None
+            return free[0], ip
+    return free[0], None
 
 
 def _host_addresses(cidr: str) -> Iterator[str]:
