@@ -180,6 +180,10 @@ def warm_database() -> None:
     open from here on. In a thread of its own: the server imports this module from its event
     loop, where Django refuses database work, and startup need not wait.
     """
+    from django.conf import settings
+
+    if settings.TESTING:  # a test imports the app before it has switched to the test database
+        return
     threading.Thread(target=_touch_database, name="db-warmup", daemon=True).start()
 
 
