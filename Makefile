@@ -56,7 +56,9 @@ MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py au
 	audit/catalogue.py audit/actor.py audit/errors.py audit/offline.py accounts/commands.py \
 	accounts/tokens.py accounts/caller.py accounts/backends.py vms/commands.py vms/quotas.py \
 	vms/projectors.py vms/worker.py vms/guest.py vms/reconcile.py vms/hypervisors vms/agent \
-	vms/live.py vms/console.py vms/consumers.py vms/metrics_live.py vms/exec_consumer.py
+	vms/live.py vms/console.py vms/consumers.py vms/metrics_live.py vms/exec_consumer.py \
+	vms/identity.py sandbox_site/lanes.py sandbox_site/compiled.py sandbox_site/pagination.py \
+	sandbox_site/postgres.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import io
 import os
 import sys
@@ -27,8 +28,10 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Request bodies up to this size are read on the event loop before the thread starts; larger
 # or unsized ones are streamed to the app as it reads them.
 BODY_PREREAD_LIMIT = 1 << 20
-# Responses up to this size go back to the event loop whole, larger ones in chunks.
+# Responses up to this size go back to the event loop whole, larger ones in chunks of at least
+# STREAM_CHUNK bytes.
 BUFFER_LIMIT = 1 << 20
+STREAM_CHUNK = 1 << 16
 
 
 def lane_threads() -> tuple[int, int]:
@@ -72,23 +75,23 @@ class _Responder:
     def _call(self, message: dict[str, Any]) -> None:
         asyncio.run_coroutine_threadsafe(self.send(message), self.loop).result()
 
-    def run(self, app: Any, environ: dict[str, Any]) -> bytes | None:
+    def run(self, app: Any, environ: Any) -> bytes | None:
         """In the lane's thread: the whole body, or None once it has been streamed."""
         iterable = app(environ, self.start_response)
         try:
             chunks: list[bytes] = []
             size = 0
             for chunk in iterable:
-                if self.streaming:
-                    self._stream(chunk)
-                    continue
                 chunks.append(chunk)
                 size += len(chunk)
-                if size > BUFFER_LIMIT:
-                    for c in chunks:
-                        self._stream(c)
-                    chunks = []
+                # Buffered whole up to BUFFER_LIMIT; past it, sent in STREAM_CHUNK pieces
+                # (a file comes in 4 KiB blocks: one thread hop each would be slow).
+                if size > (STREAM_CHUNK if self.streaming else BUFFER_LIMIT):
+                    self._stream(b"".join(chunks))
+                    chunks, size = [], 0
             if self.streaming:
+                if chunks:
+                    self._stream(b"".join(chunks))
                 self._call({"type": "http.response.body", "body": b""})
                 return None
             return b"".join(chunks)
@@ -115,13 +118,8 @@ class Lane:
         environ = build_environ(scope, wsgi_input)  # type: ignore[arg-type]
         responder = _Responder(loop, send)
         context = contextvars.copy_context()
-        content = await loop.run_in_executor(
-            self.executor,
-            context.run,
-            responder.run,  # type: ignore[arg-type]
-            self.app,
-            environ,
-        )
+        job = functools.partial(context.run, responder.run, self.app, environ)
+        content = await loop.run_in_executor(self.executor, job)
         if content is not None:
             await send(
                 {

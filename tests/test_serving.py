@@ -94,30 +94,7 @@ def test_a_read_is_served_while_every_write_thread_waits(monkeypatch) -> None:
     app = Lanes(wsgi_app)
 
     async def call(method: str) -> bytes:
-        scope = {
-            "type": "http",
-            "method": method,
-            "path": "/",
-            "raw_path": b"/",
-            "query_string": b"",
-            "headers": [],
-            "http_version": "1.1",
-            "scheme": "http",
-            "server": ("127.0.0.1", 80),
-            "client": ("127.0.0.1", 1234),
-            "root_path": "",
-        }
-        body: list[bytes] = []
-
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.body":
-                body.append(message.get("body", b""))
-
-        await app(scope, receive, send)
-        return b"".join(body)
+        return (await _asgi_request(app, method))[1]
 
     async def scenario() -> None:
         writes = [asyncio.ensure_future(call("POST")) for _ in range(3)]
@@ -208,3 +185,72 @@ def test_compiled_retrieve_matches_the_serializer_and_hides_others_vms(
     assert as_viewer.get(f"/api/v1/vms/{bobs.pk}/").json()["owner"] == bob.username
     assert as_alice.get("/api/v1/vms/not-a-uuid/").status_code == 404
     assert as_alice.get(f"/api/v1/vms/{uuid.uuid4()}/").status_code == 404
+
+
+async def _asgi_request(
+    app: Any, method: str, body_parts: list[bytes] | None = None, headers: list[Any] | None = None
+) -> tuple[int, bytes, int]:
+    """One HTTP request through an ASGI app: (status, body, number of body messages)."""
+    body_parts = body_parts or []
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": headers or [],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1234),
+        "root_path": "",
+    }
+    incoming = [
+        {"type": "http.request", "body": part, "more_body": i < len(body_parts) - 1}
+        for i, part in enumerate(body_parts or [b""])
+    ]
+    status, chunks = 0, []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        else:
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, b"".join(chunks), len(chunks)
+
+
+def _asgi_call(app: Any, method: str, body_parts: list[bytes], headers: list[Any]) -> Any:
+    return asyncio.run(_asgi_request(app, method, body_parts, headers))
+
+
+def test_lanes_stream_large_bodies_both_ways() -> None:
+    from sandbox_site import lanes
+
+    big = [bytes([i]) * (600 * 1024) for i in range(3)]  # 1.8 MiB: past both limits
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> Any:
+        received = environ["wsgi.input"].read()
+        start_response("201 Created", [("Content-Type", "application/octet-stream")])
+        if environ["REQUEST_METHOD"] == "POST":
+            return [str(len(received)).encode(), b":", received[:1], received[-1:]]
+        return iter(big)
+
+    app = lanes.Lanes(wsgi_app)
+    status, body, messages = _asgi_call(app, "GET", [], [])
+    assert (status, body) == (201, b"".join(big))
+    assert messages > 1  # sent as it was produced, not held whole
+    small_status, small, small_messages = _asgi_call(
+        app, "POST", [b"abc"], [(b"content-length", b"3")]
+    )
+    assert (small_status, small, small_messages) == (201, b"3:ac", 1)  # read ahead, one reply
+    upload = [b"x" * (700 * 1024), b"y" * (700 * 1024)]
+    status, body, _ = _asgi_call(
+        app, "POST", upload, [(b"content-length", str(1400 * 1024).encode())]
+    )
+    assert (status, body) == (201, f"{1400 * 1024}:xy".encode())  # streamed to the app
