@@ -1,13 +1,16 @@
-"""HTTP for Django in threads, in two lanes: reads and writes never wait for each other's threads.
+"""HTTP for Django in threads, in lanes that never wait for each other's threads.
 
 Django's own ASGI handler runs a sync view through three thread hops per request (the middleware
 chain, back to the event loop, then the view); this runs the whole WSGI request in one worker
-thread instead (a2wsgi), about half the per-request overhead. Websockets stay on Channels.
+thread instead (a2wsgi builds the environ and streams large request bodies), and a response
+that fits in memory goes back to the event loop in one hop: about half the per-request
+overhead. Websockets stay on Channels.
 
-Two pools, by method. A write (POST, PUT, PATCH, DELETE) may wait for the event store's lock
-while other writes hold it; under a burst of writes those waits would otherwise take every
-thread of the process, and reads, which need no lock, would queue behind them. With a lane of
-their own, reads keep their threads whatever the writes are doing, and the reverse.
+Three pools. A write (POST, PUT, PATCH, DELETE) may wait for the event store's lock while other
+writes hold it; under a burst of writes those waits would otherwise take every thread of the
+process, and reads, which need no lock, would queue behind them. Requests that wait on a guest
+or stream a file (exec, file transfers, downloads) can take minutes and would hold either lane's
+threads meanwhile: they have the third lane.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextvars
 import functools
 import io
 import os
+import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +29,8 @@ from typing import Any
 from a2wsgi.wsgi import Body, build_environ
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Paths that wait on a guest's agent or stream a file: the long lane.
+LONG_PATH = re.compile(r"/(exec|files|download|cast)/?$")
 # Request bodies up to this size are read on the event loop before the thread starts; larger
 # or unsized ones are streamed to the app as it reads them.
 BODY_PREREAD_LIMIT = 1 << 20
@@ -34,11 +40,12 @@ BUFFER_LIMIT = 1 << 20
 STREAM_CHUNK = 1 << 16
 
 
-def lane_threads() -> tuple[int, int]:
-    """(read threads, write threads) per web process."""
+def lane_threads() -> tuple[int, int, int]:
+    """(read, write, long) threads per web process."""
     return (
         int(os.environ.get("SANDBOX_WEB_READ_THREADS", "4")),
         int(os.environ.get("SANDBOX_WEB_WRITE_THREADS", "2")),
+        int(os.environ.get("SANDBOX_WEB_LONG_THREADS", "8")),
     )
 
 
@@ -157,16 +164,22 @@ async def _preread(scope: dict[str, Any], receive: Any) -> bytes | None:
 
 
 class Lanes:
-    """ASGI application serving a WSGI app's HTTP requests from a read and a write thread pool."""
+    """ASGI application serving a WSGI app's HTTP requests from the read, write and long
+    thread pools."""
 
     def __init__(self, wsgi_app: Any) -> None:
-        reads, writes = lane_threads()
+        reads, writes, long = lane_threads()
         self.reads = Lane(wsgi_app, reads, "http-read")
         self.writes = Lane(wsgi_app, writes, "http-write")
+        self.long = Lane(wsgi_app, long, "http-long")
+
+    def lane_for(self, scope: dict[str, Any]) -> Lane:
+        if LONG_PATH.search(scope.get("path", "")):
+            return self.long
+        return self.reads if scope.get("method") in READ_METHODS else self.writes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        lane = self.reads if scope.get("method") in READ_METHODS else self.writes
-        await lane(scope, receive, send)
+        await self.lane_for(scope)(scope, receive, send)
 
 
 def warm_database() -> None:

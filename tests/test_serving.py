@@ -254,3 +254,25 @@ def test_lanes_stream_large_bodies_both_ways() -> None:
         app, "POST", upload, [(b"content-length", str(1400 * 1024).encode())]
     )
     assert (status, body) == (201, f"{1400 * 1024}:xy".encode())  # streamed to the app
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "lane"),
+    [
+        ("GET", "/api/v1/vms/", "reads"),
+        ("HEAD", "/healthz", "reads"),
+        ("POST", "/api/v1/vms/", "writes"),
+        ("DELETE", "/api/v1/vms/5a4d0000-0000-4000-8000-0000c0ffee00/", "writes"),
+        ("POST", "/api/v1/vms/5a4d0000-0000-4000-8000-0000c0ffee00/exec/", "long"),
+        ("POST", "/api/v1/vms/5a4d0000-0000-4000-8000-0000c0ffee00/files/", "long"),
+        ("GET", "/api/v1/vms/5a4d0000-0000-4000-8000-0000c0ffee00/files/", "long"),
+        ("GET", "/api/v1/audit/exports/5a4d0000-0000-4000-8000-0000c0ffee00/download/", "long"),
+        ("GET", "/audit/sessions/12/cast", "long"),
+        ("GET", "/vms/5a4d0000-0000-4000-8000-0000c0ffee00/exec/", "long"),
+    ],
+)
+def test_requests_that_wait_on_guests_or_stream_files_take_the_long_lane(
+    method, path, lane
+) -> None:
+    app = Lanes(lambda environ, start_response: [])
+    assert app.lane_for({"method": method, "path": path}) is getattr(app, lane)

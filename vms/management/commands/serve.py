@@ -66,9 +66,11 @@ class Command(BaseCommand):
             commands["worker"] = [python, manage, "worker"]
         from sandbox_site.lanes import lane_threads
 
-        # Web processes keep a database connection open per lane thread (opened at start).
+        # Web processes keep a database connection open per read and write thread (opened at
+        # start); the long lane's requests mostly wait on guests and borrow theirs on demand.
+        reads, writes, _ = lane_threads()
         web_env = dict(os.environ)
-        web_env.setdefault("SANDBOX_DB_POOL_MIN", str(sum(lane_threads())))
+        web_env.setdefault("SANDBOX_DB_POOL_MIN", str(reads + writes))
         procs = {
             name: subprocess.Popen(argv, env=web_env if name == "web" else None)
             for name, argv in commands.items()
