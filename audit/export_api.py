@@ -7,6 +7,7 @@ signing are writes, so a read-only token is refused them. None of these endpoint
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -179,14 +180,19 @@ class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
                 {"detail": "the export file is no longer on this server"},
                 status=status.HTTP_410_GONE,
             )
-        response = FileResponse(
-            path.open("rb"),
-            as_attachment=True,
-            filename=job.file_name,
-            content_type=CONTENT_TYPES[job.format],
-        )
-        response["X-Content-SHA256"] = job.sha256
-        return response
+        return download_response(job, path)
+
+
+def download_response(job: ExportJob, path: Path) -> FileResponse:
+    """A finished export's file as an attachment, with its SHA-256 in a header."""
+    response = FileResponse(
+        path.open("rb"),
+        as_attachment=True,
+        filename=job.file_name,
+        content_type=CONTENT_TYPES[job.format],
+    )
+    response["X-Content-SHA256"] = job.sha256
+    return response
 
 
 class FrameworkView(APIView):

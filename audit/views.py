@@ -263,20 +263,13 @@ def export_status(request: HttpRequest, pk: str) -> JsonResponse:
 @require_GET
 @_needs(EXPORT)
 def export_download(request: HttpRequest, pk: str) -> HttpResponse:
-    from audit.export_api import CONTENT_TYPES
+    from audit.export_api import download_response
 
     job = get_object_or_404(ExportJob, pk=pk)
     path = exports.export_path(job)
     if job.status != ExportJob.Status.DONE or not path.exists():
         raise Http404("this export is not ready or no longer on this server")
-    response = FileResponse(
-        path.open("rb"),
-        as_attachment=True,
-        filename=job.file_name,
-        content_type=CONTENT_TYPES[job.format],
-    )
-    response["X-Content-SHA256"] = job.sha256
-    return response
+    return download_response(job, path)
 
 
 @require_GET

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -27,13 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/audit.py must not shadow audit/
 
-from event_store import ensure_postgres  # noqa: E402
+from event_store import throwaway_database  # noqa: E402
 
 
 def ensure_redis(url: str) -> None:
@@ -231,85 +232,23 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/9")
-    ensure_postgres(base_url)
     ensure_redis(redis_url)
-    import psycopg
-
-    parsed = urlparse(base_url)
-    db_name = f"sandbox_bench_api_{os.getpid()}"
-    admin_url = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
-    env = dict(os.environ)
     data_dir = ROOT / "var" / f"bench-api-{os.getpid()}"
-    env.update(
-        DATABASE_URL=urlunparse(parsed._replace(path=f"/{db_name}")),
-        REDIS_URL=redis_url,
-        SANDBOX_DATA_DIR=str(data_dir),
-        SANDBOX_LOG_LEVEL="WARNING",
-        SANDBOX_MAX_VMS="1000000",
-        DJANGO_SETTINGS_MODULE="sandbox_site.settings",
-    )
-    os.environ.update(env)
-    server = None
     try:
-        import django
-
-        django.setup()
-        from django.core.management import call_command
-
-        call_command("migrate", verbosity=0)
-        token, vm_ids = seed()
-        from django.db import connections
-
-        connections.close_all()
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=open(os.environ.get("BENCH_SERVER_LOG", os.devnull), "w"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("the server did not start") from None
-                time.sleep(0.2)
-        wait_quiet(server.pid)
-        latencies, errors, elapsed, by_kind = asyncio.run(
-            drive(
-                port,
-                token,
-                vm_ids,
-                args.clients,
-                args.rate,
-                args.seconds,
-                args.warmup,
-                args.create_share,
+        with throwaway_database("sandbox_bench_api") as url:
+            env = dict(os.environ)
+            env.update(
+                DATABASE_URL=url,
+                REDIS_URL=redis_url,
+                SANDBOX_DATA_DIR=str(data_dir),
+                SANDBOX_LOG_LEVEL="WARNING",
+                SANDBOX_MAX_VMS="1000000",
+                DJANGO_SETTINGS_MODULE="sandbox_site.settings",
             )
-        )
+            os.environ.update(env)
+            latencies, errors, elapsed, by_kind = serve_and_drive(args, env)
     finally:
-        if server is not None and server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        import shutil
-
         shutil.rmtree(data_dir, ignore_errors=True)
     latencies.sort()
     result = {
@@ -331,6 +270,60 @@ def main() -> None:
             result[f"{kind}_p50_ms"] = round(statistics.median(values) * 1000, 2)
             result[f"{kind}_p99_ms"] = round(values[int(len(values) * 0.99) - 1] * 1000, 2)
     print(json.dumps(result))
+
+
+def serve_and_drive(
+    args: argparse.Namespace, env: dict[str, str]
+) -> tuple[list[float], int, float, dict[str, list[float]]]:
+    """Migrate and seed the database, start `manage.py serve` on it, drive it, stop it."""
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", verbosity=0)
+    token, vm_ids = seed()
+    connections.close_all()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(os.environ.get("BENCH_SERVER_LOG", os.devnull), "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        wait_quiet(server.pid)
+        return asyncio.run(
+            drive(
+                port,
+                token,
+                vm_ids,
+                args.clients,
+                args.rate,
+                args.seconds,
+                args.warmup,
+                args.create_share,
+            )
+        )
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
 
 
 def seed() -> tuple[str, list[str]]:

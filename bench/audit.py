@@ -17,19 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from event_store import ensure_postgres  # noqa: E402
+from event_store import throwaway_database  # noqa: E402
 
 
 def main() -> None:
@@ -38,30 +38,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args()
 
-    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-    ensure_postgres(base_url)
-    import psycopg
-
-    parsed = urlparse(base_url)
-    db_name = f"sandbox_bench_audit_{os.getpid()}"
-    admin_url = urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
     work = Path(tempfile.mkdtemp(prefix="sandbox-bench-audit-"))
-    os.environ["DATABASE_URL"] = urlunparse(parsed._replace(path=f"/{db_name}"))
-    os.environ["SANDBOX_DATA_DIR"] = str(work)
-    os.environ["DJANGO_SETTINGS_MODULE"] = "sandbox_site.settings"
-    os.environ["SANDBOX_LOG_LEVEL"] = "WARNING"
     try:
-        results = run(args, work)
+        with throwaway_database("sandbox_bench_audit") as url:
+            os.environ["DATABASE_URL"] = url
+            os.environ["SANDBOX_DATA_DIR"] = str(work)
+            os.environ["DJANGO_SETTINGS_MODULE"] = "sandbox_site.settings"
+            os.environ["SANDBOX_LOG_LEVEL"] = "WARNING"
+            results = run(args, work)
     finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(results))
 

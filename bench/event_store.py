@@ -18,6 +18,7 @@ The last line is one JSON object with the figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -54,6 +56,30 @@ def ensure_postgres(url: str) -> None:
     raise SystemExit(f"PostgreSQL is not reachable at {host}:{port}")
 
 
+@contextlib.contextmanager
+def throwaway_database(prefix: str) -> Iterator[str]:
+    """A new PostgreSQL database on DATABASE_URL's server (else the local one), started if
+    needed; yields its URL and drops it afterwards (closing this process's connections)."""
+    import psycopg
+
+    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+    ensure_postgres(base_url)
+    parsed = urlparse(base_url)
+    db_name = f"{prefix}_{os.getpid()}"
+    admin_url = urlunparse(parsed._replace(path="/postgres"))
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{db_name}"')
+    try:
+        yield urlunparse(parsed._replace(path=f"/{db_name}"))
+    finally:
+        if "django" in sys.modules:
+            from django.db import connections
+
+            connections.close_all()
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--singles", type=int, default=2000)
@@ -62,28 +88,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args()
 
-    base_url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-    ensure_postgres(base_url)
-    import psycopg
-
-    parsed = urlparse(base_url)
-    db_name = f"sandbox_bench_{os.getpid()}"
-    admin_url = urlunparse(parsed._replace(path="/postgres"))
-    bench_url = urlunparse(parsed._replace(path=f"/{db_name}"))
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{db_name}"')
-    os.environ["DATABASE_URL"] = bench_url
-    os.environ.setdefault("SANDBOX_DATA_DIR", str(ROOT / "var" / "bench"))
-    os.environ["DJANGO_SETTINGS_MODULE"] = "sandbox_site.settings"
-    os.environ["SANDBOX_LOG_LEVEL"] = "WARNING"
-    try:
+    with throwaway_database("sandbox_bench") as bench_url:
+        os.environ["DATABASE_URL"] = bench_url
+        os.environ.setdefault("SANDBOX_DATA_DIR", str(ROOT / "var" / "bench"))
+        os.environ["DJANGO_SETTINGS_MODULE"] = "sandbox_site.settings"
+        os.environ["SANDBOX_LOG_LEVEL"] = "WARNING"
         results = run(args, bench_url)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
     print(json.dumps(results))
 
 

@@ -305,16 +305,21 @@ def _name_taken_query() -> CompiledQuery:
 def _new_vm_events(
     caller: Caller,
     *,
-    vm_id: uuid.UUID,
     name: str,
     template: Template | Snapshot,
     vcpus: int,
     memory_mib: int,
     disk_mib: int,
     source_snapshot: Snapshot | None,
-    limits: quotas.EffectiveQuota,
-) -> store.RecordedEvent:
-    """Check the name and the quotas and append vm.created; the caller holds the lock."""
+) -> tuple[uuid.UUID, store.RecordedEvent]:
+    """Take the lock, check the name and the quotas, append vm.created: (new id, event).
+
+    The quota definitions are read before the lock, which is then held only for what
+    concurrent requests change (usage, names, addresses) and the append.
+    """
+    limits = quotas.effective_quota(caller.user)
+    store.lock()
+    vm_id = uuid.uuid4()
     if _name_taken_query().run(owner=caller.user.pk, name=name):
         raise ValidationError({"name": f"you already have a VM named {name!r}"})
     quotas.check(
@@ -343,7 +348,7 @@ def _new_vm_events(
         actor=caller.actor,
         expected_version=0,
     )
-    return created
+    return vm_id, created
 
 
 @transaction.atomic
@@ -364,19 +369,14 @@ def create(
         raise ValidationError({"template": f"no enabled template named {template!r}"})
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
-    limits = quotas.effective_quota(caller.user)
-    store.lock()
-    vm_id = uuid.uuid4()
-    created = _new_vm_events(
+    vm_id, created = _new_vm_events(
         caller,
-        vm_id=vm_id,
         name=name,
         template=tpl,
         vcpus=shape[0],
         memory_mib=shape[1],
         disk_mib=shape[2],
         source_snapshot=None,
-        limits=limits,
     )
     if not start_now:
         return Accepted(vm_id, created)
@@ -405,19 +405,14 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
     caller.require("vms.add_virtualmachine")
     _check_snapshot_usable(caller, snap)
     name = _validate_name(name, "name")
-    limits = quotas.effective_quota(caller.user)
-    store.lock()
-    vm_id = uuid.uuid4()
-    created = _new_vm_events(
+    vm_id, created = _new_vm_events(
         caller,
-        vm_id=vm_id,
         name=name,
         template=snap,
         vcpus=snap.vcpus,
         memory_mib=snap.memory_mib,
         disk_mib=snap.disk_mib,
         source_snapshot=snap,
-        limits=limits,
     )
     request = store.append(
         "vm",
