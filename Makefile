@@ -20,7 +20,7 @@ run: deps frontend images
 test: deps frontend
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The event store and account suites on the embedded SQLite default (CI runs both databases).
+# The event store, account and serving suites on the embedded SQLite default (CI runs both).
 test-sqlite: deps
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest tests/audit tests/accounts tests/test_platform.py tests/test_serving.py $(PYTEST_ARGS)
 
