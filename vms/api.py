@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import django_filters
+from django.db.models import Q
 from django.http import FileResponse, Http404
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -328,6 +329,17 @@ class SnapshotFilter(django_filters.FilterSet):
 # --- Views ------------------------------------------------------------------------------------
 
 
+class RawUploadParser(FileUploadParser):
+    """A raw request body as the uploaded file (``curl -T`` or ``--data-binary``).
+
+    The destination is the ``path`` query parameter, so no Content-Disposition filename is
+    needed; Django's upload handlers spool a large body to a temporary file.
+    """
+
+    def get_filename(self, stream: Any, media_type: Any, parser_context: Any) -> str:
+        return super().get_filename(stream, media_type, parser_context) or "upload"
+
+
 class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Your VMs (everyone's for viewers, auditors and admins). DELETE destroys."""
 
@@ -497,12 +509,17 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         parameters=[
             OpenApiParameter("path", str, required=True, description="absolute path in the guest")
         ],
-        request={"application/octet-stream": bytes},
+        request={
+            "application/octet-stream": bytes,
+            "multipart/form-data": inline_serializer(
+                "GuestFileUpload", {"file": serializers.FileField()}
+            ),
+        },
     )
     @action(
         detail=True,
         methods=["get", "put", "post"],
-        parser_classes=[FileUploadParser, MultiPartParser],
+        parser_classes=[MultiPartParser, RawUploadParser],
     )
     def files(self, request: Request, pk: Any = None) -> Any:
         """GET downloads ``path``; PUT (raw body) or POST (multipart ``file``) uploads to it."""
@@ -522,6 +539,9 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             response["X-Content-SHA256"] = sha256
             response["Content-Length"] = str(size)
             return response
+        # Who may write, and to where, is decided before the body is read or parsed.
+        guest.require_guest_access(caller, vm, "vms.write_files")
+        guest.validate_guest_path(path)
         upload = request.data.get("file")
         if upload is None:
             raise ValidationError(
@@ -612,7 +632,13 @@ class RequestStatusView(APIView):
             eid = uuid.UUID(event_id)
         except ValueError as exc:
             raise NotFound("no such request") from exc
-        event = Event.objects.filter(event_id=eid, type__endswith="_requested").first()
+        # A create without a start is a request that was carried out when it was accepted: its
+        # status URL names the vm.created event, which is its own outcome.
+        event = (
+            Event.objects.filter(event_id=eid)
+            .filter(Q(type__endswith="_requested") | Q(type="vm.created"))
+            .first()
+        )
         if event is None:
             raise NotFound("no such request")
         vm = (
@@ -620,15 +646,23 @@ class RequestStatusView(APIView):
         )
         if vm is None and not request.user.has_perm("audit.view_audit_trail"):
             raise NotFound("no such request")
-        outcome = RequestOutcome.objects.filter(request_event_id=str(eid)).first()
+        request_data = EventSerializer(event).data
         body: dict[str, Any] = {
-            "request": EventSerializer(event).data,
-            "state": "pending"
-            if outcome is None
-            else ("failed" if outcome.outcome_type.endswith("_failed") else "succeeded"),
-            "outcome": None,
+            "request": request_data,
+            "state": "succeeded",
+            "outcome": request_data,
             "vm": VMSerializer(vm).data if vm else None,
         }
-        if outcome is not None:
-            body["outcome"] = EventSerializer(Event.objects.get(position=outcome.position)).data
+        if event.type != "vm.created":
+            outcome = RequestOutcome.objects.filter(request_event_id=str(eid)).first()
+            body["state"] = (
+                "pending"
+                if outcome is None
+                else ("failed" if outcome.outcome_type.endswith("_failed") else "succeeded")
+            )
+            body["outcome"] = (
+                None
+                if outcome is None
+                else EventSerializer(Event.objects.get(position=outcome.position)).data
+            )
         return Response(body)

@@ -65,7 +65,9 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
         os.close(fd)
 
 
-def _require_running(caller: Caller, vm: VirtualMachine, perm: str) -> None:
+def require_guest_access(caller: Caller, vm: VirtualMachine, perm: str) -> None:
+    """May ``caller`` use ``perm`` on the guest of ``vm`` now? Checked before a request body
+    is read, so a caller without the permission never has an upload parsed."""
     caller.require(perm)
     if vm.owner_id != caller.user.pk and not caller.user.has_perm("vms.manage_all_vms"):
         from django.core.exceptions import PermissionDenied
@@ -119,7 +121,7 @@ def run_exec(
 ) -> ExecOutcome:
     """Run ``argv`` in the guest and record ``vm.exec_completed`` (argv, cwd, exit, duration,
     output sizes and SHA-256; the output itself only with SANDBOX_EXEC_RECORD_OUTPUT)."""
-    _require_running(caller, vm, "vms.exec_vm")
+    require_guest_access(caller, vm, "vms.exec_vm")
     out, err = _Capture(on_stdout), _Capture(on_stderr)
     started = time.monotonic()
     with agent_session(vm) as agent:
@@ -174,7 +176,7 @@ def validate_guest_path(path: str) -> str:
 
 
 def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> tuple[int, str]:
-    _require_running(caller, vm, "vms.write_files")
+    require_guest_access(caller, vm, "vms.write_files")
     path = validate_guest_path(path)
     with agent_session(vm) as agent:
         transfer = agent.put_file(source, path, mkdirs=True)
@@ -185,7 +187,7 @@ def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> 
 
 
 def download(caller: Caller, vm: VirtualMachine, path: str, dest: Path) -> tuple[int, str]:
-    _require_running(caller, vm, "vms.read_files")
+    require_guest_access(caller, vm, "vms.read_files")
     path = validate_guest_path(path)
     with agent_session(vm) as agent:
         transfer = agent.get_file(path, dest)
