@@ -29,8 +29,21 @@ def django_errors(exc: Exception) -> Exception:
     return exc
 
 
+class OptionalEmailField(serializers.EmailField):
+    """An email address, or null for an account without one: an empty string is no email
+    address, and would break the schema's ``format: email``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_null", True)
+        super().__init__(**kwargs)
+
+    def to_representation(self, value: Any) -> str | None:
+        return value or None
+
+
 class UserSerializer(serializers.ModelSerializer):
     role = serializers.CharField(read_only=True)
+    email = OptionalEmailField(read_only=True)
 
     class Meta:
         model = User
@@ -39,9 +52,12 @@ class UserSerializer(serializers.ModelSerializer):
 
 
 class UserCreateSerializer(serializers.Serializer):
+    """A new account. ``password`` is required; null makes an account without password login
+    (API tokens only). Django's password validators apply (in ``accounts.commands``)."""
+
     username = serializers.CharField(max_length=150)
-    email = serializers.EmailField(required=False, allow_blank=True)
-    password = serializers.CharField(write_only=True, min_length=8, required=False)
+    email = OptionalEmailField(required=False, allow_blank=True, default=None)
+    password = serializers.CharField(write_only=True, min_length=8, allow_null=True)
     role = serializers.ChoiceField(choices=roles.ROLES)
 
 
@@ -85,7 +101,8 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         s = RoleSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         try:
-            commands.set_role(
+            # The answer shows the user as stored after the change, not the prefetched copy.
+            user = commands.set_role(
                 Actor.from_request(request), user, s.validated_data["role"], by=request.user
             )
         except (DjangoValidationError, DjangoPermissionDenied) as exc:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth import password_validation
 from django.contrib.auth.models import Group
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts import roles, tokens
@@ -51,35 +52,58 @@ def _require(actor_user: User | None, perm: str) -> None:
 # --- Users and roles --------------------------------------------------------------------------
 
 
+def _apply_role(user: User, role: str) -> None:
+    """Make ``role`` the user's one role. The admin role IS Django's superuser (and staff) flag:
+    both are written here, together, so that they can never disagree."""
+    admin = role == roles.ADMIN
+    if user.is_superuser != admin or user.is_staff != admin:
+        user.is_superuser = user.is_staff = admin
+        user.save(update_fields=["is_superuser", "is_staff"])
+    user.groups.remove(*Group.objects.filter(name__in=roles.ROLES).exclude(name=role))
+    user.groups.add(Group.objects.get(name=role))
+
+
 @transaction.atomic
 def create_user(
     actor: Actor,
     *,
     username: str,
-    password: str | None,
     role: str,
-    email: str = "",
+    password: str | None = None,
+    email: str | None = "",
     by: User | None = None,
-    superuser: bool = False,
 ) -> User:
-    """Create a user with a role. ``by`` is the acting user (None for the shell/bootstrap)."""
+    """Create a user with a role. ``by`` is the acting user (None for the shell/bootstrap).
+
+    ``password`` None or empty: no password login (API tokens only). The admin role makes the
+    user a Django superuser; no other path sets that flag.
+    """
     if by is not None:
         _require(by, "accounts.manage_users")
     if role not in roles.ROLES:
         raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
-    user = User(username=username, email=email, is_superuser=superuser, is_staff=superuser)
+    user = User(username=username, email=email or "")
     user.full_clean(exclude=["password"])
     if password:
+        try:
+            password_validation.validate_password(password, user)
+        except ValidationError as exc:
+            raise ValidationError({"password": exc.messages}) from exc
         user.set_password(password)
     else:
         user.set_unusable_password()
-    user.save()
-    user.groups.set([Group.objects.get(name=role)])
+    try:
+        with transaction.atomic():
+            user.save()
+    except IntegrityError as exc:
+        # A concurrent create of the same name passed full_clean's check before this one saved.
+        raise ValidationError({"username": "a user with that username already exists"}) from exc
+    _apply_role(user, role)
     store.append(
         "user",
         str(user.pk),
         "user.created",
-        {"username": user.username, "role": role, "superuser": superuser},
+        {"username": user.username, "role": role, "superuser": user.is_superuser},
         actor=actor,
         expected_version=0,
     )
@@ -87,25 +111,32 @@ def create_user(
 
 
 @transaction.atomic
-def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> None:
+def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> User:
+    """Change ``user``'s role; returns the user as stored after the change.
+
+    The row is locked and the previous role read from the database inside the transaction; the
+    event names the role read back after the change, so it says what was done.
+    """
     if by is not None:
         _require(by, "accounts.manage_users")
         if by.pk == user.pk:
             raise PermissionDenied("you cannot change your own role")
     if role not in roles.ROLES:
         raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
-    previous = user.role
-    if previous == role:
-        return
-    user.groups.remove(*Group.objects.filter(name__in=roles.ROLES))
-    user.groups.add(Group.objects.get(name=role))
+    current = User.objects.select_for_update().get(pk=user.pk)
+    previous = roles.role_of(current)
+    if previous == role and current.is_superuser == (role == roles.ADMIN):
+        return current
+    _apply_role(current, role)
+    current = User.objects.get(pk=user.pk)
     store.append(
         "user",
-        str(user.pk),
+        str(current.pk),
         "user.role_changed",
-        {"username": user.username, "from": previous, "to": role},
+        {"username": current.username, "from": previous, "to": roles.role_of(current)},
         actor=actor,
     )
+    return current
 
 
 @transaction.atomic

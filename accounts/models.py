@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractUser
+from typing import Any, ClassVar
+
+from django.contrib.auth.models import AbstractUser, UserManager
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["APIToken", "LoginState", "User"]
+__all__ = ["APIToken", "LoginState", "SandboxUserManager", "User"]
+
+
+class SandboxUserManager(UserManager["User"]):
+    """Django's manager, minus the superuser shortcut: an admin is made with its role, its event
+    and its superuser flag together, by ``manage.py create_sandbox_user NAME --role admin``."""
+
+    def create_superuser(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValidationError(
+            "superusers are admins: use `manage.py create_sandbox_user NAME --role admin`"
+        )
 
 
 class User(AbstractUser):
-    """A person or a service account. The role is the user's single role group."""
+    """A person or a service account. The role is the user's single role group; the superuser
+    and staff flags follow the admin role and are written with it (``accounts.commands``)."""
+
+    objects: ClassVar[SandboxUserManager] = SandboxUserManager()  # type: ignore[assignment]
 
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"

@@ -40,8 +40,8 @@ ROLE_PERMISSIONS: dict[str, list[str]] = {
 
 
 def role_of(user: Any) -> str:
-    if getattr(user, "is_superuser", False):
-        return ADMIN
+    """The user's role: its role group. Django's superuser flag follows the admin role (written
+    with it by ``accounts.commands``), it does not define it."""
     names = {g.name for g in user.groups.all()} if user.pk else set()
     for role in ROLES:
         if role in names:

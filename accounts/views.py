@@ -132,7 +132,7 @@ def user_role(request: HttpRequest, pk: int) -> HttpResponse:
     _manager(request)
     person = get_object_or_404(User, pk=pk)
     try:
-        commands.set_role(
+        person = commands.set_role(
             Actor.from_request(request),
             person,
             request.POST.get("role", ""),

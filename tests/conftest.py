@@ -85,7 +85,6 @@ def make_user(db: Any) -> Callable[..., Any]:
             username=name,
             password=password,
             role=role,
-            superuser=False,
         )
 
     return make

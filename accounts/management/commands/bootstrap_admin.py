@@ -32,7 +32,6 @@ class Command(BaseCommand):
             username=options["username"],
             password=password,
             role="admin",
-            superuser=True,
         )
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(password + "\n")

@@ -33,7 +33,6 @@ class Command(BaseCommand):
                 password=password,
                 role=options["role"],
                 email=options["email"],
-                superuser=options["role"] == roles.ADMIN,
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
