@@ -4,7 +4,8 @@
                                               [--json]
 
 Needs only this package (``audit.hashing`` for the chain hash, ``audit.signing`` for Ed25519,
-both free of Django) and ``cryptography``. It checks, reporting every problem and naming the
+both free of Django), ``cryptography`` and ``msgspec`` (which decodes and type-checks the event
+lines in bulk). It checks, reporting every problem and naming the
 line of ``events.jsonl`` where the chain first breaks:
 
 1. the manifest's Ed25519 signature and the SHA-256 of every file it lists;
@@ -31,12 +32,14 @@ import hmac
 import json
 import sys
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
+
+import msgspec
 
 from audit import signing
-from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, event_hash
+from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, HASHED_FIELDS, event_hash, hash_input
 
 __all__ = ["BUNDLE_FORMAT", "EVENT_FIELDS", "Problem", "Result", "main", "verify_bundle"]
 
@@ -263,10 +266,19 @@ def _check_digests(
     return good
 
 
-def _lines(fh: IO[bytes], sha: Any) -> Iterator[tuple[int, bytes]]:
-    for number, raw in enumerate(fh, start=1):
-        sha.update(raw)
-        yield number, raw
+# One events.jsonl line, typed: the decoder refuses an unknown or missing field and a value of
+# the wrong JSON type, in C. Field order: position, the link, the hash, data, then the hashed
+# fields in header order, so that ``astuple(line)[4:]`` is the header's values.
+_Line = msgspec.defstruct(
+    "_Line",
+    [("position", int), ("prev_hash", str), ("hash", str), ("data", str)]
+    + [(name, int if name in _INT_FIELDS else str) for name in HASHED_FIELDS],
+    forbid_unknown_fields=True,
+)
+_LINE_DECODER = msgspec.json.Decoder(_Line)
+_VERSION = HASHED_FIELDS.index("version")
+_SCHEMA_VERSION = HASHED_FIELDS.index("schema_version")
+_CHUNK = 1 << 20
 
 
 def _check_events(
@@ -290,23 +302,34 @@ def _check_events(
         last_signed = None
     expected = first_position
     sha = hashlib.sha256()
+    line = 0  # lines checked so far
     broken = False
+    rest = b""
     with zf.open(EVENTS_FILE) as fh:
-        for number, raw in _lines(fh, sha):
+        while True:
+            chunk = fh.read(_CHUNK)
+            sha.update(chunk)  # the whole file, also past a break, for the manifest check
             if broken:
-                continue  # keep hashing the file for the manifest check
-            problem = _check_line(number, raw, expected, prev_hash, ends)
-            if problem is not None:
-                problems.append(problem)
-                broken = True
+                if not chunk:
+                    break
                 continue
-            fields = json.loads(raw)
-            if result.first_position is None:
-                result.first_position = fields["position"]
-            result.last_position = fields["position"]
-            result.events += 1
-            prev_hash = fields["hash"]
-            expected += 1
+            block = rest + chunk
+            if chunk:  # whole lines only; the rest waits for the next chunk
+                cut = block.rfind(b"\n") + 1
+                block, rest = block[:cut], block[cut:]
+            if block:
+                good, prev_hash, problem = _check_block(block, line, expected, prev_hash, ends)
+                line += good
+                expected += good
+                if problem is not None:
+                    problems.append(problem)
+                    broken = True
+            if not chunk:
+                break
+    result.events = expected - first_position
+    if result.events:
+        result.first_position = first_position
+        result.last_position = expected - 1
     if not broken and last_signed is not None and result.last_position != last_signed:
         at = result.events + 1
         problems.append(
@@ -319,6 +342,59 @@ def _check_events(
             )
         )
     return sha.hexdigest()
+
+
+def _check_block(
+    block: bytes, line: int, expected: int, prev_hash: str, ends: dict[int, _Digest]
+) -> tuple[int, str, Problem | None]:
+    """Check the lines of ``block`` (whole lines; ``line`` lines came before it).
+
+    Returns how many lines are good, the last good hash and the problem that ends the walk.
+    The loop checks what ``_check_line`` checks, in bulk; from the first line it cannot pass (or
+    for a block it cannot decode) ``_check_line`` takes over and says what is wrong.
+    """
+    lines = block.count(b"\n") + (not block.endswith(b"\n"))
+    try:
+        decoded = _LINE_DECODER.decode_lines(block)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        decoded = None
+    if decoded is None or len(decoded) != lines:  # decode_lines skips blank lines: count them
+        return _check_lines_slowly(block.split(b"\n")[:lines], line, expected, prev_hash, ends)
+    sha256 = hashlib.sha256
+    astuple = msgspec.structs.astuple
+    start = expected
+    for event in decoded:
+        row = astuple(event)
+        parts = list(row[4:])
+        parts[_VERSION] = str(parts[_VERSION])
+        parts[_SCHEMA_VERSION] = str(parts[_SCHEMA_VERSION])
+        position = row[0]
+        if (
+            position == expected
+            and row[1] == prev_hash
+            and sha256(hash_input(parts, row[3], prev_hash)).hexdigest() == row[2]
+            and (position not in ends or ends[position].end_hash == row[2])
+        ):
+            prev_hash = row[2]
+            expected += 1
+            continue
+        done = expected - start
+        raws = block.split(b"\n")[done:lines]
+        good, prev_hash, problem = _check_lines_slowly(raws, line + done, expected, prev_hash, ends)
+        return done + good, prev_hash, problem
+    return expected - start, prev_hash, None
+
+
+def _check_lines_slowly(
+    raws: list[bytes], line: int, expected: int, prev_hash: str, ends: dict[int, _Digest]
+) -> tuple[int, str, Problem | None]:
+    """``_check_line`` on each line: the diagnosing path."""
+    for good, raw in enumerate(raws):
+        problem = _check_line(line + good + 1, raw, expected + good, prev_hash, ends)
+        if problem is not None:
+            return good, prev_hash, problem
+        prev_hash = json.loads(raw)["hash"]
+    return len(raws), prev_hash, None
 
 
 def _check_line(
@@ -344,8 +420,19 @@ def _check_line(
         return Problem("events", "position, version and schema_version must be integers", number)
     if not isinstance(fields["data"], str):
         return Problem("events", "data must be the stored canonical JSON text", number, position)
+    not_text = sorted(
+        name
+        for name in EVENT_FIELDS
+        if name not in _INT_FIELDS and not isinstance(fields[name], str)
+    )
+    if not_text:
+        return Problem("events", f"{', '.join(not_text)} must be strings", number, position)
     position = fields["position"]  # an int from here on (checked just above)
-    if event_hash(fields, fields["data"], fields["prev_hash"]) != fields["hash"]:
+    try:
+        altered = event_hash(fields, fields["data"], fields["prev_hash"]) != fields["hash"]
+    except UnicodeEncodeError:  # a lone surrogate (\ud800) escaped in the JSON: not text
+        return Problem("events", "a value is not valid Unicode text", number, position)
+    if altered:
         return Problem(
             "events",
             "altered: the line's content does not match its hash",
