@@ -32,15 +32,18 @@ __all__ = [
     "Busy",
     "InvalidState",
     "NotFound",
+    "SUPERSEDED",
     "clone",
     "create",
     "delete_snapshot",
     "destroy",
+    "is_pending",
     "pause",
     "reboot",
     "record_exec",
     "record_file_transfer",
     "record_outcome",
+    "record_outcome_if_pending",
     "record_progress",
     "resize",
     "restore",
@@ -495,6 +498,49 @@ def record_outcome(
     except (IntegrityError, ConcurrencyError):
         # The unique RequestOutcome key: another attempt recorded it first.
         return None
+
+
+class _Superseded:
+    def __repr__(self) -> str:
+        return "SUPERSEDED"
+
+
+SUPERSEDED = _Superseded()
+
+
+def _pending_request_of(request: store.RecordedEvent) -> str | None:
+    return (
+        VirtualMachine.objects.filter(pk=request.aggregate_id)
+        .values_list("pending_request", flat=True)
+        .first()
+    )
+
+
+def is_pending(request: store.RecordedEvent) -> bool:
+    """Under the append lock: is ``request`` still the request its VM waits for?
+
+    False once a later request (a destroy: the only one that may overtake another) was
+    appended, or when an outcome settled it. Only the caller's check is serialized by the lock;
+    a launch that must not outlive a destroy holds the VM's host lock as well (vms.worker).
+    """
+    with transaction.atomic():
+        store.lock()
+        return _pending_request_of(request) == request.event_id
+
+
+def record_outcome_if_pending(
+    request: store.RecordedEvent, outcome: str, data: dict[str, Any] | None = None
+) -> store.RecordedEvent | None | _Superseded:
+    """Append the outcome of ``request`` if the VM still waits for it, checked under the append
+    lock in the same transaction (so no destroy slips in between); else ``SUPERSEDED`` and
+    nothing is appended. None, as for ``record_outcome``, when an outcome was already there."""
+    with transaction.atomic():
+        store.lock()
+        if RequestOutcome.objects.filter(request_event_id=request.event_id).exists():
+            return None
+        if _pending_request_of(request) != request.event_id:
+            return SUPERSEDED
+        return record_outcome(request, outcome, data)
 
 
 def record_progress(request: store.RecordedEvent, step: str, pct: int, message: str = "") -> None:

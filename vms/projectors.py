@@ -166,13 +166,6 @@ class VMProjector(Projector):
                     snaps[snap.id] = new_snaps[snap.id] = snap
                     _usage_delta(usage, vm.owner_id, snapshots=1)
             elif e.type in OUTCOMES:
-                state = data.get("state") or OUTCOMES[e.type]
-                self._set_state(vm, state, at)
-                if vm.pending_request == e.causation_id:
-                    vm.pending_request = vm.pending_type = ""
-                vm.progress = {}
-                if e.type in FAILURES:
-                    vm.last_error = str(data.get("reason", "failed"))[:2000]
                 if e.causation_id:
                     outcomes.append(
                         RequestOutcome(
@@ -182,6 +175,22 @@ class VMProjector(Projector):
                             position=e.position,
                         )
                     )
+                if e.type == "vm.snapshot_failed" and data.get("snapshot_id"):
+                    snap = snaps.get(uuid.UUID(data["snapshot_id"]))
+                    if snap is not None and snap.state == Snapshot.State.CREATING:
+                        snap.state = Snapshot.State.FAILED
+                        snap.last_error = str(data.get("reason", ""))[:2000]
+                        _usage_delta(usage, vm.owner_id, snapshots=-1)
+                if e.causation_id and vm.pending_request != e.causation_id:
+                    # The outcome of a request a later one overtook (a destroy): the VM's state,
+                    # shape and usage are that later request's to settle, never this one's.
+                    continue
+                state = data.get("state") or OUTCOMES[e.type]
+                self._set_state(vm, state, at)
+                vm.pending_request = vm.pending_type = ""
+                vm.progress = {}
+                if e.type in FAILURES:
+                    vm.last_error = str(data.get("reason", "failed"))[:2000]
                 if e.type == "vm.started":
                     vm.host = data.get("host", vm.host)
                     vm.hypervisor = data.get("hypervisor", vm.hypervisor)
@@ -195,12 +204,6 @@ class VMProjector(Projector):
                     vm.vcpus, vm.memory_mib = data["vcpus"], data["memory_mib"]
                 elif e.type in ("vm.snapshotted", "vm.restored") and data.get("snapshot_id"):
                     vm.last_snapshot_id = uuid.UUID(data["snapshot_id"])
-                elif e.type == "vm.snapshot_failed" and data.get("snapshot_id"):
-                    snap = snaps.get(uuid.UUID(data["snapshot_id"]))
-                    if snap is not None and snap.state == Snapshot.State.CREATING:
-                        snap.state = Snapshot.State.FAILED
-                        snap.last_error = str(data.get("reason", ""))[:2000]
-                        _usage_delta(usage, vm.owner_id, snapshots=-1)
                 elif e.type == "vm.destroyed":
                     _usage_delta(
                         usage,

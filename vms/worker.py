@@ -9,14 +9,17 @@ reason, never a silent hang: all waits have deadlines.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 
 from audit import store
@@ -29,6 +32,14 @@ from vms.models import RequestOutcome, Snapshot, VirtualMachine
 log = logging.getLogger("sandbox.vms.worker")
 
 AGENT_READY_TIMEOUT_S = 120.0
+# How long a destroy waits for a start or restore of the same VM to finish launching its VMM.
+LAUNCH_LOCK_WAIT_S = 300.0
+# Verbs whose handlers launch a VMM: if the VM was destroyed meanwhile, what they launched goes.
+LAUNCHING_VERBS = frozenset({"start", "restore"})
+
+
+class Superseded(Exception):
+    """The request is no longer the one its VM waits for (a destroy overtook it)."""
 
 
 class RequestFailed(Exception):
@@ -68,21 +79,123 @@ def handle(event_id: str) -> str:
     handler = HANDLERS[verb]
     try:
         outcome, data = handler(vm, request)
+        result = outcome
+    except Superseded:
+        return _record_superseded(vm, request, verb, launched=False)
     except RequestFailed as exc:
-        data = {"reason": str(exc), **exc.data}
+        outcome, data = f"vm.{verb}_failed", {"reason": str(exc), **exc.data}
         if exc.state:
             data["state"] = exc.state
-        commands.record_outcome(request, f"vm.{verb}_failed", data)
-        return f"failed: {exc}"
+        result = f"failed: {exc}"
     except Exception as exc:  # an unexpected error still settles the request, with its reason
         log.exception("request %s (%s) failed", event_id, request.type)
-        data = {"reason": f"{type(exc).__name__}: {exc}"[:2000]}
-        if verb in ("start", "restore"):
+        outcome, data = f"vm.{verb}_failed", {"reason": f"{type(exc).__name__}: {exc}"[:2000]}
+        if verb in LAUNCHING_VERBS:
             _kill(vm)
+        result = f"error: {exc}"
+    # The outcome is appended only while the request is still the one the VM waits for, checked
+    # under the append lock in the same transaction: a destroy that came in meanwhile wins.
+    if commands.record_outcome_if_pending(request, outcome, data) is commands.SUPERSEDED:
+        return _record_superseded(vm, request, verb, launched=True, would_have_been=(outcome, data))
+    return result
+
+
+def _record_superseded(
+    vm: VirtualMachine,
+    request: store.RecordedEvent,
+    verb: str,
+    *,
+    launched: bool,
+    would_have_been: tuple[str, dict[str, Any]] | None = None,
+) -> str:
+    """A destroy overtook ``request`` while it was carried out: record truthfully what it did.
+
+    A start or restore tears down the VMM it launched (the VM is destroyed: it must never run
+    again), and its outcome says so; other verbs record what they did, which no longer moves
+    the VM's state (the projection follows the destroy).
+    """
+    if verb in LAUNCHING_VERBS:
+        if launched:
+            with vm_host_lock(vm.pk, required=False):
+                _kill(vm)
+                shutil.rmtree(runtime.vm_data_dir(vm.pk), ignore_errors=True)
+        data: dict[str, Any] = {
+            "reason": (
+                f"the VM was destroyed while the {verb} was under way; the VMM it launched "
+                "was stopped and removed"
+                if launched
+                else f"the VM was destroyed before the {verb} could launch a VMM; none was"
+            ),
+            "superseded": True,
+            "vmm_launched": launched,
+        }
+        if would_have_been is not None and would_have_been[0].endswith("_failed"):
+            data["error"] = would_have_been[1].get("reason", "")
         commands.record_outcome(request, f"vm.{verb}_failed", data)
-        return f"error: {exc}"
-    commands.record_outcome(request, outcome, data)
-    return outcome
+        return "superseded"
+    if would_have_been is not None:
+        # It was carried out (a pause, a snapshot...) before the destroy: say so.
+        outcome, outcome_data = would_have_been
+        commands.record_outcome(request, outcome, {**outcome_data, "superseded": True})
+    else:
+        commands.record_outcome(
+            request,
+            f"vm.{verb}_failed",
+            {"reason": "superseded by a later request", "superseded": True},
+        )
+    return "superseded"
+
+
+def _host_lock_path(vm_id: object) -> Path:
+    return Path(settings.SANDBOX_RUNTIME_DIR) / f"{runtime.runtime_dir(vm_id).root.name}.lock"
+
+
+@contextlib.contextmanager
+def vm_host_lock(
+    vm_id: object, *, wait_s: float = LAUNCH_LOCK_WAIT_S, required: bool = True
+) -> Iterator[bool]:
+    """This host's lock for launching or tearing down ``vm_id``'s VMM (a flock, so it holds
+    across worker processes). Yields whether it was taken: with ``required=False`` a waiter
+    gives up after ``wait_s`` and goes on without it (a destroy never hangs on a stuck start).
+
+    The lock file sits beside the runtime directories (files there are not VMs to the
+    reconciler); a destroy removes it once the VM is gone, which is safe because every later
+    taker re-checks the VM's state under the append lock before it launches anything.
+    """
+    path = _host_lock_path(vm_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        held = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    if required:
+                        raise RequestFailed(
+                            "another worker is still launching this VM's VMM", state="failed"
+                        ) from None
+                    log.warning("VM %s: going on without the host lock after %ss", vm_id, wait_s)
+                    break
+                time.sleep(0.05)
+        yield held
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _launching(vm: VirtualMachine, request: store.RecordedEvent) -> Iterator[None]:
+    """Hold the VM's host lock while a VMM is launched for ``request``, having checked under
+    the append lock that the VM still waits for it (a destroy may have been requested, or even
+    carried out, since the request was claimed): a destroyed VM never gets a VMM again."""
+    with vm_host_lock(vm.pk):
+        if not commands.is_pending(request):
+            raise Superseded(request.event_id)
+        yield
 
 
 def is_claimed(request: store.RecordedEvent) -> bool:
@@ -157,26 +270,41 @@ def _template_cache() -> Any:
     return TemplateCache(hv) if isinstance(hv, QemuHypervisor) else None
 
 
+def _wait_for_agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> None:
+    """Wait for the guest's agent, failing at once if the VMM dies (or is torn down) first."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with _agent(vm, min(5.0, max(deadline - time.monotonic(), 0.1))):
+                return
+        except Exception:
+            if not hv.is_alive(rt):
+                raise RequestFailed("the VMM exited before its guest agent answered") from None
+            if time.monotonic() >= deadline:
+                raise
+
+
 def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
-    if hv.is_alive(rt):
-        # A VMM left by an attempt that died mid-way: never run two for one VM.
-        hv.destroy(rt)
-    rt.create()
-    _ensure_data_disk(vm)
-    spec = runtime.build_spec(vm)
-    _progress(request, "booting", 20, "starting the VMM")
-    cache = _template_cache()
-    started = time.monotonic()
-    if cache is not None:
-        result = cache.start(spec, rt)
-        restored, pid = result.restored, result.pid
-    else:
-        pid, restored = hv.start(spec, rt), False
+    with _launching(vm, request):
+        if hv.is_alive(rt):
+            # A VMM left by an attempt that died mid-way: never run two for one VM.
+            hv.destroy(rt)
+        rt.create()
+        _ensure_data_disk(vm)
+        spec = runtime.build_spec(vm)
+        _progress(request, "booting", 20, "starting the VMM")
+        cache = _template_cache()
+        started = time.monotonic()
+        if cache is not None:
+            result = cache.start(spec, rt)
+            restored, pid = result.restored, result.pid
+        else:
+            pid, restored = hv.start(spec, rt), False
     if not restored:
         _progress(request, "booting", 50, "waiting for the guest agent")
-        with _agent(vm):
-            pass
+        _wait_for_agent(vm)
         _configure_identity(vm)
     return {
         "host": runtime.host_name(),
@@ -193,6 +321,8 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
 def do_start(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
     try:
         data = _boot(vm, request)
+    except Superseded:
+        raise
     except Exception as exc:
         _kill(vm)
         raise RequestFailed(f"boot failed: {exc}", state="failed") from exc
@@ -355,20 +485,23 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
         )
         raise RequestFailed(f"snapshot {snap.name} is corrupted: {problem}", state=failed_state)
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
-    hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
-    rt.create()
-    _ensure_data_disk(vm)
-    spec = runtime.build_spec(vm)
     files = SnapshotFiles(
         directory=runtime.snapshot_dir(snap.pk),
         files=tuple(runtime.snapshot_dir(snap.pk) / name for name in snap.manifest),
     )
-    _progress(request, "restoring", 40, "starting the VMM from the snapshot")
     started = time.monotonic()
     try:
-        pid = hv.restore(spec, rt, files)
+        with _launching(vm, request):
+            hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
+            rt.create()
+            _ensure_data_disk(vm)
+            spec = runtime.build_spec(vm)
+            _progress(request, "restoring", 40, "starting the VMM from the snapshot")
+            pid = hv.restore(spec, rt, files)
         # Its own identity and a correct clock: copies of one snapshot run side by side.
         _configure_identity(vm)
+    except Superseded:
+        raise
     except Exception as exc:
         _kill(vm)
         raise RequestFailed(f"restore failed: {exc}", state=failed_state) from exc
@@ -383,8 +516,14 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
 
 
 def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
-    _kill(vm)
-    shutil.rmtree(runtime.vm_data_dir(vm.pk), ignore_errors=True)
+    # After a start or restore of this VM has finished launching its VMM (it checked, under the
+    # append lock, that no destroy was requested before it launched), so what it launched goes.
+    with vm_host_lock(vm.pk, required=False) as held:
+        _kill(vm)
+        shutil.rmtree(runtime.vm_data_dir(vm.pk), ignore_errors=True)
+        if held:
+            with contextlib.suppress(OSError):
+                _host_lock_path(vm.pk).unlink()
     return "vm.destroyed", {}
 
 
