@@ -76,7 +76,10 @@ def aligned_range(first: int, last: int) -> tuple[int, int, list[Digest]]:
     """The digests overlapping [first, last] and the range they cover exactly."""
     digests = list(
         Digest.objects.filter(end_position__gte=first, start_position__lte=last).order_by(
-            "start_position"
+            # An idle digest (no events) starts where the next busy one does.
+            "start_position",
+            "end_position",
+            "sequence",
         )
     )
     if not digests or digests[-1].end_position < last or digests[0].start_position > first:
@@ -171,15 +174,9 @@ def write_bundle(
             (
                 canonical_json(
                     {
-                        "keys": [
-                            {
-                                "key_id": k.key_id,
-                                "algorithm": k.algorithm,
-                                "public_key": k.public_key,
-                                "fingerprint": k.fingerprint,
-                            }
-                            for k in key_infos
-                        ]
+                        # The key history with its signed statements, oldest first: what
+                        # the offline verifier needs to tell a rotated key from a forged one.
+                        "keys": [k.history_entry() for k in key_infos]
                     }
                 )
                 + "\n"

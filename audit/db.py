@@ -1,6 +1,7 @@
 """Append-only protection in the database, for PostgreSQL and SQLite.
 
-Triggers reject UPDATE and DELETE of every row, and TRUNCATE (PostgreSQL; SQLite has none, and a
+Protected: the events, the signed digests and the digest key history. Triggers reject UPDATE and
+DELETE of every row, and TRUNCATE (PostgreSQL; SQLite has none, and a
 DELETE without WHERE still fires the row trigger). A superuser can still disable triggers: the hash
 chain and the signed digests are what prove tampering; the triggers stop accidents and the product's
 own code from ever rewriting history. On PostgreSQL a statement trigger also NOTIFYs
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-PROTECTED_TABLES = ("audit_event", "audit_digest")
+# The tables of migration 0002, then the key history (migration 0005).
+EVENT_TABLES = ("audit_event", "audit_digest")
+KEY_TABLES = ("audit_digestkey",)
+PROTECTED_TABLES = EVENT_TABLES + KEY_TABLES
 NOTIFY_CHANNEL = "audit_events"
 
 
@@ -74,34 +78,50 @@ def _sqlite_drop(table: str) -> list[str]:
     ]
 
 
-def create_statements(vendor: str) -> list[str]:
+def create_statements(
+    vendor: str, tables: tuple[str, ...] = PROTECTED_TABLES, *, notify: bool = True
+) -> list[str]:
     if vendor == "postgresql":
-        return [s for t in PROTECTED_TABLES for s in _pg_create(t)] + PG_NOTIFY
+        return [s for t in tables for s in _pg_create(t)] + (PG_NOTIFY if notify else [])
     if vendor == "sqlite":
-        return [s for t in PROTECTED_TABLES for s in _sqlite_create(t)]
+        return [s for t in tables for s in _sqlite_create(t)]
     raise NotImplementedError(f"append-only triggers are not written for {vendor}")
 
 
-def drop_statements(vendor: str) -> list[str]:
+def drop_statements(
+    vendor: str, tables: tuple[str, ...] = PROTECTED_TABLES, *, notify: bool = True
+) -> list[str]:
     if vendor == "postgresql":
-        return [s for t in PROTECTED_TABLES for s in _pg_drop(t)] + PG_NOTIFY_DROP
+        return [s for t in tables for s in _pg_drop(t)] + (PG_NOTIFY_DROP if notify else [])
     if vendor == "sqlite":
-        return [s for t in PROTECTED_TABLES for s in _sqlite_drop(t)]
+        return [s for t in tables for s in _sqlite_drop(t)]
     raise NotImplementedError(vendor)
 
 
-def install(apps: Any, schema_editor: Any) -> None:
-    for sql in create_statements(schema_editor.connection.vendor):
+def _execute(schema_editor: Any, statements: list[str]) -> None:
+    for sql in statements:
         schema_editor.execute(sql, None)  # None: no %-interpolation of the SQL
+
+
+def install(apps: Any, schema_editor: Any) -> None:
+    """Migration 0002: the event and digest tables (the key history did not exist yet)."""
+    _execute(schema_editor, create_statements(schema_editor.connection.vendor, EVENT_TABLES))
 
 
 def uninstall(apps: Any, schema_editor: Any) -> None:
-    for sql in drop_statements(schema_editor.connection.vendor):
-        schema_editor.execute(sql, None)  # None: no %-interpolation of the SQL
+    _execute(schema_editor, drop_statements(schema_editor.connection.vendor, EVENT_TABLES))
+
+
+def install_key_history(apps: Any, schema_editor: Any) -> None:
+    """Migration 0005: the digest key history becomes append-only like the events."""
+    vendor = schema_editor.connection.vendor
+    _execute(schema_editor, create_statements(vendor, KEY_TABLES, notify=False))
 
 
 def reinstall_after_rebuild(apps: Any, schema_editor: Any) -> None:
     """SQLite applies most field changes by rebuilding the table, which drops its triggers: any
     migration that alters a protected table must end with this operation."""
     if schema_editor.connection.vendor == "sqlite":
-        install(apps, schema_editor)
+        existing = set(schema_editor.connection.introspection.table_names())
+        tables = tuple(t for t in PROTECTED_TABLES if t in existing)
+        _execute(schema_editor, create_statements("sqlite", tables))

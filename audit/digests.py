@@ -1,12 +1,24 @@
 """Signed digests over ranges of positions, in the spirit of CloudTrail's digest files.
 
-A digest document names a range, the hash just before it and the hash at its end, and is signed
-with Ed25519 (the default: a key pair whose public half is exported, see ``audit.keys``) or
+A digest document names a range, the hash just before it and the hash at its end, its sequence
+number and the SHA-256 of the previous digest's document (the digest chain), and is signed with
+Ed25519 (the default: a key pair whose public half is exported, see ``audit.keys``) or
 HMAC-SHA256 (a server secret; still verifiable, but only by whoever holds the secret). Ranges
-follow each other without gaps, so the digests together cover the whole log: a verifier holding
-an exported trail, the digests and the public keys can check everything offline
-(``audit.offline``), and a log cut short after the last digest is caught because the digest
-names an end the log no longer reaches.
+follow each other without gaps, so the digests together cover the whole log; an idle digest
+covers no events and proves that nothing was appended up to its time. The worker signs one
+every minute, busy or idle, and each digest is copied as it is signed to the sink outside the
+database (``audit.sink``).
+
+What this catches: a changed, removed or inserted event before the newest digest (its hashes
+no longer match a signature); a removed digest (the chain of sequence numbers and document
+hashes breaks); the newest events cut off together with the digests that cover them (the sink
+and any earlier bundle still hold those digests). What it cannot: events appended after the
+newest digest are not yet signed (a minute at most while the worker runs; the metric
+``sandbox_audit_events_unsigned`` shows how many).
+
+Signing refuses (``ChainBroken``) to put a signature over a chain that is already broken: the
+key history must be trusted, the previous digest must match the stored event at its end and its
+copy in the sink, and every event since must link and hash.
 """
 
 from __future__ import annotations
@@ -22,18 +34,31 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 
-from audit import signing
+from audit import signing, sink
 from audit.hashing import GENESIS_HASH, canonical_json
 from audit.models import Digest, Event
 from audit.verify import ChainProblem
 
 __all__ = [
+    "ChainBroken",
     "DigestDocument",
     "check_all",
+    "check_digests",
+    "check_sink",
     "count",
+    "last_digest",
     "sign_pending",
     "verify_signature",
+    "vouched_end",
 ]
+
+
+class ChainBroken(Exception):
+    """The chain is already broken: signing (or exporting) over it is refused."""
+
+    def __init__(self, problem: ChainProblem) -> None:
+        self.problem = problem
+        super().__init__(str(problem))
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,8 @@ class DigestDocument:
     created_at: str
     algorithm: str
     key_id: str
+    sequence: int
+    prev_digest_sha256: str
 
     def canonical(self) -> str:
         return canonical_json(self.__dict__)
@@ -62,8 +89,9 @@ def verify_signature(
     """True when ``signature`` is valid for ``document``.
 
     ``keys`` overrides where keys come from: HMAC secrets by key id, or Ed25519 public keys
-    (base64) by key id. Without it, HMAC secrets come from settings and public keys from the
-    registry and this host (``audit.keys.known_public_keys``).
+    (base64) by key id. Without it, HMAC secrets come from settings and public keys are the ones
+    this host trusts (``audit.keys.trusted_public_keys``, which raises ``KeyTrustError`` when
+    the key history holds a key nothing vouches for).
     """
     if algorithm == signing.HMAC_SHA256:
         secrets = keys if keys is not None else settings.SANDBOX_DIGEST_HMAC_KEYS
@@ -76,39 +104,105 @@ def verify_signature(
         return hmac.compare_digest(expected, signature)
     if algorithm == signing.ED25519:
         if keys is None:
-            from audit.keys import known_public_keys
+            from audit.keys import trusted_public_keys
 
-            keys = known_public_keys()
+            keys = trusted_public_keys()
         public = keys.get(key_id)
         return public is not None and signing.verify(public, document, signature)
     return False
 
 
-def _sign(document_for: Any) -> tuple[str, str, str, str]:
-    """(algorithm, key id, document, signature) with the configured algorithm.
+def _signer() -> tuple[str, str, Any]:
+    """(algorithm, key id, sign(document) -> signature) of the configured algorithm.
 
-    ``document_for(algorithm, key_id)`` builds the canonical document, which names both.
+    An Ed25519 key is registered in the key history first (and a different key under its id
+    refused), so that the checks before signing see the key history as it will be.
     """
     if settings.SANDBOX_DIGEST_ALGORITHM == signing.ED25519:
         from audit.keys import current_key, register
 
         key_id, private = current_key()
-        register(key_id, private.public_key())
-        document = document_for(signing.ED25519, key_id)
-        return signing.ED25519, key_id, document, signing.sign(private, document)
-    key_id = settings.SANDBOX_DIGEST_HMAC_CURRENT
-    document = document_for(signing.HMAC_SHA256, key_id)
-    return signing.HMAC_SHA256, key_id, document, _hmac_sign(key_id, document)
+        register(key_id, private)
+        return signing.ED25519, key_id, lambda document: signing.sign(private, document)
+    hmac_id = settings.SANDBOX_DIGEST_HMAC_CURRENT
+    return signing.HMAC_SHA256, hmac_id, lambda document: _hmac_sign(hmac_id, document)
 
 
-def sign_pending(*, max_events: int | None = None) -> Digest | None:
-    """Sign the events after the last digest, up to the head (or ``max_events`` of them)."""
+def last_digest() -> Digest | None:
+    """The newest digest: the highest sequence, or for digests older than the chain, the end."""
+    return Digest.objects.order_by("-start_position", "-end_position", "-sequence").first()
+
+
+def _key_problem() -> ChainProblem | None:
+    from audit.keys import KeyTrustError, trusted_public_keys
+
+    try:
+        trusted_public_keys()
+    except KeyTrustError as exc:
+        return ChainProblem(0, "key", f"untrusted digest key history: {exc}")
+    return None
+
+
+def _stored_hash(position: int) -> str | None:
+    return Event.objects.filter(position=position).values_list("hash", flat=True).first()
+
+
+def _check_before_signing(last: Digest | None, end: int, copies: dict[int, Any] | None) -> None:
+    """Raise ``ChainBroken`` unless the chain from the previous digest to ``end`` is intact."""
+    from audit.store import iter_events
+    from audit.verify import verify_events
+
+    problem = _key_problem()
+    if problem is None and last is not None:
+        problem = check_digests([last], last_position=end, previous=None, first=False)
+    if problem is None and last is not None and last.end_position >= 1:
+        stored = _stored_hash(last.end_position)
+        if stored is None:
+            problem = ChainProblem(
+                last.end_position,
+                "missing",
+                f"the log no longer reaches position {last.end_position}, which digest "
+                f"{last.pk} signed: the tail was cut",
+            )
+        elif stored != last.end_hash:
+            problem = ChainProblem(
+                last.end_position, "digest", "the event's hash differs from the signed digest"
+            )
+    if problem is None and copies is not None:
+        problem = _sink_continuity(last, copies)
+    if problem is None:
+        start = last.end_position + 1 if last else 1
+        prev_hash = last.end_hash if last else GENESIS_HASH
+
+        def stream() -> Any:
+            for batch in iter_events(start - 1, until=end, batch=5000):
+                yield from batch
+
+        report = verify_events(stream(), start_position=start, start_prev_hash=prev_hash)
+        problem = report.problem
+        if problem is None and report.last_position != end:
+            problem = ChainProblem(
+                report.last_position + 1, "missing", "events vanished while signing"
+            )
+    if problem is not None:
+        raise ChainBroken(problem)
+
+
+def sign_pending(*, max_events: int | None = None, idle: bool = False) -> Digest | None:
+    """Sign the events after the last digest, up to the head (or ``max_events`` of them).
+
+    With ``idle``, a digest is signed even when no event was appended (covering none): the
+    worker does so every minute, so that the newest digest is never older than a minute and a
+    verifier can tell a quiet log from a cut one. Raises ``ChainBroken`` (nothing signed) when
+    the chain since the previous digest, the previous digest or the key history is broken, and
+    ``audit.sink.SinkError`` when the copy outside the database cannot be made.
+    """
     from audit.store import _lock, head
 
     with transaction.atomic():
         # Under the append lock: the head cannot move, and two signers cannot overlap.
         _lock()
-        last = Digest.objects.order_by("-end_position").first()
+        last = last_digest()
         start = (last.end_position + 1) if last else 1
         start_prev_hash = last.end_hash if last else GENESIS_HASH
         end, end_hash = head()
@@ -119,29 +213,40 @@ def sign_pending(*, max_events: int | None = None) -> Digest | None:
                 if end >= start
                 else end_hash
             )
-        if end < start:
+        if end < start - 1:
+            # The head is behind the previous digest's end: the tail was cut.
+            end = start - 1
+        if end < start and not idle:
             return None
+        if end < start:
+            end_hash = start_prev_hash
+        algorithm, key_id, sign = _signer()
+        destination = sink.configured()
+        copies = destination.read()
+        _check_before_signing(last, end, copies)
+        sequence = (last.sequence or 0) + 1 if last else 1
+        prev_digest = signing.document_sha256(last.document) if last else signing.GENESIS_DIGEST
         created_at = datetime.now(UTC).isoformat(timespec="microseconds")
 
-        def document_for(algorithm: str, key_id: str) -> str:
-            return DigestDocument(
-                start_position=start,
-                end_position=end,
-                event_count=end - start + 1,
-                start_prev_hash=start_prev_hash,
-                end_hash=end_hash,
-                created_at=created_at,
-                algorithm=algorithm,
-                key_id=key_id,
-            ).canonical()
-
-        algorithm, key_id, document, signature = _sign(document_for)
+        document = DigestDocument(
+            start_position=start,
+            end_position=end,
+            event_count=end - start + 1,
+            start_prev_hash=start_prev_hash,
+            end_hash=end_hash,
+            created_at=created_at,
+            algorithm=algorithm,
+            key_id=key_id,
+            sequence=sequence,
+            prev_digest_sha256=prev_digest,
+        ).canonical()
+        signature = sign(document)
         table = Digest._meta.db_table
         with connection.cursor() as cur:
             cur.execute(
                 f"INSERT INTO {table} (start_position, end_position, event_count, start_prev_hash,"
-                " end_hash, algorithm, key_id, document, signature, created_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " end_hash, algorithm, key_id, document, signature, created_at, sequence,"
+                " prev_digest_sha256) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 [
                     start,
                     end,
@@ -153,52 +258,106 @@ def sign_pending(*, max_events: int | None = None) -> Digest | None:
                     document,
                     signature,
                     connection.ops.adapt_datetimefield_value(datetime.now(UTC)),
+                    sequence,
+                    prev_digest,
                 ],
             )
-        return Digest.objects.get(end_position=end)
+        digest = Digest.objects.get(sequence=sequence)
+        # Inside the transaction: a digest the sink refused is not kept in the database either.
+        destination.write(sink.entry_of(digest))
+        return digest
 
 
 def count() -> int:
     return Digest.objects.count()
 
 
-def check_all(last_position: int) -> ChainProblem | None:
-    """Every digest: valid signature, contiguous ranges, and matching hashes in the store."""
-    expected_start = 1
-    prev_end_hash = GENESIS_HASH
-    hashes_needed: dict[int, str] = {}
-    digests = list(Digest.objects.order_by("start_position"))
-    public_keys: dict[str, str] | None = None
-    if any(d.algorithm == signing.ED25519 for d in digests):
-        from audit.keys import known_public_keys
+def _row_matches(d: Any, doc: dict[str, Any]) -> bool:
+    listed = (
+        d.start_position,
+        d.end_position,
+        d.event_count,
+        d.end_hash,
+        d.start_prev_hash,
+        d.algorithm,
+        d.key_id,
+        d.sequence,
+        d.prev_digest_sha256 or None,
+    )
+    return listed == (
+        doc.get("start_position"),
+        doc.get("end_position"),
+        doc.get("event_count", d.event_count),
+        doc.get("end_hash"),
+        doc.get("start_prev_hash"),
+        doc.get("algorithm"),
+        doc.get("key_id"),
+        doc.get("sequence"),
+        doc.get("prev_digest_sha256"),
+    )
 
-        public_keys = known_public_keys()
+
+def check_digests(
+    digests: Any,
+    *,
+    last_position: int,
+    previous: Digest | None,
+    first: bool = True,
+    public_keys: dict[str, str] | None = None,
+) -> ChainProblem | None:
+    """Signatures, the digest chain and contiguity of ``digests`` (in order), after
+    ``previous`` (None: they start the log when ``first``, else the first is taken as given).
+
+    Does not compare end hashes with the stored events: see ``check_all``.
+    """
+    if public_keys is None:
+        from audit.keys import KeyTrustError, trusted_public_keys
+
+        try:
+            public_keys = trusted_public_keys()
+        except KeyTrustError as exc:
+            return ChainProblem(0, "key", f"untrusted digest key history: {exc}")
+    prev = previous
     for d in digests:
         doc = json.loads(d.document)
         keys = public_keys if d.algorithm == signing.ED25519 else None
         if not verify_signature(d.algorithm, d.key_id, d.document, d.signature, keys):
-            return ChainProblem(d.end_position, "digest", f"digest {d.pk} has a bad signature")
-        if (
-            doc["start_position"],
-            doc["end_position"],
-            doc["end_hash"],
-            doc["start_prev_hash"],
-            doc["algorithm"],
-            doc["key_id"],
-        ) != (
-            d.start_position,
-            d.end_position,
-            d.end_hash,
-            d.start_prev_hash,
-            d.algorithm,
-            d.key_id,
-        ):
+            known = d.algorithm != signing.ED25519 or d.key_id in public_keys
+            why = "a bad signature" if known else f"a signature by untrusted key {d.key_id!r}"
+            return ChainProblem(d.end_position, "digest", f"digest {d.pk} has {why}")
+        if not _row_matches(d, doc):
             return ChainProblem(
                 d.end_position, "digest", f"digest {d.pk} row differs from its signed document"
             )
-        if d.start_position != expected_start or d.start_prev_hash != prev_end_hash:
+        if d.event_count != d.end_position - d.start_position + 1 or d.event_count < 0:
+            return ChainProblem(d.end_position, "digest", f"digest {d.pk} miscounts its range")
+        if prev is None and first:
+            follows = d.start_position == 1 and d.start_prev_hash == GENESIS_HASH
+            link_ok = d.sequence in (None, 1) and (
+                d.sequence is None or d.prev_digest_sha256 == signing.GENESIS_DIGEST
+            )
+        elif prev is None:
+            follows = link_ok = True
+        else:
+            follows = (
+                d.start_position == prev.end_position + 1 and d.start_prev_hash == prev.end_hash
+            )
+            if d.sequence is None:
+                link_ok = prev.sequence is None  # digests from before the chain come first
+            else:
+                link_ok = d.sequence == (prev.sequence or 0) + 1 and (
+                    d.prev_digest_sha256 == signing.document_sha256(prev.document)
+                )
+        if not follows:
             return ChainProblem(
                 d.start_position, "digest", f"digest {d.pk} does not follow the previous one"
+            )
+        if not link_ok:
+            return ChainProblem(
+                d.start_position,
+                "digest",
+                f"digest {d.pk} (number {d.sequence}) does not link to the digest before it: "
+                "a digest was removed or inserted",
             )
         if d.end_position > last_position:
             return ChainProblem(
@@ -207,15 +366,126 @@ def check_all(last_position: int) -> ChainProblem | None:
                 f"the log ends at {last_position} but digest {d.pk} signed events up to "
                 f"{d.end_position}",
             )
-        hashes_needed[d.end_position] = d.end_hash
-        expected_start = d.end_position + 1
-        prev_end_hash = d.end_hash
-    if hashes_needed:
-        stored = dict(
-            Event.objects.filter(position__in=list(hashes_needed)).values_list("position", "hash")
+        prev = d
+    return None
+
+
+def _sink_continuity(last: Digest | None, copies: dict[int, Any]) -> ChainProblem | None:
+    """The newest digest in the database is the newest copy in the sink."""
+    if not copies:
+        return None  # a new (or newly configured) sink starts with the next digest
+    newest = max(copies)
+    have = last.sequence if last is not None and last.sequence is not None else 0
+    if newest > have:
+        cut = copies[newest].doc
+        return ChainProblem(
+            (last.end_position + 1) if last else 1,
+            "missing",
+            f"the digest sink holds digests up to number {newest}, signing events up to "
+            f"position {cut.get('end_position')}, but the database's newest digest is number "
+            f"{have}: the tail of the log was cut together with its digests",
         )
-        for position, h in sorted(hashes_needed.items()):
-            if stored.get(position) != h:
+    if newest < have:
+        return ChainProblem(
+            last.end_position if last else 0,
+            "digest",
+            f"digest number {have} is not in the digest sink (its newest copy is number "
+            f"{newest}): a digest was made without its copy outside the database",
+        )
+    assert last is not None  # newest == have > 0
+    copy = copies[newest]
+    if (copy.document, copy.signature) != (last.document, last.signature):
+        return ChainProblem(
+            last.start_position,
+            "digest",
+            f"digest number {have} differs from its copy in the digest sink: the database's "
+            "digest was replaced",
+        )
+    return None
+
+
+def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
+    """Every digest against its copy in the sink, and the sink's newest against the database's."""
+    if copies is None:
+        try:
+            copies = sink.configured().read()
+        except sink.SinkError as exc:
+            return ChainProblem(0, "digest", f"the digest sink cannot be read: {exc}")
+    if copies is None:
+        return None  # a sink that cannot be read back (syslog, a webhook)
+    problem = _sink_continuity(last_digest(), copies)
+    if problem is not None or not copies:
+        return problem
+    first_copy = min(copies)
+    rows = Digest.objects.filter(sequence__gte=first_copy).values_list(
+        "sequence", "document", "signature", "end_position"
+    )
+    seen = set()
+    for sequence, document, signature, end_position in rows.iterator():
+        seen.add(sequence)
+        copy = copies.get(sequence)
+        if copy is None:
+            return ChainProblem(
+                end_position, "digest", f"digest number {sequence} is not in the digest sink"
+            )
+        if (copy.document, copy.signature) != (document, signature):
+            return ChainProblem(
+                end_position,
+                "digest",
+                f"digest number {sequence} differs from its copy in the digest sink",
+            )
+    lost = sorted(set(copies) - seen)
+    if lost:
+        doc = copies[lost[0]].doc
+        return ChainProblem(
+            int(doc.get("start_position", 0)),
+            "missing",
+            f"digest number {lost[0]} is in the digest sink but not in the database",
+        )
+    return None
+
+
+def vouched_end() -> int:
+    """The highest position a digest, in the database or in the sink, has signed."""
+    last = last_digest()
+    end = last.end_position if last else 0
+    try:
+        copies = sink.configured().read()
+    except sink.SinkError:
+        copies = None
+    if copies:
+        end = max(end, int(copies[max(copies)].doc.get("end_position", 0)))
+    return end
+
+
+def check_all(last_position: int) -> ChainProblem | None:
+    """Every digest: trusted key, valid signature, the digest chain, contiguous ranges, the
+    copies in the sink, and matching hashes in the store."""
+    problem = _key_problem()
+    if problem is not None:
+        return problem
+    digests = Digest.objects.order_by("start_position", "end_position", "sequence").iterator(
+        chunk_size=2000
+    )
+    hashes_needed: dict[int, str] = {}
+
+    def collect() -> Any:
+        for d in digests:
+            if d.end_position >= 1:
+                hashes_needed[d.end_position] = d.end_hash
+            yield d
+
+    problem = check_digests(collect(), last_position=last_position, previous=None)
+    if problem is None:
+        problem = check_sink()
+    if problem is not None:
+        return problem
+    positions = sorted(hashes_needed)
+    for i in range(0, len(positions), 5000):
+        chunk = positions[i : i + 5000]
+        stored = dict(Event.objects.filter(position__in=chunk).values_list("position", "hash"))
+        for position in chunk:
+            if stored.get(position) != hashes_needed[position]:
                 return ChainProblem(
                     position, "digest", "the event's hash differs from the signed digest"
                 )

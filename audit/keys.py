@@ -1,16 +1,19 @@
-"""Ed25519 digest keys: where they come from, which one signs, and which public keys are known.
+"""Ed25519 digest keys: where they come from, which one signs, and which public keys are trusted.
 
 - Private keys come from ``SANDBOX_DIGEST_ED25519_KEYS`` ("id:base64-seed,...") when set, else
   from PEM files ``<id>.pem`` in ``SANDBOX_DIGEST_ED25519_DIR``. The current key
   (``SANDBOX_DIGEST_ED25519_CURRENT``) is generated there once, with O_EXCL so that two processes
   starting together agree on one key, and its public half is written beside it (``<id>.pub.pem``).
-- Rotation: set a new current id; the next digest generates (or loads) that key. Old keys stay
-  known by their public half, so their digests keep verifying even after the private file is
-  destroyed.
-- Every key that signs is registered in the database (``DigestKey``) before its first digest,
-  so every host of a shared database can verify and export digests signed elsewhere; a host
-  holding a different private key under a registered id is refused rather than allowed to
-  sign digests no one else could check.
+- Trust comes from configuration, never from the database: this host's key files and keys,
+  ``SANDBOX_DIGEST_ED25519_PUBLIC_KEYS`` and the pinned fingerprints of
+  ``SANDBOX_DIGEST_TRUSTED_FINGERPRINTS``; and from the key history (``DigestKey``, append-only
+  and chained), but only through rotation statements signed by a key already trusted. A history
+  row that none of these vouches for makes ``trusted_public_keys`` raise ``KeyTrustError``, so
+  verification, signing and exports fail loudly (``audit.signing.check_key_history``).
+- Rotation: set a new current id; the next digest generates (or loads) that key and registers it
+  with a statement signed by the previous key when this host holds it. A key registered without
+  the previous key's signature (a new host with a key of its own) is trusted only where it is
+  configured: pin its fingerprint on the other hosts.
 
 Loading is lazy (never at settings import), so processes that never sign never touch key files.
 """
@@ -22,6 +25,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -32,18 +36,30 @@ from audit import signing
 
 __all__ = [
     "KeyInfo",
+    "KeyTrustError",
+    "configured_public_keys",
     "current_key",
     "known_public_keys",
+    "pinned_fingerprints",
     "public_key_infos",
     "register",
+    "trusted_public_keys",
 ]
 
 log = logging.getLogger("sandbox.audit.keys")
 
 
+class KeyTrustError(Exception):
+    """The key history holds a key that this host's configuration cannot vouch for."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
 @dataclass(frozen=True)
 class KeyInfo:
-    """A public key as exported to auditors."""
+    """A trusted public key as exported to auditors, with its entry in the key history."""
 
     key_id: str
     algorithm: str
@@ -51,6 +67,22 @@ class KeyInfo:
     fingerprint: str
     current: bool
     can_sign: bool  # this host holds the private half
+    trusted_as: str = ""  # configured, pinned, rotated from <id>
+    statement: str = ""  # the key history's signed statement ("" for a key only configured)
+    signed_by: str = ""
+    signature: str = ""
+
+    def history_entry(self) -> dict[str, str]:
+        """The entry of ``keys.json`` in a bundle: what the offline verifier checks."""
+        return {
+            "key_id": self.key_id,
+            "algorithm": self.algorithm,
+            "public_key": self.public_key,
+            "fingerprint": self.fingerprint,
+            "statement": self.statement,
+            "signed_by": self.signed_by,
+            "signature": self.signature,
+        }
 
     @property
     def pem(self) -> str:
@@ -65,6 +97,10 @@ class KeyInfo:
             "fingerprint": self.fingerprint,
             "current": self.current,
             "can_sign": self.can_sign,
+            "trusted_as": self.trusted_as,
+            "statement": self.statement,
+            "signed_by": self.signed_by,
+            "signature": self.signature,
         }
 
 
@@ -167,51 +203,185 @@ def current_key() -> tuple[str, Ed25519PrivateKey]:
     return key_id, _generate(key_id)
 
 
-def register(key_id: str, public: Ed25519PublicKey) -> None:
-    """Record ``key_id``'s public key before it signs; refuse a different key under that id."""
-    from audit.models import DigestKey
-
-    b64 = signing.public_b64(public)
-    row, created = DigestKey.objects.get_or_create(
-        key_id=key_id,
-        defaults={
-            "algorithm": signing.ED25519,
-            "public_key": b64,
-            "fingerprint": signing.fingerprint(b64),
-            "created_at": datetime.now(UTC),
-        },
-    )
-    if not created and row.public_key != b64:
-        raise ImproperlyConfigured(
-            f"digest key {key_id!r} is registered with fingerprint {row.fingerprint[:16]}… but "
-            f"this host holds another key: copy the key file to every host, or choose a new id "
-            f"with SANDBOX_DIGEST_ED25519_CURRENT"
-        )
-
-
-def known_public_keys() -> dict[str, str]:
-    """Key id to base64 public key: the database registry first, then this host's keys."""
-    from audit.models import DigestKey
-
-    known = dict(DigestKey.objects.values_list("key_id", "public_key"))
-    for key_id, public in _public_only().items():
-        known.setdefault(key_id, signing.public_b64(public))
+def configured_public_keys() -> dict[str, str]:
+    """Key id to base64 public key, from this host's configuration only (never the database)."""
+    known = {k: signing.public_b64(p) for k, p in _public_only().items()}
     for key_id, private in _private_keys().items():
-        known.setdefault(key_id, signing.public_b64(private.public_key()))
+        public = signing.public_b64(private.public_key())
+        if known.setdefault(key_id, public) != public:
+            raise ImproperlyConfigured(
+                f"digest key {key_id!r}: the private key and the configured public key differ"
+            )
     return known
 
 
-def public_key_infos() -> list[KeyInfo]:
-    current = settings.SANDBOX_DIGEST_ED25519_CURRENT
-    private = _private_keys()
-    return [
-        KeyInfo(
+def pinned_fingerprints() -> frozenset[str]:
+    text = settings.SANDBOX_DIGEST_TRUSTED_FINGERPRINTS
+    pins = frozenset(p.strip().lower() for p in text.split(",") if p.strip())
+    for pin in pins:
+        if len(pin) != 64 or any(c not in "0123456789abcdef" for c in pin):
+            raise ImproperlyConfigured(
+                f"SANDBOX_DIGEST_TRUSTED_FINGERPRINTS: {pin!r} is not a SHA-256 hex fingerprint"
+            )
+    return pins
+
+
+def _history_rows() -> list[Any]:
+    from audit.models import DigestKey
+
+    return list(DigestKey.objects.order_by("id"))
+
+
+def _entry(row: Any) -> dict[str, str]:
+    return {
+        "key_id": row.key_id,
+        "public_key": row.public_key,
+        "fingerprint": row.fingerprint,
+        "statement": row.statement,
+        "signed_by": row.signed_by,
+        "signature": row.signature,
+    }
+
+
+def _check_history(rows: list[Any]) -> signing.KeyHistory:
+    return signing.check_key_history(
+        [_entry(r) for r in rows],
+        configured=configured_public_keys(),
+        pinned=pinned_fingerprints(),
+    )
+
+
+def trusted_public_keys() -> dict[str, str]:
+    """Key id to base64 public key, for every key this host may trust.
+
+    Raises ``KeyTrustError`` when the key history holds a key that neither the configuration
+    nor a trusted key's signed rotation statement vouches for: the database cannot vouch for a
+    key by itself, and a verifier must not quietly skip what it cannot trust.
+    """
+    history = _check_history(_history_rows())
+    if history.problems:
+        raise KeyTrustError(history.problems)
+    return history.trusted
+
+
+def _private_for(key_id: str, public: Ed25519PublicKey) -> Ed25519PrivateKey:
+    private = _private_keys().get(key_id)
+    if private is None or signing.public_b64(private.public_key()) != signing.public_b64(public):
+        raise ImproperlyConfigured(f"this host does not hold the private key of {key_id!r}")
+    return private
+
+
+def register(key_id: str, key: Ed25519PrivateKey | Ed25519PublicKey) -> None:
+    """Record ``key_id`` in the key history before it signs; refuse a different key under it.
+
+    A new key's statement is signed by the previous key when this host holds it (a rotation,
+    trusted wherever the previous key is), else by the new key itself (trusted only where it is
+    configured). Runs under the append lock, so two hosts cannot fork the history.
+    """
+    from django.db import transaction
+
+    from audit.models import DigestKey
+    from audit.store import lock
+
+    private = key if isinstance(key, Ed25519PrivateKey) else _private_for(key_id, key)
+    b64 = signing.public_b64(private.public_key())
+    with transaction.atomic():
+        lock()
+        rows = _history_rows()
+        row = next((r for r in rows if r.key_id == key_id), None)
+        if row is not None:
+            if row.public_key != b64:
+                raise ImproperlyConfigured(
+                    f"digest key {key_id!r} is registered with fingerprint {row.fingerprint} but "
+                    f"this host holds the key with fingerprint {signing.fingerprint(b64)}. Do "
+                    "not replace either key to make them agree: check both fingerprints against "
+                    "the ones recorded out of band (a rewritten key registry is how a forger "
+                    "would get a key adopted). A new host signs with a key id of its own "
+                    "(SANDBOX_DIGEST_ED25519_CURRENT), trusted elsewhere by its fingerprint "
+                    "(SANDBOX_DIGEST_TRUSTED_FINGERPRINTS)."
+                )
+            return
+        previous = rows[-1] if rows else None
+        signer_id, signer = key_id, private
+        if previous is not None:
+            held = _private_keys().get(previous.key_id)
+            if held is not None and signing.public_b64(held.public_key()) == previous.public_key:
+                signer_id, signer = previous.key_id, held
+        created_at = datetime.now(UTC)
+        statement = signing.key_statement(
+            key_id=key_id,
+            public_key=b64,
+            created_at=created_at.isoformat(timespec="microseconds"),
+            signed_by=signer_id,
+            previous_key_id=previous.key_id if previous else "",
+            previous_statement=previous.statement if previous else None,
+        )
+        DigestKey.objects.create(
             key_id=key_id,
             algorithm=signing.ED25519,
-            public_key=public,
-            fingerprint=signing.fingerprint(public),
-            current=key_id == current,
-            can_sign=key_id in private,
+            public_key=b64,
+            fingerprint=signing.fingerprint(b64),
+            created_at=created_at,
+            statement=statement,
+            signed_by=signer_id,
+            signature=signing.sign(signer, statement),
         )
-        for key_id, public in sorted(known_public_keys().items())
-    ]
+        if signer_id == key_id and previous is not None:
+            log.warning(
+                "digest key registered without the previous key's signature: other hosts "
+                "trust it only once its fingerprint is pinned",
+                extra={"key_id": key_id, "fingerprint": signing.fingerprint(b64)},
+            )
+
+
+def known_public_keys() -> dict[str, str]:
+    """The public keys verification may use: ``trusted_public_keys`` (kept for callers)."""
+    return trusted_public_keys()
+
+
+def public_key_infos() -> list[KeyInfo]:
+    """The trusted keys, in key-history order, then keys known only from configuration.
+
+    A history row this host cannot vouch for is left out (and logged); verification reports it.
+    """
+    current = settings.SANDBOX_DIGEST_ED25519_CURRENT
+    private = _private_keys()
+    rows = _history_rows()
+    history = _check_history(rows)
+    for problem in history.problems:
+        log.error("untrusted digest key history", extra={"problem": problem})
+    infos: list[KeyInfo] = []
+    listed: set[str] = set()
+    for row in rows:
+        if history.trusted.get(row.key_id) != row.public_key:
+            continue
+        listed.add(row.key_id)
+        infos.append(
+            KeyInfo(
+                key_id=row.key_id,
+                algorithm=signing.ED25519,
+                public_key=row.public_key,
+                fingerprint=row.fingerprint,
+                current=row.key_id == current,
+                can_sign=row.key_id in private,
+                trusted_as=history.how.get(row.key_id, ""),
+                statement=row.statement,
+                signed_by=row.signed_by,
+                signature=row.signature,
+            )
+        )
+    for key_id, public in sorted(history.trusted.items()):
+        if key_id in listed:
+            continue
+        infos.append(
+            KeyInfo(
+                key_id=key_id,
+                algorithm=signing.ED25519,
+                public_key=public,
+                fingerprint=signing.fingerprint(public),
+                current=key_id == current,
+                can_sign=key_id in private,
+                trusted_as=history.how.get(key_id, "configured"),
+            )
+        )
+    return infos

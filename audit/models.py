@@ -94,11 +94,14 @@ class Digest(models.Model):
     """A signature over the chain from ``start_position`` to ``end_position`` inclusive.
 
     ``document`` is the canonical JSON that was signed; it names the range, the hash before the
-    range and the hash at its end, so an exported trail can be checked offline.
+    range and the hash at its end, its sequence number and the SHA-256 of the previous digest's
+    document, so an exported trail can be checked offline and a missing digest is found. An idle
+    digest covers no events (``event_count`` 0, ``start_position`` one past ``end_position``): it
+    proves that nothing was appended up to its time.
     """
 
     start_position = models.BigIntegerField()
-    end_position = models.BigIntegerField(unique=True)
+    end_position = models.BigIntegerField()  # an idle digest ends where the previous one did
     event_count = models.PositiveIntegerField()
     start_prev_hash = models.CharField(max_length=64)
     end_hash = models.CharField(max_length=64)
@@ -107,9 +110,13 @@ class Digest(models.Model):
     document = models.TextField()
     signature = models.TextField()
     created_at = models.DateTimeField()
+    # The digest chain (in the signed document too): 1, 2, 3... and the SHA-256 of the previous
+    # digest's document. Null and empty for digests signed before the chain existed.
+    sequence = models.BigIntegerField(null=True, unique=True)
+    prev_digest_sha256 = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
-        ordering = ["end_position"]
+        ordering = ["start_position", "end_position", "sequence"]
 
     def __str__(self) -> str:
         return f"digest {self.start_position}..{self.end_position} ({self.key_id})"
@@ -135,12 +142,15 @@ class ActivityCount(models.Model):
 
 
 class DigestKey(models.Model):
-    """A public key that signs digests, registered the first time a host signs with it.
+    """The key history: each public key that signs digests, in the order keys were introduced.
 
-    Several hosts share one database but each has its own data directory: the registry lets any
-    host verify (and export) digests signed elsewhere, and refuses a second, different key under
-    an id already in use. Key ids are never reused; a retired key stays here so that its old
-    digests keep verifying.
+    Append-only (database triggers, see ``audit.db``) and chained: each row's ``statement`` is
+    canonical JSON naming the key, the previous row's key and the SHA-256 of the previous row's
+    statement, signed by ``signed_by``: the previous key for a rotation, or the key itself for
+    the first key and for a key that only configuration can vouch for. The database never
+    vouches for a key by itself: ``audit.keys.trusted_public_keys`` trusts a row only when this
+    host's configuration knows its public key (settings, key files, pinned fingerprints) or a
+    trusted key signed its statement. Key ids are never reused.
     """
 
     key_id = models.CharField(max_length=64, unique=True)
@@ -148,9 +158,14 @@ class DigestKey(models.Model):
     public_key = models.CharField(max_length=64)  # base64 of the 32 raw bytes
     fingerprint = models.CharField(max_length=64)  # SHA-256 hex of the raw bytes
     created_at = models.DateTimeField()
+    # Empty on rows registered before the history was signed: those are trusted only from
+    # configuration.
+    statement = models.TextField(blank=True, default="")
+    signed_by = models.CharField(max_length=64, blank=True, default="")
+    signature = models.TextField(blank=True, default="")
 
     class Meta:
-        ordering = ["created_at", "key_id"]
+        ordering = ["id"]
 
     def __str__(self) -> str:
         return f"{self.key_id} ({self.algorithm}, {self.fingerprint[:16]})"

@@ -1,7 +1,7 @@
 """Verify an evidence bundle offline, without the database, the server or Django settings.
 
     python -m audit.offline verify bundle.zip [--trust FINGERPRINT ...] [--hmac-key ID=SECRET]
-                                              [--json]
+                                              [--since-bundle EARLIER.zip] [--sink DIR] [--json]
 
 Needs only this package (``audit.hashing`` for the chain hash, ``audit.signing`` for Ed25519,
 both free of Django), ``cryptography`` and ``msgspec`` (which decodes and type-checks the event
@@ -16,9 +16,19 @@ line of ``events.jsonl`` where the chain first breaks:
    previous line's hash, its position the next one, and its hash equal to the signed end hash
    wherever a digest ends.
 
-The bundled keys prove that nothing changed since the digests were signed *by whoever holds
-those keys*; pin the keys you obtained independently (the keys API, an earlier bundle) with
-``--trust FINGERPRINT`` to prove that the holder is the server.
+Key trust (``audit.signing.check_key_history``): ``keys.json`` is the server's key history,
+oldest first. A key is trusted when you pinned its fingerprint (``--trust``), when an earlier
+bundle trusted it (``--since-bundle``), when a trusted key signed its rotation statement, or,
+with neither option, when it is the first key of the history (trust on first use: compare the
+fingerprint printed with the one you obtained independently). A key that the history lists but
+nothing vouches for (one written into the server's database) is refused, and so are digests
+it signed.
+
+Continuity: a digest names its sequence number and the SHA-256 of the previous digest's
+document, so a removed digest is found. ``--since-bundle EARLIER.zip`` checks that this bundle
+continues an earlier one: the same key history, the same digests where they overlap, and a
+chain that reaches the earlier bundle's last digest (a log cut back behind it is found).
+``--sink DIR`` checks the digests against a copy of the server's digest sink.
 
 Exit status: 0 verified, 1 verification failed, 2 the bundle could not be read at all.
 """
@@ -40,6 +50,7 @@ import msgspec
 
 from audit import signing
 from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, HASHED_FIELDS, event_hash, hash_input
+from audit.sink import FileSink, SinkError
 
 __all__ = ["BUNDLE_FORMAT", "EVENT_FIELDS", "Problem", "Result", "main", "verify_bundle"]
 
@@ -91,6 +102,7 @@ class Result:
     last_position: int | None = None
     digests: int = 0
     key_fingerprints: dict[str, str] = field(default_factory=dict)
+    key_trust: dict[str, str] = field(default_factory=dict)  # key id -> why it is trusted
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -105,6 +117,7 @@ class Result:
             "last_position": self.last_position,
             "digests": self.digests,
             "keys": self.key_fingerprints,
+            "key_trust": self.key_trust,
             "problems": [p.as_dict() for p in self.problems],
         }
 
@@ -133,15 +146,13 @@ def _load_json(zf: zipfile.ZipFile, name: str, problems: list[Problem]) -> Any:
     return None
 
 
-def _load_keys(
-    raw: Any, trusted: frozenset[str], result: Result, problems: list[Problem]
-) -> dict[str, str]:
-    """Key id to base64 public key, for the keys that are well-formed (and trusted, if pinned)."""
-    keys: dict[str, str] = {}
+def _key_entries(raw: Any, problems: list[Problem]) -> list[dict[str, Any]]:
+    """The well-formed Ed25519 entries of ``keys.json``, in history order."""
     if not isinstance(raw, dict) or not isinstance(raw.get("keys"), list):
         if raw is not None:
             problems.append(Problem(KEYS_FILE, 'expected {"keys": [...]}'))
-        return keys
+        return []
+    entries = []
     for entry in raw["keys"]:
         if not isinstance(entry, dict):
             problems.append(Problem(KEYS_FILE, f"not a key entry: {entry!r}"))
@@ -155,15 +166,36 @@ def _load_keys(
         except ValueError as exc:
             problems.append(Problem(KEYS_FILE, f"key {key_id!r}: {exc}"))
             continue
-        fp = signing.fingerprint(str(public))
-        result.key_fingerprints[str(key_id)] = fp
-        if trusted and fp not in trusted:
-            problems.append(
-                Problem(KEYS_FILE, f"key {key_id!r} (fingerprint {fp}) is not one you trust")
-            )
-            continue
-        keys[str(key_id)] = str(public)
-    return keys
+        entries.append(entry)
+    return entries
+
+
+def _load_keys(
+    raw: Any,
+    trusted: frozenset[str],
+    result: Result,
+    problems: list[Problem],
+    anchors: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Key id to base64 public key, for the keys of the history that may be trusted.
+
+    ``trusted``: pinned fingerprints; ``anchors``: keys an earlier bundle trusted. With
+    neither, the history's first key is trusted on first use.
+    """
+    entries = _key_entries(raw, problems)
+    for entry in entries:
+        result.key_fingerprints[str(entry.get("key_id"))] = signing.fingerprint(
+            str(entry["public_key"])
+        )
+    history = signing.check_key_history(
+        entries,
+        configured=anchors or {},
+        pinned=trusted,
+        trust_first=not trusted and not anchors,
+    )
+    problems.extend(Problem(KEYS_FILE, p) for p in history.problems)
+    result.key_trust = dict(history.how)
+    return {k: v for k, v in history.trusted.items() if k in result.key_fingerprints}
 
 
 def _check_manifest_signature(
@@ -188,6 +220,10 @@ class _Digest:
     end: int
     start_prev_hash: str
     end_hash: str
+    sequence: int | None = None  # the digest chain; None for digests older than the chain
+    prev_digest_sha256: str = ""
+    document: str = ""
+    signature: str = ""
 
 
 def _check_digests(
@@ -215,6 +251,10 @@ def _check_digests(
                 int(doc["end_position"]),
                 str(doc["start_prev_hash"]),
                 str(doc["end_hash"]),
+                None if doc.get("sequence") is None else int(doc["sequence"]),
+                str(doc.get("prev_digest_sha256") or ""),
+                document,
+                str(signature),
             )
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(Problem(DIGESTS_FILE, f"{label} is malformed: {exc}"))
@@ -222,7 +262,11 @@ def _check_digests(
         if algorithm == signing.ED25519:
             if key_id not in keys:
                 problems.append(
-                    Problem(DIGESTS_FILE, f"{label} is signed with key {key_id!r}, not bundled")
+                    Problem(
+                        DIGESTS_FILE,
+                        f"{label} is signed with key {key_id!r}, which is not bundled or not "
+                        "trusted",
+                    )
                 )
                 continue
             valid = signing.verify(keys[key_id], document, str(signature))
@@ -253,7 +297,8 @@ def _check_digests(
             )
             continue
         good.append(digest)
-    good.sort(key=lambda d: d.start)
+    # An idle digest (no events) starts where the next busy one does: order by end too.
+    good.sort(key=lambda d: (d.start, d.end, d.sequence or 0))
     for before, after in zip(good, good[1:], strict=False):
         if after.start != before.end + 1 or after.start_prev_hash != before.end_hash:
             problems.append(
@@ -261,6 +306,18 @@ def _check_digests(
                     DIGESTS_FILE,
                     f"digest {after.number} ({after.start}..{after.end}) does not follow digest "
                     f"{before.number} ({before.start}..{before.end})",
+                )
+            )
+        elif after.sequence is not None and (
+            after.sequence != (before.sequence or 0) + 1
+            or after.prev_digest_sha256 != signing.document_sha256(before.document)
+        ):
+            problems.append(
+                Problem(
+                    DIGESTS_FILE,
+                    f"digest {after.number} (number {after.sequence}) does not link to digest "
+                    f"{before.number} (number {before.sequence}): a digest was removed or "
+                    "inserted",
                 )
             )
     return good
@@ -293,13 +350,11 @@ def _check_events(
         problems.append(Problem(EVENTS_FILE, "missing from the bundle"))
         return None
     ends = {d.end: d for d in digests}
-    if digests:
-        first_position, prev_hash = digests[0].start, digests[0].start_prev_hash
-        last_signed = digests[-1].end
-    else:
-        first_position = int(manifest_range.get("first_position") or 1)
-        prev_hash = str(manifest_range.get("start_prev_hash") or GENESIS_HASH)
-        last_signed = None
+    # Where the walk starts and ends comes from the signed manifest, not from the digests that
+    # verified: after a rejected first digest, line 1 would be taken for a later position.
+    first_position = int(manifest_range.get("first_position") or 1)
+    prev_hash = str(manifest_range.get("start_prev_hash") or GENESIS_HASH)
+    last_signed = int(manifest_range.get("last_position") or 0) if digests else None
     expected = first_position
     sha = hashlib.sha256()
     line = 0  # lines checked so far
@@ -466,15 +521,135 @@ def _check_line(
     return None
 
 
+@dataclass
+class _Earlier:
+    """What an earlier bundle vouches for: its trusted keys, key history and digests."""
+
+    path: str
+    keys: dict[str, str]
+    history: list[tuple[str, str]]  # (key id, statement), oldest first
+    digests: dict[int, _Digest]  # by sequence number
+
+    @classmethod
+    def load(cls, path: str, trusted_fingerprints: Sequence[str]) -> _Earlier:
+        result = verify_bundle(path, trusted_fingerprints=trusted_fingerprints)
+        if not result.ok:
+            raise _Unreadable(
+                f"the earlier bundle {path} does not verify: "
+                + "; ".join(str(p) for p in result.problems)
+            )
+        with zipfile.ZipFile(path) as zf:
+            scratch: list[Problem] = []
+            entries = _key_entries(_load_json(zf, KEYS_FILE, scratch), scratch)
+            keys = _load_keys({"keys": entries}, frozenset(trusted_fingerprints), Result(), scratch)
+            digests = _check_digests(_load_json(zf, DIGESTS_FILE, scratch), keys, {}, scratch)
+        return cls(
+            path,
+            keys,
+            [(str(e.get("key_id")), str(e.get("statement") or "")) for e in entries],
+            {d.sequence: d for d in digests if d.sequence is not None},
+        )
+
+    def check(
+        self, entries: list[dict[str, Any]], digests: Sequence[_Digest], problems: list[Problem]
+    ) -> None:
+        where = "since-bundle"
+        history = [(str(e.get("key_id")), str(e.get("statement") or "")) for e in entries]
+        if history[: len(self.history)] != self.history:
+            problems.append(Problem(where, f"the key history differs from the one in {self.path}"))
+        if not self.digests:
+            return
+        newest = max(self.digests)
+        mine = {d.sequence: d for d in digests if d.sequence is not None}
+        for sequence in sorted(set(mine) & set(self.digests)):
+            if (mine[sequence].document, mine[sequence].signature) != (
+                self.digests[sequence].document,
+                self.digests[sequence].signature,
+            ):
+                old = self.digests[sequence]
+                problems.append(
+                    Problem(
+                        where,
+                        f"digest number {sequence} differs from the one in {self.path} (which "
+                        f"signed positions {old.start}..{old.end}): the log was cut back or "
+                        "rewritten after it was exported",
+                    )
+                )
+                return
+        if not mine:
+            return
+        if max(mine) < newest:
+            old = self.digests[newest]
+            problems.append(
+                Problem(
+                    where,
+                    f"this bundle's digests end at number {max(mine)}, but {self.path} holds "
+                    f"digest number {newest} (positions up to {old.end}): the log was cut back, "
+                    "or this bundle does not reach the end of the earlier one",
+                )
+            )
+        elif min(mine) > newest + 1:
+            problems.append(
+                Problem(
+                    where,
+                    f"digests {newest + 1}..{min(mine) - 1} are in neither bundle: continuity "
+                    "cannot be checked",
+                )
+            )
+        elif min(mine) == newest + 1 and mine[newest + 1].prev_digest_sha256 != (
+            signing.document_sha256(self.digests[newest].document)
+        ):
+            problems.append(
+                Problem(
+                    where,
+                    f"digest number {newest + 1} does not follow digest number {newest} of "
+                    f"{self.path}",
+                )
+            )
+
+
+def _check_against_sink(sink_dir: str, digests: Sequence[_Digest], problems: list[Problem]) -> None:
+    """The bundle's digests are the ones copied to the sink when they were signed."""
+    try:
+        copies = FileSink(sink_dir).read()
+    except SinkError as exc:
+        problems.append(Problem("sink", str(exc)))
+        return
+    if not copies:
+        problems.append(Problem("sink", f"{sink_dir} holds no digest copies"))
+        return
+    for d in digests:
+        if d.sequence is None or d.sequence < min(copies):
+            continue
+        copy = copies.get(d.sequence)
+        if copy is None:
+            problems.append(Problem("sink", f"digest number {d.sequence} is not in the sink"))
+        elif (copy.document, copy.signature) != (d.document, d.signature):
+            problems.append(
+                Problem(
+                    "sink",
+                    f"digest number {d.sequence} differs from its copy in the sink: the "
+                    "server's log was cut back or rewritten",
+                )
+            )
+
+
 def verify_bundle(
     path: str,
     *,
     trusted_fingerprints: Sequence[str] = (),
     hmac_keys: dict[str, str] | None = None,
+    since_bundle: str | None = None,
+    sink_dir: str | None = None,
 ) -> Result:
-    """Verify the bundle at ``path``; raises ``_Unreadable`` when it cannot be read at all."""
+    """Verify the bundle at ``path``; raises ``_Unreadable`` when it cannot be read at all.
+
+    ``since_bundle``: an earlier bundle this one must continue; ``sink_dir``: a copy of the
+    server's digest sink the digests must agree with.
+    """
     result = Result()
     problems = result.problems
+    earlier = _Earlier.load(since_bundle, trusted_fingerprints) if since_bundle else None
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -490,12 +665,19 @@ def verify_bundle(
         if manifest.get("format") != BUNDLE_FORMAT or manifest.get("format_version") != 1:
             problems.append(Problem(MANIFEST_FILE, "not a version 1 evidence bundle manifest"))
         trusted = frozenset(fp.lower() for fp in trusted_fingerprints)
-        keys = _load_keys(_load_json(zf, KEYS_FILE, problems), trusted, result, problems)
+        raw_keys = _load_json(zf, KEYS_FILE, problems)
+        keys = _load_keys(
+            raw_keys, trusted, result, problems, anchors=earlier.keys if earlier else None
+        )
         _check_manifest_signature(zf, manifest_bytes, keys, problems)
         digests = _check_digests(
             _load_json(zf, DIGESTS_FILE, problems), keys, hmac_keys or {}, problems
         )
         result.digests = len(digests)
+        if earlier is not None:
+            earlier.check(_key_entries(raw_keys, []), digests, problems)
+        if sink_dir is not None:
+            _check_against_sink(sink_dir, digests, problems)
         manifest_range = manifest.get("range") or {}
         if digests and (
             digests[0].start != manifest_range.get("first_position")
@@ -557,6 +739,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="ID=SECRET",
         help="secret for HMAC-SHA256 digests (older digests; repeatable)",
     )
+    verify.add_argument(
+        "--since-bundle",
+        metavar="EARLIER.zip",
+        help="an earlier bundle: check that this one continues it (keys, digests, no cut)",
+    )
+    verify.add_argument(
+        "--sink", metavar="DIR", help="a copy of the server's digest sink to check against"
+    )
     verify.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
 
@@ -565,6 +755,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.bundle,
             trusted_fingerprints=args.trust,
             hmac_keys=_parse_hmac_keys(args.hmac_key),
+            since_bundle=args.since_bundle,
+            sink_dir=args.sink,
         )
     except _Unreadable as exc:
         print(f"UNREADABLE: {exc}", file=sys.stderr)
@@ -572,7 +764,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     elif result.ok:
-        keys = ", ".join(f"{k} {fp}" for k, fp in sorted(result.key_fingerprints.items()))
+        keys = ", ".join(
+            f"{k} {fp} ({result.key_trust.get(k, 'untrusted')})"
+            for k, fp in sorted(result.key_fingerprints.items())
+        )
         print(
             f"OK: {result.events} events, positions {result.first_position}.."
             f"{result.last_position}, chain intact; {result.digests} signed digests valid; "

@@ -364,6 +364,16 @@ if SANDBOX_DIGEST_ALGORITHM not in {"ed25519", "hmac-sha256"}:
 # or "id:base64-public,..." in SANDBOX_DIGEST_ED25519_PUBLIC_KEYS. Keys load lazily (audit.keys).
 SANDBOX_DIGEST_ED25519_CURRENT = os.environ.get("SANDBOX_DIGEST_ED25519_CURRENT", "ed25519-1")
 SANDBOX_DIGEST_ED25519_KEYS = os.environ.get("SANDBOX_DIGEST_ED25519_KEYS", "")
+# Keys signed by no trusted key (another host's own key) are trusted only when their SHA-256
+# fingerprints are pinned here ("fp,fp,..."); the database's key history never vouches alone.
+SANDBOX_DIGEST_TRUSTED_FINGERPRINTS = os.environ.get("SANDBOX_DIGEST_TRUSTED_FINGERPRINTS", "")
+# Every digest is copied, as it is made, to a sink outside the database: by default a directory
+# of write-once files (give it its own mount or a WORM store); or a class "module.Class" with
+# write(entry) and read() (see audit.sink). Verification compares the database with it.
+SANDBOX_DIGEST_SINK_DIR = Path(
+    os.environ.get("SANDBOX_DIGEST_SINK_DIR", DATA_DIR / "audit-digest-sink")
+)
+SANDBOX_DIGEST_SINK_CLASS = os.environ.get("SANDBOX_DIGEST_SINK_CLASS", "audit.sink.FileSink")
 SANDBOX_DIGEST_ED25519_PUBLIC_KEYS = os.environ.get("SANDBOX_DIGEST_ED25519_PUBLIC_KEYS", "")
 SANDBOX_DIGEST_ED25519_DIR = Path(
     os.environ.get("SANDBOX_DIGEST_ED25519_DIR", DATA_DIR / "secrets" / "ed25519")

@@ -64,6 +64,16 @@ def _flush_around_append_only_tables(request: pytest.FixtureRequest) -> Iterator
     BaseDatabaseOperations.execute_sql_flush = original  # type: ignore[method-assign]
 
 
+@pytest.fixture(autouse=True)
+def _own_digest_sink(request: pytest.FixtureRequest, tmp_path_factory: Any) -> None:
+    """Each test's database starts empty, so its digests need a sink of their own: a sink
+    shared across tests would hold digests that the next test's database never had."""
+    if not request.config.pluginmanager.hasplugin("django"):
+        return
+    settings = request.getfixturevalue("settings")
+    settings.SANDBOX_DIGEST_SINK_DIR = tmp_path_factory.mktemp("digest-sink")
+
+
 @pytest.fixture
 def tamper() -> Callable[[], contextlib.AbstractContextManager[None]]:
     return append_only_guard_lifted
