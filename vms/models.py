@@ -199,8 +199,9 @@ class Usage(models.Model):
 
 
 class Quota(models.Model):
-    """Limits for a user, or for everyone in a group (a user's own quota wins; else the most
-    generous of its groups'; else the defaults in settings). Empty fields: no limit from here."""
+    """Limits for a user, or for everyone in a group, resolved per resource (``vms.quotas``): a
+    user's own field wins; else the most generous of its groups' fields; else the defaults in
+    settings. An empty field inherits; it never means "no limit"."""
 
     user = models.OneToOneField(
         settings.AUTH_USER_MODEL,

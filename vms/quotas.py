@@ -1,4 +1,4 @@
-"""Quotas (per user, inherited from groups) and system limits.
+"""Quotas (per user, inherited per resource from groups, then the defaults) and system limits.
 
 Usage is checked inside the command's transaction after the event store lock is taken, so two
 concurrent requests are checked one after the other against committed usage: together they can
@@ -7,7 +7,8 @@ never exceed a limit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
@@ -47,43 +48,53 @@ class QuotaExceeded(Exception):
         }
 
 
+SOURCES = ("user", "group", "default")
+
+
 @dataclass(frozen=True)
 class EffectiveQuota:
+    """A user's limit per resource, each with the level it came from (``sources``).
+
+    ``source`` is the most specific level that set any of them.
+    """
+
     vms: int | None
     vcpus: int | None
     memory_mib: int | None
     disk_mib: int | None
     snapshots: int | None
     source: str
+    sources: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {r: getattr(self, r) for r in RESOURCES} | {"source": self.source}
+        return {r: getattr(self, r) for r in RESOURCES} | {
+            "source": self.source,
+            "sources": dict(self.sources),
+        }
 
 
 def effective_quota(user: Any) -> EffectiveQuota:
+    """Resolve each resource on its own: the user's quota, where it sets the resource; else the
+    most generous of the user's groups' quotas that set it; else the system default
+    (``SANDBOX_QUOTA_*``). An empty field means "inherit", never "no limit": a user quota that
+    sets only ``max_vms`` keeps every other limit of its groups or of the defaults.
+    """
     own = Quota.objects.filter(user=user).first()
-    if own is not None:
-        return _from_quota(own, "user")
     group_quotas = list(Quota.objects.filter(group__in=user.groups.all()))
-    if group_quotas:
-        # The most generous group wins; a group without a limit on a resource lifts it.
-        values: dict[str, int | None] = {}
-        for r in RESOURCES:
-            limits = [getattr(q, f"max_{r}") for q in group_quotas]
-            values[r] = None if any(v is None for v in limits) else max(limits)  # type: ignore[type-var]
-        return EffectiveQuota(**values, source="group")  # type: ignore[arg-type]
-    return EffectiveQuota(**settings.SANDBOX_DEFAULT_QUOTA, source="default")
-
-
-def _from_quota(q: Quota, source: str) -> EffectiveQuota:
-    return EffectiveQuota(
-        vms=q.max_vms,
-        vcpus=q.max_vcpus,
-        memory_mib=q.max_memory_mib,
-        disk_mib=q.max_disk_mib,
-        snapshots=q.max_snapshots,
-        source=source,
-    )
+    defaults: Mapping[str, int | None] = settings.SANDBOX_DEFAULT_QUOTA
+    values: dict[str, int | None] = {}
+    sources: dict[str, str] = {}
+    for r in RESOURCES:
+        mine = getattr(own, f"max_{r}") if own is not None else None
+        set_by_groups = [v for q in group_quotas if (v := getattr(q, f"max_{r}")) is not None]
+        if mine is not None:
+            values[r], sources[r] = mine, "user"
+        elif set_by_groups:
+            values[r], sources[r] = max(set_by_groups), "group"
+        else:
+            values[r], sources[r] = defaults.get(r), "default"
+    source = next(s for s in SOURCES if s in sources.values())
+    return EffectiveQuota(**values, source=source, sources=sources)  # type: ignore[arg-type]
 
 
 def usage_of(user: Any) -> dict[str, int]:
