@@ -13,7 +13,8 @@ def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
     schedules.ensure(
         [
             ("audit.run_projections", "audit.tasks.run_projections", 1),
-            ("audit.sign_digest", "audit.tasks.sign_digest", 60),
+            # Every minute, busy or idle: the newest digest is never more than a minute old.
+            ("audit.sign_digest", "audit.tasks.sign_digest", 1),
         ]
     )
 

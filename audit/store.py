@@ -208,6 +208,7 @@ def append(
     expected_version: int = ANY_VERSION,
     causation_id: str = "",
     correlation_id: str = "",
+    not_before: int = 0,
 ) -> RecordedEvent:
     """Append one event; see ``append_many``."""
     return append_many(
@@ -218,13 +219,22 @@ def append(
         ],
         actor=actor,
         correlation_id=correlation_id,
+        not_before=not_before,
     )[0]
 
 
 def append_many(
-    pending: Sequence[PendingEvent], *, actor: Actor, correlation_id: str = ""
+    pending: Sequence[PendingEvent],
+    *,
+    actor: Actor,
+    correlation_id: str = "",
+    not_before: int = 0,
 ) -> list[RecordedEvent]:
     """Append events atomically, in order, and apply inline projections to them.
+
+    ``not_before``: the first event takes a position of at least this, leaving a gap after the
+    head. Only for recording on a log whose tail was cut: positions that a digest signed must
+    not be given to new events (``audit.commands.verify_chain``).
 
     Joins the caller's transaction when there is one, so that the caller's read-model writes and
     the events commit together; otherwise opens its own. Raises ``ConcurrencyError`` for a stale
@@ -255,6 +265,7 @@ def append_many(
             _lock()
             keys = list(dict.fromkeys((p.aggregate_type, p.aggregate_id) for p in pending))
             position, prev_hash, versions = _head_and_versions(keys)
+            position = max(position, not_before - 1)
             now = datetime.now(UTC)
             # Per call, not per event: the vendor and adapted values (Django's connection proxy
             # is a thread-local lookup), and the hashed parts every event of the call shares.

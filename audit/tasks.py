@@ -12,10 +12,11 @@ def run_projections() -> int:
 
 
 def sign_digest() -> int | None:
+    """The minutely digest (also when idle); a failure is recorded as an event and raised."""
     from audit.commands import sign_digest as sign
 
-    digest = sign(Actor.system(channel="worker", name="digest-signer"))
-    return digest.end_position if digest else None
+    digest = sign(Actor.system(channel="worker", name="digest-signer"), scheduled=True)
+    return digest.sequence if digest else None
 
 
 def run_export(job_id: str) -> str:
