@@ -48,6 +48,7 @@ __all__ = [
     "count",
     "last_digest",
     "sign_pending",
+    "sink_continuity",
     "verify_signature",
     "vouched_end",
 ]
@@ -169,7 +170,7 @@ def _check_before_signing(last: Digest | None, end: int, copies: dict[int, Any] 
                 last.end_position, "digest", "the event's hash differs from the signed digest"
             )
     if problem is None and copies is not None:
-        problem = _sink_continuity(last, copies)
+        problem = sink_continuity(last, copies)
     if problem is None:
         start = last.end_position + 1 if last else 1
         prev_hash = last.end_hash if last else GENESIS_HASH
@@ -370,7 +371,7 @@ def check_digests(
     return None
 
 
-def _sink_continuity(last: Digest | None, copies: dict[int, Any]) -> ChainProblem | None:
+def sink_continuity(last: Digest | None, copies: dict[int, Any]) -> ChainProblem | None:
     """The newest digest in the database is the newest copy in the sink."""
     if not copies:
         return None  # a new (or newly configured) sink starts with the next digest
@@ -413,7 +414,7 @@ def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
             return ChainProblem(0, "digest", f"the digest sink cannot be read: {exc}")
     if copies is None:
         return None  # a sink that cannot be read back (syslog, a webhook)
-    problem = _sink_continuity(last_digest(), copies)
+    problem = sink_continuity(last_digest(), copies)
     if problem is not None or not copies:
         return problem
     first_copy = min(copies)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
@@ -103,3 +105,154 @@ def test_bad_key_configuration_is_reported(settings) -> None:
     settings.SANDBOX_DIGEST_ED25519_KEYS = "k1:bm90LWEta2V5"
     with pytest.raises(ImproperlyConfigured, match="32 bytes"):
         keys.current_key()
+
+
+# --- Issue 11: key trust and continuity, offline -------------------------------------------
+
+
+def _bundle(path: Any, *, last: int | None = None) -> Any:
+    """A bundle of 1..last (default: the newest signed position), without signing first."""
+    from audit import bundle
+    from audit.digests import last_digest
+
+    end = last if last is not None else last_digest().end_position
+    with path.open("wb") as fh:
+        bundle.write_bundle(fh, first=1, last=end, name=path.name)
+    return path
+
+
+def _problems(path: Any, **kwargs: Any) -> list[str]:
+    from audit.offline import verify_bundle
+
+    return [str(p) for p in verify_bundle(str(path), **kwargs).problems]
+
+
+def test_offline_an_attacker_key_with_every_digest_resigned_is_refused_without_trust(
+    settings: Any, tmp_path: Any, tamper: Any
+) -> None:
+    from tests.audit.forgery import attacker_host, forge_event, sql
+
+    append_user_events("1", 4)
+    sign_digest(SHELL)
+    append_user_events("2", 4)
+    sign_digest(SHELL)
+    honest = _bundle(tmp_path / "honest.zip")
+    assert _problems(honest) == []
+    with tamper():
+        forge_event(2, '{"i":99}')
+        sql("DELETE FROM audit_digest")
+    with attacker_host(settings, tmp_path):
+        digests.sign_pending()
+        forged = _bundle(tmp_path / "forged.zip")  # made on the forger's host, as it would be
+    problems = _problems(forged)
+    assert any("key 'evil'" in p and "not one you trust" in p for p in problems), problems
+    assert any("signed with key 'evil'" in p for p in problems), problems
+    # An auditor who pins the honest key refuses it too; the honest bundle still verifies.
+    honest_fp = DigestKey.objects.get(key_id="ed25519-1").fingerprint
+    assert _problems(forged, trusted_fingerprints=[honest_fp])
+    assert _problems(honest, trusted_fingerprints=[honest_fp]) == []
+
+
+def test_offline_a_rotated_key_is_trusted_through_the_previous_key(
+    settings: Any, tmp_path: Any
+) -> None:
+    from audit.offline import verify_bundle
+
+    append_user_events("1", 2)
+    sign_digest(SHELL)
+    settings.SANDBOX_DIGEST_ED25519_CURRENT = "ed25519-2"
+    append_user_events("2", 2)
+    sign_digest(SHELL)
+    result = verify_bundle(str(_bundle(tmp_path / "rotated.zip")))
+    assert result.ok, result.problems
+    assert result.key_trust["ed25519-2"] == "rotated from ed25519-1"
+    first_fp = DigestKey.objects.get(key_id="ed25519-1").fingerprint
+    pinned = verify_bundle(str(tmp_path / "rotated.zip"), trusted_fingerprints=[first_fp])
+    assert pinned.ok, pinned.problems
+
+
+def test_offline_a_bad_first_digest_is_not_also_a_reordered_line_1(tmp_path: Any) -> None:
+    """Issue 11, item 8: the walk used to start at the first digest that verified."""
+    import json as _json
+
+    from tests.audit_exports.helpers import rewrite
+
+    append_user_events("1", 3)
+    sign_digest(SHELL)
+    append_user_events("2", 3)
+    sign_digest(SHELL)
+    good = _bundle(tmp_path / "good.zip")
+
+    def spoil(data: bytes) -> bytes:
+        entries = _json.loads(data)
+        entries[0]["signature"] = "A" * 88
+        return _json.dumps(entries).encode()
+
+    problems = _problems(rewrite(good, tmp_path / "bad.zip", "digests.json", spoil))
+    assert any("digest 1 has a bad signature" in p for p in problems), problems
+    assert not any("reordered" in p or "line 1 " in p for p in problems), problems
+
+
+def _cut_log(tamper: Any) -> None:
+    """Delete the newest events (7..9) and the digest that signed them (number 3)."""
+    from tests.audit.forgery import sql
+
+    with tamper():
+        sql("DELETE FROM audit_event WHERE position >= 7")
+        sql("DELETE FROM audit_digest WHERE sequence = 3")
+
+
+def _three_digests() -> None:
+    for user in ("1", "2", "3"):
+        append_user_events(user, 3)
+        digests.sign_pending()
+
+
+def test_a_cut_tail_is_found_from_an_earlier_bundle(tmp_path: Any, tamper: Any) -> None:
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    _cut_log(tamper)
+    later = _bundle(tmp_path / "later.zip")
+    assert _problems(later) == []  # on its own, a shorter log looks fine
+    problems = _problems(later, since_bundle=str(earlier))
+    assert any("earlier.zip holds digest number 3" in p for p in problems), problems
+
+
+def test_a_cut_and_re_signed_tail_is_found_from_an_earlier_bundle_and_the_sink(
+    settings: Any, tmp_path: Any, tamper: Any
+) -> None:
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    sink_dir = settings.SANDBOX_DIGEST_SINK_DIR
+    _cut_log(tamper)
+    append_user_events("4", 2)
+    settings.SANDBOX_DIGEST_SINK_DIR = tmp_path / "fresh-sink"  # the forger's fresh sink
+    digests.sign_pending()
+    later = _bundle(tmp_path / "later.zip")
+    assert _problems(later) == []
+    problems = _problems(later, since_bundle=str(earlier))
+    assert any("digest number 3 differs from the one in" in p for p in problems), problems
+    problems = _problems(later, sink_dir=str(sink_dir))
+    assert any("digest number 3 differs from its copy in the sink" in p for p in problems)
+
+
+def test_a_bundle_that_continues_an_earlier_one_verifies(tmp_path: Any) -> None:
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    append_user_events("4", 2)
+    digests.sign_pending()
+    later = _bundle(tmp_path / "later.zip")
+    assert _problems(later, since_bundle=str(earlier)) == []
+
+
+def test_the_offline_command_takes_since_bundle_and_sink(
+    settings: Any, tmp_path: Any, tamper: Any
+) -> None:
+    from audit.offline import main
+
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    assert main(["verify", str(earlier), "--sink", str(settings.SANDBOX_DIGEST_SINK_DIR)]) == 0
+    _cut_log(tamper)
+    later = _bundle(tmp_path / "later.zip")
+    assert main(["verify", str(later), "--since-bundle", str(earlier)]) == 1
