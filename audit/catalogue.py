@@ -91,6 +91,12 @@ _define("quota.changed", "user", "change", "A user's or group's quota changed.")
 
 # The audit log itself.
 _define("audit.digest_signed", "audit", "monitoring", "A signed digest covers a range of events.")
+_define(
+    "audit.digest_signing_failed",
+    "audit",
+    "monitoring",
+    "A digest was not signed (broken chain, untrusted key, sink); the break is named in data.",
+)
 _define("audit.chain_verified", "audit", "monitoring", "A chain verification ran (result in data).")
 _define("audit.projection_rebuilt", "audit", "monitoring", "A projection was rebuilt from zero.")
 _define("audit.exported", "audit", "data", "An audit report or evidence bundle was exported.")

@@ -22,6 +22,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from audit.metrics import AuditCollector
+from vms.metrics import WorkerCollector
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HTTP_REQUESTS = Counter(
@@ -167,6 +170,8 @@ class VMCollector(Collector):
 
 
 REGISTRY.register(VMCollector())
+REGISTRY.register(AuditCollector())  # digest age, unsigned events, last verification
+REGISTRY.register(WorkerCollector())  # worker heartbeat per queue
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
