@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, inline_serializer
@@ -15,8 +16,10 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts import commands, roles
+from accounts.caller import Caller
 from accounts.models import APIToken, User
 from accounts.permissions import HasPerm
+from accounts.scopes import OPEN, SCOPES, TOKEN_READ, USER_READ, needs
 from audit.actor import Actor
 
 
@@ -66,6 +69,8 @@ class RoleSerializer(serializers.Serializer):
 
 
 class MeView(APIView):
+    token_scopes = {"get": OPEN}
+
     @extend_schema(responses=UserSerializer)
     def get(self, request: Request) -> Response:
         data = UserSerializer(request.user).data
@@ -80,6 +85,12 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     queryset = User.objects.order_by("username").prefetch_related("groups")
     serializer_class = UserSerializer
     permission_classes = [HasPerm.of("accounts.manage_users")]
+    token_scopes = {
+        "list": USER_READ,
+        "retrieve": USER_READ,
+        "create": needs("accounts.manage_users"),
+        "role": needs("accounts.manage_users"),
+    }
     filterset_fields = ["is_active", "username"]
 
     @extend_schema(request=UserCreateSerializer, responses={201: UserSerializer})
@@ -135,16 +146,38 @@ class TokenSerializer(serializers.ModelSerializer):
 
 
 class TokenCreateSerializer(serializers.Serializer):
+    """A new token: it never exceeds the user, nor the token the request comes with."""
+
     name = serializers.CharField(max_length=100)
     expires_days = serializers.IntegerField(
-        min_value=1, required=False, allow_null=True, default=90
+        min_value=1,
+        max_value=settings.SANDBOX_TOKEN_MAX_DAYS,
+        required=False,
+        help_text=(
+            f"days until it expires; default {commands.DEFAULT_EXPIRY_DAYS}, at most "
+            f"{settings.SANDBOX_TOKEN_MAX_DAYS}. Every token issued through the API expires "
+            "(null is refused). Issued with a token: no later than that token; left out, it is "
+            "cut to that token's expiry."
+        ),
     )
-    read_only = serializers.BooleanField(default=False)
+    read_only = serializers.BooleanField(default=False, help_text="the token may only read")
     scopes = serializers.ListField(
-        child=serializers.CharField(max_length=64), required=False, default=list
+        child=serializers.ChoiceField(choices=list(SCOPES)),
+        required=False,
+        default=list,
+        help_text=(
+            "permissions the token is limited to (empty: all of the user's). Issued with a "
+            "scoped token: a subset of its scopes; empty inherits them."
+        ),
     )
     allowed_ips = serializers.ListField(
-        child=serializers.CharField(max_length=64), required=False, default=list
+        child=serializers.CharField(max_length=64),
+        required=False,
+        default=list,
+        help_text=(
+            "addresses or networks the token may be used from (empty: any). Issued with an "
+            "IP-restricted token: inside its networks; empty inherits them."
+        ),
     )
 
 
@@ -158,10 +191,17 @@ class TokenViewSet(
 
     serializer_class = TokenSerializer
     filterset_fields = ["read_only"]
+    token_scopes = {
+        "list": TOKEN_READ,
+        "retrieve": TOKEN_READ,
+        "create": needs("accounts.add_apitoken"),
+        "destroy": needs("accounts.delete_apitoken"),
+    }
 
     def get_queryset(self) -> Any:
         qs = APIToken.objects.select_related("user")
-        if self.request.user.has_perm("accounts.manage_all_tokens"):
+        # Everyone's tokens only if the caller (and the token it uses) holds manage_all_tokens.
+        if Caller.from_request(self.request).has("accounts.manage_all_tokens"):
             return qs
         return qs.filter(user=self.request.user)
 
@@ -179,7 +219,11 @@ class TokenViewSet(
         s.is_valid(raise_exception=True)
         try:
             issued = commands.create_token(
-                Actor.from_request(request), request.user, by=request.user, **s.validated_data
+                Actor.from_request(request),
+                request.user,
+                by=request.user,
+                parent=Caller.from_request(request).token,
+                **s.validated_data,
             )
         except (DjangoValidationError, DjangoPermissionDenied) as exc:
             raise django_errors(exc) from exc
@@ -189,6 +233,12 @@ class TokenViewSet(
         )
 
     def perform_destroy(self, instance: APIToken) -> None:
+        if instance.user_id != self.request.user.pk:
+            # Another user's token: the token used must hold manage_all_tokens too.
+            try:
+                Caller.from_request(self.request).require("accounts.manage_all_tokens")
+            except DjangoPermissionDenied as exc:
+                raise django_errors(exc) from exc
         try:
             commands.revoke_token(Actor.from_request(self.request), instance, by=self.request.user)
         except DjangoPermissionDenied as exc:

@@ -1,4 +1,4 @@
-"""DRF authentication by API token: ``Authorization: Bearer sbx_<key>_<secret>``."""
+"""API token authentication for HTTP (DRF) and websockets: ``Authorization: Bearer <token>``."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ import ipaddress
 from datetime import timedelta
 from typing import Any
 
+from channels.db import database_sync_to_async
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.utils import timezone
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.exceptions import AuthenticationFailed, PermissionDenied
 
-from accounts import backends, commands, tokens
+from accounts import backends, commands, scopes, tokens
 from accounts.models import APIToken
 from audit.actor import Actor
 from sandbox_site import context
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
+# Websocket close codes, as the consumers use them.
+CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN = 4401, 4403
 
 
 class _TokenQuery:
@@ -97,7 +100,65 @@ def lookup(key: str) -> APIToken | None:
     return _token_query(key)
 
 
+def verify(raw: str, ip: str | None) -> APIToken:
+    """The live token that ``raw`` (``sbx_<key>_<secret>``) names, used from ``ip``.
+
+    Refuses (AuthenticationFailed, recorded as ``auth.token_rejected``) a wrong secret, a revoked
+    or expired token, an inactive user and an address outside the token's networks. HTTP and
+    websocket authentication both come here.
+    """
+    parsed = tokens.parse(raw)
+    if parsed is None:
+        raise AuthenticationFailed("Invalid token.")
+    key, secret = parsed
+    token = lookup(key)
+    if token is None:
+        raise AuthenticationFailed("Invalid token.")
+    if not tokens.matches(secret, token.digest, token.pepper_version):
+        _reject(token, "bad_secret")
+        raise AuthenticationFailed("Invalid token.")
+    if token.revoked_at is not None:
+        _reject(token, "revoked")
+        raise AuthenticationFailed("Token revoked.")
+    if token.is_expired:
+        _reject(token, "expired")
+        raise AuthenticationFailed("Token expired.")
+    if not token.user.is_active:
+        _reject(token, "user_inactive")
+        raise AuthenticationFailed("User inactive.")
+    if token.allowed_ips and not ip_allowed(ip, token.allowed_ips):
+        _reject(token, "ip_not_allowed")
+        raise AuthenticationFailed("Token not allowed from this address.")
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_GRANULARITY:
+        # At most one write a minute per token: last_used is for humans, not accounting.
+        APIToken.objects.filter(pk=token.pk).update(last_used_at=now, last_used_ip=ip or "")
+    return token
+
+
+def ip_allowed(ip: str | None, networks: list[str]) -> bool:
+    if not ip:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def _reject(token: APIToken, reason: str) -> None:
+    commands.record_token_rejected(Actor.anonymous(token.user.username), token, reason)
+
+
 class TokenAuthentication(BaseAuthentication):
+    """``Authorization: Bearer <token>``, and the token's own limits on what it may call.
+
+    After the token is found live (``verify``), its read-only flag and scopes are applied to the
+    operation being called (``accounts.scopes``): here rather than in a permission class,
+    because a view may replace its ``permission_classes``, while a view that drops this class
+    cannot be reached with a token at all.
+    """
+
     keywords = ("bearer", "token")
 
     def authenticate(self, request: Any) -> tuple[Any, APIToken] | None:
@@ -106,45 +167,51 @@ class TokenAuthentication(BaseAuthentication):
             return None
         if len(header) != 2:
             raise AuthenticationFailed("Invalid token header: expected 'Bearer <token>'.")
-        parsed = tokens.parse(header[1].decode(errors="replace"))
-        if parsed is None:
-            raise AuthenticationFailed("Invalid token.")
-        key, secret = parsed
-        token = lookup(key)
-        if token is None:
-            raise AuthenticationFailed("Invalid token.")
-        if not tokens.matches(secret, token.digest, token.pepper_version):
-            self._reject(token, "bad_secret")
-            raise AuthenticationFailed("Invalid token.")
-        if token.revoked_at is not None:
-            self._reject(token, "revoked")
-            raise AuthenticationFailed("Token revoked.")
-        if token.is_expired:
-            self._reject(token, "expired")
-            raise AuthenticationFailed("Token expired.")
-        if not token.user.is_active:
-            self._reject(token, "user_inactive")
-            raise AuthenticationFailed("User inactive.")
-        ip = context.current().source_ip
-        if token.allowed_ips and not self._ip_allowed(ip, token.allowed_ips):
-            self._reject(token, "ip_not_allowed")
-            raise AuthenticationFailed("Token not allowed from this address.")
-        now = timezone.now()
-        if token.last_used_at is None or now - token.last_used_at >= LAST_USED_GRANULARITY:
-            # At most one write a minute per token: last_used is for humans, not accounting.
-            APIToken.objects.filter(pk=token.pk).update(last_used_at=now, last_used_ip=ip or "")
+        token = verify(header[1].decode(errors="replace"), context.current().source_ip)
+        view = (getattr(request, "parser_context", None) or {}).get("view")
+        scope = scopes.required_scope(view, request.method) if view is not None else None
+        reason = scopes.refusal(token, scope, write=scopes.is_write(request.method))
+        if reason is not None:
+            raise PermissionDenied(reason)
         return token.user, token
 
     def authenticate_header(self, request: Any) -> str:
         return 'Bearer realm="api"'
 
-    @staticmethod
-    def _ip_allowed(ip: str | None, networks: list[str]) -> bool:
-        if not ip:
-            return False
-        addr = ipaddress.ip_address(ip)
-        return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
 
-    @staticmethod
-    def _reject(token: APIToken, reason: str) -> None:
-        commands.record_token_rejected(Actor.anonymous(token.user.username), token, reason)
+class TokenAuthMiddleware:
+    """Channels middleware: a websocket handshake with ``Authorization: Bearer <token>`` is
+    authenticated as the API does (``verify``); ``scope["auth"]`` is the token.
+
+    A consumer must apply the token's limits (``scopes.check_socket``) before it accepts;
+    one that accepts a token's connection without that check is answered with a close (4403)
+    instead, so a new consumer cannot forget it.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        header = dict(scope.get("headers") or []).get(b"authorization")
+        if scope.get("type") != "websocket" or header is None:
+            return await self.inner(scope, receive, send)
+        parts = header.decode(errors="replace").split()
+        client = scope.get("client") or (None, None)
+        try:
+            if len(parts) != 2 or parts[0].lower() not in TokenAuthentication.keywords:
+                raise AuthenticationFailed("Invalid token header: expected 'Bearer <token>'.")
+            token = await database_sync_to_async(verify)(parts[1], client[0])
+        except AuthenticationFailed:
+            message = await receive()
+            if message.get("type") == "websocket.connect":
+                await send({"type": "websocket.close", "code": CLOSE_UNAUTHENTICATED})
+            return None
+        checked: list[bool] = []
+        scope = dict(scope, user=token.user, auth=token, token_checked=checked)
+
+        async def guarded_send(message: dict[str, Any]) -> None:
+            if message.get("type") == "websocket.accept" and not checked:
+                message = {"type": "websocket.close", "code": CLOSE_FORBIDDEN}
+            await send(message)
+
+        return await self.inner(scope, receive, guarded_send)

@@ -11,6 +11,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import EllipsisType
 
 from django.conf import settings
 from django.contrib.auth import password_validation
@@ -21,10 +22,13 @@ from django.utils import timezone
 
 from accounts import roles, tokens
 from accounts.models import APIToken, LoginState, User
+from accounts.scopes import SCOPES as KNOWN_SCOPES
+from accounts.scopes import SELF_SERVICE
 from audit import store
 from audit.actor import Actor
 
 __all__ = [
+    "DEFAULT_EXPIRY_DAYS",
     "IssuedToken",
     "create_token",
     "create_user",
@@ -166,6 +170,9 @@ def set_active(actor: Actor, user: User, active: bool, *, by: User | None = None
 # --- API tokens -------------------------------------------------------------------------------
 
 
+DEFAULT_EXPIRY_DAYS = 90
+
+
 @dataclass(frozen=True)
 class IssuedToken:
     token: APIToken
@@ -184,41 +191,93 @@ def _validate_ips(allowed_ips: list[str]) -> list[str]:
     return out
 
 
+def _within(networks: list[str], parents: list[str]) -> list[str]:
+    """The networks of ``networks`` that lie in none of ``parents``."""
+    outer = [ipaddress.ip_network(p, strict=False) for p in parents]
+    beyond = []
+    for item in networks:
+        net = ipaddress.ip_network(item, strict=False)
+        if not any(net.version == p.version and net.subnet_of(p) for p in outer):  # type: ignore[arg-type]
+            beyond.append(item)
+    return beyond
+
+
 @transaction.atomic
 def create_token(
     actor: Actor,
     user: User,
     *,
     name: str,
-    expires_days: int | None = 90,
+    expires_days: int | EllipsisType | None = ...,
     read_only: bool = False,
     allowed_ips: list[str] | None = None,
     scopes: list[str] | None = None,
     by: User | None = None,
+    parent: APIToken | None = None,
 ) -> IssuedToken:
-    """Issue a token for ``user``. A user may issue its own; others need manage_all_tokens."""
+    """Issue a token for ``user``. A user may issue its own; others need manage_all_tokens.
+
+    ``expires_days`` left out means DEFAULT_EXPIRY_DAYS (cut to the issuing token's expiry);
+    ``None`` (never expires) is for the shell only: with ``by`` or ``parent`` set,
+    a token expires within SANDBOX_TOKEN_MAX_DAYS. ``parent`` is the token the request came
+    with: the new token never exceeds it (its scopes a subset, its networks inside the parent's,
+    its expiry no later; a read-only token issues none). Scopes and networks left empty are
+    inherited from the parent; an expiry left to the default is cut to the parent's.
+    """
     if by is not None and by.pk != user.pk:
         _require(by, "accounts.manage_all_tokens")
+    if parent is not None:
+        _require_parent_allows(parent, user, by)
     if not user.is_active:
         raise ValidationError({"user": "the user is inactive"})
     name = (name or "").strip()
     if not name or len(name) > 100:
         raise ValidationError({"name": "a name of 1 to 100 characters is required"})
     max_days = settings.SANDBOX_TOKEN_MAX_DAYS
+    explicit_expiry = expires_days is not ...
+    if isinstance(expires_days, EllipsisType):
+        expires_days = min(DEFAULT_EXPIRY_DAYS, max_days)
+    if expires_days is None and (by is not None or parent is not None):
+        raise ValidationError({"expires_days": f"a token must expire: give 1 to {max_days} days"})
     if expires_days is not None and not (1 <= expires_days <= max_days):
         raise ValidationError({"expires_days": f"must be between 1 and {max_days} days"})
     ips = _validate_ips(allowed_ips or [])
     scopes = sorted(set(scopes or []))
-    unknown = [s for s in scopes if s not in roles.SCOPES]
+    unknown = [s for s in scopes if s not in KNOWN_SCOPES]
     if unknown:
-        raise ValidationError({"scopes": f"unknown scopes {unknown}; known: {roles.SCOPES}"})
-    beyond = [s for s in scopes if not user.has_perm(s)]
+        raise ValidationError({"scopes": f"unknown scopes {unknown}; known: {list(KNOWN_SCOPES)}"})
+    beyond = [s for s in scopes if s not in SELF_SERVICE and not user.has_perm(s)]
     if beyond:
         # A token never exceeds its user.
         raise ValidationError({"scopes": f"{user.username} does not hold {beyond}"})
+    now = timezone.now()
+    expires_at = now + timedelta(days=expires_days) if expires_days is not None else None
+    if parent is not None:
+        # A token never exceeds the token that issued it.
+        if parent.scopes:
+            beyond = [s for s in scopes if s not in parent.scopes]
+            if beyond:
+                raise ValidationError({"scopes": f"the issuing token does not hold {beyond}"})
+            scopes = scopes or sorted(parent.scopes)
+        if parent.allowed_ips:
+            beyond = _within(ips, parent.allowed_ips)
+            if beyond:
+                raise ValidationError(
+                    {"allowed_ips": f"{beyond} lie outside the issuing token's networks"}
+                )
+            ips = ips or list(parent.allowed_ips)
+        if parent.expires_at is not None and (expires_at is None or expires_at > parent.expires_at):
+            if explicit_expiry:
+                raise ValidationError(
+                    {
+                        "expires_days": "the issuing token expires at "
+                        f"{parent.expires_at.isoformat()}: the new one may not outlive it"
+                    }
+                )
+            expires_at = parent.expires_at
+        read_only = read_only or parent.read_only
     key, secret, plaintext = tokens.generate()
     version = settings.SANDBOX_TOKEN_PEPPER_CURRENT
-    now = timezone.now()
     token = APIToken.objects.create(
         key=key,
         digest=tokens.digest(secret, version),
@@ -226,7 +285,7 @@ def create_token(
         user=user,
         name=name,
         created_at=now,
-        expires_at=now + timedelta(days=expires_days) if expires_days else None,
+        expires_at=expires_at,
         read_only=read_only,
         allowed_ips=ips,
         scopes=scopes,
@@ -244,11 +303,25 @@ def create_token(
             "read_only": read_only,
             "allowed_ips": ips,
             "scopes": scopes,
+            "issued_by_token": parent.key if parent is not None else None,
         },
         actor=actor,
         expected_version=0,
     )
     return IssuedToken(token, plaintext)
+
+
+def _require_parent_allows(parent: APIToken, user: User, by: User | None) -> None:
+    """The issuing token may issue at all: not read-only, holding add_apitoken if scoped, and
+    for another user's token only if it holds manage_all_tokens too."""
+    if parent.read_only:
+        raise PermissionDenied("a read-only API token cannot issue tokens")
+    wanted = ["accounts.add_apitoken"]
+    if by is not None and by.pk != user.pk:
+        wanted.append("accounts.manage_all_tokens")
+    missing = [p for p in wanted if parent.scopes and p not in parent.scopes]
+    if missing:
+        raise PermissionDenied(f"this API token does not hold {' and '.join(missing)}")
 
 
 @transaction.atomic

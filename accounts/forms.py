@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
 from accounts import commands
@@ -44,7 +45,11 @@ class LoginForm(AuthenticationForm):
 
 class TokenForm(forms.Form):
     name = forms.CharField(max_length=100)
+    # Every token issued by a user expires (accounts.commands.create_token).
     expires_days = forms.IntegerField(
-        min_value=1, initial=90, required=False, help_text="Empty: never"
+        min_value=1,
+        max_value=settings.SANDBOX_TOKEN_MAX_DAYS,
+        initial=90,
+        help_text=f"Days, at most {settings.SANDBOX_TOKEN_MAX_DAYS}",
     )
     read_only = forms.BooleanField(required=False)

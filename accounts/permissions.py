@@ -1,24 +1,12 @@
-"""DRF permissions shared by every API view."""
+"""DRF permissions for the user's side of a request (a token's own limits: ``accounts.scopes``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from rest_framework.permissions import SAFE_METHODS, BasePermission
+from rest_framework.permissions import BasePermission
 
-from accounts.models import APIToken
-
-
-class TokenWriteAllowed(BasePermission):
-    """A read-only token may only read."""
-
-    message = "This API token is read-only."
-
-    def has_permission(self, request: Any, view: Any) -> bool:
-        token = getattr(request, "auth", None)
-        if isinstance(token, APIToken) and token.read_only:
-            return request.method in SAFE_METHODS
-        return True
+__all__ = ["HasPerm"]
 
 
 class HasPerm(BasePermission):

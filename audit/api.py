@@ -12,6 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from accounts.permissions import HasPerm
+from accounts.scopes import AUDIT_READ, needs
 from audit.hashing import EVENT_COLUMNS
 from audit.models import Event
 
@@ -48,6 +49,11 @@ class EventViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = EventSerializer
     filterset_class = EventFilter
     permission_classes = [HasPerm.of("audit.view_audit_trail")]
+    token_scopes = {
+        "list": AUDIT_READ,
+        "retrieve": AUDIT_READ,
+        "verify": needs("audit.verify_audit"),
+    }
 
     @extend_schema(
         request=None,

@@ -2,7 +2,8 @@
 
 Mounted under ``/api/v1/audit/`` (``audit.urls``). Reading needs ``audit.view_audit_trail``,
 exporting ``audit.export_audit``, signing a digest now ``audit.verify_audit``; exports and
-signing are writes, so a read-only token is refused them. None of these endpoints drives a VM.
+signing are writes, so a read-only token is refused them. Each view states the scope a token
+needs (``token_scopes``, see ``accounts.scopes``). None of these endpoints drives a VM.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
-from accounts.permissions import HasPerm, TokenWriteAllowed
+from accounts.permissions import HasPerm
+from accounts.scopes import AUDIT_READ, EXPORT, needs
 from audit import compliance, exports, keys
 from audit.actor import Actor
 from audit.models import Digest, ExportJob
@@ -35,11 +37,9 @@ CONTENT_TYPES = {
 }
 
 
-def _perms(*perms: str, write: bool = False) -> list[type]:
-    classes: list[type] = [IsAuthenticated]
-    if write:
-        classes.append(TokenWriteAllowed)
-    return classes + [HasPerm.of(p) for p in perms]
+def _perms(*perms: str) -> list[type]:
+    # A token's read-only flag and scopes are applied by its authentication (token_scopes).
+    return [IsAuthenticated] + [HasPerm.of(p) for p in perms]
 
 
 class ExportJobSerializer(serializers.ModelSerializer):
@@ -121,7 +121,8 @@ def _start(request: Request, kind: str) -> Response:
 class ReportView(APIView):
     """Produce a compliance report for a period (201 when done inline, 202 when queued)."""
 
-    permission_classes = _perms("audit.export_audit", write=True)
+    permission_classes = _perms("audit.export_audit")
+    token_scopes = {"post": EXPORT}
 
     @extend_schema(
         request=ReportRequestSerializer,
@@ -134,7 +135,8 @@ class ReportView(APIView):
 class BundleView(APIView):
     """Produce an evidence bundle (zip) for a period, widened to whole signed digests."""
 
-    permission_classes = _perms("audit.export_audit", write=True)
+    permission_classes = _perms("audit.export_audit")
+    token_scopes = {"post": EXPORT}
 
     @extend_schema(
         request=BundleRequestSerializer,
@@ -147,7 +149,8 @@ class BundleView(APIView):
 class ArchiveView(APIView):
     """Produce an archive bundle of every event recorded before a date."""
 
-    permission_classes = _perms("audit.export_audit", write=True)
+    permission_classes = _perms("audit.export_audit")
+    token_scopes = {"post": EXPORT}
 
     @extend_schema(
         request=ArchiveRequestSerializer,
@@ -164,6 +167,7 @@ class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = ExportJobSerializer
     permission_classes = _perms("audit.export_audit")
     filterset_fields = ["kind", "status", "format"]
+    token_scopes = {"list": EXPORT, "retrieve": EXPORT, "download": EXPORT}
 
     @extend_schema(responses={(200, "application/octet-stream"): bytes})
     @action(detail=True, methods=["get"])
@@ -199,6 +203,7 @@ class FrameworkView(APIView):
     """The control mapping: frameworks, controls, evidence areas and their event types."""
 
     permission_classes = _perms("audit.view_audit_trail")
+    token_scopes = {"get": AUDIT_READ}
 
     @extend_schema(
         responses=inline_serializer("Frameworks", {"frameworks": serializers.JSONField()})
@@ -263,10 +268,15 @@ class DigestViewSet(
 
     queryset = Digest.objects.order_by("-end_position")
     serializer_class = DigestSerializer
+    token_scopes = {
+        "list": AUDIT_READ,
+        "retrieve": AUDIT_READ,
+        "create": needs("audit.verify_audit"),
+    }
 
     def get_permissions(self) -> list[Any]:
         if self.action == "create":
-            return [p() for p in _perms("audit.verify_audit", write=True)]
+            return [p() for p in _perms("audit.verify_audit")]
         return [p() for p in _perms("audit.view_audit_trail")]
 
     @extend_schema(request=None, responses={201: DigestSerializer, 200: DigestSerializer})
@@ -286,6 +296,7 @@ class KeyView(APIView):
     """The public keys that sign digests and bundles, with SHA-256 fingerprints to pin."""
 
     permission_classes = _perms("audit.view_audit_trail")
+    token_scopes = {"get": AUDIT_READ}
 
     @extend_schema(responses=inline_serializer("DigestKeys", {"keys": serializers.JSONField()}))
     def get(self, request: Request) -> Response:

@@ -253,11 +253,11 @@ REST_FRAMEWORK = {
         "accounts.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": [
-        "rest_framework.permissions.IsAuthenticated",
-        "accounts.permissions.TokenWriteAllowed",
-    ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # A token's own limits (read-only, scopes, addresses, expiry) are applied by
+    # TokenAuthentication to every operation from its view's token_scopes (accounts.scopes),
+    # so a view's own permission_classes cannot drop them.
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "accounts.schema.ScopedAutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["sandbox_site.pagination.FilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.Pagination",
     "PAGE_SIZE": 50,

@@ -27,6 +27,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.caller import Caller
+from accounts.scopes import OPEN, VM_READ, needs
 from audit.api import EventSerializer
 from audit.models import Event
 from sandbox_site.compiled import CompiledQuery, cached
@@ -345,6 +346,24 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 
     serializer_class = VMSerializer
     filterset_class = VMFilter
+    token_scopes = {
+        "list": VM_READ,
+        "retrieve": VM_READ,
+        "events": VM_READ,
+        "create": needs("vms.add_virtualmachine"),
+        "destroy": needs("vms.delete_virtualmachine"),
+        "start": needs("vms.operate_vm"),
+        "stop": needs("vms.operate_vm"),
+        "reboot": needs("vms.operate_vm"),
+        "pause": needs("vms.operate_vm"),
+        "resume": needs("vms.operate_vm"),
+        "resize": needs("vms.operate_vm"),
+        "snapshot": needs("vms.snapshot_vm"),
+        "exec": needs("vms.exec_vm"),
+        "files:get": needs("vms.read_files"),
+        "files:put": needs("vms.write_files"),
+        "files:post": needs("vms.write_files"),
+    }
 
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not NOT_FILTERS.issuperset(request.query_params):
@@ -577,6 +596,13 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 
     serializer_class = SnapshotSerializer
     filterset_class = SnapshotFilter
+    token_scopes = {
+        "list": VM_READ,
+        "retrieve": VM_READ,
+        "restore": needs("vms.rollback_snapshot"),
+        "clone": needs("vms.add_virtualmachine"),
+        "destroy": needs("vms.snapshot_vm"),
+    }
 
     def get_queryset(self) -> Any:
         return commands.visible_snapshots(Caller.from_request(self.request)).order_by("-created_at")
@@ -608,11 +634,14 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
 class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     serializer_class = TemplateSerializer
     queryset = Template.objects.filter(enabled=True)
+    token_scopes = {"get": OPEN}  # the catalogue: no permission needed
     lookup_field = "name"
 
 
 class QuotaMeView(APIView):
     """Your effective quota, what you use, and what remains."""
+
+    token_scopes = {"get": OPEN}
 
     def get(self, request: Request) -> Response:
         quota = quotas.effective_quota(request.user)
@@ -626,6 +655,8 @@ class QuotaMeView(APIView):
 
 class RequestStatusView(APIView):
     """Where a request stands: pending, succeeded or failed, with its outcome event."""
+
+    token_scopes = {"get": VM_READ}
 
     def get(self, request: Request, event_id: str) -> Response:
         try:
