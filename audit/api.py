@@ -13,6 +13,7 @@ from rest_framework.response import Response
 
 from accounts.permissions import HasPerm
 from accounts.scopes import AUDIT_READ, needs
+from audit.commands import read_details, record_trail_read
 from audit.hashing import EVENT_COLUMNS
 from audit.models import Event
 
@@ -54,6 +55,20 @@ class EventViewSet(viewsets.ReadOnlyModelViewSet):
         "retrieve": AUDIT_READ,
         "verify": needs("audit.verify_audit"),
     }
+
+    # Reading the trail is itself an event (PCI DSS 10.2.1.3): one per request, appended before
+    # the answer leaves, so a read the log cannot record is not served.
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        response = super().list(request, *args, **kwargs)
+        data = response.data
+        rows = data.get("results", []) if isinstance(data, dict) else data
+        record_trail_read(request, "api.events.list", read_details(request.query_params, rows))
+        return response
+
+    def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        response = super().retrieve(request, *args, **kwargs)
+        record_trail_read(request, "api.events.retrieve", {"position": response.data["position"]})
+        return response
 
     @extend_schema(
         request=None,

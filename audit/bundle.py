@@ -25,14 +25,15 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 from django.conf import settings
 
-from audit import keys, offline, signing
+from audit import keys, offline, retention, signing
 from audit.hashing import canonical_json, format_time
-from audit.models import Digest
-from audit.store import iter_events
+from audit.models import Digest, Event
+from audit.store import RecordedEvent, iter_events
 
 __all__ = ["BundleInfo", "NotCovered", "aligned_range", "write_bundle"]
 
@@ -118,6 +119,66 @@ def _digest_entry(d: Digest) -> dict[str, Any]:
     }
 
 
+# Events that reference a file by SHA-256: the file travels in the bundle beside them.
+ATTACHMENT_TYPES = frozenset({"vm.console_closed", "audit.exported"})
+
+
+def attachment_path(event_type: str, data: dict[str, Any]) -> Path | None:
+    """Where the file an event references lives on this server (None: not resolvable)."""
+    if event_type == "vm.console_closed":
+        configured = getattr(settings, "SANDBOX_CONSOLE_DIR", None)
+        root = (Path(configured) if configured else Path(settings.DATA_DIR) / "console").resolve()
+        path = (root / str(data.get("recording", ""))).resolve()
+        return path if root in path.parents else None
+    if event_type == "audit.exported":
+        job, fmt = str(data.get("job", "")), str(data.get("format", ""))
+        if not job.replace("-", "").isalnum() or not fmt.isalnum():
+            return None
+        return Path(settings.SANDBOX_AUDIT_EXPORT_DIR) / f"{job}.{fmt}"
+    return None
+
+
+def _attach(
+    zf: zipfile.ZipFile, files: dict[str, Any], e: RecordedEvent, data: dict[str, Any]
+) -> dict[str, Any]:
+    """Copy the file ``e`` references into ``attachments/`` when it matches the event's
+    SHA-256 and size; say why otherwise. The manifest lists it with its SHA-256, so the
+    offline verifier checks it like every other file, and the event (in the chain) names the
+    same SHA-256."""
+    entry: dict[str, Any] = {
+        "position": e.position,
+        "event_id": e.event_id,
+        "type": e.type,
+        "sha256": data.get("sha256"),
+        "size": data.get("size"),
+        "file": None,  # the member name when included
+        "note": None,  # why not included, or that the file does not match its event
+    }
+    path = attachment_path(e.type, data)
+    if path is None or not path.is_file():
+        entry["note"] = "not included: the file is not on this server"
+        return entry
+    if e.type == "audit.exported" and data.get("format") == "zip":
+        # Bundles are not nested in bundles (each archive would hold every earlier one): the
+        # event names the zip's SHA-256 and the server keeps the file write-once.
+        entry["note"] = "not included: a bundle is referenced by its SHA-256 only"
+        return entry
+    suffix = ".cast" if e.type == "vm.console_closed" else f".{data.get('format', 'bin')}"
+    name = f"attachments/{e.position}{suffix}"
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as src, zf.open(name, "w", force_zip64=True) as member:
+        while block := src.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+            member.write(block)
+    files[name] = {"sha256": digest.hexdigest(), "size": size}
+    entry["file"] = name
+    if (digest.hexdigest(), size) != (data.get("sha256"), data.get("size")):
+        entry["note"] = "included, but the file does NOT match its event (altered or truncated)"
+    return entry
+
+
 def write_bundle(
     fh: IO[bytes],
     *,
@@ -128,9 +189,11 @@ def write_bundle(
     created_by: str = "",
     name: str = "bundle.zip",
     progress: Progress | None = None,
+    attachments: bool = True,
 ) -> BundleInfo:
     """Write the bundle of positions [first, last], widened to whole digests, into ``fh``."""
     start, end, digests = aligned_range(first, last)
+    oldest = Event.objects.order_by("position").values_list("recorded_at", flat=True).first()
     files: dict[str, dict[str, Any]] = {}
     key_infos = keys.public_key_infos()
     manifest_key_id, manifest_key = keys.current_key()
@@ -141,11 +204,14 @@ def write_bundle(
     with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
         count = 0
         end_hash = ""
+        wanted: list[tuple[Any, dict[str, Any]]] = []
         with zf.open(offline.EVENTS_FILE, "w", force_zip64=True) as member:
             out = _HashingWriter(member)
             for batch in iter_events(start - 1, until=end, batch=5000):
                 lines = []
                 for e in batch:
+                    if attachments and e.type in ATTACHMENT_TYPES:
+                        wanted.append((e, e.data))
                     fields = e.hashed_fields()
                     fields["recorded_at"] = format_time(e.recorded_at)
                     lines.append(canonical_json(fields))
@@ -164,6 +230,8 @@ def write_bundle(
         def add(member_name: str, data: bytes) -> None:
             zf.writestr(member_name, data)
             files[member_name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+        attached = [_attach(zf, files, e, data) for e, data in wanted]
 
         add(
             offline.DIGESTS_FILE,
@@ -208,7 +276,8 @@ def write_bundle(
                 "algorithms": sorted({d.algorithm for d in digests}),
                 "key_ids": sorted({d.key_id for d in digests}),
             },
-            "retention_days": settings.SANDBOX_AUDIT_RETENTION_DAYS,
+            "retention": retention.summary(oldest_event_at=oldest),
+            "attachments": attached,
             "files": files,
         }
         manifest_bytes = (canonical_json(manifest) + "\n").encode()

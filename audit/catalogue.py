@@ -100,6 +100,16 @@ _define(
 _define("audit.chain_verified", "audit", "monitoring", "A chain verification ran (result in data).")
 _define("audit.projection_rebuilt", "audit", "monitoring", "A projection was rebuilt from zero.")
 _define("audit.exported", "audit", "data", "An audit report or evidence bundle was exported.")
+# What auditors do (PCI DSS 10.2.1.3: access to the audit logs is itself logged).
+_define("audit.trail_read", "audit", "access", "The audit trail was read (API or dashboard).")
+_define("audit.accounts_listed", "audit", "access", "Users, roles or tokens were listed.")
+_define("audit.export_downloaded", "audit", "data", "A finished audit export was downloaded.")
+_define(
+    "audit.export_refused", "audit", "monitoring", "An export was refused: the chain is broken."
+)
+# Retention.
+_define("audit.legal_hold_placed", "audit", "monitoring", "A legal hold was placed on the log.")
+_define("audit.legal_hold_released", "audit", "monitoring", "A legal hold was released.")
 
 
 def get(name: str) -> EventType | None:

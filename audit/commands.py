@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 
-from audit import digests, projections, sink, store
+from audit import digests, projections, retention, sink, store
 from audit.actor import Actor
 from audit.models import Digest, Event
 from audit.verify import ChainReport, verify_store
@@ -120,3 +122,86 @@ def rebuild_projection(who: Any, name: str) -> int:
         actor=_actor(who),
     )
     return count
+
+
+# --- What auditors do, and retention (docs/audit-exports.md) ----------------------------------
+
+
+def record_trail_read(who: Any, what: str, details: dict[str, Any]) -> None:
+    """One event per request that reads the trail (PCI DSS 10.2.1.3), appended before the answer
+    is sent: a read the log cannot record is not served. Followers that push events (live
+    updates) record nothing per push: the request that subscribed is the read."""
+    store.append("audit", "trail", "audit.trail_read", {"what": what, **details}, actor=_actor(who))
+
+
+def record_accounts_listed(who: Any, what: str, details: dict[str, Any]) -> None:
+    store.append(
+        "audit", "accounts", "audit.accounts_listed", {"what": what, **details}, actor=_actor(who)
+    )
+
+
+def record_export_downloaded(who: Any, job: Any) -> None:
+    store.append(
+        "audit",
+        "exports",
+        "audit.export_downloaded",
+        {
+            "job": str(job.id),
+            "kind": job.kind,
+            "format": job.format,
+            "file": job.file_name,
+            "sha256": job.sha256,
+            "size": job.size,
+        },
+        actor=_actor(who),
+    )
+
+
+def record_export_refused(who: Any, data: dict[str, Any]) -> None:
+    store.append("audit", "exports", "audit.export_refused", data, actor=_actor(who))
+
+
+def place_legal_hold(who: Any, reason: str) -> str:
+    """Place a hold on the whole log; returns its id. Nothing is deleted while any hold is
+    active (and the product deletes nothing at all: see ``audit.retention``)."""
+    reason = (reason or "").strip()
+    if not reason or len(reason) > 500:
+        raise ValueError("a reason of 1 to 500 characters is required")
+    hold_id = uuid.uuid4().hex[:12]
+    store.append(
+        "audit",
+        "retention",
+        "audit.legal_hold_placed",
+        {"hold_id": hold_id, "reason": reason, "scope": "all events"},
+        actor=_actor(who),
+    )
+    return hold_id
+
+
+def release_legal_hold(who: Any, hold_id: str, reason: str = "") -> bool:
+    """Release an active hold; False when no such hold is active (nothing is recorded)."""
+    with transaction.atomic():
+        store.lock()  # the check and the release are one step against concurrent releases
+        active = {h.hold_id for h in retention.legal_holds() if h.active}
+        if hold_id not in active:
+            return False
+        store.append(
+            "audit",
+            "retention",
+            "audit.legal_hold_released",
+            {"hold_id": hold_id, "reason": (reason or "").strip()[:500]},
+            actor=_actor(who),
+        )
+    return True
+
+
+def read_details(params: Any, rows: Any) -> dict[str, Any]:
+    """What a trail read asked for and got: its filters (bounded) and the positions returned."""
+    filters = {str(k)[:40]: str(params.get(k))[:200] for k in list(params)[:20]}
+    positions = [r["position"] if isinstance(r, dict) else r.position for r in rows]
+    return {
+        "filters": filters,
+        "returned": len(positions),
+        "first_position": min(positions) if positions else None,
+        "last_position": max(positions) if positions else None,
+    }

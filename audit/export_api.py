@@ -8,12 +8,13 @@ needs (``token_scopes``, see ``accounts.scopes``). None of these endpoints drive
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import FileResponse
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
@@ -25,7 +26,7 @@ from rest_framework.views import APIView
 
 from accounts.permissions import HasPerm
 from accounts.scopes import AUDIT_READ, EXPORT, needs
-from audit import compliance, exports, keys
+from audit import access_review, commands, compliance, exports, keys, retention
 from audit.actor import Actor
 from audit.models import Digest, ExportJob
 
@@ -113,6 +114,8 @@ def _start(request: Request, kind: str) -> Response:
     body = ExportJobSerializer(job, context={"request": request}).data
     if job.status == ExportJob.Status.DONE:
         return Response(body, status=status.HTTP_201_CREATED)
+    if exports.refused(job):
+        return Response({"detail": job.error, "job": body}, status=status.HTTP_409_CONFLICT)
     if job.status == ExportJob.Status.FAILED:
         return Response(body, status=status.HTTP_500_INTERNAL_SERVER_ERROR)
     return Response(body, status=status.HTTP_202_ACCEPTED)
@@ -169,7 +172,7 @@ class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["kind", "status", "format"]
     token_scopes = {"list": EXPORT, "retrieve": EXPORT, "download": EXPORT}
 
-    @extend_schema(responses={(200, "application/octet-stream"): bytes})
+    @extend_schema(responses={(200, ct): bytes for ct in CONTENT_TYPES.values()})
     @action(detail=True, methods=["get"])
     def download(self, request: Request, pk: Any = None) -> Any:
         job = self.get_object()
@@ -184,6 +187,7 @@ class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
                 {"detail": "the export file is no longer on this server"},
                 status=status.HTTP_410_GONE,
             )
+        commands.record_export_downloaded(request, job)
         return download_response(job, path)
 
 
@@ -200,7 +204,7 @@ def download_response(job: ExportJob, path: Path) -> FileResponse:
 
 
 class FrameworkView(APIView):
-    """The control mapping: frameworks, controls, evidence areas and their event types."""
+    """The control mapping: frameworks, controls, what each asks and counts, exception rules."""
 
     permission_classes = _perms("audit.view_audit_trail")
     token_scopes = {"get": AUDIT_READ}
@@ -219,20 +223,22 @@ class FrameworkView(APIView):
                             {
                                 "id": c.id,
                                 "title": c.title,
-                                "areas": list(c.areas),
-                                "evidence": c.evidence,
+                                "asks": c.asks,
+                                "counts": c.counts,
+                                "counted": [s.describe() for s in c.counted],
+                                "event_types": sorted(c.event_types)
+                                if c.event_types is not None
+                                else None,
+                                "manual_checks": c.manual,
+                                "access_review": c.access_review,
                             }
                             for c in f.controls
                         ],
                     }
                     for f in compliance.FRAMEWORKS.values()
                 ],
-                "areas": {
-                    a.name: {"title": a.title, "event_types": sorted(a.event_types)}
-                    for a in compliance.AREAS.values()
-                },
                 "exception_rules": [
-                    {"kind": r.kind, "title": r.title, "area": r.area}
+                    {"kind": r.kind, "title": r.title, "event_types": sorted(r.event_types)}
                     for r in (*compliance.EXCEPTION_RULES, compliance.NO_VERIFICATION)
                 ],
             }
@@ -301,3 +307,91 @@ class KeyView(APIView):
     @extend_schema(responses=inline_serializer("DigestKeys", {"keys": serializers.JSONField()}))
     def get(self, request: Request) -> Response:
         return Response({"keys": [k.as_dict() for k in keys.public_key_infos()]})
+
+
+class AccessView(APIView):
+    """Users, roles and API tokens (with scopes) as the log states them at ``at`` (default now),
+    and their grants and revocations from ``since`` (default: 90 days before ``at``)."""
+
+    permission_classes = _perms("audit.view_audit_trail")
+    token_scopes = {"get": AUDIT_READ}
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("at", str, description="ISO 8601 date or date-time (default now)"),
+            OpenApiParameter("since", str, description="changes from (default at - 90 days)"),
+        ],
+        responses=inline_serializer("AccessReview", {"access": serializers.JSONField()}),
+    )
+    def get(self, request: Request) -> Response:
+        errors: dict[str, str] = {}
+        at = datetime.now(UTC)
+        if request.query_params.get("at"):
+            at = exports.parse_time(request.query_params["at"], "at", errors) or at
+        since = at - timedelta(days=90)
+        if request.query_params.get("since"):
+            since = exports.parse_time(request.query_params["since"], "since", errors) or since
+        if not errors and since > at:
+            errors["since"] = "must not be after at"
+        if errors:
+            raise ValidationError(errors)
+        review = access_review.build(at, since).as_dict()
+        commands.record_accounts_listed(
+            request,
+            "api.access",
+            {
+                "at": review["at"],
+                "since": review["since"],
+                "users": len(review["users"]),
+                "tokens": len(review["tokens"]),
+            },
+        )
+        return Response(review)
+
+
+class RetentionView(APIView):
+    """Retention period and cut-off, pruning (not implemented), legal holds and archives."""
+
+    permission_classes = _perms("audit.view_audit_trail")
+    token_scopes = {"get": AUDIT_READ}
+
+    @extend_schema(responses=inline_serializer("Retention", {"years": serializers.IntegerField()}))
+    def get(self, request: Request) -> Response:
+        return Response(retention.status())
+
+
+class LegalHoldRequestSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500)
+
+
+class LegalHoldView(APIView):
+    """Place a legal hold on the log (it is an event: ``audit.legal_hold_placed``)."""
+
+    permission_classes = _perms("audit.export_audit")
+    token_scopes = {"post": EXPORT}
+
+    @extend_schema(request=LegalHoldRequestSerializer, responses={201: serializers.JSONField()})
+    def post(self, request: Request) -> Response:
+        s = LegalHoldRequestSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            hold_id = commands.place_legal_hold(request, s.validated_data["reason"])
+        except ValueError as exc:
+            raise ValidationError({"reason": str(exc)}) from exc
+        return Response({"hold_id": hold_id}, status=status.HTTP_201_CREATED)
+
+
+class LegalHoldReleaseView(APIView):
+    """Release an active legal hold (``audit.legal_hold_released``); 404 when none is active."""
+
+    permission_classes = _perms("audit.export_audit")
+    token_scopes = {"post": EXPORT}
+
+    @extend_schema(request=LegalHoldRequestSerializer, responses={200: serializers.JSONField()})
+    def post(self, request: Request, hold_id: str) -> Response:
+        reason = str(request.data.get("reason", "")) if hasattr(request.data, "get") else ""
+        if not commands.release_legal_hold(request, hold_id, reason):
+            return Response(
+                {"detail": f"no active legal hold {hold_id!r}"}, status=status.HTTP_404_NOT_FOUND
+            )
+        return Response({"hold_id": hold_id, "released": True})

@@ -12,6 +12,7 @@ done: an export that was handed out is always in the log, and one in the log alw
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils.dateparse import parse_date, parse_datetime
 
-from audit import bundle, compliance, reports, store
+from audit import bundle, commands, compliance, integrity, reports, retention, store
 from audit.actor import Actor
 from audit.hashing import format_time
 from audit.models import Event, ExportJob
@@ -36,7 +37,10 @@ __all__ = [
     "REPORT_FORMATS",
     "ExportRequest",
     "clean_request",
+    "chain_break",
     "export_path",
+    "parse_time",
+    "refused",
     "request_export",
     "run_export",
 ]
@@ -46,6 +50,7 @@ log = logging.getLogger("sandbox.audit.exports")
 KINDS = ("report", "bundle", "archive")
 REPORT_FORMATS = ("json", "csv", "pdf")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+REFUSED = "refused: the audit chain is broken: "
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class ExportRequest:
         }
 
 
-def _parse_time(value: Any, field: str, errors: dict[str, str]) -> datetime | None:
+def parse_time(value: Any, field: str, errors: dict[str, str]) -> datetime | None:
     """ISO 8601 date or date-time; a date means its midnight, a naive time means UTC."""
     if value in (None, ""):
         errors[field] = "this field is required (ISO 8601 date or date-time)"
@@ -105,13 +110,13 @@ def clean_request(kind: str, raw: Mapping[str, Any]) -> ExportRequest:
         if fmt not in REPORT_FORMATS:
             errors["format"] = f"must be one of {', '.join(REPORT_FORMATS)}"
     if kind == "archive":
-        before = _parse_time(raw.get("before"), "before", errors)
+        before = parse_time(raw.get("before"), "before", errors)
         since, until = _EPOCH, before
         if before is not None and before > now:
             errors["before"] = "must not be in the future: an archive holds past events"
     else:
-        since = _parse_time(raw.get("since"), "since", errors)
-        until = _parse_time(raw.get("until"), "until", errors)
+        since = parse_time(raw.get("since"), "since", errors)
+        until = parse_time(raw.get("until"), "until", errors)
         if since is not None and until is not None and since >= until:
             errors["until"] = "must be after since"
         if since is not None and since > now:
@@ -174,6 +179,36 @@ def request_export(actor: Actor, user: Any, req: ExportRequest) -> ExportJob:
     return job
 
 
+def chain_break(since: datetime, until: datetime) -> str | None:
+    """What is wrong with the log an export of [since, until) would rest on, or None.
+
+    The last recorded verification must not have failed, and the period's range must be one
+    the server can vouch for (``audit.integrity.check_range``: its events hash and link, its
+    digests are signed by trusted keys and chained, the sink holds the newest digest): an
+    export never states figures, or signs a bundle, over a log known or found to be broken.
+    """
+    last_check = (
+        Event.objects.filter(type="audit.chain_verified")
+        .order_by("-position")
+        .values_list("data", flat=True)
+        .first()
+    )
+    if last_check is not None:
+        verdict = json.loads(last_check)
+        if verdict.get("ok") is False:
+            return f"the last chain verification failed: {verdict.get('problem')}"
+    bounds = reports.period_bounds(since, until)
+    if bounds is None:
+        return None
+    problem = integrity.check_range(bounds[0], bounds[1])
+    return str(problem) if problem is not None else None
+
+
+def refused(job: ExportJob) -> bool:
+    """Whether the job was refused because the chain is broken (see ``chain_break``)."""
+    return job.status == ExportJob.Status.FAILED and job.error.startswith(REFUSED)
+
+
 def _claim(job_id: str) -> ExportJob | None:
     """Mark the job running unless another run holds it (a stale run may be taken over)."""
     stale = datetime.now(UTC) - timedelta(seconds=int(settings.Q_CLUSTER["timeout"]) + 60)
@@ -216,6 +251,27 @@ def run_export(job_id: str) -> str:
     actor = _actor_for(job)
     since = datetime.fromisoformat(job.params["since"])
     until = datetime.fromisoformat(job.params["until"])
+    problem = chain_break(since, until)
+    if problem is not None:
+        with transaction.atomic():
+            commands.record_export_refused(
+                actor,
+                {
+                    "job": str(job.id),
+                    "kind": job.kind,
+                    "format": job.format,
+                    "framework": job.framework or None,
+                    "since": job.params["since"],
+                    "until": job.params["until"],
+                    "problem": problem,
+                },
+            )
+            ExportJob.objects.filter(pk=job.pk).update(
+                status=ExportJob.Status.FAILED,
+                finished_at=datetime.now(UTC),
+                error=f"{REFUSED}{problem}"[:2000],
+            )
+        return ExportJob.Status.FAILED
     final = export_path(job)
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_suffix(final.suffix + ".part")
@@ -243,28 +299,24 @@ def run_export(job_id: str) -> str:
                 first, last, events = report.first_position, report.last_position, report.events
                 data["exceptions"] = len(report.exceptions)
             else:
-                from audit.commands import sign_digest
-
                 # The range is fixed first, then the pending tail signed, so that the newest
                 # events of the period are covered (the signing's own event comes after them).
                 bounds = reports.period_bounds(since, until)
                 if bounds is None:
                     raise ValueError("no events were recorded in this period")
-                sign_digest(actor)
+                commands.sign_digest(actor)
                 requested = dict(job.params)
                 for private in ("request_id", "channel", "source_ip", "token_id"):
                     requested.pop(private, None)
                 if job.kind == "archive":
-                    cutoff = datetime.now(UTC) - timedelta(
-                        days=settings.SANDBOX_AUDIT_RETENTION_DAYS
-                    )
+                    limit = retention.cutoff()
                     requested |= {
                         "before": job.params["until"],
-                        "retention_days": settings.SANDBOX_AUDIT_RETENTION_DAYS,
-                        "retention_cutoff": format_time(cutoff),
-                        "entirely_beyond_retention": until <= cutoff,
+                        "retention_years": settings.SANDBOX_AUDIT_RETENTION_YEARS,
+                        "retention_cutoff": format_time(limit),
+                        "entirely_beyond_retention": until <= limit,
                     }
-                    data["entirely_beyond_retention"] = until <= cutoff
+                    data["entirely_beyond_retention"] = until <= limit
                 ExportJob.objects.filter(pk=job.pk).update(total=bounds[1] - bounds[0] + 1)
                 info = bundle.write_bundle(
                     fh,
@@ -282,6 +334,8 @@ def run_export(job_id: str) -> str:
             os.fsync(fh.fileno())
         sha, size = _file_sha256(partial), partial.stat().st_size
         os.replace(partial, final)
+        # Write-once on this server: nothing in the product opens an export for writing again.
+        final.chmod(0o444)
         data |= {
             "first_position": first,
             "last_position": last,

@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from django.conf import settings
 from django.db.models import Count, Max, Min
 
-from audit import compliance
+from audit import access_review, compliance, retention
 from audit.hashing import format_time
 from audit.models import Event
 from audit.store import iter_events
@@ -42,16 +41,34 @@ __all__ = [
 
 Progress = Callable[[int], None]
 PDF_EXCEPTION_ROWS = 300  # beyond this the PDF says where the rest is
+PDF_EVIDENCE_ROWS = 200  # per control
 PDF_RANGES_CHARS = 1800
+PDF_MAX_WORD = 48
+NO_EVIDENCE = "no evidence"
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One event counted as evidence by at least one control, with the fields auditors read."""
+
+    position: int
+    event_id: str
+    type: str
+    recorded_at: str
+    actor: str
+    actor_type: str
+    token_id: str
+    channel: str
+    source_ip: str
+    subject: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
 
 
 @dataclass
-class Evidence:
-    """Positions, ids and types of the events of one area, in position order."""
-
+class ControlEvidence:
     positions: list[int] = field(default_factory=list)
-    event_ids: list[str] = field(default_factory=list)
-    types: list[str] = field(default_factory=list)
     by_type: Counter[str] = field(default_factory=Counter)
 
 
@@ -64,39 +81,51 @@ class Report:
     generated_by: str
     first_position: int | None = None
     last_position: int | None = None
-    events: int = 0  # every event of the period, including those of no area
+    events: int = 0  # every event of the period, counted by a control or not
     by_type: Counter[str] = field(default_factory=Counter)
-    areas: dict[str, Evidence] = field(default_factory=dict)
+    evidence: dict[int, Item] = field(default_factory=dict)  # position -> item
+    controls: dict[str, ControlEvidence] = field(default_factory=dict)
     exceptions: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
     oldest_event_at: datetime | None = None
+    access: access_review.AccessReview | None = None
 
-    def area_count(self, area: str) -> int:
-        return sum(self.areas[area].by_type.values()) if area in self.areas else 0
+    def _exceptions_of(self, control: compliance.Control) -> list[dict[str, Any]]:
+        positions = set(self.controls[control.id].positions)
+        types = control.event_types
+        counts_verification = types is not None and "audit.chain_verified" in types
+        return [
+            e
+            for e in self.exceptions
+            if (e["position"] in positions) or (e["position"] is None and counts_verification)
+        ]
 
     def control_rows(self) -> list[dict[str, Any]]:
-        kinds = Counter((e["area"], e["kind"]) for e in self.exceptions)
         rows = []
         for control in self.framework.controls:
-            by_type: Counter[str] = Counter()
-            for area in control.areas:
-                if area in self.areas:
-                    by_type.update(self.areas[area].by_type)
-            exc = Counter({kind: n for (area, kind), n in kinds.items() if area in control.areas})
-            events = sum(by_type.values())
+            ev = self.controls[control.id]
+            exc = Counter(e["kind"] for e in self._exceptions_of(control))
+            events = len(ev.positions)
             n_exc = sum(exc.values())
-            status = "exceptions" if n_exc else ("evidenced" if events else "no activity")
+            if not events:
+                status = NO_EVIDENCE
+            else:
+                status = "exceptions" if n_exc else "evidenced"
             rows.append(
                 {
                     "id": control.id,
                     "title": control.title,
-                    "evidence": control.evidence,
-                    "areas": list(control.areas),
+                    "asks": control.asks,
+                    "counts": control.counts,
+                    "counted": [s.describe() for s in control.counted],
+                    "manual_checks": control.manual,
+                    "access_review": control.access_review,
                     "events": events,
-                    "events_by_type": dict(sorted(by_type.items())),
+                    "events_by_type": dict(sorted(ev.by_type.items())),
                     "exceptions": n_exc,
                     "exceptions_by_kind": dict(sorted(exc.items())),
                     "status": status,
+                    "evidence": list(ev.positions),
                 }
             )
         return rows
@@ -105,9 +134,13 @@ class Report:
         return dict(sorted(Counter(e["kind"] for e in self.exceptions).items()))
 
     def as_dict(self, *, evidence: bool = True) -> dict[str, Any]:
+        controls = self.control_rows()
+        if not evidence:
+            for c in controls:
+                c.pop("evidence")
         out: dict[str, Any] = {
             "report": "compliance",
-            "format_version": 1,
+            "format_version": 2,
             "framework": {"key": self.framework.key, "name": self.framework.name},
             "period": {"since": format_time(self.since), "until": format_time(self.until)},
             "generated_at": format_time(self.generated_at),
@@ -119,30 +152,14 @@ class Report:
                 "events_by_type": dict(sorted(self.by_type.items())),
             },
             "verification": self.verification,
-            "retention": {
-                "days": settings.SANDBOX_AUDIT_RETENTION_DAYS,
-                "oldest_event_at": format_time(self.oldest_event_at)
-                if self.oldest_event_at
-                else None,
-            },
-            "controls": self.control_rows(),
+            "retention": retention.summary(oldest_event_at=self.oldest_event_at),
+            "controls": controls,
             "exception_counts": self.exception_counts(),
             "exceptions": self.exceptions,
-            "areas": {},
+            "access_review": self.access.as_dict() if self.access else None,
         }
-        for name, area in compliance.AREAS.items():
-            ev = self.areas.get(name, Evidence())
-            entry: dict[str, Any] = {
-                "title": area.title,
-                "events": sum(ev.by_type.values()),
-                "events_by_type": dict(sorted(ev.by_type.items())),
-            }
-            if evidence:
-                entry["evidence"] = [
-                    {"position": p, "event_id": i, "type": t}
-                    for p, i, t in zip(ev.positions, ev.event_ids, ev.types, strict=True)
-                ]
-            out["areas"][name] = entry
+        if evidence:
+            out["evidence"] = [self.evidence[p].as_dict() for p in sorted(self.evidence)]
         return out
 
 
@@ -194,7 +211,7 @@ def build(
         until=until,
         generated_at=datetime.now(UTC),
         generated_by=generated_by,
-        areas={name: Evidence() for name in compliance.AREAS},
+        controls={c.id: ControlEvidence() for c in framework.controls},
     )
     report.verification = _last_verification(until)
     report.oldest_event_at = (
@@ -216,36 +233,52 @@ def build(
                 if report.first_position is None:
                     report.first_position = e.position
                 report.last_position = e.position
-                area = compliance.area_of_type(e.type)
-                if area is not None:
-                    ev = report.areas[area]
-                    ev.positions.append(e.position)
-                    ev.event_ids.append(e.event_id)
-                    ev.types.append(e.type)
-                    ev.by_type[e.type] += 1
+                parsed: list[dict[str, Any]] = []
+
+                def data(e: Any = e, parsed: list[dict[str, Any]] = parsed) -> dict[str, Any]:
+                    if not parsed:
+                        parsed.append(e.data)
+                    return parsed[0]
+
+                counted = False
+                for control in framework.controls:
+                    if control.counts_event(e.type, data, e.actor_type):
+                        ev = report.controls[control.id]
+                        ev.positions.append(e.position)
+                        ev.by_type[e.type] += 1
+                        counted = True
+                if counted:
+                    report.evidence[e.position] = Item(
+                        e.position,
+                        e.event_id,
+                        e.type,
+                        format_time(e.recorded_at),
+                        e.actor_name,
+                        e.actor_type,
+                        e.token_id,
+                        e.channel,
+                        e.source_ip,
+                        f"{e.aggregate_type}:{e.aggregate_id}",
+                    )
                 if e.type == "audit.chain_verified":
                     verified_in_period = True
-                rules = compliance.RULES_BY_TYPE.get(e.type)
-                if rules:
-                    data = e.data
-                    for rule in rules:
-                        detail = rule.match(e.type, data)
-                        if detail is not None:
-                            report.exceptions.append(
-                                {
-                                    "kind": rule.kind,
-                                    "title": rule.title,
-                                    "area": rule.area,
-                                    "position": e.position,
-                                    "event_id": e.event_id,
-                                    "type": e.type,
-                                    "recorded_at": format_time(e.recorded_at),
-                                    "actor": e.actor_name,
-                                    "source_ip": e.source_ip,
-                                    "subject": f"{e.aggregate_type}:{e.aggregate_id}",
-                                    "detail": detail,
-                                }
-                            )
+                for rule in compliance.RULES_BY_TYPE.get(e.type, ()):
+                    detail = rule.match(e.type, data())
+                    if detail is not None:
+                        report.exceptions.append(
+                            {
+                                "kind": rule.kind,
+                                "title": rule.title,
+                                "position": e.position,
+                                "event_id": e.event_id,
+                                "type": e.type,
+                                "recorded_at": format_time(e.recorded_at),
+                                "actor": e.actor_name,
+                                "source_ip": e.source_ip,
+                                "subject": f"{e.aggregate_type}:{e.aggregate_id}",
+                                "detail": detail,
+                            }
+                        )
             done += len(batch)
             if progress is not None:
                 progress(done)
@@ -255,7 +288,6 @@ def build(
             {
                 "kind": rule.kind,
                 "title": rule.title,
-                "area": rule.area,
                 "position": None,
                 "event_id": None,
                 "type": None,
@@ -266,6 +298,7 @@ def build(
                 "detail": rule.match("", {}),
             }
         )
+    report.access = access_review.build(until, since)
     return report
 
 
@@ -279,7 +312,6 @@ def write_json(report: Report, fh: IO[bytes]) -> None:
 CSV_COLUMNS = (
     "record",
     "control",
-    "area",
     "kind",
     "event_type",
     "count",
@@ -287,6 +319,7 @@ CSV_COLUMNS = (
     "event_id",
     "recorded_at",
     "actor",
+    "source_ip",
     "subject",
     "detail",
 )
@@ -315,6 +348,14 @@ def write_csv(report: Report, fh: IO[bytes]) -> None:
         count=report.events,
         position=f"{report.first_position or ''}..{report.last_position or ''}",
     )
+    r = d["retention"]
+    row(
+        record="retention",
+        count=r["years"],
+        recorded_at=r["oldest_event_at"] or "",
+        detail=f"{r['years']} calendar years; cut-off {r['cutoff']}; pruning {r['pruning']}; "
+        f"active legal holds: {len(r['legal_holds'])}",
+    )
     if report.verification:
         v = report.verification
         row(
@@ -340,19 +381,78 @@ def write_csv(report: Report, fh: IO[bytes]) -> None:
     for e in report.exceptions:
         row(
             record="exception",
-            area=e["area"],
             kind=e["kind"],
             event_type=e["type"] or "",
             position=e["position"] or "",
             event_id=e["event_id"] or "",
             recorded_at=e["recorded_at"] or "",
             actor=e["actor"] or "",
+            source_ip=e["source_ip"] or "",
             subject=e["subject"] or "",
             detail=e["detail"],
         )
-    for name, ev in report.areas.items():
-        for p, i, t in zip(ev.positions, ev.event_ids, ev.types, strict=True):
-            out.writerow(["evidence", "", name, "", t, "", p, i, "", "", "", ""])
+    for control in report.framework.controls:
+        for p in report.controls[control.id].positions:
+            item = report.evidence[p]
+            row(
+                record="evidence",
+                control=control.id,
+                event_type=item.type,
+                position=p,
+                event_id=item.event_id,
+                recorded_at=item.recorded_at,
+                actor=item.actor,
+                source_ip=item.source_ip,
+                subject=item.subject,
+            )
+    if report.access is not None:
+        review = report.access.as_dict()
+        for u in review["users"]:
+            row(
+                record="access_user",
+                kind=u["role"],
+                subject=f"user:{u['user_id']}",
+                actor=u["username"],
+                recorded_at=u["created_at"],
+                detail=("active" if u["active"] else "inactive")
+                + ("; superuser" if u["superuser"] else "")
+                + f"; created by {u['created_by']}",
+            )
+        for role in review["roles"]:
+            row(
+                record="access_role",
+                kind=role["role"],
+                count=len(role["members"]),
+                detail="members: "
+                + (", ".join(role["members"]) or "none")
+                + "; permissions: "
+                + (", ".join(role["permissions"]) or "none"),
+            )
+        for t in review["tokens"]:
+            row(
+                record="access_token",
+                kind="active" if t["active"] else "inactive",
+                subject=f"token:{t['token_id']}",
+                actor=t["username"],
+                recorded_at=t["created_at"],
+                detail=f"{t['name']}; scopes: {', '.join(t['scopes']) or 'all'}; "
+                f"{'read-only' if t['read_only'] else 'read-write'}; "
+                f"allowed: {', '.join(t['allowed_ips']) or 'any'}; "
+                f"expires {t['expires_at'] or 'never'}; "
+                f"revoked {t['revoked_at'] or 'no'}",
+            )
+        for ch in review["changes"]:
+            row(
+                record="access_change",
+                event_type=ch["type"],
+                position=ch["position"],
+                event_id=ch["event_id"],
+                recorded_at=ch["recorded_at"],
+                actor=ch["by"],
+                source_ip=ch["source_ip"],
+                subject=ch["subject"],
+                detail=ch["detail"],
+            )
     text.flush()
     text.detach()
 
@@ -378,6 +478,38 @@ def _latin1(text: Any) -> str:
     return str(text if text is not None else "").encode("latin-1", "replace").decode("latin-1")
 
 
+def _pdf_text(text: Any) -> str:
+    """Latin-1 text whose words are at most PDF_MAX_WORD characters: a longer word (only
+    user-controlled text has one) is shortened with '...', never broken across lines."""
+    words = _latin1(text).split(" ")
+    return " ".join(w if len(w) <= PDF_MAX_WORD else w[: PDF_MAX_WORD - 3] + "..." for w in words)
+
+
+def _column_widths(pdf: Any, rows: list[list[str]], width: float, pad: float) -> list[float]:
+    """Widths that hold each column's longest word on one line, the rest shared out by need.
+
+    fpdf2 wraps a cell at spaces, but a word wider than its column is cut between letters
+    (``bootstrap_admi`` / ``n``); sizing every column to its longest word prevents that.
+    """
+    slack = 2 * pad + 2 * pdf.c_margin + 0.6
+    n = len(rows[0])
+    need = [0.0] * n
+    natural = [0.0] * n
+    for r in rows:
+        for i, cell in enumerate(r):
+            words = cell.split() or [""]
+            need[i] = max(need[i], max(pdf.get_string_width(w) for w in words) + slack)
+            natural[i] = max(natural[i], pdf.get_string_width(cell) + slack)
+    if sum(need) > width:
+        raise ValueError("columns do not fit")
+    extra = width - sum(need)
+    want = [max(0.0, natural[i] - need[i]) for i in range(n)]
+    total = sum(want)
+    if total <= extra:
+        return [natural[i] if want[i] else need[i] for i in range(n)]
+    return [need[i] + extra * want[i] / total for i in range(n)]
+
+
 def write_pdf(report: Report, fh: IO[bytes]) -> None:
     from fpdf import FPDF
     from fpdf.fonts import FontFace
@@ -400,13 +532,14 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
                 align="C",
             )
 
-    pdf = PDF(orientation="portrait", unit="mm", format="A4")
+    pdf = PDF(orientation="landscape", unit="mm", format="A4")
     pdf.set_title(_latin1(f"{report.framework.name}: audit evidence report"))
     pdf.set_author("MicroVM Sandbox")
     pdf.set_creation_date(report.generated_at)
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
     head = FontFace(emphasis="BOLD", fill_color=(225, 230, 240))
+    pad = 1.0
 
     def h1(text: str) -> None:
         pdf.set_font("Helvetica", "B", 15)
@@ -418,18 +551,44 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
         pdf.multi_cell(0, 6, _latin1(text), new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("Helvetica", size=8)
 
-    def para(text: str) -> None:
-        pdf.set_font("Helvetica", size=8)
-        pdf.multi_cell(0, 4.2, _latin1(text), new_x="LMARGIN", new_y="NEXT")
+    def para(text: str, style: str = "") -> None:
+        pdf.set_font("Helvetica", style, size=8)
+        pdf.multi_cell(0, 4.2, _pdf_text(text), new_x="LMARGIN", new_y="NEXT")
+
+    def table(headings: list[str], rows: list[list[Any]], *, size: float = 7) -> None:
+        cells = [headings] + [[_pdf_text(c) for c in r] for r in rows]
+        while True:
+            pdf.set_font("Helvetica", size=size)
+            try:
+                widths = _column_widths(pdf, cells, pdf.epw - 0.01, pad)
+            except ValueError:
+                size -= 0.5  # only reachable with many wide columns; never below legible
+                if size < 5:
+                    raise
+                continue
+            break
+        with pdf.table(
+            col_widths=widths,
+            width=sum(widths),
+            align="LEFT",
+            headings_style=head,
+            line_height=size * 0.5,
+            padding=pad,
+            text_align="LEFT",
+        ) as t:
+            for r in cells:
+                t.row(r)
 
     h1(f"{report.framework.name}: audit evidence report")
+    r = d["retention"]
     para(
         f"Period: {d['period']['since']} to {d['period']['until']} (end excluded)\n"
         f"Generated: {d['generated_at']} by {report.generated_by or '-'}\n"
         f"Events in period: {report.events} (positions {report.first_position or '-'}.."
         f"{report.last_position or '-'})\n"
-        f"Retention: {settings.SANDBOX_AUDIT_RETENTION_DAYS} days; oldest event "
-        f"{d['retention']['oldest_event_at'] or '-'}"
+        f"Retention: {r['years']} calendar years (cut-off {r['cutoff']}); oldest event "
+        f"{r['oldest_event_at'] or '-'}; pruning {r['pruning']}; active legal holds: "
+        f"{len(r['legal_holds'])}"
     )
     v = report.verification
     if v is None:
@@ -438,7 +597,7 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
         state = "INTACT" if v["ok"] else f"FAILED: {v['problem']}"
         para(
             f"Last chain verification: {state}; {v['checked']} events up to position "
-            f"{v['last_position']} (event #{v['position']}, {v['recorded_at']})"
+            f"{v['last_position']} (event #{v['position']} {v['event_id']}, {v['recorded_at']})"
         )
     para(
         "Every figure is counted from the tamper-evident event log. An evidence bundle of the "
@@ -446,77 +605,171 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
     )
 
     h2("Controls")
-    with pdf.table(
-        col_widths=(22, 70, 18, 20, 24),
-        headings_style=head,
-        text_align=("LEFT", "LEFT", "RIGHT", "RIGHT", "LEFT"),
-        line_height=4.5,
-    ) as table:
-        table.row(["Control", "Title", "Events", "Exceptions", "Status"])
-        for c in d["controls"]:
-            table.row(
-                [
-                    _latin1(c["id"]),
-                    _latin1(c["title"]),
-                    str(c["events"]),
-                    str(c["exceptions"]),
-                    c["status"],
-                ]
-            )
+    table(
+        ["Control", "Title", "Events", "Exceptions", "Status"],
+        [
+            [c["id"], c["title"], str(c["events"]), str(c["exceptions"]), c["status"]]
+            for c in d["controls"]
+        ],
+        size=8,
+    )
 
     for c in d["controls"]:
-        h2(f"{c['id']} {c['title']}")
-        para(f"{c['evidence']} Evidence areas: {', '.join(c['areas'])}.")
-        if c["events_by_type"]:
-            with pdf.table(
-                col_widths=(90, 20), width=110, align="LEFT", headings_style=head, line_height=4
-            ) as table:
-                table.row(["Event type", "Count"])
-                for event_type, n in c["events_by_type"].items():
-                    table.row([event_type, str(n)])
+        h2(f"{c['id']} {c['title']}: {c['status']}")
+        para(f"Asks: {c['asks']}")
+        para(f"Counted: {c['counts']}")
+        para(f"Check by hand: {c['manual_checks']}")
+        if c["access_review"]:
+            para("The access review at the end of this report is evidence of this control too.")
+        if not c["events"]:
+            para("No evidence: no event of the period is of a kind this control counts.", "B")
+            continue
+        table(
+            ["Event type", "Count"],
+            [[t, str(n)] for t, n in c["events_by_type"].items()],
+        )
         if c["exceptions_by_kind"]:
             para("Exceptions: " + ", ".join(f"{k} {n}" for k, n in c["exceptions_by_kind"].items()))
+        positions = report.controls[c["id"]].positions
+        shown = positions[:PDF_EVIDENCE_ROWS]
+        pdf.ln(1)
+        table(
+            ["Position", "Event id", "Time (UTC)", "Type", "Actor", "Source address", "Subject"],
+            [
+                [
+                    str(p),
+                    report.evidence[p].event_id,
+                    report.evidence[p].recorded_at[:19].replace("T", " "),
+                    report.evidence[p].type,
+                    report.evidence[p].actor or "-",
+                    report.evidence[p].source_ip or "-",
+                    report.evidence[p].subject,
+                ]
+                for p in shown
+            ],
+        )
+        if len(positions) > len(shown):
+            rest = compact_ranges(positions[len(shown) :])
+            if len(rest) > PDF_RANGES_CHARS:
+                cut = rest.rfind(", ", 0, PDF_RANGES_CHARS)
+                rest = rest[:cut] + " ..."
+            para(
+                f"... and {len(positions) - len(shown)} more at positions {rest}: every item, "
+                "with its event id, is in the JSON and CSV exports of this report."
+            )
 
     h2(f"Exceptions ({len(report.exceptions)})")
     if not report.exceptions:
         para("None.")
     else:
-        with pdf.table(
-            col_widths=(30, 14, 32, 22, 30, 62), headings_style=head, line_height=4
-        ) as table:
-            table.row(["Kind", "Position", "Time (UTC)", "Actor", "Subject", "Detail"])
-            for e in report.exceptions[:PDF_EXCEPTION_ROWS]:
-                table.row(
-                    [
-                        e["kind"],
-                        str(e["position"] or "-"),
-                        (e["recorded_at"] or "-")[:19],
-                        _latin1(e["actor"] or "-")[:30],
-                        _latin1(e["subject"] or "-")[:40],
-                        _latin1(e["detail"])[:160],
-                    ]
-                )
+        table(
+            [
+                "Kind",
+                "Position",
+                "Event id",
+                "Time (UTC)",
+                "Actor",
+                "Source address",
+                "Subject",
+                "Detail",
+            ],
+            [
+                [
+                    e["kind"],
+                    str(e["position"] or "-"),
+                    e["event_id"] or "-",
+                    (e["recorded_at"] or "-")[:19].replace("T", " "),
+                    e["actor"] or "-",
+                    e["source_ip"] or "-",
+                    e["subject"] or "-",
+                    e["detail"],
+                ]
+                for e in report.exceptions[:PDF_EXCEPTION_ROWS]
+            ],
+            size=6.5,
+        )
         if len(report.exceptions) > PDF_EXCEPTION_ROWS:
             para(
                 f"... and {len(report.exceptions) - PDF_EXCEPTION_ROWS} more: every exception is "
                 "listed in the JSON and CSV exports of this report."
             )
 
-    h2("Evidence by area (event positions)")
-    for name, area in compliance.AREAS.items():
-        ev = report.areas[name]
-        pdf.set_font("Helvetica", "B", 8)
-        pdf.multi_cell(
-            0,
-            4.5,
-            _latin1(f"{area.title}: {len(ev.positions)} events"),
-            new_x="LMARGIN",
-            new_y="NEXT",
+    review = d["access_review"]
+    if review is not None:
+        h2(f"Access review at {review['at']}")
+        para("Users, roles and API tokens as the log states them at the end of the period.")
+        table(
+            ["User", "Role", "Superuser", "Active", "Created (UTC)", "Created by"],
+            [
+                [
+                    u["username"],
+                    u["role"] or "-",
+                    "yes" if u["superuser"] else "no",
+                    "yes" if u["active"] else "no",
+                    u["created_at"][:19].replace("T", " "),
+                    u["created_by"] or "-",
+                ]
+                for u in review["users"]
+            ]
+            or [["-", "-", "-", "-", "-", "-"]],
         )
-        if ev.positions:
-            ranges = compact_ranges(ev.positions)
-            if len(ranges) > PDF_RANGES_CHARS:
-                cut = ranges.rfind(", ", 0, PDF_RANGES_CHARS)
-                ranges = ranges[:cut] + " ... (complete list with event ids in JSON/CSV)"
-            para(ranges)
-    pdf.output(fh)
+        pdf.ln(1)
+        table(
+            ["Role", "Members", "Permissions"],
+            [
+                [
+                    role["role"],
+                    ", ".join(role["members"]) or "-",
+                    ", ".join(role["permissions"]) or "-",
+                ]
+                for role in review["roles"]
+            ]
+            or [["-", "-", "-"]],
+            size=6.5,
+        )
+        pdf.ln(1)
+        table(
+            [
+                "Token",
+                "Name",
+                "User",
+                "Scopes",
+                "Read-only",
+                "Allowed addresses",
+                "Expires",
+                "Active",
+            ],
+            [
+                [
+                    t["token_id"],
+                    t["name"],
+                    t["username"],
+                    ", ".join(t["scopes"]) or "all of the user's",
+                    "yes" if t["read_only"] else "no",
+                    ", ".join(t["allowed_ips"]) or "any",
+                    (t["expires_at"] or "never")[:19].replace("T", " "),
+                    "yes" if t["active"] else "no",
+                ]
+                for t in review["tokens"]
+            ]
+            or [["-"] * 8],
+        )
+        h2(f"Grants and revocations in the period ({len(review['changes'])})")
+        if review["changes"]:
+            table(
+                ["Position", "Event id", "Time (UTC)", "Change", "By", "Source address"],
+                [
+                    [
+                        str(ch["position"]),
+                        ch["event_id"],
+                        ch["recorded_at"][:19].replace("T", " "),
+                        ch["detail"],
+                        ch["by"] or "-",
+                        ch["source_ip"] or "-",
+                    ]
+                    for ch in review["changes"][:PDF_EXCEPTION_ROWS]
+                ],
+            )
+        else:
+            para("None.")
+    pdf.output(fh)  # type: ignore[call-overload]  # any binary file object will do

@@ -23,4 +23,12 @@ urlpatterns = [
     path("bundles/", export_api.BundleView.as_view(), name="bundles"),
     path("archives/", export_api.ArchiveView.as_view(), name="archives"),
     path("keys/", export_api.KeyView.as_view(), name="keys"),
+    path("access/", export_api.AccessView.as_view(), name="access"),
+    path("retention/", export_api.RetentionView.as_view(), name="retention"),
+    path("legal-holds/", export_api.LegalHoldView.as_view(), name="legal-holds"),
+    path(
+        "legal-holds/<str:hold_id>/release/",
+        export_api.LegalHoldReleaseView.as_view(),
+        name="legal-hold-release",
+    ),
 ]

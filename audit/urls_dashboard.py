@@ -25,4 +25,6 @@ urlpatterns = [
     path("sessions/", views.sessions, name="sessions"),
     path("sessions/<int:position>/replay/", views.session_replay, name="session-replay"),
     path("sessions/<int:position>/cast", views.session_cast, name="session-cast"),
+    path("access/", views.access, name="access"),
+    path("retention/", views.retention_status, name="retention"),
 ]

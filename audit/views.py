@@ -21,7 +21,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from audit import exports, keys
+from audit import access_review, commands, exports, keys, retention
 from audit.actor import Actor
 from audit.forms import EXPORT_FORMS, TrailFilterForm
 from audit.hashing import GENESIS_HASH, event_hash
@@ -75,6 +75,9 @@ def trail(request: HttpRequest) -> HttpResponse:
     page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
+    commands.record_trail_read(
+        request, "dashboard.trail", commands.read_details(request.GET, page.object_list)
+    )
     return render(
         request,
         "audit/trail.html",
@@ -104,6 +107,7 @@ def event_detail(request: HttpRequest, position: int) -> HttpResponse:
         and (verification.get("last_position") or 0) >= position
     )
     digest = Digest.objects.filter(start_position__lte=position, end_position__gte=position).first()
+    commands.record_trail_read(request, "dashboard.event", {"position": position})
     return render(
         request,
         "audit/event.html",
@@ -269,6 +273,7 @@ def export_download(request: HttpRequest, pk: str) -> HttpResponse:
     path = exports.export_path(job)
     if job.status != ExportJob.Status.DONE or not path.exists():
         raise Http404("this export is not ready or no longer on this server")
+    commands.record_export_downloaded(request, job)
     return download_response(job, path)
 
 
@@ -279,6 +284,9 @@ def sessions(request: HttpRequest) -> HttpResponse:
         "-position"
     )
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
+    commands.record_trail_read(
+        request, "dashboard.sessions", commands.read_details(request.GET, page.object_list)
+    )
     return render(request, "audit/sessions.html", {"page": page, "section": "sessions"})
 
 
@@ -318,6 +326,7 @@ def session_replay(request: HttpRequest, position: int) -> HttpResponse:
         else None
     )
     vm = VirtualMachine.objects.filter(pk=closed.aggregate_id).only("name").first()
+    commands.record_trail_read(request, "dashboard.session_replay", {"position": position})
     return render(
         request,
         "vms/replay.html",
@@ -342,6 +351,54 @@ def session_cast(request: HttpRequest, position: int) -> FileResponse:
     _, data, path, problem = _console_recording(position)
     if problem:
         raise Http404(problem)
+    commands.record_trail_read(request, "dashboard.session_recording", {"position": position})
     response = FileResponse(path.open("rb"), content_type="application/x-asciicast")
     response["X-Content-SHA256"] = data["sha256"]
     return response
+
+
+@require_GET
+@_needs(VIEW)
+def access(request: HttpRequest) -> HttpResponse:
+    """Users, roles and API tokens (read-only), as the log states them now, and their changes
+    in the last 90 days with who made them."""
+    now = datetime.now(UTC)
+    review = access_review.build(now, now - timedelta(days=90)).as_dict()
+    commands.record_accounts_listed(
+        request,
+        "dashboard.access",
+        {"users": len(review["users"]), "tokens": len(review["tokens"])},
+    )
+    return render(request, "audit/access.html", {"review": review, "section": "access"})
+
+
+@_needs(VIEW)
+def retention_status(request: HttpRequest) -> HttpResponse:
+    """Retention period, legal holds (place and release with the export permission), archives."""
+    if request.method == "POST":
+        if not request.user.has_perm(EXPORT):
+            messages.error(request, "You need the export permission.")
+        elif request.POST.get("action") == "place":
+            try:
+                hold = commands.place_legal_hold(request, request.POST.get("reason", ""))
+            except ValueError as exc:
+                messages.error(request, str(exc))
+            else:
+                messages.success(request, f"Legal hold {hold} placed.")
+        elif request.POST.get("action") == "release":
+            if commands.release_legal_hold(
+                request, request.POST.get("hold_id", ""), request.POST.get("reason", "")
+            ):
+                messages.success(request, "Legal hold released.")
+            else:
+                messages.error(request, "No such active legal hold.")
+        return redirect("audit:retention")
+    return render(
+        request,
+        "audit/retention.html",
+        {
+            "status": retention.status(),
+            "can_export": request.user.has_perm(EXPORT),
+            "section": "retention",
+        },
+    )

@@ -326,7 +326,14 @@ if SANDBOX_HYPERVISOR not in {"auto", "cloud-hypervisor", "qemu"}:
         f"SANDBOX_HYPERVISOR must be auto, cloud-hypervisor or qemu, got {SANDBOX_HYPERVISOR!r}"
     )
 SANDBOX_RUNTIME_DIR = Path(os.environ.get("SANDBOX_RUNTIME_DIR", "/run/microvm-sandbox"))
-SANDBOX_AUDIT_RETENTION_DAYS = env_int("SANDBOX_AUDIT_RETENTION_DAYS", 7 * 365)
+# Audit retention in calendar years (seven years is not 7 x 365 days); see docs/audit-exports.md.
+if "SANDBOX_AUDIT_RETENTION_DAYS" in os.environ:
+    raise ImproperlyConfigured(
+        "SANDBOX_AUDIT_RETENTION_DAYS is replaced by SANDBOX_AUDIT_RETENTION_YEARS (calendar years)"
+    )
+SANDBOX_AUDIT_RETENTION_YEARS = env_int("SANDBOX_AUDIT_RETENTION_YEARS", 7)
+if SANDBOX_AUDIT_RETENTION_YEARS < 1:
+    raise ImproperlyConfigured("SANDBOX_AUDIT_RETENTION_YEARS must be at least 1")
 
 # --- VMs: system limits, default quotas, identity, snapshots ----------------------------------
 SANDBOX_MAX_VMS = env_int("SANDBOX_MAX_VMS", 50)  # live VMs on this installation

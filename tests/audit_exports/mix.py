@@ -19,6 +19,7 @@ from audit.actor import Actor
 from audit.commands import sign_digest, verify_chain
 
 SHELL = Actor.system(channel="shell", name="tests")
+GUESSER_IP = "203.0.113.7"  # the source address of the mix's failed logins
 
 
 @dataclass
@@ -83,9 +84,15 @@ def record_mix(make_user: Callable[..., Any], rounds: int = 1) -> Mix:
         commands.record_token_rejected(Actor.anonymous(), forever.token, "revoked")
         commands.record_login(Actor.for_user(auditor, channel="dashboard"), auditor)
         commands.record_logout(Actor.for_user(auditor, channel="dashboard"), auditor)
+        target = commands.create_user(
+            as_admin, username=f"target{r}-{uuid.uuid4().hex[:4]}", password=None, role="viewer"
+        )
+        guesser = Actor(
+            kind="anonymous", username=target.username, channel="dashboard", source_ip=GUESSER_IP
+        )
         for _ in range(5):
-            commands.record_login_failure(Actor.anonymous(f"mallory{r}"), f"mallory{r}", "bad")
-        commands.unlock(as_admin, f"mallory{r}")
+            commands.record_login_failure(guesser, target.username, "bad")
+        commands.unlock(as_admin, target.username)
         commands.set_active(as_admin, extra, False)
         for i in range(2):
             vm_id = str(uuid.uuid4())
