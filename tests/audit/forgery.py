@@ -52,7 +52,7 @@ def attacker_host(settings: Any, tmp_path: Any, key_id: str = "evil") -> Iterato
     private = Ed25519PrivateKey.generate()
     seed = base64.b64encode(private.private_bytes_raw()).decode()
     saved = {
-        name: getattr(settings, name)
+        name: getattr(settings, name, None)
         for name in (
             "SANDBOX_DIGEST_ED25519_KEYS",
             "SANDBOX_DIGEST_ED25519_CURRENT",

@@ -116,7 +116,7 @@ def test_a_cut_tail_with_its_digests_is_found_from_the_sink(tamper: Any) -> None
     _three_digests()  # positions 1..9, digests 1..3
     with tamper():
         sql("DELETE FROM audit_event WHERE position >= 7")
-        sql("DELETE FROM audit_digest WHERE sequence = 3")
+        sql("DELETE FROM audit_digest WHERE end_position >= 7")
     code, text = run("verify_audit_chain")
     assert code == 1
     assert "position 7: missing" in text and "digest sink holds digests up to number 3" in text
@@ -126,7 +126,7 @@ def test_signing_after_a_cut_is_refused_with_an_event_naming_the_break(tamper: A
     _three_digests()
     with tamper():
         sql("DELETE FROM audit_event WHERE position >= 7")
-        sql("DELETE FROM audit_digest WHERE sequence = 3")
+        sql("DELETE FROM audit_digest WHERE end_position >= 7")
     append_user_events("4", 1)  # a new event after the cut
     code, text = run("sign_audit_digest")
     assert code == 1 and "REFUSED: the chain is broken" in text
@@ -168,7 +168,7 @@ def test_a_digest_re_signed_after_a_cut_differs_from_its_sink_copy(
     sink_dir = settings.SANDBOX_DIGEST_SINK_DIR
     with tamper():
         sql("DELETE FROM audit_event WHERE position >= 7")
-        sql("DELETE FROM audit_digest WHERE sequence = 3")
+        sql("DELETE FROM audit_digest WHERE end_position >= 7")
     append_user_events("4", 2)
     settings.SANDBOX_DIGEST_SINK_DIR = tmp_path / "fresh-sink"
     replacement = digests.sign_pending()
