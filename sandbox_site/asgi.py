@@ -16,6 +16,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.urls import path  # noqa: E402
 
+from accounts.authentication import TokenAuthMiddleware  # noqa: E402
 from vms import consumers  # noqa: E402
 from vms.exec_consumer import ExecConsumer  # noqa: E402
 
@@ -30,7 +31,7 @@ application = ProtocolTypeRouter(
     {
         "http": django_http_app,
         "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
         ),
     }
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import uuid
@@ -21,6 +22,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from accounts.scopes import VM_READ, check_socket, needs
 from vms import console, live, metrics_live
 
 log = logging.getLogger("sandbox.vms.consumers")
@@ -93,6 +95,9 @@ class VMListConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
+        if check_socket(self.scope, VM_READ, write=False):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
         self.user_id = user.pk
         self.sees_all = await database_sync_to_async(user.has_perm)("vms.view_virtualmachine")
         self.sent: dict[str, int] = {}  # vm id -> last version sent
@@ -141,6 +146,9 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if check_socket(self.scope, VM_READ, write=False):
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
         vm = await _visible_vm(user, self.vm_id)
@@ -221,10 +229,16 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
+        if check_socket(self.scope, VM_READ, write=False):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
         access = await database_sync_to_async(console.access_for)(user, vm_id)
         if access is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
+        if access.mode == "write" and check_socket(self.scope, needs("vms.console_vm"), write=True):
+            # Typing is a write: a read-only token, or one without the console scope, watches.
+            access = dataclasses.replace(access, mode="read")
         self.access = access
         self.ignored_input = 0
         query = _query(self.scope)

@@ -22,6 +22,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied, ValidationError
 
 from accounts.caller import Caller
+from accounts.models import APIToken
+from accounts.scopes import check_socket, needs
 from audit.actor import Actor
 from sandbox_site import context
 
@@ -31,6 +33,9 @@ class ExecConsumer(AsyncWebsocketConsumer):
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
+            return
+        if check_socket(self.scope, needs("vms.exec_vm"), write=True):
+            await self.close(code=4403)
             return
         self.vm = await self._visible_vm(user, self.scope["url_route"]["kwargs"]["vm_id"])
         if self.vm is None:
@@ -107,7 +112,13 @@ class ExecConsumer(AsyncWebsocketConsumer):
                 channel="api", source_ip=client[0], request_id=context.new_request_id()
             ):
                 user = self.scope["user"]
-                caller = Caller(user=user, actor=Actor.for_user(user, channel="api"))
+                token = self.scope.get("auth")
+                token = token if isinstance(token, APIToken) else None
+                caller = Caller(
+                    user=user,
+                    token=token,
+                    actor=Actor.for_user(user, channel="api", token_id=getattr(token, "key", "")),
+                )
                 vm = VirtualMachine.objects.get(pk=self.vm.pk)
                 return guest.run_exec(
                     caller,
