@@ -90,6 +90,7 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         "retrieve": USER_READ,
         "create": needs("accounts.manage_users"),
         "role": needs("accounts.manage_users"),
+        "unlock": needs("accounts.manage_users"),
     }
     filterset_fields = ["is_active", "username"]
 
@@ -119,6 +120,31 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         except (DjangoValidationError, DjangoPermissionDenied) as exc:
             raise django_errors(exc) from exc
         return Response(UserSerializer(user).data)
+
+    @extend_schema(
+        request=None,
+        responses={
+            200: inline_serializer(
+                "Unlocked",
+                {"username": serializers.CharField(), "unlocked": serializers.BooleanField()},
+            ),
+            409: inline_serializer("NotLocked", {"detail": serializers.CharField()}),
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def unlock(self, request: Request, pk: Any = None) -> Response:
+        """Lift the user's lockout after repeated failed logins (an ``auth.unlocked`` event)."""
+        user = self.get_object()
+        try:
+            done = commands.unlock(Actor.from_request(request), user.username, by=request.user)
+        except DjangoPermissionDenied as exc:
+            raise django_errors(exc) from exc
+        if not done:
+            return Response(
+                {"detail": f"{user.username} is not locked"},
+                status=status.HTTP_409_CONFLICT,
+            )
+        return Response({"username": user.username, "unlocked": True})
 
 
 class TokenSerializer(serializers.ModelSerializer):

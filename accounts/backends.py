@@ -1,4 +1,5 @@
-"""Password authentication that refuses locked accounts, with cheap permission checks."""
+"""Password authentication that refuses throttled addresses and locked accounts, with cheap
+permission checks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
+from accounts import throttle
 from accounts.commands import is_locked
+from audit.actor import Actor
 
 _group_perms: dict[int, frozenset[str]] = {}
 _all_perms: frozenset[str] | None = None
@@ -58,7 +61,8 @@ def prime_permissions(user: Any, group_ids: list[int]) -> None:
 
 
 class LockoutModelBackend(ModelBackend):
-    """ModelBackend that stops at a locked username, before the password is even checked.
+    """ModelBackend that stops at a throttled source address or a locked username, before the
+    password is even checked (``accounts.throttle``, ``accounts.commands.is_locked``).
 
     Raising PermissionDenied makes ``authenticate()`` give up and send ``user_login_failed``,
     whose receiver records the attempt with reason ``locked``.
@@ -74,6 +78,13 @@ class LockoutModelBackend(ModelBackend):
     ) -> Any:
         if username is None:
             username = kwargs.get("username")
+        if request is not None:
+            # An address over its failure limit is refused before any lookup or hashing.
+            until = throttle.refused_until(Actor.anonymous().source_ip)
+            if until is not None:
+                request._sandbox_login_failure = "throttled"
+                request._sandbox_throttled_until = until
+                raise PermissionDenied("too many failed logins from this address")
         if username and is_locked(username):
             if request is not None:
                 request._sandbox_login_failure = "locked"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import EllipsisType
 
@@ -20,7 +20,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from accounts import roles, tokens
+from accounts import roles, throttle, tokens
 from accounts.models import APIToken, LoginState, User
 from accounts.scopes import SCOPES as KNOWN_SCOPES
 from accounts.scopes import SELF_SERVICE
@@ -395,8 +395,47 @@ def record_logout(actor: Actor, user: User) -> None:
 
 @transaction.atomic
 def record_login_failure(actor: Actor, username: str, reason: str) -> datetime | None:
-    """Record a failure; lock the username when the threshold is reached. Returns the lock end."""
+    """Record a failed login; returns the end of the username's lock, if it is locked now.
+
+    Every failure counts against its source address (``accounts.throttle``). A failure for an
+    existing username is an ``auth.login_failed`` event of that account, and locks it at the
+    threshold. Failures for usernames that do not exist are not recorded one by one (random
+    names would fill the log): the first from an address in a window is an
+    ``auth.unknown_user_failed`` event of that address, and the window's counts go into the
+    ``auth.login_throttled`` event when the address reaches the limit. An attempt refused
+    because its address is throttled (``reason == "throttled"``) was never checked and is
+    covered by that event: nothing more is recorded.
+    """
+    if reason == "throttled":
+        return None
     name = _normalize_username(username)
+    source = actor.source_ip
+    known = User.objects.filter(username=username).exists() if username else False
+    tally = throttle.note_failure(source, unknown_user=not known)
+    if tally.refused_until is not None:
+        store.append(
+            "login_source",
+            source or "(none)",
+            "auth.login_throttled",
+            {
+                "until": tally.refused_until.isoformat(),
+                "failures": tally.failures,
+                "unknown_user_failures": tally.unknown_user_failures,
+                "window_s": tally.window_s,
+            },
+            actor=actor if known else replace(actor, username=""),
+        )
+    if not known:
+        if tally.unknown_user_failures <= 1:
+            # Not the name typed: an unknown "username" is often a password typed in the wrong box.
+            store.append(
+                "login_source",
+                source or "(none)",
+                "auth.unknown_user_failed",
+                {"reason": reason, "window_s": tally.window_s},
+                actor=replace(actor, username=""),
+            )
+        return None
     store.append("account", name, "auth.login_failed", {"reason": reason}, actor=actor)
     if reason == "locked":
         return is_locked(name)
@@ -421,6 +460,8 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
 
 @transaction.atomic
 def unlock(actor: Actor, username: str, *, by: User | None = None) -> bool:
+    """Lift a username's lock (an ``auth.unlocked`` event); False, and nothing recorded, when it
+    is not locked."""
     if by is not None:
         _require(by, "accounts.manage_users")
     name = _normalize_username(username)

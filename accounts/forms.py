@@ -8,7 +8,7 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
-from accounts import commands
+from accounts import commands, throttle
 from audit.actor import Actor
 
 
@@ -20,25 +20,33 @@ class LoginForm(AuthenticationForm):
         "locked": (
             "This account is locked after repeated failed logins. Try again after %(until)s UTC."
         ),
+        "throttled": "Too many failed logins from your address. Try again after %(until)s UTC.",
     }
 
     def clean(self) -> dict[str, Any]:
+        # An address over its failure limit is refused first: no lookup, no hashing, no event
+        # (its auth.login_throttled event covers every refused attempt).
+        if until := throttle.refused_until(Actor.anonymous().source_ip):
+            raise self._refused("throttled", until)
         username = self.cleaned_data.get("username")
         if username and (until := commands.is_locked(username)):
             commands.record_login_failure(Actor.anonymous(username), username, "locked")
-            raise self._locked(until)
+            raise self._refused("locked", until)
         try:
             return super().clean()
         except forms.ValidationError:
+            until = getattr(self.request, "_sandbox_throttled_until", None)
+            if until is not None:
+                raise self._refused("throttled", until) from None
             until = getattr(self.request, "_sandbox_locked_until", None)
             if until is not None:
-                raise self._locked(until) from None
+                raise self._refused("locked", until) from None
             raise
 
-    def _locked(self, until: Any) -> forms.ValidationError:
+    def _refused(self, code: str, until: Any) -> forms.ValidationError:
         return forms.ValidationError(
-            self.error_messages["locked"],
-            code="locked",
+            self.error_messages[code],
+            code=code,
             params={"until": f"{until:%Y-%m-%d %H:%M}"},
         )
 

@@ -34,6 +34,20 @@ _define("auth.login_failed", "account", "access", "A login attempt failed (reaso
 _define("auth.locked_out", "account", "access", "Repeated failures locked an account.")
 _define("auth.unlocked", "account", "access", "An administrator unlocked an account.")
 _define("auth.token_rejected", "token", "access", "An existing API token was refused.")
+_define(
+    "auth.unknown_user_failed",
+    "login_source",
+    "access",
+    "A login for a username that does not exist failed: the first from an address in a window "
+    "(the window's count is in auth.login_throttled when the address reaches the limit).",
+)
+_define(
+    "auth.login_throttled",
+    "login_source",
+    "access",
+    "An address reached the failed-login limit: its logins are refused, before any password is "
+    "checked, until the time in data.",
+)
 _define("user.created", "user", "access", "A user account was created.")
 _define("user.role_changed", "user", "access", "A user's role changed.")
 _define("user.deactivated", "user", "access", "A user account was deactivated.")

@@ -234,6 +234,23 @@ if TESTING:
 SANDBOX_LOCKOUT_THRESHOLD = env_int("SANDBOX_LOCKOUT_THRESHOLD", 5)
 SANDBOX_LOCKOUT_WINDOW_S = env_int("SANDBOX_LOCKOUT_WINDOW_S", 900)
 SANDBOX_LOCKOUT_S = env_int("SANDBOX_LOCKOUT_S", 900)
+# Failed logins per source address: this many within the window refuse the address for a window,
+# before any password is hashed (accounts.throttle; counters in the cache below).
+SANDBOX_LOGIN_SOURCE_FAILURES = env_int("SANDBOX_LOGIN_SOURCE_FAILURES", 20)
+SANDBOX_LOGIN_SOURCE_WINDOW_S = env_int("SANDBOX_LOGIN_SOURCE_WINDOW_S", 300)
+
+# The cache holds counters that every web process must share (login throttling): Redis when
+# there is one (several web processes), else this process's memory (one web process).
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": os.environ.get("SANDBOX_REDIS_PREFIX", "sbx") + "-cache",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # API token peppers, by version: tokens keep the version they were hashed with, so a new pepper
 # can be added (and made current) without invalidating existing tokens.

@@ -74,6 +74,23 @@ def _own_digest_sink(request: pytest.FixtureRequest, tmp_path_factory: Any) -> N
     settings.SANDBOX_DIGEST_SINK_DIR = tmp_path_factory.mktemp("digest-sink")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_login_throttle(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Failed-login counters live in the cache, which outlives a test: each test counts from
+    zero under a namespace of its own."""
+    if not request.config.pluginmanager.hasplugin("django"):
+        yield
+        return
+    import uuid
+
+    from accounts import throttle
+
+    saved = throttle.NAMESPACE
+    throttle.NAMESPACE = f"login-throttle-test-{uuid.uuid4().hex}"
+    yield
+    throttle.NAMESPACE = saved
+
+
 @pytest.fixture
 def tamper() -> Callable[[], contextlib.AbstractContextManager[None]]:
     return append_only_guard_lifted

@@ -66,7 +66,9 @@ def test_admin_unlock_lets_the_user_in_again(make_user) -> None:
     assert Event.objects.filter(type="auth.unlocked").count() == 1
 
 
-def test_failures_for_unknown_users_are_recorded(db) -> None:
+def test_failures_for_unknown_users_are_recorded_per_address_not_per_name(db) -> None:
     login(Client(), "ghost", "x")
-    event = Event.objects.get(type="auth.login_failed")
-    assert event.aggregate_id == "ghost" and event.actor_type == "anonymous"
+    event = Event.objects.get(type="auth.unknown_user_failed")
+    assert (event.aggregate_type, event.aggregate_id) == ("login_source", "192.0.2.10")
+    assert event.actor_type == "anonymous" and event.actor_name == ""
+    assert not Event.objects.filter(type="auth.login_failed").exists()
