@@ -374,6 +374,11 @@ SANDBOX_SNAPSHOT_MAX_AGE_DAYS = env_int("SANDBOX_SNAPSHOT_MAX_AGE_DAYS", 30)  # 
 # Exec events always hold sizes and SHA-256 of the output; the output itself only if asked.
 SANDBOX_EXEC_RECORD_OUTPUT = env_bool("SANDBOX_EXEC_RECORD_OUTPUT", False)
 SANDBOX_EXEC_MAX_TIMEOUT_S = env_int("SANDBOX_EXEC_MAX_TIMEOUT_S", 600)
+# Bytes of each stream (stdout, stderr) an HTTP exec returns; the rest is counted, not kept
+# (the exec websocket streams all of it).
+SANDBOX_EXEC_OUTPUT_LIMIT = env_int("SANDBOX_EXEC_OUTPUT_LIMIT", 1 << 20)
+if SANDBOX_EXEC_OUTPUT_LIMIT < 0:
+    raise ImproperlyConfigured("SANDBOX_EXEC_OUTPUT_LIMIT must be 0 or more bytes")
 SANDBOX_STOP_GRACE_S = env_int("SANDBOX_STOP_GRACE_S", 20)
 
 # --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------

@@ -489,13 +489,18 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
                 "stderr_b64": serializers.CharField(),
                 "stdout_truncated": serializers.BooleanField(),
                 "stderr_truncated": serializers.BooleanField(),
+                "truncated": serializers.BooleanField(),
+                "stdout_size": serializers.IntegerField(),
+                "stderr_size": serializers.IntegerField(),
                 "event_position": serializers.IntegerField(),
             },
         ),
     )
     @action(detail=True, methods=["post"])
     def exec(self, request: Request, pk: Any = None) -> Response:
-        """Run a command in the guest and return its output (the websocket streams long ones)."""
+        """Run a command in the guest and return its output: up to SANDBOX_EXEC_OUTPUT_LIMIT
+        bytes of each stream, with ``truncated`` and the full sizes (the exec websocket,
+        ``/ws/vms/{id}/exec/``, streams all of it)."""
         s = ExecSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
@@ -520,6 +525,9 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
                 "stderr_b64": base64.b64encode(result.stderr).decode(),
                 "stdout_truncated": result.stdout_truncated,
                 "stderr_truncated": result.stderr_truncated,
+                "truncated": result.truncated,
+                "stdout_size": result.stdout_size,
+                "stderr_size": result.stderr_size,
                 "event_position": result.event_position,
             }
         )

@@ -5,14 +5,17 @@ like the HTTP exec); the server answers with ``{"type": "stdout"|"stderr", "data
 "b64": <base64>}`` frames while the command runs and a final ``{"type": "exit", "exit_code",
 "signal", "timed_out", "duration_s", "event_position"}``, then closes. Errors are
 ``{"type": "error", "status", "detail"}`` frames followed by a close. The command runs in a thread
-(the agent client is synchronous); its chunks are handed to the event loop through a queue, so the
-consumer never blocks; a disconnect cancels the forwarding task.
+(the agent client is synchronous); its chunks are handed to the event loop through a bounded
+queue, so the consumer never blocks and a slow client holds the command back (the agent channel
+passes the backpressure on to the guest) instead of piling its output up in the server; a
+disconnect cancels the forwarding task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import json
 from typing import Any
@@ -26,6 +29,8 @@ from accounts.models import APIToken
 from accounts.scopes import check_socket, needs
 from audit.actor import Actor
 from sandbox_site import context
+
+STREAM_QUEUE_FRAMES = 64  # output chunks (up to 64 KiB each) waiting for the websocket
 
 
 class ExecConsumer(AsyncWebsocketConsumer):
@@ -67,24 +72,34 @@ class ExecConsumer(AsyncWebsocketConsumer):
         if not s.is_valid():
             await self._error(400, s.errors)
             return
-        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue(STREAM_QUEUE_FRAMES)
         loop = asyncio.get_running_loop()
+        forwarder = self.forwarder = asyncio.create_task(self._forward(queue))
 
         def emit(stream: str) -> Any:
-            return lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, (stream, chunk))
+            def put(chunk: bytes) -> None:
+                # On the command's thread: wait for room, unless nobody forwards any more.
+                future = asyncio.run_coroutine_threadsafe(queue.put((stream, chunk)), loop)
+                while True:
+                    try:
+                        future.result(timeout=0.5)
+                        return
+                    except concurrent.futures.TimeoutError:
+                        if forwarder.done():
+                            future.cancel()
+                            return
 
-        self.forwarder = asyncio.create_task(self._forward(queue))
+            return put
+
         try:
             result = await asyncio.to_thread(
                 self._run, s.validated_data, emit("stdout"), emit("stderr")
             )
         except Exception as exc:  # noqa: BLE001 - every failure becomes an error frame
-            loop.call_soon_threadsafe(queue.put_nowait, None)
-            await self.forwarder
+            await self._end_forwarding(queue)
             await self._error(*_status_of(exc))
             return
-        loop.call_soon_threadsafe(queue.put_nowait, None)
-        await self.forwarder
+        await self._end_forwarding(queue)
         await self.send(
             text_data=json.dumps(
                 {
@@ -93,6 +108,8 @@ class ExecConsumer(AsyncWebsocketConsumer):
                     "signal": result.signal,
                     "timed_out": result.timed_out,
                     "duration_s": result.duration_s,
+                    "stdout_size": result.stdout_size,
+                    "stderr_size": result.stderr_size,
                     "event_position": result.event_position,
                 }
             )
@@ -130,10 +147,20 @@ class ExecConsumer(AsyncWebsocketConsumer):
                     timeout=data["timeout"],
                     on_stdout=on_stdout,
                     on_stderr=on_stderr,
+                    keep=0,  # all of it went out as frames
                 )
         finally:
             # This runs in an executor thread: its connection is its own, close it.
             connections.close_all()
+
+    async def _end_forwarding(self, queue: asyncio.Queue[tuple[str, bytes] | None]) -> None:
+        forwarder = self.forwarder
+        if forwarder is None:
+            return
+        if not forwarder.done():
+            await queue.put(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await forwarder
 
     async def _forward(self, queue: asyncio.Queue[tuple[str, bytes] | None]) -> None:
         while (item := await queue.get()) is not None:

@@ -23,8 +23,8 @@ from accounts.caller import Caller
 from vms import commands, runtime
 from vms.models import VirtualMachine
 
-MAX_OUTPUT = 8 << 20  # bytes kept per stream for the API response
 AGENT_LOCK_WAIT_S = 30.0
+RECORDED_OUTPUT = 65536  # bytes of each stream in the event, with SANDBOX_EXEC_RECORD_OUTPUT
 
 
 class GuestUnavailable(Exception):
@@ -87,12 +87,21 @@ class ExecOutcome:
     stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
+    stdout_size: int  # what the process wrote, kept or not
+    stderr_size: int
     event_position: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated
 
 
 class _Capture:
-    def __init__(self, forward: Callable[[bytes], None] | None) -> None:
+    """One output stream: counted and hashed in full, its first ``limit`` bytes kept."""
+
+    def __init__(self, forward: Callable[[bytes], None] | None, limit: int) -> None:
         self.kept = bytearray()
+        self.limit = limit
         self.size = 0
         self.digest = hashlib.sha256()
         self.forward = forward
@@ -100,7 +109,7 @@ class _Capture:
     def __call__(self, chunk: bytes) -> None:
         self.size += len(chunk)
         self.digest.update(chunk)
-        room = MAX_OUTPUT - len(self.kept)
+        room = self.limit - len(self.kept)
         if room > 0:
             self.kept += chunk[:room]
         if self.forward is not None:
@@ -118,11 +127,20 @@ def run_exec(
     timeout: float = 60.0,
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
+    keep: int | None = None,
 ) -> ExecOutcome:
     """Run ``argv`` in the guest and record ``vm.exec_completed`` (argv, cwd, exit, duration,
-    output sizes and SHA-256; the output itself only with SANDBOX_EXEC_RECORD_OUTPUT)."""
+    output sizes and SHA-256; the output itself only with SANDBOX_EXEC_RECORD_OUTPUT).
+
+    The outcome holds the first ``keep`` bytes of each stream (default
+    SANDBOX_EXEC_OUTPUT_LIMIT) and the full sizes; the rest goes to ``on_stdout``/``on_stderr``
+    (a stream) or nowhere, so a request's memory is bounded whatever the command prints.
+    """
     require_guest_access(caller, vm, "vms.exec_vm")
-    out, err = _Capture(on_stdout), _Capture(on_stderr)
+    limit = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
+    if settings.SANDBOX_EXEC_RECORD_OUTPUT:
+        limit = max(limit, RECORDED_OUTPUT)
+    out, err = _Capture(on_stdout, limit), _Capture(on_stderr, limit)
     started = time.monotonic()
     with agent_session(vm) as agent:
         result = agent.exec(
@@ -134,6 +152,7 @@ def run_exec(
             on_stdout=out,
             on_stderr=err,
             wait_timeout=timeout + 30,
+            keep=0,  # kept here, once
         )
     details: dict[str, Any] = {
         "argv": argv,
@@ -151,18 +170,22 @@ def run_exec(
         "stderr_sha256": err.digest.hexdigest(),
     }
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
-        details["stdout"] = bytes(out.kept[:65536]).decode(errors="replace")
-        details["stderr"] = bytes(err.kept[:65536]).decode(errors="replace")
+        details["stdout"] = bytes(out.kept[:RECORDED_OUTPUT]).decode(errors="replace")
+        details["stderr"] = bytes(err.kept[:RECORDED_OUTPUT]).decode(errors="replace")
     event = commands.record_exec(caller, vm, details)
+    wanted = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
+    stdout, stderr = bytes(out.kept[:wanted]), bytes(err.kept[:wanted])
     return ExecOutcome(
         exit_code=result.exit_code,
         signal=details["signal"],
         timed_out=result.timed_out,
         duration_s=result.duration_s,
-        stdout=bytes(out.kept),
-        stderr=bytes(err.kept),
-        stdout_truncated=out.size > len(out.kept),
-        stderr_truncated=err.size > len(err.kept),
+        stdout=stdout,
+        stderr=stderr,
+        stdout_truncated=out.size > len(stdout),
+        stderr_truncated=err.size > len(stderr),
+        stdout_size=out.size,
+        stderr_size=err.size,
         event_position=event.position,
     )
 

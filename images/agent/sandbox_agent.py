@@ -38,6 +38,10 @@ LIST_BATCH = 500
 # scanning for the next magic instead of swallowing gigabytes.
 MAX_SKIP = 64 << 20
 MAX_ACTIVE = 256
+# Uploads that failed or were cut off: the data frames the host had already sent for them are
+# dropped without a reply (one error per stale chunk would flood, and over virtio-serial block,
+# the next connection). The last ones are remembered per stream.
+ABORTED_REMEMBERED = 64
 VSOCK_PORT = 1024
 PORT_NAME = "sandbox.agent"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -593,6 +597,7 @@ class Session:
         self.active: dict[object, object] = {}  # id -> Exec | Put | True (other running ops)
         self.alock = threading.Lock()
         self.closed = False
+        self.aborted: dict[object, None] = {}  # ids of failed uploads, oldest first
 
     # ---- output
     def send(self, header: dict, payload: bytes = b"") -> None:
@@ -684,8 +689,16 @@ class Session:
             puts = [(k, v) for k, v in self.active.items() if isinstance(v, Put)]
             for key, _ in puts:
                 del self.active[key]
-        for _, put in puts:
+        for key, put in puts:
             put.abort()
+            self._remember_aborted(key)
+
+    def _remember_aborted(self, req_id: object) -> None:
+        with self.alock:
+            self.aborted.pop(req_id, None)
+            self.aborted[req_id] = None
+            while len(self.aborted) > ABORTED_REMEMBERED:
+                del self.aborted[next(iter(self.aborted))]
 
     def dispatch(self, req: dict, payload: bytes) -> None:
         req_id = req.get("id")
@@ -773,11 +786,15 @@ class Session:
         except RequestError:
             put.abort()
             raise
+        with self.alock:
+            self.aborted.pop(req_id, None)  # the id is in use again: its data is new
         self.send({"id": req_id, "kind": "ready", "chunk_size": CHUNK})
 
     def op_data(self, req_id: object, req: dict, payload: bytes) -> None:
         put = self.active.get(req_id)
         if not isinstance(put, Put):
+            if req_id in self.aborted:
+                return  # sent before the host learnt that the upload failed: drop it
             raise RequestError("unknown_id", f"no upload {req_id!r} in progress")
         try:
             if payload:
@@ -788,6 +805,8 @@ class Session:
         except BaseException:
             self.finish(req_id)
             put.abort()
+            if not req.get("eof"):
+                self._remember_aborted(req_id)
             raise
 
     def op_get(self, req_id: object, req: dict, _payload: bytes) -> None:

@@ -530,3 +530,119 @@ def test_frames_split_into_single_bytes_are_reassembled(agent_module) -> None:
         out += parser.feed(data[i : i + 1])
     assert [item[0] for item in out] == ["frame", "frame"]
     assert out[0][1] == {"op": "ping", "id": 1} and out[0][2] == b"payload"
+
+
+# --------------------------------------------------------------------------- bounded output
+
+
+def test_exec_keeps_at_most_keep_bytes_and_counts_the_rest(client: AgentClient) -> None:
+    import tracemalloc
+
+    script = "head -c 20000000 /dev/zero; head -c 20000000 /dev/zero >&2"
+    streamed = [0, 0]
+    tracemalloc.start()
+    try:
+        result = client.exec(
+            ["sh", "-c", script],
+            timeout=120,
+            keep=1000,
+            on_stdout=lambda chunk: streamed.__setitem__(0, streamed[0] + len(chunk)),
+            on_stderr=lambda chunk: streamed.__setitem__(1, streamed[1] + len(chunk)),
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0
+    assert (result.stdout, result.stderr) == (b"\0" * 1000, b"\0" * 1000)
+    assert (result.stdout_size, result.stderr_size) == (20_000_000, 20_000_000)
+    assert result.truncated
+    assert streamed == [20_000_000, 20_000_000]  # the callbacks still see all of it
+    # 40 MB went through; what this call held at once is bounded by its frame queue.
+    assert peak < 12 << 20, peak
+
+
+def test_a_slow_consumer_holds_back_the_guest_not_the_host_memory(client: AgentClient) -> None:
+    import tracemalloc
+
+    def slow(_chunk: bytes) -> None:
+        time.sleep(0.01)
+
+    tracemalloc.start()
+    try:
+        result = client.exec(
+            ["head", "-c", "30000000", "/dev/zero"], timeout=120, keep=0, on_stdout=slow
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.stdout_size == 30_000_000 and result.stdout == b""
+    assert peak < 12 << 20, peak
+
+
+# --------------------------------------------------------------------------- failed uploads
+
+
+def test_data_of_a_failed_upload_is_dropped_quietly(short_dir: str) -> None:
+    """An upload that fails mid-way (here: a file size limit) gets one error; the chunks the
+    host had already sent for it get none, and the stream answers the next request at once."""
+    import resource
+
+    path = f"{short_dir}/agent.sock"
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path],
+        stderr=subprocess.DEVNULL,
+        preexec_fn=limit_file_size,  # noqa: PLW1509 - a plain rlimit, no threads yet
+    )
+    running = RunningAgent(proc, path)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        from .conftest import RawConnection
+
+        time.sleep(0.2)
+        conn = RawConnection(running.connect())
+        conn.send(encode_frame({"op": "put", "id": 5, "path": f"{short_dir}/big", "mode": 420}))
+        assert conn.frame()[0]["kind"] == "ready"
+        chunk = b"x" * (256 << 10)
+        for _ in range(12):  # 3 MiB against a 1 MiB limit: the failure comes mid-way
+            conn.send(encode_frame({"op": "data", "id": 5}, chunk))
+        conn.send(encode_frame({"op": "ping", "id": 6}))
+        frames = [conn.frame()[0]]
+        while frames[-1].get("kind") != "pong":
+            frames.append(conn.frame()[0])
+        assert [f["kind"] for f in frames] == ["error", "pong"], frames
+        assert frames[0]["id"] == 5 and frames[0]["code"] in ("io_error", "no_space")
+        assert not [n for n in os.listdir(short_dir) if n != "agent.sock"]  # nothing half-written
+        # An id never used for an upload still gets its error.
+        conn.send(encode_frame({"op": "data", "id": 77}, b"x"))
+        assert conn.frame()[0]["code"] == "unknown_id"
+        # And the id can be used again for a new upload, whose data is taken.
+        conn.send(encode_frame({"op": "put", "id": 5, "path": f"{short_dir}/small", "mode": 420}))
+        assert conn.frame()[0]["kind"] == "ready"
+        digest = hashlib.sha256(b"again").hexdigest()
+        conn.send(encode_frame({"op": "data", "id": 5, "eof": True, "sha256": digest}, b"again"))
+        assert conn.frame()[0] == {
+            "id": 5,
+            "kind": "result",
+            "size": 5,
+            "sha256": digest,
+            "path": f"{short_dir}/small",
+        }
+    finally:
+        stop_agent(running)
+
+
+def test_call_ids_differ_between_clients(agent: RunningAgent) -> None:
+    """A reply still in flight for an earlier connection (virtio-serial keeps one stream)
+    must never be taken for a reply of the next client's calls."""
+    first, second = AgentClient(agent.connect), AgentClient(agent.connect)
+    try:
+        assert abs(next(first._ids) - next(second._ids)) > 1000
+    finally:
+        first.close()
+        second.close()

@@ -60,3 +60,36 @@ def test_upload_and_download_10_mb_keep_their_sha256(shared_guest: Guest, tmp_pa
     assert down.sha256 == digest
     assert hashlib.sha256((tmp_path / "blob.bin").read_bytes()).hexdigest() == digest
     shared_guest.client.exec(["rm", "/tmp/blob.bin"])
+
+
+def test_a_failed_upload_leaves_the_channel_usable_at_once(start_guest) -> None:  # noqa: ANN001
+    """An upload into a full file system fails with no_space; the bytes already on their way
+    must not spoil what comes next: the same client, and the next sessions (the API opens one
+    per request), answer at once."""
+    from vms.agent.client import AgentError
+
+    guest = start_guest("nospace")
+    try:
+        setup = guest.client.exec(
+            ["sh", "-c", "mkdir -p /tmp/small && mount -t tmpfs -o size=1m tmpfs /tmp/small"]
+        )
+        assert setup.exit_code == 0, setup.stderr
+        with pytest.raises(AgentError) as failed:
+            guest.client.put_file(os.urandom(24 << 20), "/tmp/small/big", timeout=120)
+        assert failed.value.code == "no_space"
+        for attempt in range(3):
+            started = time.monotonic()
+            client = guest.reconnect(timeout=5.0)
+            result = client.exec(["echo", f"next {attempt}"], timeout=10)
+            assert result.stdout == f"next {attempt}\n".encode(), result
+            assert time.monotonic() - started < 5
+        left = guest.client.exec(["sh", "-c", "ls -a /tmp/small | wc -l"])
+        assert left.stdout.strip() == b"2"  # . and ..: the partial file was removed
+        # And on one connection: a failed upload, then at once an exec.
+        with pytest.raises(AgentError):
+            guest.client.put_file(os.urandom(24 << 20), "/tmp/small/big", timeout=120)
+        started = time.monotonic()
+        assert guest.client.exec(["echo", "same"], timeout=10).stdout == b"same\n"
+        assert time.monotonic() - started < 5
+    finally:
+        guest.close()

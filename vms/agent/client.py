@@ -4,7 +4,11 @@
 virtio-serial port, a hybrid-vsock socket after ``CONNECT``, or a test agent's socket). Calls from
 any number of threads are multiplexed over it: each request has an id, one reader thread routes
 every reply frame to the queue of the call that waits for it, and each caller consumes its own
-queue (so streaming callbacks run on the caller's thread, never on the reader's).
+queue (so streaming callbacks run on the caller's thread, never on the reader's). A call's queue
+holds at most ``CALL_QUEUE_FRAMES`` frames: when its caller is slower than the guest (a slow
+websocket), the reader waits, the stream backs up into the guest and the process there blocks on
+its pipe, so the host's memory per call stays bounded. Frames of a call that has ended are
+dropped.
 
 Every wait has a timeout. Failures are ``AgentError`` (the agent said no, with its error code),
 ``AgentTimeout`` (no answer in time), ``AgentProtocolError`` (the agent said something that makes
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -54,6 +59,7 @@ DEFAULT_CHUNK = 256 * 1024
 # Grace on top of an exec's own timeout: the agent kills at the deadline and then still has to
 # drain pipes and report; under TCG with many VMs that takes a while.
 EXEC_GRACE_S = 15.0
+CALL_QUEUE_FRAMES = 64  # frames waiting for one call's caller (exec output: 64 KiB each)
 
 Frame = tuple[dict[str, Any], bytes]
 
@@ -101,10 +107,18 @@ class ExecResult:
     timed_out: bool
     duration_s: float  # how long the process ran, measured in the guest
     signal: int | None = None
+    # Bytes the process wrote to each stream; more than ``stdout``/``stderr`` hold when ``keep``
+    # limited what was kept (-1: not counted, for results built elsewhere).
+    stdout_size: int = -1
+    stderr_size: int = -1
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_size > len(self.stdout) or self.stderr_size > len(self.stderr)
 
 
 @dataclass(frozen=True)
@@ -200,7 +214,7 @@ class _Call:
 
     def __init__(self, call_id: int) -> None:
         self.id = call_id
-        self.queue: queue.SimpleQueue[Frame | AgentError] = queue.SimpleQueue()
+        self.queue: queue.Queue[Frame | AgentError] = queue.Queue(CALL_QUEUE_FRAMES)
 
 
 Source = bytes | bytearray | memoryview | str | Path | IO[bytes]
@@ -225,7 +239,10 @@ class AgentClient:
         self.timeout = timeout
         self.name = name
         self.hello_info: Hello | None = None
-        self._ids = itertools.count(1)
+        # Ids start at a random point: a reply still on its way to an earlier connection
+        # (virtio-serial keeps one stream across host connections) never matches a call of
+        # this one.
+        self._ids = itertools.count(secrets.randbelow(1 << 48) + 1)
         self._calls: dict[int, _Call] = {}
         self._calls_lock = threading.Lock()
         self._wlock = threading.Lock()
@@ -323,13 +340,23 @@ class AgentClient:
         with self._calls_lock:
             calls = list(self._calls.values())
         for call in calls:
-            call.queue.put(reason)
+            self._deliver(call, reason)
+
+    def _deliver(self, call: _Call, item: Frame | AgentError) -> None:
+        """Queue ``item`` for ``call``, waiting while its queue is full unless the call ends."""
+        while True:
+            try:
+                call.queue.put(item, timeout=0.25)
+                return
+            except queue.Full:
+                if self._calls.get(call.id) is not call:
+                    return  # the caller has gone: nobody will read it
 
     def _route(self, header: dict[str, Any], payload: bytes) -> None:
         call_id = header.get("id")
         call = self._calls.get(call_id) if isinstance(call_id, int) else None
         if call is not None:
-            call.queue.put((header, payload))
+            self._deliver(call, (header, payload))
         elif header.get("kind") == "error":
             log.warning("%s: error not tied to a live request: %s", self.name, header)
         else:
@@ -453,6 +480,7 @@ class AgentClient:
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
         wait_timeout: float | None = None,
+        keep: int | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest and wait for it.
 
@@ -460,7 +488,9 @@ class AgentClient:
         deadline (``timed_out=True`` in the result). ``wait_timeout`` bounds the wait here
         (default: ``timeout`` plus a grace, or the client timeout when ``timeout`` is None).
         stdout and stderr are streamed to the callbacks as they arrive, on this thread, and
-        collected in the result as well.
+        collected in the result as well: all of it, or the first ``keep`` bytes of each stream
+        (the rest is counted in ``stdout_size``/``stderr_size`` and discarded, so memory stays
+        bounded however much the process writes).
         """
         header: dict[str, Any] = {"op": "exec", "argv": list(argv)}
         if env:
@@ -489,6 +519,7 @@ class AgentClient:
             wait_timeout = timeout + EXEC_GRACE_S if timeout is not None else self.timeout
         deadline = time.monotonic() + wait_timeout
         out, err = bytearray(), bytearray()
+        out_size = err_size = 0
         call = self._open_call()
         try:
             self._send({**header, "id": call.id}, payload)
@@ -505,11 +536,13 @@ class AgentClient:
                     raise
                 kind = head.get("kind")
                 if kind == "stdout":
-                    out += data
+                    out_size += len(data)
+                    _keep(out, data, keep)
                     if on_stdout is not None:
                         on_stdout(data)
                 elif kind == "stderr":
-                    err += data
+                    err_size += len(data)
+                    _keep(err, data, keep)
                     if on_stderr is not None:
                         on_stderr(data)
                 elif kind == "exit":
@@ -520,6 +553,8 @@ class AgentClient:
                         timed_out=bool(head.get("timed_out")),
                         duration_s=float(head.get("duration_s", 0.0)),
                         signal=head.get("signal"),
+                        stdout_size=out_size,
+                        stderr_size=err_size,
                     )
                 else:
                     raise AgentProtocolError(f"unexpected exec frame: {head}")
@@ -712,6 +747,13 @@ class AgentClient:
     def shutdown(self, action: str = "poweroff", *, timeout: float = 10.0) -> None:
         """Ask the guest to power off or reboot; returns once the agent has accepted."""
         self._request({"op": "shutdown", "action": action}, timeout=timeout)
+
+
+def _keep(kept: bytearray, data: bytes, limit: int | None) -> None:
+    if limit is None:
+        kept += data
+    elif len(kept) < limit:
+        kept += data[: limit - len(kept)]
 
 
 def _iter_source(
