@@ -27,8 +27,7 @@ VM_DRIVE = [
     "vms.snapshot_vm",
     "vms.rollback_snapshot",
 ]
-# Token scopes may name these (the guest permissions); anything else is refused at creation.
-SCOPES = VM_DRIVE
+# What a token's scopes may name: accounts.scopes.SCOPES.
 AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {
