@@ -421,8 +421,9 @@ def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
     rows = Digest.objects.filter(sequence__gte=first_copy).values_list(
         "sequence", "document", "signature", "end_position"
     )
-    seen = set()
+    seen: set[int] = set()
     for sequence, document, signature, end_position in rows.iterator():
+        assert sequence is not None  # filtered on sequence >= first_copy
         seen.add(sequence)
         copy = copies.get(sequence)
         if copy is None:

@@ -71,8 +71,9 @@ class KeyInfo:
     statement: str = ""  # the key history's signed statement ("" for a key only configured)
     signed_by: str = ""
     signature: str = ""
+    in_history: bool = False  # a row of the key history (else known from configuration only)
 
-    def history_entry(self) -> dict[str, str]:
+    def history_entry(self) -> dict[str, object]:
         """The entry of ``keys.json`` in a bundle: what the offline verifier checks."""
         return {
             "key_id": self.key_id,
@@ -82,6 +83,7 @@ class KeyInfo:
             "statement": self.statement,
             "signed_by": self.signed_by,
             "signature": self.signature,
+            "in_history": self.in_history,
         }
 
     @property
@@ -368,6 +370,7 @@ def public_key_infos() -> list[KeyInfo]:
                 statement=row.statement,
                 signed_by=row.signed_by,
                 signature=row.signature,
+                in_history=True,
             )
         )
     for key_id, public in sorted(history.trusted.items()):

@@ -70,6 +70,14 @@ def public_from_b64(text: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
+def public_is_valid(text: str) -> bool:
+    try:
+        public_from_b64(text)
+    except ValueError:
+        return False
+    return True
+
+
 def fingerprint(public: str | Ed25519PublicKey) -> str:
     """SHA-256 hex of the raw public key bytes."""
     text = public if isinstance(public, str) else public_b64(public)
@@ -189,10 +197,14 @@ def check_key_history(
     """Check a key history (oldest first) and decide which keys a verifier may trust.
 
     Each entry has ``key_id``, ``public_key`` (base64), ``fingerprint``, ``statement``,
-    ``signed_by`` and ``signature``. A key is trusted when the verifier's own configuration knows
-    it (``configured``: key id to base64 public key, or its fingerprint in ``pinned``), when a key
-    trusted earlier in the history signed its statement (a rotation), or, with ``trust_first``,
-    when it is the first entry and signed its own statement (trust on first use, offline only).
+    ``signed_by`` and ``signature``; an entry with ``"in_history": false`` is a key the server
+    knows only from its configuration: outside the chain, trusted only when configured or pinned
+    here, and never a problem by itself (a digest it signed is refused if it is not trusted).
+
+    A key is trusted when the verifier's own configuration knows it (``configured``: key id to
+    base64 public key, or its fingerprint in ``pinned``), when a key trusted earlier in the
+    history signed its statement (a rotation), or, with ``trust_first``, when it is the first
+    entry of the history (trust on first use, offline only).
     Never because the history lists it. A key that none of these vouches for, a statement that
     does not match its entry or does not follow the previous one, or a configured key whose
     public half differs from the history's, is a problem: the verifier must fail.
@@ -202,10 +214,19 @@ def check_key_history(
     out = KeyHistory()
     previous: Mapping[str, Any] | None = None
     seen: set[str] = set()
-    for index, entry in enumerate(entries):
+    index = -1
+    for entry in entries:
         key_id = str(entry.get("key_id", ""))
         public = str(entry.get("public_key", ""))
         label = f"key {key_id!r}"
+        if entry.get("in_history") is False:
+            if configured.get(key_id) == public or (
+                public_is_valid(public) and fingerprint(public) in pins
+            ):
+                out.trusted[key_id] = public
+                out.how[key_id] = "configured" if key_id in configured else "pinned"
+            continue
+        index += 1
         try:
             public_from_b64(public)
         except ValueError as exc:
@@ -272,7 +293,7 @@ def check_key_history(
             out.how[key_id] = "pinned"
         elif chained_ok:
             out.how[key_id] = f"rotated from {signed_by}"
-        elif trust_first and index == 0 and statement and signed_by == key_id:
+        elif trust_first and index == 0 and (not statement or signed_by == key_id):
             out.how[key_id] = "first key of the history (trusted on first use)"
         else:
             out.problems.append(

@@ -256,3 +256,17 @@ def test_the_offline_command_takes_since_bundle_and_sink(
     _cut_log(tamper)
     later = _bundle(tmp_path / "later.zip")
     assert main(["verify", str(later), "--since-bundle", str(earlier)]) == 1
+
+
+def test_offline_a_key_known_only_from_configuration_does_not_fail_a_bundle(
+    settings: Any, tmp_path: Any
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    retired = signing.public_b64(Ed25519PrivateKey.generate().public_key())
+    settings.SANDBOX_DIGEST_ED25519_PUBLIC_KEYS = f"old-1:{retired}"
+    append_user_events("1", 2)
+    sign_digest(SHELL)
+    path = _bundle(tmp_path / "bundle.zip")
+    assert _problems(path) == []
+    assert "old-1" in {k.key_id for k in keys.public_key_infos()}
