@@ -3,8 +3,9 @@
 Users (role, superuser, active), API tokens (owner, scopes, read-only flag, allowed addresses,
 expiry) and roles (members) as they stood just before ``until``, and every grant and revocation
 recorded in ``[since, until)`` with who made it. Computed from ``user.*`` and ``token.*`` events
-only, so the same moment always gives the same review and a change that bypassed the log would
-show as a difference from the live read models (which an auditor can list beside it).
+only, so the same moment always gives the same review, at any past moment, and it shows what the
+log vouches for: an account created around the command functions (and so around the log) is
+not in it. Role permissions are the ones configured now (they are not events).
 """
 
 from __future__ import annotations

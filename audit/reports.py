@@ -1,11 +1,13 @@
-"""Compliance reports: the events of a period folded into a framework's controls.
+"""Compliance reports: the events of a period listed as the evidence of a framework's controls.
 
 ``build`` walks the log once, by position, between the first and last event of the period
-(keyset batches, constant memory apart from the evidence list) and counts every event into its
-evidence area (``audit.compliance``), keeps each event's position and id as evidence, and
-applies the exception rules. Renderers write the same report as JSON (complete), CSV (one row
-per figure, exception and evidence item) and PDF (summary, exceptions, evidence as position
-ranges; the complete lists are in the JSON and CSV).
+(keyset batches; memory grows with the evidence only) and offers each event to every control
+of the framework (``audit.compliance``): a control keeps the positions of the events its text
+asks for, and each such event is kept once with the fields auditors read (event id, time, type,
+actor, source address, subject). Exception rules flag events to look at; the access review
+(``audit.access_review``) states users, roles and tokens at the period's end. Renderers write
+the same report as JSON (complete), CSV (one row per figure, exception, evidence item and
+access entry) and PDF (landscape tables whose columns fit their longest word).
 
 Figures are computed from the events alone, never from read models, so a report is right for
 whatever the rest of the product records, and the same period always gives the same figures.
