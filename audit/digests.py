@@ -148,7 +148,9 @@ def _stored_hash(position: int) -> str | None:
     return Event.objects.filter(position=position).values_list("hash", flat=True).first()
 
 
-def _check_before_signing(last: Digest | None, end: int, copies: dict[int, Any] | None) -> None:
+def _check_before_signing(
+    last: Digest | None, end: int, newest_copy: tuple[bool, sink.SinkEntry | None]
+) -> None:
     """Raise ``ChainBroken`` unless the chain from the previous digest to ``end`` is intact."""
     from audit.store import iter_events
     from audit.verify import verify_events
@@ -169,8 +171,8 @@ def _check_before_signing(last: Digest | None, end: int, copies: dict[int, Any] 
             problem = ChainProblem(
                 last.end_position, "digest", "the event's hash differs from the signed digest"
             )
-    if problem is None and copies is not None:
-        problem = sink_continuity(last, copies)
+    if problem is None and newest_copy[0]:
+        problem = sink_continuity(last, newest_copy[1])
     if problem is None:
         start = last.end_position + 1 if last else 1
         prev_hash = last.end_hash if last else GENESIS_HASH
@@ -223,8 +225,7 @@ def sign_pending(*, max_events: int | None = None, idle: bool = False) -> Digest
             end_hash = start_prev_hash
         algorithm, key_id, sign = _signer()
         destination = sink.configured()
-        copies = destination.read()
-        _check_before_signing(last, end, copies)
+        _check_before_signing(last, end, sink.newest_of(destination))
         sequence = (last.sequence or 0) + 1 if last else 1
         prev_digest = signing.document_sha256(last.document) if last else signing.GENESIS_DIGEST
         created_at = datetime.now(UTC).isoformat(timespec="microseconds")
@@ -371,31 +372,28 @@ def check_digests(
     return None
 
 
-def sink_continuity(last: Digest | None, copies: dict[int, Any]) -> ChainProblem | None:
+def sink_continuity(last: Digest | None, newest: sink.SinkEntry | None) -> ChainProblem | None:
     """The newest digest in the database is the newest copy in the sink."""
-    if not copies:
+    if newest is None:
         return None  # a new (or newly configured) sink starts with the next digest
-    newest = max(copies)
     have = last.sequence if last is not None and last.sequence is not None else 0
-    if newest > have:
-        cut = copies[newest].doc
+    if newest.sequence > have:
         return ChainProblem(
             (last.end_position + 1) if last else 1,
             "missing",
-            f"the digest sink holds digests up to number {newest}, signing events up to "
-            f"position {cut.get('end_position')}, but the database's newest digest is number "
-            f"{have}: the tail of the log was cut together with its digests",
+            f"the digest sink holds digests up to number {newest.sequence}, signing events up "
+            f"to position {newest.doc.get('end_position')}, but the database's newest digest is "
+            f"number {have}: the tail of the log was cut together with its digests",
         )
-    if newest < have:
+    if newest.sequence < have:
         return ChainProblem(
             last.end_position if last else 0,
             "digest",
             f"digest number {have} is not in the digest sink (its newest copy is number "
-            f"{newest}): a digest was made without its copy outside the database",
+            f"{newest.sequence}): a digest was made without its copy outside the database",
         )
-    assert last is not None  # newest == have > 0
-    copy = copies[newest]
-    if (copy.document, copy.signature) != (last.document, last.signature):
+    assert last is not None  # newest.sequence == have > 0
+    if (newest.document, newest.signature) != (last.document, last.signature):
         return ChainProblem(
             last.start_position,
             "digest",
@@ -414,8 +412,10 @@ def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
             return ChainProblem(0, "digest", f"the digest sink cannot be read: {exc}")
     if copies is None:
         return None  # a sink that cannot be read back (syslog, a webhook)
-    problem = sink_continuity(last_digest(), copies)
-    if problem is not None or not copies:
+    if not copies:
+        return None
+    problem = sink_continuity(last_digest(), copies[max(copies)])
+    if problem is not None:
         return problem
     first_copy = min(copies)
     rows = Digest.objects.filter(sequence__gte=first_copy).values_list(
@@ -452,11 +452,11 @@ def vouched_end() -> int:
     last = last_digest()
     end = last.end_position if last else 0
     try:
-        copies = sink.configured().read()
+        _, newest = sink.newest_of(sink.configured())
     except sink.SinkError:
-        copies = None
-    if copies:
-        end = max(end, int(copies[max(copies)].doc.get("end_position", 0)))
+        newest = None
+    if newest is not None:
+        end = max(end, int(newest.doc.get("end_position", 0)))
     return end
 
 

@@ -5,12 +5,14 @@ that cover them; the copy in the sink still names them, so ``verify_audit_chain`
 (which refuses to sign over a cut) and the offline verifier (``--sink``) find the cut.
 
 The default sink is a directory of write-once files, one per digest, named by its sequence
-number (``000000000042.json``) and created with O_EXCL, read-only: a second digest under a used
+number (``00000000/000000000042.json``, ten thousand to a subdirectory) and created with O_EXCL,
+read-only: a second digest under a used
 sequence number, which is what a signer would make after a cut, is refused. Give the directory
 its own mount, a WORM store or a host the database role cannot reach. Another sink is a class
-named by ``SANDBOX_DIGEST_SINK_CLASS`` with ``write(entry)`` and ``read()``; a sink that cannot
-be read back (syslog, a webhook) returns None from ``read()``, and then only the other copy can
-check continuity.
+named by ``SANDBOX_DIGEST_SINK_CLASS`` with ``write(entry)``, ``read()`` (every copy, for a full
+verification) and optionally ``newest()`` (the newest copy, for the check before each signing);
+a sink that cannot be read back (syslog, a webhook) returns None from ``read()``, and then only
+the other copies (bundles) can check continuity.
 
 Django-free apart from ``configured()``, so the offline verifier can read a copied directory.
 """
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["FileSink", "Sink", "SinkEntry", "SinkError", "configured", "entry_of"]
+__all__ = ["FileSink", "Sink", "SinkEntry", "SinkError", "configured", "entry_of", "newest_of"]
+
+PER_DIRECTORY = 10_000
 
 
 class SinkError(Exception):
@@ -74,13 +78,13 @@ class FileSink:
         self.directory = Path(directory)
 
     def _path(self, sequence: int) -> Path:
-        return self.directory / f"{sequence:012d}.json"
+        return self.directory / f"{sequence // PER_DIRECTORY:08d}" / f"{sequence:012d}.json"
 
     def write(self, entry: SinkEntry) -> None:
         path = self._path(entry.sequence)
         data = entry.as_json().encode()
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
         except FileExistsError:
             if path.read_bytes() == data:
@@ -98,7 +102,7 @@ class FileSink:
                 fh.flush()
                 os.fsync(fh.fileno())
             with contextlib.suppress(OSError):  # not every file system syncs directories
-                dir_fd = os.open(self.directory, os.O_RDONLY)
+                dir_fd = os.open(path.parent, os.O_RDONLY)
                 try:
                     os.fsync(dir_fd)
                 finally:
@@ -106,22 +110,50 @@ class FileSink:
         except OSError as exc:
             raise SinkError(f"cannot write {path}: {exc}") from exc
 
+    def _shards(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.is_dir())
+
     def _files(self) -> Iterator[Path]:
-        if self.directory.is_dir():
-            yield from sorted(self.directory.glob("*.json"))
+        for shard in self._shards():
+            yield from sorted(shard.glob("*.json"))
+
+    def _load(self, path: Path) -> SinkEntry:
+        try:
+            raw = json.loads(path.read_text())
+            entry = SinkEntry(int(raw["sequence"]), str(raw["document"]), str(raw["signature"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SinkError(f"{path} is not a digest copy: {exc}") from exc
+        if path != self._path(entry.sequence):
+            raise SinkError(f"{path} holds digest number {entry.sequence}")
+        return entry
 
     def read(self) -> dict[int, SinkEntry]:
         entries: dict[int, SinkEntry] = {}
         for path in self._files():
-            try:
-                raw = json.loads(path.read_text())
-                entry = SinkEntry(int(raw["sequence"]), str(raw["document"]), str(raw["signature"]))
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise SinkError(f"{path} is not a digest copy: {exc}") from exc
-            if path.name != self._path(entry.sequence).name:
-                raise SinkError(f"{path} holds digest number {entry.sequence}")
+            entry = self._load(path)
             entries[entry.sequence] = entry
         return entries
+
+    def newest(self) -> SinkEntry | None:
+        """The copy with the highest number, reading one directory listing, not every file."""
+        for shard in reversed(self._shards()):
+            files = sorted(shard.glob("*.json"))
+            if files:
+                return self._load(files[-1])
+        return None
+
+
+def newest_of(destination: Sink) -> tuple[bool, SinkEntry | None]:
+    """(readable, newest copy) of any sink: ``newest()`` when it has one, else ``read()``."""
+    newest = getattr(destination, "newest", None)
+    if newest is not None:
+        return True, newest()
+    copies = destination.read()
+    if copies is None:
+        return False, None
+    return True, copies[max(copies)] if copies else None
 
 
 def configured() -> Sink:

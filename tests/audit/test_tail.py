@@ -106,7 +106,7 @@ def test_every_digest_is_copied_to_a_write_once_sink(settings: Any) -> None:
     assert [(c.document, c.signature) for c in copies.values()] == [
         (d.document, d.signature) for d in made
     ]
-    path = Path(settings.SANDBOX_DIGEST_SINK_DIR) / "000000000002.json"
+    path = Path(settings.SANDBOX_DIGEST_SINK_DIR) / "00000000" / "000000000002.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o444
     with pytest.raises(sink.SinkError, match="already holds a different digest"):
         sink.configured().write(sink.SinkEntry(2, made[0].document, made[0].signature))
