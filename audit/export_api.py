@@ -288,8 +288,24 @@ class DigestViewSet(
     @extend_schema(request=None, responses={201: DigestSerializer, 200: DigestSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         from audit.commands import sign_digest
+        from audit.digests import ChainBroken
 
-        digest = sign_digest(request)
+        try:
+            digest = sign_digest(request)
+        except ChainBroken as exc:
+            # Refused and recorded (audit.digest_signing_failed): the chain is already broken.
+            problem = exc.problem
+            return Response(
+                {
+                    "detail": f"refused: the chain is broken: {problem}",
+                    "problem": {
+                        "position": problem.position,
+                        "kind": problem.kind,
+                        "detail": problem.detail,
+                    },
+                },
+                status=status.HTTP_409_CONFLICT,
+            )
         if digest is None:
             return Response(
                 {"detail": "nothing to sign: no events since the last digest"},
