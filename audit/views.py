@@ -163,8 +163,13 @@ def digests(request: HttpRequest) -> HttpResponse:
 @_needs(VERIFY)
 def sign_digest(request: HttpRequest) -> HttpResponse:
     from audit.commands import sign_digest as sign
+    from audit.digests import ChainBroken
 
-    digest = sign(request)
+    try:
+        digest = sign(request)
+    except ChainBroken as exc:
+        messages.error(request, f"Signing refused: the chain is broken: {exc.problem}.")
+        return redirect("audit:digests")
     if digest is None:
         messages.info(request, "Nothing to sign: no events since the last digest.")
     else:

@@ -270,3 +270,26 @@ def test_offline_a_key_known_only_from_configuration_does_not_fail_a_bundle(
     path = _bundle(tmp_path / "bundle.zip")
     assert _problems(path) == []
     assert "old-1" in {k.key_id for k in keys.public_key_infos()}
+
+
+def test_signing_on_demand_over_a_broken_chain_is_a_conflict_naming_the_break(
+    mix: Any, token_client: Any, tamper: Any
+) -> None:
+    from audit.models import Event
+    from tests.audit.forgery import sql
+
+    client = token_client(mix.auditor)
+    assert client.post("/api/v1/audit/digests/").status_code == 201
+    append_user_events("9", 2)
+    newest = Event.objects.order_by("-position").first().position
+    with tamper():
+        sql("UPDATE audit_event SET actor_name = 'mallory' WHERE position = %s", [newest])
+    response = client.post("/api/v1/audit/digests/")
+    assert response.status_code == 409
+    assert response.json()["problem"] == {
+        "position": newest,
+        "kind": "altered",
+        "detail": "the stored content does not match its hash",
+    }
+    failed = Event.objects.filter(type="audit.digest_signing_failed").get()
+    assert failed.actor_name == mix.auditor.username and failed.payload["position"] == newest
