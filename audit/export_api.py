@@ -380,13 +380,20 @@ class LegalHoldRequestSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=500)
 
 
+class LegalHoldReleaseSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+
+
 class LegalHoldView(APIView):
     """Place a legal hold on the log (it is an event: ``audit.legal_hold_placed``)."""
 
     permission_classes = _perms("audit.export_audit")
     token_scopes = {"post": EXPORT}
 
-    @extend_schema(request=LegalHoldRequestSerializer, responses={201: serializers.JSONField()})
+    @extend_schema(
+        request=LegalHoldRequestSerializer,
+        responses={201: inline_serializer("LegalHoldPlaced", {"hold_id": serializers.CharField()})},
+    )
     def post(self, request: Request) -> Response:
         s = LegalHoldRequestSerializer(data=request.data)
         s.is_valid(raise_exception=True)
@@ -403,10 +410,19 @@ class LegalHoldReleaseView(APIView):
     permission_classes = _perms("audit.export_audit")
     token_scopes = {"post": EXPORT}
 
-    @extend_schema(request=LegalHoldRequestSerializer, responses={200: serializers.JSONField()})
+    @extend_schema(
+        request=LegalHoldReleaseSerializer,
+        responses={
+            200: inline_serializer(
+                "LegalHoldReleased",
+                {"hold_id": serializers.CharField(), "released": serializers.BooleanField()},
+            )
+        },
+    )
     def post(self, request: Request, hold_id: str) -> Response:
-        reason = str(request.data.get("reason", "")) if hasattr(request.data, "get") else ""
-        if not commands.release_legal_hold(request, hold_id, reason):
+        s = LegalHoldReleaseSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        if not commands.release_legal_hold(request, hold_id, s.validated_data["reason"]):
             return Response(
                 {"detail": f"no active legal hold {hold_id!r}"}, status=status.HTTP_404_NOT_FOUND
             )
