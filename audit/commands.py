@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
@@ -21,24 +22,31 @@ def _actor(who: Any) -> Actor:
     return Actor.from_request(who)
 
 
-def verify_chain(who: Any) -> ChainReport:
+def verify_chain(who: Any, *, since_bundle: str | None = None) -> ChainReport:
     """Verify the chain and digests, and record the outcome (auditors rely on the history).
 
-    When the tail was cut, the outcome is recorded after the last position a digest (in the
-    database or the sink) signed: giving a cut position to a new event would cover the cut.
+    ``since_bundle``: the path of an earlier evidence bundle whose digests the log must still
+    hold (``audit.digests.check_against_bundle``). When the tail was cut, the outcome is recorded
+    after the last position a digest (in the database or the sink) signed: giving a cut position
+    to a new event would cover the cut.
     """
     report = verify_store()
+    if report.ok and since_bundle is not None:
+        report.problem = digests.check_against_bundle(since_bundle)
+    data: dict[str, Any] = {
+        "ok": report.ok,
+        "checked": report.checked,
+        "last_position": report.last_position,
+        "digests_checked": report.digests_checked,
+        "problem": str(report.problem) if report.problem else None,
+    }
+    if since_bundle is not None:
+        data["since_bundle"] = os.path.basename(since_bundle)[:200]
     store.append(
         "audit",
         "chain",
         "audit.chain_verified",
-        {
-            "ok": report.ok,
-            "checked": report.checked,
-            "last_position": report.last_position,
-            "digests_checked": report.digests_checked,
-            "problem": str(report.problem) if report.problem else None,
-        },
+        data,
         actor=_actor(who),
         not_before=digests.vouched_end() + 1,
     )

@@ -42,6 +42,7 @@ from audit.verify import ChainProblem
 __all__ = [
     "ChainBroken",
     "DigestDocument",
+    "check_against_bundle",
     "check_all",
     "check_digests",
     "check_sink",
@@ -506,3 +507,69 @@ def check_all(last_position: int) -> ChainProblem | None:
     if problem is None:
         problem = check_sink()
     return problem
+
+
+def check_against_bundle(path: str) -> ChainProblem | None:
+    """The log still holds every digest of an earlier evidence bundle, unchanged.
+
+    The bundle's digests are checked with this host's trusted keys; a digest the database lacks
+    (the log was cut back) or holds differently (cut back and signed again) is a problem.
+    """
+    import zipfile
+
+    from audit.keys import KeyTrustError, trusted_public_keys
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            entries = json.loads(zf.read("digests.json"))
+        copies = []
+        for entry in entries:
+            sequence = json.loads(entry["document"]).get("sequence")
+            if sequence is not None:  # digests older than the chain are checked by their hash
+                copies.append(sink.SinkEntry(int(sequence), entry["document"], entry["signature"]))
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
+        return ChainProblem(0, "digest", f"the earlier bundle {path} cannot be read: {exc}")
+    try:
+        public_keys = trusted_public_keys()
+    except KeyTrustError as exc:
+        return ChainProblem(0, "key", f"untrusted digest key history: {exc}")
+    for copy in copies:
+        doc = copy.doc
+        if not verify_signature(
+            doc.get("algorithm", ""),
+            doc.get("key_id", ""),
+            copy.document,
+            copy.signature,
+            public_keys if doc.get("algorithm") == signing.ED25519 else None,
+        ):
+            return ChainProblem(
+                int(doc.get("end_position", 0)),
+                "digest",
+                f"digest number {copy.sequence} of the earlier bundle is not validly signed by a "
+                "key this host trusts",
+            )
+    if not copies:
+        return None
+    held = dict(
+        Digest.objects.filter(sequence__in=[c.sequence for c in copies]).values_list(
+            "sequence", "document"
+        )
+    )
+    for copy in sorted(copies, key=lambda c: c.sequence):
+        doc = copy.doc
+        if copy.sequence not in held:
+            return ChainProblem(
+                int(doc.get("start_position", 0)),
+                "missing",
+                f"digest number {copy.sequence} of the earlier bundle (positions "
+                f"{doc.get('start_position')}..{doc.get('end_position')}) is gone from the log: "
+                "the log was cut back",
+            )
+        if held[copy.sequence] != copy.document:
+            return ChainProblem(
+                int(doc.get("start_position", 0)),
+                "digest",
+                f"digest number {copy.sequence} differs from the one in the earlier bundle: the "
+                "log was cut back and signed again",
+            )
+    return None

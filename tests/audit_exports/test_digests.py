@@ -293,3 +293,34 @@ def test_signing_on_demand_over_a_broken_chain_is_a_conflict_naming_the_break(
     }
     failed = Event.objects.filter(type="audit.digest_signing_failed").get()
     assert failed.actor_name == mix.auditor.username and failed.payload["position"] == newest
+
+
+def _verify_command(*args: str) -> tuple[int, str]:
+    import io
+
+    from django.core.management import call_command
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        call_command("verify_audit_chain", *args, stdout=out, stderr=err)
+    except SystemExit as exc:
+        return int(exc.code), err.getvalue()
+    return 0, out.getvalue()
+
+
+def test_verify_audit_chain_finds_a_cut_tail_from_an_earlier_bundle(
+    settings: Any, tmp_path: Any, tamper: Any
+) -> None:
+    """The sink lost too (a fresh directory): the earlier bundle still knows digest 3."""
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    _cut_log(tamper)
+    settings.SANDBOX_DIGEST_SINK_DIR = tmp_path / "fresh-sink"
+    assert _verify_command()[0] == 0
+    code, text = _verify_command("--since-bundle", str(earlier))
+    assert code == 1
+    assert "position 7: missing: digest number 3 of the earlier bundle" in text
+    append_user_events("4", 2)
+    digests.sign_pending()  # signed again over the cut, into the fresh sink
+    code, text = _verify_command("--since-bundle", str(earlier))
+    assert code == 1 and "digest number 3 differs from the one in the earlier bundle" in text

@@ -1,4 +1,4 @@
-"""Verify the event chain and signed digests.
+"""Verify the event chain, the signed digests, the key history and the digest sink.
 
 Exits 0 when intact; otherwise 1, naming the first bad position and what is wrong with it.
 """
@@ -20,9 +20,17 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument("--json", action="store_true", help="print the report as JSON")
+        parser.add_argument(
+            "--since-bundle",
+            metavar="EARLIER.zip",
+            help="an evidence bundle exported earlier: the log must still hold its digests",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        report = verify_chain(Actor.system(channel="shell", name="verify_audit_chain"))
+        report = verify_chain(
+            Actor.system(channel="shell", name="verify_audit_chain"),
+            since_bundle=options["since_bundle"],
+        )
         if options["json"]:
             self.stdout.write(
                 json.dumps(
