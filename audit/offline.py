@@ -9,9 +9,9 @@ lines in bulk). It checks, reporting every problem and naming the
 line of ``events.jsonl`` where the chain first breaks:
 
 1. the manifest's Ed25519 signature and the SHA-256 of every file it lists;
-2. each digest's signature with the bundled public keys (or, for HMAC digests, a secret given
-   with ``--hmac-key``), that the digests follow each other without gaps and cover exactly the
-   exported range;
+2. each digest's signature with the bundled public keys that may be trusted (below; or, for
+   HMAC digests, a secret given with ``--hmac-key``), that the digests follow each other without
+   gaps, each linking to the one before, and cover exactly the exported range;
 3. every event line: exactly the stored fields, its hash recomputed from its content and the
    previous line's hash, its position the next one, and its hash equal to the signed end hash
    wherever a digest ends.
