@@ -191,3 +191,29 @@ def test_the_verification_event_does_not_take_a_cut_position(tamper: Any) -> Non
     recorded = Event.objects.filter(type="audit.chain_verified").get()
     assert recorded.position == 11 and recorded.prev_hash == Event.objects.get(position=8).hash
     assert not Event.objects.filter(position__in=[9, 10]).exists()
+
+
+def test_require_intact_names_the_break_of_a_range(tamper: Any) -> None:
+    """What exports call before vouching for a range (audit.integrity)."""
+    from audit.integrity import ChainBroken, check_range, require_intact
+
+    _three_digests()  # positions 1..9
+    require_intact(1, 9)
+    require_intact(4, 6)
+    with tamper():
+        sql("UPDATE audit_event SET actor_name = 'mallory' WHERE position = 5")
+    with pytest.raises(ChainBroken) as broken:
+        require_intact(4, 6)
+    assert (broken.value.problem.position, broken.value.problem.kind) == (5, "altered")
+    assert check_range(7, 9) is None  # a range that does not hold the altered event
+
+
+def test_require_intact_finds_a_cut_tail_from_the_sink(tamper: Any) -> None:
+    from audit.integrity import check_range
+
+    _three_digests()
+    with tamper():
+        sql("DELETE FROM audit_event WHERE position >= 7")
+        sql("DELETE FROM audit_digest WHERE end_position >= 7")
+    problem = check_range(1, 6)
+    assert problem is not None and problem.kind == "missing" and problem.position == 7
