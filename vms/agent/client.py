@@ -594,10 +594,16 @@ class AgentClient:
                 raise AgentProtocolError(f"unexpected put reply: {ready}")
             chunk_size = min(int(ready.get("chunk_size", DEFAULT_CHUNK)), DEFAULT_CHUNK)
             digest = hashlib.sha256()
-            for chunk in _iter_source(source, chunk_size):
-                digest.update(chunk)
-                self._send({"op": "data", "id": call.id}, chunk)
-                self._raise_if_failed(call)
+            try:
+                for chunk in _iter_source(source, chunk_size):
+                    digest.update(chunk)
+                    self._send({"op": "data", "id": call.id}, chunk)
+                    self._raise_if_failed(call)
+            except AgentError as exc:
+                if not isinstance(exc, AgentDisconnected):
+                    self._close_call(call)
+                    self._drain(deadline)
+                raise
             ours = digest.hexdigest()
             claimed = expected_sha256 or ours
             self._send({"op": "data", "id": call.id, "eof": True, "sha256": claimed})
@@ -607,6 +613,15 @@ class AgentClient:
             return Transfer(remote_path, int(result["size"]), ours)
         finally:
             self._close_call(call)
+
+    def _drain(self, deadline: float) -> None:
+        """Wait until the agent has consumed what was sent before now (a ping's answer comes
+        after it): chunks of an upload the agent gave up on are still on their way, and over
+        virtio-serial, left in flight when the host disconnects, they stall the next session."""
+        try:
+            self.ping(timeout=max(1.0, min(deadline - time.monotonic(), 60.0)))
+        except AgentError as exc:
+            log.warning("%s: the stream did not settle after a failed upload: %s", self.name, exc)
 
     def _raise_if_failed(self, call: _Call) -> None:
         """Stop streaming an upload as soon as the agent has given up on it."""
