@@ -115,6 +115,14 @@ def test_bootstrap_admin_is_a_superuser_admin(settings, tmp_path) -> None:
     assert Event.objects.get(type="user.created").payload["superuser"] is True
 
 
+def test_bootstrap_admin_refuses_a_weak_password_cleanly(settings, tmp_path, monkeypatch) -> None:
+    settings.DATA_DIR = tmp_path
+    monkeypatch.setenv("SANDBOX_ADMIN_PASSWORD", "password")
+    with pytest.raises(CommandError, match="too common"):
+        call_command("bootstrap_admin", "--username", "first", stdout=io.StringIO())
+    assert not User.objects.exists() and not Event.objects.exists()
+
+
 def test_createsuperuser_is_refused_in_favour_of_the_admin_role(db) -> None:
     with pytest.raises(CommandError, match="create_sandbox_user"):
         call_command(

@@ -7,7 +7,8 @@ import secrets
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
 
 from accounts import commands
 from accounts.models import User
@@ -27,12 +28,15 @@ class Command(BaseCommand):
                 self.stdout.write(f"Log in as {options['username']} with the password in {path}")
             return
         password = os.environ.get("SANDBOX_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
-        commands.create_user(
-            Actor.system(channel="shell", name="bootstrap_admin"),
-            username=options["username"],
-            password=password,
-            role="admin",
-        )
+        try:
+            commands.create_user(
+                Actor.system(channel="shell", name="bootstrap_admin"),
+                username=options["username"],
+                password=password,
+                role="admin",
+            )
+        except ValidationError as exc:  # e.g. a SANDBOX_ADMIN_PASSWORD the validators refuse
+            raise CommandError("; ".join(exc.messages)) from exc
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.write_text(password + "\n")
         path.chmod(0o600)
