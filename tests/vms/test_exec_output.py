@@ -52,3 +52,37 @@ def test_a_20_mb_exec_answers_within_the_cap(caller_for, issue_token, vm_dirs, s
     finally:
         destroy = commands.destroy(owner, commands.VirtualMachine.objects.get(pk=accepted.vm_id))
         worker.handle(destroy.request.event_id)
+
+
+def test_a_failed_upload_leaves_the_next_exec_answering_at_once(
+    caller_for, issue_token, vm_dirs
+) -> None:
+    import os
+    import time
+
+    owner = caller_for("operator")
+    accepted = commands.create(owner, name="full", template="linux-small")
+    assert worker.handle(accepted.request.event_id) == "vm.started"
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {issue_token(owner.user)}")
+    url = f"/api/v1/vms/{accepted.vm_id}"
+    try:
+        small = "mkdir -p /tmp/small && mount -t tmpfs -o size=1m tmpfs /tmp/small"
+        mounted = client.post(f"{url}/exec/", {"argv": ["sh", "-c", small]}, format="json")
+        assert mounted.json()["exit_code"] == 0, mounted.json()
+        upload = client.put(
+            f"{url}/files/?path=/tmp/small/big",
+            os.urandom(24 << 20),
+            content_type="application/octet-stream",
+        )
+        assert upload.status_code == 502, upload.content
+        assert "no_space" in upload.content.decode()
+        for attempt in range(2):
+            started = time.monotonic()
+            run = client.post(f"{url}/exec/", {"argv": ["echo", str(attempt)]}, format="json")
+            assert run.status_code == 200, run.content
+            assert run.json()["stdout"] == f"{attempt}\n"
+            assert time.monotonic() - started < 8
+    finally:
+        destroy = commands.destroy(owner, commands.VirtualMachine.objects.get(pk=accepted.vm_id))
+        worker.handle(destroy.request.event_id)
