@@ -214,3 +214,20 @@ def test_the_schema_declares_user_email_nullable(make_user) -> None:
     schema = admin_client(make_user).get("/api/v1/schema/", HTTP_ACCEPT="application/json").json()
     email = schema["components"]["schemas"]["User"]["properties"]["email"]
     assert email.get("format") == "email" and email.get("nullable") is True
+
+
+def test_the_django_admin_cannot_edit_roles(make_user) -> None:
+    from django.contrib.auth.models import Group
+    from django.test import Client
+
+    client = Client()
+    client.force_login(make_user("admin", "boss"))
+    assert client.get("/admin/").status_code == 200  # admins are staff: the read-only admin
+    viewer = Group.objects.get(name="viewer")
+    perms_before = set(viewer.permissions.values_list("pk", flat=True))
+    assert client.get("/admin/auth/group/add/").status_code == 403
+    response = client.post(
+        f"/admin/auth/group/{viewer.pk}/change/", {"name": "viewer", "permissions": []}
+    )
+    assert response.status_code == 403
+    assert set(viewer.permissions.values_list("pk", flat=True)) == perms_before
