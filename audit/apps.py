@@ -3,7 +3,7 @@
 from typing import Any
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
+from django.db.models.signals import post_migrate, pre_migrate
 
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
@@ -24,7 +24,12 @@ class AuditConfig(AppConfig):
     verbose_name = "Audit log"
 
     def ready(self) -> None:
+        from audit import roles
         from sandbox_site import postgres
 
+        # The log's schema only moves forward; the runtime role is granted after each migrate
+        # (first: the receivers after it may write as that role).
+        pre_migrate.connect(roles.refuse_reversing_the_log, sender=self)
+        post_migrate.connect(roles.grant_after_migrate, sender=self)
         post_migrate.connect(ensure_schedules, sender=self)
         postgres.install()

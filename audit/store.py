@@ -1,11 +1,11 @@
 """Appending to and reading from the event store.
 
-Appends are serialized: on PostgreSQL an EXCLUSIVE lock on the event table (readers go on; a
-lock timeout turns into ``EventStoreUnavailable``), on SQLite the write lock that an IMMEDIATE
-transaction takes at BEGIN. Under that lock the next position is the last one plus one, so
-positions are gap-free and commit order equals position order: a reader that tails by position
-never skips a late commit. The per-aggregate version is checked under the same lock (a stale
-writer gets ``ConcurrencyError``) and backed by a unique constraint.
+Appends are serialized: on PostgreSQL a transaction-level advisory lock that every append takes
+(readers go on; a lock timeout turns into ``EventStoreUnavailable``), on SQLite the write lock
+that an IMMEDIATE transaction takes at BEGIN. Under that lock the next position is the last one
+plus one, so positions are gap-free and commit order equals position order: a reader that tails
+by position never skips a late commit. The per-aggregate version is checked under the same lock
+(a stale writer gets ``ConcurrencyError``) and backed by a unique constraint.
 
 Inline projections run in the same transaction, so a read after a write sees it.
 """
@@ -49,7 +49,11 @@ ANY_VERSION = -1  # append without an optimistic concurrency check (security eve
 TABLE = Event._meta.db_table
 COLUMNS = EVENT_COLUMNS
 _SELECT = ", ".join(COLUMNS)
-_LOCK_SQL = f"LOCK TABLE {TABLE} IN EXCLUSIVE MODE"
+# The append lock: a transaction-level advisory lock with the store's own key. (LOCK TABLE ... IN
+# EXCLUSIVE MODE needs UPDATE, DELETE or TRUNCATE on the table, which the product's database
+# role must not have: audit.roles.) lock_timeout applies to it like to any lock.
+APPEND_LOCK_KEY = 0x61756469745F6C67  # "audit_lg" in ASCII
+LOCK_SQL = f"SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,7 @@ def _lock() -> None:
                 # The session's lock_timeout (set at connect) is not the configured one.
                 cur.execute(f"SET LOCAL lock_timeout = '{timeout}ms'")
             with connection.wrap_database_errors:  # psycopg's errors as Django's
-                cur.cursor.execute(_LOCK_SQL, prepare=True)
+                cur.cursor.execute(LOCK_SQL, prepare=True)
     # SQLite: the IMMEDIATE transaction already holds the database's write lock.
 
 

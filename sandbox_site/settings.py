@@ -179,6 +179,24 @@ else:
         }
     }
 DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+# Two roles on PostgreSQL (docs/operations.md, "Database roles"): the product runs as
+# DATABASE_URL's role, which may only read and add to the audit tables; `migrate` logs in as the
+# schema owner of DATABASE_OWNER_URL (same database) and then grants SANDBOX_DB_RUNTIME_ROLE
+# (default: DATABASE_URL's user) its privileges again (audit.roles).
+DATABASE_OWNER_URL = os.environ.get("DATABASE_OWNER_URL", "")
+SANDBOX_DB_OWNER: dict[str, str] = {}
+if DATABASE_OWNER_URL:
+    _owner = dj_database_url.parse(DATABASE_OWNER_URL)
+    _where = ("ENGINE", "NAME", "HOST", "PORT")
+    _same = [_owner.get(k) for k in _where] == [DATABASES["default"].get(k) for k in _where]
+    if _owner["ENGINE"] != "django.db.backends.postgresql" or not _same:
+        raise ImproperlyConfigured(
+            "DATABASE_OWNER_URL must name the PostgreSQL database of DATABASE_URL, as its owner"
+        )
+    SANDBOX_DB_OWNER = {k: str(_owner.get(k) or "") for k in ("NAME", "USER", "PASSWORD")}
+SANDBOX_DB_RUNTIME_ROLE = os.environ.get("SANDBOX_DB_RUNTIME_ROLE") or (
+    DATABASES["default"].get("USER", "") if DATABASE_OWNER_URL else ""
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # How long an append waits for the event store lock before the action is refused (503).

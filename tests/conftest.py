@@ -28,20 +28,87 @@ def _enable_triggers_sql(vendor: str) -> list[str]:
     return audit_db.create_statements(vendor)
 
 
+def _act_as_owner(cur: Any, vendor: str) -> str | None:
+    """When the suite runs as the runtime role (see ``django_db_setup`` below), act as the
+    session's own login, the schema owner, in this session; returns the role to go back to."""
+    if vendor != "postgresql":
+        return None
+    cur.execute("SELECT current_user, session_user")
+    current, session = cur.fetchone()
+    if current == session:
+        return None
+    cur.execute("SET ROLE " + _quote_role(session))
+    return current
+
+
+def _quote_role(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 @contextlib.contextmanager
-def append_only_guard_lifted(conn: Any = None) -> Iterator[None]:
-    """Test-only: lift the append-only triggers, as a superuser attacker could."""
+def acting_as_owner(conn: Any = None) -> Iterator[None]:
+    """Test-only: act as the schema owner in this session (a no-op unless the suite runs as the
+    runtime role). Enter it outside any ``atomic`` block that may fail inside it."""
     if conn is None:
         from django.db import connection as conn
     with conn.cursor() as cur:
-        for sql in _disable_triggers_sql(conn.vendor):
-            cur.execute(sql)
+        back_to = _act_as_owner(cur, conn.vendor)
     try:
         yield
     finally:
+        if back_to is not None:
+            with conn.cursor() as cur:
+                cur.execute("SET ROLE " + _quote_role(back_to))
+
+
+@contextlib.contextmanager
+def append_only_guard_lifted(conn: Any = None) -> Iterator[None]:
+    """Test-only: act as the schema owner and lift the append-only triggers, as an attacker
+    holding the owner's or a superuser's credentials could (the product's role cannot)."""
+    if conn is None:
+        from django.db import connection as conn
+    with acting_as_owner(conn):
         with conn.cursor() as cur:
-            for sql in _enable_triggers_sql(conn.vendor):
+            for sql in _disable_triggers_sql(conn.vendor):
                 cur.execute(sql)
+        try:
+            yield
+        finally:
+            with conn.cursor() as cur:
+                for sql in _enable_triggers_sql(conn.vendor):
+                    cur.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """Run the suite as the product's runtime role when one is configured.
+
+    DATABASE_URL's user (the schema owner) makes and migrates the test database, and the
+    migration grants SANDBOX_DB_RUNTIME_ROLE its privileges (``audit.roles``); from then on every
+    connection acts as that role (``SET ROLE`` at connect), as the product would, and test-only
+    code that must act as the owner (flushes, tampering) switches in its own session. CI runs
+    so (.ci/run; ``setup_database_roles --owner-can-act-as-runtime``).
+    """
+    from django.conf import settings
+    from django.db import connections
+
+    role = settings.SANDBOX_DB_RUNTIME_ROLE
+    conn = connections["default"]
+    if not role or conn.vendor != "postgresql" or role == conn.settings_dict.get("USER"):
+        yield
+        return
+    options = conn.settings_dict.setdefault("OPTIONS", {})
+    before = options.get("options", "")
+
+    def reconnect(with_options: str) -> None:
+        options["options"] = with_options
+        with django_db_blocker.unblock():
+            conn.close()
+            conn.close_pool()
+
+    reconnect(f"{before} -c role={role}".strip())
+    yield
+    reconnect(before)
 
 
 @pytest.fixture(scope="session", autouse=True)

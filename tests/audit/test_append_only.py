@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from django.db import DatabaseError, connection, transaction
 
 from tests.audit.helpers import append_user_events
+from tests.conftest import acting_as_owner
 
 pytestmark = pytest.mark.django_db
 
@@ -16,7 +19,9 @@ def some_events() -> None:
 
 
 def _raw(sql: str) -> None:
-    with transaction.atomic(), connection.cursor() as cur:
+    """As the schema owner: the triggers refuse even the owner (the product's own role is
+    refused sooner, by its privileges: test_db_roles.py)."""
+    with acting_as_owner(), transaction.atomic(), connection.cursor() as cur:
         cur.execute(sql)
 
 
@@ -63,7 +68,8 @@ def test_digests_are_append_only_too(some_events: None) -> None:
 def test_orm_update_and_delete_are_refused(some_events: None) -> None:
     from audit.models import Event
 
-    with pytest.raises(DatabaseError), transaction.atomic():
-        Event.objects.filter(position=1).update(actor_name="someone else")
-    with pytest.raises(DatabaseError), transaction.atomic():
-        Event.objects.filter(position=1).delete()
+    for role in (contextlib.nullcontext, acting_as_owner):  # the product's role, the owner
+        with role(), pytest.raises(DatabaseError), transaction.atomic():
+            Event.objects.filter(position=1).update(actor_name="someone else")
+        with role(), pytest.raises(DatabaseError), transaction.atomic():
+            Event.objects.filter(position=1).delete()

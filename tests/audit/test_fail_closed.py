@@ -10,6 +10,7 @@ from rest_framework.test import APIClient
 
 from accounts.models import APIToken
 from audit.models import Event
+from audit.store import LOCK_SQL
 
 
 @pytest.mark.django_db(transaction=True)
@@ -25,7 +26,7 @@ def test_action_refused_with_503_when_the_log_is_locked(postgres_only, make_user
     )
     try:
         other.execute("BEGIN")
-        other.execute("LOCK TABLE audit_event IN EXCLUSIVE MODE")
+        other.execute(LOCK_SQL)  # the append lock, held by another session
         response = client.post("/api/v1/tokens/", {"name": "ci"}, format="json")
     finally:
         other.rollback()
