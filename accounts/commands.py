@@ -413,18 +413,23 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
     known = User.objects.filter(username=username).exists() if username else False
     tally = throttle.note_failure(source, unknown_user=not known)
     if tally.refused_until is not None:
-        store.append(
-            "login_source",
-            source or "(none)",
-            "auth.login_throttled",
-            {
-                "until": tally.refused_until.isoformat(),
-                "failures": tally.failures,
-                "unknown_user_failures": tally.unknown_user_failures,
-                "window_s": tally.window_s,
-            },
-            actor=actor if known else replace(actor, username=""),
-        )
+        try:
+            store.append(
+                "login_source",
+                source or "(none)",
+                "auth.login_throttled",
+                {
+                    "until": tally.refused_until.isoformat(),
+                    "failures": tally.failures,
+                    "unknown_user_failures": tally.unknown_user_failures,
+                    "window_s": tally.window_s,
+                },
+                actor=actor if known else replace(actor, username=""),
+            )
+        except Exception:
+            # No refusal that the log does not state: lift it (the next failure trips it again).
+            throttle.lift(source)
+            raise
     if not known:
         if tally.unknown_user_failures <= 1:
             # Not the name typed: an unknown "username" is often a password typed in the wrong box.

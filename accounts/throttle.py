@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.core.cache import cache
 
-__all__ = ["Tally", "note_failure", "refused_until"]
+__all__ = ["Tally", "lift", "note_failure", "refused_until"]
 
 # Changed by tests so that each test counts from zero (the cache outlives a test).
 NAMESPACE = "login-throttle"
@@ -76,3 +76,9 @@ def note_failure(source: str | None, *, unknown_user: bool) -> Tally:
         if cache.add(_key("refused", source), until, timeout=window_s):
             tripped = datetime.fromtimestamp(until, tz=UTC)
     return Tally(failures, int(unknown), window_s, tripped)
+
+
+def lift(source: str | None) -> None:
+    """End ``source``'s refusal now (its event could not be recorded)."""
+    if source:
+        cache.delete(_key("refused", source))

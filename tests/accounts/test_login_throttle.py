@@ -180,3 +180,27 @@ def test_with_redis_every_web_process_sees_the_same_counters(settings) -> None:
     )
     assert result.stdout.strip().endswith("True"), result.stderr
     assert throttle.refused_until("192.0.2.99") is not None
+
+
+@override_settings(SANDBOX_LOGIN_SOURCE_FAILURES=3)
+def test_no_refusal_without_its_event(monkeypatch) -> None:
+    from audit.actor import Actor
+
+    guesser = Actor(kind="anonymous", channel="dashboard", source_ip=ATTACKER)
+    append = commands.store.append
+
+    def failing(aggregate_type, aggregate_id, type, *args, **kwargs):
+        if type == "auth.login_throttled":
+            raise RuntimeError("event store unavailable")
+        return append(aggregate_type, aggregate_id, type, *args, **kwargs)
+
+    monkeypatch.setattr(commands.store, "append", failing)
+    commands.record_login_failure(guesser, "nobody1", "bad_credentials")
+    commands.record_login_failure(guesser, "nobody2", "bad_credentials")
+    with pytest.raises(RuntimeError):
+        commands.record_login_failure(guesser, "nobody3", "bad_credentials")
+    assert throttle.refused_until(ATTACKER) is None
+    monkeypatch.setattr(commands.store, "append", append)
+    commands.record_login_failure(guesser, "nobody4", "bad_credentials")
+    assert throttle.refused_until(ATTACKER) is not None
+    assert Event.objects.get(type="auth.login_throttled").payload["failures"] == 4
