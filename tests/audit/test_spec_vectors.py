@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from audit import offline
+from audit import offline, signing
 from audit.hashing import (
     EVENT_COLUMNS,
     GENESIS_HASH,
@@ -86,3 +86,56 @@ def test_both_verification_loops_accept_the_vectors_and_refuse_a_change() -> Non
     rows[1] = (*rows[1][:4], *render_fields(changed[1]))
     report = verify_rows(rows)
     assert (report.checked, report.problem and report.problem.kind) == (1, "altered")
+
+
+def signature_vectors() -> dict:
+    return json.loads(vector_block("signatures"))
+
+
+def test_the_documented_key_statement_is_what_the_code_writes_and_signs() -> None:
+    v = signature_vectors()
+    key = signing.private_from_text(v["ed25519_seed"])
+    assert signing.public_b64(key.public_key()) == v["public_key"]
+    assert signing.fingerprint(v["public_key"]) == v["fingerprint"]
+    entry = v["key_entry"]
+    statement = signing.key_statement(
+        key_id=entry["key_id"],
+        public_key=entry["public_key"],
+        created_at=json.loads(entry["statement"])["created_at"],
+        signed_by=entry["signed_by"],
+        previous_key_id="",
+        previous_statement=None,
+    )
+    assert statement == entry["statement"]
+    assert signing.sign(key, statement) == entry["signature"]  # Ed25519 is deterministic
+    history = signing.check_key_history([entry], trust_first=True)
+    assert (history.problems, history.trusted) == ([], {entry["key_id"]: v["public_key"]})
+
+
+def test_the_documented_digests_are_what_the_code_writes_and_signs() -> None:
+    from audit.digests import DigestDocument, verify_signature
+
+    v = signature_vectors()
+    key = signing.private_from_text(v["ed25519_seed"])
+    first, idle = v["digests"]
+    for digest in (first, idle):
+        assert DigestDocument(**json.loads(digest["document"])).canonical() == digest["document"]
+    assert signing.sign(key, first["document"]) == first["signature"]
+    assert verify_signature(
+        "ed25519",
+        "ed25519-test",
+        first["document"],
+        first["signature"],
+        {"ed25519-test": v["public_key"]},
+    )
+    assert verify_signature(
+        "hmac-sha256",
+        "hmac-test",
+        idle["document"],
+        idle["signature"],
+        {"hmac-test": idle["hmac_secret"]},
+    )
+    first_doc, idle_doc = json.loads(first["document"]), json.loads(idle["document"])
+    assert idle_doc["prev_digest_sha256"] == signing.document_sha256(first["document"])
+    assert first_doc["end_hash"] == vector_events()[-1]["hash"]  # it signs the events above
+    assert (first_doc["start_position"], first_doc["end_position"]) == (1, len(vector_events()))
