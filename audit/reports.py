@@ -487,12 +487,8 @@ def _pdf_text(text: Any) -> str:
     return " ".join(w if len(w) <= PDF_MAX_WORD else w[: PDF_MAX_WORD - 3] + "..." for w in words)
 
 
-def _column_widths(pdf: Any, rows: list[list[str]], width: float, pad: float) -> list[float]:
-    """Widths that hold each column's longest word on one line, the rest shared out by need.
-
-    fpdf2 wraps a cell at spaces, but a word wider than its column is cut between letters
-    (``bootstrap_admi`` / ``n``); sizing every column to its longest word prevents that.
-    """
+def _column_needs(pdf: Any, rows: list[list[str]], pad: float) -> tuple[list[float], list[float]]:
+    """Per column: the width of its longest word, and of its longest cell, padding included."""
     slack = 2 * pad + 2 * pdf.c_margin + 0.6
     n = len(rows[0])
     need = [0.0] * n
@@ -502,6 +498,18 @@ def _column_widths(pdf: Any, rows: list[list[str]], width: float, pad: float) ->
             words = cell.split() or [""]
             need[i] = max(need[i], max(pdf.get_string_width(w) for w in words) + slack)
             natural[i] = max(natural[i], pdf.get_string_width(cell) + slack)
+    return need, natural
+
+
+def _column_widths(pdf: Any, rows: list[list[str]], width: float, pad: float) -> list[float]:
+    """Widths that hold each column's longest word on one line, the rest shared out by need.
+
+    fpdf2 wraps a cell at spaces, but a word wider than its column is cut between letters
+    (``bootstrap_admi`` / ``n``); sizing every column to its longest word prevents that.
+    ``ValueError`` when the longest words alone are wider than ``width``.
+    """
+    need, natural = _column_needs(pdf, rows, pad)
+    n = len(need)
     if sum(need) > width:
         raise ValueError("columns do not fit")
     extra = width - sum(need)
@@ -559,15 +567,19 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
 
     def table(headings: list[str], rows: list[list[Any]], *, size: float = 7) -> None:
         cells = [headings] + [[_pdf_text(c) for c in r] for r in rows]
+        width = pdf.epw - 0.01
         while True:
             pdf.set_font("Helvetica", size=size)
             try:
-                widths = _column_widths(pdf, cells, pdf.epw - 0.01, pad)
+                widths = _column_widths(pdf, cells, width, pad)
             except ValueError:
-                size -= 0.5  # only reachable with many wide columns; never below legible
-                if size < 5:
-                    raise
-                continue
+                if size > 5:
+                    size -= 0.5  # many wide columns: a smaller font, never below legible
+                    continue
+                # Only user-controlled words (48 wide letters in every column) get here: share
+                # the page by need rather than fail the export; such a word may then wrap.
+                need = _column_needs(pdf, cells, pad)[0]
+                widths = [w * width / sum(need) for w in need]
             break
         with pdf.table(
             col_widths=widths,

@@ -282,3 +282,17 @@ def test_the_access_review_is_as_of_the_period_end(mix: Mix) -> None:
     assert before.users[str(mix.viewer.pk)].role == "viewer"
     assert after.users[str(mix.viewer.pk)].role == "admin"
     assert [c["type"] for c in after.changes] == ["user.role_changed"]
+
+
+def test_a_pdf_with_absurdly_long_user_words_is_still_produced(make_user) -> None:
+    from accounts import commands
+    from audit.actor import Actor
+
+    since = datetime.now(UTC)
+    wide = "W" * 150
+    user = commands.create_user(Actor.system(), username=wide, password=None, role="viewer")
+    for _ in range(3):
+        commands.create_token(Actor.system(), user, name=("M" * 100), expires_days=None)
+    report = reports.build("soc2", since, datetime.now(UTC) + timedelta(minutes=1))
+    text = _pdf_text(report)
+    assert "W" * 45 + "..." in text  # shortened, said so, and the JSON and CSV keep it whole
