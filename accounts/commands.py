@@ -433,11 +433,16 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
     if not known:
         if tally.unknown_user_failures <= 1:
             # Not the name typed: an unknown "username" is often a password typed in the wrong box.
+            data: dict[str, object] = {"reason": reason, "window_s": tally.window_s}
+            if tally.previous_window_unknown_user_failures:
+                data["previous_window_unknown_user_failures"] = (
+                    tally.previous_window_unknown_user_failures
+                )
             store.append(
                 "login_source",
                 source or "(none)",
                 "auth.unknown_user_failed",
-                {"reason": reason, "window_s": tally.window_s},
+                data,
                 actor=replace(actor, username=""),
             )
         return None

@@ -33,6 +33,13 @@ class Tally:
     # Set when this failure reached the limit: the address is refused until then. Exactly one
     # failure per window trips it (an atomic add), so one event can say so.
     refused_until: datetime | None = None
+    # On the first unknown-username failure of a window: the previous window's total of them,
+    # when more than its first one were left unrecorded (no refusal event carried the count).
+    previous_window_unknown_user_failures: int = 0
+
+
+def _clock() -> float:
+    return time.time()
 
 
 def _key(*parts: object) -> str:
@@ -64,18 +71,23 @@ def note_failure(source: str | None, *, unknown_user: bool) -> Tally:
     window_s = max(1, int(settings.SANDBOX_LOGIN_SOURCE_WINDOW_S))
     if not source:
         return Tally(0, 0, window_s)
-    now = time.time()
+    now = _clock()
     window = int(now // window_s)
     failures = _incr(_key("failures", source, window), 2 * window_s)
     unknown = cache.get(_key("unknown", source, window), 0)
+    previous = 0
     if unknown_user:
         unknown = _incr(_key("unknown", source, window), 2 * window_s)
+        if unknown == 1 and not cache.get(_key("reported", source, window - 1)):
+            count = int(cache.get(_key("unknown", source, window - 1), 0))
+            previous = count if count > 1 else 0
     tripped = None
     if failures >= settings.SANDBOX_LOGIN_SOURCE_FAILURES:
         until = now + window_s
         if cache.add(_key("refused", source), until, timeout=window_s):
             tripped = datetime.fromtimestamp(until, tz=UTC)
-    return Tally(failures, int(unknown), window_s, tripped)
+            cache.set(_key("reported", source, window), 1, timeout=2 * window_s)
+    return Tally(failures, int(unknown), window_s, tripped, previous)
 
 
 def lift(source: str | None) -> None:

@@ -39,7 +39,8 @@ _define(
     "login_source",
     "access",
     "A login for a username that does not exist failed: the first from an address in a window "
-    "(the window's count is in auth.login_throttled when the address reaches the limit).",
+    "(the window's count is in auth.login_throttled when the address reaches the limit, else "
+    "in the address's first such event of the next window).",
 )
 _define(
     "auth.login_throttled",

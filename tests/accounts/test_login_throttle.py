@@ -204,3 +204,21 @@ def test_no_refusal_without_its_event(monkeypatch) -> None:
     commands.record_login_failure(guesser, "nobody4", "bad_credentials")
     assert throttle.refused_until(ATTACKER) is not None
     assert Event.objects.get(type="auth.login_throttled").payload["failures"] == 4
+
+
+@override_settings(SANDBOX_LOGIN_SOURCE_FAILURES=100, SANDBOX_LOGIN_SOURCE_WINDOW_S=300)
+def test_the_next_window_reports_the_unknown_name_failures_left_uncounted(monkeypatch) -> None:
+    from audit.actor import Actor
+
+    guesser = Actor(kind="anonymous", channel="dashboard", source_ip=ATTACKER)
+    start = 1_000_000 * 300.0
+    for offset, tries in ((0, 5), (300, 1), (600, 1)):
+        monkeypatch.setattr(throttle, "_clock", lambda t=start + offset: t)
+        for i in range(tries):
+            commands.record_login_failure(guesser, f"nobody-{offset}-{i}", "bad_credentials")
+    events = list(Event.objects.filter(type="auth.unknown_user_failed").order_by("position"))
+    assert [e.payload.get("previous_window_unknown_user_failures") for e in events] == [
+        None,
+        5,
+        None,
+    ]
