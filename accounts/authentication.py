@@ -170,20 +170,31 @@ class TokenAuthentication(BaseAuthentication):
         token = verify(header[1].decode(errors="replace"), context.current().source_ip)
         view = (getattr(request, "parser_context", None) or {}).get("view")
         scope = scopes.required_scope(view, request.method) if view is not None else None
-        reason = scopes.refusal(token, scope, write=scopes.is_write(request.method))
-        if reason is not None:
-            raise PermissionDenied(reason)
+        refused = scopes.refusal(token, scope, write=scopes.is_write(request.method))
+        if refused is not None:
+            _reject(token, refused.reason)
+            raise PermissionDenied(refused.detail)
         return token.user, token
 
     def authenticate_header(self, request: Any) -> str:
         return 'Bearer realm="api"'
 
 
+async def socket_refused(scope: Any, needed: scopes.Needs, *, write: bool) -> bool:
+    """For a websocket consumer, before it accepts: whether the connection's token may not do
+    this (then recorded as ``auth.token_rejected``, as over HTTP). No token: False."""
+    refused = scopes.check_socket(scope, needed, write=write)
+    if refused is None:
+        return False
+    await database_sync_to_async(_reject)(scope["auth"], refused.reason)
+    return True
+
+
 class TokenAuthMiddleware:
     """Channels middleware: a websocket handshake with ``Authorization: Bearer <token>`` is
     authenticated as the API does (``verify``); ``scope["auth"]`` is the token.
 
-    A consumer must apply the token's limits (``scopes.check_socket``) before it accepts;
+    A consumer must apply the token's limits (``socket_refused``) before it accepts;
     one that accepts a token's connection without that check is answered with a close (4403)
     instead, so a new consumer cannot forget it.
     """

@@ -32,6 +32,7 @@ __all__ = [
     "EXPORT",
     "OPEN",
     "READ_ONLY_MESSAGE",
+    "Refusal",
     "SCOPES",
     "SELF_SERVICE",
     "TOKEN_READ",
@@ -123,16 +124,29 @@ def required_scope(view: Any, method: str) -> Needs | None:
     return None
 
 
-def refusal(token: APIToken, scope: Needs | None, *, write: bool) -> str | None:
+@dataclass(frozen=True)
+class Refusal:
+    """Why a token may not do something: ``reason`` for the log, ``detail`` for the client."""
+
+    reason: str  # "read_only" or "out_of_scope"
+    detail: str
+
+
+def refusal(token: APIToken, scope: Needs | None, *, write: bool) -> Refusal | None:
     """Why ``token`` may not call an operation needing ``scope`` (None: it may)."""
     if write and token.read_only:
-        return READ_ONLY_MESSAGE
+        return Refusal("read_only", READ_ONLY_MESSAGE)
     if not token.scopes:
         return None
     if scope is None:
-        return "This endpoint states no scope, so a scoped API token may not use it."
+        return Refusal(
+            "out_of_scope", "This endpoint states no scope, so a scoped API token may not use it."
+        )
     if not scope.allows(token.scopes):
-        return f"This API token's scopes do not include {' or '.join(scope.as_list())}."
+        return Refusal(
+            "out_of_scope",
+            f"This API token's scopes do not include {' or '.join(scope.as_list())}.",
+        )
     return None
 
 
@@ -140,7 +154,7 @@ def is_write(method: str) -> bool:
     return method.upper() not in SAFE_METHODS
 
 
-def check_socket(scope: Mapping[str, Any], needed: Needs, *, write: bool) -> str | None:
+def check_socket(scope: Mapping[str, Any], needed: Needs, *, write: bool) -> Refusal | None:
     """For a websocket consumer: why the connection's token may not do this (None: it may, or
     the connection has no token). Marks the check as done, so the token middleware lets the
     consumer accept the connection."""

@@ -22,6 +22,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
+from accounts.authentication import socket_refused
 from accounts.scopes import VM_READ, check_socket, needs
 from vms import console, live, metrics_live
 
@@ -95,7 +96,7 @@ class VMListConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        if check_socket(self.scope, VM_READ, write=False):
+        if await socket_refused(self.scope, VM_READ, write=False):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.user_id = user.pk
@@ -147,7 +148,7 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
-        if check_socket(self.scope, VM_READ, write=False):
+        if await socket_refused(self.scope, VM_READ, write=False):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
@@ -229,7 +230,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
-        if check_socket(self.scope, VM_READ, write=False):
+        if await socket_refused(self.scope, VM_READ, write=False):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         access = await database_sync_to_async(console.access_for)(user, vm_id)

@@ -24,9 +24,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied, ValidationError
 
+from accounts.authentication import socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
-from accounts.scopes import check_socket, needs
+from accounts.scopes import needs
 from audit.actor import Actor
 from sandbox_site import context
 
@@ -39,7 +40,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        if check_socket(self.scope, needs("vms.exec_vm"), write=True):
+        if await socket_refused(self.scope, needs("vms.exec_vm"), write=True):
             await self.close(code=4403)
             return
         self.vm = await self._visible_vm(user, self.scope["url_route"]["kwargs"]["vm_id"])

@@ -84,6 +84,14 @@ async def test_exec_socket_applies_read_only_and_scopes(world, issue_token) -> N
         assert (connected or code) == want, (token, connected, code)
         await comm.disconnect()
 
+    def reasons() -> list[str]:
+        from audit.models import Event
+
+        return [e.payload["reason"] for e in Event.objects.filter(type="auth.token_rejected")]
+
+    # Refused uses are recorded, as over HTTP.
+    assert sorted(await database_sync_to_async(reasons)()) == ["out_of_scope", "read_only"]
+
 
 async def test_dead_or_misplaced_tokens_are_refused_at_the_handshake(world, issue_token) -> None:
     from accounts.models import APIToken
