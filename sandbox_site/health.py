@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (database, broker and channel layer reachable)."""
+"""/healthz (the process answers) and /readyz (database, broker and channel layer reachable, and
+a worker cluster taking tasks: ``vms.heartbeat``)."""
 
 from __future__ import annotations
 
@@ -60,13 +61,22 @@ def _check_channel_layer() -> str:
     return type(layer).__name__
 
 
+def _check_worker() -> str:
+    from vms import heartbeat
+
+    return heartbeat.check()
+
+
 def readyz(request: HttpRequest) -> JsonResponse:
     checks: dict[str, dict[str, object]] = {}
-    for name, check in (
+    probes = [
         ("database", _check_database),
         ("broker", _check_broker),
         ("channel_layer", _check_channel_layer),
-    ):
+    ]
+    if getattr(settings, "SANDBOX_WORKER_STALE_S", 90) > 0:  # 0: no worker expected to answer
+        probes.append(("worker", _check_worker))
+    for name, check in probes:
         started = time.perf_counter()
         try:
             checks[name] = {"ok": True, "backend": check()}

@@ -216,6 +216,16 @@ if REDIS_URL:
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Where the one reader of each VM's serial console runs (vms/console.py): in the worker's main
+# process, for every web process joined by Redis; or in the (single) web process.
+SANDBOX_CONSOLE_RELAY = os.environ.get("SANDBOX_CONSOLE_RELAY", "worker" if REDIS_URL else "web")
+if SANDBOX_CONSOLE_RELAY not in {"worker", "web"} or (
+    SANDBOX_CONSOLE_RELAY == "worker" and not REDIS_URL
+):
+    raise ImproperlyConfigured(
+        "SANDBOX_CONSOLE_RELAY must be web, or worker (which needs REDIS_URL), got "
+        f"{SANDBOX_CONSOLE_RELAY!r}"
+    )
 
 Q_CLUSTER: dict[str, object] = {
     "name": os.environ.get("SANDBOX_QUEUE", "sandbox"),
@@ -232,6 +242,10 @@ if REDIS_URL:
     Q_CLUSTER["redis"] = REDIS_URL
 else:
     Q_CLUSTER["orm"] = "default"
+# The worker cluster sends itself a heartbeat task this often; /readyz is not ready when no
+# worker took one for SANDBOX_WORKER_STALE_S (0: no worker check, e.g. a web tier without one).
+SANDBOX_WORKER_HEARTBEAT_S = env_int("SANDBOX_WORKER_HEARTBEAT_S", 10)
+SANDBOX_WORKER_STALE_S = env_int("SANDBOX_WORKER_STALE_S", 90)
 
 # --- Auth -------------------------------------------------------------------------------------
 AUTH_USER_MODEL = "accounts.User"

@@ -32,13 +32,42 @@ def test_api_requires_authentication() -> None:
 
 
 def test_healthz_and_readyz() -> None:
+    from django.utils import timezone
+
+    from vms import heartbeat
+
     client = Client()
     assert client.get("/healthz").json() == {"status": "ok"}
+    # A worker cluster that started and whose worker took a heartbeat just now.
+    heartbeat.started(timezone.now())
+    heartbeat.beat(heartbeat.queue_name(), timezone.now().isoformat())
     ready = client.get("/readyz")
     body = ready.json()
     assert ready.status_code == 200, body
-    assert set(body["checks"]) == {"database", "broker", "channel_layer"}
+    assert set(body["checks"]) == {"database", "broker", "channel_layer", "worker"}
     assert all(c["ok"] for c in body["checks"].values())
+
+
+def test_readyz_is_not_ready_without_a_worker_taking_heartbeats(settings) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from vms import heartbeat
+
+    client = Client()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "no worker cluster has started" in response.json()["checks"]["worker"]["error"]
+    long_ago = timezone.now() - timedelta(seconds=settings.SANDBOX_WORKER_STALE_S + 5)
+    heartbeat.started(long_ago)
+    heartbeat.beat(heartbeat.queue_name(), long_ago.isoformat())
+    from vms.models import WorkerHeartbeat
+
+    WorkerHeartbeat.objects.update(beat_at=long_ago)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "no worker has taken a heartbeat task" in response.json()["checks"]["worker"]["error"]
 
 
 def test_readyz_reports_a_broken_dependency(settings) -> None:

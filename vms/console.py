@@ -1,17 +1,21 @@
-"""The in-browser serial console: one reader per VM per web process, fan-out, scrollback,
-recording, and the events that reference each session.
+"""The in-browser serial console: one reader per VM for all web processes, fan-out through the
+channel layer, scrollback, recording, and the events that reference each session.
 
-QEMU's serial chardev socket accepts a single client, and several browsers may watch one VM, so
-each web process holds at most ONE connection per VM (a ``ConsoleHub``): it reads the guest's
-output once and hands every chunk to all attached websockets, keeping the last
-``SCROLLBACK_BYTES`` in a ring so a late joiner first sees what was on the screen. The ring is
-seeded from the tail of ``console.log`` (which QEMU keeps while nobody is attached). When the last
-websocket leaves, the connection is closed, freeing the socket for other tools.
+QEMU's serial chardev socket accepts a single client, and several browsers, served by several
+web processes, may watch one VM. So exactly one process connects to a VM's serial socket: the
+console ``Relay`` (in the worker's main process when web processes are joined by Redis, in the
+web process on the embedded default). Its ``ConsoleHub`` per VM reads the guest's output once and
+sends every chunk through the channel layer to every attached websocket, whichever process
+serves it, keeping the last ``SCROLLBACK_BYTES`` in a ring so a late joiner first sees what was
+on the screen. The ring is seeded from the tail of ``console.log`` (which QEMU keeps while nobody
+is attached). Keystrokes come back through the channel layer to the relay. When the last
+websocket leaves, the serial connection is closed, freeing the socket for other tools.
 
-Every session is recorded as asciicast v2 (output with timestamps; input too for operators) under
-the console directory and referenced by ``vm.console_opened`` / ``vm.console_closed`` (path, size,
-SHA-256), appended through the command functions at the bottom of this module, so an auditor can
-replay it. File writes happen off the event loop.
+Every session is recorded once, by the web process that serves its websocket, as asciicast v2
+(output with timestamps; input too for operators) under the console directory and referenced by
+``vm.console_opened`` / ``vm.console_closed`` (path, size, SHA-256), appended through the command
+functions at the bottom of this module, so an auditor can replay it. File writes happen off the
+event loop.
 """
 
 from __future__ import annotations
@@ -110,7 +114,7 @@ def _tail(path: Path, limit: int) -> bytes:
 
 
 class ConsoleHub:
-    """One serial connection of this process to one VM, shared by every attached websocket."""
+    """The serial connection to one VM, shared by every attached websocket (run by the relay)."""
 
     def __init__(self, vm_id: str, socket_path: Path, log_path: Path) -> None:
         self.vm_id = vm_id
@@ -122,7 +126,7 @@ class ConsoleHub:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
-    # Called with the registry lock held, so attach/detach of one VM never interleave.
+    # Called with the relay's lock held, so attach/detach of one VM never interleave.
     async def _attach(self, sub: Subscriber) -> bytes:
         if self._task is None:
             # Seed the ring from the log before connecting: at worst a line appears twice,
@@ -203,38 +207,197 @@ class ConsoleHub:
             await asyncio.sleep(RECONNECT_S)
 
 
-class _Registry:
-    """The hubs of this process, keyed by VM id. All calls happen on the server's event loop."""
+# --- The relay: one reader per VM for every web process -----------------------------------------
 
-    def __init__(self) -> None:
+
+def relay_channel() -> str:
+    """The channel-layer channel of this installation's console relay (one per queue, that is
+    per hypervisor host: the relay must run where the VMs' serial sockets are)."""
+    return f"console-relay.{settings.Q_CLUSTER['name']}"
+
+
+def relay_placement() -> str:
+    """``worker``: the relay runs in the worker's main process (``manage.py worker``), which
+    every web process reaches through the Redis channel layer; ``web``: in the web process
+    itself (the embedded default: one web process, in-memory channel layer)."""
+    return str(getattr(settings, "SANDBOX_CONSOLE_RELAY", "web"))
+
+
+class _Remote:
+    """A console websocket attached to a hub, known by its channel-layer channel name (it may
+    live in any web process)."""
+
+    def __init__(self, relay: Relay, vm_id: str, channel: str) -> None:
+        self.relay, self.vm_id, self.channel = relay, vm_id, channel
+        self.last_seen = time.monotonic()
+
+    def deliver(self, chunk: bytes) -> None:
+        self.relay.post(self.channel, {"type": "console.output", "vm": self.vm_id, "data": chunk})
+
+    def notify(self, status: dict[str, Any]) -> None:
+        self.relay.post(self.channel, {"type": "console.link", "vm": self.vm_id, "status": status})
+
+
+class Relay:
+    """The only reader of each VM's serial socket, serving console websockets of every web
+    process through the channel layer.
+
+    Consumers send to ``relay_channel()``: ``console.attach`` (also every ``KEEPALIVE_S`` while
+    the websocket is open; a consumer not heard of for ``SUBSCRIBER_TTL_S`` is dropped, so a
+    killed web process does not keep a serial link open), ``console.input`` and
+    ``console.detach``, each with the VM id and the consumer's channel as ``reply``. The relay
+    answers an attach with ``console.attached`` and the scrollback, then sends every chunk of
+    output (``console.output``) and every change of the serial link (``console.link``) to each
+    attached consumer. All sends go out in order from one task, so a consumer gets its
+    scrollback, then exactly the chunks after it.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
         self.hubs: dict[str, ConsoleHub] = {}
-        self._lock: asyncio.Lock | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.subs: dict[tuple[str, str], _Remote] = {}
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self._lock = asyncio.Lock()
 
-    def _the_lock(self) -> asyncio.Lock:
-        loop = asyncio.get_running_loop()
-        if self._lock is None or self._loop is not loop:
-            # A new loop (tests run one per test): hubs of a finished loop are gone with it.
-            self._lock, self._loop, self.hubs = asyncio.Lock(), loop, {}
-        return self._lock
+    def post(self, channel: str, message: dict[str, Any]) -> None:
+        self._outbox.put_nowait((channel, message))
 
-    async def attach(self, vm_id: str, sub: Subscriber) -> tuple[ConsoleHub, bytes]:
+    async def run(self) -> None:
+        helpers = [
+            asyncio.create_task(self._send_loop(), name="console-relay-send"),
+            asyncio.create_task(self._sweep_loop(), name="console-relay-sweep"),
+        ]
+        channel = relay_channel()
+        log.info("console relay listening on %s", channel)
+        try:
+            while True:
+                message = await self.layer.receive(channel)
+                try:
+                    async with self._lock:
+                        await self.handle(message)
+                except Exception:
+                    log.exception("console relay: %s failed", message.get("type"))
+        finally:
+            for task in helpers:
+                task.cancel()
+            for hub in list(self.hubs.values()):
+                await hub.close()
+            self.hubs.clear()
+            self.subs.clear()
+
+    async def handle(self, message: dict[str, Any]) -> None:
         from vms import runtime
 
-        async with self._the_lock():
+        kind, vm_id, reply = message.get("type"), message.get("vm"), message.get("reply")
+        if not isinstance(vm_id, str) or not isinstance(reply, str):
+            return
+        key = (vm_id, reply)
+        if kind == "console.attach":
+            sub = self.subs.get(key)
+            if sub is not None:
+                sub.last_seen = time.monotonic()
+                return
             hub = self.hubs.get(vm_id)
             if hub is None:
                 rt = runtime.runtime_dir(vm_id)
                 hub = self.hubs[vm_id] = ConsoleHub(vm_id, rt.serial_socket, rt.serial_log)
-            return hub, await hub._attach(sub)
+            sub = self.subs[key] = _Remote(self, vm_id, reply)
+            scrollback = await hub._attach(sub)
+            self.post(reply, {"type": "console.attached", "vm": vm_id, "scrollback": scrollback})
+        elif kind == "console.input":
+            data, hub = message.get("data"), self.hubs.get(vm_id)
+            if key not in self.subs or hub is None or not isinstance(data, bytes):
+                return
+            if not await hub.send_input(data):
+                self.subs[key].notify(
+                    {"type": "link", "connected": False, "reason": "input not delivered"}
+                )
+        elif kind == "console.detach":
+            await self._drop(key)
 
-    async def detach(self, hub: ConsoleHub, sub: Subscriber) -> None:
-        async with self._the_lock():
-            if await hub._detach(sub) and self.hubs.get(hub.vm_id) is hub:
-                del self.hubs[hub.vm_id]
+    async def _drop(self, key: tuple[str, str]) -> None:
+        sub = self.subs.pop(key, None)
+        hub = self.hubs.get(key[0])
+        if sub is not None and hub is not None and await hub._detach(sub):
+            del self.hubs[key[0]]
+
+    async def _send_loop(self) -> None:
+        from channels.exceptions import ChannelFull
+
+        while True:
+            channel, message = await self._outbox.get()
+            try:
+                for _ in range(SEND_RETRIES):
+                    try:
+                        await self.layer.send(channel, message)
+                        break
+                    except ChannelFull:  # a burst of output: give the consumer time to read
+                        await asyncio.sleep(SEND_RETRY_S)
+                else:
+                    # A consumer that does not read (its process is gone, or it is far behind).
+                    log.info("console relay: %s is not reading; detached", channel)
+                    async with self._lock:
+                        for key in [k for k in self.subs if k[1] == channel]:
+                            await self._drop(key)
+            except Exception:
+                log.exception("console relay: send to %s failed", channel)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KEEPALIVE_S)
+            cutoff = time.monotonic() - SUBSCRIBER_TTL_S
+            async with self._lock:
+                for key in [k for k, s in self.subs.items() if s.last_seen < cutoff]:
+                    await self._drop(key)
 
 
-HUBS = _Registry()
+KEEPALIVE_S = 5.0  # consumers re-send their attach this often
+SUBSCRIBER_TTL_S = 3 * KEEPALIVE_S
+RELAY_TIMEOUT_S = 5.0  # a consumer says "relay not answering" after this long without an answer
+SEND_RETRIES, SEND_RETRY_S = 40, 0.05  # how long a full consumer channel is waited for (2 s)
+
+# The relay of this process when it runs in the web process (``relay_placement() == "web"``).
+_local: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
+
+
+async def ensure_relay() -> None:
+    """Start this process's relay on the running loop, if consoles are relayed here."""
+    global _local
+    if relay_placement() != "web":
+        return
+    loop = asyncio.get_running_loop()
+    if _local is None or _local[0] is not loop or _local[1].done():
+        from channels.layers import get_channel_layer
+
+        relay = Relay(get_channel_layer())
+        _local = (loop, loop.create_task(relay.run(), name="console-relay"))
+
+
+async def stop_relay() -> None:
+    """Stop this process's relay (tests)."""
+    global _local
+    if _local is not None and _local[0] is asyncio.get_running_loop():
+        _local[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _local[1]
+    _local = None
+
+
+def run_relay_thread() -> threading.Thread:
+    """The relay of a worker host, in a daemon thread with its own event loop."""
+    from channels.layers import get_channel_layer
+
+    def main() -> None:
+        while True:
+            try:
+                asyncio.run(Relay(get_channel_layer()).run())
+            except Exception:
+                log.exception("console relay stopped; restarting")
+                time.sleep(RECONNECT_S)
+
+    thread = threading.Thread(target=main, name="console-relay", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- Recording (asciicast v2) -------------------------------------------------------------------

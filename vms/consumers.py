@@ -208,12 +208,10 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     reaches the hub, let alone the guest.
     """
 
-    # The console fans out in this process (one serial reader per VM), so it needs no channel
-    # layer: an alias that is not configured gives none (channels.layers.get_channel_layer), and
-    # saves a layer subscription per console websocket.
-    channel_layer_alias = "console-needs-no-layer"
-
-    hub: console.ConsoleHub | None = None
+    # The guest's output comes from the console relay (the only reader of the VM's serial
+    # socket, maybe in another process) through the channel layer; keystrokes go back that way.
+    attached = False
+    keeper: asyncio.Task[None] | None = None
     outbox: _Outbox | None = None
     recording: console.Recording | None = None
 
@@ -283,11 +281,48 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             )
         )
         self.flusher = asyncio.create_task(self._flush_periodically())
-        self.hub, scrollback = await console.HUBS.attach(access.vm_id, self)
-        if scrollback:
-            self.deliver(scrollback)
+        await console.ensure_relay()
+        self.relay = console.relay_channel()
+        self.keeper = asyncio.create_task(self._keep_attached())
 
-    # Subscriber protocol (called by the hub on the event loop; must not block).
+    async def _keep_attached(self) -> None:
+        """Attach to the relay, and say so again every few seconds: the relay drops consumers
+        it stops hearing from, and a restarted relay learns who is attached."""
+        announced = False
+        waited = 0.0
+        while True:
+            await self.channel_layer.send(
+                self.relay,
+                {"type": "console.attach", "vm": self.access.vm_id, "reply": self.channel_name},
+            )
+            interval = console.RELAY_TIMEOUT_S if not self.attached else console.KEEPALIVE_S
+            await asyncio.sleep(interval)
+            waited = 0.0 if self.attached else waited + interval
+            if waited and not announced:
+                announced = True
+                self.notify(
+                    {
+                        "type": "link",
+                        "connected": False,
+                        "reason": "the console relay does not answer (is the worker running?)",
+                    }
+                )
+
+    # Messages from the relay.
+    async def console_attached(self, message: dict[str, Any]) -> None:
+        if self.attached:
+            return  # a restarted relay's scrollback: already on screen
+        self.attached = True
+        if message.get("scrollback"):
+            self.deliver(message["scrollback"])
+
+    async def console_output(self, message: dict[str, Any]) -> None:
+        if self.attached:
+            self.deliver(message["data"])
+
+    async def console_link(self, message: dict[str, Any]) -> None:
+        self.notify(message["status"])
+
     def deliver(self, chunk: bytes) -> None:
         if self.outbox is not None and self.recording is not None:
             self.recording.output(chunk)
@@ -307,14 +342,24 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
             if message.get("type") != "input" or not isinstance(message.get("data"), str):
                 return  # resize and pings: a serial line has no window size
             data = message["data"].encode()
-        if not data or self.hub is None or self.recording is None:
+        if not data or self.recording is None:
             return
         if self.access.mode != "write":
             self.ignored_input += len(data)
             return
-        self.recording.input(data)
-        if not await self.hub.send_input(data):
+        if not self.attached:
             self.notify({"type": "link", "connected": False, "reason": "input not delivered"})
+            return
+        self.recording.input(data)
+        await self.channel_layer.send(
+            self.relay,
+            {
+                "type": "console.input",
+                "vm": self.access.vm_id,
+                "reply": self.channel_name,
+                "data": data,
+            },
+        )
 
     async def _flush_periodically(self) -> None:
         assert self.recording is not None
@@ -326,11 +371,18 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         await self._end_session()
 
     async def _end_session(self) -> None:
-        """Detach from the hub, stop the tasks, close the recording and append the closing
+        """Detach from the relay, stop the tasks, close the recording and append the closing
         event; idempotent (called on disconnect and again when the consumer ends)."""
-        if self.hub is not None:
-            await console.HUBS.detach(self.hub, self)
-            self.hub = None
+        if self.keeper is not None:
+            self.keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.keeper
+            self.keeper = None
+            with contextlib.suppress(Exception):  # the relay drops a silent consumer anyway
+                await self.channel_layer.send(
+                    self.relay,
+                    {"type": "console.detach", "vm": self.access.vm_id, "reply": self.channel_name},
+                )
         if self.outbox is not None:
             await self.outbox.aclose()
             self.outbox = None

@@ -21,6 +21,7 @@ __all__ = [
     "Usage",
     "VMState",
     "VirtualMachine",
+    "WorkerHeartbeat",
 ]
 
 
@@ -242,3 +243,22 @@ class RequestOutcome(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_event_id} -> {self.outcome_type}"
+
+
+class WorkerHeartbeat(models.Model):
+    """The last heartbeat of the worker cluster serving one queue (operational state, not part
+    of the log): the cluster's main process sends a heartbeat task through the broker, a worker
+    process runs it and stamps ``beat_at``. ``/readyz`` is not ready when no worker took one
+    recently, so a dead pusher, dead or stuck workers or a broken database connection in the
+    worker show up there (``vms.heartbeat``)."""
+
+    queue = models.CharField(max_length=100, primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.IntegerField()  # the cluster's main process
+    started_at = models.DateTimeField()  # when that cluster started
+    sent_at = models.DateTimeField()  # the newest heartbeat sent
+    beat_at = models.DateTimeField(null=True)  # when a worker last ran a heartbeat
+    beat_sent_at = models.DateTimeField(null=True)  # ... and when that one had been sent
+
+    def __str__(self) -> str:
+        return f"worker heartbeat of {self.queue}"

@@ -16,6 +16,17 @@ from channels.db import database_sync_to_async
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("live_stopped")]
 
 
+@pytest.fixture(autouse=True)
+async def console_relay_here(settings: Any) -> Any:
+    """The console relay in this process (as on the embedded default), on whichever channel
+    layer the configuration has; stopped with the test's event loop."""
+    from vms import console
+
+    settings.SANDBOX_CONSOLE_RELAY = "web"
+    yield
+    await console.stop_relay()
+
+
 async def _json_until(comm: Any, predicate: Any, timeout: float = 5.0) -> dict[str, Any]:
     """Text frames until one satisfies ``predicate`` (binary frames are skipped)."""
     loop = asyncio.get_running_loop()

@@ -36,6 +36,45 @@ __all__ = [
 # that nobody waits for stays a zombie, and a zombie still has a /proc entry).
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _children_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+REAP_INTERVAL_S = 1.0
+
+
+def _reap_children() -> None:
+    """Collect every VMM child of this process that has exited, whoever stopped it.
+
+    A VMM is stopped by whichever worker process handles the request (or it powers off), but
+    only the process that started it can wait for it: without this, a worker process collects
+    zombies of every VM it ever started. Runs in a daemon thread started with the first VMM.
+    """
+    while True:
+        time.sleep(REAP_INTERVAL_S)
+        with _children_lock:
+            procs = list(_children.values())
+        for proc in procs:
+            if proc.poll() is not None:
+                with _children_lock:
+                    if _children.get(proc.pid) is proc:
+                        del _children[proc.pid]
+
+
+def _start_reaper() -> None:
+    global _reaper
+    with _children_lock:
+        if _reaper is None or not _reaper.is_alive():
+            _reaper = threading.Thread(target=_reap_children, name="vmm-reaper", daemon=True)
+            _reaper.start()
+
+
+def _forget_children_after_fork() -> None:
+    """A forked child cannot wait for its parent's children; the reaper thread is not there."""
+    global _reaper, _children_lock
+    _children_lock = threading.Lock()  # another thread may have held it at the fork
+    _children.clear()
+    _reaper = None
+
+
+os.register_at_fork(after_in_child=_forget_children_after_fork)
 
 
 @dataclass(frozen=True)
@@ -74,6 +113,7 @@ def spawn_vmm(
             raise HypervisorError(f"cannot start {argv[0]}: {exc}") from exc
     with _children_lock:
         _children[proc.pid] = proc
+    _start_reaper()
     tmp = runtime.pidfile.with_suffix(".tmp")
     tmp.write_text(f"{proc.pid}\n")
     tmp.replace(runtime.pidfile)

@@ -1,10 +1,12 @@
 """Run the web server (daphne) and the worker cluster (django-q2) together, in the foreground.
 
-Stops both on Ctrl-C or SIGTERM, and stops the other when one of them exits.
+Stops both on Ctrl-C or SIGTERM, and stops the other when one of them exits; nothing either of
+them started (web worker processes, the worker cluster's processes) outlives it, VMs excepted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +16,9 @@ from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+
+# How long the children get to stop (a worker finishes the step it is in) before they are killed.
+STOP_TIMEOUT_S = 20
 
 
 class Command(BaseCommand):
@@ -71,14 +76,6 @@ class Command(BaseCommand):
         reads, writes, _ = lane_threads()
         web_env = dict(os.environ)
         web_env.setdefault("SANDBOX_DB_POOL_MIN", str(reads + writes))
-        procs = {
-            name: subprocess.Popen(argv, env=web_env if name == "web" else None)
-            for name, argv in commands.items()
-        }
-        self.stdout.write(
-            f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ ({workers} web) "
-            f"({', '.join(f'{n} pid {p.pid}' for n, p in procs.items())}); Ctrl-C stops."
-        )
         stopping = False
 
         def stop(signum: int, frame: Any) -> None:
@@ -87,6 +84,22 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
+        # Each child leads a process group of its own (its session), so that a terminal's Ctrl-C
+        # reaches only this command, which stops each child through its leader (django-q2's
+        # sentinel and workers must not get the signal themselves: killed inside the cluster's
+        # shared locks, they leave the main process waiting forever), and so that whatever a
+        # child leaves behind can be killed as a group. VMMs run in sessions of their own and
+        # are not part of any of these groups.
+        procs = {
+            name: subprocess.Popen(
+                argv, env=web_env if name == "web" else None, start_new_session=True
+            )
+            for name, argv in commands.items()
+        }
+        self.stdout.write(
+            f"MicroVM Sandbox on http://{options['host']}:{options['port']}/ ({workers} web) "
+            f"({', '.join(f'{n} pid {p.pid}' for n, p in procs.items())}); Ctrl-C stops."
+        )
         exit_code = 0
         while not stopping:
             for name, proc in procs.items():
@@ -98,12 +111,15 @@ class Command(BaseCommand):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STOP_TIMEOUT_S
         for proc in procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        for proc in procs.values():
+            # Past the deadline, or left behind by a leader that exited: nothing of a child's
+            # group survives serve (a leftover holds database sessions, even open transactions).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         if exit_code:
             sys.exit(exit_code)

@@ -1,21 +1,42 @@
 """Run this host's worker: reconcile VMs with the VMM processes that exist, then the django-q2
-cluster. Interrupted requests are settled before new work is taken."""
+cluster. Interrupted requests are settled before new work is taken.
+
+The cluster runs in a fresh process (exec after the reconcile), whose main process also sends
+the heartbeat tasks that ``/readyz`` checks (``vms.heartbeat``) and, when web processes are
+joined by Redis, runs the console relay (``vms.console``: the one reader of each VM's serial
+socket). It exits 0 when stopped by
+SIGTERM or SIGINT (after the cluster has stopped its processes) and 1 when the cluster's
+sentinel dies on its own, so that ``serve`` or a service manager notices.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import sys
+import time
 from typing import Any
 
 from django.core.management.base import BaseCommand
+from django.db import DatabaseError, connections
+from django.utils import timezone
 
 from sandbox_site import context
+
+log = logging.getLogger("sandbox.vms.worker")
 
 
 class Command(BaseCommand):
     help = __doc__
 
+    def add_arguments(self, parser: Any) -> None:
+        # The second stage, after the reconcile (this command execs itself with it).
+        parser.add_argument("--cluster-only", action="store_true", help=argparse.SUPPRESS)
+
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["cluster_only"]:
+            sys.exit(run_cluster())
         from vms.reconcile import reconcile
 
         with context.bind(channel="worker"):
@@ -23,4 +44,38 @@ class Command(BaseCommand):
         self.stdout.write("reconciled: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         sys.stdout.flush()
         manage = os.path.join(os.getcwd(), "manage.py")
-        os.execv(sys.executable, [sys.executable, manage, "qcluster"])  # noqa: S606 - fixed argv
+        # A fresh process for the cluster: nothing of the reconcile (threads, open connections)
+        # is there when django-q2 forks its processes.
+        argv = [sys.executable, manage, "worker", "--cluster-only"]
+        os.execv(sys.executable, argv)  # noqa: S606 - fixed argv
+
+
+def run_cluster() -> int:
+    from django_q.cluster import Cluster
+
+    from vms import console, heartbeat
+
+    cluster = Cluster()  # installs the SIGTERM/SIGINT handlers that stop the cluster
+    heartbeat.started(timezone.now())
+    connections.close_all()
+    cluster.start()
+    if console.relay_placement() == "worker":
+        # After the cluster's processes are forked (they fork from the sentinel from now on):
+        # a thread in a process that forks is a hazard.
+        console.run_relay_thread()
+    last_sent = None
+    while cluster.sentinel is not None and cluster.sentinel.is_alive():
+        now = timezone.now()
+        try:
+            if heartbeat.due(last_sent, now):
+                heartbeat.send(now)
+                last_sent = now
+        except DatabaseError:
+            log.warning("worker heartbeat not sent", exc_info=True)
+        finally:
+            connections.close_all()
+        time.sleep(1.0)
+    if cluster.has_stopped:
+        return 0  # stopped by a signal, its processes with it
+    log.error("the worker cluster's sentinel died (exit code %s)", cluster.sentinel.exitcode)
+    return 1
