@@ -226,7 +226,10 @@ def sign_pending(*, max_events: int | None = None, idle: bool = False) -> Digest
             end_hash = start_prev_hash
         algorithm, key_id, sign = _signer()
         destination = sink.configured()
-        _check_before_signing(last, end, sink.newest_of(destination))
+        readable, newest_copy = sink.newest_of(destination)
+        _check_before_signing(last, end, (readable, newest_copy))
+        if readable:
+            _catch_up(destination, newest_copy, last)
         sequence = (last.sequence or 0) + 1 if last else 1
         prev_digest = signing.document_sha256(last.document) if last else signing.GENESIS_DIGEST
         created_at = datetime.now(UTC).isoformat(timespec="microseconds")
@@ -374,7 +377,12 @@ def check_digests(
 
 
 def sink_continuity(last: Digest | None, newest: sink.SinkEntry | None) -> ChainProblem | None:
-    """The newest digest in the database is the newest copy in the sink."""
+    """The sink's newest copy is a digest the database still holds, unchanged, and the database
+    has every digest the sink has.
+
+    The database may be ahead of this sink: another host signed since this host last copied
+    (each host's sink is a witness of its own; the next signing here copies what it lacks).
+    """
     if newest is None:
         return None  # a new (or newly configured) sink starts with the next digest
     have = last.sequence if last is not None and last.sequence is not None else 0
@@ -386,22 +394,43 @@ def sink_continuity(last: Digest | None, newest: sink.SinkEntry | None) -> Chain
             f"to position {newest.doc.get('end_position')}, but the database's newest digest is "
             f"number {have}: the tail of the log was cut together with its digests",
         )
-    if newest.sequence < have:
+    held = (
+        last
+        if last is not None and newest.sequence == have
+        else Digest.objects.filter(sequence=newest.sequence).first()
+    )
+    if held is None:
         return ChainProblem(
-            last.end_position if last else 0,
-            "digest",
-            f"digest number {have} is not in the digest sink (its newest copy is number "
-            f"{newest.sequence}): a digest was made without its copy outside the database",
+            int(newest.doc.get("start_position", 0)),
+            "missing",
+            f"digest number {newest.sequence} is in the digest sink but not in the database",
         )
-    assert last is not None  # newest.sequence == have > 0
-    if (newest.document, newest.signature) != (last.document, last.signature):
+    if (newest.document, newest.signature) != (held.document, held.signature):
         return ChainProblem(
-            last.start_position,
+            held.start_position,
             "digest",
-            f"digest number {have} differs from its copy in the digest sink: the database's "
-            "digest was replaced",
+            f"digest number {newest.sequence} differs from its copy in the digest sink: the "
+            "database's digest was replaced",
         )
     return None
+
+
+def _catch_up(destination: Any, newest: sink.SinkEntry | None, last: Digest | None) -> None:
+    """Copy to this host's sink the digests other hosts signed since its newest copy, once they
+    are checked (trusted signatures, linked to the copy)."""
+    if newest is None or last is None or last.sequence is None or newest.sequence >= last.sequence:
+        return
+    anchor = Digest.objects.get(sequence=newest.sequence)
+    missing = list(
+        Digest.objects.filter(sequence__gt=newest.sequence, sequence__lte=last.sequence).order_by(
+            "sequence"
+        )
+    )
+    problem = check_digests(missing, last_position=last.end_position, previous=anchor)
+    if problem is not None:
+        raise ChainBroken(problem)
+    for digest in missing:
+        destination.write(sink.entry_of(digest))
 
 
 def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
@@ -418,13 +447,13 @@ def check_sink(copies: dict[int, Any] | None = None) -> ChainProblem | None:
     problem = sink_continuity(last_digest(), copies[max(copies)])
     if problem is not None:
         return problem
-    first_copy = min(copies)
-    rows = Digest.objects.filter(sequence__gte=first_copy).values_list(
+    # Digests after the newest copy were signed elsewhere and are not copied here yet.
+    rows = Digest.objects.filter(sequence__gte=min(copies), sequence__lte=max(copies)).values_list(
         "sequence", "document", "signature", "end_position"
     )
     seen: set[int] = set()
     for sequence, document, signature, end_position in rows.iterator():
-        assert sequence is not None  # filtered on sequence >= first_copy
+        assert sequence is not None  # filtered on the sequence
         seen.add(sequence)
         copy = copies.get(sequence)
         if copy is None:

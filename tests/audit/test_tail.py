@@ -217,3 +217,21 @@ def test_require_intact_finds_a_cut_tail_from_the_sink(tamper: Any) -> None:
         sql("DELETE FROM audit_digest WHERE end_position >= 7")
     problem = check_range(1, 6)
     assert problem is not None and problem.kind == "missing" and problem.position == 7
+
+
+def test_each_host_s_sink_catches_up_with_digests_signed_elsewhere(
+    settings: Any, tmp_path: Path
+) -> None:
+    """Several hosts, one database: each host's sink is a witness of its own."""
+    host_a = settings.SANDBOX_DIGEST_SINK_DIR
+    append_user_events("1", 2)
+    digests.sign_pending()  # 1, on host A
+    settings.SANDBOX_DIGEST_SINK_DIR = tmp_path / "host-b-sink"
+    append_user_events("2", 2)
+    digests.sign_pending()  # 2, on host B (same key: this test's key directory)
+    settings.SANDBOX_DIGEST_SINK_DIR = host_a
+    assert verify_store().ok  # host A's sink is behind, not contradicted
+    append_user_events("3", 2)
+    digests.sign_pending()  # 3, on host A, which first copies 2
+    assert sorted(sink.configured().read()) == [1, 2, 3]
+    assert verify_store().ok
