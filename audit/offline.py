@@ -619,7 +619,9 @@ def _check_against_sink(sink_dir: str, digests: Sequence[_Digest], problems: lis
         problems.append(Problem("sink", f"{sink_dir} holds no digest copies"))
         return
     for d in digests:
-        if d.sequence is None or d.sequence < min(copies):
+        # Before the sink's first copy (made before the sink), or after its newest (signed on
+        # another host since): nothing to compare with.
+        if d.sequence is None or not min(copies) <= d.sequence <= max(copies):
             continue
         copy = copies.get(d.sequence)
         if copy is None:
