@@ -231,3 +231,15 @@ def test_the_django_admin_cannot_edit_roles(make_user) -> None:
     )
     assert response.status_code == 403
     assert set(viewer.permissions.values_list("pk", flat=True)) == perms_before
+
+
+def test_the_dashboard_role_change_demotes_the_superuser_and_says_the_real_role(make_user) -> None:
+    from django.test import Client
+
+    root = shell_user("root4", "admin")
+    client = Client()
+    client.force_login(make_user("admin", "boss"))
+    response = client.post(f"/accounts/users/{root.pk}/role/", {"role": "auditor"}, follow=True)
+    assert "root4 is now auditor." in response.content.decode()
+    root = User.objects.get(pk=root.pk)
+    assert (root.role, root.is_superuser, root.is_staff) == ("auditor", False, False)
