@@ -39,7 +39,6 @@ __all__ = [
     "KeyTrustError",
     "configured_public_keys",
     "current_key",
-    "known_public_keys",
     "pinned_fingerprints",
     "public_key_infos",
     "register",
@@ -334,11 +333,6 @@ def register(key_id: str, key: Ed25519PrivateKey | Ed25519PublicKey) -> None:
                 "trust it only once its fingerprint is pinned",
                 extra={"key_id": key_id, "fingerprint": signing.fingerprint(b64)},
             )
-
-
-def known_public_keys() -> dict[str, str]:
-    """The public keys verification may use: ``trusted_public_keys`` (kept for callers)."""
-    return trusted_public_keys()
 
 
 def public_key_infos() -> list[KeyInfo]:
