@@ -318,3 +318,17 @@ def test_schema_states_the_expiry_rules() -> None:
     assert field.get("nullable") is not True
     assert field["maximum"] == 365 and field["minimum"] == 1
     assert "null is refused" in field["description"]
+
+
+def test_shell_issues_scoped_tokens_and_refuses_unknown_scopes(make_user) -> None:
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    make_user("operator", "opal")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("create_token", "opal", "--scope", "vms.exec_vm", stdout=out, stderr=err)
+    assert row(out.getvalue().strip()).scopes == ["vms.exec_vm"]
+    assert "scopes vms.exec_vm" in err.getvalue()
+    with pytest.raises(CommandError, match="does not hold"):
+        call_command("create_token", "opal", "--scope", "audit.view_audit_trail", stdout=out)

@@ -28,6 +28,13 @@ class Command(BaseCommand):
         parser.add_argument("--no-expiry", action="store_true", help="a token that never expires")
         parser.add_argument("--read-only", action="store_true", help="the token may only read")
         parser.add_argument("--allow-ip", action="append", default=[], metavar="CIDR")
+        parser.add_argument(
+            "--scope",
+            action="append",
+            default=[],
+            metavar="PERM",
+            help="limit the token to this permission (repeat for more; docs/accounts.md)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         user = User.objects.filter(username=options["user"]).first()
@@ -41,6 +48,7 @@ class Command(BaseCommand):
                 expires_days=None if options["no_expiry"] else options["expires"],
                 read_only=options["read_only"],
                 allowed_ips=options["allow_ip"],
+                scopes=options["scope"],
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from exc
@@ -48,5 +56,7 @@ class Command(BaseCommand):
         expiry = issued.token.expires_at.isoformat() if issued.token.expires_at else "never"
         self.stderr.write(
             f"token {issued.token.key} for {user.username}: expires {expiry}"
-            f"{', read-only' if issued.token.read_only else ''}. It is shown only this once."
+            f"{', read-only' if issued.token.read_only else ''}"
+            f"{', scopes ' + ' '.join(issued.token.scopes) if issued.token.scopes else ''}."
+            " It is shown only this once."
         )
