@@ -10,7 +10,8 @@ its scopes; a token without scopes may do what its user may. A read-only token m
 methods (GET, HEAD, OPTIONS): everything else is a write. An operation that states no scope is
 refused to every scoped token (fail closed). ``accounts.authentication`` applies this to every
 request authenticated by a token, before any view's own ``permission_classes`` run, so a view
-cannot drop it; the websocket consumers call :func:`check_socket`.
+cannot drop it; the websocket consumers call ``accounts.authentication.socket_refused``
+(which uses :func:`check_socket`) before they accept.
 
 Whether the *user* may do the thing is decided as before (``HasPerm``, the command functions):
 a token narrows its user, it never widens it.
@@ -24,8 +25,6 @@ from typing import Any
 
 from accounts import roles
 from accounts.models import APIToken
-
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 __all__ = [
     "AUDIT_READ",
@@ -47,6 +46,7 @@ __all__ = [
 ]
 
 READ_ONLY_MESSAGE = "This API token is read-only."
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else is a write
 
 
 @dataclass(frozen=True)
