@@ -324,3 +324,19 @@ def test_verify_audit_chain_finds_a_cut_tail_from_an_earlier_bundle(
     digests.sign_pending()  # signed again over the cut, into the fresh sink
     code, text = _verify_command("--since-bundle", str(earlier))
     assert code == 1 and "digest number 3 differs from the one in the earlier bundle" in text
+
+
+def test_a_bundle_with_idle_digests_in_it_verifies_offline(tmp_path: Any) -> None:
+    from audit.offline import verify_bundle
+
+    append_user_events("1", 3)
+    digests.sign_pending(idle=True)
+    digests.sign_pending(idle=True)  # idle
+    digests.sign_pending(idle=True)  # idle
+    append_user_events("2", 3)
+    digests.sign_pending(idle=True)
+    assert [d.event_count for d in Digest.objects.order_by("sequence")] == [3, 0, 0, 3]
+    result = verify_bundle(str(_bundle(tmp_path / "idle.zip")))
+    assert result.ok, result.problems
+    assert (result.events, result.digests) == (6, 4)
+    assert verify_store().ok
