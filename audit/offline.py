@@ -521,6 +521,16 @@ def _check_line(
     return None
 
 
+def _history_of(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key id, statement) of the key history's entries, leaving out keys known from the
+    server's configuration only (they are not part of the chain)."""
+    return [
+        (str(e.get("key_id")), str(e.get("statement") or ""))
+        for e in entries
+        if e.get("in_history") is not False
+    ]
+
+
 @dataclass
 class _Earlier:
     """What an earlier bundle vouches for: its trusted keys, key history and digests."""
@@ -546,7 +556,7 @@ class _Earlier:
         return cls(
             path,
             keys,
-            [(str(e.get("key_id")), str(e.get("statement") or "")) for e in entries],
+            _history_of(entries),
             {d.sequence: d for d in digests if d.sequence is not None},
         )
 
@@ -554,7 +564,7 @@ class _Earlier:
         self, entries: list[dict[str, Any]], digests: Sequence[_Digest], problems: list[Problem]
     ) -> None:
         where = "since-bundle"
-        history = [(str(e.get("key_id")), str(e.get("statement") or "")) for e in entries]
+        history = _history_of(entries)
         if history[: len(self.history)] != self.history:
             problems.append(Problem(where, f"the key history differs from the one in {self.path}"))
         if not self.digests:

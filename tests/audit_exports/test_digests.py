@@ -340,3 +340,17 @@ def test_a_bundle_with_idle_digests_in_it_verifies_offline(tmp_path: Any) -> Non
     assert result.ok, result.problems
     assert (result.events, result.digests) == (6, 4)
     assert verify_store().ok
+
+
+def test_a_bundle_after_a_rotation_continues_an_earlier_one(settings: Any, tmp_path: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    retired = signing.public_b64(Ed25519PrivateKey.generate().public_key())
+    settings.SANDBOX_DIGEST_ED25519_PUBLIC_KEYS = f"old-1:{retired}"  # outside the history
+    _three_digests()
+    earlier = _bundle(tmp_path / "earlier.zip")
+    settings.SANDBOX_DIGEST_ED25519_CURRENT = "ed25519-2"
+    append_user_events("4", 2)
+    digests.sign_pending()
+    later = _bundle(tmp_path / "later.zip")
+    assert _problems(later, since_bundle=str(earlier)) == []
