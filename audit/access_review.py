@@ -141,6 +141,8 @@ def build(until: datetime, since: datetime | None = None) -> AccessReview:
                 )
             elif e.type == "user.role_changed" and uid in users:
                 users[uid].role = str(d.get("to", ""))
+                # The admin role is the superuser flag (accounts.commands keeps them together).
+                users[uid].superuser = users[uid].role == "admin"
             elif e.type == "user.superuser_changed" and uid in users:
                 users[uid].superuser = bool(d.get("superuser"))
             elif e.type in ("user.deactivated", "user.reactivated") and uid in users:

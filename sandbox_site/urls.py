@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from accounts.api import MeView, TokenViewSet, UserViewSet
+from accounts.review_api import AccountsReviewView, accounts_page
 from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
@@ -23,6 +24,7 @@ api_v1 = [
     path("me/", MeView.as_view(), name="me"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
     path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
+    path("audit/accounts/", AccountsReviewView.as_view(), name="audit-accounts-api"),
     path("audit/", include("audit.urls")),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
@@ -31,6 +33,7 @@ api_v1 = [
 urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/", include("accounts.urls")),
+    path("audit/accounts/", accounts_page, name="audit-accounts"),
     path("audit/", include("audit.urls_dashboard")),
     path("vms/", include("vms.urls")),
     path("admin/", admin.site.urls),

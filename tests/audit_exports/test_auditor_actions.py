@@ -144,3 +144,39 @@ def test_others_cannot_list_access(make_user, token_client, role: str) -> None:
     client = token_client(make_user(role))
     assert client.get("/api/v1/audit/access/").status_code == 403
     assert _login(make_user(role)).get("/audit/access/").status_code == 403
+
+
+def test_auditors_list_the_live_accounts_and_their_differences_from_the_log(
+    mix: Mix, token_client
+) -> None:
+    from django.contrib.auth.models import Group
+
+    from accounts.models import User
+
+    client = token_client(mix.auditor)
+    clean = client.get("/api/v1/audit/accounts/")
+    assert clean.status_code == 200, clean.content
+    body = clean.json()
+    assert body["differences_from_log"] == []
+    users = {u["username"]: u for u in body["users"]}
+    assert users[mix.viewer.username]["role"] == "viewer"
+    tokens = {t["name"]: t for t in body["tokens"]}
+    assert tokens["ci-0"]["active"] and "digest" not in tokens["ci-0"]
+    assert _last("audit.accounts_listed").payload["what"] == "api.accounts"
+    # Changes made around the command functions, so around the log, show as differences.
+    ghost = User.objects.create(username="ghost")
+    ghost.groups.set([Group.objects.get(name="admin")])
+    mix.viewer.groups.set([Group.objects.get(name="operator")])
+    differences = client.get("/api/v1/audit/accounts/").json()["differences_from_log"]
+    assert "user ghost: in the database, never created in the log" in differences
+    assert f"user {mix.viewer.username}: role operator, the log says viewer" in differences
+    assert client.post("/api/v1/audit/accounts/", {}).status_code == 405
+    page = _login(mix.auditor).get("/audit/accounts/")
+    assert page.status_code == 200 and "ghost: in the database" in page.content.decode()
+    assert _last("audit.accounts_listed").payload["what"] == "dashboard.accounts"
+
+
+@pytest.mark.parametrize("role", ["viewer", "operator"])
+def test_others_cannot_list_the_live_accounts(make_user, token_client, role: str) -> None:
+    assert token_client(make_user(role)).get("/api/v1/audit/accounts/").status_code == 403
+    assert _login(make_user(role)).get("/audit/accounts/").status_code == 403
