@@ -796,6 +796,13 @@ class Session:
             if req_id in self.aborted:
                 return  # sent before the host learnt that the upload failed: drop it
             raise RequestError("unknown_id", f"no upload {req_id!r} in progress")
+        if req.get("abort"):
+            # The host gives up on the upload: nothing is kept, and no reply (the host may
+            # already be gone, and over virtio-serial a reply would wait for its return).
+            self.finish(req_id)
+            put.abort()
+            self._remember_aborted(req_id)
+            return
         try:
             if payload:
                 put.write(payload)

@@ -646,3 +646,15 @@ def test_call_ids_differ_between_clients(agent: RunningAgent) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_an_aborted_upload_leaves_nothing_and_gets_no_reply(raw, short_dir: str) -> None:
+    conn = raw()
+    conn.send(encode_frame({"op": "put", "id": 8, "path": f"{short_dir}/gone", "mode": 420}))
+    assert conn.frame()[0]["kind"] == "ready"
+    conn.send(encode_frame({"op": "data", "id": 8}, b"x" * 1000))
+    conn.send(encode_frame({"op": "data", "id": 8, "abort": True}))
+    conn.send(encode_frame({"op": "data", "id": 8}, b"late chunk"))  # was already on its way
+    conn.send(encode_frame({"op": "ping", "id": 9}))
+    assert conn.frame()[0] == {"id": 9, "kind": "pong"}
+    assert not [n for n in os.listdir(short_dir) if n != "agent.sock"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 
@@ -85,6 +86,28 @@ def test_a_failed_upload_leaves_the_channel_usable_at_once(start_guest) -> None:
             assert time.monotonic() - started < 5
         left = guest.client.exec(["sh", "-c", "ls -a /tmp/small | wc -l"])
         assert left.stdout.strip() == b"2"  # . and ..: the partial file was removed
+
+        # An upload the host gives up on (its source fails mid-way) leaves the stream clean too.
+        class Failing(io.RawIOBase):
+            sent = 0
+
+            def readable(self) -> bool:
+                return True
+
+            def readinto(self, buffer) -> int:  # noqa: ANN001
+                if self.sent >= 8 << 20:
+                    raise OSError("the source went away")
+                buffer[:] = b"z" * len(buffer)
+                self.sent += len(buffer)
+                return len(buffer)
+
+        with pytest.raises(OSError, match="went away"):
+            guest.client.put_file(io.BufferedReader(Failing()), "/tmp/cut.bin", timeout=120)
+        started = time.monotonic()
+        client = guest.reconnect(timeout=5.0)
+        assert client.exec(["echo", "after the cut"], timeout=10).stdout == b"after the cut\n"
+        assert time.monotonic() - started < 5
+        assert client.exec(["sh", "-c", "ls -a /tmp | grep -c cut.bin"]).stdout.strip() == b"0"
         # And on one connection: a failed upload, then at once an exec.
         with pytest.raises(AgentError):
             guest.client.put_file(os.urandom(24 << 20), "/tmp/small/big", timeout=120)

@@ -18,6 +18,7 @@ no sense) or ``AgentDisconnected`` (the stream ended).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import itertools
 import json
@@ -599,9 +600,13 @@ class AgentClient:
                     digest.update(chunk)
                     self._send({"op": "data", "id": call.id}, chunk)
                     self._raise_if_failed(call)
-            except AgentError as exc:
+            except BaseException as exc:  # the agent gave up, or we did (the source failed)
                 if not isinstance(exc, AgentDisconnected):
                     self._close_call(call)
+                    if not isinstance(exc, AgentError):
+                        # The agent still waits for the rest: tell it to drop what it has.
+                        with contextlib.suppress(AgentError):
+                            self._send({"op": "data", "id": call.id, "abort": True})
                     self._drain(deadline)
                 raise
             ours = digest.hexdigest()
@@ -619,7 +624,7 @@ class AgentClient:
         after it): chunks of an upload the agent gave up on are still on their way, and over
         virtio-serial, left in flight when the host disconnects, they stall the next session."""
         try:
-            self.ping(timeout=max(1.0, min(deadline - time.monotonic(), 60.0)))
+            self.ping(timeout=max(5.0, min(deadline - time.monotonic(), 60.0)))
         except AgentError as exc:
             log.warning("%s: the stream did not settle after a failed upload: %s", self.name, exc)
 
