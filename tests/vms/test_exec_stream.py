@@ -116,3 +116,37 @@ async def test_output_streams_before_the_command_ends(caller_for, vm_dirs) -> No
     finally:
         destroy = await database_sync_to_async(commands.destroy)(owner, vm)
         await database_sync_to_async(worker.handle)(destroy.request.event_id)
+
+
+@pytest.mark.guest
+async def test_the_websocket_streams_all_of_an_output_beyond_the_http_cap(
+    caller_for, vm_dirs, settings
+) -> None:
+    import base64
+
+    from vms import commands, worker
+
+    settings.SANDBOX_EXEC_OUTPUT_LIMIT = 64 << 10
+    total = 5_000_000
+    owner = await database_sync_to_async(caller_for)("operator")
+    vm = await database_sync_to_async(make_vm)(owner, run=True)
+    try:
+        communicator, connected, _ = await connect(owner.user, vm.pk)
+        assert connected
+        await communicator.send_to(
+            text_data=json.dumps({"argv": ["head", "-c", str(total), "/dev/zero"], "timeout": 120})
+        )
+        received = 0
+        while True:
+            frame = json.loads(await communicator.receive_from(timeout=60))
+            if frame["type"] == "stdout":
+                received += len(base64.b64decode(frame["b64"]))
+            elif frame["type"] in ("exit", "error"):
+                break
+        await communicator.disconnect()
+        assert frame["type"] == "exit" and frame["exit_code"] == 0, frame
+        assert received == total
+        assert (frame["stdout_size"], frame["stderr_size"]) == (total, 0)
+    finally:
+        destroy = await database_sync_to_async(commands.destroy)(owner, vm)
+        await database_sync_to_async(worker.handle)(destroy.request.event_id)
