@@ -106,6 +106,8 @@ def worker_env(vm_dirs: dict[str, Path], settings: Any) -> dict[str, str]:
         SANDBOX_HYPERVISOR="qemu",
         SANDBOX_WORKERS="1",
         SANDBOX_LOG_LEVEL="INFO",
+        # The test's own digest sink (tests/conftest.py): the worker signs digests too.
+        SANDBOX_DIGEST_SINK_DIR=str(settings.SANDBOX_DIGEST_SINK_DIR),
     )
     env.pop("PYTEST_CURRENT_TEST", None)
     return env
