@@ -102,6 +102,10 @@ def verify_rows(
             last_hash = row[2]
             expected += 1
             continue
+        # Stop reading before diagnosing: ``find_hash`` may query the same connection.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
         problem = _diagnose(row, expected, last_hash, before_prev_hash, find_hash)
         break
     report = ChainReport(
@@ -170,24 +174,32 @@ PG_ROWS_SQL = (  # built from the constant column list only
 
 
 def _pg_rows(after: int, batch: int) -> Iterator[Row]:
-    """Every event after ``after`` through one server-side cursor: one snapshot, one query,
-    ``batch`` rows per round trip. The caller holds a transaction open."""
+    """Every event after ``after``, in one query (one snapshot), ``batch`` rows at a time.
+
+    Outside a transaction the rows stream (libpq's chunked rows: the server produces the next
+    rows while this process hashes), and closing the generator early cancels the query. Inside
+    the caller's transaction a cancel would abort it, so there a server-side cursor fetches
+    the batches instead.
+    """
     from django.db import connection
 
     connection.ensure_connection()
-    with (
-        connection.wrap_database_errors,
-        connection.connection.cursor(name="audit_verify_rows") as cur,
-    ):
-        cur.itersize = batch
-        cur.execute(PG_ROWS_SQL, [after])
-        while rows := cur.fetchmany(batch):
-            yield from rows
+    raw = connection.connection
+    with connection.wrap_database_errors:
+        if connection.in_atomic_block:
+            with raw.cursor(name="audit_verify_rows") as cur:
+                cur.itersize = batch
+                cur.execute(PG_ROWS_SQL, [after])
+                while rows := cur.fetchmany(batch):
+                    yield from rows
+        else:
+            with raw.cursor() as cur:
+                yield from cur.stream(PG_ROWS_SQL, [after], size=batch)
 
 
-def verify_store(*, batch: int = 10000) -> ChainReport:
+def verify_store(*, batch: int = 2000) -> ChainReport:
     """Verify the whole store, then every signed digest against it."""
-    from django.db import connection, transaction
+    from django.db import connection
 
     from audit import digests
     from audit.models import Event
@@ -197,8 +209,7 @@ def verify_store(*, batch: int = 10000) -> ChainReport:
         return Event.objects.filter(hash=h).values_list("position", flat=True).first()
 
     if connection.vendor == "postgresql":
-        with transaction.atomic():
-            report = verify_rows(_pg_rows(0, batch), find_hash=find_hash)
+        report = verify_rows(_pg_rows(0, batch), find_hash=find_hash)
     else:
 
         def stream() -> Iterator[object]:

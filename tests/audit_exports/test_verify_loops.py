@@ -145,3 +145,24 @@ def test_postgresql_rows_are_the_reference_rendering(postgres_only: None) -> Non
         fields = event.hashed_fields()
         assert row[:4] == (fields["position"], fields["prev_hash"], fields["hash"], fields["data"])
         assert list(row[4:]) == render_fields(fields)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_streamed_walk_stops_cleanly_and_names_a_reordered_row(postgres_only, tamper) -> None:
+    """Outside a transaction the rows stream; stopping at a bad row cancels the query, and the
+    diagnosis (which queries the same connection) still works."""
+    store.append_many(
+        [store.PendingEvent("user", "9", "user.role_changed", {"i": i}) for i in range(3000)],
+        actor=ACTOR,
+    )
+    with tamper(), connection.cursor() as cur:
+        cur.execute("UPDATE audit_event SET position = -1 WHERE position = 30")
+        cur.execute("UPDATE audit_event SET position = 30 WHERE position = 31")
+        cur.execute("UPDATE audit_event SET position = 31 WHERE position = -1")
+    assert not connection.in_atomic_block
+    report = verify.verify_store(batch=100)
+    assert report.problem is not None and report.problem.kind == "reordered", report.problem
+    assert report.problem.position == 30 and report.checked == 29
+    with connection.cursor() as cur:  # the connection is usable: the stream was cancelled
+        cur.execute("SELECT count(*) FROM audit_event")
+        assert cur.fetchone()[0] == 3000
