@@ -2,7 +2,7 @@
 
 Cloud Hypervisor serves HTTP/1.1 (Firecracker's micro_http) on the path given to
 ``--api-socket``; every endpoint lives under ``/api/v1``. The released v53 server differs from its
-OpenAPI document in ways that matter here (see ``../shared/reference/cloud-hypervisor-notes.md``):
+OpenAPI document in ways that matter here (see ``tests/reference/cloud-hypervisor-notes.md``):
 
 - error bodies are a JSON array of strings (the error chain, top error first); micro_http's own
   parse errors are a ``{"error": "..."}`` object, and a few answers are plain text;
