@@ -103,6 +103,23 @@ def test_raw_upload_without_content_disposition(
     assert fake_agent.files["/tmp/raw"] == data
 
 
+@pytest.mark.parametrize(
+    "content_type",
+    ["", "application/x-www-form-urlencoded"],  # curl -T; curl --data-binary @x
+    ids=["no-content-type", "curl-data-binary"],
+)
+def test_raw_upload_whatever_curl_calls_it(
+    running_vm, fake_agent, issue_token, content_type
+) -> None:
+    client = client_for(issue_token(running_vm.owner))
+    data = b"a=b&c=d\x00\x01 not a form"
+    response = client.generic(
+        "PUT", f"/api/v1/vms/{running_vm.pk}/files/?path=/tmp/curl", data, CONTENT_TYPE=content_type
+    )
+    assert response.status_code == 201, response.content
+    assert fake_agent.files["/tmp/curl"] == data
+
+
 def test_upload_without_a_body_is_a_clear_400(running_vm, fake_agent, issue_token) -> None:
     client = client_for(issue_token(running_vm.owner))
     response = client.post(
