@@ -17,6 +17,7 @@ from typing import Any
 import django_filters
 from django.db.models import Q
 from django.http import FileResponse, Http404
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -540,6 +541,17 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             "application/octet-stream": bytes,
             "multipart/form-data": inline_serializer(
                 "GuestFileUpload", {"file": serializers.FileField()}
+            ),
+        },
+        responses={
+            (200, "application/octet-stream"): OpenApiTypes.BINARY,
+            201: inline_serializer(
+                "GuestFileStored",
+                {
+                    "path": serializers.CharField(),
+                    "size": serializers.IntegerField(),
+                    "sha256": serializers.CharField(),
+                },
             ),
         },
     )
