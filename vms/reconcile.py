@@ -44,16 +44,21 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
                 with worker._agent(vm, 30.0):
                     pass
                 worker._configure_identity(vm)
-                commands.record_outcome(
-                    request,
-                    {
-                        "start": "vm.started",
-                        "restore": "vm.restored",
-                        "reboot": "vm.rebooted",
-                        "resume": "vm.resumed",
-                    }[verb],
-                    {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True},
-                )
+                outcome = {
+                    "start": "vm.started",
+                    "restore": "vm.restored",
+                    "reboot": "vm.rebooted",
+                    "resume": "vm.resumed",
+                }[verb]
+                data = {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True}
+                # Only while the VM still waits for it: a destroy may have come in meanwhile.
+                if commands.record_outcome_if_pending(request, outcome, data) is (
+                    commands.SUPERSEDED
+                ):
+                    worker._record_superseded(
+                        vm, request, verb, launched=True, would_have_been=(outcome, data)
+                    )
+                    return "superseded"
                 return "completed"
             except Exception as exc:  # noqa: BLE001 - any failure: the guest is not usable
                 log.warning("interrupted %s of %s: guest not answering: %s", verb, vm.pk, exc)
