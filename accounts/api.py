@@ -224,6 +224,8 @@ class TokenViewSet(
         "destroy": needs("accounts.delete_apitoken"),
     }
 
+    queryset = APIToken.objects.none()  # for the schema; get_queryset says whose
+
     def get_queryset(self) -> Any:
         qs = APIToken.objects.select_related("user")
         # Everyone's tokens only if the caller (and the token it uses) holds manage_all_tokens.

@@ -337,7 +337,17 @@ class AccessView(APIView):
             OpenApiParameter("at", str, description="ISO 8601 date or date-time (default now)"),
             OpenApiParameter("since", str, description="changes from (default at - 90 days)"),
         ],
-        responses=inline_serializer("AccessReview", {"access": serializers.JSONField()}),
+        responses=inline_serializer(
+            "AccessReview",
+            {
+                "at": serializers.CharField(),
+                "since": serializers.CharField(allow_null=True),
+                "users": serializers.ListField(child=serializers.DictField()),
+                "roles": serializers.JSONField(),
+                "tokens": serializers.ListField(child=serializers.DictField()),
+                "changes": serializers.ListField(child=serializers.DictField()),
+            },
+        ),
     )
     def get(self, request: Request) -> Response:
         errors: dict[str, str] = {}

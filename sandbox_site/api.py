@@ -13,6 +13,7 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from audit.digests import ChainBroken
 from audit.errors import ConcurrencyError, EventStoreUnavailable
 
 
@@ -31,6 +32,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         return Response(
             {"detail": "The audit log cannot record this action now; nothing was done."},
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        )
+    if isinstance(exc, ChainBroken):
+        # The log's chain is broken: signing or exporting over it is refused (and recorded by
+        # the command); the answer says where, as a conflict with the log's current state.
+        return Response(
+            {"detail": f"the audit chain is broken: {exc}"}, status=status.HTTP_409_CONFLICT
         )
     if isinstance(exc, ConcurrencyError):
         return Response(

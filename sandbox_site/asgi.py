@@ -17,6 +17,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.urls import path  # noqa: E402
 
 from accounts.authentication import TokenAuthMiddleware  # noqa: E402
+from sandbox_site.proxies import TrustedProxyHeaders  # noqa: E402
 from vms import consumers  # noqa: E402
 from vms.exec_consumer import ExecConsumer  # noqa: E402
 
@@ -27,11 +28,14 @@ websocket_urlpatterns = [
     path("ws/vms/<uuid:vm_id>/exec/", ExecConsumer.as_asgi()),
 ]
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_http_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
-        ),
-    }
+# Forwarded headers are believed from SANDBOX_TRUSTED_PROXIES only, here, for every serving mode.
+application = TrustedProxyHeaders(
+    ProtocolTypeRouter(
+        {
+            "http": django_http_app,
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+            ),
+        }
+    )
 )

@@ -8,9 +8,12 @@ adds the guest health last sampled by a page that watches the VM.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -174,5 +177,31 @@ REGISTRY.register(AuditCollector())  # digest age, unsigned events, last verific
 REGISTRY.register(WorkerCollector())  # worker heartbeat per queue
 
 
+def scrape_allowed(request: HttpRequest) -> bool:
+    """A scraper with ``SANDBOX_METRICS_TOKEN`` as its bearer token, or from an address in
+    ``SANDBOX_METRICS_ALLOWED_IPS`` (loopback by default): the families name every VM."""
+    token = settings.SANDBOX_METRICS_TOKEN
+    scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+    if token and scheme.lower() == "bearer":
+        if hmac.compare_digest(supplied.strip().encode(), token.encode()):
+            return True
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR") or "")
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address  # ::ffff:a.b.c.d
+    return any(
+        address in ipaddress.ip_network(n, strict=False)
+        for n in settings.SANDBOX_METRICS_ALLOWED_IPS
+    )
+
+
 def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not scrape_allowed(request):
+        response = HttpResponse("metrics need the scrape token or an allowed address\n", status=403)
+        if settings.SANDBOX_METRICS_TOKEN:
+            response.status_code = 401
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        response["Content-Type"] = "text/plain; charset=utf-8"
+        return response
     return HttpResponse(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST)

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db.models import Count, IntegerField, QuerySet, Subquery, Value
 from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 
 TOTAL = "pagination_total_count"
@@ -19,6 +20,23 @@ def with_total(queryset: QuerySet[Any]) -> QuerySet[Any]:
     return queryset.annotate(**{TOTAL: Subquery(total.values("n"), output_field=IntegerField())})
 
 
+# Pages hold at most this many rows; offsets stay far inside a 64-bit integer with any limit.
+MAX_LIMIT = 1000
+MAX_OFFSET = 2**62
+
+
+def _bounded(name: str, raw: str, low: int, high: int | None) -> int:
+    """``raw`` as an integer in [low, high], else a 400 naming the parameter."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        upper = f" and {high}" if high is not None else ""
+        raise ValidationError({name: [f"Must be an integer between {low}{upper}."]})
+    return value
+
+
 class Pagination(LimitOffsetPagination):
     """``?limit=&offset=`` with ``count``, read in the page's own query.
 
@@ -26,7 +44,35 @@ class Pagination(LimitOffsetPagination):
     is one query instead of DRF's two; a window ``COUNT(*) OVER ()`` would instead make the
     database sort every matching row. A page past the end has no row to carry the count: it is
     then asked for on its own, as DRF does. DISTINCT and grouped queries keep DRF's path.
+
+    Unlike DRF, a ``limit`` or ``offset`` that is not an integer in range is refused (400)
+    instead of silently replaced: an offset past a 64-bit integer reached the database and
+    failed there. A limit above ``MAX_LIMIT`` is lowered to it, as DRF does.
     """
+
+    max_limit = MAX_LIMIT
+
+    def get_limit(self, request: Any) -> int | None:
+        raw = request.query_params.get(self.limit_query_param)
+        if raw is None:
+            return self.default_limit
+        return min(_bounded(self.limit_query_param, raw, 1, None), MAX_LIMIT)
+
+    def get_offset(self, request: Any) -> int:
+        raw = request.query_params.get(self.offset_query_param)
+        if raw is None:
+            return 0
+        return _bounded(self.offset_query_param, raw, 0, MAX_OFFSET)
+
+    def get_schema_operation_parameters(self, view: Any) -> list[dict[str, Any]]:
+        bounds = {
+            self.limit_query_param: {"minimum": 1, "maximum": MAX_LIMIT},
+            self.offset_query_param: {"minimum": 0, "maximum": MAX_OFFSET},
+        }
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"].update(bounds.get(parameter["name"], {}))
+        return parameters
 
     def paginate_queryset(self, queryset: Any, request: Any, view: Any = None) -> list[Any] | None:
         if not isinstance(queryset, QuerySet) or queryset.query.distinct or queryset.query.group_by:

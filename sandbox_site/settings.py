@@ -98,6 +98,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "sandbox_site.middleware.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -306,11 +307,20 @@ REST_FRAMEWORK = {
     # TokenAuthentication to every operation from its view's token_scopes (accounts.scopes),
     # so a view's own permission_classes cannot drop them.
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON with a nesting limit (sandbox_site/parsers.py); forms as DRF has them.
+    "DEFAULT_PARSER_CLASSES": [
+        "sandbox_site.parsers.DepthLimitedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "accounts.schema.ScopedAutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["sandbox_site.pagination.FilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sandbox_site.api.exception_handler",
+    # No ?format= override: the API speaks JSON (the browsable page by Accept), and "format" is
+    # a filter of its own (audit exports), which the override turned into a 404.
+    "URL_FORMAT_OVERRIDE": None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "MicroVM Sandbox API",
@@ -321,6 +331,13 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/api/v1",
+    # The schema and its page for signed-in callers only; Bearer auth and the error answers
+    # documented (sandbox_site/schema.py).
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "sandbox_site.schema.add_error_responses",
+    ],
 }
 
 # --- Static files, i18n ----------------------------------------------------------------------
@@ -442,3 +459,61 @@ SANDBOX_DIGEST_ED25519_DIR = Path(
 # Where finished exports are kept, and the size up to which an export runs inside the request.
 SANDBOX_AUDIT_EXPORT_DIR = Path(os.environ.get("SANDBOX_AUDIT_EXPORT_DIR", DATA_DIR / "exports"))
 SANDBOX_AUDIT_INLINE_EXPORT_MAX = env_int("SANDBOX_AUDIT_INLINE_EXPORT_MAX", 20_000)
+
+# --- Security: forwarded headers, /metrics access, TLS, response headers (issue 10) ------------
+# See docs/operations.md, "Security settings".
+
+
+def env_networks(name: str, default: str) -> list[str]:
+    """Comma-separated IP addresses or networks, normalised ("10.0.0.1" -> "10.0.0.1/32")."""
+    import ipaddress
+
+    networks = []
+    for item in os.environ.get(name, default).split(","):
+        if item.strip():
+            try:
+                networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError as exc:
+                raise ImproperlyConfigured(
+                    f"{name} must list IP addresses or networks, got {item.strip()!r}"
+                ) from exc
+    return networks
+
+
+# Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed; nobody by default. The
+# servers' own switches are off in every serving mode (sandbox_site/proxies.py).
+SANDBOX_TRUSTED_PROXIES = env_networks("SANDBOX_TRUSTED_PROXIES", "")
+# /metrics answers a scraper that sends this bearer token, or one from these networks.
+SANDBOX_METRICS_TOKEN = os.environ.get("SANDBOX_METRICS_TOKEN", "")
+SANDBOX_METRICS_ALLOWED_IPS = env_networks("SANDBOX_METRICS_ALLOWED_IPS", "127.0.0.0/8,::1")
+# SANDBOX_HTTPS=true: clients reach the site over https (directly, or through a trusted proxy
+# that sets X-Forwarded-Proto). Then plain http is redirected, cookies are https-only and HSTS
+# is sent; each can be set on its own with the DJANGO_ variable of the same name.
+SANDBOX_HTTPS = env_bool("SANDBOX_HTTPS", False)
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", SANDBOX_HTTPS)
+# Probes and scrapers talk plain http on the inside.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SESSION_COOKIE_SECURE", SANDBOX_HTTPS)
+CSRF_COOKIE_SECURE = env_bool("DJANGO_CSRF_COOKIE_SECURE", SANDBOX_HTTPS)
+SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31_536_000 if SANDBOX_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", SANDBOX_HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", False)
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+from csp.constants import NONCE  # noqa: E402
+
+# Scripts only from our origin or with the response's nonce; no plugins, no framing. Styles may
+# be inline (xterm.js and Swagger UI set them); websockets go to our own origin ('self').
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'", NONCE],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    },
+}

@@ -345,6 +345,7 @@ class RawUploadParser(FileUploadParser):
 class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Your VMs (everyone's for viewers, auditors and admins). DELETE destroys."""
 
+    queryset = VirtualMachine.objects.none()  # for the schema; get_queryset says whose
     serializer_class = VMSerializer
     filterset_class = VMFilter
     token_scopes = {
@@ -614,6 +615,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Snapshots: restore one in place, clone it into a new VM, delete it (DELETE)."""
 
+    queryset = Snapshot.objects.none()  # for the schema; get_queryset says whose
     serializer_class = SnapshotSerializer
     filterset_class = SnapshotFilter
     token_scopes = {
@@ -663,6 +665,16 @@ class QuotaMeView(APIView):
 
     token_scopes = {"get": OPEN}
 
+    @extend_schema(
+        responses=inline_serializer(
+            "QuotaMe",
+            {
+                "quota": serializers.DictField(),
+                "used": serializers.DictField(),
+                "remaining": serializers.DictField(),
+            },
+        )
+    )
     def get(self, request: Request) -> Response:
         quota = quotas.effective_quota(request.user)
         used = quotas.usage_of(request.user)
@@ -678,6 +690,17 @@ class RequestStatusView(APIView):
 
     token_scopes = {"get": VM_READ}
 
+    @extend_schema(
+        responses=inline_serializer(
+            "RequestStatus",
+            {
+                "request": EventSerializer(),
+                "state": serializers.ChoiceField(["pending", "succeeded", "failed"]),
+                "outcome": EventSerializer(allow_null=True),
+                "vm": VMSerializer(allow_null=True),
+            },
+        )
+    )
     def get(self, request: Request, event_id: str) -> Response:
         try:
             eid = uuid.UUID(event_id)

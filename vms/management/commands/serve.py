@@ -1,4 +1,4 @@
-"""Run the web server (daphne) and the worker cluster (django-q2) together, in the foreground.
+"""Run the web server (uvicorn) and the worker cluster (django-q2) together, in the foreground.
 
 Stops both on Ctrl-C or SIGTERM, and stops the other when one of them exits; nothing either of
 them started (web worker processes, the worker cluster's processes) outlives it, VMs excepted.
@@ -49,23 +49,16 @@ class Command(BaseCommand):
             workers = min(8, 2 * (os.cpu_count() or 1)) if settings.REDIS_URL else 1
         if workers > 1 and not settings.REDIS_URL:
             raise CommandError("several web processes need REDIS_URL (a shared channel layer)")
-        if workers == 1:
-            web = [python, "-m", "daphne", "-b", options["host"], "-p", str(options["port"])]
-            web += ["--proxy-headers", "sandbox_site.asgi:application"]
-        else:
-            # Daphne serves one process, and Python runs one thread at a time per process, so
-            # throughput on several cores needs several processes: uvicorn's workers share the
-            # listening socket (websockets too), Redis joins their channel layers.
-            web = [
-                python,
-                "-m",
-                "uvicorn",
-                "sandbox_site.asgi:application",
-                "--host",
-                options["host"],
-            ]
-            web += ["--port", str(options["port"]), "--workers", str(workers), "--no-access-log"]
-            web += ["--proxy-headers", "--lifespan", "off"]
+        # uvicorn in both modes. Python runs one thread at a time per process, so throughput on
+        # several cores needs several processes: uvicorn's workers share the listening socket
+        # (websockets too), Redis joins their channel layers. Not daphne, even for one process:
+        # its HTTP layer (Twisted) parses POSTed form bodies itself and answers a malformed one
+        # with an empty 400 of its own before the application sees the request.
+        # --no-proxy-headers: forwarded headers are believed from SANDBOX_TRUSTED_PROXIES only,
+        # by the application itself (sandbox_site/proxies.py); uvicorn would trust 127.0.0.1.
+        web = [python, "-m", "uvicorn", "sandbox_site.asgi:application", "--host", options["host"]]
+        web += ["--port", str(options["port"]), "--workers", str(workers), "--no-access-log"]
+        web += ["--no-proxy-headers", "--lifespan", "off"]
         commands = {"web": web}
         if not options["no_worker"]:
             commands["worker"] = [python, manage, "worker"]
