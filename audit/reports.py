@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from sys import intern
 from typing import IO, Any
 
 from django.db.models import Count, Max, Min
@@ -250,16 +251,18 @@ def build(
                         ev.by_type[e.type] += 1
                         counted = True
                 if counted:
+                    # Kept for every counted event of the period: the values that repeat
+                    # across events are shared (interned) so a long period stays affordable.
                     report.evidence[e.position] = Item(
                         e.position,
                         e.event_id,
-                        e.type,
+                        intern(e.type),
                         format_time(e.recorded_at),
-                        e.actor_name,
-                        e.actor_type,
-                        e.token_id,
-                        e.channel,
-                        e.source_ip,
+                        intern(e.actor_name),
+                        intern(e.actor_type),
+                        intern(e.token_id),
+                        intern(e.channel),
+                        intern(e.source_ip),
                         f"{e.aggregate_type}:{e.aggregate_id}",
                     )
                 if e.type == "audit.chain_verified":
