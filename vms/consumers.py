@@ -24,6 +24,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts.authentication import socket_refused
 from accounts.scopes import VM_READ, check_socket, needs
+from sandbox_site import parsers
 from vms import console, live, metrics_live
 
 log = logging.getLogger("sandbox.vms.consumers")
@@ -336,7 +337,7 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         data = bytes_data
         if text_data is not None:
             try:
-                message = json.loads(text_data)
+                message = parsers.loads(text_data)  # ValueError also when nested too deep
             except ValueError:
                 return
             if message.get("type") != "input" or not isinstance(message.get("data"), str):

@@ -29,7 +29,7 @@ from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import needs
 from audit.actor import Actor
-from sandbox_site import context
+from sandbox_site import context, parsers
 
 STREAM_QUEUE_FRAMES = 64  # output chunks (up to 64 KiB each) waiting for the websocket
 
@@ -63,7 +63,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
             return
         self.started = True
         try:
-            request = json.loads(text_data or "")
+            request = parsers.loads(text_data or "")  # ValueError also when nested too deep
         except ValueError:
             await self._error(400, "send one JSON object")
             return

@@ -86,6 +86,18 @@ async def test_bad_input_is_an_error_frame(caller_for) -> None:
     await communicator.disconnect()
 
 
+async def test_deeply_nested_json_is_an_error_frame(caller_for) -> None:
+    """A RecursionError in the decoder used to end the connection without an answer."""
+    owner = await database_sync_to_async(caller_for)("operator")
+    vm = await database_sync_to_async(make_vm)(owner, run=False)
+    communicator, connected, _ = await connect(owner.user, vm.pk)
+    assert connected
+    await communicator.send_to(text_data="[" * 100_000)
+    frame = json.loads(await communicator.receive_from(timeout=10))
+    assert frame["type"] == "error" and frame["status"] == 400
+    await communicator.disconnect()
+
+
 @pytest.mark.guest
 async def test_output_streams_before_the_command_ends(caller_for, vm_dirs) -> None:
     from vms import commands, worker
