@@ -123,7 +123,8 @@ def run(args: argparse.Namespace, url: str) -> dict[str, float | int]:
         # What a hand-written appender does: the same lock, head read, canonical hash and the
         # same full row, every value bound as a parameter; no ORM, no projections, no checks.
         with raw.transaction():
-            raw.execute("SET LOCAL lock_timeout = '5000ms'; LOCK TABLE raw_event IN EXCLUSIVE MODE")
+            # The store's lock kind (a transaction-level advisory lock), under a key of its own.
+            raw.execute("SET LOCAL lock_timeout = '5000ms'; SELECT pg_advisory_xact_lock(1)")
             row = raw.execute(
                 "SELECT position, hash FROM raw_event ORDER BY position DESC LIMIT 1"
             ).fetchone()
