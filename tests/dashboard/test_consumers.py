@@ -183,6 +183,53 @@ async def test_console_link_down_is_reported(
     await comm.disconnect()
 
 
+async def test_console_says_when_the_relay_does_not_answer(
+    make_user, make_vm, ws_connect, short_run_dir, console_dir, settings, monkeypatch
+) -> None:
+    """With the relay in the worker and no worker running, the console says so."""
+    from vms import console
+
+    settings.SANDBOX_CONSOLE_RELAY = "worker"  # nobody relays in this process
+    monkeypatch.setattr(console, "RELAY_TIMEOUT_S", 0.3)
+    owner = await database_sync_to_async(make_user)("operator")
+    vm = await database_sync_to_async(make_vm)(owner)
+    comm = await ws_connect(f"/ws/vms/{vm.pk}/console/", owner)
+    assert (await comm.connect())[0]
+    status = await _json_until(comm, lambda m: m["type"] == "link" and "reason" in m)
+    assert status["connected"] is False and "relay does not answer" in status["reason"]
+    await comm.disconnect()
+
+
+async def test_the_relay_drops_a_consumer_that_went_silent(
+    make_user, make_vm, fake_serial, monkeypatch
+) -> None:
+    """A web process killed mid-session never detaches: the relay drops its consumers when
+    their keep-alives stop, and frees the serial link."""
+    from channels.layers import get_channel_layer
+
+    from vms import console
+
+    monkeypatch.setattr(console, "KEEPALIVE_S", 0.1)
+    monkeypatch.setattr(console, "SUBSCRIBER_TTL_S", 0.5)
+    owner = await database_sync_to_async(make_user)("operator")
+    vm = await database_sync_to_async(make_vm)(owner)
+    serial = await fake_serial(vm)
+    layer = get_channel_layer()
+    await console.ensure_relay()
+    gone = await layer.new_channel("gone.")
+    await layer.send(
+        console.relay_channel(), {"type": "console.attach", "vm": str(vm.pk), "reply": gone}
+    )
+    assert (await layer.receive(gone))["type"] == "console.link"
+    assert (await layer.receive(gone))["type"] == "console.attached"
+    await serial.wait_connected()
+    for _ in range(100):  # no keep-alive from here on
+        if not serial.writers:
+            break
+        await asyncio.sleep(0.05)
+    assert not serial.writers, "the serial link is still held for a consumer that is gone"
+
+
 async def test_live_updates_follow_the_log(make_user, make_vm, ws_connect, short_run_dir) -> None:
     owner = await database_sync_to_async(make_user)("operator")
     other = await database_sync_to_async(make_user)("operator")
