@@ -33,23 +33,27 @@ class _TokenQuery:
 
     def __init__(self) -> None:
         user_model = get_user_model()
-        self.token_fields = [f.attname for f in APIToken._meta.concrete_fields]
-        self.user_fields = [f.attname for f in user_model._meta.concrete_fields]
-        through = user_model._meta.get_field("groups").remote_field.through._meta
+        # Model metadata is typed loosely by the stubs (optional names, relation unions); every
+        # attribute read here exists on these concrete models.
+        token_meta: Any = APIToken._meta
+        user_meta: Any = user_model._meta
+        self.token_fields = [f.attname for f in token_meta.concrete_fields]
+        self.user_fields = [f.attname for f in user_meta.concrete_fields]
+        through: Any = user_meta.get_field("groups").remote_field.through._meta
         qn = connection.ops.quote_name
-        columns = [f"t.{qn(f.column)}" for f in APIToken._meta.concrete_fields]
-        columns += [f"u.{qn(f.column)}" for f in user_model._meta.concrete_fields]
-        user_fk = through.get_field(user_model._meta.model_name).column
+        columns = [f"t.{qn(f.column)}" for f in token_meta.concrete_fields]
+        columns += [f"u.{qn(f.column)}" for f in user_meta.concrete_fields]
+        user_fk = through.get_field(user_meta.model_name).column
         group_fk = through.get_field("group").column
         columns.append(f"g.{qn(group_fk)}")
-        user_pk = qn(user_model._meta.pk.column)
+        user_pk = qn(user_meta.pk.column)
         # Identifiers only, from model metadata and quoted; the key is a bound parameter.
         self.sql = (
-            f"SELECT {', '.join(columns)} FROM {qn(APIToken._meta.db_table)} t"  # noqa: S608
-            f" JOIN {qn(user_model._meta.db_table)} u"
-            f" ON u.{user_pk} = t.{qn(APIToken._meta.get_field('user').column)}"
+            f"SELECT {', '.join(columns)} FROM {qn(token_meta.db_table)} t"  # noqa: S608
+            f" JOIN {qn(user_meta.db_table)} u"
+            f" ON u.{user_pk} = t.{qn(token_meta.get_field('user').column)}"
             f" LEFT JOIN {qn(through.db_table)} g ON g.{qn(user_fk)} = u.{user_pk}"
-            f" WHERE t.{qn(APIToken._meta.get_field('key').column)} = %s"
+            f" WHERE t.{qn(token_meta.get_field('key').column)} = %s"
         )
         self.user_model = user_model
         self.converters: list[tuple[list[Any], Any]] | None = None
