@@ -255,3 +255,19 @@ def test_check_deploy_warns_without_them(deploy_env) -> None:
     )  # fmt: skip
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert warning in result.stderr + result.stdout
+
+
+def test_no_template_needs_inline_script() -> None:
+    """The Content-Security-Policy blocks inline event handlers and scripts without the
+    response's nonce: a template with one would silently stop working."""
+    import re
+
+    handler = re.compile(r"""\son[a-z]+\s*=\s*["']""", re.IGNORECASE)
+    script = re.compile(r"<script(?![^>]*\b(src|nonce)=)[^>]*>", re.IGNORECASE)
+    offenders = [
+        f"{path.relative_to(ROOT)}: {m.group(0)}"
+        for path in sorted((ROOT / "templates").rglob("*.html"))
+        for pattern in (handler, script)
+        for m in pattern.finditer(path.read_text())
+    ]
+    assert not offenders, offenders
