@@ -92,7 +92,7 @@ def test_raw_upload_without_content_disposition(
 ) -> None:
     # curl -T x ".../files/?path=/tmp/raw" (or --data-binary @x): no filename anywhere
     client = client_for(issue_token(running_vm.owner))
-    data = bytes(range(256)) * 5000  # beyond the in-memory upload size: spooled to a file
+    data = bytes(range(256)) * 12000  # beyond the in-memory upload size: spooled to a file
     response = getattr(client, method)(
         f"/api/v1/vms/{running_vm.pk}/files/?path=/tmp/raw",
         data,
