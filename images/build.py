@@ -17,8 +17,12 @@ What it makes, in ``${SANDBOX_IMAGE_CACHE:-~/.cache/microvm-sandbox/images}/<rec
 The directory name hashes every recipe file and the Debian package versions resolved from the
 host's apt lists, so a changed recipe builds a new directory and an unchanged one is a no-op that
 prints the path. Each build happens in a temporary directory beside its destination and is
-renamed into place, so a reader never sees half an image. ``vms/images.py`` loads this file to
-compute the same directory name.
+renamed into place, so a reader never sees half an image.
+
+The contract with the control plane: each image directory's ``manifest.json`` carries the
+recipe hash, every file's SHA-256 and the ``image_id`` (a digest of the boot files' hashes: what
+a snapshot pins), and the cache's ``current`` symlink names the directory of the last image
+built (or found up to date). ``vms/images.py`` reads those and nothing else.
 """
 
 from __future__ import annotations
@@ -88,6 +92,11 @@ ROOTFS_LABEL = "sandbox-root"
 UKI_CMDLINE = "console=ttyS0,115200 quiet panic=-1"
 ESP_SIZE_MIB = 40
 ESP_TYPE_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+# The files whose bytes a guest sees (kernel, stage 1, root): their hashes make the image id. The
+# UEFI disk is derived from the same kernel and initramfs, so it does not change the id.
+IMAGE_ID_FILES = ("vmlinuz", "initramfs.cpio", "rootfs.ext4")
+MANIFEST = "manifest.json"
+CURRENT = "current"  # symlink in the cache: the image new VMs get
 
 _started = time.monotonic()
 
@@ -236,6 +245,45 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def image_id(files: dict[str, dict[str, object]]) -> str:
+    """The image's identity: a digest of its boot files' SHA-256s (16 hex digits).
+
+    Content, not recipe: a rebuild of one recipe whose packages moved on is another image, and
+    a snapshot taken on the first must not be restored over the second's root filesystem.
+    """
+    try:
+        hashes = {name: files[name]["sha256"] for name in IMAGE_ID_FILES}
+    except KeyError as exc:
+        raise SystemExit(f"build.py: the manifest lists no {exc} hash") from exc
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict[str, object]) -> None:
+    """Write ``path`` whole or not at all (readers never see half a manifest)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def ensure_image_id(dest: Path) -> str:
+    """The image id of the built image ``dest``, added to a manifest written before ids existed
+    (from the hashes it already lists: nothing is rehashed)."""
+    manifest = json.loads((dest / MANIFEST).read_text())
+    if "image_id" not in manifest:
+        manifest["image_id"] = image_id(manifest["files"])
+        manifest.setdefault("recipe_hash", dest.name)
+        write_json(dest / MANIFEST, manifest)
+    return str(manifest["image_id"])
+
+
+def point_current(root: Path, dest: Path) -> None:
+    """Make ``root/current`` name ``dest`` (relative, so the cache can move), atomically."""
+    tmp = root / f".{CURRENT}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(dest.name)
+    tmp.replace(root / CURRENT)
 
 
 def file_entry(path: Path) -> dict[str, object]:
@@ -532,8 +580,10 @@ def build_base(dest: Path, packages: dict[str, str], digest: str) -> None:
         step("packing rootfs.ext4 (mkfs.ext4 -d)")
         fs_uuid = str(uuid.UUID(hashlib.sha256(digest.encode()).hexdigest()[:32]))
         make_rootfs(tree, out / "rootfs.ext4", fs_uuid)
+        files = {p.name: file_entry(p) for p in sorted(out.iterdir())}
         manifest = {
             "recipe_hash": digest,
+            "image_id": image_id(files),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 1),
             "kernel_release": release,
@@ -543,9 +593,9 @@ def build_base(dest: Path, packages: dict[str, str], digest: str) -> None:
             "rootfs_uuid": fs_uuid,
             "rootfs_tree_bytes": tree_size,
             "rootfs_packages": pkgs,
-            "files": {p.name: file_entry(p) for p in sorted(out.iterdir())},
+            "files": files,
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(out / MANIFEST, manifest)
         out.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -563,12 +613,13 @@ def build_uefi(base: Path) -> None:
         step("building the GPT disk with the FAT ESP (sfdisk + mtools)")
         build_esp_disk(out / "BOOTX64.EFI", out / "esp.img")
         manifest = {
+            "image_id": ensure_image_id(base),
             "build_seconds": round(time.monotonic() - started, 1),
             "cmdline": UKI_CMDLINE,
             "rootfs": "../rootfs.ext4",
             "files": {p.name: file_entry(p) for p in sorted(out.iterdir())},
         }
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(out / MANIFEST, manifest)
         out.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -589,24 +640,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_dir:
         print(dest)
         return 0
-    if os.geteuid() != 0:
-        raise SystemExit("build.py: debootstrap and chroot need root")
     with locked(cache_root() / f".lock-{digest}"):
         if args.force and dest.exists():
+            need_root()
             step(f"--force: removing {dest}")
             shutil.rmtree(dest)
-        if (dest / "manifest.json").exists():
+        if (dest / MANIFEST).exists():
             step("base image up to date")
         else:
+            need_root()
             step(f"building recipe {digest} (kernel {packages['kernel_package']})")
             build_base(dest, packages, digest)
+        ident = ensure_image_id(dest)
         if args.uefi:
-            if (dest / "uefi" / "manifest.json").exists():
+            if (dest / "uefi" / MANIFEST).exists():
                 step("UEFI image up to date")
             else:
+                need_root()
                 build_uefi(dest)
+        point_current(cache_root(), dest)
+        step(f"image {ident} is current")
     print(dest)
     return 0
+
+
+def need_root() -> None:
+    # An image that is up to date needs no root: only building does (debootstrap, chroot).
+    if os.geteuid() != 0:
+        raise SystemExit("build.py: debootstrap and chroot need root")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Where the built guest images are, and the per-VM pieces made from them (no Django imports).
 
-``images/build.py`` builds the Linux guest into a cache directory named after a hash of its
-recipe; this module computes the same name (by loading build.py), checks that the image is there
-and hands out paths plus the base kernel command line. ``SANDBOX_IMAGE_DIR`` points at a built
-image directory directly (e.g. on a hypervisor host that has no checkout of ``images/``).
+The contract with ``images/build.py`` is the image cache and nothing else: build.py writes each
+image into ``<cache>/<recipe-hash>/`` with a ``manifest.json`` (recipe hash, ``image_id``, every
+file's SHA-256) and points the cache's ``current`` symlink at the image new VMs get. This module
+reads the pointer and the manifests; it never runs the build or asks apt anything at run time.
+``SANDBOX_IMAGE_DIR`` names the current image directory directly (e.g. on a hypervisor host that
+has no checkout of ``images/``); ``SANDBOX_IMAGE_CACHE`` moves the cache.
+
+An image is known by its ``image_id`` (a digest of its boot files): ``vm.started`` and
+``snapshot.created`` record it, and a snapshot is restored on the image it was taken on, found
+among the images kept in the cache (``linux_image(image_id)``), or not at all.
 
 Layout of an image directory::
 
@@ -16,24 +22,25 @@ The root filesystem is shared read-only by every VM; each VM gets its own writab
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Literal, overload
 
 __all__ = [
     "BUILD_SCRIPT",
+    "CURRENT",
     "DATA_DISK_LABEL",
     "ImageNotBuilt",
+    "ImageNotKept",
     "LinuxImage",
     "UefiImage",
     "base_cmdline",
+    "cache_root",
+    "current_image_id",
     "ensure_built",
     "host_tsc_khz",
     "image_dir",
@@ -47,10 +54,24 @@ DATA_DISK_LABEL = "sandbox-data"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 BUILD_TIMEOUT_S = 1800.0
+MANIFEST = "manifest.json"
+CURRENT = "current"  # the cache's pointer to the image new VMs get (written by build.py)
 
 
 class ImageNotBuilt(RuntimeError):
-    """The guest image for the current recipe is not in the cache (run ``make images``)."""
+    """No current guest image on this host, or an unusable one (run ``make images``)."""
+
+
+class ImageNotKept(ImageNotBuilt):
+    """The image a snapshot was taken on is no longer on this host."""
+
+    def __init__(self, image_id: str, current: str | None) -> None:
+        self.image_id, self.current = image_id, current
+        now = f"the current image is {current}" if current else "there is no current image"
+        super().__init__(
+            f"image {image_id} is not kept on this host any more ({now}); a snapshot is "
+            "restored only on the image it was taken on"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,7 @@ class LinuxImage:
     rootfs: Path
     cmdline: str  # base command line; append per-VM sandbox.* parameters
     kernel_release: str
+    image_id: str
 
 
 @dataclass(frozen=True)
@@ -78,44 +100,75 @@ class UefiImage:
     rootfs: Path
     firmware_code: Path
     firmware_vars: Path  # template: copy it per VM, OVMF writes to its variable store
+    image_id: str
 
 
-@functools.cache
-def _build_module() -> ModuleType:
-    if not BUILD_SCRIPT.is_file():
-        raise ImageNotBuilt(
-            f"{BUILD_SCRIPT} not found: set SANDBOX_IMAGE_DIR to a built image directory"
-        )
-    spec = importlib.util.spec_from_file_location("_sandbox_image_build", BUILD_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_BUILD_HINT = "build it with `make images` (python images/build.py --uefi)"
 
 
-@functools.cache
-def _recipe_dir() -> Path:
-    build = _build_module()
-    try:
-        return Path(build.cache_root()) / build.recipe_hash()
-    except SystemExit as exc:  # build.py reports apt problems as SystemExit
-        raise ImageNotBuilt(str(exc)) from exc
+def cache_root() -> Path:
+    """Where build.py keeps its images (``SANDBOX_IMAGE_CACHE``, as build.py reads it)."""
+    env = os.environ.get("SANDBOX_IMAGE_CACHE")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path.home() / ".cache" / "microvm-sandbox" / "images"
 
 
 def image_dir() -> Path:
-    """The image directory for the current recipe (it may not be built yet)."""
+    """The current image's directory: ``SANDBOX_IMAGE_DIR``, else where the cache's ``current``
+    pointer leads (ImageNotBuilt when there is none)."""
     env = os.environ.get("SANDBOX_IMAGE_DIR")
-    return Path(env) if env else _recipe_dir()
+    if env:
+        return Path(env)
+    pointer = cache_root() / CURRENT
+    if not pointer.is_symlink():
+        raise ImageNotBuilt(f"no current guest image ({pointer} is missing): {_BUILD_HINT}")
+    return pointer.resolve()
 
 
 def _manifest(directory: Path) -> dict[str, object]:
     try:
-        return json.loads((directory / "manifest.json").read_text())
+        manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ImageNotBuilt(
-            f"no guest image at {directory}: build it with `make images` "
-            f"(python {BUILD_SCRIPT.relative_to(BUILD_SCRIPT.parent.parent)})"
-        ) from None
+        raise ImageNotBuilt(f"no guest image at {directory}: {_BUILD_HINT}") from None
+    except ValueError as exc:
+        raise ImageNotBuilt(f"unreadable {directory / MANIFEST} ({exc}): {_BUILD_HINT}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("image_id"), str):
+        # Written before images had ids: build.py adds the id when it next runs (no rebuild).
+        raise ImageNotBuilt(f"the image at {directory} has no image_id: {_BUILD_HINT}")
+    return manifest
+
+
+def current_image_id() -> str | None:
+    """The id of the image new VMs get, or None when there is none."""
+    try:
+        return str(_manifest(image_dir())["image_id"])
+    except ImageNotBuilt:
+        return None
+
+
+def _kept_image_dir(image_id: str) -> Path:
+    """The directory of the image ``image_id``: the current one, or another kept in the cache."""
+    candidates = []
+    try:
+        candidates.append(image_dir())
+    except ImageNotBuilt:
+        pass
+    root = cache_root()
+    if root.is_dir():
+        candidates += sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    for directory in candidates:
+        try:
+            if _manifest(directory)["image_id"] == image_id:
+                return directory
+        except ImageNotBuilt:
+            continue
+    raise ImageNotKept(image_id, current_image_id())
+
+
+def _resolve(image_id: str | None) -> tuple[Path, dict[str, object]]:
+    directory = image_dir() if image_id is None else _kept_image_dir(image_id)
+    return directory, _manifest(directory)
 
 
 def host_tsc_khz() -> int:
@@ -145,9 +198,10 @@ def base_cmdline() -> str:
     return f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()}"
 
 
-def linux_image() -> LinuxImage:
-    directory = image_dir()
-    manifest = _manifest(directory)
+def linux_image(image_id: str | None = None) -> LinuxImage:
+    """The current image, or with ``image_id`` that image if this host still keeps it
+    (ImageNotKept otherwise)."""
+    directory, manifest = _resolve(image_id)
     return LinuxImage(
         directory=directory,
         kernel=directory / "vmlinuz",
@@ -155,19 +209,22 @@ def linux_image() -> LinuxImage:
         rootfs=directory / "rootfs.ext4",
         cmdline=base_cmdline(),
         kernel_release=str(manifest.get("kernel_release", "")),
+        image_id=str(manifest["image_id"]),
     )
 
 
-def uefi_image() -> UefiImage:
-    directory = image_dir()
-    _manifest(directory)
-    _manifest(directory / "uefi")
+def uefi_image(image_id: str | None = None) -> UefiImage:
+    """As ``linux_image``, for UEFI boot (the image's ``uefi/`` part must be built too)."""
+    directory, manifest = _resolve(image_id)
+    if not (directory / "uefi" / MANIFEST).is_file():
+        raise ImageNotBuilt(f"the image at {directory} has no UEFI part: {_BUILD_HINT}")
     return UefiImage(
         directory=directory,
         disk=directory / "uefi" / "esp.img",
         rootfs=directory / "rootfs.ext4",
         firmware_code=OVMF_CODE,
         firmware_vars=OVMF_VARS,
+        image_id=str(manifest["image_id"]),
     )
 
 
@@ -176,21 +233,27 @@ def ensure_built(uefi: Literal[False] = False) -> LinuxImage: ...
 @overload
 def ensure_built(uefi: Literal[True]) -> UefiImage: ...
 def ensure_built(uefi: bool = False) -> LinuxImage | UefiImage:
-    """Build the image if this recipe has not been built yet (root; about a minute), then
-    return its paths. A no-op when it exists."""
-    try:
+    """For development, tests and benches (never the runtime): run this checkout's
+    ``images/build.py``, which builds the image if its recipe has not been built yet (root;
+    about a minute) and makes it current, then return that image (by its id: the pointer may
+    move on meanwhile if another checkout with another recipe shares the cache). With
+    ``SANDBOX_IMAGE_DIR`` set, that directory is the image and nothing is built."""
+    if os.environ.get("SANDBOX_IMAGE_DIR"):
         return uefi_image() if uefi else linux_image()
-    except ImageNotBuilt:
-        if os.environ.get("SANDBOX_IMAGE_DIR"):
-            raise
+    if not BUILD_SCRIPT.is_file():
+        raise ImageNotBuilt(f"{BUILD_SCRIPT} not found: set SANDBOX_IMAGE_DIR to a built image")
     argv = [sys.executable, str(BUILD_SCRIPT), *(["--uefi"] if uefi else [])]
     try:
-        subprocess.run(argv, check=True, timeout=BUILD_TIMEOUT_S)
+        done = subprocess.run(
+            argv, check=True, timeout=BUILD_TIMEOUT_S, stdout=subprocess.PIPE, text=True
+        )
     except subprocess.CalledProcessError as exc:
         raise ImageNotBuilt(f"image build failed ({' '.join(argv)}: {exc.returncode})") from exc
     except subprocess.TimeoutExpired as exc:
         raise ImageNotBuilt(f"image build took more than {BUILD_TIMEOUT_S:.0f}s") from exc
-    return uefi_image() if uefi else linux_image()
+    sys.stdout.write(done.stdout)
+    built = str(_manifest(Path(done.stdout.strip().splitlines()[-1]))["image_id"])
+    return uefi_image(built) if uefi else linux_image(built)
 
 
 def make_data_disk(path: str | Path, size_mib: int, *, label: str = DATA_DISK_LABEL) -> Path:

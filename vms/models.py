@@ -89,6 +89,8 @@ class VirtualMachine(models.Model):
     pending_type = models.CharField(max_length=64, blank=True)
     host = models.CharField(max_length=100, blank=True)
     hypervisor = models.CharField(max_length=32, blank=True)
+    # The guest image (vms.images image id) its VMM was last started or restored on.
+    image_id = models.CharField(max_length=64, blank=True)
     hostname = models.CharField(max_length=63)
     mac = models.CharField(max_length=17)
     ip = models.GenericIPAddressField(null=True, blank=True)
@@ -171,6 +173,9 @@ class Snapshot(models.Model):
     disk_mib = models.PositiveIntegerField()
     size_bytes = models.BigIntegerField(default=0)
     manifest = models.JSONField(default=dict, blank=True)  # relative path -> {size, sha256}
+    # The guest image it was taken on: it is restored on that image only (blank: taken before
+    # images had ids, restored on the current one).
+    image_id = models.CharField(max_length=64, blank=True)
     last_error = models.TextField(blank=True)
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()

@@ -191,6 +191,8 @@ class VMProjector(Projector):
                 vm.progress = {}
                 if e.type in FAILURES:
                     vm.last_error = str(data.get("reason", "failed"))[:2000]
+                if e.type in ("vm.started", "vm.restored"):
+                    vm.image_id = data.get("image_id", vm.image_id)
                 if e.type == "vm.started":
                     vm.host = data.get("host", vm.host)
                     vm.hypervisor = data.get("hypervisor", vm.hypervisor)
@@ -241,6 +243,7 @@ class VMProjector(Projector):
                     "pending_type",
                     "host",
                     "hypervisor",
+                    "image_id",
                     "vcpus",
                     "memory_mib",
                     "ip",
@@ -257,7 +260,15 @@ class VMProjector(Projector):
         if old_snaps:
             Snapshot.objects.bulk_update(
                 old_snaps,
-                ["state", "size_bytes", "manifest", "last_error", "version", "deleted_at"],
+                [
+                    "state",
+                    "size_bytes",
+                    "manifest",
+                    "image_id",
+                    "last_error",
+                    "version",
+                    "deleted_at",
+                ],
             )
         RequestOutcome.objects.bulk_create(outcomes)
         self._apply_usage(usage)
@@ -277,6 +288,7 @@ class VMProjector(Projector):
             snap.state = Snapshot.State.READY
             snap.manifest = data["manifest"]
             snap.size_bytes = data["size_bytes"]
+            snap.image_id = data.get("image_id", "")
         elif e.type == "snapshot.corrupted":
             snap.state = Snapshot.State.CORRUPTED
             snap.last_error = str(data.get("reason", ""))[:2000]

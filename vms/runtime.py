@@ -37,8 +37,12 @@ def hypervisor() -> Hypervisor:
     return select_hypervisor(settings.SANDBOX_HYPERVISOR)
 
 
-def build_spec(vm: VirtualMachine) -> VMSpec:
-    """The driver-level description of ``vm``: shared read-only root, its own data disk."""
+def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
+    """The driver-level description of ``vm``: shared read-only root, its own data disk.
+
+    On the current guest image, or with ``image_id`` on that one (a snapshot's: ImageNotKept
+    when this host no longer has it). ``spec.extra["image_id"]`` says which it is.
+    """
     from vms import images
 
     if vm.image == "windows":
@@ -48,7 +52,8 @@ def build_spec(vm: VirtualMachine) -> VMSpec:
     data_disk = vm_data_dir(vm.pk) / "data.img"
     extra = {"hostname": vm.hostname}
     if vm.boot == "uefi":
-        uefi = images.uefi_image()
+        uefi = images.uefi_image(image_id)
+        extra["image_id"] = uefi.image_id
         return VMSpec(
             vm_id=vm.pk.hex[:12],
             boot="uefi",
@@ -62,7 +67,8 @@ def build_spec(vm: VirtualMachine) -> VMSpec:
             ),
             extra=extra,
         )
-    linux = images.linux_image()
+    linux = images.linux_image(image_id)
+    extra["image_id"] = linux.image_id
     return VMSpec(
         vm_id=vm.pk.hex[:12],
         boot="linux",

@@ -27,6 +27,7 @@ from audit.actor import Actor
 from audit.models import Event
 from vms import commands, runtime
 from vms.hypervisors.base import HypervisorError, NotSupported, SnapshotFiles
+from vms.images import ImageNotBuilt, current_image_id
 from vms.models import RequestOutcome, Snapshot, VirtualMachine
 
 log = logging.getLogger("sandbox.vms.worker")
@@ -311,6 +312,7 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         "hypervisor": hv.name,
         "pid": pid,
         "from_template": restored,
+        "image_id": spec.extra.get("image_id", ""),
         "seconds": round(time.monotonic() - started, 3),
     }
 
@@ -440,7 +442,14 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
         "snapshot",
         snapshot_id,
         "snapshot.created",
-        {"vm_id": str(vm.pk), "manifest": manifest, "size_bytes": size, "files": len(manifest)},
+        {
+            "vm_id": str(vm.pk),
+            "manifest": manifest,
+            "size_bytes": size,
+            "files": len(manifest),
+            # The image the VM runs on: the snapshot is restored on that image only.
+            "image_id": vm.image_id,
+        },
         actor=Actor.system(channel="worker", name="worker"),
         causation_id=request.event_id,
         correlation_id=request.correlation_id,
@@ -483,8 +492,23 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             actor=Actor.system(channel="worker", name="worker"),
             causation_id=request.event_id,
         )
-        raise RequestFailed(f"snapshot {snap.name} is corrupted: {problem}", state=failed_state)
+        raise RequestFailed(
+            f"snapshot {snap.name} is corrupted: {problem}",
+            state="failed" if clone else _untouched_state(vm),
+        )
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    try:
+        # Saved RAM has the image's root filesystem in its page cache: restore it on the image
+        # it was taken on (kept in the image cache), never on another.
+        image_id = runtime.build_spec(vm, snap.image_id or None).extra["image_id"]
+    except ImageNotBuilt as exc:
+        # Refused before anything was touched: the VM is left as it is.
+        raise RequestFailed(
+            f"snapshot {snap.name} cannot be restored: {exc}",
+            state="failed" if clone else _untouched_state(vm),
+            snapshot_image_id=snap.image_id,
+            current_image_id=current_image_id(),
+        ) from exc
     files = SnapshotFiles(
         directory=runtime.snapshot_dir(snap.pk),
         files=tuple(runtime.snapshot_dir(snap.pk) / name for name in snap.manifest),
@@ -495,7 +519,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
             rt.create()
             _ensure_data_disk(vm)
-            spec = runtime.build_spec(vm)
+            spec = runtime.build_spec(vm, image_id)
             _progress(request, "restoring", 40, "starting the VMM from the snapshot")
             pid = hv.restore(spec, rt, files)
         # Its own identity and a correct clock: copies of one snapshot run side by side.
@@ -511,8 +535,20 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
         "pid": pid,
         "host": runtime.host_name(),
         "hypervisor": hv.name,
+        "image_id": image_id,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _untouched_state(vm: VirtualMachine) -> str:
+    """Where a VM whose restore was refused before touching it is: as its VMM says."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    if not hv.is_alive(rt):
+        return "stopped"
+    try:
+        return "paused" if hv.info(rt).state.value == "paused" else "running"
+    except HypervisorError:
+        return "running"
 
 
 def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,233 @@
+"""A snapshot is restored on the image it was taken on: pinned while the image is kept, refused
+with that reason once it is gone, and the log says which image each VM runs.
+
+The worker's handlers run for real against a recording stand-in hypervisor (no guest: what is
+tested is which image files the worker hands the driver, and what the log says), over an image
+cache fabricated the way build.py writes it (manifest + ``current`` pointer).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from accounts.caller import Caller
+from audit.models import Event
+from tests.vms.test_image_contract import build, fabricate, image_id_of
+from vms import commands, runtime, worker
+from vms.hypervisors.base import RuntimeDir, SnapshotFiles, VMInfo, VMSpec, VMState
+from vms.models import Snapshot, VirtualMachine
+
+pytestmark = pytest.mark.django_db
+
+
+class RecordingHypervisor:
+    """Does what the worker asks without a VMM, and remembers the specs it was given."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.alive: set[Path] = set()
+        self.paused: set[Path] = set()
+        self.starts: list[VMSpec] = []
+        self.restores: list[VMSpec] = []
+
+    def start(self, spec: VMSpec, rt: RuntimeDir) -> int:
+        self.starts.append(spec)
+        self.alive.add(rt.root)
+        return 4242
+
+    def restore(self, spec: VMSpec, rt: RuntimeDir, snapshot: SnapshotFiles) -> int:
+        self.restores.append(spec)
+        self.alive.add(rt.root)
+        return 4343
+
+    def snapshot(self, rt: RuntimeDir, directory: Path) -> SnapshotFiles:
+        state = directory / "state.bin"
+        state.write_bytes(b"guest memory")
+        return SnapshotFiles(directory=directory, files=(state,))
+
+    def pause(self, rt: RuntimeDir) -> None:
+        self.paused.add(rt.root)
+
+    def resume(self, rt: RuntimeDir) -> None:
+        self.paused.discard(rt.root)
+
+    def info(self, rt: RuntimeDir) -> VMInfo:
+        if rt.root not in self.alive:
+            return VMInfo(state=VMState.DEAD, pid=None)
+        paused = rt.root in self.paused
+        return VMInfo(state=VMState.PAUSED if paused else VMState.RUNNING, pid=4242)
+
+    def is_alive(self, rt: RuntimeDir) -> bool:
+        return rt.root in self.alive
+
+    def destroy(self, rt: RuntimeDir) -> None:
+        self.alive.discard(rt.root)
+        self.paused.discard(rt.root)
+        shutil.rmtree(rt.root, ignore_errors=True)
+
+
+class FakeAgent:
+    def __enter__(self) -> FakeAgent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def configure(self, **_: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def hv(monkeypatch: pytest.MonkeyPatch, vm_dirs: dict[str, Path]) -> RecordingHypervisor:
+    fake = RecordingHypervisor()
+    monkeypatch.setattr(runtime, "hypervisor", lambda: fake)
+    monkeypatch.setattr(worker, "_agent", lambda vm, timeout=0: FakeAgent())
+    return fake
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "image-cache"
+    root.mkdir()
+    monkeypatch.setenv("SANDBOX_IMAGE_CACHE", str(root))
+    monkeypatch.delenv("SANDBOX_IMAGE_DIR", raising=False)
+    return root
+
+
+@pytest.fixture
+def owner(make_user: Any) -> Caller:
+    return Caller.for_user(make_user("operator", "img-owner"), channel="api")
+
+
+def run(accepted: commands.Accepted) -> VirtualMachine:
+    """Carry the request out as the worker task would, then read the VM back."""
+    worker.handle(str(accepted.request.event_id))
+    return VirtualMachine.objects.get(pk=accepted.vm_id)
+
+
+def outcome_of(accepted: commands.Accepted) -> Event:
+    return Event.objects.get(causation_id=accepted.request.event_id, type__startswith="vm.re")
+
+
+def started_vm_with_snapshot(
+    owner: Caller, cache: Path, image: Path
+) -> tuple[VirtualMachine, Snapshot]:
+    build.point_current(cache, image)
+    vm = run(commands.create(owner, name="pinned", template="linux-small"))
+    assert vm.state == "running", vm.last_error
+    accepted = commands.snapshot(owner, vm, name="on-first-image")
+    vm = run(accepted)
+    assert accepted.snapshot is not None
+    snap = Snapshot.objects.get(pk=accepted.snapshot.pk)
+    assert snap.state == "ready", snap.last_error
+    return vm, snap
+
+
+def test_the_image_id_goes_into_vm_started_and_snapshot_created(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    started = Event.objects.get(aggregate_id=str(vm.pk), type="vm.started")
+    assert started.payload["image_id"] == image_id_of(first)
+    assert hv.starts[0].kernel == first / "vmlinuz"
+    assert hv.starts[0].disks[0].path == first / "rootfs.ext4"
+    assert vm.image_id == image_id_of(first)
+    created = Event.objects.get(aggregate_id=str(snap.pk), type="snapshot.created")
+    assert created.payload["image_id"] == image_id_of(first)
+    assert snap.image_id == image_id_of(first)
+
+
+def test_a_snapshot_taken_on_one_image_refuses_to_restore_on_another(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    first_id = image_id_of(first)
+    # A second image (another id) becomes current, and the first is removed from this host.
+    second = fabricate(cache, "b000000000000002", b"second")
+    build.point_current(cache, second)
+    shutil.rmtree(first)
+
+    accepted = commands.restore(owner, vm, snap)
+    vm = run(accepted)
+
+    failed = outcome_of(accepted)
+    assert failed.type == "vm.restore_failed"
+    assert failed.payload["snapshot_image_id"] == snap.image_id == first_id
+    assert failed.payload["current_image_id"] == image_id_of(second) != first_id
+    assert first_id in failed.payload["reason"]
+    assert "only on the image it was taken on" in failed.payload["reason"]
+    assert hv.restores == []  # nothing was restored over the other image's root
+    # Refused before anything was touched: the VM still runs, and the log says so.
+    assert hv.is_alive(runtime.runtime_dir(vm.pk))
+    assert failed.payload["state"] == "running"
+    assert vm.state == "running"
+    assert vm.last_error == failed.payload["reason"]
+    assert not Event.objects.filter(aggregate_id=str(vm.pk), type="vm.restored").exists()
+
+
+def test_a_clone_of_a_snapshot_whose_image_is_gone_fails_with_that_reason(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    _, snap = started_vm_with_snapshot(owner, cache, first)
+    build.point_current(cache, fabricate(cache, "b000000000000002", b"second"))
+    shutil.rmtree(first)
+
+    accepted = commands.clone(owner, snap, name="clone-elsewhere")
+    clone = run(accepted)
+
+    failed = outcome_of(accepted)
+    assert failed.type == "vm.restore_failed"
+    assert failed.payload["snapshot_image_id"] == snap.image_id
+    assert clone.state == "failed"
+    assert hv.restores == []
+
+
+def test_a_snapshot_is_restored_on_its_own_image_while_it_is_kept(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    second = fabricate(cache, "b000000000000002", b"second")
+    build.point_current(cache, second)  # new VMs get the second image; the first is kept
+
+    accepted = commands.restore(owner, vm, snap)
+    vm = run(accepted)
+
+    restored = outcome_of(accepted)
+    assert restored.type == "vm.restored", restored.payload
+    assert restored.payload["image_id"] == image_id_of(first)
+    assert hv.restores[-1].kernel == first / "vmlinuz"
+    assert hv.restores[-1].initramfs == first / "initramfs.cpio"
+    assert hv.restores[-1].disks[0].path == first / "rootfs.ext4"
+    assert vm.image_id == image_id_of(first)
+    # A cold start afterwards boots the current image.
+    run(commands.stop(owner, vm))
+    vm = run(commands.start(owner, VirtualMachine.objects.get(pk=vm.pk)))
+    assert vm.image_id == image_id_of(second)
+    assert hv.starts[-1].kernel == second / "vmlinuz"
+
+
+def test_a_refused_restore_of_a_corrupted_snapshot_leaves_a_running_vm_running(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, vm_dirs: dict[str, Path]
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    (runtime.snapshot_dir(snap.pk) / "state.bin").write_bytes(b"tampered")
+
+    accepted = commands.restore(owner, vm, snap)
+    vm = run(accepted)
+
+    failed = outcome_of(accepted)
+    assert failed.type == "vm.restore_failed"
+    assert "corrupted" in failed.payload["reason"]
+    assert hv.is_alive(runtime.runtime_dir(vm.pk))
+    assert failed.payload["state"] == "running"
+    assert vm.state == "running"
