@@ -197,7 +197,15 @@ def test_schema_and_api_page_need_a_login(make_user) -> None:
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    "path", ["/accounts/login/", "/api/v1/me/", "/api/v1/nothing/", "/healthz", "/metrics"]
+    "path",
+    [
+        "/accounts/login/",
+        "/api/v1/me/",
+        "/api/v1/nothing/",
+        "/healthz",
+        "/metrics",
+        "/static/css/app.css",
+    ],
 )
 def test_security_headers_on_every_response(path: str) -> None:
     response = Client().get(path)
