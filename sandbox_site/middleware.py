@@ -16,8 +16,9 @@ log = logging.getLogger("sandbox.request")
 
 
 def client_ip(request: HttpRequest) -> str | None:
-    # REMOTE_ADDR only: X-Forwarded-For is client-controlled unless a trusted proxy rewrites it,
-    # and a deployment behind one should set REMOTE_ADDR in the proxy protocol layer.
+    # REMOTE_ADDR only, never X-Forwarded-For here: the ASGI application sets the client address
+    # from forwarded headers only when the peer is in SANDBOX_TRUSTED_PROXIES
+    # (sandbox_site/proxies.py), and REMOTE_ADDR comes from that.
     return request.META.get("REMOTE_ADDR") or None
 
 
