@@ -228,6 +228,9 @@ def uefi_image(image_id: str | None = None) -> UefiImage:
     )
 
 
+_ensured: dict[bool, str] = {}  # uefi -> the image id ensure_built made current in this process
+
+
 @overload
 def ensure_built(uefi: Literal[False] = False) -> LinuxImage: ...
 @overload
@@ -240,6 +243,8 @@ def ensure_built(uefi: bool = False) -> LinuxImage | UefiImage:
     ``SANDBOX_IMAGE_DIR`` set, that directory is the image and nothing is built."""
     if os.environ.get("SANDBOX_IMAGE_DIR"):
         return uefi_image() if uefi else linux_image()
+    if uefi in _ensured:  # once per process: later calls only check it is still there
+        return uefi_image(_ensured[uefi]) if uefi else linux_image(_ensured[uefi])
     if not BUILD_SCRIPT.is_file():
         raise ImageNotBuilt(f"{BUILD_SCRIPT} not found: set SANDBOX_IMAGE_DIR to a built image")
     argv = [sys.executable, str(BUILD_SCRIPT), *(["--uefi"] if uefi else [])]
@@ -253,6 +258,7 @@ def ensure_built(uefi: bool = False) -> LinuxImage | UefiImage:
         raise ImageNotBuilt(f"image build took more than {BUILD_TIMEOUT_S:.0f}s") from exc
     sys.stdout.write(done.stdout)
     built = str(_manifest(Path(done.stdout.strip().splitlines()[-1]))["image_id"])
+    _ensured[uefi] = built
     return uefi_image(built) if uefi else linux_image(built)
 
 

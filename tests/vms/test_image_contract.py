@@ -171,3 +171,33 @@ def test_sandbox_image_dir_names_the_current_image_directly(
     # ensure_built builds nothing then: the directory is the image.
     monkeypatch.setattr(images, "BUILD_SCRIPT", tmp_path / "absent.py")
     assert images.ensure_built().image_id == image_id_of(direct)
+
+
+def test_ensure_built_runs_the_build_once_and_returns_the_image_it_made_current(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The development helper runs this checkout's build.py (here a stand-in that records its
+    runs and makes a fabricated image current) once per process, and keeps returning that image
+    even when another checkout's build moves the pointer on."""
+    mine = fabricate(cache, "7777000000000007", b"mine")
+    theirs = fabricate(cache, "8888000000000008", b"theirs")
+    runs = tmp_path / "runs"
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(BUILD_SCRIPT.parent)!r})\n"
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('b', {str(BUILD_SCRIPT)!r})\n"
+        "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\n"
+        f"open({str(runs)!r}, 'a').write('run\\n')\n"
+        f"b.point_current(b.cache_root(), b.Path({str(mine)!r}))\n"
+        f"print('progress'); print({str(mine)!r})\n"
+    )
+    monkeypatch.setattr(images, "BUILD_SCRIPT", script)
+    monkeypatch.setattr(images, "_ensured", {})
+    assert images.ensure_built().directory == mine
+    build.point_current(cache, theirs)
+    again = images.ensure_built()
+    assert again.directory == mine
+    assert again.image_id == image_id_of(mine)
+    assert runs.read_text() == "run\n"
