@@ -29,6 +29,7 @@ from accounts.models import APIToken
 __all__ = [
     "AUDIT_READ",
     "EXPORT",
+    "MANAGE_ALL_VMS",
     "OPEN",
     "READ_ONLY_MESSAGE",
     "Refusal",
@@ -91,7 +92,12 @@ SELF_SERVICE = frozenset(
     {"accounts.view_apitoken", "accounts.add_apitoken", "accounts.delete_apitoken"}
 )
 
-# What a token's scopes may name: every permission some operation states.
+# Widens a VM scope from the user's own VMs to every user's (``vms.commands.may_act_on``); an
+# operation never accepts it alone. Like the view permissions, which VMs a token reaches follows
+# its scopes, not only its user's role.
+MANAGE_ALL_VMS = "vms.manage_all_vms"
+
+# What a token's scopes may name: every permission some operation states, and the wideners.
 SCOPES: tuple[str, ...] = tuple(
     sorted(
         {
@@ -101,6 +107,7 @@ SCOPES: tuple[str, ...] = tuple(
             "accounts.view_user",
             "accounts.manage_users",
             "accounts.manage_all_tokens",
+            MANAGE_ALL_VMS,
             *SELF_SERVICE,
         }
     )

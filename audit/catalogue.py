@@ -77,13 +77,33 @@ _define("vm.created", "vm", "change", "A VM was defined (spec, owner, template, 
 _define("vm.progress", "vm", "operations", "A step of a long VM operation (booting, snapshotting).")
 _define("vm.crashed", "vm", "monitoring", "The reconciler found the VM's VMM dead.")
 _define("vm.recovered", "vm", "monitoring", "The reconciler brought a VM record back in line.")
+# Guest access: the request is committed before the agent is asked (if it cannot be recorded,
+# nothing runs); its outcome, completed or failed, names the request as its causation.
+_define(
+    "vm.exec_requested",
+    "vm",
+    "data",
+    "A command was asked for in the guest (argv, cwd, env names, timeout), before it ran.",
+)
 _define(
     "vm.exec_completed", "vm", "data", "A command ran in the guest (argv, exit, output hashes)."
 )
 _define(
+    "vm.exec_failed",
+    "vm",
+    "data",
+    "A requested command got no result from the guest (agent timeout, refusal, unreachable).",
+)
+_define(
+    "vm.file_upload_requested", "vm", "data", "A file upload into the guest was asked for (path)."
+)
+_define(
     "vm.file_uploaded", "vm", "data", "A file was written into the guest (path, size, SHA-256)."
 )
+_define("vm.file_upload_failed", "vm", "data", "A requested upload into the guest failed.")
+_define("vm.file_download_requested", "vm", "data", "A file download from the guest was asked for.")
 _define("vm.file_downloaded", "vm", "data", "A file was read from the guest (path, size, SHA-256).")
+_define("vm.file_download_failed", "vm", "data", "A requested download from the guest failed.")
 _define("vm.console_opened", "vm", "access", "A console session started (recording referenced).")
 _define("vm.console_closed", "vm", "access", "A console session ended (recording, size, SHA-256).")
 

@@ -127,8 +127,16 @@ ROLE_CHANGES = _types("user.role_changed") | _optional("user.superuser_changed")
 TOKENS = _types("token.created", "token.revoked")
 ACCESS_TYPES = ACCOUNT_LIFECYCLE | ROLE_CHANGES | TOKENS  # folded by the access review
 CONSOLE = _types("vm.console_opened", "vm.console_closed")
-TRANSFERS = _types("vm.file_uploaded", "vm.file_downloaded")
-COMMANDS = _types("vm.exec_completed")
+# Guest access: each request (recorded before the guest is asked) and its outcome.
+TRANSFERS = _types(
+    "vm.file_upload_requested",
+    "vm.file_uploaded",
+    "vm.file_upload_failed",
+    "vm.file_download_requested",
+    "vm.file_downloaded",
+    "vm.file_download_failed",
+)
+COMMANDS = _types("vm.exec_requested", "vm.exec_completed", "vm.exec_failed")
 EXPORTS = _types("audit.exported") | _optional("audit.export_downloaded")
 LOG_READS = _optional("audit.trail_read", "audit.accounts_listed")
 BACKUPS = _types(

@@ -130,7 +130,12 @@ def lock() -> None:
     """
     if not connection.in_atomic_block:
         raise RuntimeError("store.lock() outside a transaction would be released at once")
-    _lock()
+    try:
+        _lock()
+    except (OperationalError, InterfaceError) as exc:
+        # The lock timed out (another session holds it) or the database is gone: the command
+        # cannot record its request, so it must not act (fail closed, like an append).
+        raise EventStoreUnavailable(f"event store unavailable: {exc}") from exc
 
 
 def _lock() -> None:

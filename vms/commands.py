@@ -40,8 +40,17 @@ __all__ = [
     "is_pending",
     "pause",
     "reboot",
-    "record_exec",
-    "record_file_transfer",
+    "GUEST_ACCESS",
+    "may_act_on",
+    "record_console_closed",
+    "record_console_opened",
+    "record_crashed",
+    "record_guest_outcome",
+    "record_snapshot_corrupted",
+    "record_snapshot_created",
+    "request_guest_access",
+    "require_guest_access",
+    "sees_all_vms",
     "record_outcome",
     "record_outcome_if_pending",
     "record_progress",
@@ -116,8 +125,17 @@ RULES: dict[str, tuple[str, frozenset[str]]] = {
 
 
 def sees_all_vms(caller: Caller) -> bool:
-    """Readers of all (viewer, auditor, admin) see everyone's VMs; operators their own."""
-    return bool(caller.user.has_perm("vms.view_virtualmachine"))
+    """Readers of all (viewer, auditor, admin) see everyone's VMs; operators their own.
+
+    Asked of the caller, not the user: an API token reaches other users' VMs only if its scopes
+    hold the permission that grants it (a view permission, or ``vms.manage_all_vms``)."""
+    return caller.has("vms.view_virtualmachine") or caller.has("vms.manage_all_vms")
+
+
+def may_act_on(caller: Caller, owner_id: int | None) -> bool:
+    """May ``caller`` act on a VM or snapshot of ``owner_id``: its own, or any with
+    ``vms.manage_all_vms`` (held by the user and, for a scoped token, among its scopes)."""
+    return owner_id == caller.user.pk or caller.has("vms.manage_all_vms")
 
 
 def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
@@ -129,13 +147,13 @@ def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
 
 def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
     qs = Snapshot.objects.select_related("owner", "vm")
-    if caller.user.has_perm("vms.view_snapshot"):
+    if caller.has("vms.view_snapshot") or caller.has("vms.manage_all_vms"):
         return qs
     return qs.filter(owner=caller.user)
 
 
 def _own_or_admin(caller: Caller, owner_id: int) -> None:
-    if owner_id != caller.user.pk and not caller.user.has_perm("vms.manage_all_vms"):
+    if not may_act_on(caller, owner_id):
         raise PermissionDenied("you may only act on your own VMs")
 
 
@@ -456,19 +474,88 @@ def delete_snapshot(
     return event
 
 
-# --- Records of guest access (exec, files) -----------------------------------------------------
+# --- Guest access (exec, files) and console sessions --------------------------------------------
+
+# What a guest access asks for: its permission, and the types of its request and outcomes.
+GUEST_ACCESS: dict[str, str] = {
+    "exec": "vms.exec_vm",
+    "file_upload": "vms.write_files",
+    "file_download": "vms.read_files",
+}
+GUEST_OUTCOMES: dict[str, frozenset[str]] = {
+    "exec": frozenset({"vm.exec_completed", "vm.exec_failed"}),
+    "file_upload": frozenset({"vm.file_uploaded", "vm.file_upload_failed"}),
+    "file_download": frozenset({"vm.file_downloaded", "vm.file_download_failed"}),
+}
+_GUEST_REQUESTS = {f"vm.{kind}_requested": kind for kind in GUEST_ACCESS}
 
 
-def record_exec(caller: Caller, vm: VirtualMachine, details: dict[str, Any]) -> store.RecordedEvent:
-    return store.append("vm", str(vm.pk), "vm.exec_completed", details, actor=caller.actor)
+def require_guest_access(caller: Caller, vm: VirtualMachine, perm: str) -> None:
+    """May ``caller`` use ``perm`` on the guest of ``vm`` now? Also checked before a request
+    body is read, so a caller without the permission never has an upload parsed."""
+    caller.require(perm)
+    _own_or_admin(caller, vm.owner_id)
+    if vm.state != "running":
+        raise InvalidState(vm, "reach the guest of", frozenset({"running"}))
 
 
-def record_file_transfer(
-    caller: Caller, vm: VirtualMachine, *, direction: str, path: str, size: int, sha256: str
+@transaction.atomic(durable=True)
+def request_guest_access(
+    caller: Caller, vm: VirtualMachine, kind: str, data: dict[str, Any]
 ) -> store.RecordedEvent:
-    kind = "vm.file_uploaded" if direction == "upload" else "vm.file_downloaded"
+    """Check and append ``vm.<kind>_requested`` (exec, file_upload, file_download), committed
+    when this returns: the guest is asked only after the log holds the request.
+
+    Durable: inside another transaction the request would not be committed before the guest
+    acts, so that is refused (RuntimeError). ``EventStoreUnavailable`` when the log cannot take
+    the request: then the caller must not ask the guest anything.
+    """
+    require_guest_access(caller, vm, GUEST_ACCESS[kind])
+    store.lock()
+    fresh = _fresh(vm.pk)  # the state under the lock: a stop or destroy may have come first
+    if fresh.state != "running":
+        raise InvalidState(fresh, "reach the guest of", frozenset({"running"}))
+    return store.append("vm", str(vm.pk), f"vm.{kind}_requested", data, actor=caller.actor)
+
+
+@transaction.atomic
+def record_guest_outcome(
+    caller: Caller, request: store.RecordedEvent, outcome: str, data: dict[str, Any]
+) -> store.RecordedEvent:
+    """Append the outcome of a guest access request (completed or failed), caused by it."""
+    kind = _GUEST_REQUESTS.get(request.type)
+    if kind is None or outcome not in GUEST_OUTCOMES[kind]:
+        raise ValueError(f"{outcome} is not an outcome of {request.type}")
     return store.append(
-        "vm", str(vm.pk), kind, {"path": path, "size": size, "sha256": sha256}, actor=caller.actor
+        request.aggregate_type,
+        request.aggregate_id,
+        outcome,
+        data,
+        actor=caller.actor,
+        causation_id=request.event_id,
+        correlation_id=request.correlation_id,
+    )
+
+
+@transaction.atomic
+def record_console_opened(actor: Actor, vm_id: str, data: dict[str, Any]) -> store.RecordedEvent:
+    """A console session starts: recorded before the websocket is accepted, so no keystroke
+    reaches the guest from a session the log does not hold."""
+    return store.append("vm", vm_id, "vm.console_opened", data, actor=actor)
+
+
+@transaction.atomic
+def record_console_closed(
+    actor: Actor, vm_id: str, opened_event_id: str, data: dict[str, Any]
+) -> store.RecordedEvent:
+    return store.append(
+        "vm",
+        vm_id,
+        "vm.console_closed",
+        data,
+        actor=actor,
+        causation_id=opened_event_id,
+        correlation_id=actor.request_id,
     )
 
 
@@ -553,3 +640,39 @@ def record_progress(request: store.RecordedEvent, step: str, pct: int, message: 
         causation_id=request.event_id,
         correlation_id=request.correlation_id,
     )
+
+
+def record_snapshot_created(
+    request: store.RecordedEvent, snapshot_id: str, data: dict[str, Any]
+) -> store.RecordedEvent:
+    """The worker took a snapshot: its files and manifest (the snapshot aggregate's first
+    event), caused by the VM's snapshot request."""
+    return store.append(
+        "snapshot",
+        snapshot_id,
+        "snapshot.created",
+        data,
+        actor=Actor.system(channel="worker", name="worker"),
+        causation_id=request.event_id,
+        correlation_id=request.correlation_id,
+        expected_version=0,
+    )
+
+
+def record_snapshot_corrupted(
+    request: store.RecordedEvent, snapshot_id: str, reason: str
+) -> store.RecordedEvent:
+    """A snapshot failed its manifest check before a restore that ``request`` asked for."""
+    return store.append(
+        "snapshot",
+        snapshot_id,
+        "snapshot.corrupted",
+        {"reason": reason},
+        actor=Actor.system(channel="worker", name="worker"),
+        causation_id=request.event_id,
+    )
+
+
+def record_crashed(vm_id: str, data: dict[str, Any], *, actor: Actor) -> store.RecordedEvent:
+    """The reconciler found a running or paused VM's VMM gone."""
+    return store.append("vm", vm_id, "vm.crashed", data, actor=actor)

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from django.conf import settings
-from django.db import transaction
 
+from accounts.caller import Caller
+from accounts.models import APIToken
 from audit import store
 from audit.actor import Actor
+from vms import commands
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -68,21 +70,18 @@ class Access:
     state: str
 
 
-def access_for(user: Any, vm_id: uuid.UUID | str) -> Access | None:
-    """The console access of ``user`` to VM ``vm_id``: None when the VM is not visible to them
-    (another operator's VM looks exactly like a missing one), "write" for those who may type
-    (vms.console_vm on their own VM, or on any VM with vms.manage_all_vms), else "read"."""
-    from accounts.caller import Caller
-    from vms.commands import visible_vms
-
+def access_for(user: Any, vm_id: uuid.UUID | str, token: Any = None) -> Access | None:
+    """The console access of ``user`` (through API ``token``, if any) to VM ``vm_id``: None when
+    the VM is not visible to them (another operator's VM looks exactly like a missing one),
+    "write" for those who may type (vms.console_vm on their own VM, or on any VM with
+    vms.manage_all_vms; a scoped token must hold these in its scopes), else "read"."""
     if user is None or not user.is_authenticated or not user.is_active:
         return None
-    vm = visible_vms(Caller(user=user)).filter(pk=vm_id).exclude(state="destroyed").first()
+    caller = Caller(user=user, token=token if isinstance(token, APIToken) else None)
+    vm = commands.visible_vms(caller).filter(pk=vm_id).exclude(state="destroyed").first()
     if vm is None:
         return None
-    may_type = user.has_perm("vms.console_vm") and (
-        vm.owner_id == user.pk or user.has_perm("vms.manage_all_vms")
-    )
+    may_type = caller.has("vms.console_vm") and commands.may_act_on(caller, vm.owner_id)
     return Access(str(vm.pk), vm.name, "write" if may_type else "read", vm.state)
 
 
@@ -516,14 +515,12 @@ def session_actor(user: Any, scope: dict[str, Any]) -> Actor:
     )
 
 
-@transaction.atomic
 def record_opened(
     actor: Actor, vm_id: str, *, session: str, mode: Mode, recording: str, cols: int, rows: int
 ) -> store.RecordedEvent:
-    return store.append(
-        "vm",
+    return commands.record_console_opened(
+        actor,
         vm_id,
-        "vm.console_opened",
         {
             "session": session,
             "mode": "operator" if mode == "write" else "viewer",
@@ -532,11 +529,9 @@ def record_opened(
             "cols": cols,
             "rows": rows,
         },
-        actor=actor,
     )
 
 
-@transaction.atomic
 def record_closed(
     actor: Actor,
     vm_id: str,
@@ -551,10 +546,10 @@ def record_closed(
     output_bytes: int,
     ignored_input_bytes: int,
 ) -> store.RecordedEvent:
-    return store.append(
-        "vm",
+    return commands.record_console_closed(
+        actor,
         vm_id,
-        "vm.console_closed",
+        opened_event_id,
         {
             "session": session,
             "recording": recording,
@@ -566,7 +561,4 @@ def record_closed(
             "output_bytes": output_bytes,
             "ignored_input_bytes": ignored_input_bytes,
         },
-        actor=actor,
-        causation_id=opened_event_id,
-        correlation_id=actor.request_id,
     )

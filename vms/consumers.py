@@ -23,9 +23,11 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from accounts.authentication import socket_refused
+from accounts.caller import Caller
+from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
 from sandbox_site import parsers
-from vms import console, live, metrics_live
+from vms import commands, console, live, metrics_live
 
 log = logging.getLogger("sandbox.vms.consumers")
 
@@ -76,14 +78,18 @@ class _Outbox:
             await self.task
 
 
-@database_sync_to_async
-def _visible_vm(user: Any, vm_id: str) -> dict[str, Any] | None:
-    from accounts.caller import Caller
-    from vms.commands import visible_vms
+def _caller(scope: dict[str, Any]) -> Caller:
+    """The socket's user, through its API token if the handshake carried one: which VMs it
+    reaches follows the token's scopes too (``vms.commands.sees_all_vms``)."""
+    token = scope.get("auth")
+    return Caller(user=scope["user"], token=token if isinstance(token, APIToken) else None)
 
-    if not user.is_active:
+
+@database_sync_to_async
+def _visible_vm(caller: Caller, vm_id: str) -> dict[str, Any] | None:
+    if not caller.user.is_active:
         return None
-    vm = visible_vms(Caller(user=user)).filter(pk=vm_id).first()
+    vm = commands.visible_vms(caller).filter(pk=vm_id).first()
     return live.vm_summary(vm) if vm else None
 
 
@@ -101,22 +107,20 @@ class VMListConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.user_id = user.pk
-        self.sees_all = await database_sync_to_async(user.has_perm)("vms.view_virtualmachine")
+        self.caller = _caller(self.scope)
+        self.sees_all = await database_sync_to_async(commands.sees_all_vms)(self.caller)
         self.sent: dict[str, int] = {}  # vm id -> last version sent
         await self.accept()
         self.outbox = _Outbox(self)
         await self.channel_layer.group_add(live.LIST_GROUP, self.channel_name)
         await live.ensure_follower()
         # After joining: a change between the page's render and now is in this snapshot.
-        for vm in await self._snapshot(user):
+        for vm in await self._snapshot():
             self._push(vm)
 
     @database_sync_to_async
-    def _snapshot(self, user: Any) -> list[dict[str, Any]]:
-        from accounts.caller import Caller
-        from vms.commands import visible_vms
-
-        qs = visible_vms(Caller(user=user)).exclude(state="destroyed")
+    def _snapshot(self) -> list[dict[str, Any]]:
+        qs = commands.visible_vms(self.caller).exclude(state="destroyed")
         return [live.vm_summary(vm) for vm in qs]
 
     def _push(self, vm: dict[str, Any]) -> None:
@@ -153,7 +157,7 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         self.vm_id = str(self.scope["url_route"]["kwargs"]["vm_id"])
-        vm = await _visible_vm(user, self.vm_id)
+        vm = await _visible_vm(_caller(self.scope), self.vm_id)
         if vm is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
@@ -166,7 +170,7 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
         # Catch up on what happened between the page's render and the join.
         for event in await self._catch_up():
             self._event(event, None)
-        fresh = await _visible_vm(user, self.vm_id)
+        fresh = await _visible_vm(_caller(self.scope), self.vm_id)
         self.outbox.put(text=json.dumps({"type": "vm", "vm": fresh or vm}))
         if (fresh or vm)["state"] != "destroyed":
             self.metrics = await metrics_live.subscribe(self.vm_id, self._metrics)
@@ -232,7 +236,9 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         if await socket_refused(self.scope, VM_READ, write=False):
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        access = await database_sync_to_async(console.access_for)(user, vm_id)
+        access = await database_sync_to_async(console.access_for)(
+            user, vm_id, self.scope.get("auth")
+        )
         if access is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return

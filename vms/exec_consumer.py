@@ -29,7 +29,10 @@ from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import needs
 from audit.actor import Actor
+from audit.errors import EventStoreUnavailable
 from sandbox_site import context, parsers
+from vms import commands, guest
+from vms.agent.client import AgentError, AgentTimeout
 
 STREAM_QUEUE_FRAMES = 64  # output chunks (up to 64 KiB each) waiting for the websocket
 
@@ -43,7 +46,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
         if await socket_refused(self.scope, needs("vms.exec_vm"), write=True):
             await self.close(code=4403)
             return
-        self.vm = await self._visible_vm(user, self.scope["url_route"]["kwargs"]["vm_id"])
+        self.vm = await self._visible_vm(self.scope["url_route"]["kwargs"]["vm_id"])
         if self.vm is None:
             await self.close(code=4404)
             return
@@ -51,11 +54,20 @@ class ExecConsumer(AsyncWebsocketConsumer):
         self.forwarder: asyncio.Task[None] | None = None
         await self.accept()
 
-    @database_sync_to_async
-    def _visible_vm(self, user: Any, vm_id: str) -> Any:
-        from vms import commands
+    def _caller(self) -> Caller:
+        """The socket's user, through its API token if any (its scopes narrow what it reaches)."""
+        user = self.scope["user"]
+        token = self.scope.get("auth")
+        token = token if isinstance(token, APIToken) else None
+        return Caller(
+            user=user,
+            token=token,
+            actor=Actor.for_user(user, channel="api", token_id=getattr(token, "key", "")),
+        )
 
-        return commands.visible_vms(Caller(user=user)).filter(pk=vm_id).first()
+    @database_sync_to_async
+    def _visible_vm(self, vm_id: str) -> Any:
+        return commands.visible_vms(self._caller()).filter(pk=vm_id).first()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.started:
@@ -120,7 +132,6 @@ class ExecConsumer(AsyncWebsocketConsumer):
     def _run(self, data: dict[str, Any], on_stdout: Any, on_stderr: Any) -> Any:
         from django.db import close_old_connections, connections
 
-        from vms import guest
         from vms.models import VirtualMachine
 
         close_old_connections()
@@ -129,17 +140,9 @@ class ExecConsumer(AsyncWebsocketConsumer):
             with context.bind(
                 channel="api", source_ip=client[0], request_id=context.new_request_id()
             ):
-                user = self.scope["user"]
-                token = self.scope.get("auth")
-                token = token if isinstance(token, APIToken) else None
-                caller = Caller(
-                    user=user,
-                    token=token,
-                    actor=Actor.for_user(user, channel="api", token_id=getattr(token, "key", "")),
-                )
                 vm = VirtualMachine.objects.get(pk=self.vm.pk)
                 return guest.run_exec(
-                    caller,
+                    self._caller(),  # in the request context bound above
                     vm,
                     data["argv"],
                     cwd=data.get("cwd"),
@@ -189,15 +192,19 @@ class ExecConsumer(AsyncWebsocketConsumer):
 
 
 def _status_of(exc: Exception) -> tuple[int, str]:
-    from vms.commands import InvalidState
-    from vms.guest import GuestUnavailable
-
+    """The status and detail of an error frame, as the HTTP exec would answer."""
+    if isinstance(exc, EventStoreUnavailable):
+        return 503, "The audit log cannot record this action now; nothing was done."
     if isinstance(exc, PermissionDenied):
         return 403, str(exc)
     if isinstance(exc, ValidationError):
         return 400, "; ".join(exc.messages)
-    if isinstance(exc, InvalidState):
+    if isinstance(exc, commands.InvalidState):
         return 409, str(exc)
-    if isinstance(exc, GuestUnavailable):
+    if isinstance(exc, guest.GuestUnavailable):
         return 503, str(exc)
+    if isinstance(exc, AgentTimeout):
+        return 504, f"the guest agent timed out: {exc}"
+    if isinstance(exc, AgentError):
+        return 502, f"the guest agent refused: {exc}"
     return 502, f"{type(exc).__name__}: {exc}"

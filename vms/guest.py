@@ -1,5 +1,12 @@
 """Guest access from the web tier: exec and file transfer through the agent, each one audited.
 
+Fail closed: each access appends its request (``vm.exec_requested``,
+``vm.file_upload_requested``, ``vm.file_download_requested``) and commits it before the agent is
+asked anything; when the log cannot take the request, nothing reaches the guest
+(``EventStoreUnavailable``: 503). Then the outcome is appended with the request as its
+causation: ``vm.exec_completed`` / ``vm.file_uploaded`` / ``vm.file_downloaded``, or the
+matching ``*_failed`` with the reason when the agent timed out, refused or could not be reached.
+
 A VMM's agent channel takes one client at a time (QEMU's chardev socket), so sessions to one VM
 are serialized across processes on the host with a lock file in its runtime directory; a waiter
 gives up after a deadline with a clear error.
@@ -10,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +26,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 
 from accounts.caller import Caller
+from audit import store
+from audit.errors import EventStoreUnavailable
 from vms import commands, runtime
+from vms.agent.client import AgentClient, AgentError, AgentTimeout
+from vms.hypervisors.base import HypervisorError
 from vms.models import VirtualMachine
+
+log = logging.getLogger("sandbox.vms.guest")
 
 AGENT_LOCK_WAIT_S = 30.0
 RECORDED_OUTPUT = 65536  # bytes of each stream in the event, with SANDBOX_EXEC_RECORD_OUTPUT
@@ -31,11 +46,19 @@ class GuestUnavailable(Exception):
     """The guest cannot be reached now (not running, agent not answering, channel busy)."""
 
 
+class OutcomeNotRecorded(GuestUnavailable):
+    """The guest acted (its request is in the log) but the log refused the outcome event."""
+
+    def __init__(self, request: store.RecordedEvent, what: str, exc: Exception) -> None:
+        super().__init__(
+            f"{what} in the guest, but the audit log could not record its outcome ({exc}); "
+            f"the request is event {request.event_id} at position {request.position}"
+        )
+        self.request = request
+
+
 @contextlib.contextmanager
 def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterator[Any]:
-    from vms.agent.client import AgentClient, AgentError
-    from vms.hypervisors.base import HypervisorError
-
     rt = runtime.runtime_dir(vm.pk)
     if not rt.root.is_dir():
         raise GuestUnavailable("the guest cannot be reached: this host has no VMM for the VM")
@@ -65,16 +88,36 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
         os.close(fd)
 
 
-def require_guest_access(caller: Caller, vm: VirtualMachine, perm: str) -> None:
-    """May ``caller`` use ``perm`` on the guest of ``vm`` now? Checked before a request body
-    is read, so a caller without the permission never has an upload parsed."""
-    caller.require(perm)
-    if vm.owner_id != caller.user.pk and not caller.user.has_perm("vms.manage_all_vms"):
-        from django.core.exceptions import PermissionDenied
+# Who may reach a guest is the commands' policy (one place); re-exported for the views.
+require_guest_access = commands.require_guest_access
 
-        raise PermissionDenied("you may only act on your own VMs")
-    if vm.state != "running":
-        raise commands.InvalidState(vm, "reach the guest of", frozenset({"running"}))
+
+def _failure(exc: BaseException, started: float) -> dict[str, Any]:
+    code = exc.code if isinstance(exc, AgentError) else type(exc).__name__
+    return {
+        "reason": str(exc)[:2000],
+        "code": code,
+        "agent_timed_out": isinstance(exc, AgentTimeout),
+        "wall_s": round(time.monotonic() - started, 4),
+    }
+
+
+def _record_failure(
+    caller: Caller,
+    request: store.RecordedEvent,
+    outcome: str,
+    exc: BaseException,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Append the failure outcome of ``request``; if the log refuses that too, the request stays
+    in the log without an outcome (what happened in the guest is then unknown, as it says)."""
+    try:
+        commands.record_guest_outcome(
+            caller, request, outcome, {**(extra or {}), **_failure(exc, started)}
+        )
+    except Exception:
+        log.exception("%s of request %s not recorded", outcome, request.event_id)
 
 
 @dataclass
@@ -129,8 +172,9 @@ def run_exec(
     on_stderr: Callable[[bytes], None] | None = None,
     keep: int | None = None,
 ) -> ExecOutcome:
-    """Run ``argv`` in the guest and record ``vm.exec_completed`` (argv, cwd, exit, duration,
-    output sizes and SHA-256; the output itself only with SANDBOX_EXEC_RECORD_OUTPUT).
+    """Record ``vm.exec_requested``, run ``argv`` in the guest, record ``vm.exec_completed``
+    (argv, cwd, exit, duration, output sizes and SHA-256; the output itself only with
+    SANDBOX_EXEC_RECORD_OUTPUT) or ``vm.exec_failed``.
 
     The outcome holds the first ``keep`` bytes of each stream (default
     SANDBOX_EXEC_OUTPUT_LIMIT) and the full sizes; the rest goes to ``on_stdout``/``on_stderr``
@@ -140,30 +184,49 @@ def run_exec(
     limit = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         limit = max(limit, RECORDED_OUTPUT)
-    out, err = _Capture(on_stdout, limit), _Capture(on_stderr, limit)
-    started = time.monotonic()
-    with agent_session(vm) as agent:
-        result = agent.exec(
-            argv,
-            cwd=cwd,
-            env=env,
-            stdin=stdin,
-            timeout=timeout,
-            on_stdout=out,
-            on_stderr=err,
-            wait_timeout=timeout + 30,
-            keep=0,  # kept here, once
-        )
-    details: dict[str, Any] = {
+    asked = {
         "argv": argv,
         "cwd": cwd,
         "env_keys": sorted(env or {}),  # values may hold secrets: names only
+        "stdin_size": len(stdin or b""),
+        "timeout": timeout,
+    }
+    request = commands.request_guest_access(caller, vm, "exec", asked)
+    out, err = _Capture(on_stdout, limit), _Capture(on_stderr, limit)
+    started = time.monotonic()
+    try:
+        with agent_session(vm) as agent:
+            result = agent.exec(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=stdin,
+                timeout=timeout,
+                on_stdout=out,
+                on_stderr=err,
+                wait_timeout=timeout + 30,
+                keep=0,  # kept here, once
+            )
+    except Exception as exc:
+        _record_failure(
+            caller,
+            request,
+            "vm.exec_failed",
+            exc,
+            started,
+            {"argv": argv, "stdout_size": out.size, "stderr_size": err.size},
+        )
+        raise
+    details: dict[str, Any] = {
+        "argv": argv,
+        "cwd": cwd,
+        "env_keys": asked["env_keys"],
         "exit_code": result.exit_code,
         "signal": getattr(result, "signal", None),
         "timed_out": result.timed_out,
         "duration_s": round(result.duration_s, 4),
         "wall_s": round(time.monotonic() - started, 4),
-        "stdin_size": len(stdin or b""),
+        "stdin_size": asked["stdin_size"],
         "stdout_size": out.size,
         "stdout_sha256": out.digest.hexdigest(),
         "stderr_size": err.size,
@@ -172,7 +235,10 @@ def run_exec(
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         details["stdout"] = bytes(out.kept[:RECORDED_OUTPUT]).decode(errors="replace")
         details["stderr"] = bytes(err.kept[:RECORDED_OUTPUT]).decode(errors="replace")
-    event = commands.record_exec(caller, vm, details)
+    try:
+        event = commands.record_guest_outcome(caller, request, "vm.exec_completed", details)
+    except EventStoreUnavailable as exc:
+        raise OutcomeNotRecorded(request, "the command ran", exc) from exc
     wanted = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     stdout, stderr = bytes(out.kept[:wanted]), bytes(err.kept[:wanted])
     return ExecOutcome(
@@ -191,30 +257,56 @@ def run_exec(
 
 
 def validate_guest_path(path: str) -> str:
-    from django.core.exceptions import ValidationError
-
     if not path or not path.startswith("/") or "\x00" in path or len(path) > 4096:
         raise ValidationError({"path": "an absolute path in the guest (at most 4096 characters)"})
     return path
 
 
-def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> tuple[int, str]:
-    require_guest_access(caller, vm, "vms.write_files")
+def _transfer(
+    caller: Caller,
+    vm: VirtualMachine,
+    kind: str,
+    path: str,
+    asked: dict[str, Any],
+    move: Callable[[Any], Any],
+) -> tuple[int, str]:
+    """One file transfer, fail closed: request recorded, then the agent, then the outcome."""
+    require_guest_access(caller, vm, commands.GUEST_ACCESS[kind])
     path = validate_guest_path(path)
-    with agent_session(vm) as agent:
-        transfer = agent.put_file(source, path, mkdirs=True)
-    commands.record_file_transfer(
-        caller, vm, direction="upload", path=path, size=transfer.size, sha256=transfer.sha256
+    done, failed = (
+        ("vm.file_uploaded", "vm.file_upload_failed")
+        if kind == "file_upload"
+        else ("vm.file_downloaded", "vm.file_download_failed")
     )
+    request = commands.request_guest_access(caller, vm, kind, {"path": path, **asked})
+    started = time.monotonic()
+    try:
+        with agent_session(vm) as agent:
+            transfer = move(agent)
+    except Exception as exc:
+        _record_failure(caller, request, failed, exc, started, {"path": path})
+        raise
+    data = {"path": path, "size": transfer.size, "sha256": transfer.sha256}
+    try:
+        commands.record_guest_outcome(caller, request, done, data)
+    except EventStoreUnavailable as exc:
+        raise OutcomeNotRecorded(request, "the file was transferred", exc) from exc
     return transfer.size, transfer.sha256
+
+
+def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> tuple[int, str]:
+    size = getattr(source, "size", None)  # an uploaded file knows it; a stream may not
+    return _transfer(
+        caller,
+        vm,
+        "file_upload",
+        path,
+        {"size": size if isinstance(size, int) else None},
+        lambda agent: agent.put_file(source, path, mkdirs=True),
+    )
 
 
 def download(caller: Caller, vm: VirtualMachine, path: str, dest: Path) -> tuple[int, str]:
-    require_guest_access(caller, vm, "vms.read_files")
-    path = validate_guest_path(path)
-    with agent_session(vm) as agent:
-        transfer = agent.get_file(path, dest)
-    commands.record_file_transfer(
-        caller, vm, direction="download", path=path, size=transfer.size, sha256=transfer.sha256
+    return _transfer(
+        caller, vm, "file_download", path, {}, lambda agent: agent.get_file(path, dest)
     )
-    return transfer.size, transfer.sha256

@@ -20,7 +20,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.caller import Caller
+from audit.errors import EventStoreUnavailable
 from vms import commands, console, guest, live, quotas
+from vms.agent.client import AgentError, AgentTimeout
 from vms.forms import (
     CloneForm,
     CreateVMForm,
@@ -88,7 +90,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(name__icontains=f["q"])
     if f.get("template"):
         qs = qs.filter(template=f["template"])
-    sees_all = request.user.has_perm("vms.view_virtualmachine")
+    sees_all = commands.sees_all_vms(Caller.from_request(request))
     if f.get("owner") and sees_all:
         qs = qs.filter(owner__username=f["owner"])
     vms = list(qs[:500])
@@ -158,8 +160,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
 
 
 def _can(caller: Caller, vm: VirtualMachine, perm: str) -> bool:
-    owns = vm.owner_id == caller.user.pk or caller.user.has_perm("vms.manage_all_vms")
-    return owns and caller.has(perm)
+    return commands.may_act_on(caller, vm.owner_id) and caller.has(perm)
 
 
 @require_GET
@@ -281,9 +282,11 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
             form.cleaned_data["command"],
             timeout=form.cleaned_data.get("timeout") or 30.0,
         )
-    except REFUSALS as exc:
-        status = 403 if isinstance(exc, PermissionDenied) else 409
-        return JsonResponse({"error": _explain(exc)}, status=status)
+    except (*REFUSALS, EventStoreUnavailable, AgentError) as exc:
+        # Every failure is a clear answer; one after the request was recorded is in the log as
+        # vm.exec_failed (vms.guest).
+        status, message = _exec_error(exc)
+        return JsonResponse({"error": message}, status=status)
     return JsonResponse(
         {
             "exit_code": result.exit_code,
@@ -296,6 +299,23 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
             "event_position": result.event_position,
         }
     )
+
+
+def _exec_error(exc: Exception) -> tuple[int, str]:
+    """The exec box's answer to a failure, with the statuses of the HTTP API."""
+    if isinstance(exc, EventStoreUnavailable):
+        return 503, "The audit log cannot record this command now; nothing was run."
+    if isinstance(exc, guest.GuestUnavailable):
+        return 503, str(exc)
+    if isinstance(exc, AgentTimeout):
+        return 504, f"The guest agent timed out: {exc.message}"
+    if isinstance(exc, AgentError):
+        return 502, f"The guest could not run the command: {exc.message}"
+    if isinstance(exc, PermissionDenied):
+        return 403, _explain(exc)
+    if isinstance(exc, ValidationError):
+        return 400, _explain(exc)
+    return 409, _explain(exc)
 
 
 @require_GET

@@ -29,7 +29,9 @@ LOGIN_SIGNALS = FAILED | LOCKED | {"auth.token_rejected"}
 REFUSALS = {"audit.export_refused", "audit.digest_signing_failed"}
 ACCOUNTS = {"user.created", "user.deactivated", "user.reactivated", "user.password_changed"}
 TOKENS = {"token.created", "token.revoked"}
-TRANSFERS = {"vm.file_uploaded", "vm.file_downloaded"}
+TRANSFERS = {"vm.file_upload_requested", "vm.file_uploaded", "vm.file_upload_failed"}
+TRANSFERS |= {"vm.file_download_requested", "vm.file_downloaded", "vm.file_download_failed"}
+COMMANDS = {"vm.exec_requested", "vm.exec_completed", "vm.exec_failed"}
 EXPORTS = {"audit.exported", "audit.export_downloaded"}
 READS = {"audit.trail_read", "audit.accounts_listed"}
 HOLDS = {"audit.legal_hold_placed", "audit.legal_hold_released"}
@@ -38,7 +40,7 @@ BACKUPS |= {"vm.snapshotted", "vm.snapshot_failed", "vm.restored", "vm.restore_f
 SNAPSHOT_CHECKS = {"snapshot.verified", "snapshot.corrupted"}
 
 
-NOT_CHANGES = {"vm.progress", "vm.crashed", "vm.recovered", "vm.exec_completed"}
+NOT_CHANGES = {"vm.progress", "vm.crashed", "vm.recovered"} | COMMANDS
 NOT_CHANGES |= TRANSFERS | {"vm.console_opened", "vm.console_closed"}
 
 
@@ -113,9 +115,7 @@ EXPECTED: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
             {"auth.token_rejected", "audit.chain_verified"} | LOCKED | SNAPSHOT_CHECKS
         ),
         "Art. 25": _types({"user.role_changed", "token.created"}),
-        "Art. 30": _types(
-            TRANSFERS | {"vm.exec_completed", "vm.console_opened", "vm.console_closed"}
-        ),
+        "Art. 30": _types(TRANSFERS | COMMANDS | {"vm.console_opened", "vm.console_closed"}),
         "Art. 32": _types(BACKUPS | {"vm.crashed", "vm.recovered", "audit.chain_verified"}),
         "Art. 33": _any(_types(LOGIN_SIGNALS | REFUSALS), _failed_verification),
     },

@@ -129,3 +129,44 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def append_lock_held(postgres_only: None, settings: Any) -> Callable[[], Any]:
+    """A context manager that holds the event store's append lock from another PostgreSQL
+    session, as a stuck writer would: appends in this session time out (within 200 ms here)."""
+    import psycopg
+    from django.db import connection
+
+    from audit.store import LOCK_SQL
+
+    settings.SANDBOX_EVENT_LOCK_TIMEOUT_MS = 200
+
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        params = connection.get_connection_params()
+        keys = {"host", "port", "user", "password", "dbname"}
+        other = psycopg.connect(**{k: v for k, v in params.items() if k in keys})
+        try:
+            other.execute("BEGIN")
+            other.execute(LOCK_SQL)
+            yield
+        finally:
+            other.rollback()
+            other.close()
+
+    return held
+
+
+@pytest.fixture
+def make_running_vm(vm_dirs: dict[str, Path]) -> Callable[..., Any]:
+    """A VM the read model says is running (no VMM: the guest is a stand-in or unreachable)."""
+    from vms import commands
+    from vms.models import VirtualMachine
+
+    def make(caller: Any, name: str = "guest") -> Any:
+        accepted = commands.create(caller, name=name, template="linux-small")
+        commands.record_outcome(accepted.request, "vm.started", {"host": "h", "hypervisor": "qemu"})
+        return VirtualMachine.objects.get(pk=accepted.vm_id)
+
+    return make
