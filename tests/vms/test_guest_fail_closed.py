@@ -26,6 +26,7 @@ from accounts.caller import Caller
 from audit.models import Event
 from vms import guest
 from vms.agent.client import AgentError, AgentTimeout, ExecResult, Transfer, _iter_source
+from vms.exec_consumer import ExecConsumer
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -159,9 +160,7 @@ def test_exec_is_refused_with_503_and_not_run_when_the_log_cannot_record_it(
     vm, api, agent, append_lock_held
 ) -> None:
     with append_lock_held():
-        response = api.post(
-            f"/api/v1/vms/{vm.pk}/exec/", {"argv": ["touch", "/x"]}, format="json"
-        )
+        response = api.post(f"/api/v1/vms/{vm.pk}/exec/", {"argv": ["touch", "/x"]}, format="json")
     assert response.status_code == 503, response.content
     assert "nothing was done" in response.json()["detail"]
     assert agent.calls == []
@@ -196,14 +195,7 @@ def test_dashboard_exec_is_refused_with_503_when_the_log_cannot_record_it(
     assert agent.calls == []
 
 
-APP = URLRouter(
-    [
-        re_path(
-            r"^ws/vms/(?P<vm_id>[0-9a-f-]+)/exec/$",
-            __import__("vms.exec_consumer", fromlist=["ExecConsumer"]).ExecConsumer.as_asgi(),
-        )
-    ]
-)
+APP = URLRouter([re_path(r"^ws/vms/(?P<vm_id>[0-9a-f-]+)/exec/$", ExecConsumer.as_asgi())])
 
 
 async def test_exec_websocket_is_refused_when_the_log_cannot_record_it(
