@@ -20,7 +20,6 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from audit import store
 from audit.actor import Actor
 from vms import commands, runtime, worker
 from vms.hypervisors import reconcile as scanner
@@ -130,10 +129,8 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
                 counts["requeued"] += 1
             continue
         if vm.state in ("running", "paused") and not alive:
-            store.append(
-                "vm",
+            commands.record_crashed(
                 str(vm.pk),
-                "vm.crashed",
                 {"reason": "the VMM process is gone", "host": runtime.host_name()},
                 actor=SYSTEM,
             )

@@ -23,7 +23,6 @@ from django.conf import settings
 from django.db import transaction
 
 from audit import store
-from audit.actor import Actor
 from audit.models import Event
 from vms import commands, runtime
 from vms.hypervisors.base import HypervisorError, NotSupported, SnapshotFiles
@@ -438,10 +437,9 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
             snapshot_id=snapshot_id,
         ) from exc
     size = sum(f["size"] for f in manifest.values())
-    store.append(
-        "snapshot",
+    commands.record_snapshot_created(
+        request,
         snapshot_id,
-        "snapshot.created",
         {
             "vm_id": str(vm.pk),
             "manifest": manifest,
@@ -450,10 +448,6 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
             # The image the VM runs on: the snapshot is restored on that image only.
             "image_id": vm.image_id,
         },
-        actor=Actor.system(channel="worker", name="worker"),
-        causation_id=request.event_id,
-        correlation_id=request.correlation_id,
-        expected_version=0,
     )
     return "vm.snapshotted", {
         "snapshot_id": snapshot_id,
@@ -484,14 +478,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     _progress(request, "restoring", 10, "checking the snapshot's SHA-256 manifest")
     problem = verify_snapshot(snap)
     if problem:
-        store.append(
-            "snapshot",
-            str(snap.pk),
-            "snapshot.corrupted",
-            {"reason": problem},
-            actor=Actor.system(channel="worker", name="worker"),
-            causation_id=request.event_id,
-        )
+        commands.record_snapshot_corrupted(request, str(snap.pk), problem)
         raise RequestFailed(
             f"snapshot {snap.name} is corrupted: {problem}",
             state="failed" if clone else _untouched_state(vm),
