@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -12,7 +13,7 @@ from django.db import transaction
 
 from audit import digests, projections, retention, sink, store
 from audit.actor import Actor
-from audit.models import Digest, Event
+from audit.models import Digest, Event, ExportJob
 from audit.verify import ChainReport, verify_store
 
 
@@ -167,6 +168,22 @@ def record_export_downloaded(who: Any, job: Any) -> None:
 
 def record_export_refused(who: Any, data: dict[str, Any]) -> None:
     store.append("audit", "exports", "audit.export_refused", data, actor=_actor(who))
+
+
+@transaction.atomic
+def record_export_finished(who: Any, job_id: Any, data: dict[str, Any]) -> None:
+    """An export's file is written: ``audit.exported`` and the job marked done, together."""
+    store.append("audit", "exports", "audit.exported", data, actor=_actor(who))
+    ExportJob.objects.filter(pk=job_id).update(
+        status=ExportJob.Status.DONE,
+        finished_at=datetime.now(UTC),
+        processed=data["events"],
+        total=data["events"],
+        sha256=data["sha256"],
+        size=data["size"],
+        first_position=data["first_position"],
+        last_position=data["last_position"],
+    )
 
 
 def place_legal_hold(who: Any, reason: str) -> str:

@@ -27,7 +27,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils.dateparse import parse_date, parse_datetime
 
-from audit import bundle, commands, compliance, integrity, reports, retention, store
+from audit import bundle, commands, compliance, integrity, reports, retention
 from audit.actor import Actor
 from audit.hashing import format_time
 from audit.models import Event, ExportJob
@@ -344,18 +344,7 @@ def run_export(job_id: str) -> str:
             "size": size,
             "file": job.file_name,
         }
-        with transaction.atomic():
-            store.append("audit", "exports", "audit.exported", data, actor=actor)
-            ExportJob.objects.filter(pk=job.pk).update(
-                status=ExportJob.Status.DONE,
-                finished_at=datetime.now(UTC),
-                processed=events,
-                total=events,
-                sha256=sha,
-                size=size,
-                first_position=first,
-                last_position=last,
-            )
+        commands.record_export_finished(actor, job.pk, data)
     except Exception as exc:
         log.exception("audit export failed", extra={"job": str(job.id)})
         partial.unlink(missing_ok=True)
