@@ -146,6 +146,15 @@ _define(
 _define("audit.legal_hold_placed", "audit", "monitoring", "A legal hold was placed on the log.")
 _define("audit.legal_hold_released", "audit", "monitoring", "A legal hold was released.")
 
+# The worker.
+_define(
+    "system.task_refused",
+    "system",
+    "monitoring",
+    "The worker refused a task that is not one of the product's (function, hook and schedule "
+    "in data); it did not run.",
+)
+
 
 def get(name: str) -> EventType | None:
     return _TYPES.get(name)

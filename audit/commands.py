@@ -230,3 +230,10 @@ def read_details(params: Any, rows: Any) -> dict[str, Any]:
         "first_position": min(positions) if positions else None,
         "last_position": max(positions) if positions else None,
     }
+
+
+def record_task_refused(data: dict[str, Any]) -> None:
+    """The worker refused a task that is not one of the product's (``vms.task_guard``)."""
+    store.append(
+        "system", "worker", "system.task_refused", data, actor=Actor.system(channel="worker")
+    )

@@ -53,8 +53,9 @@ class Command(BaseCommand):
 def run_cluster() -> int:
     from django_q.cluster import Cluster
 
-    from vms import console, heartbeat
+    from vms import console, heartbeat, task_guard
 
+    task_guard.install()  # before any process is forked: only the product's tasks run
     cluster = Cluster()  # installs the SIGTERM/SIGINT handlers that stop the cluster
     heartbeat.started(timezone.now())
     connections.close_all()
