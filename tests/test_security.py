@@ -66,6 +66,28 @@ async def test_forwarded_headers_from_a_trusted_proxy_are_believed(settings) -> 
     assert await _client_seen("203.0.113.9", None) == ("203.0.113.9", "https")
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "forwarded",
+    [b"garbage", b"x" * 80, b"1.2.3.4.5", b"10.0.0.1, not-an-address", b"fe80::1%eth0"],
+)
+async def test_a_forwarded_value_that_is_no_ip_address_is_not_believed(
+    settings, forwarded: bytes, caplog
+) -> None:
+    """Filed: with a trusted proxy, any text in X-Forwarded-For became the client address
+    (and the audit log's source_ip, a 45-character column)."""
+    settings.SANDBOX_TRUSTED_PROXIES = ["203.0.113.0/24"]
+    with caplog.at_level("WARNING", logger="sandbox.site"):
+        assert await _client_seen("203.0.113.9", forwarded) == ("203.0.113.9", "https")
+    assert "names no IP address" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_forwarded_ip_address_is_believed_in_its_normal_form(settings) -> None:
+    settings.SANDBOX_TRUSTED_PROXIES = ["203.0.113.0/24"]
+    assert await _client_seen("203.0.113.9", b"2001:DB8::0:1") == ("2001:db8::1", "https")
+
+
 def test_a_trusted_proxy_setting_must_name_addresses(monkeypatch) -> None:
     from django.core.exceptions import ImproperlyConfigured
 
