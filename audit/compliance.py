@@ -153,7 +153,9 @@ DATA_CHECKS = _types("snapshot.verified", "snapshot.corrupted")
 CHANGES = catalogue.types_for("change")
 VERIFICATIONS = _types("audit.chain_verified")
 DIGESTS = _types("audit.digest_signed")
-REFUSALS = _optional("audit.export_refused", "audit.digest_signing_failed", "audit.signing_failed")
+REFUSALS = _optional(
+    "audit.export_refused", "audit.digest_signing_failed", "audit.signing_failed"
+) | _types("system.task_refused")  # the worker refused a foreign task (vms.task_guard)
 CRASHES = _types("vm.crashed", "vm.recovered")
 RETENTION = _optional("audit.legal_hold_placed", "audit.legal_hold_released")
 
