@@ -30,7 +30,13 @@ continues an earlier one: the same key history, the same digests where they over
 chain that reaches the earlier bundle's last digest (a log cut back behind it is found).
 ``--sink DIR`` checks the digests against a copy of the server's digest sink.
 
-Exit status: 0 verified, 1 verification failed, 2 the bundle could not be read at all.
+Anchors: without ``--trust``, ``--since-bundle`` or ``--sink`` nothing outside the bundle vouches
+for it, and anyone can make a bundle that is consistent in itself (re-sign it with a key of their
+own under the same key id). Such a verification finds no problem but does not say OK: its verdict
+is UNANCHORED, with an exit status of its own.
+
+Exit status: 0 verified against an anchor, 1 verification failed, 2 the bundle could not be read
+at all, 3 unanchored (consistent in itself, but nothing outside the bundle vouched for it).
 """
 
 from __future__ import annotations
@@ -52,9 +58,19 @@ from audit import signing
 from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, HASHED_FIELDS, event_hash, hash_input
 from audit.sink import FileSink, SinkError
 
-__all__ = ["BUNDLE_FORMAT", "EVENT_FIELDS", "Problem", "Result", "main", "verify_bundle"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "EVENT_FIELDS",
+    "EXIT_STATUS",
+    "Problem",
+    "Result",
+    "main",
+    "verify_bundle",
+]
 
 BUNDLE_FORMAT = "microvm-sandbox-evidence-bundle"
+# The command's exit status per verdict (2: the bundle could not be read at all).
+EXIT_STATUS = {"verified": 0, "failed": 1, "unanchored": 3}
 FORMAT_VERSION = 1
 EVENTS_FILE = "events.jsonl"
 DIGESTS_FILE = "digests.json"
@@ -104,14 +120,26 @@ class Result:
     key_fingerprints: dict[str, str] = field(default_factory=dict)
     key_trust: dict[str, str] = field(default_factory=dict)  # key id -> why it is trusted
     problems: list[Problem] = field(default_factory=list)
+    # Whether something outside the bundle vouched for it: pinned fingerprints, an earlier
+    # bundle or a copy of the digest sink. Without one, a consistent bundle proves nothing.
+    anchored: bool = False
 
     @property
     def ok(self) -> bool:
+        """No problem found (by itself not a verdict: see ``verdict``)."""
         return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        if self.problems:
+            return "failed"
+        return "verified" if self.anchored else "unanchored"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "anchored": self.anchored,
+            "verdict": self.verdict,
             "events": self.events,
             "first_position": self.first_position,
             "last_position": self.last_position,
@@ -618,16 +646,19 @@ class _Earlier:
             )
 
 
-def _check_against_sink(sink_dir: str, digests: Sequence[_Digest], problems: list[Problem]) -> None:
-    """The bundle's digests are the ones copied to the sink when they were signed."""
+def _check_against_sink(sink_dir: str, digests: Sequence[_Digest], problems: list[Problem]) -> int:
+    """The bundle's digests are the ones copied to the sink when they were signed.
+
+    Returns how many of them the sink holds the same (an anchor only if some)."""
     try:
         copies = FileSink(sink_dir).read()
     except SinkError as exc:
         problems.append(Problem("sink", str(exc)))
-        return
+        return 0
     if not copies:
         problems.append(Problem("sink", f"{sink_dir} holds no digest copies"))
-        return
+        return 0
+    same = 0
     for d in digests:
         # Before the sink's first copy (made before the sink), or after its newest (signed on
         # another host since): nothing to compare with.
@@ -644,6 +675,9 @@ def _check_against_sink(sink_dir: str, digests: Sequence[_Digest], problems: lis
                     "server's log was cut back or rewritten",
                 )
             )
+        else:
+            same += 1
+    return same
 
 
 def verify_bundle(
@@ -659,7 +693,8 @@ def verify_bundle(
     ``since_bundle``: an earlier bundle this one must continue; ``sink_dir``: a copy of the
     server's digest sink the digests must agree with.
     """
-    result = Result()
+    # A sink anchors only the digests it holds too (counted below).
+    result = Result(anchored=bool(trusted_fingerprints or since_bundle))
     problems = result.problems
     earlier = _Earlier.load(since_bundle, trusted_fingerprints) if since_bundle else None
     try:
@@ -689,7 +724,8 @@ def verify_bundle(
         if earlier is not None:
             earlier.check(_key_entries(raw_keys, []), digests, problems)
         if sink_dir is not None:
-            _check_against_sink(sink_dir, digests, problems)
+            if _check_against_sink(sink_dir, digests, problems):
+                result.anchored = True
         manifest_range = manifest.get("range") or {}
         if digests and (
             digests[0].start != manifest_range.get("first_position")
@@ -780,11 +816,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{k} {fp} ({result.key_trust.get(k, 'untrusted')})"
             for k, fp in sorted(result.key_fingerprints.items())
         )
-        print(
-            f"OK: {result.events} events, positions {result.first_position}.."
+        summary = (
+            f"{result.events} events, positions {result.first_position}.."
             f"{result.last_position}, chain intact; {result.digests} signed digests valid; "
             f"keys: {keys or 'none'}"
         )
+        if result.anchored:
+            print(f"OK: {summary}")
+        else:
+            print(
+                "UNANCHORED: the chain is internally consistent but no trust anchor was given "
+                "(--trust FINGERPRINT, --since-bundle EARLIER.zip or --sink DIR): anyone can "
+                f"make a bundle like this one; {summary}"
+            )
     else:
         for problem in result.problems:
             print(f"FAILED: {problem}", file=sys.stderr)
@@ -793,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(result.problems)} problem(s)",
             file=sys.stderr,
         )
-    return 0 if result.ok else 1
+    return EXIT_STATUS[result.verdict]
 
 
 if __name__ == "__main__":

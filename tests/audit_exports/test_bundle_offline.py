@@ -178,7 +178,9 @@ def _run_offline(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_offline_verification_runs_without_django(bundle_path: Path, tmp_path: Path) -> None:
-    done = _run_offline("verify", str(bundle_path))
+    with zipfile.ZipFile(bundle_path) as zf:
+        fingerprint = json.loads(zf.read("keys.json"))["keys"][0]["fingerprint"]
+    done = _run_offline("verify", str(bundle_path), "--trust", fingerprint)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK: ")
     changed = edit_lines(bundle_path, tmp_path / "bad.zip", lambda lines: lines[:3] + lines[4:])
