@@ -715,10 +715,9 @@ class RequestStatusView(APIView):
         )
         if event is None:
             raise NotFound("no such request")
-        vm = (
-            commands.visible_vms(Caller.from_request(request)).filter(pk=event.aggregate_id).first()
-        )
-        if vm is None and not request.user.has_perm("audit.view_audit_trail"):
+        caller = Caller.from_request(request)
+        vm = commands.visible_vms(caller).filter(pk=event.aggregate_id).first()
+        if vm is None and not caller.has("audit.view_audit_trail"):
             raise NotFound("no such request")
         request_data = EventSerializer(event).data
         body: dict[str, Any] = {
@@ -728,15 +727,27 @@ class RequestStatusView(APIView):
             "vm": VMSerializer(vm).data if vm else None,
         }
         if event.type != "vm.created":
-            outcome = RequestOutcome.objects.filter(request_event_id=str(eid)).first()
+            outcome = _outcome_of(event)
             body["state"] = (
                 "pending"
                 if outcome is None
-                else ("failed" if outcome.outcome_type.endswith("_failed") else "succeeded")
+                else ("failed" if outcome.type.endswith("_failed") else "succeeded")
             )
-            body["outcome"] = (
-                None
-                if outcome is None
-                else EventSerializer(Event.objects.get(position=outcome.position)).data
-            )
+            body["outcome"] = None if outcome is None else EventSerializer(outcome).data
         return Response(body)
+
+
+def _outcome_of(request_event: Event) -> Event | None:
+    """The outcome event of a request: the worker's (one per request, ``RequestOutcome``), or
+    a guest access's (exec, file transfer: the event it caused)."""
+    kind = request_event.type.removeprefix("vm.").removesuffix("_requested")
+    if kind in commands.GUEST_OUTCOMES:
+        return (
+            Event.objects.filter(
+                causation_id=str(request_event.event_id), type__in=commands.GUEST_OUTCOMES[kind]
+            )
+            .order_by("position")
+            .first()
+        )
+    outcome = RequestOutcome.objects.filter(request_event_id=str(request_event.event_id)).first()
+    return None if outcome is None else Event.objects.get(position=outcome.position)

@@ -288,3 +288,20 @@ def test_an_outcome_the_log_refuses_is_not_answered_as_nothing_done(
     [request] = guest_events(vm)
     assert request.type == "vm.file_upload_requested"
     assert str(request.event_id) in detail
+
+
+def test_the_status_of_a_guest_access_request_is_its_outcome(vm, api, agent) -> None:
+    assert (
+        api.post(f"/api/v1/vms/{vm.pk}/exec/", {"argv": ["id"]}, format="json").status_code == 200
+    )
+    agent.fail = AgentTimeout("no answer")
+    assert (
+        api.post(f"/api/v1/vms/{vm.pk}/exec/", {"argv": ["id"]}, format="json").status_code == 504
+    )
+    done, failed = (e for e in guest_events(vm) if e.type == "vm.exec_requested")
+    for request, state, outcome in (
+        (done, "succeeded", "vm.exec_completed"),
+        (failed, "failed", "vm.exec_failed"),
+    ):
+        body = api.get(f"/api/v1/requests/{request.event_id}/").json()
+        assert (body["state"], body["outcome"]["type"]) == (state, outcome)

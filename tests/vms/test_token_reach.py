@@ -112,3 +112,13 @@ def test_a_console_scoped_admin_token_does_not_type_into_other_users_consoles(wo
     assert console.access_for(world["admin"], world["theirs"].pk, viewer).mode == "read"
     # Without a token (the dashboard), the admin's role decides.
     assert console.access_for(world["admin"], world["theirs"].pk).mode == "write"
+
+
+def test_a_scoped_token_reads_the_requests_of_its_own_reach_only(world, issue_token) -> None:
+    theirs = commands.stop(
+        Caller.for_user(world["theirs"].owner, channel="api"), world["theirs"]
+    ).request
+    url = f"/api/v1/requests/{theirs.event_id}/"
+    assert api(issue_token, world["admin"], ["vms.exec_vm"]).get(url).status_code == 404
+    wider = api(issue_token, world["admin"], ["vms.exec_vm", "vms.manage_all_vms"])
+    assert wider.get(url).json()["request"]["type"] == "vm.stop_requested"
