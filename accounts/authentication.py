@@ -194,6 +194,59 @@ async def socket_refused(scope: Any, needed: scopes.Needs, *, write: bool) -> bo
     return True
 
 
+def recheck_socket(scope: Any) -> int | None:
+    """For an open websocket: whether its caller may still act, read afresh from the database.
+
+    A socket is authenticated once, at the handshake; tokens are revoked or expire, users are
+    deactivated, demoted or log out afterwards. Consumers call this before each command or
+    keystroke batch and whenever access changes (``vms.live.ACCESS_GROUP``), and close the
+    socket with the code returned (4401) when the caller is gone. Otherwise it returns None and
+    leaves the fresh user (its role now) and token in the scope, for the consumer to re-apply
+    what the caller may see and do. A dead token is recorded as ``auth.token_rejected``."""
+    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
+    from django.utils.crypto import constant_time_compare
+
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return CLOSE_UNAUTHENTICATED
+    token = scope.get("auth")
+    if isinstance(token, APIToken):
+        fresh_token = lookup(token.key)
+        reason = None
+        if fresh_token is None or fresh_token.revoked_at is not None:
+            reason = "revoked"
+        elif fresh_token.is_expired:
+            reason = "expired"
+        elif not fresh_token.user.is_active:
+            reason = "user_inactive"
+        if reason is not None:
+            _reject(fresh_token or token, reason)
+            return CLOSE_UNAUTHENTICATED
+        assert fresh_token is not None
+        scope["auth"], scope["user"] = fresh_token, fresh_token.user
+        return None
+    fresh = get_user_model().objects.filter(pk=user.pk, is_active=True).first()
+    if fresh is None:
+        return CLOSE_UNAUTHENTICATED
+    session = scope.get("session")
+    key = getattr(session, "session_key", None) if session is not None else None
+    if session is not None and key:
+        # A browser's socket: its session must still exist (no logout), still be this user's,
+        # and still carry the password hash it was made with (a password change ends it).
+        from importlib import import_module
+
+        from django.conf import settings
+
+        data = import_module(settings.SESSION_ENGINE).SessionStore(key).load()
+        session_hash = data.get(HASH_SESSION_KEY) or ""
+        if str(data.get(SESSION_KEY)) != str(fresh.pk) or not constant_time_compare(
+            session_hash, fresh.get_session_auth_hash()
+        ):
+            return CLOSE_UNAUTHENTICATED
+    scope["user"] = fresh
+    return None
+
+
 class TokenAuthMiddleware:
     """Channels middleware: a websocket handshake with ``Authorization: Bearer <token>`` is
     authenticated as the API does (``verify``); ``scope["auth"]`` is the token.

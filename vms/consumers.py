@@ -7,6 +7,12 @@ task it started when the socket closes.
 
 Close codes before accept: 4401 not logged in, 4403 not visible / not allowed, 4503 the event
 store could not record the console session (fail closed: no unrecorded session).
+
+An open socket re-checks its caller (``accounts.authentication.recheck_socket``) whenever access
+changes (a token revoked, a user demoted, deactivated or given a new password: the log follower
+tells every socket), every ``RECHECK_S`` seconds (a token that expires makes no event), and
+before console input (at most once a ``RECHECK_INPUT_S``): it closes with 4401 when the caller
+is gone and 4403 when the caller may no longer see or do what the socket does.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from accounts.authentication import socket_refused
+from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
@@ -33,6 +39,8 @@ log = logging.getLogger("sandbox.vms.consumers")
 
 OUTBOX_MAX = 2048  # queued frames per websocket before a too-slow client is dropped
 CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN, CLOSE_UNRECORDED, CLOSE_TOO_SLOW = 4401, 4403, 4503, 4008
+RECHECK_S = 30.0  # an open socket re-checks its caller at least this often
+RECHECK_INPUT_S = 1.0  # console input re-checks the caller when the last check is older
 
 
 def _int(value: str | None, default: int, lo: int, hi: int) -> int:
@@ -78,6 +86,56 @@ class _Outbox:
             await self.task
 
 
+class _Rechecked(AsyncWebsocketConsumer):
+    """A socket that keeps checking that its caller may still have it (module docstring).
+
+    ``watch()`` after accept; ``unwatch()`` on disconnect; a subclass says in ``allowed()``
+    whether the (fresh) caller may still have this socket, and may re-apply what it sees."""
+
+    watcher: asyncio.Task[None] | None = None
+    checked_at = 0.0
+    ended = False
+
+    async def watch(self) -> None:
+        self.checked_at = asyncio.get_running_loop().time()
+        await self.channel_layer.group_add(live.ACCESS_GROUP, self.channel_name)
+        self.watcher = asyncio.create_task(self._recheck_periodically())
+        await live.ensure_follower()  # it tells the access group of changes
+
+    async def unwatch(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
+            self.watcher = None
+            await self.channel_layer.group_discard(live.ACCESS_GROUP, self.channel_name)
+
+    async def _recheck_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_S)
+            await self.recheck()
+
+    async def access_changed(self, message: dict[str, Any]) -> None:
+        await self.recheck()
+
+    async def recheck(self) -> bool:
+        """Whether the caller may still have this socket; if not, the socket is closed."""
+        if self.ended:
+            return False
+        self.checked_at = asyncio.get_running_loop().time()
+        code = await database_sync_to_async(recheck_socket)(self.scope)
+        if code is None and not await self.allowed():
+            code = CLOSE_FORBIDDEN
+        if code is None:
+            return True
+        self.ended = True
+        await self.close(code=code)
+        return False
+
+    async def allowed(self) -> bool:
+        raise NotImplementedError
+
+
 def _caller(scope: dict[str, Any]) -> Caller:
     """The socket's user, through its API token if the handshake carried one: which VMs it
     reaches follows the token's scopes too (``vms.commands.sees_all_vms``)."""
@@ -93,7 +151,7 @@ def _visible_vm(caller: Caller, vm_id: str) -> dict[str, Any] | None:
     return live.vm_summary(vm) if vm else None
 
 
-class VMListConsumer(AsyncWebsocketConsumer):
+class VMListConsumer(_Rechecked):
     """``ws/vms/live/``: the VMs the user may see, as they change (the list page)."""
 
     outbox: _Outbox | None = None
@@ -117,6 +175,17 @@ class VMListConsumer(AsyncWebsocketConsumer):
         # After joining: a change between the page's render and now is in this snapshot.
         for vm in await self._snapshot():
             self._push(vm)
+        await self.watch()
+
+    async def allowed(self) -> bool:
+        # A caller who no longer sees every VM (demoted, or a narrower token) closes: what it
+        # was sent of others' VMs is on its screen, and nothing more of them may follow.
+        self.caller = _caller(self.scope)
+        sees_all = await database_sync_to_async(commands.sees_all_vms)(self.caller)
+        if self.sees_all and not sees_all:
+            return False
+        self.sees_all = sees_all
+        return True
 
     @database_sync_to_async
     def _snapshot(self) -> list[dict[str, Any]]:
@@ -133,16 +202,18 @@ class VMListConsumer(AsyncWebsocketConsumer):
         self.outbox.put(text=json.dumps({"type": "vm", "vm": vm}))
 
     async def vm_event(self, message: dict[str, Any]) -> None:
-        if message.get("vm"):
+        if message.get("vm") and not self.ended:
             self._push(message["vm"])
 
     async def disconnect(self, code: int) -> None:
+        self.ended = True
+        await self.unwatch()
         if self.outbox is not None:
             await self.channel_layer.group_discard(live.LIST_GROUP, self.channel_name)
             await self.outbox.aclose()
 
 
-class VMLiveConsumer(AsyncWebsocketConsumer):
+class VMLiveConsumer(_Rechecked):
     """``ws/vms/<id>/live/?after=<position>``: one VM's state, timeline and metrics."""
 
     outbox: _Outbox | None = None
@@ -174,6 +245,10 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
         self.outbox.put(text=json.dumps({"type": "vm", "vm": fresh or vm}))
         if (fresh or vm)["state"] != "destroyed":
             self.metrics = await metrics_live.subscribe(self.vm_id, self._metrics)
+        await self.watch()
+
+    async def allowed(self) -> bool:
+        return await _visible_vm(_caller(self.scope), self.vm_id) is not None
 
     @database_sync_to_async
     def _catch_up(self) -> list[dict[str, Any]]:
@@ -194,9 +269,12 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
             self.outbox.put(text=json.dumps(message))
 
     async def vm_event(self, message: dict[str, Any]) -> None:
-        self._event(message["event"], message.get("vm"))
+        if not self.ended:
+            self._event(message["event"], message.get("vm"))
 
     async def disconnect(self, code: int) -> None:
+        self.ended = True
+        await self.unwatch()
         if self.metrics is not None:
             await metrics_live.unsubscribe(self.metrics, self._metrics)
             self.metrics = None
@@ -205,7 +283,7 @@ class VMLiveConsumer(AsyncWebsocketConsumer):
             await self.outbox.aclose()
 
 
-class ConsoleConsumer(AsyncWebsocketConsumer):
+class ConsoleConsumer(_Rechecked):
     """``ws/vms/<id>/console/?cols=&rows=``: the VM's serial console.
 
     Binary frames both ways are terminal bytes; text frames are JSON status (server to browser).
@@ -291,6 +369,14 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         await console.ensure_relay()
         self.relay = console.relay_channel()
         self.keeper = asyncio.create_task(self._keep_attached())
+        await self.watch()
+
+    async def allowed(self) -> bool:
+        """The session goes on only as it began: the same access, in the same mode."""
+        access = await database_sync_to_async(console.access_for)(
+            self.scope["user"], self.access.vm_id, self.scope.get("auth")
+        )
+        return access is not None and (self.access.mode == "read" or access.mode == "write")
 
     async def _keep_attached(self) -> None:
         """Attach to the relay, and say so again every few seconds: the relay drops consumers
@@ -354,6 +440,10 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
         if self.access.mode != "write":
             self.ignored_input += len(data)
             return
+        now = asyncio.get_running_loop().time()
+        if (self.ended or now - self.checked_at >= RECHECK_INPUT_S) and not await self.recheck():
+            self.ignored_input += len(data)
+            return  # the caller may no longer type here: the socket is closing
         if not self.attached:
             self.notify({"type": "link", "connected": False, "reason": "input not delivered"})
             return
@@ -380,6 +470,8 @@ class ConsoleConsumer(AsyncWebsocketConsumer):
     async def _end_session(self) -> None:
         """Detach from the relay, stop the tasks, close the recording and append the closing
         event; idempotent (called on disconnect and again when the consumer ends)."""
+        self.ended = True
+        await self.unwatch()
         if self.keeper is not None:
             self.keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

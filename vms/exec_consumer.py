@@ -8,7 +8,9 @@ like the HTTP exec); the server answers with ``{"type": "stdout"|"stderr", "data
 (the agent client is synchronous); its chunks are handed to the event loop through a bounded
 queue, so the consumer never blocks and a slow client holds the command back (the agent channel
 passes the backpressure on to the guest) instead of piling its output up in the server; a
-disconnect cancels the forwarding task.
+disconnect cancels the forwarding task. The caller is checked again when the command comes
+(``accounts.authentication.recheck_socket``): a token revoked or a user deactivated or demoted
+since the handshake closes the socket (4401, 4403) and nothing runs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied, ValidationError
 
-from accounts.authentication import socket_refused
+from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import needs
@@ -74,6 +76,14 @@ class ExecConsumer(AsyncWebsocketConsumer):
             await self._error(409, "one command per connection")
             return
         self.started = True
+        # The socket was authorised at its handshake; the command runs now: the token must
+        # still be live, the user still active and still allowed to reach the VM.
+        code = await database_sync_to_async(recheck_socket)(self.scope)
+        if code is None and await self._visible_vm(str(self.vm.pk)) is None:
+            code = 4403
+        if code is not None:
+            await self.close(code=code)
+            return
         try:
             request = parsers.loads(text_data or "")  # ValueError also when nested too deep
         except ValueError:

@@ -35,6 +35,17 @@ POLL_S = 0.25  # SQLite: the delay between an append and its push, at most
 LISTEN_TIMEOUT_S = 0.5  # PostgreSQL: wake up this often even without a NOTIFY (and to stop)
 SEND_TIMEOUT_S = 5.0
 LIST_GROUP = "vms"
+# Every open socket listens here: a change of who may do what (a token revoked, a user demoted,
+# deactivated or given a new password) makes each re-check its caller (``vms.consumers``).
+ACCESS_GROUP = "access"
+ACCESS_CHANGES = frozenset(
+    {
+        "token.revoked",
+        "user.role_changed",
+        "user.deactivated",
+        "user.password_changed",
+    }
+)
 
 
 def vm_group(vm_id: object) -> str:
@@ -102,6 +113,9 @@ def messages_for(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str,
     }
     out: list[tuple[str, dict[str, Any]]] = []
     for e in events:
+        if e.type in ACCESS_CHANGES:
+            out.append((ACCESS_GROUP, {"type": "access.changed", "position": e.position}))
+            continue
         vm_id = e.aggregate_id if e.aggregate_type == "vm" else snap_vm.get(e.aggregate_id)
         if vm_id is None:
             continue
