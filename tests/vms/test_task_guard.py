@@ -148,3 +148,19 @@ def test_the_admin_offers_no_way_to_add_change_or_resubmit_worker_tasks(make_use
         page = client.get(f"/admin/django_q/{model}/")
         assert page.status_code == 200
         assert re.search(rb'name="action"', page.content) is None, "a resubmit action is offered"
+
+
+def test_a_schedule_that_asks_to_run_synchronously_is_refused_too(db, tmp_path, monkeypatch):
+    """A schedule's q_options may ask for ``sync``: django-q2 then runs the task in the
+    scheduler's own process, through the same (guarded) worker function."""
+    import django_q.cluster
+    import django_q.worker
+    from django_q.tasks import async_task
+
+    monkeypatch.setattr(django_q.worker, "worker", django_q.worker.worker)
+    monkeypatch.setattr(django_q.cluster, "worker", django_q.cluster.worker)
+    task_guard.install()
+    pwned = tmp_path / "pwned-sync"
+    async_task("os.system", f"touch {pwned}", sync=True)
+    assert not pwned.exists()
+    assert [r["func"] for r in _refusals()] == ["os.system"]
