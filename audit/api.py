@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import serializers, viewsets
 from rest_framework.decorators import action
@@ -13,7 +14,7 @@ from rest_framework.response import Response
 
 from accounts.permissions import HasPerm
 from accounts.scopes import AUDIT_READ, needs
-from audit.commands import read_details, record_trail_read
+from audit.commands import has_control, read_details, record_trail_read
 from audit.hashing import EVENT_COLUMNS
 from audit.models import Event
 
@@ -27,13 +28,23 @@ class EventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+def _no_control(value: str) -> None:
+    if has_control(value):
+        raise DjangoValidationError("control characters are not allowed")
+
+
+def _text(**kwargs: Any) -> django_filters.CharFilter:
+    # Filter values are recorded in the read's event: bounded, without control characters.
+    return django_filters.CharFilter(max_length=200, validators=[_no_control], **kwargs)
+
+
 class EventFilter(django_filters.FilterSet):
-    type = django_filters.CharFilter()
-    type_prefix = django_filters.CharFilter(field_name="type", lookup_expr="startswith")
-    aggregate_type = django_filters.CharFilter()
-    aggregate_id = django_filters.CharFilter()
-    actor = django_filters.CharFilter(field_name="actor_name")
-    correlation_id = django_filters.CharFilter()
+    type = _text()
+    type_prefix = _text(field_name="type", lookup_expr="startswith")
+    aggregate_type = _text()
+    aggregate_id = _text()
+    actor = _text(field_name="actor_name")
+    correlation_id = _text()
     after = django_filters.NumberFilter(field_name="position", lookup_expr="gt")
     since = django_filters.IsoDateTimeFilter(field_name="recorded_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="recorded_at", lookup_expr="lt")
@@ -62,8 +73,18 @@ class EventViewSet(viewsets.ReadOnlyModelViewSet):
         response = super().list(request, *args, **kwargs)
         data = response.data
         rows = data.get("results", []) if isinstance(data, dict) else data
-        record_trail_read(request, "api.events.list", read_details(request.query_params, rows))
+        record_trail_read(request, "api.events.list", read_details(self._filters(request), rows))
         return response
+
+    def _filters(self, request: Request) -> dict[str, Any]:
+        """The filters and page the list applied, as validated (the list ran, so they are)."""
+        filterset = EventFilter(request.query_params, queryset=self.get_queryset())
+        applied = dict(filterset.form.cleaned_data) if filterset.is_valid() else {}
+        for name in ("limit", "offset"):
+            value = request.query_params.get(name, "")
+            if value.isdigit():
+                applied[name] = int(value)
+        return applied
 
     def retrieve(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         response = super().retrieve(request, *args, **kwargs)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -189,8 +191,8 @@ def record_export_finished(who: Any, job_id: Any, data: dict[str, Any]) -> None:
 def place_legal_hold(who: Any, reason: str) -> str:
     """Place a hold on the whole log; returns its id. Nothing is deleted while any hold is
     active (and the product deletes nothing at all: see ``audit.retention``)."""
-    reason = (reason or "").strip()
-    if not reason or len(reason) > 500:
+    reason = clean_reason(reason)
+    if not reason:
         raise ValueError("a reason of 1 to 500 characters is required")
     hold_id = uuid.uuid4().hex[:12]
     store.append(
@@ -204,7 +206,9 @@ def place_legal_hold(who: Any, reason: str) -> str:
 
 
 def release_legal_hold(who: Any, hold_id: str, reason: str = "") -> bool:
-    """Release an active hold; False when no such hold is active (nothing is recorded)."""
+    """Release an active hold; False when no such hold is active (nothing is recorded).
+    ``ValueError`` for a reason that is not text of up to 500 characters."""
+    reason = clean_reason(reason)
     with transaction.atomic():
         store.lock()  # the check and the release are one step against concurrent releases
         active = {h.hold_id for h in retention.legal_holds() if h.active}
@@ -214,18 +218,54 @@ def release_legal_hold(who: Any, hold_id: str, reason: str = "") -> bool:
             "audit",
             "retention",
             "audit.legal_hold_released",
-            {"hold_id": hold_id, "reason": (reason or "").strip()[:500]},
+            {"hold_id": hold_id, "reason": reason},
             actor=_actor(who),
         )
     return True
 
 
-def read_details(params: Any, rows: Any) -> dict[str, Any]:
-    """What a trail read asked for and got: its filters (bounded) and the positions returned."""
-    filters = {str(k)[:40]: str(params.get(k))[:200] for k in list(params)[:20]}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (NUL, newline, escape...)."""
+    return _CONTROL.search(text) is not None
+
+
+def safe_text(value: Any, limit: int = 200) -> str:
+    """``value`` as bounded text an event can hold: control characters written as ``\\xNN``
+    escapes, never stored raw (the store refuses NUL; the others forge lines in logs and
+    reports). Callers validate input first; this is the last line for what still gets here."""
+    text = value.isoformat() if isinstance(value, datetime) else str(value)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)[:limit]
+
+
+def clean_reason(reason: Any, limit: int = 500) -> str:
+    """A free-text reason typed by a person, stripped; ``ValueError`` when it is longer than
+    ``limit`` or holds control characters other than line breaks and tabs."""
+    text = str(reason or "").strip()
+    if len(text) > limit:
+        raise ValueError(f"a reason of at most {limit} characters is required")
+    if has_control(text.replace("\n", "").replace("\r", "").replace("\t", "")):
+        raise ValueError("the reason must not hold control characters")
+    return text
+
+
+def read_details(filters: Mapping[str, Any], rows: Any) -> dict[str, Any]:
+    """What a trail read asked for and got: its filters and the positions returned.
+
+    ``filters``: the validated filters the view applied (a form's or filter set's cleaned
+    data), never the raw query string: unknown parameters are not recorded, and what is
+    recorded is bounded text without control characters.
+    """
+    recorded = {
+        str(k)[:40]: safe_text(v)
+        for k, v in list(filters.items())[:20]
+        if v not in (None, "") and not isinstance(v, list | tuple | dict)
+    }
     positions = [r["position"] if isinstance(r, dict) else r.position for r in rows]
     return {
-        "filters": filters,
+        "filters": recorded,
         "returned": len(positions),
         "first_position": min(positions) if positions else None,
         "last_position": max(positions) if positions else None,

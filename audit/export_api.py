@@ -14,6 +14,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -172,7 +173,13 @@ class ExportJobViewSet(viewsets.ReadOnlyModelViewSet):
     filterset_fields = ["kind", "status", "format"]
     token_scopes = {"list": EXPORT, "retrieve": EXPORT, "download": EXPORT}
 
-    @extend_schema(responses={(200, ct): bytes for ct in CONTENT_TYPES.values()})
+    @extend_schema(
+        # A JSON report is a JSON document; CSV, PDF and bundles are files.
+        responses={
+            (200, ct): OpenApiTypes.OBJECT if fmt == "json" else OpenApiTypes.BINARY
+            for fmt, ct in CONTENT_TYPES.items()
+        }
+    )
     @action(detail=True, methods=["get"])
     def download(self, request: Request, pk: Any = None) -> Any:
         job = self.get_object()
@@ -432,7 +439,11 @@ class LegalHoldReleaseView(APIView):
     def post(self, request: Request, hold_id: str) -> Response:
         s = LegalHoldReleaseSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        if not commands.release_legal_hold(request, hold_id, s.validated_data["reason"]):
+        try:
+            released = commands.release_legal_hold(request, hold_id, s.validated_data["reason"])
+        except ValueError as exc:
+            raise ValidationError({"reason": str(exc)}) from exc
+        if not released:
             return Response(
                 {"detail": f"no active legal hold {hold_id!r}"}, status=status.HTTP_404_NOT_FOUND
             )

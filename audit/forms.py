@@ -10,8 +10,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
+from django.core.exceptions import ValidationError
 
 from audit import catalogue, compliance, exports
+from audit.commands import has_control
 
 
 def _aware(value: datetime | None) -> datetime | None:
@@ -20,16 +22,26 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+def _no_control(value: str) -> None:
+    # The filters are recorded in the read's event (audit.trail_read): no control characters.
+    if has_control(value):
+        raise ValidationError("control characters are not allowed")
+
+
 class TrailFilterForm(forms.Form):
     """Filters of the audit trail; every field optional, all applied together."""
 
-    actor = forms.CharField(required=False, max_length=150, label="Actor")
+    actor = forms.CharField(required=False, max_length=150, label="Actor", validators=[_no_control])
     type = forms.ChoiceField(required=False, label="Event type")
     aggregate_type = forms.ChoiceField(required=False, label="Subject type")
-    aggregate_id = forms.CharField(required=False, max_length=64, label="Subject id (VM, user...)")
+    aggregate_id = forms.CharField(
+        required=False, max_length=64, label="Subject id (VM, user...)", validators=[_no_control]
+    )
     since = forms.DateTimeField(required=False, label="From (UTC)")
     until = forms.DateTimeField(required=False, label="To (UTC, excluded)")
-    q = forms.CharField(required=False, max_length=200, label="Text in data")
+    q = forms.CharField(
+        required=False, max_length=200, label="Text in data", validators=[_no_control]
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

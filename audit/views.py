@@ -75,9 +75,12 @@ def trail(request: HttpRequest) -> HttpResponse:
     page = Paginator(qs, PAGE_SIZE).get_page(request.GET.get("page"))
     query = request.GET.copy()
     query.pop("page", None)
-    commands.record_trail_read(
-        request, "dashboard.trail", commands.read_details(request.GET, page.object_list)
-    )
+    # Only the filters as validated are recorded; a bad query shows its errors and no events.
+    applied = dict(form.cleaned_data) if form.is_bound and form.is_valid() else {}
+    details = commands.read_details(applied | {"page": page.number}, page.object_list)
+    if form.is_bound and not form.is_valid():
+        details["invalid"] = sorted(form.errors)[:20]
+    commands.record_trail_read(request, "dashboard.trail", details)
     return render(
         request,
         "audit/trail.html",
@@ -290,7 +293,9 @@ def sessions(request: HttpRequest) -> HttpResponse:
     )
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
     commands.record_trail_read(
-        request, "dashboard.sessions", commands.read_details(request.GET, page.object_list)
+        request,
+        "dashboard.sessions",
+        commands.read_details({"page": page.number}, page.object_list),
     )
     return render(request, "audit/sessions.html", {"page": page, "section": "sessions"})
 
@@ -391,12 +396,17 @@ def retention_status(request: HttpRequest) -> HttpResponse:
             else:
                 messages.success(request, f"Legal hold {hold} placed.")
         elif request.POST.get("action") == "release":
-            if commands.release_legal_hold(
-                request, request.POST.get("hold_id", ""), request.POST.get("reason", "")
-            ):
-                messages.success(request, "Legal hold released.")
+            try:
+                released = commands.release_legal_hold(
+                    request, request.POST.get("hold_id", ""), request.POST.get("reason", "")
+                )
+            except ValueError as exc:
+                messages.error(request, str(exc))
             else:
-                messages.error(request, "No such active legal hold.")
+                if released:
+                    messages.success(request, "Legal hold released.")
+                else:
+                    messages.error(request, "No such active legal hold.")
         return redirect("audit:retention")
     return render(
         request,
