@@ -32,6 +32,7 @@ from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
+from audit.commands import read_details, record_trail_read
 from sandbox_site import parsers
 from vms import commands, console, live, metrics_live
 
@@ -39,6 +40,7 @@ log = logging.getLogger("sandbox.vms.consumers")
 
 OUTBOX_MAX = 2048  # queued frames per websocket before a too-slow client is dropped
 CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN, CLOSE_UNRECORDED, CLOSE_TOO_SLOW = 4401, 4403, 4503, 4008
+CLOSE_RECHECK_FAILED = 1011  # the caller could not be re-checked (database unavailable)
 RECHECK_S = 30.0  # an open socket re-checks its caller at least this often
 RECHECK_INPUT_S = 1.0  # console input re-checks the caller when the last check is older
 
@@ -123,9 +125,14 @@ class _Rechecked(AsyncWebsocketConsumer):
         if self.ended:
             return False
         self.checked_at = asyncio.get_running_loop().time()
-        code = await database_sync_to_async(recheck_socket)(self.scope)
-        if code is None and not await self.allowed():
-            code = CLOSE_FORBIDDEN
+        try:
+            code = await database_sync_to_async(recheck_socket)(self.scope)
+            if code is None and not await self.allowed():
+                code = CLOSE_FORBIDDEN
+        except Exception:
+            # Who the caller is cannot be read now: fail closed (the browser reconnects).
+            log.exception("websocket caller not re-checked: closing")
+            code = CLOSE_RECHECK_FAILED
         if code is None:
             return True
         self.ended = True
@@ -252,10 +259,19 @@ class VMLiveConsumer(_Rechecked):
 
     @database_sync_to_async
     def _catch_up(self) -> list[dict[str, Any]]:
+        """The events since ``after``, recorded as one trail read for the connection (the
+        events pushed afterwards are part of this read: no event per push). A read the log
+        cannot record is not served: the error ends the connection."""
         from vms.models import VirtualMachine
 
         vm = VirtualMachine.objects.filter(pk=self.vm_id).first()
-        return live.vm_timeline(vm, after=self.last_position) if vm else []
+        events = live.vm_timeline(vm, after=self.last_position) if vm else []
+        record_trail_read(
+            console.session_actor(self.scope["user"], self.scope),
+            "live.vm_timeline",
+            read_details({"vm": self.vm_id, "after": self.last_position}, events),
+        )
+        return events
 
     def _event(self, event: dict[str, Any], vm: dict[str, Any] | None) -> None:
         if event["position"] <= self.last_position:

@@ -169,3 +169,23 @@ async def test_an_expired_token_or_a_logged_out_session_closes_on_the_periodic_c
     await database_sync_to_async(Session.objects.all().delete)()  # logged out everywhere
     assert await _closed_with(by_session, 5) == 4401
     await by_session.disconnect()
+
+
+async def test_a_socket_whose_caller_cannot_be_rechecked_closes(
+    make_user, ws_connect, monkeypatch
+) -> None:
+    from channels.layers import get_channel_layer
+    from django.db import OperationalError
+
+    from vms import consumers, live
+
+    user = await database_sync_to_async(make_user)("operator", "dbless")
+    comm = await _open(await ws_connect("/ws/vms/live/", user))
+
+    def unavailable(scope: Any) -> None:
+        raise OperationalError("the database is gone")
+
+    monkeypatch.setattr(consumers, "recheck_socket", unavailable)
+    await get_channel_layer().group_send(live.ACCESS_GROUP, {"type": "access.changed"})
+    assert await _closed_with(comm, 5) == 1011
+    await comm.disconnect()
