@@ -147,6 +147,9 @@ def ip_allowed(ip: str | None, networks: list[str]) -> bool:
         addr = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # ::ffff:1.2.3.4 (an IPv4 client on a dual-stack socket) is 1.2.3.4.
+        addr = addr.ipv4_mapped
     return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
 
 

@@ -7,11 +7,11 @@ import threading
 from typing import Any
 
 from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
-from accounts import throttle
-from accounts.commands import is_locked
+from accounts import commands, throttle
 from audit.actor import Actor
 
 _group_perms: dict[int, frozenset[str]] = {}
@@ -62,7 +62,10 @@ def prime_permissions(user: Any, group_ids: list[int]) -> None:
 
 class LockoutModelBackend(ModelBackend):
     """ModelBackend that stops at a throttled source address or a locked username, before the
-    password is even checked (``accounts.throttle``, ``accounts.commands.is_locked``).
+    password is even checked (``accounts.throttle``, ``accounts.commands.lock_ends``). Each
+    attempt takes a slot of its address and of its username first (``throttle.reserve``), so
+    parallel attempts cannot exceed either limit. A locked username, real or not, costs one
+    password hash, like a wrong password, and gets the same answer.
 
     Raising PermissionDenied makes ``authenticate()`` give up and send ``user_login_failed``,
     whose receiver records the attempt with reason ``locked``.
@@ -78,18 +81,38 @@ class LockoutModelBackend(ModelBackend):
     ) -> Any:
         if username is None:
             username = kwargs.get("username")
-        if request is not None:
-            # An address over its failure limit is refused before any lookup or hashing.
-            until = throttle.refused_until(Actor.anonymous().source_ip)
-            if until is not None:
-                request._sandbox_login_failure = "throttled"
-                request._sandbox_throttled_until = until
-                raise PermissionDenied("too many failed logins from this address")
-        if username and is_locked(username):
-            if request is not None:
-                request._sandbox_login_failure = "locked"
+        if request is None:
+            if username and commands.lock_ends(username) is not None:
+                raise PermissionDenied("account locked")
+            return super().authenticate(request, username=username, password=password, **kwargs)
+        # An address over its failure limit is refused before any lookup or hashing; so is one
+        # whose attempt slots of this window are all taken by attempts still being checked.
+        source = Actor.anonymous().source_ip
+        until = throttle.refused_until(source)
+        slot = None
+        if until is None:
+            slot, until = throttle.reserve(source)
+        if until is not None:
+            request._sandbox_login_failure = "throttled"
+            request._sandbox_throttled_until = until
+            raise PermissionDenied("too many failed logins from this address")
+        # A locked username, real or made up, is refused after as much work as a wrong password
+        # (one hash), so that neither the answer nor its time says whether the name exists.
+        # The slot is taken before the lock is read: a lock recorded meanwhile is seen.
+        name = commands.normalize_username(username or "")
+        name_slot, allowed = throttle.reserve_name(name) if username else (None, True)
+        if allowed and username and commands.lock_ends(username) is not None:
+            throttle.release(name_slot)
+            allowed = False
+        if not allowed:
+            make_password(password)
+            request._sandbox_login_failure = "locked"
             raise PermissionDenied("account locked")
-        return super().authenticate(request, username=username, password=password, **kwargs)
+        user = super().authenticate(request, username=username, password=password, **kwargs)
+        if user is not None:
+            throttle.release(slot)
+            throttle.clear_name(name)
+        return user
 
     def get_all_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
         if not user_obj.is_active or user_obj.is_anonymous or obj is not None:

@@ -33,6 +33,8 @@ __all__ = [
     "create_token",
     "create_user",
     "is_locked",
+    "lock_ends",
+    "normalize_username",
     "record_login",
     "record_login_failure",
     "record_logout",
@@ -44,8 +46,11 @@ __all__ = [
 ]
 
 
-def _normalize_username(username: str) -> str:
+def normalize_username(username: str) -> str:
     return (username or "").strip()[:150] or "(empty)"
+
+
+_normalize_username = normalize_username
 
 
 def _require(actor_user: User | None, perm: str) -> None:
@@ -383,8 +388,23 @@ def is_locked(username: str, now: datetime | None = None) -> datetime | None:
     return None
 
 
+def _clear_name_on_commit(username: str) -> None:
+    # Once the lock is visible: an attempt that takes a slot after this sees it.
+    name = _normalize_username(username)
+    transaction.on_commit(lambda: throttle.clear_name(name))
+
+
+def lock_ends(username: str) -> datetime | None:
+    """When ``username``'s lock ends, if it is locked now: a real account's lock
+    (``is_locked``), or the outside lock of a name that does not exist
+    (``accounts.throttle.name_locked_until``). The login answer follows this, so it is the same
+    for both."""
+    return is_locked(username) or throttle.name_locked_until(_normalize_username(username))
+
+
 @transaction.atomic
 def record_login(actor: Actor, user: User) -> None:
+    throttle.clear_name(_normalize_username(user.username))
     store.append("account", _normalize_username(user.username), "auth.logged_in", {}, actor=actor)
 
 
@@ -410,13 +430,15 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
         return None
     name = _normalize_username(username)
     source = actor.source_ip
+    # Events of an address name what it is counted as (an IPv6 client's /64).
+    source_key = throttle.source_key(source)
     known = User.objects.filter(username=username).exists() if username else False
     tally = throttle.note_failure(source, unknown_user=not known)
     if tally.refused_until is not None:
         try:
             store.append(
                 "login_source",
-                source or "(none)",
+                source_key or "(none)",
                 "auth.login_throttled",
                 {
                     "until": tally.refused_until.isoformat(),
@@ -440,12 +462,15 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
                 )
             store.append(
                 "login_source",
-                source or "(none)",
+                source_key or "(none)",
                 "auth.unknown_user_failed",
                 data,
                 actor=replace(actor, username=""),
             )
-        return None
+        # From the outside a made-up name locks as a real one does (no event: see above).
+        if reason == "locked":
+            return throttle.name_locked_until(name)
+        return throttle.note_unknown_name_failure(name)
     store.append("account", name, "auth.login_failed", {"reason": reason}, actor=actor)
     if reason == "locked":
         return is_locked(name)
@@ -464,6 +489,7 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
             actor=Actor.system(name="lockout"),
             causation_id=actor.request_id,
         )
+        _clear_name_on_commit(name)
         return until
     return None
 
@@ -478,4 +504,5 @@ def unlock(actor: Actor, username: str, *, by: User | None = None) -> bool:
     if is_locked(name) is None:
         return False
     store.append("account", name, "auth.unlocked", {}, actor=actor)
+    throttle.clear_name(name)
     return True

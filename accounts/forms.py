@@ -8,12 +8,13 @@ from django import forms
 from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
-from accounts import commands, throttle
+from accounts import throttle
 from audit.actor import Actor
 
 
 class LoginForm(AuthenticationForm):
-    """Django's login form, saying plainly when an account is locked."""
+    """Django's login form, saying plainly when a username is locked: for names that do not
+    exist exactly as for real ones (``accounts.backends.LockoutModelBackend``)."""
 
     error_messages = {
         **AuthenticationForm.error_messages,
@@ -28,10 +29,8 @@ class LoginForm(AuthenticationForm):
         # (its auth.login_throttled event covers every refused attempt).
         if until := throttle.refused_until(Actor.anonymous().source_ip):
             raise self._refused("throttled", until)
-        username = self.cleaned_data.get("username")
-        if username and (until := commands.is_locked(username)):
-            commands.record_login_failure(Actor.anonymous(username), username, "locked")
-            raise self._refused("locked", until)
+        # A locked username is refused by the authentication backend, with one password hash as
+        # for a wrong password, and said so here whether the name exists or not.
         try:
             return super().clean()
         except forms.ValidationError:

@@ -6,10 +6,24 @@ looked up or any password hashed. The counters live in the cache: Redis when ``R
 (shared by every web process), else the process's memory (the embedded default serves from one
 web process). They are counters, not records: what the log keeps is decided in
 ``accounts.commands.record_login_failure``.
+
+Addresses are counted by ``source_key``: an IPv4-mapped IPv6 address as its IPv4 address, any
+other IPv6 address by its network of ``SANDBOX_LOGIN_SOURCE_IPV6_PREFIX`` bits (64: one holder of
+a /64 cannot rotate past the limit).
+
+Attempts are counted *before* a password is checked (``reserve``, ``reserve_name``), so that
+parallel attempts cannot all pass a check made before any of them failed: an address has
+``SANDBOX_LOGIN_SOURCE_FAILURES`` attempt slots a window, a username ``SANDBOX_LOCKOUT_THRESHOLD``
+until its lock or a login resets them; a successful login gives its slot back.
+
+Usernames that do not exist lock like real ones, from the outside (``note_unknown_name_failure``,
+``name_locked_until``): the same failures lead to the same answer, without an event per name.
 """
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +31,21 @@ from datetime import UTC, datetime
 from django.conf import settings
 from django.core.cache import cache
 
-__all__ = ["Tally", "lift", "note_failure", "refused_until"]
+__all__ = [
+    "Tally",
+    "clear_name",
+    "forget",
+    "lift",
+    "name_locked_until",
+    "note_failure",
+    "note_unknown_name_failure",
+    "once_per",
+    "refused_until",
+    "release",
+    "reserve",
+    "reserve_name",
+    "source_key",
+]
 
 # Changed by tests so that each test counts from zero (the cache outlives a test).
 NAMESPACE = "login-throttle"
@@ -46,8 +74,30 @@ def _key(*parts: object) -> str:
     return ":".join([NAMESPACE, *(str(p) for p in parts)])
 
 
+def source_key(ip: str | None) -> str | None:
+    """What an address is counted as: IPv4 as is, an IPv4-mapped IPv6 address as its IPv4
+    address, other IPv6 addresses by their /``SANDBOX_LOGIN_SOURCE_IPV6_PREFIX`` network."""
+    if not ip:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        prefix = int(getattr(settings, "SANDBOX_LOGIN_SOURCE_IPV6_PREFIX", 64))
+        return str(ipaddress.ip_network(f"{addr}/{prefix}", strict=False))
+    return str(addr)
+
+
+def _window_s() -> int:
+    return max(1, int(settings.SANDBOX_LOGIN_SOURCE_WINDOW_S))
+
+
 def refused_until(source: str | None) -> datetime | None:
     """When ``source`` may try again, if it is refused now."""
+    source = source_key(source)
     if not source:
         return None
     until = cache.get(_key("refused", source))
@@ -66,9 +116,92 @@ def _incr(key: str, timeout: int) -> int:
         return 1
 
 
+def _decr(key: str) -> None:
+    try:
+        cache.decr(key)
+    except ValueError:  # expired meanwhile: nothing left to give back
+        pass
+
+
+def reserve(source: str | None) -> tuple[str | None, datetime | None]:
+    """Take one of ``source``'s attempt slots of this window, before its password is checked.
+
+    Returns the slot (give it back with ``release`` when the login succeeds; a failure keeps it)
+    and, when every slot is taken, the end of the window instead (nothing is taken then).
+    """
+    source = source_key(source)
+    if not source:
+        return None, None
+    window_s = _window_s()
+    window = int(_clock() // window_s)
+    slot = _key("slots", source, window)
+    if _incr(slot, 2 * window_s) > settings.SANDBOX_LOGIN_SOURCE_FAILURES:
+        _decr(slot)
+        return None, datetime.fromtimestamp((window + 1) * window_s, tz=UTC)
+    return slot, None
+
+
+def release(slot: str | None) -> None:
+    """Give back a slot of ``reserve`` or ``reserve_name`` (the attempt succeeded)."""
+    if slot:
+        _decr(slot)
+
+
+def _name(name: str) -> str:
+    # Any text may be typed as a username: key on its digest.
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
+def reserve_name(name: str) -> tuple[str | None, bool]:
+    """Take one of the username's attempt slots before its password is checked: False when the
+    lockout threshold is taken already (by failures, or attempts still being checked)."""
+    key = _key("name-slots", _name(name))
+    if _incr(key, int(settings.SANDBOX_LOCKOUT_WINDOW_S)) > settings.SANDBOX_LOCKOUT_THRESHOLD:
+        _decr(key)
+        return None, False
+    return key, True
+
+
+def clear_name(name: str) -> None:
+    """The username logged in, was locked or unlocked: its slots count from zero again."""
+    cache.delete_many([_key("name-slots", _name(name)), _key("name-failures", _name(name))])
+
+
+def note_unknown_name_failure(name: str) -> datetime | None:
+    """Count a failure for a username that does not exist; at the lockout threshold it is
+    refused, as a real one would be (without an event: random names would fill the log)."""
+    window_s = int(settings.SANDBOX_LOCKOUT_WINDOW_S)
+    if _incr(_key("name-failures", _name(name)), window_s) < settings.SANDBOX_LOCKOUT_THRESHOLD:
+        return None
+    until = _clock() + int(settings.SANDBOX_LOCKOUT_S)
+    cache.set(_key("name-locked", _name(name)), until, timeout=int(settings.SANDBOX_LOCKOUT_S))
+    clear_name(name)
+    return datetime.fromtimestamp(until, tz=UTC)
+
+
+def name_locked_until(name: str, now: datetime | None = None) -> datetime | None:
+    """When a made-up username's outside lock ends, if it is locked now."""
+    until = cache.get(_key("name-locked", _name(name)))
+    if until is None:
+        return None
+    end = datetime.fromtimestamp(float(until), tz=UTC)
+    return end if end > (now or datetime.now(tz=UTC)) else None
+
+
+def once_per(seconds: int, *parts: object) -> bool:
+    """True the first time in ``seconds`` for these parts, across every web process sharing the
+    cache (one atomic add); give it back with ``forget`` if the thing it allowed failed."""
+    return bool(cache.add(_key("once", *parts), 1, timeout=seconds))
+
+
+def forget(*parts: object) -> None:
+    cache.delete(_key("once", *parts))
+
+
 def note_failure(source: str | None, *, unknown_user: bool) -> Tally:
     """Count a failed login from ``source`` in the current (fixed) window."""
-    window_s = max(1, int(settings.SANDBOX_LOGIN_SOURCE_WINDOW_S))
+    window_s = _window_s()
+    source = source_key(source)
     if not source:
         return Tally(0, 0, window_s)
     now = _clock()
@@ -92,5 +225,6 @@ def note_failure(source: str | None, *, unknown_user: bool) -> Tally:
 
 def lift(source: str | None) -> None:
     """End ``source``'s refusal now (its event could not be recorded)."""
+    source = source_key(source)
     if source:
         cache.delete(_key("refused", source))

@@ -272,6 +272,8 @@ SANDBOX_LOCKOUT_S = env_int("SANDBOX_LOCKOUT_S", 900)
 # before any password is hashed (accounts.throttle; counters in the cache below).
 SANDBOX_LOGIN_SOURCE_FAILURES = env_int("SANDBOX_LOGIN_SOURCE_FAILURES", 20)
 SANDBOX_LOGIN_SOURCE_WINDOW_S = env_int("SANDBOX_LOGIN_SOURCE_WINDOW_S", 300)
+# IPv6 sources are counted by network of this many bits (a /64 is one holder's).
+SANDBOX_LOGIN_SOURCE_IPV6_PREFIX = env_int("SANDBOX_LOGIN_SOURCE_IPV6_PREFIX", 64)
 
 # The cache holds counters that every web process must share (login throttling): Redis when
 # there is one (several web processes), else this process's memory (one web process).
