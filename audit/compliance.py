@@ -343,8 +343,8 @@ FRAMEWORKS: dict[str, Framework] = {
                     "The movement of information to and from the system is restricted and "
                     "recorded.",
                     (_s(TRANSFERS | EXPORTS),),
-                    "Files written into and read from guests (path, size, SHA-256); audit "
-                    "exports and their downloads.",
+                    "File transfers into and out of guests, each request and its outcome "
+                    "(path, size, SHA-256, or why it failed); audit exports and their downloads.",
                     "Transfers outside the product (guest network egress is in the network "
                     "events, not here); that each transfer was authorized.",
                 ),
@@ -441,7 +441,8 @@ FRAMEWORKS: dict[str, Framework] = {
                     "Information transfer",
                     "Rules and procedures for information transfer are in place.",
                     (_s(TRANSFERS | EXPORTS),),
-                    "Files written into and read from guests; audit exports and downloads.",
+                    "File transfers into and out of guests (requests and outcomes); audit "
+                    "exports and downloads.",
                     "The transfer rules themselves; transfers over the guests' own network.",
                 ),
                 Control(
@@ -534,8 +535,8 @@ FRAMEWORKS: dict[str, Framework] = {
                     "Transmission security",
                     "Guard against unauthorized access to ePHI transmitted over a network.",
                     (_s(TRANSFERS | _optional("audit.export_downloaded")),),
-                    "Files written into and read from guests (size, SHA-256) and downloads of "
-                    "audit exports.",
+                    "File transfers into and out of guests (requests, and outcomes with size "
+                    "and SHA-256) and downloads of audit exports.",
                     "That transport is encrypted (TLS in front of the product); guest network "
                     "traffic.",
                 ),
@@ -650,7 +651,8 @@ FRAMEWORKS: dict[str, Framework] = {
                     "Records of processing activities",
                     "A record of processing activities is maintained.",
                     (_s(TRANSFERS | COMMANDS | CONSOLE),),
-                    "Files moved into and out of guests, commands run and console sessions.",
+                    "File transfers into and out of guests, commands in guests (each request "
+                    "and its outcome) and console sessions.",
                     "The record of processing itself (purposes, categories, recipients): the "
                     "log shows the operations only.",
                 ),
