@@ -164,3 +164,11 @@ def test_a_schedule_that_asks_to_run_synchronously_is_refused_too(db, tmp_path, 
     async_task("os.system", f"touch {pwned}", sync=True)
     assert not pwned.exists()
     assert [r["func"] for r in _refusals()] == ["os.system"]
+
+
+def test_only_the_environment_can_allow_another_function(settings) -> None:
+    task = {"id": "1", "name": "a", "func": "time.sleep", "args": (1,), "kwargs": {}}
+    assert task_guard.refusal(task) is not None
+    settings.SANDBOX_WORKER_EXTRA_TASKS = ["time.sleep"]
+    assert task_guard.refusal(task) is None
+    assert task_guard.refusal(dict(task, func="os.system")) is not None

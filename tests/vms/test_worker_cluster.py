@@ -194,6 +194,7 @@ def test_serve_stops_its_worker_cluster_and_everything_it_started(worker_env, tm
     connection idle in transaction for 27 minutes."""
     port = _free_port()
     env = dict(worker_env, SANDBOX_WORKER_HEARTBEAT_S="1", SANDBOX_WEB_WORKERS="1")
+    env["SANDBOX_WORKER_EXTRA_TASKS"] = "time.sleep"  # not a product task: allowed for this test
     log = (tmp_path / "serve.log").open("ab")
     serve = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "serve", "--port", str(port)],
