@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -23,8 +23,15 @@ from accounts.scopes import OPEN, SCOPES, TOKEN_READ, USER_READ, needs
 from audit.actor import Actor
 
 
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "conflict"
+
+
 def django_errors(exc: Exception) -> Exception:
-    """Map a command's Django exception onto DRF's (400 with field errors, 403)."""
+    """Map a command's exception onto DRF's (400 with field errors, 403, 409)."""
+    if isinstance(exc, commands.Conflict):
+        return Conflict(str(exc))
     if isinstance(exc, DjangoValidationError):
         return ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages)
     if isinstance(exc, DjangoPermissionDenied):
@@ -100,13 +107,22 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         s.is_valid(raise_exception=True)
         try:
             user = commands.create_user(
-                Actor.from_request(request), by=request.user, **s.validated_data
+                Actor.from_request(request),
+                by=request.user,
+                token=Caller.from_request(request).token,
+                **s.validated_data,
             )
         except (DjangoValidationError, DjangoPermissionDenied) as exc:
             raise django_errors(exc) from exc
         return Response(UserSerializer(user).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=RoleSerializer, responses=UserSerializer)
+    @extend_schema(
+        request=RoleSerializer,
+        responses={
+            200: UserSerializer,
+            409: inline_serializer("LastAdmin", {"detail": serializers.CharField()}),
+        },
+    )
     @action(detail=True, methods=["post"])
     def role(self, request: Request, pk: Any = None) -> Response:
         user = self.get_object()
@@ -115,9 +131,13 @@ class UserViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         try:
             # The answer shows the user as stored after the change, not the prefetched copy.
             user = commands.set_role(
-                Actor.from_request(request), user, s.validated_data["role"], by=request.user
+                Actor.from_request(request),
+                user,
+                s.validated_data["role"],
+                by=request.user,
+                token=Caller.from_request(request).token,
             )
-        except (DjangoValidationError, DjangoPermissionDenied) as exc:
+        except (DjangoValidationError, DjangoPermissionDenied, commands.Conflict) as exc:
             raise django_errors(exc) from exc
         return Response(UserSerializer(user).data)
 

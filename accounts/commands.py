@@ -8,16 +8,16 @@ events themselves.
 from __future__ import annotations
 
 import ipaddress
-import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import EllipsisType
 
 from django.conf import settings
 from django.contrib.auth import password_validation
-from django.contrib.auth.models import Group
+from django.contrib.auth.models import Group, Permission
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts import roles, throttle, tokens
@@ -29,6 +29,7 @@ from audit.actor import Actor
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
+    "Conflict",
     "IssuedToken",
     "create_token",
     "create_user",
@@ -61,6 +62,29 @@ def _require(actor_user: User | None, perm: str) -> None:
 # --- Users and roles --------------------------------------------------------------------------
 
 
+def _role_permissions(role: str) -> set[str]:
+    rows = Permission.objects.filter(group__name=role).values_list(
+        "content_type__app_label", "codename"
+    )
+    return {f"{app}.{codename}" for app, codename in rows}
+
+
+def _require_token_covers(token: APIToken | None, *role_names: str) -> None:
+    """A scoped token may only give or take a role whose permissions all lie within its scopes
+    (else it could make an admin and log in as it): the admin role, and any role beyond the
+    token, needs a token without scopes, or a session."""
+    if token is None or not token.scopes:
+        return
+    for role in dict.fromkeys(r for r in role_names if r):
+        beyond = sorted(_role_permissions(role) - set(token.scopes))
+        if role == roles.ADMIN or beyond:
+            shown = ", ".join(beyond[:3]) + (", ..." if len(beyond) > 3 else "")
+            raise PermissionDenied(
+                f"this API token's scopes do not cover the {role} role ({shown}): "
+                "use a token without scopes"
+            )
+
+
 def _apply_role(user: User, role: str) -> None:
     """Make ``role`` the user's one role. The admin role IS Django's superuser (and staff) flag:
     both are written here, together, so that they can never disagree."""
@@ -81,16 +105,19 @@ def create_user(
     password: str | None = None,
     email: str | None = "",
     by: User | None = None,
+    token: APIToken | None = None,
 ) -> User:
     """Create a user with a role. ``by`` is the acting user (None for the shell/bootstrap).
 
     ``password`` None or empty: no password login (API tokens only). The admin role makes the
-    user a Django superuser; no other path sets that flag.
+    user a Django superuser; no other path sets that flag. ``token``: the API token the request
+    came with; a scoped one may only create a role within its scopes.
     """
     if by is not None:
         _require(by, "accounts.manage_users")
     if role not in roles.ROLES:
         raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
+    _require_token_covers(token, role)
     user = User(username=username, email=email or "")
     user.full_clean(exclude=["password"])
     if password:
@@ -119,12 +146,56 @@ def create_user(
     return user
 
 
+class Conflict(Exception):
+    """The change is refused because of the state it would leave (the API answers 409)."""
+
+
+def _lock_users(by: User | None, user: User) -> tuple[User | None, User, list[User]]:
+    """Lock the acting user, the target and every active admin, in primary-key order (two
+    changes lock in the same order, so they wait for each other instead of deadlocking), and
+    return them as stored now: the actor's authority and the admins left are checked on these."""
+    ids = {user.pk} | ({by.pk} if by is not None else set())
+    rows = list(
+        User.objects.select_for_update()
+        .filter(Q(pk__in=ids) | Q(is_superuser=True, is_active=True))
+        .order_by("pk")
+    )
+    found = {row.pk: row for row in rows}
+    if user.pk not in found:
+        raise ValidationError({"user": "no such user"})
+    actor_row = found.get(by.pk) if by is not None else None
+    if by is not None:
+        if actor_row is None:
+            raise PermissionDenied("you need the accounts.manage_users permission")
+        _require(actor_row, "accounts.manage_users")
+    admins = [row for row in rows if row.is_superuser and row.is_active]
+    return actor_row, found[user.pk], admins
+
+
+def _require_another_admin(target: User, admins: list[User], doing: str) -> None:
+    if target.is_superuser and target.is_active and not [a for a in admins if a.pk != target.pk]:
+        raise Conflict(
+            f"{target.username} is the last active admin: {doing} would leave no admin "
+            "(make another user admin first)"
+        )
+
+
 @transaction.atomic
-def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> User:
+def set_role(
+    actor: Actor,
+    user: User,
+    role: str,
+    *,
+    by: User | None = None,
+    token: APIToken | None = None,
+) -> User:
     """Change ``user``'s role; returns the user as stored after the change.
 
-    The row is locked and the previous role read from the database inside the transaction; the
-    event names the role read back after the change, so it says what was done.
+    The acting user, the target and the admins are locked (``_lock_users``) and the actor's
+    authority and the previous role read from the database inside the transaction; the last
+    active admin keeps its role (``Conflict``). A scoped ``token`` may only give or take roles
+    within its scopes. The event names the role read back after the change, so it says what was
+    done.
     """
     if by is not None:
         _require(by, "accounts.manage_users")
@@ -132,10 +203,13 @@ def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> 
             raise PermissionDenied("you cannot change your own role")
     if role not in roles.ROLES:
         raise ValidationError({"role": f"role must be one of {', '.join(roles.ROLES)}"})
-    current = User.objects.select_for_update().get(pk=user.pk)
+    _, current, admins = _lock_users(by, user)
     previous = roles.role_of(current)
+    _require_token_covers(token, role, previous)
     if previous == role and current.is_superuser == (role == roles.ADMIN):
         return current
+    if role != roles.ADMIN:
+        _require_another_admin(current, admins, f"making it {role}")
     _apply_role(current, role)
     current = User.objects.get(pk=user.pk)
     store.append(
@@ -149,25 +223,39 @@ def set_role(actor: Actor, user: User, role: str, *, by: User | None = None) -> 
 
 
 @transaction.atomic
-def set_active(actor: Actor, user: User, active: bool, *, by: User | None = None) -> None:
+def set_active(
+    actor: Actor,
+    user: User,
+    active: bool,
+    *,
+    by: User | None = None,
+    token: APIToken | None = None,
+) -> None:
+    """Deactivate or reactivate ``user``, with the same locks and checks as ``set_role``: the
+    last active admin is not deactivated."""
     if by is not None:
         _require(by, "accounts.manage_users")
         if by.pk == user.pk:
             raise PermissionDenied("you cannot deactivate yourself")
-    if user.is_active == active:
+    _, current, admins = _lock_users(by, user)
+    _require_token_covers(token, roles.role_of(current))
+    if current.is_active == active:
         return
+    if not active:
+        _require_another_admin(current, admins, "deactivating it")
+    current.is_active = active
+    current.save(update_fields=["is_active"])
     user.is_active = active
-    user.save(update_fields=["is_active"])
     if not active:
         # A deactivated user's tokens die with the account.
-        APIToken.objects.filter(user=user, revoked_at__isnull=True).update(
+        APIToken.objects.filter(user=current, revoked_at__isnull=True).update(
             revoked_at=timezone.now()
         )
     store.append(
         "user",
-        str(user.pk),
+        str(current.pk),
         "user.reactivated" if active else "user.deactivated",
-        {"username": user.username},
+        {"username": current.username},
         actor=actor,
     )
 
@@ -350,30 +438,22 @@ def revoke_token(actor: Actor, token: APIToken, *, by: User | None = None) -> bo
 
 
 def record_token_rejected(actor: Actor, token: APIToken, reason: str) -> None:
-    """Record a refused use of an existing token, at most once a minute per token and reason,
-    so that a client retrying with a dead token cannot flood the log."""
-    from audit.models import Event
-
-    last = (
-        Event.objects.filter(aggregate_type="token", aggregate_id=token.key)
-        .order_by("-version")
-        .values("type", "data", "recorded_at")
-        .first()
-    )
-    if (
-        last
-        and last["type"] == "auth.token_rejected"
-        and json.loads(last["data"]).get("reason") == reason
-        and timezone.now() - last["recorded_at"] < timedelta(minutes=1)
-    ):
+    """Record a refused use of an existing token, at most once a minute per token and reason
+    (an atomic add in the shared cache, so every web process agrees), so that a client retrying
+    with a dead token, alternating reasons or not, cannot flood the log."""
+    if not throttle.once_per(60, "token-rejected", token.key, reason):
         return
-    store.append(
-        "token",
-        token.key,
-        "auth.token_rejected",
-        {"token_id": token.key, "username": token.user.username, "reason": reason},
-        actor=actor,
-    )
+    try:
+        store.append(
+            "token",
+            token.key,
+            "auth.token_rejected",
+            {"token_id": token.key, "username": token.user.username, "reason": reason},
+            actor=actor,
+        )
+    except Exception:
+        throttle.forget("token-rejected", token.key, reason)
+        raise
 
 
 # --- Login security ---------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def user_role(request: HttpRequest, pk: int) -> HttpResponse:
             by=request.user,  # type: ignore[arg-type]
         )
         messages.success(request, f"{person.username} is now {person.role}.")
-    except (PermissionDenied, ValidationError) as exc:
+    except (PermissionDenied, ValidationError, commands.Conflict) as exc:
         messages.error(request, f"Role of {person.username} not changed: {_message(exc)}")
     return redirect("accounts:users")
 
@@ -157,7 +157,7 @@ def user_active(request: HttpRequest, pk: int) -> HttpResponse:
         messages.success(
             request, f"{person.username} {'reactivated' if active else 'deactivated'}."
         )
-    except (PermissionDenied, ValidationError) as exc:
+    except (PermissionDenied, ValidationError, commands.Conflict) as exc:
         messages.error(request, f"{person.username} not changed: {_message(exc)}")
     return redirect("accounts:users")
 
