@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import django_filters
+from django.conf import settings
+from django.core.files.uploadedfile import UploadedFile
+from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.db.models import Q
 from django.http import FileResponse, Http404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
 from rest_framework.parsers import FileUploadParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -30,6 +33,7 @@ from rest_framework.views import APIView
 from accounts.caller import Caller
 from accounts.scopes import OPEN, VM_READ, needs
 from audit.api import EventSerializer
+from audit.commands import read_details, record_trail_read
 from audit.models import Event
 from sandbox_site.compiled import CompiledQuery, cached
 from sandbox_site.pagination import NOT_FILTERS, TOTAL, with_total
@@ -331,6 +335,38 @@ class SnapshotFilter(django_filters.FilterSet):
 # --- Views ------------------------------------------------------------------------------------
 
 
+class UploadTooLarge(APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_code = "upload_too_large"
+
+
+class UploadSpool(TemporaryFileUploadHandler):
+    """Spools an upload to a temporary file, at most SANDBOX_UPLOAD_MAX_BYTES of it (413
+    beyond: nothing more is written), and keeps the files it made so the view closes (and so
+    deletes) them when the request ends, whether it succeeded, failed or was cut off; left to
+    the garbage collector they stayed open long after a failed request."""
+
+    def __init__(self, request: Any, max_bytes: int) -> None:
+        super().__init__(request)
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.made: list[Any] = []
+
+    def new_file(self, *args: Any, **kwargs: Any) -> None:
+        super().new_file(*args, **kwargs)
+        self.made.append(self.file)
+
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes | None:
+        self.received += len(raw_data)
+        if self.received > self.max_bytes:
+            raise UploadTooLarge(f"an upload is at most {self.max_bytes} bytes")
+        return super().receive_data_chunk(raw_data, start)
+
+    def close_all(self) -> None:
+        for made in self.made:
+            made.close()  # a TemporaryUploadedFile is deleted when closed
+
+
 class RawUploadParser(FileUploadParser):
     """A raw request body as the uploaded file (``curl -T`` or ``--data-binary``).
 
@@ -340,6 +376,28 @@ class RawUploadParser(FileUploadParser):
 
     def get_filename(self, stream: Any, media_type: Any, parser_context: Any) -> str:
         return super().get_filename(stream, media_type, parser_context) or "upload"
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        parsed = super().parse(stream, media_type, parser_context)
+        meta = parser_context["request"].META
+        announced = meta.get("CONTENT_LENGTH") or meta.get("HTTP_CONTENT_LENGTH")
+        upload = parsed.files.get("file")
+        if announced and upload is not None and upload.size != int(announced):
+            # A body shorter than announced is a cut-off upload, never a complete file.
+            raise ValidationError({"file": "the body is shorter than its Content-Length"})
+        return parsed
+
+
+def _perm(verb: str) -> str:
+    """The permission a VM action needs (the commands' rules: one place)."""
+    return commands.RULES[verb][0]
+
+
+def require_on(caller: Caller, perm: str, owner_id: int | None) -> None:
+    """403 unless ``caller`` holds ``perm`` and may act on what ``owner_id`` owns."""
+    caller.require(perm)
+    if not commands.may_act_on(caller, owner_id):
+        raise PermissionDenied("you may only act on your own VMs")
 
 
 class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -408,9 +466,23 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     def caller(self) -> Caller:
         return Caller.from_request(self.request)
 
+    def target(self, perm: str) -> VirtualMachine:
+        """The VM of this request once the caller may use ``perm`` on it, decided before any
+        body is validated: 404 when the caller cannot see it, 403 without the permission or
+        when it is not theirs to act on. The command checks again (with the state) under the
+        event store's lock."""
+        vm = self.get_object()
+        require_on(self.caller(), perm, vm.owner_id)
+        return vm
+
     @extend_schema(
         request=VMCreateSerializer,
-        responses={202: inline_serializer("Accepted", {"status_url": serializers.CharField()})},
+        # 202 when a start was asked for (it follows at status_url); 201 when the VM is created
+        # stopped, its request already done.
+        responses={
+            code: inline_serializer("Accepted", {"status_url": serializers.CharField()})
+            for code in (201, 202)
+        },
     )
     def create(self, request: Request) -> Response:
         s = VMCreateSerializer(data=request.data)
@@ -429,52 +501,51 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 
     @extend_schema(request=None, responses={202: None})
     def destroy(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.destroy(self.caller(), self.get_object()))
+        return accepted(commands.destroy(self.caller(), self.target(_perm("destroy"))))
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=True, methods=["post"])
     def start(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.start(self.caller(), self.get_object()))
+        return accepted(commands.start(self.caller(), self.target(_perm("start"))))
 
     @extend_schema(request=StopSerializer, responses={202: None})
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: Any = None) -> Response:
+        vm = self.target(_perm("stop"))
         s = StopSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return accepted(commands.stop(self.caller(), self.get_object(), **s.validated_data))
+        return accepted(commands.stop(self.caller(), vm, **s.validated_data))
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=True, methods=["post"])
     def reboot(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.reboot(self.caller(), self.get_object()))
+        return accepted(commands.reboot(self.caller(), self.target(_perm("reboot"))))
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=True, methods=["post"])
     def pause(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.pause(self.caller(), self.get_object()))
+        return accepted(commands.pause(self.caller(), self.target(_perm("pause"))))
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=True, methods=["post"])
     def resume(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.resume(self.caller(), self.get_object()))
+        return accepted(commands.resume(self.caller(), self.target(_perm("resume"))))
 
     @extend_schema(request=ResizeSerializer, responses={202: None})
     @action(detail=True, methods=["post"])
     def resize(self, request: Request, pk: Any = None) -> Response:
+        vm = self.target(_perm("resize"))
         s = ResizeSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return accepted(commands.resize(self.caller(), self.get_object(), **s.validated_data))
+        return accepted(commands.resize(self.caller(), vm, **s.validated_data))
 
     @extend_schema(request=SnapshotCreateSerializer, responses={202: None})
     @action(detail=True, methods=["post"])
     def snapshot(self, request: Request, pk: Any = None) -> Response:
+        vm = self.target(_perm("snapshot"))
         s = SnapshotCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return accepted(
-            commands.snapshot(
-                self.caller(), self.get_object(), name=s.validated_data.get("name", "")
-            )
-        )
+        return accepted(commands.snapshot(self.caller(), vm, name=s.validated_data.get("name", "")))
 
     @extend_schema(
         request=ExecSerializer,
@@ -503,12 +574,13 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         """Run a command in the guest and return its output: up to SANDBOX_EXEC_OUTPUT_LIMIT
         bytes of each stream, with ``truncated`` and the full sizes (the exec websocket,
         ``/ws/vms/{id}/exec/``, streams all of it)."""
+        vm = self.target(commands.GUEST_ACCESS["exec"])
         s = ExecSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
         result = guest.run_exec(
             self.caller(),
-            self.get_object(),
+            vm,
             d["argv"],
             cwd=d.get("cwd"),
             env=d.get("env"),
@@ -563,31 +635,51 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     )
     def files(self, request: Request, pk: Any = None) -> Any:
         """GET downloads ``path``; PUT (raw body) or POST (multipart ``file``) uploads to it."""
-        vm = self.get_object()
-        path = request.query_params.get("path", "")
         caller = self.caller()
+        path = request.query_params.get("path", "")
         if request.method == "GET":
+            vm = self.target(commands.GUEST_ACCESS["file_download"])
             guest.validate_guest_path(path)
-            tmp = tempfile.NamedTemporaryFile(prefix="sbx-dl-", delete=False)  # noqa: SIM115
-            tmp.close()
+            # An anonymous temporary file (no name on disk); the response closes it.
+            fh = tempfile.TemporaryFile(prefix="sbx-dl-")  # noqa: SIM115
             try:
-                size, sha256 = guest.download(caller, vm, path, Path(tmp.name))
-                fh = open(tmp.name, "rb")  # noqa: SIM115 - FileResponse closes it
-            finally:
-                Path(tmp.name).unlink(missing_ok=True)  # the open handle keeps the data
+                size, sha256 = guest.download(caller, vm, path, fh)
+                fh.seek(0)
+            except BaseException:
+                fh.close()
+                raise
             response = FileResponse(fh, as_attachment=True, filename=Path(path).name or "download")
             response["X-Content-SHA256"] = sha256
             response["Content-Length"] = str(size)
             return response
         # Who may write, and to where, is decided before the body is read or parsed.
+        vm = self.target(commands.GUEST_ACCESS["file_upload"])
         guest.require_guest_access(caller, vm, "vms.write_files")
         guest.validate_guest_path(path)
-        upload = request.data.get("file")
-        if upload is None:
-            raise ValidationError(
-                {"file": "send the file as the body (PUT) or as multipart 'file'"}
-            )
-        size, sha256 = guest.upload(caller, vm, path, upload)
+        max_bytes = settings.SANDBOX_UPLOAD_MAX_BYTES
+        announced = request.META.get("CONTENT_LENGTH") or ""
+        if announced.isdigit() and int(announced) > max_bytes:
+            raise UploadTooLarge(f"an upload is at most {max_bytes} bytes")
+        spool = UploadSpool(request._request, max_bytes)
+        if not hasattr(request._request, "_files"):  # a session's CSRF check may have parsed it
+            request._request.upload_handlers = [spool]
+        try:
+            try:
+                upload = request.data.get("file")
+            except StopUpload as exc:  # raised by Django's parser for a cut-off part
+                raise ValidationError({"file": "the upload was cut off"}) from exc
+            if upload is None:
+                raise ValidationError(
+                    {"file": "send the file as the body (PUT) or as multipart 'file'"}
+                )
+            if not isinstance(upload, UploadedFile):
+                # A text field (curl -F file=/etc/x without the @): a name is never opened.
+                raise ValidationError(
+                    {"file": "a file part (multipart with a filename) or the raw body, not text"}
+                )
+            size, sha256 = guest.upload(caller, vm, path, upload)
+        finally:
+            spool.close_all()
         return Response(
             {"path": path, "size": size, "sha256": sha256}, status=status.HTTP_201_CREATED
         )
@@ -609,6 +701,12 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             except ValueError as exc:
                 raise ValidationError({"after": "a position (integer)"}) from exc
         page = self.paginate_queryset(qs)
+        # Returning events is reading the trail: one audit.trail_read per request.
+        record_trail_read(
+            request,
+            "api.vms.events",
+            read_details({"vm": str(vm.pk), "after": after}, page if page is not None else qs),
+        )
         return self.get_paginated_response(EventSerializer(page, many=True).data)
 
 
@@ -633,6 +731,7 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @action(detail=True, methods=["post"])
     def restore(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
+        require_on(Caller.from_request(request), "vms.rollback_snapshot", snap.owner_id)
         if snap.vm is None or snap.vm.state == "destroyed":
             raise ValidationError({"snapshot": "its VM is gone: clone it into a new VM instead"})
         return accepted(commands.restore(Caller.from_request(request), snap.vm, snap))
@@ -640,16 +739,18 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     @extend_schema(request=CloneSerializer, responses={202: None})
     @action(detail=True, methods=["post"])
     def clone(self, request: Request, pk: Any = None) -> Response:
+        snap = self.get_object()
+        caller = Caller.from_request(request)
+        caller.require("vms.add_virtualmachine")
+        require_on(caller, "vms.rollback_snapshot", snap.owner_id)
         s = CloneSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return accepted(
-            commands.clone(
-                Caller.from_request(request), self.get_object(), name=s.validated_data["name"]
-            )
-        )
+        return accepted(commands.clone(caller, snap, name=s.validated_data["name"]))
 
     def destroy(self, request: Request, pk: Any = None) -> Response:
-        commands.delete_snapshot(Caller.from_request(request), self.get_object())
+        snap = self.get_object()
+        require_on(Caller.from_request(request), "vms.snapshot_vm", snap.owner_id)
+        commands.delete_snapshot(Caller.from_request(request), snap)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -734,6 +835,15 @@ class RequestStatusView(APIView):
                 else ("failed" if outcome.type.endswith("_failed") else "succeeded")
             )
             body["outcome"] = None if outcome is None else EventSerializer(outcome).data
+        # The answer holds whole events: reading the trail, one audit.trail_read per request.
+        positions = {body["request"]["position"]}
+        if body["outcome"] is not None:
+            positions.add(body["outcome"]["position"])
+        record_trail_read(
+            request,
+            "api.requests.retrieve",
+            {"event_id": str(eid), "positions": sorted(positions)},
+        )
         return Response(body)
 
 
