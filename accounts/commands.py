@@ -321,6 +321,10 @@ def create_token(
         _require(by, "accounts.manage_all_tokens")
     if parent is not None:
         _require_parent_allows(parent, user, by)
+        # Locked, so that a revocation of the issuer cannot miss a token issued meanwhile.
+        parent = APIToken.objects.select_for_update().get(pk=parent.pk)
+        if not parent.is_active:
+            raise PermissionDenied("the issuing API token is revoked or expired")
     if not user.is_active:
         raise ValidationError({"user": "the user is inactive"})
     name = (name or "").strip()
@@ -382,6 +386,7 @@ def create_token(
         read_only=read_only,
         allowed_ips=ips,
         scopes=scopes,
+        parent=parent,
     )
     store.append(
         "token",
@@ -419,22 +424,36 @@ def _require_parent_allows(parent: APIToken, user: User, by: User | None) -> Non
 
 @transaction.atomic
 def revoke_token(actor: Actor, token: APIToken, *, by: User | None = None) -> bool:
-    """Revoke; False when it was already revoked (nothing recorded twice)."""
+    """Revoke ``token`` and every live token it issued, and theirs (each a ``token.revoked``
+    event; a descendant's names the token whose revocation took it along in ``revoked_with``).
+    False when ``token`` itself was already revoked (nothing recorded twice)."""
     if by is not None and by.pk != token.user_id:
         _require(by, "accounts.manage_all_tokens")
     token = APIToken.objects.select_for_update().get(pk=token.pk)
-    if token.revoked_at is not None:
-        return False
-    token.revoked_at = timezone.now()
-    token.save(update_fields=["revoked_at"])
-    store.append(
-        "token",
-        token.key,
-        "token.revoked",
-        {"token_id": token.key, "name": token.name, "username": token.user.username},
-        actor=actor,
-    )
-    return True
+    newly = token.revoked_at is None
+    family = [token]
+    frontier = [token.pk]
+    while frontier:
+        # Parents before children, each generation in key order: revocations lock alike.
+        children = list(
+            APIToken.objects.select_for_update()
+            .select_related("user")
+            .filter(parent_id__in=frontier)
+            .order_by("pk")
+        )
+        family += children
+        frontier = [child.pk for child in children]
+    now = timezone.now()
+    for member in family:
+        if member.revoked_at is not None:
+            continue
+        member.revoked_at = now
+        member.save(update_fields=["revoked_at"])
+        data = {"token_id": member.key, "name": member.name, "username": member.user.username}
+        if member.pk != token.pk:
+            data["revoked_with"] = token.key
+        store.append("token", member.key, "token.revoked", data, actor=actor)
+    return newly
 
 
 def record_token_rejected(actor: Actor, token: APIToken, reason: str) -> None:

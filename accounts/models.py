@@ -62,6 +62,11 @@ class APIToken(models.Model):
     scopes = models.JSONField(default=list, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     last_used_ip = models.CharField(max_length=45, blank=True)
+    # The token whose request issued this one (None: a session or the shell). Revoking a token
+    # revokes every token it issued, and theirs (accounts.commands.revoke_token).
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="children"
+    )
 
     class Meta:
         ordering = ["-created_at"]
