@@ -1,13 +1,23 @@
 """Read-only admin views. Users, roles and tokens change only through accounts.commands, which
 record events; the admin's own edit forms would bypass them, so they are not offered (roles,
-which are Django groups, included)."""
+which are Django groups, included). The admin's own password page changes the password through
+``accounts.commands.change_password`` too."""
 
+import types
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.forms import AdminPasswordChangeForm
+from django.contrib.auth import update_session_auth_hash
 from django.contrib.auth.models import Group
+from django.contrib.auth.views import PasswordChangeView
+from django.core.exceptions import ValidationError
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
 
+from accounts import commands
 from accounts.models import APIToken, LoginState
+from audit.actor import Actor
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -49,3 +59,41 @@ admin.site.unregister(Group)
 @admin.register(Group)
 class RoleAdmin(ReadOnlyAdmin):
     list_display = ["name"]
+
+
+class RecordedPasswordChangeView(PasswordChangeView):
+    """Django's password change page, writing through ``accounts.commands.change_password``
+    (its ``user.password_changed`` event) instead of saving the form itself."""
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        user = form.user
+        try:
+            commands.change_password(
+                Actor.from_request(self.request),
+                user,
+                form.cleaned_data["new_password1"],
+                by=user,
+            )
+        except ValidationError as exc:
+            form.add_error("new_password2", exc.messages)
+            return self.form_invalid(form)
+        update_session_auth_hash(self.request, user)
+        return HttpResponseRedirect(self.get_success_url())
+
+
+def _password_change(
+    site: admin.AdminSite, request: HttpRequest, extra_context: Any = None
+) -> HttpResponse:
+    """``AdminSite.password_change`` with the recorded view (same form, template and pages)."""
+    defaults: dict[str, Any] = {
+        "form_class": AdminPasswordChangeForm,
+        "success_url": reverse("admin:password_change_done", current_app=site.name),
+        "extra_context": {**site.each_context(request), **(extra_context or {})},
+    }
+    if site.password_change_template is not None:
+        defaults["template_name"] = site.password_change_template
+    request.current_app = site.name
+    return RecordedPasswordChangeView.as_view(**defaults)(request)
+
+
+admin.site.password_change = types.MethodType(_password_change, admin.site)  # type: ignore[method-assign]

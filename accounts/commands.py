@@ -30,6 +30,7 @@ from audit.actor import Actor
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
     "Conflict",
+    "change_password",
     "IssuedToken",
     "create_token",
     "create_user",
@@ -256,6 +257,31 @@ def set_active(
         str(current.pk),
         "user.reactivated" if active else "user.deactivated",
         {"username": current.username},
+        actor=actor,
+    )
+
+
+@transaction.atomic
+def change_password(actor: Actor, user: User, password: str, *, by: User | None = None) -> None:
+    """Set ``user``'s password (a ``user.password_changed`` event, never the password). A user
+    may change its own; another's needs ``accounts.manage_users``. Django's validators apply.
+    Every path comes here: the Django admin's password page and ``manage.py changepassword``
+    (``accounts.admin``, ``accounts/management/commands/changepassword.py``)."""
+    if by is not None and by.pk != user.pk:
+        _require(by, "accounts.manage_users")
+    try:
+        password_validation.validate_password(password, user)
+    except ValidationError as exc:
+        raise ValidationError({"password": exc.messages}) from exc
+    current = User.objects.select_for_update().get(pk=user.pk)
+    current.set_password(password)
+    current.save(update_fields=["password"])
+    user.password = current.password
+    store.append(
+        "user",
+        str(current.pk),
+        "user.password_changed",
+        {"username": current.username, "by_self": by is not None and by.pk == user.pk},
         actor=actor,
     )
 

@@ -79,6 +79,8 @@ CSRF_TRUSTED_ORIGINS = [
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",
+    # Before django.contrib.auth: its changepassword (recorded) replaces Django's.
+    "accounts.shell",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
