@@ -138,20 +138,33 @@ def rebuild_projection(who: Any, name: str) -> int:
 # --- What auditors do, and retention (docs/audit-exports.md) ----------------------------------
 
 
+def _no_body(who: Any) -> bool:
+    # A HEAD request is answered with headers only: nothing was read or downloaded.
+    return getattr(who, "method", None) == "HEAD"
+
+
 def record_trail_read(who: Any, what: str, details: dict[str, Any]) -> None:
     """One event per request that reads the trail (PCI DSS 10.2.1.3), appended before the answer
     is sent: a read the log cannot record is not served. Followers that push events (live
-    updates) record nothing per push: the request that subscribed is the read."""
+    updates) record nothing per push: the connection's catch-up is the read. A HEAD request
+    (no body sent) records nothing."""
+    if _no_body(who):
+        return
     store.append("audit", "trail", "audit.trail_read", {"what": what, **details}, actor=_actor(who))
 
 
 def record_accounts_listed(who: Any, what: str, details: dict[str, Any]) -> None:
+    if _no_body(who):
+        return
     store.append(
         "audit", "accounts", "audit.accounts_listed", {"what": what, **details}, actor=_actor(who)
     )
 
 
 def record_export_downloaded(who: Any, job: Any) -> None:
+    """A finished export's file is sent (GET); a HEAD request, which sends none, is not."""
+    if _no_body(who):
+        return
     store.append(
         "audit",
         "exports",

@@ -6,6 +6,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from audit.commands import read_details, record_trail_read
 from audit.models import Event
 
 
@@ -16,4 +17,7 @@ def home(request: HttpRequest) -> HttpResponse:
         events = Event.objects.order_by("-position")[:25]
     else:
         events = Event.objects.filter(actor_id=str(user.pk)).order_by("-position")[:25]
+    events = list(events)
+    # Showing events is reading the trail: one audit.trail_read per page view.
+    record_trail_read(request, "dashboard.home", read_details({}, events))
     return render(request, "home.html", {"events": events})

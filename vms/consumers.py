@@ -32,6 +32,7 @@ from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
+from audit.commands import read_details, record_trail_read
 from sandbox_site import parsers
 from vms import commands, console, live, metrics_live
 
@@ -258,10 +259,19 @@ class VMLiveConsumer(_Rechecked):
 
     @database_sync_to_async
     def _catch_up(self) -> list[dict[str, Any]]:
+        """The events since ``after``, recorded as one trail read for the connection (the
+        events pushed afterwards are part of this read: no event per push). A read the log
+        cannot record is not served: the error ends the connection."""
         from vms.models import VirtualMachine
 
         vm = VirtualMachine.objects.filter(pk=self.vm_id).first()
-        return live.vm_timeline(vm, after=self.last_position) if vm else []
+        events = live.vm_timeline(vm, after=self.last_position) if vm else []
+        record_trail_read(
+            console.session_actor(self.scope["user"], self.scope),
+            "live.vm_timeline",
+            read_details({"vm": self.vm_id, "after": self.last_position}, events),
+        )
+        return events
 
     def _event(self, event: dict[str, Any], vm: dict[str, Any] | None) -> None:
         if event["position"] <= self.last_position:

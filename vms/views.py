@@ -20,6 +20,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.caller import Caller
+from audit.commands import read_details, record_trail_read
 from audit.errors import EventStoreUnavailable
 from vms import commands, console, guest, live, quotas
 from vms.agent.client import AgentError, AgentTimeout
@@ -169,6 +170,8 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     caller = Caller.from_request(request)
     vm = _vm(request, pk)
     timeline = live.vm_timeline(vm, limit=100)
+    # Showing the VM's events is reading the trail: one audit.trail_read per page view.
+    record_trail_read(request, "dashboard.vm_timeline", read_details({"vm": str(vm.pk)}, timeline))
     snapshots = Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.DELETED)
     rules = {verb: sorted(states) for verb, (_, states) in commands.RULES.items()}
     return render(

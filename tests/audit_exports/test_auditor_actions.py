@@ -58,7 +58,7 @@ def test_reading_the_trail_on_the_dashboard_is_an_event(mix: Mix) -> None:
     assert client.get("/audit/", {"actor": mix.operator.username}).status_code == 200
     read = _last("audit.trail_read")
     assert read.payload["what"] == "dashboard.trail" and read.channel == "dashboard"
-    assert read.payload["filters"] == {"actor": mix.operator.username}
+    assert read.payload["filters"] == {"actor": mix.operator.username, "page": "1"}
     assert client.get("/audit/events/3/").status_code == 200
     assert _last("audit.trail_read").payload == {"what": "dashboard.event", "position": 3}
     assert client.get("/audit/sessions/").status_code == 200

@@ -105,3 +105,196 @@ def test_legal_hold_reasons_with_control_characters_are_refused(
     page = dashboard.post("/audit/retention/", {"action": "place", "reason": reason}, follow=True)
     assert page.status_code == 200
     assert Event.objects.count() == before
+
+
+# --- F4: every path that returns events records the read, once per request ------------------
+
+# Each API operation whose answer holds events (found in the schema), and how to call it.
+EVENT_OPERATIONS = {
+    "/api/v1/events/": lambda w: "/api/v1/events/",
+    "/api/v1/events/{position}/": lambda w: f"/api/v1/events/{w['position']}/",
+    "/api/v1/requests/{event_id}/": lambda w: f"/api/v1/requests/{w['request']}/",
+    "/api/v1/vms/{id}/events/": lambda w: f"/api/v1/vms/{w['vm']}/events/",
+}
+
+
+def _event_operations() -> set[str]:
+    """(path) of every schema operation whose 2xx answer includes the Event component."""
+    from drf_spectacular.generators import SchemaGenerator
+
+    schema = SchemaGenerator().get_schema(request=None, public=True)
+    components = schema["components"]["schemas"]
+
+    def refs(node: object, seen: set[str]) -> set[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    name = value.rsplit("/", 1)[-1]
+                    if name not in seen:
+                        seen.add(name)
+                        refs(components.get(name, {}), seen)
+                else:
+                    refs(value, seen)
+        elif isinstance(node, list):
+            for value in node:
+                refs(value, seen)
+        return seen
+
+    found = set()
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            answers = {c: r for c, r in operation.get("responses", {}).items() if c[:1] == "2"}
+            if "Event" in refs(answers, set()):
+                found.add(path)
+    return found
+
+
+def test_every_api_operation_returning_events_is_covered_here() -> None:
+    # A new endpoint that answers with events must record the read and be listed above.
+    assert _event_operations() == set(EVENT_OPERATIONS)
+
+
+@pytest.fixture
+def world(mix: Mix) -> dict[str, str]:
+    from accounts.caller import Caller
+    from vms import commands
+
+    created = commands.create(
+        Caller.for_user(mix.admin, channel="api"),
+        name="reader",
+        template="linux-small",
+        start_now=False,
+    )
+    return {
+        "vm": str(created.vm.pk),
+        "request": str(created.request.event_id),
+        "position": str(created.request.position),
+    }
+
+
+@pytest.mark.parametrize("operation", sorted(EVENT_OPERATIONS))
+def test_each_api_read_of_events_is_one_event_and_a_head_none(
+    mix: Mix, world: dict[str, str], token_client, operation: str
+) -> None:
+    mix.admin.is_superuser = True
+    mix.admin.save()
+    client = token_client(mix.admin)
+    url = EVENT_OPERATIONS[operation](world)
+    before = _reads()
+    response = client.get(url)
+    assert response.status_code == 200, response.content
+    assert _reads() == before + 1
+    read = _last_read()
+    assert read.actor_name == mix.admin.username
+    assert client.head(url).status_code == 200
+    assert _reads() == before + 1
+
+
+def test_a_vm_timeline_read_names_the_vm_and_what_it_returned(
+    mix: Mix, world: dict[str, str], token_client
+) -> None:
+    mix.admin.is_superuser = True
+    mix.admin.save()
+    body = token_client(mix.admin).get(f"/api/v1/vms/{world['vm']}/events/").json()
+    read = _last_read().payload
+    assert read["what"] == "api.vms.events" and read["filters"] == {"vm": world["vm"]}
+    assert read["returned"] == len(body["results"]) >= 1
+    token_client(mix.admin).get(f"/api/v1/requests/{world['request']}/")
+    read = _last_read().payload
+    assert read == {
+        "what": "api.requests.retrieve",
+        "event_id": world["request"],
+        "positions": [int(world["position"])],
+    }
+
+
+def test_dashboard_pages_showing_events_record_one_read(mix: Mix, world: dict[str, str]) -> None:
+    mix.admin.is_superuser = True
+    mix.admin.save()
+    client = _login(mix.admin)
+    for url, what in (("/", "dashboard.home"), (f"/vms/{world['vm']}/", "dashboard.vm_timeline")):
+        before = _reads()
+        assert client.get(url).status_code == 200
+        assert _reads() == before + 1
+        assert _last_read().payload["what"] == what
+
+
+def test_serving_code_that_reads_events_records_the_read() -> None:
+    """An ast scan of the views, APIs and consumers: a function (or class) that queries events
+    records ``audit.trail_read`` itself, or is a helper whose every caller in its module does."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    serving = ("views", "api", "export_api", "consumers")
+    problems = []
+    for path in sorted(root.glob("*/*.py")):
+        if path.stem not in serving or path.parts[-2] in ("tests", "bench", "sdk"):
+            continue
+        tree = ast.parse(path.read_text())
+        units = [
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        ]
+
+        def names(node: ast.AST) -> set[str]:
+            found = set()
+            for n in ast.walk(node):
+                if isinstance(n, ast.Name):
+                    found.add(n.id)
+                elif isinstance(n, ast.Attribute):
+                    found.add(n.attr)
+            return found
+
+        def reads(node: ast.AST) -> bool:
+            if isinstance(node, ast.ClassDef):
+                # A view class's queryset of events (a serializer's model is no read).
+                return any(
+                    isinstance(n, ast.Assign)
+                    and any(isinstance(t, ast.Name) and t.id == "queryset" for t in n.targets)
+                    and "Event" in names(n.value)
+                    for n in node.body
+                )
+            return bool(names(node) & {"Event", "vm_timeline"})
+
+        for node in units:
+            if not reads(node) or "record_trail_read" in names(node):
+                continue
+            callers = [
+                other
+                for other in units
+                if other is not node
+                and not isinstance(other, ast.ClassDef)
+                and node.name in names(other)
+            ]
+            where = f"{path.relative_to(root)}: {node.name}"
+            if not node.name.startswith("_") or not callers:
+                problems.append(where)
+            elif not all("record_trail_read" in names(c) for c in callers):
+                problems.append(f"{where} (a caller records nothing)")
+    assert problems == []
+
+
+def test_head_of_an_export_download_records_no_download(mix: Mix, token_client) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    period = {
+        "since": (now - timedelta(hours=1)).isoformat(),
+        "until": (now + timedelta(hours=1)).isoformat(),
+    }
+    client = token_client(mix.auditor)
+    job = client.post(
+        "/api/v1/audit/reports/", {"framework": "hipaa", "format": "csv", **period}
+    ).json()
+    dashboard = _login(mix.auditor)
+    for c, url in (
+        (client, job["download_url"]),
+        (dashboard, f"/audit/exports/{job['id']}/download/"),
+    ):
+        # Headers only (the dashboard allows no HEAD at all): no file was sent.
+        assert c.head(url).status_code in (200, 405)
+    assert not Event.objects.filter(type="audit.export_downloaded").exists()
+    assert client.get(job["download_url"]).status_code == 200
+    assert Event.objects.filter(type="audit.export_downloaded").count() == 1
