@@ -68,6 +68,7 @@ async def test_a_demoted_admins_list_socket_closes(make_user, issue_token, make_
 
     def setup() -> tuple[Any, str]:
         admin = make_user("admin", "boss2")
+        make_user("admin", "boss3")  # the last active admin cannot be demoted
         make_vm(make_user("operator", "someone"), name="theirs")
         return admin, issue_token(admin)
 
