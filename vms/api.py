@@ -479,10 +479,9 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         request=VMCreateSerializer,
         # 202 when a start was asked for (it follows at status_url); 201 when the VM is created
         # stopped, its request already done.
-        responses={
-            code: inline_serializer("Accepted", {"status_url": serializers.CharField()})
-            for code in (201, 202)
-        },
+        responses=dict.fromkeys(
+            (201, 202), inline_serializer("Accepted", {"status_url": serializers.CharField()})
+        ),
     )
     def create(self, request: Request) -> Response:
         s = VMCreateSerializer(data=request.data)
