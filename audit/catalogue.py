@@ -121,8 +121,7 @@ _define("net.ip_released", "vm", "change", "A VM's address was released.")
 _define("net.port_forward_added", "vm", "change", "A host port was forwarded to a VM.")
 _define("net.port_forward_removed", "vm", "change", "A port forward was removed.")
 
-# Quotas and limits.
-_define("quota.changed", "user", "change", "A user's or group's quota changed.")
+# Quotas are settings (SANDBOX_QUOTA_*), not changed through the product: no quota event yet.
 
 # The audit log itself.
 _define("audit.digest_signed", "audit", "monitoring", "A signed digest covers a range of events.")
@@ -141,6 +140,12 @@ _define("audit.accounts_listed", "audit", "access", "Users, roles or tokens were
 _define("audit.export_downloaded", "audit", "data", "A finished audit export was downloaded.")
 _define(
     "audit.export_refused", "audit", "monitoring", "An export was refused: the chain is broken."
+)
+_define(
+    "audit.break_acknowledged",
+    "audit",
+    "monitoring",
+    "An administrator acknowledged a break on record (who and why in data); reports state it.",
 )
 # Retention.
 _define("audit.legal_hold_placed", "audit", "monitoring", "A legal hold was placed on the log.")

@@ -13,7 +13,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 
-from audit import digests, projections, retention, sink, store
+from audit import digests, integrity, projections, retention, sink, store
 from audit.actor import Actor
 from audit.models import Digest, Event, ExportJob
 from audit.verify import ChainReport, verify_store
@@ -68,6 +68,8 @@ def sign_digest(
     and raised; the worker records a repeated failure once until a digest succeeds.
     """
     try:
+        # A break already on record stops all signing, not only one inside the new range.
+        integrity.require_no_known_break()
         digest = digests.sign_pending(max_events=max_events, idle=scheduled)
     except digests.ChainBroken as exc:
         _record_signing_failure(who, "chain_broken", str(exc), exc.problem, scheduled)
@@ -121,6 +123,32 @@ def _record_signing_failure(
         actor=_actor(who),
         not_before=digests.vouched_end() + 1,
     )
+
+
+def acknowledge_break(who: Any, *, position: int, kind: str, reason: str) -> dict[str, Any]:
+    """Record that an administrator knows of the break on record at (position, kind) and why
+    the log may be used past it (``audit.break_acknowledged``). Exports and signing go on; the
+    range holding the break still cannot be exported, and every later report states the
+    acknowledgement. ``LookupError`` when no such break is open, ``ValueError`` for a reason
+    that is unfit."""
+    reason = clean_reason(reason)
+    if len(reason) < 10:
+        raise ValueError("say why, in at least 10 characters")
+    with transaction.atomic():
+        store.lock()  # the break looked up is the one acknowledged
+        found = integrity.known_break()
+        if found is None or found.key != (position, kind):
+            current = f"; the break on record is {found.chain_problem()}" if found else ""
+            raise LookupError(f"no open break on record at position {position} ({kind}){current}")
+        data = {
+            "position": position,
+            "kind": kind,
+            "problem": found.problem,
+            "recorded_by_event": found.event_position,
+            "reason": reason,
+        }
+        store.append("audit", "chain", "audit.break_acknowledged", data, actor=_actor(who))
+    return data
 
 
 def rebuild_projection(who: Any, name: str) -> int:

@@ -27,7 +27,7 @@ from rest_framework.views import APIView
 
 from accounts.permissions import HasPerm
 from accounts.scopes import AUDIT_READ, EXPORT, needs
-from audit import access_review, commands, compliance, exports, keys, retention
+from audit import access_review, commands, compliance, exports, integrity, keys, retention
 from audit.actor import Actor
 from audit.models import Digest, ExportJob
 
@@ -448,3 +448,70 @@ class LegalHoldReleaseView(APIView):
                 {"detail": f"no active legal hold {hold_id!r}"}, status=status.HTTP_404_NOT_FOUND
             )
         return Response({"hold_id": hold_id, "released": True})
+
+
+class BreakAcknowledgeSerializer(serializers.Serializer):
+    position = serializers.IntegerField(min_value=0)
+    kind = serializers.RegexField(r"^[a-z_]{1,40}$")
+    reason = serializers.CharField(max_length=500)
+
+
+class _AdminOnly(IsAuthenticated):
+    # The admin role (Django's superuser flag follows it): an auditor may not excuse a break.
+    def has_permission(self, request: Any, view: Any) -> bool:
+        return super().has_permission(request, view) and bool(request.user.is_superuser)
+
+
+class BreakView(APIView):
+    """The break on record that stops exports and signing (``open``), and the breaks an
+    administrator acknowledged. POST (admins) acknowledges the open break, with a reason:
+    ``audit.break_acknowledged``; exports and signing go on and every later report states it."""
+
+    token_scopes = {"get": AUDIT_READ, "post": needs("audit.verify_audit")}
+
+    def get_permissions(self) -> list[Any]:
+        if self.request.method == "POST":
+            return [_AdminOnly(), HasPerm.of("audit.verify_audit")()]
+        return [p() for p in _perms("audit.view_audit_trail")]
+
+    @extend_schema(
+        responses=inline_serializer(
+            "ChainBreaks",
+            {"open": serializers.JSONField(), "acknowledged": serializers.JSONField()},
+        )
+    )
+    def get(self, request: Request) -> Response:
+        found = integrity.known_break()
+        return Response(
+            {
+                "open": None
+                if found is None
+                else {
+                    "position": found.position,
+                    "kind": found.kind,
+                    "problem": found.problem,
+                    "recorded_by_event": found.event_position,
+                },
+                "acknowledged": integrity.acknowledged_breaks(),
+            }
+        )
+
+    @extend_schema(
+        request=BreakAcknowledgeSerializer,
+        responses={201: inline_serializer("BreakAcknowledged", {"ack": serializers.JSONField()})},
+    )
+    def post(self, request: Request) -> Response:
+        s = BreakAcknowledgeSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            data = commands.acknowledge_break(
+                request,
+                position=s.validated_data["position"],
+                kind=s.validated_data["kind"],
+                reason=s.validated_data["reason"],
+            )
+        except ValueError as exc:
+            raise ValidationError({"reason": str(exc)}) from exc
+        except LookupError as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_409_CONFLICT)
+        return Response({"ack": data}, status=status.HTTP_201_CREATED)

@@ -12,7 +12,6 @@ done: an export that was handed out is always in the log, and one in the log alw
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -182,21 +181,16 @@ def request_export(actor: Actor, user: Any, req: ExportRequest) -> ExportJob:
 def chain_break(since: datetime, until: datetime) -> str | None:
     """What is wrong with the log an export of [since, until) would rest on, or None.
 
-    The last recorded verification must not have failed, and the period's range must be one
-    the server can vouch for (``audit.integrity.check_range``: its events hash and link, its
-    digests are signed by trusted keys and chained, the sink holds the newest digest): an
-    export never states figures, or signs a bundle, over a log known or found to be broken.
+    No break may be on record (``audit.integrity.known_break``: a failed verification or a
+    refusal that no clean full verification or acknowledgement settled), whatever the period;
+    and the period's range must be one the server can vouch for
+    (``audit.integrity.check_range``: its events hash and link, its digests are signed by
+    trusted keys and chained, the sink holds the newest digest): an export never states
+    figures, or signs a bundle, over a log known or found to be broken.
     """
-    last_check = (
-        Event.objects.filter(type="audit.chain_verified")
-        .order_by("-position")
-        .values_list("data", flat=True)
-        .first()
-    )
-    if last_check is not None:
-        verdict = json.loads(last_check)
-        if verdict.get("ok") is False:
-            return f"the last chain verification failed: {verdict.get('problem')}"
+    found = integrity.known_break()
+    if found is not None:
+        return f"a break is on record: {found.chain_problem()}"
     bounds = reports.period_bounds(since, until)
     if bounds is None:
         return None

@@ -17,7 +17,11 @@ the same checks before each signing.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from audit import digests, sink
 from audit.digests import ChainBroken
@@ -25,7 +29,15 @@ from audit.hashing import GENESIS_HASH
 from audit.models import Digest, Event
 from audit.verify import ChainProblem, verify_events
 
-__all__ = ["ChainBroken", "check_range", "require_intact"]
+__all__ = [
+    "ChainBroken",
+    "KnownBreak",
+    "acknowledged_breaks",
+    "check_range",
+    "known_break",
+    "require_intact",
+    "require_no_known_break",
+]
 
 
 def check_range(first: int = 1, last: int | None = None) -> ChainProblem | None:
@@ -105,3 +117,124 @@ def require_intact(first: int = 1, last: int | None = None) -> None:
     problem = check_range(first, last)
     if problem is not None:
         raise ChainBroken(problem)
+
+
+# --- A break on record ------------------------------------------------------------------------
+#
+# Checking a range finds a break inside it only. Once any check has found one (a verification
+# failed, an export or a signing was refused over it), the whole log is known to be broken: every
+# export and every digest is refused, naming that break, until a full verification passes again
+# or an administrator acknowledges that very break (``audit.break_acknowledged``, with who and
+# why; every report made afterwards states it).
+
+BREAK_TYPES = ("audit.chain_verified", "audit.export_refused", "audit.digest_signing_failed")
+CLEARING_TYPES = ("audit.chain_verified", "audit.break_acknowledged")
+_PROBLEM = re.compile(r"position (\d+): ([a-z_]+): ")
+
+
+@dataclass(frozen=True)
+class KnownBreak:
+    """A break the log has on record: the event that recorded it and the problem it named."""
+
+    event_position: int
+    event_type: str
+    position: int
+    kind: str
+    problem: str
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.position, self.kind)
+
+    def chain_problem(self) -> ChainProblem:
+        detail = self.problem
+        if (m := _PROBLEM.search(detail)) is not None:
+            detail = detail[m.end() :]
+        # The problem as first recorded, so that every refusal names it in the same words.
+        return ChainProblem(self.position, self.kind, detail)
+
+
+def _break_of(position: int, event_type: str, data: dict[str, Any]) -> KnownBreak | None:
+    """The break an event records, or None when it records none."""
+    if event_type == "audit.chain_verified":
+        if data.get("ok") is not False:
+            return None
+        text = str(data.get("problem") or "")
+    elif event_type == "audit.digest_signing_failed":
+        if data.get("reason") != "chain_broken":
+            return None
+        text = str(data.get("detail") or "")
+    elif event_type == "audit.export_refused":
+        text = str(data.get("problem") or "")
+    else:
+        return None
+    m = _PROBLEM.search(text)
+    where, kind = (int(m.group(1)), m.group(2)) if m else (0, "unknown")
+    return KnownBreak(position, event_type, where, kind, text[:2000])
+
+
+def _since_last_clean() -> list[tuple[int, str, dict[str, Any]]]:
+    """The break and acknowledgement events after the newest clean full verification."""
+    clean = 0
+    rows = (
+        Event.objects.filter(type="audit.chain_verified")
+        .order_by("-position")
+        .values_list("position", "data")
+    )
+    for position, data in rows.iterator(chunk_size=50):
+        if json.loads(data).get("ok") is True:
+            clean = position
+            break
+    later = (
+        Event.objects.filter(position__gt=clean, type__in=BREAK_TYPES + CLEARING_TYPES)
+        .order_by("position")
+        .values_list("position", "type", "data")
+    )
+    return [(p, t, json.loads(d)) for p, t, d in later.iterator(chunk_size=500)]
+
+
+def known_break() -> KnownBreak | None:
+    """The first break on record that no later clean full verification settled and no
+    administrator acknowledged; None when the log is not known to be broken."""
+    acknowledged: set[tuple[int, str]] = set()
+    breaks: list[KnownBreak] = []
+    for position, event_type, data in _since_last_clean():
+        if event_type == "audit.break_acknowledged":
+            acknowledged.add((int(data.get("position", -1)), str(data.get("kind", ""))))
+        elif (found := _break_of(position, event_type, data)) is not None:
+            breaks.append(found)
+    # The first open break: later refusals over it name it again and do not change it.
+    open_breaks = [b for b in breaks if b.key not in acknowledged]
+    return open_breaks[0] if open_breaks else None
+
+
+def acknowledged_breaks() -> list[dict[str, Any]]:
+    """Every break an administrator acknowledged, oldest first (reports state them)."""
+    rows = (
+        Event.objects.filter(type="audit.break_acknowledged")
+        .order_by("position")
+        .values_list("position", "event_id", "recorded_at", "actor_name", "data")
+    )
+    out = []
+    for position, event_id, recorded_at, actor, data in rows:
+        d = json.loads(data)
+        out.append(
+            {
+                "event_position": position,
+                "event_id": str(event_id),
+                "recorded_at": recorded_at.isoformat(),
+                "acknowledged_by": actor,
+                "position": d.get("position"),
+                "kind": d.get("kind"),
+                "problem": d.get("problem"),
+                "reason": d.get("reason"),
+            }
+        )
+    return out
+
+
+def require_no_known_break() -> None:
+    """Raise ``ChainBroken`` naming the break on record (see ``known_break``)."""
+    found = known_break()
+    if found is not None:
+        raise ChainBroken(found.chain_problem())

@@ -27,7 +27,7 @@ from typing import IO, Any
 
 from django.db.models import Count, Max, Min
 
-from audit import access_review, compliance, retention
+from audit import access_review, compliance, integrity, retention
 from audit.hashing import format_time
 from audit.models import Event
 from audit.store import iter_events
@@ -90,6 +90,8 @@ class Report:
     controls: dict[str, ControlEvidence] = field(default_factory=dict)
     exceptions: list[dict[str, Any]] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    # Breaks an administrator acknowledged (audit.break_acknowledged): stated by every report.
+    acknowledged_breaks: list[dict[str, Any]] = field(default_factory=list)
     oldest_event_at: datetime | None = None
     access: access_review.AccessReview | None = None
 
@@ -154,6 +156,7 @@ class Report:
                 "events": self.events,
                 "events_by_type": dict(sorted(self.by_type.items())),
             },
+            "acknowledged_breaks": self.acknowledged_breaks,
             "verification": self.verification,
             "retention": retention.summary(oldest_event_at=self.oldest_event_at),
             "controls": controls,
@@ -217,6 +220,7 @@ def build(
         controls={c.id: ControlEvidence() for c in framework.controls},
     )
     report.verification = _last_verification(until)
+    report.acknowledged_breaks = integrity.acknowledged_breaks()
     report.oldest_event_at = (
         Event.objects.order_by("position").values_list("recorded_at", flat=True).first()
     )
@@ -361,6 +365,17 @@ def write_csv(report: Report, fh: IO[bytes]) -> None:
         detail=f"{r['years']} calendar years; cut-off {r['cutoff']}; pruning {r['pruning']}; "
         f"active legal holds: {len(r['legal_holds'])}",
     )
+    for b in report.acknowledged_breaks:
+        row(
+            record="acknowledged_break",
+            kind=b["kind"],
+            position=b["position"],
+            event_id=b["event_id"],
+            recorded_at=b["recorded_at"],
+            actor=b["acknowledged_by"],
+            detail=f"THE LOG IS BROKEN at position {b['position']}: {b['problem']}; "
+            f"acknowledged by {b['acknowledged_by']}: {b['reason']}",
+        )
     if report.verification:
         v = report.verification
         row(
@@ -607,6 +622,13 @@ def write_pdf(report: Report, fh: IO[bytes]) -> None:
         f"{r['oldest_event_at'] or '-'}; pruning {r['pruning']}; active legal holds: "
         f"{len(r['legal_holds'])}"
     )
+    for b in report.acknowledged_breaks:
+        para(
+            f"THE LOG IS BROKEN at position {b['position']} ({b['kind']}): {b['problem']}. "
+            f"Acknowledged by {b['acknowledged_by']} at {b['recorded_at']} (event "
+            f"#{b['event_position']}): {b['reason']}",
+            "B",
+        )
     v = report.verification
     if v is None:
         para("Chain verification: none recorded before the end of the period.")

@@ -25,6 +25,7 @@ urlpatterns = [
     path("keys/", export_api.KeyView.as_view(), name="keys"),
     path("access/", export_api.AccessView.as_view(), name="access"),
     path("retention/", export_api.RetentionView.as_view(), name="retention"),
+    path("breaks/", export_api.BreakView.as_view(), name="breaks"),
     path("legal-holds/", export_api.LegalHoldView.as_view(), name="legal-holds"),
     path(
         "legal-holds/<str:hold_id>/release/",

@@ -26,7 +26,7 @@ AUTH = (
     {"auth.logged_in", "auth.logged_out", "auth.unlocked", "auth.token_rejected"} | FAILED | LOCKED
 )
 LOGIN_SIGNALS = FAILED | LOCKED | {"auth.token_rejected"}
-REFUSALS = {"audit.export_refused", "audit.digest_signing_failed"}
+REFUSALS = {"audit.export_refused", "audit.digest_signing_failed", "audit.break_acknowledged"}
 ACCOUNTS = {"user.created", "user.deactivated", "user.reactivated", "user.password_changed"}
 TOKENS = {"token.created", "token.revoked"}
 TRANSFERS = {"vm.file_upload_requested", "vm.file_uploaded", "vm.file_upload_failed"}
@@ -35,18 +35,22 @@ COMMANDS = {"vm.exec_requested", "vm.exec_completed", "vm.exec_failed"}
 EXPORTS = {"audit.exported", "audit.export_downloaded"}
 READS = {"audit.trail_read", "audit.accounts_listed"}
 HOLDS = {"audit.legal_hold_placed", "audit.legal_hold_released"}
-BACKUPS = {"snapshot.created", "snapshot.verified", "snapshot.corrupted", "snapshot.deleted"}
+# Types nothing in the product appends: counted by no control (the mix still holds some).
+NOT_EMITTED = {"vm.create_requested", "snapshot.verified", "vm.recovered"}
+NOT_EMITTED |= {"net.ip_leased", "net.ip_released", "net.port_forward_added"}
+NOT_EMITTED |= {"net.port_forward_removed"}
+BACKUPS = {"snapshot.created", "snapshot.corrupted", "snapshot.deleted"}
 BACKUPS |= {"vm.snapshotted", "vm.snapshot_failed", "vm.restored", "vm.restore_failed"}
-SNAPSHOT_CHECKS = {"snapshot.verified", "snapshot.corrupted"}
+SNAPSHOT_CHECKS = {"snapshot.corrupted"}
 
 
-NOT_CHANGES = {"vm.progress", "vm.crashed", "vm.recovered"} | COMMANDS
+NOT_CHANGES = {"vm.progress", "vm.crashed"} | COMMANDS | NOT_EMITTED
 NOT_CHANGES |= TRANSFERS | {"vm.console_opened", "vm.console_closed"}
 
 
 def _change(t: str) -> bool:
-    """VM lifecycle requests and outcomes, network and quota changes."""
-    return t.startswith(("net.", "quota.")) or (t.startswith("vm.") and t not in NOT_CHANGES)
+    """VM lifecycle requests and outcomes and network changes, that the product appends."""
+    return t not in NOT_CHANGES and t.startswith(("net.", "vm."))
 
 
 def _types(types: set[str]) -> Callable[[dict[str, Any]], bool]:
@@ -116,7 +120,7 @@ EXPECTED: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {
         ),
         "Art. 25": _types({"user.role_changed", "token.created"}),
         "Art. 30": _types(TRANSFERS | COMMANDS | {"vm.console_opened", "vm.console_closed"}),
-        "Art. 32": _types(BACKUPS | {"vm.crashed", "vm.recovered", "audit.chain_verified"}),
+        "Art. 32": _types(BACKUPS | {"vm.crashed", "audit.chain_verified"}),
         "Art. 33": _any(_types(LOGIN_SIGNALS | REFUSALS), _failed_verification),
     },
 }
