@@ -41,10 +41,10 @@ def verify_chain(who: Any, *, since_bundle: str | None = None) -> ChainReport:
         "checked": report.checked,
         "last_position": report.last_position,
         "digests_checked": report.digests_checked,
-        "problem": str(report.problem) if report.problem else None,
+        "problem": safe_text(report.problem, 2000) if report.problem else None,
     }
     if since_bundle is not None:
-        data["since_bundle"] = os.path.basename(since_bundle)[:200]
+        data["since_bundle"] = safe_text(os.path.basename(since_bundle))
     store.append(
         "audit",
         "chain",
@@ -101,7 +101,7 @@ def _record_signing_failure(
 ) -> None:
     data = {
         "reason": reason,
-        "detail": detail[:2000],
+        "detail": safe_text(detail, 2000),
         "position": problem.position if problem is not None else None,
         "kind": problem.kind if problem is not None else None,
     }
@@ -210,6 +210,7 @@ def record_export_downloaded(who: Any, job: Any) -> None:
 
 
 def record_export_refused(who: Any, data: dict[str, Any]) -> None:
+    data = {**data, "problem": safe_text(data.get("problem", ""), 2000)}
     store.append("audit", "exports", "audit.export_refused", data, actor=_actor(who))
 
 

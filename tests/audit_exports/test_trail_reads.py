@@ -298,3 +298,12 @@ def test_head_of_an_export_download_records_no_download(mix: Mix, token_client) 
     assert not Event.objects.filter(type="audit.export_downloaded").exists()
     assert client.get(job["download_url"]).status_code == 200
     assert Event.objects.filter(type="audit.export_downloaded").count() == 1
+
+
+def test_a_bundle_name_with_control_characters_is_recorded_escaped(mix: Mix, tmp_path) -> None:
+    from audit.commands import verify_chain
+    from tests.audit_exports.mix import SHELL
+
+    verify_chain(SHELL, since_bundle=str(tmp_path / "evil\x00\x1b[2J.zip"))
+    recorded = Event.objects.filter(type="audit.chain_verified").latest("position")
+    assert recorded.payload["since_bundle"] == "evil\\x00\\x1b[2J.zip"
