@@ -21,7 +21,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
-from audit import access_review, commands, exports, keys, retention
+from audit import access_review, commands, exports, integrity, keys, retention
 from audit.actor import Actor
 from audit.forms import EXPORT_FORMS, TrailFilterForm
 from audit.hashing import GENESIS_HASH, event_hash
@@ -89,6 +89,7 @@ def trail(request: HttpRequest) -> HttpResponse:
             "page": page,
             "query": query.urlencode(),
             "verification": _last_verification(),
+            "open_break": integrity.known_break(),
             "section": "trail",
         },
     )
@@ -122,6 +123,7 @@ def event_detail(request: HttpRequest, position: int) -> HttpResponse:
             "next_links": nxt is None or nxt == event.hash,
             "has_next": nxt is not None,
             "verification": verification,
+            "open_break": integrity.known_break(),
             "covered": covered,
             "digest": digest,
             "section": "trail",

@@ -174,3 +174,16 @@ def test_an_admin_acknowledges_the_break_and_every_later_report_states_it(
     assert f"position {newest.position}: altered" in refused.json()["detail"]
     assert integrity.known_break().position == newest.position
     assert _report(auditor, _later_period()).status_code == 409
+
+
+def test_the_dashboard_trail_says_a_break_is_on_record(mix: Mix, tamper) -> None:
+    from django.test import Client
+
+    client = Client()
+    client.force_login(mix.auditor)
+    assert "A break is on record" not in client.get("/audit/").content.decode()
+    target = _target()
+    _tamper(tamper, target.position, "mallory")
+    assert not commands.verify_chain(SHELL).ok
+    page = client.get("/audit/").content.decode()
+    assert f"A break is on record: position {target.position} (altered)" in page
