@@ -2,6 +2,9 @@
 
 400 with field errors for bad input, 403 with the named quota on a quota refusal, 404, 409 with
 the current state or version on a conflict, 503 when the audit log or a guest cannot be reached.
+A guest path the agent refuses (a directory, a missing parent) is the caller's error: 400 (404
+for a missing file) with the agent's code. Errors are JSON whatever the request's Accept says
+(the browsable API page would otherwise render them as HTML).
 """
 
 from __future__ import annotations
@@ -9,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import UnreadablePostError
 from rest_framework import status
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -23,7 +28,23 @@ def _validation_body(exc: DjangoValidationError) -> Any:
     return {"detail": exc.messages}
 
 
+# Agent error codes that say what is wrong with the caller's path (docs/agent-protocol.md).
+AGENT_PATH_ERRORS = frozenset(
+    {"bad_request", "exists", "not_a_directory", "is_a_directory", "not_a_file"}
+)
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    response = _handle(exc, context)
+    request = context.get("request")
+    if response is not None and request is not None:
+        # JSON whatever Accept asked for: DRF renders with the request's negotiated renderer.
+        request.accepted_renderer = JSONRenderer()
+        request.accepted_media_type = "application/json"
+    return response
+
+
+def _handle(exc: Exception, context: dict[str, Any]) -> Response | None:
     from vms.commands import InvalidState, NotFound
     from vms.guest import GuestUnavailable
     from vms.quotas import QuotaExceeded
@@ -51,6 +72,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         )
     if isinstance(exc, DjangoValidationError):
         return Response(_validation_body(exc), status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, UnreadablePostError):
+        # The body ended before its announced length (the client went away): nothing was done.
+        return Response(
+            {"detail": f"the request body is incomplete ({exc}); nothing was done"},
+            status=status.HTTP_400_BAD_REQUEST,
+        )
     if isinstance(exc, NotFound):
         return Response({"detail": str(exc)}, status=status.HTTP_404_NOT_FOUND)
     if isinstance(exc, InvalidState):
@@ -76,6 +103,15 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             return Response(
                 {"detail": f"the guest agent timed out: {exc}"},
                 status=status.HTTP_504_GATEWAY_TIMEOUT,
+            )
+        if isinstance(exc, AgentError) and exc.code in AGENT_PATH_ERRORS | {"not_found"}:
+            return Response(
+                {"detail": f"the guest refused the path: {exc.message}", "code": exc.code},
+                status=(
+                    status.HTTP_404_NOT_FOUND
+                    if exc.code == "not_found"
+                    else status.HTTP_400_BAD_REQUEST
+                ),
             )
         if isinstance(exc, AgentError):
             return Response(

@@ -28,6 +28,30 @@ from typing import Any
 
 from a2wsgi.wsgi import Body, build_environ
 
+
+class ClientDisconnected(OSError):
+    """The client went away before sending the whole request body.
+
+    An OSError, so Django's request reading turns it into ``UnreadablePostError`` and a parser
+    fails instead of taking what came as the whole body (a2wsgi's ``Body`` treats
+    ``http.disconnect`` as the end of the body: a cut-off upload was stored as complete).
+    """
+
+
+class _Body(Body):
+    """a2wsgi's request body that raises ``ClientDisconnected`` on ``http.disconnect``."""
+
+    def _receive_more_data(self) -> bytes:
+        if not self._has_more:
+            return b""
+        message = asyncio.run_coroutine_threadsafe(self.receive(), loop=self.loop).result()
+        if message["type"] != "http.request":
+            self._has_more = False
+            raise ClientDisconnected("the client went away before the end of the request body")
+        self._has_more = message.get("more_body", False)
+        return message.get("body", b"")
+
+
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Paths that wait on a guest's agent or stream a file: the long lane.
 LONG_PATH = re.compile(r"/(exec|files|download|cast)/?$")
@@ -117,9 +141,12 @@ class Lane:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
-        body = await _preread(scope, receive)
+        try:
+            body = await _preread(scope, receive)
+        except ClientDisconnected:
+            return  # nobody to answer, and no request to act on
         if body is None:
-            wsgi_input: Any = Body(loop, receive)
+            wsgi_input: Any = _Body(loop, receive)
         else:
             wsgi_input = io.BytesIO(body)
         environ = build_environ(scope, wsgi_input)  # type: ignore[arg-type]
@@ -139,7 +166,8 @@ class Lane:
 
 
 async def _preread(scope: dict[str, Any], receive: Any) -> bytes | None:
-    """The whole body when it is announced and small (no thread hop per read), else None."""
+    """The whole body when it is announced and small (no thread hop per read), else None;
+    ``ClientDisconnected`` when the client goes away before its end."""
     length = None
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -155,8 +183,8 @@ async def _preread(scope: dict[str, Any], receive: Any) -> bytes | None:
     parts = []
     while True:
         message = await receive()
-        if message["type"] != "http.request":  # the client went away
-            break
+        if message["type"] != "http.request":
+            raise ClientDisconnected("the client went away before the end of the request body")
         parts.append(message.get("body", b""))
         if not message.get("more_body", False):
             break

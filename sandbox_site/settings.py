@@ -433,6 +433,8 @@ SANDBOX_SNAPSHOT_MAX_AGE_DAYS = env_int("SANDBOX_SNAPSHOT_MAX_AGE_DAYS", 30)  # 
 # Exec events always hold sizes and SHA-256 of the output; the output itself only if asked.
 SANDBOX_EXEC_RECORD_OUTPUT = env_bool("SANDBOX_EXEC_RECORD_OUTPUT", False)
 SANDBOX_EXEC_MAX_TIMEOUT_S = env_int("SANDBOX_EXEC_MAX_TIMEOUT_S", 600)
+# Largest file upload to a guest, in bytes: 413 beyond it, before more is spooled to disk.
+SANDBOX_UPLOAD_MAX_BYTES = env_int("SANDBOX_UPLOAD_MAX_BYTES", 2 << 30)
 # Bytes of each stream (stdout, stderr) an HTTP exec returns; the rest is counted, not kept
 # (the exec websocket streams all of it).
 SANDBOX_EXEC_OUTPUT_LIMIT = env_int("SANDBOX_EXEC_OUTPUT_LIMIT", 1 << 20)

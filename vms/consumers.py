@@ -447,6 +447,9 @@ class ConsoleConsumer(_Rechecked):
             try:
                 message = parsers.loads(text_data)  # ValueError also when nested too deep
             except ValueError:
+                message = None
+            if not isinstance(message, dict):  # "[1,2]" or "5" is JSON, but not a message
+                self.notify({"type": "error", "detail": "send one JSON object (or raw bytes)"})
                 return
             if message.get("type") != "input" or not isinstance(message.get("data"), str):
                 return  # resize and pings: a serial line has no window size

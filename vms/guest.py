@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 from django.conf import settings
@@ -295,6 +294,10 @@ def _transfer(
 
 
 def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> tuple[int, str]:
+    """Upload ``source``, a binary stream (an uploaded file), to ``path`` in the guest. Never a
+    name: a str or Path is refused (TypeError) before anything is recorded or sent."""
+    if isinstance(source, str | bytes | os.PathLike) or not hasattr(source, "read"):
+        raise TypeError("upload reads a binary stream, never a file name")
     size = getattr(source, "size", None)  # an uploaded file knows it; a stream may not
     return _transfer(
         caller,
@@ -306,7 +309,11 @@ def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> 
     )
 
 
-def download(caller: Caller, vm: VirtualMachine, path: str, dest: Path) -> tuple[int, str]:
+def download(caller: Caller, vm: VirtualMachine, path: str, dest: IO[bytes]) -> tuple[int, str]:
+    """Download ``path`` from the guest into ``dest``, a writable binary file object (never a
+    name: TypeError before anything is recorded or asked)."""
+    if isinstance(dest, str | bytes | os.PathLike) or not hasattr(dest, "write"):
+        raise TypeError("download writes to a binary file object, never a file name")
     return _transfer(
         caller, vm, "file_download", path, {}, lambda agent: agent.get_file(path, dest)
     )

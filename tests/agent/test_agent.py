@@ -269,7 +269,7 @@ def test_put_and_get_ten_megabytes_with_matching_sha256(
     assert remote.read_bytes() == data
     assert remote.stat().st_mode & 0o777 == 0o600
     local = tmp_path / "back.bin"
-    got = client.get_file(str(remote), local)
+    got = client.get_host_file(str(remote), local, within=tmp_path)
     assert (got.size, got.sha256) == (len(data), digest)
     assert hashlib.sha256(local.read_bytes()).hexdigest() == digest
 
@@ -277,7 +277,7 @@ def test_put_and_get_ten_megabytes_with_matching_sha256(
 def test_put_from_a_local_path_and_read_back_bytes(client: AgentClient, tmp_path: Path) -> None:
     src = tmp_path / "src.txt"
     src.write_bytes(b"from a path")
-    client.put_file(src, str(tmp_path / "dst.txt"))
+    client.put_host_file(src, str(tmp_path / "dst.txt"), within=tmp_path)
     assert client.read_file(str(tmp_path / "dst.txt")) == b"from a path"
 
 

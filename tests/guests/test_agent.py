@@ -57,7 +57,9 @@ def test_upload_and_download_10_mb_keep_their_sha256(shared_guest: Guest, tmp_pa
     assert up.size == len(data) and up.sha256 == digest
     inside = shared_guest.client.exec(["sha256sum", "/tmp/blob.bin"])
     assert inside.stdout.split()[0].decode() == digest
-    down = shared_guest.client.get_file("/tmp/blob.bin", tmp_path / "blob.bin", timeout=120)
+    down = shared_guest.client.get_host_file(
+        "/tmp/blob.bin", tmp_path / "blob.bin", within=tmp_path, timeout=120
+    )
     assert down.sha256 == digest
     assert hashlib.sha256((tmp_path / "blob.bin").read_bytes()).hexdigest() == digest
     shared_guest.client.exec(["rm", "/tmp/blob.bin"])

@@ -63,7 +63,7 @@ class RecordingAgent:
 
     def get_file(self, path: str, dest: Any) -> Transfer:
         self._asked("get", path)
-        dest.write_bytes(b"from the guest")
+        dest.write(b"from the guest")
         return Transfer(path, 14, hashlib.sha256(b"from the guest").hexdigest())
 
 

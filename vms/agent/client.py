@@ -218,7 +218,11 @@ class _Call:
         self.queue: queue.Queue[Frame | AgentError] = queue.Queue(CALL_QUEUE_FRAMES)
 
 
-Source = bytes | bytearray | memoryview | str | Path | IO[bytes]
+# What an upload or an exec's stdin reads from: bytes in memory, a binary stream, or an iterable
+# of byte chunks. Never a str or Path: a name is not opened (a value from a request, a form
+# field for instance, would otherwise read any file of the host); a file of the host is
+# uploaded only through ``put_host_file``, for trusted internal callers.
+Source = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
 
 
 class AgentClient:
@@ -514,6 +518,7 @@ class AgentClient:
                 data = bytes(stdin)
                 chunks = (data[i : i + DEFAULT_CHUNK] for i in range(0, len(data), DEFAULT_CHUNK))
         elif stdin is not None:
+            _check_source(stdin)  # before the command starts, not when its stdin is read
             header["stdin"] = "stream"
             chunks = _iter_source(stdin)
         if wait_timeout is None:
@@ -578,12 +583,17 @@ class AgentClient:
         expected_sha256: str | None = None,
         timeout: float = 300.0,
     ) -> Transfer:
-        """Upload bytes, a local path or a binary file object to ``remote_path``.
+        """Upload bytes, a binary stream or an iterable of byte chunks to ``remote_path``.
+
+        A str or Path is refused (TypeError) before anything is sent: names of files on the host
+        go through ``put_host_file``. A stream that fails while it is read (a client that went
+        away mid-upload) aborts the upload: the agent deletes what it received.
 
         The agent hashes what it receives and renames the file into place only if the SHA-256
         matches ours (or ``expected_sha256``, when the caller knows what the content should be);
         otherwise it deletes the partial file and this raises AgentError("checksum_mismatch").
         """
+        _check_source(source)
         deadline = time.monotonic() + timeout
         call = self._open_call()
         try:
@@ -641,17 +651,36 @@ class AgentClient:
             raise AgentError(str(head.get("code")), str(head.get("message", "")))
         raise AgentProtocolError(f"unexpected frame during upload: {head}")
 
-    def get_file(
-        self, remote_path: str, dest: str | Path | IO[bytes], *, timeout: float = 300.0
+    def put_host_file(
+        self, local_path: Path, remote_path: str, *, within: Path, **options: Any
     ) -> Transfer:
-        """Download ``remote_path`` into a local path (atomically) or a binary file object.
+        """Upload a file of the host, for trusted internal callers only (never with a path that
+        came from a request): ``local_path`` must lie inside the directory ``within`` (symlinks
+        resolved), else ValueError and nothing is opened or sent. Options as ``put_file``."""
+        with open(_confined(local_path, within), "rb") as fh:
+            return self.put_file(fh, remote_path, **options)
+
+    def get_file(self, remote_path: str, dest: IO[bytes], *, timeout: float = 300.0) -> Transfer:
+        """Download ``remote_path`` into a writable binary file object.
 
         The SHA-256 the agent computed while reading is checked against the bytes received; on a
-        mismatch a destination path is left untouched and AgentError("checksum_mismatch") raised.
+        mismatch AgentError("checksum_mismatch") is raised (the caller discards what it got). A
+        str or Path is refused (TypeError): files of the host are written only through
+        ``get_host_file``.
         """
-        if not isinstance(dest, str | Path):
-            return self._get(remote_path, dest, timeout)
-        dest = Path(dest)
+        if isinstance(dest, str | bytes | os.PathLike) or not hasattr(dest, "write"):
+            raise TypeError(
+                "get_file writes to a binary file object; use get_host_file for a host path"
+            )
+        return self._get(remote_path, dest, timeout)
+
+    def get_host_file(
+        self, remote_path: str, local_path: Path, *, within: Path, timeout: float = 300.0
+    ) -> Transfer:
+        """Download ``remote_path`` into a file of the host (atomically), for trusted internal
+        callers only: ``local_path`` must lie inside the directory ``within`` (ValueError, and
+        nothing asked of the agent, otherwise). On a checksum mismatch it is left untouched."""
+        dest = _confined(local_path, within)
         tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}-{threading.get_ident()}")
         try:
             with open(tmp, "wb") as fh:
@@ -776,23 +805,40 @@ def _keep(kept: bytearray, data: bytes, limit: int | None) -> None:
         kept += data[: limit - len(kept)]
 
 
-def _iter_source(
-    source: Source | Iterable[bytes], chunk_size: int = DEFAULT_CHUNK
-) -> Iterator[bytes]:
+def _check_source(source: object) -> None:
+    """Refuse a host file name as an upload source (see ``Source``)."""
+    if isinstance(source, str | os.PathLike):
+        raise TypeError(
+            "an upload source is bytes, a binary stream or byte chunks, never a file name "
+            "(use put_host_file for a file of the host)"
+        )
+
+
+def _confined(path: Path, within: Path) -> Path:
+    """``path`` resolved, if it lies inside the directory ``within``; else ValueError."""
+    if not isinstance(path, Path) or not isinstance(within, Path):
+        raise TypeError("host paths are given as pathlib.Path")
+    resolved, root = path.resolve(), within.resolve()
+    if not resolved.is_relative_to(root) or resolved == root:
+        raise ValueError(f"{path} is not a file inside {within}")
+    return resolved
+
+
+def _iter_source(source: Source, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+    _check_source(source)
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source)
         for i in range(0, len(view), chunk_size):
             yield bytes(view[i : i + chunk_size])
         return
-    if isinstance(source, str | Path):
-        with open(source, "rb") as fh:
-            while chunk := fh.read(chunk_size):
-                yield chunk
-        return
     if hasattr(source, "read"):
-        while chunk := source.read(chunk_size):  # type: ignore[union-attr]
-            yield chunk
+        while chunk := source.read(chunk_size):
+            if not isinstance(chunk, bytes | bytearray | memoryview):
+                raise TypeError("an upload stream must be opened in binary mode")
+            yield bytes(chunk)
         return
     for chunk in source:
+        if not isinstance(chunk, bytes | bytearray | memoryview):
+            raise TypeError("an upload's chunks must be bytes")
         for i in range(0, len(chunk), chunk_size):
             yield bytes(chunk[i : i + chunk_size])
