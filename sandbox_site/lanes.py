@@ -44,7 +44,10 @@ class _Body(Body):
     def _receive_more_data(self) -> bytes:
         if not self._has_more:
             return b""
-        message = asyncio.run_coroutine_threadsafe(self.receive(), loop=self.loop).result()
+        receive: Any = self.receive  # an ASGI receive: a coroutine function
+        message: dict[str, Any] = asyncio.run_coroutine_threadsafe(
+            receive(), loop=self.loop
+        ).result()
         if message["type"] != "http.request":
             self._has_more = False
             raise ClientDisconnected("the client went away before the end of the request body")
