@@ -834,15 +834,19 @@ class RequestStatusView(APIView):
                 else ("failed" if outcome.type.endswith("_failed") else "succeeded")
             )
             body["outcome"] = None if outcome is None else EventSerializer(outcome).data
-        # The answer holds whole events: reading the trail, one audit.trail_read per request.
-        positions = {body["request"]["position"]}
-        if body["outcome"] is not None:
-            positions.add(body["outcome"]["position"])
-        record_trail_read(
-            request,
-            "api.requests.retrieve",
-            {"event_id": str(eid), "positions": sorted(positions)},
-        )
+        # The answer holds whole events: reading another's request is reading the trail, one
+        # audit.trail_read per request. Polling the outcome of one's own request is part of
+        # making it (its events already name the caller), so a client that waits on its
+        # status_url does not add an event per poll.
+        if not (event.actor_type == "user" and event.actor_id == str(caller.user.pk)):
+            positions = {body["request"]["position"]}
+            if body["outcome"] is not None:
+                positions.add(body["outcome"]["position"])
+            record_trail_read(
+                request,
+                "api.requests.retrieve",
+                {"event_id": str(eid), "positions": sorted(positions)},
+            )
         return Response(body)
 
 

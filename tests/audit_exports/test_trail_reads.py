@@ -159,8 +159,9 @@ def world(mix: Mix) -> dict[str, str]:
     from accounts.caller import Caller
     from vms import commands
 
+    # The operator's: reading another user's request is reading the trail.
     created = commands.create(
-        Caller.for_user(mix.admin, channel="api"),
+        Caller.for_user(mix.operator, channel="api"),
         name="reader",
         template="linux-small",
         start_now=False,
@@ -206,6 +207,17 @@ def test_a_vm_timeline_read_names_the_vm_and_what_it_returned(
         "event_id": world["request"],
         "positions": [int(world["position"])],
     }
+
+
+def test_polling_ones_own_request_is_not_a_trail_read(
+    mix: Mix, world: dict[str, str], token_client
+) -> None:
+    client = token_client(mix.operator)
+    before = _reads()
+    for _ in range(3):
+        response = client.get(f"/api/v1/requests/{world['request']}/")
+        assert response.status_code == 200, response.content
+    assert _reads() == before
 
 
 def test_dashboard_pages_showing_events_record_one_read(mix: Mix, world: dict[str, str]) -> None:
