@@ -31,9 +31,11 @@ chain that reaches the earlier bundle's last digest (a log cut back behind it is
 ``--sink DIR`` checks the digests against a copy of the server's digest sink.
 
 Anchors: without ``--trust``, ``--since-bundle`` or ``--sink`` nothing outside the bundle vouches
-for it, and anyone can make a bundle that is consistent in itself (re-sign it with a key of their
-own under the same key id). Such a verification finds no problem but does not say OK: its verdict
-is UNANCHORED, with an exit status of its own.
+for it (an earlier bundle anchors only when it was itself verified against ``--trust`` or
+``--sink``: the verdict says so when it was not), and anyone can make a bundle that is
+consistent in itself (re-sign it with a key of their own under the same key id). Such a
+verification finds no problem but does not say OK: its verdict is UNANCHORED, with an exit
+status of its own.
 
 Exit status: 0 verified against an anchor, 1 verification failed, 2 the bundle could not be read
 at all, 3 unanchored (consistent in itself, but nothing outside the bundle vouched for it).
@@ -123,6 +125,8 @@ class Result:
     # Whether something outside the bundle vouched for it: pinned fingerprints, an earlier
     # bundle or a copy of the digest sink. Without one, a consistent bundle proves nothing.
     anchored: bool = False
+    # Why an anchor that was given does not count (an earlier bundle that was itself unanchored).
+    anchor_note: str = ""
 
     @property
     def ok(self) -> bool:
@@ -139,6 +143,7 @@ class Result:
         return {
             "ok": self.ok,
             "anchored": self.anchored,
+            "anchor_note": self.anchor_note,
             "verdict": self.verdict,
             "events": self.events,
             "first_position": self.first_position,
@@ -561,16 +566,20 @@ def _history_of(entries: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 @dataclass
 class _Earlier:
-    """What an earlier bundle vouches for: its trusted keys, key history and digests."""
+    """What an earlier bundle vouches for: its trusted keys, key history and digests; an anchor
+    only when it was itself verified against one (``anchored``)."""
 
     path: str
     keys: dict[str, str]
     history: list[tuple[str, str]]  # (key id, statement), oldest first
     digests: dict[int, _Digest]  # by sequence number
+    anchored: bool
 
     @classmethod
-    def load(cls, path: str, trusted_fingerprints: Sequence[str]) -> _Earlier:
-        result = verify_bundle(path, trusted_fingerprints=trusted_fingerprints)
+    def load(
+        cls, path: str, trusted_fingerprints: Sequence[str], sink_dir: str | None = None
+    ) -> _Earlier:
+        result = verify_bundle(path, trusted_fingerprints=trusted_fingerprints, sink_dir=sink_dir)
         if not result.ok:
             raise _Unreadable(
                 f"the earlier bundle {path} does not verify: "
@@ -586,6 +595,7 @@ class _Earlier:
             keys,
             _history_of(entries),
             {d.sequence: d for d in digests if d.sequence is not None},
+            result.anchored,
         )
 
     def check(
@@ -693,10 +703,16 @@ def verify_bundle(
     ``since_bundle``: an earlier bundle this one must continue; ``sink_dir``: a copy of the
     server's digest sink the digests must agree with.
     """
-    # A sink anchors only the digests it holds too (counted below).
-    result = Result(anchored=bool(trusted_fingerprints or since_bundle))
+    # A sink anchors only the digests it holds too (counted below); an earlier bundle only when
+    # it was itself verified against an anchor (else anyone could make both).
+    earlier = _Earlier.load(since_bundle, trusted_fingerprints, sink_dir) if since_bundle else None
+    result = Result(anchored=bool(trusted_fingerprints or (earlier and earlier.anchored)))
+    if earlier is not None and not earlier.anchored:
+        result.anchor_note = (
+            f"the earlier bundle {since_bundle} is itself unanchored (no --trust or --sink "
+            "vouched for it), so it anchors nothing"
+        )
     problems = result.problems
-    earlier = _Earlier.load(since_bundle, trusted_fingerprints) if since_bundle else None
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -726,6 +742,7 @@ def verify_bundle(
         if sink_dir is not None:
             if _check_against_sink(sink_dir, digests, problems):
                 result.anchored = True
+                result.anchor_note = ""
         manifest_range = manifest.get("range") or {}
         if digests and (
             digests[0].start != manifest_range.get("first_position")
@@ -823,6 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if result.anchored:
             print(f"OK: {summary}")
+        elif result.anchor_note:
+            print(
+                f"UNANCHORED: the chain is internally consistent but {result.anchor_note}: "
+                f"anyone can make a bundle like this one; {summary}"
+            )
         else:
             print(
                 "UNANCHORED: the chain is internally consistent but no trust anchor was given "

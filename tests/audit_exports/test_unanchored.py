@@ -153,7 +153,37 @@ def test_the_genuine_bundle_is_ok_against_each_anchor(
         done = _run_offline("verify", str(genuine), *anchor)
         assert done.returncode == 0, (anchor, done.stdout, done.stderr)
         assert done.stdout.startswith("OK: ")
-    assert offline.verify_bundle(str(genuine), since_bundle=str(genuine)).verdict == "verified"
+    trust = [_server_fingerprint(genuine)]
+    result = offline.verify_bundle(
+        str(genuine), since_bundle=str(genuine), trusted_fingerprints=trust
+    )
+    assert result.verdict == "verified"
+
+
+def test_an_earlier_bundle_anchors_only_when_it_was_itself_anchored(
+    genuine: Path, tmp_path: Path, settings
+) -> None:
+    """Filed: ``verify forged.zip --since-bundle forged.zip`` said OK (exit 0): the earlier
+    bundle only had to be consistent in itself, and a forger makes both."""
+    forged = tmp_path / "forged.zip"
+    forge(genuine, forged)
+    done = _run_offline("verify", str(forged), "--since-bundle", str(forged))
+    assert done.returncode == offline.EXIT_STATUS["unanchored"] == 3, done.stdout + done.stderr
+    assert done.stdout.startswith("UNANCHORED: ")
+    assert f"the earlier bundle {forged} is itself unanchored" in done.stdout
+    as_json = json.loads(
+        _run_offline("verify", str(forged), "--since-bundle", str(forged), "--json").stdout
+    )
+    assert (as_json["verdict"], as_json["anchored"]) == ("unanchored", False)
+    assert "itself unanchored" in as_json["anchor_note"]
+    # The genuine bundle, after an unanchored copy of itself: not vouched for either.
+    result = offline.verify_bundle(str(genuine), since_bundle=str(genuine))
+    assert (result.problems, result.verdict) == ([], "unanchored")
+    # An earlier bundle verified against the sink is an anchor.
+    sink = str(settings.SANDBOX_DIGEST_SINK_DIR)
+    done = _run_offline("verify", str(genuine), "--since-bundle", str(genuine), "--sink", sink)
+    assert done.returncode == 0 and done.stdout.startswith("OK: "), done.stdout + done.stderr
+    assert offline._Earlier.load(str(genuine), (), sink).anchored is True
 
 
 def test_a_sink_with_none_of_the_bundles_digests_is_no_anchor(genuine: Path, tmp_path: Path):
