@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from accounts.models import LoginState
-from audit.projections import Projector, register
+from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
 
 MAX_RECENT_FAILURES = 50
@@ -22,7 +22,7 @@ class LoginStateProjector(Projector):
 
     def handle(self, events: Sequence[RecordedEvent]) -> None:
         names = {e.aggregate_id for e in events}
-        states = {s.username: s for s in LoginState.objects.filter(username__in=names)}
+        states = load_rows(LoginState, names)
         created: set[str] = set()
         for e in events:
             state = states.get(e.aggregate_id)
@@ -53,7 +53,7 @@ class LoginStateProjector(Projector):
             "last_login_at",
             "last_failure_at",
         ]
-        LoginState.objects.bulk_update([s for n, s in states.items() if n not in created], fields)
+        update_rows(LoginState, [s for n, s in states.items() if n not in created], fields)
 
     def reset(self) -> None:
         LoginState.objects.all().delete()

@@ -13,10 +13,11 @@ each row once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Any, ClassVar, TypeVar
 
-from django.db import connection, transaction
+from django.db import connection, models, transaction
 from django.utils.module_loading import autodiscover_modules
 
 from audit.models import ProjectionCheckpoint
@@ -27,13 +28,17 @@ __all__ = [
     "apply_inline",
     "get",
     "lag_by_projection",
+    "load_rows",
     "rebuild",
     "register",
     "registry",
     "run_pending",
+    "update_rows",
 ]
 
 log = logging.getLogger("sandbox.audit.projections")
+
+M = TypeVar("M", bound=models.Model)
 
 
 class Projector:
@@ -110,6 +115,99 @@ def apply_inline(events: Sequence[RecordedEvent]) -> None:
         if relevant:
             projector.handle(relevant)
             _save_checkpoint(projector.name, relevant[-1].position)
+
+
+# Up to this many rows are read and written with SQL built once per model and shape (a plain
+# UPDATE per row); more (a rebuild's batch) through the ORM's filter() and bulk_update. For the
+# one or two rows of a command, bulk_update's CASE WHEN per field and the queryset compilation
+# cost several times the statements themselves: most of an inline projection's time.
+ROW_UPDATE_LIMIT = 8
+
+
+def _column(field: models.Field[Any, Any] | Any) -> str:
+    column = field.column
+    if not isinstance(column, str):
+        raise TypeError(f"{field} has no column")
+    return connection.ops.quote_name(column)
+
+
+@lru_cache(maxsize=64)
+def _update_sql(
+    model: type[models.Model], field_names: tuple[str, ...], vendor: str
+) -> tuple[str, list[Any]]:
+    meta = model._meta
+    fields = [meta.get_field(name) for name in field_names]
+    assignments = ", ".join(f"{_column(f)} = %s" for f in fields)
+    table = connection.ops.quote_name(meta.db_table)
+    return f"UPDATE {table} SET {assignments} WHERE {_column(meta.pk)} = %s", fields
+
+
+@lru_cache(maxsize=64)
+def _select_sql(
+    model: type[models.Model], count: int, vendor: str
+) -> tuple[str, list[str], list[tuple[list[Any], Any]]]:
+    meta = model._meta
+    fields = meta.concrete_fields
+    table = connection.ops.quote_name(meta.db_table)
+    columns = ", ".join(f"{table}.{_column(f)}" for f in fields)
+    keys = ", ".join(["%s"] * count)
+    sql = f"SELECT {columns} FROM {table} WHERE {_column(meta.pk)} IN ({keys})"
+    # The converters the ORM applies to each column (the backend's, then the field's).
+    converters = []
+    for f in fields:
+        col = f.get_col(meta.db_table)
+        converters.append(
+            ([*connection.ops.get_db_converters(col), *col.get_db_converters(connection)], col)
+        )
+    return sql, [f.attname for f in fields], converters
+
+
+def load_rows(model: type[M], keys: Iterable[Any]) -> dict[Any, M]:
+    """The rows of ``model`` with these primary keys, by key, as model instances (what
+    ``filter(pk__in=keys)`` gives, with its SQL built once per model and key count)."""
+    keys = list(keys)
+    if not keys:
+        return {}
+    if len(keys) > ROW_UPDATE_LIMIT:
+        return {row.pk: row for row in model._default_manager.filter(pk__in=keys)}
+    sql, attnames, converters = _select_sql(model, len(keys), connection.vendor)
+    pk = model._meta.pk
+    assert pk is not None  # noqa: S101 (every model has one)
+    params = [pk.get_db_prep_value(pk.to_python(k), connection) for k in keys]
+    with connection.cursor() as cur:
+        cur.execute(sql, params)
+        fetched = cur.fetchall()
+    out: dict[Any, M] = {}
+    for raw in fetched:
+        values = []
+        for value, (convs, col) in zip(raw, converters, strict=True):
+            for convert in convs:
+                value = convert(value, col, connection)
+            values.append(value)
+        row = model.from_db(connection.alias, attnames, values)
+        out[row.pk] = row
+    return out
+
+
+def update_rows(model: type[M], rows: Iterable[M], field_names: Sequence[str]) -> None:
+    """Write ``field_names`` of existing ``rows`` of ``model`` (what bulk_update does, without
+    its per-call compilation for the few rows of an inline projection). Values are prepared by
+    each field as the ORM prepares them for a save; no signals, no ``auto_now``, like
+    bulk_update."""
+    rows = list(rows)
+    if not rows:
+        return
+    if len(rows) > ROW_UPDATE_LIMIT:
+        model._default_manager.bulk_update(rows, list(field_names))
+        return
+    sql, fields = _update_sql(model, tuple(field_names), connection.vendor)
+    pk = model._meta.pk
+    assert pk is not None  # noqa: S101 (every model has one)
+    with connection.cursor() as cur:
+        for row in rows:
+            params = [f.get_db_prep_save(getattr(row, f.attname), connection) for f in fields]
+            params.append(pk.get_db_prep_value(row.pk, connection))
+            cur.execute(sql, params)
 
 
 def _checkpoint_for_update(name: str) -> int:

@@ -138,9 +138,23 @@ def lock() -> None:
         raise EventStoreUnavailable(f"event store unavailable: {exc}") from exc
 
 
+def _append_lock_held() -> None:
+    """A no-op commit hook whose presence says this transaction holds the append lock."""
+
+
+def _holds_lock() -> bool:
+    # The hook goes where the lock goes: a commit or rollback clears the hooks and releases
+    # the lock; rolling back to a savepoint drops the hooks added after it, as PostgreSQL
+    # releases the locks taken after it. So a command that took the lock before checking its
+    # projections does not pay a second round trip when it appends.
+    return any(hook[1] is _append_lock_held for hook in connection.run_on_commit)
+
+
 def _lock() -> None:
-    """Serialize appenders for the rest of this transaction."""
+    """Serialize appenders for the rest of this transaction (once per transaction)."""
     if connection.vendor == "postgresql":
+        if _holds_lock():
+            return
         timeout = int(settings.SANDBOX_EVENT_LOCK_TIMEOUT_MS)
         with connection.cursor() as cur:
             if f"lock_timeout={timeout}" not in connection.settings_dict["OPTIONS"].get(
@@ -150,6 +164,7 @@ def _lock() -> None:
                 cur.execute(f"SET LOCAL lock_timeout = '{timeout}ms'")
             with connection.wrap_database_errors:  # psycopg's errors as Django's
                 cur.cursor.execute(LOCK_SQL, prepare=True)
+        connection.on_commit(_append_lock_held)
     # SQLite: the IMMEDIATE transaction already holds the database's write lock.
 
 

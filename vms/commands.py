@@ -332,8 +332,10 @@ def _new_vm_events(
     memory_mib: int,
     disk_mib: int,
     source_snapshot: Snapshot | None,
-) -> tuple[uuid.UUID, store.RecordedEvent]:
-    """Take the lock, check the name and the quotas, append vm.created: (new id, event).
+    request: tuple[str, dict[str, Any]] | None = None,
+) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
+    """Take the lock, check the name and the quotas, append vm.created and ``request`` (the
+    type and data of the new VM's first request, if any) in one append: (new id, events).
 
     The quota definitions are read before the lock, which is then held only for what
     concurrent requests change (usage, names, addresses) and the append.
@@ -347,7 +349,7 @@ def _new_vm_events(
         caller.user, quota=limits, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib
     )
     mac, ip = identity.allocate()
-    created = store.append(
+    created = store.PendingEvent(
         "vm",
         str(vm_id),
         "vm.created",
@@ -366,10 +368,13 @@ def _new_vm_events(
             "ip": ip,
             "source_snapshot_id": str(source_snapshot.pk) if source_snapshot else None,
         },
-        actor=caller.actor,
         expected_version=0,
     )
-    return vm_id, created
+    pending = [created]
+    if request is not None:
+        # The same append: one head read, one INSERT, one projection pass for both events.
+        pending.append(store.PendingEvent("vm", str(vm_id), *request, expected_version=1))
+    return vm_id, store.append_many(pending, actor=caller.actor)
 
 
 @transaction.atomic
@@ -390,7 +395,7 @@ def create(
         raise ValidationError({"template": f"no enabled template named {template!r}"})
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
-    vm_id, created = _new_vm_events(
+    vm_id, events = _new_vm_events(
         caller,
         name=name,
         template=tpl,
@@ -398,19 +403,12 @@ def create(
         memory_mib=shape[1],
         disk_mib=shape[2],
         source_snapshot=None,
+        request=("vm.start_requested", {}) if start_now else None,
     )
     if not start_now:
-        return Accepted(vm_id, created)
-    request = store.append(
-        "vm",
-        str(vm_id),
-        "vm.start_requested",
-        {},
-        actor=caller.actor,
-        expected_version=created.version,
-    )
-    _enqueue_on_commit(request)
-    return Accepted(vm_id, request)
+        return Accepted(vm_id, events[0])
+    _enqueue_on_commit(events[1])
+    return Accepted(vm_id, events[1])
 
 
 def _check_snapshot_usable(caller: Caller, snap: Snapshot) -> None:
@@ -426,7 +424,7 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
     caller.require("vms.add_virtualmachine")
     _check_snapshot_usable(caller, snap)
     name = _validate_name(name, "name")
-    vm_id, created = _new_vm_events(
+    vm_id, events = _new_vm_events(
         caller,
         name=name,
         template=snap,
@@ -434,17 +432,10 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         memory_mib=snap.memory_mib,
         disk_mib=snap.disk_mib,
         source_snapshot=snap,
+        request=("vm.restore_requested", {"snapshot_id": str(snap.pk), "clone": True}),
     )
-    request = store.append(
-        "vm",
-        str(vm_id),
-        "vm.restore_requested",
-        {"snapshot_id": str(snap.pk), "clone": True},
-        actor=caller.actor,
-        expected_version=created.version,
-    )
-    _enqueue_on_commit(request)
-    return Accepted(vm_id, request, snap)
+    _enqueue_on_commit(events[1])
+    return Accepted(vm_id, events[1], snap)
 
 
 @transaction.atomic

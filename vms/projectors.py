@@ -16,7 +16,7 @@ from typing import Any
 from django.db.models import F
 
 from audit import catalogue
-from audit.projections import Projector, register
+from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
 from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine, VMState
 
@@ -85,8 +85,8 @@ class VMProjector(Projector):
         }
         # A VM created in this batch has no row yet (vm.created is its first event): don't ask.
         born = {uuid.UUID(e.aggregate_id) for e in events if e.type == "vm.created"}
-        vms = {vm.id: vm for vm in VirtualMachine.objects.filter(id__in=vm_ids - born)}
-        snaps = {s.id: s for s in Snapshot.objects.filter(id__in=snap_ids)}
+        vms = load_rows(VirtualMachine, vm_ids - born)
+        snaps = load_rows(Snapshot, snap_ids)
         new_vms: dict[uuid.UUID, VirtualMachine] = {}
         new_snaps: dict[uuid.UUID, Snapshot] = {}
         outcomes: list[RequestOutcome] = []
@@ -235,7 +235,8 @@ class VMProjector(Projector):
         VirtualMachine.objects.bulk_create(list(new_vms.values()))
         changed = [vm for vm_id, vm in vms.items() if vm_id not in new_vms]
         if changed:
-            VirtualMachine.objects.bulk_update(
+            update_rows(
+                VirtualMachine,
                 changed,
                 [
                     "state",
@@ -258,7 +259,8 @@ class VMProjector(Projector):
         Snapshot.objects.bulk_create(list(new_snaps.values()))
         old_snaps = [s for sid, s in snaps.items() if sid not in new_snaps]
         if old_snaps:
-            Snapshot.objects.bulk_update(
+            update_rows(
+                Snapshot,
                 old_snaps,
                 [
                     "state",

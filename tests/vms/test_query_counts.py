@@ -1,0 +1,47 @@
+"""The statements of VM commands, pinned by count (see ``tests.audit.querycount``).
+
+Each command checks permission, state and quota under the append lock and appends its request,
+the VM read model projected in the same transaction: these counts say what that costs, so an
+extra read under the lock or a costlier projection write shows up here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.audit.querycount import exact_queries
+from vms import commands
+from vms.models import VirtualMachine
+
+pytestmark = pytest.mark.django_db
+
+
+def _running(caller) -> VirtualMachine:
+    accepted = commands.create(caller, name="box", template="linux-small")
+    commands.record_outcome(accepted.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
+    return VirtualMachine.objects.get(pk=accepted.vm_id)
+
+
+def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> None:
+    caller = caller_for("operator")
+    vm = _running(caller)
+    with exact_queries(6) as sql:
+        commands.stop(caller, vm)
+    kinds = [s.split()[0] for s in sql]
+    assert kinds == ["SELECT", "SELECT", "INSERT", "SELECT", "UPDATE", "UPDATE"]
+    assert "CASE" not in sql[4]  # one VM: a plain UPDATE, not bulk_update's CASE per field
+    assert VirtualMachine.objects.get(pk=vm.pk).state == "stopping"
+
+
+def test_create_appends_the_definition_and_the_start_request_in_one_append(caller_for) -> None:
+    caller = caller_for("operator")
+    _running(caller)
+    with exact_queries(11) as sql:
+        accepted = commands.create(caller, name="two", template="linux-small")
+    # Before the lock: the template and the quota definitions (the user's, then its groups').
+    # Under it: the name, the usage, the addresses in use; the head, one INSERT of both events;
+    # the projection: the new VM's row, the usage, the checkpoint.
+    kinds = [s.split()[0] for s in sql]
+    assert kinds == ["SELECT"] * 7 + ["INSERT", "INSERT", "UPDATE", "UPDATE"], sql
+    vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+    assert (vm.state, vm.version, vm.pending_request) == ("starting", 2, accepted.request.event_id)
