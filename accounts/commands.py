@@ -247,11 +247,6 @@ def set_active(
     current.is_active = active
     current.save(update_fields=["is_active"])
     user.is_active = active
-    if not active:
-        # A deactivated user's tokens die with the account.
-        APIToken.objects.filter(user=current, revoked_at__isnull=True).update(
-            revoked_at=timezone.now()
-        )
     store.append(
         "user",
         str(current.pk),
@@ -259,6 +254,11 @@ def set_active(
         {"username": current.username},
         actor=actor,
     )
+    if not active:
+        # A deactivated user's tokens die with the account, as revoke_token revokes them: each
+        # a token.revoked event, and with each every live token it issued (for any user).
+        for token in APIToken.objects.filter(user=current, revoked_at__isnull=True).order_by("pk"):
+            _revoke_family(actor, token)
 
 
 @transaction.atomic
@@ -301,6 +301,12 @@ class IssuedToken:
 def _validate_ips(allowed_ips: list[str]) -> list[str]:
     out = []
     for item in allowed_ips:
+        if "%" in str(item):
+            # A zone names an interface of one host; client addresses never carry one (a
+            # forwarded address with a zone is refused), so such an entry could never match.
+            raise ValidationError(
+                {"allowed_ips": f"{item!r}: an address with a zone (%...) is not accepted"}
+            )
         try:
             out.append(str(ipaddress.ip_network(item, strict=False)))
         except ValueError as exc:
@@ -455,6 +461,11 @@ def revoke_token(actor: Actor, token: APIToken, *, by: User | None = None) -> bo
     False when ``token`` itself was already revoked (nothing recorded twice)."""
     if by is not None and by.pk != token.user_id:
         _require(by, "accounts.manage_all_tokens")
+    return _revoke_family(actor, token)
+
+
+def _revoke_family(actor: Actor, token: APIToken) -> bool:
+    """``revoke_token`` without its permission check (the caller has made it)."""
     token = APIToken.objects.select_for_update().get(pk=token.pk)
     newly = token.revoked_at is None
     family = [token]
@@ -550,6 +561,11 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
     ``auth.login_throttled`` event when the address reaches the limit. An attempt refused
     because its address is throttled (``reason == "throttled"``) was never checked and is
     covered by that event: nothing more is recorded.
+
+    Every username, real or made up, counts its checked failures by one rule
+    (``accounts.throttle.note_name_failure``). An attempt refused because the username is locked
+    (``reason == "locked"``) had its password never checked: it is recorded for a real account
+    but counts as no failure, and never towards a lock.
     """
     if reason == "throttled":
         return None
@@ -598,25 +614,27 @@ def record_login_failure(actor: Actor, username: str, reason: str) -> datetime |
         return throttle.note_unknown_name_failure(name)
     store.append("account", name, "auth.login_failed", {"reason": reason}, actor=actor)
     if reason == "locked":
+        # Refused without checking its password: not a failure of the account (the projection
+        # does not count it either), so it neither locks nor re-locks it.
         return is_locked(name)
-    # The projection was updated inline by the append above.
+    # The same count and window as a made-up name's (accounts.throttle.note_name_failure).
+    failures = throttle.note_name_failure(name)
+    if failures < settings.SANDBOX_LOCKOUT_THRESHOLD:
+        return None
     state = LoginState.objects.select_for_update().get(username=name)
-    window_start = timezone.now() - timedelta(seconds=settings.SANDBOX_LOCKOUT_WINDOW_S)
-    recent = [t for t in state.recent_failures if datetime.fromisoformat(t) >= window_start]
-    already_locked = state.locked_until is not None and state.locked_until > timezone.now()
-    if len(recent) >= settings.SANDBOX_LOCKOUT_THRESHOLD and not already_locked:
-        until = timezone.now() + timedelta(seconds=settings.SANDBOX_LOCKOUT_S)
-        store.append(
-            "account",
-            name,
-            "auth.locked_out",
-            {"until": until.isoformat(), "failures": len(recent)},
-            actor=Actor.system(name="lockout"),
-            causation_id=actor.request_id,
-        )
-        _clear_name_on_commit(name)
-        return until
-    return None
+    if state.locked_until is not None and state.locked_until > timezone.now():
+        return None
+    until = timezone.now() + timedelta(seconds=settings.SANDBOX_LOCKOUT_S)
+    store.append(
+        "account",
+        name,
+        "auth.locked_out",
+        {"until": until.isoformat(), "failures": failures},
+        actor=Actor.system(name="lockout"),
+        causation_id=actor.request_id,
+    )
+    _clear_name_on_commit(name)
+    return until
 
 
 @transaction.atomic

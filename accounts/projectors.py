@@ -1,9 +1,15 @@
-"""Projection of auth events into ``LoginState`` (inline: the lockout check reads it)."""
+"""Projection of auth events into ``LoginState`` (inline: the lockout check reads its lock).
+
+``recent_failures`` lists the checked failures of the current lockout window, by the rule the
+lockout counts them with (``accounts.throttle.note_name_failure``); attempts refused while the
+account was locked (reason ``locked``) are no failures and appear nowhere here."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
+
+from django.conf import settings
 
 from accounts.models import LoginState
 from audit.projections import Projector, load_rows, register, update_rows
@@ -24,6 +30,7 @@ class LoginStateProjector(Projector):
         names = {e.aggregate_id for e in events}
         states = load_rows(LoginState, names)
         created: set[str] = set()
+        window = timedelta(seconds=int(settings.SANDBOX_LOCKOUT_WINDOW_S))
         for e in events:
             state = states.get(e.aggregate_id)
             if state is None:
@@ -31,9 +38,16 @@ class LoginStateProjector(Projector):
                 created.add(e.aggregate_id)
             at = e.recorded_at
             if e.type == "auth.login_failed":
-                state.recent_failures = (state.recent_failures + [at.isoformat()])[
-                    -MAX_RECENT_FAILURES:
-                ]
+                if e.data.get("reason") == "locked":
+                    # Refused while locked, its password never checked: not a failure.
+                    continue
+                recent = state.recent_failures
+                # The lockout's rule (accounts.throttle.note_name_failure): a window opens at
+                # the first failure and lasts SANDBOX_LOCKOUT_WINDOW_S; a later failure opens
+                # the next one.
+                if recent and at - datetime.fromisoformat(recent[0]) >= window:
+                    recent = []
+                state.recent_failures = (recent + [at.isoformat()])[-MAX_RECENT_FAILURES:]
                 state.failure_count += 1
                 state.last_failure_at = at
             elif e.type == "auth.logged_in":

@@ -16,8 +16,11 @@ parallel attempts cannot all pass a check made before any of them failed: an add
 ``SANDBOX_LOGIN_SOURCE_FAILURES`` attempt slots a window, a username ``SANDBOX_LOCKOUT_THRESHOLD``
 until its lock or a login resets them; a successful login gives its slot back.
 
-Usernames that do not exist lock like real ones, from the outside (``note_unknown_name_failure``,
-``name_locked_until``): the same failures lead to the same answer, without an event per name.
+Every username, real or made up, counts its checked failures here by one rule
+(``note_name_failure``: a window of ``SANDBOX_LOCKOUT_WINDOW_S`` from its first failure) and locks
+at ``SANDBOX_LOCKOUT_THRESHOLD`` of them. A real account's lock is an ``auth.locked_out`` event;
+a made-up name locks from the outside (``note_unknown_name_failure``, ``name_locked_until``),
+without an event per name. The same failures lead to the same answer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "lift",
     "name_locked_until",
     "note_failure",
+    "note_name_failure",
     "note_unknown_name_failure",
     "once_per",
     "refused_until",
@@ -167,11 +171,19 @@ def clear_name(name: str) -> None:
     cache.delete_many([_key("name-slots", _name(name)), _key("name-failures", _name(name))])
 
 
+def note_name_failure(name: str) -> int:
+    """Count a checked failure of a username, real or made up, and return its failures in the
+    current window: one rule for every name, so that when a name locks says nothing about whether
+    it exists. The window opens at the name's first failure and lasts ``SANDBOX_LOCKOUT_WINDOW_S``
+    (the key expires with it); a lock, an unlock or a login closes it (``clear_name``). Attempts
+    refused while the name is locked are not failures and never come here."""
+    return _incr(_key("name-failures", _name(name)), int(settings.SANDBOX_LOCKOUT_WINDOW_S))
+
+
 def note_unknown_name_failure(name: str) -> datetime | None:
     """Count a failure for a username that does not exist; at the lockout threshold it is
     refused, as a real one would be (without an event: random names would fill the log)."""
-    window_s = int(settings.SANDBOX_LOCKOUT_WINDOW_S)
-    if _incr(_key("name-failures", _name(name)), window_s) < settings.SANDBOX_LOCKOUT_THRESHOLD:
+    if note_name_failure(name) < settings.SANDBOX_LOCKOUT_THRESHOLD:
         return None
     until = _clock() + int(settings.SANDBOX_LOCKOUT_S)
     cache.set(_key("name-locked", _name(name)), until, timeout=int(settings.SANDBOX_LOCKOUT_S))

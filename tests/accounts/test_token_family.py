@@ -67,3 +67,28 @@ def test_a_revoked_token_issues_nothing(make_user) -> None:
     with pytest.raises(PermissionDenied, match="revoked or expired"):
         commands.create_token(Actor.system(), user, name="late", by=user, parent=issued.token)
     assert APIToken.objects.filter(user=user).count() == 1
+
+
+def test_deactivating_a_user_revokes_its_tokens_and_their_families(make_user) -> None:
+    """Each token of a deactivated user is revoked as revoke_token revokes it: a token.revoked
+    event each, and the tokens it issued (here for another user) along with it."""
+    admin = make_user("admin", "issuer")
+    other_admin = make_user("admin", "other-admin")
+    operator = make_user("operator", "holder")
+    shell = Actor.system()
+    own = commands.create_token(shell, admin, name="own")
+    issued = commands.create_token(
+        shell, operator, name="issued-for-holder", by=admin, parent=own.token
+    )
+    grandchild = issue_with(issued.plaintext, "grandchild")
+    kept = commands.create_token(shell, operator, name="holder-own")
+    commands.set_active(shell, admin, False, by=other_admin)
+    for plaintext in (own.plaintext, issued.plaintext, grandchild):
+        assert bearer(plaintext).get("/api/v1/me/").status_code == 401
+    assert bearer(kept.plaintext).get("/api/v1/me/").status_code == 200
+    revoked = {e.aggregate_id: e.payload for e in Event.objects.filter(type="token.revoked")}
+    grand = APIToken.objects.get(name="grandchild")
+    assert set(revoked) == {own.token.key, issued.token.key, grand.key}
+    assert revoked[issued.token.key]["revoked_with"] == own.token.key
+    assert revoked[grand.key]["username"] == "holder"
+    assert not APIToken.objects.filter(user=admin, revoked_at__isnull=True).exists()

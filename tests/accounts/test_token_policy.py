@@ -332,3 +332,20 @@ def test_shell_issues_scoped_tokens_and_refuses_unknown_scopes(make_user) -> Non
     assert "scopes vms.exec_vm" in err.getvalue()
     with pytest.raises(CommandError, match="does not hold"):
         call_command("create_token", "opal", "--scope", "audit.view_audit_trail", stdout=out)
+
+
+def test_an_allowed_address_with_a_zone_is_refused(make_user, issue_token):
+    """A zone ("%eth0") names one host's interface; forwarded client addresses never carry one,
+    so such an entry is refused (400), nothing issued."""
+    user = make_user("operator")
+    client = bearer(issue_token(user))
+    before = APIToken.objects.count()
+    for entry in ("fe80::1%eth0", "fe80::%1/64"):
+        response = client.post(
+            "/api/v1/tokens/", {"name": "zoned", "allowed_ips": [entry]}, format="json"
+        )
+        assert response.status_code == 400, response.content
+        assert "zone" in str(response.json()["allowed_ips"])
+    assert APIToken.objects.count() == before
+    with pytest.raises(ValidationError):
+        commands.create_token(SHELL, user, name="zoned", allowed_ips=["fe80::1%eth0"])
