@@ -23,13 +23,25 @@ from tests.served import Served
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def _cut_off_upload(port: int, path: str, token: str, announced: int, sent: int) -> None:
+def _cut_off_upload(
+    port: int, path: str, token: str, announced: int, sent: int, *, multipart: bool = False
+) -> None:
+    """Announce ``announced`` bytes of body, send ``sent`` of them, and close."""
+    if multipart:
+        method, content_type = "POST", "multipart/form-data; boundary=cut"
+        head = (
+            b'--cut\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n"
+        )
+    else:
+        method, content_type, head = "PUT", "application/octet-stream", b""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(
             (
-                f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
-                f"Content-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n"
+                f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Type: {content_type}\r\nContent-Length: {announced}\r\n\r\n"
             ).encode()
+            + head
         )
         for _ in range(sent // 65536):
             s.sendall(b"x" * 65536)
@@ -55,6 +67,7 @@ def test_a_cut_off_upload_is_not_parsed_sent_or_recorded(
         for name, announced, sent in (("big", 3 << 20, 2 << 20), ("small", 200_000, 131_072)):
             url = f"/api/v1/vms/{vm_id}/files/?path=/tmp/{name}"
             _cut_off_upload(server.port, url, token, announced, sent)
+            _cut_off_upload(server.port, url, token, announced, sent, multipart=True)
         time.sleep(1.0)
         cut_off = _file_events(vm_id)
         # The control: a complete upload is parsed and requested (and fails: no guest here).
