@@ -168,14 +168,23 @@ def _fresh(vm_id: uuid.UUID) -> VirtualMachine:
 
 
 def _request(
-    caller: Caller, vm: VirtualMachine, verb: str, data: dict[str, Any] | None = None
+    caller: Caller,
+    vm: VirtualMachine,
+    verb: str,
+    data: dict[str, Any] | None = None,
+    *,
+    read_under_lock: bool = False,
 ) -> tuple[uuid.UUID, store.RecordedEvent]:
-    """Check and append ``vm.<verb>_requested``; the caller holds the transaction."""
+    """Check and append ``vm.<verb>_requested``; the caller holds the transaction.
+
+    ``read_under_lock``: the caller took the append lock and then read ``vm``, so it is the
+    state another request left and need not be read again."""
     perm, allowed = RULES[verb]
     caller.require(perm)
     _own_or_admin(caller, vm.owner_id)
     store.lock()
-    vm = _fresh(vm.pk)  # re-read under the lock: the state another request left
+    if not read_under_lock:
+        vm = _fresh(vm.pk)  # re-read under the lock: the state another request left
     if vm.busy and verb != "destroy":
         raise Busy(vm, verb)
     if vm.state not in allowed:
@@ -237,25 +246,27 @@ def resize(
     new_vcpus = vm.vcpus if vcpus is None else vcpus
     new_memory = vm.memory_mib if memory_mib is None else memory_mib
     _validate_shape(new_vcpus, new_memory, vm.disk_mib)
+    limits = quotas.effective_quota(vm.owner)  # definitions before the lock, as create does
     store.lock()
     fresh = _fresh(vm.pk)
     quotas.check(
         fresh.owner,
+        quota=limits,
         vcpus=new_vcpus - fresh.vcpus,
         memory_mib=new_memory - fresh.memory_mib,
     )
-    return Accepted(
-        *_request(caller, fresh, "resize", {"vcpus": new_vcpus, "memory_mib": new_memory})
-    )
+    data = {"vcpus": new_vcpus, "memory_mib": new_memory}
+    return Accepted(*_request(caller, fresh, "resize", data, read_under_lock=True))
 
 
 @transaction.atomic
 def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
     name = _validate_name(name or f"{vm.name}-snap", "name")
+    limits = quotas.effective_quota(vm.owner)  # definitions before the lock, as create does
     store.lock()
     fresh = _fresh(vm.pk)
     _own_or_admin(caller, fresh.owner_id)
-    quotas.check(fresh.owner, snapshots=1)
+    quotas.check(fresh.owner, quota=limits, snapshots=1)
     snapshot_id = uuid.uuid4()
     vm_id, event = _request(
         caller,
@@ -266,6 +277,7 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
             "name": name,
             "parent_id": str(fresh.last_snapshot_id) if fresh.last_snapshot_id else None,
         },
+        read_under_lock=True,
     )
     return Accepted(vm_id, event, Snapshot.objects.get(pk=snapshot_id))
 

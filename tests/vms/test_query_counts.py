@@ -19,7 +19,7 @@ pytestmark = pytest.mark.django_db
 def _running(caller) -> VirtualMachine:
     accepted = commands.create(caller, name="box", template="linux-small")
     commands.record_outcome(accepted.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
-    return VirtualMachine.objects.get(pk=accepted.vm_id)
+    return commands.visible_vms(caller).get(pk=accepted.vm_id)  # as the API reads it
 
 
 def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> None:
@@ -45,3 +45,16 @@ def test_create_appends_the_definition_and_the_start_request_in_one_append(calle
     assert kinds == ["SELECT"] * 7 + ["INSERT", "INSERT", "UPDATE", "UPDATE"], sql
     vm = VirtualMachine.objects.get(pk=accepted.vm_id)
     assert (vm.state, vm.version, vm.pending_request) == ("starting", 2, accepted.request.event_id)
+
+
+def test_resize_reads_the_vm_once_under_the_lock(caller_for) -> None:
+    caller = caller_for("operator")
+    vm = _running(caller)
+    with exact_queries(9) as sql:
+        commands.resize(caller, vm, vcpus=2)
+    # The quota definitions (the user's, its groups') before the lock; under it the VM once,
+    # the usage, the head and the INSERT; the projection: the VM row, its UPDATE, the checkpoint.
+    vm_reads = [i for i, s in enumerate(sql) if s.startswith('SELECT "vms_virtualmachine"')]
+    assert vm_reads == [2, 6], sql
+    assert [s.split()[0] for s in sql[5:]] == ["INSERT", "SELECT", "UPDATE", "UPDATE"]
+    assert VirtualMachine.objects.get(pk=vm.pk).state == "resizing"
