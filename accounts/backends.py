@@ -4,6 +4,7 @@ permission checks."""
 from __future__ import annotations
 
 import threading
+from contextvars import ContextVar
 from typing import Any
 
 from django.contrib.auth.backends import ModelBackend
@@ -17,6 +18,19 @@ from audit.actor import Actor
 _group_perms: dict[int, frozenset[str]] = {}
 _all_perms: frozenset[str] | None = None
 _lock = threading.Lock()
+
+# Why the last attempt without a request was refused unchecked ("locked"), for the receiver of
+# user_login_failed (accounts.signals), which has no request to read it from.
+_refused_without_request: ContextVar[str | None] = ContextVar(
+    "refused_without_request", default=None
+)
+
+
+def refusal_without_request() -> str | None:
+    """The reason the last ``authenticate()`` without a request was refused unchecked, once."""
+    reason = _refused_without_request.get()
+    _refused_without_request.set(None)
+    return reason
 
 
 def clear_permission_cache() -> None:
@@ -82,7 +96,9 @@ class LockoutModelBackend(ModelBackend):
         if username is None:
             username = kwargs.get("username")
         if request is None:
+            _refused_without_request.set(None)
             if username and commands.lock_ends(username) is not None:
+                _refused_without_request.set("locked")
                 raise PermissionDenied("account locked")
             return super().authenticate(request, username=username, password=password, **kwargs)
         # An address over its failure limit is refused before any lookup or hashing; so is one

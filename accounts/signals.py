@@ -11,7 +11,7 @@ from typing import Any
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.dispatch import receiver
 
-from accounts import commands
+from accounts import backends, commands
 from audit.actor import Actor
 
 
@@ -31,10 +31,11 @@ def on_login_failed(
     sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any
 ) -> None:
     username = str(credentials.get("username") or "")
+    # A refusal without checking the password (reason "locked") is no failure of the account.
     reason = (
         getattr(request, "_sandbox_login_failure", "bad_credentials")
         if request
-        else "bad_credentials"
+        else backends.refusal_without_request() or "bad_credentials"
     )
     until = commands.record_login_failure(Actor.anonymous(username), username, reason)
     if request is not None and until is not None:

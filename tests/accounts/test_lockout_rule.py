@@ -88,3 +88,20 @@ def test_attempts_refused_while_locked_are_not_failures(make_user) -> None:
     assert reasons.count("locked") == 3 and reasons.count("bad_credentials") == 4
     state = LoginState.objects.get(username="real-name")
     assert state.failure_count == 4 and len(state.recent_failures) == 1
+
+
+@pytest.mark.django_db
+@override_settings(SANDBOX_LOCKOUT_THRESHOLD=2, SANDBOX_LOCKOUT_WINDOW_S=600)
+def test_a_locked_attempt_without_a_request_is_no_failure(make_user) -> None:
+    """authenticate() without a request (no address, no page) refuses a locked name unchecked:
+    recorded with reason locked, not as a wrong password of the account."""
+    from django.contrib.auth import authenticate
+
+    make_user("operator", "real-name", password=PASSWORD)
+    for _ in range(2):
+        assert authenticate(None, username="real-name", password="wrong") is None
+    assert Event.objects.filter(type="auth.locked_out").count() == 1
+    assert authenticate(None, username="real-name", password=PASSWORD) is None
+    reasons = [e.payload["reason"] for e in Event.objects.filter(type="auth.login_failed")]
+    assert reasons == ["bad_credentials", "bad_credentials", "locked"]
+    assert LoginState.objects.get(username="real-name").failure_count == 2
