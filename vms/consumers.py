@@ -95,8 +95,16 @@ class _Rechecked(AsyncWebsocketConsumer):
     whether the (fresh) caller may still have this socket, and may re-apply what it sees."""
 
     watcher: asyncio.Task[None] | None = None
-    checked_at = 0.0
+    checked_at = 0.0  # when the last check found the caller still allowed
     ended = False
+    _checking: asyncio.Lock | None = None
+
+    @property
+    def checking(self) -> asyncio.Lock:
+        """Held while a check runs: one at a time, and input waits for the one in flight."""
+        if self._checking is None:
+            self._checking = asyncio.Lock()
+        return self._checking
 
     async def watch(self) -> None:
         self.checked_at = asyncio.get_running_loop().time()
@@ -122,22 +130,24 @@ class _Rechecked(AsyncWebsocketConsumer):
 
     async def recheck(self) -> bool:
         """Whether the caller may still have this socket; if not, the socket is closed."""
-        if self.ended:
+        async with self.checking:
+            if self.ended:
+                return False
+            try:
+                code = await database_sync_to_async(recheck_socket)(self.scope)
+                if code is None and not await self.allowed():
+                    code = CLOSE_FORBIDDEN
+            except Exception:
+                # Who the caller is cannot be read now: fail closed (the browser reconnects).
+                log.exception("websocket caller not re-checked: closing")
+                code = CLOSE_RECHECK_FAILED
+            if code is None:
+                # Only a check that passed counts as recent (input skips its own after it).
+                self.checked_at = asyncio.get_running_loop().time()
+                return True
+            self.ended = True
+            await self.close(code=code)
             return False
-        self.checked_at = asyncio.get_running_loop().time()
-        try:
-            code = await database_sync_to_async(recheck_socket)(self.scope)
-            if code is None and not await self.allowed():
-                code = CLOSE_FORBIDDEN
-        except Exception:
-            # Who the caller is cannot be read now: fail closed (the browser reconnects).
-            log.exception("websocket caller not re-checked: closing")
-            code = CLOSE_RECHECK_FAILED
-        if code is None:
-            return True
-        self.ended = True
-        await self.close(code=code)
-        return False
 
     async def allowed(self) -> bool:
         raise NotImplementedError
@@ -460,7 +470,9 @@ class ConsoleConsumer(_Rechecked):
             self.ignored_input += len(data)
             return
         now = asyncio.get_running_loop().time()
-        if (self.ended or now - self.checked_at >= RECHECK_INPUT_S) and not await self.recheck():
+        # A check in flight may yet close the socket: the input waits for it (and checks again).
+        stale = self.checking.locked() or now - self.checked_at >= RECHECK_INPUT_S
+        if (self.ended or stale) and not await self.recheck():
             self.ignored_input += len(data)
             return  # the caller may no longer type here: the socket is closing
         if not self.attached:

@@ -190,3 +190,42 @@ async def test_a_socket_whose_caller_cannot_be_rechecked_closes(
     await get_channel_layer().group_send(live.ACCESS_GROUP, {"type": "access.changed"})
     assert await _closed_with(comm, 5) == 1011
     await comm.disconnect()
+
+
+async def test_console_input_waits_for_a_check_in_flight(
+    make_user, make_vm, ws_connect, console_dir, monkeypatch
+) -> None:
+    """Filed (from the code): a periodic check marked the caller checked before it had its
+    answer, so input arriving meanwhile skipped its own check and was delivered although that
+    check then closed the socket. Here the check is held in ``allowed()`` (the caller's access
+    re-read after the user's), where the consumer takes other messages meanwhile."""
+    from vms import consumers
+
+    def setup() -> tuple[Any, Any]:
+        owner = make_user("operator", "typist3")
+        return owner, make_vm(owner)
+
+    owner, vm = await database_sync_to_async(setup)()
+    armed, entered, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    original = consumers.ConsoleConsumer.allowed
+
+    async def slow(self: Any) -> bool:
+        if armed.is_set() and not entered.is_set():  # a periodic check, which finds the
+            entered.set()  # caller's access gone once it has its answer
+            await release.wait()
+            return False
+        return await original(self)
+
+    monkeypatch.setattr(consumers.ConsoleConsumer, "allowed", slow)
+    monkeypatch.setattr(consumers, "RECHECK_S", 0.2)
+    comm = await _open(await ws_connect(f"/ws/vms/{vm.pk}/console/", owner))
+    assert (await comm.receive_json_from(5))["mode"] == "write"
+    armed.set()
+    await asyncio.wait_for(entered.wait(), 5)
+    await comm.send_to(bytes_data=b"reboot\n")  # within RECHECK_INPUT_S of that check's start
+    await asyncio.sleep(0.3)
+    release.set()
+    assert await _closed_with(comm) == 4403
+    await comm.disconnect()
+    closed = await database_sync_to_async(_events)("vm.console_closed")
+    assert closed[0]["input_bytes"] == 0 and closed[0]["ignored_input_bytes"] == 7
