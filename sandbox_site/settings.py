@@ -91,6 +91,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    # Before django_q: its qcluster (refused: no task guard) replaces django-q2's.
+    "vms.shell",
     "django_q",
     "audit",
     "accounts",

@@ -63,12 +63,15 @@ def test_a_schedule_written_into_the_database_does_not_run_a_foreign_function(
     assert "not one of the product's tasks" in by_group["x"]["reason"]
     assert by_group["y"]["hook"] == "os.system"
     assert not pwned.exists(), "the scheduled command ran"
-    from django_q.models import Failure
+    from django_q.models import Schedule
 
-    failed = {f.func: f for f in Failure.objects.all()}
-    assert "refused by the worker" in str(failed["os.system"].result)
+    # Refused before the scheduler made tasks of them: disabled, and the event says so.
+    assert all(r["schedule_disabled"] is True for r in (by_group["x"], by_group["y"]))
+    assert set(Schedule.objects.filter(name__in=["x", "y"]).values_list("repeats", flat=True)) == {
+        0
+    }
     log = (tmp_path / "worker.log").read_text()
-    assert "refused task os.system" in log
+    assert "refused schedule x (os.system)" in log
 
 
 def test_a_refused_task_is_answered_without_being_handed_to_the_worker(db) -> None:
@@ -172,3 +175,168 @@ def test_only_the_environment_can_allow_another_function(settings) -> None:
     settings.SANDBOX_WORKER_EXTRA_TASKS = ["time.sleep"]
     assert task_guard.refusal(task) is None
     assert task_guard.refusal(dict(task, func="os.system")) is not None
+
+
+@pytest.fixture
+def guard_installed(monkeypatch):
+    """``task_guard.install()`` in this process, undone afterwards (the modules it patches and
+    django-q2's hook receiver it disconnects)."""
+    import django_q.cluster
+    import django_q.scheduler
+    import django_q.worker
+    from django.db.models.signals import post_save
+    from django_q.models import Task
+    from django_q.signals import call_hook
+
+    monkeypatch.setattr(django_q.worker, "worker", django_q.worker.worker)
+    monkeypatch.setattr(django_q.cluster, "worker", django_q.cluster.worker)
+    monkeypatch.setattr(django_q.cluster, "scheduler", django_q.cluster.scheduler)
+    task_guard.install()
+    yield
+    post_save.connect(call_hook, sender=Task)
+
+
+def test_a_hook_stored_on_a_task_row_is_never_called(db, guard_installed) -> None:
+    """Review F3: django-q2 calls the ``hook`` of a stored task row (a post_save receiver)
+    when the monitor saves a result under the same id and name, which a schedule can choose."""
+    from django.utils import timezone
+    from django_q.models import Task
+    from django_q.monitor import save_task
+
+    now = timezone.now()
+    Task.objects.create(
+        id="f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3",
+        name="x-chosen",
+        func="vms.tasks.reconcile",
+        hook="sys.exit",  # would kill the monitor
+        started=now,
+        stopped=now,
+        success=False,
+    )
+    pkg = {
+        "id": "f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3f3",
+        "name": "x-chosen",
+        "func": "os.system",
+        "args": ("id",),
+        "kwargs": {},
+        "started": now,
+        "group": "g",
+        "sync": True,  # the monitor keeps the test's connection open
+    }
+    reason = task_guard.refusal(pkg)
+    assert reason is not None
+    task_guard._refuse(pkg, reason)
+    save_task(pkg, None)  # raised SystemExit through the hook
+    stored = Task.objects.get(id=pkg["id"])
+    assert stored.attempt_count == 1 and "refused by the worker" in str(stored.result)
+
+
+def test_a_task_with_options_the_product_never_sets_is_refused_and_stripped(db) -> None:
+    base = {"id": "1", "name": "a", "func": "vms.tasks.reconcile", "args": (), "kwargs": {}}
+    assert task_guard.refusal(dict(base, group="g", save=False, timeout=30)) is None
+    for extra in (
+        {"chain": [("os.system", ("true",), {})]},
+        {"cached": True},
+        {"iter_count": 2},
+        {"sync": True},
+        {"ack_failure": False},  # the cluster acknowledges failures
+    ):
+        task = dict(base, **extra)
+        reason = task_guard.refusal(task)
+        assert reason is not None, extra
+        task_guard._refuse(task, reason)
+        assert not {"chain", "cached", "iter_count"} & set(task), task
+        assert task.get("ack_failure", True) is True
+
+
+def test_a_synchronous_schedule_with_a_chain_neither_runs_nor_raises(db, guard_installed, tmp_path):
+    """Review F4: the chain's package raised KeyError 'cached' in the monitor, which rolled
+    back the scheduler's whole transaction at every tick."""
+    from django_q.models import Task
+    from django_q.tasks import async_task
+
+    pwned = tmp_path / "pwned-chain"
+    async_task(
+        "vms.tasks.reconcile",
+        q_options={"sync": True, "chain": [("os.system", (f"touch {pwned}",), {})]},
+    )
+    assert not pwned.exists()
+    (refused,) = _refusals()
+    assert "chain" in refused["reason"]
+    assert Task.objects.get(func="vms.tasks.reconcile").success is False
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"func": "vms.tasks.reconcile", "kwargs": "q_options={'chain': []}"},
+        {"func": "vms.tasks.reconcile", "kwargs": "chain=[('os.system', ('id',), {})]"},
+        {"func": "vms.tasks.reconcile", "kwargs": "task_name='x-chosen'"},
+        {"func": "vms.tasks.reconcile", "kwargs": "q_options={'hook': 'os.system'}"},
+        {"func": "vms.tasks.reconcile", "args": "("},
+        {"func": "vms.tasks.reconcile", "kwargs": "q_options=[1]"},
+        {"func": "vms.tasks.reconcile", "hook": "os.system"},
+        {"func": "os.system", "args": "'id'"},
+    ],
+)
+def test_a_schedule_row_the_product_would_not_write_is_refused(db, row) -> None:
+    from django_q.models import Schedule
+
+    assert task_guard.schedule_refusal(Schedule(**row)) is not None
+    ours = Schedule(func="vms.tasks.reconcile", kwargs="q_options={'group': 'g'}")
+    assert task_guard.schedule_refusal(ours) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_schedule_row_does_not_stop_the_digest_signer(worker_env, tmp_path) -> None:
+    """Review F4, with a real worker: rows the scheduler could not turn into tasks (a chain,
+    unreadable arguments) stopped every schedule, the digest signer's among them, with no
+    event. They are refused (recorded, disabled) and the others run."""
+    from django_q.models import Schedule, Success
+
+    from audit.apps import ensure_schedules
+
+    pwned = tmp_path / "pwned-chain"
+    # Written before the product's schedules, so that the scheduler meets them first.
+    Schedule.objects.create(
+        name="bad-chain",
+        func="vms.tasks.reconcile",
+        kwargs=f"q_options={{'sync': True, 'chain': [('os.system', ('touch {pwned}',), {{}})]}}",
+        schedule_type="O",
+        repeats=1,
+    )
+    Schedule.objects.create(
+        name="bad-args", func="vms.tasks.reconcile", args="(", schedule_type="I", minutes=1
+    )
+    ensure_schedules()
+    w = Worker(worker_env, tmp_path / "worker.log")
+    w.start()
+    try:
+
+        def signed() -> bool:
+            return Success.objects.filter(
+                func="audit.tasks.sign_digest", group="audit.sign_digest"
+            ).exists()
+
+        wait_for(signed, 120, "the scheduled digest signer to run")
+    finally:
+        w.stop()
+    refused = {r["group"]: r for r in _refusals()}
+    assert "chain" in refused["bad-chain"]["reason"]
+    assert "cannot be read" in refused["bad-args"]["reason"]
+    assert all(r["schedule_disabled"] for r in refused.values())
+    assert set(
+        Schedule.objects.filter(name__in=["bad-chain", "bad-args"]).values_list(
+            "repeats", flat=True
+        )
+    ) == {0}
+    assert not pwned.exists()
+
+
+def test_qcluster_refuses_and_names_the_worker() -> None:
+    """``manage.py qcluster`` would run django-q2's cluster without the task guard."""
+    from django.core.management import CommandError, call_command, get_commands
+
+    assert get_commands()["qcluster"] == "vms.shell"
+    with pytest.raises(CommandError, match="manage.py worker"):
+        call_command("qcluster", "--run-once")
