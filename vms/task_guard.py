@@ -157,6 +157,15 @@ def schedule_refusal(s: Any) -> str | None:
         _args, kwargs = _schedule_arguments(s)
     except (SyntaxError, ValueError, TypeError, AttributeError, IndexError, MemoryError):
         return "the schedule's arguments cannot be read"
+    if s.schedule_type != s.ONCE:
+        # The scheduler advances next_run until it passes now: a step that fails or does not
+        # move forward (a negative interval) would stop or hang it.
+        try:
+            step_ok = s.calculate_next_run(s.next_run) > s.next_run
+        except Exception:  # whatever django-q2 would raise on this row
+            step_ok = False
+        if not step_ok:
+            return "the schedule's next run cannot be computed"
     q_options = kwargs.get("q_options", {})
     if not isinstance(q_options, dict):
         return "the schedule's q_options is not a mapping"

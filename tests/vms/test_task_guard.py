@@ -277,6 +277,9 @@ def test_a_synchronous_schedule_with_a_chain_neither_runs_nor_raises(db, guard_i
         {"func": "vms.tasks.reconcile", "kwargs": "q_options=[1]"},
         {"func": "vms.tasks.reconcile", "hook": "os.system"},
         {"func": "os.system", "args": "'id'"},
+        {"func": "vms.tasks.reconcile", "schedule_type": "I", "minutes": -1},  # would hang it
+        {"func": "vms.tasks.reconcile", "schedule_type": "C", "cron": "not a cron"},
+        {"func": "vms.tasks.reconcile", "schedule_type": "?"},
     ],
 )
 def test_a_schedule_row_the_product_would_not_write_is_refused(db, row) -> None:
@@ -285,6 +288,8 @@ def test_a_schedule_row_the_product_would_not_write_is_refused(db, row) -> None:
     assert task_guard.schedule_refusal(Schedule(**row)) is not None
     ours = Schedule(func="vms.tasks.reconcile", kwargs="q_options={'group': 'g'}")
     assert task_guard.schedule_refusal(ours) is None
+    every = Schedule(func="audit.tasks.sign_digest", schedule_type="I", minutes=1)
+    assert task_guard.schedule_refusal(every) is None
 
 
 @pytest.mark.django_db(transaction=True)
