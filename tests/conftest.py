@@ -158,6 +158,20 @@ def _fresh_login_throttle(request: pytest.FixtureRequest) -> Iterator[None]:
     throttle.NAMESPACE = saved
 
 
+@pytest.fixture(autouse=True)
+def _fresh_channel_layers() -> Iterator[None]:
+    """Each test's event loop gets its own channel layer: channels_redis keeps a receive lock per
+    layer, bound to the loop that created it, and a receive left pending when a test's loop
+    closed would make every later test's receive fail ("bound to a different event loop"). A
+    served process has one loop, so this is a test-only concern."""
+    yield
+    try:
+        from channels.layers import channel_layers
+    except ImportError:
+        return
+    channel_layers.backends.clear()
+
+
 @pytest.fixture
 def tamper() -> Callable[[], contextlib.AbstractContextManager[None]]:
     return append_only_guard_lifted
