@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from tests.astutil import parse
+
 ROOT = Path(__file__).resolve().parents[1]
 # The product's packages (tests, benches and the SDK use the store as they need to).
 PRODUCT = ("core", "audit", "accounts", "vms", "sandbox_site", "images")
@@ -30,7 +32,7 @@ def _product_files() -> list[Path]:
 def appends_in(source: str) -> list[tuple[int, str]]:
     """(line, call) of every call to the store's append functions in ``source``, however the
     store or the functions were imported (module, alias, or the functions themselves)."""
-    tree = ast.parse(source)
+    tree = parse(source)
     store_names: set[str] = set()  # names bound to the audit.store module
     function_names: set[str] = set()  # names bound to its append functions
     package_names: set[str] = set()  # names bound to the audit package

@@ -127,19 +127,35 @@ def _ack_failures() -> bool:
     return bool(settings.Q_CLUSTER.get("ack_failures", False))
 
 
+def _ast_retrying(fn: Any, *args: Any) -> Any:
+    """``fn`` (``ast.parse`` or ``ast.literal_eval``), tried again on CPython 3.11's spurious
+    "AST constructor recursion depth mismatch": the AST builder's depth counter is shared by the
+    interpreter's threads, and another thread building an AST at the same moment (a traceback
+    being formatted, which parses its source line) trips it (CPython gh-106905)."""
+    for _ in range(4):
+        try:
+            return fn(*args)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc):
+                raise
+            error = exc
+    raise error
+
+
 def _schedule_arguments(s: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The args and kwargs django-q2's scheduler would read from schedule ``s`` (its parsing,
     which may raise where the scheduler would)."""
     kwargs: Any = {}
     if s.kwargs:
         try:
-            kwargs = ast.literal_eval(s.kwargs)
+            kwargs = _ast_retrying(ast.literal_eval, s.kwargs)
         except (SyntaxError, ValueError):
-            parsed = ast.parse(f"f({s.kwargs})").body[0].value.keywords  # type: ignore[attr-defined]
-            kwargs = {k.arg: ast.literal_eval(k.value) for k in parsed}
+            call = _ast_retrying(ast.parse, f"f({s.kwargs})")
+            parsed = call.body[0].value.keywords
+            kwargs = {k.arg: _ast_retrying(ast.literal_eval, k.value) for k in parsed}
     args: Any = ()
     if s.args:
-        args = ast.literal_eval(s.args)
+        args = _ast_retrying(ast.literal_eval, s.args)
         if type(args) is not tuple:
             args = (args,)
     if not isinstance(kwargs, dict):
@@ -155,7 +171,15 @@ def schedule_refusal(s: Any) -> str | None:
         return "the schedule asks for a result hook, which the product never sets"
     try:
         _args, kwargs = _schedule_arguments(s)
-    except (SyntaxError, ValueError, TypeError, AttributeError, IndexError, MemoryError):
+    except (
+        SyntaxError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        MemoryError,
+        RecursionError,
+    ):
         return "the schedule's arguments cannot be read"
     if s.schedule_type != s.ONCE:
         # The scheduler advances next_run until it passes now: a step that fails or does not

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from audit import catalogue, compliance
+from tests.astutil import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs" / "compliance.md"
@@ -43,7 +44,7 @@ def _appended() -> set[str]:
         for path in (ROOT / app).rglob("*.py"):
             if path.name in READERS or "migrations" in path.parts:
                 continue
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(parse(path.read_text())):
                 if isinstance(node, ast.Constant) and isinstance(node.value, str):
                     found.add(node.value)
     for verb in commands.RULES:

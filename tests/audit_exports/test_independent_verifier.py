@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from audit.offline import verify_bundle
+from tests.astutil import parse
 from tests.audit_exports import independent_verifier
 from tests.audit_exports.helpers import edit_lines, make_bundle, rewrite
 from tests.audit_exports.mix import Mix
@@ -43,7 +44,7 @@ def _both(path: Path, pinned: tuple[str, ...] = ()) -> tuple[bool, int | None]:
 
 
 def test_the_independent_verifier_imports_nothing_of_the_project() -> None:
-    tree = ast.parse(Path(independent_verifier.__file__).read_text())
+    tree = parse(Path(independent_verifier.__file__).read_text())
     imported = {
         (node.module or "").split(".")[0]
         for node in ast.walk(tree)

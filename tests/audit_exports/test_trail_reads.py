@@ -237,6 +237,8 @@ def test_serving_code_that_reads_events_records_the_read() -> None:
     import ast
     from pathlib import Path
 
+    from tests.astutil import parse
+
     root = Path(__file__).resolve().parents[2]
     serving = ("views", "api", "consumer", "consumers")  # also review_api, exec_consumer...
     problems = []
@@ -245,7 +247,7 @@ def test_serving_code_that_reads_events_records_the_read() -> None:
         if not path.stem.endswith(serving) or path.parts[-2] in ("tests", "bench", "sdk"):
             continue
         scanned.append(str(path.relative_to(root)))
-        tree = ast.parse(path.read_text())
+        tree = parse(path.read_text())
         units = [
             node
             for node in ast.walk(tree)

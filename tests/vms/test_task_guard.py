@@ -14,6 +14,7 @@ import pytest
 from django.db import connection
 from django.test import Client
 
+from tests.astutil import parse
 from tests.vms.conftest import ROOT, Worker, wait_for
 from vms import task_guard
 
@@ -115,7 +116,7 @@ def test_every_task_the_product_schedules_or_enqueues_is_allowed() -> None:
         source = path.read_text()
         if "async_task" not in source:
             continue
-        for node in ast.walk(ast.parse(source)):
+        for node in ast.walk(parse(source)):
             if (
                 isinstance(node, ast.Call)
                 and getattr(node.func, "id", getattr(node.func, "attr", "")) == "async_task"
