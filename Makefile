@@ -57,8 +57,8 @@ MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py au
 	accounts/tokens.py accounts/caller.py accounts/backends.py vms/commands.py vms/quotas.py \
 	vms/projectors.py vms/worker.py vms/guest.py vms/reconcile.py vms/hypervisors vms/agent \
 	vms/live.py vms/console.py vms/consumers.py vms/metrics_live.py vms/exec_consumer.py \
-	vms/identity.py sandbox_site/lanes.py sandbox_site/compiled.py sandbox_site/pagination.py \
-	sandbox_site/postgres.py
+	vms/identity.py sandbox_site/lanes.py core/compiled.py core/pagination.py \
+	core/postgres.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,7 @@ from rest_framework.exceptions import AuthenticationFailed, PermissionDenied
 from accounts import backends, commands, scopes, tokens
 from accounts.models import APIToken
 from audit.actor import Actor
-from sandbox_site import context
+from core import context
 
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 # Websocket close codes, as the consumers use them.

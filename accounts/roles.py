@@ -72,8 +72,10 @@ def sync_roles() -> None:
 
 
 def sync_roles_after_migrate(sender: Any = None, **kwargs: Any) -> None:
-    """post_migrate fires once per app; sync after the last one, when all permissions exist."""
+    """post_migrate fires once per app that has models; sync after the last of them, when all
+    permissions exist."""
     from django.apps import apps
 
-    if sender is list(apps.get_app_configs())[-1]:
+    with_models = [app for app in apps.get_app_configs() if app.models_module is not None]
+    if sender is with_models[-1]:
         sync_roles()

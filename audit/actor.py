@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from sandbox_site import context
+from core import context
 
 if TYPE_CHECKING:
     from django.http import HttpRequest

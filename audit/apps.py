@@ -8,7 +8,7 @@ from django.db.models.signals import post_migrate, pre_migrate
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
     """The worker's recurring jobs: follow the log, sign digests."""
-    from sandbox_site import schedules
+    from core import schedules
 
     schedules.ensure(
         [
@@ -25,7 +25,7 @@ class AuditConfig(AppConfig):
 
     def ready(self) -> None:
         from audit import roles
-        from sandbox_site import postgres
+        from core import postgres
 
         # The log's schema only moves forward; the runtime role is granted after each migrate
         # (first: the receivers after it may write as that role).

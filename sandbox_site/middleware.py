@@ -10,7 +10,8 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.template.response import TemplateResponse
 
 from audit.errors import EventStoreUnavailable
-from sandbox_site import context, metrics
+from core import context
+from sandbox_site import metrics
 
 log = logging.getLogger("sandbox.request")
 

@@ -97,6 +97,8 @@ INSTALLED_APPS = [
     "audit",
     "accounts",
     "vms",
+    # The site itself (top layer): its `serve` command.
+    "sandbox_site",
 ]
 
 MIDDLEWARE = [
@@ -319,15 +321,15 @@ REST_FRAMEWORK = {
     # TokenAuthentication to every operation from its view's token_scopes (accounts.scopes),
     # so a view's own permission_classes cannot drop them.
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    # JSON with a nesting limit (sandbox_site/parsers.py); forms as DRF has them.
+    # JSON with a nesting limit (core/parsers.py); forms as DRF has them.
     "DEFAULT_PARSER_CLASSES": [
-        "sandbox_site.parsers.DepthLimitedJSONParser",
+        "core.parsers.DepthLimitedJSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
     "DEFAULT_SCHEMA_CLASS": "accounts.schema.ScopedAutoSchema",
-    "DEFAULT_FILTER_BACKENDS": ["sandbox_site.pagination.FilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "sandbox_site.pagination.Pagination",
+    "DEFAULT_FILTER_BACKENDS": ["core.pagination.FilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "core.pagination.Pagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "sandbox_site.api.exception_handler",
     # No ?format= override: the API speaks JSON (the browsable page by Accept), and "format" is
@@ -373,7 +375,7 @@ LOG_LEVEL = os.environ.get("SANDBOX_LOG_LEVEL", "INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "sandbox_site.logging.ContextFilter"}},
+    "filters": {"context": {"()": "core.logging.ContextFilter"}},
     "formatters": {
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",

@@ -8,7 +8,7 @@ from django.test import Client
 from django.urls import path
 from rest_framework.test import APIClient
 
-from sandbox_site.parsers import MAX_DEPTH, depth, loads
+from core.parsers import MAX_DEPTH, depth, loads
 
 pytestmark = pytest.mark.django_db
 

@@ -120,8 +120,8 @@ def test_token_events_carry_the_token_id(make_user, issue_token) -> None:
 def test_json_logs_carry_the_request_id(make_user) -> None:
     from pythonjsonlogger.json import JsonFormatter
 
-    from sandbox_site import context
-    from sandbox_site.logging import ContextFilter
+    from core import context
+    from core.logging import ContextFilter
 
     records: list[str] = []
     handler = logging.Handler()

@@ -116,7 +116,7 @@ def test_timestamps_are_aware_utc(make_user) -> None:
 
 
 def test_postgres_uses_the_c_timestamp_loader(postgres_only) -> None:
-    from sandbox_site import postgres
+    from core import postgres
 
     if postgres._FAST is None:
         pytest.fail("psycopg's C extension is a dependency (psycopg[binary]) but is missing")

@@ -2,7 +2,7 @@
 
 django-q2 registers them editable: adding or changing a schedule there (its function is any
 dotted path) or resubmitting a task would hand the worker a task that no command asked for and
-no event records. Schedules are the product's own (``sandbox_site.schedules``), written after
+no event records. Schedules are the product's own (``core.schedules``), written after
 ``migrate``; the worker refuses anything else (``vms.task_guard``).
 """
 

@@ -35,8 +35,8 @@ from accounts.scopes import OPEN, VM_READ, needs
 from audit.api import EventSerializer
 from audit.commands import read_details, record_trail_read
 from audit.models import Event
-from sandbox_site.compiled import CompiledQuery, cached
-from sandbox_site.pagination import NOT_FILTERS, TOTAL, with_total
+from core.compiled import CompiledQuery, cached
+from core.pagination import NOT_FILTERS, TOTAL, with_total
 from vms import commands, guest, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
@@ -148,7 +148,7 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
 
 # --- Compiled reads: the default list page and one VM ----------------------------------------
 
-# Stand-ins compiled into the SQL where a request's values go (sandbox_site.compiled).
+# Stand-ins compiled into the SQL where a request's values go (core.compiled).
 OWNER_STAND_IN = -7_319_446_581
 VM_STAND_IN = uuid.UUID("5a4d0000-0000-4000-8000-0000c0ffee00")
 

@@ -8,7 +8,7 @@ from django.db.models.signals import post_migrate
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
     """Reconcile the host every minute, apply snapshot retention hourly."""
-    from sandbox_site import schedules
+    from core import schedules
 
     schedules.ensure(
         [

@@ -23,7 +23,7 @@ from accounts.caller import Caller
 from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
-from sandbox_site.compiled import CompiledQuery, cached
+from core.compiled import CompiledQuery, cached
 from vms import identity, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine, VMState
 

@@ -33,7 +33,7 @@ from accounts.caller import Caller
 from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
 from audit.commands import read_details, record_trail_read
-from sandbox_site import parsers
+from core import parsers
 from vms import commands, console, live, metrics_live
 
 log = logging.getLogger("sandbox.vms.consumers")

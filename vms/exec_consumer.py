@@ -32,7 +32,7 @@ from accounts.models import APIToken
 from accounts.scopes import needs
 from audit.actor import Actor
 from audit.errors import EventStoreUnavailable
-from sandbox_site import context, parsers
+from core import context, parsers
 from vms import commands, guest
 from vms.agent.client import AgentError, AgentTimeout
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from django.conf import settings
 from django.db.models import Q
 
-from sandbox_site.compiled import CompiledQuery, cached
+from core.compiled import CompiledQuery, cached
 from vms.models import ACTIVE_STATES, VirtualMachine
 
 HOSTNAME_RE = re.compile(r"[^a-z0-9-]+")
@@ -25,7 +25,7 @@ def hostname_for(name: str) -> str:
     return label or "sandbox"
 
 
-# Compiled once (sandbox_site.compiled): it runs under the event store's lock.
+# Compiled once (core.compiled): it runs under the event store's lock.
 MAC_STAND_INS = [f"stand-in-mac-{i}" for i in range(4)]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Max, Q, Sum, Value
 
-from sandbox_site.compiled import CompiledQuery, cached
+from core.compiled import CompiledQuery, cached
 from vms.models import Quota, Usage
 
 RESOURCES = ("vms", "vcpus", "memory_mib", "disk_mib", "snapshots")

@@ -75,7 +75,7 @@ PACKAGE_KEYS = frozenset(
     }
 )
 # Options a schedule row may give its tasks (in q_options): none of the product's schedules
-# gives any (sandbox_site.schedules); these only place or name the task.
+# gives any (core.schedules); these only place or name the task.
 SCHEDULE_OPTIONS = frozenset({"group", "cluster", "timeout"})
 # The keywords django-q2's async_task takes as options when given outside q_options.
 _OPTION_KEYWORDS = frozenset(

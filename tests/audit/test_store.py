@@ -60,7 +60,7 @@ def test_invalid_events_are_refused(kind: str, data: dict, message: str) -> None
 
 @pytest.mark.django_db
 def test_event_carries_provenance() -> None:
-    from sandbox_site import context
+    from core import context
 
     with context.bind(request_id="req-12345678", channel="api", source_ip="10.9.8.7"):
         actor = Actor(

@@ -324,7 +324,7 @@ def test_a_path_the_guest_refuses_is_the_callers_error(vm, agent, owner_api, cod
 def test_a_limit_above_the_maximum_is_lowered_as_documented(rf) -> None:
     from rest_framework.request import Request
 
-    from sandbox_site.pagination import MAX_LIMIT, Pagination
+    from core.pagination import MAX_LIMIT, Pagination
 
     assert Pagination().get_limit(Request(rf.get("/", {"limit": "1001"}))) == MAX_LIMIT == 1000
     docs = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()

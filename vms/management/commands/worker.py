@@ -22,7 +22,7 @@ from django.core.management.base import BaseCommand
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
-from sandbox_site import context
+from core import context
 
 log = logging.getLogger("sandbox.vms.worker")
 

@@ -17,6 +17,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from sandbox_site.lanes import lane_threads
+
 # How long the children get to stop (a worker finishes the step it is in) before they are killed.
 STOP_TIMEOUT_S = 20
 
@@ -62,8 +64,6 @@ class Command(BaseCommand):
         commands = {"web": web}
         if not options["no_worker"]:
             commands["worker"] = [python, manage, "worker"]
-        from sandbox_site.lanes import lane_threads
-
         # Web processes keep a database connection open per read and write thread (opened at
         # start); the long lane's requests mostly wait on guests and borrow theirs on demand.
         reads, writes, _ = lane_threads()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from sandbox_site import context
+from core import context
 
 
 class ContextFilter(logging.Filter):
