@@ -12,11 +12,12 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from accounts.permissions import HasPerm
-from accounts.scopes import AUDIT_READ, needs
-from audit.commands import has_control, read_details, record_trail_read
+from audit.commands import has_control, read_details, record_trail_read, verify_chain
 from audit.hashing import EVENT_COLUMNS
 from audit.models import Event
+from audit.scopes import AUDIT_READ
+from core.permissions import HasPerm
+from core.scopes import needs
 
 
 class EventSerializer(serializers.ModelSerializer):
@@ -105,8 +106,6 @@ class EventViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=False, methods=["post"], permission_classes=[HasPerm.of("audit.verify_audit")])
     def verify(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        from audit.commands import verify_chain
-
         report = verify_chain(request)
         return Response(
             {

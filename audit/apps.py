@@ -24,8 +24,11 @@ class AuditConfig(AppConfig):
     verbose_name = "Audit log"
 
     def ready(self) -> None:
-        from audit import roles
+        # Here, not at the top: these load the app's models, which need the app registry.
+        from audit import metrics, roles
         from core import postgres
+
+        metrics.register()
 
         # The log's schema only moves forward; the runtime role is granted after each migrate
         # (first: the receivers after it may write as that role).

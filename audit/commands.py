@@ -15,8 +15,9 @@ from django.db import transaction
 
 from audit import digests, integrity, projections, retention, sink, store
 from audit.actor import Actor
+from audit.integrity import verify_store
 from audit.models import Digest, Event, ExportJob
-from audit.verify import ChainReport, verify_store
+from audit.verify import ChainReport
 
 
 def _actor(who: Any) -> Actor:

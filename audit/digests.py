@@ -27,6 +27,7 @@ import base64
 import hashlib
 import hmac
 import json
+import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,9 +36,11 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from audit import signing, sink
+from audit.events import append_lock, head, iter_events
 from audit.hashing import GENESIS_HASH, canonical_json
+from audit.keys import KeyTrustError, current_key, register, trusted_public_keys
 from audit.models import Digest, Event
-from audit.verify import ChainProblem
+from audit.verify import ChainProblem, verify_events
 
 __all__ = [
     "ChainBroken",
@@ -106,8 +109,6 @@ def verify_signature(
         return hmac.compare_digest(expected, signature)
     if algorithm == signing.ED25519:
         if keys is None:
-            from audit.keys import trusted_public_keys
-
             keys = trusted_public_keys()
         public = keys.get(key_id)
         return public is not None and signing.verify(public, document, signature)
@@ -121,8 +122,6 @@ def _signer() -> tuple[str, str, Any]:
     refused), so that the checks before signing see the key history as it will be.
     """
     if settings.SANDBOX_DIGEST_ALGORITHM == signing.ED25519:
-        from audit.keys import current_key, register
-
         key_id, private = current_key()
         register(key_id, private)
         return signing.ED25519, key_id, lambda document: signing.sign(private, document)
@@ -136,8 +135,6 @@ def last_digest() -> Digest | None:
 
 
 def _key_problem() -> ChainProblem | None:
-    from audit.keys import KeyTrustError, trusted_public_keys
-
     try:
         trusted_public_keys()
     except KeyTrustError as exc:
@@ -153,9 +150,6 @@ def _check_before_signing(
     last: Digest | None, end: int, newest_copy: tuple[bool, sink.SinkEntry | None]
 ) -> None:
     """Raise ``ChainBroken`` unless the chain from the previous digest to ``end`` is intact."""
-    from audit.store import iter_events
-    from audit.verify import verify_events
-
     problem = _key_problem()
     if problem is None and last is not None:
         problem = check_digests([last], last_position=end, previous=None, first=False)
@@ -201,11 +195,10 @@ def sign_pending(*, max_events: int | None = None, idle: bool = False) -> Digest
     the chain since the previous digest, the previous digest or the key history is broken, and
     ``audit.sink.SinkError`` when the copy outside the database cannot be made.
     """
-    from audit.store import _lock, head
 
     with transaction.atomic():
         # Under the append lock: the head cannot move, and two signers cannot overlap.
-        _lock()
+        append_lock()
         last = last_digest()
         start = (last.end_position + 1) if last else 1
         start_prev_hash = last.end_hash if last else GENESIS_HASH
@@ -317,8 +310,6 @@ def check_digests(
     Does not compare end hashes with the stored events: see ``check_all``.
     """
     if public_keys is None:
-        from audit.keys import KeyTrustError, trusted_public_keys
-
         try:
             public_keys = trusted_public_keys()
         except KeyTrustError as exc:
@@ -544,10 +535,6 @@ def check_against_bundle(path: str) -> ChainProblem | None:
     The bundle's digests are checked with this host's trusted keys; a digest the database lacks
     (the log was cut back) or holds differently (cut back and signed again) is a problem.
     """
-    import zipfile
-
-    from audit.keys import KeyTrustError, trusted_public_keys
-
     try:
         with zipfile.ZipFile(path) as zf:
             entries = json.loads(zf.read("digests.json"))

@@ -25,11 +25,14 @@ from rest_framework.response import Response
 from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
-from accounts.permissions import HasPerm
-from accounts.scopes import AUDIT_READ, EXPORT, needs
 from audit import access_review, commands, compliance, exports, integrity, keys, retention
 from audit.actor import Actor
+from audit.commands import sign_digest
+from audit.digests import ChainBroken
 from audit.models import Digest, ExportJob
+from audit.scopes import AUDIT_READ, EXPORT
+from core.permissions import HasPerm
+from core.scopes import needs
 
 CONTENT_TYPES = {
     "json": "application/json",
@@ -294,9 +297,6 @@ class DigestViewSet(
 
     @extend_schema(request=None, responses={201: DigestSerializer, 200: DigestSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        from audit.commands import sign_digest
-        from audit.digests import ChainBroken
-
         try:
             digest = sign_digest(request)
         except ChainBroken as exc:

@@ -25,6 +25,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
 from django.utils.dateparse import parse_date, parse_datetime
+from django_q.tasks import async_task
 
 from audit import bundle, commands, compliance, integrity, reports, retention
 from audit.actor import Actor
@@ -169,8 +170,6 @@ def request_export(actor: Actor, user: Any, req: ExportRequest) -> ExportJob:
         run_export(str(job.id))
         job.refresh_from_db()
     else:
-        from django_q.tasks import async_task
-
         job_id = str(job.id)
         transaction.on_commit(
             lambda: async_task("audit.tasks.run_export", job_id, task_name=f"audit-export-{job_id}")

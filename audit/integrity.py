@@ -23,11 +23,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from django.db import connection
+
 from audit import digests, sink
 from audit.digests import ChainBroken
+from audit.events import head, iter_events
 from audit.hashing import GENESIS_HASH
+from audit.keys import KeyTrustError, trusted_public_keys
 from audit.models import Digest, Event
-from audit.verify import ChainProblem, verify_events
+from audit.verify import ChainProblem, ChainReport, pg_rows, verify_events, verify_rows
 
 __all__ = [
     "ChainBroken",
@@ -37,14 +41,36 @@ __all__ = [
     "known_break",
     "require_intact",
     "require_no_known_break",
+    "verify_store",
 ]
+
+
+def verify_store(*, batch: int = 2000) -> ChainReport:
+    """Verify the whole store, then every signed digest against it."""
+
+    def find_hash(h: str) -> int | None:
+        return Event.objects.filter(hash=h).values_list("position", flat=True).first()
+
+    if connection.vendor == "postgresql":
+        report = verify_rows(pg_rows(0, batch), find_hash=find_hash)
+    else:
+
+        def stream() -> Iterator[object]:
+            for events in iter_events(0, batch=batch):
+                yield from events
+
+        report = verify_events(stream(), find_hash=find_hash)
+    if not report.ok:
+        return report
+    problem = digests.check_all(report.last_position)
+    report.digests_checked = digests.count()
+    if problem is not None:
+        report.problem = problem
+    return report
 
 
 def check_range(first: int = 1, last: int | None = None) -> ChainProblem | None:
     """The first problem that makes [first, last] (default: to the head) untrustworthy."""
-    from audit.keys import KeyTrustError, trusted_public_keys
-    from audit.store import head, iter_events
-
     try:
         public_keys = trusted_public_keys()
     except KeyTrustError as exc:

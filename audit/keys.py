@@ -31,8 +31,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import transaction
 
 from audit import signing
+from audit.events import lock
+from audit.models import DigestKey
 
 __all__ = [
     "KeyInfo",
@@ -228,8 +231,6 @@ def pinned_fingerprints() -> frozenset[str]:
 
 
 def _history_rows() -> list[Any]:
-    from audit.models import DigestKey
-
     return list(DigestKey.objects.order_by("id"))
 
 
@@ -279,11 +280,6 @@ def register(key_id: str, key: Ed25519PrivateKey | Ed25519PublicKey) -> None:
     trusted wherever the previous key is), else by the new key itself (trusted only where it is
     configured). Runs under the append lock, so two hosts cannot fork the history.
     """
-    from django.db import transaction
-
-    from audit.models import DigestKey
-    from audit.store import lock
-
     private = key if isinstance(key, Ed25519PrivateKey) else _private_for(key_id, key)
     b64 = signing.public_b64(private.public_key())
     with transaction.atomic():

@@ -6,6 +6,7 @@ TRUNCATE. Never give these models a save path other than ``audit.store``.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 from django.conf import settings
@@ -74,8 +75,6 @@ class Event(models.Model):
 
     @property
     def payload(self) -> dict:
-        import json
-
         return json.loads(self.data)
 
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, TypeVar
 from django.db import connection, models, transaction
 from django.utils.module_loading import autodiscover_modules
 
+from audit.events import RecordedEvent, append_lock, head, iter_events
 from audit.models import ProjectionCheckpoint
-from audit.store import RecordedEvent, head, iter_events
 
 __all__ = [
     "Projector",
@@ -250,13 +250,11 @@ def rebuild(name: str, *, batch: int = 5000) -> int:
     For an inline projection the event table is locked meanwhile, so no append can slip in
     between the replay and the switch back to inline application. Returns events applied.
     """
-    from audit.store import _lock
-
     projector = get(name)
     count = 0
     with transaction.atomic():
         if projector.inline:
-            _lock()
+            append_lock()
         else:
             _checkpoint_for_update(projector.name)
         projector.reset()

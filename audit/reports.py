@@ -539,6 +539,7 @@ def _column_widths(pdf: Any, rows: list[list[str]], width: float, pad: float) ->
 
 
 def write_pdf(report: Report, fh: IO[bytes]) -> None:
+    # Here, not at the top: fpdf2 and its fonts load only in a process that writes a PDF.
     from fpdf import FPDF
     from fpdf.fonts import FontFace
 

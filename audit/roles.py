@@ -22,6 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+from django.core.management.base import CommandError
+from django.db import connections, transaction
 from psycopg import sql
 
 from audit.db import PROTECTED_TABLES
@@ -232,8 +235,6 @@ def refuse_reversing_the_log(sender: Any = None, plan: Any = None, **kwargs: Any
     Django would unapply the later migrations before reaching one that cannot be reversed, so
     the whole plan is refused up front. The log's schema only ever moves forward.
     """
-    from django.core.management.base import CommandError
-
     backwards = [m for m, is_backwards in plan or () if is_backwards and m.app_label == "audit"]
     if backwards:
         names = ", ".join(f"{m.app_label}.{m.name}" for m in backwards)
@@ -249,9 +250,6 @@ def grant_after_migrate(sender: Any = None, using: str = "default", **kwargs: An
     Only after ``migrate`` (a flush also sends post_migrate, without a plan) and only when a
     runtime role is configured (``SANDBOX_DB_RUNTIME_ROLE``) on PostgreSQL.
     """
-    from django.conf import settings
-    from django.db import connections, transaction
-
     runtime = getattr(settings, "SANDBOX_DB_RUNTIME_ROLE", "")
     connection = connections[using]
     if kwargs.get("plan") is None or not runtime or connection.vendor != "postgresql":
@@ -266,8 +264,6 @@ def grant_after_migrate(sender: Any = None, using: str = "default", **kwargs: An
             try:
                 grant_runtime(cur, owner, runtime)
             except RoleError as exc:
-                from django.core.management.base import CommandError
-
                 raise CommandError(
                     f"migrated, but the runtime role could not be granted: {exc} "
                     "(see manage.py setup_database_roles)"

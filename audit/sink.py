@@ -158,6 +158,7 @@ def newest_of(destination: Sink) -> tuple[bool, SinkEntry | None]:
 
 def configured() -> Sink:
     """The sink named by the settings (a ``FileSink`` on ``SANDBOX_DIGEST_SINK_DIR`` by default)."""
+    # Here, not at the top: the offline verifier (audit.offline) uses this module without Django.
     from django.conf import settings
 
     dotted = settings.SANDBOX_DIGEST_SINK_CLASS

@@ -12,26 +12,41 @@ Inline projections run in the same transaction, so a read after a write sees it.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 
-from audit import catalogue
+from audit import catalogue, metrics, projections
 from audit.actor import Actor
 from audit.errors import ConcurrencyError, EventStoreUnavailable, InvalidEvent
-from audit.hashing import EVENT_COLUMNS, GENESIS_HASH, check_data, format_time, hash_parts
-from audit.models import Event
+from audit.events import (
+    APPEND_LOCK_KEY,
+    COLUMNS,
+    LOCK_SQL,
+    SELECT_COLUMNS,
+    TABLE,
+    RecordedEvent,
+    append_lock,
+    head,
+    iter_events,
+    lock,
+)
+from audit.hashing import GENESIS_HASH, check_data, format_time, hash_parts
 
+# The event table's reading side and the append lock live in ``audit.events`` (below the
+# projections, which replay with them); named here too, as the store's public face.
 __all__ = [
     "ANY_VERSION",
+    "APPEND_LOCK_KEY",
+    "COLUMNS",
+    "LOCK_SQL",
+    "TABLE",
     "PendingEvent",
     "RecordedEvent",
     "append",
@@ -46,15 +61,6 @@ log = logging.getLogger("sandbox.audit")
 
 ANY_VERSION = -1  # append without an optimistic concurrency check (security events)
 
-TABLE = Event._meta.db_table
-COLUMNS = EVENT_COLUMNS
-_SELECT = ", ".join(COLUMNS)
-# The append lock: a transaction-level advisory lock with the store's own key. (LOCK TABLE ... IN
-# EXCLUSIVE MODE needs UPDATE, DELETE or TRUNCATE on the table, which the product's database
-# role must not have: audit.roles.) lock_timeout applies to it like to any lock.
-APPEND_LOCK_KEY = 0x61756469745F6C67  # "audit_lg" in ASCII
-LOCK_SQL = f"SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY})"
-
 
 @dataclass(frozen=True, slots=True)
 class PendingEvent:
@@ -66,114 +72,6 @@ class PendingEvent:
     data: dict[str, Any] = field(default_factory=dict)
     expected_version: int = ANY_VERSION
     causation_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RecordedEvent:
-    """An event as stored; what projectors, followers and exports see."""
-
-    position: int
-    event_id: str
-    aggregate_type: str
-    aggregate_id: str
-    version: int
-    type: str
-    schema_version: int
-    data_json: str
-    actor_type: str
-    actor_id: str
-    actor_name: str
-    token_id: str
-    channel: str
-    source_ip: str
-    request_id: str
-    correlation_id: str
-    causation_id: str
-    recorded_at: datetime
-    prev_hash: str
-    hash: str
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return json.loads(self.data_json)
-
-    def hashed_fields(self) -> dict[str, Any]:
-        """Column name to stored value (``data`` is the canonical JSON text)."""
-        return {name: self.data_json if name == "data" else getattr(self, name) for name in COLUMNS}
-
-    def as_dict(self) -> dict[str, Any]:
-        out = self.hashed_fields()
-        out["recorded_at"] = self.recorded_at.astimezone(UTC).isoformat(timespec="microseconds")
-        out["data"] = self.data
-        return out
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> RecordedEvent:
-        values = list(row)
-        event_id = values[1]
-        values[1] = str(event_id) if isinstance(event_id, uuid.UUID) else str(uuid.UUID(event_id))
-        recorded = values[17]
-        if isinstance(recorded, str):
-            recorded = datetime.fromisoformat(recorded)
-        if recorded.tzinfo is None:
-            recorded = recorded.replace(tzinfo=UTC)
-        values[17] = recorded
-        values[13] = values[13] or ""
-        return cls(*values)
-
-
-def lock() -> None:
-    """Take the append lock for the rest of the current transaction.
-
-    Commands take it before reading the projections they check (state, quota), so that checks
-    and appends of concurrent commands happen one after the other.
-    """
-    if not connection.in_atomic_block:
-        raise RuntimeError("store.lock() outside a transaction would be released at once")
-    try:
-        _lock()
-    except (OperationalError, InterfaceError) as exc:
-        # The lock timed out (another session holds it) or the database is gone: the command
-        # cannot record its request, so it must not act (fail closed, like an append).
-        raise EventStoreUnavailable(f"event store unavailable: {exc}") from exc
-
-
-def _append_lock_held() -> None:
-    """A no-op commit hook whose presence says this transaction holds the append lock."""
-
-
-def _holds_lock() -> bool:
-    # The hook goes where the lock goes: a commit or rollback clears the hooks and releases
-    # the lock; rolling back to a savepoint drops the hooks added after it, as PostgreSQL
-    # releases the locks taken after it. So a command that took the lock before checking its
-    # projections does not pay a second round trip when it appends.
-    return any(hook[1] is _append_lock_held for hook in connection.run_on_commit)
-
-
-def _lock() -> None:
-    """Serialize appenders for the rest of this transaction (once per transaction)."""
-    if connection.vendor == "postgresql":
-        if _holds_lock():
-            return
-        timeout = int(settings.SANDBOX_EVENT_LOCK_TIMEOUT_MS)
-        with connection.cursor() as cur:
-            if f"lock_timeout={timeout}" not in connection.settings_dict["OPTIONS"].get(
-                "options", ""
-            ):
-                # The session's lock_timeout (set at connect) is not the configured one.
-                cur.execute(f"SET LOCAL lock_timeout = '{timeout}ms'")
-            with connection.wrap_database_errors:  # psycopg's errors as Django's
-                cur.cursor.execute(LOCK_SQL, prepare=True)
-        connection.on_commit(_append_lock_held)
-    # SQLite: the IMMEDIATE transaction already holds the database's write lock.
-
-
-def head() -> tuple[int, str]:
-    """(last position, last hash); (0, GENESIS_HASH) for an empty store."""
-    with connection.cursor() as cur:
-        cur.execute(f"SELECT position, hash FROM {TABLE} ORDER BY position DESC LIMIT 1")
-        row = cur.fetchone()
-    return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
 
 def aggregate_version(aggregate_type: str, aggregate_id: str) -> int:
@@ -286,7 +184,7 @@ def append_many(
     actor_fields = actor.as_fields()
     try:
         with transaction.atomic(savepoint=False):
-            _lock()
+            append_lock()
             keys = list(dict.fromkeys((p.aggregate_type, p.aggregate_id) for p in pending))
             position, prev_hash, versions = _head_and_versions(keys)
             position = max(position, not_before - 1)
@@ -307,9 +205,7 @@ def append_many(
                 key = (p.aggregate_type, p.aggregate_id)
                 current = versions[key]
                 if p.expected_version != ANY_VERSION and p.expected_version != current:
-                    from sandbox_site.metrics import APPEND_FAILURES
-
-                    APPEND_FAILURES.labels("conflict").inc()
+                    metrics.APPEND_FAILURES.labels("conflict").inc()
                     raise ConcurrencyError(
                         p.aggregate_type, p.aggregate_id, p.expected_version, current
                     )
@@ -344,8 +240,6 @@ def append_many(
                 )  # fmt: skip
                 prev_hash = digest
             _insert(rows)
-            from audit import projections
-
             projections.apply_inline(recorded)
     except (ConcurrencyError, InvalidEvent):
         raise
@@ -353,15 +247,11 @@ def append_many(
         # The unique (aggregate, version) key is the backstop behind the check above.
         raise ConcurrencyError(pending[0].aggregate_type, pending[0].aggregate_id, -1, -1) from exc
     except (OperationalError, InterfaceError) as exc:
-        from sandbox_site.metrics import APPEND_FAILURES
-
-        APPEND_FAILURES.labels("unavailable").inc()
+        metrics.APPEND_FAILURES.labels("unavailable").inc()
         raise EventStoreUnavailable(f"event store unavailable: {exc}") from exc
 
-    from sandbox_site.metrics import EVENTS_APPENDED
-
     for kind, n in Counter(e.type for e in recorded).items():
-        EVENTS_APPENDED.labels(kind).inc(n)
+        metrics.EVENTS_APPENDED.labels(kind).inc(n)
     return recorded
 
 
@@ -374,7 +264,7 @@ def _insert(rows: list[list[Any]]) -> None:
         # client-side binding; INSERT triggers (the NOTIFY) still fire for COPY.
         with (
             connection.cursor() as cur,
-            cur.cursor.copy(f"COPY {TABLE} ({_SELECT}) FROM STDIN") as copy,
+            cur.cursor.copy(f"COPY {TABLE} ({SELECT_COLUMNS}) FROM STDIN") as copy,
         ):
             for row in rows:
                 copy.write_row(row)
@@ -384,44 +274,7 @@ def _insert(rows: list[list[Any]]) -> None:
         for i in range(0, len(rows), 500):
             chunk = rows[i : i + 500]
             cur.execute(
-                f"INSERT INTO {TABLE} ({_SELECT}) VALUES " + ", ".join([placeholders] * len(chunk)),
+                f"INSERT INTO {TABLE} ({SELECT_COLUMNS}) VALUES "
+                + ", ".join([placeholders] * len(chunk)),
                 [v for row in chunk for v in row],
             )
-
-
-def iter_events(
-    after: int = 0,
-    *,
-    until: int | None = None,
-    types: frozenset[str] | None = None,
-    batch: int = 5000,
-) -> Iterator[list[RecordedEvent]]:
-    """Batches of events in position order, from ``after`` (exclusive) to ``until`` (inclusive).
-
-    Keyset pagination by position: constant memory, no long-lived server-side cursor.
-    """
-    position = after
-    type_filter = ""
-    type_params: list[Any] = []
-    if types is not None:
-        if not types:
-            return
-        type_filter = " AND type IN (" + ", ".join(["%s"] * len(types)) + ")"
-        type_params = sorted(types)
-    while True:
-        upper = "" if until is None else " AND position <= %s"
-        params: list[Any] = [position] + ([] if until is None else [until]) + type_params + [batch]
-        with connection.cursor() as cur:
-            cur.execute(
-                f"SELECT {_SELECT} FROM {TABLE} WHERE position > %s{upper}{type_filter} "
-                "ORDER BY position LIMIT %s",
-                params,
-            )
-            rows = cur.fetchall()
-        if not rows:
-            return
-        events = [RecordedEvent.from_row(r) for r in rows]
-        yield events
-        position = events[-1].position
-        if len(rows) < batch:
-            return

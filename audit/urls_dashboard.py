@@ -23,8 +23,6 @@ urlpatterns = [
     path("exports/<uuid:pk>/status.json", views.export_status, name="export-status"),
     path("exports/<uuid:pk>/download/", views.export_download, name="export-download"),
     path("sessions/", views.sessions, name="sessions"),
-    path("sessions/<int:position>/replay/", views.session_replay, name="session-replay"),
-    path("sessions/<int:position>/cast", views.session_cast, name="session-cast"),
     path("access/", views.access, name="access"),
     path("retention/", views.retention_status, name="retention"),
 ]

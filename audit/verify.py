@@ -6,6 +6,8 @@ Reports the first bad position and what is wrong with it:
 - ``reordered``: the row links to an event that stands elsewhere in the log;
 - ``inserted``: a row that the next event's link skips over;
 - ``digest``: a signed digest does not match the chain (or the tail was cut off).
+
+The loops only; the whole store and its digests together: ``audit.integrity.verify_store``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from django.db import connection
+
 from audit.hashing import GENESIS_HASH, HASHED_FIELDS, hash_input, render_fields
 
-__all__ = ["ChainProblem", "ChainReport", "verify_events", "verify_rows"]
+__all__ = ["ChainProblem", "ChainReport", "pg_rows", "verify_events", "verify_rows"]
 
 
 @dataclass(frozen=True)
@@ -173,7 +177,7 @@ PG_ROWS_SQL = (  # built from the constant column list only
 )
 
 
-def _pg_rows(after: int, batch: int) -> Iterator[Row]:
+def pg_rows(after: int, batch: int) -> Iterator[Row]:
     """Every event after ``after``, in one query (one snapshot), ``batch`` rows at a time.
 
     Outside a transaction the rows stream (libpq's chunked rows: the server produces the next
@@ -181,8 +185,6 @@ def _pg_rows(after: int, batch: int) -> Iterator[Row]:
     the caller's transaction a cancel would abort it, so there a server-side cursor fetches
     the batches instead.
     """
-    from django.db import connection
-
     connection.ensure_connection()
     raw = connection.connection
     with connection.wrap_database_errors:
@@ -195,32 +197,3 @@ def _pg_rows(after: int, batch: int) -> Iterator[Row]:
         else:
             with raw.cursor() as cur:
                 yield from cur.stream(PG_ROWS_SQL, [after], size=batch)
-
-
-def verify_store(*, batch: int = 2000) -> ChainReport:
-    """Verify the whole store, then every signed digest against it."""
-    from django.db import connection
-
-    from audit import digests
-    from audit.models import Event
-    from audit.store import iter_events
-
-    def find_hash(h: str) -> int | None:
-        return Event.objects.filter(hash=h).values_list("position", flat=True).first()
-
-    if connection.vendor == "postgresql":
-        report = verify_rows(_pg_rows(0, batch), find_hash=find_hash)
-    else:
-
-        def stream() -> Iterator[object]:
-            for events in iter_events(0, batch=batch):
-                yield from events
-
-        report = verify_events(stream(), find_hash=find_hash)
-    if not report.ok:
-        return report
-    problem = digests.check_all(report.last_position)
-    report.digests_checked = digests.count()
-    if problem is not None:
-        report.problem = problem
-    return report

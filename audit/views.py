@@ -16,13 +16,17 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from audit import access_review, commands, exports, integrity, keys, retention
 from audit.actor import Actor
+from audit.commands import sign_digest as sign
+from audit.commands import verify_chain
+from audit.digests import ChainBroken
+from audit.export_api import download_response
 from audit.forms import EXPORT_FORMS, TrailFilterForm
 from audit.hashing import GENESIS_HASH, event_hash
 from audit.models import Digest, Event, ExportJob
@@ -134,8 +138,6 @@ def event_detail(request: HttpRequest, position: int) -> HttpResponse:
 @require_POST
 @_needs(VERIFY)
 def verify(request: HttpRequest) -> HttpResponse:
-    from audit.commands import verify_chain
-
     report = verify_chain(request)
     if report.ok:
         messages.success(
@@ -167,9 +169,6 @@ def digests(request: HttpRequest) -> HttpResponse:
 @require_POST
 @_needs(VERIFY)
 def sign_digest(request: HttpRequest) -> HttpResponse:
-    from audit.commands import sign_digest as sign
-    from audit.digests import ChainBroken
-
     try:
         digest = sign(request)
     except ChainBroken as exc:
@@ -277,8 +276,6 @@ def export_status(request: HttpRequest, pk: str) -> JsonResponse:
 @require_GET
 @_needs(EXPORT)
 def export_download(request: HttpRequest, pk: str) -> HttpResponse:
-    from audit.export_api import download_response
-
     job = get_object_or_404(ExportJob, pk=pk)
     path = exports.export_path(job)
     if job.status != ExportJob.Status.DONE or not path.exists():
@@ -300,73 +297,6 @@ def sessions(request: HttpRequest) -> HttpResponse:
         commands.read_details({"page": page.number}, page.object_list),
     )
     return render(request, "audit/sessions.html", {"page": page, "section": "sessions"})
-
-
-def _console_recording(position: int) -> tuple[Event, dict[str, Any], Any, str]:
-    """The closing event at ``position``, its data, the recording file, and what is wrong with
-    it ("" when its size and SHA-256 match the event)."""
-    import hashlib
-
-    from vms.console import resolve_recording
-
-    closed = get_object_or_404(Event, position=position, type="vm.console_closed")
-    data = closed.payload
-    path = resolve_recording(str(data.get("recording", "")))
-    if path is None or not path.is_file():
-        return closed, data, None, "the recording is not on this server"
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-            size += len(block)
-    if (size, digest.hexdigest()) != (data.get("size"), data.get("sha256")):
-        return closed, data, path, "the recording does NOT match its event (altered or truncated)"
-    return closed, data, path, ""
-
-
-@require_GET
-@_needs(VIEW)
-def session_replay(request: HttpRequest, position: int) -> HttpResponse:
-    """Play a console recording back, after checking it against its ``vm.console_closed``."""
-    from vms.models import VirtualMachine
-
-    closed, data, _, problem = _console_recording(position)
-    opened = (
-        Event.objects.filter(type="vm.console_opened", event_id=closed.causation_id).first()
-        if closed.causation_id
-        else None
-    )
-    vm = VirtualMachine.objects.filter(pk=closed.aggregate_id).only("name").first()
-    commands.record_trail_read(request, "dashboard.session_replay", {"position": position})
-    return render(
-        request,
-        "vms/replay.html",
-        {
-            "closed": closed,
-            "opened": opened,
-            "opened_mode": opened.payload.get("mode") if opened else "",
-            "data": data,
-            "session": data.get("session", ""),
-            "vm_name": vm.name if vm else "",
-            "intact": not problem,
-            "problem": problem,
-            "section": "sessions",
-        },
-    )
-
-
-@require_GET
-@_needs(VIEW)
-def session_cast(request: HttpRequest, position: int) -> FileResponse:
-    """The recording itself (asciicast v2), only when it matches its event."""
-    _, data, path, problem = _console_recording(position)
-    if problem:
-        raise Http404(problem)
-    commands.record_trail_read(request, "dashboard.session_recording", {"position": position})
-    response = FileResponse(path.open("rb"), content_type="application/x-asciicast")
-    response["X-Content-SHA256"] = data["sha256"]
-    return response
 
 
 @require_GET

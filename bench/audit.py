@@ -10,7 +10,7 @@ measures, each over every event:
 - report_json / report_csv / pdf: ``audit.reports.build`` plus the renderer (SOC 2);
 - offline_verify: ``audit.offline.verify_bundle`` of that zip (hashes, links, signatures),
   best of --repeat runs (the least disturbed on a shared machine), as online_verify and sha256;
-- online_verify: ``audit.verify.verify_store``, what ``manage.py verify_audit_chain`` runs
+- online_verify: ``audit.integrity.verify_store``, what ``manage.py verify_audit_chain`` runs
   (every hash and link in the database, then the digests);
 - sha256: the baseline of this machine, bare ``hashlib.sha256`` over the same bytes the chain
   hashes (each event's hash input, built beforehand), so that the ratios
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
     django.setup()
     from django.core.management import call_command
 
-    from audit import bundle, commands, offline, reports, store, verify
+    from audit import bundle, commands, integrity, offline, reports, store
     from audit.actor import Actor
 
     call_command("migrate", verbosity=0)
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, float | int]:
     if not result.ok:
         raise SystemExit(f"offline verification failed: {result.problems[0]}")
 
-    online_s, chain = _best_of(args.repeat, verify.verify_store)
+    online_s, chain = _best_of(args.repeat, integrity.verify_store)
     if not chain.ok:
         raise SystemExit(f"online verification failed: {chain.problem}")
     sha256_rate = _sha256_baseline(last, args.repeat)

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, url: str) -> dict[str, float | int]:
     from audit import projections, store
     from audit.actor import Actor
     from audit.hashing import canonical_json
-    from audit.verify import verify_store
+    from audit.integrity import verify_store
 
     call_command("migrate", verbosity=0)
     actor = Actor.system(channel="system", name="bench")

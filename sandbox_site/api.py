@@ -20,6 +20,10 @@ from rest_framework.views import exception_handler as drf_exception_handler
 
 from audit.digests import ChainBroken
 from audit.errors import ConcurrencyError, EventStoreUnavailable
+from vms.agent.client import AgentError, AgentTimeout
+from vms.commands import InvalidState, NotFound
+from vms.guest import GuestUnavailable
+from vms.quotas import QuotaExceeded
 
 
 def _validation_body(exc: DjangoValidationError) -> Any:
@@ -45,10 +49,6 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
 
 
 def _handle(exc: Exception, context: dict[str, Any]) -> Response | None:
-    from vms.commands import InvalidState, NotFound
-    from vms.guest import GuestUnavailable
-    from vms.quotas import QuotaExceeded
-
     if isinstance(exc, EventStoreUnavailable):
         return Response(
             {"detail": "The audit log cannot record this action now; nothing was done."},
@@ -97,8 +97,6 @@ def _handle(exc: Exception, context: dict[str, Any]) -> Response | None:
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     response = drf_exception_handler(exc, context)
     if response is None:
-        from vms.agent.client import AgentError, AgentTimeout
-
         if isinstance(exc, AgentTimeout):
             return Response(
                 {"detail": f"the guest agent timed out: {exc}"},

@@ -6,10 +6,15 @@ from __future__ import annotations
 import time
 import uuid
 
+import redis
 from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
+from django_q.models import OrmQ
+
+from vms import heartbeat
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -25,8 +30,6 @@ def _check_database() -> str:
 
 def _check_broker() -> str:
     if settings.REDIS_URL:
-        import redis
-
         client = redis.Redis.from_url(
             settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
         )
@@ -36,15 +39,11 @@ def _check_broker() -> str:
             client.close()
         return "redis"
     # The ORM broker lives in the database checked above.
-    from django_q.models import OrmQ
-
     OrmQ.objects.exists()
     return "orm"
 
 
 def _check_channel_layer() -> str:
-    from channels.layers import get_channel_layer
-
     layer = get_channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer configured")
@@ -62,8 +61,6 @@ def _check_channel_layer() -> str:
 
 
 def _check_worker() -> str:
-    from vms import heartbeat
-
     return heartbeat.check()
 
 

@@ -42,6 +42,8 @@ urlpatterns = [
     path("", views.home, name="home"),
     path("accounts/", include("accounts.urls")),
     path("audit/accounts/", accounts_page, name="audit-accounts"),
+    # Console recordings: the VM domain plays them back inside the auditor area's URLs.
+    path("audit/sessions/", include("vms.urls_recordings")),
     path("audit/", include("audit.urls_dashboard")),
     path("vms/", include("vms.urls")),
     path("admin/", admin.site.urls),

@@ -23,7 +23,10 @@ class VmsConfig(AppConfig):
     verbose_name = "Virtual machines"
 
     def ready(self) -> None:
-        from vms import templates_config
+        # Here, not at the top: these load the app's models, which need the app registry.
+        from vms import metrics, templates_config
+
+        metrics.register()
 
         post_migrate.connect(templates_config.sync_after_migrate, sender=self)
         post_migrate.connect(ensure_schedules, sender=self)

@@ -24,6 +24,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from django.db import connection
+
+from vms import guest, runtime
+from vms.models import VirtualMachine
+
 log = logging.getLogger("sandbox.vms.metrics")
 
 INTERVAL_S = 1.0
@@ -96,9 +101,6 @@ class VMSampler:
         self._health_lock = threading.Lock()
 
     def sample(self, vm: Any | None = None) -> Sample:
-        from vms import runtime
-        from vms.models import VirtualMachine
-
         with self._lock:
             if vm is None:
                 vm = VirtualMachine.objects.filter(pk=self.vm_id).first()
@@ -142,9 +144,6 @@ class VMSampler:
 
     def sample_health(self) -> dict[str, Any] | None:
         """The agent's health; None when another probe runs or the guest cannot be reached."""
-        from vms.guest import GuestUnavailable, agent_session
-        from vms.models import VirtualMachine
-
         if not self._health_lock.acquire(blocking=False):
             return None
         try:
@@ -152,9 +151,9 @@ class VMSampler:
             if vm is None or vm.state != "running" or vm.pending_request:
                 return None
             try:
-                with agent_session(vm, hello_timeout=3.0) as agent:
+                with guest.agent_session(vm, hello_timeout=3.0) as agent:
                     health = agent.health()
-            except (GuestUnavailable, Exception) as exc:  # any agent trouble: no sample
+            except (guest.GuestUnavailable, Exception) as exc:  # any agent trouble: no sample
                 log.debug("health of %s: %s", self.vm_id, exc)
                 self.health_at = time.monotonic()  # don't retry before the next period
                 return None
@@ -173,8 +172,6 @@ def _rate(before: float | None, after: float | None, dt: float, scale: float = 1
 def _with_db(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` (in a thread of the loop's default executor) and close the database connection
     it opened: executor threads are shared and live on, and must not each keep one open."""
-    from django.db import connection
-
     try:
         return fn()
     finally:
@@ -198,9 +195,6 @@ def prometheus_samples() -> list[Sample]:
 
     A sample younger than the interval is reused (a page is watching); otherwise one is taken.
     """
-    from vms import runtime
-    from vms.models import VirtualMachine
-
     out: list[Sample] = []
     live = VirtualMachine.objects.filter(state__in=LIVE_STATES, host=runtime.host_name())
     seen = set()

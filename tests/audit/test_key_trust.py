@@ -21,8 +21,8 @@ from django.db import DatabaseError, connection, transaction
 from audit import digests, keys, signing
 from audit.actor import Actor
 from audit.commands import sign_digest
+from audit.integrity import verify_store
 from audit.models import DigestKey, Event
-from audit.verify import verify_store
 from tests.audit.forgery import attacker_host, forge_event, sql
 from tests.audit.helpers import append_user_events
 from tests.conftest import acting_as_owner

@@ -6,7 +6,7 @@ import pytest
 from django.db import connection, transaction
 
 from accounts.models import LoginState
-from audit import store
+from audit import events, store
 from audit.actor import Actor
 
 from .querycount import exact_queries
@@ -66,7 +66,7 @@ def _advisory_locks_held() -> int:
 def test_a_command_that_took_the_append_lock_does_not_take_it_again(
     postgres_only: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "LOCK_SQL", COUNTING_LOCK)
+    monkeypatch.setattr(events, "LOCK_SQL", COUNTING_LOCK)
     with transaction.atomic():
         store.lock()  # as commands do, before reading the projections they check
         store.append("user", "u2", "user.role_changed", {"role": "viewer"}, actor=ACTOR)
@@ -79,7 +79,7 @@ def test_a_lock_taken_in_a_rolled_back_savepoint_is_taken_again(
 ) -> None:
     """PostgreSQL releases a lock taken after a savepoint when rolling back to it: the next
     append must lock again, or it would run unserialized."""
-    monkeypatch.setattr(store, "LOCK_SQL", COUNTING_LOCK)
+    monkeypatch.setattr(events, "LOCK_SQL", COUNTING_LOCK)
     with transaction.atomic():
         held_before = _advisory_locks_held()
         with pytest.raises(ZeroDivisionError), transaction.atomic():

@@ -12,8 +12,8 @@ from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError, InvalidEvent
 from audit.hashing import GENESIS_HASH
+from audit.integrity import verify_store
 from audit.models import Event
-from audit.verify import verify_store
 from tests.audit.helpers import ACTOR, append_user_events
 
 

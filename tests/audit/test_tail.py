@@ -20,8 +20,8 @@ from django.core.management import call_command
 from audit import digests, signing, sink
 from audit.actor import Actor
 from audit.commands import sign_digest, verify_chain
+from audit.integrity import verify_store
 from audit.models import Digest, Event
-from audit.verify import verify_store
 from tests.audit.forgery import sql
 from tests.audit.helpers import append_user_events
 

@@ -10,8 +10,8 @@ from django.core.exceptions import ImproperlyConfigured
 from audit import digests, keys, signing
 from audit.actor import Actor
 from audit.commands import sign_digest
+from audit.integrity import verify_store
 from audit.models import Digest, DigestKey
-from audit.verify import verify_store
 from tests.audit.helpers import append_user_events
 
 pytestmark = pytest.mark.django_db

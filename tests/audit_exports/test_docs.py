@@ -19,7 +19,7 @@ def _not_there_yet() -> str:
 def test_console_replays_are_not_listed_as_missing() -> None:
     from django.urls import reverse
 
-    assert reverse("audit:session-replay", args=[1])  # the replay exists
+    assert reverse("recordings:replay", args=[1])  # the replay exists
     assert "replay" not in _not_there_yet().lower()
     assert "Console sessions" in DOC and "replayed" in DOC
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from django.db import connection, transaction
 
-from audit import offline, store, verify
+from audit import integrity, offline, store, verify
 from audit.hashing import format_time, render_fields
 from audit.offline import verify_bundle
 from tests.audit.helpers import ACTOR
@@ -139,7 +139,7 @@ def test_postgresql_rows_are_the_reference_rendering(postgres_only: None) -> Non
     events = [e for batch in store.iter_events(0) for e in batch]
     with transaction.atomic(), connection.cursor() as cur:
         cur.execute("SET LOCAL TIME ZONE 'Asia/Kolkata'")
-        rows = list(verify._pg_rows(0, 1))
+        rows = list(verify.pg_rows(0, 1))
         assert verify.verify_rows(iter(rows)).checked == len(events)
     for row, event in zip(rows, events, strict=True):
         fields = event.hashed_fields()
@@ -160,7 +160,7 @@ def test_the_streamed_walk_stops_cleanly_and_names_a_reordered_row(postgres_only
         cur.execute("UPDATE audit_event SET position = 30 WHERE position = 31")
         cur.execute("UPDATE audit_event SET position = 31 WHERE position = -1")
     assert not connection.in_atomic_block
-    report = verify.verify_store(batch=100)
+    report = integrity.verify_store(batch=100)
     assert report.problem is not None and report.problem.kind == "reordered", report.problem
     assert report.problem.position == 30 and report.checked == 29
     with connection.cursor() as cur:  # the connection is usable: the stream was cancelled

@@ -1,0 +1,13 @@
+"""The site: URL map, middleware, health and metrics endpoints, the serve command."""
+
+from django.apps import AppConfig
+
+from sandbox_site import metrics
+
+
+class SiteConfig(AppConfig):
+    name = "sandbox_site"
+    verbose_name = "Site"
+
+    def ready(self) -> None:
+        metrics.register()
