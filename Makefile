@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 # Debian packages the product and its tests use (QEMU guests, image building, browser tests).
 SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2fsprogs mtools \
-	fdisk dosfstools systemd-boot-efi binutils zstd cpio kmod iproute2 nftables \
+	fdisk dosfstools systemd-boot-efi binutils zstd cpio kmod iproute2 nftables dnsmasq-base \
 	chromium chromium-driver
 # Installed from Debian only when the command is missing (a machine may have its own Node.js).
 COMMAND_PACKAGES := node:nodejs npm:npm

@@ -30,8 +30,7 @@ from pathlib import Path
 import pytest
 
 from vms.network import bridge as br
-from vms.network import dns
-from vms.network import netns, ruleset
+from vms.network import dns, netns, ruleset
 
 # Suites of this directory run as root (network namespaces); see docs/networking.md.
 HOST_LINK = ia.IPv4Network("10.254.0.0/30")
@@ -86,7 +85,9 @@ class Lab:
         bridge = br.Bridge(ifname, net, net.network_address + 1, isolated=isolated)
         br.ensure_bridge(self.product, bridge)
         self.bridges.append(bridge)
-        netns.set_host_routes(self.product, self.link, [b.subnet for b in self.bridges], host_ns=self.host)
+        netns.set_host_routes(
+            self.product, self.link, [b.subnet for b in self.bridges], host_ns=self.host
+        )
         ruleset.apply_base(self.product, self.fabric)
         return bridge
 
@@ -97,7 +98,9 @@ class Lab:
         port = f"gp{self._guests}"
         with netns.iproute(self.product) as ipr:
             ipr.link(
-                "add", ifname=port, kind="veth",
+                "add",
+                ifname=port,
+                kind="veth",
                 peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{name}"},
             )
         br.attach(self.product, port, bridge)
@@ -112,8 +115,12 @@ class Lab:
 
     def rules(self, guest: Guest, key: str, **kwargs: object) -> ruleset.VmRules:
         vm = ruleset.VmRules(
-            key=key, bridge=guest.bridge, address=guest.address, port_ifname=guest.port,
-            mac=guest.mac, **kwargs,  # type: ignore[arg-type]
+            key=key,
+            bridge=guest.bridge,
+            address=guest.address,
+            port_ifname=guest.port,
+            mac=guest.mac,
+            **kwargs,  # type: ignore[arg-type]
         )
         ruleset.apply_vm(self.product, self.fabric, vm)
         return vm
@@ -121,8 +128,20 @@ class Lab:
     def serve(self, ns: str, address: ia.IPv4Address | str, port: int) -> None:
         """A TCP server in ``ns`` that answers "ok <peer address>" and closes."""
         proc = subprocess.Popen(  # noqa: S603 - fixed argv
-            ["/usr/sbin/ip", "netns", "exec", ns, sys.executable, "-c", SERVER, str(address), str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+            [
+                "/usr/sbin/ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                "-c",
+                SERVER,
+                str(address),
+                str(port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         self.processes.append(proc)
         assert proc.stdout is not None
@@ -166,7 +185,9 @@ def connect(ns: str, address: ia.IPv4Address | str, port: int, timeout: float = 
     return in_ns(ns, attempt)  # type: ignore[no-any-return]
 
 
-def resolve(ns: str, server: ia.IPv4Address | str, name: str, port: int = 53) -> tuple[int, list[str]]:
+def resolve(
+    ns: str, server: ia.IPv4Address | str, name: str, port: int = 53
+) -> tuple[int, list[str]]:
     """A minimal DNS A query over UDP from ``ns``: (rcode, addresses)."""
     qid = secrets.randbits(16)
     question = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
@@ -217,8 +238,12 @@ def lab() -> Iterator[Lab]:
         netns.connect_host(lab.product, link, host_ns=lab.host)
         # The uplink: a veth to the internet namespace, which routes everything back to it.
         with netns.iproute(lab.product) as ipr:
-            ipr.link("add", ifname="up0", kind="veth",
-                     peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{lab.internet}"})
+            ipr.link(
+                "add",
+                ifname="up0",
+                kind="veth",
+                peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{lab.internet}"},
+            )
             (idx,) = ipr.link_lookup(ifname="up0")
             ipr.addr("add", index=idx, address=str(UPLINK.network_address + 1), prefixlen=30)
             ipr.link("set", index=idx, state="up")
@@ -261,13 +286,26 @@ def internet_dns(lab: Lab) -> ia.IPv4Address:
     """A DNS server in the internet namespace that knows app.example.test."""
     proc = subprocess.Popen(  # noqa: S603 - fixed argv
         [
-            "/usr/sbin/ip", "netns", "exec", lab.internet, "/usr/sbin/dnsmasq",
-            "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
-            f"--listen-address={INTERNET_DNS}", "--port=53", "--cache-size=0",
-            f"--address=/{APP_DOMAIN}/{APP_ADDRESS}", "--address=/other.example.test/203.0.113.20",
-            f"--pid-file={lab.run_dir}/internet-dns.pid", "--log-facility=-",
+            "/usr/sbin/ip",
+            "netns",
+            "exec",
+            lab.internet,
+            "/usr/sbin/dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={INTERNET_DNS}",
+            "--port=53",
+            "--cache-size=0",
+            f"--address=/{APP_DOMAIN}/{APP_ADDRESS}",
+            "--address=/other.example.test/203.0.113.20",
+            f"--pid-file={lab.run_dir}/internet-dns.pid",
+            "--log-facility=-",
         ],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     lab.processes.append(proc)
     deadline = time.monotonic() + 10

@@ -32,7 +32,9 @@ def test_two_guests_of_an_isolating_network_do_not_reach_each_other(lab: Lab) ->
     assert connect(b.ns, a.address, 8000) is None
     # Nor by a detour through the gateway (the namespace never routes bridge to bridge), even
     # for a guest whose egress is the internet; the attempt is counted.
-    netns.run(b.ns, ["/usr/sbin/ip", "route", "replace", f"{a.address}/32", "via", str(net.gateway)])
+    netns.run(
+        b.ns, ["/usr/sbin/ip", "route", "replace", f"{a.address}/32", "via", str(net.gateway)]
+    )
     assert connect(b.ns, a.address, 8000) is None
     from vms.network import ruleset
 

@@ -77,7 +77,9 @@ class Resolver:
         check_ipv4(self.gateway)
         check_port(self.port)
         if self.port == 53:
-            raise NetworkError("port 53 on the gateway is the redirect target's source, not a resolver")
+            raise NetworkError(
+                "port 53 on the gateway is the redirect target's source, not a resolver"
+            )
         if self.mode not in ("allow-list", "internet"):
             raise NetworkError(f"a resolver serves allow-list or internet, not {self.mode!r}")
         if not self.upstreams:
@@ -215,12 +217,11 @@ class Lookup:
 _LINE = re.compile(
     r"dnsmasq\[\d+\]: (?P<serial>\d+) (?P<client>[0-9.]+)/\d+ "
     r"(?P<what>query\[(?P<qtype>[A-Za-z0-9]+)\]|forwarded|config|reply|cached) (?P<name>\S+)"
+    r"(?: is (?P<answer>\S+))?"
 )
 
 
-def read_queries(
-    run_dir: Path, key: str, offset: int = 0
-) -> tuple[list[Lookup], int]:
+def read_queries(run_dir: Path, key: str, offset: int = 0) -> tuple[list[Lookup], int]:
     """Lookups logged by VM ``key``'s resolver after byte ``offset``; returns them and the
     offset to continue from (a partly written last line is left for the next read)."""
     log = paths(run_dir, key).log
@@ -246,7 +247,9 @@ def read_queries(
         elif match["what"] == "forwarded":
             verdicts.setdefault(serial, "allowed")
         elif match["what"] == "config":
-            verdicts.setdefault(serial, "refused")
+            # NXDOMAIN is the answer for every name that is not allowed (address=/#/); other
+            # answers from the configuration (filter-AAAA's empty one) concern allowed names.
+            verdicts.setdefault(serial, "refused" if match["answer"] == "NXDOMAIN" else "allowed")
     lookups = []
     for serial in order:
         name, qtype, client = pending[serial]
@@ -255,4 +258,3 @@ def read_queries(
         verdict = verdicts.get(serial, "refused")
         lookups.append(Lookup(name, qtype, ipaddress.IPv4Address(client), verdict))  # type: ignore[arg-type]
     return lookups, offset + end
-

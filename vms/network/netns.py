@@ -40,6 +40,7 @@ __all__ = [
     "run",
     "set_host_routes",
     "sysctl",
+    "teardown",
 ]
 
 NETNS_DIR = Path("/run/netns")
@@ -70,11 +71,20 @@ def ensure(name: str) -> bool:
 
 
 def remove(name: str) -> None:
-    """Remove the namespace; its interfaces go with it (a veth's peer in another namespace too).
-    Processes still running inside keep the namespace alive until they exit: stop the resolvers
-    first."""
+    """Remove the namespace's name. The kernel destroys the namespace and its interfaces (a
+    veth's peer in another namespace too) once nothing uses it, in the background: a veth end in
+    the host may outlive this call for a while. ``teardown`` removes the link first."""
     if exists(name):
         pr_netns.remove(name)
+
+
+def teardown(name: str, link: HostLink | None = None, *, host_ns: str | None = None) -> None:
+    """Remove the product namespace and, first and synchronously, its link to the host (so the
+    host is clean when this returns). Stop the resolvers before: a process inside keeps the
+    namespace alive."""
+    if link is not None:
+        disconnect_host(link, host_ns=host_ns)
+    remove(name)
 
 
 def _prepare(name: str) -> None:
@@ -94,7 +104,6 @@ def _prepare(name: str) -> None:
     sysctl(name, "net/ipv6/conf/default/disable_ipv6", "1")
 
 
-
 @contextlib.contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run the body with the calling thread in namespace ``name``; sockets opened in the body stay
@@ -102,7 +111,7 @@ def inside(name: str) -> Iterator[None]:
     so run it on a thread of its own in a server process; the previous namespace is restored even
     when the body raises."""
     target = NETNS_DIR / check_netns(name)
-    own = os.open(f"/proc/thread-self/ns/net", os.O_RDONLY)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
         pr_netns.setns(str(target), flags=0)
         try:
@@ -117,8 +126,10 @@ def sysctl(name: str, key: str, value: str) -> None:
     """Write a per-namespace sysctl (``key`` as a path below /proc/sys/net-style ``net/...``).
     The file is opened from a thread inside the namespace: /proc/sys/net shows the namespace of
     the task that opens it."""
-    if not key.startswith("net/") or ".." in key or not all(
-        part.replace("-", "").replace("_", "").isalnum() for part in key.split("/")
+    if (
+        not key.startswith("net/")
+        or ".." in key
+        or not all(part.replace("-", "").replace("_", "").isalnum() for part in key.split("/"))
     ):
         raise NetworkError(f"invalid sysctl key: {key!r}")
     errors: list[BaseException] = []
@@ -211,9 +222,7 @@ def connect_host(
         if not host.link_lookup(ifname=link.host_ifname):
             with iproute(name) as ns:
                 if ns.link_lookup(ifname=link.ns_ifname):
-                    raise NetworkError(
-                        f"{link.ns_ifname} exists in {name} without its host side"
-                    )
+                    raise NetworkError(f"{link.ns_ifname} exists in {name} without its host side")
             host.link(
                 "add",
                 ifname=link.host_ifname,
@@ -251,7 +260,9 @@ def set_host_routes(
             gateway = route.get_attr("RTA_GATEWAY")
             if gateway != str(link.ns_address):
                 continue
-            dst = route.get_attr("RTA_DST") or "0.0.0.0"
+            dst = route.get_attr("RTA_DST")
+            if dst is None:  # a default route through the link: not one of ours
+                continue
             present.add(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}"))
         for subnet in wanted - present:
             host.route("replace", dst=str(subnet), gateway=str(link.ns_address), oif=found[0])

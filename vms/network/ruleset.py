@@ -203,11 +203,20 @@ def _elements(values: Iterable[str]) -> str:
     return ", ".join(values)
 
 
+def _base_chain(family: str, t: str, name: str, kind: str, priority: str, policy: str) -> str:
+    # ``name`` is also the hook (input, forward, prerouting, postrouting).
+    return (
+        f"add chain {family} {t} {name} "
+        f"{{ type {kind} hook {name} priority {priority}; policy {policy}; }}"
+    )
+
+
 def render_base(fabric: Fabric) -> str:
     """The base of both tables. Re-applying it replaces the base chains' rules and the bridges and
     blocked sets but keeps every VM's chains, sets and map elements."""
     t = fabric.table
     host = _q(fabric.host_ifname)
+    blocked = _elements(str(n) for n in (fabric.host_subnet, *fabric.blocked))
     lines = [
         f"add table inet {t}",
         f"add set inet {t} bridges {{ type ifname; }}",
@@ -217,10 +226,10 @@ def render_base(fabric: Fabric) -> str:
         f"add map inet {t} pre_from {{ type ipv4_addr : verdict; }}",
         f"add map inet {t} post_from {{ type ipv4_addr : verdict; }}",
         f"add map inet {t} forwards {{ type inet_proto . inet_service : verdict; }}",
-        f"add chain inet {t} input {{ type filter hook input priority filter; policy drop; }}",
-        f"add chain inet {t} forward {{ type filter hook forward priority filter; policy drop; }}",
-        f"add chain inet {t} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}",
-        f"add chain inet {t} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}",
+        _base_chain("inet", t, "input", "filter", "filter", "drop"),
+        _base_chain("inet", t, "forward", "filter", "filter", "drop"),
+        _base_chain("inet", t, "prerouting", "nat", "dstnat", "accept"),
+        _base_chain("inet", t, "postrouting", "nat", "srcnat", "accept"),
         f"flush chain inet {t} input",
         f"flush chain inet {t} forward",
         f"flush chain inet {t} prerouting",
@@ -232,7 +241,7 @@ def render_base(fabric: Fabric) -> str:
             if fabric.bridges
             else []
         ),
-        f"add element inet {t} blocked {{ {_elements(str(n) for n in (fabric.host_subnet, *fabric.blocked))} }}",
+        f"add element inet {t} blocked {{ {blocked} }}",
         # The namespace's own services: loopback and answers to its own connections (the
         # resolvers' upstream queries); guests only through their chain (their resolver).
         f"add rule inet {t} input iif lo accept",
@@ -243,7 +252,8 @@ def render_base(fabric: Fabric) -> str:
         # opens goes through its chain; the rest is dropped by the policy.
         f"add rule inet {t} forward ct state established,related accept",
         f"add rule inet {t} forward ct state invalid drop",
-        f"add rule inet {t} forward iifname {host} oifname @bridges ip saddr {fabric.host_address} accept",
+        f"add rule inet {t} forward iifname {host} oifname @bridges "
+        f"ip saddr {fabric.host_address} accept",
         f"add rule inet {t} forward iifname {host} oifname @bridges ct status dnat accept",
         f"add rule inet {t} forward iifname @bridges ip saddr vmap @fwd_from",
         f"add rule inet {t} prerouting iifname @bridges ip saddr vmap @pre_from",
@@ -257,7 +267,7 @@ def render_base(fabric: Fabric) -> str:
         # Layer 2: a frame from a port must carry its VM's MAC and address (see render_vm).
         f"add table bridge {t}",
         f"add map bridge {t} ports {{ type ifname : verdict; }}",
-        f"add chain bridge {t} prerouting {{ type filter hook prerouting priority filter; policy drop; }}",
+        _base_chain("bridge", t, "prerouting", "filter", "filter", "drop"),
         f"flush chain bridge {t} prerouting",
         f"add rule bridge {t} prerouting iifname vmap @ports",
     ]
