@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ipaddress as ia
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from vms.network import dns, netns, ruleset
 from vms.network.names import NetworkError
 
-from .conftest import ALLOWED_HOST, Lab, connect
+from .conftest import ALLOWED_HOST, Lab, connect, in_ns
 
 
 def test_a_forward_reaches_a_guest_service_from_the_host_and_stops_when_removed(lab: Lab) -> None:
@@ -122,3 +126,92 @@ def test_teardown_removes_the_namespace_and_its_link_to_the_host(lab: Lab) -> No
     assert not netns.exists(lab.product)
     assert "sbx0" not in netns.run(lab.host, ["/usr/sbin/ip", "-o", "link"]).stdout.decode()
     assert netns.run(lab.host, ["/usr/sbin/ip", "route"]).stdout.decode() == ""
+
+
+HOLD = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(4)
+print("ready", flush=True)
+conns = []
+while True:
+    c, _ = s.accept(); conns.append(c)
+"""
+
+
+def test_removing_a_vm_forgets_its_tracked_connections(lab: Lab) -> None:
+    net = lab.network("br1", "10.30.0.0/24", isolated=True)
+    a = lab.guest(net, 10)
+    lab.rules(a, "a", egress="internet", uplink="up0")
+    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        [
+            "/usr/sbin/ip",
+            "netns",
+            "exec",
+            lab.internet,
+            sys.executable,
+            "-c",
+            HOLD,
+            str(ALLOWED_HOST),
+            "80",
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    lab.processes.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+
+    def open_and_keep() -> socket.socket:
+        return socket.create_connection((str(ALLOWED_HOST), 80), timeout=2)
+
+    held = in_ns(a.ns, open_and_keep)
+    try:
+        assert ruleset.connections(lab.product, a.address) == 1
+
+        ruleset.remove_vm(lab.product, "a")
+
+        assert ruleset.connections(lab.product, a.address) == 0
+    finally:
+        held.close()
+
+
+def test_a_stricter_policy_can_cut_established_connections(lab: Lab) -> None:
+    net = lab.network("br1", "10.30.0.0/24", isolated=True)
+    a = lab.guest(net, 10)
+    lab.rules(a, "a", egress="internet", uplink="up0")
+    proc = subprocess.Popen(  # noqa: S603 - fixed argv
+        [
+            "/usr/sbin/ip",
+            "netns",
+            "exec",
+            lab.internet,
+            sys.executable,
+            "-c",
+            HOLD,
+            str(ALLOWED_HOST),
+            "80",
+        ],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    lab.processes.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+    held = in_ns(a.ns, lambda: socket.create_connection((str(ALLOWED_HOST), 80), timeout=2))
+    try:
+        vm = ruleset.VmRules("a", net, a.address, a.port, a.mac, egress="none")
+        ruleset.apply_vm(lab.product, lab.fabric, vm)
+        assert ruleset.connections(lab.product, a.address) == 1  # kept by default
+
+        ruleset.apply_vm(lab.product, lab.fabric, vm, forget_established=True)
+
+        assert ruleset.connections(lab.product, a.address) == 0
+        # The guest's next packet on that connection meets the new policy: refused, counted.
+        held.sendall(b"x")
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not ruleset.read_refused(lab.product, "a"):
+            time.sleep(0.05)
+        assert [r[:3] for r in ruleset.read_refused(lab.product, "a")] == [
+            (ALLOWED_HOST, "tcp", 80)
+        ]
+    finally:
+        held.close()

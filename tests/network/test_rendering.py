@@ -178,3 +178,15 @@ def test_query_log_becomes_lookups_with_verdicts(tmp_path: Path) -> None:
     assert offset == LOG.rindex("\n") + 1
     assert dns.read_queries(tmp_path, "a", offset)[0] == []
     assert dns.read_queries(tmp_path, "missing") == ([], 0)
+
+
+def test_resolver_ports_follow_the_guest_index_in_its_subnet() -> None:
+    subnet = ia.IPv4Network("10.30.0.0/24")
+    assert dns.resolver_port(subnet, ia.IPv4Address("10.30.0.10")) == 40010
+    assert dns.resolver_port(ia.IPv4Network("10.32.0.0/17"), ia.IPv4Address("10.32.99.1")) == (
+        40000 + 99 * 256 + 1
+    )
+    with pytest.raises(NetworkError):
+        dns.resolver_port(subnet, ia.IPv4Address("10.31.0.10"))
+    with pytest.raises(NetworkError):
+        dns.resolver_port(ia.IPv4Network("10.32.0.0/16"), ia.IPv4Address("10.32.255.1"))

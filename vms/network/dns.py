@@ -34,6 +34,7 @@ from .names import (
     NetworkError,
     check_domain,
     check_ipv4,
+    check_ipv4_network,
     check_key,
     check_netns,
     check_port,
@@ -47,6 +48,7 @@ __all__ = [
     "Resolver",
     "paths",
     "read_queries",
+    "resolver_port",
     "remove_log",
     "render_config",
     "running",
@@ -55,6 +57,9 @@ __all__ = [
 ]
 
 DNSMASQ = "/usr/sbin/dnsmasq"
+# Resolver ports on a gateway: the base plus the guest's index in its subnet, so no allocation
+# is needed (a gateway belongs to one network, an index to one guest of it).
+RESOLVER_PORT_BASE = 40000
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 
@@ -88,6 +93,17 @@ class Resolver:
             check_ipv4(upstream)
         object.__setattr__(self, "domains", tuple(sorted({check_domain(d) for d in self.domains})))
         _check_table(self.table)
+
+
+def resolver_port(subnet: ipaddress.IPv4Network, address: ipaddress.IPv4Address) -> int:
+    """The port of the resolver of the guest at ``address`` on its network's gateway."""
+    check_ipv4_network(subnet)
+    if check_ipv4(address) not in subnet:
+        raise NetworkError(f"{address} is not in {subnet}")
+    port = RESOLVER_PORT_BASE + int(address) - int(subnet.network_address)
+    if port > 65535:
+        raise NetworkError(f"{subnet} is too large for per-guest resolver ports")
+    return port
 
 
 @dataclass(frozen=True)

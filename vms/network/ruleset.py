@@ -29,9 +29,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from pyroute2 import Conntrack
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from .bridge import Bridge
 from .names import (
@@ -43,7 +47,7 @@ from .names import (
     check_mac,
     check_port,
 )
-from .netns import HostLink, run
+from .netns import HostLink, inside, run
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -53,6 +57,8 @@ __all__ = [
     "VmRules",
     "apply_base",
     "apply_vm",
+    "connections",
+    "forget_connections",
     "load",
     "read_refused",
     "remove_base",
@@ -392,16 +398,20 @@ def remove_base(ns: str, table: str = DEFAULT_TABLE) -> None:
             load(ns, f"delete table {family} {table}\n")
 
 
-def _render_vm_removal(ns: str, table: str, key: str, *, keep_sets: bool) -> list[str]:
+def _render_vm_removal(
+    ns: str, table: str, key: str, *, keep_sets: bool
+) -> tuple[list[str], set[ipaddress.IPv4Address]]:
     """Commands that remove what the live ruleset holds for VM ``key``: its map elements (looked
     up by their jump target, whatever address or port they have), then its chains (emptied
-    first, since they jump to each other), then its sets unless ``keep_sets``."""
+    first, since they jump to each other), then its sets unless ``keep_sets``; and the addresses
+    it had."""
     t = _check_table(table)
     k = check_key(key)
     prefix = f"vm_{k}_"
     lines: list[str] = []
     chains: list[tuple[str, str]] = []
     sets: list[str] = []
+    addresses: set[ipaddress.IPv4Address] = set()
     for family in ("inet", "bridge"):
         for item in _list_json(ns, "table", family, t):
             if "chain" in item and item["chain"]["name"].startswith(prefix):
@@ -413,6 +423,8 @@ def _render_vm_removal(ns: str, table: str, key: str, *, keep_sets: bool) -> lis
                     elem_key, verdict = key_value
                     target = verdict.get("jump", verdict.get("goto", {})).get("target", "")
                     if target.startswith(prefix):
+                        if item["map"]["name"] == "fwd_from":
+                            addresses.add(ipaddress.IPv4Address(elem_key))
                         lines.append(
                             f"delete element {family} {t} {item['map']['name']} "
                             f"{{ {_render_key(elem_key)} }}"
@@ -421,7 +433,7 @@ def _render_vm_removal(ns: str, table: str, key: str, *, keep_sets: bool) -> lis
     lines += [f"delete chain {family} {t} {name}" for family, name in chains]
     if not keep_sets:
         lines += [f"delete set inet {t} {name}" for name in sets]
-    return lines
+    return lines, addresses
 
 
 def _render_key(value: Any) -> str:
@@ -439,20 +451,93 @@ def _render_key(value: Any) -> str:
     raise NetworkError(f"unexpected map key {value!r}")
 
 
-def apply_vm(ns: str, fabric: Fabric, vm: VmRules) -> None:
+def apply_vm(ns: str, fabric: Fabric, vm: VmRules, *, forget_established: bool = False) -> None:
     """Install or replace VM ``vm.key``'s rules in one transaction. A replacement keeps the VM's
     sets (addresses its resolver answered, refused counters) and rewrites everything else, so a
-    changed policy or forward never leaves an old rule behind."""
-    removal = _render_vm_removal(ns, fabric.table, vm.key, keep_sets=True)
+    changed policy or forward never leaves an old rule behind.
+
+    Connections already established pass on (the rules decide about new ones): a replacement
+    that adds a forward must not cut the guest's downloads. When a policy gets stricter, pass
+    ``forget_established`` so that the guest's tracked connections are dropped with it."""
+    removal, _ = _render_vm_removal(ns, fabric.table, vm.key, keep_sets=True)
     load(ns, "\n".join(removal) + "\n" + render_vm(fabric, vm))
+    if forget_established:
+        forget_connections(ns, vm.address)
 
 
 def remove_vm(ns: str, key: str, table: str = DEFAULT_TABLE) -> None:
     """Remove every chain, set and map element of VM ``key`` in one transaction (nothing named
     for it remains in ``nft list ruleset``). A VM without rules is fine."""
-    removal = _render_vm_removal(ns, table, key, keep_sets=False)
+    removal, addresses = _render_vm_removal(ns, table, key, keep_sets=False)
     if removal:
         load(ns, "\n".join(removal) + "\n")
+    # Tracked connections would otherwise outlive the rules (answers pass as "established"),
+    # and a later VM given the same address would inherit them.
+    for address in addresses:
+        forget_connections(ns, address)
+
+
+def _in_namespace(ns: str, fn):  # type: ignore[no-untyped-def]
+    """Run ``fn()`` on a short-lived thread inside ``ns`` (netlink sockets of the namespace)."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with inside(ns):
+                result.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"netns-{ns}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def _tracked(ct: Any, address: ipaddress.IPv4Address) -> list[Any]:
+    # Opened by the guest (original source) or reaching it (answer source: forwards, previews);
+    # one connection is listed once even when both match (a guest talking to itself).
+    entries: dict[int, Any] = {}
+    for match in (
+        {"tuple_orig": NFCTAttrTuple(saddr=str(address))},
+        {"tuple_reply": NFCTAttrTuple(saddr=str(address))},
+    ):
+        for entry in ct.dump_entries(**match):
+            entries.setdefault(entry.id, entry)
+    return list(entries.values())
+
+
+def connections(ns: str, address: ipaddress.IPv4Address) -> int:
+    """How many connections the namespace tracks from or to guest ``address``."""
+    check_ipv4(address)
+
+    def count() -> int:
+        with Conntrack() as ct:
+            return len(_tracked(ct, address))
+
+    return int(_in_namespace(ns, count))
+
+
+def forget_connections(ns: str, address: ipaddress.IPv4Address) -> int:
+    """Drop the namespace's tracked connections from or to guest ``address`` (so that only the
+    current rules decide about its next packet); returns how many were dropped."""
+    check_ipv4(address)
+
+    def forget() -> int:
+        dropped = 0
+        with Conntrack() as ct:
+            for entry in _tracked(ct, address):
+                try:
+                    ct.delete(entry)
+                    dropped += 1
+                except OSError:  # ended meanwhile
+                    pass
+        return dropped
+
+    return int(_in_namespace(ns, forget))
 
 
 def vm_keys(ns: str, table: str = DEFAULT_TABLE) -> set[str]:
