@@ -177,7 +177,7 @@ def test_query_log_becomes_lookups_with_verdicts(tmp_path: Path) -> None:
     # The unfinished last line waits for the next read.
     assert offset == LOG.rindex("\n") + 1
     assert dns.read_queries(tmp_path, "a", offset)[0] == []
-    assert dns.read_queries(tmp_path, "missing") == ([], 0)
+    assert dns.read_queries(tmp_path, "missing", 10) == ([], 0)
 
 
 def test_resolver_ports_follow_the_guest_index_in_its_subnet() -> None:
@@ -190,3 +190,23 @@ def test_resolver_ports_follow_the_guest_index_in_its_subnet() -> None:
         dns.resolver_port(subnet, ia.IPv4Address("10.31.0.10"))
     with pytest.raises(NetworkError):
         dns.resolver_port(ia.IPv4Network("10.32.0.0/16"), ia.IPv4Address("10.32.255.1"))
+
+
+def test_a_new_query_log_is_read_from_its_start(tmp_path: Path) -> None:
+    log = dns.paths(tmp_path, "a").log
+    log.write_text(LOG)
+    _, offset = dns.read_queries(tmp_path, "a")
+    log.write_text(LOG.splitlines()[1] + "\n")  # rotated: shorter than the offset
+
+    lookups, new_offset = dns.read_queries(tmp_path, "a", offset)
+
+    assert [q.name for q in lookups] == ["other.example.test"]
+    assert new_offset == len(LOG.splitlines()[1]) + 1
+
+
+def test_resolver_keys_are_those_with_a_configuration(tmp_path: Path) -> None:
+    (tmp_path / "dns-abc.conf").write_text("")
+    (tmp_path / "dns-Bad Key.conf").write_text("")
+    (tmp_path / "dns-def.log").write_text("")
+
+    assert dns.resolver_keys(tmp_path) == {"abc"}

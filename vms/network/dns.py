@@ -48,6 +48,7 @@ __all__ = [
     "Resolver",
     "paths",
     "read_queries",
+    "resolver_keys",
     "resolver_port",
     "remove_log",
     "render_config",
@@ -207,6 +208,17 @@ def stop(run_dir: Path, key: str) -> None:
     p.pid.unlink(missing_ok=True)
 
 
+def resolver_keys(run_dir: Path) -> set[str]:
+    """Keys of the VMs whose resolver has a configuration in ``run_dir`` (running or not), for
+    the reconciler to find orphans."""
+    keys = set()
+    for conf in Path(run_dir).glob("dns-*.conf"):
+        key = conf.stem.removeprefix("dns-")
+        with contextlib.suppress(NetworkError):
+            keys.add(check_key(key))
+    return keys
+
+
 def remove_log(run_dir: Path, key: str) -> None:
     paths(run_dir, key).log.unlink(missing_ok=True)
 
@@ -243,10 +255,12 @@ def read_queries(run_dir: Path, key: str, offset: int = 0) -> tuple[list[Lookup]
     log = paths(run_dir, key).log
     try:
         with open(log, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < offset:
+                offset = 0  # a new log (the old one was removed or truncated): from its start
             fh.seek(offset)
             data = fh.read()
     except FileNotFoundError:
-        return [], offset
+        return [], 0
     end = data.rfind(b"\n") + 1
     pending: dict[str, tuple[str, str, str]] = {}
     verdicts: dict[str, str] = {}

@@ -30,7 +30,7 @@ import ipaddress
 import json
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -570,16 +570,3 @@ def reset_refused(ns: str, key: str, table: str = DEFAULT_TABLE) -> None:
     """Forget the VM's refused counters (after they were read and recorded). Packets refused
     between the read and the reset are lost to the count; they are still refused."""
     load(ns, f"flush set inet {_check_table(table)} vm_{check_key(key)}_refused\n")
-
-
-def bridges_of(fabric: Fabric, bridges: Sequence[Bridge]) -> Fabric:
-    """``fabric`` with its bridge set replaced by ``bridges`` (their interface names)."""
-    return Fabric(
-        host_ifname=fabric.host_ifname,
-        host_address=fabric.host_address,
-        forward_address=fabric.forward_address,
-        host_subnet=fabric.host_subnet,
-        bridges=tuple(b.ifname for b in bridges),
-        blocked=fabric.blocked,
-        table=fabric.table,
-    )
