@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -154,22 +153,7 @@ class Lab:
 
 def in_ns(ns: str, fn):  # type: ignore[no-untyped-def]
     """Run ``fn()`` on a thread inside namespace ``ns`` and return its result (or raise)."""
-    result: list[object] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with netns.inside(ns):
-                result.append(fn())
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
+    return netns.call_in(ns, fn)
 
 
 def connect(ns: str, address: ia.IPv4Address | str, port: int, timeout: float = 2.0) -> str | None:

@@ -17,9 +17,10 @@ import ipaddress
 import os
 import subprocess
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
@@ -29,6 +30,7 @@ from .names import NetworkError, check_ifname, check_ipv4_network, check_netns
 __all__ = [
     "NETNS_DIR",
     "HostLink",
+    "call_in",
     "connect_host",
     "create",
     "disconnect_host",
@@ -42,6 +44,8 @@ __all__ = [
     "sysctl",
     "teardown",
 ]
+
+T = TypeVar("T")
 
 NETNS_DIR = Path("/run/netns")
 # Programs run inside a namespace get a bounded time: nft and ip answer in milliseconds, so a
@@ -122,6 +126,27 @@ def inside(name: str) -> Iterator[None]:
         os.close(own)
 
 
+def call_in(name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run on a short-lived thread inside namespace ``name``; its result, or its
+    exception raised here. The caller's own threads never change namespace."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with inside(name):
+                result.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
 def sysctl(name: str, key: str, value: str) -> None:
     """Write a per-namespace sysctl (``key`` as a path below /proc/sys/net-style ``net/...``).
     The file is opened from a thread inside the namespace: /proc/sys/net shows the namespace of
@@ -132,20 +157,12 @@ def sysctl(name: str, key: str, value: str) -> None:
         or not all(part.replace("-", "").replace("_", "").isalnum() for part in key.split("/"))
     ):
         raise NetworkError(f"invalid sysctl key: {key!r}")
-    errors: list[BaseException] = []
 
     def write() -> None:
-        try:
-            with inside(name), open(f"/proc/sys/{key}", "w") as fh:
-                fh.write(value)
-        except BaseException as exc:  # handed to the caller's thread
-            errors.append(exc)
+        with open(f"/proc/sys/{key}", "w") as fh:
+            fh.write(value)
 
-    thread = threading.Thread(target=write, name=f"sysctl-{name}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    call_in(name, write)
 
 
 def iproute(name: str | None) -> IPRoute:

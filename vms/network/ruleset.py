@@ -29,7 +29,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -47,7 +46,7 @@ from .names import (
     check_mac,
     check_port,
 )
-from .netns import HostLink, inside, run
+from .netns import HostLink, call_in, run
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -477,26 +476,6 @@ def remove_vm(ns: str, key: str, table: str = DEFAULT_TABLE) -> None:
         forget_connections(ns, address)
 
 
-def _in_namespace(ns: str, fn):  # type: ignore[no-untyped-def]
-    """Run ``fn()`` on a short-lived thread inside ``ns`` (netlink sockets of the namespace)."""
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            with inside(ns):
-                result.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name=f"netns-{ns}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
-    return result[0]
-
-
 def _tracked(ct: Any, address: ipaddress.IPv4Address) -> list[Any]:
     # Opened by the guest (original source) or reaching it (answer source: forwards, previews);
     # one connection is listed once even when both match (a guest talking to itself).
@@ -518,7 +497,7 @@ def connections(ns: str, address: ipaddress.IPv4Address) -> int:
         with Conntrack() as ct:
             return len(_tracked(ct, address))
 
-    return int(_in_namespace(ns, count))
+    return int(call_in(ns, count))
 
 
 def forget_connections(ns: str, address: ipaddress.IPv4Address) -> int:
@@ -537,7 +516,7 @@ def forget_connections(ns: str, address: ipaddress.IPv4Address) -> int:
                     pass
         return dropped
 
-    return int(_in_namespace(ns, forget))
+    return int(call_in(ns, forget))
 
 
 def vm_keys(ns: str, table: str = DEFAULT_TABLE) -> set[str]:
