@@ -179,3 +179,19 @@ def test_internet_resolver_forwards_every_name(lab: Lab, internet_dns: ia.IPv4Ad
     assert resolve(a.ns, net.gateway, "other.example.test") == (0, ["203.0.113.20"])
     lookups, _ = dns.read_queries(lab.run_dir, "a")
     assert [(q.name, q.verdict) for q in lookups] == [("other.example.test", "allowed")]
+
+
+def test_blocked_addresses_stay_refused_whatever_the_policy(lab: Lab) -> None:
+    net = lab.network("br1", "10.30.0.0/24", isolated=True)
+    a = lab.guest(net, 10)
+    fabric = ruleset.Fabric.for_link(
+        lab.link, [net.ifname], blocked=[ia.IPv4Network(f"{OTHER_HOST}/32")]
+    )
+    ruleset.apply_base(lab.product, fabric)
+    lab.rules(a, "a", egress="internet", uplink="up0")
+    lab.serve(lab.internet, ALLOWED_HOST, 80)
+    lab.serve(lab.internet, OTHER_HOST, 80)
+
+    assert connect(a.ns, ALLOWED_HOST, 80) == MASQUERADED
+    assert connect(a.ns, OTHER_HOST, 80) is None
+    assert [r[:3] for r in ruleset.read_refused(lab.product, "a")] == [(OTHER_HOST, "tcp", 80)]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vms.network import dns, netns, ruleset
+from vms.network import bridge, dns, netns, ruleset
 from vms.network.names import NetworkError
 
 from .conftest import ALLOWED_HOST, Lab, connect, in_ns
@@ -215,3 +215,31 @@ def test_a_stricter_policy_can_cut_established_connections(lab: Lab) -> None:
         ]
     finally:
         held.close()
+
+
+def test_host_routes_follow_the_networks(lab: Lab) -> None:
+    one = lab.network("br1", "10.30.0.0/24", isolated=True)
+    lab.network("br2", "10.31.0.0/24", isolated=True)
+
+    netns.set_host_routes(lab.product, lab.link, [one.subnet], host_ns=lab.host)
+    netns.connect_host(lab.product, lab.link, [one.subnet], host_ns=lab.host)  # idempotent
+
+    routes = netns.run(lab.host, ["/usr/sbin/ip", "route"]).stdout.decode().splitlines()
+    assert sorted(r.split()[0] for r in routes) == ["10.254.0.0/30", "10.30.0.0/24"]
+    addresses = netns.run(lab.host, ["/usr/sbin/ip", "-o", "-4", "addr"]).stdout.decode()
+    assert addresses.count("10.254.0.1/30") == 1
+
+
+def test_a_detached_port_passes_nothing(lab: Lab) -> None:
+    net = lab.network("br1", "10.30.0.0/24", isolated=False)
+    a, b = lab.guest(net, 10), lab.guest(net, 11)
+    lab.rules(a, "a")
+    lab.rules(b, "b")
+    lab.serve(a.ns, a.address, 8000)
+    assert connect(b.ns, a.address, 8000) is not None
+
+    bridge.detach(lab.product, b.port)
+
+    assert connect(b.ns, a.address, 8000, timeout=1.0) is None
+    with pytest.raises(NetworkError):
+        bridge.port_isolated(lab.product, b.port)
