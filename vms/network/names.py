@@ -16,6 +16,8 @@ __all__ = [
     "NetworkError",
     "check_domain",
     "check_ifname",
+    "check_ipv4",
+    "check_ipv4_network",
     "check_key",
     "check_mac",
     "check_netns",
