@@ -39,111 +39,38 @@ from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
 from vms import commands, guest, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
+from vms.representation import (
+    SNAPSHOT_BRIEF_FIELDS,
+    SNAPSHOT_FIELDS,
+    VM_COLUMNS,
+    VM_FIELDS,
+    represent_vm,
+    vm_representation,
+)
 
 # --- Serializers ------------------------------------------------------------------------------
-
-
-def _iso(value: Any) -> str | None:
-    """DRF's ISO 8601 rendering of a datetime (UTC as Z)."""
-    if value is None:
-        return None
-    text = value.isoformat()
-    return text[:-6] + "Z" if text.endswith("+00:00") else text
 
 
 class SnapshotBriefSerializer(serializers.ModelSerializer):
     class Meta:
         model = Snapshot
-        fields = ["id", "name", "state", "created_at"]
+        fields = SNAPSHOT_BRIEF_FIELDS
         read_only_fields = fields
 
 
-# A VM as the API shows it.
-VM_FIELDS = [
-    "id",
-    "url",
-    "name",
-    "owner",
-    "template",
-    "boot",
-    "vcpus",
-    "memory_mib",
-    "disk_mib",
-    "state",
-    "pending_type",
-    "progress",
-    "last_error",
-    "host",
-    "hypervisor",
-    "hostname",
-    "mac",
-    "ip",
-    "source_snapshot",
-    "last_snapshot",
-    "version",
-    "created_at",
-    "updated_at",
-    "state_changed_at",
-]
-# The columns behind them: the owner by name, the snapshots by id (the URL is derived).
-_COLUMN_OF = {
-    "owner": "owner__username",
-    "source_snapshot": "source_snapshot_id",
-    "last_snapshot": "last_snapshot_id",
-}
-VM_COLUMNS = [_COLUMN_OF.get(name, name) for name in VM_FIELDS if name != "url"]
-
-
+# The fields declare the schema; ``vms.representation`` computes them (instances included).
 class VMSerializer(serializers.ModelSerializer):
     owner = serializers.CharField(source="owner.username", read_only=True)
-    url = serializers.SerializerMethodField()
+    owner_id = serializers.IntegerField(read_only=True)
+    url = serializers.CharField(read_only=True)
 
     class Meta:
         model = VirtualMachine
         fields = VM_FIELDS
         read_only_fields = fields
 
-    def get_url(self, vm: VirtualMachine) -> str:
-        return f"/api/v1/vms/{vm.pk}/"
-
     def to_representation(self, vm: VirtualMachine) -> dict[str, Any]:
-        values = {name: getattr(vm, name) for name in VM_COLUMNS if name != "owner__username"}
-        values["owner__username"] = vm.owner.username
-        return vm_representation(values)
-
-
-def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
-    """A VM as the API shows it, from its VM_COLUMNS values.
-
-    The list endpoint is the hottest in the product: the dict is built directly instead of
-    through 24 serializer fields (same output, about ten times less CPU per VM).
-    """
-    return {
-        "id": str(v["id"]),
-        "url": f"/api/v1/vms/{v['id']}/",
-        "name": v["name"],
-        "owner": v["owner__username"],
-        "template": v["template"],
-        "boot": v["boot"],
-        "vcpus": v["vcpus"],
-        "memory_mib": v["memory_mib"],
-        "disk_mib": v["disk_mib"],
-        "state": v["state"],
-        "pending_type": v["pending_type"],
-        "progress": v["progress"],
-        "last_error": v["last_error"],
-        "host": v["host"],
-        "hypervisor": v["hypervisor"],
-        "hostname": v["hostname"],
-        "mac": v["mac"],
-        "ip": v["ip"],
-        "source_snapshot": str(v["source_snapshot_id"]) if v["source_snapshot_id"] else None,
-        "last_snapshot": str(v["last_snapshot_id"]) if v["last_snapshot_id"] else None,
-        "version": v["version"],
-        "created_at": _iso(v["created_at"]),
-        "updated_at": _iso(v["updated_at"]),
-        "state_changed_at": _iso(v["state_changed_at"]),
-    }
+        return represent_vm(vm)
 
 
 # --- Compiled reads: the default list page and one VM ----------------------------------------
@@ -246,24 +173,7 @@ class SnapshotSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Snapshot
-        fields = [
-            "id",
-            "name",
-            "vm",
-            "vm_name",
-            "owner",
-            "parent",
-            "state",
-            "template",
-            "vcpus",
-            "memory_mib",
-            "disk_mib",
-            "size_bytes",
-            "manifest",
-            "last_error",
-            "created_at",
-            "deleted_at",
-        ]
+        fields = SNAPSHOT_FIELDS
         read_only_fields = fields
 
 

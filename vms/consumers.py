@@ -24,6 +24,7 @@ import json
 import logging
 import uuid
 from typing import Any
+from urllib.parse import parse_qsl
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -35,6 +36,8 @@ from accounts.scopes import VM_READ, check_socket, needs
 from audit.commands import read_details, record_trail_read
 from core import parsers
 from vms import commands, console, live, metrics_live
+from vms.models import VirtualMachine
+from vms.representation import represent_vm
 
 log = logging.getLogger("sandbox.vms.consumers")
 
@@ -53,8 +56,6 @@ def _int(value: str | None, default: int, lo: int, hi: int) -> int:
 
 
 def _query(scope: dict[str, Any]) -> dict[str, str]:
-    from urllib.parse import parse_qsl
-
     return dict(parse_qsl(scope.get("query_string", b"").decode()))
 
 
@@ -165,7 +166,7 @@ def _visible_vm(caller: Caller, vm_id: str) -> dict[str, Any] | None:
     if not caller.user.is_active:
         return None
     vm = commands.visible_vms(caller).filter(pk=vm_id).first()
-    return live.vm_summary(vm) if vm else None
+    return represent_vm(vm) if vm else None
 
 
 class VMListConsumer(_Rechecked):
@@ -207,7 +208,7 @@ class VMListConsumer(_Rechecked):
     @database_sync_to_async
     def _snapshot(self) -> list[dict[str, Any]]:
         qs = commands.visible_vms(self.caller).exclude(state="destroyed")
-        return [live.vm_summary(vm) for vm in qs]
+        return [represent_vm(vm) for vm in qs]
 
     def _push(self, vm: dict[str, Any]) -> None:
         if not self.sees_all and vm["owner_id"] != self.user_id:
@@ -272,8 +273,6 @@ class VMLiveConsumer(_Rechecked):
         """The events since ``after``, recorded as one trail read for the connection (the
         events pushed afterwards are part of this read: no event per push). A read the log
         cannot record is not served: the error ends the connection."""
-        from vms.models import VirtualMachine
-
         vm = VirtualMachine.objects.filter(pk=self.vm_id).first()
         events = live.vm_timeline(vm, after=self.last_position) if vm else []
         record_trail_read(

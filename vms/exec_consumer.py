@@ -25,6 +25,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import close_old_connections, connections
 
 from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
@@ -35,6 +36,8 @@ from audit.errors import EventStoreUnavailable
 from core import context, parsers
 from vms import commands, guest
 from vms.agent.client import AgentError, AgentTimeout
+from vms.api import ExecSerializer
+from vms.models import VirtualMachine
 
 STREAM_QUEUE_FRAMES = 64  # output chunks (up to 64 KiB each) waiting for the websocket
 
@@ -89,8 +92,6 @@ class ExecConsumer(AsyncWebsocketConsumer):
         except ValueError:
             await self._error(400, "send one JSON object")
             return
-        from vms.api import ExecSerializer
-
         s = ExecSerializer(data=request)
         if not s.is_valid():
             await self._error(400, s.errors)
@@ -140,10 +141,6 @@ class ExecConsumer(AsyncWebsocketConsumer):
         await self.close()
 
     def _run(self, data: dict[str, Any], on_stdout: Any, on_stderr: Any) -> Any:
-        from django.db import close_old_connections, connections
-
-        from vms.models import VirtualMachine
-
         close_old_connections()
         try:
             client = self.scope.get("client") or (None, None)

@@ -11,7 +11,8 @@ late commit, and only committed events are ever pushed: workers need no line to 
 Groups: ``vm.<id>`` gets the events of that VM and of its snapshots (the detail page's timeline);
 ``vms`` gets, for each VM event, the VM's current row (the list page). Messages carry the event's
 position, and consumers drop positions they have already sent: with a Redis channel layer every web
-process's follower pushes each event once, and the copies are dropped there.
+process's follower pushes each event once, and the copies are dropped there. A VM in a message is
+``vms.representation.vm_representation``: the fields and values of the API's.
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import psycopg
+from channels.layers import get_channel_layer
 from django.db import close_old_connections, connection
 
 from audit import store
+from audit.db import NOTIFY_CHANNEL
+from audit.models import Event
+from vms.models import Snapshot, VirtualMachine
+from vms.representation import VM_COLUMNS, vm_representation
 
 log = logging.getLogger("sandbox.vms.live")
 
@@ -52,31 +59,6 @@ def vm_group(vm_id: object) -> str:
     return f"vm.{vm_id}"
 
 
-def vm_summary(vm: Any) -> dict[str, Any]:
-    """What the list and detail pages show of a VM, in JSON."""
-    return {
-        "id": str(vm.pk),
-        "name": vm.name,
-        "owner": vm.owner.username if vm.owner_id else "",
-        "owner_id": vm.owner_id,
-        "template": vm.template,
-        "state": vm.state,
-        "pending_type": vm.pending_type,
-        "progress": vm.progress or {},
-        "last_error": vm.last_error,
-        "vcpus": vm.vcpus,
-        "memory_mib": vm.memory_mib,
-        "disk_mib": vm.disk_mib,
-        "ip": vm.ip or "",
-        "hostname": vm.hostname,
-        "mac": vm.mac,
-        "host": vm.host,
-        "hypervisor": vm.hypervisor,
-        "version": vm.version,
-        "state_changed_at": vm.state_changed_at.isoformat() if vm.state_changed_at else "",
-    }
-
-
 def event_summary(e: store.RecordedEvent) -> dict[str, Any]:
     return {
         "position": e.position,
@@ -97,8 +79,6 @@ def messages_for(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str,
     Runs in the follower's thread: it reads the read models, which the inline projection updated
     in the event's own transaction, so they are at least as new as the event.
     """
-    from vms.models import Snapshot, VirtualMachine
-
     vm_ids = {e.aggregate_id for e in events if e.aggregate_type == "vm"}
     snap_ids = {e.aggregate_id for e in events if e.aggregate_type == "snapshot"}
     snap_vm = {
@@ -108,8 +88,8 @@ def messages_for(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str,
     }
     vm_ids |= set(snap_vm.values())
     vms = {
-        str(vm.pk): vm_summary(vm)
-        for vm in VirtualMachine.objects.select_related("owner").filter(pk__in=_uuids(vm_ids))
+        str(row["id"]): vm_representation(row)
+        for row in VirtualMachine.objects.filter(pk__in=_uuids(vm_ids)).values(*VM_COLUMNS)
     }
     out: list[tuple[str, dict[str, Any]]] = []
     for e in events:
@@ -225,10 +205,6 @@ class LogFollower:
 
 def _listen_connection() -> Any:
     """A psycopg connection of its own (autocommit) that LISTENs on ``audit_events``."""
-    import psycopg
-
-    from audit.db import NOTIFY_CHANNEL
-
     s = connection.settings_dict
     conn = psycopg.connect(
         dbname=s["NAME"],
@@ -250,8 +226,6 @@ _lock = threading.Lock()
 async def ensure_follower() -> LogFollower:
     """The process's follower, started on first use (and again if its event loop is gone)."""
     global _follower
-    from channels.layers import get_channel_layer
-
     loop = asyncio.get_running_loop()
     old = None
     with _lock:  # never held across an await
@@ -278,12 +252,9 @@ def stop_follower() -> None:
 atexit.register(stop_follower)
 
 
-def vm_timeline(vm: Any, *, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
+def vm_timeline(vm: VirtualMachine, *, after: int = 0, limit: int = 200) -> list[dict[str, Any]]:
     """The last ``limit`` events of ``vm`` and its snapshots after ``after``, oldest first
     (the detail page's first render, and a consumer's catch-up after connecting)."""
-    from audit.models import Event
-    from vms.models import Snapshot
-
     snapshot_ids = [str(s) for s in Snapshot.objects.filter(vm=vm).values_list("pk", flat=True)]
     qs = (
         Event.objects.filter(aggregate_type="vm", aggregate_id=str(vm.pk))

@@ -34,6 +34,7 @@ from vms.forms import (
     StopForm,
 )
 from vms.models import Snapshot, Template, VirtualMachine
+from vms.representation import represent_vm
 
 REFUSALS = (
     commands.InvalidState,
@@ -179,7 +180,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
         "vms/detail.html",
         {
             "vm": vm,
-            "vm_json": live.vm_summary(vm),
+            "vm_json": represent_vm(vm),
             "timeline": list(reversed(timeline)),
             "last_position": timeline[-1]["position"] if timeline else 0,
             "snapshots": snapshots,
