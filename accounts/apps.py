@@ -1,7 +1,6 @@
 """Users, roles, API tokens and login security."""
 
 from django.apps import AppConfig
-from django.db.models.signals import post_migrate
 
 
 class AccountsConfig(AppConfig):
@@ -9,6 +8,5 @@ class AccountsConfig(AppConfig):
     verbose_name = "Accounts"
 
     def ready(self) -> None:
-        from accounts import roles, signals  # noqa: F401  (auth signal receivers)
-
-        post_migrate.connect(roles.sync_roles_after_migrate)
+        # Here, not at the top: the receivers import the models, which load after the apps.
+        from accounts import signals  # noqa: F401

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import ipaddress
 from datetime import timedelta
+from importlib import import_module
 from typing import Any
 
 from channels.db import database_sync_to_async
-from django.contrib.auth import get_user_model
+from django.conf import settings
+from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
 from django.db import connection
 from django.utils import timezone
+from django.utils.crypto import constant_time_compare
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 from rest_framework.exceptions import AuthenticationFailed, PermissionDenied
 
-from accounts import backends, commands, scopes, tokens
+from accounts import commands, scopes, tokens
 from accounts.models import APIToken
+from accounts.permission_cache import prime_permissions
 from audit.actor import Actor
 from core import context
 
@@ -74,7 +78,7 @@ class _TokenQuery:
         token = APIToken.from_db(connection.alias, self.token_fields, values[:n_token])
         user = self.user_model.from_db(connection.alias, self.user_fields, values[n_token:])
         token.user = user
-        backends.prime_permissions(user, [row[-1] for row in rows if row[-1] is not None])
+        prime_permissions(user, [row[-1] for row in rows if row[-1] is not None])
         return token
 
 
@@ -206,9 +210,6 @@ def recheck_socket(scope: Any) -> int | None:
     socket with the code returned (4401) when the caller is gone. Otherwise it returns None and
     leaves the fresh user (its role now) and token in the scope, for the consumer to re-apply
     what the caller may see and do. A dead token is recorded as ``auth.token_rejected``."""
-    from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY
-    from django.utils.crypto import constant_time_compare
-
     user = scope.get("user")
     if user is None or not user.is_authenticated:
         return CLOSE_UNAUTHENTICATED
@@ -236,10 +237,6 @@ def recheck_socket(scope: Any) -> int | None:
     if session is not None and key:
         # A browser's socket: its session must still exist (no logout), still be this user's,
         # and still carry the password hash it was made with (a password change ends it).
-        from importlib import import_module
-
-        from django.conf import settings
-
         data = import_module(settings.SESSION_ENGINE).SessionStore(key).load()
         session_hash = data.get(HASH_SESSION_KEY) or ""
         if str(data.get(SESSION_KEY)) != str(fresh.pk) or not constant_time_compare(

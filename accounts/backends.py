@@ -3,21 +3,16 @@ permission checks."""
 
 from __future__ import annotations
 
-import threading
 from contextvars import ContextVar
 from typing import Any
 
 from django.contrib.auth.backends import ModelBackend
 from django.contrib.auth.hashers import make_password
-from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 
 from accounts import commands, throttle
+from accounts.permission_cache import every_perm, perms_of_group
 from audit.actor import Actor
-
-_group_perms: dict[int, frozenset[str]] = {}
-_all_perms: frozenset[str] | None = None
-_lock = threading.Lock()
 
 # Why the last attempt without a request was refused unchecked ("locked"), for the receiver of
 # user_login_failed (accounts.signals), which has no request to read it from.
@@ -33,47 +28,6 @@ def refusal_without_request() -> str | None:
     return reason
 
 
-def clear_permission_cache() -> None:
-    """Called when role permissions are synced (accounts.roles.sync_roles)."""
-    global _all_perms
-    with _lock:
-        _group_perms.clear()
-        _all_perms = None
-
-
-def _perms_of_group(group_id: int) -> frozenset[str]:
-    cached = _group_perms.get(group_id)
-    if cached is None:
-        rows = Permission.objects.filter(group__id=group_id).values_list(
-            "content_type__app_label", "codename"
-        )
-        cached = frozenset(f"{app}.{codename}" for app, codename in rows)
-        with _lock:
-            _group_perms[group_id] = cached
-    return cached
-
-
-def _every_perm() -> frozenset[str]:
-    global _all_perms
-    if _all_perms is None:
-        rows = Permission.objects.values_list("content_type__app_label", "codename")
-        _all_perms = frozenset(f"{app}.{codename}" for app, codename in rows)
-    return _all_perms
-
-
-def prime_permissions(user: Any, group_ids: list[int]) -> None:
-    """Set ``user``'s permissions from group ids read with the user (token authentication)."""
-    if not user.is_active:
-        user._perm_cache = set()
-    elif user.is_superuser:
-        user._perm_cache = set(_every_perm())
-    else:
-        perms: set[str] = set()
-        for group_id in group_ids:
-            perms |= _perms_of_group(group_id)
-        user._perm_cache = perms
-
-
 class LockoutModelBackend(ModelBackend):
     """ModelBackend that stops at a throttled source address or a locked username, before the
     password is even checked (``accounts.throttle``, ``accounts.commands.lock_ends``). Each
@@ -85,8 +39,8 @@ class LockoutModelBackend(ModelBackend):
     whose receiver records the attempt with reason ``locked``.
 
     Permissions come from the user's role groups only (the product grants none per user): a
-    group's permission set is cached per process (roles change only when ``sync_roles`` runs,
-    which clears the cache), and the user's group membership is read fresh once per request, so
+    group's permission set is cached per process (``accounts.permission_cache``, cleared when
+    ``sync_roles`` runs), and the user's group membership is read fresh once per request, so
     a role change applies to the very next request.
     """
 
@@ -135,11 +89,11 @@ class LockoutModelBackend(ModelBackend):
             return set()
         if not hasattr(user_obj, "_perm_cache"):
             if user_obj.is_superuser:
-                perms: set[str] = set(_every_perm())
+                perms: set[str] = set(every_perm())
             else:
                 perms = set()
                 for group_id in user_obj.groups.values_list("id", flat=True):
-                    perms |= _perms_of_group(group_id)
+                    perms |= perms_of_group(group_id)
             user_obj._perm_cache = perms
         return user_obj._perm_cache
 

@@ -9,6 +9,8 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
+from accounts.roles import role_of
+
 __all__ = ["APIToken", "LoginState", "SandboxUserManager", "User"]
 
 
@@ -37,8 +39,6 @@ class User(AbstractUser):
 
     @property
     def role(self) -> str:
-        from accounts.roles import role_of
-
         return role_of(self)
 
 

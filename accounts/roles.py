@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.apps import apps
 from django.contrib.auth.models import Group, Permission
+
+from accounts.permission_cache import clear_permission_cache
 
 ADMIN, OPERATOR, VIEWER, AUDITOR = "admin", "operator", "viewer", "auditor"
 ROLES = (ADMIN, OPERATOR, VIEWER, AUDITOR)
@@ -63,8 +66,6 @@ def _permissions(spec: list[str]) -> list[Permission]:
 
 
 def sync_roles() -> None:
-    from accounts.backends import clear_permission_cache
-
     for role, spec in ROLE_PERMISSIONS.items():
         group, _ = Group.objects.get_or_create(name=role)
         group.permissions.set(_permissions(spec))
@@ -74,8 +75,6 @@ def sync_roles() -> None:
 def sync_roles_after_migrate(sender: Any = None, **kwargs: Any) -> None:
     """post_migrate fires once per app that has models; sync after the last of them, when all
     permissions exist."""
-    from django.apps import apps
-
     with_models = [app for app in apps.get_app_configs() if app.models_module is not None]
     if sender is with_models[-1]:
         sync_roles()

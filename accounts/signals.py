@@ -1,7 +1,8 @@
 """Receivers for Django's auth signals: every login, logout and failure becomes an event.
 
 These are auth signals sent by ``authenticate()``/``login()``/``logout()`` on every path (the
-login page, the admin, DRF session logins), not model signals.
+login page, the admin, DRF session logins), not model signals. Also ``post_migrate``: the roles
+are synced after the last app's migration (``accounts.roles.sync_roles_after_migrate``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
+from django.db.models.signals import post_migrate
 from django.dispatch import receiver
 
-from accounts import backends, commands
+from accounts import backends, commands, roles
 from audit.actor import Actor
+
+post_migrate.connect(roles.sync_roles_after_migrate, dispatch_uid="sandbox_sync_roles")
 
 
 @receiver(user_logged_in, dispatch_uid="sandbox_logged_in")

@@ -16,7 +16,8 @@ from django.views.decorators.http import require_POST
 
 from accounts import commands
 from accounts.forms import LoginForm, TokenForm
-from accounts.models import APIToken
+from accounts.models import APIToken, User
+from accounts.roles import ROLES
 from audit.actor import Actor
 
 
@@ -92,8 +93,6 @@ def _manager(request: HttpRequest) -> None:
 @login_required
 def users(request: HttpRequest) -> HttpResponse:
     """Every account with its role; create one. Changes go through accounts.commands."""
-    from accounts.roles import ROLES
-
     _manager(request)
     form = UserCreateForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -114,8 +113,6 @@ def users(request: HttpRequest) -> HttpResponse:
                 request, f"User {user.username} created ({form.cleaned_data['role']})."
             )
             return redirect("accounts:users")
-    from accounts.models import User
-
     people = User.objects.prefetch_related("groups").order_by("username")
     return render(
         request,
@@ -127,8 +124,6 @@ def users(request: HttpRequest) -> HttpResponse:
 @login_required
 @require_POST
 def user_role(request: HttpRequest, pk: int) -> HttpResponse:
-    from accounts.models import User
-
     _manager(request)
     person = get_object_or_404(User, pk=pk)
     try:
@@ -147,8 +142,6 @@ def user_role(request: HttpRequest, pk: int) -> HttpResponse:
 @login_required
 @require_POST
 def user_active(request: HttpRequest, pk: int) -> HttpResponse:
-    from accounts.models import User
-
     _manager(request)
     person = get_object_or_404(User, pk=pk)
     active = request.POST.get("active") == "1"

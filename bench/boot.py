@@ -36,9 +36,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vms import images  # noqa: E402
+from vms.agent import readiness  # noqa: E402
 from vms.agent.client import AgentClient, AgentTimeout  # noqa: E402
 from vms.hypervisors import process  # noqa: E402
-from vms.hypervisors.base import DiskSpec, RuntimeDir, VMSpec  # noqa: E402
+from vms.hypervisors.base import DiskSpec, RuntimeDir, TemplateHooks, VMSpec  # noqa: E402
 from vms.hypervisors.qemu import QemuHypervisor  # noqa: E402
 from vms.hypervisors.templates import TemplateCache  # noqa: E402
 
@@ -228,7 +229,8 @@ def main() -> int:
             log(f"driver boot {i}: {drv[-1]:.2f}s")
 
         # A fresh template (own cache dir): its build time is a cold boot plus a save.
-        templates = TemplateCache(hv, cache_dir=cache, scratch_root=root)
+        hooks = TemplateHooks(readiness.wait_ready, readiness.reset_identity, images.make_data_disk)
+        templates = TemplateCache(hv, hooks, cache_dir=cache, scratch_root=root)
         t0 = time.monotonic()
         snap = templates.ensure(spec0)
         out["template_build_s"] = round(time.monotonic() - t0, 3)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from vms import images
 from vms.hypervisors.base import DiskSpec, Hypervisor, RuntimeDir, VMSpec
+from vms.hypervisors.selection import select_hypervisor
 from vms.models import VirtualMachine
 
 
@@ -32,8 +34,6 @@ def snapshot_dir(snapshot_id: object) -> Path:
 
 @functools.cache
 def hypervisor() -> Hypervisor:
-    from vms.hypervisors.probe import select_hypervisor
-
     return select_hypervisor(settings.SANDBOX_HYPERVISOR)
 
 
@@ -43,8 +43,6 @@ def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
     On the current guest image, or with ``image_id`` on that one (a snapshot's: ImageNotKept
     when this host no longer has it). ``spec.extra["image_id"]`` says which it is.
     """
-    from vms import images
-
     if vm.image == "windows":
         raise images.ImageNotBuilt(
             "no Windows image is installed on this host (see docs/images.md for the UEFI path)"

@@ -25,8 +25,16 @@ from django.db import transaction
 from audit import store
 from audit.models import Event
 from vms import commands, runtime
-from vms.hypervisors.base import HypervisorError, NotSupported, SnapshotFiles
-from vms.images import ImageNotBuilt, current_image_id
+from vms.agent import readiness
+from vms.agent.client import AgentClient
+from vms.hypervisors.base import (
+    HypervisorError,
+    NotSupported,
+    SnapshotFiles,
+    TemplateHooks,
+    TemplateStarter,
+)
+from vms.images import ImageNotBuilt, current_image_id, make_data_disk
 from vms.models import RequestOutcome, Snapshot, VirtualMachine
 
 log = logging.getLogger("sandbox.vms.worker")
@@ -226,9 +234,7 @@ def claim(request: store.RecordedEvent) -> bool:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> Any:
-    from vms.agent.client import AgentClient
-
+def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> AgentClient:
     client = AgentClient.from_hypervisor(runtime.hypervisor(), runtime.runtime_dir(vm.pk))
     try:
         client.hello(timeout=timeout)
@@ -254,20 +260,24 @@ def _progress(request: store.RecordedEvent, step: str, pct: int, message: str = 
 
 
 def _ensure_data_disk(vm: VirtualMachine) -> None:
-    from vms.images import make_data_disk
-
     path = runtime.vm_data_dir(vm.pk) / "data.img"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         make_data_disk(path, vm.disk_mib)
 
 
-def _template_cache() -> Any:
-    from vms.hypervisors.qemu import QemuHypervisor
-    from vms.hypervisors.templates import TemplateCache
+# What a driver's saved-state templates need from this side: the guest agent's readiness and
+# the restored guest's identity, and the VMs' data disks.
+TEMPLATE_HOOKS = TemplateHooks(
+    wait_ready=readiness.wait_ready,
+    reset_identity=readiness.reset_identity,
+    make_disk=make_data_disk,
+)
 
-    hv = runtime.hypervisor()
-    return TemplateCache(hv) if isinstance(hv, QemuHypervisor) else None
+
+def _template_cache() -> TemplateStarter | None:
+    """The driver's fast start from saved templates; None when it has none (cold boot)."""
+    return runtime.hypervisor().template_cache(TEMPLATE_HOOKS)
 
 
 def _wait_for_agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> None:

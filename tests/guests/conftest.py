@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from vms.agent import readiness
 from vms.agent.client import AgentClient
-from vms.hypervisors.base import DiskSpec, RuntimeDir, VMSpec
+from vms.hypervisors.base import DiskSpec, RuntimeDir, TemplateHooks, VMSpec
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.hypervisors.templates import TemplateCache
+from vms.images import make_data_disk
 
 HELLO_TIMEOUT = 90.0  # cold boot under TCG on a loaded 2-core host
 
@@ -105,7 +107,8 @@ def make_spec(linux_image, runtime_root: Path) -> Callable[..., VMSpec]:  # noqa
 
 @pytest.fixture(scope="session")
 def templates(hv: QemuHypervisor, runtime_root: Path) -> TemplateCache:
-    return TemplateCache(hv, scratch_root=runtime_root, boot_timeout=HELLO_TIMEOUT)
+    hooks = TemplateHooks(readiness.wait_ready, readiness.reset_identity, make_data_disk)
+    return hv.template_cache(hooks, scratch_root=runtime_root, boot_timeout=HELLO_TIMEOUT)
 
 
 @pytest.fixture(scope="session")

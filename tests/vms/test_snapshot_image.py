@@ -18,7 +18,14 @@ from accounts.caller import Caller
 from audit.models import Event
 from tests.vms.test_image_contract import build, fabricate, image_id_of
 from vms import commands, runtime, worker
-from vms.hypervisors.base import RuntimeDir, SnapshotFiles, VMInfo, VMSpec, VMState
+from vms.hypervisors.base import (
+    RuntimeDir,
+    SnapshotFiles,
+    TemplateHooks,
+    VMInfo,
+    VMSpec,
+    VMState,
+)
 from vms.models import Snapshot, VirtualMachine
 
 pytestmark = pytest.mark.django_db
@@ -69,6 +76,9 @@ class RecordingHypervisor:
         self.alive.discard(rt.root)
         self.paused.discard(rt.root)
         shutil.rmtree(rt.root, ignore_errors=True)
+
+    def template_cache(self, hooks: TemplateHooks, **_: Any) -> None:
+        return None  # no saved-state templates: every start is a cold boot
 
 
 class FakeAgent:

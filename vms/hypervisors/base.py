@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
@@ -23,6 +24,9 @@ __all__ = [
     "NotSupported",
     "RuntimeDir",
     "SnapshotFiles",
+    "StartResult",
+    "TemplateHooks",
+    "TemplateStarter",
     "VMInfo",
     "VMSpec",
     "VMState",
@@ -146,6 +150,40 @@ class SnapshotFiles:
     files: tuple[Path, ...]
 
 
+@dataclass(frozen=True)
+class StartResult:
+    """How a ``TemplateStarter`` started a VM."""
+
+    pid: int
+    restored: bool  # False: cold-booted (template unusable for this spec)
+    seconds: float
+    reason: str = ""  # why a cold boot was used
+
+
+class TemplateStarter(Protocol):
+    """Starts VMs by restoring a saved template guest of the same shape (``template_cache``)."""
+
+    def start(self, spec: VMSpec, runtime: RuntimeDir, *, fallback: bool = True) -> StartResult:
+        """Start ``spec`` from its template (building it if needed), its clock and identity
+        reset; cold-boot instead when no template can serve it and ``fallback`` is true."""
+        ...
+
+
+@dataclass(frozen=True)
+class TemplateHooks:
+    """What saved-state templates need from their caller, who knows the guest and its disks
+    (a driver knows neither the guest agent nor how a data disk is made)."""
+
+    # (hypervisor, runtime, timeout): returns once a freshly booted template guest is ready to
+    # be saved (its agent answers, and has been warmed up).
+    wait_ready: Callable[[Hypervisor, RuntimeDir, float], None]
+    # (hypervisor, runtime, spec): after a restore, sets the guest's clock and identity (it has
+    # the template's) to the VM's.
+    reset_identity: Callable[[Hypervisor, RuntimeDir, VMSpec], None]
+    # (path, size_mib): makes an empty writable data disk at ``path``.
+    make_disk: Callable[[Path, int], object]
+
+
 @runtime_checkable
 class Hypervisor(Protocol):
     """One VMM. Every method takes the VM's runtime directory; none blocks without a timeout."""
@@ -207,4 +245,21 @@ class Hypervisor(Protocol):
 
     def destroy(self, runtime: RuntimeDir) -> None:
         """Kill the VMM if alive and remove every socket and file of the runtime directory."""
+        ...
+
+    def template_cache(
+        self,
+        hooks: TemplateHooks,
+        *,
+        cache_dir: Path | None = None,
+        scratch_root: Path | None = None,
+        boot_timeout: float = 180.0,
+    ) -> TemplateStarter | None:
+        """Fast starts from saved template guests, or None when this VMM has none (the caller
+        then cold-boots with ``start``).
+
+        ``cache_dir`` keeps the templates (default ``$SANDBOX_TEMPLATE_CACHE``); a template
+        guest's runtime directory goes under ``scratch_root`` (keep it short: socket paths);
+        ``boot_timeout`` bounds the template's cold boot (``hooks.wait_ready``).
+        """
         ...

@@ -39,6 +39,8 @@ from .base import (
     NotSupported,
     RuntimeDir,
     SnapshotFiles,
+    TemplateHooks,
+    TemplateStarter,
     VMInfo,
     VMSpec,
     VMState,
@@ -718,6 +720,18 @@ class CloudHypervisor:
             pass
         except OSError as exc:
             raise HypervisorError(f"cannot remove runtime directory {runtime.root}: {exc}") from exc
+
+    def template_cache(
+        self,
+        hooks: TemplateHooks,
+        *,
+        cache_dir: Path | None = None,
+        scratch_root: Path | None = None,
+        boot_timeout: float = 180.0,
+    ) -> TemplateStarter | None:
+        """None: this driver offers no saved-state templates; its guests cold-boot (with KVM,
+        the boot that templates save under QEMU's TCG is short)."""
+        return None
 
     # ---------------------------------------------- Cloud Hypervisor verbs beyond the protocol
 

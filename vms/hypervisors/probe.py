@@ -8,7 +8,8 @@ missing root within about a second and QEMU exits (``-no-reboot``); a broken one
 there and is killed at the timeout. The verdict is cached per boot and kernel release, in memory
 and on disk, so the (slow, on a broken host) probe runs once per host boot.
 
-``select_hypervisor()`` maps ``SANDBOX_HYPERVISOR=auto|cloud-hypervisor|qemu`` to a driver.
+Below the drivers: the QEMU driver asks it which accelerator to use, and ``selection`` which
+driver to pick.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from .base import Hypervisor, HypervisorError
-
-__all__ = ["KVM_PROBE_TIMEOUT", "kvm_usable", "probe_cache_path", "select_hypervisor"]
+__all__ = ["KVM_PROBE_TIMEOUT", "kvm_usable", "probe_cache_path"]
 
 KVM_PROBE_TIMEOUT = float(os.environ.get("SANDBOX_KVM_PROBE_TIMEOUT", "15"))
 _KVM_GET_API_VERSION = 0xAE00
@@ -161,31 +160,3 @@ def kvm_usable(*, refresh: bool = False, qemu: str = "qemu-system-x86_64") -> tu
         else:
             _memo.pop(key, None)
         return verdict
-
-
-def select_hypervisor(
-    setting: str | None = None,
-) -> Hypervisor:
-    """The driver for ``setting`` (default: ``$SANDBOX_HYPERVISOR`` or ``auto``).
-
-    ``auto``: Cloud Hypervisor when its binary is on PATH and KVM runs guests, else QEMU.
-    """
-    if setting is None:
-        setting = os.environ.get("SANDBOX_HYPERVISOR", "auto")
-    choice = setting.strip().lower()
-    if choice == "auto":
-        if shutil.which("cloud-hypervisor") and kvm_usable()[0]:
-            choice = "cloud-hypervisor"
-        else:
-            choice = "qemu"
-    if choice == "qemu":
-        from .qemu import QemuHypervisor
-
-        return QemuHypervisor()
-    if choice in ("cloud-hypervisor", "cloud_hypervisor", "ch"):
-        from .cloud_hypervisor import CloudHypervisor  # type: ignore[import-not-found,unused-ignore]
-
-        return CloudHypervisor()  # type: ignore[no-any-return,unused-ignore]
-    raise HypervisorError(
-        f"unknown SANDBOX_HYPERVISOR {setting!r}: use auto, cloud-hypervisor or qemu"
-    )

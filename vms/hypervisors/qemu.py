@@ -45,11 +45,14 @@ from .base import (
     NotSupported,
     RuntimeDir,
     SnapshotFiles,
+    TemplateHooks,
     VMInfo,
     VMSpec,
     VMState,
 )
+from .probe import kvm_usable
 from .qmp import QMPClient
+from .templates import TemplateCache
 
 __all__ = [
     "QEMU_BINARY",
@@ -203,8 +206,6 @@ class QemuHypervisor:
     def accel(self) -> str:
         """``kvm`` only when a guest was seen running on it (probe), else ``tcg``."""
         if self._accel is None:
-            from .probe import kvm_usable
-
             self._accel = "kvm" if kvm_usable()[0] else "tcg"
         return self._accel
 
@@ -552,6 +553,31 @@ class QemuHypervisor:
         (directory / SNAPSHOT_MANIFEST).write_text(json.dumps(manifest, indent=1))
         files.append(directory / SNAPSHOT_MANIFEST)
         return SnapshotFiles(directory, tuple(files))
+
+    # -- templates ---------------------------------------------------------------------------
+    def template_cache(
+        self,
+        hooks: TemplateHooks,
+        *,
+        cache_dir: Path | None = None,
+        scratch_root: Path | None = None,
+        boot_timeout: float = 180.0,
+    ) -> TemplateCache:
+        """Fast starts by restoring saved template guests (``templates.TemplateCache``)."""
+        return TemplateCache(
+            self, hooks, cache_dir=cache_dir, scratch_root=scratch_root, boot_timeout=boot_timeout
+        )
+
+    def template_shape(self, spec: VMSpec) -> dict[str, object]:
+        """The QEMU version, the accelerator and the command line without the VM's own parts
+        (id, disks, NICs): a saved guest is restored only under the same."""
+        return {
+            "qemu": self._version(),
+            "accel": self.accel,
+            "argv": self.build_argv(
+                spec.replace(vm_id="x", disks=(), nets=()), RuntimeDir(Path("/r"))
+            ),
+        }
 
     def _version(self) -> str:
         try:

@@ -10,6 +10,11 @@ template cannot be used (NICs, which carry a MAC in their device state, or any f
 
 The cache survives across processes; building a template is serialised by a file lock so that
 two workers do not boot the same template twice.
+
+It serves any driver that can say what of itself decides whether a saved guest fits a spec
+(``TemplateDriver.template_shape``); a driver offers it through ``Hypervisor.template_cache``.
+What concerns the guest (its agent's readiness, its identity after a restore) and its disks comes
+from the caller (``TemplateHooks``): drivers know neither.
 """
 
 from __future__ import annotations
@@ -25,24 +30,39 @@ import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-from .base import DiskSpec, HypervisorError, RuntimeDir, SnapshotFiles, VMSpec
-from .qemu import SNAPSHOT_MANIFEST, QemuHypervisor
+from .base import (
+    DiskSpec,
+    Hypervisor,
+    HypervisorError,
+    RuntimeDir,
+    SnapshotFiles,
+    StartResult,
+    TemplateHooks,
+    VMSpec,
+)
 
-__all__ = ["StartResult", "TemplateCache", "default_cache_dir", "disk_is_fresh"]
+__all__ = [
+    "StartResult",
+    "TemplateCache",
+    "TemplateDriver",
+    "default_cache_dir",
+    "disk_is_fresh",
+]
 
 log = logging.getLogger(__name__)
 
-# (hypervisor, runtime, timeout) -> None once the agent answers a hello.
-WaitReady = Callable[[QemuHypervisor, RuntimeDir, float], None]
-# (hypervisor, runtime, spec) -> None after the guest's clock and identity are reset.
-ResetIdentity = Callable[[QemuHypervisor, RuntimeDir, VMSpec], None]
-# (path, size_mib) -> None: make an empty writable data disk (vms.images.make_data_disk).
-MakeDisk = Callable[[Path, int], None]
+
+class TemplateDriver(Hypervisor, Protocol):
+    """A driver whose saved guests a ``TemplateCache`` can restore."""
+
+    def template_shape(self, spec: VMSpec) -> dict[str, object]:
+        """What of the VMM, beyond the spec's files and sizes, a saved guest must match to be
+        restored for ``spec`` (its version, accelerator, command line): part of the key."""
+        ...
 
 
 def default_cache_dir() -> Path:
@@ -51,56 +71,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["SANDBOX_TEMPLATE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "microvm-sandbox" / "templates"
-
-
-def _agent(hv: QemuHypervisor, runtime: RuntimeDir, timeout: float, interval: float = 0.2) -> Any:
-    from vms.agent.client import AgentClient
-
-    client = AgentClient(lambda: hv.agent_connect(runtime, 2.0), timeout=30.0)
-    try:
-        client.hello(timeout=timeout, interval=interval)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def _agent_wait_ready(hv: QemuHypervisor, runtime: RuntimeDir, timeout: float) -> None:
-    """Wait for the agent, then run each kind of request once before the template is saved.
-
-    The agent imports its modules lazily (Python start-up is slow under TCG); whatever it has
-    imported when the template is saved, every restored guest has for free. Measured: the first
-    ``configure`` after a restore took ~0.5 s on a cold agent, a few ms on a warmed one.
-    """
-    client = _agent(hv, runtime, timeout)
-    try:
-        client.ping()
-        client.health()
-        client.configure(time=time.time(), hostname="sandbox")
-        client.exec(["true"], stdin=b"warm")
-        client.put_file(b"warm", "/run/.sandbox-warm")
-        client.read_file("/run/.sandbox-warm")
-        client.exec(["rm", "-f", "/run/.sandbox-warm"])
-    finally:
-        client.close()
-
-
-def _agent_reset_identity(hv: QemuHypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
-    """The restored guest's clock lags by the time the template spent saved, and its hostname
-    is the template's: set both."""
-    # The restored guest is already running: poll its agent briskly (a hello sent while the
-    # agent is between polls of its port is lost, and the client's back-off would add ~0.3 s).
-    client = _agent(hv, runtime, 30.0, interval=0.05)
-    try:
-        client.configure(time=time.time(), hostname=spec.extra.get("hostname", spec.vm_id))
-    finally:
-        client.close()
-
-
-def _make_data_disk(path: Path, size_mib: int) -> None:
-    from vms.images import make_data_disk
-
-    make_data_disk(path, size_mib)
 
 
 _EXT4_MAGIC = 0xEF53
@@ -123,36 +93,24 @@ def disk_is_fresh(path: Path) -> bool:
     return not any(head)
 
 
-@dataclass(frozen=True)
-class StartResult:
-    pid: int
-    restored: bool  # False: cold-booted (template unusable for this spec)
-    seconds: float
-    reason: str = ""  # why a cold boot was used
-
-
 class TemplateCache:
     """Saved template guests keyed by shape; ``start()`` restores from them."""
 
     def __init__(
         self,
-        hypervisor: QemuHypervisor,
+        hypervisor: TemplateDriver,
+        hooks: TemplateHooks,
         *,
         cache_dir: Path | None = None,
         scratch_root: Path | None = None,
         boot_timeout: float = 180.0,
-        wait_ready: WaitReady = _agent_wait_ready,
-        reset_identity: ResetIdentity = _agent_reset_identity,
-        make_disk: MakeDisk = _make_data_disk,
     ) -> None:
         self.hv = hypervisor
+        self.hooks = hooks
         self.cache_dir = cache_dir or default_cache_dir()
         # Template VMs need a runtime dir with short socket paths.
         self.scratch_root = scratch_root
         self.boot_timeout = boot_timeout
-        self.wait_ready = wait_ready
-        self.reset_identity = reset_identity
-        self.make_disk = make_disk
 
     # -- keys --------------------------------------------------------------------------------
     def usable_for(self, spec: VMSpec) -> str | None:
@@ -192,11 +150,7 @@ class TemplateCache:
                 ident(d.path) if d.readonly else ["rw", d.format, d.path.stat().st_size]
                 for d in spec.disks
             ],
-            "qemu": self.hv._version(),
-            "accel": self.hv.accel,
-            "argv": self.hv.build_argv(
-                spec.replace(vm_id="x", disks=(), nets=()), RuntimeDir(Path("/r"))
-            ),
+            **self.hv.template_shape(spec),
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -212,8 +166,10 @@ class TemplateCache:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def lookup(self, spec: VMSpec) -> SnapshotFiles | None:
+        # A template's directory is complete or absent: it is renamed into place only after
+        # its snapshot was written (``_build``).
         directory = self.cache_dir / self.key(spec)
-        if (directory / SNAPSHOT_MANIFEST).is_file():
+        if directory.is_dir():
             return SnapshotFiles(directory, tuple(sorted(directory.iterdir())))
         return None
 
@@ -245,12 +201,12 @@ class TemplateCache:
                     disks.append(d)
                     continue
                 path = work / f"disk{i}.raw"
-                self.make_disk(path, d.path.stat().st_size >> 20)
+                self.hooks.make_disk(path, d.path.stat().st_size >> 20)
                 disks.append(DiskSpec(path, False, "raw", d.id))
             tpl = spec.replace(vm_id=f"template-{key[:12]}", disks=tuple(disks))
             t0 = time.monotonic()
             self.hv.start(tpl, runtime)
-            self.wait_ready(self.hv, runtime, self.boot_timeout)
+            self.hooks.wait_ready(self.hv, runtime, self.boot_timeout)
             # Let the guest settle (agent fully idle) so every restore starts from quiet state.
             time.sleep(0.5)
             self.hv.snapshot(runtime, staging)
@@ -284,7 +240,7 @@ class TemplateCache:
             try:
                 snap = self.ensure(spec)
                 pid = self.hv.restore(spec, runtime, snap)
-                self.reset_identity(self.hv, runtime, spec)
+                self.hooks.reset_identity(self.hv, runtime, spec)
                 return StartResult(pid, True, time.monotonic() - t0)
             except Exception as exc:  # agent errors too: any failure means "cold boot instead"
                 if not fallback:
