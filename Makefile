@@ -54,7 +54,7 @@ images: deps
 # The typed core: the event store, accounts' commands and auth, the VM domain and its drivers.
 MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py audit/projections.py \
 	audit/catalogue.py audit/actor.py audit/errors.py audit/offline.py accounts/commands.py \
-	accounts/tokens.py accounts/caller.py accounts/backends.py vms/commands.py vms/quotas.py \
+	accounts/tokens.py accounts/caller.py accounts/backends.py accounts/permission_cache.py vms/commands.py vms/quotas.py \
 	vms/projectors.py vms/worker.py vms/guest.py vms/reconcile.py vms/hypervisors vms/agent \
 	vms/live.py vms/console.py vms/consumers.py vms/metrics_live.py vms/exec_consumer.py \
 	vms/identity.py sandbox_site/lanes.py core/compiled.py core/pagination.py \
