@@ -17,10 +17,12 @@ import pytest
 from accounts.caller import Caller
 from audit.models import Event
 from tests.vms.test_image_contract import build, fabricate, image_id_of
-from vms import commands, runtime, worker
+from vms import commands, images, runtime, worker
+from vms.agent import readiness
 from vms.hypervisors.base import (
     RuntimeDir,
     SnapshotFiles,
+    StartResult,
     TemplateHooks,
     VMInfo,
     VMSpec,
@@ -79,6 +81,19 @@ class RecordingHypervisor:
 
     def template_cache(self, hooks: TemplateHooks, **_: Any) -> None:
         return None  # no saved-state templates: every start is a cold boot
+
+
+class RecordingStarter:
+    """A driver's saved-state templates, recorded: every start is a restore."""
+
+    def __init__(self, hv: RecordingHypervisor) -> None:
+        self.hv = hv
+        self.specs: list[VMSpec] = []
+
+    def start(self, spec: VMSpec, rt: RuntimeDir, *, fallback: bool = True) -> StartResult:
+        self.specs.append(spec)
+        self.hv.alive.add(rt.root)
+        return StartResult(pid=5151, restored=True, seconds=0.01)
 
 
 class FakeAgent:
@@ -241,3 +256,45 @@ def test_a_refused_restore_of_a_corrupted_snapshot_leaves_a_running_vm_running(
     assert hv.is_alive(runtime.runtime_dir(vm.pk))
     assert failed.payload["state"] == "running"
     assert vm.state == "running"
+
+
+def test_the_worker_starts_from_templates_when_the_driver_offers_them(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker asks the driver (``template_cache``), not its class, and hands it the hooks
+    that know the guest agent and the data disks."""
+    starter = RecordingStarter(hv)
+    offered: list[TemplateHooks] = []
+
+    def template_cache(hooks: TemplateHooks, **_: Any) -> RecordingStarter:
+        offered.append(hooks)
+        return starter
+
+    monkeypatch.setattr(hv, "template_cache", template_cache)
+    first = fabricate(cache, "a000000000000001", b"first")
+    build.point_current(cache, first)
+
+    vm = run(commands.create(owner, name="fast", template="linux-small"))
+
+    assert vm.state == "running", vm.last_error
+    started = Event.objects.get(aggregate_id=str(vm.pk), type="vm.started")
+    assert started.payload["from_template"] is True and started.payload["pid"] == 5151
+    assert hv.starts == [] and [s.kernel for s in starter.specs] == [first / "vmlinuz"]
+    assert offered == [worker.TEMPLATE_HOOKS]
+    assert offered[0].wait_ready is readiness.wait_ready
+    assert offered[0].reset_identity is readiness.reset_identity
+    assert offered[0].make_disk is images.make_data_disk
+
+
+def test_the_worker_cold_boots_when_the_driver_has_no_templates(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    build.point_current(cache, first)
+
+    vm = run(commands.create(owner, name="cold", template="linux-small"))
+
+    assert vm.state == "running", vm.last_error
+    started = Event.objects.get(aggregate_id=str(vm.pk), type="vm.started")
+    assert started.payload["from_template"] is False and started.payload["pid"] == 4242
+    assert [s.kernel for s in hv.starts] == [first / "vmlinuz"]
