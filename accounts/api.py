@@ -18,9 +18,9 @@ from rest_framework.views import APIView
 from accounts import commands, roles
 from accounts.caller import Caller
 from accounts.models import APIToken, User
-from accounts.permissions import HasPerm
 from accounts.scopes import OPEN, SCOPES, TOKEN_READ, USER_READ, needs
 from audit.actor import Actor
+from core.permissions import HasPerm
 
 
 class Conflict(APIException):

@@ -14,9 +14,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts import review
-from accounts.permissions import HasPerm
 from accounts.scopes import AUDIT_READ
 from audit import commands
+from core.permissions import HasPerm
 
 VIEW = "audit.view_audit_trail"
 

@@ -25,6 +25,8 @@ from typing import Any
 
 from accounts import roles
 from accounts.models import APIToken
+from audit.scopes import AUDIT_READ, EXPORT
+from core.scopes import OPEN, Needs, needs
 
 __all__ = [
     "AUDIT_READ",
@@ -50,33 +52,9 @@ READ_ONLY_MESSAGE = "This API token is read-only."
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # everything else is a write
 
 
-@dataclass(frozen=True)
-class Needs:
-    """The permissions an operation accepts as its scope: any one of them will do.
-
-    Empty: the operation needs no permission (``/me/``, the template catalogue, your quota), so
-    any token may call it (a read-only token only if it is a read).
-    """
-
-    any_of: frozenset[str]
-
-    def allows(self, scopes: list[str]) -> bool:
-        return not self.any_of or bool(self.any_of.intersection(scopes))
-
-    def as_list(self) -> list[str]:
-        return sorted(self.any_of)
-
-
-def needs(*perms: str) -> Needs:
-    return Needs(frozenset(perms))
-
-
-OPEN = needs()
 # Reading VMs, their timelines, snapshots and requests: the view permissions, or any permission
 # that acts on VMs (a token that may exec in a VM may also see which VMs it may exec in).
 VM_READ = needs(*roles.VM_VIEW, *roles.VM_DRIVE)
-AUDIT_READ = needs("audit.view_audit_trail")
-EXPORT = needs("audit.export_audit")
 USER_READ = needs("accounts.view_user", "accounts.manage_users")
 # Your own API tokens: every user holds these for its own tokens (see SELF_SERVICE);
 # accounts.manage_all_tokens widens them to every user's.
