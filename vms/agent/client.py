@@ -419,6 +419,17 @@ class AgentClient:
         finally:
             self._close_call(call)
 
+    def _require(self, op: str) -> None:
+        """Refuse an op the agent did not list at hello (an older guest image), before sending:
+        a clear reason instead of the agent's ``unknown_op``."""
+        info = self.hello_info
+        if info is not None and op not in info.capabilities:
+            raise AgentError(
+                "unsupported",
+                f"the guest agent {info.agent_version or '(unknown version)'} has no {op!r} "
+                "operation: the guest image predates it",
+            )
+
     # ---- operations
 
     def hello(self, timeout: float = 60.0, *, interval: float = 0.2) -> Hello:
@@ -791,6 +802,42 @@ class AgentClient:
         if network:
             header["network"] = {"interface": interface, **network}
         head = self._request(header)
+        return {k: v for k, v in head.items() if k not in ("id", "kind")}
+
+    def network(
+        self,
+        *,
+        match_mac: str | None = None,
+        interface: str | None = None,
+        mac: str | None = None,
+        address: str | None = None,
+        gateway: str | None = None,
+        dns: builtins.list[str] | None = None,
+        up: bool = True,
+        timeout: float = 15.0,
+    ) -> dict[str, Any]:
+        """Configure one guest NIC: the one whose MAC is ``match_mac`` now (or ``interface`` by
+        name). In order: set its MAC to ``mac`` (a VM restored from a template gets its own MAC
+        this way; the VMM's device follows), bring it up (or down), replace its addresses of
+        that family with ``address`` (CIDR), the default route with one via ``gateway``, and
+        the resolvers with ``dns``. Returns ``interface``, ``mac``, ``applied`` and ``planned``
+        (``dry_run`` off a guest). The agent refuses the whole request if any field is invalid.
+        """
+        if match_mac is None and interface is None:
+            raise ValueError("give match_mac or interface")
+        header: dict[str, Any] = {"op": "network", "up": up}
+        for key, value in (
+            ("match_mac", match_mac),
+            ("interface", interface),
+            ("mac", mac),
+            ("address", address),
+            ("gateway", gateway),
+            ("dns", dns),
+        ):
+            if value is not None:
+                header[key] = value
+        self._require("network")
+        head = self._request(header, timeout=timeout)
         return {k: v for k, v in head.items() if k not in ("id", "kind")}
 
     def shutdown(self, action: str = "poweroff", *, timeout: float = 10.0) -> None:

@@ -62,9 +62,20 @@ class DiskSpec:
 
 @dataclass(frozen=True)
 class NetSpec:
+    """One virtio-net NIC backed by a TAP.
+
+    ``fd``: an open descriptor of the TAP (``vms.network.tap.open_fd``) that the VMM inherits;
+    the caller keeps ownership and closes it once ``start``/``restore`` returned. Without it the
+    VMM opens ``tap`` by name in its own network namespace. ``netns``: the namespace the TAP lives
+    in (where its counters are read). A descriptor is never persisted: a driver that records the
+    spec drops it.
+    """
+
     tap: str
     mac: str
     id: str = ""
+    fd: int | None = None
+    netns: str = ""
 
 
 @dataclass(frozen=True)

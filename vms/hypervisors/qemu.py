@@ -24,6 +24,7 @@ measurements behind them are in ``../shared/guest-notes.md``; the full write-up 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -37,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import process
+from . import netns, process
 from .base import (
     DiskSpec,
     HypervisorError,
@@ -106,7 +107,8 @@ def spec_to_dict(spec: VMSpec) -> dict[str, Any]:
         if raw[key] is not None:
             raw[key] = str(raw[key])
     raw["disks"] = [{**d, "path": str(d["path"])} for d in raw["disks"]]
-    raw["nets"] = [dict(n) for n in raw["nets"]]
+    # A descriptor means nothing to a later process: never recorded.
+    raw["nets"] = [{k: v for k, v in n.items() if k != "fd"} for n in raw["nets"]]
     return raw
 
 
@@ -130,7 +132,10 @@ def spec_from_dict(raw: dict[str, Any]) -> VMSpec:
             DiskSpec(Path(d["path"]), d["readonly"], d["format"], d.get("id", ""))
             for d in raw.get("disks", ())
         ),
-        nets=tuple(NetSpec(n["tap"], n["mac"], n.get("id", "")) for n in raw.get("nets", ())),
+        nets=tuple(
+            NetSpec(n["tap"], n["mac"], n.get("id", ""), netns=n.get("netns", ""))
+            for n in raw.get("nets", ())
+        ),
         extra=dict(raw.get("extra", {})),
     )
 
@@ -172,6 +177,19 @@ def _copy_file(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise HypervisorError(f"copying {src} to {dst} failed: {result.stderr.strip()}")
     tmp.replace(dst)
+
+
+def _net_dev(ns: str, pid: int) -> list[str]:
+    """The interface lines of ``/proc/net/dev`` in namespace ``ns`` (a TAP opened there and
+    passed by descriptor), or in the QEMU process's own namespace when ``ns`` is empty."""
+    try:
+        if ns:
+            text = netns.run_in(ns, lambda: Path("/proc/thread-self/net/dev").read_text())
+        else:
+            text = Path(f"/proc/{pid}/net/dev").read_text()
+    except (OSError, HypervisorError):
+        return []
+    return text.splitlines()[2:]
 
 
 class QemuHypervisor:
@@ -253,6 +271,12 @@ class QemuHypervisor:
                 raise HypervisorError(f"invalid net id {net.id!r}")
             if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", net.tap):
                 raise HypervisorError(f"invalid tap name {net.tap!r}")
+            if net.netns:
+                netns.check_name(net.netns)
+            if net.fd is not None and (
+                isinstance(net.fd, bool) or not isinstance(net.fd, int) or net.fd < 3
+            ):
+                raise HypervisorError(f"invalid TAP descriptor {net.fd!r} for {net.tap}")
         if len(set(macs)) != len(macs):
             raise HypervisorError("every NIC needs its own MAC address")
 
@@ -332,9 +356,14 @@ class QemuHypervisor:
             argv += ["-device", dev]
         for i, net in enumerate(spec.nets):
             nid = net.id or f"net{i}"
+            if net.fd is not None:
+                # Opened in the TAP's namespace by the caller and inherited (see _net_fds).
+                backend = f"tap,id={nid},fd={net.fd}"
+            else:
+                backend = f"tap,id={nid},ifname={net.tap},script=no,downscript=no"
             argv += [
                 "-netdev",
-                f"tap,id={nid},ifname={net.tap},script=no,downscript=no",
+                backend,
                 "-device",
                 f"virtio-net-{bus},netdev={nid},id={nid}-dev,mac={net.mac.lower()}",
             ]
@@ -389,7 +418,8 @@ class QemuHypervisor:
             runtime,
             {"spec": spec_to_dict(spec), "accel": accel, "argv": argv, "hotplugged": []},
         )
-        pid = process.spawn_vmm(argv, runtime, pass_fds=pass_fds)
+        tap_fds = tuple(n.fd for n in spec.nets if n.fd is not None)
+        pid = process.spawn_vmm(argv, runtime, pass_fds=(*pass_fds, *tap_fds))
         deadline = time.monotonic() + self.start_timeout
         while True:
             if not self.is_alive(runtime):
@@ -423,6 +453,12 @@ class QemuHypervisor:
 
         The snapshot's copies of writable disks are copied over the new spec's writable disk
         paths (a guest's page cache must match its disk), and the UEFI variable store likewise.
+
+        A NIC's MAC is part of the saved virtio-net state, so the restored device has the
+        snapshot's MAC whatever the command line says: the command line carries the snapshot's
+        MAC (it describes the device as it is), with the spec's TAPs. A spec whose MAC differs
+        (a VM restored from a template) gets it from the guest, which sets it through the
+        virtio-net control queue (the agent's ``network`` request); ``nic_macs`` shows it.
         """
         manifest_path = snapshot.directory / SNAPSHOT_MANIFEST
         try:
@@ -447,7 +483,13 @@ class QemuHypervisor:
             vars_target = spec.firmware_vars or runtime.root / VARS_FILE
             _copy_file(snapshot.directory / manifest["firmware_vars"], vars_target)
         accel = manifest["accel"]
-        argv = self.build_argv(spec, runtime, accel)
+        device = spec.replace(
+            nets=tuple(
+                dataclasses.replace(net, mac=old.mac)
+                for net, old in zip(spec.nets, saved.nets, strict=True)
+            )
+        )
+        argv = self.build_argv(device, runtime, accel)
         fd = os.open(snapshot.directory / manifest["state"], os.O_RDONLY | os.O_CLOEXEC)
         try:
             pid = self._launch(spec, runtime, [*argv, "-incoming", f"fd:{fd}"], accel, (fd,))
@@ -740,12 +782,12 @@ class QemuHypervisor:
                     "flush_ops": st.get("flush_operations", 0),
                 }
         pid = runtime.pid()
-        taps = {n["tap"]: (n.get("id") or f"net{i}") for i, n in enumerate(vm["spec"]["nets"])}
+        nets = vm["spec"]["nets"]
+        taps = {n["tap"]: (n.get("id") or f"net{i}") for i, n in enumerate(nets)}
         if taps and pid:
-            try:
-                lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
-            except OSError:
-                lines = []
+            lines = []
+            for where in {n.get("netns", "") for n in nets}:
+                lines += _net_dev(where, pid)
             for line in lines:
                 ifname, _, rest = line.partition(":")
                 ifname = ifname.strip()
@@ -760,6 +802,13 @@ class QemuHypervisor:
                         "tx_dropped": f[3],
                     }
         return out
+
+    def nic_macs(self, runtime: RuntimeDir) -> dict[str, str]:
+        """The MAC each NIC really has now, keyed by NIC id (``query-rx-filter``): after a
+        restore it is the snapshot's until the guest sets its own."""
+        with self._qmp(runtime) as qmp:
+            filters = qmp.execute("query-rx-filter")
+        return {f["name"]: f["main-mac"] for f in filters}
 
     # -- process -----------------------------------------------------------------------------
     def is_alive(self, runtime: RuntimeDir) -> bool:
