@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -38,10 +38,12 @@ class RunningAgent:
         return self.proc.poll() is None
 
 
-def start_agent(directory: str, *extra: str) -> RunningAgent:
+def start_agent(directory: str, *extra: str, prefix: Sequence[str] = ()) -> RunningAgent:
+    """Run the agent on a unix socket in ``directory``; ``prefix`` wraps the command (e.g.
+    ``ip netns exec NS``)."""
     path = f"{directory}/agent.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path, *extra],
+        [*prefix, sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path, *extra],
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10

@@ -50,7 +50,8 @@ def test_hello_reports_protocol_version_and_capabilities(client: AgentClient) ->
     hello = client.hello(timeout=5)
     assert hello.protocol == 1
     assert hello.agent_version
-    for op in ("exec", "put", "get", "list", "stat", "health", "configure", "ping", "shutdown"):
+    ops = ("exec", "put", "get", "list", "stat", "health", "configure", "network", "ping")
+    for op in (*ops, "shutdown"):
         assert op in hello.capabilities
     assert hello.max_frame == 1 << 20
 
@@ -402,7 +403,7 @@ def test_configure_off_a_guest_only_plans_the_changes(client: AgentClient) -> No
         dns=["10.250.0.1"],
     )
     assert result["dry_run"] is True and result["applied"] == []
-    assert "ip addr add 10.250.0.7/24 dev eth0" in result["planned"]
+    assert "ip addr replace 10.250.0.7/24 dev eth0" in result["planned"]
     assert "ip link set dev eth0 address 52:54:00:12:34:56" in result["planned"]
     assert "ip route replace default via 10.250.0.1 dev eth0" in result["planned"]
     assert "hostname clone-1" in result["planned"]

@@ -69,6 +69,9 @@ class NetSpec:
     VMM opens ``tap`` by name in its own network namespace. ``netns``: the namespace the TAP lives
     in (where its counters are read). A descriptor is never persisted: a driver that records the
     spec drops it.
+
+    ``address`` (CIDR), ``gateway`` and ``dns`` are the guest's side: VMMs ignore them; the
+    guest agent applies them (``templates.configure_guest``), never the kernel command line.
     """
 
     tap: str
@@ -76,6 +79,9 @@ class NetSpec:
     id: str = ""
     fd: int | None = None
     netns: str = ""
+    address: str = ""
+    gateway: str = ""
+    dns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,15 @@ def spec_from_dict(raw: dict[str, Any]) -> VMSpec:
             for d in raw.get("disks", ())
         ),
         nets=tuple(
-            NetSpec(n["tap"], n["mac"], n.get("id", ""), netns=n.get("netns", ""))
+            NetSpec(
+                n["tap"],
+                n["mac"],
+                n.get("id", ""),
+                netns=n.get("netns", ""),
+                address=n.get("address", ""),
+                gateway=n.get("gateway", ""),
+                dns=tuple(n.get("dns", ())),
+            )
             for n in raw.get("nets", ())
         ),
         extra=dict(raw.get("extra", {})),
@@ -808,7 +816,7 @@ class QemuHypervisor:
         restore it is the snapshot's until the guest sets its own."""
         with self._qmp(runtime) as qmp:
             filters = qmp.execute("query-rx-filter")
-        return {f["name"]: f["main-mac"] for f in filters}
+        return {f["name"].removesuffix("-dev"): f["main-mac"] for f in filters}
 
     # -- process -----------------------------------------------------------------------------
     def is_alive(self, runtime: RuntimeDir) -> bool:

@@ -5,8 +5,17 @@ VM of a given *shape* (image files, kernel command line, vCPUs, memory, disk lay
 and accelerator) boots a template guest, waits until its agent answers, snapshots it into
 ``<cache>/<key>/`` and destroys it. Every later VM of that shape is a restore of that state with
 its own copies of the writable disks, after which the agent resets the guest's clock (it lags by
-the time spent saved) and its identity (hostname). Cold boot stays the fallback whenever a
-template cannot be used (NICs, which carry a MAC in their device state, or any failure).
+the time spent saved) and its identity (hostname, network). Cold boot stays the fallback whenever
+a template cannot be used (a data disk with data, or any failure).
+
+NICs: a virtio-net device carries its MAC in the saved state, so every VM restored from a
+template starts with the template's MAC. The template is built with the same number of NICs on
+the first VM's own TAPs, with MACs of its own (locally administered, derived from the key:
+``template_mac``), unplugged (``set_link``) while it boots; the caller's ``wait_ready`` takes
+them down in the guest before it is saved (``vms.agent.readiness``), and a restore makes no
+announcement (QEMU: ``RESTORE_ARGS``), so nothing ever goes out with the shared MAC. After the
+restore, ``reset_identity`` finds each NIC in the guest by the MAC the driver reports for it
+(``nic_macs``) and gives it the VM's MAC, address, gateway and resolvers through the agent.
 
 The cache survives across processes; building a template is serialised by a file lock so that
 two workers do not boot the same template twice.
@@ -38,6 +47,7 @@ from .base import (
     DiskSpec,
     Hypervisor,
     HypervisorError,
+    NetSpec,
     RuntimeDir,
     SnapshotFiles,
     StartResult,
@@ -51,6 +61,7 @@ __all__ = [
     "TemplateDriver",
     "default_cache_dir",
     "disk_is_fresh",
+    "template_mac",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,6 +75,10 @@ class TemplateDriver(Hypervisor, Protocol):
         restored for ``spec`` (its version, accelerator, command line): part of the key."""
         ...
 
+    def set_link(self, runtime: RuntimeDir, nic_id: str, up: bool) -> None:
+        """Plug or unplug NIC ``nic_id``'s cable (only for specs with NICs)."""
+        ...
+
 
 def default_cache_dir() -> Path:
     """``$SANDBOX_TEMPLATE_CACHE``, else ``~/.cache/microvm-sandbox/templates``."""
@@ -71,6 +86,12 @@ def default_cache_dir() -> Path:
         return Path(os.environ["SANDBOX_TEMPLATE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "microvm-sandbox" / "templates"
+
+
+def template_mac(key: str, index: int) -> str:
+    """The MAC of a template's NIC ``index``: locally administered, unicast, from the key."""
+    digest = hashlib.sha256(f"{key}/{index}".encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
 
 
 _EXT4_MAGIC = 0xEF53
@@ -120,8 +141,6 @@ class TemplateCache:
         saved guest RAM has that filesystem mounted), so a template may only serve a VM whose
         writable disks hold nothing yet: restarting a VM that has data must cold-boot.
         """
-        if spec.nets:
-            return "NICs carry their MAC in saved device state: cold boot"
         if spec.boot != "linux":
             return "templates are for microvm Linux guests"
         for d in spec.disks:
@@ -150,6 +169,8 @@ class TemplateCache:
                 ident(d.path) if d.readonly else ["rw", d.format, d.path.stat().st_size]
                 for d in spec.disks
             ],
+            # NICs by number only: TAPs, MACs and addresses are the VM's, set after a restore.
+            "nets": len(spec.nets),
             **self.hv.template_shape(spec),
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:24]
@@ -203,10 +224,24 @@ class TemplateCache:
                 path = work / f"disk{i}.raw"
                 self.hooks.make_disk(path, d.path.stat().st_size >> 20)
                 disks.append(DiskSpec(path, False, "raw", d.id))
-            tpl = spec.replace(vm_id=f"template-{key[:12]}", disks=tuple(disks))
+            # The template's NICs use the first VM's TAPs (the VMM gets its own copy of each
+            # descriptor; the guest takes them down before the save) with MACs of their own.
+            nets = tuple(
+                NetSpec(net.tap, template_mac(key, i), net.id, fd=net.fd, netns=net.netns)
+                for i, net in enumerate(spec.nets)
+            )
+            nic_ids = [net.id or f"net{i}" for i, net in enumerate(nets)]
+            tpl = spec.replace(vm_id=f"template-{key[:12]}", disks=tuple(disks), nets=nets)
             t0 = time.monotonic()
             self.hv.start(tpl, runtime)
+            # Cables out while the guest boots (its init brings eth0 up, and it would announce
+            # the template's MAC on the first VM's TAP); in again once wait_ready has taken the
+            # NICs down in the guest, so restored guests come back with carrier.
+            for nid in nic_ids:
+                self.hv.set_link(runtime, nid, False)
             self.hooks.wait_ready(self.hv, runtime, self.boot_timeout)
+            for nid in nic_ids:
+                self.hv.set_link(runtime, nid, True)
             # Let the guest settle (agent fully idle) so every restore starts from quiet state.
             time.sleep(0.5)
             self.hv.snapshot(runtime, staging)
