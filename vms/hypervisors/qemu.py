@@ -72,6 +72,12 @@ SNAPSHOT_FORMAT = 1
 VM_FILE = "vm.json"
 VARS_FILE = "OVMF_VARS.fd"
 
+# After an incoming migration QEMU announces every NIC's MAC (RARP, and the guest is asked for
+# gratuitous ARPs) to update switches, as a VM moved between hosts needs. A restore never moves
+# a VM, and a guest restored from a template still has the template's MAC at that moment:
+# announcing it would teach the bridge a MAC that several VMs share. So no announcement.
+RESTORE_ARGS = ("-global", "migration.announce-rounds=0", "-incoming")
+
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _DEV_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
@@ -500,7 +506,7 @@ class QemuHypervisor:
         argv = self.build_argv(device, runtime, accel)
         fd = os.open(snapshot.directory / manifest["state"], os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pid = self._launch(spec, runtime, [*argv, "-incoming", f"fd:{fd}"], accel, (fd,))
+            pid = self._launch(spec, runtime, [*argv, *RESTORE_ARGS, f"fd:{fd}"], accel, (fd,))
         except HypervisorError as exc:
             raise HypervisorError(f"restore failed: {exc}") from exc
         finally:
@@ -810,6 +816,14 @@ class QemuHypervisor:
                         "tx_dropped": f[3],
                     }
         return out
+
+    def set_link(self, runtime: RuntimeDir, nic_id: str, up: bool) -> None:
+        """Plug or unplug a NIC's cable: while down, the guest sees no carrier and QEMU drops
+        what it sends. The state is saved with a snapshot (virtio-net status)."""
+        if not _DEV_ID.match(nic_id):
+            raise HypervisorError(f"invalid net id {nic_id!r}")
+        with self._qmp(runtime) as qmp:
+            qmp.execute("set_link", {"name": f"{nic_id}-dev", "up": up})
 
     def nic_macs(self, runtime: RuntimeDir) -> dict[str, str]:
         """The MAC each NIC really has now, keyed by NIC id (``query-rx-filter``): after a
