@@ -21,6 +21,10 @@ OpenAPI document itself, so an endpoint the spec lacks is a 404 here too.
   Paused unless ``resume`` is true.
 - Resize (§10): vCPUs up to max_vcpus, removal stays pending for a while (429 meanwhile); memory
   needs hotplug_size, grows live in 128 MiB steps, never beyond size + hotplug_size.
+- Descriptors (notes §3, CH's http_endpoint.rs): SCM_RIGHTS data that comes with a request is
+  handed to it; only ``vm.add-net`` takes any (one TAP per queue pair: ``num_queues`` must be
+  twice their number, and each must be a TAP opened with vnet headers); elsewhere they are
+  closed. A NIC added before ``vm.boot`` answers 204 and joins the config.
 - Guest: power-button makes the guest power off after a moment, and then the VMM process exits
   (no ``--no-shutdown``); reboot stays in the process; SIGTERM exits cleanly (vsock socket
   removed); SIGKILL leaves the socket files behind.
@@ -36,7 +40,9 @@ import json
 import os
 import random
 import signal
+import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -123,6 +129,8 @@ class Vmm:
         self.vsock: VsockMuxer | None = None
         self.guest: GuestService | None = None
         self.disk_fds: list[int] = []
+        self.net_fds: dict[str, list[int]] = {}  # NIC id -> TAP descriptors the VMM holds
+        self.request_fds: list[int] = []  # SCM_RIGHTS of the request being handled
         self.boot_id = ""
         self.running_since: float | None = None
         self.running_total = 0.0
@@ -137,6 +145,23 @@ class Vmm:
     # ---------------------------------------------------------------- HTTP entry point
 
     def handle(
+        self,
+        method: str,
+        raw_path: str,
+        body: bytes,
+        headers: dict[str, str],
+        fds: list[int] | None = None,
+    ) -> tuple[int, bytes | None]:
+        self.request_fds = list(fds or [])
+        try:
+            return self._handle(method, raw_path, body, headers)
+        finally:
+            for fd in self.request_fds:  # whatever the endpoint did not take
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.request_fds = []
+
+    def _handle(
         self, method: str, raw_path: str, body: bytes, headers: dict[str, str]
     ) -> tuple[int, bytes | None]:
         if self.record:
@@ -148,6 +173,7 @@ class Vmm:
                             "path": raw_path,
                             "headers": headers,
                             "body": body.decode(errors="replace"),
+                            "fds": len(self.request_fds),
                         }
                     )
                     + "\n"
@@ -289,6 +315,11 @@ class Vmm:
 
     def _drop_vm(self) -> None:
         self._tear_down()
+        for fds in self.net_fds.values():
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.net_fds = {}
         if self.serial is not None:
             self.serial.close()
             self.serial = None
@@ -332,6 +363,39 @@ class Vmm:
                 ) from exc
         self.config = cfg
         self.state = "Created"
+
+    def op_vm_add_net(self, body: dict[str, Any]) -> tuple[int, Any] | None:
+        action = "Error adding net device to the VM"
+        cfg = self._require_vm(action)
+        fds, self.request_fds = self.request_fds, []
+        try:
+            net = dict(body)
+            net.pop("fds", None)  # numbers in JSON are never descriptors (ignored, logged)
+            net.setdefault("num_queues", 2)
+            net.setdefault("queue_size", 256)
+            net.setdefault("mac", "52:54:00:" + random.randbytes(3).hex(":"))
+            taken = {d.get("id") for d in cfg.get("disks") or []}
+            taken |= {n.get("id") for n in cfg.get("net") or []}
+            net.setdefault("id", f"_net{len(cfg.get('net') or [])}")
+            if net["id"] in taken:
+                raise failed(action, f"Identifier {net['id']} is not unique")
+            if fds and net["num_queues"] != 2 * len(fds):
+                raise failed(
+                    action,
+                    f"Number of queues to fds mismatch: {net['num_queues']} != {2 * len(fds)}",
+                )
+            for fd in fds:
+                _check_tap(fd, action)
+        except BaseException:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
+        cfg.setdefault("net", []).append(net)
+        self.net_fds[net["id"]] = fds
+        if self.state in ("Running", "Paused"):
+            return 200, {"id": net["id"], "bdf": f"0000:00:{len(cfg['net']) + 8:02x}.0"}
+        return None
 
     def op_vm_boot(self, _: None) -> None:
         cfg = self._require_vm("Error booting VM")
@@ -569,10 +633,41 @@ class Vmm:
             self._resume()
 
 
+TUNGETIFF = 0x800454D2
+IFF_TAP, IFF_VNET_HDR = 0x0002, 0x4000
+
+
+def _check_tap(fd: int, action: str) -> None:
+    """CH opens a passed descriptor as a TAP with vnet headers, or fails the request."""
+    try:
+        flags = struct.unpack("16sH", fcntl.ioctl(fd, TUNGETIFF, bytes(40))[:18])[1]
+    except OSError as exc:
+        raise failed(action, f"Failed to open tap from fd {fd}: {exc.strerror}") from exc
+    if flags & (IFF_TAP | IFF_VNET_HDR) != IFF_TAP | IFF_VNET_HDR:
+        raise failed(action, f"Failed to open tap from fd {fd}: not a TAP with vnet headers")
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 10  # a client that opens a connection and sends nothing must not wedge the VMM
     server: _Server
+    fds: list[int]
+
+    def setup(self) -> None:
+        """Take the descriptors that came with the request's first bytes (a peek: the bytes
+        stay for the HTTP parser; the kernel gives the descriptors to the peeking reader)."""
+        super().setup()
+        self.fds = []
+        try:
+            _data, ancillary, _flags, _addr = self.request.recvmsg(
+                1, socket.CMSG_SPACE(16 * 4), socket.MSG_PEEK
+            )
+        except OSError:
+            return
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                self.fds += list(struct.unpack(f"{usable // 4}i", data[:usable]))
 
     def version_string(self) -> str:
         return "Cloud Hypervisor API"
@@ -589,7 +684,8 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, payload = self.server.vmm.handle(self.command, self.path, body, headers)
+        fds, self.fds = self.fds, []
+        status, payload = self.server.vmm.handle(self.command, self.path, body, headers, fds)
         self._send(status, payload)
 
     def _drain_chunked(self) -> None:

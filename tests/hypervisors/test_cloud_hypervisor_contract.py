@@ -13,23 +13,28 @@ Two layers:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import netns
 
 from tests.chsim.spec import OpenApi
 from vms.hypervisors.base import (
     DiskSpec,
     HypervisorError,
     NetSpec,
+    NotSupported,
     RuntimeDir,
     SnapshotFiles,
     VMSpec,
 )
 from vms.hypervisors.chapi import API_PREFIX, ENDPOINTS, ChApi
-from vms.hypervisors.cloud_hypervisor import CloudHypervisor, MiB, build_vm_config
+from vms.hypervisors.cloud_hypervisor import CloudHypervisor, MiB, build_vm_config, net_config
+from vms.network import tap
 
 # Where the released server's success code differs from the spec's (notes §1, §2).
 KNOWN_DEVIATIONS = {("vmm.shutdown", 200)}
@@ -231,6 +236,33 @@ def _restore(driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any, work:
     driver.restore(make_spec(), runtime, SnapshotFiles(snap, files))
 
 
+_TAP_NS = f"n2ch-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tap_namespace() -> Iterator[None]:
+    """A namespace for the TAPs whose descriptors the driver passes (removed at the end)."""
+    netns.create(_TAP_NS)
+    yield
+    netns.remove(_TAP_NS)
+
+
+def _fd_nic(ifname: str, mac: str, **kw: Any) -> NetSpec:
+    tap.create(_TAP_NS, ifname)
+    return NetSpec(ifname, mac, fd=tap.open_fd(_TAP_NS, ifname), netns=_TAP_NS, **kw)
+
+
+def _start_with_tap_fd(
+    driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any, work: Path
+) -> None:
+    net = _fd_nic(f"tch{uuid.uuid4().hex[:6]}", "52:54:00:12:34:57", id="lan")
+    try:
+        driver.start(make_spec(nets=(net,)), runtime)
+    finally:
+        assert net.fd is not None
+        os.close(net.fd)
+
+
 def _then(*steps: Callable[[CloudHypervisor, RuntimeDir], object]) -> Any:
     def scenario(driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any, work: Path) -> None:
         _start(driver, runtime, make_spec)
@@ -256,6 +288,7 @@ SCENARIOS: dict[str, Any] = {
     "vm.resize": _then(lambda d, r: d.resize(r, vcpus=2, memory_mib=384)),
     "vm.info": _then(lambda d, r: d.info(r)),
     "vm.counters": _then(lambda d, r: d.counters(r)),
+    "vm.add-net": _start_with_tap_fd,
 }
 
 
@@ -314,3 +347,61 @@ def test_direct_client_refuses_unlisted_endpoints_and_wrong_bodies(tmp_path: Pat
         api.call("vm.pause", {})
     with pytest.raises(TypeError):
         api.call("vm.resize")
+
+
+# ------------------------------------------------------------- NICs backed by TAP descriptors
+
+
+def test_a_tap_descriptor_nic_is_cold_added_with_scm_rights_before_boot(
+    driver: CloudHypervisor,
+    runtime: RuntimeDir,
+    make_spec: Any,
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record = workdir / "requests.jsonl"
+    monkeypatch.setenv("CHSIM_RECORD", str(record))
+    _start_with_tap_fd(driver, runtime, make_spec, workdir)
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    names = [r["path"].rsplit("/", 1)[1] for r in sent]
+    assert names.index("vm.create") < names.index("vm.add-net") < names.index("vm.boot")
+    create = json.loads(sent[names.index("vm.create")]["body"])
+    assert "net" not in create  # vm.create takes no descriptors
+    add = sent[names.index("vm.add-net")]
+    assert json.loads(add["body"]) == {"mac": "52:54:00:12:34:57", "id": "lan"}
+    assert add["fds"] == 1
+    assert all(r["fds"] == 0 for r in sent if r is not add)
+    # The VMM holds the NIC: it is in the booted VM's config.
+    info = driver.info(runtime)
+    assert info.state.value == "running"
+    nets = ChApi(runtime.control_socket).info()["config"]["net"]
+    assert [(n["id"], n["mac"], n["num_queues"]) for n in nets] == [("lan", "52:54:00:12:34:57", 2)]
+
+
+def test_net_config_names_the_tap_only_without_a_descriptor(openapi: OpenApi) -> None:
+    by_name = net_config(NetSpec("tap0", "52:54:00:00:00:0A"), 0)
+    by_fd = net_config(NetSpec("tap0", "52:54:00:00:00:0b", fd=5, id="lan"), 1)
+    assert by_name == {"tap": "tap0", "mac": "52:54:00:00:00:0a", "id": "net0"}
+    assert by_fd == {"mac": "52:54:00:00:00:0b", "id": "lan"}
+    for body in (by_name, by_fd):
+        assert openapi.errors("NetConfig", body) == []
+        assert openapi.unknown_fields("NetConfig", body) == []
+
+
+def test_a_descriptor_that_is_not_a_tap_fails_the_start(
+    driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any
+) -> None:
+    fd = os.open("/dev/null", os.O_RDWR)
+    try:
+        with pytest.raises(HypervisorError, match="tap"):
+            driver.start(make_spec(nets=(NetSpec("tapx", "52:54:00:00:00:0c", fd=fd),)), runtime)
+    finally:
+        os.close(fd)
+
+
+def test_restoring_with_tap_descriptors_is_refused_not_misrouted(
+    driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any, workdir: Path
+) -> None:
+    net = NetSpec("tapy", "52:54:00:00:00:0d", fd=5)
+    with pytest.raises(NotSupported, match="net_fds"):
+        driver.restore(make_spec(nets=(net,)), runtime, SnapshotFiles(workdir, ()))

@@ -83,6 +83,9 @@ ENDPOINTS: Mapping[str, Endpoint] = _endpoints(
     Endpoint("vm.snapshot", "PUT", body_schema="VmSnapshotConfig", slow=True),
     Endpoint("vm.restore", "PUT", body_schema="RestoreConfig", slow=True),
     Endpoint("vm.resize", "PUT", body_schema="VmResize"),
+    # 204 when cold-added before vm.boot (how TAP descriptors reach the VMM, see ChApi.call),
+    # 200 with the PCI address when hot-plugged.
+    Endpoint("vm.add-net", "PUT", body_schema="NetConfig", success=frozenset({200, 204})),
     Endpoint("vm.info", "GET", success=frozenset({200}), returns_json=True),
     Endpoint("vm.counters", "GET", success=frozenset({200}), returns_json=True),
 )
@@ -106,9 +109,19 @@ class ChApiUnavailable(HypervisorError):
 class UnixHTTPConnection(http.client.HTTPConnection):
     """``http.client`` over an AF_UNIX stream socket; the host name is only used in headers."""
 
-    def __init__(self, path: Path | str, timeout: float) -> None:
+    def __init__(self, path: Path | str, timeout: float, fds: tuple[int, ...] = ()) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = str(path)
+        self.fds = fds  # sent once, as SCM_RIGHTS with the first bytes of the request
+
+    def send(self, data: Any) -> None:
+        if self.fds and self.sock is not None and isinstance(data, bytes | bytearray):
+            fds, self.fds = self.fds, ()
+            sent = socket.send_fds(self.sock, [data], list(fds))
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+            return
+        super().send(data)
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,8 +168,14 @@ class ChApi:
         self.timeout = timeout
         self.slow_timeout = slow_timeout
 
-    def call(self, name: str, body: Mapping[str, Any] | None = None) -> Any:
+    def call(
+        self, name: str, body: Mapping[str, Any] | None = None, *, fds: tuple[int, ...] = ()
+    ) -> Any:
         """Send one request; return the decoded JSON for GETs, None otherwise.
+
+        ``fds`` travel as SCM_RIGHTS ancillary data with the request (the only way CH takes
+        descriptors, e.g. a TAP for ``vm.add-net``: never as numbers in the JSON); the server
+        gets its own copies, the caller keeps and closes its own.
 
         Raises ``ChApiError`` for an error status and ``ChApiUnavailable`` when the socket does
         not answer in time.
@@ -172,7 +191,7 @@ class ChApi:
         if payload:
             headers["Content-Type"] = "application/json"
         timeout = self.slow_timeout if endpoint.slow else self.timeout
-        conn = UnixHTTPConnection(self.path, timeout)
+        conn = UnixHTTPConnection(self.path, timeout, tuple(fds))
         try:
             conn.request(endpoint.method, endpoint.path, body=payload or None, headers=headers)
             resp = conn.getresponse()

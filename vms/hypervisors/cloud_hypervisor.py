@@ -36,6 +36,7 @@ from typing import Any
 
 from .base import (
     HypervisorError,
+    NetSpec,
     NotSupported,
     RuntimeDir,
     SnapshotFiles,
@@ -145,10 +146,9 @@ def build_vm_config(spec: VMSpec, runtime: RuntimeDir, *, vsock_cid: int = 3) ->
             entry["backing_files"] = True
         disks.append(entry)
 
-    nets = [
-        {"tap": net.tap, "mac": net.mac, "id": net.id or f"net{index}"}
-        for index, net in enumerate(spec.nets)
-    ]
+    # NICs backed by a TAP descriptor are not in vm.create (it takes no descriptors): start()
+    # cold-adds them with vm.add-net before vm.boot (see net_config).
+    nets = [net_config(net, index) for index, net in enumerate(spec.nets) if net.fd is None]
 
     config: dict[str, Any] = {
         "payload": payload,
@@ -163,6 +163,17 @@ def build_vm_config(spec: VMSpec, runtime: RuntimeDir, *, vsock_cid: int = 3) ->
         config["disks"] = disks
     if nets:
         config["net"] = nets
+    return config
+
+
+def net_config(net: NetSpec, index: int) -> dict[str, Any]:
+    """The ``NetConfig`` of one NIC: the TAP by name, or, when the spec holds its descriptor,
+    no name at all (the descriptor goes with the ``vm.add-net`` request as SCM_RIGHTS; one
+    descriptor is one queue pair, which is CH's default of two queues). Never ``ip``/``mask``
+    (host-side set-up, stale defaults: see ``build_vm_config``)."""
+    config: dict[str, Any] = {"mac": net.mac.lower(), "id": net.id or f"net{index}"}
+    if net.fd is None:
+        config = {"tap": net.tap, **config}
     return config
 
 
@@ -389,12 +400,23 @@ class CloudHypervisor:
         api = self._api(runtime)
         try:
             api.call("vm.create", config)
+            for index, net in enumerate(spec.nets):
+                if net.fd is not None:
+                    api.call("vm.add-net", net_config(net, index), fds=(net.fd,))
             api.call("vm.boot")
         except HypervisorError as exc:
             raise self._fail(runtime, exc) from exc
         return pid
 
     def restore(self, spec: VMSpec, runtime: RuntimeDir, snapshot: SnapshotFiles) -> int:
+        if any(net.fd is not None for net in spec.nets):
+            # CH takes new TAP descriptors for a restore only in RestoreConfig.net_fds, which
+            # the v53 API document does not have: by name, CH would open the TAP in its own
+            # namespace, which is not where the product's TAPs live.
+            raise NotSupported(
+                "cloud-hypervisor cannot restore a VM whose NICs are TAP descriptors "
+                "(RestoreConfig has no net_fds in its v53 API): cold boot instead"
+            )
         directory = Path(snapshot.directory)
         meta = self._read_snapshot_meta(directory)
         missing = [str(p) for p in snapshot.files if not Path(p).is_file()]
