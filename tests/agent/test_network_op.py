@@ -146,3 +146,13 @@ def test_network_failure_is_reported_not_fatal(ns_agent: tuple[str, RunningAgent
         assert info.value.code == "configure_failed"
         assert client.ping() < 5
     assert running.alive()
+
+
+def test_configure_carries_one_nic_found_by_mac(client: AgentClient) -> None:
+    result = client.configure(
+        time=1_700_000_000.5, match_mac="02:00:00:00:00:01", mac="52:54:00:12:34:58"
+    )
+    assert result["planned"][-2:] == [
+        "ip link set dev <02:00:00:00:00:01> address 52:54:00:12:34:58",
+        "ip link set dev <02:00:00:00:00:01> up",
+    ]

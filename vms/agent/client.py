@@ -783,9 +783,12 @@ class AgentClient:
         address: str | None = None,
         gateway: str | None = None,
         dns: builtins.list[str] | None = None,  # `list` is a method of this class
-        interface: str = "eth0",
+        interface: str | None = None,
+        match_mac: str | None = None,
     ) -> dict[str, Any]:
-        """Give the guest its identity: wall clock (unix time), hostname, eth0 mac/address/gw.
+        """Give the guest its identity in one request: wall clock (unix time), hostname, and
+        one NIC as in ``network`` (the one whose MAC is ``match_mac`` now, or ``interface``;
+        ``eth0`` when neither is given). The NIC's outcome is the result's ``network``.
 
         Used after every snapshot restore, so clones differ and the clock is right again.
         """
@@ -796,11 +799,20 @@ class AgentClient:
             header["hostname"] = hostname
         network = {
             k: v
-            for k, v in (("mac", mac), ("address", address), ("gateway", gateway), ("dns", dns))
+            for k, v in (
+                ("mac", mac),
+                ("address", address),
+                ("gateway", gateway),
+                ("dns", dns),
+                ("interface", interface),
+                ("match_mac", match_mac),
+            )
             if v is not None
         }
         if network:
-            header["network"] = {"interface": interface, **network}
+            if match_mac is not None:
+                self._require("network")  # an older agent would ignore match_mac
+            header["network"] = network
         head = self._request(header)
         return {k: v for k, v in head.items() if k not in ("id", "kind")}
 
