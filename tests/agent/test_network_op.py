@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 
 from vms.agent.client import AgentClient, AgentError
-from vms.hypervisors import netns as hv_netns
+from vms.network import netns as net_ns
 
 from .conftest import RunningAgent, start_agent, stop_agent
 
@@ -66,7 +66,7 @@ def ns_agent(short_dir: str) -> Iterator[tuple[str, RunningAgent]]:
     """The agent applying changes inside a fresh namespace with veth pair d0 (52:54:00:00:77:01)
     and d1. (No ``dns`` here: it would write the host's resolv.conf; the guest tests cover it.)"""
     name = f"n2ag-{uuid.uuid4().hex[:8]}"
-    netns.create(name)
+    net_ns.create(name)
     try:
 
         def setup() -> None:
@@ -74,14 +74,14 @@ def ns_agent(short_dir: str) -> Iterator[tuple[str, RunningAgent]]:
                 ipr.link("add", ifname="d0", kind="veth", peer="d1", address="52:54:00:00:77:01")
                 ipr.link("set", index=ipr.link_lookup(ifname="d1")[0], state="up")
 
-        hv_netns.run_in(name, setup)
+        net_ns.call_in(name, setup)
         running = start_agent(short_dir, "--apply-configure", prefix=["ip", "netns", "exec", name])
         try:
             yield name, running
         finally:
             stop_agent(running)
     finally:
-        netns.remove(name)
+        net_ns.remove(name)
 
 
 def _state(ns: str) -> dict[str, object]:
@@ -101,7 +101,7 @@ def _state(ns: str) -> dict[str, object]:
                 "gateways": gws,
             }
 
-    return hv_netns.run_in(ns, read)
+    return net_ns.call_in(ns, read)
 
 
 def test_network_finds_the_interface_by_mac_and_configures_it(

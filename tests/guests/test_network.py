@@ -9,6 +9,7 @@ restored from a template that was saved with MACs of its own.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -20,13 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute, netns
 
-from vms.hypervisors import netns as hv_netns
 from vms.hypervisors.base import NetSpec, RuntimeDir, VMSpec
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.hypervisors.templates import TemplateCache, configure_guest, template_mac
-from vms.network import tap
+from vms.network import bridge, netns, tap
 
 from .conftest import HELLO_TIMEOUT, connect_agent
 
@@ -34,6 +33,9 @@ pytestmark = pytest.mark.guest
 
 SUBNET = "10.213.7"
 GATEWAY = f"{SUBNET}.1"
+BRIDGE = bridge.Bridge(
+    "br0", ipaddress.IPv4Network(f"{SUBNET}.0/24"), ipaddress.IPv4Address(GATEWAY)
+)
 
 
 @dataclass
@@ -42,16 +44,7 @@ class Netns:
 
     def add_tap(self, ifname: str) -> None:
         tap.create(self.name, ifname)
-
-        def attach() -> None:
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], master=self.bridge())
-
-        hv_netns.run_in(self.name, attach)
-
-    def bridge(self) -> int:
-        with IPRoute() as ipr:
-            return int(ipr.link_lookup(ifname="br0")[0])
+        bridge.attach(self.name, ifname, BRIDGE)
 
     def ping(self, address: str) -> bool:
         done = subprocess.run(
@@ -67,29 +60,21 @@ class Netns:
             with socket.create_connection((address, port), timeout=20) as sock:
                 return sock.recv(100)
 
-        return hv_netns.run_in(self.name, read, timeout=30)
+        return netns.call_in(self.name, read)
 
 
 @pytest.fixture
 def testnet() -> Iterator[Netns]:
-    """A namespace with bridge br0 at the gateway address; removed with everything in it."""
+    """A namespace like the product's (``netns.create``) with the network's bridge holding the
+    gateway address (ports isolated, as by default); removed with everything in it."""
     name = f"n2t-{uuid.uuid4().hex[:8]}"
     netns.create(name)
     try:
-
-        def setup() -> None:
-            with IPRoute() as ipr:
-                ipr.link("add", ifname="br0", kind="bridge")
-                br = ipr.link_lookup(ifname="br0")[0]
-                ipr.addr("add", index=br, address=GATEWAY, prefixlen=24)
-                ipr.link("set", index=br, state="up")
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-
-        hv_netns.run_in(name, setup)
+        bridge.ensure_bridge(name, BRIDGE)
         yield Netns(name)
     finally:
         netns.remove(name)
-    assert name not in netns.listnetns()
+    assert not netns.exists(name)
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ TAP has vnet headers, as it does when it opens a TAP itself). A snapshot's virti
 records the offloads the guest negotiated, so TAPs of VMs restored from a template must be
 opened the same way as the template's: always through ``open_fd``.
 
-Every function joins the namespace from a short-lived thread (``vms.hypervisors.netns``); the
-calling thread never changes namespace.
+Every function joins the namespace from a short-lived thread (``netns.call_in``); the calling
+thread never changes namespace.
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vms.hypervisors.base import HypervisorError
-from vms.hypervisors.netns import check_name, run_in
+from . import netns
+from .names import NetworkError, check_ifname, check_netns
 
-__all__ = ["TapError", "check_ifname", "create", "delete", "exists", "list_taps", "open_fd"]
+__all__ = ["TapError", "create", "delete", "exists", "list_taps", "open_fd"]
+
+T = TypeVar("T")
 
 TUN_DEVICE = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -39,18 +42,16 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TAP_FLAGS = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
 
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 
-
-class TapError(HypervisorError):
+class TapError(NetworkError):
     """A TAP could not be created, opened or removed; ``str()`` says why."""
 
 
-def check_ifname(ifname: str) -> str:
-    """``ifname`` if it is a valid interface name (1-15 of ``[A-Za-z0-9_.-]``), else TapError."""
-    if not isinstance(ifname, str) or not _IFNAME.match(ifname):
-        raise TapError(f"invalid interface name {ifname!r}")
-    return ifname
+def _in(ns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` inside the existing namespace ``ns`` (never created here)."""
+    if not netns.exists(ns):
+        raise TapError(f"network namespace {ns} does not exist")
+    return netns.call_in(ns, fn)
 
 
 def _ifreq(ifname: str, flags: int) -> bytes:
@@ -80,7 +81,7 @@ def create(ns: str, ifname: str) -> None:
     Fails with TapError if an interface of that name already exists there (names are given out
     once; a leftover is for the reconciler, not to be reused silently).
     """
-    check_name(ns)
+    check_netns(ns)
     check_ifname(ifname)
 
     def work() -> None:
@@ -98,7 +99,7 @@ def create(ns: str, ifname: str) -> None:
             ipr.link("set", index=index, state="up")
 
     try:
-        run_in(ns, work)
+        _in(ns, work)
     except OSError as exc:
         raise TapError(f"cannot create TAP {ifname} in {ns}: {exc.strerror or exc}") from exc
 
@@ -106,7 +107,7 @@ def create(ns: str, ifname: str) -> None:
 def open_fd(ns: str, ifname: str) -> int:
     """A new descriptor of the existing TAP ``ifname`` in ``ns``, for a VMM (close-on-exec: pass
     it with ``pass_fds``). The caller closes it once the VMM holds its own copy."""
-    check_name(ns)
+    check_netns(ns)
     check_ifname(ifname)
 
     def work() -> int:
@@ -120,7 +121,7 @@ def open_fd(ns: str, ifname: str) -> int:
         return _attach(ifname)
 
     try:
-        return run_in(ns, work)
+        return _in(ns, work)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise TapError(f"TAP {ifname} in {ns} is already in use by another process") from exc
@@ -136,7 +137,7 @@ def _kind(ipr: IPRoute, index: int) -> str | None:
 def delete(ns: str, ifname: str) -> bool:
     """Remove TAP ``ifname`` from ``ns``; False if there was none. A VMM still holding it loses
     its NIC (the guest sees the link go down); it does not stop the VMM."""
-    check_name(ns)
+    check_netns(ns)
     check_ifname(ifname)
 
     def work() -> bool:
@@ -154,24 +155,24 @@ def delete(ns: str, ifname: str) -> bool:
                 raise TapError(f"cannot remove TAP {ifname} from {ns}: {exc}") from exc
             return True
 
-    return run_in(ns, work)
+    return _in(ns, work)
 
 
 def exists(ns: str, ifname: str) -> bool:
-    check_name(ns)
+    check_netns(ns)
     check_ifname(ifname)
 
     def work() -> bool:
         with IPRoute() as ipr:
             return _link_index(ipr, ifname) is not None
 
-    return run_in(ns, work)
+    return _in(ns, work)
 
 
 def list_taps(ns: str, prefix: str = "") -> list[str]:
     """Names of the TAP devices in ``ns`` (optionally only those starting with ``prefix``),
     sorted: what the reconciler compares with the VMs it knows."""
-    check_name(ns)
+    check_netns(ns)
 
     def work() -> list[str]:
         names = []
@@ -184,4 +185,4 @@ def list_taps(ns: str, prefix: str = "") -> list[str]:
                     names.append(name)
         return sorted(names)
 
-    return run_in(ns, work)
+    return _in(ns, work)
