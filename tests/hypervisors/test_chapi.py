@@ -8,6 +8,7 @@ files are needed here.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vms.hypervisors import chapi
 from vms.hypervisors.base import HypervisorError
 from vms.hypervisors.chapi import ChApi, ChApiError, ChApiUnavailable, error_message
 
@@ -169,3 +171,53 @@ def test_a_wedged_vmm_times_out(server: CannedServer, api: ChApi) -> None:
 def test_no_socket_is_unavailable(workdir: Path) -> None:
     with pytest.raises(ChApiUnavailable, match="unreachable"):
         ChApi(workdir / "absent.sock").ping()
+
+
+def test_descriptors_travel_with_the_first_bytes_of_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CH takes SCM_RIGHTS from the read that starts a request: the descriptors go with the
+    request line and headers (the first send), never later with the body (a server that has
+    read the headers before the body arrives would not see them)."""
+    path = tmp_path / "fds.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    received: list[int] = []
+    carried: list[bytes] = []
+    real_send_fds = socket.send_fds
+
+    def send_fds(sock: socket.socket, buffers: list[bytes], fds: list[int]) -> int:
+        carried.append(bytes(buffers[0]))
+        return real_send_fds(sock, buffers, fds)
+
+    monkeypatch.setattr(chapi.socket, "send_fds", send_fds)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(5)
+            data = b""
+            while b"}" not in data:
+                chunk, ancillary, _flags, _addr = conn.recvmsg(1 << 16, socket.CMSG_SPACE(16))
+                data += chunk
+                for level, kind, raw in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        for i in range(0, len(raw) - len(raw) % 4, 4):
+                            fd = int.from_bytes(raw[i : i + 4], "little", signed=True)
+                            received.append(fd)
+                            os.close(fd)
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    r, w = os.pipe()
+    try:
+        ChApi(path, timeout=5).call("vm.add-net", {"mac": "52:54:00:00:00:01"}, fds=(r,))
+    finally:
+        os.close(r)
+        os.close(w)
+        thread.join(5)
+        listener.close()
+    assert len(received) == 1
+    assert len(carried) == 1 and carried[0].startswith(b"PUT /api/v1/vm.add-net HTTP/1.1")

@@ -115,7 +115,12 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         self.fds = fds  # sent once, as SCM_RIGHTS with the first bytes of the request
 
     def send(self, data: Any) -> None:
-        if self.fds and self.sock is not None and isinstance(data, bytes | bytearray):
+        if self.fds and isinstance(data, bytes | bytearray):
+            # The first bytes of the request (its headers) carry the descriptors: the server
+            # takes them from the read that starts the request. http.client connects lazily
+            # inside send, so connect here first or they would ride on the body instead.
+            if self.sock is None:
+                self.connect()
             fds, self.fds = self.fds, ()
             sent = socket.send_fds(self.sock, [data], list(fds))
             if sent < len(data):
