@@ -38,7 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import netns, process
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from . import process
 from .base import (
     DiskSpec,
     HypervisorError,
@@ -80,6 +83,7 @@ RESTORE_ARGS = ("-global", "migration.announce-rounds=0", "-incoming")
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NETNS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")  # a /run/netns entry (as vms.network)
 _DEV_ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 # QEMU run states, folded into the protocol's VMState.
@@ -193,17 +197,38 @@ def _copy_file(src: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-def _net_dev(ns: str, pid: int) -> list[str]:
-    """The interface lines of ``/proc/net/dev`` in namespace ``ns`` (a TAP opened there and
-    passed by descriptor), or in the QEMU process's own namespace when ``ns`` is empty."""
+_TAP_KEYS = ("rx_bytes", "rx_packets", "rx_dropped", "tx_bytes", "tx_packets", "tx_dropped")
+
+
+def _tap_stats(ns: str, pid: int, names: set[str]) -> dict[str, dict[str, int]]:
+    """Counters of the TAPs ``names`` as the host sees them: read over netlink in namespace
+    ``ns`` (TAPs opened there and passed by descriptor), or from ``/proc/<pid>/net/dev`` (the
+    QEMU process's own namespace) when ``ns`` is empty. Unreadable: nothing."""
+    out: dict[str, dict[str, int]] = {}
+    if ns:
+        if not _NETNS.match(ns) or not os.path.exists(f"/run/netns/{ns}"):
+            return out  # never let pyroute2 create a namespace by asking about one
+        try:
+            with IPRoute(netns=ns) as ipr:
+                for link in ipr.get_links():
+                    name = link.get_attr("IFLA_IFNAME")
+                    stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
+                    if name in names and stats is not None:
+                        out[name] = {k: int(stats[k]) for k in _TAP_KEYS}
+        except (OSError, NetlinkError):
+            return {}
+        return out
     try:
-        if ns:
-            text = netns.run_in(ns, lambda: Path("/proc/thread-self/net/dev").read_text())
-        else:
-            text = Path(f"/proc/{pid}/net/dev").read_text()
-    except (OSError, HypervisorError):
-        return []
-    return text.splitlines()[2:]
+        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
+    except OSError:
+        return out
+    for line in lines:
+        ifname, _, rest = line.partition(":")
+        if ifname.strip() in names:
+            f = [int(x) for x in rest.split()]
+            picked = (f[0], f[1], f[3], f[8], f[9], f[11])  # the columns of _TAP_KEYS
+            out[ifname.strip()] = dict(zip(_TAP_KEYS, picked, strict=True))
+    return out
 
 
 class QemuHypervisor:
@@ -285,8 +310,8 @@ class QemuHypervisor:
                 raise HypervisorError(f"invalid net id {net.id!r}")
             if not re.match(r"^[A-Za-z0-9_.-]{1,15}$", net.tap):
                 raise HypervisorError(f"invalid tap name {net.tap!r}")
-            if net.netns:
-                netns.check_name(net.netns)
+            if net.netns and not _NETNS.match(net.netns):
+                raise HypervisorError(f"invalid network namespace name {net.netns!r}")
             if net.fd is not None and (
                 isinstance(net.fd, bool) or not isinstance(net.fd, int) or net.fd < 3
             ):
@@ -799,21 +824,16 @@ class QemuHypervisor:
         nets = vm["spec"]["nets"]
         taps = {n["tap"]: (n.get("id") or f"net{i}") for i, n in enumerate(nets)}
         if taps and pid:
-            lines = []
             for where in {n.get("netns", "") for n in nets}:
-                lines += _net_dev(where, pid)
-            for line in lines:
-                ifname, _, rest = line.partition(":")
-                ifname = ifname.strip()
-                if ifname in taps:
-                    f = [int(x) for x in rest.split()]
+                for ifname, tap in _tap_stats(where, pid, set(taps)).items():
+                    # What the TAP transmits, the guest receives.
                     out[taps[ifname]] = {
-                        "rx_bytes": f[8],
-                        "rx_packets": f[9],
-                        "tx_bytes": f[0],
-                        "tx_packets": f[1],
-                        "rx_dropped": f[11],
-                        "tx_dropped": f[3],
+                        "rx_bytes": tap["tx_bytes"],
+                        "rx_packets": tap["tx_packets"],
+                        "tx_bytes": tap["rx_bytes"],
+                        "tx_packets": tap["rx_packets"],
+                        "rx_dropped": tap["tx_dropped"],
+                        "tx_dropped": tap["rx_dropped"],
                     }
         return out
 
