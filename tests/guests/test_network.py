@@ -2,7 +2,7 @@
 
 Each test builds its own namespace (a bridge with the gateway address and the VMs' TAPs) and
 removes it; traffic goes only between the guests and that namespace. The guests get their MAC,
-address, gateway and resolvers from the agent (``templates.configure_guest``), also when they are
+address, gateway and resolvers from the agent (``readiness.configure_guest``), also when they are
 restored from a template that was saved with MACs of its own.
 """
 
@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from vms.hypervisors.base import NetSpec, RuntimeDir, VMSpec
+from vms.agent import readiness
+from vms.hypervisors.base import NetSpec, RuntimeDir, TemplateHooks, VMSpec
 from vms.hypervisors.qemu import QemuHypervisor
-from vms.hypervisors.templates import TemplateCache, configure_guest, template_mac
+from vms.hypervisors.templates import TemplateCache, template_mac
+from vms.images import make_data_disk
 from vms.network import bridge, netns, tap
 
 from .conftest import HELLO_TIMEOUT, connect_agent
@@ -80,7 +82,8 @@ def testnet() -> Iterator[Netns]:
 @pytest.fixture
 def nic_templates(hv: QemuHypervisor, runtime_root: Path, tmp_path: Path) -> TemplateCache:
     """A template cache of this test's own: the NIC template is built on this test's TAP."""
-    return TemplateCache(hv, cache_dir=tmp_path / "tpl", scratch_root=runtime_root)
+    hooks = TemplateHooks(readiness.wait_ready, readiness.reset_identity, make_data_disk)
+    return hv.template_cache(hooks, cache_dir=tmp_path / "tpl", scratch_root=runtime_root)
 
 
 @pytest.fixture
@@ -148,7 +151,7 @@ def test_cold_booted_guest_is_configured_by_the_agent_and_answers_at_its_address
     try:
         client = connect_agent(hv, runtime, HELLO_TIMEOUT)
         try:
-            configure_guest(client, hv, runtime, spec)
+            readiness.configure_guest(client, hv, runtime, spec)
             assert hv.nic_macs(runtime) == {"net0": "52:54:00:21:00:10"}
             addr = client.exec(["ip", "addr", "show", "dev", "eth0"]).stdout
             assert f"inet {SUBNET}.10/24".encode() in addr

@@ -17,6 +17,7 @@ from vms.hypervisors.base import (
     DiskSpec,
     Hypervisor,
     HypervisorError,
+    NetSpec,
     RuntimeDir,
     SnapshotFiles,
     TemplateHooks,
@@ -27,7 +28,7 @@ from vms.hypervisors.base import (
 from vms.hypervisors.cloud_hypervisor import CloudHypervisor
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.hypervisors.selection import select_hypervisor
-from vms.hypervisors.templates import TemplateCache, TemplateDriver
+from vms.hypervisors.templates import TemplateCache, TemplateDriver, template_mac
 
 
 class RecordingDriver:
@@ -44,8 +45,15 @@ class RecordingDriver:
 
     def start(self, spec: VMSpec, runtime: RuntimeDir) -> int:
         self.calls.append(f"start {spec.vm_id}")
+        self.started_macs = [n.mac for n in spec.nets]
         runtime.create()
         return 101
+
+    def set_link(self, runtime: RuntimeDir, nic_id: str, up: bool) -> None:
+        self.calls.append(f"set_link {nic_id} {'up' if up else 'down'}")
+
+    def nic_macs(self, runtime: RuntimeDir) -> dict[str, str]:
+        return {}
 
     def restore(self, spec: VMSpec, runtime: RuntimeDir, snapshot: SnapshotFiles) -> int:
         self.calls.append(f"restore {spec.vm_id} from {snapshot.directory.name}")
@@ -219,3 +227,30 @@ def test_select_hypervisor(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(select_hypervisor("auto"), QemuHypervisor)
     monkeypatch.setenv("SANDBOX_HYPERVISOR", "qemu")
     assert isinstance(select_hypervisor(), QemuHypervisor)
+
+
+def test_a_nic_template_has_its_own_macs_and_boots_unplugged_until_ready(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    hv, hooks = RecordingDriver(), RecordingHooks()
+    cache = TemplateCache(hv, hooks.bundle(), cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+    spec = make_spec(files, "vmn", "nic").replace(
+        nets=(NetSpec("tapn0", "52:54:00:00:00:01", fd=7, netns="sbx"),)
+    )
+    assert cache.usable_for(spec) is None
+    assert cache.start(spec, RuntimeDir(tmp_path / "rtn"), fallback=False).restored
+    key = cache.key(spec)
+    assert hv.started_macs == [template_mac(key, 0)] != ["52:54:00:00:00:01"]
+    assert int(template_mac(key, 0)[:2], 16) & 3 == 2  # locally administered, unicast
+    building = [c for c in hv.calls if c.startswith(("start", "set_link", "snapshot"))]
+    assert building == [
+        f"start template-{key[:12]}",
+        "set_link net0 down",
+        "set_link net0 up",
+        "snapshot",
+    ]
+    assert hooks.calls.index("wait_ready 180.0") >= 0
+    # NICs count in the shape; their TAPs, MACs and addresses do not.
+    other = spec.replace(nets=(NetSpec("tapn1", "52:54:00:00:00:02"),))
+    assert cache.key(other) == key
+    assert cache.key(spec.replace(nets=())) != key

@@ -71,7 +71,8 @@ class NetSpec:
     spec drops it.
 
     ``address`` (CIDR), ``gateway`` and ``dns`` are the guest's side: VMMs ignore them; the
-    guest agent applies them (``templates.configure_guest``), never the kernel command line.
+    guest agent applies them (``vms.agent.readiness.configure_guest``), never the kernel command
+    line.
     """
 
     tap: str
@@ -254,6 +255,11 @@ class Hypervisor(Protocol):
 
     def agent_connect(self, runtime: RuntimeDir, timeout: float) -> socket.socket:
         """A connected stream to the guest agent's port (after any VMM handshake)."""
+        ...
+
+    def nic_macs(self, runtime: RuntimeDir) -> dict[str, str]:
+        """The MAC each NIC has now, keyed by NIC id: after a restore, the snapshot's until the
+        guest sets its own (the guest agent finds a NIC by it)."""
         ...
 
     def stop_hard(self, runtime: RuntimeDir, timeout: float = 5.0) -> None:

@@ -761,6 +761,11 @@ class CloudHypervisor:
         """``vmm.ping``: build and version of the VMM (says nothing about the guest)."""
         return self._live_api(runtime).ping()
 
+    def nic_macs(self, runtime: RuntimeDir) -> dict[str, str]:
+        """The MACs of the VM's NICs as configured (``vm.info``), keyed by NIC id."""
+        config = self._live_api(runtime).info().get("config") or {}
+        return {str(n.get("id")): str(n.get("mac", "")).lower() for n in config.get("net") or []}
+
     def boot(self, runtime: RuntimeDir) -> None:
         """``vm.boot``: boot again a VM that was shut down with ``shutdown_vm``."""
         self._live_api(runtime).action("vm.boot")
