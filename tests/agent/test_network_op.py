@@ -65,7 +65,7 @@ def test_client_refuses_network_without_a_selector(client: AgentClient) -> None:
 def ns_agent(short_dir: str) -> Iterator[tuple[str, RunningAgent]]:
     """The agent applying changes inside a fresh namespace with veth pair d0 (52:54:00:00:77:01)
     and d1. (No ``dns`` here: it would write the host's resolv.conf; the guest tests cover it.)"""
-    name = f"n2ag-{uuid.uuid4().hex[:8]}"
+    name = f"agnet-{uuid.uuid4().hex[:8]}"
     net_ns.create(name)
     try:
 

@@ -69,7 +69,7 @@ class Netns:
 def testnet() -> Iterator[Netns]:
     """A namespace like the product's (``netns.create``) with the network's bridge holding the
     gateway address (ports isolated, as by default); removed with everything in it."""
-    name = f"n2t-{uuid.uuid4().hex[:8]}"
+    name = f"guestnet-{uuid.uuid4().hex[:8]}"
     netns.create(name)
     try:
         bridge.ensure_bridge(name, BRIDGE)

@@ -236,7 +236,7 @@ def _restore(driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Any, work:
     driver.restore(make_spec(), runtime, SnapshotFiles(snap, files))
 
 
-_TAP_NS = f"n2ch-{uuid.uuid4().hex[:8]}"
+_TAP_NS = f"chtap-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,7 +23,7 @@ IFF_PERSIST = 0x0800
 def ns() -> Iterator[str]:
     if os.geteuid() != 0:
         pytest.fail("TAP tests need root (network namespaces)")
-    name = f"n2tap-{uuid.uuid4().hex[:8]}"
+    name = f"tapns-{uuid.uuid4().hex[:8]}"
     netns.create(name)
     yield name
     netns.remove(name)
@@ -102,7 +102,7 @@ def test_invalid_or_missing_namespaces_are_refused(name: str) -> None:
 
 
 def test_a_missing_namespace_is_an_error_not_created() -> None:
-    name = f"n2none-{uuid.uuid4().hex[:8]}"
+    name = f"nons-{uuid.uuid4().hex[:8]}"
     with pytest.raises(tap.TapError, match="does not exist"):
         tap.create(name, "tapf0")
     assert name not in netns.listnetns()
