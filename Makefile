@@ -62,6 +62,8 @@ MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py au
 # Each app's metrics, the event table under the store, what core gives every app.
 MYPY_CORE += audit/events.py audit/metrics.py vms/metrics.py vms/recordings.py core/metrics.py \
 	core/scopes.py core/permissions.py
+# The lifecycle table and what it drives.
+MYPY_CORE += vms/lifecycle.py vms/policy.py vms/enqueue.py vms/tasks.py
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -2,13 +2,19 @@
 
 Types are named in the past tense. Adding a type: add it here with ``schema_version=1``; changing
 the shape of its data: bump the version and keep projectors able to read the old one.
+
+An app above audit registers the types of its own domain with ``register`` while the apps load
+(the VM domain's come from its lifecycle table, ``vms.lifecycle``, imported by ``vms.apps``), so
+audit imports no app. Every reader (the store's validation, projector subscriptions, the
+compliance mapping, exports) reads after that; a registration after the first read is refused,
+since what was derived from the catalogue before it would silently miss the new types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EventType", "get", "all_types", "types_for"]
+__all__ = ["EventType", "get", "all_types", "register", "types_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +27,7 @@ class EventType:
 
 
 _TYPES: dict[str, EventType] = {}
+_read = False  # set by the first read: later registrations are refused
 
 
 def _define(name: str, aggregate: str, category: str, description: str, version: int = 1) -> None:
@@ -57,69 +64,8 @@ _define("user.password_changed", "user", "access", "A user's password was change
 _define("token.created", "token", "access", "An API token was created (secret shown once).")
 _define("token.revoked", "token", "access", "An API token was revoked.")
 
-# Virtual machines: a request event per command, then the worker's outcome event(s).
-for _verb, _outcomes in (
-    ("create", ()),
-    ("start", ("started", "start_failed")),
-    ("stop", ("stopped", "stop_failed")),
-    ("reboot", ("rebooted", "reboot_failed")),
-    ("pause", ("paused", "pause_failed")),
-    ("resume", ("resumed", "resume_failed")),
-    ("resize", ("resized", "resize_failed")),
-    ("snapshot", ("snapshotted", "snapshot_failed")),
-    ("restore", ("restored", "restore_failed")),
-    ("destroy", ("destroyed", "destroy_failed")),
-):
-    _define(f"vm.{_verb}_requested", "vm", "change", f"A {_verb} of a VM was requested.")
-    for _outcome in _outcomes:
-        _define(f"vm.{_outcome}", "vm", "change", f"Worker outcome of a {_verb} request.")
-_define("vm.created", "vm", "change", "A VM was defined (spec, owner, template, identity).")
-_define("vm.progress", "vm", "operations", "A step of a long VM operation (booting, snapshotting).")
-_define("vm.crashed", "vm", "monitoring", "The reconciler found the VM's VMM dead.")
-_define("vm.recovered", "vm", "monitoring", "The reconciler brought a VM record back in line.")
-# Guest access: the request is committed before the agent is asked (if it cannot be recorded,
-# nothing runs); its outcome, completed or failed, names the request as its causation.
-_define(
-    "vm.exec_requested",
-    "vm",
-    "data",
-    "A command was asked for in the guest (argv, cwd, env names, timeout), before it ran.",
-)
-_define(
-    "vm.exec_completed", "vm", "data", "A command ran in the guest (argv, exit, output hashes)."
-)
-_define(
-    "vm.exec_failed",
-    "vm",
-    "data",
-    "A requested command got no result from the guest (agent timeout, refusal, unreachable).",
-)
-_define(
-    "vm.file_upload_requested", "vm", "data", "A file upload into the guest was asked for (path)."
-)
-_define(
-    "vm.file_uploaded", "vm", "data", "A file was written into the guest (path, size, SHA-256)."
-)
-_define("vm.file_upload_failed", "vm", "data", "A requested upload into the guest failed.")
-_define("vm.file_download_requested", "vm", "data", "A file download from the guest was asked for.")
-_define("vm.file_downloaded", "vm", "data", "A file was read from the guest (path, size, SHA-256).")
-_define("vm.file_download_failed", "vm", "data", "A requested download from the guest failed.")
-_define("vm.console_opened", "vm", "access", "A console session started (recording referenced).")
-_define("vm.console_closed", "vm", "access", "A console session ended (recording, size, SHA-256).")
-
-# Snapshots.
-_define(
-    "snapshot.created", "snapshot", "data", "A snapshot was taken (files and SHA-256 manifest)."
-)
-_define("snapshot.verified", "snapshot", "data", "A snapshot's manifest was checked before use.")
-_define("snapshot.corrupted", "snapshot", "data", "A snapshot failed its manifest check.")
-_define("snapshot.deleted", "snapshot", "data", "A snapshot was deleted (by a user or retention).")
-
-# Networking.
-_define("net.ip_leased", "vm", "change", "An address was leased to a VM.")
-_define("net.ip_released", "vm", "change", "A VM's address was released.")
-_define("net.port_forward_added", "vm", "change", "A host port was forwarded to a VM.")
-_define("net.port_forward_removed", "vm", "change", "A port forward was removed.")
+# The VM domain's types (vm.*, snapshot.*, net.*) are registered by vms.lifecycle, the table of
+# VM verbs they are derived from (``register`` below), while the apps load.
 
 # Quotas are settings (SANDBOX_QUOTA_*), not changed through the product: no quota event yet.
 
@@ -161,13 +107,39 @@ _define(
 )
 
 
+def register(*types: EventType) -> None:
+    """Add the event types of an app's domain (called while the apps load, by ``vms.lifecycle``).
+
+    Registering a type again with the same definition does nothing (a module imported twice);
+    a different definition of a known name, or a new type after the catalogue was first read,
+    is a programming error (RuntimeError)."""
+    for t in types:
+        known = _TYPES.get(t.name)
+        if known is not None and known != t:
+            raise RuntimeError(f"event type {t.name} is already defined differently: {known}")
+    new = [t for t in types if t.name not in _TYPES]
+    if new and _read:
+        raise RuntimeError(
+            f"event types registered after the catalogue was read: {[t.name for t in new]}; "
+            "register them while the apps load (from the app's apps.py imports)"
+        )
+    for t in new:
+        _TYPES[t.name] = t
+
+
 def get(name: str) -> EventType | None:
+    global _read
+    _read = True
     return _TYPES.get(name)
 
 
 def all_types() -> list[EventType]:
+    global _read
+    _read = True
     return sorted(_TYPES.values(), key=lambda t: t.name)
 
 
 def types_for(category: str) -> frozenset[str]:
+    global _read
+    _read = True
     return frozenset(t.name for t in _TYPES.values() if t.category == category)

@@ -16,6 +16,7 @@ from typing import Any
 
 import django_filters
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.db.models import Q
@@ -24,20 +25,20 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, NotFound, PermissionDenied, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.parsers import FileUploadParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.caller import Caller
-from accounts.scopes import OPEN, VM_READ, needs
+from accounts.scopes import OPEN, VM_READ, Needs, needs
 from audit.api import EventSerializer
 from audit.commands import read_details, record_trail_read
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
-from vms import commands, guest, quotas
+from vms import commands, guest, lifecycle, policy, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 from vms.representation import (
     SNAPSHOT_BRIEF_FIELDS,
@@ -298,16 +299,15 @@ class RawUploadParser(FileUploadParser):
         return parsed
 
 
-def _perm(verb: str) -> str:
-    """The permission a VM action needs (the commands' rules: one place)."""
-    return commands.RULES[verb][0]
-
-
-def require_on(caller: Caller, perm: str, owner_id: int | None) -> None:
-    """403 unless ``caller`` holds ``perm`` and may act on what ``owner_id`` owns."""
-    caller.require(perm)
-    if not commands.may_act_on(caller, owner_id):
-        raise PermissionDenied("you may only act on your own VMs")
+def scopes_of(resource: str) -> dict[str, Needs]:
+    """The token scopes of a viewset's verb actions, from the lifecycle table: each action and
+    method needs the verb's permission."""
+    return {
+        f"{v.api.action}:{method}": needs(v.permission)
+        for v in lifecycle.VERBS
+        if v.api is not None and v.api.resource == resource
+        for method in v.api.methods
+    }
 
 
 class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -316,30 +316,15 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     queryset = VirtualMachine.objects.none()  # for the schema; get_queryset says whose
     serializer_class = VMSerializer
     filterset_class = VMFilter
-    token_scopes = {
-        "list": VM_READ,
-        "retrieve": VM_READ,
-        "events": VM_READ,
-        "create": needs("vms.add_virtualmachine"),
-        "destroy": needs("vms.delete_virtualmachine"),
-        "start": needs("vms.operate_vm"),
-        "stop": needs("vms.operate_vm"),
-        "reboot": needs("vms.operate_vm"),
-        "pause": needs("vms.operate_vm"),
-        "resume": needs("vms.operate_vm"),
-        "resize": needs("vms.operate_vm"),
-        "snapshot": needs("vms.snapshot_vm"),
-        "exec": needs("vms.exec_vm"),
-        "files:get": needs("vms.read_files"),
-        "files:put": needs("vms.write_files"),
-        "files:post": needs("vms.write_files"),
-    }
+    # Reads, and every verb the lifecycle table offers here (the worker's verbs are actions
+    # made from the table below the class).
+    token_scopes = {"list": VM_READ, "retrieve": VM_READ, "events": VM_READ, **scopes_of("vms")}
 
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not NOT_FILTERS.issuperset(request.query_params):
             return super().list(request, *args, **kwargs)  # filters: the ORM's way
         caller = Caller.from_request(request)
-        everyone = commands.sees_all_vms(caller)
+        everyone = policy.sees_all_vms(caller)
         paginator = self.paginator
         assert paginator is not None
         limit = paginator.get_limit(request)
@@ -357,13 +342,13 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         except ValueError:
             raise Http404("No VirtualMachine matches the given query.") from None
         caller = Caller.from_request(request)
-        rows = _one_query(commands.sees_all_vms(caller)).run(vm=vm_id, owner=caller.user.pk)
+        rows = _one_query(policy.sees_all_vms(caller)).run(vm=vm_id, owner=caller.user.pk)
         if not rows:
             raise Http404("No VirtualMachine matches the given query.")
         return Response(vm_representation(rows[0]))
 
     def get_queryset(self) -> Any:
-        qs = commands.visible_vms(Caller.from_request(self.request)).order_by("-created_at")
+        qs = policy.visible_vms(Caller.from_request(self.request)).order_by("-created_at")
         params = self.request.query_params
         if (
             self.action == "list"
@@ -376,13 +361,13 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     def caller(self) -> Caller:
         return Caller.from_request(self.request)
 
-    def target(self, perm: str) -> VirtualMachine:
-        """The VM of this request once the caller may use ``perm`` on it, decided before any
-        body is validated: 404 when the caller cannot see it, 403 without the permission or
-        when it is not theirs to act on. The command checks again (with the state) under the
-        event store's lock."""
+    def target(self, verb: str) -> VirtualMachine:
+        """The VM of this request once the caller may ask ``verb`` of it (``vms.policy``),
+        decided before any body is validated: 404 when the caller cannot see it, 403 without
+        the permission or when it is not theirs to act on. The command checks again (with the
+        state) under the event store's lock."""
         vm = self.get_object()
-        require_on(self.caller(), perm, vm.owner_id)
+        policy.require(self.caller(), verb, vm.owner_id)
         return vm
 
     @extend_schema(
@@ -410,51 +395,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 
     @extend_schema(request=None, responses={202: None})
     def destroy(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.destroy(self.caller(), self.target(_perm("destroy"))))
-
-    @extend_schema(request=None, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def start(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.start(self.caller(), self.target(_perm("start"))))
-
-    @extend_schema(request=StopSerializer, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def stop(self, request: Request, pk: Any = None) -> Response:
-        vm = self.target(_perm("stop"))
-        s = StopSerializer(data=request.data)
-        s.is_valid(raise_exception=True)
-        return accepted(commands.stop(self.caller(), vm, **s.validated_data))
-
-    @extend_schema(request=None, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def reboot(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.reboot(self.caller(), self.target(_perm("reboot"))))
-
-    @extend_schema(request=None, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def pause(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.pause(self.caller(), self.target(_perm("pause"))))
-
-    @extend_schema(request=None, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def resume(self, request: Request, pk: Any = None) -> Response:
-        return accepted(commands.resume(self.caller(), self.target(_perm("resume"))))
-
-    @extend_schema(request=ResizeSerializer, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def resize(self, request: Request, pk: Any = None) -> Response:
-        vm = self.target(_perm("resize"))
-        s = ResizeSerializer(data=request.data)
-        s.is_valid(raise_exception=True)
-        return accepted(commands.resize(self.caller(), vm, **s.validated_data))
-
-    @extend_schema(request=SnapshotCreateSerializer, responses={202: None})
-    @action(detail=True, methods=["post"])
-    def snapshot(self, request: Request, pk: Any = None) -> Response:
-        vm = self.target(_perm("snapshot"))
-        s = SnapshotCreateSerializer(data=request.data)
-        s.is_valid(raise_exception=True)
-        return accepted(commands.snapshot(self.caller(), vm, name=s.validated_data.get("name", "")))
+        return accepted(commands.destroy(self.caller(), self.target("destroy")))
 
     @extend_schema(
         request=ExecSerializer,
@@ -483,7 +424,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         """Run a command in the guest and return its output: up to SANDBOX_EXEC_OUTPUT_LIMIT
         bytes of each stream, with ``truncated`` and the full sizes (the exec websocket,
         ``/ws/vms/{id}/exec/``, streams all of it)."""
-        vm = self.target(commands.GUEST_ACCESS["exec"])
+        vm = self.target("exec")
         s = ExecSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
@@ -547,7 +488,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         caller = self.caller()
         path = request.query_params.get("path", "")
         if request.method == "GET":
-            vm = self.target(commands.GUEST_ACCESS["file_download"])
+            vm = self.target("file_download")
             guest.validate_guest_path(path)
             # An anonymous temporary file (no name on disk); the response closes it.
             fh = tempfile.TemporaryFile(prefix="sbx-dl-")  # noqa: SIM115
@@ -562,8 +503,8 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             response["Content-Length"] = str(size)
             return response
         # Who may write, and to where, is decided before the body is read or parsed.
-        vm = self.target(commands.GUEST_ACCESS["file_upload"])
-        guest.require_guest_access(caller, vm, "vms.write_files")
+        vm = self.target("file_upload")
+        guest.require_guest_access(caller, vm, "file_upload")
         guest.validate_guest_path(path)
         max_bytes = settings.SANDBOX_UPLOAD_MAX_BYTES
         announced = request.META.get("CONTENT_LENGTH") or ""
@@ -619,28 +560,58 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         return self.get_paginated_response(EventSerializer(page, many=True).data)
 
 
+# The body each worker's verb takes through the API (none: no body).
+ACTION_INPUT: dict[str, type[serializers.Serializer]] = {
+    "stop": StopSerializer,
+    "resize": ResizeSerializer,
+    "snapshot": SnapshotCreateSerializer,
+}
+
+
+def _verb_action(row: lifecycle.Verb) -> Any:
+    """The action ``POST /vms/{id}/<verb>/`` of a worker's verb of the lifecycle table: the
+    caller's right decided first, then the body (``ACTION_INPUT``), then the command; 202 with
+    the request event and its status URL."""
+    body = ACTION_INPUT.get(row.name)
+
+    def act(self: VMViewSet, request: Request, pk: Any = None) -> Response:
+        vm = self.target(row.name)
+        params: dict[str, Any] = {}
+        if body is not None:
+            s = body(data=request.data)
+            s.is_valid(raise_exception=True)
+            params = dict(s.validated_data)
+        return accepted(commands.perform(self.caller(), vm, row.name, **params))
+
+    act.__name__ = act.__qualname__ = row.name
+    routed = action(detail=True, methods=["post"])(act)
+    return extend_schema(request=body, responses={202: None})(routed)
+
+
+# Every worker's verb the table offers as a POST action of a VM (a destroy is the VM's DELETE).
+for _row in lifecycle.REQUEST_VERBS:
+    if _row.api == lifecycle.ApiRoute("vms", _row.name, ("post",)):
+        if _row.name in vars(VMViewSet):
+            raise ImproperlyConfigured(f"VMViewSet.{_row.name} is made from the lifecycle table")
+        setattr(VMViewSet, _row.name, _verb_action(_row))
+
+
 class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """Snapshots: restore one in place, clone it into a new VM, delete it (DELETE)."""
 
     queryset = Snapshot.objects.none()  # for the schema; get_queryset says whose
     serializer_class = SnapshotSerializer
     filterset_class = SnapshotFilter
-    token_scopes = {
-        "list": VM_READ,
-        "retrieve": VM_READ,
-        "restore": needs("vms.rollback_snapshot"),
-        "clone": needs("vms.add_virtualmachine"),
-        "destroy": needs("vms.snapshot_vm"),
-    }
+    token_scopes = {"list": VM_READ, "retrieve": VM_READ, **scopes_of("snapshots")}
 
     def get_queryset(self) -> Any:
-        return commands.visible_snapshots(Caller.from_request(self.request)).order_by("-created_at")
+        return policy.visible_snapshots(Caller.from_request(self.request)).order_by("-created_at")
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=True, methods=["post"])
     def restore(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
-        require_on(Caller.from_request(request), "vms.rollback_snapshot", snap.owner_id)
+        policy.require(Caller.from_request(request), "restore", snap.owner_id)
         if snap.vm is None or snap.vm.state == "destroyed":
             raise ValidationError({"snapshot": "its VM is gone: clone it into a new VM instead"})
         return accepted(commands.restore(Caller.from_request(request), snap.vm, snap))
@@ -650,15 +621,14 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def clone(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
         caller = Caller.from_request(request)
-        caller.require("vms.add_virtualmachine")
-        require_on(caller, "vms.rollback_snapshot", snap.owner_id)
+        policy.require(caller, "clone", snap.owner_id)
         s = CloneSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         return accepted(commands.clone(caller, snap, name=s.validated_data["name"]))
 
     def destroy(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
-        require_on(Caller.from_request(request), "vms.snapshot_vm", snap.owner_id)
+        policy.require(Caller.from_request(request), "delete_snapshot", snap.owner_id)
         commands.delete_snapshot(Caller.from_request(request), snap)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
@@ -726,7 +696,7 @@ class RequestStatusView(APIView):
         if event is None:
             raise NotFound("no such request")
         caller = Caller.from_request(request)
-        vm = commands.visible_vms(caller).filter(pk=event.aggregate_id).first()
+        vm = policy.visible_vms(caller).filter(pk=event.aggregate_id).first()
         if vm is None and not caller.has("audit.view_audit_trail"):
             raise NotFound("no such request")
         request_data = EventSerializer(event).data

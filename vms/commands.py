@@ -1,67 +1,71 @@
-"""Every VM action: one function per verb.
+"""Every VM action: one function per verb of the lifecycle table (``vms.lifecycle``).
 
-Each checks permission, ownership, state and quota against the projections and appends the
-request event, in one transaction taken under the event store's append lock (so concurrent
-requests are checked one after the other). The worker task that carries the request out is
-enqueued on commit; it appends the outcome through ``record_outcome``. Views, consumers and tasks
-never write VM events or read-model rows themselves.
+Each checks permission and ownership (``vms.policy``), state and quota against the projections
+and appends the request event, in one transaction taken under the event store's append lock (so
+concurrent requests are checked one after the other). The worker task that carries the request
+out is enqueued on commit (``vms.enqueue``); it appends the outcome through ``record_outcome``.
+Views, consumers and tasks never write VM events or read-model rows themselves.
+
+A verb that takes no input needs no function of its own here: ``ask`` asks any verb of the
+table; the verbs with input have theirs (``WITH_INPUT``), and ``perform`` picks.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import QuerySet
 
 from accounts.caller import Caller
 from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
 from core.compiled import CompiledQuery, cached
-from vms import identity, quotas
-from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine, VMState
+from vms import enqueue, identity, lifecycle, policy, quotas
+from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
 __all__ = [
     "Accepted",
     "Busy",
+    "GUEST_ACCESS",
+    "GUEST_OUTCOMES",
     "InvalidState",
     "NotFound",
+    "RULES",
     "SUPERSEDED",
+    "WITH_INPUT",
+    "ask",
     "clone",
     "create",
     "delete_snapshot",
     "destroy",
     "is_pending",
     "pause",
+    "perform",
     "reboot",
-    "GUEST_ACCESS",
-    "may_act_on",
     "record_console_closed",
     "record_console_opened",
     "record_crashed",
     "record_guest_outcome",
+    "record_outcome",
+    "record_outcome_if_pending",
+    "record_progress",
     "record_snapshot_corrupted",
     "record_snapshot_created",
     "request_guest_access",
     "require_guest_access",
-    "sees_all_vms",
-    "record_outcome",
-    "record_outcome_if_pending",
-    "record_progress",
     "resize",
     "restore",
     "resume",
     "snapshot",
     "start",
     "stop",
-    "visible_snapshots",
-    "visible_vms",
 ]
 
 NAME_MAX = 63
@@ -104,57 +108,10 @@ class Accepted:
         return _fresh(self.vm_id)
 
 
-# verb -> (permission, states it may start from)
+# verb -> (permission, states it may be asked from): the worker's verbs of the lifecycle table.
 RULES: dict[str, tuple[str, frozenset[str]]] = {
-    "start": ("vms.operate_vm", frozenset({"stopped", "failed", "crashed"})),
-    "stop": ("vms.operate_vm", frozenset({"running", "paused", "failed", "crashed"})),
-    "reboot": ("vms.operate_vm", frozenset({"running"})),
-    "pause": ("vms.operate_vm", frozenset({"running"})),
-    "resume": ("vms.operate_vm", frozenset({"paused"})),
-    "resize": ("vms.operate_vm", frozenset({"running", "stopped"})),
-    "snapshot": ("vms.snapshot_vm", frozenset({"running", "paused"})),
-    "restore": (
-        "vms.rollback_snapshot",
-        frozenset({"running", "paused", "stopped", "failed", "crashed"}),
-    ),
-    "destroy": ("vms.delete_virtualmachine", frozenset(s.value for s in VMState) - {"destroyed"}),
+    v.name: (v.permission, v.allowed_from) for v in lifecycle.REQUEST_VERBS
 }
-
-
-# --- Visibility -------------------------------------------------------------------------------
-
-
-def sees_all_vms(caller: Caller) -> bool:
-    """Readers of all (viewer, auditor, admin) see everyone's VMs; operators their own.
-
-    Asked of the caller, not the user: an API token reaches other users' VMs only if its scopes
-    hold the permission that grants it (a view permission, or ``vms.manage_all_vms``)."""
-    return caller.has("vms.view_virtualmachine") or caller.has("vms.manage_all_vms")
-
-
-def may_act_on(caller: Caller, owner_id: int | None) -> bool:
-    """May ``caller`` act on a VM or snapshot of ``owner_id``: its own, or any with
-    ``vms.manage_all_vms`` (held by the user and, for a scoped token, among its scopes)."""
-    return owner_id == caller.user.pk or caller.has("vms.manage_all_vms")
-
-
-def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
-    qs = VirtualMachine.objects.select_related("owner")
-    if sees_all_vms(caller):
-        return qs
-    return qs.filter(owner=caller.user)
-
-
-def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
-    qs = Snapshot.objects.select_related("owner", "vm")
-    if caller.has("vms.view_snapshot") or caller.has("vms.manage_all_vms"):
-        return qs
-    return qs.filter(owner=caller.user)
-
-
-def _own_or_admin(caller: Caller, owner_id: int) -> None:
-    if not may_act_on(caller, owner_id):
-        raise PermissionDenied("you may only act on your own VMs")
 
 
 def _fresh(vm_id: uuid.UUID) -> VirtualMachine:
@@ -179,20 +136,19 @@ def _request(
 
     ``read_under_lock``: the caller took the append lock and then read ``vm``, so it is the
     state another request left and need not be read again."""
-    perm, allowed = RULES[verb]
-    caller.require(perm)
-    _own_or_admin(caller, vm.owner_id)
+    row = lifecycle.request_verb(verb)
+    policy.require(caller, verb, vm.owner_id)
     store.lock()
     if not read_under_lock:
         vm = _fresh(vm.pk)  # re-read under the lock: the state another request left
-    if vm.busy and verb != "destroy":
+    if vm.busy and not row.overtakes:
         raise Busy(vm, verb)
-    if vm.state not in allowed:
-        raise InvalidState(vm, verb, allowed)
+    if vm.state not in row.allowed_from:
+        raise InvalidState(vm, verb, row.allowed_from)
     event = store.append(
         "vm",
         str(vm.pk),
-        f"vm.{verb}_requested",
+        row.request_type(),
         data or {},
         actor=caller.actor,
         expected_version=vm.version,
@@ -202,14 +158,29 @@ def _request(
 
 
 def _enqueue_on_commit(event: store.RecordedEvent) -> None:
-    from vms import tasks
-
-    transaction.on_commit(lambda: tasks.enqueue(event.event_id))
+    transaction.on_commit(lambda: enqueue.request(event.event_id))
 
 
 @transaction.atomic
+def ask(caller: Caller, vm: VirtualMachine, verb: str) -> Accepted:
+    """Ask for ``verb``, a worker's verb of the lifecycle table that takes no input."""
+    if verb in WITH_INPUT:
+        raise TypeError(f"{verb} takes input: call commands.{verb}")
+    return Accepted(*_request(caller, vm, verb))
+
+
+def perform(caller: Caller, vm: VirtualMachine, verb: str, **params: Any) -> Accepted:
+    """Ask for ``verb`` on ``vm`` with its input (the API's and the dashboard's entry point)."""
+    command = WITH_INPUT.get(verb)
+    if command is not None:
+        return command(caller, vm, **params)
+    if params:
+        raise TypeError(f"{verb} takes no input, got {sorted(params)}")
+    return ask(caller, vm, verb)
+
+
 def start(caller: Caller, vm: VirtualMachine) -> Accepted:
-    return Accepted(*_request(caller, vm, "start"))
+    return ask(caller, vm, "start")
 
 
 @transaction.atomic
@@ -222,19 +193,16 @@ def stop(
     return Accepted(*_request(caller, vm, "stop", {"force": force, "grace_s": grace}))
 
 
-@transaction.atomic
 def reboot(caller: Caller, vm: VirtualMachine) -> Accepted:
-    return Accepted(*_request(caller, vm, "reboot"))
+    return ask(caller, vm, "reboot")
 
 
-@transaction.atomic
 def pause(caller: Caller, vm: VirtualMachine) -> Accepted:
-    return Accepted(*_request(caller, vm, "pause"))
+    return ask(caller, vm, "pause")
 
 
-@transaction.atomic
 def resume(caller: Caller, vm: VirtualMachine) -> Accepted:
-    return Accepted(*_request(caller, vm, "resume"))
+    return ask(caller, vm, "resume")
 
 
 @transaction.atomic
@@ -265,7 +233,7 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
     limits = quotas.effective_quota(vm.owner)  # definitions before the lock, as create does
     store.lock()
     fresh = _fresh(vm.pk)
-    _own_or_admin(caller, fresh.owner_id)
+    policy.require(caller, "snapshot", fresh.owner_id)
     quotas.check(fresh.owner, quota=limits, snapshots=1)
     snapshot_id = uuid.uuid4()
     vm_id, event = _request(
@@ -285,7 +253,8 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
 @transaction.atomic
 def restore(caller: Caller, vm: VirtualMachine, snap: Snapshot) -> Accepted:
     """Put ``vm`` back into the state of one of its own snapshots (in place)."""
-    _check_snapshot_usable(caller, snap)
+    policy.require(caller, "restore", snap.owner_id)
+    _check_snapshot_usable(snap)
     if snap.vm_id != vm.pk:
         raise ValidationError(
             {"snapshot": "restore in place takes a snapshot of this VM; clone others"}
@@ -293,9 +262,16 @@ def restore(caller: Caller, vm: VirtualMachine, snap: Snapshot) -> Accepted:
     return Accepted(*_request(caller, vm, "restore", {"snapshot_id": str(snap.pk)}), snapshot=snap)
 
 
-@transaction.atomic
 def destroy(caller: Caller, vm: VirtualMachine) -> Accepted:
-    return Accepted(*_request(caller, vm, "destroy"))
+    return ask(caller, vm, "destroy")
+
+
+# The verbs whose request takes input: their own function checks it (the others: ``ask``).
+WITH_INPUT: dict[str, Callable[..., Accepted]] = {
+    "stop": stop,
+    "resize": resize,
+    "snapshot": snapshot,
+}
 
 
 # --- Creation ---------------------------------------------------------------------------------
@@ -319,6 +295,10 @@ def _validate_shape(vcpus: int, memory_mib: int, disk_mib: int) -> None:
     if errors:
         raise ValidationError(errors)
     quotas.check_vm_shape(vcpus, memory_mib, disk_mib)
+
+
+def _requested(verb: str) -> str:
+    return lifecycle.request_verb(verb).request_type()
 
 
 OWNER_STAND_IN = -7_319_446_583
@@ -400,7 +380,7 @@ def create(
     disk_mib: int | None = None,
     start_now: bool = True,
 ) -> Accepted:
-    caller.require("vms.add_virtualmachine")
+    policy.require(caller, "create")
     name = _validate_name(name, "name")
     tpl = Template.objects.filter(name=template, enabled=True).first()
     if tpl is None:
@@ -415,7 +395,7 @@ def create(
         memory_mib=shape[1],
         disk_mib=shape[2],
         source_snapshot=None,
-        request=("vm.start_requested", {}) if start_now else None,
+        request=(_requested("start"), {}) if start_now else None,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -423,9 +403,7 @@ def create(
     return Accepted(vm_id, events[1])
 
 
-def _check_snapshot_usable(caller: Caller, snap: Snapshot) -> None:
-    caller.require("vms.rollback_snapshot")
-    _own_or_admin(caller, snap.owner_id)
+def _check_snapshot_usable(snap: Snapshot) -> None:
     if snap.state != Snapshot.State.READY:
         raise ValidationError({"snapshot": f"the snapshot is {snap.state}, not ready"})
 
@@ -433,8 +411,8 @@ def _check_snapshot_usable(caller: Caller, snap: Snapshot) -> None:
 @transaction.atomic
 def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
     """A new VM, with its own identity, started from ``snap``."""
-    caller.require("vms.add_virtualmachine")
-    _check_snapshot_usable(caller, snap)
+    policy.require(caller, "clone", snap.owner_id)
+    _check_snapshot_usable(snap)
     name = _validate_name(name, "name")
     vm_id, events = _new_vm_events(
         caller,
@@ -444,7 +422,10 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         memory_mib=snap.memory_mib,
         disk_mib=snap.disk_mib,
         source_snapshot=snap,
-        request=("vm.restore_requested", {"snapshot_id": str(snap.pk), "clone": True}),
+        request=(
+            _requested("restore"),
+            {"snapshot_id": str(snap.pk), "clone": True},
+        ),
     )
     _enqueue_on_commit(events[1])
     return Accepted(vm_id, events[1], snap)
@@ -457,8 +438,7 @@ def delete_snapshot(
     """Delete a snapshot (its files go; its record stays). Retention passes
     ``enforce_permissions=False``: the policy, not a user, decides."""
     if enforce_permissions:
-        caller.require("vms.snapshot_vm")
-        _own_or_admin(caller, snap.owner_id)
+        policy.require(caller, "delete_snapshot", snap.owner_id)
     if snap.state == Snapshot.State.DELETED:
         raise ValidationError({"snapshot": "already deleted"})
     if snap.state == Snapshot.State.CREATING:
@@ -471,35 +451,29 @@ def delete_snapshot(
         actor=caller.actor,
         expected_version=snap.version,
     )
-    from vms import tasks
-
-    transaction.on_commit(lambda: tasks.enqueue_snapshot_cleanup(str(snap.pk)))
+    transaction.on_commit(lambda: enqueue.snapshot_cleanup(str(snap.pk)))
     return event
 
 
 # --- Guest access (exec, files) and console sessions --------------------------------------------
 
-# What a guest access asks for: its permission, and the types of its request and outcomes.
-GUEST_ACCESS: dict[str, str] = {
-    "exec": "vms.exec_vm",
-    "file_upload": "vms.write_files",
-    "file_download": "vms.read_files",
-}
+# What a guest access asks for (the guest verbs of the lifecycle table): its permission, and
+# the types of its outcomes.
+GUEST_ACCESS: dict[str, str] = {v.name: v.permission for v in lifecycle.GUEST_VERBS}
 GUEST_OUTCOMES: dict[str, frozenset[str]] = {
-    "exec": frozenset({"vm.exec_completed", "vm.exec_failed"}),
-    "file_upload": frozenset({"vm.file_uploaded", "vm.file_upload_failed"}),
-    "file_download": frozenset({"vm.file_downloaded", "vm.file_download_failed"}),
+    v.name: frozenset(v.outcomes()) for v in lifecycle.GUEST_VERBS
 }
-_GUEST_REQUESTS = {f"vm.{kind}_requested": kind for kind in GUEST_ACCESS}
+_GUEST_REQUESTS = {v.request_type(): v.name for v in lifecycle.GUEST_VERBS}
 
 
-def require_guest_access(caller: Caller, vm: VirtualMachine, perm: str) -> None:
-    """May ``caller`` use ``perm`` on the guest of ``vm`` now? Also checked before a request
-    body is read, so a caller without the permission never has an upload parsed."""
-    caller.require(perm)
-    _own_or_admin(caller, vm.owner_id)
-    if vm.state != "running":
-        raise InvalidState(vm, "reach the guest of", frozenset({"running"}))
+def require_guest_access(caller: Caller, vm: VirtualMachine, kind: str) -> None:
+    """May ``caller`` do ``kind`` (exec, file_upload, file_download) in the guest of ``vm``
+    now? Also checked before a request body is read, so a caller without the permission never
+    has an upload parsed."""
+    row = lifecycle.guest_verb(kind)
+    policy.require(caller, kind, vm.owner_id)
+    if vm.state not in row.allowed_from:
+        raise InvalidState(vm, "reach the guest of", row.allowed_from)
 
 
 @transaction.atomic(durable=True)
@@ -513,12 +487,13 @@ def request_guest_access(
     acts, so that is refused (RuntimeError). ``EventStoreUnavailable`` when the log cannot take
     the request: then the caller must not ask the guest anything.
     """
-    require_guest_access(caller, vm, GUEST_ACCESS[kind])
+    row = lifecycle.guest_verb(kind)
+    require_guest_access(caller, vm, kind)
     store.lock()
     fresh = _fresh(vm.pk)  # the state under the lock: a stop or destroy may have come first
-    if fresh.state != "running":
-        raise InvalidState(fresh, "reach the guest of", frozenset({"running"}))
-    return store.append("vm", str(vm.pk), f"vm.{kind}_requested", data, actor=caller.actor)
+    if fresh.state not in row.allowed_from:
+        raise InvalidState(fresh, "reach the guest of", row.allowed_from)
+    return store.append("vm", str(vm.pk), row.request_type(), data, actor=caller.actor)
 
 
 @transaction.atomic

@@ -41,7 +41,7 @@ from accounts.caller import Caller
 from accounts.models import APIToken
 from audit import store
 from audit.actor import Actor
-from vms import commands
+from vms import commands, policy, runtime
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -73,16 +73,16 @@ class Access:
 def access_for(user: Any, vm_id: uuid.UUID | str, token: Any = None) -> Access | None:
     """The console access of ``user`` (through API ``token``, if any) to VM ``vm_id``: None when
     the VM is not visible to them (another operator's VM looks exactly like a missing one),
-    "write" for those who may type (vms.console_vm on their own VM, or on any VM with
-    vms.manage_all_vms; a scoped token must hold these in its scopes), else "read"."""
+    "write" for those who may type (the console verb of ``vms.policy``: vms.console_vm on their
+    own VM, or on any VM with vms.manage_all_vms; a scoped token must hold these in its
+    scopes), else "read"."""
     if user is None or not user.is_authenticated or not user.is_active:
         return None
     caller = Caller(user=user, token=token if isinstance(token, APIToken) else None)
-    vm = commands.visible_vms(caller).filter(pk=vm_id).exclude(state="destroyed").first()
+    vm = policy.visible_vms(caller).filter(pk=vm_id).exclude(state="destroyed").first()
     if vm is None:
         return None
-    may_type = caller.has("vms.console_vm") and commands.may_act_on(caller, vm.owner_id)
-    return Access(str(vm.pk), vm.name, "write" if may_type else "read", vm.state)
+    return Access(str(vm.pk), vm.name, policy.console_mode(caller, vm), vm.state)
 
 
 # --- The reader and its fan-out -----------------------------------------------------------------
@@ -285,8 +285,6 @@ class Relay:
             self.subs.clear()
 
     async def handle(self, message: dict[str, Any]) -> None:
-        from vms import runtime
-
         kind, vm_id, reply = message.get("type"), message.get("vm"), message.get("reply")
         if not isinstance(vm_id, str) or not isinstance(reply, str):
             return

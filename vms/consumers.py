@@ -35,7 +35,7 @@ from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket, needs
 from audit.commands import read_details, record_trail_read
 from core import parsers
-from vms import commands, console, live, metrics_live
+from vms import console, lifecycle, live, metrics_live, policy
 from vms.models import VirtualMachine
 from vms.representation import represent_vm
 
@@ -156,7 +156,7 @@ class _Rechecked(AsyncWebsocketConsumer):
 
 def _caller(scope: dict[str, Any]) -> Caller:
     """The socket's user, through its API token if the handshake carried one: which VMs it
-    reaches follows the token's scopes too (``vms.commands.sees_all_vms``)."""
+    reaches follows the token's scopes too (``vms.policy.sees_all_vms``)."""
     token = scope.get("auth")
     return Caller(user=scope["user"], token=token if isinstance(token, APIToken) else None)
 
@@ -165,7 +165,7 @@ def _caller(scope: dict[str, Any]) -> Caller:
 def _visible_vm(caller: Caller, vm_id: str) -> dict[str, Any] | None:
     if not caller.user.is_active:
         return None
-    vm = commands.visible_vms(caller).filter(pk=vm_id).first()
+    vm = policy.visible_vms(caller).filter(pk=vm_id).first()
     return represent_vm(vm) if vm else None
 
 
@@ -184,7 +184,7 @@ class VMListConsumer(_Rechecked):
             return
         self.user_id = user.pk
         self.caller = _caller(self.scope)
-        self.sees_all = await database_sync_to_async(commands.sees_all_vms)(self.caller)
+        self.sees_all = await database_sync_to_async(policy.sees_all_vms)(self.caller)
         self.sent: dict[str, int] = {}  # vm id -> last version sent
         await self.accept()
         self.outbox = _Outbox(self)
@@ -199,7 +199,7 @@ class VMListConsumer(_Rechecked):
         # A caller who no longer sees every VM (demoted, or a narrower token) closes: what it
         # was sent of others' VMs is on its screen, and nothing more of them may follow.
         self.caller = _caller(self.scope)
-        sees_all = await database_sync_to_async(commands.sees_all_vms)(self.caller)
+        sees_all = await database_sync_to_async(policy.sees_all_vms)(self.caller)
         if self.sees_all and not sees_all:
             return False
         self.sees_all = sees_all
@@ -207,11 +207,11 @@ class VMListConsumer(_Rechecked):
 
     @database_sync_to_async
     def _snapshot(self) -> list[dict[str, Any]]:
-        qs = commands.visible_vms(self.caller).exclude(state="destroyed")
+        qs = policy.visible_vms(self.caller).exclude(state="destroyed")
         return [represent_vm(vm) for vm in qs]
 
     def _push(self, vm: dict[str, Any]) -> None:
-        if not self.sees_all and vm["owner_id"] != self.user_id:
+        if not policy.may_see(self.caller, vm["owner_id"], sees_all=self.sees_all):
             return
         if self.sent.get(vm["id"], -1) >= vm["version"]:
             return  # a duplicate (another process's follower) or older than what was sent
@@ -345,7 +345,9 @@ class ConsoleConsumer(_Rechecked):
         if access is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
-        if access.mode == "write" and check_socket(self.scope, needs("vms.console_vm"), write=True):
+        if access.mode == "write" and check_socket(
+            self.scope, needs(lifecycle.verb("console").permission), write=True
+        ):
             # Typing is a write: a read-only token, or one without the console scope, watches.
             access = dataclasses.replace(access, mode="read")
         self.access = access

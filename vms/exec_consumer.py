@@ -34,7 +34,7 @@ from accounts.scopes import needs
 from audit.actor import Actor
 from audit.errors import EventStoreUnavailable
 from core import context, parsers
-from vms import commands, guest
+from vms import commands, guest, lifecycle, policy
 from vms.agent.client import AgentError, AgentTimeout
 from vms.api import ExecSerializer
 from vms.models import VirtualMachine
@@ -48,7 +48,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        if await socket_refused(self.scope, needs("vms.exec_vm"), write=True):
+        if await socket_refused(self.scope, needs(lifecycle.verb("exec").permission), write=True):
             await self.close(code=4403)
             return
         self.vm = await self._visible_vm(self.scope["url_route"]["kwargs"]["vm_id"])
@@ -72,7 +72,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _visible_vm(self, vm_id: str) -> Any:
-        return commands.visible_vms(self._caller()).filter(pk=vm_id).first()
+        return policy.visible_vms(self._caller()).filter(pk=vm_id).first()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.started:

@@ -30,7 +30,7 @@ from django.core.exceptions import ValidationError
 from accounts.caller import Caller
 from audit import store
 from audit.errors import EventStoreUnavailable
-from vms import commands, runtime
+from vms import commands, lifecycle, runtime
 from vms.agent.client import AgentClient, AgentError, AgentTimeout
 from vms.hypervisors.base import HypervisorError
 from vms.models import VirtualMachine
@@ -38,6 +38,7 @@ from vms.models import VirtualMachine
 log = logging.getLogger("sandbox.vms.guest")
 
 AGENT_LOCK_WAIT_S = 30.0
+EXEC_COMPLETED, EXEC_FAILED = lifecycle.guest_verb("exec").outcomes()
 RECORDED_OUTPUT = 65536  # bytes of each stream in the event, with SANDBOX_EXEC_RECORD_OUTPUT
 
 
@@ -87,7 +88,8 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
         os.close(fd)
 
 
-# Who may reach a guest is the commands' policy (one place); re-exported for the views.
+# Who may reach a guest: the policy (vms.policy) and the state the lifecycle table allows,
+# checked by the commands; re-exported for the views.
 require_guest_access = commands.require_guest_access
 
 
@@ -179,7 +181,7 @@ def run_exec(
     SANDBOX_EXEC_OUTPUT_LIMIT) and the full sizes; the rest goes to ``on_stdout``/``on_stderr``
     (a stream) or nowhere, so a request's memory is bounded whatever the command prints.
     """
-    require_guest_access(caller, vm, "vms.exec_vm")
+    require_guest_access(caller, vm, "exec")
     limit = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         limit = max(limit, RECORDED_OUTPUT)
@@ -210,7 +212,7 @@ def run_exec(
         _record_failure(
             caller,
             request,
-            "vm.exec_failed",
+            EXEC_FAILED,
             exc,
             started,
             {"argv": argv, "stdout_size": out.size, "stderr_size": err.size},
@@ -235,7 +237,7 @@ def run_exec(
         details["stdout"] = bytes(out.kept[:RECORDED_OUTPUT]).decode(errors="replace")
         details["stderr"] = bytes(err.kept[:RECORDED_OUTPUT]).decode(errors="replace")
     try:
-        event = commands.record_guest_outcome(caller, request, "vm.exec_completed", details)
+        event = commands.record_guest_outcome(caller, request, EXEC_COMPLETED, details)
     except EventStoreUnavailable as exc:
         raise OutcomeNotRecorded(request, "the command ran", exc) from exc
     wanted = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
@@ -270,13 +272,9 @@ def _transfer(
     move: Callable[[Any], Any],
 ) -> tuple[int, str]:
     """One file transfer, fail closed: request recorded, then the agent, then the outcome."""
-    require_guest_access(caller, vm, commands.GUEST_ACCESS[kind])
+    require_guest_access(caller, vm, kind)
     path = validate_guest_path(path)
-    done, failed = (
-        ("vm.file_uploaded", "vm.file_upload_failed")
-        if kind == "file_upload"
-        else ("vm.file_downloaded", "vm.file_download_failed")
-    )
+    done, failed = lifecycle.guest_verb(kind).outcomes()
     request = commands.request_guest_access(caller, vm, kind, {"path": path, **asked})
     started = time.monotonic()
     try:

@@ -3,7 +3,8 @@
 A request event puts the VM into a transitional state and records the request as pending; the
 worker's outcome event (caused by that request) settles the state, clears the pending request
 and writes a ``RequestOutcome`` row whose primary key is the request's event id, so a second
-outcome for one request (a retried task) fails to append.
+outcome for one request (a retried task) fails to append. The states are the lifecycle table's
+(``vms.lifecycle``).
 """
 
 from __future__ import annotations
@@ -18,44 +19,16 @@ from django.db.models import F
 from audit import catalogue
 from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
+from vms import lifecycle
 from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine, VMState
 
-# request type -> transitional state
-REQUESTED = {
-    "vm.start_requested": VMState.STARTING,
-    "vm.stop_requested": VMState.STOPPING,
-    "vm.reboot_requested": VMState.REBOOTING,
-    "vm.pause_requested": VMState.PAUSING,
-    "vm.resume_requested": VMState.RESUMING,
-    "vm.resize_requested": VMState.RESIZING,
-    "vm.snapshot_requested": VMState.SNAPSHOTTING,
-    "vm.restore_requested": VMState.RESTORING,
-    "vm.destroy_requested": VMState.DESTROYING,
+# The states of the lifecycle table (vms.lifecycle): request type -> transitional state, and
+# outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running).
+REQUESTED: dict[str, str] = {
+    v.requested: v.transitional for v in lifecycle.REQUEST_VERBS if v.requested and v.transitional
 }
-
-# outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running)
-OUTCOMES = {
-    "vm.started": VMState.RUNNING,
-    "vm.start_failed": VMState.FAILED,
-    "vm.stopped": VMState.STOPPED,
-    "vm.stop_failed": VMState.RUNNING,
-    "vm.rebooted": VMState.RUNNING,
-    "vm.reboot_failed": VMState.RUNNING,
-    "vm.paused": VMState.PAUSED,
-    "vm.pause_failed": VMState.RUNNING,
-    "vm.resumed": VMState.RUNNING,
-    "vm.resume_failed": VMState.PAUSED,
-    "vm.resized": VMState.RUNNING,
-    "vm.resize_failed": VMState.RUNNING,
-    "vm.snapshotted": VMState.RUNNING,
-    "vm.snapshot_failed": VMState.RUNNING,
-    "vm.restored": VMState.RUNNING,
-    "vm.restore_failed": VMState.FAILED,
-    "vm.destroyed": VMState.DESTROYED,
-    "vm.destroy_failed": VMState.FAILED,
-}
-
-FAILURES = frozenset(t for t in OUTCOMES if t.endswith("_failed"))
+OUTCOMES: dict[str, str] = lifecycle.outcome_states()
+FAILURES = frozenset(v.failed for v in lifecycle.REQUEST_VERBS if v.failed)
 
 
 def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -> None:

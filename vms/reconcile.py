@@ -7,7 +7,8 @@ timeout; unclaimed ones sitting for minutes are enqueued again). It
 appends ``vm.crashed`` for a VM whose VMM died, settles interrupted requests with an outcome
 (``vm.started`` if the guest did come up, else ``vm.start_failed`` with the reason), and kills VMM
 processes that belong to no live VM. A task delivered again later finds the outcome and does
-nothing.
+nothing. What each verb's interrupted request comes to is the lifecycle table's
+(``vms.lifecycle``, ``on_interrupt``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from audit.actor import Actor
-from vms import commands, runtime, worker
+from vms import commands, enqueue, lifecycle, runtime, worker
 from vms.hypervisors import reconcile as scanner
 from vms.models import VirtualMachine
 
@@ -35,20 +36,19 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
     request = worker.load_request(vm.pending_request)
     if request is None:
         return "no request"
-    verb = request.type.removeprefix("vm.").removesuffix("_requested")
+    row = lifecycle.by_request(request.type)
+    if row is None or row.kind != "request":
+        return "not a worker's request"
+    verb = row.name
+    succeeded, failed = row.outcomes()
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
-    if verb in ("start", "restore", "reboot", "resume"):
+    if row.on_interrupt == "guest_up":
         if alive:
             try:
                 with worker._agent(vm, 30.0):
                     pass
                 worker._configure_identity(vm)
-                outcome = {
-                    "start": "vm.started",
-                    "restore": "vm.restored",
-                    "reboot": "vm.rebooted",
-                    "resume": "vm.resumed",
-                }[verb]
+                outcome = succeeded
                 data = {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True}
                 # Only while the VM still waits for it: a destroy may have come in meanwhile.
                 if commands.record_outcome_if_pending(request, outcome, data) is (
@@ -65,30 +65,29 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
             hv.destroy(rt)
         commands.record_outcome(
             request,
-            f"vm.{verb}_failed",
+            failed,
             {
                 "reason": f"the worker stopped during the {verb}; the guest did not come up",
                 "state": "failed",
             },
         )
         return "failed"
-    if verb in ("stop", "destroy"):
+    if row.on_interrupt == "finish":
+        # What was asked ends with the VMM gone: tear it down, run the handler again (with no
+        # VMM left it only finishes up: a destroy removes the VM's files) and say so.
         with contextlib.suppress(Exception):
             hv.destroy(rt)
-        if verb == "destroy":
-            worker.do_destroy(vm, request)
-        commands.record_outcome(
-            request, "vm.stopped" if verb == "stop" else "vm.destroyed", {"recovered": True}
-        )
+        worker.HANDLERS[verb](vm, request)
+        commands.record_outcome(request, succeeded, {"recovered": True})
         return "completed"
-    # pause, resize, snapshot: report where the VM really is.
+    # "report" (pause, resize, snapshot): failed, where the VM really is.
     state = "crashed"
     if alive:
         with contextlib.suppress(Exception):
             state = hv.info(rt).state.value
     commands.record_outcome(
         request,
-        f"vm.{verb}_failed",
+        failed,
         {
             "reason": f"the worker stopped during the {verb}",
             "state": state if state != "dead" else "crashed",
@@ -123,9 +122,7 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
                     counts["settled"] += 1
             elif vm.state_changed_at < lost_before:
                 # Never picked up (a lost queue message): deliver it again; claims dedupe.
-                from vms import tasks
-
-                tasks.enqueue(request.event_id)
+                enqueue.request(request.event_id)
                 counts["requeued"] += 1
             continue
         if vm.state in ("running", "paused") and not alive:

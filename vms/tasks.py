@@ -1,34 +1,16 @@
-"""django-q2 entry points for VM work. Tasks take ids, never model instances."""
+"""django-q2 entry points for VM work. Tasks take ids, never model instances.
+
+They are enqueued by name (``vms.enqueue``), so nothing below the worker imports this module.
+"""
 
 from __future__ import annotations
 
-from django.conf import settings
-
-from vms import worker
-
-
-def enqueue(event_id: str) -> None:
-    """Called on commit of a request event."""
-    from django_q.tasks import async_task
-
-    async_task(
-        "vms.tasks.run_request",
-        event_id,
-        task_name=f"request-{event_id}",
-        timeout=settings.Q_CLUSTER["timeout"],
-    )
+from vms import reconcile as reconciler
+from vms import retention, worker
 
 
 def run_request(event_id: str) -> str:
     return worker.handle(event_id)
-
-
-def enqueue_snapshot_cleanup(snapshot_id: str) -> None:
-    from django_q.tasks import async_task
-
-    async_task(
-        "vms.tasks.cleanup_snapshot", snapshot_id, task_name=f"snapshot-cleanup-{snapshot_id}"
-    )
 
 
 def cleanup_snapshot(snapshot_id: str) -> None:
@@ -36,12 +18,8 @@ def cleanup_snapshot(snapshot_id: str) -> None:
 
 
 def reconcile() -> dict[str, int]:
-    from vms.reconcile import reconcile as run
-
-    return run(startup=False)
+    return reconciler.reconcile(startup=False)
 
 
 def apply_retention() -> int:
-    from vms.retention import apply_retention as run
-
-    return run()
+    return retention.apply_retention()

@@ -22,7 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
 from audit.errors import EventStoreUnavailable
-from vms import commands, console, guest, live, quotas
+from vms import commands, console, guest, lifecycle, live, policy, quotas
 from vms.agent.client import AgentError, AgentTimeout
 from vms.forms import (
     CloneForm,
@@ -55,7 +55,7 @@ def _explain(exc: Exception) -> str:
 
 
 def _vm(request: HttpRequest, pk: Any) -> VirtualMachine:
-    vm = commands.visible_vms(Caller.from_request(request)).filter(pk=pk).first()
+    vm = policy.visible_vms(Caller.from_request(request)).filter(pk=pk).first()
     if vm is None:
         raise Http404("no such VM")  # another operator's VM looks exactly like a missing one
     return vm
@@ -81,7 +81,7 @@ def _quota_context(user: Any) -> dict[str, Any]:
 def vm_list(request: HttpRequest) -> HttpResponse:
     caller = Caller.from_request(request)
     form = FilterForm(request.GET or None)
-    qs = commands.visible_vms(caller).order_by("-created_at")
+    qs = policy.visible_vms(caller).order_by("-created_at")
     f = form.cleaned_data if form.is_valid() else {}
     state = f.get("state") or ""
     if state == "":
@@ -92,7 +92,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(name__icontains=f["q"])
     if f.get("template"):
         qs = qs.filter(template=f["template"])
-    sees_all = commands.sees_all_vms(Caller.from_request(request))
+    sees_all = policy.sees_all_vms(caller)
     if f.get("owner") and sees_all:
         qs = qs.filter(owner__username=f["owner"])
     vms = list(qs[:500])
@@ -123,7 +123,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
 @login_required
 def vm_create(request: HttpRequest) -> HttpResponse:
     caller = Caller.from_request(request)
-    if not caller.has("vms.add_virtualmachine"):
+    if not policy.may(caller, "create", None):
         raise PermissionDenied("you need the vms.add_virtualmachine permission")
     form = CreateVMForm(request.POST or None, initial={"template": "linux-small", "start": True})
     if request.method == "POST" and form.is_valid():
@@ -161,8 +161,16 @@ def vm_create(request: HttpRequest) -> HttpResponse:
 # --- A VM's page ------------------------------------------------------------------------------
 
 
-def _can(caller: Caller, vm: VirtualMachine, perm: str) -> bool:
-    return commands.may_act_on(caller, vm.owner_id) and caller.has(perm)
+# The dashboard's groups of buttons, each shown if the caller may do its verb to the VM.
+_CAN = {
+    "operate": "start",
+    "snapshot": "snapshot",
+    "rollback": "restore",
+    "destroy": "destroy",
+    "exec": "exec",
+    "console": "console",
+    "clone": "clone",
+}
 
 
 @require_GET
@@ -175,6 +183,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     record_trail_read(request, "dashboard.vm_timeline", read_details({"vm": str(vm.pk)}, timeline))
     snapshots = Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.DELETED)
     rules = {verb: sorted(states) for verb, (_, states) in commands.RULES.items()}
+    may = {v.name: policy.may(caller, v.name, vm.owner_id) for v in lifecycle.VERBS}
     return render(
         request,
         "vms/detail.html",
@@ -185,16 +194,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "last_position": timeline[-1]["position"] if timeline else 0,
             "snapshots": snapshots,
             "rules": rules,
-            "can": {
-                "operate": _can(caller, vm, "vms.operate_vm"),
-                "snapshot": _can(caller, vm, "vms.snapshot_vm"),
-                "rollback": _can(caller, vm, "vms.rollback_snapshot"),
-                "destroy": _can(caller, vm, "vms.delete_virtualmachine"),
-                "exec": _can(caller, vm, "vms.exec_vm"),
-                "console": _can(caller, vm, "vms.console_vm"),
-                "clone": _can(caller, vm, "vms.rollback_snapshot")
-                and caller.has("vms.add_virtualmachine"),
-            },
+            "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
@@ -202,13 +202,20 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     )
 
 
-def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
-    caller = Caller.from_request(request)
+# The worker's verbs a VM's page offers (the lifecycle table's; a restore is a snapshot's).
+PAGE_VERBS = frozenset(
+    v.name for v in lifecycle.REQUEST_VERBS if v.api is not None and v.api.resource == "vms"
+)
+
+
+def _action_input(request: HttpRequest, vm: VirtualMachine, verb: str) -> dict[str, Any]:
+    """The form input of a verb that takes some (``commands.WITH_INPUT``), as its command's
+    keyword arguments."""
     if verb == "stop":
         stop = StopForm(request.POST)
         stop.is_valid()
-        commands.stop(caller, vm, force=bool(stop.cleaned_data.get("force")))
-    elif verb == "resize":
+        return {"force": bool(stop.cleaned_data.get("force"))}
+    if verb == "resize":
         resize = ResizeForm(request.POST)
         if not resize.is_valid():
             raise ValidationError(resize.errors.get_json_data())
@@ -219,15 +226,19 @@ def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
             changes.pop("memory_mib")
         if not changes:
             raise ValidationError("nothing to change: give other vCPUs or memory")
-        commands.resize(caller, vm, **changes)
-    elif verb == "snapshot":
+        return changes
+    if verb == "snapshot":
         snap = SnapshotForm(request.POST)
         snap.is_valid()
-        commands.snapshot(caller, vm, name=snap.cleaned_data.get("name") or "")
-    elif verb in ("start", "reboot", "pause", "resume", "destroy"):
-        getattr(commands, verb)(caller, vm)
-    else:
+        return {"name": snap.cleaned_data.get("name") or ""}
+    return {}
+
+
+def _run_action(request: HttpRequest, vm: VirtualMachine, verb: str) -> str:
+    if verb not in PAGE_VERBS:
         raise Http404("no such action")
+    params = _action_input(request, vm, verb)
+    commands.perform(Caller.from_request(request), vm, verb, **params)
     return f"{verb.capitalize()} requested."
 
 
@@ -247,7 +258,7 @@ def vm_action(request: HttpRequest, pk: Any, verb: str) -> HttpResponse:
 def snapshot_action(request: HttpRequest, pk: Any, snapshot_pk: Any, verb: str) -> HttpResponse:
     caller = Caller.from_request(request)
     vm = _vm(request, pk)
-    snap = commands.visible_snapshots(caller).filter(pk=snapshot_pk, vm=vm).first()
+    snap = policy.visible_snapshots(caller).filter(pk=snapshot_pk, vm=vm).first()
     if snap is None:
         raise Http404("no such snapshot")
     try:

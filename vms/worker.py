@@ -1,5 +1,9 @@
 """Carrying out VM requests on this host: the hypervisor work behind each request event.
 
+Each verb of the lifecycle table (``vms.lifecycle``) that the worker carries out names its
+handler here (``do_<verb>``): ``HANDLERS`` is derived from the table, and importing this module
+fails if a row names a handler that does not exist.
+
 ``handle(request)`` is idempotent: it returns at once when the request already has an outcome
 (a task delivered twice, or one settled by the reconciler), and a start that finds a VMM left by
 a crashed attempt kills it before booting again. Every failure becomes an outcome event with a
@@ -24,7 +28,7 @@ from django.db import transaction
 
 from audit import store
 from audit.models import Event
-from vms import commands, runtime
+from vms import commands, lifecycle, runtime
 from vms.agent import readiness
 from vms.agent.client import AgentClient
 from vms.hypervisors.base import (
@@ -43,7 +47,7 @@ AGENT_READY_TIMEOUT_S = 120.0
 # How long a destroy waits for a start or restore of the same VM to finish launching its VMM.
 LAUNCH_LOCK_WAIT_S = 300.0
 # Verbs whose handlers launch a VMM: if the VM was destroyed meanwhile, what they launched goes.
-LAUNCHING_VERBS = frozenset({"start", "restore"})
+LAUNCHING_VERBS = frozenset(v.name for v in lifecycle.REQUEST_VERBS if v.launches_vmm)
 
 
 class Superseded(Exception):
@@ -71,14 +75,17 @@ def handle(event_id: str) -> str:
     if RequestOutcome.objects.filter(request_event_id=event_id).exists():
         return "already done"
     vm = VirtualMachine.objects.filter(pk=request.aggregate_id).first()
-    verb = request.type.removeprefix("vm.").removesuffix("_requested")
+    row = lifecycle.by_request(request.type)
+    if row is None or row.kind != "request":
+        return f"{request.type} is not a request the worker carries out"
+    verb, failed = row.name, _failed(row)
     if vm is None:
         return "no such VM"
     if vm.pending_request != event_id:
         # Superseded (a destroy overtook it): record that it was not carried out.
         commands.record_outcome(
             request,
-            f"vm.{verb}_failed",
+            failed,
             {"reason": "superseded by a later request", "state": vm.state},
         )
         return "superseded"
@@ -87,17 +94,19 @@ def handle(event_id: str) -> str:
     handler = HANDLERS[verb]
     try:
         outcome, data = handler(vm, request)
+        if outcome != row.succeeded:
+            raise RuntimeError(f"the {verb} handler answered {outcome}, not {row.succeeded}")
         result = outcome
     except Superseded:
         return _record_superseded(vm, request, verb, launched=False)
     except RequestFailed as exc:
-        outcome, data = f"vm.{verb}_failed", {"reason": str(exc), **exc.data}
+        outcome, data = failed, {"reason": str(exc), **exc.data}
         if exc.state:
             data["state"] = exc.state
         result = f"failed: {exc}"
     except Exception as exc:  # an unexpected error still settles the request, with its reason
         log.exception("request %s (%s) failed", event_id, request.type)
-        outcome, data = f"vm.{verb}_failed", {"reason": f"{type(exc).__name__}: {exc}"[:2000]}
+        outcome, data = failed, {"reason": f"{type(exc).__name__}: {exc}"[:2000]}
         if verb in LAUNCHING_VERBS:
             _kill(vm)
         result = f"error: {exc}"
@@ -106,6 +115,10 @@ def handle(event_id: str) -> str:
     if commands.record_outcome_if_pending(request, outcome, data) is commands.SUPERSEDED:
         return _record_superseded(vm, request, verb, launched=True, would_have_been=(outcome, data))
     return result
+
+
+def _failed(row: lifecycle.Verb) -> str:
+    return row.outcomes()[1]
 
 
 def _record_superseded(
@@ -122,6 +135,7 @@ def _record_superseded(
     again), and its outcome says so; other verbs record what they did, which no longer moves
     the VM's state (the projection follows the destroy).
     """
+    failed = _failed(lifecycle.request_verb(verb))
     if verb in LAUNCHING_VERBS:
         if launched:
             with vm_host_lock(vm.pk, required=False):
@@ -139,7 +153,7 @@ def _record_superseded(
         }
         if would_have_been is not None and would_have_been[0].endswith("_failed"):
             data["error"] = would_have_been[1].get("reason", "")
-        commands.record_outcome(request, f"vm.{verb}_failed", data)
+        commands.record_outcome(request, failed, data)
         return "superseded"
     if would_have_been is not None:
         # It was carried out (a pause, a snapshot...) before the destroy: say so.
@@ -147,9 +161,7 @@ def _record_superseded(
         commands.record_outcome(request, outcome, {**outcome_data, "superseded": True})
     else:
         commands.record_outcome(
-            request,
-            f"vm.{verb}_failed",
-            {"reason": "superseded by a later request", "superseded": True},
+            request, failed, {"reason": "superseded by a later request", "superseded": True}
         )
     return "superseded"
 
@@ -560,17 +572,21 @@ def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     return "vm.destroyed", {}
 
 
-HANDLERS: dict[str, Callable[[VirtualMachine, store.RecordedEvent], tuple[str, dict[str, Any]]]] = {
-    "start": do_start,
-    "stop": do_stop,
-    "reboot": do_reboot,
-    "pause": do_pause,
-    "resume": do_resume,
-    "resize": do_resize,
-    "snapshot": do_snapshot,
-    "restore": do_restore,
-    "destroy": do_destroy,
-}
+Handler = Callable[[VirtualMachine, store.RecordedEvent], tuple[str, dict[str, Any]]]
+
+
+def _handlers() -> dict[str, Handler]:
+    """verb -> its handler, as the lifecycle table names them (a missing one fails the import)."""
+    found: dict[str, Handler] = {}
+    for row in lifecycle.REQUEST_VERBS:
+        handler = globals().get(row.handler or "")
+        if not callable(handler):
+            raise ImportError(f"vms.worker has no handler {row.handler!r} for the verb {row.name}")
+        found[row.name] = handler
+    return found
+
+
+HANDLERS: dict[str, Handler] = _handlers()
 
 
 def cleanup_snapshot(snapshot_id: str) -> None:

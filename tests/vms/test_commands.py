@@ -11,7 +11,7 @@ from django.db import connections
 from accounts import commands as account_commands
 from audit import projections
 from audit.models import Event
-from vms import commands, quotas
+from vms import commands, policy, quotas
 from vms.models import Quota, RequestOutcome, Snapshot, Usage, VirtualMachine
 from vms.quotas import QuotaExceeded
 
@@ -85,7 +85,7 @@ def test_operators_act_only_on_their_own_vms(caller_for) -> None:
     vm = running_vm(alice)
     with pytest.raises(PermissionDenied, match="your own VMs"):
         commands.stop(bob, vm)
-    assert list(commands.visible_vms(bob)) == []
+    assert list(policy.visible_vms(bob)) == []
     admin = caller_for("admin")
     admin.user.is_superuser = True
     admin.user.save()
@@ -98,7 +98,7 @@ def test_readers_cannot_drive(caller_for, role) -> None:
     with pytest.raises(PermissionDenied):
         commands.create(reader, name="x", template="linux-small")
     vm = running_vm(caller_for("operator"))
-    assert vm in commands.visible_vms(reader)
+    assert vm in policy.visible_vms(reader)
     with pytest.raises(PermissionDenied):
         commands.stop(reader, vm)
 

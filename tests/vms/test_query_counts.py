@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.audit.querycount import exact_queries
-from vms import commands
+from vms import commands, policy
 from vms.models import VirtualMachine
 
 pytestmark = pytest.mark.django_db
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.django_db
 def _running(caller) -> VirtualMachine:
     accepted = commands.create(caller, name="box", template="linux-small")
     commands.record_outcome(accepted.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
-    return commands.visible_vms(caller).get(pk=accepted.vm_id)  # as the API reads it
+    return policy.visible_vms(caller).get(pk=accepted.vm_id)  # as the API reads it
 
 
 def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> None:

@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 
 from accounts.caller import Caller
 from accounts.models import APIToken
-from vms import commands, console, guest
+from vms import commands, console, guest, policy
 from vms.agent.client import ExecResult
 
 pytestmark = pytest.mark.django_db
@@ -94,14 +94,14 @@ def test_an_unscoped_admin_token_still_reaches_every_vm(world, issue_token) -> N
 def test_commands_ask_the_caller_not_the_user(world) -> None:
     token = APIToken(user=world["admin"], scopes=["vms.operate_vm", "vms.view_virtualmachine"])
     scoped = Caller(user=world["admin"], token=token)
-    assert commands.sees_all_vms(scoped)
-    assert not commands.may_act_on(scoped, world["theirs"].owner_id)
+    assert policy.sees_all_vms(scoped)
+    assert not policy.may_act_on(scoped, world["theirs"].owner_id)
     with pytest.raises(PermissionDenied):
         commands.stop(scoped, world["theirs"])
     widened = Caller(
         user=world["admin"], token=APIToken(scopes=[*token.scopes, "vms.manage_all_vms"])
     )
-    assert commands.may_act_on(widened, world["theirs"].owner_id)
+    assert policy.may_act_on(widened, world["theirs"].owner_id)
 
 
 def test_a_console_scoped_admin_token_does_not_type_into_other_users_consoles(world) -> None:

@@ -1,0 +1,31 @@
+"""Handing VM work to the worker: django-q2 tasks, named by their dotted path.
+
+The command functions enqueue a request's task on commit of the request; the reconciler enqueues
+again a request nobody picked up. The task functions live in ``vms.tasks``, above the worker and
+so above the commands: naming them by path (as the broker carries them anyway) keeps this
+module, and everything that enqueues, below them. Each name is in ``vms.task_guard``'s list.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django_q.tasks import async_task
+
+__all__ = ["request", "snapshot_cleanup"]
+
+
+def request(event_id: str) -> None:
+    """Carry out the request event ``event_id`` (``vms.tasks.run_request``)."""
+    async_task(
+        "vms.tasks.run_request",
+        event_id,
+        task_name=f"request-{event_id}",
+        timeout=settings.Q_CLUSTER["timeout"],
+    )
+
+
+def snapshot_cleanup(snapshot_id: str) -> None:
+    """Remove a deleted snapshot's files (``vms.tasks.cleanup_snapshot``)."""
+    async_task(
+        "vms.tasks.cleanup_snapshot", snapshot_id, task_name=f"snapshot-cleanup-{snapshot_id}"
+    )

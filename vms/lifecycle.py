@@ -1,0 +1,477 @@
+"""The VM lifecycle in one table: every verb a caller can ask of a VM or a snapshot.
+
+A row says, for one verb, the permission it needs, the VM states it may be asked from, the state
+the VM is in while it is carried out, the event types of its request and of its outcomes (with
+the states they leave), the worker function that carries it out, what the reconciler does with
+it when a worker died half-way, and where the REST API offers it. Everything else is derived
+from this table:
+
+- the VM part of the event catalogue (``audit.catalogue``; registered when this module is
+  imported, which ``vms.apps`` does while the apps load, before anything reads the catalogue);
+- the rules ``vms.commands`` checks (``vms.commands.RULES``) and the permission ``vms.policy``
+  asks for;
+- the states ``vms.projectors`` folds requests and outcomes into;
+- the worker's dispatch (``vms.worker.HANDLERS``) and the reconciler's settling;
+- the API's actions and their token scopes (``vms.api``) and the dashboard's actions.
+
+Adding a verb that takes no input is adding a row here and its handler function in
+``vms.worker`` (``do_<verb>``); one that takes input also gets its command function in
+``vms.commands`` (its checks, ``WITH_INPUT``) and its serializer in ``vms.api``
+(``ACTION_INPUT``). A test (tests/vms/test_lifecycle_table.py) fails when any of these
+defines a verb, a state or an event type that is not in this table, or misses one that is.
+
+Event type names and their categories are part of recorded logs: never rename one. This module
+names states as strings (the values of ``vms.models.VMState``) and imports no model: it is read
+while the apps load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from audit import catalogue
+from audit.catalogue import EventType
+
+__all__ = [
+    "ALL_STATES",
+    "ApiRoute",
+    "GUEST_VERBS",
+    "OTHER_EVENTS",
+    "RECORD_VERBS",
+    "REQUEST_VERBS",
+    "Verb",
+    "VERBS",
+    "by_request",
+    "event_types",
+    "guest_verb",
+    "outcome_states",
+    "request_verb",
+    "verb",
+]
+
+# The values of vms.models.VMState (a test keeps the two equal).
+ALL_STATES = frozenset(
+    {
+        "creating",
+        "starting",
+        "running",
+        "stopping",
+        "stopped",
+        "pausing",
+        "paused",
+        "resuming",
+        "rebooting",
+        "resizing",
+        "snapshotting",
+        "restoring",
+        "destroying",
+        "destroyed",
+        "failed",
+        "crashed",
+    }
+)
+_SETTLED_OR_BROKEN = frozenset({"running", "paused", "stopped", "failed", "crashed"})
+
+# How a verb is carried out:
+#   request: the command appends the request, the worker carries it out and appends the outcome;
+#   guest:   the web tier appends the request (committed), asks the guest agent, appends the
+#            outcome (vms.guest): the VM's state does not move;
+#   record:  the event is the change itself, appended by the command (a new VM, a deleted
+#            snapshot, a console session).
+Kind = Literal["request", "guest", "record"]
+# What the reconciler does with a request whose worker died half-way (vms.reconcile):
+#   guest_up: succeeded if the guest answers, else failed (the VMM is torn down);
+#   finish:   the VMM is torn down, which is what was asked, and the request succeeded;
+#   report:   failed, leaving the VM in the state its VMM is really in.
+OnInterrupt = Literal["guest_up", "finish", "report"]
+
+
+@dataclass(frozen=True)
+class ApiRoute:
+    """Where the REST API offers a verb: an action of the ``vms`` or ``snapshots`` viewset
+    (``create`` and ``destroy`` are the collection's POST and the item's DELETE)."""
+
+    resource: Literal["vms", "snapshots"]
+    action: str
+    methods: tuple[str, ...] = ("post",)
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    kind: Kind
+    permission: str  # the Django permission (app_label.codename) the caller must hold
+    description: str
+    api: ApiRoute | None
+    # What it acts on: a VM (owned), a snapshot (owned), or nothing yet (it creates a VM).
+    target: Literal["vm", "snapshot", "new"] = "vm"
+    also_requires: tuple[str, ...] = ()  # further permissions (clone: also restoring)
+    allowed_from: frozenset[str] = frozenset()  # the VM states it may be asked in
+    transitional: str | None = None  # the VM's state while it is carried out
+    requested: str | None = None  # the request event type
+    succeeded: str | None = None  # the outcome event type on success
+    failed: str | None = None  # the outcome event type on failure
+    settles_to: str | None = None  # the state a success leaves (its data["state"] overrides)
+    fails_to: str | None = None  # the state a failure leaves (its data["state"] overrides)
+    handler: str | None = None  # the function of vms.worker that carries it out
+    on_interrupt: OnInterrupt | None = None
+    launches_vmm: bool = False  # a VMM it launched must go if a destroy overtook it
+    overtakes: bool = False  # may be asked while another request is pending (destroy)
+    records: tuple[str, ...] = ()  # kind "record": the event types it appends
+
+    @property
+    def permissions(self) -> tuple[str, ...]:
+        return (self.permission, *self.also_requires)
+
+    def request_type(self) -> str:
+        """The request event type of a request or guest verb (ValueError for others)."""
+        if self.requested is None:
+            raise ValueError(f"{self.name} appends no request")
+        return self.requested
+
+    def outcomes(self) -> tuple[str, str]:
+        """(success, failure) event types of a request or guest verb (ValueError for others)."""
+        if self.succeeded is None or self.failed is None:
+            raise ValueError(f"{self.name} has no outcome events")
+        return self.succeeded, self.failed
+
+    def event_types(self) -> tuple[str, ...]:
+        """The event types this verb appends (request and outcomes, or its records)."""
+        return tuple(t for t in (self.requested, self.succeeded, self.failed) if t) + self.records
+
+
+def _request(
+    name: str,
+    permission: str,
+    *,
+    allowed_from: frozenset[str],
+    transitional: str,
+    succeeded: str,
+    settles_to: str,
+    fails_to: str,
+    on_interrupt: OnInterrupt,
+    api: ApiRoute | None,
+    **extra: object,
+) -> Verb:
+    return Verb(
+        name=name,
+        kind="request",
+        permission=permission,
+        description=f"A {name} of a VM was requested.",
+        api=api,
+        allowed_from=allowed_from,
+        transitional=transitional,
+        requested=f"vm.{name}_requested",
+        succeeded=succeeded,
+        failed=f"vm.{name}_failed",
+        settles_to=settles_to,
+        fails_to=fails_to,
+        handler=f"do_{name}",
+        on_interrupt=on_interrupt,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute) -> Verb:
+    return Verb(
+        name=name,
+        kind="guest",
+        permission=permission,
+        description=f"Guest access: {name.replace('_', ' ')}.",
+        api=api,
+        allowed_from=frozenset({"running"}),
+        requested=f"vm.{name}_requested",
+        succeeded=succeeded,
+        failed=f"vm.{name}_failed",
+    )
+
+
+OPERATE = "vms.operate_vm"
+
+VERBS: tuple[Verb, ...] = (
+    # --- Requests on an existing VM: the worker carries them out -------------------------------
+    _request(
+        "start",
+        OPERATE,
+        allowed_from=frozenset({"stopped", "failed", "crashed"}),
+        transitional="starting",
+        succeeded="vm.started",
+        settles_to="running",
+        fails_to="failed",
+        on_interrupt="guest_up",
+        launches_vmm=True,
+        api=ApiRoute("vms", "start"),
+    ),
+    _request(
+        "stop",
+        OPERATE,
+        allowed_from=frozenset({"running", "paused", "failed", "crashed"}),
+        transitional="stopping",
+        succeeded="vm.stopped",
+        settles_to="stopped",
+        fails_to="running",
+        on_interrupt="finish",
+        api=ApiRoute("vms", "stop"),
+    ),
+    _request(
+        "reboot",
+        OPERATE,
+        allowed_from=frozenset({"running"}),
+        transitional="rebooting",
+        succeeded="vm.rebooted",
+        settles_to="running",
+        fails_to="running",
+        on_interrupt="guest_up",
+        api=ApiRoute("vms", "reboot"),
+    ),
+    _request(
+        "pause",
+        OPERATE,
+        allowed_from=frozenset({"running"}),
+        transitional="pausing",
+        succeeded="vm.paused",
+        settles_to="paused",
+        fails_to="running",
+        on_interrupt="report",
+        api=ApiRoute("vms", "pause"),
+    ),
+    _request(
+        "resume",
+        OPERATE,
+        allowed_from=frozenset({"paused"}),
+        transitional="resuming",
+        succeeded="vm.resumed",
+        settles_to="running",
+        fails_to="paused",
+        on_interrupt="guest_up",
+        api=ApiRoute("vms", "resume"),
+    ),
+    _request(
+        "resize",
+        OPERATE,
+        allowed_from=frozenset({"running", "stopped"}),
+        transitional="resizing",
+        succeeded="vm.resized",
+        settles_to="running",
+        fails_to="running",
+        on_interrupt="report",
+        api=ApiRoute("vms", "resize"),
+    ),
+    _request(
+        "snapshot",
+        "vms.snapshot_vm",
+        allowed_from=frozenset({"running", "paused"}),
+        transitional="snapshotting",
+        succeeded="vm.snapshotted",
+        settles_to="running",
+        fails_to="running",
+        on_interrupt="report",
+        api=ApiRoute("vms", "snapshot"),
+    ),
+    _request(
+        "restore",
+        "vms.rollback_snapshot",
+        allowed_from=_SETTLED_OR_BROKEN,
+        transitional="restoring",
+        succeeded="vm.restored",
+        settles_to="running",
+        fails_to="failed",
+        on_interrupt="guest_up",
+        launches_vmm=True,
+        api=ApiRoute("snapshots", "restore"),
+    ),
+    _request(
+        "destroy",
+        "vms.delete_virtualmachine",
+        allowed_from=ALL_STATES - {"destroyed"},
+        transitional="destroying",
+        succeeded="vm.destroyed",
+        settles_to="destroyed",
+        fails_to="failed",
+        on_interrupt="finish",
+        overtakes=True,
+        api=ApiRoute("vms", "destroy", ("delete",)),
+    ),
+    # --- Guest access: the web tier asks the agent, between a committed request and its outcome
+    _guest("exec", "vms.exec_vm", succeeded="vm.exec_completed", api=ApiRoute("vms", "exec")),
+    _guest(
+        "file_upload",
+        "vms.write_files",
+        succeeded="vm.file_uploaded",
+        api=ApiRoute("vms", "files", ("put", "post")),
+    ),
+    _guest(
+        "file_download",
+        "vms.read_files",
+        succeeded="vm.file_downloaded",
+        api=ApiRoute("vms", "files", ("get",)),
+    ),
+    # --- Recorded at once: the event is the change ---------------------------------------------
+    Verb(
+        name="create",
+        kind="record",
+        permission="vms.add_virtualmachine",
+        description="A new VM from a template (and its first start, unless asked not to).",
+        target="new",
+        records=("vm.created",),
+        api=ApiRoute("vms", "create"),
+    ),
+    Verb(
+        name="clone",
+        kind="record",
+        permission="vms.add_virtualmachine",
+        also_requires=("vms.rollback_snapshot",),
+        description="A new VM, with its own identity, restored from a snapshot.",
+        target="snapshot",
+        records=("vm.created",),
+        api=ApiRoute("snapshots", "clone"),
+    ),
+    Verb(
+        name="delete_snapshot",
+        kind="record",
+        permission="vms.snapshot_vm",
+        description="A snapshot's files go; its record stays.",
+        target="snapshot",
+        records=("snapshot.deleted",),
+        api=ApiRoute("snapshots", "destroy", ("delete",)),
+    ),
+    Verb(
+        name="console",
+        kind="record",
+        permission="vms.console_vm",  # to type; watching needs only to see the VM
+        description="A serial console session (recorded; referenced by its events).",
+        records=("vm.console_opened", "vm.console_closed"),
+        api=None,  # a websocket (vms.consumers), not a REST action
+    ),
+)
+
+REQUEST_VERBS = tuple(v for v in VERBS if v.kind == "request")
+GUEST_VERBS = tuple(v for v in VERBS if v.kind == "guest")
+RECORD_VERBS = tuple(v for v in VERBS if v.kind == "record")
+
+_BY_NAME = {v.name: v for v in VERBS}
+_BY_REQUEST = {v.requested: v for v in VERBS if v.requested}
+
+
+def verb(name: str) -> Verb:
+    """The row of ``name`` (KeyError for a verb the table does not have)."""
+    return _BY_NAME[name]
+
+
+def request_verb(name: str) -> Verb:
+    """The row of a verb the worker carries out (KeyError otherwise)."""
+    row = _BY_NAME[name]
+    if row.kind != "request":
+        raise KeyError(name)
+    return row
+
+
+def guest_verb(name: str) -> Verb:
+    row = _BY_NAME[name]
+    if row.kind != "guest":
+        raise KeyError(name)
+    return row
+
+
+def by_request(event_type: str) -> Verb | None:
+    """The verb whose request event type is ``event_type``, if any."""
+    return _BY_REQUEST.get(event_type)
+
+
+def outcome_states() -> dict[str, str]:
+    """Outcome event type -> the state it leaves the VM in (unless its data says otherwise)."""
+    out: dict[str, str] = {}
+    for v in REQUEST_VERBS:
+        succeeded, failed = v.outcomes()
+        assert v.settles_to and v.fails_to
+        out[succeeded] = v.settles_to
+        out[failed] = v.fails_to
+    return out
+
+
+# --- The VM part of the event catalogue -------------------------------------------------------
+
+# Events of the VM and snapshot aggregates that no verb appends as its request or outcome.
+OTHER_EVENTS: tuple[EventType, ...] = (
+    # Catalogued for logs that have it; a create is recorded as vm.created.
+    EventType("vm.create_requested", "vm", 1, "change", "A create of a VM was requested."),
+    EventType(
+        "vm.progress",
+        "vm",
+        1,
+        "operations",
+        "A step of a long VM operation (booting, snapshotting).",
+    ),
+    EventType("vm.crashed", "vm", 1, "monitoring", "The reconciler found the VM's VMM dead."),
+    EventType(
+        "vm.recovered", "vm", 1, "monitoring", "The reconciler brought a VM record back in line."
+    ),
+    EventType(
+        "snapshot.created",
+        "snapshot",
+        1,
+        "data",
+        "A snapshot was taken (files and SHA-256 manifest).",
+    ),
+    EventType(
+        "snapshot.verified", "snapshot", 1, "data", "A snapshot's manifest was checked before use."
+    ),
+    EventType("snapshot.corrupted", "snapshot", 1, "data", "A snapshot failed its manifest check."),
+    EventType("net.ip_leased", "vm", 1, "change", "An address was leased to a VM."),
+    EventType("net.ip_released", "vm", 1, "change", "A VM's address was released."),
+    EventType("net.port_forward_added", "vm", 1, "change", "A host port was forwarded to a VM."),
+    EventType("net.port_forward_removed", "vm", 1, "change", "A port forward was removed."),
+)
+
+# Descriptions and categories of the event types the verbs append (categories are part of what
+# reports count: keep them).
+_GUEST_TEXT = {
+    "vm.exec_requested": (
+        "A command was asked for in the guest (argv, cwd, env names, timeout), before it ran."
+    ),
+    "vm.exec_completed": "A command ran in the guest (argv, exit, output hashes).",
+    "vm.exec_failed": (
+        "A requested command got no result from the guest (agent timeout, refusal, unreachable)."
+    ),
+    "vm.file_upload_requested": "A file upload into the guest was asked for (path).",
+    "vm.file_uploaded": "A file was written into the guest (path, size, SHA-256).",
+    "vm.file_upload_failed": "A requested upload into the guest failed.",
+    "vm.file_download_requested": "A file download from the guest was asked for.",
+    "vm.file_downloaded": "A file was read from the guest (path, size, SHA-256).",
+    "vm.file_download_failed": "A requested download from the guest failed.",
+}
+_RECORD_TYPES = {
+    "vm.created": ("change", "A VM was defined (spec, owner, template, identity)."),
+    "vm.console_opened": ("access", "A console session started (recording referenced)."),
+    "vm.console_closed": ("access", "A console session ended (recording, size, SHA-256)."),
+    "snapshot.deleted": ("data", "A snapshot was deleted (by a user or retention)."),
+}
+
+
+def _verb_event_types() -> Iterator[EventType]:
+    for v in REQUEST_VERBS:
+        yield EventType(v.request_type(), "vm", 1, "change", v.description)
+        for outcome in v.outcomes():
+            yield EventType(outcome, "vm", 1, "change", f"Worker outcome of a {v.name} request.")
+    for v in GUEST_VERBS:
+        for name in v.event_types():
+            yield EventType(name, "vm", 1, "data", _GUEST_TEXT[name])
+    for v in RECORD_VERBS:
+        for name in v.records:
+            category, text = _RECORD_TYPES[name]
+            yield EventType(name, name.split(".")[0], 1, category, text)
+
+
+def event_types() -> tuple[EventType, ...]:
+    """Every event type of the VM domain: the verbs' and the others (no name twice)."""
+    seen: dict[str, EventType] = {}
+    for t in (*_verb_event_types(), *OTHER_EVENTS):
+        if t.name in seen and seen[t.name] != t:
+            raise ValueError(f"{t.name} is defined twice, differently")
+        seen[t.name] = t
+    return tuple(seen.values())
+
+
+catalogue.register(*event_types())

@@ -1,0 +1,112 @@
+"""Who may do what to which VM: the one place that decides it.
+
+Two questions, asked of a ``Caller`` (a user, maybe through an API token whose scopes narrow it):
+
+- may it *see* a VM or snapshot? Its own always; everyone's with a view permission
+  (viewer, auditor, admin) or ``vms.manage_all_vms``. Another user's VM that the caller may not
+  see looks exactly like a missing one (404), wherever it is asked for.
+- may it *do* a verb to one? The verb's permissions (from the lifecycle table, ``vms.lifecycle``)
+  and ownership: its own VM, or any with ``vms.manage_all_vms``. For a scoped token both the
+  permission and the widener must be among its scopes (``Caller.has``).
+
+The state a verb needs is not policy: the commands check it under the event store's lock.
+The API, the dashboard, the websocket consumers, the console and guest access all ask here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+
+from accounts.caller import Caller
+from vms import lifecycle
+from vms.models import Snapshot, VirtualMachine
+
+__all__ = [
+    "MANAGE_ALL",
+    "console_mode",
+    "may",
+    "may_act_on",
+    "may_see",
+    "require",
+    "sees_all_snapshots",
+    "sees_all_vms",
+    "visible_snapshots",
+    "visible_vms",
+]
+
+MANAGE_ALL = "vms.manage_all_vms"
+NOT_YOURS = "you may only act on your own VMs"
+
+
+# --- Seeing -----------------------------------------------------------------------------------
+
+
+def sees_all_vms(caller: Caller) -> bool:
+    """Readers of all (viewer, auditor, admin) see everyone's VMs; operators their own.
+
+    Asked of the caller, not the user: an API token reaches other users' VMs only if its scopes
+    hold the permission that grants it (a view permission, or ``vms.manage_all_vms``)."""
+    return caller.has("vms.view_virtualmachine") or caller.has(MANAGE_ALL)
+
+
+def sees_all_snapshots(caller: Caller) -> bool:
+    return caller.has("vms.view_snapshot") or caller.has(MANAGE_ALL)
+
+
+def may_see(caller: Caller, owner_id: int | None, *, sees_all: bool | None = None) -> bool:
+    """May ``caller`` see a VM of ``owner_id``? ``sees_all``: ``sees_all_vms(caller)`` when the
+    caller already asked it (a websocket asks once, then filters every pushed VM)."""
+    if owner_id is not None and owner_id == caller.user.pk:
+        return True
+    return sees_all_vms(caller) if sees_all is None else sees_all
+
+
+def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
+    qs = VirtualMachine.objects.select_related("owner")
+    if sees_all_vms(caller):
+        return qs
+    return qs.filter(owner=caller.user)
+
+
+def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
+    qs = Snapshot.objects.select_related("owner", "vm")
+    if sees_all_snapshots(caller):
+        return qs
+    return qs.filter(owner=caller.user)
+
+
+# --- Acting -----------------------------------------------------------------------------------
+
+
+def may_act_on(caller: Caller, owner_id: int | None) -> bool:
+    """May ``caller`` act on a VM or snapshot of ``owner_id``: its own, or any with
+    ``vms.manage_all_vms`` (held by the user and, for a scoped token, among its scopes)."""
+    return owner_id == caller.user.pk or caller.has(MANAGE_ALL)
+
+
+def may(caller: Caller, verb: str, owner_id: int | None) -> bool:
+    """May ``caller`` ask ``verb`` (a verb of the lifecycle table) of what ``owner_id`` owns
+    (None for a verb that creates a VM: only the permissions count)?"""
+    row = lifecycle.verb(verb)
+    if not all(caller.has(p) for p in row.permissions):
+        return False
+    return row.target == "new" or may_act_on(caller, owner_id)
+
+
+def require(caller: Caller, verb: str, owner_id: int | None = None) -> None:
+    """``PermissionDenied`` (403) unless ``caller`` may ask ``verb`` of what ``owner_id`` owns;
+    the message names the missing permission, or says the VM is not the caller's."""
+    row = lifecycle.verb(verb)
+    for perm in row.permissions:
+        caller.require(perm)
+    if row.target != "new" and not may_act_on(caller, owner_id):
+        raise PermissionDenied(NOT_YOURS)
+
+
+def console_mode(caller: Caller, vm: VirtualMachine) -> Literal["write", "read"]:
+    """A console on a VM the caller sees: it types if it may use the console verb on it, else
+    it watches."""
+    return "write" if may(caller, "console", vm.owner_id) else "read"
