@@ -70,7 +70,7 @@ SELF_SERVICE = frozenset(
     {"accounts.view_apitoken", "accounts.add_apitoken", "accounts.delete_apitoken"}
 )
 
-# Widens a VM scope from the user's own VMs to every user's (``vms.commands.may_act_on``); an
+# Widens a VM scope from the user's own VMs to every user's (``vms.policy.may_act_on``); an
 # operation never accepts it alone. Like the view permissions, which VMs a token reaches follows
 # its scopes, not only its user's role.
 MANAGE_ALL_VMS = "vms.manage_all_vms"

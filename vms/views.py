@@ -123,8 +123,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
 @login_required
 def vm_create(request: HttpRequest) -> HttpResponse:
     caller = Caller.from_request(request)
-    if not policy.may(caller, "create", None):
-        raise PermissionDenied("you need the vms.add_virtualmachine permission")
+    policy.require(caller, "create")
     form = CreateVMForm(request.POST or None, initial={"template": "linux-small", "start": True})
     if request.method == "POST" and form.is_valid():
         d = form.cleaned_data
