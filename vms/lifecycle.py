@@ -153,7 +153,8 @@ def _request(
     fails_to: str,
     on_interrupt: OnInterrupt,
     api: ApiRoute | None,
-    **extra: object,
+    launches_vmm: bool = False,
+    overtakes: bool = False,
 ) -> Verb:
     return Verb(
         name=name,
@@ -170,7 +171,8 @@ def _request(
         fails_to=fails_to,
         handler=f"do_{name}",
         on_interrupt=on_interrupt,
-        **extra,  # type: ignore[arg-type]
+        launches_vmm=launches_vmm,
+        overtakes=overtakes,
     )
 
 

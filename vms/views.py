@@ -193,6 +193,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "last_position": timeline[-1]["position"] if timeline else 0,
             "snapshots": snapshots,
             "rules": rules,
+            "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
@@ -204,6 +205,14 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
 # The worker's verbs a VM's page offers (the lifecycle table's; a restore is a snapshot's).
 PAGE_VERBS = frozenset(
     v.name for v in lifecycle.REQUEST_VERBS if v.api is not None and v.api.resource == "vms"
+)
+# Those asked with a form of their own on the page (its fields), and a destroy (apart, with a
+# confirmation); every other one is a button, in the table's order.
+FORM_VERBS = frozenset({"resize", "snapshot"})
+BUTTON_VERBS = tuple(
+    v.name
+    for v in lifecycle.REQUEST_VERBS
+    if v.name in PAGE_VERBS and v.name not in FORM_VERBS and not v.overtakes
 )
 
 

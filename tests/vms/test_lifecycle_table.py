@@ -264,6 +264,9 @@ def test_the_dashboard_offers_the_tables_verbs() -> None:
     assert views.PAGE_VERBS == {
         v.name for v in lifecycle.REQUEST_VERBS if v.api is not None and v.api.resource == "vms"
     }
+    # A new verb without input gets its button: only the form verbs and the destroy are apart.
+    assert set(views.BUTTON_VERBS) == views.PAGE_VERBS - views.FORM_VERBS - {"destroy"}
+    assert views.FORM_VERBS <= views.PAGE_VERBS
 
 
 # --- The policy ---------------------------------------------------------------------------------
