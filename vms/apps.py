@@ -5,6 +5,8 @@ from typing import Any
 from django.apps import AppConfig
 from django.db.models.signals import post_migrate
 
+from core import schedules
+
 # The lifecycle table registers the VM domain's event types in the audit catalogue on import:
 # here, while the apps load and before any model, projector or report reads the catalogue.
 from vms import lifecycle  # noqa: F401
@@ -12,8 +14,6 @@ from vms import lifecycle  # noqa: F401
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
     """Reconcile the host every minute, apply snapshot retention hourly."""
-    from core import schedules
-
     schedules.ensure(
         [
             ("vms.reconcile", "vms.tasks.reconcile", 1),

@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from channels.exceptions import ChannelFull
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from accounts.caller import Caller
@@ -319,8 +321,6 @@ class Relay:
             del self.hubs[key[0]]
 
     async def _send_loop(self) -> None:
-        from channels.exceptions import ChannelFull
-
         while True:
             channel, message = await self._outbox.get()
             try:
@@ -364,8 +364,6 @@ async def ensure_relay() -> None:
         return
     loop = asyncio.get_running_loop()
     if _local is None or _local[0] is not loop or _local[1].done():
-        from channels.layers import get_channel_layer
-
         relay = Relay(get_channel_layer())
         _local = (loop, loop.create_task(relay.run(), name="console-relay"))
 
@@ -382,7 +380,6 @@ async def stop_relay() -> None:
 
 def run_relay_thread() -> threading.Thread:
     """The relay of a worker host, in a daemon thread with its own event loop."""
-    from channels.layers import get_channel_layer
 
     def main() -> None:
         while True:
