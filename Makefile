@@ -69,6 +69,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_CORE)
+	PYTHONPATH=. $(VENV)/bin/lint-imports --no-cache
 
 format:
 	$(VENV)/bin/ruff format .

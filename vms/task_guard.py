@@ -34,6 +34,8 @@ from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.utils import timezone
 
+from audit import commands as audit_commands
+
 __all__ = ["ALLOWED_TASKS", "PACKAGE_KEYS", "install", "refusal", "schedule_refusal"]
 
 log = logging.getLogger("sandbox.vms.worker")
@@ -216,8 +218,6 @@ def _describe(task: dict[str, Any]) -> dict[str, Any]:
 
 def _refuse(task: dict[str, Any], reason: str) -> None:
     """Record the refusal and turn the task into a failed result that nothing will call."""
-    from audit import commands as audit_commands
-
     data = {**_describe(task), "reason": reason}
     log.error("refused task %s: %s", data["func"], reason)
     if not connection.in_atomic_block:  # a worker process, between tasks
@@ -268,8 +268,6 @@ def _refuse_schedules() -> None:
     """Record and disable each due schedule row the product would not have written."""
     from django_q.conf import Conf
     from django_q.models import Schedule
-
-    from audit import commands as audit_commands
 
     due = Schedule.objects.exclude(repeats=0).filter(next_run__lt=timezone.now())
     if Conf.CLUSTER_NAME == Conf.PREFIX:  # as django-q2's scheduler selects them

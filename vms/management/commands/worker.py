@@ -23,6 +23,8 @@ from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from core import context
+from vms import console, heartbeat, task_guard
+from vms.reconcile import reconcile
 
 log = logging.getLogger("sandbox.vms.worker")
 
@@ -37,8 +39,6 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["cluster_only"]:
             sys.exit(run_cluster())
-        from vms.reconcile import reconcile
-
         with context.bind(channel="worker"):
             counts = reconcile(startup=True)
         self.stdout.write("reconciled: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -52,8 +52,6 @@ class Command(BaseCommand):
 
 def run_cluster() -> int:
     from django_q.cluster import Cluster
-
-    from vms import console, heartbeat, task_guard
 
     task_guard.install()  # before any process is forked: only the product's tasks run
     cluster = Cluster()  # installs the SIGTERM/SIGINT handlers that stop the cluster
