@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django (in thread lanes), websockets through Channels."""
+"""ASGI entry point: HTTP through Django (in thread lanes), websockets through Channels, and
+preview hosts to the guests (``sandbox_site.preview``)."""
 
 import os
 
@@ -17,6 +18,7 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.urls import path  # noqa: E402
 
 from accounts.authentication import TokenAuthMiddleware  # noqa: E402
+from sandbox_site.preview import PreviewRouter  # noqa: E402
 from sandbox_site.proxies import TrustedProxyHeaders  # noqa: E402
 from vms import consumers  # noqa: E402
 from vms.exec_consumer import ExecConsumer  # noqa: E402
@@ -29,13 +31,17 @@ websocket_urlpatterns = [
 ]
 
 # Forwarded headers are believed from SANDBOX_TRUSTED_PROXIES only, here, for every serving mode.
+# Preview hosts ({port}-{vm}.SANDBOX_PREVIEW_DOMAIN) go to the guest before Django or Channels
+# see them: the dashboard never answers there, and its session is never read there.
 application = TrustedProxyHeaders(
-    ProtocolTypeRouter(
-        {
-            "http": django_http_app,
-            "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
-            ),
-        }
+    PreviewRouter(
+        ProtocolTypeRouter(
+            {
+                "http": django_http_app,
+                "websocket": AllowedHostsOriginValidator(
+                    AuthMiddlewareStack(TokenAuthMiddleware(URLRouter(websocket_urlpatterns)))
+                ),
+            }
+        )
     )
 )

@@ -533,3 +533,42 @@ CONTENT_SECURITY_POLICY = {
         "frame-ancestors": ["'none'"],
     },
 }
+
+# --- Preview URLs: a guest's HTTP service at {port}-{vm_id}.<domain> (docs/networking.md) ------
+# Served by this process (sandbox_site/preview.py) before Django sees the request. The domain
+# must be one the dashboard is never served under, and no cookie of the dashboard's may be set
+# for it (a separate registrable domain in production); empty turns previews off.
+SANDBOX_PREVIEW_DOMAIN = os.environ.get("SANDBOX_PREVIEW_DOMAIN", "preview.localhost")
+SANDBOX_PREVIEW_DOMAIN = SANDBOX_PREVIEW_DOMAIN.strip().lower().rstrip(".")
+for _host in ALLOWED_HOSTS:
+    # The dashboard's own hosts never answer as a preview host (nor one of their subdomains).
+    _host = _host.strip().lower().lstrip(".")
+    if SANDBOX_PREVIEW_DOMAIN and (
+        _host == SANDBOX_PREVIEW_DOMAIN or _host.endswith("." + SANDBOX_PREVIEW_DOMAIN)
+    ):
+        raise ImproperlyConfigured(
+            f"SANDBOX_PREVIEW_DOMAIN {SANDBOX_PREVIEW_DOMAIN!r} covers the dashboard's host "
+            f"{_host!r}: guest pages would share its origin"
+        )
+try:
+    SANDBOX_PREVIEW_DENIED_PORTS = frozenset(
+        int(p) for p in os.environ.get("SANDBOX_PREVIEW_DENIED_PORTS", "").split(",") if p.strip()
+    )
+except ValueError as _exc:
+    raise ImproperlyConfigured("SANDBOX_PREVIEW_DENIED_PORTS must list port numbers") from _exc
+# Shareable links: the longest lifetime that may be asked for, and the default.
+SANDBOX_PREVIEW_LINK_MAX_S = env_int("SANDBOX_PREVIEW_LINK_MAX_S", 7 * 86400)
+SANDBOX_PREVIEW_LINK_DEFAULT_S = env_int("SANDBOX_PREVIEW_LINK_DEFAULT_S", 3600)
+# The dashboard's hand-off to the preview host, and the preview cookie it turns into.
+SANDBOX_PREVIEW_HANDOFF_S = env_int("SANDBOX_PREVIEW_HANDOFF_S", 60)
+SANDBOX_PREVIEW_SESSION_S = env_int("SANDBOX_PREVIEW_SESSION_S", 8 * 3600)
+# Connecting to the guest, and the longest wait for its next bytes (long polls, event streams).
+SANDBOX_PREVIEW_CONNECT_TIMEOUT_S = env_int("SANDBOX_PREVIEW_CONNECT_TIMEOUT_S", 5)
+SANDBOX_PREVIEW_READ_TIMEOUT_S = env_int("SANDBOX_PREVIEW_READ_TIMEOUT_S", 300)
+# Request and response header sets larger than this are refused (431 / 502).
+SANDBOX_PREVIEW_MAX_HEADER_BYTES = env_int("SANDBOX_PREVIEW_MAX_HEADER_BYTES", 32 * 1024)
+SANDBOX_PREVIEW_WS_MAX_MESSAGE_BYTES = env_int("SANDBOX_PREVIEW_WS_MAX_MESSAGE_BYTES", 16 << 20)
+if not 1 <= SANDBOX_PREVIEW_LINK_DEFAULT_S <= SANDBOX_PREVIEW_LINK_MAX_S:
+    raise ImproperlyConfigured(
+        "SANDBOX_PREVIEW_LINK_DEFAULT_S must be between 1 and SANDBOX_PREVIEW_LINK_MAX_S"
+    )

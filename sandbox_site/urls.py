@@ -12,6 +12,7 @@ from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
 from sandbox_site import schema as _schema  # noqa: F401 - registers the Bearer token scheme
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
+from vms.preview_api import PreviewLinkView
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -22,6 +23,7 @@ router.register("snapshots", SnapshotViewSet, basename="snapshot")
 router.register("templates", TemplateViewSet, basename="template")
 
 api_v1 = [
+    path("vms/<uuid:pk>/previews/", PreviewLinkView.as_view(), name="vm-previews"),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),

@@ -27,7 +27,7 @@ from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
 from core.compiled import CompiledQuery, cached
-from vms import enqueue, identity, lifecycle, policy, quotas
+from vms import enqueue, identity, lifecycle, policy, previews, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "ask",
     "clone",
     "create",
+    "create_preview_link",
     "delete_snapshot",
     "destroy",
     "is_pending",
@@ -654,3 +655,33 @@ def record_snapshot_corrupted(
 def record_crashed(vm_id: str, data: dict[str, Any], *, actor: Actor) -> store.RecordedEvent:
     """The reconciler found a running or paused VM's VMM gone."""
     return store.append("vm", vm_id, "vm.crashed", data, actor=actor)
+
+
+# --- Preview links (shareable signed URLs to a guest's port; see vms.previews) ----------------
+
+
+@transaction.atomic
+def create_preview_link(
+    caller: Caller, vm: VirtualMachine, port: int, seconds: int
+) -> previews.Grant:
+    """A shareable grant to ``port`` of ``vm`` for ``seconds``, recorded as
+    ``vm.preview_link_created`` (with its id and expiry, never the signed value: that is the
+    credential). Only links are recorded: the dashboard's own hand-off is the user viewing."""
+    policy.require(caller, "share_preview", vm.owner_id)
+    if vm.state == "destroyed":
+        raise NotFound(f"no VM {vm.pk}")
+    if not previews.port_allowed(port):
+        raise ValidationError({"port": "this port may not be previewed"})
+    if not 1 <= seconds <= settings.SANDBOX_PREVIEW_LINK_MAX_S:
+        raise ValidationError(
+            {"expires_in": f"between 1 and {settings.SANDBOX_PREVIEW_LINK_MAX_S} seconds"}
+        )
+    grant = previews.issue(vm, port, caller.user.pk, previews.LINK, seconds)
+    store.append(
+        "vm",
+        str(vm.pk),
+        "vm.preview_link_created",
+        {"link_id": grant.link_id, "port": port, "expires": grant.expires},
+        actor=caller.actor,
+    )
+    return grant

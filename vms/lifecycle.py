@@ -347,6 +347,14 @@ VERBS: tuple[Verb, ...] = (
         records=("vm.console_opened", "vm.console_closed"),
         api=None,  # a websocket (vms.consumers), not a REST action
     ),
+    Verb(
+        name="share_preview",
+        kind="record",
+        permission="vms.operate_vm",
+        description="A shareable, expiring link to a port of the guest (vms.previews).",
+        records=("vm.preview_link_created",),
+        api=None,  # POST /api/v1/vms/{id}/previews/ (vms.preview_api), with its own input
+    ),
 )
 
 REQUEST_VERBS = tuple(v for v in VERBS if v.kind == "request")
@@ -448,6 +456,10 @@ _RECORD_TYPES = {
     "vm.created": ("change", "A VM was defined (spec, owner, template, identity)."),
     "vm.console_opened": ("access", "A console session started (recording referenced)."),
     "vm.console_closed": ("access", "A console session ended (recording, size, SHA-256)."),
+    "vm.preview_link_created": (
+        "access",
+        "A shareable preview link to a guest's port was made (link id, port, expiry).",
+    ),
     "snapshot.deleted": ("data", "A snapshot was deleted (by a user or retention)."),
 }
 

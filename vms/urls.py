@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from vms import views
+from vms import preview_views, views
 
 app_name = "vms"
 
@@ -17,6 +17,8 @@ urlpatterns = [
     path("<uuid:pk>/", views.vm_detail, name="detail"),
     path("<uuid:pk>/console/", views.vm_console, name="console"),
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),
+    path("<uuid:pk>/preview/", preview_views.vm_preview, name="preview"),
+    path("<uuid:pk>/preview/<int:port>/", preview_views.vm_preview_open, name="preview-open"),
     path(
         "<uuid:pk>/<str:verb>/",
         views.vm_action,
