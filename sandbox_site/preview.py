@@ -497,8 +497,8 @@ def _guest_cookie_allowed(set_cookie: str) -> bool:
 async def _refuse(
     scope: Scope, receive: Receive, send: Send, status: int, message: str, started: bool = False
 ) -> None:
-    """Answer with ``status`` and ``message``: a plain response, or for a websocket an HTTP
-    answer to the handshake where the server supports it (else a close before accepting)."""
+    """Answer with ``status`` and ``message``: a plain response, or for a websocket a refused
+    handshake (the reason is logged)."""
     body = f"{message}\n".encode()
     headers = [
         (b"content-type", b"text/plain; charset=utf-8"),
@@ -515,9 +515,7 @@ async def _refuse(
         message_in = await receive()
         if message_in["type"] != "websocket.connect":
             return
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        await send({"type": "websocket.close", "code": 4000 + status if status < 1000 else 1011})
-    log.debug("preview refused (%s): %s", HTTPStatus(status).phrase, message)
+    # A close before the accept: the server answers the handshake with 403. (The ASGI
+    # extension for an HTTP answer with our status makes uvicorn log an error each time.)
+    await send({"type": "websocket.close", "code": 1008})
+    log.info("preview websocket refused (%s): %s", HTTPStatus(status).phrase, message)

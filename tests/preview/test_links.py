@@ -1,0 +1,176 @@
+"""Making shareable preview links: the API endpoint, the dashboard form, the recorded event, and
+the grants themselves (signature, salt, expiry)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from django.test import Client
+
+from audit.models import Event
+from vms import previews
+from vms.models import VirtualMachine
+
+
+@pytest.fixture
+def owner(make_user: Any) -> Any:
+    return make_user("operator")
+
+
+@pytest.fixture
+def vm(owner: Any, db: Any) -> Any:
+    from accounts.caller import Caller
+    from vms import commands
+
+    caller = Caller.for_user(owner, channel="api")
+    return commands.create(caller, name="web", template="linux-small", start_now=False).vm
+
+
+def post_link(client: Any, vm: Any, **body: Any) -> Any:
+    return client.post(f"/api/v1/vms/{vm.pk}/previews/", body, format="json")
+
+
+def test_the_owner_makes_a_link_and_it_is_recorded(token_client, owner, vm, settings):
+    response = post_link(token_client(owner), vm, port=8080, expires_in=120)
+    assert response.status_code == 201, response.content
+    body = response.json()
+    url = urlsplit(body["url"])
+    assert url.hostname == f"8080-{vm.pk}.{settings.SANDBOX_PREVIEW_DOMAIN}"
+    grant = previews.from_url(parse_qs(url.query)[previews.QUERY_PARAM][0])
+    assert grant is not None
+    assert (grant.vm_id, grant.port, grant.user_id, grant.kind) == (vm.pk, 8080, owner.pk, "link")
+    assert 110 <= grant.seconds_left <= 120
+    event = Event.objects.get(type="vm.preview_link_created", aggregate_id=str(vm.pk))
+    data = event.data if isinstance(event.data, dict) else json.loads(event.data)
+    assert data == {"link_id": body["link_id"], "port": 8080, "expires": grant.expires}
+    assert event.actor_id == str(owner.pk)
+    # The signed value is the credential: it is not in the log.
+    assert parse_qs(url.query)[previews.QUERY_PARAM][0] not in json.dumps(data)
+
+
+def test_the_default_lifetime_applies(token_client, owner, vm, settings):
+    settings.SANDBOX_PREVIEW_LINK_DEFAULT_S = 300
+    body = post_link(token_client(owner), vm, port=3000).json()
+    grant = previews.from_url(parse_qs(urlsplit(body["url"]).query)[previews.QUERY_PARAM][0])
+    assert grant is not None and 290 <= grant.seconds_left <= 300
+
+
+def test_a_viewer_may_not_share(token_client, make_user, vm):
+    response = post_link(token_client(make_user("viewer")), vm, port=8080)
+    assert response.status_code == 403
+    assert not Event.objects.filter(type="vm.preview_link_created").exists()
+
+
+def test_another_operator_does_not_find_the_vm(token_client, make_user, vm):
+    assert post_link(token_client(make_user("operator")), vm, port=8080).status_code == 404
+
+
+def test_an_admin_may_share_anyones(token_client, make_user, vm):
+    assert post_link(token_client(make_user("admin")), vm, port=8080).status_code == 201
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"port": 0}, {"port": 65536}, {"port": "x"}, {}, {"port": 8080, "expires_in": 0}],
+)
+def test_bad_requests_are_400(token_client, owner, vm, body):
+    assert post_link(token_client(owner), vm, **body).status_code == 400
+
+
+def test_the_lifetime_is_bounded(token_client, owner, vm, settings):
+    settings.SANDBOX_PREVIEW_LINK_MAX_S = 600
+    assert post_link(token_client(owner), vm, port=80, expires_in=601).status_code == 400
+    assert post_link(token_client(owner), vm, port=80, expires_in=600).status_code == 201
+
+
+def test_a_denied_port_is_400(token_client, owner, vm, settings):
+    settings.SANDBOX_PREVIEW_DENIED_PORTS = frozenset({22})
+    assert post_link(token_client(owner), vm, port=22).status_code == 400
+
+
+def test_a_read_only_or_unscoped_token_may_not_share(token_client, owner, vm):
+    assert post_link(token_client(owner, read_only=True), vm, port=80).status_code == 403
+    scoped = token_client(owner, scopes=["vms.exec_vm"])
+    assert post_link(scoped, vm, port=80).status_code == 403
+
+
+def test_a_destroyed_vm_gets_no_link(token_client, owner, vm):
+    VirtualMachine.objects.filter(pk=vm.pk).update(state="destroyed")
+    assert post_link(token_client(owner), vm, port=80).status_code == 404
+
+
+def test_previews_off_means_no_links(token_client, owner, vm, settings):
+    settings.SANDBOX_PREVIEW_DOMAIN = ""
+    assert post_link(token_client(owner), vm, port=80).status_code == 404
+
+
+def test_the_dashboard_form_makes_a_recorded_link(owner, vm):
+    client = Client()
+    client.force_login(owner)
+    response = client.post(
+        f"/vms/{vm.pk}/preview/", {"port": "8080", "expires_in": "60"}, follow=True
+    )
+    assert response.status_code == 200
+    assert f"8080-{vm.pk}." in response.content.decode()
+    assert (
+        Event.objects.filter(type="vm.preview_link_created", aggregate_id=str(vm.pk)).count() == 1
+    )
+    # Opening (the hand-off) is viewing: not recorded.
+    assert client.get(f"/vms/{vm.pk}/preview/?port=8080").status_code == 302
+    assert client.get(f"/vms/{vm.pk}/preview/8080/").status_code == 302
+    assert Event.objects.filter(type="vm.preview_link_created").count() == 1
+
+
+def test_the_dashboard_refuses_a_viewer_a_link_but_lets_it_open(make_user, vm):
+    client = Client()
+    client.force_login(make_user("viewer"))
+    response = client.post(f"/vms/{vm.pk}/preview/", {"port": "8080"}, follow=True)
+    assert "No link made" in response.content.decode()
+    assert not Event.objects.filter(type="vm.preview_link_created").exists()
+    assert client.get(f"/vms/{vm.pk}/preview/8080/").status_code == 302
+
+
+def test_the_detail_page_offers_the_preview_forms(owner, vm):
+    client = Client()
+    client.force_login(owner)
+    page = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert f"/vms/{vm.pk}/preview/" in page and "Make a shareable link" in page
+
+
+# --- Grants -----------------------------------------------------------------------------------
+
+
+def test_a_grant_round_trips_per_salt_only(vm, owner):
+    grant = previews.issue(vm, 8080, owner.pk, previews.LINK, 60)
+    assert previews.from_url(previews.url_value(grant)) == grant
+    assert previews.from_cookie(previews.cookie_value(grant)) == grant
+    assert previews.from_url(previews.cookie_value(grant)) is None
+    assert previews.from_cookie(previews.url_value(grant)) is None
+
+
+def test_a_grant_signed_with_another_key_is_refused(vm, owner, settings):
+    value = previews.url_value(previews.issue(vm, 8080, owner.pk, previews.LINK, 60))
+    settings.SECRET_KEY = "another-key-" + "x" * 40
+    assert previews.from_url(value) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [
+        ("8080-{vm}.preview.localhost", (8080, True)),
+        ("8080-{vm}.preview.localhost.evil", None),
+        ("8080-{vm}.x.preview.localhost", None),
+        ("{vm}.preview.localhost", None),
+        ("123456-{vm}.preview.localhost", None),
+        ("preview.localhost", None),
+    ],
+)
+def test_preview_hosts(host, named, vm, settings):
+    settings.SANDBOX_PREVIEW_DOMAIN = "preview.localhost"
+    parsed = previews.parse_host(host.format(vm=vm.pk))
+    assert (parsed is not None) == (named is not None)
+    if parsed is not None:
+        assert parsed == (8080, vm.pk)
