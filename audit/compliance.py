@@ -132,6 +132,8 @@ TRANSFERS = _types(
     "vm.file_download_failed",
 )
 COMMANDS = _types("vm.exec_requested", "vm.exec_completed", "vm.exec_failed")
+# Shareable links that open a guest's service to whoever holds them, until they expire.
+PREVIEW_LINKS = _types("vm.preview_link_created")
 EXPORTS = _types("audit.exported") | _types("audit.export_downloaded")
 LOG_READS = _types("audit.trail_read", "audit.accounts_listed")
 # Catalogued types that nothing in the product appends yet: no control counts them, so that no
@@ -356,9 +358,10 @@ FRAMEWORKS: dict[str, Framework] = {
                     "Transmission, movement and removal of information",
                     "The movement of information to and from the system is restricted and "
                     "recorded.",
-                    (_s(TRANSFERS | EXPORTS),),
+                    (_s(TRANSFERS | EXPORTS | PREVIEW_LINKS),),
                     "File transfers into and out of guests, each request and its outcome "
-                    "(path, size, SHA-256, or why it failed); audit exports and their downloads.",
+                    "(path, size, SHA-256, or why it failed); audit exports and their downloads; "
+                    "shareable preview links to guests' services (port, expiry, who made them).",
                     "Transfers outside the product (guest network egress is in the network "
                     "events, not here); that each transfer was authorized.",
                 ),
@@ -454,9 +457,9 @@ FRAMEWORKS: dict[str, Framework] = {
                     "A.5.14",
                     "Information transfer",
                     "Rules and procedures for information transfer are in place.",
-                    (_s(TRANSFERS | EXPORTS),),
+                    (_s(TRANSFERS | EXPORTS | PREVIEW_LINKS),),
                     "File transfers into and out of guests (requests and outcomes); audit "
-                    "exports and downloads.",
+                    "exports and downloads; shareable preview links to guests' services.",
                     "The transfer rules themselves; transfers over the guests' own network.",
                 ),
                 Control(

@@ -50,7 +50,8 @@ def _port(raw: Any) -> int:
 def vm_preview_open(request: HttpRequest, pk: Any, port: int) -> HttpResponse:
     """To the preview host of ``port``, as the signed-in user (who may see the VM)."""
     vm = _vm(request, pk)
-    user_id: int = request.user.pk  # signed in (login_required)
+    user_id = request.user.pk
+    assert user_id is not None  # login_required
     grant = previews.issue(
         vm, _port(port), user_id, previews.HANDOFF, settings.SANDBOX_PREVIEW_HANDOFF_S
     )
