@@ -56,6 +56,7 @@ RECORDED = {
     "vm.file_upload_failed": ("vm", 1, "data"),
     "vm.file_upload_requested": ("vm", 1, "data"),
     "vm.file_uploaded": ("vm", 1, "data"),
+    "vm.preview_link_created": ("vm", 1, "access"),
     "vm.progress": ("vm", 1, "operations"),
     "vm.recovered": ("vm", 1, "monitoring"),
     **{
