@@ -24,7 +24,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote, unquote_plus
 
 import httpx
 from channels.db import database_sync_to_async
@@ -111,7 +111,8 @@ def _hostname(raw: bytes) -> str:
         return ""
     if host.startswith("["):
         return ""  # an IPv6 literal is never a preview host
-    return host.rsplit(":", 1)[0] if ":" in host else host
+    host = host.rsplit(":", 1)[0] if ":" in host else host
+    return host.removesuffix(".")  # "a.example." is "a.example" (as Django has it)
 
 
 class _Exchange:
@@ -149,8 +150,7 @@ class _Exchange:
                 authorization = value.decode("latin-1")
             elif key == b"cookie":
                 cookies += _parse_cookies(value.decode("latin-1"))
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        url_grants = [v for k, v in query if k == previews.QUERY_PARAM]
+        url_grants, self.forward_query = _take_grant(scope.get("query_string", b""))
         ours = {previews.cookie_name(self.secure)}
         client = scope.get("client") or (None, None)
         try:
@@ -168,9 +168,6 @@ class _Exchange:
             await self.refuse(exc.status, exc.message)
             return
         self.access = access
-        self.forward_query = urlencode(
-            [(k, v) for k, v in query if k != previews.QUERY_PARAM]
-        ).encode("latin-1")
         if url_grants and not self.websocket and scope["method"] in ("GET", "HEAD"):
             # A link was opened: keep the grant in a cookie and take it out of the address bar
             # (and so out of the guest's logs, the Referer and the history).
@@ -459,6 +456,19 @@ class _ClientGone(Exception):
 
 class _GuestBroke(Exception):
     """The guest's connection failed after its response had started."""
+
+
+def _take_grant(query: bytes) -> tuple[list[str], bytes]:
+    """The grants in a query string, and the query string without them, the rest byte for byte
+    as the client sent it (re-encoding would change what the guest's app reads)."""
+    grants, kept = [], []
+    for part in query.split(b"&") if query else []:
+        name, _, value = part.partition(b"=")
+        if unquote_plus(name.decode("latin-1")) == previews.QUERY_PARAM:
+            grants.append(unquote_plus(value.decode("latin-1")))
+        else:
+            kept.append(part)
+    return grants, b"&".join(kept)
 
 
 def _sendable(code: int) -> int:

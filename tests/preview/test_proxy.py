@@ -197,6 +197,7 @@ def test_our_cookies_and_token_never_reach_the_guest(http, served, guest, vm, ow
 def test_the_dashboard_is_never_served_on_a_preview_host(http, served, vm, guest):
     for host in (
         f"{PREVIEW_DOMAIN}:{served.port}",
+        f"{guest.port}-{vm.pk}.{PREVIEW_DOMAIN}.:{served.port}",  # a trailing dot is the same host
         f"x.{PREVIEW_DOMAIN}",
         f"{guest.port}-{vm.pk}.{PREVIEW_DOMAIN}",
     ):
@@ -226,6 +227,15 @@ def test_a_signed_link_works_and_sets_a_host_only_cookie(
     assert "secure" not in attributes  # set on https only
     data = seen(get(http, host, "/echo?a=1", headers={"Cookie": grant_cookie(first)}))
     assert "cookie" not in data["headers"] and data["query"] == "a=1"
+
+
+def test_the_query_string_reaches_the_guest_as_sent(http, served, guest, vm, owner, issue_token):
+    host = preview_host(vm, guest.port, served)
+    raw = "a=b%20c&flag&x=1;y=2&e=%E2%82%AC&a=+"
+    assert seen(get(http, host, f"/echo?{raw}", headers=bearer(issue_token(owner))))["query"] == raw
+    link = signed(vm, guest.port, owner, 60)[2:]  # "sbx_preview=..."
+    response = get(http, host, f"/echo?{raw}&{link}", method="POST")
+    assert seen(response)["query"] == raw
 
 
 def test_a_signed_link_for_a_post_is_proxied_with_the_cookie(http, served, guest, vm, owner):
