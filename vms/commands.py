@@ -27,7 +27,7 @@ from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
 from core.compiled import CompiledQuery, cached
-from vms import enqueue, identity, lifecycle, policy, quotas
+from vms import enqueue, identity, images, lifecycle, policy, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
 __all__ = [
@@ -404,8 +404,16 @@ def create(
 
 
 def _check_snapshot_usable(snap: Snapshot) -> None:
+    """A restore or clone of ``snap`` could be carried out: it is ready and this host keeps the
+    image it was taken on (the worker checks again, as the last line)."""
     if snap.state != Snapshot.State.READY:
         raise ValidationError({"snapshot": f"the snapshot is {snap.state}, not ready"})
+    try:
+        images.snapshot_image(snap.image_id)
+    except images.ImageNotBuilt as exc:
+        raise ValidationError(
+            {"snapshot": f"snapshot {snap.name} cannot be restored: {exc}"}
+        ) from exc
 
 
 @transaction.atomic

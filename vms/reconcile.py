@@ -50,6 +50,9 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
                 worker._configure_identity(vm)
                 outcome = succeeded
                 data = {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True}
+                # What the VMM really runs (recorded before its launch), or "" when that is not
+                # known: never the image of an earlier boot, which the read model still holds.
+                data["image_id"] = runtime.launched_image(rt) or ""
                 # Only while the VM still waits for it: a destroy may have come in meanwhile.
                 if commands.record_outcome_if_pending(request, outcome, data) is (
                     commands.SUPERSEDED
