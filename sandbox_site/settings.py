@@ -440,6 +440,10 @@ SANDBOX_SNAPSHOT_MAX_AGE_DAYS = env_int("SANDBOX_SNAPSHOT_MAX_AGE_DAYS", 30)  # 
 # Exec events always hold sizes and SHA-256 of the output; the output itself only if asked.
 SANDBOX_EXEC_RECORD_OUTPUT = env_bool("SANDBOX_EXEC_RECORD_OUTPUT", False)
 SANDBOX_EXEC_MAX_TIMEOUT_S = env_int("SANDBOX_EXEC_MAX_TIMEOUT_S", 600)
+# Longest a file transfer to or from a guest may take (the agent gives up at this deadline).
+# With the exec timeout, it bounds how long a guest request may wait for its outcome: the
+# reconciler settles one left without an outcome beyond it (its web process died) as failed.
+SANDBOX_GUEST_TRANSFER_TIMEOUT_S = env_int("SANDBOX_GUEST_TRANSFER_TIMEOUT_S", 300)
 # Largest file upload to a guest, in bytes: 413 beyond it, before more is spooled to disk.
 SANDBOX_UPLOAD_MAX_BYTES = env_int("SANDBOX_UPLOAD_MAX_BYTES", 2 << 30)
 # Bytes of each stream (stdout, stderr) an HTTP exec returns; the rest is counted, not kept

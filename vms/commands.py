@@ -26,12 +26,14 @@ from accounts.caller import Caller
 from audit import store
 from audit.actor import Actor
 from audit.errors import ConcurrencyError
+from audit.models import Event
 from core.compiled import CompiledQuery, cached
-from vms import enqueue, identity, lifecycle, policy, previews, quotas
+from vms import enqueue, identity, images, lifecycle, policy, previews, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 
 __all__ = [
     "Accepted",
+    "AlreadySettled",
     "Busy",
     "GUEST_ACCESS",
     "GUEST_OUTCOMES",
@@ -64,6 +66,7 @@ __all__ = [
     "resize",
     "restore",
     "resume",
+    "settle_interrupted_guest_request",
     "snapshot",
     "start",
     "stop",
@@ -405,8 +408,16 @@ def create(
 
 
 def _check_snapshot_usable(snap: Snapshot) -> None:
+    """A restore or clone of ``snap`` could be carried out: it is ready and this host keeps the
+    image it was taken on (the worker checks again, as the last line)."""
     if snap.state != Snapshot.State.READY:
         raise ValidationError({"snapshot": f"the snapshot is {snap.state}, not ready"})
+    try:
+        images.snapshot_image(snap.image_id)
+    except images.ImageNotBuilt as exc:
+        raise ValidationError(
+            {"snapshot": f"snapshot {snap.name} cannot be restored: {exc}"}
+        ) from exc
 
 
 @transaction.atomic
@@ -497,20 +508,56 @@ def request_guest_access(
     return store.append("vm", str(vm.pk), row.request_type(), data, actor=caller.actor)
 
 
+class AlreadySettled(Exception):
+    """The guest request has an outcome already (the reconciler settled it as interrupted)."""
+
+
+def _guest_outcome_of(request: store.RecordedEvent, outcomes: frozenset[str]) -> bool:
+    # Outcomes come after their request: the (type, position) index reads only what follows it.
+    return Event.objects.filter(
+        type__in=outcomes, position__gt=request.position, causation_id=str(request.event_id)
+    ).exists()
+
+
 @transaction.atomic
 def record_guest_outcome(
     caller: Caller, request: store.RecordedEvent, outcome: str, data: dict[str, Any]
 ) -> store.RecordedEvent:
-    """Append the outcome of a guest access request (completed or failed), caused by it."""
+    """Append the outcome of a guest access request (completed or failed), caused by it: one
+    per request (``AlreadySettled`` when the reconciler gave it one first)."""
     kind = _GUEST_REQUESTS.get(request.type)
     if kind is None or outcome not in GUEST_OUTCOMES[kind]:
         raise ValueError(f"{outcome} is not an outcome of {request.type}")
+    store.lock()
+    if _guest_outcome_of(request, GUEST_OUTCOMES[kind]):
+        raise AlreadySettled(f"request {request.event_id} has an outcome already")
     return store.append(
         request.aggregate_type,
         request.aggregate_id,
         outcome,
         data,
         actor=caller.actor,
+        causation_id=request.event_id,
+        correlation_id=request.correlation_id,
+    )
+
+
+@transaction.atomic
+def settle_interrupted_guest_request(
+    actor: Actor, request: store.RecordedEvent, data: dict[str, Any]
+) -> store.RecordedEvent | None:
+    """Give a guest request whose web process died before its outcome the failure outcome of
+    its verb (``data`` says why), caused by it; None when it has an outcome already."""
+    row = lifecycle.guest_verb(_GUEST_REQUESTS[request.type])
+    store.lock()
+    if _guest_outcome_of(request, GUEST_OUTCOMES[row.name]):
+        return None
+    return store.append(
+        request.aggregate_type,
+        request.aggregate_id,
+        row.outcomes()[1],
+        data,
+        actor=actor,
         causation_id=request.event_id,
         correlation_id=request.correlation_id,
     )

@@ -182,6 +182,11 @@ def run_exec(
     (a stream) or nowhere, so a request's memory is bounded whatever the command prints.
     """
     require_guest_access(caller, vm, "exec")
+    if not 0 < timeout <= settings.SANDBOX_EXEC_MAX_TIMEOUT_S:
+        # The bound the reconciler relies on to settle an exec whose web process died.
+        raise ValidationError(
+            {"timeout": f"more than 0, at most {settings.SANDBOX_EXEC_MAX_TIMEOUT_S} seconds"}
+        )
     limit = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         limit = max(limit, RECORDED_OUTPUT)
@@ -238,7 +243,7 @@ def run_exec(
         details["stderr"] = bytes(err.kept[:RECORDED_OUTPUT]).decode(errors="replace")
     try:
         event = commands.record_guest_outcome(caller, request, EXEC_COMPLETED, details)
-    except EventStoreUnavailable as exc:
+    except (EventStoreUnavailable, commands.AlreadySettled) as exc:
         raise OutcomeNotRecorded(request, "the command ran", exc) from exc
     wanted = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     stdout, stderr = bytes(out.kept[:wanted]), bytes(err.kept[:wanted])
@@ -286,7 +291,7 @@ def _transfer(
     data = {"path": path, "size": transfer.size, "sha256": transfer.sha256}
     try:
         commands.record_guest_outcome(caller, request, done, data)
-    except EventStoreUnavailable as exc:
+    except (EventStoreUnavailable, commands.AlreadySettled) as exc:
         raise OutcomeNotRecorded(request, "the file was transferred", exc) from exc
     return transfer.size, transfer.sha256
 
@@ -303,7 +308,9 @@ def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> 
         "file_upload",
         path,
         {"size": size if isinstance(size, int) else None},
-        lambda agent: agent.put_file(source, path, mkdirs=True),
+        lambda agent: agent.put_file(
+            source, path, mkdirs=True, timeout=settings.SANDBOX_GUEST_TRANSFER_TIMEOUT_S
+        ),
     )
 
 
@@ -313,5 +320,10 @@ def download(caller: Caller, vm: VirtualMachine, path: str, dest: IO[bytes]) -> 
     if isinstance(dest, str | bytes | os.PathLike) or not hasattr(dest, "write"):
         raise TypeError("download writes to a binary file object, never a file name")
     return _transfer(
-        caller, vm, "file_download", path, {}, lambda agent: agent.get_file(path, dest)
+        caller,
+        vm,
+        "file_download",
+        path,
+        {},
+        lambda agent: agent.get_file(path, dest, timeout=settings.SANDBOX_GUEST_TRANSFER_TIMEOUT_S),
     )

@@ -46,6 +46,7 @@ __all__ = [
     "image_dir",
     "linux_image",
     "make_data_disk",
+    "snapshot_image",
     "uefi_image",
 ]
 
@@ -164,6 +165,19 @@ def _kept_image_dir(image_id: str) -> Path:
         except ImageNotBuilt:
             continue
     raise ImageNotKept(image_id, current_image_id())
+
+
+def snapshot_image(image_id: str) -> str:
+    """The image a snapshot taken on ``image_id`` is restored on: that one, if this host keeps
+    it (ImageNotKept otherwise); ImageNotBuilt when the snapshot recorded no image (its saved
+    RAM would meet a root filesystem nobody can vouch for)."""
+    if not image_id:
+        raise ImageNotBuilt(
+            "the snapshot does not record the image it was taken on, so it cannot be restored "
+            "safely on any image"
+        )
+    _kept_image_dir(image_id)
+    return image_id
 
 
 def _resolve(image_id: str | None) -> tuple[Path, dict[str, object]]:

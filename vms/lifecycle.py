@@ -120,6 +120,9 @@ class Verb:
     launches_vmm: bool = False  # a VMM it launched must go if a destroy overtook it
     overtakes: bool = False  # may be asked while another request is pending (destroy)
     records: tuple[str, ...] = ()  # kind "record": the event types it appends
+    # Kind "guest": the setting (seconds) bounding how long it may run; the reconciler settles
+    # a request left without an outcome for longer (plus a margin) as failed, interrupted.
+    time_limit: str | None = None
 
     @property
     def permissions(self) -> tuple[str, ...]:
@@ -176,7 +179,7 @@ def _request(
     )
 
 
-def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute) -> Verb:
+def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute, time_limit: str) -> Verb:
     return Verb(
         name=name,
         kind="guest",
@@ -187,6 +190,7 @@ def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute) -> Verb
         requested=f"vm.{name}_requested",
         succeeded=succeeded,
         failed=f"vm.{name}_failed",
+        time_limit=time_limit,
     )
 
 
@@ -297,18 +301,26 @@ VERBS: tuple[Verb, ...] = (
         api=ApiRoute("vms", "destroy", ("delete",)),
     ),
     # --- Guest access: the web tier asks the agent, between a committed request and its outcome
-    _guest("exec", "vms.exec_vm", succeeded="vm.exec_completed", api=ApiRoute("vms", "exec")),
+    _guest(
+        "exec",
+        "vms.exec_vm",
+        succeeded="vm.exec_completed",
+        api=ApiRoute("vms", "exec"),
+        time_limit="SANDBOX_EXEC_MAX_TIMEOUT_S",
+    ),
     _guest(
         "file_upload",
         "vms.write_files",
         succeeded="vm.file_uploaded",
         api=ApiRoute("vms", "files", ("put", "post")),
+        time_limit="SANDBOX_GUEST_TRANSFER_TIMEOUT_S",
     ),
     _guest(
         "file_download",
         "vms.read_files",
         succeeded="vm.file_downloaded",
         api=ApiRoute("vms", "files", ("get",)),
+        time_limit="SANDBOX_GUEST_TRANSFER_TIMEOUT_S",
     ),
     # --- Recorded at once: the event is the change ---------------------------------------------
     Verb(

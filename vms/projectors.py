@@ -165,7 +165,9 @@ class VMProjector(Projector):
                 if e.type in FAILURES:
                     vm.last_error = str(data.get("reason", "failed"))[:2000]
                 if e.type in ("vm.started", "vm.restored"):
-                    vm.image_id = data.get("image_id", vm.image_id)
+                    # A new VMM: its image is what the outcome says, unknown ("") if it says
+                    # nothing, never the image of the VMM before it.
+                    vm.image_id = data.get("image_id", "")
                 if e.type == "vm.started":
                     vm.host = data.get("host", vm.host)
                     vm.hypervisor = data.get("hypervisor", vm.hypervisor)

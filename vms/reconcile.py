@@ -8,7 +8,8 @@ appends ``vm.crashed`` for a VM whose VMM died, settles interrupted requests wit
 (``vm.started`` if the guest did come up, else ``vm.start_failed`` with the reason), and kills VMM
 processes that belong to no live VM. A task delivered again later finds the outcome and does
 nothing. What each verb's interrupted request comes to is the lifecycle table's
-(``vms.lifecycle``, ``on_interrupt``).
+(``vms.lifecycle``, ``on_interrupt``). Guest requests (exec, file transfers) left without an
+outcome beyond their verb's time limit (``time_limit``) get their failure event, interrupted.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
+from audit import store
 from audit.actor import Actor
+from audit.models import Event
 from vms import commands, enqueue, lifecycle, runtime, worker
 from vms.hypervisors import reconcile as scanner
 from vms.models import VirtualMachine
@@ -30,6 +33,74 @@ log = logging.getLogger("sandbox.vms.reconcile")
 
 SYSTEM = Actor(kind="system", username="reconciler", channel="worker")
 REQUEUE_AFTER_S = 120  # a request nobody claimed for this long gets enqueued again
+# On top of a guest verb's time limit: waiting for the agent's lock and hello, the client's
+# grace after an exec's deadline, a slow append of the outcome.
+GUEST_MARGIN_S = 300
+# How far back the minutely pass looks for guest requests without an outcome (the pass at
+# startup looks at the whole log: the reconciler may have been down for longer).
+GUEST_LOOKBACK_S = 86400
+_GUEST_BATCH = 500
+
+
+def _guest_time_limit(row: lifecycle.Verb) -> float:
+    assert row.time_limit is not None, f"guest verb {row.name} has no time limit"
+    return float(getattr(settings, row.time_limit))
+
+
+def settle_guest_requests(*, startup: bool = False) -> int:
+    """Settle guest requests (the lifecycle table's guest verbs: exec, file transfers) that have
+    waited for their outcome longer than their verb may run plus a margin: the web process that
+    asked the agent died in between. Each gets its verb's failure event, caused by it, with
+    reason "interrupted" (what happened in the guest is not known). Returns how many."""
+    now = timezone.now()
+    settled = 0
+    for row in lifecycle.GUEST_VERBS:
+        limit = _guest_time_limit(row)
+        before = now - timedelta(seconds=limit + GUEST_MARGIN_S)
+        requests = Event.objects.filter(type=row.request_type(), recorded_at__lt=before)
+        if not startup:
+            requests = requests.filter(
+                recorded_at__gte=before - timedelta(seconds=GUEST_LOOKBACK_S)
+            )
+        after = 0
+        while True:
+            batch = [
+                store.RecordedEvent.from_row(r)
+                for r in requests.filter(position__gt=after)
+                .order_by("position")
+                .values_list(*store.COLUMNS)[:_GUEST_BATCH]
+            ]
+            if not batch:
+                break
+            after = batch[-1].position
+            answered = set(
+                Event.objects.filter(
+                    type__in=row.outcomes(),
+                    position__gt=batch[0].position,
+                    causation_id__in=[str(r.event_id) for r in batch],
+                ).values_list("causation_id", flat=True)
+            )
+            for request in batch:
+                if str(request.event_id) in answered:
+                    continue
+                asked = request.data.get("timeout")
+                if isinstance(asked, int | float) and asked > limit:
+                    # Asked for longer than the limit (by a version without it): its own bound.
+                    if request.recorded_at >= now - timedelta(seconds=asked + GUEST_MARGIN_S):
+                        continue
+                data = {
+                    "reason": (
+                        f"interrupted: no outcome was recorded within {limit + GUEST_MARGIN_S:.0f}"
+                        " s (the process that asked the guest stopped); what happened in the "
+                        "guest is not known"
+                    ),
+                    "code": "interrupted",
+                    "interrupted": True,
+                }
+                if commands.settle_interrupted_guest_request(SYSTEM, request, data) is not None:
+                    settled += 1
+                    log.warning("guest request %s settled as interrupted", request.event_id)
+    return settled
 
 
 def _settle(vm: VirtualMachine, alive: bool) -> str:
@@ -50,6 +121,9 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
                 worker._configure_identity(vm)
                 outcome = succeeded
                 data = {"host": runtime.host_name(), "hypervisor": hv.name, "recovered": True}
+                # What the VMM really runs (recorded before its launch), or "" when that is not
+                # known: never the image of an earlier boot, which the read model still holds.
+                data["image_id"] = runtime.launched_image(rt) or ""
                 # Only while the VM still waits for it: a destroy may have come in meanwhile.
                 if commands.record_outcome_if_pending(request, outcome, data) is (
                     commands.SUPERSEDED
@@ -136,6 +210,7 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
             with contextlib.suppress(Exception):
                 runtime.hypervisor().destroy(runtime.runtime_dir(vm.pk))
             counts["stray"] += 1
+    counts["guest_settled"] = settle_guest_requests(startup=startup)
     if any(counts.values()):
         log.info("reconciled", extra=counts)
     return counts

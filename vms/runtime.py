@@ -83,6 +83,34 @@ def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
     )
 
 
+# The image a VMM was launched with, written into its runtime directory before the launch: what
+# is really running, readable by whoever finds the VMM later (the reconciler completing a start
+# whose worker died, a snapshot of it). It goes with the runtime directory when the VMM does.
+LAUNCHED_IMAGE = "image_id"
+_IMAGE_ID_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def record_launched_image(rt: RuntimeDir, spec: VMSpec) -> str:
+    """Write the image of ``spec`` into ``rt`` (before its VMM is launched); return it."""
+    image_id = str(spec.extra.get("image_id", ""))
+    if not image_id or not set(image_id) <= _IMAGE_ID_CHARS:
+        raise images.ImageNotBuilt(f"the spec names no usable image id ({image_id!r})")
+    path = rt.root / LAUNCHED_IMAGE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(image_id)
+    tmp.replace(path)
+    return image_id
+
+
+def launched_image(rt: RuntimeDir) -> str | None:
+    """The image the VMM of ``rt`` was launched with; None when that is not known."""
+    try:
+        image_id = (rt.root / LAUNCHED_IMAGE).read_text().strip()
+    except OSError:
+        return None
+    return image_id if image_id and set(image_id) <= _IMAGE_ID_CHARS else None
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

@@ -38,7 +38,7 @@ from vms.hypervisors.base import (
     TemplateHooks,
     TemplateStarter,
 )
-from vms.images import ImageNotBuilt, current_image_id, make_data_disk
+from vms.images import ImageNotBuilt, current_image_id, make_data_disk, snapshot_image
 from vms.models import RequestOutcome, Snapshot, VirtualMachine
 
 log = logging.getLogger("sandbox.vms.worker")
@@ -316,6 +316,7 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         rt.create()
         _ensure_data_disk(vm)
         spec = runtime.build_spec(vm)
+        runtime.record_launched_image(rt, spec)  # before the launch: the reconciler reads it
         _progress(request, "booting", 20, "starting the VMM")
         cache = _template_cache()
         started = time.monotonic()
@@ -434,6 +435,17 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
     snapshot_id = request.data["snapshot_id"]
     directory = runtime.snapshot_dir(snapshot_id)
     was_paused = hv.info(rt).state.value == "paused"
+    # The image the running VMM was launched with (not the read model's, which a start the
+    # reconciler completed may have left behind): the snapshot is restored on that image only,
+    # so one whose image is not known is not taken.
+    image_id = runtime.launched_image(rt)
+    if image_id is None:
+        raise RequestFailed(
+            "snapshot refused: the image this VM's VMM runs on is not recorded on this host "
+            "(a VMM launched before images were recorded); stop and start the VM, then snapshot",
+            state="paused" if was_paused else "running",
+            snapshot_id=snapshot_id,
+        )
     try:
         directory.mkdir(parents=True, exist_ok=False)
         _progress(request, "snapshotting", 20, "saving guest memory and devices")
@@ -467,8 +479,7 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
             "manifest": manifest,
             "size_bytes": size,
             "files": len(manifest),
-            # The image the VM runs on: the snapshot is restored on that image only.
-            "image_id": vm.image_id,
+            "image_id": image_id,
         },
     )
     return "vm.snapshotted", {
@@ -508,8 +519,8 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     try:
         # Saved RAM has the image's root filesystem in its page cache: restore it on the image
-        # it was taken on (kept in the image cache), never on another.
-        image_id = runtime.build_spec(vm, snap.image_id or None).extra["image_id"]
+        # it was taken on (kept in the image cache), never on another, nor on an unknown one.
+        image_id = runtime.build_spec(vm, snapshot_image(snap.image_id)).extra["image_id"]
     except ImageNotBuilt as exc:
         # Refused before anything was touched: the VM is left as it is.
         raise RequestFailed(
@@ -529,6 +540,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             rt.create()
             _ensure_data_disk(vm)
             spec = runtime.build_spec(vm, image_id)
+            runtime.record_launched_image(rt, spec)
             _progress(request, "restoring", 40, "starting the VMM from the snapshot")
             pid = hv.restore(spec, rt, files)
         # Its own identity and a correct clock: copies of one snapshot run side by side.

@@ -170,3 +170,18 @@ def make_running_vm(vm_dirs: dict[str, Path]) -> Callable[..., Any]:
         return VirtualMachine.objects.get(pk=accepted.vm_id)
 
     return make
+
+
+@pytest.fixture
+def kept_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The id of a guest image this host keeps (fabricated in a cache of its own, current): for
+    snapshots recorded by hand, which a restore or clone refuses without a kept image."""
+    from tests.vms.test_image_contract import build, fabricate, image_id_of
+
+    root = tmp_path / "kept-image-cache"
+    root.mkdir()
+    monkeypatch.setenv("SANDBOX_IMAGE_CACHE", str(root))
+    monkeypatch.delenv("SANDBOX_IMAGE_DIR", raising=False)
+    image = fabricate(root, "c000000000000003", b"kept")
+    build.point_current(root, image)
+    return image_id_of(image)

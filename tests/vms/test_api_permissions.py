@@ -20,7 +20,7 @@ ROLES = ["owner", "other", "viewer", "auditor", "admin", "readonly", "anon"]
 
 
 @pytest.fixture
-def world(make_user, issue_token, vm_dirs):
+def world(make_user, issue_token, vm_dirs, kept_image):
     from accounts.caller import Caller
 
     users = {
@@ -45,7 +45,7 @@ def world(make_user, issue_token, vm_dirs):
         "snapshot",
         str(snap.snapshot.pk),
         "snapshot.created",
-        {"manifest": {}, "size_bytes": 0},
+        {"manifest": {}, "size_bytes": 0, "image_id": kept_image},
         actor=Actor.system(),
         expected_version=0,
     )

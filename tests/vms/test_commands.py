@@ -156,7 +156,7 @@ def test_system_limits_and_input_validation(caller_for, settings) -> None:
     assert Event.objects.filter(type="vm.created").count() == 1
 
 
-def test_snapshot_lineage_clone_identity_and_retention(caller_for, settings) -> None:
+def test_snapshot_lineage_clone_identity_and_retention(caller_for, settings, kept_image) -> None:
     caller = caller_for("operator")
     vm = running_vm(caller)
     first = commands.snapshot(caller, vm, name="s1")
@@ -170,7 +170,11 @@ def test_snapshot_lineage_clone_identity_and_retention(caller_for, settings) -> 
         "snapshot",
         str(first.snapshot.pk),
         "snapshot.created",
-        {"manifest": {"state.bin": {"size": 1, "sha256": "0" * 64}}, "size_bytes": 1},
+        {
+            "manifest": {"state.bin": {"size": 1, "sha256": "0" * 64}},
+            "size_bytes": 1,
+            "image_id": kept_image,
+        },
         actor=Actor.system(),
         expected_version=0,
     )

@@ -61,7 +61,7 @@ class RecordingAgent:
         data = b"".join(_iter_source(source))
         return Transfer(path, len(data), hashlib.sha256(data).hexdigest())
 
-    def get_file(self, path: str, dest: Any) -> Transfer:
+    def get_file(self, path: str, dest: Any, **_: Any) -> Transfer:
         self._asked("get", path)
         dest.write(b"from the guest")
         return Transfer(path, 14, hashlib.sha256(b"from the guest").hexdigest())

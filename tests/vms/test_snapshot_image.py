@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from accounts.caller import Caller
 from audit.models import Event
 from tests.vms.test_image_contract import build, fabricate, image_id_of
-from vms import commands, images, runtime, worker
+from vms import commands, images, reconcile, runtime, worker
 from vms.agent import readiness
 from vms.hypervisors.base import (
     RuntimeDir,
@@ -177,9 +178,10 @@ def test_a_snapshot_taken_on_one_image_refuses_to_restore_on_another(
     # A second image (another id) becomes current, and the first is removed from this host.
     second = fabricate(cache, "b000000000000002", b"second")
     build.point_current(cache, second)
-    shutil.rmtree(first)
-
+    # Accepted while the image was there; removed before the worker got to it: the worker's
+    # check is the last line (the command's is tested below).
     accepted = commands.restore(owner, vm, snap)
+    shutil.rmtree(first)
     vm = run(accepted)
 
     failed = outcome_of(accepted)
@@ -203,9 +205,9 @@ def test_a_clone_of_a_snapshot_whose_image_is_gone_fails_with_that_reason(
     first = fabricate(cache, "a000000000000001", b"first")
     _, snap = started_vm_with_snapshot(owner, cache, first)
     build.point_current(cache, fabricate(cache, "b000000000000002", b"second"))
-    shutil.rmtree(first)
 
     accepted = commands.clone(owner, snap, name="clone-elsewhere")
+    shutil.rmtree(first)  # after the command's check: the worker refuses it
     clone = run(accepted)
 
     failed = outcome_of(accepted)
@@ -298,3 +300,168 @@ def test_the_worker_cold_boots_when_the_driver_has_no_templates(
     started = Event.objects.get(aggregate_id=str(vm.pk), type="vm.started")
     assert started.payload["from_template"] is False and started.payload["pid"] == 4242
     assert [s.kernel for s in hv.starts] == [first / "vmlinuz"]
+
+
+def _log_length() -> int:
+    return Event.objects.count()
+
+
+@pytest.mark.parametrize("verb", ["restore", "clone"])
+def test_a_restore_or_clone_of_a_snapshot_whose_image_is_gone_is_refused_by_the_command(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, verb: str
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    build.point_current(cache, fabricate(cache, "b000000000000002", b"second"))
+    shutil.rmtree(first)
+    before = _log_length()
+
+    with pytest.raises(ValidationError) as refused:
+        if verb == "restore":
+            commands.restore(owner, vm, snap)
+        else:
+            commands.clone(owner, snap, name="clone-elsewhere")
+
+    reason = refused.value.message_dict["snapshot"][0]
+    assert snap.image_id in reason and "only on the image it was taken on" in reason
+    assert _log_length() == before  # nothing appended, no VM created
+    assert VirtualMachine.objects.filter(name="clone-elsewhere").count() == 0
+    assert hv.restores == []
+
+
+def test_the_api_answers_400_with_the_reason_for_a_restore_whose_image_is_gone(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, token_client: Any
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    _, snap = started_vm_with_snapshot(owner, cache, first)
+    build.point_current(cache, fabricate(cache, "b000000000000002", b"second"))
+    shutil.rmtree(first)
+    client = token_client(owner.user)
+    before = _log_length()
+
+    for action, body in (("restore", {}), ("clone", {"name": "elsewhere"})):
+        response = client.post(f"/api/v1/snapshots/{snap.pk}/{action}/", body, format="json")
+        assert response.status_code == 400, response.content
+        assert "only on the image it was taken on" in response.content.decode()
+    assert _log_length() == before
+
+
+def _snapshot_with_unknown_image(owner: Caller, cache: Path) -> tuple[VirtualMachine, Snapshot]:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    Snapshot.objects.filter(pk=snap.pk).update(image_id="")  # as recorded by older versions
+    return vm, Snapshot.objects.get(pk=snap.pk)
+
+
+def test_a_snapshot_that_records_no_image_is_refused_by_the_command_and_the_worker(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, snap = _snapshot_with_unknown_image(owner, cache)
+    with pytest.raises(ValidationError, match="does not record the image"):
+        commands.restore(owner, vm, snap)
+    # The worker's own check, were such a request in the log (accepted by an older version).
+    monkeypatch.setattr(commands, "_check_snapshot_usable", lambda snap: None)
+    accepted = commands.restore(owner, vm, snap)
+    vm = run(accepted)
+    failed = outcome_of(accepted)
+    assert failed.type == "vm.restore_failed"
+    assert "does not record the image" in failed.payload["reason"]
+    assert hv.restores == [] and vm.state == "running"
+
+
+def _interrupted(owner: Caller, accepted: commands.Accepted, hv: RecordingHypervisor) -> None:
+    """The worker launched the VMM for ``accepted`` and died before recording the outcome."""
+    vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+    request = worker.load_request(str(accepted.request.event_id))
+    assert request is not None
+    rt = runtime.runtime_dir(vm.pk)
+    rt.create()
+    spec = runtime.build_spec(vm)
+    runtime.record_launched_image(rt, spec)  # what _boot writes before it launches
+    hv.start(spec, rt)
+
+
+def test_a_start_the_reconciler_completes_pins_the_image_the_vmm_runs(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM cold-booted on image B whose worker died after the launch: its snapshots are pinned
+    to B (what runs), not to A (the image of its earlier boot, still in the read model)."""
+    first = fabricate(cache, "a000000000000001", b"first")
+    second = fabricate(cache, "b000000000000002", b"second")
+    build.point_current(cache, first)
+    vm = run(commands.create(owner, name="pin", template="linux-small"))
+    assert vm.image_id == image_id_of(first)
+    vm = run(commands.stop(owner, vm))
+    build.point_current(cache, second)
+    accepted = commands.start(owner, vm)
+    _interrupted(owner, accepted, hv)
+    monkeypatch.setattr(worker, "_configure_identity", lambda vm: None)
+
+    assert reconcile._settle(VirtualMachine.objects.get(pk=vm.pk), True) == "completed"
+
+    started = Event.objects.get(causation_id=accepted.request.event_id, type="vm.started")
+    assert started.payload["recovered"] is True
+    assert started.payload["image_id"] == image_id_of(second)
+    vm = VirtualMachine.objects.get(pk=vm.pk)
+    assert vm.image_id == image_id_of(second)
+    snap_req = commands.snapshot(owner, vm, name="after-recovery")
+    run(snap_req)
+    assert snap_req.snapshot is not None
+    snap = Snapshot.objects.get(pk=snap_req.snapshot.pk)
+    assert snap.state == "ready", snap.last_error
+    assert snap.image_id == image_id_of(second)
+
+
+def test_a_snapshot_takes_the_image_of_the_running_vmm_not_the_read_model(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, _ = started_vm_with_snapshot(owner, cache, first)
+    VirtualMachine.objects.filter(pk=vm.pk).update(image_id="stale0000")  # a stale projection
+    accepted = commands.snapshot(owner, VirtualMachine.objects.get(pk=vm.pk), name="again")
+    run(accepted)
+    assert accepted.snapshot is not None
+    assert Snapshot.objects.get(pk=accepted.snapshot.pk).image_id == image_id_of(first)
+
+
+def test_a_vmm_whose_image_is_not_known_is_not_snapshotted(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    """A VMM left by a version that recorded no image (or a first start the reconciler
+    completed without one): the snapshot is refused with the reason, never pinned to ""."""
+    first = fabricate(cache, "a000000000000001", b"first")
+    build.point_current(cache, first)
+    vm = run(commands.create(owner, name="unknown", template="linux-small"))
+    (runtime.runtime_dir(vm.pk).root / runtime.LAUNCHED_IMAGE).unlink()
+
+    accepted = commands.snapshot(owner, vm, name="refused")
+    vm = run(accepted)
+
+    failed = Event.objects.get(causation_id=accepted.request.event_id, type="vm.snapshot_failed")
+    assert "not recorded" in failed.payload["reason"]
+    assert failed.payload["state"] == "running" and vm.state == "running"
+    assert accepted.snapshot is not None
+    snap = Snapshot.objects.get(pk=accepted.snapshot.pk)
+    assert snap.state == "failed" and snap.image_id == ""
+    assert not Event.objects.filter(aggregate_id=str(snap.pk), type="snapshot.created").exists()
+    assert not runtime.snapshot_dir(snap.pk).exists()
+
+
+def test_a_first_start_the_reconciler_completes_without_a_recorded_image_says_unknown(
+    owner: Caller, cache: Path, hv: RecordingHypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = fabricate(cache, "a000000000000001", b"first")
+    build.point_current(cache, first)
+    accepted = commands.create(owner, name="first-start", template="linux-small")
+    _interrupted(owner, accepted, hv)
+    (runtime.runtime_dir(accepted.vm_id).root / runtime.LAUNCHED_IMAGE).unlink()
+    monkeypatch.setattr(worker, "_configure_identity", lambda vm: None)
+
+    assert reconcile._settle(VirtualMachine.objects.get(pk=accepted.vm_id), True) == "completed"
+
+    vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+    assert vm.state == "running" and vm.image_id == ""
+    snap_req = commands.snapshot(owner, vm, name="unpinned")
+    run(snap_req)
+    assert snap_req.snapshot is not None
+    assert Snapshot.objects.get(pk=snap_req.snapshot.pk).state == "failed"
