@@ -98,6 +98,7 @@ def test_a_guest_verb_added_to_the_table_is_counted() -> None:
             "vms.read_files",
             succeeded="vm.file_listed",
             api=lifecycle.ApiRoute("vms", "files", ("get",)),
+            time_limit="SANDBOX_GUEST_TRANSFER_TIMEOUT_S",
             evidence="guest_transfer",
         )
         lifecycle._GUEST_TEXT.update(
