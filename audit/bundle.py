@@ -35,7 +35,15 @@ from audit.hashing import canonical_json, format_time
 from audit.models import Digest, Event
 from audit.store import RecordedEvent, iter_events
 
-__all__ = ["BundleInfo", "NotCovered", "aligned_range", "write_bundle"]
+__all__ = [
+    "Attachment",
+    "BundleInfo",
+    "NotCovered",
+    "aligned_range",
+    "attachment_path",
+    "register_attachment",
+    "write_bundle",
+]
 
 Progress = Callable[[int], None]
 
@@ -119,23 +127,48 @@ def _digest_entry(d: Digest) -> dict[str, Any]:
     }
 
 
-# Events that reference a file by SHA-256: the file travels in the bundle beside them.
-ATTACHMENT_TYPES = frozenset({"vm.console_closed", "audit.exported"})
+@dataclass(frozen=True)
+class Attachment:
+    """The file an event type references by SHA-256 and size: ``resolve(data)`` says where it
+    is on this server (None: not resolvable, e.g. a path outside its directory); it travels in
+    the bundle as ``attachments/<position><suffix>`` (the suffix may depend on the data)."""
+
+    event_type: str
+    resolve: Callable[[dict[str, Any]], Path | None]
+    suffix: Callable[[dict[str, Any]], str]
+
+
+def _export_file(data: dict[str, Any]) -> Path | None:
+    job, fmt = str(data.get("job", "")), str(data.get("format", ""))
+    if not job.replace("-", "").isalnum() or not fmt.isalnum():
+        return None
+    return Path(settings.SANDBOX_AUDIT_EXPORT_DIR) / f"{job}.{fmt}"
+
+
+# Events that reference a file by SHA-256: the file travels in the bundle beside them. Audit's
+# own exports are here; an app above registers its own (``register_attachment``) while the apps
+# load.
+_ATTACHMENTS: dict[str, Attachment] = {
+    "audit.exported": Attachment(
+        "audit.exported", _export_file, lambda d: f".{d.get('format', 'bin')}"
+    ),
+}
+
+
+def register_attachment(attachment: Attachment) -> None:
+    """Add an event type whose file travels in bundles (from an app's ``AppConfig.ready``).
+    Registering the same again does nothing; another definition for a known type is a
+    programming error (RuntimeError)."""
+    known = _ATTACHMENTS.get(attachment.event_type)
+    if known is not None and known != attachment:
+        raise RuntimeError(f"attachment of {attachment.event_type} is already registered")
+    _ATTACHMENTS[attachment.event_type] = attachment
 
 
 def attachment_path(event_type: str, data: dict[str, Any]) -> Path | None:
     """Where the file an event references lives on this server (None: not resolvable)."""
-    if event_type == "vm.console_closed":
-        configured = getattr(settings, "SANDBOX_CONSOLE_DIR", None)
-        root = (Path(configured) if configured else Path(settings.DATA_DIR) / "console").resolve()
-        path = (root / str(data.get("recording", ""))).resolve()
-        return path if root in path.parents else None
-    if event_type == "audit.exported":
-        job, fmt = str(data.get("job", "")), str(data.get("format", ""))
-        if not job.replace("-", "").isalnum() or not fmt.isalnum():
-            return None
-        return Path(settings.SANDBOX_AUDIT_EXPORT_DIR) / f"{job}.{fmt}"
-    return None
+    attachment = _ATTACHMENTS.get(event_type)
+    return attachment.resolve(data) if attachment is not None else None
 
 
 def _attach(
@@ -163,8 +196,7 @@ def _attach(
         # event names the zip's SHA-256 and the server keeps the file write-once.
         entry["note"] = "not included: a bundle is referenced by its SHA-256 only"
         return entry
-    suffix = ".cast" if e.type == "vm.console_closed" else f".{data.get('format', 'bin')}"
-    name = f"attachments/{e.position}{suffix}"
+    name = f"attachments/{e.position}{_ATTACHMENTS[e.type].suffix(data)}"
     digest = hashlib.sha256()
     size = 0
     with path.open("rb") as src, zf.open(name, "w", force_zip64=True) as member:
@@ -210,7 +242,7 @@ def write_bundle(
             for batch in iter_events(start - 1, until=end, batch=5000):
                 lines = []
                 for e in batch:
-                    if attachments and e.type in ATTACHMENT_TYPES:
+                    if attachments and e.type in _ATTACHMENTS:
                         wanted.append((e, e.data))
                     fields = e.hashed_fields()
                     fields["recorded_at"] = format_time(e.recorded_at)

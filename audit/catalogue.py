@@ -4,17 +4,43 @@ Types are named in the past tense. Adding a type: add it here with ``schema_vers
 the shape of its data: bump the version and keep projectors able to read the old one.
 
 An app above audit registers the types of its own domain with ``register`` while the apps load
-(the VM domain's come from its lifecycle table, ``vms.lifecycle``, imported by ``vms.apps``), so
-audit imports no app. Every reader (the store's validation, projector subscriptions, the
-compliance mapping, exports) reads after that; a registration after the first read is refused,
-since what was derived from the catalogue before it would silently miss the new types.
+(the VM domain's come from its lifecycle table, imported by its app config module), so audit
+imports no app and names none of their types. Every reader (the store's validation, projector
+subscriptions, the compliance mapping, exports) reads after that; a registration after the first
+read is refused, since what was derived from the catalogue before it would silently miss the new
+types.
+
+A type says, besides its category, what compliance reports may count it as (``evidence``, the
+roles of ``EVIDENCE_ROLES``; ``audit.compliance`` derives its event sets from these), or why no
+control counts it (``not_evidence``; ``not_appended`` when nothing in the product appends it
+yet). So a type registered by an upper app is counted by the reports through its own
+definition, and audit names no type of another domain.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["EventType", "get", "all_types", "register", "types_for"]
+__all__ = [
+    "EVIDENCE_ROLES",
+    "EventType",
+    "all_types",
+    "get",
+    "register",
+    "types_for",
+    "with_role",
+]
+
+# What an event type may evidence in the compliance reports (``audit.compliance``).
+EVIDENCE_ROLES: dict[str, str] = {
+    "guest_command": "a command in a guest: its request and its outcome",
+    "guest_transfer": "a file transfer into or out of a guest: its request and its outcome",
+    "console_session": "a console session opened or closed",
+    "backup": "a backup taken, checked, deleted or restored (and their failures)",
+    "integrity_check": "a check of stored data that found it damaged",
+    "crash": "a guest or its VMM found dead",
+    "preview_link": "a shareable link that opens a guest's service to whoever holds it",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +50,34 @@ class EventType:
     schema_version: int
     category: str  # access, change, data, monitoring, operations
     description: str
+    evidence: frozenset[str] = frozenset()  # roles of EVIDENCE_ROLES
+    not_evidence: str = ""  # why no control counts it (when it is not evidence of anything)
+    not_appended: str = ""  # why nothing in the product appends it yet (never counted)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(self.evidence - EVIDENCE_ROLES.keys())
+        if unknown:
+            raise ValueError(f"{self.name}: unknown evidence roles {unknown}")
+        if self.not_appended and (self.evidence or self.not_evidence):
+            raise ValueError(f"{self.name}: a type nothing appends cannot be evidence")
 
 
 _TYPES: dict[str, EventType] = {}
 _read = False  # set by the first read: later registrations are refused
 
 
-def _define(name: str, aggregate: str, category: str, description: str, version: int = 1) -> None:
-    _TYPES[name] = EventType(name, aggregate, version, category, description)
+def _define(
+    name: str,
+    aggregate: str,
+    category: str,
+    description: str,
+    version: int = 1,
+    *,
+    not_evidence: str = "",
+) -> None:
+    _TYPES[name] = EventType(
+        name, aggregate, version, category, description, frozenset(), not_evidence
+    )
 
 
 # Accounts and access (security events).
@@ -64,8 +110,8 @@ _define("user.password_changed", "user", "access", "A user's password was change
 _define("token.created", "token", "access", "An API token was created (secret shown once).")
 _define("token.revoked", "token", "access", "An API token was revoked.")
 
-# The VM domain's types (vm.*, snapshot.*, net.*) are registered by vms.lifecycle, the table of
-# VM verbs they are derived from (``register`` below), while the apps load.
+# The VM domain's types are registered by the VM app's lifecycle table, the table of VM verbs
+# they are derived from (``register`` below), while the apps load.
 
 # Quotas are settings (SANDBOX_QUOTA_*), not changed through the product: no quota event yet.
 
@@ -78,7 +124,13 @@ _define(
     "A digest was not signed (broken chain, untrusted key, sink); the break is named in data.",
 )
 _define("audit.chain_verified", "audit", "monitoring", "A chain verification ran (result in data).")
-_define("audit.projection_rebuilt", "audit", "monitoring", "A projection was rebuilt from zero.")
+_define(
+    "audit.projection_rebuilt",
+    "audit",
+    "monitoring",
+    "A projection was rebuilt from zero.",
+    not_evidence="an operator's repair of read models; the events are unchanged",
+)
 _define("audit.exported", "audit", "data", "An audit report or evidence bundle was exported.")
 # What auditors do (PCI DSS 10.2.1.3: access to the audit logs is itself logged).
 _define("audit.trail_read", "audit", "access", "The audit trail was read (API or dashboard).")
@@ -108,7 +160,7 @@ _define(
 
 
 def register(*types: EventType) -> None:
-    """Add the event types of an app's domain (called while the apps load, by ``vms.lifecycle``).
+    """Add the event types of an app's domain (called while the apps load, from the app).
 
     Registering a type again with the same definition does nothing (a module imported twice);
     a different definition of a known name, or a new type after the catalogue was first read,
@@ -143,3 +195,12 @@ def types_for(category: str) -> frozenset[str]:
     global _read
     _read = True
     return frozenset(t.name for t in _TYPES.values() if t.category == category)
+
+
+def with_role(role: str) -> frozenset[str]:
+    """The names of the types that may evidence ``role`` (one of ``EVIDENCE_ROLES``)."""
+    global _read
+    if role not in EVIDENCE_ROLES:
+        raise KeyError(role)
+    _read = True
+    return frozenset(t.name for t in _TYPES.values() if role in t.evidence)

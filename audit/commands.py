@@ -316,7 +316,7 @@ def read_details(filters: Mapping[str, Any], rows: Any) -> dict[str, Any]:
 
 
 def record_task_refused(data: dict[str, Any]) -> None:
-    """The worker refused a task that is not one of the product's (``vms.task_guard``)."""
+    """The worker refused a task that is not one of the product's (the worker's task guard)."""
     store.append(
         "system", "worker", "system.task_refused", data, actor=Actor.system(channel="worker")
     )

@@ -22,7 +22,6 @@ urlpatterns = [
     path("exports/<uuid:pk>/", views.export_detail, name="export"),
     path("exports/<uuid:pk>/status.json", views.export_status, name="export-status"),
     path("exports/<uuid:pk>/download/", views.export_download, name="export-download"),
-    path("sessions/", views.sessions, name="sessions"),
     path("access/", views.access, name="access"),
     path("retention/", views.retention_status, name="retention"),
 ]

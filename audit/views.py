@@ -286,21 +286,6 @@ def export_download(request: HttpRequest, pk: str) -> HttpResponse:
 
 @require_GET
 @_needs(VIEW)
-def sessions(request: HttpRequest) -> HttpResponse:
-    events = Event.objects.filter(type__in=["vm.console_opened", "vm.console_closed"]).order_by(
-        "-position"
-    )
-    page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
-    commands.record_trail_read(
-        request,
-        "dashboard.sessions",
-        commands.read_details({"page": page.number}, page.object_list),
-    )
-    return render(request, "audit/sessions.html", {"page": page, "section": "sessions"})
-
-
-@require_GET
-@_needs(VIEW)
 def access(request: HttpRequest) -> HttpResponse:
     """Users, roles and API tokens (read-only), as the log states them now, and their changes
     in the last 90 days with who made them."""

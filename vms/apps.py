@@ -28,7 +28,13 @@ class VmsConfig(AppConfig):
 
     def ready(self) -> None:
         # Here, not at the top: these load the app's models, which need the app registry.
-        from vms import metrics, templates_config
+        # Importing recordings registers the console sessions' section of the auditor area and
+        # their recordings as bundle attachments: audit names neither.
+        from vms import (
+            metrics,
+            recordings,  # noqa: F401
+            templates_config,
+        )
 
         metrics.register()
 

@@ -123,6 +123,10 @@ class Verb:
     # Kind "guest": the setting (seconds) bounding how long it may run; the reconciler settles
     # a request left without an outcome for longer (plus a margin) as failed, interrupted.
     time_limit: str | None = None
+    # What its events evidence in the compliance reports (roles of audit.catalogue's
+    # EVIDENCE_ROLES): a guest verb's request and outcomes, a request verb's outcomes, a record
+    # verb's records. Every guest verb states one (guest access is always evidence).
+    evidence: frozenset[str] = frozenset()
 
     @property
     def permissions(self) -> tuple[str, ...]:
@@ -158,6 +162,7 @@ def _request(
     api: ApiRoute | None,
     launches_vmm: bool = False,
     overtakes: bool = False,
+    evidence: frozenset[str] = frozenset(),
 ) -> Verb:
     return Verb(
         name=name,
@@ -176,10 +181,13 @@ def _request(
         on_interrupt=on_interrupt,
         launches_vmm=launches_vmm,
         overtakes=overtakes,
+        evidence=evidence,
     )
 
 
-def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute, time_limit: str) -> Verb:
+def _guest(
+    name: str, permission: str, *, succeeded: str, api: ApiRoute, time_limit: str, evidence: str
+) -> Verb:
     return Verb(
         name=name,
         kind="guest",
@@ -191,10 +199,12 @@ def _guest(name: str, permission: str, *, succeeded: str, api: ApiRoute, time_li
         succeeded=succeeded,
         failed=f"vm.{name}_failed",
         time_limit=time_limit,
+        evidence=frozenset({evidence}),
     )
 
 
 OPERATE = "vms.operate_vm"
+_BACKUP = frozenset({"backup"})
 
 VERBS: tuple[Verb, ...] = (
     # --- Requests on an existing VM: the worker carries them out -------------------------------
@@ -275,6 +285,7 @@ VERBS: tuple[Verb, ...] = (
         fails_to="running",
         on_interrupt="report",
         api=ApiRoute("vms", "snapshot"),
+        evidence=_BACKUP,
     ),
     _request(
         "restore",
@@ -287,6 +298,7 @@ VERBS: tuple[Verb, ...] = (
         on_interrupt="guest_up",
         launches_vmm=True,
         api=ApiRoute("snapshots", "restore"),
+        evidence=_BACKUP,
     ),
     _request(
         "destroy",
@@ -307,6 +319,7 @@ VERBS: tuple[Verb, ...] = (
         succeeded="vm.exec_completed",
         api=ApiRoute("vms", "exec"),
         time_limit="SANDBOX_EXEC_MAX_TIMEOUT_S",
+        evidence="guest_command",
     ),
     _guest(
         "file_upload",
@@ -314,6 +327,7 @@ VERBS: tuple[Verb, ...] = (
         succeeded="vm.file_uploaded",
         api=ApiRoute("vms", "files", ("put", "post")),
         time_limit="SANDBOX_GUEST_TRANSFER_TIMEOUT_S",
+        evidence="guest_transfer",
     ),
     _guest(
         "file_download",
@@ -321,6 +335,7 @@ VERBS: tuple[Verb, ...] = (
         succeeded="vm.file_downloaded",
         api=ApiRoute("vms", "files", ("get",)),
         time_limit="SANDBOX_GUEST_TRANSFER_TIMEOUT_S",
+        evidence="guest_transfer",
     ),
     # --- Recorded at once: the event is the change ---------------------------------------------
     Verb(
@@ -350,6 +365,7 @@ VERBS: tuple[Verb, ...] = (
         target="snapshot",
         records=("snapshot.deleted",),
         api=ApiRoute("snapshots", "destroy", ("delete",)),
+        evidence=_BACKUP,
     ),
     Verb(
         name="console",
@@ -357,6 +373,7 @@ VERBS: tuple[Verb, ...] = (
         permission="vms.console_vm",  # to type; watching needs only to see the VM
         description="A serial console session (recorded; referenced by its events).",
         records=("vm.console_opened", "vm.console_closed"),
+        evidence=frozenset({"console_session"}),
         api=None,  # a websocket (vms.consumers), not a REST action
     ),
     Verb(
@@ -365,6 +382,7 @@ VERBS: tuple[Verb, ...] = (
         permission="vms.operate_vm",
         description="A shareable, expiring link to a port of the guest (vms.previews).",
         records=("vm.preview_link_created",),
+        evidence=frozenset({"preview_link"}),
         api=None,  # POST /api/v1/vms/{id}/previews/ (vms.preview_api), with its own input
     ),
 )
@@ -415,20 +433,43 @@ def outcome_states() -> dict[str, str]:
 
 # --- The VM part of the event catalogue -------------------------------------------------------
 
+_NO_LEASES = "guest networking does not lease addresses through the product yet"
+_NO_FORWARDS = "port forwards are not configurable in the product yet"
+
 # Events of the VM and snapshot aggregates that no verb appends as its request or outcome.
 OTHER_EVENTS: tuple[EventType, ...] = (
     # Catalogued for logs that have it; a create is recorded as vm.created.
-    EventType("vm.create_requested", "vm", 1, "change", "A create of a VM was requested."),
+    EventType(
+        "vm.create_requested",
+        "vm",
+        1,
+        "change",
+        "A create of a VM was requested.",
+        not_appended="a create is recorded as vm.created (then vm.start_requested)",
+    ),
     EventType(
         "vm.progress",
         "vm",
         1,
         "operations",
         "A step of a long VM operation (booting, snapshotting).",
+        not_evidence="a step of an operation, not an outcome",
     ),
-    EventType("vm.crashed", "vm", 1, "monitoring", "The reconciler found the VM's VMM dead."),
     EventType(
-        "vm.recovered", "vm", 1, "monitoring", "The reconciler brought a VM record back in line."
+        "vm.crashed",
+        "vm",
+        1,
+        "monitoring",
+        "The reconciler found the VM's VMM dead.",
+        evidence=frozenset({"crash"}),
+    ),
+    EventType(
+        "vm.recovered",
+        "vm",
+        1,
+        "monitoring",
+        "The reconciler brought a VM record back in line.",
+        not_appended="the reconciler settles a live VM's interrupted request with its outcome",
     ),
     EventType(
         "snapshot.created",
@@ -436,15 +477,33 @@ OTHER_EVENTS: tuple[EventType, ...] = (
         1,
         "data",
         "A snapshot was taken (files and SHA-256 manifest).",
+        evidence=_BACKUP,
     ),
     EventType(
-        "snapshot.verified", "snapshot", 1, "data", "A snapshot's manifest was checked before use."
+        "snapshot.verified",
+        "snapshot",
+        1,
+        "data",
+        "A snapshot's manifest was checked before use.",
+        not_appended="a snapshot's manifest check records only a failure (snapshot.corrupted)",
     ),
-    EventType("snapshot.corrupted", "snapshot", 1, "data", "A snapshot failed its manifest check."),
-    EventType("net.ip_leased", "vm", 1, "change", "An address was leased to a VM."),
-    EventType("net.ip_released", "vm", 1, "change", "A VM's address was released."),
-    EventType("net.port_forward_added", "vm", 1, "change", "A host port was forwarded to a VM."),
-    EventType("net.port_forward_removed", "vm", 1, "change", "A port forward was removed."),
+    EventType(
+        "snapshot.corrupted",
+        "snapshot",
+        1,
+        "data",
+        "A snapshot failed its manifest check.",
+        evidence=frozenset({"backup", "integrity_check"}),
+    ),
+    *(
+        EventType(name, "vm", 1, "change", text, not_appended=why)
+        for name, text, why in (
+            ("net.ip_leased", "An address was leased to a VM.", _NO_LEASES),
+            ("net.ip_released", "A VM's address was released.", _NO_LEASES),
+            ("net.port_forward_added", "A host port was forwarded to a VM.", _NO_FORWARDS),
+            ("net.port_forward_removed", "A port forward was removed.", _NO_FORWARDS),
+        )
+    ),
 )
 
 # Descriptions and categories of the event types the verbs append (categories are part of what
@@ -476,24 +535,30 @@ _RECORD_TYPES = {
 }
 
 
-def _verb_event_types() -> Iterator[EventType]:
-    for v in REQUEST_VERBS:
-        yield EventType(v.request_type(), "vm", 1, "change", v.description)
-        for outcome in v.outcomes():
-            yield EventType(outcome, "vm", 1, "change", f"Worker outcome of a {v.name} request.")
-    for v in GUEST_VERBS:
-        for name in v.event_types():
-            yield EventType(name, "vm", 1, "data", _GUEST_TEXT[name])
-    for v in RECORD_VERBS:
-        for name in v.records:
-            category, text = _RECORD_TYPES[name]
-            yield EventType(name, name.split(".")[0], 1, category, text)
+def _verb_event_types(verbs: tuple[Verb, ...]) -> Iterator[EventType]:
+    for v in verbs:
+        if v.kind == "request":
+            yield EventType(v.request_type(), "vm", 1, "change", v.description)
+            for outcome in v.outcomes():
+                text = f"Worker outcome of a {v.name} request."
+                yield EventType(outcome, "vm", 1, "change", text, evidence=v.evidence)
+        elif v.kind == "guest":
+            if not v.evidence:
+                raise ValueError(f"guest verb {v.name} states no compliance evidence role")
+            for name in v.event_types():
+                yield EventType(name, "vm", 1, "data", _GUEST_TEXT[name], evidence=v.evidence)
+        else:
+            for name in v.records:
+                category, text = _RECORD_TYPES[name]
+                aggregate = name.split(".")[0]
+                yield EventType(name, aggregate, 1, category, text, evidence=v.evidence)
 
 
-def event_types() -> tuple[EventType, ...]:
-    """Every event type of the VM domain: the verbs' and the others (no name twice)."""
+def event_types(verbs: tuple[Verb, ...] = VERBS) -> tuple[EventType, ...]:
+    """Every event type of the VM domain: the verbs' of ``verbs`` (the table) and the others
+    (no name twice)."""
     seen: dict[str, EventType] = {}
-    for t in (*_verb_event_types(), *OTHER_EVENTS):
+    for t in (*_verb_event_types(verbs), *OTHER_EVENTS):
         if t.name in seen and seen[t.name] != t:
             raise ValueError(f"{t.name} is defined twice, differently")
         seen[t.name] = t

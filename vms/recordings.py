@@ -1,10 +1,12 @@
-"""Console recordings in the auditor area: replay a session, fetch its asciicast.
+"""Console sessions in the auditor area: list them, replay one, fetch its asciicast.
 
 Each console session is recorded to a file (``vms.console``) that its ``vm.console_closed``
 event names with the file's size and SHA-256; these pages check the file against that event
 before they play or hand it out. Mounted under ``/audit/sessions/`` by the site
-(``vms.urls_recordings``); the audit area's session list links here, and like every page of that
-area they need ``audit.view_audit_trail``.
+(``vms.urls_recordings``) and linked from the auditor area's navigation through
+``audit.sections`` (``SECTION``, registered by ``vms.apps``); like every page of that area they
+need ``audit.view_audit_trail``. Evidence bundles carry the recordings beside their closing
+events through ``audit.bundle.register_attachment`` (``ATTACHMENT``, registered the same way).
 """
 
 from __future__ import annotations
@@ -14,18 +16,38 @@ from pathlib import Path
 from typing import Any
 
 from django.contrib.auth.decorators import login_required, permission_required
+from django.core.paginator import Paginator
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 
-from audit import commands
+from audit import bundle, commands, sections
+from audit.bundle import Attachment
 from audit.models import Event
+from audit.sections import Section
 from vms.console import resolve_recording
 from vms.models import VirtualMachine
 
-__all__ = ["cast", "replay"]
+__all__ = ["ATTACHMENT", "SECTION", "cast", "replay", "sessions"]
 
 VIEW = "audit.view_audit_trail"
+OPENED, CLOSED = "vm.console_opened", "vm.console_closed"
+PAGE_SIZE = 50
+
+
+def _recording_file(data: dict[str, Any]) -> Path | None:
+    return resolve_recording(str(data.get("recording", "")))
+
+
+def _cast_suffix(data: dict[str, Any]) -> str:
+    return ".cast"
+
+
+ATTACHMENT = Attachment(CLOSED, _recording_file, _cast_suffix)
+SECTION = Section("sessions", "Console sessions", "recordings:sessions")
+# Registered on import (``vms.apps`` imports this module while the apps get ready).
+sections.register(SECTION)
+bundle.register_attachment(ATTACHMENT)
 
 
 def _needs_view(view: Any) -> Any:
@@ -35,9 +57,9 @@ def _needs_view(view: Any) -> Any:
 def _recording(position: int) -> tuple[Event, dict[str, Any], Path | None, str]:
     """The closing event at ``position``, its data, the recording file, and what is wrong with
     it ("" when its size and SHA-256 match the event)."""
-    closed = get_object_or_404(Event, position=position, type="vm.console_closed")
+    closed = get_object_or_404(Event, position=position, type=CLOSED)
     data = closed.payload
-    path = resolve_recording(str(data.get("recording", "")))
+    path = _recording_file(data)
     if path is None or not path.is_file():
         return closed, data, None, "the recording is not on this server"
     digest = hashlib.sha256()
@@ -53,11 +75,25 @@ def _recording(position: int) -> tuple[Event, dict[str, Any], Path | None, str]:
 
 @require_GET
 @_needs_view
+def sessions(request: HttpRequest) -> HttpResponse:
+    """Every console session's opening and closing events, newest first."""
+    events = Event.objects.filter(type__in=[OPENED, CLOSED]).order_by("-position")
+    page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
+    commands.record_trail_read(
+        request,
+        "dashboard.sessions",
+        commands.read_details({"page": page.number}, page.object_list),
+    )
+    return render(request, "vms/sessions.html", {"page": page, "section": "sessions"})
+
+
+@require_GET
+@_needs_view
 def replay(request: HttpRequest, position: int) -> HttpResponse:
     """Play a console recording back, after checking it against its ``vm.console_closed``."""
     closed, data, _, problem = _recording(position)
     opened = (
-        Event.objects.filter(type="vm.console_opened", event_id=closed.causation_id).first()
+        Event.objects.filter(type=OPENED, event_id=closed.causation_id).first()
         if closed.causation_id
         else None
     )

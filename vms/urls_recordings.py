@@ -1,5 +1,6 @@
-"""Console recording routes, mounted by the project under ``/audit/sessions/`` (the auditor area
-lists the sessions; the VM domain, which records them, plays them back).
+"""Console session routes, mounted by the project under ``/audit/sessions/``: the list, the replay
+and the recording (the VM domain records the sessions; the auditor area links the list from its
+navigation through the section ``vms.recordings.SECTION`` registers).
 
 path("audit/sessions/", include("vms.urls_recordings")),   # in sandbox_site.urls urlpatterns
 """
@@ -13,6 +14,7 @@ from vms import recordings
 app_name = "recordings"
 
 urlpatterns = [
+    path("", recordings.sessions, name="sessions"),
     path("<int:position>/replay/", recordings.replay, name="replay"),
     path("<int:position>/cast", recordings.cast, name="cast"),
 ]
