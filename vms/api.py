@@ -32,7 +32,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.caller import Caller
-from accounts.scopes import OPEN, VM_READ, Needs, needs
+from accounts.scopes import OPEN, VM_READ, Needs
 from audit.api import EventSerializer
 from audit.commands import read_details, record_trail_read
 from audit.models import Event
@@ -82,14 +82,13 @@ VM_STAND_IN = uuid.UUID("5a4d0000-0000-4000-8000-0000c0ffee00")
 
 
 def _visible(everyone: bool) -> Any:
-    qs = VirtualMachine.objects.all()
-    return qs if everyone else qs.filter(owner_id=OWNER_STAND_IN)
+    return policy.vms_seen(everyone, OWNER_STAND_IN)
 
 
 @cached
 def _page_query(everyone: bool, limit: int, offset: int) -> CompiledQuery:
     """The list without filters: live VMs, newest first, with the count (one query)."""
-    qs = _visible(everyone).exclude(state="destroyed").order_by("-created_at")
+    qs = _visible(everyone).exclude(state=lifecycle.GONE).order_by("-created_at")
     page = with_total(qs).values(*VM_COLUMNS, TOTAL)[offset : offset + limit]
     return CompiledQuery(page, {} if everyone else {"owner": OWNER_STAND_IN})
 
@@ -303,7 +302,7 @@ def scopes_of(resource: str) -> dict[str, Needs]:
     """The token scopes of a viewset's verb actions, from the lifecycle table: each action and
     method needs the verb's permission."""
     return {
-        f"{v.api.action}:{method}": needs(v.permission)
+        f"{v.api.action}:{method}": policy.scope_of(v.name)
         for v in lifecycle.VERBS
         if v.api is not None and v.api.resource == resource
         for method in v.api.methods
@@ -355,7 +354,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             and "state" not in params
             and params.get("include_destroyed") not in ("true", "1", "True")
         ):
-            qs = qs.exclude(state="destroyed")
+            qs = qs.exclude(state=lifecycle.GONE)
         return qs
 
     def caller(self) -> Caller:
@@ -612,7 +611,7 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def restore(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
         policy.require(Caller.from_request(request), "restore", snap.owner_id)
-        if snap.vm is None or snap.vm.state == "destroyed":
+        if snap.vm is None or snap.vm.state == lifecycle.GONE:
             raise ValidationError({"snapshot": "its VM is gone: clone it into a new VM instead"})
         return accepted(commands.restore(Caller.from_request(request), snap.vm, snap))
 

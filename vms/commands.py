@@ -314,7 +314,7 @@ def _name_taken_query() -> CompiledQuery:
     """One of the owner's live VMs with this name, if any (runs under the lock: compiled)."""
     qs = VirtualMachine.objects.filter(owner_id=OWNER_STAND_IN, name=NAME_STAND_IN)
     return CompiledQuery(
-        qs.exclude(state="destroyed").values("id")[:1],
+        qs.exclude(state=lifecycle.GONE).values("id")[:1],
         {"owner": OWNER_STAND_IN, "name": NAME_STAND_IN},
     )
 

@@ -43,7 +43,7 @@ from accounts.caller import Caller
 from accounts.models import APIToken
 from audit import store
 from audit.actor import Actor
-from vms import commands, policy, runtime
+from vms import commands, lifecycle, policy, runtime
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -81,7 +81,7 @@ def access_for(user: Any, vm_id: uuid.UUID | str, token: Any = None) -> Access |
     if user is None or not user.is_authenticated or not user.is_active:
         return None
     caller = Caller(user=user, token=token if isinstance(token, APIToken) else None)
-    vm = policy.visible_vms(caller).filter(pk=vm_id).exclude(state="destroyed").first()
+    vm = policy.visible_vms(caller).filter(pk=vm_id).exclude(state=lifecycle.GONE).first()
     if vm is None:
         return None
     return Access(str(vm.pk), vm.name, policy.console_mode(caller, vm), vm.state)

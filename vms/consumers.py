@@ -32,7 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
-from accounts.scopes import VM_READ, check_socket, needs
+from accounts.scopes import VM_READ, check_socket
 from audit.commands import read_details, record_trail_read
 from core import parsers
 from vms import console, lifecycle, live, metrics_live, policy
@@ -207,7 +207,7 @@ class VMListConsumer(_Rechecked):
 
     @database_sync_to_async
     def _snapshot(self) -> list[dict[str, Any]]:
-        qs = policy.visible_vms(self.caller).exclude(state="destroyed")
+        qs = policy.visible_vms(self.caller).exclude(state=lifecycle.GONE)
         return [represent_vm(vm) for vm in qs]
 
     def _push(self, vm: dict[str, Any]) -> None:
@@ -261,7 +261,7 @@ class VMLiveConsumer(_Rechecked):
             self._event(event, None)
         fresh = await _visible_vm(_caller(self.scope), self.vm_id)
         self.outbox.put(text=json.dumps({"type": "vm", "vm": fresh or vm}))
-        if (fresh or vm)["state"] != "destroyed":
+        if (fresh or vm)["state"] != lifecycle.GONE:
             self.metrics = await metrics_live.subscribe(self.vm_id, self._metrics)
         await self.watch()
 
@@ -346,7 +346,7 @@ class ConsoleConsumer(_Rechecked):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         if access.mode == "write" and check_socket(
-            self.scope, needs(lifecycle.verb("console").permission), write=True
+            self.scope, policy.scope_of("console"), write=True
         ):
             # Typing is a write: a read-only token, or one without the console scope, watches.
             access = dataclasses.replace(access, mode="read")

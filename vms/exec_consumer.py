@@ -30,11 +30,10 @@ from django.db import close_old_connections, connections
 from accounts.authentication import recheck_socket, socket_refused
 from accounts.caller import Caller
 from accounts.models import APIToken
-from accounts.scopes import needs
 from audit.actor import Actor
 from audit.errors import EventStoreUnavailable
 from core import context, parsers
-from vms import commands, guest, lifecycle, policy
+from vms import commands, guest, policy
 from vms.agent.client import AgentError, AgentTimeout
 from vms.api import ExecSerializer
 from vms.models import VirtualMachine
@@ -48,7 +47,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
         if user is None or not user.is_authenticated:
             await self.close(code=4401)
             return
-        if await socket_refused(self.scope, needs(lifecycle.verb("exec").permission), write=True):
+        if await socket_refused(self.scope, policy.scope_of("exec"), write=True):
             await self.close(code=4403)
             return
         self.vm = await self._visible_vm(self.scope["url_route"]["kwargs"]["vm_id"])

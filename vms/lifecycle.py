@@ -14,11 +14,17 @@ from this table:
 - the worker's dispatch (``vms.worker.HANDLERS``) and the reconciler's settling;
 - the API's actions and their token scopes (``vms.api``) and the dashboard's actions.
 
-Adding a verb that takes no input is adding a row here and its handler function in
-``vms.worker`` (``do_<verb>``); one that takes input also gets its command function in
-``vms.commands`` (its checks, ``WITH_INPUT``) and its serializer in ``vms.api``
-(``ACTION_INPUT``). A test (tests/vms/test_lifecycle_table.py) fails when any of these
-defines a verb, a state or an event type that is not in this table, or misses one that is.
+What a new verb costs. A guest or record verb: a row here (and, for a record verb, its event
+types' text in ``_RECORD_TYPES``). A request verb (the worker's): a row here; its handler in
+``vms.worker`` (``do_<verb>``); and, since the VM's state names what it is busy with, a
+transitional state of its own: a member of ``vms.models.VMState``, its migration (the field's
+choices), its entry in ``ALL_STATES`` below, and its three new event types
+(``vm.<verb>_requested``, the success type, ``vm.<verb>_failed``) added to ``RECORDED`` in the
+test, since recorded logs will hold them. A verb that takes input also gets its command function
+in ``vms.commands`` (its checks, ``WITH_INPUT``), its serializer in ``vms.api`` (``ACTION_INPUT``)
+and, on the dashboard, its form in ``vms.views`` (``FORM_VERBS``). A test
+(tests/vms/test_lifecycle_table.py) fails when any of these defines a verb, a state or an event
+type that is not in this table, or misses one that is, and when a route changes a VM outside it.
 
 Event type names and their categories are part of recorded logs: never rename one. This module
 names states as strings (the values of ``vms.models.VMState``) and imports no model: it is read
@@ -36,6 +42,8 @@ from audit.catalogue import EventType
 
 __all__ = [
     "ALL_STATES",
+    "EVENT_STATES",
+    "GONE",
     "ApiRoute",
     "GUEST_VERBS",
     "OTHER_EVENTS",
@@ -72,6 +80,11 @@ ALL_STATES = frozenset(
         "crashed",
     }
 )
+# A destroyed VM's state: its row stays for the record; live lists and sessions leave it out.
+GONE = "destroyed"
+# The events besides the verbs' outcomes that set a VM's state (the projector's, vms.projectors):
+# a new VM is stopped until its first start; the reconciler found its VMM dead.
+EVENT_STATES: dict[str, str] = {"vm.created": "stopped", "vm.crashed": "crashed"}
 _SETTLED_OR_BROKEN = frozenset({"running", "paused", "stopped", "failed", "crashed"})
 
 # How a verb is carried out:
@@ -303,10 +316,10 @@ VERBS: tuple[Verb, ...] = (
     _request(
         "destroy",
         "vms.delete_virtualmachine",
-        allowed_from=ALL_STATES - {"destroyed"},
+        allowed_from=ALL_STATES - {GONE},
         transitional="destroying",
         succeeded="vm.destroyed",
-        settles_to="destroyed",
+        settles_to=GONE,
         fails_to="failed",
         on_interrupt="finish",
         overtakes=True,

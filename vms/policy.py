@@ -15,12 +15,13 @@ The API, the dashboard, the websocket consumers, the console and guest access al
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 
 from accounts.caller import Caller
+from accounts.scopes import Needs, needs
 from vms import lifecycle
 from vms.models import Snapshot, VirtualMachine
 
@@ -29,11 +30,14 @@ __all__ = [
     "console_mode",
     "may",
     "may_act_on",
+    "may_create",
     "may_see",
     "require",
+    "scope_of",
     "sees_all_snapshots",
     "sees_all_vms",
     "visible_snapshots",
+    "vms_seen",
     "visible_vms",
 ]
 
@@ -64,11 +68,15 @@ def may_see(caller: Caller, owner_id: int | None, *, sees_all: bool | None = Non
     return sees_all_vms(caller) if sees_all is None else sees_all
 
 
+def vms_seen(sees_all: bool, user_id: Any) -> QuerySet[VirtualMachine]:
+    """The VMs seen by a caller who ``sees_all`` or else is user ``user_id``: the one owner rule,
+    shared by ``visible_vms`` and the API's compiled reads (which pass a stand-in for the id)."""
+    qs = VirtualMachine.objects.all()
+    return qs if sees_all else qs.filter(owner_id=user_id)
+
+
 def visible_vms(caller: Caller) -> QuerySet[VirtualMachine]:
-    qs = VirtualMachine.objects.select_related("owner")
-    if sees_all_vms(caller):
-        return qs
-    return qs.filter(owner=caller.user)
+    return vms_seen(sees_all_vms(caller), caller.user.pk).select_related("owner")
 
 
 def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
@@ -104,6 +112,18 @@ def require(caller: Caller, verb: str, owner_id: int | None = None) -> None:
         caller.require(perm)
     if row.target != "new" and not may_act_on(caller, owner_id):
         raise PermissionDenied(NOT_YOURS)
+
+
+def scope_of(verb: str) -> Needs:
+    """The token scope ``verb`` needs (its permission; ``require`` asks the others too): the
+    API's actions and the websockets (console input, exec) ask here, so a token is narrowed by
+    the same rule the policy applies."""
+    return needs(lifecycle.verb(verb).permission)
+
+
+def may_create(caller: Caller) -> bool:
+    """May ``caller`` define a new VM (the pages offer "New VM" only then)?"""
+    return may(caller, "create", None)
 
 
 def console_mode(caller: Caller, vm: VirtualMachine) -> Literal["write", "read"]:

@@ -20,7 +20,7 @@ from audit import catalogue
 from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
 from vms import lifecycle
-from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine, VMState
+from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine
 
 # The states of the lifecycle table (vms.lifecycle): request type -> transitional state, and
 # outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running).
@@ -86,7 +86,7 @@ class VMProjector(Projector):
                     vcpus=data["vcpus"],
                     memory_mib=data["memory_mib"],
                     disk_mib=data["disk_mib"],
-                    state=VMState.STOPPED,
+                    state=lifecycle.EVENT_STATES[e.type],
                     hostname=data["hostname"],
                     mac=data["mac"],
                     ip=data.get("ip"),
@@ -194,7 +194,7 @@ class VMProjector(Projector):
             elif e.type == "vm.progress":
                 vm.progress = {k: data[k] for k in ("step", "pct", "message") if k in data}
             elif e.type == "vm.crashed":
-                self._set_state(vm, VMState.CRASHED, at)
+                self._set_state(vm, lifecycle.EVENT_STATES[e.type], at)
                 vm.pending_request = vm.pending_type = ""
                 vm.last_error = str(data.get("reason", "the VMM died"))[:2000]
             elif e.type == "vm.recovered":

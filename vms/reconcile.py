@@ -172,7 +172,7 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
 
 def reconcile(*, startup: bool = False) -> dict[str, int]:
     root = Path(settings.SANDBOX_RUNTIME_DIR)
-    vms = list(VirtualMachine.objects.exclude(state="destroyed"))
+    vms = list(VirtualMachine.objects.exclude(state=lifecycle.GONE))
     by_key = {vm.pk.hex[:12]: vm for vm in vms}
     report = (
         scanner.scan(root, known_ids=by_key.keys()) if root.is_dir() else scanner.ReconcileReport()

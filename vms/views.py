@@ -85,7 +85,7 @@ def vm_list(request: HttpRequest) -> HttpResponse:
     f = form.cleaned_data if form.is_valid() else {}
     state = f.get("state") or ""
     if state == "":
-        qs = qs.exclude(state="destroyed")
+        qs = qs.exclude(state=lifecycle.GONE)
     elif state != "all":
         qs = qs.filter(state=state)
     if f.get("q"):
@@ -180,8 +180,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     timeline = live.vm_timeline(vm, limit=100)
     # Showing the VM's events is reading the trail: one audit.trail_read per page view.
     record_trail_read(request, "dashboard.vm_timeline", read_details({"vm": str(vm.pk)}, timeline))
-    snapshots = Snapshot.objects.filter(vm=vm).exclude(state=Snapshot.State.DELETED)
-    rules = {verb: sorted(states) for verb, (_, states) in commands.RULES.items()}
+    snapshots = policy.visible_snapshots(caller).filter(vm=vm).exclude(state=Snapshot.State.DELETED)
     may = {v.name: policy.may(caller, v.name, vm.owner_id) for v in lifecycle.VERBS}
     return render(
         request,
@@ -192,7 +191,8 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "timeline": list(reversed(timeline)),
             "last_position": timeline[-1]["position"] if timeline else 0,
             "snapshots": snapshots,
-            "rules": rules,
+            "rules": RULES_JSON,
+            "snapshot_actions": [a for a in SNAPSHOT_ACTIONS if may[a["verb"]]],
             "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
@@ -213,6 +213,31 @@ BUTTON_VERBS = tuple(
     v.name
     for v in lifecycle.REQUEST_VERBS
     if v.name in PAGE_VERBS and v.name not in FORM_VERBS and not v.overtakes
+)
+
+
+# What the page's script enables by the VM's state (vmdetail.js): per verb of the table, the
+# states it may be asked from and whether it overtakes a pending request (a destroy does).
+RULES_JSON = {
+    v.name: {"from": sorted(v.allowed_from), "overtakes": v.overtakes}
+    for v in lifecycle.VERBS
+    if v.allowed_from
+}
+
+# The verbs a snapshot's row offers: the table's snapshot routes, in its order (a clone names the
+# new VM; the others ask to confirm).
+SNAPSHOT_VERBS = tuple(
+    v.name for v in lifecycle.VERBS if v.api is not None and v.api.resource == "snapshots"
+)
+_SNAPSHOT_LABELS = {"restore": "Restore", "clone": "Clone", "delete_snapshot": "Delete"}
+SNAPSHOT_ACTIONS = tuple(
+    {
+        "verb": verb,
+        "label": _SNAPSHOT_LABELS.get(verb, verb.replace("_", " ").capitalize()),
+        "names_new_vm": lifecycle.verb(verb).target == "snapshot"
+        and lifecycle.verb(verb).records == ("vm.created",),
+    }
+    for verb in SNAPSHOT_VERBS
 )
 
 
@@ -269,6 +294,8 @@ def snapshot_action(request: HttpRequest, pk: Any, snapshot_pk: Any, verb: str) 
     snap = policy.visible_snapshots(caller).filter(pk=snapshot_pk, vm=vm).first()
     if snap is None:
         raise Http404("no such snapshot")
+    if verb not in SNAPSHOT_VERBS:
+        raise Http404("no such action")
     try:
         if verb == "restore":
             commands.restore(caller, vm, snap)
@@ -280,10 +307,10 @@ def snapshot_action(request: HttpRequest, pk: Any, snapshot_pk: Any, verb: str) 
             result = commands.clone(caller, snap, name=form.cleaned_data["name"])
             messages.success(request, f"Clone {result.vm.name} requested.")
             return redirect("vms:detail", pk=result.vm.pk)
-        elif verb == "delete":
+        elif verb == "delete_snapshot":
             commands.delete_snapshot(caller, snap)
             messages.success(request, f"Snapshot {snap.name} deleted.")
-        else:
+        else:  # a snapshot verb of the table this page cannot carry out yet
             raise Http404("no such action")
     except REFUSALS as exc:
         messages.error(request, f"{verb.capitalize()} refused: {_explain(exc)}")

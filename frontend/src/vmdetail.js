@@ -33,12 +33,13 @@ function renderVM() {
   if (ip) ip.textContent = vm.ip || "—";
   const host = document.querySelector('#vm-spec [data-field="host"]');
   if (host) host.textContent = `${vm.host || "—"} / ${vm.hypervisor || "—"}`;
-  // Enable what the state allows; anything but destroy waits while a request is in flight.
+  // Enable what the lifecycle table allows in this state (the page's rules); a verb that does
+  // not overtake (all but destroy) waits while a request is in flight.
   for (const button of document.querySelectorAll("button[data-verb]")) {
-    const verb = button.dataset.verb;
-    const allowed = verb === "exec" ? ["running"] : rules[verb] || [];
-    const busy = vm.pending_type && verb !== "destroy";
-    button.disabled = vm.state === "destroyed" || busy || !allowed.includes(vm.state);
+    const rule = rules[button.dataset.verb];
+    if (!rule) continue; // no state rule (a record verb): the server decides
+    const busy = vm.pending_type && !rule.overtakes;
+    button.disabled = busy || !rule.from.includes(vm.state);
   }
   document.title = `${vm.name} (${vm.state}) · MicroVM Sandbox`;
 }

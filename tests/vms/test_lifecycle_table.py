@@ -9,14 +9,16 @@ with the table's, both ways.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.exceptions import PermissionDenied
-from django.urls import reverse
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
 
 from accounts.caller import Caller
 from accounts.models import APIToken
@@ -316,3 +318,289 @@ def test_no_module_of_the_vm_domain_checks_ownership_itself() -> None:
             and node.value in VM_PERMISSIONS
         }
         assert perms == set(), f"{path.name} names {perms}: ask vms.policy with the verb"
+
+
+# --- Every route of the product: what changes a VM is a verb of the table -----------------------
+
+# The functions through which a view changes a VM: the VM commands and guest access.
+CHANGING_MODULES = ("vms.commands", "vms.guest")
+
+
+def _routes() -> list[tuple[str, Any]]:
+    """(route, view) for every URL pattern of the product, walking includes."""
+    found: list[tuple[str, Any]] = []
+
+    def walk(patterns: Any, prefix: str) -> None:
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                found.append((prefix + str(p.pattern), p.callback))
+
+    walk(get_resolver("sandbox_site.urls").url_patterns, "")
+    return found
+
+
+def _view_of(callback: Any) -> Any:
+    """The function or class a URL pattern's callback runs (as_view and decorators unwrapped)."""
+    for attr in ("cls", "view_class"):
+        if getattr(callback, attr, None) is not None:
+            return getattr(callback, attr)
+    return inspect.unwrap(callback)
+
+
+def _changes_a_vm(view: Any, _seen: set[Any] | None = None) -> set[str]:
+    """The names of VM-changing functions (``CHANGING_MODULES``) the view's code calls, itself or
+    through the functions of its own module it calls."""
+    seen = set() if _seen is None else _seen
+    if view in seen:
+        return set()
+    seen.add(view)
+    try:
+        source = inspect.getsource(view)
+    except (OSError, TypeError):
+        return set()
+    module = inspect.getmodule(view)
+    namespace = vars(module)
+    called: set[str] = set()
+    for node in ast.walk(parse(textwrap.dedent(source))):
+        if isinstance(node, ast.Name):
+            local = namespace.get(node.id)
+            if inspect.isfunction(local) and local.__module__ == module.__name__:
+                called |= _changes_a_vm(local, seen)
+        target: Any = None
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            base = namespace.get(node.value.id)
+            if inspect.ismodule(base) and base.__name__ in CHANGING_MODULES:
+                target = getattr(base, node.attr, None)
+        elif isinstance(node, ast.Name):
+            target = namespace.get(node.id)
+        if callable(target) and getattr(target, "__module__", "") in CHANGING_MODULES:
+            called.add(f"{target.__module__}.{target.__name__}")
+    return called
+
+
+def _table_routes() -> dict[Any, frozenset[str]]:
+    """The views that carry out verbs, and which: the API's viewsets (their actions are checked
+    against the table above) and the dashboard's pages (their verbs derived from the table)."""
+    return {
+        api.VMViewSet: frozenset(
+            v.name for v in lifecycle.VERBS if v.api is not None and v.api.resource == "vms"
+        ),
+        api.SnapshotViewSet: frozenset(
+            v.name for v in lifecycle.VERBS if v.api is not None and v.api.resource == "snapshots"
+        ),
+        inspect.unwrap(views.vm_action): views.PAGE_VERBS,
+        inspect.unwrap(views.snapshot_action): frozenset(views.SNAPSHOT_VERBS),
+        inspect.unwrap(views.vm_create): frozenset({"create"}),
+        inspect.unwrap(views.vm_exec): frozenset({"exec"}),
+    }
+
+
+def test_every_route_that_changes_a_vm_is_a_route_of_the_tables_verbs() -> None:
+    """Resolve every URL of the product to its view: one that calls a VM command or guest
+    access is one of the table's routes; any other view (an APIView, a dashboard page) that
+    changes a VM would be a verb outside the table."""
+    table_routes = _table_routes()
+    verbs = {v.name for v in lifecycle.VERBS}
+    for routed in table_routes.values():
+        assert routed <= verbs
+    seen = set()
+    for route, callback in _routes():
+        view = _view_of(callback)
+        changes = _changes_a_vm(view)
+        if changes:
+            assert view in table_routes, f"{route} ({view.__qualname__}) calls {sorted(changes)}"
+            seen.add(view)
+    assert seen == set(table_routes), "a route of the table is not routed"
+
+
+def test_the_route_check_sees_a_view_outside_the_table(tmp_path, monkeypatch) -> None:
+    """The check above finds what the table does not drive: an APIView calling
+    ``commands.perform(..., "stop")``, a dashboard page calling ``perform(..., "pause")`` through
+    a helper of its module."""
+    (tmp_path / "extra_routes.py").write_text(
+        "from vms import commands\n"
+        "from vms.commands import perform\n\n"
+        "class Stopper:\n"
+        "    def post(self, request, pk):\n"
+        "        commands.perform(request.caller, pk, 'stop')\n\n"
+        "def _pause(request, vm):\n"
+        "    perform(request.caller, vm, 'pause')\n\n"
+        "def pause_page(request, pk):\n"
+        "    _pause(request, pk)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = importlib.import_module("extra_routes")
+    assert _changes_a_vm(extra.Stopper) == {"vms.commands.perform"}
+    assert _changes_a_vm(extra.pause_page) == {"vms.commands.perform"}
+    assert extra.Stopper not in _table_routes()
+
+
+def test_the_dashboard_snapshot_actions_are_the_tables() -> None:
+    assert set(views.SNAPSHOT_VERBS) == {
+        v.name for v in lifecycle.VERBS if v.api is not None and v.api.resource == "snapshots"
+    }
+    assert [a["verb"] for a in views.SNAPSHOT_ACTIONS] == list(views.SNAPSHOT_VERBS)
+    # The page's script enables buttons by the table's rules (states, overtaking), never its own.
+    for v in lifecycle.VERBS:
+        if v.allowed_from:
+            assert views.RULES_JSON[v.name] == {
+                "from": sorted(v.allowed_from),
+                "overtakes": v.overtakes,
+            }
+    script = (ROOT / "frontend" / "src" / "vmdetail.js").read_text()
+    # A list of states written in the script is a rule of its own (it may show a state).
+    states = "|".join(sorted(lifecycle.ALL_STATES))
+    listed = re.findall(rf"""\[\s*["']({states})["']""", script)
+    assert listed == [], f"vmdetail.js lists states {listed}"
+    # Nor does it single out a verb (destroy's overtaking is the rule's "overtakes").
+    singled = re.findall(r"""verb\s*[!=]==?\s*["'](\w+)["']""", script)
+    assert singled == [], f"vmdetail.js decides for verbs {singled}"
+    template = (ROOT / "templates" / "vms" / "detail.html").read_text()
+    assert not re.search(r"snapshot-action' vm\.pk s\.pk '", template), "a snapshot verb by hand"
+
+
+# --- States: written only by the table ----------------------------------------------------------
+
+# Modules of vms/ that may name a VM state, and why. Each names the state a VMM is really in,
+# which is data (an outcome's ``data["state"]``, which the table lets override its row) or a
+# reading, never a rule of which verb may run nor a transition of its own.
+STATE_READERS = {
+    "lifecycle.py": "the table",
+    "models.py": "VMState, the column's choices (the table's states: test above)",
+    "worker.py": "an outcome reports the state the VMM was left in (data['state'])",
+    "reconcile.py": "reports what it finds a VMM in (vm.crashed, vm.recovered data)",
+    "metrics_live.py": "samples guests whose VMM runs; decides no verb and moves no state",
+}
+
+
+def _state_uses(tree: ast.AST) -> list[str]:
+    """VM state literals where a state is compared, assigned or filtered on, and VMState members."""
+    found: list[str] = []
+
+    def is_state(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and node.value in lifecycle.ALL_STATES
+
+    def mentions_state(node: ast.AST) -> bool:
+        return "state" in ast.unparse(node)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value).endswith("VMState"):
+            if node.attr.isupper():
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Compare):
+            parts = [node.left, *node.comparators]
+            literals = [n for p in parts for n in ast.walk(p) if is_state(n)]
+            if literals and any(mentions_state(p) for p in parts):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.keyword) and node.arg and "state" in node.arg:
+            if any(is_state(n) for n in ast.walk(node.value)):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Assign):
+            # A VM's state attribute (a request's status in an answer body is not a VM state).
+            targets = [t for t in node.targets if isinstance(t, ast.Attribute)]
+            if any(t.attr == "state" for t in targets) and any(
+                is_state(n) for n in ast.walk(node.value)
+            ):
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("_set_state"):
+            if any(is_state(n) for a in node.args for n in ast.walk(a)):
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_no_module_of_the_vm_domain_writes_a_state_rule_or_transition_of_its_own() -> None:
+    """A VM state named in a comparison, an assignment or a filter outside the table is a rule
+    or a transition the table does not drive (the projector included: its states come from the
+    table). The hypervisor drivers know no VM states, only their VMM's."""
+    for path in sorted((ROOT / "vms").rglob("*.py")):
+        rel = path.relative_to(ROOT / "vms")
+        if rel.parts[0] in ("migrations", "hypervisors") or str(rel) in STATE_READERS:
+            continue
+        uses = _state_uses(parse(path.read_text()))
+        assert uses == [], f"vms/{rel} writes VM states itself: {uses}"
+
+
+def test_the_state_scan_sees_a_rule_and_a_transition() -> None:
+    rule = "def record_input(vm):\n    if vm.state != 'running':\n        raise InvalidState()\n"
+    moved = (
+        "vm.state = 'paused'\n"
+        "self._set_state(vm, 'crashed', at)\n"
+        "VirtualMachine(state=VMState.STOPPED)\n"
+        "VirtualMachine.objects.filter(pk=pk).update(state='stopped')\n"
+    )
+    assert _state_uses(parse(rule))
+    assert len(_state_uses(parse(moved))) == 4
+
+
+# --- Ownership and permissions: decided in vms.policy only --------------------------------------
+
+OWNERSHIP = re.compile(
+    r"\.owner_id\s*[!=]=|[!=]=\s*\S*\.owner_id\b|\bowner\.pk\b|\.filter\(\s*owner(_id)?\s*=|"
+    r"\bowner__\w+\s*="
+)
+VM_PERMISSION_ASKED = re.compile(
+    r"""(has_perm|caller\.has|\.require)\(\s*f?["']vms\.|perms\.vms\.|["']vms\.["']\s*\+|"""
+    r"""f["']vms\.\{"""
+)
+# Where an owner is named for another reason than deciding access, and why.
+OWNERSHIP_ALLOWED = {
+    # The list pages filter by an owner the reader chose, inside policy.visible_vms.
+    "vms/views.py": 'owner__username=f["owner"]',
+    # A new VM's name is unique among its owner's live VMs: a rule of names, not of access.
+    "vms/commands.py": "filter(owner_id=OWNER_STAND_IN, name=NAME_STAND_IN)",
+}
+
+# The pages and the API read VMs and snapshots through vms.policy (visible_vms,
+# visible_snapshots), never from the whole table; what stays, and why.
+UNSCOPED_READS = re.compile(r"\b(VirtualMachine|Snapshot)\.objects\.(?!none\(\))")
+UNSCOPED_ALLOWED = {
+    # The events of a VM the caller sees include those of its snapshots, by id.
+    "vms/api.py": 'Snapshot.objects.filter(vm=vm).values_list("pk", flat=True)',
+}
+
+
+def test_no_module_decides_ownership_or_vm_permissions_outside_the_policy() -> None:
+    files = [
+        *sorted((ROOT / "vms").rglob("*.py")),
+        *sorted((ROOT / "sandbox_site").rglob("*.py")),
+        *sorted((ROOT / "templates").rglob("*.html")),
+    ]
+    for path in files:
+        rel = str(path.relative_to(ROOT))
+        if rel == "vms/policy.py" or "/migrations/" in rel:
+            continue
+        source = path.read_text()
+        allowed = OWNERSHIP_ALLOWED.get(rel)
+        for match in OWNERSHIP.finditer(source):
+            line = source[source.rfind("\n", 0, match.start()) + 1 : source.find("\n", match.end())]
+            assert allowed and allowed in line, f"{rel} decides ownership itself: {line.strip()}"
+        if rel in ("vms/views.py", "vms/api.py"):
+            for match in UNSCOPED_READS.finditer(source):
+                line = source[match.start() : source.find("\n", match.end())]
+                assert rel in UNSCOPED_ALLOWED and UNSCOPED_ALLOWED[rel] in line, (
+                    f"{rel} reads past the policy: {line.strip()}"
+                )
+        asked = VM_PERMISSION_ASKED.search(source)
+        assert asked is None, f"{rel} asks a VM permission itself: {asked.group(0)}"
+
+
+def test_the_ownership_scan_sees_the_ways_of_checking() -> None:
+    for bad in (
+        "if vm.owner_id == request.user.pk:",
+        "if request.user.pk != vm.owner_id:",
+        "vm.owner.pk",
+        "VirtualMachine.objects.filter(owner=user)",
+        "qs.filter(owner_id=OWNER_STAND_IN)",
+        "qs.filter(owner__username=name)",
+    ):
+        assert OWNERSHIP.search(bad), bad
+    for bad in (
+        "user.has_perm('vms.exec_vm')",
+        'caller.has("vms.operate_vm")',
+        "{% if perms.vms.add_virtualmachine %}",
+        "user.has_perm('vms.' + verb)",
+        "user.has_perm(f'vms.{verb}_vm')",
+    ):
+        assert VM_PERMISSION_ASKED.search(bad), bad

@@ -1,0 +1,19 @@
+"""Template context of the VM domain: what the policy lets the current caller offer on every page.
+
+Pages ask ``vms.policy`` (never the template's ``perms`` of the vms app), so what a template
+offers is what the policy allows: "New VM" is shown to a caller who may ask the create verb.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from accounts.caller import Caller
+from vms import policy
+
+
+def vm_policy(request: Any) -> dict[str, Any]:
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return {"may_create": False}
+    return {"may_create": policy.may_create(Caller.from_request(request))}
