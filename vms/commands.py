@@ -715,7 +715,7 @@ def create_preview_link(
     ``vm.preview_link_created`` (with its id and expiry, never the signed value: that is the
     credential). Only links are recorded: the dashboard's own hand-off is the user viewing."""
     policy.require(caller, "share_preview", vm.owner_id)
-    if vm.state == "destroyed":
+    if vm.state == lifecycle.GONE:
         raise NotFound(f"no VM {vm.pk}")
     if not previews.port_allowed(port):
         raise ValidationError({"port": "this port may not be previewed"})

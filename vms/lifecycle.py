@@ -396,6 +396,7 @@ VERBS: tuple[Verb, ...] = (
         description="A shareable, expiring link to a port of the guest (vms.previews).",
         records=("vm.preview_link_created",),
         evidence=frozenset({"preview_link"}),
+        allowed_from=frozenset({"running"}),  # a preview reaches a running guest (preview_access)
         api=None,  # POST /api/v1/vms/{id}/previews/ (vms.preview_api), with its own input
     ),
 )

@@ -19,8 +19,8 @@ from accounts import authentication, scopes
 from accounts import commands as account_commands
 from accounts.caller import Caller
 from audit.actor import Actor
-from vms import policy
-from vms.models import VirtualMachine, VMState
+from vms import lifecycle, policy
+from vms.models import VirtualMachine
 from vms.previews import (
     HANDOFF,
     LINK,
@@ -122,7 +122,7 @@ def _by_token(
         )
         raise Refused(403, refused.detail)
     caller = Caller(user=token.user, token=token)
-    vm = policy.visible_vms(caller).filter(pk=vm_id).exclude(state=VMState.DESTROYED).first()
+    vm = policy.visible_vms(caller).filter(pk=vm_id).exclude(state=lifecycle.GONE).first()
     if vm is None:
         raise Refused(404, "No such VM.")  # another user's VM looks like a missing one
     return vm
@@ -138,7 +138,7 @@ def _check_grant(grant: Grant | None, vm_id: uuid.UUID, port: int) -> VirtualMac
     vm = (
         VirtualMachine.objects.select_related("owner")
         .filter(pk=vm_id)
-        .exclude(state=VMState.DESTROYED)
+        .exclude(state=lifecycle.GONE)
         .first()
     )
     if vm is None:
@@ -157,7 +157,7 @@ def _check_grant(grant: Grant | None, vm_id: uuid.UUID, port: int) -> VirtualMac
 
 
 def _access(vm: VirtualMachine, port: int) -> Access:
-    if vm.state != VMState.RUNNING:
+    if vm.state not in lifecycle.verb("share_preview").allowed_from:
         raise Refused(503, f"The VM is {vm.state}, not running.")
     if not vm.ip:
         raise Refused(503, "The VM has no network address.")

@@ -76,7 +76,7 @@ class PreviewLinkView(APIView):
         if not settings.SANDBOX_PREVIEW_DOMAIN:
             raise NotFound("previews are turned off (SANDBOX_PREVIEW_DOMAIN is empty)")
         caller = Caller.from_request(request)
-        vm = policy.visible_vms(caller).filter(pk=pk).exclude(state="destroyed").first()
+        vm = policy.visible_vms(caller).filter(pk=pk).exclude(state=lifecycle.GONE).first()
         if vm is None:
             raise NotFound("no such VM")
         body = PreviewLinkRequestSerializer(data=request.data)

@@ -18,7 +18,7 @@ from django.shortcuts import redirect
 from django.views.decorators.http import require_GET, require_http_methods
 
 from accounts.caller import Caller
-from vms import commands, policy, previews
+from vms import commands, lifecycle, policy, previews
 from vms.models import VirtualMachine
 from vms.preview_api import link_url
 
@@ -29,7 +29,7 @@ def _vm(request: HttpRequest, pk: Any) -> VirtualMachine:
     if not settings.SANDBOX_PREVIEW_DOMAIN:
         raise Http404("previews are turned off")
     caller = Caller.from_request(request)
-    vm = policy.visible_vms(caller).filter(pk=pk).exclude(state="destroyed").first()
+    vm = policy.visible_vms(caller).filter(pk=pk).exclude(state=lifecycle.GONE).first()
     if vm is None:
         raise Http404("no such VM")  # another operator's VM looks exactly like a missing one
     return vm

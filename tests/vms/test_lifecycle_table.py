@@ -26,7 +26,18 @@ from audit import catalogue, compliance
 from audit.catalogue import EventType
 from audit.projectors import ActivityProjector
 from tests.astutil import parse
-from vms import api, commands, lifecycle, policy, projectors, reconcile, views, worker
+from vms import (
+    api,
+    commands,
+    lifecycle,
+    policy,
+    preview_api,
+    preview_views,
+    projectors,
+    reconcile,
+    views,
+    worker,
+)
 from vms.models import VMState
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -394,6 +405,9 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         inspect.unwrap(views.snapshot_action): frozenset(views.SNAPSHOT_VERBS),
         inspect.unwrap(views.vm_create): frozenset({"create"}),
         inspect.unwrap(views.vm_exec): frozenset({"exec"}),
+        # A record verb with input of its own, routed apart (its row says where: api=None).
+        preview_api.PreviewLinkView: frozenset({"share_preview"}),
+        inspect.unwrap(preview_views.vm_preview): frozenset({"share_preview"}),
     }
 
 
