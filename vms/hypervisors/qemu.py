@@ -55,7 +55,7 @@ from .base import (
     VMState,
 )
 from .probe import kvm_usable
-from .qmp import QMPClient
+from .qmp import QMPClient, QMPConnectionLost
 from .templates import TemplateCache
 
 __all__ = [
@@ -732,11 +732,22 @@ class QemuHypervisor:
                 "with the new vcpus/memory_mib"
             )
         hotplugged: list[dict[str, Any]] = vm.setdefault("hotplugged", [])
-        with self._qmp(runtime) as qmp:
-            if vcpus is not None:
-                self._resize_cpus(qmp, spec, vcpus, hotplugged)
-            if memory_mib is not None:
-                self._resize_memory(qmp, spec, memory_mib, hotplugged)
+        try:
+            with self._qmp(runtime) as qmp:
+                if vcpus is not None:
+                    self._resize_cpus(qmp, spec, vcpus, hotplugged)
+                if memory_mib is not None:
+                    self._resize_memory(qmp, spec, memory_mib, hotplugged)
+        except QMPConnectionLost as exc:
+            # QEMU 7.2 under TCG aborts on a vCPU hotplug when the running vCPUs have claimed
+            # every region of the translation buffer (the new vCPU thread's first region
+            # allocation asserts: "tcg_region_initial_alloc__locked: assertion failed"). The
+            # process is gone with the guest: say so, with QEMU's own last words.
+            if process.wait_for(lambda: not self.is_alive(runtime), 2.0, 0.05):
+                raise HypervisorError(
+                    f"QEMU crashed during the resize; the VM is gone: {self._log_tail(runtime, 3)}"
+                ) from exc
+            raise
         self._save_vm(runtime, vm)
 
     def _resize_cpus(

@@ -23,7 +23,7 @@ from typing import Any
 
 from .base import HypervisorError
 
-__all__ = ["QMPClient", "QMPError", "QMPTimeout"]
+__all__ = ["QMPClient", "QMPConnectionLost", "QMPError", "QMPTimeout"]
 
 
 class QMPError(HypervisorError):
@@ -38,6 +38,15 @@ class QMPError(HypervisorError):
 
 class QMPTimeout(HypervisorError):
     """No answer from QMP before the deadline."""
+
+
+class QMPConnectionLost(HypervisorError):
+    """QEMU closed or reset the QMP connection (usually: the QEMU process died).
+
+    A VMM that exits while a command of ours is still unread in its socket makes the kernel
+    reset the connection (``ECONNRESET``); one that exits after reading it gives end-of-file;
+    a write after it exited gives ``EPIPE``. All three are this error, never a bare ``OSError``.
+    """
 
 
 class QMPClient:
@@ -114,8 +123,10 @@ class QMPClient:
                 chunk = self._sock.recv(65536)
             except TimeoutError as exc:
                 raise QMPTimeout(f"QMP on {self.path}: no answer in time") from exc
+            except (ConnectionResetError, BrokenPipeError) as exc:
+                raise QMPConnectionLost(f"QMP on {self.path}: connection reset by QEMU") from exc
             if not chunk:
-                raise HypervisorError(f"QMP on {self.path}: connection closed by QEMU")
+                raise QMPConnectionLost(f"QMP on {self.path}: connection closed by QEMU")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         msg = json.loads(line)
@@ -142,12 +153,15 @@ class QMPClient:
             req["arguments"] = arguments
         data = json.dumps(req).encode() + b"\n"
         self._sock.settimeout(timeout or self.timeout)
-        if fds:
-            self._sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
-        else:
-            self._sock.sendall(data)
+        try:
+            if fds:
+                self._sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                self._sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise QMPConnectionLost(f"QMP on {self.path}: connection lost: {exc}") from exc
         deadline = time.monotonic() + (timeout or self.timeout)
         while True:
             msg = self._read_message(deadline)
