@@ -74,9 +74,11 @@ def test_uefi_image_boots_to_the_agent(
     runtime_root: Path,  # noqa: ANN001
 ) -> None:
     # QEMU 7.2's TCG aborts on a vCPU hotplug once the running vCPU has claimed every region of
-    # the translation buffer (see the next test). With the default 32 MiB buffer an OVMF + Linux
-    # boot to the agent translates 28-32 MiB, right at that edge; with 256 MiB (16 regions of
-    # 16 MiB) it claims two or three, so the hotplug below is certain to find a free region.
+    # the translation buffer (see the next test). The default 32 MiB buffer (16 regions) has
+    # been filled and flushed about 6 times by the time the agent answers, so the hotplug lands
+    # at a random point of a fill cycle and the last region is taken about 1 time in 16. With
+    # 256 MiB the boot to the agent fills about 53 % and has not flushed: 9 of 16 regions are
+    # taken, so the hotplug below always finds a free one.
     hv = QemuHypervisor(tb_size_mib=256)
     spec = _uefi_spec(uefi_image, "uefi")
     runtime = RuntimeDir(runtime_root / "uefi")
