@@ -41,12 +41,18 @@ from vms import (
 from vms.models import VMState
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_AGGREGATES = ("vm", "snapshot")
+VM_AGGREGATES = ("vm", "snapshot", "network")
 READS = {"list", "retrieve", "events"}
 
 # The VM domain's event types as recorded logs hold them: name, aggregate, schema version and
 # category must never change (a log appended before must stay valid and report the same).
 RECORDED = {
+    "net.dns_lookups": ("vm", 1, "monitoring"),
+    "net.egress_policy_changed": ("vm", 1, "change"),
+    "net.egress_refused": ("vm", 1, "monitoring"),
+    "net.network_created": ("network", 1, "change"),
+    "net.network_deleted": ("network", 1, "change"),
+    "net.network_updated": ("network", 1, "change"),
     "net.ip_leased": ("vm", 1, "change"),
     "net.ip_released": ("vm", 1, "change"),
     "net.port_forward_added": ("vm", 1, "change"),
