@@ -576,7 +576,7 @@ def _check_network_conflicts(data: dict[str, Any], network: Network | None) -> N
                 raise ValidationError({"subnet": f"overlaps the network {other[0]} ({other[1]})"})
 
 
-def _unset_default(network_id: uuid.UUID | None) -> list[store.PendingEvent]:
+def _unset_default(network_id: uuid.UUID) -> list[store.PendingEvent]:
     """The events that take the default flag from the current default network (if it is
     another one): a network becomes the default in the same append."""
     current = Network.objects.filter(is_default=True).exclude(pk=network_id).first()
@@ -885,7 +885,7 @@ def record_net_evidence(
                 }
                 for r in refused
             ),
-            key=lambda r: -r["packets"],
+            key=lambda r: -int(r["packets"] or 0),
         )
         pending.append(
             store.PendingEvent(
@@ -1089,7 +1089,7 @@ def _release_events(vm_id: str, cause: str) -> list[store.PendingEvent]:
             {**_forward_data(f), "reason": "destroyed"},
             causation_id=cause,
         )
-        for f in PortForward.objects.filter(vm_id=vm_id)
+        for f in PortForward.objects.filter(vm_id=uuid.UUID(vm_id))
     ]
     if vm["ip"]:
         out.append(

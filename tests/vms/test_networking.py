@@ -499,3 +499,21 @@ def test_the_api_for_networks(make_user, token_client) -> None:
     assert patched.status_code == 200 and patched.json()["isolated"] is False
     assert token_client(operator).delete(f"/api/v1/networks/{network_id}/").status_code == 403
     assert token_client(admin).delete(f"/api/v1/networks/{network_id}/").status_code == 204
+
+
+def test_the_vm_page_shows_its_nic_egress_and_forwards(make_user, caller_for) -> None:
+    from django.test import Client
+
+    from accounts.caller import Caller
+
+    owner = make_user("operator")
+    caller = Caller.for_user(owner, channel="api")
+    vm = _running(caller)
+    forward = commands.add_port_forward(caller, vm, protocol="tcp", guest_port=8080)
+    vm.refresh_from_db()
+    commands.set_egress(caller, vm, egress="allow-list", allow=["example.net"])
+    client = Client()
+    client.force_login(owner)
+    html = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert 'id="vm-network"' in html and vm.tap in html and "example.net" in html
+    assert f"<code>{forward.host_port}</code>" in html and "<code>8080</code>" in html
