@@ -341,6 +341,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "MicroVM Sandbox API",
     "DESCRIPTION": "Create, run, snapshot and audit hardware-isolated microVM sandboxes.",
     "VERSION": "1.0.0",
+    # One name for the egress policies (a VM's egress, a network's default_egress).
+    "ENUM_NAME_OVERRIDES": {"EgressEnum": "vms.models.EGRESS_CHOICES"},
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

@@ -193,9 +193,11 @@ class PortForward(models.Model):
     network's range and is unique with its protocol over all networks (every forward listens on
     the same host side). Projected from net.port_forward_added / _removed (aggregate "vm")."""
 
+    PROTOCOLS = [("tcp", "TCP"), ("udp", "UDP")]
+
     id = models.UUIDField(primary_key=True, default=uuid.uuid4)
     vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="forwards")
-    protocol = models.CharField(max_length=3, choices=[("tcp", "TCP"), ("udp", "UDP")])
+    protocol = models.CharField(max_length=3, choices=PROTOCOLS)
     guest_port = models.PositiveIntegerField()
     host_port = models.PositiveIntegerField()
     created_at = models.DateTimeField()

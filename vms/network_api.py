@@ -19,9 +19,9 @@ from rest_framework.views import APIView
 
 from accounts.caller import Caller
 from accounts.scopes import OPEN, VM_READ, needs
-from vms import commands, lifecycle, netconfig, policy
+from vms import commands, lifecycle, policy
 from vms.api import scopes_of
-from vms.models import Network, PortForward, VirtualMachine
+from vms.models import EGRESS_CHOICES, Network, PortForward, VirtualMachine
 
 __all__ = ["EgressView", "NetworkViewSet", "PortForwardViewSet"]
 
@@ -57,7 +57,7 @@ class NetworkInputSerializer(serializers.Serializer):
     isolated = serializers.BooleanField(default=True)
     port_min = serializers.IntegerField(min_value=1024, max_value=65535)
     port_max = serializers.IntegerField(min_value=1024, max_value=65535)
-    default_egress = serializers.ChoiceField(netconfig.EGRESS_MODES, default="none")
+    default_egress = serializers.ChoiceField(EGRESS_CHOICES, default="none")
     is_default = serializers.BooleanField(default=False)
 
 
@@ -151,7 +151,7 @@ class PortForwardSerializer(serializers.ModelSerializer):
 
 
 class PortForwardInputSerializer(serializers.Serializer):
-    protocol = serializers.ChoiceField(netconfig.PROTOCOLS, default="tcp")
+    protocol = serializers.ChoiceField(PortForward.PROTOCOLS, default="tcp")
     guest_port = serializers.IntegerField(min_value=1, max_value=65535)
     host_port = serializers.IntegerField(
         min_value=1, max_value=65535, required=False, help_text="default: the lowest free one"
@@ -202,7 +202,7 @@ class PortForwardViewSet(
 
 
 class EgressSerializer(serializers.Serializer):
-    egress = serializers.ChoiceField(netconfig.EGRESS_MODES)
+    egress = serializers.ChoiceField(EGRESS_CHOICES)
     allow = serializers.ListField(
         child=serializers.CharField(max_length=253),
         required=False,
@@ -229,7 +229,7 @@ class EgressView(APIView):
         responses=inline_serializer(
             "EgressChanged",
             {
-                "egress": serializers.CharField(),
+                "egress": serializers.ChoiceField(EGRESS_CHOICES),
                 "allow": serializers.ListField(child=serializers.CharField()),
             },
         ),
