@@ -517,3 +517,22 @@ def test_the_vm_page_shows_its_nic_egress_and_forwards(make_user, caller_for) ->
     html = client.get(f"/vms/{vm.pk}/").content.decode()
     assert 'id="vm-network"' in html and vm.tap in html and "example.net" in html
     assert f"<code>{forward.host_port}</code>" in html and "<code>8080</code>" in html
+
+
+def test_a_create_through_the_api_names_its_network(make_user, token_client) -> None:
+    admin = make_user("admin")
+    commands.ensure_default_network()
+    api = token_client(admin)
+    body = {"name": "lab", "subnet": "10.71.0.0/24", "bridge": "labbr8"}
+    assert (
+        api.post("/api/v1/networks/", body | {"port_min": 26000, "port_max": 26001}).status_code
+        == 201
+    )
+    created = api.post(
+        "/api/v1/vms/", {"name": "x", "template": "linux-small", "network": "lab"}, format="json"
+    )
+    assert created.status_code == 202 and created.json()["vm"]["ip"] == "10.71.0.2"
+    missing = api.post(
+        "/api/v1/vms/", {"name": "y", "template": "linux-small", "network": "nope"}, format="json"
+    )
+    assert missing.status_code == 400 and "network" in missing.json()
