@@ -672,7 +672,7 @@ def update_network(caller: Caller, network: Network, **fields: Any) -> Network:
 
 
 def _vms_on(network: Network) -> Any:
-    return VirtualMachine.objects.filter(network=network).exclude(state="destroyed")
+    return VirtualMachine.objects.filter(network=network).exclude(state=lifecycle.GONE)
 
 
 @transaction.atomic
@@ -720,10 +720,13 @@ def _forward_data(forward: PortForward) -> dict[str, Any]:
     }
 
 
+_GOING = frozenset({lifecycle.GONE, lifecycle.request_verb("destroy").transitional})
+
+
 def _vm_with_nic(vm: VirtualMachine, verb: str) -> tuple[VirtualMachine, Network]:
     """Under the lock: the VM as it is now, with its network; not one being destroyed."""
     fresh = _fresh(vm.pk)
-    if fresh.state in ("destroying", "destroyed"):
+    if fresh.state in _GOING:
         raise InvalidState(
             fresh,
             verb.replace("_", " ") + " of",

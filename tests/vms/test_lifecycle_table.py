@@ -30,6 +30,7 @@ from vms import (
     api,
     commands,
     lifecycle,
+    network_api,
     policy,
     preview_api,
     preview_views,
@@ -414,6 +415,10 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         # A record verb with input of its own, routed apart (its row says where: api=None).
         preview_api.PreviewLinkView: frozenset({"share_preview"}),
         inspect.unwrap(preview_views.vm_preview): frozenset({"share_preview"}),
+        # A VM's NIC (vms.network_api); networks are not VMs: their commands are admins'.
+        network_api.PortForwardViewSet: frozenset({"add_port_forward", "remove_port_forward"}),
+        network_api.EgressView: frozenset({"set_egress"}),
+        network_api.NetworkViewSet: frozenset(),
     }
 
 
