@@ -87,6 +87,10 @@ SCOPES: tuple[str, ...] = tuple(
             "accounts.manage_all_tokens",
             MANAGE_ALL_VMS,
             *SELF_SERVICE,
+            # Defining, changing and deleting networks (vms.policy.NETWORK_PERMISSIONS).
+            "vms.add_network",
+            "vms.change_network",
+            "vms.delete_network",
         }
     )
 )

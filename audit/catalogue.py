@@ -40,6 +40,7 @@ EVIDENCE_ROLES: dict[str, str] = {
     "integrity_check": "a check of stored data that found it damaged",
     "crash": "a guest or its VMM found dead",
     "preview_link": "a shareable link that opens a guest's service to whoever holds it",
+    "egress_evidence": "a guest's connections refused by its egress policy, and its DNS lookups",
 }
 
 

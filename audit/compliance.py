@@ -151,6 +151,8 @@ REFUSALS = _types(
     "system.task_refused",  # the worker refused a task that is not one of the product's
 )
 CRASHES = catalogue.with_role("crash")
+# What a VM's egress policy refused, and the names its resolver answered or refused, per period.
+NET_EVIDENCE = catalogue.with_role("egress_evidence")
 RETENTION = _types("audit.legal_hold_placed", "audit.legal_hold_released")
 
 # Catalogued types that no control counts, and why (a test keeps this list honest).
@@ -356,9 +358,11 @@ FRAMEWORKS: dict[str, Framework] = {
                         _s(LOGIN_FAILURES | TOKEN_REFUSALS | LOCKED | REFUSALS),
                         _s(VERIFICATIONS),
                         _s(CRASHES),
+                        _s(NET_EVIDENCE),
                     ),
-                    "Anomalies: failed logins, lockouts, refused tokens and exports, VM crashes; "
-                    "every chain verification (the monitoring that ran) with its result.",
+                    "Anomalies: failed logins, lockouts, refused tokens and exports, VM crashes, "
+                    "guest connections refused by egress policy and guest DNS lookups; every "
+                    "chain verification (the monitoring that ran) with its result.",
                     "That someone reviewed the anomalies and acted on them.",
                 ),
                 Control(
@@ -463,9 +467,11 @@ FRAMEWORKS: dict[str, Framework] = {
                         _s(LOGIN_FAILURES | TOKEN_REFUSALS | LOCKED | REFUSALS),
                         _s(VERIFICATIONS, _failed, _FAILED_ONLY),
                         _s(CRASHES),
+                        _s(NET_EVIDENCE),
                     ),
                     "Anomalies: failed logins, lockouts, refused tokens and exports, failed "
-                    "chain verifications, VM crashes.",
+                    "chain verifications, VM crashes, guest connections refused by egress "
+                    "policy and guest DNS lookups.",
                     "That the anomalies were reviewed and acted on; monitoring outside the "
                     "product (metrics, alerts).",
                 ),

@@ -341,6 +341,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "MicroVM Sandbox API",
     "DESCRIPTION": "Create, run, snapshot and audit hardware-isolated microVM sandboxes.",
     "VERSION": "1.0.0",
+    # One name for the egress policies (a VM's egress, a network's default_egress).
+    "ENUM_NAME_OVERRIDES": {"EgressEnum": "vms.models.EGRESS_CHOICES"},
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -431,7 +433,37 @@ SANDBOX_DEFAULT_QUOTA = {
     "disk_mib": env_int("SANDBOX_QUOTA_DISK_MIB", 102400),
     "snapshots": env_int("SANDBOX_QUOTA_SNAPSHOTS", 20),
 }
+# --- Sandbox networking (docs/networking.md, docs/operations.md) ------------------------------
+# auto: on when this process may create network namespaces (root or CAP_NET_ADMIN) and `ip` and
+# `nft` exist (vms.netconfig.networking_enabled); off: VMs get no NIC, as before.
+SANDBOX_NETWORKING = os.environ.get("SANDBOX_NETWORKING", "auto")
+if SANDBOX_NETWORKING not in {"auto", "on", "off"}:
+    raise ImproperlyConfigured(
+        f"SANDBOX_NETWORKING must be auto, on or off, got {SANDBOX_NETWORKING!r}"
+    )
+SANDBOX_NETNS = os.environ.get("SANDBOX_NETNS", "sandbox")
+SANDBOX_NET_HOST_LINK = os.environ.get("SANDBOX_NET_HOST_LINK", "10.254.0.0/30")
+# The interface that `internet` egress leaves by, inside the product namespace ("": none).
+SANDBOX_NET_UPLINK = os.environ.get("SANDBOX_NET_UPLINK", "")
+# The default network (created after migrate from these, once): subnet, bridge, host ports.
 SANDBOX_NETWORK_CIDR = os.environ.get("SANDBOX_NETWORK_CIDR", "10.250.0.0/24")
+SANDBOX_NETWORK_BRIDGE = os.environ.get("SANDBOX_NETWORK_BRIDGE", "chbr0")
+SANDBOX_NETWORK_PORTS = os.environ.get("SANDBOX_NETWORK_PORTS", "10000-20000")
+SANDBOX_DEFAULT_EGRESS = os.environ.get(
+    "SANDBOX_DEFAULT_EGRESS", "internet" if SANDBOX_NET_UPLINK else "none"
+)
+if SANDBOX_DEFAULT_EGRESS not in {"none", "allow-list", "internet"}:
+    raise ImproperlyConfigured(
+        "SANDBOX_DEFAULT_EGRESS must be none, allow-list or internet, "
+        f"got {SANDBOX_DEFAULT_EGRESS!r}"
+    )
+SANDBOX_NETNS_KEEP = env_bool("SANDBOX_NETNS_KEEP", True)  # leave the namespace at stop
+# Where the worker listens for port forwards on the host's side.
+SANDBOX_FORWARD_BIND = os.environ.get("SANDBOX_FORWARD_BIND", "127.0.0.1")
+# Egress evidence: one net.egress_refused / net.dns_lookups per VM per period, bounded rows.
+SANDBOX_NET_EVIDENCE_PERIOD_S = env_int("SANDBOX_NET_EVIDENCE_PERIOD_S", 60)
+SANDBOX_NET_EVIDENCE_MAX_ROWS = env_int("SANDBOX_NET_EVIDENCE_MAX_ROWS", 100)
+SANDBOX_EGRESS_ALLOW_MAX = env_int("SANDBOX_EGRESS_ALLOW_MAX", 64)  # entries of an allow list
 SANDBOX_TEMPLATES_FILE = os.environ.get("SANDBOX_TEMPLATES_FILE", "")
 SANDBOX_SNAPSHOT_DIR = Path(os.environ.get("SANDBOX_SNAPSHOT_DIR", DATA_DIR / "snapshots"))
 SANDBOX_CONSOLE_DIR = Path(os.environ.get("SANDBOX_CONSOLE_DIR", DATA_DIR / "console"))

@@ -12,6 +12,7 @@ from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
 from sandbox_site import schema as _schema  # noqa: F401 - registers the Bearer token scheme
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
+from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkView
 
 router = DefaultRouter()
@@ -21,11 +22,14 @@ router.register("events", EventViewSet, basename="event")
 router.register("vms", VMViewSet, basename="vm")
 router.register("snapshots", SnapshotViewSet, basename="snapshot")
 router.register("templates", TemplateViewSet, basename="template")
+router.register("networks", NetworkViewSet, basename="network")
+router.register(r"vms/(?P<vm_pk>[^/.]+)/ports", PortForwardViewSet, basename="vm-port")
 
 api_v1 = [
     path("vms/<uuid:pk>/previews/", PreviewLinkView.as_view(), name="vm-previews"),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),
+    path("vms/<str:vm_pk>/egress/", EgressView.as_view(), name="vm-egress"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
     path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
     path("audit/accounts/", AccountsReviewView.as_view(), name="audit-accounts-api"),

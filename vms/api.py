@@ -106,6 +106,9 @@ class VMCreateSerializer(serializers.Serializer):
     memory_mib = serializers.IntegerField(min_value=128, required=False)
     disk_mib = serializers.IntegerField(min_value=64, required=False)
     start = serializers.BooleanField(default=True)
+    network = serializers.SlugField(
+        max_length=63, required=False, help_text="a network's name; default: the default network"
+    )
 
 
 class StopSerializer(serializers.Serializer):
@@ -389,6 +392,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             memory_mib=d.get("memory_mib"),
             disk_mib=d.get("disk_mib"),
             start_now=d["start"],
+            network=d.get("network"),
         )
         return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
 

@@ -3,6 +3,7 @@
 from typing import Any
 
 from django.apps import AppConfig
+from django.conf import settings
 from django.db.models.signals import post_migrate
 
 from core import schedules
@@ -31,12 +32,21 @@ class VmsConfig(AppConfig):
         # Importing recordings registers the console sessions' section of the auditor area and
         # their recordings as bundle attachments: audit names neither.
         from vms import (
+            commands,
             metrics,
             recordings,  # noqa: F401
             templates_config,
         )
 
         metrics.register()
+
+        def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
+            """The default network from the settings, once (net.network_created). Not under
+            the tests, whose logs start empty: there the first create makes it."""
+            if not settings.TESTING:
+                commands.ensure_default_network()
+
+        post_migrate.connect(ensure_default_network, sender=self, weak=False)
 
         post_migrate.connect(templates_config.sync_after_migrate, sender=self)
         post_migrate.connect(ensure_schedules, sender=self)

@@ -12,6 +12,8 @@ table; the verbs with input have theirs (``WITH_INPUT``), and ``perform`` picks.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +30,8 @@ from audit.actor import Actor
 from audit.errors import ConcurrencyError
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
-from vms import enqueue, identity, images, lifecycle, policy, previews, quotas
-from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
+from vms import enqueue, identity, images, lifecycle, netconfig, policy, previews, quotas
+from vms.models import Network, PortForward, RequestOutcome, Snapshot, Template, VirtualMachine
 
 __all__ = [
     "Accepted",
@@ -42,12 +44,16 @@ __all__ = [
     "RULES",
     "SUPERSEDED",
     "WITH_INPUT",
+    "add_port_forward",
     "ask",
     "clone",
     "create",
+    "create_network",
     "create_preview_link",
+    "delete_network",
     "delete_snapshot",
     "destroy",
+    "ensure_default_network",
     "is_pending",
     "pause",
     "perform",
@@ -55,21 +61,25 @@ __all__ = [
     "record_console_closed",
     "record_console_opened",
     "record_crashed",
+    "record_net_evidence",
     "record_guest_outcome",
     "record_outcome",
     "record_outcome_if_pending",
     "record_progress",
     "record_snapshot_corrupted",
     "record_snapshot_created",
+    "remove_port_forward",
     "request_guest_access",
     "require_guest_access",
     "resize",
     "restore",
     "resume",
+    "set_egress",
     "settle_interrupted_guest_request",
     "snapshot",
     "start",
     "stop",
+    "update_network",
 ]
 
 NAME_MAX = 63
@@ -328,10 +338,12 @@ def _new_vm_events(
     memory_mib: int,
     disk_mib: int,
     source_snapshot: Snapshot | None,
+    network: Network | None,
     request: tuple[str, dict[str, Any]] | None = None,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
-    """Take the lock, check the name and the quotas, append vm.created and ``request`` (the
-    type and data of the new VM's first request, if any) in one append: (new id, events).
+    """Take the lock, check the name and the quotas, lease an address on ``network``, append
+    vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
+    if any) in one append: (new id, events; the request last).
 
     The quota definitions are read before the lock, which is then held only for what
     concurrent requests change (usage, names, addresses) and the append.
@@ -344,7 +356,9 @@ def _new_vm_events(
     quotas.check(
         caller.user, quota=limits, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib
     )
-    mac, ip = identity.allocate()
+    mac, ip = identity.allocate(network)
+    if network is not None and ip is None:
+        raise ValidationError({"network": f"the network {network.name} has no free address"})
     created = store.PendingEvent(
         "vm",
         str(vm_id),
@@ -363,14 +377,45 @@ def _new_vm_events(
             "mac": mac,
             "ip": ip,
             "source_snapshot_id": str(source_snapshot.pk) if source_snapshot else None,
+            "network_id": str(network.pk) if network else None,
+            "tap": identity.tap_for(vm_id) if network else "",
+            "egress": network.default_egress if network else "none",
         },
         expected_version=0,
     )
     pending = [created]
+    if network is not None:
+        pending.append(
+            store.PendingEvent(
+                "vm",
+                str(vm_id),
+                "net.ip_leased",
+                {"ip": ip, "mac": mac, "network_id": str(network.pk), "network": network.name},
+                expected_version=1,
+            )
+        )
     if request is not None:
-        # The same append: one head read, one INSERT, one projection pass for both events.
-        pending.append(store.PendingEvent("vm", str(vm_id), *request, expected_version=1))
+        # The same append: one head read, one INSERT, one projection pass for all events.
+        pending.append(
+            store.PendingEvent("vm", str(vm_id), *request, expected_version=len(pending))
+        )
     return vm_id, store.append_many(pending, actor=caller.actor)
+
+
+def _network_for_new_vm(name: str | None, source: VirtualMachine | None = None) -> Network:
+    """The network a new VM joins: the one named, else its source VM's, else the default
+    (created from the settings if there is none yet)."""
+    if name:
+        found = Network.objects.filter(name=name).first()
+        if found is None:
+            raise ValidationError({"network": f"no network named {name!r}"})
+        return found
+    if source is not None and source.network_id is not None:
+        found = Network.objects.filter(pk=source.network_id).first()
+        if found is not None:
+            return found
+    default = Network.objects.filter(is_default=True).first()
+    return default if default is not None else ensure_default_network()
 
 
 @transaction.atomic
@@ -383,6 +428,7 @@ def create(
     memory_mib: int | None = None,
     disk_mib: int | None = None,
     start_now: bool = True,
+    network: str | None = None,
 ) -> Accepted:
     policy.require(caller, "create")
     name = _validate_name(name, "name")
@@ -399,12 +445,13 @@ def create(
         memory_mib=shape[1],
         disk_mib=shape[2],
         source_snapshot=None,
+        network=_network_for_new_vm(network),
         request=(_requested("start"), {}) if start_now else None,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
-    _enqueue_on_commit(events[1])
-    return Accepted(vm_id, events[1])
+    _enqueue_on_commit(events[-1])
+    return Accepted(vm_id, events[-1])
 
 
 def _check_snapshot_usable(snap: Snapshot) -> None:
@@ -434,13 +481,14 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         memory_mib=snap.memory_mib,
         disk_mib=snap.disk_mib,
         source_snapshot=snap,
+        network=_network_for_new_vm(None, snap.vm),
         request=(
             _requested("restore"),
             {"snapshot_id": str(snap.pk), "clone": True},
         ),
     )
-    _enqueue_on_commit(events[1])
-    return Accepted(vm_id, events[1], snap)
+    _enqueue_on_commit(events[-1])
+    return Accepted(vm_id, events[-1], snap)
 
 
 @transaction.atomic
@@ -465,6 +513,416 @@ def delete_snapshot(
     )
     transaction.on_commit(lambda: enqueue.snapshot_cleanup(str(snap.pk)))
     return event
+
+
+# --- Networks, port forwards, egress ------------------------------------------------------------
+
+NETWORK_FIELDS = (
+    "name",
+    "subnet",
+    "bridge",
+    "isolated",
+    "port_min",
+    "port_max",
+    "default_egress",
+    "is_default",
+)
+# What may change while VMs are on the network (the others: only on an empty one).
+NETWORK_LIVE_FIELDS = frozenset({"name", "isolated", "port_min", "port_max", "default_egress"})
+NETWORK_LIVE_FIELDS |= {"is_default"}
+MAX_FORWARDS_PER_VM = 32
+SYSTEM = Actor.system(channel="system", name="networks")
+
+
+def _network_data(fields: dict[str, Any]) -> dict[str, Any]:
+    """Checked and canonical network fields (only those given); ValidationError names each."""
+    out: dict[str, Any] = {}
+    if "name" in fields:
+        name = fields["name"]
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+            raise ValidationError({"name": "1 to 63 lowercase letters, digits or '-'"})
+        out["name"] = name
+    if "subnet" in fields:
+        net = netconfig.check_subnet(fields["subnet"])
+        out["subnet"] = str(net)
+        out["gateway"] = identity.gateway(str(net))
+    if "bridge" in fields:
+        out["bridge"] = netconfig.check_bridge(fields["bridge"])
+    for flag in ("isolated", "is_default"):
+        if flag in fields:
+            if not isinstance(fields[flag], bool):
+                raise ValidationError({flag: "true or false"})
+            out[flag] = fields[flag]
+    if "default_egress" in fields:
+        out["default_egress"] = netconfig.check_egress(fields["default_egress"], "default_egress")
+    return out
+
+
+def _check_network_conflicts(data: dict[str, Any], network: Network | None) -> None:
+    """Under the lock: names, bridges and subnets are each another network's at most once, and
+    no subnet overlaps another or the host link."""
+    others = Network.objects.all() if network is None else Network.objects.exclude(pk=network.pk)
+    if "name" in data and others.filter(name=data["name"]).exists():
+        raise ValidationError({"name": f"a network named {data['name']!r} exists"})
+    if "bridge" in data and others.filter(bridge=data["bridge"]).exists():
+        raise ValidationError({"bridge": f"the bridge {data['bridge']} is another network's"})
+    if "subnet" in data:
+        subnet = ipaddress.IPv4Network(data["subnet"])
+        link = ipaddress.ip_network(settings.SANDBOX_NET_HOST_LINK)
+        if subnet.overlaps(link):
+            raise ValidationError({"subnet": "overlaps the host link (SANDBOX_NET_HOST_LINK)"})
+        for other in others.values_list("name", "subnet"):
+            if subnet.overlaps(ipaddress.IPv4Network(other[1])):
+                raise ValidationError({"subnet": f"overlaps the network {other[0]} ({other[1]})"})
+
+
+def _unset_default(network_id: uuid.UUID) -> list[store.PendingEvent]:
+    """The events that take the default flag from the current default network (if it is
+    another one): a network becomes the default in the same append."""
+    current = Network.objects.filter(is_default=True).exclude(pk=network_id).first()
+    if current is None:
+        return []
+    return [
+        store.PendingEvent(
+            "network",
+            str(current.pk),
+            "net.network_updated",
+            {"changes": {"is_default": False}},
+            expected_version=current.version,
+        )
+    ]
+
+
+@transaction.atomic
+def create_network(caller: Caller, **fields: Any) -> Network:
+    """Define a network (admins): name, subnet, bridge, isolated, port_min, port_max,
+    default_egress, is_default. Appends net.network_created."""
+    policy.require_network_admin(caller, "add")
+    return _create_network(caller.actor, fields)
+
+
+def _create_network(actor: Actor, fields: dict[str, Any]) -> Network:
+    unknown = set(fields) - set(NETWORK_FIELDS)
+    if unknown:
+        raise ValidationError({"detail": f"unknown fields {sorted(unknown)}"})
+    missing = [f for f in ("name", "subnet", "bridge", "port_min", "port_max") if f not in fields]
+    if missing:
+        raise ValidationError(dict.fromkeys(missing, "this field is required"))
+    data = {"isolated": True, "default_egress": "none", "is_default": False}
+    data |= _network_data(fields)
+    data["port_min"], data["port_max"] = netconfig.check_port_range(
+        fields["port_min"], fields["port_max"]
+    )
+    store.lock()
+    _check_network_conflicts(data, None)
+    network_id = uuid.uuid4()
+    pending = _unset_default(network_id) if data["is_default"] else []
+    pending.append(
+        store.PendingEvent(
+            "network", str(network_id), "net.network_created", data, expected_version=0
+        )
+    )
+    store.append_many(pending, actor=actor)
+    return Network.objects.get(pk=network_id)
+
+
+@transaction.atomic
+def update_network(caller: Caller, network: Network, **fields: Any) -> Network:
+    """Change a network's settings (admins). Its subnet and bridge change only while no VM is
+    on it; its port range only so that every forward stays inside; the default flag moves to
+    another network by setting it there. Appends net.network_updated (the changed values)."""
+    policy.require_network_admin(caller, "change")
+    unknown = set(fields) - set(NETWORK_FIELDS)
+    if unknown:
+        raise ValidationError({"detail": f"unknown fields {sorted(unknown)}"})
+    data = _network_data(fields)
+    store.lock()
+    fresh = Network.objects.filter(pk=network.pk).first()
+    if fresh is None:
+        raise NotFound(f"no network {network.pk}")
+    port_min = fields.get("port_min", fresh.port_min)
+    port_max = fields.get("port_max", fresh.port_max)
+    if "port_min" in fields or "port_max" in fields:
+        data["port_min"], data["port_max"] = netconfig.check_port_range(port_min, port_max)
+        outside = PortForward.objects.filter(vm__network=fresh).exclude(
+            host_port__range=(port_min, port_max)
+        )
+        if outside.exists():
+            raise ValidationError({"port_min": "forwards of this network use ports outside"})
+    changes = {k: v for k, v in data.items() if getattr(fresh, k) != v}
+    if not changes:
+        return fresh
+    if set(changes) - NETWORK_LIVE_FIELDS - {"gateway"} and _vms_on(fresh).exists():
+        raise ValidationError({"subnet": "VMs are on this network: its subnet and bridge stay"})
+    if changes.get("is_default") is False:
+        raise ValidationError({"is_default": "make another network the default instead"})
+    _check_network_conflicts(changes, fresh)
+    pending = _unset_default(fresh.pk) if changes.get("is_default") else []
+    pending.append(
+        store.PendingEvent(
+            "network",
+            str(fresh.pk),
+            "net.network_updated",
+            {"changes": changes},
+            expected_version=fresh.version,
+        )
+    )
+    store.append_many(pending, actor=caller.actor)
+    return Network.objects.get(pk=fresh.pk)
+
+
+def _vms_on(network: Network) -> Any:
+    return VirtualMachine.objects.filter(network=network).exclude(state=lifecycle.GONE)
+
+
+@transaction.atomic
+def delete_network(caller: Caller, network: Network) -> store.RecordedEvent:
+    """Delete a network (admins): never the default one, nor one a VM is on."""
+    policy.require_network_admin(caller, "delete")
+    store.lock()
+    fresh = Network.objects.filter(pk=network.pk).first()
+    if fresh is None:
+        raise NotFound(f"no network {network.pk}")
+    if fresh.is_default:
+        raise ValidationError({"network": "the default network stays: make another the default"})
+    if _vms_on(fresh).exists():
+        raise ValidationError({"network": "VMs are on this network: destroy them first"})
+    return store.append(
+        "network",
+        str(fresh.pk),
+        "net.network_deleted",
+        {"name": fresh.name, "subnet": fresh.subnet},
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+
+
+@transaction.atomic
+def ensure_default_network(actor: Actor = SYSTEM) -> Network:
+    """The default network, defined from the settings (SANDBOX_NETWORK_CIDR, _BRIDGE, _PORTS,
+    SANDBOX_DEFAULT_EGRESS) if there is none: after every migrate, and by the first create."""
+    store.lock()
+    found = Network.objects.filter(is_default=True).first()
+    if found is not None:
+        return found
+    spec = netconfig.default_network_spec()
+    if Network.objects.filter(name=spec["name"]).exists():
+        spec["name"] = f"default-{uuid.uuid4().hex[:8]}"
+    return _create_network(actor, spec)
+
+
+def _forward_data(forward: PortForward) -> dict[str, Any]:
+    return {
+        "forward_id": str(forward.pk),
+        "protocol": forward.protocol,
+        "guest_port": forward.guest_port,
+        "host_port": forward.host_port,
+    }
+
+
+_GOING = frozenset({lifecycle.GONE, lifecycle.request_verb("destroy").transitional})
+
+
+def _vm_with_nic(vm: VirtualMachine, verb: str) -> tuple[VirtualMachine, Network]:
+    """Under the lock: the VM as it is now, with its network; not one being destroyed."""
+    fresh = _fresh(vm.pk)
+    if fresh.state in _GOING:
+        raise InvalidState(
+            fresh,
+            verb.replace("_", " ") + " of",
+            lifecycle.ALL_STATES - {"destroying", "destroyed"},
+        )
+    if fresh.network_id is None or fresh.ip is None:
+        raise ValidationError({"detail": "the VM has no network interface"})
+    network = Network.objects.get(pk=fresh.network_id)
+    return fresh, network
+
+
+def _rules_on_commit(vm_id: uuid.UUID) -> None:
+    transaction.on_commit(lambda: enqueue.network_rules(str(vm_id)))
+
+
+@transaction.atomic
+def add_port_forward(
+    caller: Caller,
+    vm: VirtualMachine,
+    *,
+    protocol: str,
+    guest_port: int,
+    host_port: int | None = None,
+) -> PortForward:
+    """Forward a host port (the one asked for, else the lowest free one of the VM's network's
+    range) to ``guest_port`` of the VM's guest. A host port is given once per protocol over
+    all networks: chosen under the event store's lock, backed by a unique constraint."""
+    policy.require(caller, "add_port_forward", vm.owner_id)
+    if protocol not in netconfig.PROTOCOLS:
+        raise ValidationError({"protocol": "tcp or udp"})
+    for field, port in (("guest_port", guest_port), ("host_port", host_port)):
+        if port is None and field == "host_port":
+            continue
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValidationError({field: "a port between 1 and 65535"})
+    store.lock()
+    fresh, network = _vm_with_nic(vm, "add_port_forward")
+    if PortForward.objects.filter(vm=fresh).count() >= MAX_FORWARDS_PER_VM:
+        raise ValidationError({"detail": f"a VM has at most {MAX_FORWARDS_PER_VM} forwards"})
+    taken = set(
+        PortForward.objects.filter(
+            protocol=protocol, host_port__range=(network.port_min, network.port_max)
+        ).values_list("host_port", flat=True)
+    )
+    if host_port is not None:
+        if not network.port_min <= host_port <= network.port_max:
+            raise ValidationError(
+                {"host_port": f"outside the network's range {network.port_min}-{network.port_max}"}
+            )
+        if host_port in taken:
+            raise ValidationError({"host_port": f"{protocol}/{host_port} is forwarded already"})
+        chosen = host_port
+    else:
+        free = (p for p in range(network.port_min, network.port_max + 1) if p not in taken)
+        found = next(free, None)
+        if found is None:
+            raise ValidationError({"host_port": f"no free {protocol} port on {network.name}"})
+        chosen = found
+    forward_id = uuid.uuid4()
+    store.append(
+        "vm",
+        str(fresh.pk),
+        "net.port_forward_added",
+        {
+            "forward_id": str(forward_id),
+            "protocol": protocol,
+            "guest_port": guest_port,
+            "host_port": chosen,
+            "network_id": str(network.pk),
+        },
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+    _rules_on_commit(fresh.pk)
+    return PortForward.objects.get(pk=forward_id)
+
+
+@transaction.atomic
+def remove_port_forward(
+    caller: Caller, vm: VirtualMachine, forward: PortForward
+) -> store.RecordedEvent:
+    policy.require(caller, "remove_port_forward", vm.owner_id)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    current = PortForward.objects.filter(pk=forward.pk, vm=fresh).first()
+    if current is None:
+        raise NotFound(f"no forward {forward.pk} on this VM")
+    event = store.append(
+        "vm",
+        str(fresh.pk),
+        "net.port_forward_removed",
+        {**_forward_data(current), "reason": "user"},
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+    _rules_on_commit(fresh.pk)
+    return event
+
+
+@transaction.atomic
+def set_egress(
+    caller: Caller, vm: VirtualMachine, *, egress: str, allow: list[str] | None = None
+) -> store.RecordedEvent:
+    """Set what the VM may reach outside its network: none, an allow list (CIDRs and domain
+    names) or the internet. Appends net.egress_policy_changed with the previous policy."""
+    policy.require(caller, "set_egress", vm.owner_id)
+    egress = netconfig.check_egress(egress)
+    entries = netconfig.check_allow_list(list(allow or []))
+    if entries and egress != "allow-list":
+        raise ValidationError({"allow": "an allow list goes with egress allow-list only"})
+    store.lock()
+    fresh, _network = _vm_with_nic(vm, "set_egress")
+    event = store.append(
+        "vm",
+        str(fresh.pk),
+        "net.egress_policy_changed",
+        {
+            "egress": egress,
+            "allow": entries,
+            "previous": {"egress": fresh.egress, "allow": list(fresh.egress_allow)},
+        },
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+    _rules_on_commit(fresh.pk)
+    return event
+
+
+def _bounded_counts(counts: dict[str, int] | None, limit: int) -> dict[str, Any]:
+    items = sorted(((str(k), int(v)) for k, v in (counts or {}).items()), key=lambda i: -i[1])
+    return {"counts": dict(items[:limit]), "more": max(0, len(items) - limit)}
+
+
+@transaction.atomic
+def record_net_evidence(
+    vm_id: str,
+    *,
+    since: str,
+    until: str,
+    refused: list[dict[str, Any]] | tuple[()] = (),
+    lookups_allowed: dict[str, int] | None = None,
+    lookups_refused: dict[str, int] | None = None,
+) -> list[store.RecordedEvent]:
+    """One period's egress evidence of a VM (the worker's collector): the connections its
+    policy refused (``refused``: {dst, proto, port, packets}) as net.egress_refused, and the
+    names its resolver answered or refused as net.dns_lookups, each bounded to
+    SANDBOX_NET_EVIDENCE_MAX_ROWS rows (the biggest) with a ``more`` count; nothing for an
+    empty period."""
+    limit = settings.SANDBOX_NET_EVIDENCE_MAX_ROWS
+    pending = []
+    if refused:
+        rows = sorted(
+            (
+                {
+                    "dst": str(r["dst"]),
+                    "proto": str(r["proto"]),
+                    "port": int(r["port"]) if r.get("port") is not None else None,
+                    "packets": int(r["packets"]),
+                }
+                for r in refused
+            ),
+            key=lambda r: -int(r["packets"] or 0),
+        )
+        pending.append(
+            store.PendingEvent(
+                "vm",
+                vm_id,
+                "net.egress_refused",
+                {
+                    "since": since,
+                    "until": until,
+                    "refused": rows[:limit],
+                    "more": max(0, len(rows) - limit),
+                },
+            )
+        )
+    if lookups_allowed or lookups_refused:
+        allowed = _bounded_counts(lookups_allowed, limit)
+        refused_names = _bounded_counts(lookups_refused, limit)
+        pending.append(
+            store.PendingEvent(
+                "vm",
+                vm_id,
+                "net.dns_lookups",
+                {
+                    "since": since,
+                    "until": until,
+                    "allowed": allowed["counts"],
+                    "refused": refused_names["counts"],
+                    "more": allowed["more"] + refused_names["more"],
+                },
+            )
+        )
+    if not pending:
+        return []
+    return store.append_many(pending, actor=Actor.system(channel="worker", name="worker"))
 
 
 # --- Guest access (exec, files) and console sessions --------------------------------------------
@@ -599,18 +1057,54 @@ def record_outcome(
         with transaction.atomic():
             if RequestOutcome.objects.filter(request_event_id=request.event_id).exists():
                 return None
-            return store.append(
-                request.aggregate_type,
-                request.aggregate_id,
-                outcome,
-                data or {},
-                actor=actor,
-                causation_id=request.event_id,
-                correlation_id=request.correlation_id,
-            )
+            pending = [
+                store.PendingEvent(
+                    request.aggregate_type,
+                    request.aggregate_id,
+                    outcome,
+                    data or {},
+                    causation_id=request.event_id,
+                )
+            ]
+            if outcome == DESTROYED:
+                pending += _release_events(request.aggregate_id, request.event_id)
+            return store.append_many(pending, actor=actor, correlation_id=request.correlation_id)[0]
     except (IntegrityError, ConcurrencyError):
         # The unique RequestOutcome key: another attempt recorded it first.
         return None
+
+
+DESTROYED = lifecycle.request_verb("destroy").succeeded
+
+
+def _release_events(vm_id: str, cause: str) -> list[store.PendingEvent]:
+    """What a destroyed VM gives back, appended with its ``vm.destroyed``: its port forwards
+    (net.port_forward_removed) and its address (net.ip_released; free for a new VM only
+    from then on)."""
+    vm = VirtualMachine.objects.filter(pk=vm_id).values("ip", "network_id").first()
+    if vm is None:
+        return []
+    out = [
+        store.PendingEvent(
+            "vm",
+            vm_id,
+            "net.port_forward_removed",
+            {**_forward_data(f), "reason": "destroyed"},
+            causation_id=cause,
+        )
+        for f in PortForward.objects.filter(vm_id=uuid.UUID(vm_id))
+    ]
+    if vm["ip"]:
+        out.append(
+            store.PendingEvent(
+                "vm",
+                vm_id,
+                "net.ip_released",
+                {"ip": vm["ip"], "network_id": str(vm["network_id"]) if vm["network_id"] else None},
+                causation_id=cause,
+            )
+        )
+    return out
 
 
 class _Superseded:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.conf import settings
 from django_q.tasks import async_task
 
-__all__ = ["request", "snapshot_cleanup"]
+__all__ = ["network_rules", "request", "snapshot_cleanup"]
 
 
 def request(event_id: str) -> None:
@@ -29,3 +29,9 @@ def snapshot_cleanup(snapshot_id: str) -> None:
     async_task(
         "vms.tasks.cleanup_snapshot", snapshot_id, task_name=f"snapshot-cleanup-{snapshot_id}"
     )
+
+
+def network_rules(vm_id: str) -> None:
+    """Apply a VM's network rules again after its forwards or egress changed
+    (``vms.tasks.apply_network``; idempotent: it applies what the records say now)."""
+    async_task("vms.tasks.apply_network", vm_id, task_name=f"network-{vm_id}")

@@ -1,7 +1,9 @@
-"""A VM's identity on the network and in the guest: MAC, address, hostname.
+"""A VM's identity on the network and in the guest: MAC, address on its network, hostname.
 
 Allocated inside the command's transaction under the event store lock, so two VMs never get
-the same address; every clone or restore-as-new gets a fresh identity.
+the same address; every clone or restore-as-new gets a fresh identity. An address is leased
+(``net.ip_leased``) from the VM's network and stays taken until ``net.ip_released`` (appended
+with the VM's ``vm.destroyed``): the VM's ``ip`` column is the lease.
 """
 
 from __future__ import annotations
@@ -9,13 +11,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import uuid
 from collections.abc import Iterator
 
-from django.conf import settings
 from django.db.models import Q
 
 from core.compiled import CompiledQuery, cached
-from vms.models import ACTIVE_STATES, VirtualMachine
+from vms.models import ACTIVE_STATES, Network, VirtualMachine
 
 HOSTNAME_RE = re.compile(r"[^a-z0-9-]+")
 
@@ -29,35 +31,46 @@ def hostname_for(name: str) -> str:
 MAC_STAND_INS = [f"stand-in-mac-{i}" for i in range(4)]
 
 
+NETWORK_STAND_IN = uuid.UUID("5a4d0000-0000-4000-8000-00000000ae7f")
+
+
 @cached
 def _taken_query() -> CompiledQuery:
-    """Live VMs' addresses, and whether the candidate MACs are taken, in one query."""
-    live = VirtualMachine.objects.filter(state__in=ACTIVE_STATES)
+    """The addresses leased on one network, and whether the candidate MACs are taken by a live
+    VM, in one query."""
+    leased = Q(network_id=NETWORK_STAND_IN, ip__isnull=False)
+    macs = Q(state__in=ACTIVE_STATES, mac__in=MAC_STAND_INS)
     return CompiledQuery(
-        live.filter(Q(ip__isnull=False) | Q(mac__in=MAC_STAND_INS)).values("mac", "ip"),
-        {f"m{i}": mac for i, mac in enumerate(MAC_STAND_INS)},
+        VirtualMachine.objects.filter(leased | macs).values("mac", "ip", "network_id"),
+        {"network": NETWORK_STAND_IN} | {f"m{i}": mac for i, mac in enumerate(MAC_STAND_INS)},
     )
 
 
-def allocate() -> tuple[str, str | None]:
-    """A MAC and the lowest free host address of SANDBOX_NETWORK_CIDR (the first is the
-    gateway), both unused by any live VM; the address is None when the network is full.
+def allocate(network: Network | None) -> tuple[str, str | None]:
+    """A MAC unused by any live VM, and the lowest host address of ``network`` after its
+    gateway that no VM holds a lease on; the address is None when the network is full or the VM
+    gets none (``network`` None: no NIC).
 
-    One query that reads only what it must: the addresses in use (at most the network's size,
-    whatever the number of VMs) and which of four random MACs are taken (indexed).
+    One query that reads only what it must: the addresses leased on the network (at most its
+    size, whatever the number of VMs) and which of four random MACs are taken (indexed).
     """
     while True:
         # QEMU/KVM's OUI and three random bytes.
         candidates = [
             "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3)) for _ in range(4)
         ]
-        rows = _taken_query().run(**{f"m{i}": mac for i, mac in enumerate(candidates)})
+        rows = _taken_query().run(
+            network=network.pk if network is not None else NETWORK_STAND_IN,
+            **{f"m{i}": mac for i, mac in enumerate(candidates)},
+        )
         taken_macs = {row["mac"] for row in rows}
         free = [mac for mac in candidates if mac not in taken_macs]
         if free:
             break
-    taken_ips = {row["ip"] for row in rows if row["ip"]}
-    for ip in _host_addresses(settings.SANDBOX_NETWORK_CIDR):
+    if network is None:
+        return free[0], None
+    taken_ips = {row["ip"] for row in rows if row["ip"] and row["network_id"] == network.pk}
+    for ip in _host_addresses(network.subnet):
         if ip not in taken_ips:
             return free[0], ip
     return free[0], None
@@ -78,6 +91,11 @@ def _host_addresses(cidr: str) -> Iterator[str]:
         yield str(address)
 
 
-def gateway() -> str:
-    network = ipaddress.ip_network(settings.SANDBOX_NETWORK_CIDR)
-    return str(next(network.hosts()))
+def gateway(subnet: str) -> str:
+    """The first host address of ``subnet``: the bridge's, the VMs' gateway."""
+    return str(next(ipaddress.ip_network(subnet).hosts()))
+
+
+def tap_for(vm_id: uuid.UUID) -> str:
+    """The name of a VM's TAP device in the product namespace (15 characters at most)."""
+    return "t" + vm_id.hex[:12]

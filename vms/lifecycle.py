@@ -46,6 +46,7 @@ __all__ = [
     "GONE",
     "ApiRoute",
     "GUEST_VERBS",
+    "NETWORK_EVENTS",
     "OTHER_EVENTS",
     "RECORD_VERBS",
     "REQUEST_VERBS",
@@ -103,10 +104,11 @@ OnInterrupt = Literal["guest_up", "finish", "report"]
 
 @dataclass(frozen=True)
 class ApiRoute:
-    """Where the REST API offers a verb: an action of the ``vms`` or ``snapshots`` viewset
+    """Where the REST API offers a verb: an action of the ``vms`` or ``snapshots`` viewset, or
+    of a VM's ``ports`` or ``egress`` (``/vms/{id}/ports/``, ``/vms/{id}/egress/``; vms.api)
     (``create`` and ``destroy`` are the collection's POST and the item's DELETE)."""
 
-    resource: Literal["vms", "snapshots"]
+    resource: Literal["vms", "snapshots", "ports", "egress"]
     action: str
     methods: tuple[str, ...] = ("post",)
 
@@ -380,6 +382,32 @@ VERBS: tuple[Verb, ...] = (
         api=ApiRoute("snapshots", "destroy", ("delete",)),
         evidence=_BACKUP,
     ),
+    # The VM's NIC: its port forwards and its egress policy (vms.commands; the worker applies
+    # them to the host's rules after the commit).
+    Verb(
+        name="add_port_forward",
+        kind="record",
+        permission=OPERATE,
+        description="A host port forwarded to a port of the VM's guest.",
+        records=("net.port_forward_added",),
+        api=ApiRoute("ports", "create"),
+    ),
+    Verb(
+        name="remove_port_forward",
+        kind="record",
+        permission=OPERATE,
+        description="A port forward of the VM removed.",
+        records=("net.port_forward_removed",),
+        api=ApiRoute("ports", "destroy", ("delete",)),
+    ),
+    Verb(
+        name="set_egress",
+        kind="record",
+        permission=OPERATE,
+        description="The VM's egress policy (and allow list) changed.",
+        records=("net.egress_policy_changed",),
+        api=ApiRoute("egress", "update", ("put",)),
+    ),
     Verb(
         name="console",
         kind="record",
@@ -447,8 +475,6 @@ def outcome_states() -> dict[str, str]:
 
 # --- The VM part of the event catalogue -------------------------------------------------------
 
-_NO_LEASES = "guest networking does not lease addresses through the product yet"
-_NO_FORWARDS = "port forwards are not configurable in the product yet"
 
 # Events of the VM and snapshot aggregates that no verb appends as its request or outcome.
 OTHER_EVENTS: tuple[EventType, ...] = (
@@ -509,15 +535,33 @@ OTHER_EVENTS: tuple[EventType, ...] = (
         "A snapshot failed its manifest check.",
         evidence=frozenset({"backup", "integrity_check"}),
     ),
-    *(
-        EventType(name, "vm", 1, "change", text, not_appended=why)
-        for name, text, why in (
-            ("net.ip_leased", "An address was leased to a VM.", _NO_LEASES),
-            ("net.ip_released", "A VM's address was released.", _NO_LEASES),
-            ("net.port_forward_added", "A host port was forwarded to a VM.", _NO_FORWARDS),
-            ("net.port_forward_removed", "A port forward was removed.", _NO_FORWARDS),
-        )
+    EventType("net.ip_leased", "vm", 1, "change", "An address was leased to a VM."),
+    EventType("net.ip_released", "vm", 1, "change", "A VM's address was released."),
+    EventType("net.port_forward_added", "vm", 1, "change", "A host port was forwarded to a VM."),
+    EventType("net.port_forward_removed", "vm", 1, "change", "A port forward was removed."),
+    EventType(
+        "net.egress_refused",
+        "vm",
+        1,
+        "monitoring",
+        "Connections the VM's egress policy refused in a period (destinations and counts).",
+        evidence=frozenset({"egress_evidence"}),
     ),
+    EventType(
+        "net.dns_lookups",
+        "vm",
+        1,
+        "monitoring",
+        "Names the VM's resolver answered or refused in a period (counts per name).",
+        evidence=frozenset({"egress_evidence"}),
+    ),
+)
+
+# The networks VMs attach to (aggregate "network"; admins change them: vms.commands).
+NETWORK_EVENTS: tuple[EventType, ...] = (
+    EventType("net.network_created", "network", 1, "change", "A network was defined."),
+    EventType("net.network_updated", "network", 1, "change", "A network's settings changed."),
+    EventType("net.network_deleted", "network", 1, "change", "A network was deleted."),
 )
 
 # Descriptions and categories of the event types the verbs append (categories are part of what
@@ -538,14 +582,22 @@ _GUEST_TEXT = {
     "vm.file_download_failed": "A requested download from the guest failed.",
 }
 _RECORD_TYPES = {
-    "vm.created": ("change", "A VM was defined (spec, owner, template, identity)."),
-    "vm.console_opened": ("access", "A console session started (recording referenced)."),
-    "vm.console_closed": ("access", "A console session ended (recording, size, SHA-256)."),
+    "vm.created": ("vm", "change", "A VM was defined (spec, owner, template, identity)."),
+    "vm.console_opened": ("vm", "access", "A console session started (recording referenced)."),
+    "vm.console_closed": ("vm", "access", "A console session ended (recording, size, SHA-256)."),
     "vm.preview_link_created": (
+        "vm",
         "access",
         "A shareable preview link to a guest's port was made (link id, port, expiry).",
     ),
-    "snapshot.deleted": ("data", "A snapshot was deleted (by a user or retention)."),
+    "snapshot.deleted": ("snapshot", "data", "A snapshot was deleted (by a user or retention)."),
+    "net.port_forward_added": ("vm", "change", "A host port was forwarded to a VM."),
+    "net.port_forward_removed": ("vm", "change", "A port forward was removed."),
+    "net.egress_policy_changed": (
+        "vm",
+        "change",
+        "A VM's egress policy changed (policy and allow list).",
+    ),
 }
 
 
@@ -563,8 +615,7 @@ def _verb_event_types(verbs: tuple[Verb, ...]) -> Iterator[EventType]:
                 yield EventType(name, "vm", 1, "data", _GUEST_TEXT[name], evidence=v.evidence)
         else:
             for name in v.records:
-                category, text = _RECORD_TYPES[name]
-                aggregate = name.split(".")[0]
+                aggregate, category, text = _RECORD_TYPES[name]
                 yield EventType(name, aggregate, 1, category, text, evidence=v.evidence)
 
 
@@ -572,7 +623,7 @@ def event_types(verbs: tuple[Verb, ...] = VERBS) -> tuple[EventType, ...]:
     """Every event type of the VM domain: the verbs' of ``verbs`` (the table) and the others
     (no name twice)."""
     seen: dict[str, EventType] = {}
-    for t in (*_verb_event_types(verbs), *OTHER_EVENTS):
+    for t in (*_verb_event_types(verbs), *OTHER_EVENTS, *NETWORK_EVENTS):
         if t.name in seen and seen[t.name] != t:
             raise ValueError(f"{t.name} is defined twice, differently")
         seen[t.name] = t

@@ -14,6 +14,9 @@ from django.db import models
 
 __all__ = [
     "ACTIVE_STATES",
+    "EGRESS_CHOICES",
+    "Network",
+    "PortForward",
     "Quota",
     "RequestOutcome",
     "Snapshot",
@@ -46,6 +49,42 @@ class VMState(models.TextChoices):
 
 # States that count against quotas (everything but destroyed).
 ACTIVE_STATES = frozenset(s.value for s in VMState) - {VMState.DESTROYED.value}
+
+
+# What a VM may reach outside its network (vms.network.ruleset.EGRESS_MODES).
+EGRESS_CHOICES = [("none", "None"), ("allow-list", "Allow list"), ("internet", "Internet")]
+
+
+class Network(models.Model):
+    """A network VMs are attached to: a bridge in the product's network namespace with its
+    subnet, the host ports its forwards are taken from and the egress new VMs get. Projected from
+    net.network_* events (aggregate "network"); ``version`` is its aggregate version."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    name = models.SlugField(max_length=63, unique=True)
+    subnet = models.CharField(max_length=18)  # an IPv4 CIDR, private, /16 to /29
+    gateway = models.GenericIPAddressField(protocol="IPv4")  # the subnet's first host address
+    bridge = models.CharField(max_length=15, unique=True)  # vms.network.names.check_ifname
+    isolated = models.BooleanField(default=True)  # VMs on it cannot reach each other
+    port_min = models.PositiveIntegerField()
+    port_max = models.PositiveIntegerField()
+    default_egress = models.CharField(max_length=16, choices=EGRESS_CHOICES, default="none")
+    is_default = models.BooleanField(default=False)
+    version = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"],
+                condition=models.Q(is_default=True),
+                name="vms_network_one_default",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.subnet})"
 
 
 class Template(models.Model):
@@ -94,6 +133,13 @@ class VirtualMachine(models.Model):
     hostname = models.CharField(max_length=63)
     mac = models.CharField(max_length=17)
     ip = models.GenericIPAddressField(null=True, blank=True)
+    # The NIC: its network (None: the VM has no NIC), its TAP's name, its egress policy.
+    network = models.ForeignKey(
+        Network, null=True, blank=True, on_delete=models.PROTECT, related_name="vms"
+    )
+    tap = models.CharField(max_length=15, blank=True)
+    egress = models.CharField(max_length=16, choices=EGRESS_CHOICES, default="none")
+    egress_allow = models.JSONField(default=list, blank=True)  # CIDRs and domain names
     source_snapshot = models.ForeignKey(
         "vms.Snapshot", null=True, blank=True, on_delete=models.SET_NULL, related_name="clones"
     )
@@ -140,6 +186,32 @@ class VirtualMachine(models.Model):
     @property
     def busy(self) -> bool:
         return bool(self.pending_request)
+
+
+class PortForward(models.Model):
+    """A host port forwarded to a port of a VM's guest. The host port comes from the VM's
+    network's range and is unique with its protocol over all networks (every forward listens on
+    the same host side). Projected from net.port_forward_added / _removed (aggregate "vm")."""
+
+    PROTOCOLS = [("tcp", "TCP"), ("udp", "UDP")]
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    vm = models.ForeignKey(VirtualMachine, on_delete=models.CASCADE, related_name="forwards")
+    protocol = models.CharField(max_length=3, choices=PROTOCOLS)
+    guest_port = models.PositiveIntegerField()
+    host_port = models.PositiveIntegerField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["host_port", "protocol"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["protocol", "host_port"], name="vms_forward_unique_host_port"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.protocol}/{self.host_port} -> {self.vm_id}:{self.guest_port}"
 
 
 class Snapshot(models.Model):

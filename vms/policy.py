@@ -27,12 +27,15 @@ from vms.models import Snapshot, VirtualMachine
 
 __all__ = [
     "MANAGE_ALL",
+    "NETWORK_PERMISSIONS",
+    "may_manage_networks",
     "console_mode",
     "may",
     "may_act_on",
     "may_create",
     "may_see",
     "require",
+    "require_network_admin",
     "scope_of",
     "sees_all_snapshots",
     "sees_all_vms",
@@ -130,3 +133,23 @@ def console_mode(caller: Caller, vm: VirtualMachine) -> Literal["write", "read"]
     """A console on a VM the caller sees: it types if it may use the console verb on it, else
     it watches."""
     return "write" if may(caller, "console", vm.owner_id) else "read"
+
+
+# --- Networks -----------------------------------------------------------------------------------
+
+# Defining, changing and deleting networks: administrators (the admin role holds every
+# permission); every signed-in user reads them (a VM's page names its network).
+NETWORK_PERMISSIONS = {
+    "add": "vms.add_network",
+    "change": "vms.change_network",
+    "delete": "vms.delete_network",
+}
+
+
+def may_manage_networks(caller: Caller, action: str = "change") -> bool:
+    return caller.has(NETWORK_PERMISSIONS[action])
+
+
+def require_network_admin(caller: Caller, action: str) -> None:
+    """``PermissionDenied`` unless ``caller`` may ``action`` (add, change, delete) networks."""
+    caller.require(NETWORK_PERMISSIONS[action])

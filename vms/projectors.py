@@ -20,7 +20,7 @@ from audit import catalogue
 from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
 from vms import lifecycle
-from vms.models import RequestOutcome, Snapshot, Usage, VirtualMachine
+from vms.models import Network, PortForward, RequestOutcome, Snapshot, Usage, VirtualMachine
 
 # The states of the lifecycle table (vms.lifecycle): request type -> transitional state, and
 # outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running).
@@ -40,10 +40,10 @@ def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -
 @register
 class VMProjector(Projector):
     name = "vms.state"
-    # Every event of the vm and snapshot aggregates: even those folded into nothing (exec, file
-    # transfers) move the aggregate's version, which commands check.
+    # Every event of the vm, snapshot and network aggregates: even those folded into nothing
+    # (exec, file transfers) move the aggregate's version, which commands check.
     event_types = frozenset(
-        t.name for t in catalogue.all_types() if t.aggregate_type in ("vm", "snapshot")
+        t.name for t in catalogue.all_types() if t.aggregate_type in ("vm", "snapshot", "network")
     )
     inline = True
 
@@ -65,9 +65,23 @@ class VMProjector(Projector):
         outcomes: list[RequestOutcome] = []
         usage: dict[int, dict[str, int]] = {}
 
+        net_ids = {uuid.UUID(e.aggregate_id) for e in events if e.aggregate_type == "network"}
+        networks = load_rows(
+            Network,
+            net_ids
+            - {uuid.UUID(e.aggregate_id) for e in events if e.type == "net.network_created"},
+        )
+        new_networks: dict[uuid.UUID, Network] = {}
+        gone_networks: set[uuid.UUID] = set()
+        new_forwards: dict[uuid.UUID, PortForward] = {}
+        gone_forwards: set[uuid.UUID] = set()
+
         for e in events:
             data = e.data
             at = e.recorded_at
+            if e.aggregate_type == "network":
+                self._network_event(e, networks, new_networks, gone_networks)
+                continue
             if e.aggregate_type == "snapshot":
                 snap = snaps.get(uuid.UUID(e.aggregate_id))
                 if snap is None:
@@ -90,6 +104,9 @@ class VMProjector(Projector):
                     hostname=data["hostname"],
                     mac=data["mac"],
                     ip=data.get("ip"),
+                    network_id=data.get("network_id"),
+                    tap=data.get("tap", ""),
+                    egress=data.get("egress", "none"),
                     source_snapshot_id=data.get("source_snapshot_id"),
                     last_snapshot_id=data.get("source_snapshot_id"),
                     created_at=at,
@@ -204,9 +221,48 @@ class VMProjector(Projector):
                     vm.last_error = str(data["reason"])[:2000]
             elif e.type == "net.ip_leased":
                 vm.ip = data["ip"]
+                vm.network_id = data.get("network_id", vm.network_id)
             elif e.type == "net.ip_released":
                 vm.ip = None
+            elif e.type == "net.port_forward_added":
+                forward = PortForward(
+                    id=uuid.UUID(data["forward_id"]),
+                    vm_id=vm_id,
+                    protocol=data["protocol"],
+                    guest_port=data["guest_port"],
+                    host_port=data["host_port"],
+                    created_at=at,
+                )
+                new_forwards[forward.id] = forward
+            elif e.type == "net.port_forward_removed":
+                forward_id = uuid.UUID(data["forward_id"])
+                if new_forwards.pop(forward_id, None) is None:
+                    gone_forwards.add(forward_id)
+            elif e.type == "net.egress_policy_changed":
+                vm.egress = data["egress"]
+                vm.egress_allow = list(data.get("allow", []))
 
+        kept = [n for nid, n in networks.items() if nid not in new_networks]
+        # The default flag moves: the network that loses it is written first (one default).
+        kept = sorted((n for n in kept if n.pk not in gone_networks), key=lambda n: n.is_default)
+        if kept:
+            update_rows(
+                Network,
+                kept,
+                [
+                    "name",
+                    "subnet",
+                    "gateway",
+                    "bridge",
+                    "isolated",
+                    "port_min",
+                    "port_max",
+                    "default_egress",
+                    "is_default",
+                    "version",
+                ],
+            )
+        Network.objects.bulk_create(list(new_networks.values()))
         VirtualMachine.objects.bulk_create(list(new_vms.values()))
         changed = [vm for vm_id, vm in vms.items() if vm_id not in new_vms]
         if changed:
@@ -223,6 +279,9 @@ class VMProjector(Projector):
                     "vcpus",
                     "memory_mib",
                     "ip",
+                    "network",
+                    "egress",
+                    "egress_allow",
                     "last_error",
                     "progress",
                     "last_snapshot",
@@ -249,6 +308,52 @@ class VMProjector(Projector):
             )
         RequestOutcome.objects.bulk_create(outcomes)
         self._apply_usage(usage)
+        # Removed forwards first: a host port freed and taken again in one batch (a rebuild).
+        if gone_forwards:
+            PortForward.objects.filter(pk__in=gone_forwards).delete()
+        PortForward.objects.bulk_create(list(new_forwards.values()))
+        if gone_networks:
+            # Only destroyed VMs may still name a deleted network (the command checks).
+            VirtualMachine.objects.filter(network_id__in=gone_networks).update(network=None)
+            Network.objects.filter(pk__in=gone_networks).delete()
+
+    @staticmethod
+    def _network_event(
+        e: RecordedEvent,
+        networks: dict[uuid.UUID, Network],
+        new_networks: dict[uuid.UUID, Network],
+        gone: set[uuid.UUID],
+    ) -> None:
+        network_id = uuid.UUID(e.aggregate_id)
+        data = e.data
+        if e.type == "net.network_created":
+            network = Network(
+                id=network_id,
+                name=data["name"],
+                subnet=data["subnet"],
+                gateway=data["gateway"],
+                bridge=data["bridge"],
+                isolated=data["isolated"],
+                port_min=data["port_min"],
+                port_max=data["port_max"],
+                default_egress=data["default_egress"],
+                is_default=data["is_default"],
+                version=e.version,
+                created_at=e.recorded_at,
+            )
+            networks[network_id] = new_networks[network_id] = network
+            return
+        found = networks.get(network_id)
+        if found is None:
+            return
+        found.version = e.version
+        if e.type == "net.network_updated":
+            for key, value in data["changes"].items():
+                setattr(found, key, value)
+        elif e.type == "net.network_deleted":
+            if new_networks.pop(network_id, None) is None:
+                gone.add(network_id)
+            networks.pop(network_id, None)
 
     @staticmethod
     def _set_state(vm: VirtualMachine, state: str, at: datetime) -> None:
@@ -292,9 +397,11 @@ class VMProjector(Projector):
                 Usage.objects.create(user_id=user_id, **delta)
 
     def reset(self) -> None:
+        PortForward.objects.all().delete()
         RequestOutcome.objects.all().delete()
         VirtualMachine.objects.update(source_snapshot=None, last_snapshot=None)
         Snapshot.objects.update(parent=None)
         Snapshot.objects.all().delete()
         VirtualMachine.objects.all().delete()
+        Network.objects.all().delete()
         Usage.objects.all().delete()

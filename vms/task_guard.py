@@ -48,6 +48,7 @@ ALLOWED_TASKS = frozenset(
         "audit.tasks.run_projections",
         "audit.tasks.sign_digest",
         "vms.heartbeat.beat",
+        "vms.tasks.apply_network",
         "vms.tasks.apply_retention",
         "vms.tasks.cleanup_snapshot",
         "vms.tasks.reconcile",

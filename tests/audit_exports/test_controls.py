@@ -37,14 +37,14 @@ READS = {"audit.trail_read", "audit.accounts_listed"}
 HOLDS = {"audit.legal_hold_placed", "audit.legal_hold_released"}
 # Types nothing in the product appends: counted by no control (the mix still holds some).
 NOT_EMITTED = {"vm.create_requested", "snapshot.verified", "vm.recovered"}
-NOT_EMITTED |= {"net.ip_leased", "net.ip_released", "net.port_forward_added"}
-NOT_EMITTED |= {"net.port_forward_removed"}
+# What a VM's egress policy refused and its DNS lookups: monitoring, not changes.
+NET_EVIDENCE = {"net.egress_refused", "net.dns_lookups"}
 BACKUPS = {"snapshot.created", "snapshot.corrupted", "snapshot.deleted"}
 BACKUPS |= {"vm.snapshotted", "vm.snapshot_failed", "vm.restored", "vm.restore_failed"}
 SNAPSHOT_CHECKS = {"snapshot.corrupted"}
 
 
-NOT_CHANGES = {"vm.progress", "vm.crashed"} | COMMANDS | NOT_EMITTED
+NOT_CHANGES = {"vm.progress", "vm.crashed"} | COMMANDS | NOT_EMITTED | NET_EVIDENCE
 NOT_CHANGES |= TRANSFERS | {"vm.console_opened", "vm.console_closed"}
 
 
@@ -72,7 +72,9 @@ def _any(*tests: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]],
     return lambda e: any(t(e) for t in tests)
 
 
-MONITORING = _any(_types(LOGIN_SIGNALS | REFUSALS | {"vm.crashed"}), _failed_verification)
+MONITORING = _any(
+    _types(LOGIN_SIGNALS | REFUSALS | {"vm.crashed"} | NET_EVIDENCE), _failed_verification
+)
 
 # What each control's text asks for, as a test on one event.
 EXPECTED: dict[str, dict[str, Callable[[dict[str, Any]], bool]]] = {

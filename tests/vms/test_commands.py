@@ -36,7 +36,7 @@ def test_create_appends_the_definition_and_a_start_request(caller_for) -> None:
     assert (vm.state, vm.vcpus, vm.memory_mib, vm.hostname) == ("starting", 1, 256, "web-1")
     assert vm.pending_request == accepted.request.event_id
     types = list(Event.objects.filter(aggregate_id=str(vm.pk)).values_list("type", flat=True))
-    assert types == ["vm.created", "vm.start_requested"]
+    assert types == ["vm.created", "net.ip_leased", "vm.start_requested"]
     assert Usage.objects.get(user=caller.user).vms == 1
     created = Event.objects.get(type="vm.created")
     assert created.actor_name == caller.user.username and created.payload["mac"] == vm.mac
@@ -260,12 +260,15 @@ def test_addresses_are_the_lowest_free_and_run_out_cleanly(caller_for, settings)
     caller = caller_for("admin")
     vms = [
         commands.create(caller, name=f"ip{i}", template="linux-small", start_now=False).vm
-        for i in range(6)
+        for i in range(5)
     ]
-    assert [vm.ip for vm in vms] == ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"] + [
-        None
-    ]
-    assert len({vm.mac for vm in vms}) == 6
+    assert [vm.ip for vm in vms] == ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"]
+    # A full network: a clear refusal, nothing recorded.
+    before = Event.objects.count()
+    with pytest.raises(ValidationError, match="no free address"):
+        commands.create(caller, name="ip5", template="linux-small", start_now=False)
+    assert Event.objects.count() == before
+    assert len({vm.mac for vm in vms}) == 5
     assert all(vm.mac.startswith("52:54:00:") for vm in vms)
     # A destroyed VM's address is free again, and it is the lowest one that is.
     settle(commands.destroy(caller, vms[1]), "vm.destroyed")

@@ -30,6 +30,7 @@ from vms import (
     api,
     commands,
     lifecycle,
+    network_api,
     policy,
     preview_api,
     preview_views,
@@ -41,12 +42,18 @@ from vms import (
 from vms.models import VMState
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_AGGREGATES = ("vm", "snapshot")
+VM_AGGREGATES = ("vm", "snapshot", "network")
 READS = {"list", "retrieve", "events"}
 
 # The VM domain's event types as recorded logs hold them: name, aggregate, schema version and
 # category must never change (a log appended before must stay valid and report the same).
 RECORDED = {
+    "net.dns_lookups": ("vm", 1, "monitoring"),
+    "net.egress_policy_changed": ("vm", 1, "change"),
+    "net.egress_refused": ("vm", 1, "monitoring"),
+    "net.network_created": ("network", 1, "change"),
+    "net.network_deleted": ("network", 1, "change"),
+    "net.network_updated": ("network", 1, "change"),
     "net.ip_leased": ("vm", 1, "change"),
     "net.ip_released": ("vm", 1, "change"),
     "net.port_forward_added": ("vm", 1, "change"),
@@ -408,6 +415,10 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         # A record verb with input of its own, routed apart (its row says where: api=None).
         preview_api.PreviewLinkView: frozenset({"share_preview"}),
         inspect.unwrap(preview_views.vm_preview): frozenset({"share_preview"}),
+        # A VM's NIC (vms.network_api); networks are not VMs: their commands are admins'.
+        network_api.PortForwardViewSet: frozenset({"add_port_forward", "remove_port_forward"}),
+        network_api.EgressView: frozenset({"set_egress"}),
+        network_api.NetworkViewSet: frozenset(),
     }
 
 

@@ -36,15 +36,16 @@ def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> No
 def test_create_appends_the_definition_and_the_start_request_in_one_append(caller_for) -> None:
     caller = caller_for("operator")
     _running(caller)
-    with exact_queries(11) as sql:
+    with exact_queries(12) as sql:
         accepted = commands.create(caller, name="two", template="linux-small")
-    # Before the lock: the template and the quota definitions (the user's, then its groups').
-    # Under it: the name, the usage, the addresses in use; the head, one INSERT of both events;
+    # Before the lock: the template, the default network and the quota definitions (the
+    # user's, then its groups'). Under it: the name, the usage, the addresses leased on the
+    # network; the head, one INSERT of the three events (definition, lease, start request);
     # the projection: the new VM's row, the usage, the checkpoint.
     kinds = [s.split()[0] for s in sql]
-    assert kinds == ["SELECT"] * 7 + ["INSERT", "INSERT", "UPDATE", "UPDATE"], sql
+    assert kinds == ["SELECT"] * 8 + ["INSERT", "INSERT", "UPDATE", "UPDATE"], sql
     vm = VirtualMachine.objects.get(pk=accepted.vm_id)
-    assert (vm.state, vm.version, vm.pending_request) == ("starting", 2, accepted.request.event_id)
+    assert (vm.state, vm.version, vm.pending_request) == ("starting", 3, accepted.request.event_id)
 
 
 def test_resize_reads_the_vm_once_under_the_lock(caller_for) -> None:
