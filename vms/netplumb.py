@@ -1,0 +1,392 @@
+"""The worker's side of sandbox networking: what a VM's NIC needs on this host, and when.
+
+``vms.network`` is the plumbing (namespace, bridges, rules, resolvers, TAPs) and knows nothing of
+VMs as the product sees them. This module turns the product's view (a ``HostNet`` from the
+settings, a ``NicPlan`` per VM: its TAP, MAC, address, network, egress policy and forwards) into
+calls of that plumbing, in the order the lifecycle needs:
+
+- ``setup_host``: at worker start, the product namespace, its link to the host, the base rules
+  and one bridge per network (idempotent: a namespace left by the last run is taken over);
+- ``plug``: before a VMM starts, the VM's TAP on its network's bridge, its rules (one
+  transaction), its resolver when its policy lets it resolve names, and a ``NetSpec`` holding an
+  open descriptor of the TAP for the VMM (the caller closes it once the VMM runs);
+- ``reapply``: the VM's rules again after a forward or its egress policy changed;
+- ``unplug``: at stop and destroy, the rules, the resolver and the TAP (each step runs even when
+  an earlier one failed, and a VM without any of them is fine);
+- ``remove_orphans``: TAPs, rules and resolvers of VMs that are no longer live (the reconciler);
+- ``collect``: the refused connections and the lookups since the last collection, per VM.
+
+Everything here takes its configuration as arguments (tests pass namespaces of their own); only
+``host_config`` reads the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from django.conf import settings
+
+from vms.hypervisors.base import NetSpec
+from vms.network import bridge as br
+from vms.network import dns, netns, ruleset, tap
+from vms.network.names import NetworkError
+
+log = logging.getLogger("sandbox.vms.network")
+
+__all__ = [
+    "Evidence",
+    "HostNet",
+    "NicPlan",
+    "collect",
+    "host_config",
+    "networking_enabled",
+    "plug",
+    "reapply",
+    "remove_orphans",
+    "setup_host",
+    "teardown_host",
+    "unplug",
+]
+
+Egress = Literal["none", "allow-list", "internet"]
+# The namespace side of the host link, inside the product namespace.
+NS_LINK_IFNAME = "host0"
+
+
+@dataclass(frozen=True)
+class HostNet:
+    """This host's networking: the product namespace ``netns``, its ``link`` to the host (the
+    host side in ``host_ns``; None is the real host namespace, tests pass one of their own), the
+    directory of the resolvers' files, the ``uplink`` interface egress leaves by (None: guests
+    reach nothing outside the namespace whatever their policy), the resolvers' upstream servers
+    and the nftables table."""
+
+    netns: str
+    link: netns.HostLink
+    run_dir: Path
+    uplink: str | None = None
+    upstreams: tuple[ipaddress.IPv4Address, ...] = ()
+    blocked: tuple[ipaddress.IPv4Network, ...] = ()
+    table: str = ruleset.DEFAULT_TABLE
+    host_ns: str | None = None
+
+    @classmethod
+    def make(
+        cls,
+        name: str,
+        link_subnet: str | ipaddress.IPv4Network,
+        run_dir: Path,
+        **kwargs: object,
+    ) -> HostNet:
+        """The host side of the link is named after the namespace (so two product namespaces on
+        one machine, as in tests, never share a name); the namespace side is ``host0``."""
+        link = netns.HostLink(
+            host_ifname=f"{name[:13]}-h",
+            ns_ifname=NS_LINK_IFNAME,
+            subnet=ipaddress.IPv4Network(link_subnet),
+        )
+        return cls(netns=name, link=link, run_dir=Path(run_dir), **kwargs)  # type: ignore[arg-type]
+
+    def fabric(self, bridges: Iterable[br.Bridge]) -> ruleset.Fabric:
+        return ruleset.Fabric.for_link(
+            self.link, [b.ifname for b in bridges], self.blocked, self.table
+        )
+
+
+@dataclass(frozen=True)
+class NicPlan:
+    """One VM's NIC as the host sees it. ``key`` names its rules and resolver (the VM id's hex),
+    ``tap`` its TAP, ``bridge`` its network's bridge."""
+
+    key: str
+    tap: str
+    mac: str
+    address: ipaddress.IPv4Address
+    bridge: br.Bridge
+    egress: Egress = "none"
+    allow_cidrs: tuple[ipaddress.IPv4Network, ...] = ()
+    allow_domains: tuple[str, ...] = ()
+    forwards: tuple[ruleset.Forward, ...] = field(default=())
+
+    def effective_egress(self, host: HostNet) -> Egress:
+        # Without an uplink nothing leaves the namespace: the policy is "none" in effect.
+        return self.egress if host.uplink else "none"
+
+    def resolver(self, host: HostNet) -> dns.Resolver | None:
+        egress = self.effective_egress(host)
+        if egress == "none" or not host.upstreams:
+            return None
+        return dns.Resolver(
+            key=self.key,
+            gateway=self.bridge.gateway,
+            port=dns.resolver_port(self.bridge.subnet, self.address),
+            mode=egress,
+            upstreams=host.upstreams,
+            domains=self.allow_domains if egress == "allow-list" else (),
+            table=host.table,
+        )
+
+    def rules(self, host: HostNet) -> ruleset.VmRules:
+        egress = self.effective_egress(host)
+        resolver = self.resolver(host)
+        return ruleset.VmRules(
+            key=self.key,
+            bridge=self.bridge,
+            address=self.address,
+            port_ifname=self.tap,
+            mac=self.mac,
+            egress=egress,
+            allow_cidrs=self.allow_cidrs if egress == "allow-list" else (),
+            uplink=host.uplink if egress != "none" else None,
+            dns_port=resolver.port if resolver else None,
+            forwards=self.forwards,
+        )
+
+    def netspec(self, host: HostNet, fd: int | None) -> NetSpec:
+        resolver = self.resolver(host)
+        return NetSpec(
+            tap=self.tap,
+            mac=self.mac,
+            id="net0",
+            fd=fd,
+            netns=host.netns,
+            address=f"{self.address}/{self.bridge.subnet.prefixlen}",
+            gateway=str(self.bridge.gateway),
+            dns=(str(self.bridge.gateway),) if resolver else (),
+        )
+
+
+def networking_enabled() -> bool:
+    """``SANDBOX_NETWORKING``: on, off, or auto (on when this process may create network
+    namespaces and ``ip``/``nft`` exist)."""
+    mode = str(settings.SANDBOX_NETWORKING).lower()
+    if mode in ("on", "true", "1"):
+        return True
+    if mode in ("off", "false", "0"):
+        return False
+    return (
+        os.geteuid() == 0
+        and Path("/usr/sbin/ip").exists()
+        and Path(ruleset.NFT).exists()
+        and Path("/dev/net/tun").exists()
+    )
+
+
+def host_config() -> HostNet | None:
+    """This host's ``HostNet`` from the settings, or None when networking is off."""
+    if not networking_enabled():
+        return None
+    upstreams = tuple(
+        ipaddress.IPv4Address(part.strip())
+        for part in str(settings.SANDBOX_NET_DNS).split(",")
+        if part.strip()
+    )
+    return HostNet.make(
+        settings.SANDBOX_NETNS,
+        settings.SANDBOX_NET_HOST_LINK,
+        Path(settings.SANDBOX_NET_RUN_DIR),
+        uplink=settings.SANDBOX_NET_UPLINK or None,
+        upstreams=upstreams,
+        host_ns=settings.SANDBOX_NET_HOST_NS or None,
+    )
+
+
+# --- host -------------------------------------------------------------------------------------
+
+
+def setup_host(host: HostNet, bridges: Sequence[br.Bridge]) -> bool:
+    """The namespace, its link and routes, the bridges and the base rules; True when the
+    namespace was created (False: one left by an earlier run was taken over)."""
+    created = netns.ensure(host.netns)
+    netns.connect_host(host.netns, host.link, [b.subnet for b in bridges], host_ns=host.host_ns)
+    for bridge in bridges:
+        br.ensure_bridge(host.netns, bridge)
+    ruleset.apply_base(host.netns, host.fabric(bridges))
+    host.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    return created
+
+
+def ensure_network(host: HostNet, bridges: Sequence[br.Bridge], bridge: br.Bridge) -> None:
+    """A network created after the worker started: its bridge, the host's route to it and the
+    base rules that name every bridge (re-applying the base keeps every VM's rules)."""
+    if not netns.exists(host.netns):
+        setup_host(host, bridges)
+        return
+    br.ensure_bridge(host.netns, bridge)
+    netns.set_host_routes(host.netns, host.link, [b.subnet for b in bridges], host_ns=host.host_ns)
+    ruleset.apply_base(host.netns, host.fabric(bridges))
+
+
+def teardown_host(host: HostNet) -> None:
+    """Stop every resolver of the namespace, then remove its link and the namespace."""
+    for key in dns.resolver_keys(host.run_dir):
+        dns.stop(host.run_dir, key)
+    netns.teardown(host.netns, host.link, host_ns=host.host_ns)
+
+
+# --- VMs --------------------------------------------------------------------------------------
+
+
+def plug(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> NetSpec:
+    """Make VM ``nic``'s NIC ready for its VMM: TAP on the bridge, resolver, rules; returns the
+    NetSpec with an open descriptor of the TAP (the caller closes it after the VMM started).
+    Whatever was set up is removed again when a step fails."""
+    ensure_network(host, bridges, nic.bridge)
+    try:
+        if tap.exists(host.netns, nic.tap):
+            # Left by an earlier run of this VM (its VMM is gone: the caller destroyed it).
+            tap.delete(host.netns, nic.tap)
+        tap.create(host.netns, nic.tap)
+        br.attach(host.netns, nic.tap, nic.bridge)
+        resolver = nic.resolver(host)
+        if resolver is not None:
+            dns.start(host.netns, resolver, host.run_dir)
+        else:
+            dns.stop(host.run_dir, nic.key)
+        ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
+        fd = tap.open_fd(host.netns, nic.tap)
+    except BaseException:
+        unplug(host, nic.key, nic.tap)
+        raise
+    return nic.netspec(host, fd)
+
+
+def reapply(
+    host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan, *, stricter: bool = False
+) -> None:
+    """The VM's rules (and resolver) again after its forwards or its egress policy changed;
+    ``stricter``: its tracked connections are dropped too, so that the new policy decides
+    about every further packet."""
+    resolver = nic.resolver(host)
+    if resolver is not None:
+        dns.start(host.netns, resolver, host.run_dir)
+    else:
+        dns.stop(host.run_dir, nic.key)
+    ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host), forget_established=stricter)
+
+
+def unplug(host: HostNet, key: str, tap_name: str | None) -> list[str]:
+    """Remove the VM's rules, resolver and TAP; every step is tried, and the failures are
+    returned (logged, never raised: a stop or destroy goes on)."""
+    errors: list[str] = []
+    if not netns.exists(host.netns):
+        return errors
+    steps = [
+        ("rules", lambda: ruleset.remove_vm(host.netns, key, host.table)),
+        ("resolver", lambda: dns.stop(host.run_dir, key)),
+    ]
+    if tap_name:
+        steps.append(("tap", lambda: tap.delete(host.netns, tap_name)))
+    for what, step in steps:
+        try:
+            step()
+        except (NetworkError, OSError) as exc:
+            log.warning("unplugging %s: %s failed: %s", key, what, exc)
+            errors.append(f"{what}: {exc}")
+    return errors
+
+
+def remove_orphans(
+    host: HostNet, live_keys: Iterable[str], live_taps: Iterable[str], tap_prefix: str = "t"
+) -> dict[str, int]:
+    """Remove the TAPs (named with ``tap_prefix``), rules and resolvers of VMs that are not live;
+    counts of each. A namespace that does not exist has nothing to clean."""
+    counts = {"taps": 0, "rules": 0, "resolvers": 0}
+    if not netns.exists(host.netns):
+        return counts
+    keys, taps = set(live_keys), set(live_taps)
+    for name in tap.list_taps(host.netns, tap_prefix):
+        if name not in taps:
+            with contextlib.suppress(NetworkError):
+                if tap.delete(host.netns, name):
+                    counts["taps"] += 1
+    for key in ruleset.vm_keys(host.netns, host.table) - keys:
+        ruleset.remove_vm(host.netns, key, host.table)
+        counts["rules"] += 1
+    for key in dns.resolver_keys(host.run_dir) - keys:
+        dns.stop(host.run_dir, key)
+        dns.remove_log(host.run_dir, key)
+        counts["resolvers"] += 1
+    return counts
+
+
+# --- evidence ---------------------------------------------------------------------------------
+
+# Rows kept per VM and collection period; the rest is counted in ``more``.
+EVIDENCE_ROWS = 50
+
+
+@dataclass
+class Evidence:
+    """What one VM's egress came to since the last collection: refused connections as
+    {dst, proto, port, packets} rows (most packets first, at most ``EVIDENCE_ROWS``; ``more``
+    says how many rows were left out) and lookups by name and verdict."""
+
+    refused: list[dict[str, object]] = field(default_factory=list)
+    refused_more: int = 0
+    allowed_names: dict[str, int] = field(default_factory=dict)
+    refused_names: dict[str, int] = field(default_factory=dict)
+    names_more: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not (self.refused or self.allowed_names or self.refused_names)
+
+
+def _bounded(counts: dict[str, int], limit: int) -> tuple[dict[str, int], int]:
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return dict(ranked[:limit]), max(len(ranked) - limit, 0)
+
+
+def _offset_file(host: HostNet, key: str) -> Path:
+    return host.run_dir / f"evidence-{key}.offset"
+
+
+def collect(host: HostNet, key: str, *, rows: int = EVIDENCE_ROWS) -> Evidence:
+    """Read and reset VM ``key``'s refused counters, and read its resolver's log from where the
+    last collection stopped (kept in a file beside the log, since each collection may run in
+    another process)."""
+    evidence = Evidence()
+    refused = ruleset.read_refused(host.netns, key, host.table)
+    if refused:
+        ruleset.reset_refused(host.netns, key, host.table)
+    ranked = sorted(refused, key=lambda r: (-r[3], r[0], r[1], r[2]))
+    evidence.refused = [
+        {"dst": str(dst), "proto": proto, "port": port, "packets": packets}
+        for dst, proto, port, packets in ranked[:rows]
+    ]
+    evidence.refused_more = max(len(ranked) - rows, 0)
+    offset_file = _offset_file(host, key)
+    try:
+        offset = int(offset_file.read_text())
+    except (FileNotFoundError, ValueError):
+        offset = 0
+    lookups, offset = dns.read_queries(host.run_dir, key, offset)
+    offset_file.write_text(str(offset))
+    allowed: dict[str, int] = {}
+    denied: dict[str, int] = {}
+    for lookup in lookups:
+        target = allowed if lookup.verdict == "allowed" else denied
+        target[lookup.name] = target.get(lookup.name, 0) + 1
+    evidence.allowed_names, more_a = _bounded(allowed, rows)
+    evidence.refused_names, more_r = _bounded(denied, rows)
+    evidence.names_more = more_a + more_r
+    return evidence
+
+
+def forget_evidence(host: HostNet, key: str) -> None:
+    """After the last collection of a VM that was unplugged: its log and offset go."""
+    dns.remove_log(host.run_dir, key)
+    _offset_file(host, key).unlink(missing_ok=True)
+
+
+def remove_run_dir(host: HostNet) -> None:
+    shutil.rmtree(host.run_dir, ignore_errors=True)
