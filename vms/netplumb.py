@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -295,97 +297,92 @@ def unplug(host: HostNet, key: str, tap_name: str | None) -> list[str]:
 
 
 def remove_orphans(
-    host: HostNet, live_keys: Iterable[str], live_taps: Iterable[str], tap_prefix: str = "t"
+    host: HostNet,
+    live: Callable[[], tuple[set[str], set[str]]],
+    tap_prefix: str = "t",
 ) -> dict[str, int]:
-    """Remove the TAPs (named with ``tap_prefix``), rules and resolvers of VMs that are not live;
-    counts of each. A namespace that does not exist has nothing to clean."""
+    """Remove the TAPs (named with ``tap_prefix``), rules and resolvers of VMs that are not live.
+    ``live()`` gives the live VMs' keys and TAPs; it is called after the namespace was listed,
+    so a VM whose NIC is being plugged meanwhile (its row exists before its TAP) is live in the
+    answer. Returns counts of each. A namespace that does not exist has nothing to clean."""
     counts = {"taps": 0, "rules": 0, "resolvers": 0}
     if not netns.exists(host.netns):
         return counts
-    keys, taps = set(live_keys), set(live_taps)
-    for name in tap.list_taps(host.netns, tap_prefix):
+    found_taps = tap.list_taps(host.netns, tap_prefix)
+    found_keys = ruleset.vm_keys(host.netns, host.table)
+    found_resolvers = dns.resolver_keys(host.run_dir)
+    keys, taps = live()
+    for name in found_taps:
         if name not in taps:
             with contextlib.suppress(NetworkError):
                 if tap.delete(host.netns, name):
                     counts["taps"] += 1
-    for key in ruleset.vm_keys(host.netns, host.table) - keys:
+    for key in found_keys - keys:
         ruleset.remove_vm(host.netns, key, host.table)
         counts["rules"] += 1
-    for key in dns.resolver_keys(host.run_dir) - keys:
+    for key in found_resolvers - keys:
         dns.stop(host.run_dir, key)
-        dns.remove_log(host.run_dir, key)
+        forget_evidence(host, key)
         counts["resolvers"] += 1
     return counts
 
 
 # --- evidence ---------------------------------------------------------------------------------
 
-# Rows kept per VM and collection period; the rest is counted in ``more``.
-EVIDENCE_ROWS = 50
-
 
 @dataclass
 class Evidence:
-    """What one VM's egress came to since the last collection: refused connections as
-    {dst, proto, port, packets} rows (most packets first, at most ``EVIDENCE_ROWS``; ``more``
-    says how many rows were left out) and lookups by name and verdict."""
+    """What one VM's egress came to between ``since`` and ``until`` (Unix times): refused
+    connections as {dst, proto, port, packets} rows (most packets first) and lookups by name
+    and verdict. Bounding them for the log is the evidence command's part."""
 
+    since: float
+    until: float
     refused: list[dict[str, object]] = field(default_factory=list)
-    refused_more: int = 0
     allowed_names: dict[str, int] = field(default_factory=dict)
     refused_names: dict[str, int] = field(default_factory=dict)
-    names_more: int = 0
 
     @property
     def empty(self) -> bool:
         return not (self.refused or self.allowed_names or self.refused_names)
 
 
-def _bounded(counts: dict[str, int], limit: int) -> tuple[dict[str, int], int]:
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    return dict(ranked[:limit]), max(len(ranked) - limit, 0)
+def _cursor_file(host: HostNet, key: str) -> Path:
+    return host.run_dir / f"evidence-{key}.json"
 
 
-def _offset_file(host: HostNet, key: str) -> Path:
-    return host.run_dir / f"evidence-{key}.offset"
-
-
-def collect(host: HostNet, key: str, *, rows: int = EVIDENCE_ROWS) -> Evidence:
+def collect(host: HostNet, key: str, *, now: float | None = None) -> Evidence:
     """Read and reset VM ``key``'s refused counters, and read its resolver's log from where the
-    last collection stopped (kept in a file beside the log, since each collection may run in
-    another process)."""
-    evidence = Evidence()
+    last collection stopped. The cursor (log offset, time of the last collection) is kept in a
+    file beside the log, since each collection may run in another process."""
+    until = time.time() if now is None else now
+    cursor = _cursor_file(host, key)
+    try:
+        state = json.loads(cursor.read_text())
+        offset, since = int(state["offset"]), float(state["since"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        offset, since = 0, until
     refused = ruleset.read_refused(host.netns, key, host.table)
     if refused:
         ruleset.reset_refused(host.netns, key, host.table)
     ranked = sorted(refused, key=lambda r: (-r[3], r[0], r[1], r[2]))
+    lookups, offset = dns.read_queries(host.run_dir, key, offset)
+    cursor.write_text(json.dumps({"offset": offset, "since": until}))
+    evidence = Evidence(since=since, until=until)
     evidence.refused = [
         {"dst": str(dst), "proto": proto, "port": port, "packets": packets}
-        for dst, proto, port, packets in ranked[:rows]
+        for dst, proto, port, packets in ranked
     ]
-    evidence.refused_more = max(len(ranked) - rows, 0)
-    offset_file = _offset_file(host, key)
-    try:
-        offset = int(offset_file.read_text())
-    except (FileNotFoundError, ValueError):
-        offset = 0
-    lookups, offset = dns.read_queries(host.run_dir, key, offset)
-    offset_file.write_text(str(offset))
-    allowed: dict[str, int] = {}
-    denied: dict[str, int] = {}
     for lookup in lookups:
-        target = allowed if lookup.verdict == "allowed" else denied
+        target = evidence.allowed_names if lookup.verdict == "allowed" else evidence.refused_names
         target[lookup.name] = target.get(lookup.name, 0) + 1
-    evidence.allowed_names, more_a = _bounded(allowed, rows)
-    evidence.refused_names, more_r = _bounded(denied, rows)
-    evidence.names_more = more_a + more_r
     return evidence
 
 
 def forget_evidence(host: HostNet, key: str) -> None:
-    """After the last collection of a VM that was unplugged: its log and offset go."""
+    """After the last collection of a VM that was unplugged: its log and cursor go."""
     dns.remove_log(host.run_dir, key)
-    _offset_file(host, key).unlink(missing_ok=True)
+    _cursor_file(host, key).unlink(missing_ok=True)
 
 
 def remove_run_dir(host: HostNet) -> None:

@@ -10,23 +10,26 @@ the guests and those namespaces.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from vms import netplumb
+from vms import forwarder, netplumb
 from vms.hypervisors.base import VMSpec
 from vms.network import bridge as br
-from vms.network import netns, tap
+from vms.network import netns, ruleset, tap
 
 from .conftest import Guest
 
@@ -187,3 +190,78 @@ def test_two_vms_reach_each_other_only_when_their_network_allows_it(
         assert f"vm_{nic.key}" not in rules
         assert str(nic.address) not in rules
     assert tap.list_taps(site.host.netns) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _read_local(port: int) -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            return sock.recv(100)
+    except OSError:
+        return None
+
+
+def test_a_port_forward_reaches_a_service_in_the_guest_and_stops_when_removed(
+    site: Site, start_nic_guest: Callable[[netplumb.NicPlan], Guest]
+) -> None:
+    net = site.network("nbr0", "10.219.6.0/24", isolated=True)
+    host_port = _free_port()
+    forward = ruleset.Forward("tcp", host_port, 8080)
+    nic = site.nic(secrets.token_hex(16), net, 20, forwards=(forward,))
+    guest = start_nic_guest(nic)
+    fwd = forwarder.Forwarder("127.0.0.1", site.host.link.ns_address, site.host.host_ns)
+    stop = threading.Event()
+    wanted = {("tcp", host_port)}
+    thread = forwarder.run_thread(fwd, lambda: set(wanted), stop, poll_s=0.2)
+    try:
+        for _ in range(50):
+            if fwd.ports == wanted:
+                break
+            time.sleep(0.1)
+        server = serve_in_guest(guest, 8080, "through-the-forward")
+        try:
+            # From the host's loopback, through the forwarder, the link and the DNAT rule.
+            assert _read_local(host_port) == b"through-the-forward"
+        finally:
+            server.join(60)
+
+        # Removed: the rule goes (re-applied without it) and so does the listener.
+        removed = dataclasses.replace(nic, forwards=())
+        netplumb.reapply(site.host, site.bridges, removed, stricter=True)
+        wanted.clear()
+        for _ in range(50):
+            if not fwd.ports:
+                break
+            time.sleep(0.1)
+        assert fwd.ports == set()
+        assert _read_local(host_port) is None
+        # Nor through the link directly (no rule for the port any more).
+        server = serve_in_guest(guest, 8080, "late")
+        try:
+
+            def direct() -> bytes | None:
+                try:
+                    with socket.create_connection(
+                        (str(site.host.link.ns_address), host_port), timeout=3
+                    ) as sock:
+                        return sock.recv(100)
+                except OSError:
+                    return None
+
+            assert netns.call_in(site.host.host_ns or "", direct) is None
+            assert f"dport {host_port}" not in site.ruleset()
+        finally:
+            # Reach the server from inside the product namespace so that its accept returns.
+            netns.call_in(
+                site.host.netns,
+                lambda: socket.create_connection((str(nic.address), 8080), timeout=5).close(),
+            )
+            server.join(60)
+    finally:
+        stop.set()
+        thread.join(10)
