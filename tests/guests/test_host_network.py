@@ -15,8 +15,10 @@ import ipaddress
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.network.conftest import SERVER
 from vms import forwarder, netplumb
 from vms.hypervisors.base import VMSpec
 from vms.network import bridge as br
@@ -265,3 +268,135 @@ def test_a_port_forward_reaches_a_service_in_the_guest_and_stops_when_removed(
     finally:
         stop.set()
         thread.join(10)
+
+
+INTERNET_DNS = ipaddress.IPv4Address("198.51.100.53")
+APP_ADDRESS = ipaddress.IPv4Address("198.51.100.80")
+OTHER_HOST = ipaddress.IPv4Address("203.0.113.20")
+APP_DOMAIN = "app.example.test"
+OTHER_DOMAIN = "other.example.test"
+
+
+@pytest.fixture
+def internet(site: Site) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """An "internet" namespace behind the product namespace's uplink ``up0``: a DNS server that
+    knows two names and TCP servers at both names' addresses. The site's host gets the uplink
+    and that DNS server as its resolvers' upstream."""
+    ns = site.host.netns.replace("nbp", "nbi")
+    netns.create(ns)
+    site.namespaces.append(ns)
+    uplink = ipaddress.IPv4Network(f"10.253.{secrets.randbelow(256)}.0/30")
+    with netns.iproute(site.host.netns) as ipr:
+        ipr.link(
+            "add",
+            ifname="up0",
+            kind="veth",
+            peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{ns}"},
+        )
+        (idx,) = ipr.link_lookup(ifname="up0")
+        ipr.addr("add", index=idx, address=str(uplink.network_address + 1), prefixlen=30)
+        ipr.link("set", index=idx, state="up")
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(uplink.network_address + 2))
+    with netns.iproute(ns) as ipr:
+        (idx,) = ipr.link_lookup(ifname="eth0")
+        ipr.addr("add", index=idx, address=str(uplink.network_address + 2), prefixlen=30)
+        ipr.link("set", index=idx, state="up")
+        (lo,) = ipr.link_lookup(ifname="lo")
+        ipr.link("set", index=lo, state="up")
+        for address in (INTERNET_DNS, APP_ADDRESS, OTHER_HOST):
+            ipr.addr("add", index=lo, address=str(address), prefixlen=32)
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(uplink.network_address + 1))
+    site.host = dataclasses.replace(site.host, uplink="up0", upstreams=(INTERNET_DNS,))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.append(
+            subprocess.Popen(  # noqa: S603 - fixed argv
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    "/usr/sbin/dnsmasq",
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    f"--listen-address={INTERNET_DNS}",
+                    "--port=53",
+                    "--cache-size=0",
+                    f"--address=/{APP_DOMAIN}/{APP_ADDRESS}",
+                    f"--address=/{OTHER_DOMAIN}/{OTHER_HOST}",
+                    f"--pid-file={site.host.run_dir}/internet-dns.pid",
+                    "--log-facility=-",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        for address in (APP_ADDRESS, OTHER_HOST):
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv
+                ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, str(address), "80"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            procs.append(proc)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        yield procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def guest_fetch(guest: Guest, target: str) -> str | None:
+    """From the guest: resolve ``target`` (a name or an address) and read what its port 80
+    sends; "nxdomain" when the name does not resolve, None when the connection fails."""
+    script = (
+        "import socket,sys\n"
+        "try:\n"
+        f" a=socket.gethostbyname({target!r})\n"
+        "except OSError:\n"
+        " print('nxdomain'); sys.exit(0)\n"
+        "try:\n"
+        " s=socket.create_connection((a,80),timeout=4); print(s.recv(100).decode().strip())\n"
+        "except OSError:\n"
+        " sys.exit(7)\n"
+    )
+    result = guest.client.exec(["python3", "-c", script], timeout=30)
+    return result.stdout.decode().strip() if result.exit_code == 0 else None
+
+
+def test_egress_none_blocks_the_internet_and_an_allow_list_lets_only_its_names_through(
+    site: Site,
+    internet: list[subprocess.Popen[bytes]],
+    start_nic_guest: Callable[[netplumb.NicPlan], Guest],
+) -> None:
+    net = site.network("nbr0", "10.219.7.0/24", isolated=True)
+    closed = site.nic(secrets.token_hex(16), net, 30, egress="none")
+    allowed = site.nic(
+        secrets.token_hex(16), net, 31, egress="allow-list", allow_domains=(APP_DOMAIN,)
+    )
+    a, b = start_nic_guest(closed), start_nic_guest(allowed)
+
+    assert guest_fetch(a, str(APP_ADDRESS)) is None
+    # Masqueraded behind the uplink: the server sees the product namespace's address.
+    assert (guest_fetch(b, APP_DOMAIN) or "").startswith("ok 10.253.")
+    assert guest_fetch(b, str(OTHER_HOST)) is None
+    assert guest_fetch(b, OTHER_DOMAIN) == "nxdomain"
+
+    none_evidence = netplumb.collect(site.host, closed.key)
+    assert {"dst": str(APP_ADDRESS), "proto": "tcp", "port": 80} in [
+        {k: r[k] for k in ("dst", "proto", "port")} for r in none_evidence.refused
+    ]
+    evidence = netplumb.collect(site.host, allowed.key)
+    assert [(r["dst"], r["proto"], r["port"]) for r in evidence.refused] == [
+        (str(OTHER_HOST), "tcp", 80)
+    ]
+    assert evidence.allowed_names.get(APP_DOMAIN, 0) >= 1
+    assert evidence.refused_names.get(OTHER_DOMAIN, 0) >= 1
+    # Collected once: the next collection starts after it.
+    again = netplumb.collect(site.host, allowed.key)
+    assert again.empty and again.since == evidence.until
