@@ -612,3 +612,13 @@ if not 1 <= SANDBOX_PREVIEW_LINK_DEFAULT_S <= SANDBOX_PREVIEW_LINK_MAX_S:
     raise ImproperlyConfigured(
         "SANDBOX_PREVIEW_LINK_DEFAULT_S must be between 1 and SANDBOX_PREVIEW_LINK_MAX_S"
     )
+
+# --- Sandbox networking, the worker's host side (docs/networking.md) ---------------------------
+# The resolvers' upstream DNS servers (IPv4, comma-separated), reached through the uplink; none:
+# guests with allow-list or internet egress get no resolver (their CIDRs still apply).
+SANDBOX_NET_DNS = os.environ.get("SANDBOX_NET_DNS", "")
+# The resolvers' configurations, pidfiles and query logs, and the evidence cursors.
+SANDBOX_NET_RUN_DIR = Path(os.environ.get("SANDBOX_NET_RUN_DIR", DATA_DIR / "network"))
+# The namespace the host side of the host link goes to: empty is the host's own (tests name a
+# namespace of their own standing in for the host; the port forwarder connects from there).
+SANDBOX_NET_HOST_NS = os.environ.get("SANDBOX_NET_HOST_NS", "")

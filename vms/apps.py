@@ -14,11 +14,14 @@ from vms import lifecycle  # noqa: F401
 
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
-    """Reconcile the host every minute, apply snapshot retention hourly."""
+    """Reconcile the host every minute, apply snapshot retention hourly, collect the network
+    evidence every SANDBOX_NET_EVIDENCE_PERIOD_S (in whole minutes, at least one)."""
+    evidence_minutes = max(1, round(int(settings.SANDBOX_NET_EVIDENCE_PERIOD_S) / 60))
     schedules.ensure(
         [
             ("vms.reconcile", "vms.tasks.reconcile", 1),
             ("vms.retention", "vms.tasks.apply_retention", 60),
+            ("vms.net_evidence", "vms.tasks.collect_net_evidence", evidence_minutes),
         ]
     )
 

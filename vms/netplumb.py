@@ -26,7 +26,6 @@ import contextlib
 import ipaddress
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +35,7 @@ from typing import Literal
 
 from django.conf import settings
 
+from vms import netconfig
 from vms.hypervisors.base import NetSpec
 from vms.network import bridge as br
 from vms.network import dns, netns, ruleset, tap
@@ -49,7 +49,6 @@ __all__ = [
     "NicPlan",
     "collect",
     "host_config",
-    "networking_enabled",
     "plug",
     "reapply",
     "remove_orphans",
@@ -166,25 +165,9 @@ class NicPlan:
         )
 
 
-def networking_enabled() -> bool:
-    """``SANDBOX_NETWORKING``: on, off, or auto (on when this process may create network
-    namespaces and ``ip``/``nft`` exist)."""
-    mode = str(settings.SANDBOX_NETWORKING).lower()
-    if mode in ("on", "true", "1"):
-        return True
-    if mode in ("off", "false", "0"):
-        return False
-    return (
-        os.geteuid() == 0
-        and Path("/usr/sbin/ip").exists()
-        and Path(ruleset.NFT).exists()
-        and Path("/dev/net/tun").exists()
-    )
-
-
 def host_config() -> HostNet | None:
     """This host's ``HostNet`` from the settings, or None when networking is off."""
-    if not networking_enabled():
+    if not netconfig.networking_enabled():
         return None
     upstreams = tuple(
         ipaddress.IPv4Address(part.strip())

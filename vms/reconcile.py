@@ -10,6 +10,8 @@ processes that belong to no live VM. A task delivered again later finds the outc
 nothing. What each verb's interrupted request comes to is the lifecycle table's
 (``vms.lifecycle``, ``on_interrupt``). Guest requests (exec, file transfers) left without an
 outcome beyond their verb's time limit (``time_limit``) get their failure event, interrupted.
+Last, the TAPs, rules and resolvers of VMs that are no longer live are removed from the
+product's network namespace (``vms.vmnet.remove_orphans``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from django.utils import timezone
 from audit import store
 from audit.actor import Actor
 from audit.models import Event
-from vms import commands, enqueue, lifecycle, runtime, worker
+from vms import commands, enqueue, lifecycle, runtime, vmnet, worker
 from vms.hypervisors import reconcile as scanner
 from vms.models import VirtualMachine
 
@@ -206,11 +208,20 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
                 actor=SYSTEM,
             )
             counts["crashed"] += 1
+            worker._unplug(vm)  # its NIC goes with its VMM; a restart plugs a new one
         elif vm.state in ("stopped", "failed", "crashed", "creating") and alive:
             with contextlib.suppress(Exception):
                 runtime.hypervisor().destroy(runtime.runtime_dir(vm.pk))
             counts["stray"] += 1
     counts["guest_settled"] = settle_guest_requests(startup=startup)
+    # TAPs, rules and resolvers of VMs that are gone (a destroy interrupted, a crash): after the
+    # VMs' own settling, so that a VM this pass found dead is not counted live.
+    try:
+        orphans = vmnet.remove_orphans()
+    except Exception:  # the rest of the reconcile stands; the next pass tries again
+        log.exception("removing orphaned network interfaces and rules failed")
+        orphans = {}
+    counts.update({f"net_{k}": v for k, v in orphans.items()})
     if any(counts.values()):
         log.info("reconciled", extra=counts)
     return counts

@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 
 from vms import images
-from vms.hypervisors.base import DiskSpec, Hypervisor, RuntimeDir, VMSpec
+from vms.hypervisors.base import DiskSpec, Hypervisor, NetSpec, RuntimeDir, VMSpec
 from vms.hypervisors.selection import select_hypervisor
 from vms.models import VirtualMachine
 
@@ -37,8 +37,11 @@ def hypervisor() -> Hypervisor:
     return select_hypervisor(settings.SANDBOX_HYPERVISOR)
 
 
-def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
-    """The driver-level description of ``vm``: shared read-only root, its own data disk.
+def build_spec(
+    vm: VirtualMachine, image_id: str | None = None, nets: tuple[NetSpec, ...] = ()
+) -> VMSpec:
+    """The driver-level description of ``vm``: shared read-only root, its own data disk, and
+    ``nets``, its NICs as plugged on this host (``vms.vmnet.plug``; none for a VM without).
 
     On the current guest image, or with ``image_id`` on that one (a snapshot's: ImageNotKept
     when this host no longer has it). ``spec.extra["image_id"]`` says which it is.
@@ -63,6 +66,7 @@ def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
                 DiskSpec(path=uefi.rootfs, readonly=True, id="root"),
                 DiskSpec(path=data_disk, id="data"),
             ),
+            nets=nets,
             extra=extra,
         )
     linux = images.linux_image(image_id)
@@ -79,6 +83,7 @@ def build_spec(vm: VirtualMachine, image_id: str | None = None) -> VMSpec:
             DiskSpec(path=linux.rootfs, readonly=True, id="root"),
             DiskSpec(path=data_disk, id="data"),
         ),
+        nets=nets,
         extra=extra,
     )
 

@@ -51,6 +51,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.apply_network",
         "vms.tasks.apply_retention",
         "vms.tasks.cleanup_snapshot",
+        "vms.tasks.collect_net_evidence",
         "vms.tasks.reconcile",
         "vms.tasks.run_request",
     }

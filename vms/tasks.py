@@ -6,7 +6,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 from __future__ import annotations
 
 from vms import reconcile as reconciler
-from vms import retention, worker
+from vms import retention, vmnet, worker
 
 
 def run_request(event_id: str) -> str:
@@ -23,3 +23,13 @@ def reconcile() -> dict[str, int]:
 
 def apply_retention() -> int:
     return retention.apply_retention()
+
+
+def apply_network(vm_id: str) -> str:
+    """Re-apply a VM's rules after a forward or its egress policy changed."""
+    return vmnet.reapply(vm_id)
+
+
+def collect_net_evidence() -> int:
+    """Refused connections and lookups of every plugged VM, as evidence events."""
+    return vmnet.collect_evidence()

@@ -28,7 +28,7 @@ from django.db import transaction
 
 from audit import store
 from audit.models import Event
-from vms import commands, lifecycle, runtime
+from vms import commands, lifecycle, runtime, vmnet
 from vms.agent import readiness
 from vms.agent.client import AgentClient
 from vms.hypervisors.base import (
@@ -37,6 +37,7 @@ from vms.hypervisors.base import (
     SnapshotFiles,
     TemplateHooks,
     TemplateStarter,
+    VMSpec,
 )
 from vms.images import ImageNotBuilt, current_image_id, make_data_disk, snapshot_image
 from vms.models import RequestOutcome, Snapshot, VirtualMachine
@@ -257,14 +258,33 @@ def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> AgentC
 
 
 def _configure_identity(vm: VirtualMachine) -> None:
+    """The guest's clock and hostname, and its NIC's MAC, address, gateway and resolver (found
+    by the MAC it has now: a restored guest still has its snapshot's)."""
+    nets = vmnet.netspecs(vm)
     with _agent(vm, 30.0) as agent:
-        agent.configure(time=time.time(), hostname=vm.hostname)
+        if nets:
+            spec = VMSpec(vm_id=vm.pk.hex[:12], nets=nets, extra={"hostname": vm.hostname})
+            readiness.configure_guest(agent, runtime.hypervisor(), runtime.runtime_dir(vm.pk), spec)
+        else:
+            agent.configure(time=time.time(), hostname=vm.hostname)
 
 
 def _kill(vm: VirtualMachine) -> None:
+    """Tear the VMM down and unplug the VM's NIC (each whatever became of the other)."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     with contextlib.suppress(Exception):
         hv.destroy(rt)
+    _unplug(vm)
+
+
+def _unplug(vm: VirtualMachine) -> None:
+    try:
+        errors = vmnet.unplug(vm)
+    except Exception:  # a stop or destroy goes on; the reconciler removes what is left
+        log.exception("unplugging the NIC of %s failed", vm.pk)
+        return
+    if errors:
+        log.warning("unplugging the NIC of %s: %s", vm.pk, "; ".join(errors))
 
 
 def _progress(request: store.RecordedEvent, step: str, pct: int, message: str = "") -> None:
@@ -315,16 +335,20 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
             hv.destroy(rt)
         rt.create()
         _ensure_data_disk(vm)
-        spec = runtime.build_spec(vm)
-        runtime.record_launched_image(rt, spec)  # before the launch: the reconciler reads it
-        _progress(request, "booting", 20, "starting the VMM")
-        cache = _template_cache()
         started = time.monotonic()
-        if cache is not None:
-            result = cache.start(spec, rt)
-            restored, pid = result.restored, result.pid
-        else:
-            pid, restored = hv.start(spec, rt), False
+        nets = vmnet.plug(vm)
+        try:
+            spec = runtime.build_spec(vm, nets=nets)
+            runtime.record_launched_image(rt, spec)  # before the launch: the reconciler reads it
+            _progress(request, "booting", 20, "starting the VMM")
+            cache = _template_cache()
+            if cache is not None:
+                result = cache.start(spec, rt)
+                restored, pid = result.restored, result.pid
+            else:
+                pid, restored = hv.start(spec, rt), False
+        finally:
+            vmnet.close_fds(nets)  # the VMM holds its own copies
     if not restored:
         _progress(request, "booting", 50, "waiting for the guest agent")
         _wait_for_agent(vm)
@@ -336,7 +360,15 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         "from_template": restored,
         "image_id": spec.extra.get("image_id", ""),
         "seconds": round(time.monotonic() - started, 3),
+        **_nic_data(spec),
     }
+
+
+def _nic_data(spec: VMSpec) -> dict[str, Any]:
+    if not spec.nets:
+        return {}
+    net = spec.nets[0]
+    return {"nic": {"tap": net.tap, "mac": net.mac, "address": net.address, "netns": net.netns}}
 
 
 # --- handlers: (vm, request) -> (outcome type, data) ------------------------------------------
@@ -367,6 +399,7 @@ def do_stop(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict
             time.sleep(0.2)
         graceful = not hv.is_alive(rt)
     hv.destroy(rt)
+    _unplug(vm)
     return "vm.stopped", {"graceful": graceful}
 
 
@@ -539,10 +572,14 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
             rt.create()
             _ensure_data_disk(vm)
-            spec = runtime.build_spec(vm, image_id)
-            runtime.record_launched_image(rt, spec)
-            _progress(request, "restoring", 40, "starting the VMM from the snapshot")
-            pid = hv.restore(spec, rt, files)
+            nets = vmnet.plug(vm)
+            try:
+                spec = runtime.build_spec(vm, image_id, nets=nets)
+                runtime.record_launched_image(rt, spec)
+                _progress(request, "restoring", 40, "starting the VMM from the snapshot")
+                pid = hv.restore(spec, rt, files)
+            finally:
+                vmnet.close_fds(nets)
         # Its own identity and a correct clock: copies of one snapshot run side by side.
         _configure_identity(vm)
     except Superseded:

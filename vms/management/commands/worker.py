@@ -1,12 +1,16 @@
-"""Run this host's worker: reconcile VMs with the VMM processes that exist, then the django-q2
-cluster. Interrupted requests are settled before new work is taken.
+"""Run this host's worker: set up the product's network namespace (when networking is on),
+reconcile VMs with the VMM processes that exist, then the django-q2 cluster. Interrupted requests
+are settled before new work is taken.
 
 The cluster runs in a fresh process (exec after the reconcile), whose main process also sends
 the heartbeat tasks that ``/readyz`` checks (``vms.heartbeat``) and, when web processes are
 joined by Redis, runs the console relay (``vms.console``: the one reader of each VM's serial
 socket). It exits 0 when stopped by
 SIGTERM or SIGINT (after the cluster has stopped its processes) and 1 when the cluster's
-sentinel dies on its own, so that ``serve`` or a service manager notices.
+sentinel dies on its own, so that ``serve`` or a service manager notices. The cluster's main
+process also runs the port forwarder (``vms.forwarder``: host ports on SANDBOX_FORWARD_BIND to
+the VMs' forwards); at a stop it removes the network namespace unless SANDBOX_NETNS_KEEP is set
+or a VM still has its NIC plugged.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
 from core import context
-from vms import console, heartbeat, task_guard
+from vms import console, forwarder, heartbeat, task_guard, vmnet
 from vms.reconcile import reconcile
 
 log = logging.getLogger("sandbox.vms.worker")
@@ -40,6 +46,12 @@ class Command(BaseCommand):
         if options["cluster_only"]:
             sys.exit(run_cluster())
         with context.bind(channel="worker"):
+            try:
+                hn = vmnet.setup()
+            except Exception as exc:
+                raise CommandError(f"cannot set up the network namespace: {exc}") from exc
+            if hn is not None:
+                self.stdout.write(f"network namespace {hn.netns} ready")
             counts = reconcile(startup=True)
         self.stdout.write("reconciled: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         sys.stdout.flush()
@@ -62,6 +74,12 @@ def run_cluster() -> int:
         # After the cluster's processes are forked (they fork from the sentinel from now on):
         # a thread in a process that forks is a hazard.
         console.run_relay_thread()
+    forwarding = threading.Event()
+    hn = vmnet.host()
+    if hn is not None:
+        # Host ports of the VMs' forwards (after the fork, as the relay: a thread of its own).
+        relay = forwarder.Forwarder(settings.SANDBOX_FORWARD_BIND, hn.link.ns_address, hn.host_ns)
+        forwarder.run_thread(relay, vmnet.wanted_forwards, forwarding)
     last_sent = None
     while cluster.sentinel is not None and cluster.sentinel.is_alive():
         now = timezone.now()
@@ -74,7 +92,12 @@ def run_cluster() -> int:
         finally:
             connections.close_all()
         time.sleep(1.0)
+    forwarding.set()
     if cluster.has_stopped:
+        try:
+            vmnet.teardown_if_idle()
+        except Exception:
+            log.exception("removing the network namespace failed")
         return 0  # stopped by a signal, its processes with it
     log.error("the worker cluster's sentinel died (exit code %s)", cluster.sentinel.exitcode)
     return 1
