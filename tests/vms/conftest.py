@@ -106,6 +106,9 @@ def worker_env(vm_dirs: dict[str, Path], settings: Any) -> dict[str, str]:
         SANDBOX_HYPERVISOR="qemu",
         SANDBOX_WORKERS="1",
         SANDBOX_LOG_LEVEL="INFO",
+        # No NICs unless a test sets up networking in namespaces of its own (the worker is
+        # not "under the tests" for the settings: it must be told).
+        SANDBOX_NETWORKING="off",
         # The test's own digest sink (tests/conftest.py): the worker signs digests too.
         SANDBOX_DIGEST_SINK_DIR=str(settings.SANDBOX_DIGEST_SINK_DIR),
     )
