@@ -15,10 +15,8 @@ import ipaddress
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,7 +26,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.network.conftest import SERVER
+from tests.network.internet import (
+    APP_ADDRESS,
+    APP_DOMAIN,
+    INTERNET_DNS,
+    OTHER_DOMAIN,
+    OTHER_HOST,
+    UPLINK,
+)
+from tests.network.internet import internet as the_internet
 from vms import forwarder, netplumb
 from vms.hypervisors.base import VMSpec
 from vms.network import bridge as br
@@ -270,85 +276,13 @@ def test_a_port_forward_reaches_a_service_in_the_guest_and_stops_when_removed(
         thread.join(10)
 
 
-INTERNET_DNS = ipaddress.IPv4Address("198.51.100.53")
-APP_ADDRESS = ipaddress.IPv4Address("198.51.100.80")
-OTHER_HOST = ipaddress.IPv4Address("203.0.113.20")
-APP_DOMAIN = "app.example.test"
-OTHER_DOMAIN = "other.example.test"
-
-
 @pytest.fixture
-def internet(site: Site) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """An "internet" namespace behind the product namespace's uplink ``up0``: a DNS server that
-    knows two names and TCP servers at both names' addresses. The site's host gets the uplink
-    and that DNS server as its resolvers' upstream."""
-    ns = site.host.netns.replace("nbp", "nbi")
-    netns.create(ns)
-    site.namespaces.append(ns)
-    uplink = ipaddress.IPv4Network(f"10.253.{secrets.randbelow(256)}.0/30")
-    with netns.iproute(site.host.netns) as ipr:
-        ipr.link(
-            "add",
-            ifname="up0",
-            kind="veth",
-            peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{ns}"},
-        )
-        (idx,) = ipr.link_lookup(ifname="up0")
-        ipr.addr("add", index=idx, address=str(uplink.network_address + 1), prefixlen=30)
-        ipr.link("set", index=idx, state="up")
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(uplink.network_address + 2))
-    with netns.iproute(ns) as ipr:
-        (idx,) = ipr.link_lookup(ifname="eth0")
-        ipr.addr("add", index=idx, address=str(uplink.network_address + 2), prefixlen=30)
-        ipr.link("set", index=idx, state="up")
-        (lo,) = ipr.link_lookup(ifname="lo")
-        ipr.link("set", index=lo, state="up")
-        for address in (INTERNET_DNS, APP_ADDRESS, OTHER_HOST):
-            ipr.addr("add", index=lo, address=str(address), prefixlen=32)
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(uplink.network_address + 1))
-    site.host = dataclasses.replace(site.host, uplink="up0", upstreams=(INTERNET_DNS,))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(
-            subprocess.Popen(  # noqa: S603 - fixed argv
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    "/usr/sbin/dnsmasq",
-                    "--keep-in-foreground",
-                    "--no-resolv",
-                    "--no-hosts",
-                    "--bind-interfaces",
-                    f"--listen-address={INTERNET_DNS}",
-                    "--port=53",
-                    "--cache-size=0",
-                    f"--address=/{APP_DOMAIN}/{APP_ADDRESS}",
-                    f"--address=/{OTHER_DOMAIN}/{OTHER_HOST}",
-                    f"--pid-file={site.host.run_dir}/internet-dns.pid",
-                    "--log-facility=-",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        )
-        for address in (APP_ADDRESS, OTHER_HOST):
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv
-                ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, str(address), "80"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            procs.append(proc)
-            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        yield procs
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+def internet(site: Site) -> Iterator[None]:
+    """The test's "internet" behind the uplink; the site's host gets the uplink and its DNS
+    server as the resolvers' upstream."""
+    with the_internet(site.host.netns, site.host.netns.replace("nbp", "nbi"), site.host.run_dir):
+        site.host = dataclasses.replace(site.host, uplink=UPLINK, upstreams=(INTERNET_DNS,))
+        yield
 
 
 def guest_fetch(guest: Guest, target: str) -> str | None:
@@ -371,7 +305,7 @@ def guest_fetch(guest: Guest, target: str) -> str | None:
 
 def test_egress_none_blocks_the_internet_and_an_allow_list_lets_only_its_names_through(
     site: Site,
-    internet: list[subprocess.Popen[bytes]],
+    internet: None,
     start_nic_guest: Callable[[netplumb.NicPlan], Guest],
 ) -> None:
     net = site.network("nbr0", "10.219.7.0/24", isolated=True)

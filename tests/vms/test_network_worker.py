@@ -13,6 +13,7 @@ import ipaddress
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -24,7 +25,15 @@ from typing import Any
 import pytest
 
 from audit.models import Event
-from vms import commands
+from tests.network.internet import (
+    APP_DOMAIN,
+    INTERNET_DNS,
+    OTHER_DOMAIN,
+    OTHER_HOST,
+    UPLINK,
+    internet,
+)
+from vms import commands, vmnet
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.models import VirtualMachine
@@ -69,6 +78,9 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
         "SANDBOX_NET_HOST_NS": host_ns,
         "SANDBOX_NET_RUN_DIR": str(run_dir),
         "SANDBOX_NETNS_KEEP": "0",
+        # The test's "internet" (tests.network.internet), attached by the tests that need it.
+        "SANDBOX_NET_UPLINK": UPLINK,
+        "SANDBOX_NET_DNS": str(INTERNET_DNS),
     }
     for key, value in net_settings.items():
         setattr(settings, key, value if key != "SANDBOX_NETNS_KEEP" else False)
@@ -192,3 +204,100 @@ def test_two_vms_on_a_network_started_by_the_worker_reach_each_other_and_leave_n
     # Events say who did it: the leases were released by the destroys.
     released = Event.objects.filter(type="net.ip_released", aggregate_id__in=[str(i) for i in ids])
     assert released.count() == 2
+
+
+def _fetch(client: AgentClient, target: str) -> str | None:
+    """From the guest: resolve ``target`` and read what its port 80 sends ("nxdomain" when the
+    name does not resolve, None when the connection fails)."""
+    script = (
+        "import socket,sys\n"
+        "try:\n"
+        f" a=socket.gethostbyname({target!r})\n"
+        "except OSError:\n"
+        " print('nxdomain'); sys.exit(0)\n"
+        "try:\n"
+        " s=socket.create_connection((a,80),timeout=4); print(s.recv(100).decode().strip())\n"
+        "except OSError:\n"
+        " sys.exit(7)\n"
+    )
+    result = client.exec(["python3", "-c", script], timeout=30)
+    return result.stdout.decode().strip() if result.exit_code == 0 else None
+
+
+def _read_local(port: int) -> bytes | None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            return sock.recv(100)
+    except OSError:
+        return None
+
+
+def test_forwards_and_an_allow_list_through_the_worker_and_the_refusals_as_events(
+    net_site: NetSite, caller_for: Callable[..., Any], vm_dirs: dict[str, Path]
+) -> None:
+    tag = net_site.netns[-6:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    commands.create_network(
+        caller_for("admin"),
+        name=f"closed-{tag}",
+        subnet="10.219.12.0/24",
+        bridge=f"nbc{tag}",
+        isolated=True,
+        port_min=port,
+        port_max=port,
+        default_egress="none",
+    )
+    operator = caller_for("operator")
+    with internet(net_site.netns, f"nbi{tag}", net_site.run_dir):
+        accepted = commands.create(
+            operator,
+            name="guarded",
+            template="linux-small",
+            network=f"closed-{tag}",
+            start_now=False,
+        )
+        vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+        commands.set_egress(operator, vm, egress="allow-list", allow=[APP_DOMAIN])
+        vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+        forward = commands.add_port_forward(operator, vm, protocol="tcp", guest_port=8080)
+        assert forward.host_port == port
+        commands.start(operator, VirtualMachine.objects.get(pk=accepted.vm_id))
+        vm = _settled(str(vm.pk), "running", "failed")
+        assert vm.state == "running", vm.last_error
+
+        client = _agent(vm)
+        try:
+            assert (_fetch(client, APP_DOMAIN) or "").startswith("ok ")
+            assert _fetch(client, str(OTHER_HOST)) is None
+            assert _fetch(client, OTHER_DOMAIN) == "nxdomain"
+
+            # The worker's forwarder listens on 127.0.0.1 and relays through the host link.
+            server = _serve(client, 8080, "forwarded")
+            try:
+                got = wait_for(lambda: _read_local(port), 30, "the forward to answer")
+                assert got == b"forwarded"
+            finally:
+                server.join(60)
+
+            commands.remove_port_forward(operator, vm, forward)
+            wait_for(lambda: f"dport {port}" not in net_site.ruleset(), 30, "the rule to go")
+            wait_for(lambda: _read_local(port) is None, 30, "the listener to close")
+        finally:
+            client.close()
+
+        # The evidence task: the refused connection and lookups, as events of the VM.
+        assert vmnet.collect_evidence() == 1
+        refused = Event.objects.get(aggregate_id=str(vm.pk), type="net.egress_refused").payload
+        assert (str(OTHER_HOST), "tcp", 80) in [
+            (r["dst"], r["proto"], r["port"]) for r in refused["refused"]
+        ]
+        lookups = Event.objects.get(aggregate_id=str(vm.pk), type="net.dns_lookups").payload
+        assert OTHER_DOMAIN in lookups["refused"] and APP_DOMAIN in lookups["allowed"]
+        assert vmnet.collect_evidence() == 0  # each period once
+
+        commands.destroy(operator, VirtualMachine.objects.get(pk=vm.pk))
+        _settled(str(vm.pk), "destroyed", timeout=120)
+    assert tap.list_taps(net_site.netns) == []
+    assert f"vm_{vm.pk.hex}" not in net_site.ruleset()
