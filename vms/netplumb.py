@@ -40,6 +40,7 @@ from vms.hypervisors.base import NetSpec
 from vms.network import bridge as br
 from vms.network import dns, netns, ruleset, tap
 from vms.network.names import NetworkError
+from vms.network.netns import HostLink
 
 log = logging.getLogger("sandbox.vms.network")
 
@@ -71,7 +72,7 @@ class HostNet:
     and the nftables table."""
 
     netns: str
-    link: netns.HostLink
+    link: HostLink
     run_dir: Path
     uplink: str | None = None
     upstreams: tuple[ipaddress.IPv4Address, ...] = ()
@@ -89,7 +90,7 @@ class HostNet:
     ) -> HostNet:
         """The host side of the link is named after the namespace (so two product namespaces on
         one machine, as in tests, never share a name); the namespace side is ``host0``."""
-        link = netns.HostLink(
+        link = HostLink(
             host_ifname=f"{name[:13]}-h",
             ns_ifname=NS_LINK_IFNAME,
             subnet=ipaddress.IPv4Network(link_subnet),
@@ -264,7 +265,7 @@ def unplug(host: HostNet, key: str, tap_name: str | None) -> list[str]:
     errors: list[str] = []
     if not netns.exists(host.netns):
         return errors
-    steps = [
+    steps: list[tuple[str, Callable[[], object]]] = [
         ("rules", lambda: ruleset.remove_vm(host.netns, key, host.table)),
         ("resolver", lambda: dns.stop(host.run_dir, key)),
     ]

@@ -94,11 +94,12 @@ def _split_allow(
 
 def plan_for(vm: VirtualMachine) -> netplumb.NicPlan | None:
     """The VM's NIC as the host sees it, or None when it has none."""
-    if vm.network_id is None or not vm.ip or not vm.tap:
+    network = vm.network
+    if network is None or not vm.ip or not vm.tap:
         return None
     cidrs, domains = _split_allow(vm.egress_allow or ())
     forwards = tuple(
-        ruleset.Forward(f.protocol, f.host_port, f.guest_port)
+        ruleset.Forward(f.protocol, f.host_port, f.guest_port)  # type: ignore[arg-type]
         for f in PortForward.objects.filter(vm=vm).order_by("host_port")
     )
     return netplumb.NicPlan(
@@ -106,8 +107,8 @@ def plan_for(vm: VirtualMachine) -> netplumb.NicPlan | None:
         tap=vm.tap,
         mac=vm.mac,
         address=ipaddress.IPv4Address(vm.ip),
-        bridge=bridge_of(vm.network),
-        egress=vm.egress or "none",
+        bridge=bridge_of(network),
+        egress=vm.egress or "none",  # type: ignore[arg-type]
         allow_cidrs=cidrs,
         allow_domains=domains,
         forwards=forwards,
