@@ -197,24 +197,45 @@ def setup_host(host: HostNet, bridges: Sequence[br.Bridge]) -> bool:
         br.ensure_bridge(host.netns, bridge)
     ruleset.apply_base(host.netns, host.fabric(bridges))
     host.run_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    _applied[host.netns] = tuple(sorted(bridges, key=lambda b: b.ifname))
     return created
+
+
+# What this process last applied per namespace (its bridges), so that starting a VM on a network
+# that is already in place costs no netlink or nft call beyond a look at the bridge.
+_applied: dict[str, tuple[br.Bridge, ...]] = {}
 
 
 def ensure_network(host: HostNet, bridges: Sequence[br.Bridge], bridge: br.Bridge) -> None:
     """A network created after the worker started: its bridge, the host's route to it and the
-    base rules that name every bridge (re-applying the base keeps every VM's rules)."""
-    if not netns.exists(host.netns):
-        setup_host(host, bridges)
+    base rules that name every bridge (re-applying the base keeps every VM's rules). Nothing is
+    done when this process already applied these networks and the bridge is there."""
+    wanted = tuple(sorted(set(bridges) | {bridge}, key=lambda b: b.ifname))
+    if _applied.get(host.netns) == wanted and _bridge_present(host, bridge):
         return
-    br.ensure_bridge(host.netns, bridge)
-    netns.set_host_routes(host.netns, host.link, [b.subnet for b in bridges], host_ns=host.host_ns)
-    ruleset.apply_base(host.netns, host.fabric(bridges))
+    if not netns.exists(host.netns):
+        setup_host(host, wanted)
+    else:
+        br.ensure_bridge(host.netns, bridge)
+        netns.set_host_routes(
+            host.netns, host.link, [b.subnet for b in wanted], host_ns=host.host_ns
+        )
+        ruleset.apply_base(host.netns, host.fabric(wanted))
+    _applied[host.netns] = wanted
+
+
+def _bridge_present(host: HostNet, bridge: br.Bridge) -> bool:
+    if not netns.exists(host.netns):
+        return False
+    with netns.iproute(host.netns) as ipr:
+        return bool(ipr.link_lookup(ifname=bridge.ifname))
 
 
 def teardown_host(host: HostNet) -> None:
     """Stop every resolver of the namespace, then remove its link and the namespace."""
     for key in dns.resolver_keys(host.run_dir):
         dns.stop(host.run_dir, key)
+    _applied.pop(host.netns, None)
     netns.teardown(host.netns, host.link, host_ns=host.host_ns)
 
 
