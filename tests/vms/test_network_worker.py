@@ -189,6 +189,31 @@ def test_two_vms_on_a_network_started_by_the_worker_reach_each_other_and_leave_n
         client_a.close()
         client_b.close()
 
+    # Stopped, its NIC goes; started again (its data disk is used now: a cold boot), a new TAP
+    # is plugged and the agent gives the guest its address again.
+    commands.stop(operator, VirtualMachine.objects.get(pk=a.pk), force=True)
+    _settled(str(a.pk), "stopped", timeout=120)
+    assert a.tap not in net_site.links()
+    assert f"vm_{a.pk.hex}" not in net_site.ruleset()
+    commands.start(operator, VirtualMachine.objects.get(pk=a.pk))
+    a = _settled(str(a.pk), "running", "failed")
+    assert a.state == "running", a.last_error
+    restarted = Event.objects.filter(aggregate_id=str(a.pk), type="vm.started").order_by(
+        "-position"
+    )
+    assert restarted[0].payload["from_template"] is False
+    client_a, client_b = _agent(a), _agent(b)
+    try:
+        server = _serve(client_a, 8081, "cold-a")
+        try:
+            assert _read_from(client_b, str(a.ip), 8081) == "cold-a"
+        finally:
+            server.join(60)
+    finally:
+        client_a.close()
+        client_b.close()
+
+    a, b = (VirtualMachine.objects.get(pk=vm.pk) for vm in (a, b))
     for vm in (a, b):
         commands.destroy(operator, vm)
     for vm in (a, b):
