@@ -49,7 +49,11 @@ class Command(BaseCommand):
             try:
                 hn = vmnet.setup()
             except Exception as exc:
-                raise CommandError(f"cannot set up the network namespace: {exc}") from exc
+                if settings.SANDBOX_NETWORKING == "on":
+                    raise CommandError(f"cannot set up the network namespace: {exc}") from exc
+                # auto: the worker runs; VMs with a NIC fail to start, saying why.
+                log.exception("cannot set up the network namespace")
+                hn = None
             if hn is not None:
                 self.stdout.write(f"network namespace {hn.netns} ready")
             counts = reconcile(startup=True)
