@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vms import commands, netplumb, reconcile
+from vms import commands, netconfig, netplumb, reconcile
 from vms.models import VirtualMachine
 from vms.network import bridge as br
 from vms.network import netns, ruleset, tap
@@ -36,6 +36,7 @@ def host(settings: Any, vm_dirs: dict[str, Path]) -> Iterator[netplumb.HostNet]:
     settings.SANDBOX_NET_HOST_LINK = link
     settings.SANDBOX_NET_HOST_NS = host_ns
     settings.SANDBOX_NET_RUN_DIR = str(run_dir)
+    netconfig.networking_enabled.cache_clear()  # cached per process: asked again
     netns.create(host_ns)
     hn = netplumb.host_config()
     assert hn is not None and hn.netns == name
@@ -44,6 +45,7 @@ def host(settings: Any, vm_dirs: dict[str, Path]) -> Iterator[netplumb.HostNet]:
         yield hn
     finally:
         netplumb.teardown_host(hn)
+        netconfig.networking_enabled.cache_clear()
         netns.remove(host_ns)
         shutil.rmtree(run_dir, ignore_errors=True)
     assert not netns.exists(name) and not netns.exists(host_ns)
