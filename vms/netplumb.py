@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 from vms import netconfig
 from vms.hypervisors.base import NetSpec
@@ -170,6 +171,11 @@ def host_config() -> HostNet | None:
     """This host's ``HostNet`` from the settings, or None when networking is off."""
     if not netconfig.networking_enabled():
         return None
+    if settings.TESTING and not settings.SANDBOX_NET_HOST_NS:
+        # Tests never touch the machine's own namespace: their host is a namespace they make.
+        raise ImproperlyConfigured(
+            "networking under the tests needs SANDBOX_NET_HOST_NS (a namespace of the test's own)"
+        )
     upstreams = tuple(
         ipaddress.IPv4Address(part.strip())
         for part in str(settings.SANDBOX_NET_DNS).split(",")

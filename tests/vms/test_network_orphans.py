@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
 from vms import commands, netconfig, netplumb, reconcile
 from vms.models import VirtualMachine
@@ -97,3 +98,14 @@ def test_the_reconciler_removes_the_nics_of_vms_that_are_gone_and_keeps_the_othe
     # Once: the next pass finds nothing more.
     again = reconcile.reconcile()
     assert (again["net_taps"], again["net_rules"], again["net_resolvers"]) == (0, 0, 0)
+
+
+def test_under_the_tests_networking_never_uses_the_machines_own_namespace(settings: Any) -> None:
+    settings.SANDBOX_NETWORKING = "on"
+    settings.SANDBOX_NET_HOST_NS = ""
+    netconfig.networking_enabled.cache_clear()
+    try:
+        with pytest.raises(ImproperlyConfigured, match="SANDBOX_NET_HOST_NS"):
+            netplumb.host_config()
+    finally:
+        netconfig.networking_enabled.cache_clear()
