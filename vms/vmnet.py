@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from django.conf import settings
 from django.db import close_old_connections
 
-from vms import commands, netplumb
+from vms import commands, lifecycle, netplumb
 from vms.hypervisors.base import NetSpec
 from vms.models import Network, PortForward, VirtualMachine
 from vms.network import bridge as br
@@ -203,7 +203,7 @@ def teardown_if_idle() -> bool:
 
 
 def _live() -> tuple[set[str], set[str]]:
-    rows = VirtualMachine.objects.exclude(state="destroyed").values_list("id", "tap")
+    rows = VirtualMachine.objects.exclude(state=lifecycle.GONE).values_list("id", "tap")
     keys, taps = set(), set()
     for pk, tap_name in rows:
         keys.add(pk.hex)
