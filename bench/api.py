@@ -271,6 +271,9 @@ def main() -> None:
                 SANDBOX_DATA_DIR=str(data_dir),
                 SANDBOX_LOG_LEVEL="WARNING",
                 SANDBOX_MAX_VMS="1000000",
+                # The API's speed needs no NIC; its worker must not set up the product's
+                # namespace and host link on this machine (bench/network.py measures NICs).
+                SANDBOX_NETWORKING="off",
                 DJANGO_SETTINGS_MODULE="sandbox_site.settings",
             )
             os.environ.update(env)

@@ -161,6 +161,7 @@ def main() -> None:
         SANDBOX_SNAPSHOT_DIR=str(tmp / "snapshots"),
         SANDBOX_HYPERVISOR="qemu",
         SANDBOX_WORKERS="1",
+        SANDBOX_NETWORKING="off",  # the console needs no NIC; no namespace on this machine
         SANDBOX_LOG_LEVEL="WARNING",
         DJANGO_SECRET_KEY="bench-console-" + os.urandom(8).hex(),
     )
