@@ -2,7 +2,9 @@
 
 from django.apps import AppConfig
 
-from sandbox_site import metrics
+from sandbox_site import checks, metrics
+
+__all__ = ["SiteConfig", "checks"]  # checks: registered with Django's at import
 
 
 class SiteConfig(AppConfig):

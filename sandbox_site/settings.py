@@ -466,6 +466,9 @@ SANDBOX_FORWARD_BIND = os.environ.get("SANDBOX_FORWARD_BIND", "127.0.0.1")
 SANDBOX_NET_EVIDENCE_PERIOD_S = env_int("SANDBOX_NET_EVIDENCE_PERIOD_S", 60)
 SANDBOX_NET_EVIDENCE_MAX_ROWS = env_int("SANDBOX_NET_EVIDENCE_MAX_ROWS", 100)
 SANDBOX_EGRESS_ALLOW_MAX = env_int("SANDBOX_EGRESS_ALLOW_MAX", 64)  # entries of an allow list
+SANDBOX_NET_MAX_FORWARDS_PER_VM = env_int("SANDBOX_NET_MAX_FORWARDS_PER_VM", 32)
+if SANDBOX_NET_MAX_FORWARDS_PER_VM < 0:
+    raise ImproperlyConfigured("SANDBOX_NET_MAX_FORWARDS_PER_VM must be 0 (none) or more")
 SANDBOX_TEMPLATES_FILE = os.environ.get("SANDBOX_TEMPLATES_FILE", "")
 SANDBOX_SNAPSHOT_DIR = Path(os.environ.get("SANDBOX_SNAPSHOT_DIR", DATA_DIR / "snapshots"))
 SANDBOX_CONSOLE_DIR = Path(os.environ.get("SANDBOX_CONSOLE_DIR", DATA_DIR / "console"))
@@ -580,7 +583,18 @@ CONTENT_SECURITY_POLICY = {
 # Served by this process (sandbox_site/preview.py) before Django sees the request. The domain
 # must be one the dashboard is never served under, and no cookie of the dashboard's may be set
 # for it (a separate registrable domain in production); empty turns previews off.
-SANDBOX_PREVIEW_DOMAIN = os.environ.get("SANDBOX_PREVIEW_DOMAIN", "preview.localhost")
+# Unset, it is preview.localhost (browsers resolve *.localhost to this machine) only while the
+# dashboard is served under local names alone; a dashboard with a public name gets no preview
+# URLs until a domain of its own is set (check sandbox.W040 says so): links to *.localhost would
+# send its users to their own machines.
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]", "testserver"}
+SANDBOX_PREVIEW_DOMAIN_DEFAULTED = "SANDBOX_PREVIEW_DOMAIN" not in os.environ
+SANDBOX_PREVIEW_DOMAIN = os.environ.get(
+    "SANDBOX_PREVIEW_DOMAIN",
+    "preview.localhost"
+    if all(h.strip().lower() in _LOCAL_HOSTS for h in ALLOWED_HOSTS if h.strip())
+    else "",
+)
 SANDBOX_PREVIEW_DOMAIN = SANDBOX_PREVIEW_DOMAIN.strip().lower().rstrip(".")
 for _host in ALLOWED_HOSTS:
     # The dashboard's own hosts never answer as a preview host (nor one of their subdomains).

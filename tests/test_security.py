@@ -262,6 +262,7 @@ def deploy_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         SANDBOX_HTTPS="true",
         DJANGO_SECURE_HSTS_PRELOAD="true",
         DJANGO_ALLOWED_HOSTS="sandbox.example.com",
+        SANDBOX_PREVIEW_DOMAIN="preview.example.net",
         SANDBOX_DATA_DIR=str(tmp_path),
     )
     env.pop("SANDBOX_TESTING", None)
@@ -285,6 +286,38 @@ def test_check_deploy_warns_without_them(deploy_env) -> None:
     )  # fmt: skip
     for warning in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert warning in result.stderr + result.stdout
+
+
+def _preview_domain(env: dict[str, str]) -> tuple[str, str]:
+    """(the preview domain the settings arrive at, what ``check`` says) under ``env``."""
+    code = "from django.conf import settings; print(repr(settings.SANDBOX_PREVIEW_DOMAIN))"
+    shown = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", code],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    checked = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    return shown.stdout.strip().splitlines()[-1], checked.stdout + checked.stderr
+
+
+def test_preview_urls_are_off_on_a_public_dashboard_until_a_domain_is_set(deploy_env) -> None:
+    deploy_env.pop("SANDBOX_PREVIEW_DOMAIN")
+    domain, said = _preview_domain(deploy_env)
+    assert domain == "''"
+    assert "sandbox.W040" in said and "SANDBOX_PREVIEW_DOMAIN" in said
+    # Set to empty on purpose: off, and nothing to warn about.
+    deploy_env["SANDBOX_PREVIEW_DOMAIN"] = ""
+    domain, said = _preview_domain(deploy_env)
+    assert domain == "''" and "sandbox.W040" not in said
+
+
+def test_a_local_dashboard_gets_preview_urls_under_localhost(deploy_env) -> None:
+    deploy_env.pop("SANDBOX_PREVIEW_DOMAIN")
+    deploy_env["DJANGO_ALLOWED_HOSTS"] = "127.0.0.1,localhost"
+    domain, said = _preview_domain(deploy_env)
+    assert domain == "'preview.localhost'" and "sandbox.W040" not in said
 
 
 def test_no_template_needs_inline_script() -> None:

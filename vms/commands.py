@@ -530,7 +530,6 @@ NETWORK_FIELDS = (
 # What may change while VMs are on the network (the others: only on an empty one).
 NETWORK_LIVE_FIELDS = frozenset({"name", "isolated", "port_min", "port_max", "default_egress"})
 NETWORK_LIVE_FIELDS |= {"is_default"}
-MAX_FORWARDS_PER_VM = 32
 SYSTEM = Actor.system(channel="system", name="networks")
 
 
@@ -764,8 +763,9 @@ def add_port_forward(
             raise ValidationError({field: "a port between 1 and 65535"})
     store.lock()
     fresh, network = _vm_with_nic(vm, "add_port_forward")
-    if PortForward.objects.filter(vm=fresh).count() >= MAX_FORWARDS_PER_VM:
-        raise ValidationError({"detail": f"a VM has at most {MAX_FORWARDS_PER_VM} forwards"})
+    most = settings.SANDBOX_NET_MAX_FORWARDS_PER_VM
+    if PortForward.objects.filter(vm=fresh).count() >= most:
+        raise ValidationError({"detail": f"a VM has at most {most} port forwards"})
     taken = set(
         PortForward.objects.filter(
             protocol=protocol, host_port__range=(network.port_min, network.port_max)

@@ -154,15 +154,21 @@ def default_network_spec() -> dict[str, Any]:
     }
 
 
-@lru_cache(maxsize=1)
 def networking_enabled() -> bool:
     """``SANDBOX_NETWORKING``: on, off, or (auto) on when this process may create network
     namespaces (root or CAP_NET_ADMIN) and ``ip`` and ``nft`` exist. The host side (the worker)
     asks it before it plugs a NIC; the records (networks, leases, forwards) are kept either way,
-    so a VM gets its NIC when it starts on a host where networking is on."""
+    so a VM gets its NIC when it starts on a host where networking is on. The setting is read on
+    every call (an override in a test or a reloaded setting takes effect); only what ``auto``
+    probes of the process and the host is kept."""
     mode = settings.SANDBOX_NETWORKING
     if mode != "auto":
         return bool(mode == "on")
+    return _host_may_network()
+
+
+@lru_cache(maxsize=1)
+def _host_may_network() -> bool:
     return _may_admin_network() and all(shutil.which(tool) for tool in ("ip", "nft"))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from vms import commands, netconfig, netplumb, reconcile
+from vms import commands, netplumb, reconcile
 from vms.models import VirtualMachine
 from vms.network import bridge as br
 from vms.network import netns, ruleset, tap
@@ -37,7 +37,6 @@ def host(settings: Any, vm_dirs: dict[str, Path]) -> Iterator[netplumb.HostNet]:
     settings.SANDBOX_NET_HOST_LINK = link
     settings.SANDBOX_NET_HOST_NS = host_ns
     settings.SANDBOX_NET_RUN_DIR = str(run_dir)
-    netconfig.networking_enabled.cache_clear()  # cached per process: asked again
     netns.create(host_ns)
     hn = netplumb.host_config()
     assert hn is not None and hn.netns == name
@@ -46,7 +45,6 @@ def host(settings: Any, vm_dirs: dict[str, Path]) -> Iterator[netplumb.HostNet]:
         yield hn
     finally:
         netplumb.teardown_host(hn)
-        netconfig.networking_enabled.cache_clear()
         netns.remove(host_ns)
         shutil.rmtree(run_dir, ignore_errors=True)
     assert not netns.exists(name) and not netns.exists(host_ns)
@@ -103,9 +101,5 @@ def test_the_reconciler_removes_the_nics_of_vms_that_are_gone_and_keeps_the_othe
 def test_under_the_tests_networking_never_uses_the_machines_own_namespace(settings: Any) -> None:
     settings.SANDBOX_NETWORKING = "on"
     settings.SANDBOX_NET_HOST_NS = ""
-    netconfig.networking_enabled.cache_clear()
-    try:
-        with pytest.raises(ImproperlyConfigured, match="SANDBOX_NET_HOST_NS"):
-            netplumb.host_config()
-    finally:
-        netconfig.networking_enabled.cache_clear()
+    with pytest.raises(ImproperlyConfigured, match="SANDBOX_NET_HOST_NS"):
+        netplumb.host_config()

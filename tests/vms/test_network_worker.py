@@ -33,7 +33,7 @@ from tests.network.internet import (
     UPLINK,
     internet,
 )
-from vms import commands, netconfig, vmnet
+from vms import commands, vmnet
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.models import VirtualMachine
@@ -85,7 +85,6 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
     for key, value in net_settings.items():
         setattr(settings, key, value if key != "SANDBOX_NETNS_KEEP" else False)
     worker_env.update(net_settings)
-    netconfig.networking_enabled.cache_clear()  # cached per process: asked again
     netns.create(host_ns)
     w = Worker(worker_env, tmp_path / "worker.log")
     try:
@@ -94,7 +93,6 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
         yield NetSite(name, host_ns, run_dir, w)
     finally:
         w.stop()
-        netconfig.networking_enabled.cache_clear()
         for pidfile in run_dir.glob("dns-*.pid"):
             with contextlib.suppress(Exception):
                 os.kill(int(pidfile.read_text()), 9)

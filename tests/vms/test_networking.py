@@ -15,7 +15,7 @@ from django.db import connections
 
 from audit import projections
 from audit.models import Event
-from vms import commands
+from vms import commands, netconfig
 from vms.models import Network, PortForward, Quota, VirtualMachine
 
 pytestmark = pytest.mark.django_db
@@ -232,6 +232,24 @@ def test_forward_input_is_checked_with_nothing_changed(caller_for) -> None:
             commands.add_port_forward(caller, vm, **params)
         assert field in caught.value.message_dict
     assert _changes() == before and not PortForward.objects.exists()
+
+
+def test_forwards_per_vm_are_limited_by_the_setting(caller_for, settings) -> None:
+    settings.SANDBOX_NET_MAX_FORWARDS_PER_VM = 2
+    caller = caller_for("operator")
+    vm = _running(caller)
+    for port in (22, 80):
+        commands.add_port_forward(caller, vm, protocol="tcp", guest_port=port)
+    before = _changes()
+    with pytest.raises(ValidationError, match="at most 2 port forwards"):
+        commands.add_port_forward(caller, vm, protocol="udp", guest_port=53)
+    assert _changes() == before and PortForward.objects.filter(vm=vm).count() == 2
+
+
+def test_networking_follows_its_setting_when_it_changes(settings) -> None:
+    for mode, on in (("on", True), ("off", False), ("on", True)):
+        settings.SANDBOX_NETWORKING = mode
+        assert netconfig.networking_enabled() is on
 
 
 def test_a_destroyed_vm_gives_back_its_forwards(caller_for) -> None:
