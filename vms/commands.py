@@ -667,6 +667,9 @@ def update_network(caller: Caller, network: Network, **fields: Any) -> Network:
         )
     )
     store.append_many(pending, actor=caller.actor)
+    if "isolated" in changes:  # the VMs already on it follow now, not at their next start
+        network_id = str(fresh.pk)
+        transaction.on_commit(lambda: enqueue.network_bridge(network_id))
     return Network.objects.get(pk=fresh.pk)
 
 

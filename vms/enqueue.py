@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.conf import settings
 from django_q.tasks import async_task
 
-__all__ = ["network_rules", "request", "snapshot_cleanup"]
+__all__ = ["network_bridge", "network_rules", "request", "snapshot_cleanup"]
 
 
 def request(event_id: str) -> None:
@@ -35,3 +35,11 @@ def network_rules(vm_id: str) -> None:
     """Apply a VM's network rules again after its forwards or egress changed
     (``vms.tasks.apply_network``; idempotent: it applies what the records say now)."""
     async_task("vms.tasks.apply_network", vm_id, task_name=f"network-{vm_id}")
+
+
+def network_bridge(network_id: str) -> None:
+    """Apply a network's isolation setting to its bridge and base rules after it changed
+    (``vms.tasks.apply_network_settings``), so VMs already on it follow at once."""
+    async_task(
+        "vms.tasks.apply_network_settings", network_id, task_name=f"network-settings-{network_id}"
+    )

@@ -51,6 +51,7 @@ __all__ = [
     "NicPlan",
     "collect",
     "host_config",
+    "network_in_place",
     "plug",
     "reapply",
     "remove_orphans",
@@ -228,6 +229,11 @@ def ensure_network(host: HostNet, bridges: Sequence[br.Bridge], bridge: br.Bridg
         )
         ruleset.apply_base(host.netns, host.fabric(wanted))
     _applied[host.netns] = wanted
+
+
+def network_in_place(host: HostNet, bridge: br.Bridge) -> bool:
+    """Whether the product namespace and this network's bridge exist."""
+    return _bridge_present(host, bridge)
 
 
 def _bridge_present(host: HostNet, bridge: br.Bridge) -> bool:

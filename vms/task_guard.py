@@ -49,6 +49,7 @@ ALLOWED_TASKS = frozenset(
         "audit.tasks.sign_digest",
         "vms.heartbeat.beat",
         "vms.tasks.apply_network",
+        "vms.tasks.apply_network_settings",
         "vms.tasks.apply_retention",
         "vms.tasks.cleanup_snapshot",
         "vms.tasks.collect_net_evidence",

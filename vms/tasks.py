@@ -30,6 +30,11 @@ def apply_network(vm_id: str) -> str:
     return vmnet.reapply(vm_id)
 
 
+def apply_network_settings(network_id: str) -> str:
+    """Apply a network's changed isolation to its bridge's ports and the base rules."""
+    return vmnet.apply_network_settings(network_id)
+
+
 def collect_net_evidence() -> int:
     """Refused connections and lookups of every plugged VM, as evidence events."""
     return vmnet.collect_evidence()

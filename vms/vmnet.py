@@ -179,6 +179,19 @@ def reapply(vm_id: str) -> str:
     return "applied"
 
 
+def apply_network_settings(network_id: str) -> str:
+    """A network's isolation again on its bridge (every port) and in the base rules, when its
+    bridge is in place; a network not in place gets it when its first VM starts."""
+    hn = host()
+    network = Network.objects.filter(pk=network_id).first()
+    if hn is None or network is None:
+        return "no networking" if hn is None else "no such network"
+    if not netplumb.network_in_place(hn, bridge_of(network)):
+        return "not in place"
+    netplumb.ensure_network(hn, bridges(), bridge_of(network))
+    return "applied"
+
+
 def wanted_forwards() -> set[tuple[str, int]]:
     """(protocol, host port) of every forward of a VM whose NIC is plugged: the forwarder's
     listeners. Runs on the forwarder's threads: stale connections are dropped first."""

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from vms import commands, netplumb, reconcile
-from vms.models import VirtualMachine
+from vms import commands, netplumb, reconcile, tasks, vmnet
+from vms.models import Network, VirtualMachine
 from vms.network import bridge as br
 from vms.network import netns, ruleset, tap
 
@@ -103,3 +103,43 @@ def test_under_the_tests_networking_never_uses_the_machines_own_namespace(settin
     settings.SANDBOX_NET_HOST_NS = ""
     with pytest.raises(ImproperlyConfigured, match="SANDBOX_NET_HOST_NS"):
         netplumb.host_config()
+
+
+def test_a_changed_isolation_reaches_the_ports_of_vms_already_on_the_network(
+    host: netplumb.HostNet, caller_for, django_capture_on_commit_callbacks
+) -> None:
+    admin = caller_for("admin")
+    network = commands.create_network(
+        admin,
+        name="shared",
+        subnet="10.219.14.0/24",
+        bridge="nbo1",
+        isolated=True,
+        port_min=31000,
+        port_max=31010,
+    )
+    bridge = vmnet.bridge_of(network)
+    netplumb.ensure_network(host, vmnet.bridges(), bridge)
+    nics = [_plug(host, bridge, uuid.uuid4().hex, i) for i in (10, 11)]
+    assert all(br.port_isolated(host.netns, nic.tap) for nic in nics)
+
+    with django_capture_on_commit_callbacks() as enqueued:
+        commands.update_network(admin, network, isolated=False)
+    assert len(enqueued) == 1  # the task below, enqueued on commit
+    assert tasks.apply_network_settings(str(network.pk)) == "applied"
+    assert not any(br.port_isolated(host.netns, nic.tap) for nic in nics)
+
+    with django_capture_on_commit_callbacks() as enqueued:
+        commands.update_network(admin, Network.objects.get(pk=network.pk), isolated=True)
+    assert len(enqueued) == 1
+    assert tasks.apply_network_settings(str(network.pk)) == "applied"
+    assert all(br.port_isolated(host.netns, nic.tap) for nic in nics)
+
+    # Other changes leave the bridge alone; a network not in place waits for its first VM.
+    with django_capture_on_commit_callbacks() as enqueued:
+        commands.update_network(admin, Network.objects.get(pk=network.pk), name="renamed")
+    assert enqueued == []
+    later = commands.create_network(
+        admin, name="later", subnet="10.219.15.0/24", bridge="nbo2", port_min=31011, port_max=31020
+    )
+    assert tasks.apply_network_settings(str(later.pk)) == "not in place"
