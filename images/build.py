@@ -406,13 +406,38 @@ def build_initramfs(kernel_tree: Path, release: str, work: Path, out: Path) -> l
 # --------------------------------------------------------------------------- root filesystem
 
 
+# debootstrap's "I: <Verb> <package>..." lines, counted per stage for the progress line.
+DEBOOTSTRAP_STAGES = ("Retrieving", "Validating", "Extracting", "Unpacking", "Configuring")
+PROGRESS_EVERY_S = 5.0
+
+
 def debootstrap(tree: Path) -> None:
+    """debootstrap into ``tree``, its downloads cached outside the clone; a progress line every
+    few seconds (packages per stage), and its last lines when it fails."""
     cache = cache_root() / "debootstrap-debs"
     cache.mkdir(parents=True, exist_ok=True)
-    run(
+    argv = [
         "debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_INCLUDE)}",
-        f"--cache-dir={cache}", SUITE, tree, MIRROR,
-    )  # fmt: skip
+        f"--cache-dir={cache}", SUITE, str(tree), MIRROR,
+    ]  # fmt: skip
+    counts = dict.fromkeys(DEBOOTSTRAP_STAGES, 0)
+    tail: list[str] = []
+    shown = time.monotonic()
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = [*tail[-39:], line.rstrip()]
+            words = line.split()
+            if len(words) > 2 and words[0] == "I:" and words[1] in counts:
+                counts[words[1]] += 1
+            if time.monotonic() - shown >= PROGRESS_EVERY_S:
+                shown = time.monotonic()
+                done = ", ".join(f"{k.lower()} {v}" for k, v in counts.items() if v)
+                step(f"  debootstrap: {done or 'resolving'} packages")
+    if proc.returncode != 0:
+        raise SystemExit(f"build.py: debootstrap failed ({proc.returncode}):\n" + "\n".join(tail))
 
 
 def trim(tree: Path) -> None:
@@ -569,7 +594,7 @@ def build_base(dest: Path, packages: dict[str, str], digest: str) -> None:
         shutil.copy2(kernel_tree / "boot" / f"vmlinuz-{release}", out / "vmlinuz")
         step("building initramfs")
         modules = build_initramfs(kernel_tree, release, work, out / "initramfs.cpio")
-        step(f"debootstrap --variant=minbase {SUITE} (the slow step: about a minute)")
+        step(f"debootstrap --variant=minbase {SUITE} (the slow step: a minute or more)")
         tree = work / "rootfs"
         debootstrap(tree)
         step("trimming the rootfs and installing the agent and init")

@@ -42,6 +42,11 @@ def env_int(name: str, default: int) -> int:
 
 DATA_DIR = Path(os.environ.get("SANDBOX_DATA_DIR", BASE_DIR / "var")).resolve()
 TESTING = "pytest" in sys.modules or env_bool("SANDBOX_TESTING")
+# Where `manage.py serve` listens (and what `bootstrap_admin` tells to open).
+SANDBOX_HOST = os.environ.get("SANDBOX_HOST", "127.0.0.1")
+SANDBOX_PORT = env_int("SANDBOX_PORT", 8000)
+if not 0 < SANDBOX_PORT < 65536:
+    raise ImproperlyConfigured(f"SANDBOX_PORT must be a port number, got {SANDBOX_PORT}")
 
 
 def persistent_secret(name: str, env_name: str, nbytes: int = 48) -> str:

@@ -115,6 +115,25 @@ def test_bootstrap_admin_is_a_superuser_admin(settings, tmp_path) -> None:
     assert Event.objects.get(type="user.created").payload["superuser"] is True
 
 
+@pytest.mark.parametrize(
+    ("host", "port", "shown"),
+    [
+        ("127.0.0.1", 8000, "http://127.0.0.1:8000/accounts/login/"),
+        ("0.0.0.0", 9123, "http://127.0.0.1:9123/accounts/login/"),
+        ("::", 8443, "http://[::1]:8443/accounts/login/"),
+        ("sandbox.example.com", 80, "http://sandbox.example.com:80/accounts/login/"),
+    ],
+)
+def test_bootstrap_admin_names_where_serve_listens(settings, tmp_path, host, port, shown) -> None:
+    settings.DATA_DIR, settings.SANDBOX_HOST, settings.SANDBOX_PORT = tmp_path, host, port
+    out = io.StringIO()
+    call_command("bootstrap_admin", stdout=out)
+    assert f"Log in at {shown} as admin" in out.getvalue()
+    again = io.StringIO()  # a later run: the same place, and where the password is kept
+    call_command("bootstrap_admin", stdout=again)
+    assert f"Log in at {shown} as admin with the password in" in again.getvalue()
+
+
 def test_bootstrap_admin_refuses_a_weak_password_cleanly(settings, tmp_path, monkeypatch) -> None:
     settings.DATA_DIR = tmp_path
     monkeypatch.setenv("SANDBOX_ADMIN_PASSWORD", "password")

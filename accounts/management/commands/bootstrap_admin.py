@@ -23,9 +23,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         path = settings.DATA_DIR / "secrets" / "admin_password"
+        login = _login_url()
         if User.objects.exists():
             if path.exists():
-                self.stdout.write(f"Log in as {options['username']} with the password in {path}")
+                self.stdout.write(
+                    f"Log in at {login} as {options['username']} with the password in {path}"
+                )
             return
         password = os.environ.get("SANDBOX_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
         try:
@@ -41,6 +44,19 @@ class Command(BaseCommand):
         path.write_text(password + "\n")
         path.chmod(0o600)
         self.stdout.write(
-            f"Created the first admin. Log in at http://127.0.0.1:8000/accounts/login/ as "
+            f"Created the first admin. Log in at {login} as "
             f"{options['username']} / {password}  (also kept in {path})"
         )
+
+
+def _login_url() -> str:
+    """The login page where ``serve`` listens (``SANDBOX_HOST``, ``SANDBOX_PORT``); a wildcard
+    address is shown as this machine's loopback."""
+    host = settings.SANDBOX_HOST
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "[::1]"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{settings.SANDBOX_PORT}/accounts/login/"

@@ -27,8 +27,8 @@ class Command(BaseCommand):
     help = __doc__
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--host", default=os.environ.get("SANDBOX_HOST", "127.0.0.1"))
-        parser.add_argument("--port", type=int, default=int(os.environ.get("SANDBOX_PORT", "8000")))
+        parser.add_argument("--host", default=settings.SANDBOX_HOST)
+        parser.add_argument("--port", type=int, default=settings.SANDBOX_PORT)
         parser.add_argument("--no-worker", action="store_true", help="web only")
         parser.add_argument(
             "--web-workers",
