@@ -53,7 +53,7 @@ def _login_url() -> str:
     """The login page where ``serve`` listens (``SANDBOX_HOST``, ``SANDBOX_PORT``); a wildcard
     address is shown as this machine's loopback."""
     host = settings.SANDBOX_HOST
-    if host in ("", "0.0.0.0"):
+    if host in ("", "0.0.0.0"):  # noqa: S104 -- a comparison, not a bind
         host = "127.0.0.1"
     elif host == "::":
         host = "[::1]"
