@@ -13,7 +13,7 @@ from sandbox_site import health, metrics, views
 from sandbox_site import schema as _schema  # noqa: F401 - registers the Bearer token scheme
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
-from vms.preview_api import PreviewLinkView
+from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -27,6 +27,11 @@ router.register(r"vms/(?P<vm_pk>[^/.]+)/ports", PortForwardViewSet, basename="vm
 
 api_v1 = [
     path("vms/<uuid:pk>/previews/", PreviewLinkView.as_view(), name="vm-previews"),
+    path(
+        "vms/<uuid:pk>/previews/<str:link_id>/",
+        PreviewLinkDetailView.as_view(),
+        name="vm-preview-link",
+    ),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),
     path("vms/<str:vm_pk>/egress/", EgressView.as_view(), name="vm-egress"),

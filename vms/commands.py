@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from accounts.caller import Caller
 from audit import store
@@ -31,7 +32,15 @@ from audit.errors import ConcurrencyError
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from vms import enqueue, identity, images, lifecycle, netconfig, policy, previews, quotas
-from vms.models import Network, PortForward, RequestOutcome, Snapshot, Template, VirtualMachine
+from vms.models import (
+    Network,
+    PortForward,
+    PreviewLink,
+    RequestOutcome,
+    Snapshot,
+    Template,
+    VirtualMachine,
+)
 
 __all__ = [
     "Accepted",
@@ -1229,3 +1238,31 @@ def create_preview_link(
         actor=caller.actor,
     )
     return grant
+
+
+@transaction.atomic
+def revoke_preview_links(
+    caller: Caller, vm: VirtualMachine, link_id: str | None = None
+) -> list[str]:
+    """Revoke one shareable link of ``vm`` (``link_id``), or every one still open (None): whoever
+    holds it, or the cookie it turned into, is refused from then on. Appends one
+    ``vm.preview_link_revoked`` naming the links; revoking nothing appends nothing. Returns the
+    revoked link ids."""
+    policy.require(caller, "revoke_preview", vm.owner_id)
+    store.lock()
+    links = PreviewLink.objects.filter(vm_id=vm.pk)
+    if link_id is not None:
+        link = links.filter(link_id=link_id).first()
+        if link is None:
+            raise NotFound(f"no preview link {link_id} of VM {vm.pk}")
+        if link.revoked_at is not None:
+            raise ValidationError({"link_id": "this link is already revoked"})
+        ids = [link.link_id]
+    else:
+        open_links = links.filter(revoked_at__isnull=True, expires_at__gt=timezone.now())
+        ids = sorted(open_links.values_list("link_id", flat=True))
+    if ids:
+        store.append(
+            "vm", str(vm.pk), "vm.preview_link_revoked", {"link_ids": ids}, actor=caller.actor
+        )
+    return ids

@@ -427,6 +427,15 @@ VERBS: tuple[Verb, ...] = (
         allowed_from=frozenset({"running"}),  # a preview reaches a running guest (preview_access)
         api=None,  # POST /api/v1/vms/{id}/previews/ (vms.preview_api), with its own input
     ),
+    Verb(
+        name="revoke_preview",
+        kind="record",
+        permission="vms.operate_vm",
+        description="Shareable preview links of the VM revoked (one, or all still open).",
+        records=("vm.preview_link_revoked",),
+        evidence=frozenset({"preview_link"}),
+        api=None,  # DELETE /api/v1/vms/{id}/previews/[{link_id}/] (vms.preview_api)
+    ),
 )
 
 REQUEST_VERBS = tuple(v for v in VERBS if v.kind == "request")
@@ -589,6 +598,11 @@ _RECORD_TYPES = {
         "vm",
         "access",
         "A shareable preview link to a guest's port was made (link id, port, expiry).",
+    ),
+    "vm.preview_link_revoked": (
+        "vm",
+        "access",
+        "Shareable preview links were revoked before their expiry (link ids).",
     ),
     "snapshot.deleted": ("snapshot", "data", "A snapshot was deleted (by a user or retention)."),
     "net.port_forward_added": ("vm", "change", "A host port was forwarded to a VM."),

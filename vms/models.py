@@ -260,6 +260,28 @@ class Snapshot(models.Model):
         return f"{self.name} of {self.vm_name} ({self.state})"
 
 
+class PreviewLink(models.Model):
+    """A shareable preview link (``vms.previews``, kind ``link``): who made it, for which port, its
+    expiry, and whether it was revoked. The signed value is the credential and is kept nowhere;
+    a link whose row is missing or revoked opens nothing. Projected from
+    vm.preview_link_created / vm.preview_link_revoked (aggregate "vm")."""
+
+    link_id = models.CharField(primary_key=True, max_length=32)
+    vm_id = models.UUIDField(db_index=True)
+    port = models.PositiveIntegerField()
+    created_by = models.CharField(max_length=150)  # the actor's name when it was made
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "link_id"]
+
+    def __str__(self) -> str:
+        return f"preview link {self.link_id} to {self.vm_id}:{self.port}"
+
+
 class Usage(models.Model):
     """Projection: what each user holds now, for quotas."""
 

@@ -20,7 +20,7 @@ from accounts import commands as account_commands
 from accounts.caller import Caller
 from audit.actor import Actor
 from vms import lifecycle, policy
-from vms.models import VirtualMachine
+from vms.models import PreviewLink, VirtualMachine
 from vms.previews import (
     HANDOFF,
     LINK,
@@ -135,6 +135,8 @@ def _check_grant(grant: Grant | None, vm_id: uuid.UUID, port: int) -> VirtualMac
         raise Refused(403, "This preview link is for another VM or port.")
     if grant.seconds_left <= 0:
         raise Refused(403, "This preview link has expired.")
+    if grant.kind == LINK and not _link_open(grant.link_id):
+        raise Refused(403, "This preview link was revoked.")
     vm = (
         VirtualMachine.objects.select_related("owner")
         .filter(pk=vm_id)
@@ -154,6 +156,11 @@ def _check_grant(grant: Grant | None, vm_id: uuid.UUID, port: int) -> VirtualMac
     if not allowed:
         raise Refused(403, "The user who made this preview link may no longer share this VM.")
     return vm
+
+
+def _link_open(link_id: str) -> bool:
+    """A shareable link opens only while its record exists and is not revoked."""
+    return PreviewLink.objects.filter(link_id=link_id, revoked_at__isnull=True).exists()
 
 
 def _access(vm: VirtualMachine, port: int) -> Access:

@@ -1,8 +1,11 @@
-"""``POST /api/v1/vms/{id}/previews/``: a shareable, expiring link to a port of a VM's guest.
+"""Shareable, expiring links to a port of a VM's guest.
 
-The link is a preview URL (``vms.previews``) carrying a signed grant; whoever holds it reaches
-that port until it expires, as long as its maker may still share the VM. Making one is recorded
-(``vm.preview_link_created``, through ``vms.commands.create_preview_link``).
+- ``POST /api/v1/vms/{id}/previews/`` makes one: a preview URL (``vms.previews``) carrying a
+  signed grant; whoever holds it reaches that port until it expires or is revoked, as long as
+  its maker may still share the VM (``vm.preview_link_created``).
+- ``GET`` lists the VM's links (never their signed values: those are the credentials).
+- ``DELETE /api/v1/vms/{id}/previews/{link_id}/`` revokes one, ``DELETE`` on the list every
+  one still open (``vm.preview_link_revoked``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.caller import Caller
-from accounts.scopes import needs
+from accounts.scopes import VM_READ, needs
 from vms import commands, lifecycle, policy, previews
+from vms.models import PreviewLink, VirtualMachine
 
-__all__ = ["PreviewLinkView", "link_url"]
+__all__ = ["PreviewLinkDetailView", "PreviewLinkView", "link_url"]
 
 
 def link_url(request: HttpRequest, grant: previews.Grant) -> str:
@@ -66,10 +70,69 @@ class PreviewLinkSerializer(serializers.Serializer):
     expires_at = serializers.DateTimeField()
 
 
-class PreviewLinkView(APIView):
-    """Make a shareable link to a port of this VM's guest (its owner, or who may act on it)."""
+class PreviewLinkRecordSerializer(serializers.ModelSerializer):
+    open = serializers.SerializerMethodField()
 
-    token_scopes = {"post": needs(lifecycle.verb("share_preview").permission)}
+    class Meta:
+        model = PreviewLink
+        fields = [
+            "link_id",
+            "port",
+            "created_by",
+            "created_at",
+            "expires_at",
+            "revoked_at",
+            "revoked_by",
+            "open",
+        ]
+
+    def get_open(self, link: PreviewLink) -> bool:
+        return link.revoked_at is None and link.expires_at > datetime.now(tz=UTC)
+
+
+class RevokedSerializer(serializers.Serializer):
+    revoked = serializers.ListField(child=serializers.CharField())
+
+
+def _visible_vm(caller: Caller, pk: uuid.UUID) -> VirtualMachine:
+    vm = policy.visible_vms(caller).filter(pk=pk).exclude(state=lifecycle.GONE).first()
+    if vm is None:
+        raise NotFound("no such VM")
+    return vm
+
+
+def _revoke(caller: Caller, vm: VirtualMachine, link_id: str | None) -> Response:
+    try:
+        ids = commands.revoke_preview_links(caller, vm, link_id)
+    except DjangoPermissionDenied as exc:
+        raise PermissionDenied(str(exc)) from exc
+    except DjangoValidationError as exc:
+        raise ValidationError(exc.message_dict) from exc
+    except commands.NotFound as exc:
+        raise NotFound(str(exc)) from exc
+    return Response(RevokedSerializer({"revoked": ids}).data)
+
+
+class PreviewLinkView(APIView):
+    """A VM's shareable links: make one to a port of its guest, list them, revoke all that are
+    still open (its owner, or who may act on it; whoever sees the VM may list)."""
+
+    token_scopes = {
+        "get": VM_READ,
+        "post": needs(lifecycle.verb("share_preview").permission),
+        "delete": needs(lifecycle.verb("revoke_preview").permission),
+    }
+
+    @extend_schema(responses={200: PreviewLinkRecordSerializer(many=True)})
+    def get(self, request: Request, pk: uuid.UUID) -> Response:
+        vm = _visible_vm(Caller.from_request(request), pk)
+        links = PreviewLink.objects.filter(vm_id=vm.pk)[:500]
+        return Response(PreviewLinkRecordSerializer(links, many=True).data)
+
+    @extend_schema(request=None, responses={200: RevokedSerializer})
+    def delete(self, request: Request, pk: uuid.UUID) -> Response:
+        caller = Caller.from_request(request)
+        return _revoke(caller, _visible_vm(caller, pk), None)
 
     @extend_schema(request=PreviewLinkRequestSerializer, responses={201: PreviewLinkSerializer})
     def post(self, request: Request, pk: uuid.UUID) -> Response:
@@ -98,3 +161,14 @@ class PreviewLinkView(APIView):
             "expires_at": datetime.fromtimestamp(grant.expires, tz=UTC),
         }
         return Response(PreviewLinkSerializer(payload).data, status=status.HTTP_201_CREATED)
+
+
+class PreviewLinkDetailView(APIView):
+    """Revoke one shareable link of this VM."""
+
+    token_scopes = {"delete": needs(lifecycle.verb("revoke_preview").permission)}
+
+    @extend_schema(request=None, responses={200: RevokedSerializer})
+    def delete(self, request: Request, pk: uuid.UUID, link_id: str) -> Response:
+        caller = Caller.from_request(request)
+        return _revoke(caller, _visible_vm(caller, pk), link_id)

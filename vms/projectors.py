@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db.models import F
@@ -20,7 +20,15 @@ from audit import catalogue
 from audit.projections import Projector, load_rows, register, update_rows
 from audit.store import RecordedEvent
 from vms import lifecycle
-from vms.models import Network, PortForward, RequestOutcome, Snapshot, Usage, VirtualMachine
+from vms.models import (
+    Network,
+    PortForward,
+    PreviewLink,
+    RequestOutcome,
+    Snapshot,
+    Usage,
+    VirtualMachine,
+)
 
 # The states of the lifecycle table (vms.lifecycle): request type -> transitional state, and
 # outcome type -> resulting state (``data["state"]`` overrides: a failed pause leaves it running).
@@ -405,3 +413,43 @@ class VMProjector(Projector):
         VirtualMachine.objects.all().delete()
         Network.objects.all().delete()
         Usage.objects.all().delete()
+
+
+@register
+class PreviewLinkProjector(Projector):
+    """Shareable preview links: made, and revoked (``vms.preview_access`` refuses a link whose
+    row is missing or revoked)."""
+
+    name = "vms.preview_links"
+    event_types = frozenset({"vm.preview_link_created", "vm.preview_link_revoked"})
+    inline = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        made: dict[str, PreviewLink] = {}
+        for e in events:
+            data = e.data
+            if e.type == "vm.preview_link_created":
+                made[data["link_id"]] = PreviewLink(
+                    link_id=data["link_id"],
+                    vm_id=uuid.UUID(e.aggregate_id),
+                    port=data["port"],
+                    created_by=e.actor_name,
+                    created_at=e.recorded_at,
+                    expires_at=datetime.fromtimestamp(data["expires"], tz=UTC),
+                )
+            elif e.type == "vm.preview_link_revoked":
+                ids = list(data["link_ids"])
+                for link_id in ids:
+                    if link_id in made:  # made and revoked in one batch
+                        made[link_id].revoked_at = e.recorded_at
+                        made[link_id].revoked_by = e.actor_name
+                PreviewLink.objects.bulk_create(made.values())
+                made.clear()
+                PreviewLink.objects.filter(link_id__in=ids, revoked_at__isnull=True).update(
+                    revoked_at=e.recorded_at, revoked_by=e.actor_name
+                )
+        if made:
+            PreviewLink.objects.bulk_create(made.values())
+
+    def reset(self) -> None:
+        PreviewLink.objects.all().delete()

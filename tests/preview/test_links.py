@@ -10,9 +10,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from django.test import Client
 
+from audit import projections
 from audit.models import Event
 from vms import previews
-from vms.models import VirtualMachine
+from vms.models import PreviewLink, VirtualMachine
 
 
 @pytest.fixture
@@ -105,6 +106,73 @@ def test_a_destroyed_vm_gets_no_link(token_client, owner, vm):
 def test_previews_off_means_no_links(token_client, owner, vm, settings):
     settings.SANDBOX_PREVIEW_DOMAIN = ""
     assert post_link(token_client(owner), vm, port=80).status_code == 404
+
+
+def _revoked_events(vm: Any) -> list[dict[str, Any]]:
+    events = Event.objects.filter(type="vm.preview_link_revoked", aggregate_id=str(vm.pk))
+    return [e.data if isinstance(e.data, dict) else json.loads(e.data) for e in events]
+
+
+def test_links_are_listed_without_their_signed_values(token_client, owner, vm, make_user):
+    client = token_client(owner)
+    made = [post_link(client, vm, port=p, expires_in=600).json() for p in (8080, 3000)]
+    for reader in (client, token_client(make_user("viewer"))):
+        response = reader.get(f"/api/v1/vms/{vm.pk}/previews/")
+        assert response.status_code == 200
+        listed = response.json()
+        assert {(x["link_id"], x["port"], x["open"]) for x in listed} == {
+            (m["link_id"], m["port"], True) for m in made
+        }
+        assert all(x["created_by"] == owner.username and x["revoked_at"] is None for x in listed)
+        for m in made:  # the credential is not in the listing
+            assert parse_qs(urlsplit(m["url"]).query)[previews.QUERY_PARAM][0] not in str(listed)
+    assert (
+        token_client(make_user("operator")).get(f"/api/v1/vms/{vm.pk}/previews/").status_code == 404
+    )
+
+
+def test_a_link_is_revoked_once_and_recorded(token_client, owner, vm):
+    client = token_client(owner)
+    link_id = post_link(client, vm, port=8080, expires_in=600).json()["link_id"]
+    response = client.delete(f"/api/v1/vms/{vm.pk}/previews/{link_id}/")
+    assert response.status_code == 200 and response.json() == {"revoked": [link_id]}
+    assert _revoked_events(vm) == [{"link_ids": [link_id]}]
+    (listed,) = client.get(f"/api/v1/vms/{vm.pk}/previews/").json()
+    assert listed["open"] is False and listed["revoked_by"] == owner.username
+    # Again: refused, nothing appended; an unknown link is 404.
+    assert client.delete(f"/api/v1/vms/{vm.pk}/previews/{link_id}/").status_code == 400
+    assert client.delete(f"/api/v1/vms/{vm.pk}/previews/nosuchlink/").status_code == 404
+    assert len(_revoked_events(vm)) == 1
+
+
+def test_revoking_all_takes_only_the_open_links(token_client, owner, vm, settings):
+    client = token_client(owner)
+    ids = [post_link(client, vm, port=p, expires_in=600).json()["link_id"] for p in (80, 81, 82)]
+    client.delete(f"/api/v1/vms/{vm.pk}/previews/{ids[0]}/")
+    response = client.delete(f"/api/v1/vms/{vm.pk}/previews/")
+    assert response.status_code == 200 and response.json() == {"revoked": sorted(ids[1:])}
+    # Nothing left open: nothing revoked, nothing recorded.
+    assert client.delete(f"/api/v1/vms/{vm.pk}/previews/").json() == {"revoked": []}
+    assert [e["link_ids"] for e in _revoked_events(vm)] == [[ids[0]], sorted(ids[1:])]
+
+
+def test_who_may_revoke(token_client, owner, vm, make_user):
+    link_id = post_link(token_client(owner), vm, port=8080).json()["link_id"]
+    url = f"/api/v1/vms/{vm.pk}/previews/{link_id}/"
+    assert token_client(make_user("viewer")).delete(url).status_code == 403
+    assert token_client(owner, read_only=True).delete(url).status_code == 403
+    assert token_client(make_user("operator")).delete(url).status_code == 404
+    assert not _revoked_events(vm)
+    assert token_client(make_user("admin")).delete(url).status_code == 200
+
+
+def test_a_rebuild_keeps_links_and_their_revocations(token_client, owner, vm):
+    client = token_client(owner)
+    ids = [post_link(client, vm, port=p, expires_in=600).json()["link_id"] for p in (80, 81)]
+    client.delete(f"/api/v1/vms/{vm.pk}/previews/{ids[0]}/")
+    before = list(PreviewLink.objects.order_by("link_id").values())
+    projections.rebuild("vms.preview_links")
+    assert list(PreviewLink.objects.order_by("link_id").values()) == before
 
 
 def test_the_dashboard_form_makes_a_recorded_link(owner, vm):

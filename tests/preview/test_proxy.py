@@ -18,8 +18,9 @@ from django.test import Client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from accounts.caller import Caller
 from tests.preview.conftest import DENIED_PORT, PREVIEW_DOMAIN, preview_host
-from vms import previews
+from vms import commands, previews
 from vms.models import VirtualMachine
 
 # The served product reads what the tests write: every row must be committed.
@@ -85,8 +86,17 @@ def grant_cookie(response: httpx.Response) -> str:
     return set_cookie.split(";", 1)[0]
 
 
-def signed(vm: Any, port: int, user: Any, seconds: int, kind: str = previews.LINK) -> str:
-    grant = previews.issue(vm, port, user.pk, kind, seconds)
+def signed(
+    vm: Any, port: int, user: Any, seconds: int, kind: str = previews.LINK, recorded: bool = True
+) -> str:
+    """A grant in a URL: a link made through the command (recorded, as every real one is), or,
+    with ``recorded=False`` (and for other kinds or a past expiry), one signed with our key but
+    never recorded, as a forgery or a bug would make it."""
+    if kind == previews.LINK and recorded and seconds > 0:
+        caller = Caller.for_user(user, channel="api")
+        grant = commands.create_preview_link(caller, vm, port, seconds)
+    else:
+        grant = previews.issue(vm, port, user.pk, kind, seconds)
     return f"/?{previews.QUERY_PARAM}={previews.url_value(grant)}"
 
 
@@ -306,10 +316,42 @@ def test_a_link_made_by_a_viewer_does_not_work(http, served, guest, vm, make_use
     viewer = make_user("viewer")
     assert (
         get(
-            http, preview_host(vm, guest.port, served), signed(vm, guest.port, viewer, 60)
+            http,
+            preview_host(vm, guest.port, served),
+            signed(vm, guest.port, viewer, 60, recorded=False),
         ).status_code
         == 403
     )
+
+
+def test_a_link_that_was_never_recorded_is_refused(http, served, guest, vm, owner):
+    """Signed with our key but not made by the command: no record, so no access."""
+    response = get(
+        http,
+        preview_host(vm, guest.port, served),
+        signed(vm, guest.port, owner, 60, recorded=False),
+    )
+    assert response.status_code == 403 and "revoked" in response.text
+
+
+def test_a_revoked_link_and_the_cookie_it_gave_are_refused(
+    http, served, guest, vm, owner, issue_token
+):
+    token = issue_token(owner)
+    link, other = (share(token, vm, guest.port, served, expires_in=600) for _ in range(2))
+    host = preview_host(vm, guest.port, served)
+    cookie = grant_cookie(get(http, host, link))
+    assert seen(get(http, host, "/echo", headers={"Cookie": cookie}))["path"] == "/echo"
+    link_id = previews.from_url(parse_qs(urlsplit(link).query)[previews.QUERY_PARAM][0]).link_id
+    revoked = httpx.delete(
+        f"{served.url}/api/v1/vms/{vm.pk}/previews/{link_id}/",
+        headers=bearer(token),
+        trust_env=False,
+    )
+    assert revoked.status_code == 200 and revoked.json() == {"revoked": [link_id]}
+    for response in (get(http, host, link), get(http, host, "/", headers={"Cookie": cookie})):
+        assert response.status_code == 403 and "revoked" in response.text
+    assert get(http, host, other).status_code == 303  # the other link still opens
 
 
 # --- The VM's state and the port --------------------------------------------------------------

@@ -77,6 +77,7 @@ RECORDED = {
     "vm.file_upload_requested": ("vm", 1, "data"),
     "vm.file_uploaded": ("vm", 1, "data"),
     "vm.preview_link_created": ("vm", 1, "access"),
+    "vm.preview_link_revoked": ("vm", 1, "access"),
     "vm.progress": ("vm", 1, "operations"),
     "vm.recovered": ("vm", 1, "monitoring"),
     **{
@@ -413,7 +414,8 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         inspect.unwrap(views.vm_create): frozenset({"create"}),
         inspect.unwrap(views.vm_exec): frozenset({"exec"}),
         # A record verb with input of its own, routed apart (its row says where: api=None).
-        preview_api.PreviewLinkView: frozenset({"share_preview"}),
+        preview_api.PreviewLinkView: frozenset({"share_preview", "revoke_preview"}),
+        preview_api.PreviewLinkDetailView: frozenset({"revoke_preview"}),
         inspect.unwrap(preview_views.vm_preview): frozenset({"share_preview"}),
         # A VM's NIC (vms.network_api); networks are not VMs: their commands are admins'.
         network_api.PortForwardViewSet: frozenset({"add_port_forward", "remove_port_forward"}),
