@@ -15,14 +15,15 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import redirect
-from django.views.decorators.http import require_GET, require_http_methods
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.caller import Caller
 from vms import commands, lifecycle, policy, previews
-from vms.models import VirtualMachine
+from vms.models import PreviewLink, VirtualMachine
 from vms.preview_api import link_url
 
-__all__ = ["vm_preview", "vm_preview_open"]
+__all__ = ["open_links", "vm_preview", "vm_preview_open", "vm_preview_revoke"]
 
 
 def _vm(request: HttpRequest, pk: Any) -> VirtualMachine:
@@ -77,4 +78,32 @@ def vm_preview(request: HttpRequest, pk: Any) -> HttpResponse:
     else:
         url = link_url(request, grant)
         messages.success(request, f"Shareable link to port {grant.port} ({seconds} s): {url}")
+    return redirect("vms:detail", pk=vm.pk)
+
+
+def open_links(vm: VirtualMachine) -> list[PreviewLink]:
+    """The VM's shareable links that still open (not revoked, not expired), for its page."""
+    links = PreviewLink.objects.filter(
+        vm_id=vm.pk, revoked_at__isnull=True, expires_at__gt=timezone.now()
+    )
+    return list(links[:50])
+
+
+@require_POST
+@login_required
+def vm_preview_revoke(request: HttpRequest, pk: Any) -> HttpResponse:
+    """Revoke one shareable link (``link_id``), or every open one (no ``link_id``)."""
+    vm = _vm(request, pk)
+    link_id = request.POST.get("link_id") or None
+    try:
+        ids = commands.revoke_preview_links(Caller.from_request(request), vm, link_id)
+    except commands.NotFound:
+        messages.error(request, "No such preview link.")
+    except (ValidationError, PermissionDenied) as exc:
+        messages.error(request, f"Nothing revoked: {exc}")
+    else:
+        if ids:
+            messages.success(request, f"Revoked {len(ids)} preview link(s): {', '.join(ids)}")
+        else:
+            messages.info(request, "No open preview link to revoke.")
     return redirect("vms:detail", pk=vm.pk)

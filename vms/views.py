@@ -22,7 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
 from audit.errors import EventStoreUnavailable
-from vms import commands, console, guest, lifecycle, live, policy, quotas
+from vms import commands, console, guest, lifecycle, live, policy, preview_views, quotas
 from vms.agent.client import AgentError, AgentTimeout
 from vms.forms import (
     CloneForm,
@@ -198,6 +198,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
+            "preview_links": preview_views.open_links(vm),
         },
     )
 

@@ -208,6 +208,32 @@ def test_the_detail_page_offers_the_preview_forms(owner, vm):
     assert f"/vms/{vm.pk}/preview/" in page and "Make a shareable link" in page
 
 
+def test_the_detail_page_lists_open_links_and_revokes_them(owner, vm, make_user, token_client):
+    ids = [
+        post_link(token_client(owner), vm, port=p, expires_in=600).json()["link_id"]
+        for p in (8080, 8081, 8082)
+    ]
+    client = Client()
+    client.force_login(owner)
+    page = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert all(link_id in page for link_id in ids) and "Revoke all links" in page
+    response = client.post(f"/vms/{vm.pk}/preview/revoke/", {"link_id": ids[0]}, follow=True)
+    assert f"Revoked 1 preview link(s): {ids[0]}" in response.content.decode()
+    assert ids[0] not in client.get(f"/vms/{vm.pk}/").content.decode()  # no longer open
+    response = client.post(f"/vms/{vm.pk}/preview/revoke/", {}, follow=True)
+    assert "Revoked 2 preview link(s)" in response.content.decode()
+    assert [e["link_ids"] for e in _revoked_events(vm)] == [[ids[0]], sorted(ids[1:])]
+    # A viewer sees no revoke button, and its POST revokes nothing.
+    more = post_link(token_client(owner), vm, port=9000).json()["link_id"]
+    viewer = Client()
+    viewer.force_login(make_user("viewer"))
+    page = viewer.get(f"/vms/{vm.pk}/").content.decode()
+    assert more in page and "preview/revoke/" not in page
+    response = viewer.post(f"/vms/{vm.pk}/preview/revoke/", {"link_id": more}, follow=True)
+    assert "Nothing revoked" in response.content.decode()
+    assert len(_revoked_events(vm)) == 2
+
+
 # --- Grants -----------------------------------------------------------------------------------
 
 

@@ -417,6 +417,7 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         preview_api.PreviewLinkView: frozenset({"share_preview", "revoke_preview"}),
         preview_api.PreviewLinkDetailView: frozenset({"revoke_preview"}),
         inspect.unwrap(preview_views.vm_preview): frozenset({"share_preview"}),
+        inspect.unwrap(preview_views.vm_preview_revoke): frozenset({"revoke_preview"}),
         # A VM's NIC (vms.network_api); networks are not VMs: their commands are admins'.
         network_api.PortForwardViewSet: frozenset({"add_port_forward", "remove_port_forward"}),
         network_api.EgressView: frozenset({"set_egress"}),
