@@ -39,6 +39,16 @@ async def guest_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
     if scope["type"] == "websocket":
         await receive()  # connect
+        if scope["path"] == "/ws-redirect":  # to this same server's websocket
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", b"/ws"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": b""})
+            return
         subprotocols = scope.get("subprotocols") or []
         await send(
             {"type": "websocket.accept", "subprotocol": subprotocols[0] if subprotocols else None}

@@ -427,6 +427,14 @@ def test_websockets_pass_through_with_a_token(served, guest, vm, owner, issue_to
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4321
 
 
+def test_a_guests_websocket_redirect_is_not_followed(served, guest, vm, owner, issue_token):
+    host = preview_host(vm, guest.port, served)
+    with pytest.raises(InvalidStatus) as refused:
+        _ws(served, host, "/ws-redirect", additional_headers=bearer(issue_token(owner)))
+    assert refused.value.response.status_code == 403  # every refused handshake
+    assert "redirected the websocket (302)" in served.log.read_text()
+
+
 def test_a_websocket_with_the_link_cookie_from_the_preview_origin(http, served, guest, vm, owner):
     host = preview_host(vm, guest.port, served)
     cookie = grant_cookie(get(http, host, signed(vm, guest.port, owner, 60)))
