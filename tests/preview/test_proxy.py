@@ -18,7 +18,14 @@ from django.test import Client
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from tests.preview.conftest import DENIED_PORT, PREVIEW_DOMAIN, preview_host
+from tests.preview.conftest import (
+    DENIED_PORT,
+    PREVIEW_DOMAIN,
+    bearer,
+    grant_cookie,
+    preview_host,
+    share,
+)
 from vms import previews
 from vms.models import VirtualMachine
 
@@ -59,30 +66,6 @@ def seen(response: httpx.Response) -> dict[str, Any]:
         headers.setdefault(key.lower(), []).append(value)
     data["headers"] = headers
     return data
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def share(owner_token: str, vm: Any, port: int, served: Any, **body: Any) -> str:
-    """A shareable link made through the API; returns its path and query."""
-    response = httpx.post(
-        f"{served.url}/api/v1/vms/{vm.pk}/previews/",
-        json={"port": port, **body},
-        headers=bearer(owner_token),
-        trust_env=False,
-    )
-    assert response.status_code == 201, response.text
-    url = urlsplit(response.json()["url"])
-    assert url.hostname == f"{port}-{vm.pk}.{PREVIEW_DOMAIN}"
-    return f"{url.path}?{url.query}"
-
-
-def grant_cookie(response: httpx.Response) -> str:
-    """The preview cookie a link response set, as ``name=value``."""
-    set_cookie = response.headers["set-cookie"]
-    return set_cookie.split(";", 1)[0]
 
 
 def signed(vm: Any, port: int, user: Any, seconds: int, kind: str = previews.LINK) -> str:
