@@ -20,7 +20,6 @@ import pytest
 
 from sandbox_site import upstream
 from vms.network import netns
-from vms.network.names import NetworkError
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthere"
 
@@ -35,10 +34,6 @@ def far() -> Iterator[str]:
         yield name
     finally:
         netns.remove(name)
-
-
-def _own_ns_inode() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def _http_server_in(ns: str, stop: threading.Event) -> int:
@@ -79,20 +74,6 @@ async def _get(url: str, connect_s: float = 5.0) -> httpx.Response:
         transport=transport, timeout=httpx.Timeout(10, connect=connect_s), trust_env=False
     ) as client:
         return await client.get(url)
-
-
-def test_a_namespace_thread_stays_there_and_a_namespace_made_again_gets_a_new_one(
-    far: str,
-) -> None:
-    first = netns.submit(far, _own_ns_inode).result(10)
-    assert first == (netns.NETNS_DIR / far).stat().st_ino != _own_ns_inode()
-    assert netns.submit(far, _own_ns_inode).result(10) == first  # the same thread, still there
-    netns.remove(far)
-    netns.create(far)
-    second = netns.submit(far, _own_ns_inode).result(10)
-    assert second == (netns.NETNS_DIR / far).stat().st_ino != first
-    with pytest.raises(NetworkError):
-        netns.submit(f"nbu{secrets.token_hex(3)}", _own_ns_inode)
 
 
 def test_guests_are_reached_from_the_host_link_namespace(far: str, settings: Any) -> None:
