@@ -66,7 +66,7 @@ MYPY_CORE += audit/events.py audit/metrics.py vms/metrics.py vms/recordings.py c
 MYPY_CORE += vms/lifecycle.py vms/policy.py vms/enqueue.py vms/tasks.py
 # Preview URLs: grants, access decisions, the link endpoint and dashboard views, the proxy.
 MYPY_CORE += vms/previews.py vms/preview_access.py vms/preview_api.py vms/preview_views.py \
-	sandbox_site/preview.py
+	sandbox_site/preview.py sandbox_site/upstream.py
 # Networking: the host side (namespaces, bridges, rules, resolvers, TAPs), its plumbing and API.
 MYPY_CORE += vms/network vms/netconfig.py vms/netplumb.py vms/vmnet.py vms/forwarder.py \
 	vms/network_api.py sandbox_site/checks.py

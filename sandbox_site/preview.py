@@ -9,6 +9,8 @@ is decided by ``vms.preview_access``; this module moves the bytes:
   connect and read timeouts, proxies from the environment ignored;
 - websockets with the ``websockets`` client, messages relayed both ways, close codes kept.
 
+Both connect from the namespace guests are routed from (``sandbox_site.upstream``).
+
 What the guest never sees: our API token (``Authorization: Bearer sbx_...``), the preview
 cookie, the dashboard's session and CSRF cookies, the grant in the URL, hop-by-hop headers,
 and the client's own ``X-Forwarded-*``/``Forwarded`` (replaced by ours). What the guest may not
@@ -32,6 +34,7 @@ from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from sandbox_site import upstream
 from vms import preview_access, previews
 
 __all__ = ["PreviewRouter"]
@@ -94,10 +97,12 @@ class PreviewRouter:
             connect_s = settings.SANDBOX_PREVIEW_CONNECT_TIMEOUT_S
             read_s = settings.SANDBOX_PREVIEW_READ_TIMEOUT_S
             client = httpx.AsyncClient(
+                transport=upstream.GuestTransport(
+                    httpx.Limits(max_connections=200, max_keepalive_connections=20)
+                ),
                 timeout=httpx.Timeout(connect=connect_s, read=read_s, write=read_s, pool=connect_s),
                 follow_redirects=False,
                 trust_env=False,  # no HTTP_PROXY, no .netrc: straight to the guest
-                limits=httpx.Limits(max_connections=200, max_keepalive_connections=20),
             )
             self._clients[loop] = client
         return client
@@ -389,15 +394,18 @@ class _Exchange:
         forwarded = self.forward_headers(
             [(k, v) for k, v in headers if k not in (b"origin", b"user-agent")]
         )
+        connect_s = settings.SANDBOX_PREVIEW_CONNECT_TIMEOUT_S
         try:
+            sock = await upstream.connect(self.access.ip, self.access.port, connect_s)
             guest = await connect(
                 uri,
+                sock=sock,  # opened where guests are routed from (sandbox_site.upstream)
                 origin=_header(headers, b"origin"),  # type: ignore[arg-type]
                 subprotocols=scope.get("subprotocols") or None,
                 additional_headers=[(k.decode(), v.decode("latin-1")) for k, v in forwarded],
                 user_agent_header=_header(headers, b"user-agent"),
                 proxy=None,
-                open_timeout=settings.SANDBOX_PREVIEW_CONNECT_TIMEOUT_S,
+                open_timeout=connect_s,
                 max_size=settings.SANDBOX_PREVIEW_WS_MAX_MESSAGE_BYTES,
                 compression=None,
                 ping_interval=None,  # the client and the guest keep their own connection alive
@@ -407,6 +415,13 @@ class _Exchange:
             return
         except InvalidStatus as exc:
             await self.refuse(502, f"The guest refused the websocket ({exc.response.status_code}).")
+            return
+        except ValueError as exc:
+            # A redirect: never followed (the client library cannot, on a socket it was given).
+            if not isinstance(exc.__cause__, InvalidStatus):
+                raise
+            status = exc.__cause__.response.status_code
+            await self.refuse(502, f"The guest redirected the websocket ({status}).")
             return
         except (OSError, InvalidHandshake) as exc:
             log.info("preview: guest websocket %s failed: %r", uri, exc)

@@ -641,5 +641,6 @@ SANDBOX_NET_DNS = os.environ.get("SANDBOX_NET_DNS", "")
 # The resolvers' configurations, pidfiles and query logs, and the evidence cursors.
 SANDBOX_NET_RUN_DIR = Path(os.environ.get("SANDBOX_NET_RUN_DIR", DATA_DIR / "network"))
 # The namespace the host side of the host link goes to: empty is the host's own (tests name a
-# namespace of their own standing in for the host; the port forwarder connects from there).
+# namespace of their own standing in for the host; the port forwarder and the preview proxy
+# connect to guests from there).
 SANDBOX_NET_HOST_NS = os.environ.get("SANDBOX_NET_HOST_NS", "")

@@ -15,8 +15,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 import uvicorn
 
@@ -39,6 +42,16 @@ async def guest_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [[k.decode("latin-1"), v.decode("latin-1")] for k, v in scope["headers"]]
     if scope["type"] == "websocket":
         await receive()  # connect
+        if scope["path"] == "/ws-redirect":  # to this same server's websocket
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": 302,
+                    "headers": [(b"location", b"/ws"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": b""})
+            return
         subprotocols = scope.get("subprotocols") or []
         await send(
             {"type": "websocket.accept", "subprotocol": subprotocols[0] if subprotocols else None}
@@ -165,17 +178,24 @@ def guest() -> Iterator[GuestStandIn]:
     stand_in.stop()
 
 
+def serve_previews(log: Path, **env: str) -> Served:
+    """The product served with the preview settings the tests expect, and ``env``."""
+    return Served(
+        log,
+        **{
+            "SANDBOX_PREVIEW_DOMAIN": PREVIEW_DOMAIN,
+            "SANDBOX_PREVIEW_DENIED_PORTS": str(DENIED_PORT),
+            **env,
+        },
+    )
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, django_db_blocker: Any) -> Iterator[Served]:
     """The product (uvicorn, the real ASGI application) on the test database."""
     log = tmp_path_factory.mktemp("preview") / "serve.log"
     with django_db_blocker.unblock():
-        server = Served(
-            log,
-            SANDBOX_PREVIEW_DOMAIN=PREVIEW_DOMAIN,
-            SANDBOX_PREVIEW_DENIED_PORTS=str(DENIED_PORT),
-            SANDBOX_PREVIEW_READ_TIMEOUT_S="2",
-        )
+        server = serve_previews(log, SANDBOX_PREVIEW_READ_TIMEOUT_S="2")
     try:
         yield server.wait_ready()
     finally:
@@ -207,3 +227,27 @@ def running_vm(transactional_db: Any) -> Callable[..., Any]:
 
 def preview_host(vm: Any, port: int, served: Served) -> str:
     return f"{port}-{vm.pk}.{PREVIEW_DOMAIN}:{served.port}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def share(owner_token: str, vm: Any, port: int, served: Any, **body: Any) -> str:
+    """A shareable link made through the API; returns its path and query."""
+    response = httpx.post(
+        f"{served.url}/api/v1/vms/{vm.pk}/previews/",
+        json={"port": port, **body},
+        headers=bearer(owner_token),
+        trust_env=False,
+    )
+    assert response.status_code == 201, response.text
+    url = urlsplit(response.json()["url"])
+    assert url.hostname == f"{port}-{vm.pk}.{PREVIEW_DOMAIN}"
+    return f"{url.path}?{url.query}"
+
+
+def grant_cookie(response: httpx.Response) -> str:
+    """The preview cookie a link response set, as ``name=value``."""
+    set_cookie = response.headers["set-cookie"]
+    return set_cookie.split(";", 1)[0]

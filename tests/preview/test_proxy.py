@@ -19,7 +19,14 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from accounts.caller import Caller
-from tests.preview.conftest import DENIED_PORT, PREVIEW_DOMAIN, preview_host
+from tests.preview.conftest import (
+    DENIED_PORT,
+    PREVIEW_DOMAIN,
+    bearer,
+    grant_cookie,
+    preview_host,
+    share,
+)
 from vms import commands, previews
 from vms.models import VirtualMachine
 
@@ -60,30 +67,6 @@ def seen(response: httpx.Response) -> dict[str, Any]:
         headers.setdefault(key.lower(), []).append(value)
     data["headers"] = headers
     return data
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def share(owner_token: str, vm: Any, port: int, served: Any, **body: Any) -> str:
-    """A shareable link made through the API; returns its path and query."""
-    response = httpx.post(
-        f"{served.url}/api/v1/vms/{vm.pk}/previews/",
-        json={"port": port, **body},
-        headers=bearer(owner_token),
-        trust_env=False,
-    )
-    assert response.status_code == 201, response.text
-    url = urlsplit(response.json()["url"])
-    assert url.hostname == f"{port}-{vm.pk}.{PREVIEW_DOMAIN}"
-    return f"{url.path}?{url.query}"
-
-
-def grant_cookie(response: httpx.Response) -> str:
-    """The preview cookie a link response set, as ``name=value``."""
-    set_cookie = response.headers["set-cookie"]
-    return set_cookie.split(";", 1)[0]
 
 
 def signed(
@@ -467,6 +450,14 @@ def test_websockets_pass_through_with_a_token(served, guest, vm, owner, issue_to
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv()
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4321
+
+
+def test_a_guests_websocket_redirect_is_not_followed(served, guest, vm, owner, issue_token):
+    host = preview_host(vm, guest.port, served)
+    with pytest.raises(InvalidStatus) as refused:
+        _ws(served, host, "/ws-redirect", additional_headers=bearer(issue_token(owner)))
+    assert refused.value.response.status_code == 403  # every refused handshake
+    assert "redirected the websocket (302)" in served.log.read_text()
 
 
 def test_a_websocket_with_the_link_cookie_from_the_preview_origin(http, served, guest, vm, owner):

@@ -17,13 +17,16 @@ import socket
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from accounts.caller import Caller
 from audit.models import Event
 from tests.network.internet import (
     APP_DOMAIN,
@@ -33,6 +36,7 @@ from tests.network.internet import (
     UPLINK,
     internet,
 )
+from tests.preview.conftest import bearer, grant_cookie, preview_host, serve_previews, share
 from vms import commands, vmnet
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
@@ -51,6 +55,7 @@ class NetSite:
     host_ns: str
     run_dir: Path
     worker: Worker
+    env: dict[str, str]  # the networking settings the worker was given
 
     def links(self) -> str:
         return _out(["ip", "-n", self.netns, "-br", "link"])
@@ -90,7 +95,7 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
     try:
         w.start()
         wait_for(lambda: netns.exists(name), 60, "the worker to set up its namespace")
-        yield NetSite(name, host_ns, run_dir, w)
+        yield NetSite(name, host_ns, run_dir, w, net_settings)
     finally:
         w.stop()
         for pidfile in run_dir.glob("dns-*.pid"):
@@ -328,3 +333,136 @@ def test_forwards_and_an_allow_list_through_the_worker_and_the_refusals_as_event
         _settled(str(vm.pk), "destroyed", timeout=120)
     assert tap.list_taps(net_site.netns) == []
     assert f"vm_{vm.pk.hex}" not in net_site.ruleset()
+
+
+def _start_web_server(client: AgentClient, port: int, text: str) -> None:
+    """An HTTP server in the guest (``python3 -m http.server``, left running), whose page is
+    ``text``; returns once the guest reaches it on its own address."""
+    root = f"/tmp/www-{port}"
+    script = (
+        f"mkdir -p {root} && printf %s {text} > {root}/index.html && "
+        f"(python3 -m http.server {port} --bind 0.0.0.0 --directory {root} "
+        "</dev/null >/dev/null 2>&1 &)"
+    )
+    assert client.exec(["sh", "-c", script], timeout=30).exit_code == 0
+    wait_for(lambda: _http_get(client, "127.0.0.1", port) == text, 60, "the guest's web server")
+
+
+def _http_get(client: AgentClient, address: str, port: int) -> str | None:
+    """From the guest: the page at ``http://address:port/`` (None when it cannot be had)."""
+    script = (
+        "import sys,urllib.request\n"
+        "try:\n"
+        f" sys.stdout.write(urllib.request.urlopen('http://{address}:{port}/',timeout=4)"
+        ".read().decode())\n"
+        "except OSError:\n"
+        " sys.exit(7)\n"
+    )
+    result = client.exec(["python3", "-c", script], timeout=30)
+    return result.stdout.decode() if result.exit_code == 0 else None
+
+
+def test_preview_urls_reach_guests_through_the_host_link_and_two_networks_never_meet(
+    net_site: NetSite,
+    caller_for: Callable[..., Any],
+    make_user: Callable[..., Any],
+    issue_token: Callable[..., str],
+    vm_dirs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The served product (web only, given the networking settings) proxies a preview URL to a
+    real guest through the worker's host link, for whoever may see the VM; guests on two
+    networks do not reach each other, even when each one's egress allows the other's subnet."""
+    tag = net_site.netns[-6:]
+    admin = caller_for("admin")
+    subnets = {"a": "10.219.13.0/24", "b": "10.219.14.0/24"}
+    for i, (side, subnet) in enumerate(subnets.items()):
+        commands.create_network(
+            admin,
+            name=f"{side}-{tag}",
+            subnet=subnet,
+            bridge=f"nb{side}{tag}",
+            isolated=False,
+            port_min=30200 + 50 * i,
+            port_max=30249 + 50 * i,
+            default_egress="none",
+        )
+    owner, stranger = make_user("operator"), make_user("operator")
+    caller = Caller.for_user(owner, channel="api")
+    vms = {}
+    for side, other in (("a", "b"), ("b", "a")):
+        accepted = commands.create(
+            caller, name=f"web-{side}", template="linux-small", network=f"{side}-{tag}",
+            start_now=False,
+        )  # fmt: skip
+        vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+        commands.set_egress(caller, vm, egress="allow-list", allow=[subnets[other]])
+        commands.start(caller, VirtualMachine.objects.get(pk=accepted.vm_id))
+        vms[side] = accepted.vm_id
+    a, b = (_settled(str(vms[side]), "running", "failed") for side in ("a", "b"))
+    assert (a.state, b.state) == ("running", "running"), (a.last_error, b.last_error)
+
+    def namespaces() -> list[tuple[str, int]]:  # this test's, each with its identity
+        return sorted(
+            (n, (netns.NETNS_DIR / n).stat().st_ino)
+            for n in os.listdir(netns.NETNS_DIR)
+            if n.endswith(tag)
+        )
+
+    before = namespaces()
+    host_links = _out(["ip", "-n", net_site.host_ns, "-br", "link"])
+    served = serve_previews(
+        tmp_path / "serve.log", SANDBOX_PREVIEW_READ_TIMEOUT_S="30", **net_site.env
+    )
+    client_a, client_b = _agent(a), _agent(b)
+    try:
+        served.wait_ready()
+        _start_web_server(client_a, 8000, f"page-of-a-{tag}")
+        _start_web_server(client_b, 8000, f"page-of-b-{tag}")
+
+        with httpx.Client(
+            base_url=served.url, follow_redirects=False, trust_env=False, timeout=60
+        ) as http:
+
+            def get(vm: VirtualMachine, path: str = "/", **headers: str) -> httpx.Response:
+                http.cookies.clear()
+                return http.get(path, headers={"Host": preview_host(vm, 8000, served), **headers})
+
+            token = issue_token(owner)
+            page = get(a, **bearer(token))
+            assert (page.status_code, page.text) == (200, f"page-of-a-{tag}")
+            assert get(b, **bearer(token)).text == f"page-of-b-{tag}"
+            # Another operator may not see the VM: it looks like a missing one.
+            assert get(a, **bearer(issue_token(stranger))).status_code == 404
+            assert get(a).status_code == 401
+
+            link = share(token, a, 8000, served, expires_in=600)
+            opened = get(a, link)
+            assert opened.status_code == 303
+            page = get(a, Cookie=grant_cookie(opened))
+            assert (page.status_code, page.text) == (200, f"page-of-a-{tag}")
+            short = share(token, a, 8000, served, expires_in=1)
+            time.sleep(2.2)
+            expired = get(a, short)
+            assert expired.status_code == 403 and "expired" in expired.text
+
+        # Serving made or remade no namespace and touched nothing of the host link, and it did
+        # not set networking up ("network namespace ... taken over"): only the worker does.
+        assert namespaces() == before
+        assert _out(["ip", "-n", net_site.host_ns, "-br", "link"]) == host_links
+        assert "network namespace" not in served.log.read_text()
+
+        # Two networks never meet, whatever the egress allows; each guest reaches its own page.
+        assert _http_get(client_a, str(b.ip), 8000) is None
+        assert _http_get(client_b, str(a.ip), 8000) is None
+        assert _http_get(client_a, str(a.ip), 8000) == f"page-of-a-{tag}"
+    finally:
+        served.stop()
+        client_a.close()
+        client_b.close()
+
+    for vm in (a, b):
+        commands.destroy(caller, VirtualMachine.objects.get(pk=vm.pk))
+    for vm in (a, b):
+        _settled(str(vm.pk), "destroyed", timeout=120)
+    assert tap.list_taps(net_site.netns) == []

@@ -18,6 +18,7 @@ import os
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -41,6 +42,7 @@ __all__ = [
     "remove",
     "run",
     "set_host_routes",
+    "submit",
     "sysctl",
     "teardown",
 ]
@@ -145,6 +147,40 @@ def call_in(name: str, fn: Callable[[], T]) -> T:
     if errors:
         raise errors[0]
     return result[0]
+
+
+_residents_lock = threading.Lock()
+# Per namespace name: the identity (device, inode) of the namespace its thread entered, and the
+# executor of that thread.
+_residents: dict[str, tuple[tuple[int, int], ThreadPoolExecutor]] = {}
+
+
+def submit(name: str, fn: Callable[[], T]) -> Future[T]:
+    """``fn()`` run on a thread of this process that lives inside namespace ``name`` for good:
+    the cheap way for a server to open many sockets there (``call_in`` starts a thread per
+    call). One thread per namespace, started on first use; a namespace removed and made again
+    under the same name gets a new one (the old thread would still be in the old namespace)."""
+    path = NETNS_DIR / check_netns(name)
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        raise NetworkError(f"network namespace {name} does not exist") from None
+    identity = (found.st_dev, found.st_ino)
+    with _residents_lock:
+        known = _residents.get(name)
+        if known is None or known[0] != identity:
+            if known is not None:
+                known[1].shutdown(wait=False)
+            executor = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"netns-{name}",
+                initializer=pr_netns.setns,  # this thread only, and never back
+                initargs=(str(path), 0),
+            )
+            _residents[name] = (identity, executor)
+        else:
+            executor = known[1]
+    return executor.submit(fn)
 
 
 def sysctl(name: str, key: str, value: str) -> None:
