@@ -70,6 +70,8 @@ MYPY_CORE += vms/previews.py vms/preview_access.py vms/preview_api.py vms/previe
 # Networking: the host side (namespaces, bridges, rules, resolvers, TAPs), its plumbing and API.
 MYPY_CORE += vms/network vms/netconfig.py vms/netplumb.py vms/vmnet.py vms/forwarder.py \
 	vms/network_api.py sandbox_site/checks.py
+# Networks and egress evidence on the dashboard.
+MYPY_CORE += vms/network_views.py vms/netevidence.py
 
 lint:
 	$(VENV)/bin/ruff check .

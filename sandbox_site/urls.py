@@ -57,6 +57,7 @@ urlpatterns = [
     path("audit/sessions/", include("vms.urls_recordings")),
     path("audit/", include("audit.urls_dashboard")),
     path("vms/", include("vms.urls")),
+    path("networks/", include("vms.urls_networks")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("healthz", health.healthz, name="healthz"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from django import forms
 
-from vms.models import Template, VMState
+from vms.models import EGRESS_CHOICES, Template, VMState
 
 
 def template_choices() -> list[tuple[str, str]]:
@@ -69,3 +69,23 @@ class FilterForm(forms.Form):
     )
     template = forms.CharField(required=False)
     owner = forms.CharField(required=False)
+
+
+class NetworkForm(forms.Form):
+    """A network's settings (the networks page, admins). Names, subnets, bridges, overlaps and
+    what may change while VMs are on the network are ``vms.commands``' to check."""
+
+    name = forms.CharField(max_length=63, help_text="lowercase letters, digits and '-'")
+    subnet = forms.CharField(
+        max_length=18, help_text="a private IPv4 network, /16 to /29, e.g. 10.77.0.0/24"
+    )
+    bridge = forms.CharField(max_length=15, help_text="the bridge's interface name")
+    port_min = forms.IntegerField(min_value=1024, max_value=65535, label="Host ports from")
+    port_max = forms.IntegerField(min_value=1024, max_value=65535, label="Host ports to")
+    default_egress = forms.ChoiceField(
+        choices=EGRESS_CHOICES, initial="none", label="Default egress of new VMs"
+    )
+    isolated = forms.BooleanField(
+        required=False, initial=True, label="Isolated (its VMs cannot reach each other)"
+    )
+    is_default = forms.BooleanField(required=False, label="Default network for new VMs")

@@ -22,7 +22,17 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
 from audit.errors import EventStoreUnavailable
-from vms import commands, console, guest, lifecycle, live, policy, preview_views, quotas
+from vms import (
+    commands,
+    console,
+    guest,
+    lifecycle,
+    live,
+    netevidence,
+    policy,
+    preview_views,
+    quotas,
+)
 from vms.agent.client import AgentError, AgentTimeout
 from vms.forms import (
     CloneForm,
@@ -172,14 +182,25 @@ _CAN = {
 }
 
 
+# The egress evidence periods a VM's page shows (the rest: its timeline, the audit trail).
+EVIDENCE_PERIODS = netevidence.DEFAULT_PERIODS
+
+
 @require_GET
 @login_required
 def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
     caller = Caller.from_request(request)
     vm = _vm(request, pk)
     timeline = live.vm_timeline(vm, limit=100)
-    # Showing the VM's events is reading the trail: one audit.trail_read per page view.
-    record_trail_read(request, "dashboard.vm_timeline", read_details({"vm": str(vm.pk)}, timeline))
+    evidence = netevidence.periods(vm, limit=EVIDENCE_PERIODS)
+    # Showing the VM's events is reading the trail: one audit.trail_read per page view, naming
+    # every event shown (the timeline's and the egress evidence's, once each).
+    shown = {e["position"] for e in timeline} | {p for e in evidence for p in e.positions}
+    record_trail_read(
+        request,
+        "dashboard.vm_timeline",
+        read_details({"vm": str(vm.pk)}, [{"position": p} for p in sorted(shown)]),
+    )
     snapshots = policy.visible_snapshots(caller).filter(vm=vm).exclude(state=Snapshot.State.DELETED)
     may = {v.name: policy.may(caller, v.name, vm.owner_id) for v in lifecycle.VERBS}
     return render(
@@ -189,6 +210,9 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "vm": vm,
             "vm_json": represent_vm(vm),
             "timeline": list(reversed(timeline)),
+            "evidence": evidence,
+            "evidence_limit": EVIDENCE_PERIODS,
+            "evidence_types": netevidence.EVIDENCE_TYPES,
             "last_position": timeline[-1]["position"] if timeline else 0,
             "snapshots": snapshots,
             "rules": RULES_JSON,

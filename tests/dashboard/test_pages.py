@@ -25,7 +25,8 @@ def client_for(user: Any) -> Client:
 
 
 def nav(html: str) -> set[str]:
-    return {name for name in ("nav-vms", "nav-new-vm", "nav-users") if f'id="{name}"' in html}
+    names = ("nav-vms", "nav-new-vm", "nav-networks", "nav-users")
+    return {name for name in names if f'id="{name}"' in html}
 
 
 def test_navigation_shows_each_role_what_it_may_do(make_user) -> None:
@@ -33,10 +34,10 @@ def test_navigation_shows_each_role_what_it_may_do(make_user) -> None:
         role: client_for(make_user(role)).get("/").content.decode()
         for role in ("admin", "operator", "viewer", "auditor")
     }
-    assert nav(pages["admin"]) == {"nav-vms", "nav-new-vm", "nav-users"}
-    assert nav(pages["operator"]) == {"nav-vms", "nav-new-vm"}
-    assert nav(pages["viewer"]) == {"nav-vms"}
-    assert nav(pages["auditor"]) == {"nav-vms"}
+    assert nav(pages["admin"]) == {"nav-vms", "nav-new-vm", "nav-networks", "nav-users"}
+    assert nav(pages["operator"]) == {"nav-vms", "nav-new-vm", "nav-networks"}
+    assert nav(pages["viewer"]) == {"nav-vms", "nav-networks"}
+    assert nav(pages["auditor"]) == {"nav-vms", "nav-networks"}
     assert "/audit/" in pages["auditor"] and "/audit/" not in pages["operator"]
 
 

@@ -31,6 +31,7 @@ from vms import (
     commands,
     lifecycle,
     network_api,
+    network_views,
     policy,
     preview_api,
     preview_views,
@@ -422,6 +423,9 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         network_api.PortForwardViewSet: frozenset({"add_port_forward", "remove_port_forward"}),
         network_api.EgressView: frozenset({"set_egress"}),
         network_api.NetworkViewSet: frozenset(),
+        inspect.unwrap(network_views.network_list): frozenset(),
+        inspect.unwrap(network_views.network_edit): frozenset(),
+        inspect.unwrap(network_views.network_delete): frozenset(),
     }
 
 
