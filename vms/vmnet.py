@@ -134,6 +134,11 @@ def plug(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     return (netplumb.plug(hn, bridges(), plan),)
 
 
+def has_nic(vm: VirtualMachine) -> bool:
+    """Whether a start of the VM on this host gets a NIC (networking on, and the VM has one)."""
+    return host() is not None and plan_for(vm) is not None
+
+
 def netspecs(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     """The VM's NICs as the guest sees them (no descriptor): for configuring a running guest."""
     hn, plan = host(), plan_for(vm)

@@ -257,10 +257,11 @@ def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> AgentC
     return client
 
 
-def _configure_identity(vm: VirtualMachine) -> None:
+def _configure_identity(vm: VirtualMachine, *, nic: bool = True) -> None:
     """The guest's clock and hostname, and its NIC's MAC, address, gateway and resolver (found
-    by the MAC it has now: a restored guest still has its snapshot's)."""
-    nets = vmnet.netspecs(vm)
+    by the MAC it has now: a restored guest still has its snapshot's); ``nic=False``: a guest
+    restored without its NIC gets the clock and hostname only."""
+    nets = vmnet.netspecs(vm) if nic else ()
     with _agent(vm, 30.0) as agent:
         if nets:
             spec = VMSpec(vm_id=vm.pk.hex[:12], nets=nets, extra={"hostname": vm.hostname})
@@ -566,13 +567,33 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
         directory=runtime.snapshot_dir(snap.pk),
         files=tuple(runtime.snapshot_dir(snap.pk) / name for name in snap.manifest),
     )
+    # A restore gives the guest the NICs its snapshot has: a VM with a NIC restored from a
+    # snapshot taken without one (networking was off then) runs without it until a cold start;
+    # one taken with a NIC cannot be restored where networking is off.
+    try:
+        saved_nics = hv.snapshot_nics(files)
+    except HypervisorError as exc:
+        raise RequestFailed(
+            f"snapshot {snap.name} cannot be restored: {exc}",
+            state="failed" if clone else _untouched_state(vm),
+        ) from exc
+    nic_here = vmnet.has_nic(vm)
+    if saved_nics and not nic_here:
+        raise RequestFailed(
+            f"snapshot {snap.name} was taken with a NIC, and this VM gets none on this host "
+            "(networking is off here, or the VM has no network): restore it where it gets one",
+            state="failed" if clone else _untouched_state(vm),
+        )
+    with_nic = nic_here and saved_nics > 0
     started = time.monotonic()
     try:
         with _launching(vm, request):
             hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
             rt.create()
             _ensure_data_disk(vm)
-            nets = vmnet.plug(vm)
+            if not with_nic:
+                _unplug(vm)  # in place: the NIC of the VMM that went, if it had one
+            nets = vmnet.plug(vm) if with_nic else ()
             try:
                 spec = runtime.build_spec(vm, image_id, nets=nets)
                 runtime.record_launched_image(rt, spec)
@@ -581,13 +602,19 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             finally:
                 vmnet.close_fds(nets)
         # Its own identity and a correct clock: copies of one snapshot run side by side.
-        _configure_identity(vm)
+        _configure_identity(vm, nic=with_nic)
     except Superseded:
         raise
     except Exception as exc:
         _kill(vm)
         raise RequestFailed(f"restore failed: {exc}", state=failed_state) from exc
+    without_nic = (
+        {"nic_absent": "the snapshot was taken without a NIC: none until the VM starts cold"}
+        if nic_here and not with_nic
+        else {}
+    )
     return "vm.restored", {
+        **without_nic,
         "snapshot_id": str(snap.pk),
         "clone": clone,
         "pid": pid,

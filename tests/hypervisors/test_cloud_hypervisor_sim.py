@@ -219,6 +219,25 @@ def test_restore_relocates_sockets_and_rewrites_the_config(
         assert _echo(sock) == b"ping\n"
 
 
+def test_a_snapshot_tells_how_many_nics_its_guest_has(
+    driver: CloudHypervisor,
+    runtimes: Callable[..., RuntimeDir],
+    make_spec: Callable[..., VMSpec],
+    workdir: Path,
+) -> None:
+    for i, nets in enumerate([(), (NetSpec(tap="tap-a", mac="52:54:00:aa:bb:01"),)]):
+        rt = runtimes(f"n{i}")
+        driver.start(make_spec(nets=nets), rt)
+        snap = workdir / f"s{i}"
+        snap.mkdir()
+        files = driver.snapshot(runtime=rt, directory=snap)
+        driver.destroy(rt)
+        assert driver.snapshot_nics(files) == len(nets)
+    (workdir / "s1" / "config.json").write_text("{not json")
+    with pytest.raises(HypervisorError, match="unreadable config.json"):
+        driver.snapshot_nics(files)
+
+
 # -------------------------------------------------------------------------- error paths
 
 

@@ -40,7 +40,7 @@ from tests.preview.conftest import bearer, grant_cookie, preview_host, serve_pre
 from vms import commands, vmnet
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
-from vms.models import VirtualMachine
+from vms.models import Snapshot, VirtualMachine
 from vms.network import netns, tap
 from vms.runtime import runtime_dir
 
@@ -465,4 +465,59 @@ def test_preview_urls_reach_guests_through_the_host_link_and_two_networks_never_
         commands.destroy(caller, VirtualMachine.objects.get(pk=vm.pk))
     for vm in (a, b):
         _settled(str(vm.pk), "destroyed", timeout=120)
+    assert tap.list_taps(net_site.netns) == []
+
+
+def test_a_snapshot_taken_without_networking_restores_without_a_nic_until_a_cold_start(
+    net_site: NetSite,
+    caller_for: Callable[..., Any],
+    worker_env: dict[str, str],
+    tmp_path: Path,
+    vm_dirs: dict[str, Path],
+) -> None:
+    """As after an upgrade, or a first run without root: a VM's snapshot has no NIC. Restored
+    where networking is on, the guest runs without one (the outcome says so) instead of failing
+    the driver's shape check; its next cold start plugs its NIC."""
+    operator = caller_for("operator")
+    net_site.worker.stop()  # a worker without networking takes the snapshot
+    plain = Worker({**worker_env, "SANDBOX_NETWORKING": "off"}, tmp_path / "plain.log")
+    plain.start()
+    try:
+        vm_id = str(commands.create(operator, name="before", template="linux-small").vm_id)
+        vm = _settled(vm_id, "running", "failed")
+        assert vm.state == "running", vm.last_error
+        commands.snapshot(operator, vm, name="plain")
+        vm = _settled(vm_id, "running", "failed")
+        snap = Snapshot.objects.get(vm_id=vm_id, name="plain")
+        assert snap.state == Snapshot.State.READY
+    finally:
+        plain.stop()
+    net_site.worker.start()
+
+    commands.restore(operator, VirtualMachine.objects.get(pk=vm_id), snap)
+    vm = _settled(vm_id, "running", "failed")
+    assert vm.state == "running", vm.last_error
+    restored = Event.objects.filter(aggregate_id=vm_id, type="vm.restored").get().payload
+    assert "without a NIC" in restored["nic_absent"]
+    assert vm.tap not in net_site.links() and f"vm_{vm.pk.hex}" not in net_site.ruleset()
+    client = _agent(vm)
+    try:
+        assert client.exec(["hostname"]).stdout.decode().strip() == vm.hostname
+    finally:
+        client.close()
+
+    commands.stop(operator, vm, force=True)
+    _settled(vm_id, "stopped", timeout=120)
+    commands.start(operator, VirtualMachine.objects.get(pk=vm_id))
+    vm = _settled(vm_id, "running", "failed")
+    assert vm.state == "running", vm.last_error
+    assert vm.tap in net_site.links()
+    client = _agent(vm)
+    try:
+        addr = client.exec(["ip", "-4", "addr", "show", "dev", "eth0"]).stdout.decode()
+        assert f"inet {vm.ip}/" in addr
+    finally:
+        client.close()
+    commands.destroy(operator, VirtualMachine.objects.get(pk=vm_id))
+    _settled(vm_id, "destroyed", timeout=120)
     assert tap.list_taps(net_site.netns) == []

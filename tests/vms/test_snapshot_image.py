@@ -55,6 +55,9 @@ class RecordingHypervisor:
         self.alive.add(rt.root)
         return 4343
 
+    def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
+        return 0  # networking is off under these tests: no VM has a NIC
+
     def snapshot(self, rt: RuntimeDir, directory: Path) -> SnapshotFiles:
         state = directory / "state.bin"
         state.write_bytes(b"guest memory")

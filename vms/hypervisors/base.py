@@ -220,6 +220,10 @@ class Hypervisor(Protocol):
         """Start a new VMM from a snapshot; the guest is running when this returns."""
         ...
 
+    def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
+        """How many NICs the guest saved in ``snapshot`` has (a restore gives it as many)."""
+        ...
+
     def snapshot(self, runtime: RuntimeDir, directory: Path) -> SnapshotFiles:
         """Save the guest state into ``directory`` (which must exist and be empty).
 

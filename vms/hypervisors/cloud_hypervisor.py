@@ -408,6 +408,15 @@ class CloudHypervisor:
             raise self._fail(runtime, exc) from exc
         return pid
 
+    def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
+        directory = Path(snapshot.directory)
+        self._read_snapshot_meta(directory)
+        try:
+            saved = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(f"snapshot {directory}: unreadable config.json: {exc}") from exc
+        return len(saved.get("net") or ())
+
     def restore(self, spec: VMSpec, runtime: RuntimeDir, snapshot: SnapshotFiles) -> int:
         if any(net.fd is not None for net in spec.nets):
             # CH takes new TAP descriptors for a restore only in RestoreConfig.net_fds, which

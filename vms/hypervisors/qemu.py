@@ -487,6 +487,24 @@ class QemuHypervisor:
         argv = self.build_argv(spec, runtime, accel)
         return self._launch(spec, runtime, argv, accel, ())
 
+    def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
+        return len(self._saved_spec(Path(snapshot.directory)).nets)
+
+    def _saved_spec(self, directory: Path) -> VMSpec:
+        """The spec a snapshot of this driver was taken with (its manifest's)."""
+        try:
+            manifest = json.loads((directory / SNAPSHOT_MANIFEST).read_text())
+        except FileNotFoundError as exc:
+            raise HypervisorError(f"{directory} is not a QEMU snapshot") from exc
+        except (OSError, ValueError) as exc:
+            raise HypervisorError(f"{directory}/{SNAPSHOT_MANIFEST} is unreadable: {exc}") from exc
+        if manifest.get("driver") != self.name or manifest.get("format") != SNAPSHOT_FORMAT:
+            raise HypervisorError(
+                f"snapshot format {manifest.get('driver')}/{manifest.get('format')} "
+                f"is not {self.name}/{SNAPSHOT_FORMAT}"
+            )
+        return spec_from_dict(manifest["spec"])
+
     def restore(self, spec: VMSpec, runtime: RuntimeDir, snapshot: SnapshotFiles) -> int:
         """Start a new QEMU from ``snapshot``; the guest is running when this returns.
 
