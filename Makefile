@@ -10,7 +10,15 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2
 # Installed from Debian only when the command is missing (a machine may have its own Node.js).
 COMMAND_PACKAGES := node:nodejs npm:npm
 
-.PHONY: run test test-sqlite lint format check deps system-deps frontend images bench clean
+.PHONY: help run test test-sqlite lint format check deps system-deps frontend images bench clean
+# A bare `make` (or `make -p` to read the variables) only prints this: `run` serves, and as
+# root sets up the product's network namespace, so it is never run by accident.
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run     the dashboard and worker on http://127.0.0.1:8000 (installs what it needs)"
+	@echo "make test    the whole suite (DATABASE_URL, REDIS_URL: docs/operations.md)"
+	@echo "other goals: test-sqlite lint format check deps system-deps frontend images bench scan clean"
 
 run: deps frontend images
 	$(PY) manage.py migrate --noinput

@@ -129,7 +129,9 @@ class PreviewLinkView(APIView):
         links = PreviewLink.objects.filter(vm_id=vm.pk)[:500]
         return Response(PreviewLinkRecordSerializer(links, many=True).data)
 
-    @extend_schema(request=None, responses={200: RevokedSerializer})
+    @extend_schema(
+        operation_id="vms_previews_revoke_all", request=None, responses={200: RevokedSerializer}
+    )
     def delete(self, request: Request, pk: uuid.UUID) -> Response:
         caller = Caller.from_request(request)
         return _revoke(caller, _visible_vm(caller, pk), None)
@@ -168,7 +170,9 @@ class PreviewLinkDetailView(APIView):
 
     token_scopes = {"delete": needs(lifecycle.verb("revoke_preview").permission)}
 
-    @extend_schema(request=None, responses={200: RevokedSerializer})
+    @extend_schema(
+        operation_id="vms_previews_revoke", request=None, responses={200: RevokedSerializer}
+    )
     def delete(self, request: Request, pk: uuid.UUID, link_id: str) -> Response:
         caller = Caller.from_request(request)
         return _revoke(caller, _visible_vm(caller, pk), link_id)
