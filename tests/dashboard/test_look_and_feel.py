@@ -1,0 +1,103 @@
+"""The dashboard's frame in headless Chromium: styled error pages with the menu, a favicon, the
+OS colour scheme with a light/dark/auto toggle kept in localStorage, a skip link, live regions for
+what changes under the user, disabled buttons that look disabled and say why, and state badges
+readable in both schemes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+
+from tests.dashboard.pages import log_in
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def loaded(driver: Any, url: str) -> None:
+    driver.get(url)
+    deadline = time.monotonic() + 10
+    while driver.execute_script("return document.readyState") != "complete":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+
+def luminance(driver: Any, selector: str, prop: str = "background-color") -> float:
+    rgb = driver.execute_script(
+        "const c = getComputedStyle(document.querySelector(arguments[0]))[arguments[1]];"
+        "return c.match(/[0-9.]+/g).slice(0, 3).map(Number);",
+        selector,
+        prop,
+    )
+    r, g, b = (c / 255 for c in rgb)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+# --- error pages and the favicon -----------------------------------------------------------------
+
+
+def test_error_pages_have_the_layout_and_menu(make_user, web_server, browser) -> None:
+    from django.test import Client
+
+    viewer = make_user("viewer", "vera")
+    base = web_server.url
+    driver = browser()
+    # Logged out: the layout without the menu.
+    loaded(driver, f"{base}/no-such-page/")
+    assert driver.find_element(By.CSS_SELECTOR, "header.top .brand")
+    assert "Page not found" in driver.find_element(By.TAG_NAME, "h1").text
+    assert not driver.find_elements(By.CSS_SELECTOR, "header.top nav")
+    assert driver.execute_script("return document.styleSheets.length") >= 1
+    # Logged in: the menu, and the page says what happened.
+    log_in(driver, base, viewer)
+    for url, heading in (("/no-such-page/", "Page not found"), ("/accounts/users/", "Not allowed")):
+        loaded(driver, base + url)
+        assert heading in driver.find_element(By.TAG_NAME, "h1").text, driver.page_source[:500]
+        assert driver.find_element(By.CSS_SELECTOR, "header.top nav a[href='/vms/']")
+        assert "vera" in driver.find_element(By.CSS_SELECTOR, "header.top .who").text
+    # The statuses stay, and the API keeps answering JSON.
+    client = Client()
+    client.force_login(viewer)
+    assert client.get("/no-such-page/").status_code == 404
+    assert client.get("/accounts/users/").status_code == 403
+    api = client.get("/api/v1/no-such-thing/")
+    assert api.status_code == 404 and api.json() == {"detail": "Not found."}
+
+
+def test_server_and_bad_request_pages_use_the_layout(rf, db) -> None:
+    """400 and 500 render the layout too; 500 without asking the database (it may be the cause)."""
+    from django.core.exceptions import SuspiciousOperation
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from sandbox_site import errors
+
+    request = rf.get("/vms/")
+    with CaptureQueriesContext(connection) as queries:
+        page = errors.server_error(request)
+    assert page.status_code == 500 and not queries.captured_queries
+    html = page.content.decode()
+    assert 'class="top"' in html and "Server error" in html and "app.css" in html
+    bad = errors.bad_request(rf.get("/vms/"), SuspiciousOperation("x"))
+    assert bad.status_code == 400 and "Bad request" in bad.content.decode()
+    api = errors.server_error(rf.get("/api/v1/vms/"))
+    assert api["Content-Type"] == "application/json"
+
+
+def test_favicon(web_server, browser) -> None:
+    driver = browser()
+    loaded(driver, f"{web_server.url}/accounts/login/")
+    href = driver.execute_script(
+        "const l = document.querySelector('link[rel=icon]'); return l && l.href"
+    )
+    assert href, "no <link rel=icon> in the layout"
+    for url in (href, f"{web_server.url}/favicon.ico"):
+        got = driver.execute_async_script(
+            "const done = arguments[1]; fetch(arguments[0]).then(async (r) =>"
+            " done([r.status, r.headers.get('content-type'), (await r.text()).slice(0, 200)]))",
+            url,
+        )
+        assert got[0] == 200 and got[1].startswith("image/svg+xml") and "<svg" in got[2], got
