@@ -5,13 +5,14 @@ readable in both schemes."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
 
-from tests.dashboard.pages import log_in
+from tests.dashboard.pages import AXE, log_in, viewport
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -101,3 +102,72 @@ def test_favicon(web_server, browser) -> None:
             url,
         )
         assert got[0] == 200 and got[1].startswith("image/svg+xml") and "<svg" in got[2], got
+
+
+# --- colour scheme ----------------------------------------------------------------------------------
+
+
+def test_follows_the_os_scheme_and_the_toggle_is_kept(make_user, web_server, browser) -> None:
+    operator = make_user("operator", "otto")
+    driver = browser()
+    log_in(driver, web_server.url, operator)
+    viewport(driver, 1280, dark=True)
+    loaded(driver, f"{web_server.url}/vms/")
+    assert luminance(driver, "body") < 0.2, "the OS prefers dark, the page is light"
+    assert luminance(driver, "body", "color") > 0.6
+    viewport(driver, 1280, dark=False)
+    assert luminance(driver, "body") > 0.8, "the OS prefers light again"
+
+    toggle = driver.find_element(By.ID, "theme-toggle")
+    assert toggle.get_attribute("aria-label") or toggle.text
+    seen = []
+    for _ in range(3):
+        toggle.click()
+        seen.append(
+            (
+                driver.execute_script("return localStorage.getItem('theme')"),
+                driver.execute_script("return document.documentElement.dataset.theme || ''"),
+                round(luminance(driver, "body"), 1),
+            )
+        )
+    choices = [s[0] for s in seen]
+    assert sorted(choices) == ["auto", "dark", "light"], seen
+    for choice, attr, lum in seen:
+        if choice == "dark":
+            assert attr == "dark" and lum < 0.2, seen
+        if choice == "light":
+            assert attr == "light" and lum > 0.8, seen
+    # The choice survives a reload and overrides the OS (no inline script: a file in <head>).
+    driver.execute_script("localStorage.setItem('theme', 'dark')")
+    loaded(driver, f"{web_server.url}/accounts/tokens/")
+    assert luminance(driver, "body") < 0.2
+    assert "dark" in driver.find_element(By.ID, "theme-toggle").text.lower()
+    driver.execute_script("localStorage.setItem('theme', 'auto')")
+    viewport(driver, 1280, dark=True)
+    loaded(driver, f"{web_server.url}/accounts/tokens/")
+    assert luminance(driver, "body") < 0.2
+
+
+def test_state_badges_are_readable_in_both_schemes(make_user, web_server, browser) -> None:
+    """Every state's badge (destroyed included) at 4.5:1 or better, light and dark."""
+    from vms.models import VMState
+
+    driver = browser()
+    log_in(driver, web_server.url, make_user("viewer", "val"))
+    for dark in (False, True):
+        viewport(driver, 1280, dark=dark)
+        loaded(driver, f"{web_server.url}/vms/")
+        driver.execute_script(AXE.read_text())
+        driver.execute_script(
+            "const box = document.createElement('p'); box.id = 'all-states';"
+            "for (const s of arguments[0]) { const b = document.createElement('span');"
+            " b.className = 'state state-' + s; b.textContent = s; box.append(b, ' '); }"
+            "document.querySelector('main').append(box);",
+            [s.value for s in VMState],
+        )
+        result = driver.execute_async_script(
+            "const done = arguments[0]; axe.run('#all-states', {runOnly: ['color-contrast']})"
+            ".then((r) => done(JSON.stringify(r.violations.flatMap((v) => v.nodes.map("
+            "(n) => n.target.join(' ') + ': ' + n.failureSummary)))))"
+        )
+        assert json.loads(result) == [], ("dark" if dark else "light", result)
