@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 from tests.dashboard.pages import AXE, log_in, viewport
 
@@ -171,3 +172,64 @@ def test_state_badges_are_readable_in_both_schemes(make_user, web_server, browse
             "(n) => n.target.join(' ') + ': ' + n.failureSummary)))))"
         )
         assert json.loads(result) == [], ("dark" if dark else "light", result)
+
+
+# --- keyboard, live regions, disabled buttons -----------------------------------------------------
+
+
+def test_skip_link_goes_to_the_content(make_user, web_server, browser) -> None:
+    driver = browser()
+    log_in(driver, web_server.url, make_user("operator", "sam"))
+    loaded(driver, f"{web_server.url}/vms/")
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    first = driver.switch_to.active_element
+    assert first.tag_name == "a" and "skip" in first.text.lower(), first.text
+    assert first.is_displayed(), "the skip link is not shown when focused"
+    target = first.get_attribute("href").split("#", 1)[1]
+    first.send_keys(Keys.ENTER)
+    assert driver.execute_script("return document.activeElement.id") == target
+    assert driver.find_element(By.ID, target).tag_name == "main"
+
+
+def test_vm_page_live_regions_and_disabled_buttons_say_why(
+    make_user, make_vm, web_server, browser
+) -> None:
+    operator = make_user("operator", "ola")
+    vm = make_vm(operator, name="quiet")  # stopped: stop, reboot, pause ... cannot run
+    driver = browser()
+    log_in(driver, web_server.url, operator)
+    loaded(driver, f"{web_server.url}/vms/{vm.pk}/")
+
+    def live(selector: str) -> str:
+        return driver.execute_script(
+            "const el = document.querySelector(arguments[0]);"
+            "const r = el && el.closest('[aria-live], [role=status], [role=log], [role=alert]');"
+            "return r ? (r.getAttribute('aria-live') || r.getAttribute('role')) : '';",
+            selector,
+        )
+
+    for what in ('#vm-page [data-field="state"]', "#vm-progress .progress-text", "#exec-out"):
+        assert live(what), f"{what} is in no live region"
+    assert driver.find_element(By.CSS_SELECTOR, "#vm-progress progress").get_attribute("aria-label")
+
+    disabled = driver.find_elements(By.CSS_SELECTOR, "button[data-verb]:disabled")
+    enabled = driver.find_elements(By.CSS_SELECTOR, "button[data-verb]:enabled")
+    assert disabled and enabled
+    for button in disabled:
+        verb = button.get_attribute("data-verb")
+        why = driver.execute_script(
+            "const b = arguments[0]; const ids = (b.getAttribute('aria-describedby') || '').split(' ');"
+            "return ids.map((id) => document.getElementById(id)).filter(Boolean)"
+            ".map((e) => e.textContent).join(' ').trim();",
+            button,
+        )
+        assert why and "stopped" in why, f"{verb}: no reason ({why!r})"
+        assert button.get_attribute("title"), f"{verb}: no tooltip"
+        looks = driver.execute_script(
+            "const s = getComputedStyle(arguments[0]); return [s.cursor, s.backgroundColor];",
+            button,
+        )
+        lively = driver.execute_script(
+            "return getComputedStyle(arguments[0]).backgroundColor;", enabled[0]
+        )
+        assert looks[0] == "not-allowed" and looks[1] != lively, (verb, looks, lively)
