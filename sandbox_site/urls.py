@@ -60,6 +60,7 @@ urlpatterns = [
     path("networks/", include("vms.urls_networks")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
+    path("favicon.ico", views.favicon, name="favicon"),
     path("healthz", health.healthz, name="healthz"),
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics_view, name="metrics"),

@@ -1,7 +1,8 @@
-"""The dashboard's home page."""
+"""The dashboard's home page, and the favicon at the address browsers ask for."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
@@ -21,3 +22,13 @@ def home(request: HttpRequest) -> HttpResponse:
     # Showing events is reading the trail: one audit.trail_read per page view.
     record_trail_read(request, "dashboard.home", read_details({}, events))
     return render(request, "home.html", {"events": events})
+
+
+_FAVICON = settings.BASE_DIR / "static" / "favicon.svg"
+
+
+def favicon(request: HttpRequest) -> HttpResponse:
+    """/favicon.ico, which browsers and tools ask for whatever the page links: the SVG icon."""
+    response = HttpResponse(_FAVICON.read_bytes(), content_type="image/svg+xml")
+    response["Cache-Control"] = "public, max-age=86400"
+    return response

@@ -85,8 +85,11 @@ def test_a_huge_limit_is_lowered_to_the_maximum(make_user, token_client) -> None
 def test_unknown_api_path_is_a_json_404() -> None:
     body = _json_error(APIClient().get("/api/v1/no-such-thing/"), 404)
     assert body == {"detail": "Not found."}
-    # Outside the API, Django's own page stays.
-    assert not Client().get("/no-such-page/")["Content-Type"].startswith("application/json")
+    # Outside the API, the dashboard's page (templates/404.html).
+    page = Client().get("/no-such-page/")
+    assert (
+        page["Content-Type"].startswith("text/html") and "Page not found" in page.content.decode()
+    )
 
 
 def _boom(request):
@@ -108,7 +111,10 @@ def test_a_server_error_in_the_api_is_json_without_the_exception() -> None:
     body = _json_error(response, 500)
     assert "boom" not in response.content.decode()
     assert set(body) == {"detail"} and response["X-Request-ID"]
-    assert not client.get("/boom/")["Content-Type"].startswith("application/json")
+    page = client.get("/boom/")
+    assert page["Content-Type"].startswith("text/html")
+    html = page.content.decode()
+    assert "Server error" in html and page["X-Request-ID"] in html and "boom" not in html
 
 
 @pytest.mark.django_db(transaction=True)

@@ -10,6 +10,8 @@ export function connectLive(pathFn, onMessage, statusEl) {
   let socket = null;
   let delay = 500;
   let closed = false;
+  // The status is a live region: a screen reader hears "reconnecting…" and "live" again.
+  if (statusEl) statusEl.setAttribute("role", "status");
   const status = (text, cls) => {
     if (!statusEl) return;
     statusEl.textContent = text;

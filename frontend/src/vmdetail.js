@@ -18,7 +18,7 @@ const timeline = document.querySelector("#vm-timeline tbody");
 function renderVM() {
   stateEl.textContent = vm.state;
   stateEl.className = `state state-${vm.state}`;
-  pendingEl.textContent = vm.pending_type ? vm.pending_type.replace(/^vm\.|_requested$/g, "") + "…" : "";
+  pendingEl.textContent = vm.pending_type ? pendingName(vm.pending_type) + "…" : "";
   const p = vm.progress || {};
   progress.hidden = !vm.pending_type;
   progress.querySelector("progress").value = p.pct || 0;
@@ -35,13 +35,34 @@ function renderVM() {
   if (host) host.textContent = `${vm.host || "—"} / ${vm.hypervisor || "—"}`;
   // Enable what the lifecycle table allows in this state (the page's rules); a verb that does
   // not overtake (all but destroy) waits while a request is in flight.
-  for (const button of document.querySelectorAll("button[data-verb]")) {
+  // A disabled button says why: its title (a tooltip) and the text aria-describedby points to.
+  for (const [i, button] of [...document.querySelectorAll("button[data-verb]")].entries()) {
     const rule = rules[button.dataset.verb];
     if (!rule) continue; // no state rule (a record verb): the server decides
     const busy = vm.pending_type && !rule.overtakes;
     button.disabled = busy || !rule.from.includes(vm.state);
+    explain(button, i, !button.disabled ? "" : busy
+      ? `Waits for the running ${pendingName(vm.pending_type)} to finish.`
+      : `Not possible while the VM is ${vm.state}; possible when it is ${rule.from.join(", ")}.`);
   }
   document.title = `${vm.name} (${vm.state}) · MicroVM Sandbox`;
+}
+
+function pendingName(type) {
+  return type.replace(/^vm\.|_requested$/g, "");
+}
+
+function explain(button, i, reason) {
+  if (button.dataset.tip === undefined) button.dataset.tip = button.title || "";
+  let why = button.id ? document.getElementById(`${button.id}-why`) : null;
+  if (!why) {
+    button.id = button.id || `action-${button.dataset.verb}-${i}`;
+    why = el("span", { id: `${button.id}-why`, class: "sr-only" });
+    button.after(why);
+    button.setAttribute("aria-describedby", why.id);
+  }
+  why.textContent = reason;
+  button.title = reason || button.dataset.tip;
 }
 
 function describe(e) {

@@ -216,7 +216,14 @@ def guest_image() -> None:
 
 
 @pytest.fixture
-def asgi_server(worker_env: dict[str, str], tmp_path: Path, guest_image: None) -> Iterator[Server]:
+def asgi_server(guest_image: None, web_server: Server) -> Server:
+    """The server, on a machine that can boot the guests it is asked to start."""
+    return web_server
+
+
+@pytest.fixture
+def web_server(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Server]:
+    """daphne on the test database, for pages that need no running guest."""
     env = dict(worker_env)
     env["DJANGO_SETTINGS_MODULE"] = "tests.dashboard.settings"
     env["SANDBOX_TESTING"] = "1"  # the test hashers, so users made by the test can log in
