@@ -146,6 +146,45 @@ class JailConfig:
         if self.enabled and os.geteuid() != 0:
             raise JailError("SANDBOX_JAIL=on needs the worker to run as root (the launcher does)")
 
+    def spec_for(
+        self,
+        vm_id: str,
+        runtime: Path,
+        pidfile: Path,
+        *,
+        ro: list[Path],
+        rw: list[Path],
+        devices: tuple[str, ...] = (),
+        new_netns: bool,
+        memory_mib: int,
+        overhead_mib: int = 0,
+        vcpus: int = 1,
+    ) -> JailSpec:
+        """The jail of one VM's VMM: ``ro``/``rw`` its files, limits from its size (memory:
+        guest RAM + the VMM's own ``overhead_mib`` + the margin; CPU weight: 100 per vCPU;
+        FSIZE: the largest file it writes, a writable disk or a saved RAM image, + 1 GiB)."""
+        uid = allocate_uid(self, runtime)
+        sizes = [p.stat().st_size for p in rw if p.exists()]
+        return JailSpec(
+            name=f"{vm_id}-{uid}",
+            uid=uid,
+            gid=uid,
+            runtime=str(runtime),
+            pidfile=str(pidfile),
+            ro_paths=tuple(dict.fromkeys(str(p) for p in (*ro, *self.extra_ro))),
+            rw_paths=tuple(dict.fromkeys(str(p) for p in rw)),
+            devices=(*DEVICES, *devices),
+            new_netns=new_netns,
+            memory_bytes=(memory_mib + overhead_mib + self.memory_margin_mib) << 20,
+            cpu_weight=min(10000, 100 * vcpus),
+            pids_max=self.pids_max,
+            nofile=self.nofile,
+            nproc=self.nproc,
+            fsize_bytes=max([memory_mib << 20, *sizes]) + (1 << 30),
+            state_dir=str(self.state_dir),
+            cgroup_parent=self.cgroup_parent,
+        )
+
     def describe(self) -> dict[str, object]:
         """For status pages: the mode and whether VMMs are jailed, with a warning when not."""
         out: dict[str, object] = {"mode": self.mode, "jailed": self.enabled}
@@ -337,6 +376,17 @@ def release(config: JailConfig, runtime: Path, name: str) -> None:
                         os.unlink(entry.path)
 
 
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: no Landlock here)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION); 444 on x86_64.
+        abi = int(libc.syscall(ctypes.c_long(444), None, ctypes.c_size_t(0), ctypes.c_uint32(1)))
+    except (OSError, AttributeError):
+        return 0
+    return max(abi, 0)
+
+
 def launcher_argv(spec: JailSpec) -> list[str]:
     """The argv prefix that runs a command in ``spec``'s jail (append ``--`` and the VMM's)."""
     spec.validate()
@@ -492,9 +542,10 @@ def main(args: list[str]) -> int:
     try:
         spec = JailSpec.from_json(args[0])
         argv = args[2:]
-        exe = shutil.which(argv[0])
+        # A bare name is looked up on the jail's PATH, never the caller's (a user's shims).
+        exe = shutil.which(argv[0], path=None if "/" in argv[0] else JAIL_PATH)
         if exe is None:
-            raise JailError(f"{argv[0]} not found")
+            raise JailError(f"{argv[0]} not found on {JAIL_PATH}")
         exe = os.path.abspath(exe)
         _readable_check(spec)
         Cgroups().setup(spec)

@@ -946,7 +946,6 @@ class QemuHypervisor:
     # -- jail ---------------------------------------------------------------------------------
     def jail_spec(self, spec: VMSpec, runtime: RuntimeDir, accel: str) -> jail.JailSpec:
         """The jail of ``spec``'s VMM (``vms.hypervisors.jail``): its files, uid and limits."""
-        uid = jail.allocate_uid(self.jail, runtime.root)
         ro = [p for p in (spec.kernel, spec.initramfs) if p is not None]
         rw: list[Path] = []
         for disk in spec.disks:
@@ -956,29 +955,19 @@ class QemuHypervisor:
             rw.append(spec.firmware_vars or runtime.root / VARS_FILE)
         if runtime.serial_log.is_file():  # QEMU appends to the log of an earlier run
             rw.append(runtime.serial_log)
-        memory_mib = max(spec.max_memory_mib or 0, spec.memory_mib)
-        writable = [p.stat().st_size for p in rw if p.exists()]
-        return jail.JailSpec(
-            name=f"{spec.vm_id}-{uid}",
-            uid=uid,
-            gid=uid,
-            runtime=str(runtime.root),
-            pidfile=str(runtime.pidfile),
-            ro_paths=tuple(str(p) for p in (*ro, *self.jail.extra_ro)),
-            rw_paths=tuple(str(p) for p in rw),
-            devices=(*jail.DEVICES, *(("/dev/kvm",) if accel == "kvm" else ())),
+        return self.jail.spec_for(
+            spec.vm_id,
+            runtime.root,
+            runtime.pidfile,
+            ro=ro,
+            rw=rw,
+            devices=("/dev/kvm",) if accel == "kvm" else (),
             # A TAP descriptor works from any namespace; one opened by name needs QEMU's own,
             # and its counters are read there (/proc/<pid>/net/dev).
             new_netns=all(n.fd is not None and n.netns for n in spec.nets),
-            memory_bytes=(memory_mib + self.tb_size_mib + self.jail.memory_margin_mib) << 20,
-            cpu_weight=min(10000, 100 * max(spec.max_vcpus or 0, spec.vcpus)),
-            pids_max=self.jail.pids_max,
-            nofile=self.jail.nofile,
-            nproc=self.jail.nproc,
-            # The largest file QEMU writes: a writable disk, or a snapshot's state (RAM).
-            fsize_bytes=max([memory_mib << 20, *writable]) + (1 << 30),
-            state_dir=str(self.jail.state_dir),
-            cgroup_parent=self.jail.cgroup_parent,
+            memory_mib=max(spec.max_memory_mib or 0, spec.memory_mib),
+            overhead_mib=self.tb_size_mib,  # TCG's translation buffer
+            vcpus=max(spec.max_vcpus or 0, spec.vcpus),
         )
 
     def _jail_record(self, runtime: RuntimeDir) -> dict[str, Any] | None:
