@@ -105,8 +105,10 @@ class JailConfig:
     nofile: int = 4096
     nproc: int = 512
     pids_max: int = 512
-    # More read-only paths in every jail (e.g. an interpreter's tree for a scripted VMM).
+    # More read-only paths in every jail (e.g. an interpreter's tree for a scripted VMM), and
+    # names of environment variables to pass in (none in the product: tools and tests only).
     extra_ro: tuple[Path, ...] = ()
+    pass_env: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "on", "off"):
@@ -183,6 +185,7 @@ class JailConfig:
             fsize_bytes=max([memory_mib << 20, *sizes]) + (1 << 30),
             state_dir=str(self.state_dir),
             cgroup_parent=self.cgroup_parent,
+            pass_env=tuple(self.pass_env),
         )
 
     def describe(self) -> dict[str, object]:
@@ -220,6 +223,7 @@ class JailSpec:
     fsize_bytes: int = 0  # 0: unlimited
     state_dir: str = "/run/microvm-sandbox-jail"
     cgroup_parent: str = "microvm-sandbox"
+    pass_env: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
@@ -227,7 +231,7 @@ class JailSpec:
     @classmethod
     def from_json(cls, raw: str) -> JailSpec:
         data: dict[str, Any] = json.loads(raw)
-        for key in ("ro_paths", "rw_paths", "devices"):
+        for key in ("ro_paths", "rw_paths", "devices", "pass_env"):
             data[key] = tuple(data.get(key, ()))
         spec = cls(**data)
         spec.validate()
@@ -511,7 +515,9 @@ def _child(spec: JailSpec, exe: str, argv: list[str]) -> None:
     _build_root(spec, exe)
     _drop(spec)
     os.chdir(spec.runtime)
-    os.execve(exe, argv, {"PATH": JAIL_PATH, "LANG": "C.UTF-8"})  # noqa: S606 - no shell
+    env = {"PATH": JAIL_PATH, "LANG": "C.UTF-8"}
+    env.update({k: os.environ[k] for k in spec.pass_env if k in os.environ})
+    os.execve(exe, argv, env)  # noqa: S606 - no shell
 
 
 def _chown_writable(spec: JailSpec) -> None:
