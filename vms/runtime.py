@@ -33,7 +33,6 @@ def snapshot_dir(snapshot_id: object) -> Path:
     return Path(settings.SANDBOX_SNAPSHOT_DIR) / str(snapshot_id)
 
 
-@functools.cache
 def jail_config() -> JailConfig:
     """How this host jails its VMMs (``SANDBOX_JAIL*`` settings)."""
     return JailConfig(

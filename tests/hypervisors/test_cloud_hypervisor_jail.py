@@ -117,3 +117,16 @@ def test_a_jailed_vmm_runs_the_lifecycle_under_its_own_uid_namespaces_and_cgroup
 def test_seccomp_mode_is_validated() -> None:
     with pytest.raises(HypervisorError, match="--seccomp"):
         CloudHypervisor(seccomp="off", jail_config=jail.JailConfig(mode="off"))
+
+
+def test_every_unjailed_vmm_start_logs_a_warning(
+    driver: CloudHypervisor,
+    runtime: RuntimeDir,
+    make_spec: Callable[..., VMSpec],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert not driver.jail.enabled
+    driver.start(make_spec(), runtime)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any(jail.OFF_WARNING in r.getMessage() for r in warnings)
+    assert not (runtime.root / JAIL_RECORD).exists()

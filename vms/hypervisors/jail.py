@@ -34,6 +34,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -41,6 +42,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -304,11 +306,23 @@ class Cgroups:
             _write(d / "cgroup.procs", str(os.getpid()))
         return list(dirs.values())
 
-    def remove(self, parent: str, name: str) -> None:
-        """Remove the VM's cgroups (once its VMM is gone; a busy one is left)."""
+    def remove(self, parent: str, name: str, wait: float = 3.0) -> None:
+        """Remove the VM's cgroups once its VMM is gone. The rest of its PID namespace dies
+        with it, but not at once: a cgroup still busy is retried for ``wait`` seconds, then
+        left (empty cgroups cost little; the next VM with its name reuses them)."""
+        deadline = time.monotonic() + wait
         for d in self.dirs(parent, name).values():
-            with contextlib.suppress(OSError):
-                d.rmdir()
+            while True:
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.02)
+                else:
+                    break
 
     def memory_limit(self, parent: str, name: str) -> int | None:
         d = next(iter(self.dirs(parent, name).values())) if self.version == 2 else None
