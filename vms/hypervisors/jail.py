@@ -45,7 +45,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 __all__ = [
     "JailConfig",
@@ -98,7 +98,7 @@ class JailConfig:
     is root (the launcher needs root) and ``off`` otherwise.
     """
 
-    mode: JailMode = "auto"
+    mode: str = "auto"  # one of JailMode, checked below
     uid_base: int = 100000
     uid_count: int = 10000
     state_dir: Path = Path("/run/microvm-sandbox-jail")
@@ -113,7 +113,7 @@ class JailConfig:
     pass_env: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in ("auto", "on", "off"):
+        if self.mode not in get_args(JailMode):
             raise JailError(f"SANDBOX_JAIL must be auto, on or off, got {self.mode!r}")
         if self.uid_base < 1000 or self.uid_count < 1 or self.uid_base + self.uid_count > 2**31:
             raise JailError("the jail uid range must lie within 1000..2^31")
@@ -127,7 +127,7 @@ class JailConfig:
         env = os.environ if environ is None else environ
         try:
             return cls(
-                mode=env.get("SANDBOX_JAIL", "auto").strip().lower(),  # type: ignore[arg-type]
+                mode=env.get("SANDBOX_JAIL", "auto").strip().lower(),
                 uid_base=int(env.get("SANDBOX_JAIL_UID_BASE", "100000")),
                 uid_count=int(env.get("SANDBOX_JAIL_UID_COUNT", "10000")),
                 state_dir=Path(env.get("SANDBOX_JAIL_DIR", "/run/microvm-sandbox-jail")),
@@ -366,8 +366,8 @@ def allocate_uid(config: JailConfig, runtime: Path) -> int:
             if path == owner:
                 return uid
         for uid in range(config.uid_base, config.uid_base + config.uid_count):
-            path = taken.get(uid)
-            if path is not None and os.path.isdir(path):
+            holder = taken.get(uid)
+            if holder is not None and os.path.isdir(holder):
                 continue
             tmp = slots / f".{uid}.tmp"
             tmp.write_text(owner)
