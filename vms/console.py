@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -101,7 +102,8 @@ class Subscriber(Protocol):
 def _tail(path: Path, limit: int) -> bytes:
     """The last ``limit`` bytes of ``path``, starting at a line boundary when cut."""
     try:
-        with path.open("rb") as fh:
+        # The VMM owns console.log (a jailed one too): never follow a link it put there.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
             fh.seek(0, 2)
             size = fh.tell()
             fh.seek(max(0, size - limit))
