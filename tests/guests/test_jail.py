@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from vms.hypervisors import jail
-from vms.hypervisors.base import RuntimeDir, VMSpec, VMState
+from vms.hypervisors.base import HypervisorError, RuntimeDir, VMSpec, VMState
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.hypervisors.qmp import QMPClient, QMPError
 
@@ -249,3 +250,32 @@ def test_a_process_in_a_vms_jail_that_allocates_past_its_memory_limit_is_killed(
     finally:
         hv.destroy(runtime)
         jail.release(hv.jail, runtime.root, js.name)
+
+
+def test_the_driver_refuses_a_socket_the_vmm_put_in_place_of_its_own(
+    start_guest: Callable[..., Guest], runtime_root: Path
+) -> None:
+    guest = start_guest("linked")
+    _jailed(guest.hv)
+    guest.client.close()
+    # Another server's socket (here the test's own), linked where QMP and the agent should be.
+    decoy_path = runtime_root / "decoy.sock"
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(decoy_path))
+    decoy.listen(4)
+    runtime = guest.runtime
+    try:
+        for name in ("control.sock", "agent.sock"):
+            os.rename(runtime.root / name, runtime.root / f"{name}.real")
+            (runtime.root / name).symlink_to(decoy_path)
+        with pytest.raises(HypervisorError, match="not the VMM"):
+            guest.hv.info(runtime)
+        with pytest.raises(HypervisorError, match="not the VMM"):
+            guest.hv.agent_connect(runtime, 2.0)
+    finally:
+        decoy.close()
+        for name in ("control.sock", "agent.sock"):
+            (runtime.root / name).unlink()
+            os.rename(runtime.root / f"{name}.real", runtime.root / name)
+    assert guest.hv.info(runtime).state is VMState.RUNNING
+    assert guest.reconnect().exec(["true"]).exit_code == 0

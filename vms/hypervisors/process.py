@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -23,6 +25,7 @@ from .base import HypervisorError, RuntimeDir
 
 __all__ = [
     "ProcInfo",
+    "check_peer",
     "iter_processes",
     "process_cmdline",
     "process_matches",
@@ -221,6 +224,19 @@ def iter_processes(exe_names: Sequence[str]) -> Iterator[ProcInfo]:
         argv = process_cmdline(int(entry.name), settle=0.0)
         if argv and os.path.basename(argv[0]) in exe_names:
             yield ProcInfo(int(entry.name), argv)
+
+
+def check_peer(sock: socket.socket, pid: int | None, what: str) -> None:
+    """Refuse a unix socket that is not served by process ``pid`` (``SO_PEERCRED``: the
+    process that listened, as this namespace sees it). A VMM owns the sockets in its runtime
+    directory and could put a link to another server's socket in their place; the peer's pid
+    cannot be faked, and it is the host pid even for a VMM in its own PID namespace."""
+    if pid is None:
+        raise HypervisorError(f"{what}: no VMM pid to check the socket against")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer = struct.unpack("3i", raw)[0]
+    if peer != pid:
+        raise HypervisorError(f"{what} is served by pid {peer}, not the VMM (pid {pid})")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:

@@ -418,7 +418,10 @@ class QemuHypervisor:
     def _qmp(self, runtime: RuntimeDir, timeout: float | None = None) -> QMPClient:
         if not self.is_alive(runtime):
             raise HypervisorError(f"no QEMU process for {runtime.root}")
-        return QMPClient.connect(runtime.control_socket, timeout or self.qmp_timeout)
+        # Only QEMU's own socket: never one a (jailed) QEMU linked in its place.
+        return QMPClient.connect(
+            runtime.control_socket, timeout or self.qmp_timeout, peer_pid=runtime.pid()
+        )
 
     def _load_vm(self, runtime: RuntimeDir) -> dict[str, Any]:
         try:
@@ -493,7 +496,7 @@ class QemuHypervisor:
                 process.reap(pid)
                 raise HypervisorError(f"QEMU exited during start: {self._log_tail(runtime)}")
             try:
-                QMPClient.connect(runtime.control_socket, self.qmp_timeout).close()
+                QMPClient.connect(runtime.control_socket, self.qmp_timeout, peer_pid=pid).close()
                 return pid
             except (HypervisorError, OSError):
                 if time.monotonic() >= deadline:
@@ -920,7 +923,6 @@ class QemuHypervisor:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(runtime.agent_socket))
-                return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
@@ -928,6 +930,13 @@ class QemuHypervisor:
                 if not self.is_alive(runtime):
                     raise HypervisorError("QEMU is not running") from exc
                 time.sleep(0.01)
+                continue
+            try:
+                process.check_peer(sock, runtime.pid(), f"agent socket {runtime.agent_socket}")
+            except (HypervisorError, OSError):
+                sock.close()
+                raise
+            return sock
 
     def stop_hard(self, runtime: RuntimeDir, timeout: float = 5.0) -> None:
         process.terminate(runtime.pid(), self.exe_names, str(runtime.control_socket), timeout)
