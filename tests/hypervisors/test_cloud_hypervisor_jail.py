@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import sys
 from collections.abc import Callable
@@ -130,3 +131,31 @@ def test_every_unjailed_vmm_start_logs_a_warning(
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert any(jail.OFF_WARNING in r.getMessage() for r in warnings)
     assert not (runtime.root / JAIL_RECORD).exists()
+
+
+def test_the_driver_refuses_a_socket_the_vmm_put_in_place_of_its_own(
+    jailed_driver: CloudHypervisor,
+    workdir: Path,
+    make_spec: Callable[..., VMSpec],
+) -> None:
+    runtime = RuntimeDir(workdir / "rt")
+    decoy_path = workdir / "decoy.sock"
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(decoy_path))
+    decoy.listen(4)
+    try:
+        jailed_driver.start(make_spec(), runtime)
+        for name in ("control.sock", "agent.sock"):
+            os.rename(runtime.root / name, runtime.root / f"{name}.real")
+            (runtime.root / name).symlink_to(decoy_path)
+        with pytest.raises(HypervisorError, match="not the VMM"):
+            jailed_driver.info(runtime)
+        with pytest.raises(HypervisorError, match="not the VMM"):
+            jailed_driver.agent_connect(runtime, 2.0)
+        for name in ("control.sock", "agent.sock"):
+            (runtime.root / name).unlink()
+            os.rename(runtime.root / f"{name}.real", runtime.root / name)
+        assert jailed_driver.info(runtime).state is VMState.RUNNING
+    finally:
+        decoy.close()
+        jailed_driver.destroy(runtime)

@@ -54,7 +54,7 @@ from .base import (
     VMState,
 )
 from .chapi import ChApi, ChApiError, ChApiUnavailable
-from .process import process_matches, reap, spawn_vmm, terminate, wait_for
+from .process import check_peer, process_matches, reap, spawn_vmm, terminate, wait_for
 
 __all__ = [
     "AGENT_VSOCK_PORT",
@@ -369,8 +369,12 @@ class CloudHypervisor:
         return f"path={runtime.control_socket}"
 
     def _api(self, runtime: RuntimeDir) -> ChApi:
+        # Only the VMM's own socket: never one a (jailed) VMM linked in its place.
         return ChApi(
-            runtime.control_socket, timeout=self.api_timeout, slow_timeout=self.slow_timeout
+            runtime.control_socket,
+            timeout=self.api_timeout,
+            slow_timeout=self.slow_timeout,
+            peer_pid=runtime.pid(),
         )
 
     def _live_api(self, runtime: RuntimeDir) -> ChApi:
@@ -415,7 +419,7 @@ class CloudHypervisor:
             log.warning("%s (VM %s)", jail.OFF_WARNING, spec.vm_id)
         _write_record(runtime.root / JAIL_RECORD, record)
         pid = spawn_vmm(argv, runtime, launcher=launcher)
-        api = ChApi(runtime.control_socket, timeout=min(1.0, self.api_timeout))
+        api = ChApi(runtime.control_socket, timeout=min(1.0, self.api_timeout), peer_pid=pid)
         deadline = time.monotonic() + self.start_timeout
         while True:
             # Our own child: its exit status is the proof (its cmdline may still be a wrapper's).
@@ -862,6 +866,7 @@ class CloudHypervisor:
             sock.settimeout(min(remaining, 3.0))
             try:
                 sock.connect(str(runtime.agent_socket))
+                check_peer(sock, runtime.pid(), f"agent socket {runtime.agent_socket}")
                 sock.sendall(request)
                 reply = _recv_line(sock).decode("ascii", errors="replace").strip()
                 parts = reply.split()
@@ -873,6 +878,9 @@ class CloudHypervisor:
                 last = f"unexpected handshake reply {reply!r}"
             except (OSError, UnicodeError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            except HypervisorError:
+                sock.close()  # not the VMM's socket: nothing to retry
+                raise
             sock.close()
             time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
