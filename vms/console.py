@@ -45,6 +45,8 @@ from accounts.models import APIToken
 from audit import store
 from audit.actor import Actor
 from vms import commands, lifecycle, policy, runtime
+from vms.hypervisors.base import HypervisorError, RuntimeDir
+from vms.hypervisors.process import check_peer
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -187,6 +189,18 @@ class ConsoleHub:
                     self._broadcast_status(
                         {"type": "link", "connected": False, "reason": f"no serial socket: {exc}"}
                     )
+                    announced_down = True
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            try:
+                # Only the VMM's own socket: a (jailed) VMM owns this directory's sockets and
+                # could link another server's in place of its own.
+                pid = RuntimeDir(self.socket_path.parent).pid()
+                check_peer(writer.get_extra_info("socket"), pid, "the serial socket")
+            except (HypervisorError, OSError) as exc:
+                writer.close()
+                if not announced_down:
+                    self._broadcast_status({"type": "link", "connected": False, "reason": str(exc)})
                     announced_down = True
                 await asyncio.sleep(RECONNECT_S)
                 continue
