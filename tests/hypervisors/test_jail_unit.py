@@ -3,6 +3,7 @@ and v2), the spec the launcher gets, and the launcher's refusals before it chang
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -208,3 +209,31 @@ def test_the_qemu_jail_follows_the_spec(tmp_path: Path) -> None:
     by_name = spec.replace(nets=(NetSpec("tap0", "52:54:00:00:00:01"),))
     assert not hv.jail_spec(by_name, runtime, "kvm").new_netns
     assert "/dev/kvm" in hv.jail_spec(by_name, runtime, "kvm").devices
+
+
+def test_a_uid_taken_back_loses_the_cgroups_its_old_vm_left(tmp_path: Path) -> None:
+    config = jail.JailConfig(
+        mode="on",
+        state_dir=tmp_path / "state",
+        uid_base=200100,
+        uid_count=1,
+        cgroup_parent="jail-unit-test",
+    )
+    cgroups = jail.Cgroups()
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    uid = jail.allocate_uid(config, old)
+    left = list(cgroups.dirs(config.cgroup_parent, f"gone-{uid}").values())
+    try:
+        for d in left:
+            d.mkdir(parents=True)  # a VM killed without destroy() (the reconciler's orphans)
+        old.rmdir()
+        assert jail.allocate_uid(config, new) == uid
+        assert not any(d.exists() for d in left)
+    finally:
+        for d in left:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+            with contextlib.suppress(OSError):
+                d.parent.rmdir()

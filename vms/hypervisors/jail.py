@@ -324,6 +324,18 @@ class Cgroups:
                 else:
                     break
 
+    def remove_uid(self, parent: str, uid: int) -> None:
+        """Remove what is left of the cgroups of a uid's earlier holder (an idle one only)."""
+        tops = (
+            [self.mount / parent]
+            if self.version == 2
+            else [self.mount / c / parent for c in ("memory", "cpu", "pids")]
+        )
+        for top in tops:
+            for d in top.glob(f"*-{uid}"):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
     def memory_limit(self, parent: str, name: str) -> int | None:
         d = next(iter(self.dirs(parent, name).values())) if self.version == 2 else None
         path = (
@@ -369,6 +381,11 @@ def allocate_uid(config: JailConfig, runtime: Path) -> int:
             holder = taken.get(uid)
             if holder is not None and os.path.isdir(holder):
                 continue
+            if holder is not None:  # taken back: clear what its VM left (killed, not destroyed)
+                Cgroups().remove_uid(config.cgroup_parent, uid)
+                for root in (config.state_dir / "roots").glob(f"*-{uid}"):
+                    with contextlib.suppress(OSError):
+                        root.rmdir()
             tmp = slots / f".{uid}.tmp"
             tmp.write_text(owner)
             tmp.replace(slots / str(uid))
