@@ -14,7 +14,7 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django_q.models import OrmQ
 
-from vms import heartbeat
+from vms import heartbeat, runtime
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -81,7 +81,13 @@ def readyz(request: HttpRequest) -> JsonResponse:
             checks[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         checks[name]["ms"] = round((time.perf_counter() - started) * 1000, 2)
     ready = all(c["ok"] for c in checks.values())
+    # Not a readiness condition (SANDBOX_JAIL=off is a choice), but said loudly when off.
+    jail = runtime.jail_config().describe()
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+    body["vmm_jail"] = jail
+    if "warning" in jail:
+        body["warnings"] = [jail["warning"]]
     return JsonResponse(
-        {"status": "ready" if ready else "not ready", "checks": checks},
+        body,
         status=200 if ready else 503,
     )

@@ -417,6 +417,19 @@ if SANDBOX_HYPERVISOR not in {"auto", "cloud-hypervisor", "qemu"}:
         f"SANDBOX_HYPERVISOR must be auto, cloud-hypervisor or qemu, got {SANDBOX_HYPERVISOR!r}"
     )
 SANDBOX_RUNTIME_DIR = Path(os.environ.get("SANDBOX_RUNTIME_DIR", "/run/microvm-sandbox"))
+# Jailed VMMs (docs/security.md, "Jailed VMMs"): auto = on when the worker runs as root (the
+# launcher needs root), on = refuse to start a VMM unjailed, off = debugging only (every VMM
+# start logs a warning and /readyz says so).
+SANDBOX_JAIL = os.environ.get("SANDBOX_JAIL", "auto").strip().lower()
+if SANDBOX_JAIL not in {"auto", "on", "off"}:
+    raise ImproperlyConfigured(f"SANDBOX_JAIL must be auto, on or off, got {SANDBOX_JAIL!r}")
+SANDBOX_JAIL_UID_BASE = env_int("SANDBOX_JAIL_UID_BASE", 100000)  # VM n's VMM runs as base + n
+SANDBOX_JAIL_UID_COUNT = env_int("SANDBOX_JAIL_UID_COUNT", 10000)
+SANDBOX_JAIL_DIR = Path(os.environ.get("SANDBOX_JAIL_DIR", "/run/microvm-sandbox-jail"))
+SANDBOX_JAIL_CGROUP = os.environ.get("SANDBOX_JAIL_CGROUP", "microvm-sandbox")
+SANDBOX_JAIL_MEMORY_MARGIN_MIB = env_int("SANDBOX_JAIL_MEMORY_MARGIN_MIB", 256)
+if SANDBOX_JAIL_UID_BASE < 1000 or SANDBOX_JAIL_UID_COUNT < 1:
+    raise ImproperlyConfigured("SANDBOX_JAIL_UID_BASE must be >= 1000, SANDBOX_JAIL_UID_COUNT >= 1")
 # Audit retention in calendar years (seven years is not 7 x 365 days); see docs/audit-exports.md.
 if "SANDBOX_AUDIT_RETENTION_DAYS" in os.environ:
     raise ImproperlyConfigured(

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -44,6 +45,8 @@ from accounts.models import APIToken
 from audit import store
 from audit.actor import Actor
 from vms import commands, lifecycle, policy, runtime
+from vms.hypervisors.base import HypervisorError, RuntimeDir
+from vms.hypervisors.process import check_peer
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -101,7 +104,8 @@ class Subscriber(Protocol):
 def _tail(path: Path, limit: int) -> bytes:
     """The last ``limit`` bytes of ``path``, starting at a line boundary when cut."""
     try:
-        with path.open("rb") as fh:
+        # The VMM owns console.log (a jailed one too): never follow a link it put there.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
             fh.seek(0, 2)
             size = fh.tell()
             fh.seek(max(0, size - limit))
@@ -185,6 +189,18 @@ class ConsoleHub:
                     self._broadcast_status(
                         {"type": "link", "connected": False, "reason": f"no serial socket: {exc}"}
                     )
+                    announced_down = True
+                await asyncio.sleep(RECONNECT_S)
+                continue
+            try:
+                # Only the VMM's own socket: a (jailed) VMM owns this directory's sockets and
+                # could link another server's in place of its own.
+                pid = RuntimeDir(self.socket_path.parent).pid()
+                check_peer(writer.get_extra_info("socket"), pid, "the serial socket")
+            except (HypervisorError, OSError) as exc:
+                writer.close()
+                if not announced_down:
+                    self._broadcast_status({"type": "link", "connected": False, "reason": str(exc)})
                     announced_down = True
                 await asyncio.sleep(RECONNECT_S)
                 continue

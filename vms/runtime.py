@@ -11,6 +11,7 @@ from django.conf import settings
 
 from vms import images
 from vms.hypervisors.base import DiskSpec, Hypervisor, NetSpec, RuntimeDir, VMSpec
+from vms.hypervisors.jail import JailConfig
 from vms.hypervisors.selection import select_hypervisor
 from vms.models import VirtualMachine
 
@@ -32,9 +33,21 @@ def snapshot_dir(snapshot_id: object) -> Path:
     return Path(settings.SANDBOX_SNAPSHOT_DIR) / str(snapshot_id)
 
 
+def jail_config() -> JailConfig:
+    """How this host jails its VMMs (``SANDBOX_JAIL*`` settings)."""
+    return JailConfig(
+        mode=settings.SANDBOX_JAIL,
+        uid_base=settings.SANDBOX_JAIL_UID_BASE,
+        uid_count=settings.SANDBOX_JAIL_UID_COUNT,
+        state_dir=Path(settings.SANDBOX_JAIL_DIR),
+        cgroup_parent=settings.SANDBOX_JAIL_CGROUP,
+        memory_margin_mib=settings.SANDBOX_JAIL_MEMORY_MARGIN_MIB,
+    )
+
+
 @functools.cache
 def hypervisor() -> Hypervisor:
-    return select_hypervisor(settings.SANDBOX_HYPERVISOR)
+    return select_hypervisor(settings.SANDBOX_HYPERVISOR, jail_config=jail_config())
 
 
 def build_spec(

@@ -727,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cloud-hypervisor", description=__doc__)
     parser.add_argument("--api-socket", required=True)
     parser.add_argument("--no-shutdown", action="store_true")
+    # As CH: a forbidden syscall kills (true), is logged (log) or fails with EPERM (errno, v53).
+    parser.add_argument("--seccomp", choices=("true", "false", "log", "errno"), default="true")
     args, ignored = parser.parse_known_args(argv)
     if ignored:
         log(f"ignoring options {ignored}")

@@ -96,6 +96,8 @@ class FakeSerial:
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.server = await asyncio.start_unix_server(self._client, path=str(self.path))
+        # The console reads only a socket served by the VMM whose pid is in vmm.pid: here, us.
+        (self.path.parent / "vmm.pid").write_text(f"{os.getpid()}\n")
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

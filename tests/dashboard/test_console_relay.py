@@ -32,6 +32,8 @@ class OneClientSerial:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(str(path))
         self.sock.listen(8)
+        # The console reads only a socket served by the VMM whose pid is in vmm.pid: here, us.
+        (path.parent / "vmm.pid").write_text(f"{os.getpid()}\n")
         self.accepted = 0
         self.received = bytearray()
         self.client: socket.socket | None = None

@@ -21,6 +21,7 @@ import pytest
 from tests.chsim import spec as chspec
 from vms.hypervisors.base import DiskSpec, NetSpec, RuntimeDir, VMSpec
 from vms.hypervisors.cloud_hypervisor import CloudHypervisor
+from vms.hypervisors.jail import JailConfig
 from vms.hypervisors.process import iter_processes
 
 
@@ -68,9 +69,45 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+SIM_ENV = (
+    "CHSIM_AGENT_DELAY",
+    "CHSIM_CPU_REMOVAL_DELAY",
+    "CHSIM_GUEST_AGENT",
+    "CHSIM_POWEROFF_DELAY",
+    "CHSIM_RECORD",
+)
+
+
+@pytest.fixture(scope="session")
+def sim_jail(openapi: chspec.OpenApi) -> JailConfig:
+    """A jail for the simulator: what it (a Python program, unlike CH) needs to read (its
+    interpreter, its packages, this checkout, the API document) and its CHSIM_* settings."""
+    needs = {Path(sys.prefix), Path(sys.base_prefix), chspec.REPO_ROOT, openapi.path.parent}
+    return JailConfig(mode="on", extra_ro=tuple(sorted(needs)), pass_env=SIM_ENV)
+
+
 @pytest.fixture
 def driver(fake_ch: Path) -> CloudHypervisor:
-    return CloudHypervisor(binary=fake_ch, api_timeout=5.0, slow_timeout=20.0, start_timeout=15.0)
+    """The driver on an unjailed simulator: the contract and lifecycle tests record requests
+    and run helpers outside any one runtime directory (the jailed driver is ``jailed_driver``)."""
+    return CloudHypervisor(
+        binary=fake_ch,
+        api_timeout=5.0,
+        slow_timeout=20.0,
+        start_timeout=15.0,
+        jail_config=JailConfig(mode="off"),
+    )
+
+
+@pytest.fixture
+def jailed_driver(fake_ch: Path, sim_jail: JailConfig) -> CloudHypervisor:
+    return CloudHypervisor(
+        binary=fake_ch,
+        api_timeout=5.0,
+        slow_timeout=20.0,
+        start_timeout=15.0,
+        jail_config=sim_jail,
+    )
 
 
 class Runtimes:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import HypervisorError
+from .process import check_peer
 
 __all__ = [
     "API_PREFIX",
@@ -109,9 +110,16 @@ class ChApiUnavailable(HypervisorError):
 class UnixHTTPConnection(http.client.HTTPConnection):
     """``http.client`` over an AF_UNIX stream socket; the host name is only used in headers."""
 
-    def __init__(self, path: Path | str, timeout: float, fds: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        timeout: float,
+        fds: tuple[int, ...] = (),
+        peer_pid: int | None = None,
+    ) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = str(path)
+        self.peer_pid = peer_pid
         self.fds = fds  # sent once, as SCM_RIGHTS with the first bytes of the request
 
     def send(self, data: Any) -> None:
@@ -133,7 +141,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.unix_path)
-        except OSError:
+            if self.peer_pid is not None:
+                check_peer(sock, self.peer_pid, f"API socket {self.unix_path}")
+        except (OSError, HypervisorError):
             sock.close()
             raise
         self.sock = sock
@@ -168,10 +178,18 @@ class ChApi:
     (boot, snapshot, restore), which copy guest memory and stall the server meanwhile.
     """
 
-    def __init__(self, path: Path, *, timeout: float = 10.0, slow_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        timeout: float = 10.0,
+        slow_timeout: float = 120.0,
+        peer_pid: int | None = None,
+    ) -> None:
         self.path = Path(path)
         self.timeout = timeout
         self.slow_timeout = slow_timeout
+        self.peer_pid = peer_pid  # refuse a socket that process does not serve (check_peer)
 
     def call(
         self, name: str, body: Mapping[str, Any] | None = None, *, fds: tuple[int, ...] = ()
@@ -196,7 +214,7 @@ class ChApi:
         if payload:
             headers["Content-Type"] = "application/json"
         timeout = self.slow_timeout if endpoint.slow else self.timeout
-        conn = UnixHTTPConnection(self.path, timeout, tuple(fds))
+        conn = UnixHTTPConnection(self.path, timeout, tuple(fds), self.peer_pid)
         try:
             conn.request(endpoint.method, endpoint.path, body=payload or None, headers=headers)
             resp = conn.getresponse()

@@ -11,6 +11,11 @@ How it maps onto Cloud Hypervisor v53 (details in ``docs/cloud-hypervisor.md``):
   images (CH does not) and write ``sandbox-snapshot.json`` beside CH's three files.
 - ``restore``: a fresh VMM, a staged copy of ``config.json`` relocated to the new runtime
   directory and disks, ``vm.restore`` (the VM comes back paused), then ``vm.resume``.
+- sandboxing: ``--seccomp true`` always; Landlock (``landlock_enable`` in the VmConfig, with the
+  runtime directory as the one extra read-write path) where the VMM is v41 or later and the
+  kernel has Landlock; and the jail of ``jail.py`` (namespaces, uid, cgroups) by default. A
+  jailed VMM sees only its runtime directory and its spec's files, so it takes snapshots into
+  the runtime directory, from where the driver moves them to their destination.
 - the guest agent is reached through hybrid vsock: ``CONNECT <port>\\n`` on the vsock unix socket,
   answered by ``OK <host port>\\n``, after which the stream is raw.
 
@@ -29,11 +34,13 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import jail
 from .base import (
     HypervisorError,
     NetSpec,
@@ -47,7 +54,7 @@ from .base import (
     VMState,
 )
 from .chapi import ChApi, ChApiError, ChApiUnavailable
-from .process import process_matches, reap, spawn_vmm, terminate, wait_for
+from .process import check_peer, process_matches, reap, spawn_vmm, terminate, wait_for
 
 __all__ = [
     "AGENT_VSOCK_PORT",
@@ -63,6 +70,9 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 AGENT_VSOCK_PORT = 1024
 SNAPSHOT_META = "sandbox-snapshot.json"
+JAIL_RECORD = "jail.json"
+SNAPSHOT_STAGE = "snapshot-stage"
+LANDLOCK_SINCE = 41  # the release that added --landlock / landlock_enable
 CH_SNAPSHOT_FILES = ("config.json", "state.json", "memory-ranges")
 # Linux onlines hot-added memory in 128 MiB blocks, and CH's ACPI hotplug expects that size.
 MEMORY_HOTPLUG_ALIGN_MIB = 128
@@ -261,6 +271,29 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         _copy_sparse(src, dst)
 
 
+def _write_record(path: Path, record: dict[str, Any] | None) -> None:
+    """The jail a VMM runs in, for later calls; root's, under a fresh name (O_EXCL): a jailed
+    VMM may write in its runtime directory, but can neither plant nor change this file."""
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".jail.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        if path.is_symlink() or path.stat().st_uid != os.geteuid():
+            return None  # not the driver's own file
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _recv_line(sock: socket.socket, limit: int = 64) -> bytes:
     """One ``\\n``-terminated line, read byte by byte so no payload byte after it is consumed."""
     line = bytearray()
@@ -298,7 +331,12 @@ class CloudHypervisor:
         agent_port: int = AGENT_VSOCK_PORT,
         vsock_cid: int = 3,
         extra_args: Sequence[str] = (),
+        seccomp: str = "true",
+        landlock: bool | None = None,
+        jail_config: jail.JailConfig | None = None,
     ) -> None:
+        if seccomp not in ("true", "log", "errno", "false"):
+            raise HypervisorError(f"--seccomp must be true, log, errno or false, not {seccomp!r}")
         self.binary = str(binary)
         self.api_timeout = api_timeout
         self.slow_timeout = slow_timeout
@@ -306,6 +344,9 @@ class CloudHypervisor:
         self.agent_port = agent_port
         self.vsock_cid = vsock_cid
         self.extra_args = tuple(extra_args)
+        self.seccomp = seccomp
+        self.landlock = landlock  # None: wherever the VMM's version and the kernel have it
+        self.jail = jail_config if jail_config is not None else jail.JailConfig.from_env()
 
     # ----------------------------------------------------------------- process handling
 
@@ -328,8 +369,12 @@ class CloudHypervisor:
         return f"path={runtime.control_socket}"
 
     def _api(self, runtime: RuntimeDir) -> ChApi:
+        # Only the VMM's own socket: never one a (jailed) VMM linked in its place.
         return ChApi(
-            runtime.control_socket, timeout=self.api_timeout, slow_timeout=self.slow_timeout
+            runtime.control_socket,
+            timeout=self.api_timeout,
+            slow_timeout=self.slow_timeout,
+            peer_pid=runtime.pid(),
         )
 
     def _live_api(self, runtime: RuntimeDir) -> ChApi:
@@ -344,8 +389,8 @@ class CloudHypervisor:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _launch(self, runtime: RuntimeDir) -> int:
-        """Spawn a bare VMM and wait until its API answers; return its pid."""
+    def _launch(self, runtime: RuntimeDir, spec: VMSpec) -> int:
+        """Spawn a bare VMM (jailed for ``spec``) and wait until its API answers; return its pid."""
         runtime.create()
         if self.is_alive(runtime):
             raise HypervisorError(
@@ -356,14 +401,31 @@ class CloudHypervisor:
             self._resolve_binary(),
             "--api-socket",
             self._marker(runtime),
+            "--seccomp",
+            self.seccomp,
             *self.extra_args,
         ]
-        pid = spawn_vmm(argv, runtime)
-        api = ChApi(runtime.control_socket, timeout=min(1.0, self.api_timeout))
+        launcher: list[str] = []
+        record: dict[str, Any] | None = None
+        if self.jail.enabled:
+            try:
+                self.jail.check()
+                jail_spec = self.jail_spec(spec, runtime)
+            except (jail.JailError, OSError) as exc:
+                raise HypervisorError(f"cannot jail cloud-hypervisor: {exc}") from exc
+            launcher = [*jail.launcher_argv(jail_spec), "--"]
+            record = {"name": jail_spec.name, "uid": jail_spec.uid, "gid": jail_spec.gid}
+        else:
+            log.warning("%s (VM %s)", jail.OFF_WARNING, spec.vm_id)
+        _write_record(runtime.root / JAIL_RECORD, record)
+        pid = spawn_vmm(argv, runtime, launcher=launcher)
+        api = ChApi(runtime.control_socket, timeout=min(1.0, self.api_timeout), peer_pid=pid)
         deadline = time.monotonic() + self.start_timeout
         while True:
             # Our own child: its exit status is the proof (its cmdline may still be a wrapper's).
-            code = reap(pid)
+            # A jailed VMM is not our child (the launcher forked it): it is alive while it
+            # answers or its process is there.
+            code = reap(pid) if not launcher else (None if self.is_alive(runtime) else -1)
             if code is not None:
                 tail = _log_tail(runtime.vmm_log)
                 raise HypervisorError(
@@ -396,10 +458,10 @@ class CloudHypervisor:
 
     def start(self, spec: VMSpec, runtime: RuntimeDir) -> int:
         config = build_vm_config(spec, runtime, vsock_cid=self.vsock_cid)
-        pid = self._launch(runtime)
+        pid = self._launch(runtime, spec)
         api = self._api(runtime)
         try:
-            api.call("vm.create", config)
+            api.call("vm.create", self._sandboxed(config, runtime, api))
             for index, net in enumerate(spec.nets):
                 if net.fd is not None:
                     api.call("vm.add-net", net_config(net, index), fds=(net.fd,))
@@ -437,6 +499,8 @@ class CloudHypervisor:
         except (OSError, ValueError) as exc:
             raise HypervisorError(f"snapshot {directory}: unreadable config.json: {exc}") from exc
         config = _relocate_config(saved, spec, runtime)
+        for key in ("landlock_enable", "landlock_rules"):  # decided afresh below
+            config.pop(key, None)
 
         runtime.create()
         if self.is_alive(runtime):
@@ -445,12 +509,21 @@ class CloudHypervisor:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(mode=0o700)
         try:
-            (stage / "config.json").write_text(json.dumps(config, indent=2))
             for name in CH_SNAPSHOT_FILES[1:]:
                 _link_or_copy(directory / name, stage / name)
             self._restore_disks(directory, meta, spec)
-            self._launch(runtime)
+            self._launch(runtime, spec)
             api = self._api(runtime)
+            (stage / "config.json").write_text(
+                json.dumps(self._sandboxed(config, runtime, api), indent=2)
+            )
+            record = _read_record(runtime.root / JAIL_RECORD)
+            if record:
+                # The jailed VMM reads the staged files as its group (the links share the
+                # snapshot's inodes: their group follows the VM restored last).
+                for path in (stage, *stage.iterdir()):
+                    os.chown(path, 0, record["gid"])
+                    os.chmod(path, 0o750 if path.is_dir() else 0o640)
             try:
                 # Copy mode: guest RAM is read in during the call, so the staged files can go
                 # afterwards. No "resume": the explicit vm.resume below is checked by its reply.
@@ -515,9 +588,13 @@ class CloudHypervisor:
             paused_here = True
         elif state != "Paused":
             raise HypervisorError(f"cannot snapshot a VM that is {state}")
+        record = _read_record(runtime.root / JAIL_RECORD)
         try:
-            # CH strips "file://" and uses the rest verbatim: no percent-encoding (as_uri would).
-            api.call("vm.snapshot", {"destination_url": f"file://{directory}"})
+            if record:
+                self._snapshot_jailed(api, runtime, directory, record)
+            else:
+                # CH strips "file://" and uses the rest verbatim: no percent-encoding.
+                api.call("vm.snapshot", {"destination_url": f"file://{directory}"})
             disks = self._copy_disks(directory, info.get("config", {}).get("disks") or [])
         except HypervisorError:
             if paused_here:
@@ -539,6 +616,73 @@ class CloudHypervisor:
         (directory / SNAPSHOT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
         files = tuple(sorted(p for p in directory.iterdir() if p.is_file()))
         return SnapshotFiles(directory=directory, files=files)
+
+    @staticmethod
+    def _snapshot_jailed(
+        api: ChApi, runtime: RuntimeDir, directory: Path, record: dict[str, Any]
+    ) -> None:
+        """A jailed VMM cannot see ``directory``: it writes into its runtime directory, and the
+        files are moved (renamed where the filesystem allows) to ``directory``, made root's."""
+        stage = runtime.root / SNAPSHOT_STAGE
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(mode=0o700)
+        os.chown(stage, record["uid"], record["gid"])
+        try:
+            api.call("vm.snapshot", {"destination_url": f"file://{stage}"})
+            for path in stage.iterdir():
+                if path.is_symlink() or not path.is_file():
+                    raise HypervisorError(f"unexpected {path.name} in the VMM's snapshot")
+                target = directory / path.name
+                shutil.move(path, target)
+                os.chown(target, 0, 0)
+                os.chmod(target, 0o600)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _sandboxed(self, config: dict[str, Any], runtime: RuntimeDir, api: ChApi) -> dict[str, Any]:
+        """``config`` with Landlock on where the VMM and the kernel have it (``self.landlock``
+        None), or as forced. CH adds the config's own paths to the ruleset; the runtime directory
+        is the one more path it needs later (snapshot and restore staging)."""
+        wanted = self.landlock
+        if wanted is None:
+            version = self._version(api) or ""
+            try:
+                major = int(version.lstrip("v").split(".")[0])
+            except ValueError:
+                major = 0
+            wanted = major >= LANDLOCK_SINCE and jail.landlock_abi() > 0
+        if not wanted:
+            return config
+        return {
+            **config,
+            "landlock_enable": True,
+            "landlock_rules": [{"path": str(runtime.root), "access": "rw"}],
+        }
+
+    def jail_spec(self, spec: VMSpec, runtime: RuntimeDir) -> jail.JailSpec:
+        """The jail of ``spec``'s VMM: its spec's files, KVM, its uid and limits."""
+        ro = [p for p in (spec.kernel, spec.initramfs, spec.firmware_code) if p is not None]
+        rw: list[Path] = []
+        for disk in spec.disks:
+            (ro if disk.readonly else rw).append(disk.path)
+        by_name = any(net.fd is None for net in spec.nets)
+        return self.jail.spec_for(
+            spec.vm_id,
+            runtime.root,
+            runtime.pidfile,
+            ro=ro,
+            rw=rw,
+            devices=("/dev/kvm", *(("/dev/net/tun",) if by_name else ())),
+            # A TAP by name is opened in the VMM's namespace: only then does it keep the host's.
+            new_netns=all(net.fd is not None and net.netns for net in spec.nets),
+            memory_mib=max(spec.max_memory_mib or 0, spec.memory_mib),
+            vcpus=max(spec.max_vcpus or 0, spec.vcpus),
+        )
+
+    def _release_jail(self, runtime: RuntimeDir) -> None:
+        record = _read_record(runtime.root / JAIL_RECORD)
+        if record and not self.is_alive(runtime):
+            jail.release(self.jail, runtime.root, record["name"])
 
     @staticmethod
     def _version(api: ChApi) -> str | None:
@@ -722,6 +866,7 @@ class CloudHypervisor:
             sock.settimeout(min(remaining, 3.0))
             try:
                 sock.connect(str(runtime.agent_socket))
+                check_peer(sock, runtime.pid(), f"agent socket {runtime.agent_socket}")
                 sock.sendall(request)
                 reply = _recv_line(sock).decode("ascii", errors="replace").strip()
                 parts = reply.split()
@@ -733,6 +878,9 @@ class CloudHypervisor:
                 last = f"unexpected handshake reply {reply!r}"
             except (OSError, UnicodeError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
+            except HypervisorError:
+                sock.close()  # not the VMM's socket: nothing to retry
+                raise
             sock.close()
             time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
@@ -742,8 +890,10 @@ class CloudHypervisor:
         self._remove_stale_sockets(runtime)
         with contextlib.suppress(FileNotFoundError):
             runtime.pidfile.unlink()
+        self._release_jail(runtime)
 
     def destroy(self, runtime: RuntimeDir) -> None:
+        record = _read_record(runtime.root / JAIL_RECORD)
         self.stop_hard(runtime)
         try:
             shutil.rmtree(runtime.root)
@@ -751,6 +901,8 @@ class CloudHypervisor:
             pass
         except OSError as exc:
             raise HypervisorError(f"cannot remove runtime directory {runtime.root}: {exc}") from exc
+        if record:
+            jail.release(self.jail, runtime.root, record["name"])
 
     def template_cache(
         self,

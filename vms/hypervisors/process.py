@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -23,6 +25,7 @@ from .base import HypervisorError, RuntimeDir
 
 __all__ = [
     "ProcInfo",
+    "check_peer",
     "iter_processes",
     "process_cmdline",
     "process_matches",
@@ -89,18 +92,26 @@ def spawn_vmm(
     *,
     pass_fds: Sequence[int] = (),
     env: dict[str, str] | None = None,
+    launcher: Sequence[str] = (),
+    launch_timeout: float = 30.0,
 ) -> int:
     """Start ``argv`` in a new session with output appended to ``vmm.log``; write the pidfile.
 
     Returns the pid. The pidfile is written atomically (rename) so a concurrent reader never sees
     a half-written number.
+
+    ``launcher``: a command that runs ``argv`` for us (``jail.launcher_argv`` + ``--``): it sets
+    the VMM up, forks it, writes the VMM's pid to the pidfile itself and exits; its exit status
+    says whether the VMM was exec'd (its reason for a refusal is in ``vmm.log``).
     """
     runtime.create()
+    if launcher:
+        runtime.pidfile.unlink(missing_ok=True)
     with open(runtime.vmm_log, "ab", buffering=0) as log:
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} start: {list(argv)!r}\n".encode())
         try:
             proc = subprocess.Popen(
-                list(argv),
+                [*launcher, *argv],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -111,6 +122,19 @@ def spawn_vmm(
             )
         except OSError as exc:
             raise HypervisorError(f"cannot start {argv[0]}: {exc}") from exc
+    if launcher:
+        try:
+            code = proc.wait(timeout=launch_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise HypervisorError(
+                f"the VMM launcher took more than {launch_timeout:.0f}s"
+            ) from None
+        pid = runtime.pid()
+        if code != 0 or pid is None:
+            raise HypervisorError(f"the VMM launcher failed (status {code}): {_last_line(runtime)}")
+        return pid
     with _children_lock:
         _children[proc.pid] = proc
     _start_reaper()
@@ -118,6 +142,14 @@ def spawn_vmm(
     tmp.write_text(f"{proc.pid}\n")
     tmp.replace(runtime.pidfile)
     return proc.pid
+
+
+def _last_line(runtime: RuntimeDir) -> str:
+    try:
+        lines = runtime.vmm_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def reap(pid: int) -> int | None:
@@ -192,6 +224,19 @@ def iter_processes(exe_names: Sequence[str]) -> Iterator[ProcInfo]:
         argv = process_cmdline(int(entry.name), settle=0.0)
         if argv and os.path.basename(argv[0]) in exe_names:
             yield ProcInfo(int(entry.name), argv)
+
+
+def check_peer(sock: socket.socket, pid: int | None, what: str) -> None:
+    """Refuse a unix socket that is not served by process ``pid`` (``SO_PEERCRED``: the
+    process that listened, as this namespace sees it). A VMM owns the sockets in its runtime
+    directory and could put a link to another server's socket in their place; the peer's pid
+    cannot be faked, and it is the host pid even for a VMM in its own PID namespace."""
+    if pid is None:
+        raise HypervisorError(f"{what}: no VMM pid to check the socket against")
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer = struct.unpack("3i", raw)[0]
+    if peer != pid:
+        raise HypervisorError(f"{what} is served by pid {peer}, not the VMM (pid {pid})")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.02) -> bool:

@@ -26,11 +26,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -41,7 +43,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import process
+from . import jail, process
 from .base import (
     DiskSpec,
     HypervisorError,
@@ -74,6 +76,8 @@ SNAPSHOT_STATE = "state.bin"
 SNAPSHOT_FORMAT = 1
 VM_FILE = "vm.json"
 VARS_FILE = "OVMF_VARS.fd"
+
+log = logging.getLogger(__name__)
 
 # After an incoming migration QEMU announces every NIC's MAC (RARP, and the guest is asked for
 # gratuitous ARPs) to update switches, as a VM moved between hosts needs. A restore never moves
@@ -246,6 +250,7 @@ class QemuHypervisor:
         start_timeout: float = 15.0,
         qmp_timeout: float = 10.0,
         seccomp: bool = True,
+        jail_config: jail.JailConfig | None = None,
     ) -> None:
         if accel not in ("auto", "tcg", "kvm"):
             raise HypervisorError(f"unknown QEMU accelerator {accel!r} (auto, tcg or kvm)")
@@ -256,6 +261,7 @@ class QemuHypervisor:
         self.start_timeout = start_timeout
         self.qmp_timeout = qmp_timeout
         self.seccomp = seccomp
+        self.jail = jail_config if jail_config is not None else jail.JailConfig.from_env()
         self.exe_names = (os.path.basename(binary),)
 
     # -- command line ---------------------------------------------------------------------------
@@ -412,7 +418,10 @@ class QemuHypervisor:
     def _qmp(self, runtime: RuntimeDir, timeout: float | None = None) -> QMPClient:
         if not self.is_alive(runtime):
             raise HypervisorError(f"no QEMU process for {runtime.root}")
-        return QMPClient.connect(runtime.control_socket, timeout or self.qmp_timeout)
+        # Only QEMU's own socket: never one a (jailed) QEMU linked in its place.
+        return QMPClient.connect(
+            runtime.control_socket, timeout or self.qmp_timeout, peer_pid=runtime.pid()
+        )
 
     def _load_vm(self, runtime: RuntimeDir) -> dict[str, Any]:
         try:
@@ -421,9 +430,13 @@ class QemuHypervisor:
             raise HypervisorError(f"{runtime.root} holds no VM started by this driver") from exc
 
     def _save_vm(self, runtime: RuntimeDir, data: dict[str, Any]) -> None:
-        tmp = runtime.root / (VM_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(runtime.root / VM_FILE)
+        # A fresh name (O_EXCL): a jailed VMM may write in this directory, so no fixed name
+        # that it could have planted first.
+        fd, tmp = tempfile.mkstemp(dir=runtime.root, prefix=".vm.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, runtime.root / VM_FILE)
 
     def _log_tail(self, runtime: RuntimeDir, n: int = 8) -> str:
         try:
@@ -453,19 +466,37 @@ class QemuHypervisor:
         accel: str,
         pass_fds: tuple[int, ...],
     ) -> int:
+        launcher: list[str] = []
+        jailed: dict[str, Any] | None = None
+        if self.jail.enabled:
+            try:
+                self.jail.check()
+                jail_spec = self.jail_spec(spec, runtime, accel)
+            except jail.JailError as exc:
+                raise HypervisorError(str(exc)) from exc
+            launcher = [*jail.launcher_argv(jail_spec), "--"]
+            jailed = {"name": jail_spec.name, "uid": jail_spec.uid}
+        else:
+            log.warning("%s (VM %s)", jail.OFF_WARNING, spec.vm_id)
         self._save_vm(
             runtime,
-            {"spec": spec_to_dict(spec), "accel": accel, "argv": argv, "hotplugged": []},
+            {
+                "spec": spec_to_dict(spec),
+                "accel": accel,
+                "argv": argv,
+                "hotplugged": [],
+                "jail": jailed,
+            },
         )
         tap_fds = tuple(n.fd for n in spec.nets if n.fd is not None)
-        pid = process.spawn_vmm(argv, runtime, pass_fds=(*pass_fds, *tap_fds))
+        pid = process.spawn_vmm(argv, runtime, pass_fds=(*pass_fds, *tap_fds), launcher=launcher)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if not self.is_alive(runtime):
                 process.reap(pid)
                 raise HypervisorError(f"QEMU exited during start: {self._log_tail(runtime)}")
             try:
-                QMPClient.connect(runtime.control_socket, self.qmp_timeout).close()
+                QMPClient.connect(runtime.control_socket, self.qmp_timeout, peer_pid=pid).close()
                 return pid
             except (HypervisorError, OSError):
                 if time.monotonic() >= deadline:
@@ -892,7 +923,6 @@ class QemuHypervisor:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.connect(str(runtime.agent_socket))
-                return sock
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
@@ -900,13 +930,64 @@ class QemuHypervisor:
                 if not self.is_alive(runtime):
                     raise HypervisorError("QEMU is not running") from exc
                 time.sleep(0.01)
+                continue
+            try:
+                process.check_peer(sock, runtime.pid(), f"agent socket {runtime.agent_socket}")
+            except (HypervisorError, OSError):
+                sock.close()
+                raise
+            return sock
 
     def stop_hard(self, runtime: RuntimeDir, timeout: float = 5.0) -> None:
         process.terminate(runtime.pid(), self.exe_names, str(runtime.control_socket), timeout)
         runtime.pidfile.unlink(missing_ok=True)
+        self._release_jail(runtime)
 
     def destroy(self, runtime: RuntimeDir) -> None:
+        jailed = self._jail_record(runtime)
         self.stop_hard(runtime)
         shutil.rmtree(runtime.root, ignore_errors=True)
         if runtime.root.exists():
             raise HypervisorError(f"could not remove {runtime.root}")
+        if jailed:
+            jail.release(self.jail, runtime.root, jailed["name"])
+
+    # -- jail ---------------------------------------------------------------------------------
+    def jail_spec(self, spec: VMSpec, runtime: RuntimeDir, accel: str) -> jail.JailSpec:
+        """The jail of ``spec``'s VMM (``vms.hypervisors.jail``): its files, uid and limits."""
+        ro = [p for p in (spec.kernel, spec.initramfs) if p is not None]
+        rw: list[Path] = []
+        for disk in spec.disks:
+            (ro if disk.readonly else rw).append(disk.path)
+        if spec.boot == "uefi":
+            ro.append(spec.firmware_code or OVMF_CODE)
+            rw.append(spec.firmware_vars or runtime.root / VARS_FILE)
+        if runtime.serial_log.is_file():  # QEMU appends to the log of an earlier run
+            rw.append(runtime.serial_log)
+        return self.jail.spec_for(
+            spec.vm_id,
+            runtime.root,
+            runtime.pidfile,
+            ro=ro,
+            rw=rw,
+            devices=("/dev/kvm",) if accel == "kvm" else (),
+            # A TAP descriptor works from any namespace; one opened by name needs QEMU's own,
+            # and its counters are read there (/proc/<pid>/net/dev).
+            new_netns=all(n.fd is not None and n.netns for n in spec.nets),
+            memory_mib=max(spec.max_memory_mib or 0, spec.memory_mib),
+            overhead_mib=self.tb_size_mib,  # TCG's translation buffer
+            vcpus=max(spec.max_vcpus or 0, spec.vcpus),
+        )
+
+    def _jail_record(self, runtime: RuntimeDir) -> dict[str, Any] | None:
+        try:
+            record = self._load_vm(runtime).get("jail")
+        except (HypervisorError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _release_jail(self, runtime: RuntimeDir) -> None:
+        """Remove the cgroups of a stopped VMM (its uid stays with the runtime directory)."""
+        jailed = self._jail_record(runtime)
+        if jailed and not self.is_alive(runtime):
+            jail.release(self.jail, runtime.root, jailed["name"])

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Any
 
 from .base import HypervisorError
+from .process import check_peer
 
 __all__ = ["QMPClient", "QMPConnectionLost", "QMPError", "QMPTimeout"]
 
@@ -52,9 +53,10 @@ class QMPConnectionLost(HypervisorError):
 class QMPClient:
     """One QMP session. Use as a context manager, or call ``close()``."""
 
-    def __init__(self, path: Path, timeout: float = 5.0) -> None:
+    def __init__(self, path: Path, timeout: float = 5.0, peer_pid: int | None = None) -> None:
         self.path = Path(path)
         self.timeout = timeout
+        self.peer_pid = peer_pid
         self.events: list[dict[str, Any]] = []
         self.greeting: dict[str, Any] = {}
         self._sock: socket.socket | None = None
@@ -63,10 +65,13 @@ class QMPClient:
 
     # -- connection -------------------------------------------------------------------------
     @classmethod
-    def connect(cls, path: Path, timeout: float = 5.0, retry_for: float = 0.0) -> QMPClient:
+    def connect(
+        cls, path: Path, timeout: float = 5.0, retry_for: float = 0.0, peer_pid: int | None = None
+    ) -> QMPClient:
         """Connect and negotiate capabilities; retry for ``retry_for`` s while the socket is
-        missing or refusing (a VMM that is still starting)."""
-        client = cls(path, timeout)
+        missing or refusing (a VMM that is still starting). ``peer_pid``: refuse the socket,
+        before a byte is exchanged, unless that process serves it (``process.check_peer``)."""
+        client = cls(path, timeout, peer_pid)
         deadline = time.monotonic() + retry_for
         while True:
             try:
@@ -83,7 +88,9 @@ class QMPClient:
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.path))
-        except OSError:
+            if self.peer_pid is not None:
+                check_peer(sock, self.peer_pid, f"QMP socket {self.path}")
+        except (OSError, HypervisorError):
             sock.close()
             raise
         self._sock = sock

@@ -10,14 +10,18 @@ import shutil
 
 from .base import Hypervisor, HypervisorError
 from .cloud_hypervisor import CloudHypervisor
+from .jail import JailConfig
 from .probe import kvm_usable
 from .qemu import QemuHypervisor
 
 __all__ = ["select_hypervisor"]
 
 
-def select_hypervisor(setting: str | None = None) -> Hypervisor:
-    """The driver for ``setting`` (default: ``$SANDBOX_HYPERVISOR`` or ``auto``).
+def select_hypervisor(
+    setting: str | None = None, *, jail_config: JailConfig | None = None
+) -> Hypervisor:
+    """The driver for ``setting`` (default: ``$SANDBOX_HYPERVISOR`` or ``auto``), jailing its
+    VMMs as ``jail_config`` says (default: from ``$SANDBOX_JAIL*``).
 
     ``auto``: Cloud Hypervisor when its binary is on PATH and KVM runs guests, else QEMU.
     """
@@ -30,9 +34,9 @@ def select_hypervisor(setting: str | None = None) -> Hypervisor:
         else:
             choice = "qemu"
     if choice == "qemu":
-        return QemuHypervisor()
+        return QemuHypervisor(jail_config=jail_config)
     if choice in ("cloud-hypervisor", "cloud_hypervisor", "ch"):
-        return CloudHypervisor()
+        return CloudHypervisor(jail_config=jail_config)
     raise HypervisorError(
         f"unknown SANDBOX_HYPERVISOR {setting!r}: use auto, cloud-hypervisor or qemu"
     )
