@@ -3,8 +3,9 @@
     python bench/network.py [--creates N] [--megabytes N] [--pings N]
 
 * create_with_nic_s / create_without_nic_s: the worker's start path for one VM, median of
-  --creates each, alternating so that host noise hits both alike: with a NIC, plugging it
-  (TAP on the bridge, rules, descriptor: ``vms.netplumb.plug``) and starting the guest from its
+  --creates each, measured in A/B pairs (the order alternating from pair to pair) so that host
+  noise hits both alike: with a NIC, plugging it (TAP and descriptor, then its bridge port and
+  rules while the VMM restores: ``vms.netplumb.plug_begin``) and starting the guest from its
   template (restore, then the agent sets clock, hostname, MAC and address), until the agent
   answers; without, the same template start of a guest that has no NIC.
   ``nic_overhead_pct`` is the difference relative to the start without a NIC.
@@ -117,10 +118,24 @@ def main() -> int:
         rt = RuntimeDir(root / name)
         runtimes.append(rt)
         t0 = time.monotonic()
-        nets = (netplumb.plug(host, [bridge], plan),) if plan else ()
+        # As the worker does: the bridge port and rules are set up while the VMM restores.
+        pluggings = (netplumb.plug_begin(host, [bridge], plan),) if plan else ()
+        nets = tuple(p.netspec for p in pluggings)
+
+        def network_ready() -> None:
+            for plugging in pluggings:
+                plugging.wait()
+
         try:
-            result = templates.start(base.replace(vm_id=name, nets=nets), rt, fallback=False)
+            result = templates.start(
+                base.replace(vm_id=name, nets=nets),
+                rt,
+                fallback=False,
+                network_ready=network_ready,
+            )
         finally:
+            for plugging in pluggings:
+                plugging.join()
             for net in nets:
                 if net.fd is not None:
                     os.close(net.fd)
@@ -146,13 +161,12 @@ def main() -> int:
         with_nic: list[float] = []
         without: list[float] = []
         for i in range(args.creates):
-            elapsed, rt, client = start(f"p{i}", None)
-            without.append(elapsed)
-            drop(rt, client, None)
-            plan = nic(next(counter))
-            elapsed, rt, client = start(f"n{i}", plan)
-            with_nic.append(elapsed)
-            drop(rt, client, plan)
+            # A/B pairs, the order alternating: neither kind always follows the other's destroy.
+            for with_a_nic in (i % 2 == 1, i % 2 == 0):
+                plan = nic(next(counter)) if with_a_nic else None
+                elapsed, rt, client = start(f"{'n' if plan else 'p'}{i}", plan)
+                (with_nic if plan else without).append(elapsed)
+                drop(rt, client, plan)
             log(f"create {i}: without NIC {without[-1]:.3f}s, with NIC {with_nic[-1]:.3f}s")
         out["create_without_nic_s"] = round(statistics.median(without), 3)
         out["create_with_nic_s"] = round(statistics.median(with_nic), 3)
