@@ -251,10 +251,7 @@ def network_in_place(host: HostNet, bridge: br.Bridge) -> bool:
 
 
 def _bridge_present(host: HostNet, bridge: br.Bridge) -> bool:
-    if not netns.exists(host.netns):
-        return False
-    with netns.iproute(host.netns) as ipr:
-        return bool(ipr.link_lookup(ifname=bridge.ifname))
+    return br.present(host.netns, bridge.ifname)
 
 
 def teardown_host(host: HostNet) -> None:

@@ -118,3 +118,21 @@ def test_a_leftover_tap_of_the_same_vm_is_replaced(host: netplumb.HostNet) -> No
     assert _master(host, nic.tap) == BRIDGE.ifname
     assert tap.list_taps(host.netns) == [nic.tap]
     netplumb.unplug(host, nic.key, nic.tap)
+
+
+def test_a_bridge_removed_behind_the_workers_back_is_mended_by_the_next_plug(
+    host: netplumb.HostNet,
+) -> None:
+    assert br.present(host.netns, BRIDGE.ifname)
+    br.remove_bridge(host.netns, BRIDGE.ifname)
+    assert not br.present(host.netns, BRIDGE.ifname)
+    assert not br.present(f"gone{secrets.token_hex(3)}", BRIDGE.ifname)
+    nic = _nic(14)
+    plugging = netplumb.plug_begin(host, [BRIDGE], nic)
+    try:
+        plugging.wait()
+    finally:
+        os.close(plugging.netspec.fd)  # type: ignore[arg-type]
+    assert br.present(host.netns, BRIDGE.ifname)
+    assert _master(host, nic.tap) == BRIDGE.ifname
+    netplumb.unplug(host, nic.key, nic.tap)
