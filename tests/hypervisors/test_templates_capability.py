@@ -60,6 +60,9 @@ class RecordingDriver:
         runtime.create()
         return 202
 
+    def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
+        return 0
+
     def snapshot(self, runtime: RuntimeDir, directory: Path) -> SnapshotFiles:
         self.calls.append("snapshot")
         state = directory / "state.bin"
