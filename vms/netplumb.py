@@ -10,6 +10,9 @@ calls of that plumbing, in the order the lifecycle needs:
 - ``plug``: before a VMM starts, the VM's TAP on its network's bridge, its rules (one
   transaction), its resolver when its policy lets it resolve names, and a ``NetSpec`` holding an
   open descriptor of the TAP for the VMM (the caller closes it once the VMM runs);
+  ``plug_begin`` does the same with the bridge port, resolver and rules on a thread, so that
+  they are set up while the VMM restores its guest (``Plugging.wait`` before the guest's link
+  comes up);
 - ``reapply``: the VM's rules again after a forward or its egress policy changed;
 - ``unplug``: at stop and destroy, the rules, the resolver and the TAP (each step runs even when
   an earlier one failed, and a VM without any of them is fine);
@@ -26,7 +29,9 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,10 +54,12 @@ __all__ = [
     "Evidence",
     "HostNet",
     "NicPlan",
+    "Plugging",
     "collect",
     "host_config",
     "network_in_place",
     "plug",
+    "plug_begin",
     "reapply",
     "remove_orphans",
     "setup_host",
@@ -211,6 +218,8 @@ def setup_host(host: HostNet, bridges: Sequence[br.Bridge]) -> bool:
 # What this process last applied per namespace (its bridges), so that starting a VM on a network
 # that is already in place costs no netlink or nft call beyond a look at the bridge.
 _applied: dict[str, tuple[br.Bridge, ...]] = {}
+# NICs are plugged from several threads (``plug_begin``): one of them mends a network at a time.
+_ensure_lock = threading.Lock()
 
 
 def ensure_network(host: HostNet, bridges: Sequence[br.Bridge], bridge: br.Bridge) -> None:
@@ -218,8 +227,13 @@ def ensure_network(host: HostNet, bridges: Sequence[br.Bridge], bridge: br.Bridg
     base rules that name every bridge (re-applying the base keeps every VM's rules). Nothing is
     done when this process already applied these networks and the bridge is there."""
     wanted = tuple(sorted(set(bridges) | {bridge}, key=lambda b: b.ifname))
-    if _applied.get(host.netns) == wanted and _bridge_present(host, bridge):
-        return
+    with _ensure_lock:
+        if _applied.get(host.netns) == wanted and _bridge_present(host, bridge):
+            return
+        _ensure(host, wanted, bridge)
+
+
+def _ensure(host: HostNet, wanted: tuple[br.Bridge, ...], bridge: br.Bridge) -> None:
     if not netns.exists(host.netns):
         setup_host(host, wanted)
     else:
@@ -237,10 +251,7 @@ def network_in_place(host: HostNet, bridge: br.Bridge) -> bool:
 
 
 def _bridge_present(host: HostNet, bridge: br.Bridge) -> bool:
-    if not netns.exists(host.netns):
-        return False
-    with netns.iproute(host.netns) as ipr:
-        return bool(ipr.link_lookup(ifname=bridge.ifname))
+    return br.present(host.netns, bridge.ifname)
 
 
 def teardown_host(host: HostNet) -> None:
@@ -254,16 +265,61 @@ def teardown_host(host: HostNet) -> None:
 # --- VMs --------------------------------------------------------------------------------------
 
 
-def plug(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> NetSpec:
-    """Make VM ``nic``'s NIC ready for its VMM: TAP on the bridge, resolver, rules; returns the
-    NetSpec with an open descriptor of the TAP (the caller closes it after the VMM started).
-    Whatever was set up is removed again when a step fails."""
-    ensure_network(host, bridges, nic.bridge)
+class Plugging:
+    """A NIC being plugged (``plug_begin``): its TAP exists and ``netspec`` holds an open
+    descriptor of it, so the VMM can start; its bridge port, resolver and rules are being set up
+    on a thread meanwhile. ``wait`` returns once they are in place (or raises why not, after
+    removing what was set up) and must be called before the guest's link can come up; ``join``
+    only waits, for paths that fail anyway."""
+
+    def __init__(self, host: HostNet, nic: NicPlan, netspec: NetSpec, work: Callable[[], None]):
+        self.host = host
+        self.nic = nic
+        self.netspec = netspec
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"plug-{nic.tap}")
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        t0 = time.monotonic()
+        try:
+            work()
+        except BaseException as exc:  # handed to the thread that waits
+            self._error = exc
+            unplug(self.host, self.nic.key, self.nic.tap)
+        else:
+            log.debug(
+                "NIC %s on %s in %.3fs", self.nic.tap, self.nic.bridge.ifname, time.monotonic() - t0
+            )
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def plug_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> Plugging:
+    """Start plugging VM ``nic``'s NIC: its TAP now (with the descriptor for the VMM), then its
+    bridge port, resolver and rules on a thread, so that a VMM restoring a guest (a tenth of a
+    second and more) need not wait for them: nothing of the guest reaches the bridge before
+    ``Plugging.wait`` returned, since its TAP is not on it. Whatever was set up is removed again
+    when a step fails (here: raised; on the thread: by ``wait``)."""
+    # The TAP needs only the namespace; the bridge is looked at (and mended) on the thread.
+    in_place = netns.exists(host.netns)
+    if not in_place:
+        ensure_network(host, bridges, nic.bridge)
     try:
-        if tap.exists(host.netns, nic.tap):
-            # Left by an earlier run of this VM (its VMM is gone: the caller destroyed it).
-            tap.delete(host.netns, nic.tap)
-        tap.create(host.netns, nic.tap)
+        fd = tap.create_and_open(host.netns, nic.tap, replace=True)
+    except BaseException:
+        unplug(host, nic.key, nic.tap)
+        raise
+
+    def connect() -> None:
+        if in_place:
+            ensure_network(host, bridges, nic.bridge)
         br.attach(host.netns, nic.tap, nic.bridge)
         resolver = nic.resolver(host)
         if resolver is not None:
@@ -271,11 +327,27 @@ def plug(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> NetSpec:
         else:
             dns.stop(host.run_dir, nic.key)
         ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
-        fd = tap.open_fd(host.netns, nic.tap)
+
+    try:
+        return Plugging(host, nic, nic.netspec(host, fd), connect)
     except BaseException:
+        os.close(fd)
         unplug(host, nic.key, nic.tap)
         raise
-    return nic.netspec(host, fd)
+
+
+def plug(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> NetSpec:
+    """Make VM ``nic``'s NIC ready for its VMM: TAP on the bridge, resolver, rules; returns the
+    NetSpec with an open descriptor of the TAP (the caller closes it after the VMM started).
+    Whatever was set up is removed again when a step fails."""
+    plugging = plug_begin(host, bridges, nic)
+    try:
+        plugging.wait()
+    except BaseException:
+        if plugging.netspec.fd is not None:
+            os.close(plugging.netspec.fd)
+        raise
+    return plugging.netspec
 
 
 def reapply(

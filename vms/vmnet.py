@@ -31,15 +31,19 @@ __all__ = [
     "bridges",
     "close_fds",
     "collect_evidence",
+    "has_nic",
     "host",
+    "join_plugged",
     "netspecs",
     "plan_for",
     "plug",
+    "plug_begin",
     "reapply",
     "remove_orphans",
     "setup",
     "teardown_if_idle",
     "unplug",
+    "wait_plugged",
     "wanted_forwards",
 ]
 
@@ -137,6 +141,26 @@ def plug(vm: VirtualMachine) -> tuple[NetSpec, ...]:
 def has_nic(vm: VirtualMachine) -> bool:
     """Whether a start of the VM on this host gets a NIC (networking on, and the VM has one)."""
     return host() is not None and plan_for(vm) is not None
+
+
+def plug_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
+    """As ``plug``, with the NIC's bridge port, resolver and rules still being set up on a
+    thread when this returns (``wait_plugged`` before the guest's link comes up, ``join_plugged``
+    in any case before going on)."""
+    hn, plan = host(), plan_for(vm)
+    if hn is None or plan is None:
+        return ()
+    return (netplumb.plug_begin(hn, bridges(), plan),)
+
+
+def wait_plugged(pluggings: Iterable[netplumb.Plugging]) -> None:
+    for plugging in pluggings:
+        plugging.wait()
+
+
+def join_plugged(pluggings: Iterable[netplumb.Plugging]) -> None:
+    for plugging in pluggings:
+        plugging.join()
 
 
 def netspecs(vm: VirtualMachine) -> tuple[NetSpec, ...]:

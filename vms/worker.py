@@ -337,18 +337,27 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         rt.create()
         _ensure_data_disk(vm)
         started = time.monotonic()
-        nets = vmnet.plug(vm)
+        # The NIC's bridge port, resolver and rules are set up while the VMM restores.
+        pluggings = vmnet.plug_begin(vm)
+        nets = tuple(p.netspec for p in pluggings)
+
+        def network_ready() -> None:
+            vmnet.wait_plugged(pluggings)
+
         try:
             spec = runtime.build_spec(vm, nets=nets)
             runtime.record_launched_image(rt, spec)  # before the launch: the reconciler reads it
             _progress(request, "booting", 20, "starting the VMM")
             cache = _template_cache()
             if cache is not None:
-                result = cache.start(spec, rt)
+                result = cache.start(spec, rt, network_ready=network_ready)
                 restored, pid = result.restored, result.pid
             else:
+                network_ready()
                 pid, restored = hv.start(spec, rt), False
+            network_ready()
         finally:
+            vmnet.join_plugged(pluggings)  # never unplug (on failure) while it still plugs
             vmnet.close_fds(nets)  # the VMM holds its own copies
     if not restored:
         _progress(request, "booting", 50, "waiting for the guest agent")

@@ -257,3 +257,43 @@ def test_a_nic_template_has_its_own_macs_and_boots_unplugged_until_ready(
     other = spec.replace(nets=(NetSpec("tapn1", "52:54:00:00:00:02"),))
     assert cache.key(other) == key
     assert cache.key(spec.replace(nets=())) != key
+
+
+def test_network_ready_comes_before_anything_can_bring_a_guest_link_up(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    hv, hooks = RecordingDriver(), RecordingHooks()
+    cache = TemplateCache(hv, hooks.bundle(), cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+    spec = make_spec(files, "vmn", "nic").replace(
+        nets=(NetSpec("tapn0", "52:54:00:00:00:01", fd=7, netns="sbx"),)
+    )
+
+    def ready() -> None:
+        hv.calls.append("network ready")
+
+    # No template yet: the build boots a guest on the TAP, so the NIC is ready before it.
+    cache.start(spec, RuntimeDir(tmp_path / "rt1"), fallback=False, network_ready=ready)
+    key = cache.key(spec)
+    assert hv.calls[:2] == ["network ready", f"start template-{key[:12]}"]
+    # A restore: the host side is set up while the VMM restores, ready before the identity.
+    hv.calls.clear()
+    order: list[str] = []
+    bundle = TemplateHooks(
+        hooks.wait_ready,
+        lambda h, rt, s: order.extend(hv.calls + ["reset_identity"]),
+        hooks.make_disk,
+    )
+    cache = TemplateCache(hv, bundle, cache_dir=tmp_path / "cache")  # type: ignore[arg-type]
+    cache.start(spec, RuntimeDir(tmp_path / "rt2"), fallback=False, network_ready=ready)
+    assert order == [f"restore vmn from {key}", "network ready", "reset_identity"]
+
+    # A NIC that could not be plugged: no identity, no cold boot on it; the reason is raised.
+    def broken() -> None:
+        raise HypervisorError("the rules did not load")
+
+    hv.calls.clear()
+    order.clear()
+    with pytest.raises(HypervisorError, match="the rules did not load"):
+        cache.start(spec, RuntimeDir(tmp_path / "rt3"), network_ready=broken)
+    assert order == []
+    assert not any(c.startswith("start") for c in hv.calls)

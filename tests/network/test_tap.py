@@ -67,6 +67,34 @@ def test_open_fd_attaches_with_vnet_headers_and_close_on_exec(ns: str) -> None:
     assert tap.exists(ns, "tapb0")
 
 
+def test_create_and_open_makes_the_tap_and_hands_its_descriptor_in_one_visit(ns: str) -> None:
+    fd = tap.create_and_open(ns, "tapg0")
+    try:
+        name, flags = struct.unpack("16sH", fcntl.ioctl(fd, TUNGETIFF, bytes(40))[:18])
+        assert name.rstrip(b"\0") == b"tapg0"
+        assert flags & tap.TAP_FLAGS == tap.TAP_FLAGS and flags & IFF_PERSIST
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert int(_link(ns, "tapg0")["flags"]) & 1
+    finally:
+        os.close(fd)
+    assert tap.list_taps(ns) == ["tapg0"]  # persistent
+    with pytest.raises(tap.TapError, match="already exists"):
+        tap.create_and_open(ns, "tapg0")
+    # A leftover of an earlier run of the same VM is replaced; what is not a TAP never is.
+    index = net_ns.call_in(ns, lambda: _index(ns, "tapg0"))
+    fd = tap.create_and_open(ns, "tapg0", replace=True)
+    os.close(fd)
+    assert tap.list_taps(ns) == ["tapg0"]
+    assert net_ns.call_in(ns, lambda: _index(ns, "tapg0")) != index
+    with pytest.raises(tap.TapError, match="already exists"):
+        tap.create_and_open(ns, "lo", replace=True)
+
+
+def _index(ns: str, ifname: str) -> int:
+    with IPRoute() as ipr:
+        return int(ipr.link_lookup(ifname=ifname)[0])
+
+
 def test_delete_removes_the_tap_and_reports_a_missing_one(ns: str) -> None:
     tap.create(ns, "tapc0")
     assert tap.delete(ns, "tapc0") is True

@@ -9,6 +9,7 @@ cache fabricated the way build.py writes it (manifest + ``current`` pointer).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,16 @@ class RecordingStarter:
         self.hv = hv
         self.specs: list[VMSpec] = []
 
-    def start(self, spec: VMSpec, rt: RuntimeDir, *, fallback: bool = True) -> StartResult:
+    def start(
+        self,
+        spec: VMSpec,
+        rt: RuntimeDir,
+        *,
+        fallback: bool = True,
+        network_ready: Callable[[], None] | None = None,
+    ) -> StartResult:
+        if network_ready is not None:
+            network_ready()
         self.specs.append(spec)
         self.hv.alive.add(rt.root)
         return StartResult(pid=5151, restored=True, seconds=0.01)

@@ -8,6 +8,7 @@ the agent's protocol.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -48,16 +49,26 @@ def wait_ready(hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> None:
             client.network(match_mac=mac, up=False)
 
 
-def configure_guest(client: AgentClient, hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
+def configure_guest(
+    client: AgentClient,
+    hv: Hypervisor,
+    runtime: RuntimeDir,
+    spec: VMSpec,
+    current_macs: dict[str, str] | None = None,
+) -> None:
     """Give a running guest its identity through its agent (``client``, after hello): the
     clock, the hostname (``spec.extra["hostname"]``, else its id), and for each NIC the VM's
     MAC, address, gateway and resolvers (``NetSpec``).
 
-    Each NIC is found in the guest by the MAC its device has now (``hv.nic_macs``): after a
-    cold boot that is already the VM's; after a template restore, the template's. Used after
-    every restore, and after a cold boot of a VM with NICs.
+    Each NIC is found in the guest by the MAC its device has now (``hv.nic_macs``, or
+    ``current_macs`` when the caller asked already): after a cold boot that is already the VM's;
+    after a template restore, the template's. Used after every restore, and after a cold boot
+    of a VM with NICs.
     """
-    current = hv.nic_macs(runtime) if spec.nets else {}
+    if not spec.nets:
+        current: dict[str, str] = {}
+    else:
+        current = current_macs if current_macs is not None else hv.nic_macs(runtime)
     nics: list[dict[str, Any]] = []
     for i, net in enumerate(spec.nets):
         nid = net.id or f"net{i}"
@@ -92,7 +103,29 @@ def configure_guest(client: AgentClient, hv: Hypervisor, runtime: RuntimeDir, sp
 def reset_identity(hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
     """The restored guest's clock lags by the time the template spent saved, and its hostname
     and MACs are the template's: set them, and the VM's addresses (``configure_guest``)."""
-    # The restored guest is already running: poll its agent briskly (a hello sent while the
-    # agent is between polls of its port is lost, and the client's back-off would add ~0.3 s).
-    with _hello(hv, runtime, 30.0, 0.05) as client:
-        configure_guest(client, hv, runtime, spec)
+    # The MACs the NICs have now are asked of the VMM while the agent is greeted.
+    macs: dict[str, str] = {}
+    failed: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            macs.update(hv.nic_macs(runtime))
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    asking = threading.Thread(target=ask, name="nic-macs") if spec.nets else None
+    if asking is not None:
+        asking.start()
+    try:
+        # The restored guest is already running: poll its agent briskly (a hello sent while
+        # the agent is between polls of its port is lost, and the client's back-off would add
+        # ~0.3 s).
+        with _hello(hv, runtime, 30.0, 0.05) as client:
+            if asking is not None:
+                asking.join()
+                if failed:
+                    raise failed[0]
+            configure_guest(client, hv, runtime, spec, macs if asking is not None else None)
+    finally:
+        if asking is not None:
+            asking.join()

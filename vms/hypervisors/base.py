@@ -181,9 +181,18 @@ class StartResult:
 class TemplateStarter(Protocol):
     """Starts VMs by restoring a saved template guest of the same shape (``template_cache``)."""
 
-    def start(self, spec: VMSpec, runtime: RuntimeDir, *, fallback: bool = True) -> StartResult:
+    def start(
+        self,
+        spec: VMSpec,
+        runtime: RuntimeDir,
+        *,
+        fallback: bool = True,
+        network_ready: Callable[[], None] | None = None,
+    ) -> StartResult:
         """Start ``spec`` from its template (building it if needed), its clock and identity
-        reset; cold-boot instead when no template can serve it and ``fallback`` is true."""
+        reset; cold-boot instead when no template can serve it and ``fallback`` is true.
+        ``network_ready`` is called before the guest's links can come up (its NICs' host side
+        may still be being set up while the VMM starts)."""
         ...
 
 

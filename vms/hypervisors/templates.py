@@ -39,7 +39,7 @@ import struct
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -262,19 +262,36 @@ class TemplateCache:
         shutil.rmtree(self.cache_dir / self.key(spec), ignore_errors=True)
 
     # -- starting ----------------------------------------------------------------------------
-    def start(self, spec: VMSpec, runtime: RuntimeDir, *, fallback: bool = True) -> StartResult:
+    def start(
+        self,
+        spec: VMSpec,
+        runtime: RuntimeDir,
+        *,
+        fallback: bool = True,
+        network_ready: Callable[[], None] | None = None,
+    ) -> StartResult:
         """Start ``spec`` from its template (building it if needed), reset clock and identity.
 
         On any failure of the fast path (and for specs no template serves), cold-boot instead
         when ``fallback`` is true. A cold-booted VM is returned as soon as QEMU runs; a restored
         one when its agent has been reconfigured.
+
+        ``network_ready`` (when the caller still sets up the host side of the NICs while the
+        VMM starts) is called before anything can bring a guest's link up: after a restore,
+        before the identity is reset (a restored guest's NICs are down until then); before a
+        cold boot or a template build. It returns once the NICs are plugged, or raises why not.
         """
         t0 = time.monotonic()
+        ready = network_ready or (lambda: None)
         reason = self.usable_for(spec)
         if reason is None:
             try:
-                snap = self.ensure(spec)
+                snap = self.lookup(spec)
+                if snap is None:
+                    ready()  # the template guest boots on these NICs
+                    snap = self.ensure(spec)
                 pid = self.hv.restore(spec, runtime, snap)
+                ready()
                 self.hooks.reset_identity(self.hv, runtime, spec)
                 return StartResult(pid, True, time.monotonic() - t0)
             except Exception as exc:  # agent errors too: any failure means "cold boot instead"
@@ -286,5 +303,6 @@ class TemplateCache:
                     self.hv.stop_hard(runtime)
         elif not fallback:
             raise HypervisorError(reason)
+        ready()
         pid = self.hv.start(spec, runtime)
         return StartResult(pid, False, time.monotonic() - t0, reason)

@@ -12,10 +12,20 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from .names import NetworkError, check_ifname, check_ipv4, check_ipv4_network, check_netns
-from .netns import iproute
+from pyroute2 import IPRoute
 
-__all__ = ["Bridge", "attach", "detach", "ensure_bridge", "port_isolated", "remove_bridge"]
+from .names import NetworkError, check_ifname, check_ipv4, check_ipv4_network, check_netns
+from .netns import call_in, exists, iproute
+
+__all__ = [
+    "Bridge",
+    "attach",
+    "detach",
+    "ensure_bridge",
+    "port_isolated",
+    "present",
+    "remove_bridge",
+]
 
 
 @dataclass(frozen=True)
@@ -83,14 +93,36 @@ def attach(ns: str, ifname: str, bridge: Bridge) -> None:
     """Make interface ``ifname`` (already in namespace ``ns``) a port of ``bridge``, with the
     network's isolation, and bring it up. Idempotent."""
     check_netns(ns)
-    with iproute(ns) as ipr:
-        port = _index(ipr, ns, check_ifname(ifname))
-        master = _index(ipr, ns, bridge.ifname)
-        if _kind(ipr, master) != "bridge":
-            raise NetworkError(f"{bridge.ifname} in {ns} is not a bridge")
-        ipr.link("set", index=port, master=master)
-        ipr.brport("set", index=port, isolated=int(bridge.isolated))
-        ipr.link("set", index=port, state="up")
+    check_ifname(ifname)
+
+    # On a thread in the namespace, with a socket opened there: what a VM start waits for
+    # (``IPRoute(netns=...)`` costs a process of its own).
+    def work() -> None:
+        with IPRoute() as ipr:
+            port = _index(ipr, ns, ifname)
+            master = _index(ipr, ns, bridge.ifname)
+            if _kind(ipr, master) != "bridge":
+                raise NetworkError(f"{bridge.ifname} in {ns} is not a bridge")
+            ipr.link("set", index=port, master=master)
+            ipr.brport("set", index=port, isolated=int(bridge.isolated))
+            ipr.link("set", index=port, state="up")
+
+    if not exists(ns):
+        raise NetworkError(f"network namespace {ns} does not exist")
+    call_in(ns, work)
+
+
+def present(ns: str, ifname: str) -> bool:
+    """Whether the bridge ``ifname`` is in namespace ``ns`` (a missing namespace has none)."""
+    check_netns(ns)
+    check_ifname(ifname)
+
+    def look() -> bool:
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=ifname)
+            return bool(found) and _kind(ipr, found[0]) == "bridge"
+
+    return exists(ns) and call_in(ns, look)
 
 
 def detach(ns: str, ifname: str) -> None:

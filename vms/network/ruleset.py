@@ -3,8 +3,9 @@ egress, NAT, port forwards) and one ``bridge`` table (each bridge port may only 
 VM's MAC and address), both named ``table`` (default ``sandbox``).
 
 Text is rendered only from validated values (``ipaddress`` objects, ints in range, names matched
-by the patterns of ``names.py``) and loaded with ``nft -f -`` inside the namespace, so each load
-is one kernel transaction: it applies whole or not at all.
+by the patterns of ``names.py``) and loaded as ``nft -f -`` would inside the namespace (through
+libnftables in this process: ``nftlib``), so each load is one kernel transaction: it applies
+whole or not at all.
 
 The base (``apply_base``) is fixed: hooked chains that dispatch through verdict maps keyed by a
 VM's address, bridge port or forwarded port. Everything about one VM lives in chains and sets
@@ -36,6 +37,7 @@ from typing import Any, Literal
 from pyroute2 import Conntrack
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
+from . import nftlib
 from .bridge import Bridge
 from .names import (
     NetworkError,
@@ -372,16 +374,27 @@ def render_vm(fabric: Fabric, vm: VmRules) -> str:
 
 
 def load(ns: str, text: str, *, check_only: bool = False) -> None:
-    """Load ``text`` with ``nft -f -`` inside ``ns``: one transaction, all or nothing."""
+    """Load ``text`` as ``nft -f -`` would inside ``ns``: one transaction, all or nothing
+    (through libnftables in this process when it can be loaded, else the ``nft`` program)."""
+    if nftlib.available():
+        result = nftlib.run(ns, text, dry_run=check_only)
+        if result.returncode != 0:
+            raise NetworkError(f"nft in {ns} failed: {result.error.strip()}")
+        return
     argv = [NFT, "-c", "-f", "-"] if check_only else [NFT, "-f", "-"]
     run(ns, argv, input=text.encode())
 
 
 def _list_json(ns: str, *what: str) -> list[dict[str, Any]]:
-    result = run(ns, [NFT, "-j", "list", *what], check=False)
-    if result.returncode != 0:
+    if nftlib.available():
+        listed = nftlib.run(ns, " ".join(["list", *what]), json=True)
+        ok, output = listed.returncode == 0, listed.output
+    else:
+        result = run(ns, [NFT, "-j", "list", *what], check=False)
+        ok, output = result.returncode == 0, result.stdout.decode()
+    if not ok:
         return []
-    items: list[dict[str, Any]] = json.loads(result.stdout)["nftables"]
+    items: list[dict[str, Any]] = json.loads(output)["nftables"]
     return items
 
 

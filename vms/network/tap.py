@@ -17,6 +17,7 @@ thread never changes namespace.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -30,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from . import netns
 from .names import NetworkError, check_ifname, check_netns
 
-__all__ = ["TapError", "create", "delete", "exists", "list_taps", "open_fd"]
+__all__ = ["TapError", "create", "create_and_open", "delete", "exists", "list_taps", "open_fd"]
 
 T = TypeVar("T")
 
@@ -100,6 +101,40 @@ def create(ns: str, ifname: str) -> None:
 
     try:
         _in(ns, work)
+    except OSError as exc:
+        raise TapError(f"cannot create TAP {ifname} in {ns}: {exc.strerror or exc}") from exc
+
+
+def create_and_open(ns: str, ifname: str, *, replace: bool = False) -> int:
+    """``create`` and ``open_fd`` in one visit of the namespace: the persistent TAP ``ifname``,
+    up, and a descriptor of it for a VMM (close-on-exec). With ``replace``, a TAP of that name
+    left by an earlier run of the same VM is removed first (any other kind of interface of that
+    name is an error, as in ``create``)."""
+    check_netns(ns)
+    check_ifname(ifname)
+
+    def work() -> int:
+        with IPRoute() as ipr:
+            index = _link_index(ipr, ifname)
+            if index is not None:
+                if not replace or _kind(ipr, index) != "tun":
+                    raise TapError(f"interface {ifname} already exists in namespace {ns}")
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=index)
+            fd = _attach(ifname)
+            try:
+                fcntl.ioctl(fd, TUNSETPERSIST, 1)
+                index = _link_index(ipr, ifname)
+                if index is None:
+                    raise TapError(f"TAP {ifname} vanished right after its creation in {ns}")
+                ipr.link("set", index=index, state="up")
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+    try:
+        return _in(ns, work)
     except OSError as exc:
         raise TapError(f"cannot create TAP {ifname} in {ns}: {exc.strerror or exc}") from exc
 
