@@ -1,10 +1,9 @@
 """Control-plane key rotation: each test keeps its keys in a directory of its own, and
-``restart`` reads them as a process does when it starts (``sandbox_site.settings``)."""
+``restart`` reads them as a process does when it starts (``tests.keyrotation``)."""
 
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,37 +11,12 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
-from core import keyfiles
+from tests.keyrotation import restart_processes, use_own_secrets
 
 
 @pytest.fixture
 def secrets_dir(settings: Any, tmp_path: Path) -> Path:
-    """Keys generated as at a first start, in this test's own secrets directory."""
-    settings.SANDBOX_SECRETS_DIR = tmp_path / "secrets"
-    settings.SANDBOX_DIGEST_ED25519_DIR = tmp_path / "secrets" / "ed25519"
-    settings.SANDBOX_DIGEST_ED25519_KEYS = ""
-    settings.SANDBOX_DIGEST_ED25519_PUBLIC_KEYS = ""
-    settings.SANDBOX_DIGEST_TRUSTED_FINGERPRINTS = ""
-    settings.SANDBOX_DIGEST_ED25519_CURRENT = ""  # the newest numbered key in the directory
-    restart_processes(settings)
-    return settings.SANDBOX_SECRETS_DIR
-
-
-def restart_processes(settings: Any) -> None:
-    """What a restart does: the settings' versioned keys read again from the secrets directory,
-    through the same functions and rules as ``sandbox_site.settings``."""
-    directory = settings.SANDBOX_SECRETS_DIR
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_TOKEN_PEPPER")}
-    environ.pop("DJANGO_SECRET_KEY", None)
-    environ.pop("SANDBOX_DIGEST_HMAC_KEY", None)
-    peppers = keyfiles.load(keyfiles.TOKEN_PEPPER, directory, environ)
-    settings.SANDBOX_TOKEN_PEPPERS = peppers
-    settings.SANDBOX_TOKEN_PEPPER_CURRENT = max(peppers)
-    django = keyfiles.load(keyfiles.DJANGO_SECRET, directory, environ)
-    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = keyfiles.current_and_older(django)
-    hmac = keyfiles.load(keyfiles.DIGEST_HMAC, directory, environ)
-    settings.SANDBOX_DIGEST_HMAC_KEYS = {keyfiles.DIGEST_HMAC.key_id(v): k for v, k in hmac.items()}
-    settings.SANDBOX_DIGEST_HMAC_CURRENT = keyfiles.DIGEST_HMAC.key_id(max(hmac))
+    return use_own_secrets(settings, tmp_path / "secrets")
 
 
 @pytest.fixture
