@@ -52,7 +52,7 @@ if not 0 < SANDBOX_PORT < 65536:
 
 # Control-plane secrets kept as versioned files (core.keyfiles; docs/security.md, "Key rotation").
 SANDBOX_SECRETS_DIR = DATA_DIR / "secrets"
-# The Django secret (sessions, CSRF, signed values such as preview grants): DJANGO_SECRET_KEY with
+# The Django secret (sessions, signed values such as preview grants): DJANGO_SECRET_KEY with
 # DJANGO_SECRET_KEY_FALLBACKS, else the newest version in the secrets directory with the older
 # ones as fallbacks, still accepted until `manage.py retire_key django-secret` deletes them.
 if os.environ.get("DJANGO_SECRET_KEY"):
