@@ -395,12 +395,12 @@ def rotate_digest_key(who: Any) -> tuple[str, str]:
     """Rotate the key that signs digests (of ``SANDBOX_DIGEST_ALGORITHM``): (previous, new)."""
     if settings.SANDBOX_DIGEST_ALGORITHM == signing.HMAC_SHA256:
         return rotate_key_file(who, keyfiles.DIGEST_HMAC)
+
+    def record(previous: str, new: str) -> None:
+        _record_key(who, "key.rotated", "digest-key", {"key_id": new, "previous_key_id": previous})
+
     try:
-        with transaction.atomic():
-            previous, new = keys.rotate()
-            _record_key(
-                who, "key.rotated", "digest-key", {"key_id": new, "previous_key_id": previous}
-            )
+        previous, new = keys.rotate(record)
     except ImproperlyConfigured as exc:
         raise KeyRotationRefused(str(exc)) from exc
     return previous, new

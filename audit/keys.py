@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -425,10 +426,13 @@ def _env_managed(action: str) -> None:
         )
 
 
-def rotate() -> tuple[str, str]:
+def rotate(record: Callable[[str, str], None]) -> tuple[str, str]:
     """Generate ``ed25519-<N+1>``, make it current and register it, its rotation statement
     signed by the key it replaces: (previous id, new id). Verifiers that trust the old key
     trust the new one through that statement; digests signed before stay verifiable.
+
+    ``record(previous, new)`` runs in the same transaction (the rotation's event); when it or
+    the registration fails, the new key files are removed again, so no unrecorded key signs.
     """
     _env_managed("rotate")
     previous_id, previous = current_key()
@@ -440,7 +444,14 @@ def rotate() -> tuple[str, str]:
     if (directory / f"{key_id}.pem").exists():
         raise ImproperlyConfigured(f"{directory / key_id}.pem exists already")
     key = _generate(key_id)
-    register(key_id, key)
+    try:
+        with transaction.atomic():
+            register(key_id, key)
+            record(previous_id, key_id)
+    except BaseException:
+        for name in (f"{key_id}.pem", f"{key_id}.pub.pem"):
+            (directory / name).unlink(missing_ok=True)
+        raise
     return previous_id, key_id
 
 

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from django.core.management.base import CommandError
 
-from audit import keys, signing
+from audit import commands as audit_commands
+from audit import keys, signing, store
 from audit.actor import Actor
 from audit.commands import sign_digest
+from audit.errors import EventStoreUnavailable
 from audit.integrity import verify_store
 from audit.models import Digest, DigestKey, Event
 from tests.audit.helpers import append_user_events
@@ -100,3 +102,24 @@ def test_an_hmac_rotation_keeps_the_old_key_for_the_digests_it_signed(
         manage("retire_key", "digest-key", "hmac-1")
     assert (secrets_dir / "digest_hmac_1").exists()
     assert not Event.objects.filter(type="key.retired").exists()
+
+
+def test_a_digest_key_rotation_that_cannot_be_recorded_leaves_no_key_behind(
+    secrets_dir: Any, settings: Any, monkeypatch: Any
+) -> None:
+    settings.SANDBOX_DIGEST_ALGORITHM = "ed25519"
+    append_user_events("1", 1)
+    sign_digest(SHELL)
+
+    def unavailable(*args: Any, **kwargs: Any) -> None:
+        raise EventStoreUnavailable("test: the store refuses")
+
+    monkeypatch.setattr(store, "append", unavailable)
+    with pytest.raises(EventStoreUnavailable):
+        audit_commands.rotate_digest_key(SHELL)
+    assert sorted(p.name for p in settings.SANDBOX_DIGEST_ED25519_DIR.iterdir()) == [
+        "ed25519-1.pem",
+        "ed25519-1.pub.pem",
+    ]
+    assert list(DigestKey.objects.values_list("key_id", flat=True)) == ["ed25519-1"]
+    assert keys.current_key_id() == "ed25519-1"

@@ -129,3 +129,23 @@ def test_a_wrong_secret_is_still_a_bad_secret_after_rotation(
     assert Event.objects.get(type="auth.token_rejected").payload["reason"] == "bad_secret"
     assert APIToken.objects.get(key=key_of(token)).pepper_version == 1
     assert not Event.objects.filter(type="token.rehashed").exists()
+
+
+def test_list_keys_shows_key_ids_and_what_depends_on_them_never_a_key(
+    secrets_dir: Any, manage: Any, restart: Any, settings: Any, make_user: Any, issue_token: Any
+) -> None:
+    issue_token(make_user("operator"))
+    manage("rotate_key", "token-pepper")
+    manage("rotate_key", "django-secret")
+    restart()
+    listing = manage("list_keys")
+    assert "  v1: file, 1 live tokens" in listing
+    assert "  v2 (current): file, 0 live tokens" in listing
+    assert "  v1 (fallback): file" in listing and "  v2 (current): file" in listing
+    assert "  hmac-1 (current): file, 0 digests" in listing
+    for secret in (
+        *settings.SANDBOX_TOKEN_PEPPERS.values(),
+        settings.SECRET_KEY,
+        *settings.SECRET_KEY_FALLBACKS,
+    ):
+        assert secret not in listing
