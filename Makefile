@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2
 # Installed from Debian only when the command is missing (a machine may have its own Node.js).
 COMMAND_PACKAGES := node:nodejs npm:npm
 
-.PHONY: help run test test-sqlite lint format check deps system-deps frontend images bench clean
+.PHONY: help run test test-sqlite lint scan format check deps system-deps frontend images bench clean
 # A bare `make` (or `make -p` to read the variables) only prints this: `run` serves, and as
 # root sets up the product's network namespace, so it is never run by accident.
 .DEFAULT_GOAL := help
@@ -37,7 +37,7 @@ deps: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@command -v qemu-system-x86_64 >/dev/null && command -v npm >/dev/null || $(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q --upgrade pip setuptools
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
@@ -86,6 +86,11 @@ lint:
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy $(MYPY_CORE)
 	PYTHONPATH=. $(VENV)/bin/lint-imports --no-cache
+
+# Vulnerability scanning (docs/security.md): bandit on the product's code, the installed Python
+# distributions against advisory data, npm audit of the front end; fails on high severity.
+scan: deps
+	$(PY) -m security.scan
 
 format:
 	$(VENV)/bin/ruff format .

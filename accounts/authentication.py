@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 from datetime import timedelta
 from importlib import import_module
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.conf import settings
 from django.contrib.auth import HASH_SESSION_KEY, SESSION_KEY, get_user_model
-from django.db import connection
+from django.db import DatabaseError, connection
 from django.utils import timezone
 from django.utils.crypto import constant_time_compare
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
@@ -20,8 +21,10 @@ from accounts import commands, scopes, tokens
 from accounts.models import APIToken
 from accounts.permission_cache import prime_permissions
 from audit.actor import Actor
+from audit.errors import EventStoreUnavailable
 from core import context
 
+log = logging.getLogger("sandbox.accounts.auth")
 LAST_USED_GRANULARITY = timedelta(minutes=1)
 # Websocket close codes, as the consumers use them.
 CLOSE_UNAUTHENTICATED, CLOSE_FORBIDDEN = 4401, 4403
@@ -123,7 +126,9 @@ def verify(raw: str, ip: str | None) -> APIToken:
     if token is None:
         raise AuthenticationFailed("Invalid token.")
     if not tokens.matches(secret, token.digest, token.pepper_version):
-        _reject(token, "bad_secret")
+        _reject(
+            token, "pepper_retired" if tokens.pepper_retired(token.pepper_version) else "bad_secret"
+        )
         raise AuthenticationFailed("Invalid token.")
     if token.revoked_at is not None:
         _reject(token, "revoked")
@@ -137,6 +142,8 @@ def verify(raw: str, ip: str | None) -> APIToken:
     if token.allowed_ips and not ip_allowed(ip, token.allowed_ips):
         _reject(token, "ip_not_allowed")
         raise AuthenticationFailed("Token not allowed from this address.")
+    if token.pepper_version != settings.SANDBOX_TOKEN_PEPPER_CURRENT:
+        _rehash(token, secret)
     now = timezone.now()
     if token.last_used_at is None or now - token.last_used_at >= LAST_USED_GRANULARITY:
         # At most one write a minute per token: last_used is for humans, not accounting.
@@ -155,6 +162,15 @@ def ip_allowed(ip: str | None, networks: list[str]) -> bool:
         # ::ffff:1.2.3.4 (an IPv4 client on a dual-stack socket) is 1.2.3.4.
         addr = addr.ipv4_mapped
     return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def _rehash(token: APIToken, secret: str) -> None:
+    """Move the token to the current pepper; a failure leaves it on the old one (still valid,
+    tried again at its next use) rather than refusing a good token."""
+    try:
+        commands.rehash_token(token, secret)
+    except (EventStoreUnavailable, DatabaseError):
+        log.warning("token not re-hashed with the current pepper", extra={"token_id": token.key})
 
 
 def _reject(token: APIToken, reason: str) -> None:
@@ -239,8 +255,11 @@ def recheck_socket(scope: Any) -> int | None:
         # and still carry the password hash it was made with (a password change ends it).
         data = import_module(settings.SESSION_ENGINE).SessionStore(key).load()
         session_hash = data.get(HASH_SESSION_KEY) or ""
-        if str(data.get(SESSION_KEY)) != str(fresh.pk) or not constant_time_compare(
-            session_hash, fresh.get_session_auth_hash()
+        # The hash under SECRET_KEY, or under a fallback (a session from before the Django
+        # secret was rotated, valid until that secret is retired), as Django's get_user has it.
+        hashes = [fresh.get_session_auth_hash(), *fresh.get_session_auth_fallback_hash()]
+        if str(data.get(SESSION_KEY)) != str(fresh.pk) or not any(
+            constant_time_compare(session_hash, h) for h in hashes
         ):
             return CLOSE_UNAUTHENTICATED
     scope["user"] = fresh

@@ -8,6 +8,7 @@ events themselves.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import EllipsisType
@@ -24,8 +25,10 @@ from accounts import roles, throttle, tokens
 from accounts.models import APIToken, LoginState, User
 from accounts.scopes import SCOPES as KNOWN_SCOPES
 from accounts.scopes import SELF_SERVICE
+from audit import commands as audit_commands
 from audit import store
 from audit.actor import Actor
+from core import keyfiles
 
 __all__ = [
     "DEFAULT_EXPIRY_DAYS",
@@ -452,6 +455,82 @@ def _require_parent_allows(parent: APIToken, user: User, by: User | None) -> Non
     missing = [p for p in wanted if parent.scopes and p not in parent.scopes]
     if missing:
         raise PermissionDenied(f"this API token does not hold {' and '.join(missing)}")
+
+
+def rehash_token(token: APIToken, secret: str) -> bool:
+    """Re-hash ``token``, found live under an older pepper, with the current one: its secret is
+    at hand only while it is used. A ``token.rehashed`` event names both pepper key ids. Once no
+    live token uses an old pepper, ``manage.py retire_key token-pepper`` can remove it."""
+    current = settings.SANDBOX_TOKEN_PEPPER_CURRENT
+    previous = token.pepper_version
+    if previous == current:
+        return False
+    new_digest = tokens.digest(secret, current)
+    with transaction.atomic():
+        # Only from the version seen: two requests with the same token re-hash it once.
+        moved = APIToken.objects.filter(pk=token.pk, pepper_version=previous).update(
+            digest=new_digest, pepper_version=current
+        )
+        if not moved:
+            return False
+        store.append(
+            "token",
+            token.key,
+            "token.rehashed",
+            {
+                "token_id": token.key,
+                "username": token.user.username,
+                "pepper": tokens.pepper_key_id(current),
+                "previous_pepper": tokens.pepper_key_id(previous),
+            },
+            actor=Actor.system(channel="auth", name="token_rehash"),
+        )
+    token.digest, token.pepper_version = new_digest, current
+    return True
+
+
+def live_tokens_on_pepper(version: int) -> int:
+    """Live tokens (neither revoked nor expired) still hashed with pepper ``version``."""
+    return (
+        APIToken.objects.filter(pepper_version=version, revoked_at__isnull=True)
+        .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+        .count()
+    )
+
+
+def rotate_token_pepper(actor: Actor) -> tuple[str, str]:
+    """A new pepper version (current after a restart): (previous key id, new key id). Tokens
+    hashed with the old one keep working, and are re-hashed at their next use."""
+    return audit_commands.rotate_key_file(actor, keyfiles.TOKEN_PEPPER)
+
+
+def retire_token_pepper(actor: Actor, key_id: str, *, force: bool = False) -> None:
+    """Remove a former pepper: tokens still hashed with it are refused from then on (so refused
+    without ``force`` while live ones remain)."""
+    version = keyfiles.TOKEN_PEPPER.version_of(key_id)
+    in_use = live_tokens_on_pepper(version) if version is not None else 0
+    audit_commands.retire_key_file(actor, keyfiles.TOKEN_PEPPER, key_id, in_use=in_use, force=force)
+
+
+def _django_secret_from_files() -> None:
+    if os.environ.get("DJANGO_SECRET_KEY"):
+        raise audit_commands.KeyRotationRefused(
+            "SECRET_KEY comes from DJANGO_SECRET_KEY: rotate it there (the old value into "
+            'DJANGO_SECRET_KEY_FALLBACKS; docs/security.md, "Key rotation")'
+        )
+
+
+def rotate_django_secret(actor: Actor) -> tuple[str, str]:
+    """A new Django secret (SECRET_KEY after a restart), the old one a fallback: sessions and
+    signed values (preview grants and links) made before keep working until it is retired."""
+    _django_secret_from_files()
+    return audit_commands.rotate_key_file(actor, keyfiles.DJANGO_SECRET)
+
+
+def retire_django_secret(actor: Actor, key_id: str) -> None:
+    """Remove a former Django secret: sessions and signed values made under it stop working."""
+    _django_secret_from_files()
+    audit_commands.retire_key_file(actor, keyfiles.DJANGO_SECRET, key_id)
 
 
 @transaction.atomic

@@ -2,7 +2,9 @@
 
 A token is ``sbx_<key>_<secret>``: ``key`` (12 characters) is public and indexes the row; the
 secret is only ever stored as HMAC-SHA256(pepper, secret), with the pepper's version kept on the
-row so that peppers can be rotated without invalidating tokens.
+row so that peppers can be rotated without invalidating tokens: a token hashed with an older
+pepper is re-hashed with the current one at its next use (``accounts.commands.rehash_token``),
+and refused once that pepper is retired (docs/security.md, "Key rotation").
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import secrets
 import string
 
 from django.conf import settings
+
+from core import keyfiles
 
 PREFIX = "sbx"
 _ALPHABET = string.ascii_lowercase + string.digits
@@ -35,6 +39,15 @@ def parse(token: str) -> tuple[str, str] | None:
 def digest(secret: str, pepper_version: int) -> str:
     pepper = settings.SANDBOX_TOKEN_PEPPERS[pepper_version]
     return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def pepper_key_id(version: int) -> str:
+    """The key id of a pepper version, as events and commands name it (``v2``)."""
+    return keyfiles.TOKEN_PEPPER.key_id(version)
+
+
+def pepper_retired(pepper_version: int) -> bool:
+    return pepper_version not in settings.SANDBOX_TOKEN_PEPPERS
 
 
 def matches(secret: str, stored_digest: str, pepper_version: int) -> bool:

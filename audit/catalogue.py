@@ -110,6 +110,28 @@ _define("user.reactivated", "user", "access", "A user account was reactivated.")
 _define("user.password_changed", "user", "access", "A user's password was changed.")
 _define("token.created", "token", "access", "An API token was created (secret shown once).")
 _define("token.revoked", "token", "access", "An API token was revoked.")
+_define(
+    "token.rehashed",
+    "token",
+    "access",
+    "An API token hashed with an older pepper was re-hashed with the current one at its use "
+    "(pepper key ids in data).",
+)
+# Control-plane keys (docs/security.md, "Key rotation"): key ids only, never key material.
+_define(
+    "key.rotated",
+    "key",
+    "access",
+    "A control-plane key was rotated: a new key id signs or hashes from now on (kind, new and "
+    "previous key ids in data).",
+)
+_define(
+    "key.retired",
+    "key",
+    "access",
+    "A former control-plane key was retired: what only it accepts is refused from now on "
+    "(a retired digest key's public half stays, for verification).",
+)
 
 # The VM domain's types are registered by the VM app's lifecycle table, the table of VM verbs
 # they are derived from (``register`` below), while the apps load.

@@ -8,16 +8,19 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 
-from audit import digests, integrity, projections, retention, sink, store
+from audit import digests, integrity, keys, projections, retention, signing, sink, store
 from audit.actor import Actor
 from audit.integrity import verify_store
 from audit.models import Digest, Event, ExportJob
 from audit.verify import ChainReport
+from core import keyfiles
 
 
 def _actor(who: Any) -> Actor:
@@ -320,3 +323,104 @@ def record_task_refused(data: dict[str, Any]) -> None:
     store.append(
         "system", "worker", "system.task_refused", data, actor=Actor.system(channel="worker")
     )
+
+
+# --- Control-plane keys (docs/security.md, "Key rotation") ---------------------------------------
+
+
+class KeyRotationRefused(Exception):
+    """A rotation or retirement that would break what exists, or that this host cannot make."""
+
+
+def _record_key(who: Any, event_type: str, kind: str, data: dict[str, Any]) -> None:
+    store.append("key", kind, event_type, {"kind": kind, **data}, actor=_actor(who))
+
+
+def _secrets_dir() -> Path:
+    return Path(settings.SANDBOX_SECRETS_DIR)
+
+
+def rotate_key_file(who: Any, kind: keyfiles.Kind) -> tuple[str, str]:
+    """Generate the next version of a file-kept key and record ``key.rotated``: (previous key
+    id, new key id). Processes take the new version as current when they restart; until the
+    old version is retired, what it hashed or signed is still accepted."""
+    directory = _secrets_dir()
+    known = set(keyfiles.load(kind, directory, os.environ))
+    previous = kind.key_id(max(known))
+    version = keyfiles.create_next(kind, directory, os.environ)
+    try:
+        _record_key(
+            who,
+            "key.rotated",
+            kind.name,
+            {"key_id": kind.key_id(version), "previous_key_id": previous, "restart": True},
+        )
+    except BaseException:
+        keyfiles.remove(kind, directory, version)  # unrecorded, so never used
+        raise
+    return previous, kind.key_id(version)
+
+
+def retire_key_file(
+    who: Any, kind: keyfiles.Kind, key_id: str, *, in_use: int = 0, force: bool = False
+) -> None:
+    """Delete a former version of a file-kept key and record ``key.retired``.
+
+    Refused for the current version, for one the environment gives (remove it there), and, unless
+    ``force``, while ``in_use`` things still depend on it alone.
+    """
+    version = kind.version_of(key_id)
+    directory = _secrets_dir()
+    versions = keyfiles.load(kind, directory, os.environ)
+    if version is None or version not in versions:
+        known = ", ".join(kind.key_id(v) for v in sorted(versions))
+        raise KeyRotationRefused(f"{kind.name} has no key {key_id!r} (it has {known})")
+    if version == max(versions):
+        raise KeyRotationRefused(f"{key_id} is the current {kind.name}: rotate first")
+    if version in keyfiles.env_versions(kind, os.environ):
+        raise KeyRotationRefused(
+            f"{kind.name} {key_id} comes from the environment: remove it there and restart"
+        )
+    if in_use and not force:
+        raise KeyRotationRefused(
+            f"{in_use} still depend on {kind.name} {key_id}: they stop working when it is "
+            "retired (--force to retire it all the same)"
+        )
+    with transaction.atomic():
+        _record_key(who, "key.retired", kind.name, {"key_id": key_id, "still_in_use": in_use})
+        keyfiles.remove(kind, directory, version)
+
+
+def rotate_digest_key(who: Any) -> tuple[str, str]:
+    """Rotate the key that signs digests (of ``SANDBOX_DIGEST_ALGORITHM``): (previous, new)."""
+    if settings.SANDBOX_DIGEST_ALGORITHM == signing.HMAC_SHA256:
+        return rotate_key_file(who, keyfiles.DIGEST_HMAC)
+
+    def record(previous: str, new: str) -> None:
+        _record_key(who, "key.rotated", "digest-key", {"key_id": new, "previous_key_id": previous})
+
+    try:
+        previous, new = keys.rotate(record)
+    except ImproperlyConfigured as exc:
+        raise KeyRotationRefused(str(exc)) from exc
+    return previous, new
+
+
+def retire_digest_key(who: Any, key_id: str) -> None:
+    """Retire a former digest key. An Ed25519 key loses its private half only, so what it signed
+    stays verifiable; an HMAC key that signed a digest is refused (verifying needs the key)."""
+    if keys.NUMBERED_ID_RE.fullmatch(key_id) or key_id in keys.configured_public_keys():
+        try:
+            with transaction.atomic():
+                _record_key(who, "key.retired", "digest-key", {"key_id": key_id})
+                keys.retire(key_id)
+        except ImproperlyConfigured as exc:
+            raise KeyRotationRefused(str(exc)) from exc
+        return
+    signed = Digest.objects.filter(key_id=key_id).count()
+    if signed:
+        raise KeyRotationRefused(
+            f"{signed} digests are signed with the HMAC key {key_id}: they could no longer be "
+            "verified without it (Ed25519 digest keys can be retired: their public half stays)"
+        )
+    retire_key_file(who, keyfiles.DIGEST_HMAC, key_id)

@@ -121,6 +121,8 @@ ACCOUNT_LIFECYCLE = _types(
 ROLE_CHANGES = _types("user.role_changed")
 TOKENS = _types("token.created", "token.revoked")
 ACCESS_TYPES = ACCOUNT_LIFECYCLE | ROLE_CHANGES | TOKENS  # folded by the access review
+# Control-plane keys rotated and retired (key ids only), tokens moved to a new pepper.
+KEYS = _types("key.rotated", "key.retired", "token.rehashed")
 # The types of other apps' domains are counted through the evidence roles their definitions
 # state (``catalogue.EVIDENCE_ROLES``): a type an app adds with a role is counted here with no
 # change to this module.
@@ -396,8 +398,10 @@ FRAMEWORKS: dict[str, Framework] = {
                     "A.5.17",
                     "Authentication information",
                     "Allocation and management of authentication information is controlled.",
-                    (_s(TOKENS | _types("user.password_changed")),),
-                    "API tokens issued (with expiry) and revoked; password changes.",
+                    (_s(TOKENS | _types("user.password_changed") | KEYS),),
+                    "API tokens issued (with expiry) and revoked; password changes; "
+                    "control-plane keys (token peppers, the Django secret, digest keys) rotated "
+                    "and retired, and tokens re-hashed with a new pepper.",
                     "The password policy and how secrets are handed over.",
                 ),
                 Control(

@@ -10,10 +10,14 @@
   and chained), but only through rotation statements signed by a key already trusted. A history
   row that none of these vouches for makes ``trusted_public_keys`` raise ``KeyTrustError``, so
   verification, signing and exports fail loudly (``audit.signing.check_key_history``).
-- Rotation: set a new current id; the next digest generates (or loads) that key and registers it
-  with a statement signed by the previous key when this host holds it. A key registered without
-  the previous key's signature (a new host with a key of its own) is trusted only where it is
-  configured: pin its fingerprint on the other hosts.
+- Rotation: ``manage.py rotate_key digest-key`` (``rotate``) generates ``ed25519-<N+1>``, which
+  becomes current (the newest numbered key in the directory, unless
+  ``SANDBOX_DIGEST_ED25519_CURRENT`` names one), and registers it with a statement signed by the
+  previous key. Setting a new current id works too: the next digest generates (or loads) that key
+  and registers it likewise when this host holds the previous key. A key registered without the
+  previous key's signature (a new host with a key of its own) is trusted only where it is
+  configured: pin its fingerprint on the other hosts. ``retire`` deletes a former key's private
+  half and keeps its public half, so what it signed stays verifiable.
 
 Loading is lazy (never at settings import), so processes that never sign never touch key files.
 """
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,13 +48,19 @@ __all__ = [
     "KeyTrustError",
     "configured_public_keys",
     "current_key",
+    "current_key_id",
     "pinned_fingerprints",
     "public_key_infos",
     "register",
+    "retire",
+    "rotate",
     "trusted_public_keys",
 ]
 
 log = logging.getLogger("sandbox.audit.keys")
+
+DEFAULT_KEY_ID = "ed25519-1"
+NUMBERED_ID_RE = re.compile(r"ed25519-([1-9][0-9]{0,5})")
 
 
 class KeyTrustError(Exception):
@@ -193,9 +205,35 @@ def _generate(key_id: str) -> Ed25519PrivateKey:
     return key
 
 
+def _numbered(ids: Any) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for key_id in ids:
+        match = NUMBERED_ID_RE.fullmatch(key_id)
+        if match:
+            out[int(match.group(1))] = key_id
+    return out
+
+
+def current_key_id() -> str:
+    """The id of the key new digests are signed with: ``SANDBOX_DIGEST_ED25519_CURRENT`` when
+    set, else the newest ``ed25519-<N>`` private key in the key directory, else ``ed25519-1``.
+
+    Read at each use, so a rotation (``rotate``) takes effect without a restart.
+    """
+    if settings.SANDBOX_DIGEST_ED25519_CURRENT:
+        return _check_id(settings.SANDBOX_DIGEST_ED25519_CURRENT, "SANDBOX_DIGEST_ED25519_CURRENT")
+    if settings.SANDBOX_DIGEST_ED25519_KEYS:
+        raise ImproperlyConfigured(
+            "SANDBOX_DIGEST_ED25519_KEYS is set: name the signing key in "
+            "SANDBOX_DIGEST_ED25519_CURRENT"
+        )
+    numbered = _numbered(_private_keys())
+    return numbered[max(numbered)] if numbered else DEFAULT_KEY_ID
+
+
 def current_key() -> tuple[str, Ed25519PrivateKey]:
     """The key new digests are signed with, generated on first use unless keys come from env."""
-    key_id = _check_id(settings.SANDBOX_DIGEST_ED25519_CURRENT, "SANDBOX_DIGEST_ED25519_CURRENT")
+    key_id = current_key_id()
     keys = _private_keys()
     if key_id in keys:
         return key_id, keys[key_id]
@@ -336,7 +374,7 @@ def public_key_infos() -> list[KeyInfo]:
 
     A history row this host cannot vouch for is left out (and logged); verification reports it.
     """
-    current = settings.SANDBOX_DIGEST_ED25519_CURRENT
+    current = current_key_id()
     private = _private_keys()
     rows = _history_rows()
     history = _check_history(rows)
@@ -378,3 +416,60 @@ def public_key_infos() -> list[KeyInfo]:
             )
         )
     return infos
+
+
+def _env_managed(action: str) -> None:
+    if settings.SANDBOX_DIGEST_ED25519_KEYS or settings.SANDBOX_DIGEST_ED25519_CURRENT:
+        raise ImproperlyConfigured(
+            f"digest keys come from the environment (SANDBOX_DIGEST_ED25519_KEYS / _CURRENT): "
+            f'{action} them there (docs/security.md, "Key rotation")'
+        )
+
+
+def rotate(record: Callable[[str, str], None]) -> tuple[str, str]:
+    """Generate ``ed25519-<N+1>``, make it current and register it, its rotation statement
+    signed by the key it replaces: (previous id, new id). Verifiers that trust the old key
+    trust the new one through that statement; digests signed before stay verifiable.
+
+    ``record(previous, new)`` runs in the same transaction (the rotation's event); when it or
+    the registration fails, the new key files are removed again, so no unrecorded key signs.
+    """
+    _env_managed("rotate")
+    previous_id, previous = current_key()
+    register(previous_id, previous)
+    directory = _key_dir()
+    known = set(_private_keys()) | set(_public_only()) | {r.key_id for r in _history_rows()}
+    numbered = _numbered(known)
+    key_id = f"ed25519-{max(numbered, default=0) + 1}"
+    if (directory / f"{key_id}.pem").exists():
+        raise ImproperlyConfigured(f"{directory / key_id}.pem exists already")
+    key = _generate(key_id)
+    try:
+        with transaction.atomic():
+            register(key_id, key)
+            record(previous_id, key_id)
+    except BaseException:
+        for name in (f"{key_id}.pem", f"{key_id}.pub.pem"):
+            (directory / name).unlink(missing_ok=True)
+        raise
+    return previous_id, key_id
+
+
+def retire(key_id: str) -> Path:
+    """Delete the private half of a key that no longer signs; its public half stays (beside it
+    as ``<id>.pub.pem`` and in the key history), so what it signed stays verifiable."""
+    _env_managed("retire")
+    _check_id(key_id, "key id")
+    if key_id == current_key_id():
+        raise ImproperlyConfigured(f"{key_id} is the current signing key: rotate first")
+    directory = _key_dir()
+    path = directory / f"{key_id}.pem"
+    private = _private_keys().get(key_id)
+    if private is None:
+        raise ImproperlyConfigured(f"this host holds no private digest key {key_id!r}")
+    public_path = directory / f"{key_id}.pub.pem"
+    if not public_path.exists():
+        public_path.write_text(signing.public_to_pem(private.public_key()))
+    path.unlink()
+    log.info("retired Ed25519 digest key", extra={"key_id": key_id})
+    return path

@@ -9,12 +9,13 @@ sessions, tokens and signatures valid.
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from core import keyfiles
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -49,28 +50,19 @@ if not 0 < SANDBOX_PORT < 65536:
     raise ImproperlyConfigured(f"SANDBOX_PORT must be a port number, got {SANDBOX_PORT}")
 
 
-def persistent_secret(name: str, env_name: str, nbytes: int = 48) -> str:
-    """The secret from the environment, else one generated once and kept in the data dir."""
-    if value := os.environ.get(env_name):
-        return value
-    path = DATA_DIR / "secrets" / name
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(nbytes)
-    # O_EXCL: two processes starting together must agree on one secret.
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value)
-    return value
-
-
-SECRET_KEY = persistent_secret("django_secret_key", "DJANGO_SECRET_KEY")
+# Control-plane secrets kept as versioned files (core.keyfiles; docs/security.md, "Key rotation").
+SANDBOX_SECRETS_DIR = DATA_DIR / "secrets"
+# The Django secret (sessions, signed values such as preview grants): DJANGO_SECRET_KEY with
+# DJANGO_SECRET_KEY_FALLBACKS, else the newest version in the secrets directory with the older
+# ones as fallbacks, still accepted until `manage.py retire_key django-secret` deletes them.
+if os.environ.get("DJANGO_SECRET_KEY"):
+    SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
+    SECRET_KEY_FALLBACKS = [
+        k.strip() for k in os.environ.get("DJANGO_SECRET_KEY_FALLBACKS", "").split(",") if k.strip()
+    ]
+else:
+    _django_secrets = keyfiles.load(keyfiles.DJANGO_SECRET, SANDBOX_SECRETS_DIR, os.environ)
+    SECRET_KEY, SECRET_KEY_FALLBACKS = keyfiles.current_and_older(_django_secrets)
 DEBUG = env_bool("DJANGO_DEBUG", False)
 ALLOWED_HOSTS = [
     h.strip() for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
@@ -306,16 +298,19 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 # API token peppers, by version: tokens keep the version they were hashed with, so a new pepper
-# can be added (and made current) without invalidating existing tokens.
-SANDBOX_TOKEN_PEPPERS = {1: persistent_secret("token_pepper_v1", "SANDBOX_TOKEN_PEPPER_V1")}
-if extra := os.environ.get("SANDBOX_TOKEN_PEPPER_V2"):
-    SANDBOX_TOKEN_PEPPERS[2] = extra
+# can be added (and made current) without invalidating existing tokens; a token hashed with an
+# older one is re-hashed with the current one at its next use. Files token_pepper_v<N> in the
+# secrets directory, each overridden by SANDBOX_TOKEN_PEPPER_V<N>; the newest is current.
+SANDBOX_TOKEN_PEPPERS = keyfiles.load(keyfiles.TOKEN_PEPPER, SANDBOX_SECRETS_DIR, os.environ)
 SANDBOX_TOKEN_PEPPER_CURRENT = max(SANDBOX_TOKEN_PEPPERS)
 SANDBOX_TOKEN_MAX_DAYS = env_int("SANDBOX_TOKEN_MAX_DAYS", 365)
 
-# Key for HMAC-SHA256 signed digests over event ranges.
-SANDBOX_DIGEST_HMAC_KEYS = {"hmac-1": persistent_secret("digest_hmac_1", "SANDBOX_DIGEST_HMAC_KEY")}
-SANDBOX_DIGEST_HMAC_CURRENT = "hmac-1"
+# Keys for HMAC-SHA256 signed digests over event ranges (when SANDBOX_DIGEST_ALGORITHM is
+# hmac-sha256): files digest_hmac_<N>, hmac-1 overridden by SANDBOX_DIGEST_HMAC_KEY; the newest
+# signs.
+_hmac_versions = keyfiles.load(keyfiles.DIGEST_HMAC, SANDBOX_SECRETS_DIR, os.environ)
+SANDBOX_DIGEST_HMAC_KEYS = {keyfiles.DIGEST_HMAC.key_id(v): k for v, k in _hmac_versions.items()}
+SANDBOX_DIGEST_HMAC_CURRENT = keyfiles.DIGEST_HMAC.key_id(max(_hmac_versions))
 
 # --- API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -519,7 +514,9 @@ if SANDBOX_DIGEST_ALGORITHM not in {"ed25519", "hmac-sha256"}:
 # Ed25519 keys: "id:base64-seed,..." from the environment, else PEM files <id>.pem in the key
 # directory (the current one generated there once); retired public keys as <id>.pub.pem there
 # or "id:base64-public,..." in SANDBOX_DIGEST_ED25519_PUBLIC_KEYS. Keys load lazily (audit.keys).
-SANDBOX_DIGEST_ED25519_CURRENT = os.environ.get("SANDBOX_DIGEST_ED25519_CURRENT", "ed25519-1")
+# Empty: the newest ed25519-<N> private key in the key directory (`manage.py rotate_key
+# digest-key` makes the next one), else ed25519-1 (audit.keys.current_key_id).
+SANDBOX_DIGEST_ED25519_CURRENT = os.environ.get("SANDBOX_DIGEST_ED25519_CURRENT", "")
 SANDBOX_DIGEST_ED25519_KEYS = os.environ.get("SANDBOX_DIGEST_ED25519_KEYS", "")
 # Keys signed by no trusted key (another host's own key) are trusted only when their SHA-256
 # fingerprints are pinned here ("fp,fp,..."); the database's key history never vouches alone.

@@ -3,6 +3,7 @@ the grants themselves (signature, salt, expiry)."""
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -268,3 +269,23 @@ def test_preview_hosts(host, named, vm, settings):
     assert (parsed is not None) == (named is not None)
     if parsed is not None:
         assert parsed == (8080, vm.pk)
+
+
+def test_links_signed_before_a_django_secret_rotation_work_until_it_is_retired(
+    vm, owner, settings, tmp_path
+):
+    from django.core.management import call_command
+
+    from tests.keyrotation import restart_processes, use_own_secrets
+
+    use_own_secrets(settings, tmp_path / "secrets")
+    link = previews.url_value(previews.issue(vm, 8080, owner.pk, previews.LINK, 600))
+    cookie = previews.cookie_value(previews.issue(vm, 8080, owner.pk, previews.SESSION, 600))
+    call_command("rotate_key", "django-secret", stdout=io.StringIO())
+    restart_processes(settings)
+    assert previews.from_url(link) is not None and previews.from_cookie(cookie) is not None
+    new_link = previews.url_value(previews.issue(vm, 8080, owner.pk, previews.LINK, 600))
+    call_command("retire_key", "django-secret", "v1", stdout=io.StringIO())
+    restart_processes(settings)
+    assert previews.from_url(link) is None and previews.from_cookie(cookie) is None
+    assert previews.from_url(new_link) is not None
