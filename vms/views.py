@@ -21,10 +21,10 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
-from audit.errors import EventStoreUnavailable
 from vms import (
     commands,
     console,
+    errors,
     guest,
     lifecycle,
     live,
@@ -33,7 +33,6 @@ from vms import (
     preview_views,
     quotas,
 )
-from vms.agent.client import AgentError, AgentTimeout
 from vms.forms import (
     CloneForm,
     CreateVMForm,
@@ -348,20 +347,22 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
     """The exec box: run one command, answer its output as JSON (audited like the API's)."""
     vm = _vm(request, pk)
     form = ExecForm(request.POST)
-    if not form.is_valid():
-        return JsonResponse({"error": form.errors.get_json_data()}, status=400)
     try:
+        if not form.is_valid():
+            raise ValidationError(form.errors)
         result = guest.run_exec(
             Caller.from_request(request),
             vm,
             form.cleaned_data["command"],
             timeout=form.cleaned_data.get("timeout") or 30.0,
         )
-    except (*REFUSALS, EventStoreUnavailable, AgentError) as exc:
-        # Every failure is a clear answer; one after the request was recorded is in the log as
-        # vm.exec_failed (vms.guest).
-        status, message = _exec_error(exc)
-        return JsonResponse({"error": message}, status=status)
+    except Exception as exc:
+        # The API's answers (vms.errors), with the text the page shows as "error"; a failure
+        # after the request was recorded is in the log as vm.exec_failed (vms.guest).
+        answer = errors.answer_for(exc)
+        if answer is None:
+            raise
+        return JsonResponse({**answer.body, "error": answer.message}, status=answer.status)
     return JsonResponse(
         {
             "exit_code": result.exit_code,
@@ -374,23 +375,6 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
             "event_position": result.event_position,
         }
     )
-
-
-def _exec_error(exc: Exception) -> tuple[int, str]:
-    """The exec box's answer to a failure, with the statuses of the HTTP API."""
-    if isinstance(exc, EventStoreUnavailable):
-        return 503, "The audit log cannot record this command now; nothing was run."
-    if isinstance(exc, guest.GuestUnavailable):
-        return 503, str(exc)
-    if isinstance(exc, AgentTimeout):
-        return 504, f"The guest agent timed out: {exc.message}"
-    if isinstance(exc, AgentError):
-        return 502, f"The guest could not run the command: {exc.message}"
-    if isinstance(exc, PermissionDenied):
-        return 403, _explain(exc)
-    if isinstance(exc, ValidationError):
-        return 400, _explain(exc)
-    return 409, _explain(exc)
 
 
 @require_GET

@@ -133,6 +133,24 @@ connectLive(
 );
 
 // --- exec ----------------------------------------------------------------------------------------
+// What an answer that is not the exec view's JSON means (a login page after the session ended, a
+// proxy's or Django's HTML error page): said in words, never a JSON parse error.
+async function readAnswer(response) {
+  const type = response.headers.get("Content-Type") || "";
+  if (type.includes("application/json")) {
+    try {
+      return await response.json();
+    } catch (err) {
+      return { error: `the server's answer (HTTP ${response.status}) was cut off` };
+    }
+  }
+  if (response.redirected && new URL(response.url).pathname.startsWith("/accounts/login")) {
+    return { error: "Your session has ended: sign in again (reload the page) and run the command again.", failed: true };
+  }
+  const reason = response.status === 403 ? "refused (reload the page: its form token may be stale)" : response.statusText || "failed";
+  return { error: `The server answered HTTP ${response.status}: ${reason}. Nothing is known of the command's output.`, failed: true };
+}
+
 const execForm = document.getElementById("exec-form");
 if (execForm) {
   const out = document.getElementById("exec-out");
@@ -147,8 +165,8 @@ if (execForm) {
       const response = await fetch(execForm.action, {
         method: "POST", body: new FormData(execForm), headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
       });
-      const body = await response.json();
-      if (!response.ok) {
+      const body = await readAnswer(response);
+      if (!response.ok || body.failed) {
         out.className = "exec-out failed";
         out.textContent = typeof body.error === "string" ? body.error : JSON.stringify(body.error);
       } else {
@@ -159,8 +177,9 @@ if (execForm) {
       }
     } catch (err) {
       out.className = "exec-out failed";
-      out.textContent = String(err);
+      out.textContent = `The command could not be sent: ${err.message || err}`;
     } finally {
+      button.disabled = false;
       renderVM();
     }
   });

@@ -191,7 +191,7 @@ def test_dashboard_exec_is_refused_with_503_when_the_log_cannot_record_it(
             f"/vms/{vm.pk}/exec/", {"command": "touch /x"}, HTTP_ACCEPT="application/json"
         )
     assert response.status_code == 503
-    assert "nothing was run" in response.json()["error"]
+    assert "nothing was done" in response.json()["error"]
     assert agent.calls == []
 
 
