@@ -70,6 +70,10 @@ MODULES = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    # The ACPI power button (PNP0C0C; QEMU's system_powerdown) as an input device, for acpid: a
+    # stop is a clean power-off, not a kill after the grace period.
+    "button",
+    "evdev",
 )
 INITRAMFS_APPLETS = (
     "sh", "mount", "mkdir", "cat", "insmod", "findfs", "usleep", "switch_root", "poweroff",

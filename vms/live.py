@@ -59,8 +59,39 @@ def vm_group(vm_id: object) -> str:
     return f"vm.{vm_id}"
 
 
+# How a stop or reboot ended (vms.worker's "how"), in words for the timeline: a forced one says
+# so, since a killed guest may have lost what it had not written.
+_STOP_NOTES = {
+    "acpi": "clean power-off (power button)",
+    "agent": "clean power-off (guest agent)",
+    "forced": "forced stop: killed at once, the guest was not asked",
+    "timeout": "forced stop: the guest did not power off in time and was killed",
+    "not_running": "stopped: the VM's VMM was not running",
+}
+_REBOOT_NOTES = {
+    "agent": "clean reboot (guest agent)",
+    "reset": "forced reboot: reset by the VMM, the guest was not shut down",
+}
+
+
+def event_note(type_: str, data: dict[str, Any]) -> str | None:
+    """Words for an outcome whose data alone would not say what happened to the guest."""
+    if type_ == "vm.stopped":
+        how = data.get("how")
+        if isinstance(how, str) and how in _STOP_NOTES:
+            return _STOP_NOTES[how]
+        return "clean power-off" if data.get("graceful") else "forced stop: the guest was killed"
+    if type_ == "vm.rebooted":
+        how = data.get("how")
+        if isinstance(how, str) and how in _REBOOT_NOTES:
+            return _REBOOT_NOTES[how]
+        return "clean reboot" if data.get("graceful") else _REBOOT_NOTES["reset"]
+    return None
+
+
 def event_summary(e: store.RecordedEvent) -> dict[str, Any]:
     return {
+        "note": event_note(e.type, e.data),
         "position": e.position,
         "event_id": e.event_id,
         "type": e.type,

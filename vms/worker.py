@@ -38,6 +38,7 @@ from vms.hypervisors.base import (
     TemplateHooks,
     TemplateStarter,
     VMSpec,
+    VMState,
 )
 from vms.images import ImageNotBuilt, current_image_id, make_data_disk, snapshot_image
 from vms.models import RequestOutcome, Snapshot, VirtualMachine
@@ -45,6 +46,13 @@ from vms.models import RequestOutcome, Snapshot, VirtualMachine
 log = logging.getLogger("sandbox.vms.worker")
 
 AGENT_READY_TIMEOUT_S = 120.0
+# A stop presses the power button first; a guest that has not powered off this long after the
+# press (an image without a button handler) is asked through its agent too. The image's
+# power-off through busybox init takes 2 s of init's own pauses, about 3.5 s in all under TCG.
+POWER_BUTTON_GRACE_S = 10.0
+# A reboot asks the guest (its init runs the shutdown actions); a guest whose agent has not come
+# back from a new boot this long after accepting is reset by the VMM.
+REBOOT_GRACE_S = 60.0
 # How long a destroy waits for a start or restore of the same VM to finish launching its VMM.
 LAUNCH_LOCK_WAIT_S = 300.0
 # Verbs whose handlers launch a VMM: if the VM was destroyed meanwhile, what they launched goes.
@@ -395,36 +403,120 @@ def do_start(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dic
     return "vm.started", data
 
 
-def do_stop(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+def _powered_off(vm: VirtualMachine) -> bool:
+    """The guest is down: its VMM gone, or (QEMU's -no-shutdown) waiting in the shutdown state."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
-    graceful = False
-    if hv.is_alive(rt) and not request.data.get("force"):
-        grace = float(request.data.get("grace_s", 20))
-        _progress(request, "stopping", 30, "asking the guest to power off")
-        with contextlib.suppress(Exception):
-            with _agent(vm, min(grace, 10.0)) as agent:
-                agent.shutdown("poweroff")
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and hv.is_alive(rt):
-            time.sleep(0.2)
-        graceful = not hv.is_alive(rt)
+    if not hv.is_alive(rt):
+        return True
+    try:
+        return hv.info(rt).state is VMState.SHUTDOWN
+    except Exception:  # the VMM went away between the two questions
+        return not hv.is_alive(rt)
+
+
+def _wait_powered_off(vm: VirtualMachine, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        if _powered_off(vm):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
+def _power_off(vm: VirtualMachine, request: store.RecordedEvent, grace: float) -> str | None:
+    """Power the guest off cleanly: the ACPI power button, then (a guest that ignores it) the
+    agent's shutdown, within ``grace`` seconds in all. Returns the path that worked ("acpi",
+    "agent") or None when the guest was still up at the end."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    deadline = time.monotonic() + grace
+    _progress(request, "stopping", 30, "pressing the power button")
+    try:
+        hv.power_button(rt)
+    except Exception as exc:  # no button on this VMM or machine: the agent is the way
+        log.info("power button of %s: %s", vm.pk, exc)
+    else:
+        if _wait_powered_off(vm, min(POWER_BUTTON_GRACE_S, grace)):
+            return "acpi"
+    _progress(request, "stopping", 60, "asking the guest agent to power off")
+    with contextlib.suppress(Exception):
+        # Briefly: a guest already on its way down (a slow answer to the button) has no agent.
+        with _agent(vm, max(min(deadline - time.monotonic(), 3.0), 0.1)) as agent:
+            agent.shutdown("poweroff")
+    if _wait_powered_off(vm, max(deadline - time.monotonic(), 0.0)):
+        return "agent"
+    return None
+
+
+def do_stop(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    """A clean power-off within the request's grace (``grace_s``, default 20 s), then the VMM is
+    torn down. ``graceful`` says whether the guest powered itself off; ``how`` how it ended:
+    "acpi" (the power button), "agent" (its shutdown request), "forced" (``force``: no grace
+    given), "timeout" (still up after the grace: killed) or "not_running" (no VMM)."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    started = time.monotonic()
+    if not hv.is_alive(rt):
+        how: str | None = "not_running"
+    elif request.data.get("force"):
+        how = "forced"
+    else:
+        how = _power_off(vm, request, float(request.data.get("grace_s", 20))) or "timeout"
     hv.destroy(rt)
     _unplug(vm)
-    return "vm.stopped", {"graceful": graceful}
+    return "vm.stopped", {
+        "graceful": how in ("acpi", "agent"),
+        "how": how,
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _reboot_guest(vm: VirtualMachine, request: store.RecordedEvent) -> str:
+    """The guest's own reboot, asked through its agent (init runs its shutdown actions) and
+    recognised by the new boot id its agent answers with; "agent" when that worked, else the
+    VMM's hard reset ("reset": no agent to ask, or no new boot within ``REBOOT_GRACE_S``)."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    _progress(request, "rebooting", 30, "asking the guest to reboot")
+    try:
+        with AgentClient.from_hypervisor(hv, rt) as agent:
+            before = agent.hello(timeout=10.0).boot_id
+            agent.shutdown("reboot")
+    except Exception as exc:
+        log.info("reboot of %s through its agent: %s", vm.pk, exc)
+        before = None
+    if before is not None:
+        _progress(request, "rebooting", 50, "waiting for the guest to boot again")
+        deadline = time.monotonic() + REBOOT_GRACE_S
+        while time.monotonic() < deadline and hv.is_alive(rt):
+            try:
+                with AgentClient.from_hypervisor(hv, rt) as agent:
+                    left = max(min(deadline - time.monotonic(), 5.0), 0.1)
+                    if agent.hello(timeout=left).boot_id != before:
+                        return "agent"
+            except Exception:  # going down, or not up yet
+                time.sleep(0.2)
+            else:
+                time.sleep(0.2)  # the old boot still answers: it is shutting down
+    _progress(request, "rebooting", 50, "resetting the VM")
+    hv.reboot(rt)
+    time.sleep(0.5)
+    with _agent(vm):
+        pass
+    return "reset"
 
 
 def do_reboot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    """``graceful`` says whether the guest rebooted itself; ``how``: "agent" or "reset". A boot
+    starts from the kernel's parameters, so the VM's identity (hostname, addresses, clock) is
+    given again, as after a restore."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     try:
-        hv.reboot(rt)
-        time.sleep(0.5)
-        with _agent(vm):
-            pass
+        how = _reboot_guest(vm, request)
+        _configure_identity(vm)
     except Exception as exc:
         raise RequestFailed(
             f"reboot failed: {exc}", state="running" if hv.is_alive(rt) else "crashed"
         ) from exc
-    return "vm.rebooted", {}
+    return "vm.rebooted", {"graceful": how == "agent", "how": how}
 
 
 def do_pause(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:

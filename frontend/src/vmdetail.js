@@ -67,6 +67,7 @@ function explain(button, i, reason) {
 
 function describe(e) {
   const d = e.data || {};
+  if (e.note) return el("span", d.graceful === false ? { class: "bad" } : {}, e.note); // vms.live.event_note
   if (d.reason) return el("span", { class: "bad" }, d.reason);
   if (d.step) return `${d.step} ${d.pct}% ${d.message || ""}`;
   if (d.argv) return el("code", {}, `${d.argv.join(" ")} → ${d.exit_code}`);
