@@ -1257,6 +1257,7 @@ def _apply_step(step: tuple) -> None:
     if kind == "time":
         time.clock_settime(time.CLOCK_REALTIME, step[1])
     elif kind == "hostname":
+        renamed = socket.gethostname() != step[1]
         socket.sethostname(step[1])
         # /etc/hostname and /etc/hosts are links into /run in the guest (read-only root).
         for path, text in (
@@ -1268,8 +1269,39 @@ def _apply_step(step: tuple) -> None:
                     fh.write(text)
             except OSError as exc:
                 log(f"configure: cannot write {path}: {exc}")
+        if renamed:
+            _restart_console()
     else:
         raise RequestError("internal", f"unknown configure step {kind!r}")
+
+
+def _restart_console(tty: str = "/dev/ttyS0") -> None:
+    """Hang up the serial console's session so init starts a fresh login shell there: its
+    prompt names the new host (bash reads the host name once, at start), and it is printed at
+    once, so whoever opens the console of a restored guest sees a prompt without pressing Enter.
+    """
+    import signal
+
+    try:
+        rdev = os.stat(tty).st_rdev
+    except OSError:
+        return
+    major, minor = os.major(rdev), os.minor(rdev)
+    tty_nr = (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)  # as /proc/PID/stat has it
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # After the name: state, ppid, pgrp, session, tty_nr.
+        if int(fields[4]) == tty_nr and int(fields[3]) == int(pid):  # the session's leader
+            try:
+                os.kill(int(pid), signal.SIGHUP)
+            except OSError:
+                pass
 
 
 def _shutdown(action: str, options: Options) -> None:

@@ -1,6 +1,7 @@
 """On a real guest, through the worker's handlers: a stop is a clean power-off by the ACPI power
 button (the image's acpid), a force stop says it was forced, a reboot is the guest's own and
-gives the VM its identity again.
+gives the VM its identity again; and a started guest's serial console shows a prompt naming
+the VM's host before anyone types.
 
 The event payloads are what is asserted (``graceful``, ``how`` and the worker's own ``seconds``),
 never the test's wall clock.
@@ -8,6 +9,7 @@ never the test's wall clock.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -93,3 +95,20 @@ def test_a_reboot_is_the_guests_own_and_keeps_the_vms_identity(owner, running) -
     assert data == {"graceful": True, "how": "agent"}, data
     assert guest_run(running, "cat", "/proc/sys/kernel/random/boot_id") != boot_before
     assert guest_run(running, "hostname").strip() == running.hostname == "power-test-1"
+
+
+def test_the_console_shows_a_prompt_naming_the_vm_before_anyone_types(running) -> None:
+    """The guest was restored from a template booted under another name: its console shell is
+    started again with the VM's name, so the prompt is on the screen (in the console log a new
+    viewer's scrollback starts from) without an Enter."""
+    log_path = runtime.runtime_dir(running.pk).serial_log
+    want = f"root@{running.hostname}"
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = log_path.read_bytes().decode(errors="replace") if log_path.exists() else ""
+        if want in text:
+            break
+        time.sleep(0.2)
+    assert want in text, f"no {want!r} prompt on the console: {text[-500:]!r}"
+    assert "root@sandbox" not in text
