@@ -200,7 +200,6 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
         "dashboard.vm_timeline",
         read_details({"vm": str(vm.pk)}, [{"position": p} for p in sorted(shown)]),
     )
-    snapshots = policy.visible_snapshots(caller).filter(vm=vm).exclude(state=Snapshot.State.DELETED)
     may = {v.name: policy.may(caller, v.name, vm.owner_id) for v in lifecycle.VERBS}
     return render(
         request,
@@ -213,9 +212,8 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "evidence_limit": EVIDENCE_PERIODS,
             "evidence_types": netevidence.EVIDENCE_TYPES,
             "last_position": timeline[-1]["position"] if timeline else 0,
-            "snapshots": snapshots,
+            **_snapshot_rows(caller, vm, may),
             "rules": RULES_JSON,
-            "snapshot_actions": [a for a in SNAPSHOT_ACTIONS if may[a["verb"]]],
             "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
@@ -224,6 +222,27 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "preview_links": preview_views.open_links(vm),
         },
     )
+
+
+def _snapshot_rows(caller: Caller, vm: VirtualMachine, may: dict[str, bool]) -> dict[str, Any]:
+    """What the page's snapshot rows show (vms/_snapshot_rows.html)."""
+    return {
+        "snapshots": policy.visible_snapshots(caller)
+        .filter(vm=vm)
+        .exclude(state=Snapshot.State.DELETED),
+        "snapshot_actions": [a for a in SNAPSHOT_ACTIONS if may[a["verb"]]],
+    }
+
+
+@require_GET
+@login_required
+def vm_snapshots(request: HttpRequest, pk: Any) -> HttpResponse:
+    """A VM's snapshot rows alone: the page fetches them again when a snapshot event arrives
+    (a snapshot being taken shows its state and size without a reload)."""
+    caller = Caller.from_request(request)
+    vm = _vm(request, pk)
+    may = {a["verb"]: policy.may(caller, a["verb"], vm.owner_id) for a in SNAPSHOT_ACTIONS}
+    return render(request, "vms/_snapshot_rows.html", {"vm": vm, **_snapshot_rows(caller, vm, may)})
 
 
 # The worker's verbs a VM's page offers (the lifecycle table's; a restore is a snapshot's).

@@ -82,9 +82,44 @@ function addEvent(e) {
     el("td", {}, e.position), el("td", {}, e.recorded_at.slice(11, 19)), el("td", {}, el("code", {}, e.type)),
     el("td", {}, e.actor), el("td", { class: "ev-data" }, describe(e)));
   timeline.prepend(row);
-  if (e.aggregate_type === "snapshot" || e.type === "vm.snapshotted") {
+  // Any event that changes a snapshot row (one of the VM's snapshots, or a VM event naming one:
+  // requested, taken, failed, restored) redraws the rows from the server's own template.
+  if (e.aggregate_type === "snapshot" || (e.data && e.data.snapshot_id)) refreshSnapshots();
+}
+
+// --- snapshots -------------------------------------------------------------------------------------
+const snapshotTable = document.getElementById("vm-snapshots");
+let snapshotsBusy = null;
+let snapshotsAgain = false;
+let snapshotsStale = false;
+snapshotTable.addEventListener("focusout", () => {
+  if (snapshotsStale) { snapshotsStale = false; refreshSnapshots(); }
+});
+async function loadSnapshots() {
+  try {
+    const response = await fetch(snapshotTable.dataset.rowsUrl, { headers: { Accept: "text/html" } });
+    const type = response.headers.get("Content-Type") || "";
+    if (!response.ok || response.redirected || !type.startsWith("text/html")) throw new Error(`HTTP ${response.status}`);
+    const html = await response.text();
+    // Typing in a row's form (a clone's name) is not thrown away: the rows are redrawn when the
+    // field loses focus.
+    if (snapshotTable.contains(document.activeElement) && document.activeElement.tagName === "INPUT") {
+      snapshotsStale = true;
+      return;
+    }
+    snapshotTable.tBodies[0].innerHTML = html;
+    document.getElementById("snapshots-changed").hidden = true;
+  } catch (err) {
     document.getElementById("snapshots-changed").hidden = false;
   }
+}
+function refreshSnapshots() {
+  // One fetch at a time; events arriving meanwhile fetch once more after it.
+  if (snapshotsBusy) { snapshotsAgain = true; return; }
+  snapshotsBusy = loadSnapshots().finally(() => {
+    snapshotsBusy = null;
+    if (snapshotsAgain) { snapshotsAgain = false; refreshSnapshots(); }
+  });
 }
 
 // --- metrics ------------------------------------------------------------------------------------
