@@ -48,7 +48,7 @@ log = logging.getLogger("sandbox.vms.worker")
 AGENT_READY_TIMEOUT_S = 120.0
 # A stop presses the power button first; a guest that has not powered off this long after the
 # press (an image without a button handler) is asked through its agent too. The image's
-# power-off through busybox init takes 2 s of init's own pauses, about 3.5 s in all under TCG.
+# power-off on the button takes about 2 s under TCG (docs/images.md).
 POWER_BUTTON_GRACE_S = 10.0
 # A reboot asks the guest (its init runs the shutdown actions); a guest whose agent has not come
 # back from a new boot this long after accepting is reset by the VMM.

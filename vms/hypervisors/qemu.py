@@ -730,7 +730,7 @@ class QemuHypervisor:
         """Press the ACPI power button (q35: ICH9 PM; microvm: the ACPI generic event device).
 
         The guest decides what to do with it. The Linux image loads the ``button`` driver and
-        runs busybox ``acpid``, which powers it off cleanly (about 3.5 s under TCG); a guest
+        runs busybox ``acpid``, which powers it off cleanly (about 2 s under TCG); a guest
         without a handler ignores the press: ``graceful_shutdown`` falls back to the agent.
         """
         with self._qmp(runtime) as qmp:
