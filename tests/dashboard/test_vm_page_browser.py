@@ -10,6 +10,7 @@ real QEMU guest: what the page shows without a reload or a keystroke.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,17 @@ def WebDriverWait(driver: Any, timeout: float, poll_frequency: float = 0.5) -> A
 
 
 pytestmark = [pytest.mark.browser, pytest.mark.guest, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(autouse=True)
+def _this_recipes_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guests run this checkout's image (images/), pinned for the server and the worker:
+    the cache is shared, and another checkout may make its own image current meanwhile."""
+    from vms import images
+
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    monkeypatch.setenv("SANDBOX_IMAGE_DIR", str(images.ensure_built().directory))
 
 
 @pytest.fixture

@@ -30,21 +30,24 @@ def owner(caller_for: Any) -> Any:
 
 
 @pytest.fixture
-def running(owner: Any, vm_dirs: Any) -> Iterator[VirtualMachine]:
+def running(owner: Any, vm_dirs: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[VirtualMachine]:
     from vms import images
 
     image = images.ensure_built()  # this checkout's recipe (images/), built if it changed
+    # Pinned: the cache is shared, and another checkout may make its own image current meanwhile.
+    monkeypatch.setenv("SANDBOX_IMAGE_DIR", str(image.directory))
     accepted = commands.create(owner, name="Power_Test.1", template="linux-small")
-    assert worker.handle(accepted.request.event_id) == "vm.started"
-    started = Event.objects.get(type="vm.started", aggregate_id=str(accepted.vm_id))
-    # The cache is shared: another checkout may have made its own image current meanwhile.
-    assert started.payload["image_id"] == image.image_id, "the guest runs another recipe's image"
-    vm = VirtualMachine.objects.get(pk=accepted.vm_id)
-    yield vm
-    vm.refresh_from_db()
-    if vm.state != "destroyed":
-        destroy = commands.destroy(owner, vm)
-        worker.handle(destroy.request.event_id)
+    try:
+        assert worker.handle(accepted.request.event_id) == "vm.started"
+        started = Event.objects.get(type="vm.started", aggregate_id=str(accepted.vm_id))
+        assert started.payload["image_id"] == image.image_id
+        vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+        yield vm
+    finally:
+        vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+        if vm.state != "destroyed":
+            destroy = commands.destroy(owner, vm)
+            worker.handle(destroy.request.event_id)
 
 
 def outcome(request: Any) -> Event:
