@@ -17,6 +17,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.caller import Caller
@@ -236,13 +237,16 @@ def _snapshot_rows(caller: Caller, vm: VirtualMachine, may: dict[str, bool]) -> 
 
 @require_GET
 @login_required
-def vm_snapshots(request: HttpRequest, pk: Any) -> HttpResponse:
-    """A VM's snapshot rows alone: the page fetches them again when a snapshot event arrives
-    (a snapshot being taken shows its state and size without a reload)."""
+def vm_snapshots(request: HttpRequest, pk: Any) -> JsonResponse:
+    """A VM's snapshot rows alone, as JSON (``rows``: the page's own row template, rendered): the
+    page fetches them again when a snapshot event arrives, so a snapshot being taken shows its
+    state and size without a reload. JSON, not an HTML page: nobody browses to it."""
     caller = Caller.from_request(request)
     vm = _vm(request, pk)
     may = {a["verb"]: policy.may(caller, a["verb"], vm.owner_id) for a in SNAPSHOT_ACTIONS}
-    return render(request, "vms/_snapshot_rows.html", {"vm": vm, **_snapshot_rows(caller, vm, may)})
+    context = {"vm": vm, **_snapshot_rows(caller, vm, may)}
+    rows = render_to_string("vms/_snapshot_rows.html", context, request=request)
+    return JsonResponse({"rows": rows, "count": len(context["snapshots"])})
 
 
 # The worker's verbs a VM's page offers (the lifecycle table's; a restore is a snapshot's).

@@ -97,10 +97,10 @@ snapshotTable.addEventListener("focusout", () => {
 });
 async function loadSnapshots() {
   try {
-    const response = await fetch(snapshotTable.dataset.rowsUrl, { headers: { Accept: "text/html" } });
+    const response = await fetch(snapshotTable.dataset.rowsUrl, { headers: { Accept: "application/json" } });
     const type = response.headers.get("Content-Type") || "";
-    if (!response.ok || response.redirected || !type.startsWith("text/html")) throw new Error(`HTTP ${response.status}`);
-    const html = await response.text();
+    if (!response.ok || !type.includes("application/json")) throw new Error(`HTTP ${response.status}`);
+    const html = (await response.json()).rows;
     // Typing in a row's form (a clone's name) is not thrown away: the rows are redrawn when the
     // field loses focus.
     if (snapshotTable.contains(document.activeElement) && document.activeElement.tagName === "INPUT") {
