@@ -19,12 +19,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from django.db import connections
 
 from accounts.caller import Caller
 from audit.models import Event
@@ -40,7 +42,7 @@ from tests.preview.conftest import bearer, grant_cookie, preview_host, serve_pre
 from vms import commands, vmnet
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
-from vms.models import Snapshot, VirtualMachine
+from vms.models import Quota, Snapshot, VirtualMachine
 from vms.network import netns, tap
 from vms.runtime import runtime_dir
 
@@ -90,6 +92,10 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
     for key, value in net_settings.items():
         setattr(settings, key, value if key != "SANDBOX_NETNS_KEEP" else False)
     worker_env.update(net_settings)
+    # The worker's scheduled evidence collection stays out of the tests' way (an hourly
+    # schedule): a test collects when it has made its traffic, so one period holds all of it.
+    settings.SANDBOX_NET_EVIDENCE_PERIOD_S = 3600
+    worker_env["SANDBOX_NET_EVIDENCE_PERIOD_S"] = "3600"
     netns.create(host_ns)
     w = Worker(worker_env, tmp_path / "worker.log")
     try:
@@ -521,3 +527,50 @@ def test_a_snapshot_taken_without_networking_restores_without_a_nic_until_a_cold
     commands.destroy(operator, VirtualMachine.objects.get(pk=vm_id))
     _settled(vm_id, "destroyed", timeout=120)
     assert tap.list_taps(net_site.netns) == []
+
+
+def test_twenty_concurrent_creates_get_twenty_addresses_and_destroy_leaves_nothing(
+    net_site: NetSite, make_user: Callable[..., Any], vm_dirs: dict[str, Path]
+) -> None:
+    """20 creates at once, started by the worker from the template: 20 distinct addresses, 20
+    TAPs and 20 VMs' rules in the namespace; destroyed, every TAP and rule is gone (``ip`` and
+    ``nft list ruleset`` in the namespace) and every address is released."""
+    user = make_user("admin")
+    Quota.objects.create(user=user, max_vms=20, max_vcpus=100, max_memory_mib=1 << 20)
+    caller = Caller.for_user(user, channel="api")
+    barrier = threading.Barrier(20)
+
+    def create(i: int) -> str:
+        try:
+            barrier.wait(timeout=30)
+            return str(commands.create(caller, name=f"many-{i}", template="linux-small").vm_id)
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(20) as pool:
+        ids = list(pool.map(create, range(20)))
+    vms = [_settled(vm_id, "running", "failed", timeout=600) for vm_id in ids]
+    assert [vm.state for vm in vms] == ["running"] * 20, [vm.last_error for vm in vms]
+    addresses = {str(vm.ip) for vm in vms}
+    assert len(addresses) == 20 and "None" not in addresses
+    links, rules = net_site.links(), net_site.ruleset()
+    assert sorted(tap.list_taps(net_site.netns)) == sorted(vm.tap for vm in vms)
+    for vm in vms:
+        assert vm.tap in links and f"vm_{vm.pk.hex}" in rules and str(vm.ip) in rules
+
+    def destroy(vm: VirtualMachine) -> None:
+        try:
+            commands.destroy(caller, VirtualMachine.objects.get(pk=vm.pk))
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(destroy, vms))
+    for vm_id in ids:
+        _settled(vm_id, "destroyed", timeout=300)
+    rules = net_site.ruleset()
+    assert tap.list_taps(net_site.netns) == []
+    assert not any(f"vm_{vm.pk.hex}" in rules or str(vm.ip) in rules for vm in vms)
+    released = Event.objects.filter(type="net.ip_released", aggregate_id__in=ids)
+    assert sorted(e.payload["ip"] for e in released) == sorted(addresses)
+    assert not VirtualMachine.objects.filter(pk__in=ids, ip__isnull=False).exists()
