@@ -1,0 +1,120 @@
+"""Users and tokens in headless Chromium: a role changes only through its button and a
+confirmation naming the new role, a token is revoked only once confirmed, and a new token's copy
+button puts it on the clipboard and says so in a live region."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from audit.models import Event
+from tests.dashboard.pages import log_in
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def loaded(driver: Any, url: str) -> None:
+    driver.get(url)
+    WebDriverWait(driver, 10).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+
+
+def dialog(driver: Any) -> Any:
+    return WebDriverWait(driver, 5).until(lambda d: d.switch_to.alert)
+
+
+def test_a_role_changes_only_through_its_button_and_a_confirmation(
+    make_user, web_server, browser
+) -> None:
+    admin = make_user("admin", "ada")
+    carol = make_user("viewer", "carol")
+    driver = browser()
+    log_in(driver, web_server.url, admin)
+    loaded(driver, f"{web_server.url}/accounts/users/")
+    select = Select(driver.find_element(By.ID, f"role-{carol.pk}"))
+    select.select_by_value("operator")
+    time.sleep(1.0)  # time for a submit on change, were there one
+    assert driver.current_url.endswith("/accounts/users/")
+    assert not driver.execute_script("return document.readyState !== 'complete'")
+    carol.refresh_from_db()
+    assert carol.role == "viewer" and not Event.objects.filter(type="user.role_changed").exists()
+    button = driver.find_element(By.CSS_SELECTOR, f"#role-{carol.pk} + button")
+    button.click()
+    question = dialog(driver)
+    assert "from viewer to operator" in question.text
+    question.dismiss()
+    time.sleep(0.5)
+    carol.refresh_from_db()
+    assert carol.role == "viewer" and not Event.objects.filter(type="user.role_changed").exists()
+    driver.find_element(By.CSS_SELECTOR, f"#role-{carol.pk} + button").click()
+    dialog(driver).accept()
+    WebDriverWait(driver, 10).until(lambda d: "carol is now operator" in d.page_source)
+    carol.refresh_from_db()
+    assert carol.role == "operator"
+    event = Event.objects.get(type="user.role_changed")
+    assert (event.payload["from"], event.payload["to"], event.actor_name) == (
+        "viewer",
+        "operator",
+        "ada",
+    )
+
+
+def test_a_token_is_revoked_only_once_confirmed(make_user, web_server, browser) -> None:
+    from accounts import commands
+    from audit.actor import Actor
+
+    olga = make_user("operator", "olga")
+    issued = commands.create_token(Actor.system(), olga, name="ci", by=olga)
+    driver = browser()
+    log_in(driver, web_server.url, olga)
+    loaded(driver, f"{web_server.url}/accounts/tokens/")
+    driver.find_element(By.CSS_SELECTOR, "#tokens form button").click()
+    question = dialog(driver)
+    assert "Revoke the token ci" in question.text
+    question.dismiss()
+    time.sleep(0.5)
+    issued.token.refresh_from_db()
+    assert issued.token.revoked_at is None
+    driver.find_element(By.CSS_SELECTOR, "#tokens form button").click()
+    dialog(driver).accept()
+    WebDriverWait(driver, 10).until(lambda d: "Token ci revoked." in d.page_source)
+    issued.token.refresh_from_db()
+    assert issued.token.revoked_at is not None
+
+
+def test_the_copy_button_puts_the_new_token_on_the_clipboard(
+    make_user, web_server, browser
+) -> None:
+    olga = make_user("operator", "olga")
+    driver = browser()
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {
+            "origin": web_server.url,
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+        },
+    )
+    log_in(driver, web_server.url, olga)
+    loaded(driver, f"{web_server.url}/accounts/tokens/")
+    driver.find_element(By.ID, "id_name").send_keys("laptop")
+    driver.find_element(By.CSS_SELECTOR, "#token-create button[type=submit]").click()
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "new-token"))
+    shown = driver.find_element(By.ID, "new-token").text.strip()
+    assert shown.startswith("sbx_")
+    status = driver.find_element(By.ID, "copy-status")
+    assert status.get_attribute("aria-live") == "polite" and status.text == ""
+    button = driver.find_element(By.ID, "copy-token")
+    assert button.is_displayed()
+    button.click()
+    WebDriverWait(driver, 5).until(lambda d: status.text)
+    assert status.text == "Copied to the clipboard."
+    pasted = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "navigator.clipboard.readText().then(done, (e) => done('error: ' + e));"
+    )
+    assert pasted == shown
