@@ -87,6 +87,8 @@ def test_an_admin_sets_a_new_password(make_user) -> None:
     admin = make_user("admin", "ada")
     uma = make_user("viewer", "uma")
     admin_client = client_for(admin)
+    uma_client = client_for(uma)
+    assert uma_client.get("/accounts/tokens/").status_code == 200
     url = f"/accounts/users/{uma.pk}/password/"
     page = admin_client.get(f"/accounts/users/{uma.pk}/").content.decode()
     (form,) = forms_of(page, url)
@@ -112,6 +114,8 @@ def test_an_admin_sets_a_new_password(make_user) -> None:
     event = Event.objects.get(type="user.password_changed")
     assert event.actor_name == "ada" and event.payload["by_self"] is False
     assert "Brand-new-pw-77" not in str(event.payload)
+    # The user's browser sessions end with the old password (Django's session hash).
+    assert uma_client.get("/accounts/tokens/").status_code == 302
 
 
 def test_only_user_managers_reach_the_new_user_pages(make_user) -> None:
