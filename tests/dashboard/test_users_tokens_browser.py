@@ -118,3 +118,26 @@ def test_the_copy_button_puts_the_new_token_on_the_clipboard(
         "navigator.clipboard.readText().then(done, (e) => done('error: ' + e));"
     )
     assert pasted == shown
+
+
+def test_without_the_clipboard_the_token_is_selected_and_the_user_told(
+    make_user, web_server, browser
+) -> None:
+    olga = make_user("operator", "olga")
+    driver = browser()
+    for name in ("clipboard-write", "clipboard-read"):
+        driver.execute_cdp_cmd(
+            "Browser.setPermission",
+            {"origin": web_server.url, "permission": {"name": name}, "setting": "denied"},
+        )
+    log_in(driver, web_server.url, olga)
+    loaded(driver, f"{web_server.url}/accounts/tokens/")
+    driver.find_element(By.ID, "id_name").send_keys("laptop")
+    driver.find_element(By.CSS_SELECTOR, "#token-create button[type=submit]").click()
+    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.ID, "new-token"))
+    shown = driver.find_element(By.ID, "new-token").text.strip()
+    status = driver.find_element(By.ID, "copy-status")
+    driver.find_element(By.ID, "copy-token").click()
+    WebDriverWait(driver, 5).until(lambda d: status.text)
+    assert "press Ctrl+C" in status.text
+    assert driver.execute_script("return window.getSelection().toString().trim()") == shown
