@@ -6,7 +6,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth import password_validation
+from django.contrib.auth import password_validation, update_session_auth_hash
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -201,6 +201,9 @@ def user_password(request: HttpRequest, pk: int) -> HttpResponse:
         except (PermissionDenied, ValidationError) as exc:
             messages.error(request, f"Password of {person.username} not changed: {_message(exc)}")
         else:
+            if person.pk == request.user.pk:
+                # One's own new password keeps this session (the others end).
+                update_session_auth_hash(request, person)
             messages.success(request, f"New password set for {person.username}.")
     else:
         problems = " ".join(str(e) for errors in form.errors.values() for e in errors)

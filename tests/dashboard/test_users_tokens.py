@@ -118,6 +118,18 @@ def test_an_admin_sets_a_new_password(make_user) -> None:
     assert uma_client.get("/accounts/tokens/").status_code == 302
 
 
+def test_an_admin_setting_its_own_password_stays_logged_in(make_user) -> None:
+    admin = make_user("admin", "ada")
+    client = client_for(admin)
+    url = f"/accounts/users/{admin.pk}/password/"
+    done = client.post(url, {"password1": "Brand-new-pw-77", "password2": "Brand-new-pw-77"})
+    assert done.status_code == 302
+    admin.refresh_from_db()
+    assert admin.check_password("Brand-new-pw-77")
+    assert client.get("/accounts/users/").status_code == 200
+    assert Event.objects.get(type="user.password_changed").payload["by_self"] is True
+
+
 def test_only_user_managers_reach_the_new_user_pages(make_user) -> None:
     uma = make_user("viewer", "uma")
     operator = client_for(make_user("operator", "olga"))
