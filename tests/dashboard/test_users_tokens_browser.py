@@ -8,11 +8,12 @@ import time
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from audit.models import Event
-from tests.dashboard.pages import log_in
+from tests.dashboard.pages import axe_violations, horizontal_overflow, log_in, viewport
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -141,3 +142,33 @@ def test_without_the_clipboard_the_token_is_selected_and_the_user_told(
     WebDriverWait(driver, 5).until(lambda d: status.text)
     assert "press Ctrl+C" in status.text
     assert driver.execute_script("return window.getSelection().toString().trim()") == shown
+
+
+@override_settings(SANDBOX_LOCKOUT_THRESHOLD=2)
+def test_a_locked_user_is_shown_and_unlocked_in_the_browser(make_user, web_server, browser) -> None:
+    """The lock badge and the Unlock button pass axe-core and fit a phone; Unlock asks first."""
+    from accounts import commands
+    from audit.actor import Actor
+
+    admin = make_user("admin", "ada")
+    uma = make_user("viewer", "uma")
+    for _ in range(2):
+        commands.record_login_failure(Actor.anonymous("uma"), "uma", "bad_password")
+    assert commands.is_locked("uma")
+    driver = browser()
+    log_in(driver, web_server.url, admin)
+    for width in (1280, 390):
+        viewport(driver, width)
+        for url in ("/accounts/users/", f"/accounts/users/{uma.pk}/"):
+            loaded(driver, web_server.url + url)
+            assert "locked until" in driver.find_element(By.CSS_SELECTOR, "main").text
+            assert horizontal_overflow(driver) is None, (url, width)
+            assert axe_violations(driver) == [], (url, width)
+    driver.find_element(By.CSS_SELECTOR, "form[action$='/unlock/'] button").click()
+    question = dialog(driver)
+    assert "Unlock uma?" in question.text
+    question.accept()
+    WebDriverWait(driver, 10).until(lambda d: "uma unlocked." in d.page_source)
+    assert driver.current_url.endswith(f"/accounts/users/{uma.pk}/")
+    assert commands.is_locked("uma") is None
+    assert Event.objects.get(type="auth.unlocked").actor_name == "ada"
