@@ -211,6 +211,28 @@ def user_password(request: HttpRequest, pk: int) -> HttpResponse:
     return redirect("accounts:user", pk=person.pk)
 
 
+@login_required
+@require_POST
+def user_password_off(request: HttpRequest, pk: int) -> HttpResponse:
+    """Turn off a user's password login (API tokens only; ``user.password_changed``)."""
+    _manager(request)
+    person = get_object_or_404(User, pk=pk)
+    try:
+        done = commands.disable_password_login(
+            Actor.from_request(request),
+            person,
+            by=request.user,  # type: ignore[arg-type]
+        )
+    except PermissionDenied as exc:
+        messages.error(request, f"Password login of {person.username} not changed: {exc}")
+    else:
+        if done:
+            messages.success(request, f"{person.username} can no longer log in with a password.")
+        else:
+            messages.info(request, f"{person.username} had no password login.")
+    return redirect("accounts:user", pk=person.pk)
+
+
 def _back(request: HttpRequest, person: User) -> str:
     """Back to the page the form was on: the user's own page or the list."""
     if request.POST.get("next") == "user":

@@ -54,7 +54,7 @@ class Forms(HTMLParser):
 def forms_of(html: str, action_part: str) -> list[dict[str, Any]]:
     parser = Forms()
     parser.feed(html)
-    return [f for f in parser.forms if action_part in (f["attrs"].get("action") or "")]
+    return [f for f in parser.forms if (f["attrs"].get("action") or "").endswith(action_part)]
 
 
 @override_settings(SANDBOX_LOCKOUT_THRESHOLD=2)
@@ -128,6 +128,43 @@ def test_an_admin_setting_its_own_password_stays_logged_in(make_user) -> None:
     assert admin.check_password("Brand-new-pw-77")
     assert client.get("/accounts/users/").status_code == 200
     assert Event.objects.get(type="user.password_changed").payload["by_self"] is True
+
+
+def test_an_admin_turns_off_a_users_password_login(make_user) -> None:
+    from accounts import commands
+    from audit.actor import Actor
+
+    admin = make_user("admin", "ada")
+    uma = make_user("viewer", "uma")
+    token = commands.create_token(Actor.system(), uma, name="ci", by=uma)
+    uma_client = client_for(uma)
+    url = f"/accounts/users/{uma.pk}/password/off/"
+    page = client_for(admin).get(f"/accounts/users/{uma.pk}/").content.decode()
+    (form,) = forms_of(page, url)
+    assert "Turn off password login for uma?" in form["attrs"]["data-confirm"]
+    done = client_for(admin).post(url, follow=True).content.decode()
+    assert "uma can no longer log in with a password." in done
+    uma.refresh_from_db()
+    assert not uma.has_usable_password() and uma.is_active
+    event = Event.objects.get(type="user.password_changed")
+    assert event.payload["password_login"] is False and event.actor_name == "ada"
+    # Its browser sessions end; its tokens keep working; the page offers no second turn-off.
+    assert uma_client.get("/accounts/tokens/").status_code == 302
+    token.token.refresh_from_db()
+    assert token.token.is_active
+    page = client_for(admin).get(f"/accounts/users/{uma.pk}/").content.decode()
+    assert not forms_of(page, url) and "no (API tokens only)" in page
+    again = client_for(admin).post(url, follow=True).content.decode()
+    assert "uma had no password login." in again
+    assert Event.objects.filter(type="user.password_changed").count() == 1
+    # A new password gives it back.
+    client_for(admin).post(
+        f"/accounts/users/{uma.pk}/password/",
+        {"password1": "Brand-new-pw-77", "password2": "Brand-new-pw-77"},
+    )
+    uma.refresh_from_db()
+    assert uma.check_password("Brand-new-pw-77")
+    assert client_for(make_user("operator", "olga")).post(url).status_code == 403
 
 
 def test_only_user_managers_reach_the_new_user_pages(make_user) -> None:
