@@ -37,6 +37,7 @@ __all__ = [
     "IssuedToken",
     "create_token",
     "create_user",
+    "disable_password_login",
     "is_locked",
     "lock_ends",
     "normalize_username",
@@ -287,6 +288,35 @@ def change_password(actor: Actor, user: User, password: str, *, by: User | None 
         {"username": current.username, "by_self": by is not None and by.pk == user.pk},
         actor=actor,
     )
+
+
+@transaction.atomic
+def disable_password_login(actor: Actor, user: User, *, by: User | None = None) -> bool:
+    """Take away ``user``'s password, leaving an account for API tokens only (as one created
+    without a password): a ``user.password_changed`` event with ``"password_login": false``, so
+    that whatever follows password changes (open sockets re-checked, browser sessions ended)
+    follows this too. ``change_password`` gives one back. Needs ``accounts.manage_users``;
+    False, and nothing recorded, when the user has no password login already."""
+    if by is not None:
+        _require(by, "accounts.manage_users")
+    current = User.objects.select_for_update().get(pk=user.pk)
+    if not current.has_usable_password():
+        return False
+    current.set_unusable_password()
+    current.save(update_fields=["password"])
+    user.password = current.password
+    store.append(
+        "user",
+        str(current.pk),
+        "user.password_changed",
+        {
+            "username": current.username,
+            "by_self": by is not None and by.pk == user.pk,
+            "password_login": False,
+        },
+        actor=actor,
+    )
+    return True
 
 
 # --- API tokens -------------------------------------------------------------------------------

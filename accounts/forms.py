@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from django import forms
@@ -9,6 +10,8 @@ from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 
 from accounts import throttle
+from accounts.models import User
+from accounts.scopes import SCOPES, SELF_SERVICE
 from audit.actor import Actor
 
 
@@ -51,12 +54,63 @@ class LoginForm(AuthenticationForm):
 
 
 class TokenForm(forms.Form):
+    """A new API token with the limits the API offers (docs/accounts.md, "What a token may
+    do"): expiry, read-only, scopes among the permissions the user holds, allowed networks.
+    ``accounts.commands.create_token`` checks them all again."""
+
     name = forms.CharField(max_length=100)
     # Every token issued by a user expires (accounts.commands.create_token).
     expires_days = forms.IntegerField(
+        label="Expires after (days)",
         min_value=1,
         max_value=settings.SANDBOX_TOKEN_MAX_DAYS,
         initial=90,
-        help_text=f"Days, at most {settings.SANDBOX_TOKEN_MAX_DAYS}",
+        help_text=f"1 to {settings.SANDBOX_TOKEN_MAX_DAYS} days",
     )
-    read_only = forms.BooleanField(required=False)
+    read_only = forms.BooleanField(
+        required=False, help_text="only GET, HEAD and OPTIONS; a console opens for watching"
+    )
+    scopes = forms.MultipleChoiceField(
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text="none ticked: everything your role allows",
+    )
+    allowed_ips = forms.CharField(
+        label="Allowed addresses",
+        required=False,
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "10.0.0.0/8, 192.0.2.7"}),
+        help_text="addresses or networks, separated by commas or lines; empty: anywhere",
+    )
+
+    def __init__(self, *args: Any, user: User | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        held = [s for s in SCOPES if s in SELF_SERVICE or (user is not None and user.has_perm(s))]
+        self.fields["scopes"].choices = [(s, s) for s in held]  # type: ignore[attr-defined]
+
+    def clean_allowed_ips(self) -> list[str]:
+        # The networks are checked (and normalised) by accounts.commands.create_token.
+        text = self.cleaned_data.get("allowed_ips") or ""
+        return [item for item in re.split(r"[\s,]+", text) if item]
+
+
+class PasswordResetForm(forms.Form):
+    """A new password an admin sets for another user (``accounts.commands.change_password``
+    applies Django's password validators)."""
+
+    password1 = forms.CharField(
+        label="New password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+    )
+    password2 = forms.CharField(
+        label="Repeat it",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("password1") and data.get("password1") != data.get("password2"):
+            raise forms.ValidationError("the two passwords differ")
+        return data

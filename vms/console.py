@@ -40,8 +40,9 @@ from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from accounts import roles
 from accounts.caller import Caller
-from accounts.models import APIToken
+from accounts.models import APIToken, User
 from audit import store
 from audit.actor import Actor
 from vms import commands, lifecycle, policy, runtime
@@ -529,12 +530,16 @@ def session_actor(user: Any, scope: dict[str, Any]) -> Actor:
 def record_opened(
     actor: Actor, vm_id: str, *, session: str, mode: Mode, recording: str, cols: int, rows: int
 ) -> store.RecordedEvent:
+    # The watcher's role as it is when the session opens (an auditor watching is not a
+    # "viewer"): "mode" says only whether the session may type.
+    user = User.objects.filter(pk=actor.user_id).first() if actor.user_id else None
     return commands.record_console_opened(
         actor,
         vm_id,
         {
             "session": session,
             "mode": "operator" if mode == "write" else "viewer",
+            "role": roles.role_of(user) if user is not None else "",
             "recording": recording,
             "format": "asciicast-v2",
             "cols": cols,

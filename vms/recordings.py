@@ -12,6 +12,9 @@ events through ``audit.bundle.register_attachment`` (``ATTACHMENT``, registered 
 from __future__ import annotations
 
 import hashlib
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +24,14 @@ from django.http import FileResponse, Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 
+from accounts import roles
+from accounts.models import User
 from audit import bundle, commands, sections
 from audit.bundle import Attachment
 from audit.models import Event
 from audit.sections import Section
 from vms.console import resolve_recording
-from vms.models import VirtualMachine
+from vms.models import VirtualMachine, VMState
 
 __all__ = ["ATTACHMENT", "SECTION", "cast", "replay", "sessions"]
 
@@ -73,18 +78,116 @@ def _recording(position: int) -> tuple[Event, dict[str, Any], Path | None, str]:
     return closed, data, path, ""
 
 
+@dataclass(frozen=True)
+class VMName:
+    """What a session's VM is called, and whether its page still answers."""
+
+    name: str
+    destroyed: bool
+    exists: bool
+
+
+def vm_names(vm_ids: Iterable[str]) -> dict[str, VMName]:
+    """The name of each VM: its row's (destroyed VMs keep theirs), else, for an id with no row
+    (a projection rebuilt without it, an event from elsewhere), the name its ``vm.created``
+    event gave it. An id known to neither is left out."""
+    ids = {str(i) for i in vm_ids}
+    out: dict[str, VMName] = {}
+    valid = []
+    for vm_id in ids:
+        try:
+            valid.append(uuid.UUID(vm_id))
+        except ValueError:
+            continue
+    for pk, name, state in VirtualMachine.objects.filter(pk__in=valid).values_list(
+        "pk", "name", "state"
+    ):
+        out[str(pk)] = VMName(name, state == VMState.DESTROYED, True)
+    missing = ids - out.keys()
+    if missing:
+        created = Event.objects.filter(
+            aggregate_type="vm", aggregate_id__in=missing, type="vm.created"
+        ).only("aggregate_id", "data")
+        for event in created:
+            out[event.aggregate_id] = VMName(str(event.payload.get("name", "")), True, False)
+    return out
+
+
+def session_roles(events: Iterable[Event]) -> dict[int, str]:
+    """Each opening or closing event's watcher role, by position: the role its opening event
+    recorded (``role``); for sessions recorded before it did, the role of the event's actor
+    now. "" for an actor that is no user (or no longer exists)."""
+    events = list(events)
+    opened_ids = [e.causation_id for e in events if e.type == CLOSED and e.causation_id]
+    opened = {
+        str(e.event_id): e.payload
+        for e in Event.objects.filter(type=OPENED, event_id__in=opened_ids).only("event_id", "data")
+    }
+    recorded: dict[int, str] = {}
+    for e in events:
+        data = e.payload if e.type == OPENED else opened.get(str(e.causation_id), {})
+        if data.get("role"):
+            recorded[e.position] = str(data["role"])
+    user_ids = {
+        int(e.actor_id)
+        for e in events
+        if e.position not in recorded and e.actor_type == "user" and e.actor_id.isdigit()
+    }
+    current = {
+        str(u.pk): roles.role_of(u)
+        for u in User.objects.filter(pk__in=user_ids).prefetch_related("groups")
+    }
+    return {e.position: recorded.get(e.position) or current.get(e.actor_id, "") for e in events}
+
+
+def _access(mode: str) -> str:
+    return "typed" if mode == "operator" else "watched"
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    event: Event
+    vm: VMName | None
+    role: str
+    access: str
+
+
 @require_GET
 @_needs_view
 def sessions(request: HttpRequest) -> HttpResponse:
-    """Every console session's opening and closing events, newest first."""
+    """Every console session's opening and closing events, newest first, each with its VM's
+    name and its watcher's role."""
     events = Event.objects.filter(type__in=[OPENED, CLOSED]).order_by("-position")
     page = Paginator(events, PAGE_SIZE).get_page(request.GET.get("page"))
+    shown = list(page.object_list)
+    names = vm_names(e.aggregate_id for e in shown)
+    who = session_roles(shown)
+    modes = _modes(shown)
+    rows = [
+        SessionRow(e, names.get(e.aggregate_id), who.get(e.position, ""), modes.get(e.position, ""))
+        for e in shown
+    ]
     commands.record_trail_read(
         request,
         "dashboard.sessions",
-        commands.read_details({"page": page.number}, page.object_list),
+        commands.read_details({"page": page.number}, shown),
     )
-    return render(request, "vms/sessions.html", {"page": page, "section": "sessions"})
+    return render(request, "vms/sessions.html", {"page": page, "rows": rows, "section": "sessions"})
+
+
+def _modes(events: list[Event]) -> dict[int, str]:
+    """Whether each session typed or watched (the opening event's ``mode``)."""
+    opened_ids = [e.causation_id for e in events if e.type == CLOSED and e.causation_id]
+    opened = {
+        str(e.event_id): e.payload
+        for e in Event.objects.filter(type=OPENED, event_id__in=opened_ids).only("event_id", "data")
+    }
+    out = {}
+    for e in events:
+        data = e.payload if e.type == OPENED else opened.get(str(e.causation_id), {})
+        if data.get("mode"):
+            out[e.position] = _access(str(data["mode"]))
+    return out
 
 
 @require_GET
@@ -97,7 +200,7 @@ def replay(request: HttpRequest, position: int) -> HttpResponse:
         if closed.causation_id
         else None
     )
-    vm = VirtualMachine.objects.filter(pk=closed.aggregate_id).only("name").first()
+    vm = vm_names([closed.aggregate_id]).get(closed.aggregate_id)
     commands.record_trail_read(request, "dashboard.session_replay", {"position": position})
     return render(
         request,
@@ -105,10 +208,11 @@ def replay(request: HttpRequest, position: int) -> HttpResponse:
         {
             "closed": closed,
             "opened": opened,
-            "opened_mode": opened.payload.get("mode") if opened else "",
+            "access": _access(str(opened.payload.get("mode"))) if opened else "",
+            "role": session_roles([closed]).get(closed.position, ""),
             "data": data,
             "session": data.get("session", ""),
-            "vm_name": vm.name if vm else "",
+            "vm": vm,
             "intact": not problem,
             "problem": problem,
             "section": "sessions",
