@@ -21,7 +21,15 @@ from secretstore import commands, crypto, policy
 from secretstore.masking import Masker
 from secretstore.models import Secret
 
-__all__ = ["MAX_REFS", "Given", "masker_for", "resolve", "validate_refs"]
+__all__ = [
+    "MAX_REFS",
+    "Given",
+    "masker_for",
+    "masker_for_records",
+    "resolve",
+    "resolve_records",
+    "validate_refs",
+]
 
 MAX_REFS = 64
 USE = "secretstore.use_secret"
@@ -150,3 +158,47 @@ def resolve(
 
 def masker_for(given: Iterable[Given]) -> Masker:
     return Masker((g.name, g.value) for g in given)
+
+
+def _ref_of(user: Any, record: dict[str, Any]) -> dict[str, str] | None:
+    """A recorded secret (name, owner, env or file) as a reference ``user`` would make."""
+    owner = str(record.get("owner", ""))
+    kind, _, who = owner.partition(":")
+    ref = {"name": record["name"]}
+    for key in ("env", "file"):
+        if record.get(key):
+            ref[key] = record[key]
+    if kind == "group":
+        ref["group"] = who
+    elif who != getattr(user, "username", None):
+        return None  # another user's: never given on this user's behalf
+    return ref
+
+
+def resolve_records(user: Any, records: Iterable[dict[str, Any]]) -> list[Given]:
+    """The secrets a VM of ``user`` was given at create (its ``secrets``), as ``user`` may
+    still use them now; one deleted since, or no longer ``user``'s to use, is left out."""
+    refs = [r for r in (_ref_of(user, rec) for rec in records) if r is not None]
+    return resolve(user, refs, strict=False)
+
+
+def masker_for_records(records: Iterable[dict[str, Any]], extra: Iterable[Given] = ()) -> Masker:
+    """The masker for what a guest was given (``VirtualMachine.secrets_seen``: name and owner),
+    whoever may use them now: what it was given may come out of it still."""
+    pairs: list[tuple[str, bytes]] = [(g.name, g.value) for g in extra]
+    for record in records:
+        kind, _, who = str(record.get("owner", "")).partition(":")
+        qs = Secret.objects.filter(name=record.get("name", ""))
+        qs = (
+            qs.filter(owner_group__name=who)
+            if kind == "group"
+            else qs.filter(owner_user__username=who)
+        )
+        secret = qs.first()
+        if secret is None:
+            continue
+        try:
+            pairs.append((secret.name, commands.open_value(secret)))
+        except (crypto.UnknownKey, crypto.DecryptionFailed):
+            continue
+    return Masker(pairs)

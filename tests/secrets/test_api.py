@@ -59,9 +59,11 @@ def test_other_users_secrets_look_missing_and_auditors_see_metadata_only(
 ) -> None:
     alice, bob = make_user("operator", "alice"), make_user("operator", "bob")
     auditor = make_user("auditor", "audrey")
-    sid = token_client(alice).post(
-        "/api/v1/secrets/", {"name": "MINE", "value": VALUE}, format="json"
-    ).json()["id"]
+    sid = (
+        token_client(alice)
+        .post("/api/v1/secrets/", {"name": "MINE", "value": VALUE}, format="json")
+        .json()["id"]
+    )
     bob_client = token_client(bob)
     assert bob_client.get(f"/api/v1/secrets/{sid}/").status_code == 404
     assert bob_client.delete(f"/api/v1/secrets/{sid}/").status_code == 404
