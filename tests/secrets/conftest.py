@@ -4,4 +4,4 @@ from __future__ import annotations
 
 from tests.vms import conftest as _vms
 
-caller_for, vm_dirs = _vms.caller_for, _vms.vm_dirs
+caller_for, vm_dirs, make_running_vm = _vms.caller_for, _vms.vm_dirs, _vms.make_running_vm
