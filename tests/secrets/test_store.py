@@ -13,8 +13,9 @@ from django.db import connection
 
 from accounts.caller import Caller
 from audit.models import Event
-from secretstore import commands, crypto, guests
+from secretstore import commands, crypto, guests, tasks
 from secretstore.models import Secret
+from vms.task_guard import ALLOWED_TASKS
 
 VALUE = "s3cr3t-value-for-the-store"
 
@@ -178,3 +179,12 @@ class _Lines:
 
     def flush(self) -> None:
         pass
+
+
+@pytest.mark.django_db
+def test_the_background_task_is_allowed_and_reencrypts(make_user, keys, settings) -> None:
+    assert "secretstore.tasks.reencrypt" in ALLOWED_TASKS
+    commands.create_secret(caller_of(make_user("operator", "alice")), name="T", value=VALUE)
+    settings.SANDBOX_SECRETS_KEYS = f"new:{keys['new']},old:{keys['old']}"
+    assert tasks.reencrypt() == {"current_key": "new", "total": 1, "reencrypted": 1, "failed": 0}
+    assert tasks.reencrypt()["total"] == 0
