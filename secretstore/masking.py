@@ -71,12 +71,19 @@ class Masker:
         return sorted({self._names[m.group(0)] for m in self._re.finditer(data)})
 
     def _held(self, tail: bytes) -> int:
-        """How many bytes at the end of ``tail`` could be the start of a value."""
-        for k in range(min(len(tail), self.max_len - 1), 0, -1):
-            piece = tail[-k:]
-            if any(p.startswith(piece) for p in self._names):
-                return k
-        return 0
+        """How many bytes at the end of ``tail`` could be the start of a value: the longest
+        suffix that is a proper prefix of a pattern. Only the places where a pattern's first
+        byte occurs are compared (in C), so a large value costs little on ordinary output."""
+        n, best = len(tail), 0
+        for pattern in self._names:
+            first = pattern[:1]
+            i = tail.find(first, max(0, n - (len(pattern) - 1)))
+            while i != -1 and n - i > best:
+                if pattern.startswith(tail[i:]):
+                    best = n - i
+                    break
+                i = tail.find(first, i + 1)
+        return best
 
     def stream(self) -> StreamMasker:
         return StreamMasker(self)

@@ -208,7 +208,7 @@ def run_exec(
     require_guest_access(caller, vm, "exec")
     refs = guests.validate_refs(secrets)
     given = guests.resolve(caller.user, refs, caller=caller)
-    own = [g for g in guests.resolve_records(vm.owner, vm.secrets) if g.env]
+    own = [g for g in guests.resolve_records(vm.owner, vm.secrets) if g.env] if vm.secrets else []
     secret_env = {g.env: g.value.decode(errors="surrogateescape") for g in [*own, *given] if g.env}
     clash = sorted(set(secret_env) & set(env or {}))
     if clash:

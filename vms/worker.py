@@ -276,6 +276,8 @@ def _deliver_secret_files(vm: VirtualMachine) -> list[dict[str, Any]]:
     """Write the VM's file secrets into the guest through its agent (mode 0600): over the
     agent channel only, never the kernel command line or an image. What the outcome records of
     them: name, owner, version, HMAC and path."""
+    if not vm.secrets:
+        return []
     files = [g for g in guests.resolve_records(vm.owner, vm.secrets) if g.file]
     if not files:
         return []

@@ -39,3 +39,18 @@ def test_no_secrets_no_change() -> None:
     m = Masker([])
     assert not m
     assert m.stream().feed(b"abc") == b"abc"
+
+
+def test_a_large_value_costs_little_on_a_large_stream() -> None:
+    import os
+    import time
+
+    key = base64.b64encode(os.urandom(48 * 1024))  # a 64 KiB value, like a big key file
+    m = Masker([("BIG", key)])
+    data = os.urandom(4 << 20) + key + b"tail"
+    stream = m.stream()
+    started = time.monotonic()
+    out = b"".join(stream.feed(data[i : i + 65536]) for i in range(0, len(data), 65536))
+    out += stream.flush()
+    assert time.monotonic() - started < 5.0
+    assert out.endswith(b"[secret:BIG]tail") and key not in out
