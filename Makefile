@@ -80,6 +80,8 @@ MYPY_CORE += vms/network vms/netconfig.py vms/netplumb.py vms/vmnet.py vms/forwa
 	vms/network_api.py sandbox_site/checks.py
 # Networks and egress evidence on the dashboard.
 MYPY_CORE += vms/network_views.py vms/netevidence.py
+# The secrets store: keys, values, masking, who may use them.
+MYPY_CORE += secretstore
 
 lint:
 	$(VENV)/bin/ruff check .

@@ -30,14 +30,23 @@ VM_DRIVE = [
     "vms.snapshot_vm",
     "vms.rollback_snapshot",
 ]
+# The secrets store (secretstore): keeping secrets of one's own (and one's groups') and giving
+# them to guests; reading every secret's metadata (never a value: nobody reads those).
+SECRET_DRIVE = [
+    "secretstore.add_secret",
+    "secretstore.change_secret",
+    "secretstore.delete_secret",
+    "secretstore.use_secret",
+]
+SECRET_VIEW = ["secretstore.view_secret"]
 # What a token's scopes may name: accounts.scopes.SCOPES.
 AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     ADMIN: ["*"],
-    OPERATOR: VM_DRIVE,  # its own VMs only: view_* grants reading everyone's
+    OPERATOR: VM_DRIVE + SECRET_DRIVE,  # its own VMs only: view_* grants reading everyone's
     VIEWER: VM_VIEW,
-    AUDITOR: VM_VIEW + AUDIT,
+    AUDITOR: VM_VIEW + AUDIT + SECRET_VIEW,
 }
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "Kind",
     "create_next",
     "current_and_older",
+    "ensure",
     "env_versions",
     "load",
     "remove",
@@ -123,6 +124,12 @@ def _create(path: Path, nbytes: int = 48) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(value)
     return value
+
+
+def ensure(path: Path, nbytes: int = 48) -> str:
+    """A secret of one version only (the secrets store's generated default key, its audit HMAC
+    key): the one at ``path``, generated there (0600, race-free) when there is none."""
+    return _create(path, nbytes)
 
 
 def create_next(kind: Kind, directory: Path, environ: Mapping[str, str]) -> int:

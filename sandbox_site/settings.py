@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "django_q",
     "audit",
     "accounts",
+    "secretstore",
     "vms",
     # The site itself (top layer): its `serve` command.
     "sandbox_site",
@@ -311,6 +312,17 @@ SANDBOX_TOKEN_MAX_DAYS = env_int("SANDBOX_TOKEN_MAX_DAYS", 365)
 _hmac_versions = keyfiles.load(keyfiles.DIGEST_HMAC, SANDBOX_SECRETS_DIR, os.environ)
 SANDBOX_DIGEST_HMAC_KEYS = {keyfiles.DIGEST_HMAC.key_id(v): k for v, k in _hmac_versions.items()}
 SANDBOX_DIGEST_HMAC_CURRENT = keyfiles.DIGEST_HMAC.key_id(max(_hmac_versions))
+
+# The secrets store (secretstore.crypto): "id:base64key,..." of 32-byte AES-GCM keys, the first
+# current, the others readable until removed (retired); unset, one key generated once into the
+# data dir. Its audit fingerprints use a key of their own.
+SANDBOX_SECRETS_KEYS = os.environ.get("SANDBOX_SECRETS_KEYS") or (
+    "local-1:" + keyfiles.ensure(SANDBOX_SECRETS_DIR / "secrets_key_local_1", 32)
+)
+SANDBOX_SECRETS_HMAC_KEY = os.environ.get("SANDBOX_SECRETS_HMAC_KEY") or keyfiles.ensure(
+    SANDBOX_SECRETS_DIR / "secrets_hmac"
+)
+SANDBOX_SECRET_MAX_BYTES = env_int("SANDBOX_SECRET_MAX_BYTES", 65536)
 
 # --- API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

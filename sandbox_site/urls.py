@@ -11,6 +11,7 @@ from accounts.review_api import AccountsReviewView, accounts_page
 from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
 from sandbox_site import schema as _schema  # noqa: F401 - registers the Bearer token scheme
+from secretstore.api import SecretViewSet
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
@@ -22,6 +23,7 @@ router.register("events", EventViewSet, basename="event")
 router.register("vms", VMViewSet, basename="vm")
 router.register("snapshots", SnapshotViewSet, basename="snapshot")
 router.register("templates", TemplateViewSet, basename="template")
+router.register("secrets", SecretViewSet, basename="secret")
 router.register("networks", NetworkViewSet, basename="network")
 router.register(r"vms/(?P<vm_pk>[^/.]+)/ports", PortForwardViewSet, basename="vm-port")
 
@@ -58,6 +60,7 @@ urlpatterns = [
     path("audit/", include("audit.urls_dashboard")),
     path("vms/", include("vms.urls")),
     path("networks/", include("vms.urls_networks")),
+    path("secrets/", include("secretstore.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("favicon.ico", views.favicon, name="favicon"),

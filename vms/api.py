@@ -17,6 +17,7 @@ from typing import Any
 import django_filters
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.db.models import Q
@@ -38,6 +39,7 @@ from audit.commands import read_details, record_trail_read
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
+from secretstore import guests
 from vms import commands, guest, lifecycle, policy, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 from vms.representation import (
@@ -99,6 +101,29 @@ def _one_query(everyone: bool) -> CompiledQuery:
     return CompiledQuery(qs, {"vm": VM_STAND_IN} | ({} if everyone else {"owner": OWNER_STAND_IN}))
 
 
+class SecretRefsField(serializers.ListField):
+    """``[{"name": ..., "env": "VAR"} | {"name": ..., "file": "/abs/path"}, ...]``, with
+    ``"group"`` to pick a group's secret (``secretstore.guests``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("child", serializers.DictField(child=serializers.CharField()))
+        kwargs.setdefault("required", False)
+        kwargs.setdefault("max_length", guests.MAX_REFS)
+        kwargs.setdefault(
+            "help_text",
+            "secrets to give the guest, by name: each as an environment variable (env) or a "
+            "file (file); values never appear in a response, an event or the output (masked)",
+        )
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        refs = super().to_internal_value(data)
+        try:
+            return guests.validate_refs(refs)
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict.get("secrets", exc.messages)) from exc
+
+
 class VMCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63)
     template = serializers.CharField(max_length=63, default="linux-default")
@@ -109,6 +134,7 @@ class VMCreateSerializer(serializers.Serializer):
     network = serializers.SlugField(
         max_length=63, required=False, help_text="a network's name; default: the default network"
     )
+    secrets = SecretRefsField()
 
 
 class StopSerializer(serializers.Serializer):
@@ -145,6 +171,7 @@ class ExecSerializer(serializers.Serializer):
     )
     stdin_b64 = serializers.CharField(required=False, help_text="bytes, base64")
     timeout = serializers.FloatField(min_value=0.1, default=60.0)
+    secrets = SecretRefsField()
 
     def validate_timeout(self, value: float) -> float:
         from django.conf import settings
@@ -393,6 +420,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             disk_mib=d.get("disk_mib"),
             start_now=d["start"],
             network=d.get("network"),
+            secrets=d.get("secrets"),
         )
         return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
 
@@ -439,6 +467,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             env=d.get("env"),
             stdin=d.get("stdin_bytes"),
             timeout=d["timeout"],
+            secrets=d.get("secrets"),
         )
         return Response(
             {

@@ -31,6 +31,7 @@ from audit.actor import Actor
 from audit.errors import ConcurrencyError
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
+from secretstore import guests
 from vms import enqueue, identity, images, lifecycle, netconfig, policy, previews, quotas
 from vms.models import (
     Network,
@@ -349,6 +350,8 @@ def _new_vm_events(
     source_snapshot: Snapshot | None,
     network: Network | None,
     request: tuple[str, dict[str, Any]] | None = None,
+    secrets: list[dict[str, Any]] | None = None,
+    secrets_seen: list[dict[str, Any]] | None = None,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
@@ -389,6 +392,9 @@ def _new_vm_events(
             "network_id": str(network.pk) if network else None,
             "tap": identity.tap_for(vm_id) if network else "",
             "egress": network.default_egress if network else "none",
+            # Names, owners, versions and HMACs of the secrets it receives: never a value.
+            **({"secrets": secrets} if secrets else {}),
+            **({"secrets_seen": secrets_seen} if secrets_seen else {}),
         },
         expected_version=0,
     )
@@ -438,9 +444,14 @@ def create(
     disk_mib: int | None = None,
     start_now: bool = True,
     network: str | None = None,
+    secrets: list[dict[str, Any]] | None = None,
 ) -> Accepted:
+    """A new VM from ``template``. ``secrets``: references to secrets of the caller's (or its
+    groups') that the guest receives as variables of every exec or files written at every start
+    (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC."""
     policy.require(caller, "create")
     name = _validate_name(name, "name")
+    given = guests.resolve(caller.user, guests.validate_refs(secrets), caller=caller)
     tpl = Template.objects.filter(name=template, enabled=True).first()
     if tpl is None:
         raise ValidationError({"template": f"no enabled template named {template!r}"})
@@ -456,6 +467,7 @@ def create(
         source_snapshot=None,
         network=_network_for_new_vm(network),
         request=(_requested("start"), {}) if start_now else None,
+        secrets=[g.record() for g in given],
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -495,6 +507,9 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
             _requested("restore"),
             {"snapshot_id": str(snap.pk), "clone": True},
         ),
+        # The clone's guest holds what its source's held: its secrets and their masking.
+        secrets=list(snap.vm.secrets) if snap.vm is not None else None,
+        secrets_seen=list(snap.vm.secrets_seen) if snap.vm is not None else None,
     )
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1], snap)

@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from channels.db import database_sync_to_async
 from channels.exceptions import ChannelFull
 from channels.layers import get_channel_layer
 from django.conf import settings
@@ -45,9 +46,12 @@ from accounts.caller import Caller
 from accounts.models import APIToken, User
 from audit import store
 from audit.actor import Actor
+from secretstore import guests
+from secretstore.masking import NO_MASKER, Masker
 from vms import commands, lifecycle, policy, runtime
 from vms.hypervisors.base import HypervisorError, RuntimeDir
 from vms.hypervisors.process import check_peer
+from vms.models import VirtualMachine
 
 log = logging.getLogger("sandbox.vms.console")
 
@@ -129,15 +133,23 @@ class ConsoleHub:
         self.subscribers: set[Subscriber] = set()
         self.scrollback = bytearray()
         self.connected = False
+        # What the guest prints is masked for the secrets it was given before it is kept or
+        # sent (refreshed at each attach: an exec may have given it more since).
+        self.masker: Masker = NO_MASKER
+        self._mask = self.masker.stream()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
     # Called with the relay's lock held, so attach/detach of one VM never interleave.
     async def _attach(self, sub: Subscriber) -> bytes:
+        masker = await database_sync_to_async(masker_for_vm)(self.vm_id)
+        if masker.names != self.masker.names:
+            self.masker, self._mask = masker, masker.stream()
         if self._task is None:
             # Seed the ring from the log before connecting: at worst a line appears twice,
             # never is a line lost.
-            self.scrollback[:] = await asyncio.to_thread(_tail, self.log_path, SCROLLBACK_BYTES)
+            seed = await asyncio.to_thread(_tail, self.log_path, SCROLLBACK_BYTES)
+            self.scrollback[:] = self.masker.mask(seed)
             self._task = asyncio.create_task(self._run(), name=f"console-reader-{self.vm_id}")
         # Snapshot and registration with no await in between: the subscriber gets the ring, then
         # exactly the chunks after it.
@@ -209,7 +221,10 @@ class ConsoleHub:
             self.connected, announced_down = True, False
             self._broadcast_status({"type": "link", "connected": True})
             try:
-                while chunk := await reader.read(READ_CHUNK):
+                while raw := await reader.read(READ_CHUNK):
+                    chunk = self._mask.feed(raw)
+                    if not chunk:
+                        continue  # held back: it may be the start of a value
                     self.scrollback += chunk
                     if len(self.scrollback) > SCROLLBACK_BYTES:
                         del self.scrollback[: len(self.scrollback) - SCROLLBACK_BYTES]
@@ -429,8 +444,13 @@ class Recording:
         title: str,
         record_input: bool,
         now: Callable[[], float] = time.monotonic,
+        masker: Masker = NO_MASKER,
     ) -> None:
         self.path = path
+        # Masked for the guest's secrets before anything is written: what it prints and, when
+        # recorded, what is typed (a value typed into the console too).
+        self._out_mask = masker.stream()
+        self._in_mask = masker.stream()
         self.record_input = record_input
         self._now = now
         self.started = now()
@@ -458,17 +478,19 @@ class Recording:
 
     def output(self, chunk: bytes) -> None:
         self.output_bytes += len(chunk)
-        self._frame("o", self._out.decode(chunk))
+        self._frame("o", self._out.decode(self._out_mask.feed(chunk)))
 
     def input(self, chunk: bytes) -> None:
         self.input_bytes += len(chunk)
         if self.record_input:
-            self._frame("i", self._in.decode(chunk))
+            self._frame("i", self._in.decode(self._in_mask.feed(chunk)))
 
     def _write(self, final: bool) -> None:
         with self._io_lock:
             if final:
-                self._frame("o", self._out.decode(b"", final=True))
+                self._frame("o", self._out.decode(self._out_mask.flush(), final=True))
+                if self.record_input:
+                    self._frame("i", self._in.decode(self._in_mask.flush(), final=True))
             batch, self._pending = self._pending, []
             if not batch:
                 return
@@ -493,6 +515,12 @@ class Recording:
 
 def _line(value: object) -> bytes:
     return (json.dumps(value, ensure_ascii=False, separators=(", ", ": ")) + "\n").encode()
+
+
+def masker_for_vm(vm_id: str | uuid.UUID) -> Masker:
+    """The masker for what comes out of a VM's guest: every secret it was given."""
+    seen = VirtualMachine.objects.filter(pk=vm_id).values_list("secrets_seen", flat=True).first()
+    return guests.masker_for_records(seen or [])
 
 
 def new_recording_path(vm_id: str, session: str) -> tuple[Path, str]:

@@ -378,6 +378,7 @@ class ConsoleConsumer(_Rechecked):
             rows=rows,
             title=f"{access.vm_name} ({user.username}, {access.mode})",
             record_input=access.mode == "write",
+            masker=await database_sync_to_async(console.masker_for_vm)(access.vm_id),
         )
         await self.accept()
         self.outbox = _Outbox(self)

@@ -1,7 +1,8 @@
 """``ws/vms/<id>/exec/``: run one command in the guest and stream its output as it comes.
 
-The client sends one JSON message ``{"argv": [...], "cwd", "env", "stdin", "timeout"}`` (validated
-like the HTTP exec); the server answers with ``{"type": "stdout"|"stderr", "data": <text>,
+The client sends one JSON message ``{"argv": [...], "cwd", "env", "stdin", "timeout",
+"secrets"}`` (validated like the HTTP exec; the output is masked for secrets the same way); the
+server answers with ``{"type": "stdout"|"stderr", "data": <text>,
 "b64": <base64>}`` frames while the command runs and a final ``{"type": "exit", "exit_code",
 "signal", "timed_out", "duration_s", "event_position"}``, then closes. Errors are
 ``{"type": "error", "status", "detail"}`` frames followed by a close. The command runs in a thread
@@ -155,6 +156,7 @@ class ExecConsumer(AsyncWebsocketConsumer):
                     env=data.get("env"),
                     stdin=data.get("stdin_bytes"),
                     timeout=data["timeout"],
+                    secrets=data.get("secrets"),
                     on_stdout=on_stdout,
                     on_stderr=on_stderr,
                     keep=0,  # all of it went out as frames

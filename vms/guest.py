@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import time
@@ -30,6 +31,8 @@ from django.core.exceptions import ValidationError
 from accounts.caller import Caller
 from audit import store
 from audit.errors import EventStoreUnavailable
+from secretstore import guests
+from secretstore.masking import NO_MASKER, Masker, MaskingWriter
 from vms import commands, lifecycle, runtime
 from vms.agent.client import AgentClient, AgentError, AgentTimeout
 from vms.hypervisors.base import HypervisorError
@@ -93,10 +96,10 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
 require_guest_access = commands.require_guest_access
 
 
-def _failure(exc: BaseException, started: float) -> dict[str, Any]:
+def _failure(exc: BaseException, started: float, masker: Masker = NO_MASKER) -> dict[str, Any]:
     code = exc.code if isinstance(exc, AgentError) else type(exc).__name__
     return {
-        "reason": str(exc)[:2000],
+        "reason": masker.mask_text(str(exc))[:2000],
         "code": code,
         "agent_timed_out": isinstance(exc, AgentTimeout),
         "wall_s": round(time.monotonic() - started, 4),
@@ -110,12 +113,13 @@ def _record_failure(
     exc: BaseException,
     started: float,
     extra: dict[str, Any] | None = None,
+    masker: Masker = NO_MASKER,
 ) -> None:
     """Append the failure outcome of ``request``; if the log refuses that too, the request stays
     in the log without an outcome (what happened in the guest is then unknown, as it says)."""
     try:
         commands.record_guest_outcome(
-            caller, request, outcome, {**(extra or {}), **_failure(exc, started)}
+            caller, request, outcome, {**(extra or {}), **_failure(exc, started, masker)}
         )
     except Exception:
         log.exception("%s of request %s not recorded", outcome, request.event_id)
@@ -141,16 +145,29 @@ class ExecOutcome:
 
 
 class _Capture:
-    """One output stream: counted and hashed in full, its first ``limit`` bytes kept."""
+    """One output stream, masked for the guest's secrets first (``secretstore.masking``), then
+    counted and hashed in full, its first ``limit`` bytes kept; ``finish`` releases what the
+    masker held back (the end of the output that could have begun a value)."""
 
-    def __init__(self, forward: Callable[[bytes], None] | None, limit: int) -> None:
+    def __init__(
+        self, forward: Callable[[bytes], None] | None, limit: int, masker: Masker = NO_MASKER
+    ) -> None:
         self.kept = bytearray()
         self.limit = limit
         self.size = 0
         self.digest = hashlib.sha256()
         self.forward = forward
+        self.mask = masker.stream()
 
     def __call__(self, chunk: bytes) -> None:
+        self._take(self.mask.feed(chunk))
+
+    def finish(self) -> None:
+        self._take(self.mask.flush())
+
+    def _take(self, chunk: bytes) -> None:
+        if not chunk:
+            return
         self.size += len(chunk)
         self.digest.update(chunk)
         room = self.limit - len(self.kept)
@@ -172,6 +189,7 @@ def run_exec(
     on_stdout: Callable[[bytes], None] | None = None,
     on_stderr: Callable[[bytes], None] | None = None,
     keep: int | None = None,
+    secrets: list[dict[str, str]] | None = None,
 ) -> ExecOutcome:
     """Record ``vm.exec_requested``, run ``argv`` in the guest, record ``vm.exec_completed``
     (argv, cwd, exit, duration, output sizes and SHA-256; the output itself only with
@@ -180,8 +198,22 @@ def run_exec(
     The outcome holds the first ``keep`` bytes of each stream (default
     SANDBOX_EXEC_OUTPUT_LIMIT) and the full sizes; the rest goes to ``on_stdout``/``on_stderr``
     (a stream) or nowhere, so a request's memory is bounded whatever the command prints.
+
+    Secrets: the VM's own (``vm.secrets``, as variables) and those ``secrets`` names for this
+    command (variables, or files written through the agent before it runs) reach the guest over
+    the agent channel only; the events name them (name, owner, version, HMAC). Everything the
+    command prints is masked for every secret the guest was ever given, before it is kept,
+    hashed, recorded or forwarded, and so are the recorded argv.
     """
     require_guest_access(caller, vm, "exec")
+    refs = guests.validate_refs(secrets)
+    given = guests.resolve(caller.user, refs, caller=caller)
+    own = [g for g in guests.resolve_records(vm.owner, vm.secrets) if g.env] if vm.secrets else []
+    secret_env = {g.env: g.value.decode(errors="surrogateescape") for g in [*own, *given] if g.env}
+    clash = sorted(set(secret_env) & set(env or {}))
+    if clash:
+        raise ValidationError({"env": f"{clash} are given by secrets too: give each one once"})
+    masker = guests.masker_for_records(vm.secrets_seen, extra=[*own, *given])
     if not 0 < timeout <= settings.SANDBOX_EXEC_MAX_TIMEOUT_S:
         # The bound the reconciler relies on to settle an exec whose web process died.
         raise ValidationError(
@@ -190,22 +222,28 @@ def run_exec(
     limit = settings.SANDBOX_EXEC_OUTPUT_LIMIT if keep is None else keep
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         limit = max(limit, RECORDED_OUTPUT)
-    asked = {
-        "argv": argv,
+    shown_argv = [masker.mask_text(a) for a in argv]
+    asked: dict[str, Any] = {
+        "argv": shown_argv,
         "cwd": cwd,
-        "env_keys": sorted(env or {}),  # values may hold secrets: names only
+        "env_keys": sorted({*(env or {}), *secret_env}),  # values may hold secrets: names only
         "stdin_size": len(stdin or b""),
         "timeout": timeout,
     }
+    if given:
+        asked["secrets"] = [g.record() for g in given]
     request = commands.request_guest_access(caller, vm, "exec", asked)
-    out, err = _Capture(on_stdout, limit), _Capture(on_stderr, limit)
+    out, err = _Capture(on_stdout, limit, masker), _Capture(on_stderr, limit, masker)
     started = time.monotonic()
     try:
         with agent_session(vm) as agent:
+            for g in given:
+                if g.file:
+                    agent.put_file(io.BytesIO(g.value), g.file, mode=0o600, mkdirs=True)
             result = agent.exec(
                 argv,
                 cwd=cwd,
-                env=env,
+                env={**(env or {}), **secret_env} or None,
                 stdin=stdin,
                 timeout=timeout,
                 on_stdout=out,
@@ -214,17 +252,22 @@ def run_exec(
                 keep=0,  # kept here, once
             )
     except Exception as exc:
+        out.finish()
+        err.finish()
         _record_failure(
             caller,
             request,
             EXEC_FAILED,
             exc,
             started,
-            {"argv": argv, "stdout_size": out.size, "stderr_size": err.size},
+            {"argv": shown_argv, "stdout_size": out.size, "stderr_size": err.size},
+            masker,
         )
         raise
+    out.finish()
+    err.finish()
     details: dict[str, Any] = {
-        "argv": argv,
+        "argv": shown_argv,
         "cwd": cwd,
         "env_keys": asked["env_keys"],
         "exit_code": result.exit_code,
@@ -238,6 +281,9 @@ def run_exec(
         "stderr_size": err.size,
         "stderr_sha256": err.digest.hexdigest(),
     }
+    masked = sorted(out.mask.masked | err.mask.masked)
+    if masked:
+        details["masked_secrets"] = masked
     if settings.SANDBOX_EXEC_RECORD_OUTPUT:
         details["stdout"] = bytes(out.kept[:RECORDED_OUTPUT]).decode(errors="replace")
         details["stderr"] = bytes(err.kept[:RECORDED_OUTPUT]).decode(errors="replace")
@@ -275,8 +321,11 @@ def _transfer(
     path: str,
     asked: dict[str, Any],
     move: Callable[[Any], Any],
+    after: Callable[[Any], dict[str, Any]] | None = None,
 ) -> tuple[int, str]:
-    """One file transfer, fail closed: request recorded, then the agent, then the outcome."""
+    """One file transfer, fail closed: request recorded, then the agent, then the outcome.
+    ``after``: what to add to the outcome (and return instead of the guest's size and SHA-256:
+    ``size`` and ``sha256`` of what was delivered)."""
     require_guest_access(caller, vm, kind)
     path = validate_guest_path(path)
     done, failed = lifecycle.guest_verb(kind).outcomes()
@@ -289,11 +338,30 @@ def _transfer(
         _record_failure(caller, request, failed, exc, started, {"path": path})
         raise
     data = {"path": path, "size": transfer.size, "sha256": transfer.sha256}
+    delivered = after(transfer) if after is not None else {}
+    data.update(delivered)
     try:
         commands.record_guest_outcome(caller, request, done, data)
     except (EventStoreUnavailable, commands.AlreadySettled) as exc:
         raise OutcomeNotRecorded(request, "the file was transferred", exc) from exc
+    if "delivered_size" in delivered:
+        return delivered["delivered_size"], delivered["delivered_sha256"]
     return transfer.size, transfer.sha256
+
+
+class _Digesting:
+    """A binary file object's ``write`` that also counts and hashes what it writes."""
+
+    def __init__(self, dest: IO[bytes]) -> None:
+        self.dest = dest
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.dest.write(data)
+        self.size += len(data)
+        self.digest.update(data)
+        return len(data)
 
 
 def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> tuple[int, str]:
@@ -316,14 +384,38 @@ def upload(caller: Caller, vm: VirtualMachine, path: str, source: IO[bytes]) -> 
 
 def download(caller: Caller, vm: VirtualMachine, path: str, dest: IO[bytes]) -> tuple[int, str]:
     """Download ``path`` from the guest into ``dest``, a writable binary file object (never a
-    name: TypeError before anything is recorded or asked)."""
+    name: TypeError before anything is recorded or asked).
+
+    What is written is masked for every secret the guest was given (``[secret:NAME]``): a
+    file that holds one comes back masked, so a value never leaves through a download. The
+    outcome records the guest file's size and SHA-256 and, when masked, the names masked and
+    the size and SHA-256 of what was delivered (what this returns)."""
     if isinstance(dest, str | bytes | os.PathLike) or not hasattr(dest, "write"):
         raise TypeError("download writes to a binary file object, never a file name")
+    sink = _Digesting(dest)
+    masker = guests.masker_for_records(vm.secrets_seen)
+    writer = MaskingWriter(sink, masker)
+
+    def after(transfer: Any) -> dict[str, Any]:
+        masked = writer.close_stream()
+        extra: dict[str, Any] = {
+            "delivered_size": sink.size,
+            "delivered_sha256": sink.digest.hexdigest(),
+        }
+        if masked:
+            extra["masked_secrets"] = masked
+        return extra
+
     return _transfer(
         caller,
         vm,
         "file_download",
         path,
         {},
-        lambda agent: agent.get_file(path, dest, timeout=settings.SANDBOX_GUEST_TRANSFER_TIMEOUT_S),
+        lambda agent: agent.get_file(
+            path,
+            writer,  # type: ignore[arg-type]
+            timeout=settings.SANDBOX_GUEST_TRANSFER_TIMEOUT_S,
+        ),
+        after,
     )

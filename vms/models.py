@@ -149,6 +149,12 @@ class VirtualMachine(models.Model):
     )
     last_error = models.TextField(blank=True)
     progress = models.JSONField(default=dict, blank=True)
+    # Secrets (secretstore) the guest receives at every start (files) and exec (variables):
+    # [{"name", "owner", "env" | "file"}], from vm.created. Never a value.
+    secrets = models.JSONField(default=list, blank=True)
+    # Every secret the guest was ever given, by this VM's create, an exec or the VM it was
+    # cloned from: [{"name", "owner"}]. What comes out of the guest is masked for these.
+    secrets_seen = models.JSONField(default=list, blank=True)
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()

@@ -45,6 +45,16 @@ def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -
         row[key] = row.get(key, 0) + value
 
 
+def _seen(seen: list[dict[str, str]], given: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """``seen`` with the secrets of ``given`` (name and owner) added once each."""
+    out = list(seen)
+    for g in given:
+        entry = {"name": g["name"], "owner": g["owner"]}
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
 @register
 class VMProjector(Projector):
     name = "vms.state"
@@ -117,6 +127,8 @@ class VMProjector(Projector):
                     egress=data.get("egress", "none"),
                     source_snapshot_id=data.get("source_snapshot_id"),
                     last_snapshot_id=data.get("source_snapshot_id"),
+                    secrets=list(data.get("secrets", [])),
+                    secrets_seen=_seen([], data.get("secrets_seen", data.get("secrets", []))),
                     created_at=at,
                     updated_at=at,
                     state_changed_at=at,
@@ -216,6 +228,8 @@ class VMProjector(Projector):
                         disk_mib=-vm.disk_mib,
                     )
                     vm.ip = None
+            elif e.type == "vm.exec_requested" and data.get("secrets"):
+                vm.secrets_seen = _seen(vm.secrets_seen, data["secrets"])
             elif e.type == "vm.progress":
                 vm.progress = {k: data[k] for k in ("step", "pct", "message") if k in data}
             elif e.type == "vm.crashed":
@@ -293,6 +307,7 @@ class VMProjector(Projector):
                     "last_error",
                     "progress",
                     "last_snapshot",
+                    "secrets_seen",
                     "version",
                     "updated_at",
                     "state_changed_at",

@@ -40,13 +40,15 @@ __all__ = ["ALLOWED_TASKS", "PACKAGE_KEYS", "install", "refusal", "schedule_refu
 
 log = logging.getLogger("sandbox.vms.worker")
 
-# Every function the product enqueues (vms.tasks, vms.heartbeat, audit.exports) or schedules
+# Every function the product enqueues (vms.tasks, vms.heartbeat, audit.exports, the secrets
+# store's rotation) or schedules
 # (audit.apps, vms.apps): a new task must be added here, or the worker refuses it.
 ALLOWED_TASKS = frozenset(
     {
         "audit.tasks.run_export",
         "audit.tasks.run_projections",
         "audit.tasks.sign_digest",
+        "secretstore.tasks.reencrypt",
         "vms.heartbeat.beat",
         "vms.tasks.apply_network",
         "vms.tasks.apply_network_settings",

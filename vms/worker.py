@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from django.db import transaction
 
 from audit import store
 from audit.models import Event
+from secretstore import guests
 from vms import commands, lifecycle, runtime, vmnet
 from vms.agent import readiness
 from vms.agent.client import AgentClient
@@ -278,6 +280,22 @@ def _configure_identity(vm: VirtualMachine, *, nic: bool = True) -> None:
             agent.configure(time=time.time(), hostname=vm.hostname)
 
 
+def _deliver_secret_files(vm: VirtualMachine) -> list[dict[str, Any]]:
+    """Write the VM's file secrets into the guest through its agent (mode 0600): over the
+    agent channel only, never the kernel command line or an image. What the outcome records of
+    them: name, owner, version, HMAC and path."""
+    if not vm.secrets:
+        return []
+    files = [g for g in guests.resolve_records(vm.owner, vm.secrets) if g.file]
+    if not files:
+        return []
+    with _agent(vm, 30.0) as agent:
+        for g in files:
+            assert g.file is not None
+            agent.put_file(io.BytesIO(g.value), g.file, mode=0o600, mkdirs=True)
+    return [g.record() for g in files]
+
+
 def _kill(vm: VirtualMachine) -> None:
     """Tear the VMM down and unplug the VM's NIC (each whatever became of the other)."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
@@ -371,7 +389,9 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         _progress(request, "booting", 50, "waiting for the guest agent")
         _wait_for_agent(vm)
         _configure_identity(vm)
+    delivered = _deliver_secret_files(vm)
     return {
+        **({"secrets": delivered} if delivered else {}),
         "host": runtime.host_name(),
         "hypervisor": hv.name,
         "pid": pid,
