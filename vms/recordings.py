@@ -30,8 +30,9 @@ from audit import bundle, commands, sections
 from audit.bundle import Attachment
 from audit.models import Event
 from audit.sections import Section
+from vms import lifecycle
 from vms.console import resolve_recording
-from vms.models import VirtualMachine, VMState
+from vms.models import VirtualMachine
 
 __all__ = ["ATTACHMENT", "SECTION", "cast", "replay", "sessions"]
 
@@ -102,7 +103,7 @@ def vm_names(vm_ids: Iterable[str]) -> dict[str, VMName]:
     for pk, name, state in VirtualMachine.objects.filter(pk__in=valid).values_list(
         "pk", "name", "state"
     ):
-        out[str(pk)] = VMName(name, state == VMState.DESTROYED, True)
+        out[str(pk)] = VMName(name, state == lifecycle.GONE, True)
     missing = ids - out.keys()
     if missing:
         created = Event.objects.filter(
