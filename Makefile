@@ -34,11 +34,13 @@ test-sqlite: deps
 
 deps: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The SDK and the `sandbox` CLI are a package of their own (sdk/), installed beside for the tests.
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@command -v qemu-system-x86_64 >/dev/null && command -v npm >/dev/null || $(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e ./sdk
 	touch $@
 
 system-deps:
