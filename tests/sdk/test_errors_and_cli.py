@@ -1,0 +1,188 @@
+"""Typed errors from the API's error bodies, the CLI's output formats and exit codes, login,
+and retries: against the product served for real (no guest needs to run for these)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from click.testing import CliRunner
+from sandbox_sdk import (
+    AuthError,
+    Client,
+    Conflict,
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    Sandbox,
+    Unavailable,
+    _core,
+)
+from sandbox_sdk.cli import cli
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_cli(*args: str, token: str | None = None, input: str | None = None):
+    env = {"SANDBOX_TOKEN": token} if token else {}
+    return CliRunner().invoke(cli, list(args), env=env, input=input, catch_exceptions=False)
+
+
+def test_typed_errors_name_what_refused(sdk_env, make_user, issue_token) -> None:
+    from vms.models import Quota
+
+    owner, viewer = make_user("operator", "owner"), make_user("viewer", "watcher")
+    client = Client(token=issue_token(owner))
+    stopped = Sandbox.create(template="linux-small", name="kept", start=False, client=client)
+    assert stopped.state == "stopped" and stopped.name == "kept"
+
+    with pytest.raises(Conflict) as conflict:
+        stopped.pause()
+    assert conflict.value.status == 409 and conflict.value.state == "stopped"
+    assert "running" in conflict.value.allowed_states
+
+    with pytest.raises(NotFound):
+        Sandbox.connect(str(uuid.uuid4()), client=client)
+
+    watcher = Client(token=issue_token(viewer))
+    seen = Sandbox.connect(stopped.id, client=watcher)  # a viewer sees every VM ...
+    with pytest.raises(Forbidden) as forbidden:  # ... and drives none
+        seen.start()
+    assert forbidden.value.status == 403 and not isinstance(forbidden.value, QuotaExceeded)
+
+    Quota.objects.create(user=owner, max_vms=1)
+    with pytest.raises(QuotaExceeded) as quota:
+        Sandbox.create(template="linux-small", name="one-too-many", start=False, client=client)
+    assert (quota.value.quota, quota.value.limit, quota.value.used) == ("vms", 1, 1)
+    assert quota.value.requested == 1
+
+    with pytest.raises(AuthError) as auth:
+        Sandbox.list(client=Client(token="sbx_not-a-token"))
+    assert auth.value.status == 401
+    # Nothing refused above changed anything: the one VM, still stopped.
+    assert [(s.name, s.state) for s in Sandbox.list(client=client)] == [("kept", "stopped")]
+
+
+def test_cli_tables_json_yaml_and_exit_codes(sdk_env, make_user, issue_token) -> None:
+    from vms.models import Quota
+
+    owner, viewer = make_user("operator", "owner"), make_user("viewer", "watcher")
+    token, viewer_token = issue_token(owner), issue_token(viewer)
+
+    created = run_cli(
+        "-o", "json", "vm", "create", "cli-1", "-t", "linux-small", "--no-start", token=token
+    )
+    assert created.exit_code == 0, created.output
+    vm = json.loads(created.stdout)
+    assert (vm["name"], vm["state"], vm["template"]) == ("cli-1", "stopped", "linux-small")
+
+    listed = run_cli("vm", "ls", token=token)
+    assert listed.exit_code == 0
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == [
+        "ID",
+        "NAME",
+        "STATE",
+        "TEMPLATE",
+        "VCPUS",
+        "MEMORY_MIB",
+        "IP",
+        "CREATED_AT",
+    ]
+    assert len(rows) == 1 and rows[0].split()[:4] == [vm["id"], "cli-1", "stopped", "linux-small"]
+
+    as_json = json.loads(run_cli("-o", "json", "vm", "ls", token=token).stdout)
+    assert [v["id"] for v in as_json] == [vm["id"]]
+    as_yaml = yaml.safe_load(run_cli("-o", "yaml", "vm", "show", "cli-1", token=token).stdout)
+    assert as_yaml["id"] == vm["id"] and as_yaml["state"] == "stopped"
+    shown = run_cli("vm", "show", vm["id"], token=token).stdout
+    assert any(line.split() == ["state", "stopped"] for line in shown.splitlines())
+
+    def refused(*args: str, code: int, who: str = token, says: str = "") -> None:
+        result = run_cli(*args, token=who)
+        assert result.exit_code == code, (args, result.exit_code, result.stdout, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sandbox: "), result.stderr
+        assert says in lines[0], lines[0]
+        assert result.stdout == ""
+
+    refused("vm", "show", str(uuid.uuid4()), code=3, says="404")
+    refused("vm", "show", "no-such-name", code=3, says="no VM named")
+    refused("vm", "start", "cli-1", code=4, who=viewer_token, says="403")
+    refused("vm", "pause", "cli-1", code=5, says="state: stopped")
+    Quota.objects.create(user=owner, max_vms=1)
+    refused("vm", "create", "cli-2", "-t", "linux-small", "--no-start", code=6, says="quota vms")
+    refused("vm", "ls", code=8, who="sbx_wrong", says="401")
+    usage = run_cli("vm", "cp", "a", "b", token=token)
+    assert usage.exit_code == 2 and "exactly one side" in usage.stderr
+
+    # The installed entry point: the same codes for a script.
+    entry = Path(sys.executable).parent / "sandbox"
+    done = subprocess.run(
+        [str(entry), "vm", "show", str(uuid.uuid4())],
+        env={"SANDBOX_URL": sdk_env.url, "SANDBOX_TOKEN": token, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3 and done.stderr.startswith("sandbox: 404"), done.stderr
+
+
+def test_login_stores_a_checked_token_for_the_owner_only(
+    sdk_env, make_user, issue_token, tmp_path
+) -> None:
+    token = issue_token(make_user("operator", "owner"))
+    bad = run_cli("login", "--url", sdk_env.url, "--token", "sbx_wrong")
+    assert bad.exit_code == 8 and not _core.config_path().exists()
+
+    good = run_cli("login", "--url", sdk_env.url, input=f"{token}\n")
+    assert good.exit_code == 0, good.output
+    path = _core.config_path()
+    assert path.is_relative_to(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text()) == {"url": sdk_env.url, "token": token}
+    # Later commands use it without SANDBOX_TOKEN.
+    listed = CliRunner().invoke(cli, ["-o", "json", "vm", "ls"], env={"SANDBOX_URL": None})
+    assert listed.exit_code == 0 and json.loads(listed.stdout) == []
+
+
+def test_only_idempotent_calls_are_retried_on_503(monkeypatch) -> None:
+    monkeypatch.setattr(_core, "backoff", lambda attempt: 0.0)
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        if len(seen) < 3:
+            return httpx.Response(503, json={"detail": "busy"})
+        return httpx.Response(200, json={"id": "x", "name": "n", "state": "running"})
+
+    client = Client("http://127.0.0.1:9", "t")
+    client.http = httpx.Client(
+        base_url=client.http.base_url, transport=httpx.MockTransport(handler)
+    )
+    assert Sandbox.connect("x", client=client).state == "running"
+    assert seen == ["GET", "GET", "GET"]
+
+    seen.clear()
+    with pytest.raises(Unavailable):  # a POST may have been carried out: never repeated
+        client.run(_core.vm_action("x", "pause", None, False, None))
+    assert seen == ["POST"]
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        raise httpx.ConnectError("refused")
+
+    seen.clear()
+    client.http = httpx.Client(
+        base_url=client.http.base_url, transport=httpx.MockTransport(unreachable)
+    )
+    with pytest.raises(Unavailable):
+        Sandbox.connect("x", client=client)
+    assert seen == ["GET"] * (1 + _core.RETRIES)
