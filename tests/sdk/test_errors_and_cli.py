@@ -3,6 +3,7 @@ and retries: against the product served for real (no guest needs to run for thes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import stat
 import subprocess
@@ -16,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 from sandbox_sdk import (
     AuthError,
+    ChecksumMismatch,
     Client,
     Conflict,
     Forbidden,
@@ -186,3 +188,24 @@ def test_only_idempotent_calls_are_retried_on_503(monkeypatch) -> None:
     with pytest.raises(Unavailable):
         Sandbox.connect("x", client=client)
     assert seen == ["GET"] * (1 + _core.RETRIES)
+
+
+def test_keep_leaves_the_vm(sdk_env, make_user, issue_token) -> None:
+    client = Client(token=issue_token(make_user("operator", "owner")))
+    with Sandbox.create(template="linux-small", start=False, keep=True, client=client) as sb:
+        vm_id = sb.id
+    assert Sandbox.connect(vm_id, client=client).state == "stopped"
+    with Sandbox.connect(vm_id, client=client):  # connected to, not made here: kept too
+        pass
+    assert Sandbox.connect(vm_id, client=client).state == "stopped"
+
+
+def test_a_digest_other_than_the_servers_is_refused() -> None:
+    download = _core.download("vm", "/x", None)
+    next(download)
+    with pytest.raises(ChecksumMismatch):
+        download.send(_core.Reply(200, {"x-content-sha256": "0" * 64}, b"payload"))
+    upload = _core.upload("vm", "/x", b"payload", hashlib.sha256(b"payload").hexdigest())
+    next(upload)
+    with pytest.raises(ChecksumMismatch):
+        upload.send(_core.Reply(201, {}, json.dumps({"sha256": "0" * 64}).encode()))
