@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from sandbox_sdk import _core
 from sandbox_sdk._base import Snapshot, VMView, snapshot_id
@@ -159,7 +160,7 @@ class AsyncExecStream:
             async with ws_connect(
                 config.ws_url(_core.exec_ws_path(self.vm_id)),
                 additional_headers=config.headers,
-                origin=config.url,  # type: ignore[arg-type]
+                origin=Origin(config.url),
                 open_timeout=config.timeout,
                 max_size=None,
             ) as ws:
