@@ -406,7 +406,22 @@ def closed_error(code: int | None) -> SandboxError:
     status = CLOSE_STATUS.get(code or 0)
     if status is not None:
         return error_from(status, {"detail": f"the websocket was closed ({code})"})
-    return SandboxError(f"the exec websocket closed before the command's exit ({code})")
+    return SandboxError(f"the websocket closed ({code})")
+
+
+def console_ws_path(vm_id: str, cols: int, rows: int) -> str:
+    return f"/ws/vms/{_id(vm_id)}/console/?cols={int(cols)}&rows={int(rows)}"
+
+
+def parse_console_frame(frame: str | bytes) -> bytes | dict[str, Any]:
+    """A console frame: terminal bytes (binary), or a status message (text: JSON)."""
+    if isinstance(frame, bytes):
+        return frame
+    try:
+        message = json.loads(frame)
+    except ValueError:
+        return {"type": "unknown", "text": frame}
+    return message if isinstance(message, dict) else {"type": "unknown", "text": frame}
 
 
 def files_path(vm_id: str) -> str:

@@ -9,9 +9,15 @@ it timed out, 128 + N when signal N ended it). Errors are one line on stderr: ``
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
+import shutil
 import sys
+import termios
+import threading
 import time
+import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -319,6 +325,64 @@ def vm_exec(
     if status.signal:
         sys.exit(128 + int(status.signal))
     sys.exit(int(status.exit_code or 0))
+
+
+DETACH = b"\x1d"  # Ctrl-]
+
+
+@vm.command("console")
+@click.argument("ref")
+@pass_state
+def vm_console(state: State, ref: str) -> None:
+    """Attach to the VM's serial console; Ctrl-] detaches.
+
+    The terminal is put in raw mode (keys go to the guest as typed) and restored on exit.
+    A viewer (or a read-only token) watches: what it types is dropped.
+    """
+    sandbox = state.sandbox(ref)
+    size = shutil.get_terminal_size()
+    stdin_fd, stdout_fd = sys.stdin.fileno(), sys.stdout.fileno()
+    interactive = os.isatty(stdin_fd)
+    with sandbox.console(cols=size.columns, rows=size.lines) as con:
+        saved = termios.tcgetattr(stdin_fd) if interactive else None
+        ended = threading.Event()
+
+        def show() -> None:
+            try:
+                for item in con:
+                    if isinstance(item, bytes):
+                        os.write(stdout_fd, item)
+                    elif item.get("type") == "session":
+                        note = f"[console of {item.get('vm')}, {item.get('mode')}; Ctrl-] detaches]"
+                        os.write(stdout_fd, (note + "\r\n").encode())
+                    elif item.get("type") == "link" and not item.get("connected", True):
+                        os.write(stdout_fd, f"[{item.get('reason', 'link down')}]\r\n".encode())
+            finally:
+                ended.set()
+
+        reader = threading.Thread(target=show, daemon=True)
+        try:
+            if saved is not None:
+                tty.setraw(stdin_fd)
+            reader.start()
+            while not ended.is_set():
+                ready, _, _ = select.select([stdin_fd], [], [], 0.2)
+                if not ready:
+                    continue
+                data = os.read(stdin_fd, 1024)
+                if not data:
+                    break
+                if DETACH in data:
+                    head = data.split(DETACH, 1)[0]
+                    if head:
+                        con.send(head)
+                    break
+                con.send(data)
+        finally:
+            if saved is not None:
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+    reader.join(timeout=5)
+    click.echo("\r\n[detached]", err=True)
 
 
 @vm.command("cp")

@@ -6,6 +6,7 @@ calls they yield."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import time
@@ -191,6 +192,60 @@ class ExecStream:
             timed_out=self.status.timed_out,
             duration_s=self.status.duration_s,
         )
+
+
+class Console:
+    """A VM's serial console over its websocket: ``send`` keystrokes (bytes); ``recv`` (or
+    iterate) for terminal output (bytes) and status messages (dicts: ``session`` with the
+    ``mode``, ``link`` when the console relay comes or goes). Use it as a context manager.
+    A read-only caller (a viewer, a read-only token) watches: its input is dropped."""
+
+    def __init__(self, client: Client, vm_id: str, cols: int = 80, rows: int = 24) -> None:
+        self.client, self.vm_id, self.cols, self.rows = client, vm_id, cols, rows
+        self.ws: Any = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Console:
+        config = self.client.config
+        try:
+            self.ws = self._stack.enter_context(
+                ws_connect(
+                    config.ws_url(_core.console_ws_path(self.vm_id, self.cols, self.rows)),
+                    additional_headers=config.headers,
+                    origin=Origin(config.url),
+                    open_timeout=config.timeout,
+                    max_size=None,
+                )
+            )
+        except InvalidStatus as exc:
+            raise error_from(exc.response.status_code, {"detail": "console refused"}) from exc
+        except OSError as exc:
+            raise Unavailable(f"cannot reach {config.url}: {exc}") from exc
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def send(self, data: bytes | str) -> None:
+        self.ws.send(data.encode() if isinstance(data, str) else data)
+
+    def recv(self, timeout: float | None = None) -> bytes | dict[str, Any]:
+        """The next frame; ``TimeoutError`` after ``timeout`` s, ``SandboxError`` once closed."""
+        try:
+            return _core.parse_console_frame(self.ws.recv(timeout))
+        except ConnectionClosed as exc:
+            raise _core.closed_error(exc.rcvd.code if exc.rcvd else None) from exc
+
+    def __iter__(self) -> Iterator[bytes | dict[str, Any]]:
+        while True:
+            try:
+                frame = self.ws.recv()
+            except ConnectionClosed:
+                return
+            yield _core.parse_console_frame(frame)
 
 
 class Files:
@@ -406,6 +461,10 @@ class Sandbox(VMView):
         """Run a command (a string runs under ``sh -c``); its exit code and output."""
         body = _core.exec_body(argv, stdin, env, cwd, timeout)
         return self.client.run(_core.run_exec(self.id, body))
+
+    def console(self, *, cols: int = 80, rows: int = 24) -> Console:
+        """The serial console (a context manager): see ``Console``."""
+        return Console(self.client, self.id, cols, rows)
 
     def exec_stream(
         self,

@@ -30,7 +30,7 @@ def test_the_sdk_pages_examples_run(sdk_env, worker, make_user, issue_token, mon
 
     owner = make_user("operator", "docs")
     monkeypatch.setenv("SANDBOX_TOKEN", issue_token(owner))
-    sandbox, asynchronous, errors = examples()
+    sandbox, console, asynchronous, errors = examples()
 
     printed = run(sandbox)
     assert "0 hello from demo" in printed and "exit 0" in printed
@@ -39,6 +39,7 @@ def test_the_sdk_pages_examples_run(sdk_env, worker, make_user, issue_token, mon
         "stdout 2",
         "stdout 3",
     ]
+    assert "'type': 'session', 'session'" in run(console)
     assert run(asynchronous).endswith("a\nb\n")
 
     Quota.objects.create(user=owner, max_vms=0)

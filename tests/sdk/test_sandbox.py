@@ -5,10 +5,16 @@ snapshot, restore, clone, and destroy on exit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import pty
+import select
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -111,6 +117,31 @@ def test_a_sandbox_from_create_to_destroy_on_exit(
         assert copied.exit_code == 0, copied.output
         assert (tmp_path / "blob.bin").read_bytes() == payload
 
+        # The serial console: from the SDK, then `sandbox vm console` driven through a pty.
+        with sb.console(cols=100, rows=30) as con:
+            first = con.recv(timeout=30)
+            assert isinstance(first, dict) and first["type"] == "session"
+            assert first["mode"] == "write"
+            screen = b""
+
+            def until(marker: bytes) -> None:
+                nonlocal screen
+                deadline = time.monotonic() + 30
+                while marker not in screen and time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        frame = con.recv(timeout=1)
+                        screen += frame if isinstance(frame, bytes) else b""
+
+            con.send(b"\r")  # a fresh prompt once the console is attached
+            until(b"# ")
+            con.send(b"echo sdk$((6*7))\r")
+            until(b"sdk42")
+            assert b"sdk42" in screen, screen[-500:]
+        typed = console_through_a_pty(
+            ["vm", "console", "sdk-1"], token, b"echo cli$((6*7))\r", b"cli42"
+        )
+        assert b"Ctrl-] detaches" in typed
+
         # Pause and resume; a second pause is a conflict naming the state.
         sb.pause()
         assert sb.state == "paused"
@@ -147,3 +178,48 @@ def test_a_sandbox_from_create_to_destroy_on_exit(
     for step in ("vm.exec_completed", "vm.file_uploaded", "vm.snapshotted", "vm.restored"):
         assert step in kinds
     assert [k for k in kinds if k.startswith("vm.")][-1] == "vm.destroyed"
+
+
+def console_through_a_pty(args: list[str], token: str, typed: bytes, expect: bytes) -> bytes:
+    """Run the installed ``sandbox`` on a pseudo-terminal, type once the session is announced,
+    read until ``expect`` appears, detach with Ctrl-]: the process must exit 0."""
+    entry = Path(sys.executable).parent / "sandbox"
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [str(entry), *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "SANDBOX_TOKEN": token},
+        start_new_session=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            assert time.monotonic() < deadline, (marker, seen[-800:])
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:  # the other side closed
+                    break
+        assert marker in seen, (marker, seen[-800:])
+
+    try:
+        read_until(b"Ctrl-] detaches", 30)
+        os.write(master, b"\r")  # a fresh prompt once the console is attached
+        read_until(b"# ", 30)
+        os.write(master, typed)
+        read_until(expect, 30)
+        os.write(master, b"\x1d")
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        os.close(master)
+    return seen
