@@ -209,3 +209,18 @@ def test_a_digest_other_than_the_servers_is_refused() -> None:
     next(upload)
     with pytest.raises(ChecksumMismatch):
         upload.send(_core.Reply(201, {}, json.dumps({"sha256": "0" * 64}).encode()))
+
+
+def test_the_sdk_and_cli_import_no_django() -> None:
+    """The SDK is installable alone: nothing of it imports Django or the product's apps."""
+    code = (
+        "import sys, sandbox_sdk, sandbox_sdk.cli, sandbox_sdk.aio;"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'django', 'rest_framework', 'channels', 'core', 'audit', 'accounts', 'vms', 'sandbox_site'});"
+        "print(bad)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd="/"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
