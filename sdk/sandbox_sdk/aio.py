@@ -231,6 +231,7 @@ class AsyncSandbox(VMView):
 
     def __init__(self, client: AsyncClient, info: dict[str, Any], *, keep: bool = False) -> None:
         self.client, self.info, self.keep = client, info, keep
+        self.owns_client = False  # made for this sandbox alone: closed on exit of its block
         self.files = AsyncFiles(self)
 
     # --- finding and making ---
@@ -253,6 +254,7 @@ class AsyncSandbox(VMView):
         token: str | None = None,
     ) -> AsyncSandbox:
         """Create a VM and wait (at most ``timeout`` s) until it runs (or exists, unstarted)."""
+        owned = client is None
         client = client or AsyncClient(url, token)
         op = _core.create_vm(
             name=name,
@@ -264,7 +266,9 @@ class AsyncSandbox(VMView):
             network=network,
             timeout=timeout,
         )
-        return cls(client, await client.run(op), keep=keep)
+        made = cls(client, await client.run(op), keep=keep)
+        made.owns_client = owned
+        return made
 
     @classmethod
     async def connect(
@@ -276,8 +280,11 @@ class AsyncSandbox(VMView):
         token: str | None = None,
     ) -> AsyncSandbox:
         """An existing VM; kept on exit of a ``with`` block (it was not made here)."""
+        owned = client is None
         client = client or AsyncClient(url, token)
-        return cls(client, await client.run(_core.get_vm(vm_id)), keep=True)
+        made = cls(client, await client.run(_core.get_vm(vm_id)), keep=True)
+        made.owns_client = owned
+        return made
 
     @classmethod
     async def list(
@@ -302,11 +309,15 @@ class AsyncSandbox(VMView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.keep:
-            try:
-                await self.destroy()
-            except NotFound:
-                pass
+        try:
+            if not self.keep:
+                try:
+                    await self.destroy()
+                except NotFound:
+                    pass
+        finally:
+            if self.owns_client:
+                await self.client.close()
 
     async def refresh(self) -> AsyncSandbox:
         self.info = await self.client.run(_core.get_vm(self.id))

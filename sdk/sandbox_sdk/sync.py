@@ -282,6 +282,7 @@ class Sandbox(VMView):
 
     def __init__(self, client: Client, info: dict[str, Any], *, keep: bool = False) -> None:
         self.client, self.info, self.keep = client, info, keep
+        self.owns_client = False  # made for this sandbox alone: closed on exit of its block
         self.files = Files(self)
 
     # --- finding and making ---
@@ -304,6 +305,7 @@ class Sandbox(VMView):
         token: str | None = None,
     ) -> Sandbox:
         """Create a VM and wait (at most ``timeout`` s) until it runs (or exists, unstarted)."""
+        owned = client is None
         client = client or Client(url, token)
         op = _core.create_vm(
             name=name,
@@ -315,7 +317,9 @@ class Sandbox(VMView):
             network=network,
             timeout=timeout,
         )
-        return cls(client, client.run(op), keep=keep)
+        made = cls(client, client.run(op), keep=keep)
+        made.owns_client = owned
+        return made
 
     @classmethod
     def connect(
@@ -327,8 +331,11 @@ class Sandbox(VMView):
         token: str | None = None,
     ) -> Sandbox:
         """An existing VM; kept on exit of a ``with`` block (it was not made here)."""
+        owned = client is None
         client = client or Client(url, token)
-        return cls(client, client.run(_core.get_vm(vm_id)), keep=True)
+        made = cls(client, client.run(_core.get_vm(vm_id)), keep=True)
+        made.owns_client = owned
+        return made
 
     @classmethod
     def list(
@@ -353,11 +360,15 @@ class Sandbox(VMView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if not self.keep:
-            try:
-                self.destroy()
-            except NotFound:
-                pass
+        try:
+            if not self.keep:
+                try:
+                    self.destroy()
+                except NotFound:
+                    pass
+        finally:
+            if self.owns_client:
+                self.client.close()
 
     def refresh(self) -> Sandbox:
         self.info = self.client.run(_core.get_vm(self.id))
