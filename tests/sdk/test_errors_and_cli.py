@@ -23,6 +23,7 @@ from sandbox_sdk import (
     Forbidden,
     NotFound,
     QuotaExceeded,
+    RequestFailed,
     Sandbox,
     Unavailable,
     _core,
@@ -122,6 +123,11 @@ def test_cli_tables_json_yaml_and_exit_codes(sdk_env, make_user, issue_token) ->
     Quota.objects.create(user=owner, max_vms=1)
     refused("vm", "create", "cli-2", "-t", "linux-small", "--no-start", code=6, says="quota vms")
     refused("vm", "ls", code=8, who="sbx_wrong", says="401")
+    # No worker runs in this test: a start stays pending, and the wait gives up.
+    Quota.objects.filter(user=owner).update(max_vms=5)
+    refused(
+        "vm", "create", "cli-3", "-t", "linux-small", "--timeout", "0.5", code=9, says="pending"
+    )
     usage = run_cli("vm", "cp", "a", "b", token=token)
     assert usage.exit_code == 2 and "exactly one side" in usage.stderr
 
@@ -224,3 +230,16 @@ def test_the_sdk_and_cli_import_no_django() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_failed_request_raises_with_its_reason(sdk_env, worker, make_user, issue_token) -> None:
+    """The worker's outcome is a failure (no Windows image on this host): RequestFailed with the
+    outcome event's reason, and exit code 10 from the CLI."""
+    token = issue_token(make_user("admin", "boss"))
+    with pytest.raises(RequestFailed) as failed:
+        Sandbox.create(template="windows-default", name="win-1", client=Client(token=token))
+    assert failed.value.outcome["type"] == "vm.start_failed"
+    assert "no Windows image" in str(failed.value)
+    result = run_cli("vm", "create", "win-2", "-t", "windows-default", token=token)
+    assert result.exit_code == 10, (result.stdout, result.stderr)
+    assert result.stderr.startswith("sandbox: vm.start_failed: ") and "Windows" in result.stderr
