@@ -443,6 +443,14 @@ def download(vm_id: str, remote: str, local: Path | None) -> Op:
     """GET ``remote`` (into ``local`` when given): the bytes (or None), checked against the
     ``X-Content-SHA256`` the server reports."""
     call = Call("GET", files_path(vm_id), params={"path": remote}, download=local)
+    data, _ = yield from checked_download(call, remote)
+    return data
+
+
+def checked_download(call: Call, remote: str) -> Op:
+    """The body (None when streamed to a file) and its SHA-256, which must be the one the
+    server reports (``X-Content-SHA256``)."""
+    local = call.download
     reply: Reply = yield call
     check(reply, call)
     reported = reply.headers.get("x-content-sha256")
@@ -451,7 +459,32 @@ def download(vm_id: str, remote: str, local: Path | None) -> Op:
         got = hashlib.sha256(reply.body).hexdigest()
     if not reported or reported != got:
         raise ChecksumMismatch(f"{remote}: received SHA-256 {got}, the server reports {reported}")
-    return None if local is not None else reply.body
+    return (None if local is not None else reply.body), got
+
+
+# --- Audit exports ----------------------------------------------------------------------------
+
+EXPORT_KINDS = ("report", "bundle")
+
+
+def start_export(kind: str, body: dict[str, Any]) -> Op:
+    """``POST /audit/reports/`` or ``/audit/bundles/``: the export job (201 done, 202 queued)."""
+    if kind not in EXPORT_KINDS:
+        raise SandboxError(f"an export is a report or a bundle, not {kind!r}")
+    return (yield from request(Call("POST", f"/audit/{kind}s/", json=body, ok=(201, 202))))
+
+
+def export_job(job_id: str) -> Op:
+    return (yield from request(Call("GET", f"/audit/exports/{_id(job_id)}/")))
+
+
+def download_export(job: dict[str, Any], local: Path) -> Op:
+    """The finished export's file into ``local``, checked against the job's SHA-256 and the
+    download's ``X-Content-SHA256``."""
+    call = Call("GET", f"/audit/exports/{_id(str(job['id']))}/download/", download=local)
+    _, digest = yield from checked_download(call, str(job.get("file_name") or job["id"]))
+    if job.get("sha256") and digest != job["sha256"]:
+        raise ChecksumMismatch(f"{local}: SHA-256 {digest}, the export job says {job['sha256']}")
 
 
 # --- Events -----------------------------------------------------------------------------------

@@ -479,6 +479,62 @@ def snapshot_ls(state: State, vm_ref: str | None) -> None:
     render(state, state.client.run(_core.list_snapshots(vm_id)), SNAPSHOT_COLUMNS)
 
 
+# --- audit ------------------------------------------------------------------------------------
+
+
+@cli.group(cls=Group)
+def audit() -> None:
+    """Audit exports (needs the export permission: auditors, admins)."""
+
+
+@audit.command("export")
+@click.argument("kind", type=click.Choice(_core.EXPORT_KINDS))
+@click.option("--since", required=True, help="ISO 8601 date or date-time (UTC if no offset)")
+@click.option("--until", required=True, help="ISO 8601 date or date-time, excluded")
+@click.option("--framework", help="a report's: soc2, iso27001, hipaa, pci_dss, gdpr")
+@click.option("--format", "fmt", default="json", show_default=True, help="a report's: json|csv|pdf")
+@click.option("-O", "--out", "out", type=click.Path(path_type=Path), help="the file to write")
+@click.option("--timeout", type=float, default=3600.0, show_default=True)
+@pass_state
+def audit_export(
+    state: State,
+    kind: str,
+    since: str,
+    until: str,
+    framework: str | None,
+    fmt: str,
+    out: Path | None,
+    timeout: float,
+) -> None:
+    """Export a compliance report or an evidence bundle to a file, with a progress bar.
+
+    sandbox audit export report --framework soc2 --format pdf --since 2026-01-01 --until 2026-04-01
+    """
+    body: dict[str, Any] = {"since": since, "until": until}
+    if kind == "report":
+        if not framework:
+            raise click.UsageError("a report needs --framework")
+        body.update(framework=framework, format=fmt)
+    job = state.client.run(_core.start_export(kind, body))
+    deadline = time.monotonic() + timeout
+    with click.progressbar(length=100, label=f"exporting {kind}", file=sys.stderr) as bar:
+        shown = 0
+        while job["status"] not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"export {job['id']} still {job['status']} after {timeout:g} s")
+            time.sleep(0.5)
+            job = state.client.run(_core.export_job(str(job["id"])))
+            percent = int(job.get("percent") or 0)
+            bar.update(max(0, percent - shown))
+            shown = max(shown, percent)
+        if job["status"] == "failed":
+            raise RequestFailed(f"export {job['id']} failed: {job.get('error') or 'no reason'}")
+        bar.update(100 - shown)
+    target = out or Path(job.get("file_name") or f"export-{job['id']}")
+    state.client.run(_core.download_export(job, target))
+    click.echo(f"{target} ({job.get('size')} bytes, sha256 {job.get('sha256')})")
+
+
 # --- events -----------------------------------------------------------------------------------
 
 

@@ -243,3 +243,20 @@ def test_a_failed_request_raises_with_its_reason(sdk_env, worker, make_user, iss
     result = run_cli("vm", "create", "win-2", "-t", "windows-default", token=token)
     assert result.exit_code == 10, (result.stdout, result.stderr)
     assert result.stderr.startswith("sandbox: vm.start_failed: ") and "Windows" in result.stderr
+
+
+def test_audit_export_writes_the_checked_file(sdk_env, make_user, issue_token, tmp_path) -> None:
+    auditor = issue_token(make_user("auditor", "reader"))
+    out = tmp_path / "soc2.json"
+    args = ["audit", "export", "report", "--framework", "soc2", "--format", "json"]
+    args += ["--since", "2020-01-01", "--until", "2100-01-01", "-O", str(out)]
+    result = run_cli(*args, token=auditor)
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert result.stdout.strip().endswith(f"sha256 {digest})")
+    assert "exporting report" in result.stderr  # the progress bar
+    assert json.loads(out.read_bytes())  # the report itself
+    operator = issue_token(make_user("operator", "nosy"))
+    refused = run_cli(*args, token=operator)
+    assert refused.exit_code == 4 and refused.stderr.startswith("sandbox: 403")
+    assert run_cli("audit", "export", "report", "--since", "x", "--until", "y").exit_code == 2
