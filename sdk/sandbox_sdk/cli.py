@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 
 import click
 import yaml
+from click.shell_completion import get_completion_class
 
 from sandbox_sdk import _core
 from sandbox_sdk._core import Config
@@ -596,6 +597,15 @@ def _print_events(state: State, rows: list[dict[str, Any]], header: bool) -> Non
                 click.echo(json.dumps(row, sort_keys=True, default=str))
             else:
                 click.echo("---\n" + yaml.safe_dump(row, sort_keys=True).rstrip())
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(sandbox completion bash)"."""
+    kind = get_completion_class(shell)
+    assert kind is not None
+    click.echo(kind(cli, {}, "sandbox", "_SANDBOX_COMPLETE").source())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -260,3 +260,12 @@ def test_audit_export_writes_the_checked_file(sdk_env, make_user, issue_token, t
     refused = run_cli(*args, token=operator)
     assert refused.exit_code == 4 and refused.stderr.startswith("sandbox: 403")
     assert run_cli("audit", "export", "report", "--since", "x", "--until", "y").exit_code == 2
+
+
+def test_shell_completion() -> None:
+    script = run_cli("completion", "bash")
+    assert script.exit_code == 0 and "_SANDBOX_COMPLETE=bash_complete" in script.stdout
+    entry = Path(sys.executable).parent / "sandbox"
+    env = {"COMP_WORDS": "sandbox vm ex", "COMP_CWORD": "2", "_SANDBOX_COMPLETE": "bash_complete"}
+    done = subprocess.run([str(entry)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["plain,exec"]
