@@ -7,7 +7,7 @@ with Sandbox.create(template="linux-small") as sb:
 
 from sandbox_sdk._base import Snapshot
 from sandbox_sdk._core import Chunk, ExecResult, ExecStatus
-from sandbox_sdk.aio import AsyncClient, AsyncExecStream, AsyncSandbox
+from sandbox_sdk.aio import AsyncClient, AsyncConsole, AsyncExecStream, AsyncSandbox
 from sandbox_sdk.errors import (
     AuthError,
     BadRequest,
@@ -22,10 +22,11 @@ from sandbox_sdk.errors import (
     Unavailable,
     WaitTimeout,
 )
-from sandbox_sdk.sync import Client, ExecStream, Sandbox
+from sandbox_sdk.sync import Client, Console, ExecStream, Sandbox
 
 __all__ = [
     "AsyncClient",
+    "AsyncConsole",
     "AsyncExecStream",
     "AsyncSandbox",
     "AuthError",
@@ -34,6 +35,7 @@ __all__ = [
     "Chunk",
     "Client",
     "Conflict",
+    "Console",
     "ExecResult",
     "ExecStatus",
     "ExecStream",

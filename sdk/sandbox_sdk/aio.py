@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator, Iterable
@@ -195,6 +196,62 @@ class AsyncExecStream:
             timed_out=self.status.timed_out,
             duration_s=self.status.duration_s,
         )
+
+
+class AsyncConsole:
+    """``sandbox_sdk.sync.Console`` under asyncio: ``async with``, ``await send``, ``await recv``,
+    ``async for``."""
+
+    def __init__(self, client: AsyncClient, vm_id: str, cols: int = 80, rows: int = 24) -> None:
+        self.client, self.vm_id, self.cols, self.rows = client, vm_id, cols, rows
+        self.ws: Any = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> AsyncConsole:
+        config = self.client.config
+        try:
+            self.ws = await self._stack.enter_async_context(
+                ws_connect(
+                    config.ws_url(_core.console_ws_path(self.vm_id, self.cols, self.rows)),
+                    additional_headers=config.headers,
+                    origin=Origin(config.url),
+                    open_timeout=config.timeout,
+                    max_size=None,
+                )
+            )
+        except InvalidStatus as exc:
+            raise error_from(exc.response.status_code, {"detail": "console refused"}) from exc
+        except OSError as exc:
+            raise Unavailable(f"cannot reach {config.url}: {exc}") from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def send(self, data: bytes | str) -> None:
+        await self.ws.send(data.encode() if isinstance(data, str) else data)
+
+    async def recv(self, timeout: float | None = None) -> bytes | dict[str, Any]:
+        """The next frame; ``TimeoutError`` after ``timeout`` s, ``SandboxError`` once closed."""
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            raise _core.closed_error(exc.rcvd.code if exc.rcvd else None) from exc
+        return _core.parse_console_frame(frame)
+
+    def __aiter__(self) -> AsyncIterator[bytes | dict[str, Any]]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes | dict[str, Any]]:
+        while True:
+            try:
+                frame = await self.ws.recv()
+            except ConnectionClosed:
+                return
+            yield _core.parse_console_frame(frame)
 
 
 class AsyncFiles:
@@ -421,6 +478,10 @@ class AsyncSandbox(VMView):
         """Run a command (a string runs under ``sh -c``); its exit code and output."""
         body = _core.exec_body(argv, stdin, env, cwd, timeout)
         return await self.client.run(_core.run_exec(self.id, body))
+
+    def console(self, *, cols: int = 80, rows: int = 24) -> AsyncConsole:
+        """The serial console (``async with``): see ``AsyncConsole``."""
+        return AsyncConsole(self.client, self.id, cols, rows)
 
     def exec_stream(
         self,

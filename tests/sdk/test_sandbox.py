@@ -87,23 +87,35 @@ def test_a_sandbox_from_create_to_destroy_on_exit(
             sb.files.read("/data/none-such")
 
         # The async SDK, on the same VM: the same operations over asyncio.
-        async def from_asyncio() -> tuple[str, int | None, str, bytes]:
+        async def from_asyncio() -> tuple[str, int | None, str, bytes, bytes]:
             async with AsyncClient(token=token) as aclient:
                 asb = await AsyncSandbox.connect(vm_id, client=aclient)
                 ran = await asb.exec(["cat", "/data/up.txt"])
                 astream = asb.exec_stream(["sh", "-c", "echo one; sleep 0.2; echo two"])
                 chunks = [c.text async for c in astream]
                 await asb.files.write("/data/async.txt", "from asyncio\n")
+                screen = b""
+                async with asb.console() as con:
+                    first = await con.recv(timeout=30)
+                    assert isinstance(first, dict) and first["type"] == "session"
+                    for typed, marker in ((b"\r", b"# "), (b"echo aio$((6*7))\r", b"aio42")):
+                        await con.send(typed)
+                        deadline = time.monotonic() + 30
+                        while marker not in screen and time.monotonic() < deadline:
+                            with contextlib.suppress(TimeoutError):
+                                frame = await con.recv(timeout=1)
+                                screen += frame if isinstance(frame, bytes) else b""
                 return (
                     ran.stdout,
                     astream.exit_code,
                     "".join(chunks),
                     await asb.files.read("/data/async.txt"),
+                    screen,
                 )
 
-        ran_out, aexit, achunks, aread = asyncio.run(from_asyncio())
+        ran_out, aexit, achunks, aread, ascreen = asyncio.run(from_asyncio())
         assert ran_out == "line\n" * 1000 and aexit == 0 and achunks == "one\ntwo\n"
-        assert aread == b"from asyncio\n"
+        assert aread == b"from asyncio\n" and b"aio42" in ascreen
 
         # The CLI on the same VM: streamed output, the guest's exit code passed through.
         env = {"SANDBOX_TOKEN": token}
