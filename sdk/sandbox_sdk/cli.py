@@ -546,7 +546,14 @@ def events() -> None:
 
 @events.command("tail")
 @click.option("-f", "--follow", is_flag=True, help="keep printing new events")
-@click.option("-n", "--lines", default=20, show_default=True, help="how many past events")
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=20,
+    show_default=True,
+    help="how many past events",
+)
 @click.option("--type-prefix", default=None, help="e.g. vm.")
 @click.option("--vm", "vm_id", default=None, help="one VM's events (its id)")
 @click.option("--interval", default=1.0, show_default=True, help="seconds between polls")
@@ -570,20 +577,30 @@ def events_tail(
         _core.request(_core.Call("GET", "/events/", params={**params, "limit": 1}))
     )
     total = int(page.get("count") or 0)
-    skip = max(0, total - lines)
-    rows = state.client.run(
-        _core.request(
-            _core.Call("GET", "/events/", params={**params, "limit": max(lines, 1), "offset": skip})
-        )
-    )["results"][:lines]
+    wanted = max(lines, 1)  # at least the newest, to know where to follow from
+    query = {**params, "limit": wanted, "offset": max(0, total - wanted)}
+    rows = state.client.run(_core.request(_core.Call("GET", "/events/", params=query)))["results"]
     after = rows[-1]["position"] if rows else None
-    _print_events(state, rows, header=True)
+    _print_events(state, rows[len(rows) - lines :] if lines > 0 else [], header=True)
+    # Each read of the trail is itself an event (audit.trail_read): the follower's own reads are
+    # passed over, or it would print its previous poll at every poll.
+    own = _token_key(state.client.config.token)
     while follow:
         time.sleep(interval)
         new = state.client.run(_core.events_after(after, params))
         if new:
             after = new[-1]["position"]
-            _print_events(state, new, header=False)
+            shown = [
+                e for e in new if not (e["type"] == "audit.trail_read" and e["token_id"] == own)
+            ]
+            if shown:
+                _print_events(state, shown, header=False)
+
+
+def _token_key(token: str) -> str | None:
+    """The public key of a token ``sbx_<key>_<secret>``, as events name it."""
+    parts = token.split("_")
+    return parts[1] if len(parts) >= 3 and parts[0] == "sbx" else None
 
 
 def _print_events(state: State, rows: list[dict[str, Any]], header: bool) -> None:
@@ -597,6 +614,7 @@ def _print_events(state: State, rows: list[dict[str, Any]], header: bool) -> Non
                 click.echo(json.dumps(row, sort_keys=True, default=str))
             else:
                 click.echo("---\n" + yaml.safe_dump(row, sort_keys=True).rstrip())
+    sys.stdout.flush()  # a follower reads each event as it comes, even through a pipe
 
 
 @cli.command()

@@ -8,6 +8,7 @@ import json
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -269,3 +270,39 @@ def test_shell_completion() -> None:
     env = {"COMP_WORDS": "sandbox vm ex", "COMP_CWORD": "2", "_SANDBOX_COMPLETE": "bash_complete"}
     done = subprocess.run([str(entry)], env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["plain,exec"]
+
+
+def test_events_tail_and_follow(sdk_env, make_user, issue_token) -> None:
+    auditor = issue_token(make_user("auditor", "reader"))
+    owner = Client(token=issue_token(make_user("operator", "owner")))
+    last = run_cli("-o", "json", "events", "tail", "-n", "3", token=auditor)
+    assert last.exit_code == 0, last.stderr
+    rows = [json.loads(line) for line in last.stdout.splitlines()]
+    positions = [r["position"] for r in rows]
+    assert len(rows) == 3 and positions == sorted(positions)
+    table_out = run_cli("events", "tail", "-n", "2", token=auditor).stdout.splitlines()
+    assert table_out[0].split()[:3] == ["POSITION", "RECORDED_AT", "TYPE"] and len(table_out) == 3
+
+    entry = Path(sys.executable).parent / "sandbox"
+    follower = subprocess.Popen(
+        [str(entry), "-o", "json", "events", "tail", "-f", "-n", "0", "--interval", "0.2"],
+        env={"SANDBOX_URL": sdk_env.url, "SANDBOX_TOKEN": auditor, "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.5)  # it has read where the trail ends
+        made = Sandbox.create(template="linux-small", name="followed", start=False, client=owner)
+        assert follower.stdout is not None
+        seen: list[dict] = []
+        while not any(e["type"] == "vm.created" for e in seen) and len(seen) < 10:
+            seen.append(json.loads(follower.stdout.readline()))
+        # Only what came after it started (the VM, and the default network its owner's first VM
+        # made), never its own reads of the trail.
+        assert all(e["position"] > positions[-1] for e in seen)
+        assert ("vm.created", made.id) in [(e["type"], e["aggregate_id"]) for e in seen]
+        assert "audit.trail_read" not in [e["type"] for e in seen], seen
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
