@@ -156,14 +156,14 @@ def test_a_sandbox_from_create_to_destroy_on_exit(
 
         # Pause and resume; a second pause is a conflict naming the state.
         sb.pause()
-        assert sb.state == "paused"
+        assert sb.state == "paused", sb.info
         with pytest.raises(Conflict) as conflict:
             sb.pause()
         assert conflict.value.state == "paused"
         paused = runner.invoke(cli, ["vm", "pause", "sdk-1"], env=env)
         assert paused.exit_code == 5 and "state: paused" in paused.stderr
         sb.resume()
-        assert sb.state == "running"
+        assert sb.state == "running", sb.info
 
         # Snapshot, change the guest, restore: the change is gone, the snapshot's file is back.
         snap = sb.snapshot("before")
