@@ -34,11 +34,13 @@ test-sqlite: deps
 
 deps: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The SDK and the `sandbox` CLI are a package of their own (sdk/), installed beside for the tests.
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@command -v qemu-system-x86_64 >/dev/null && command -v npm >/dev/null || $(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e ./sdk
 	touch $@
 
 system-deps:
@@ -78,6 +80,8 @@ MYPY_CORE += vms/previews.py vms/preview_access.py vms/preview_api.py vms/previe
 # Networking: the host side (namespaces, bridges, rules, resolvers, TAPs), its plumbing and API.
 MYPY_CORE += vms/network vms/netconfig.py vms/netplumb.py vms/vmnet.py vms/forwarder.py \
 	vms/network_api.py sandbox_site/checks.py
+# The SDK and the CLI (a package of their own, without Django).
+MYPY_CORE += sdk/sandbox_sdk
 # Networks and egress evidence on the dashboard.
 MYPY_CORE += vms/network_views.py vms/netevidence.py
 # The secrets store: keys, values, masking, who may use them.

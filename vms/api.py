@@ -736,7 +736,6 @@ class RequestStatusView(APIView):
             "request": request_data,
             "state": "succeeded",
             "outcome": request_data,
-            "vm": VMSerializer(vm).data if vm else None,
         }
         if event.type != "vm.created":
             outcome = _outcome_of(event)
@@ -746,6 +745,11 @@ class RequestStatusView(APIView):
                 else ("failed" if outcome.type.endswith("_failed") else "succeeded")
             )
             body["outcome"] = None if outcome is None else EventSerializer(outcome).data
+            if vm is not None and outcome is not None:
+                # The VM as its outcome left it: read before the outcome committed, it would
+                # still show the request in flight beside a status that says it is done.
+                vm.refresh_from_db()
+        body["vm"] = VMSerializer(vm).data if vm else None
         # The answer holds whole events: reading another's request is reading the trail, one
         # audit.trail_read per request. Polling the outcome of one's own request is part of
         # making it (its events already name the caller), so a client that waits on its

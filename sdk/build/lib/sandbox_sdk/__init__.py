@@ -1,0 +1,50 @@
+"""MicroVM Sandbox SDK: sandboxes over the product's public REST API and websockets.
+
+from sandbox_sdk import Sandbox
+with Sandbox.create(template="linux-small") as sb:
+    print(sb.exec(["uname", "-a"]).stdout)
+"""
+
+from sandbox_sdk._base import Snapshot
+from sandbox_sdk._core import Chunk, ExecResult, ExecStatus
+from sandbox_sdk.aio import AsyncClient, AsyncExecStream, AsyncSandbox
+from sandbox_sdk.errors import (
+    AuthError,
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    Forbidden,
+    GuestError,
+    NotFound,
+    QuotaExceeded,
+    RequestFailed,
+    SandboxError,
+    Unavailable,
+    WaitTimeout,
+)
+from sandbox_sdk.sync import Client, ExecStream, Sandbox
+
+__all__ = [
+    "AsyncClient",
+    "AsyncExecStream",
+    "AsyncSandbox",
+    "AuthError",
+    "BadRequest",
+    "ChecksumMismatch",
+    "Chunk",
+    "Client",
+    "Conflict",
+    "ExecResult",
+    "ExecStatus",
+    "ExecStream",
+    "Forbidden",
+    "GuestError",
+    "NotFound",
+    "QuotaExceeded",
+    "RequestFailed",
+    "Sandbox",
+    "SandboxError",
+    "Snapshot",
+    "Unavailable",
+    "WaitTimeout",
+]

@@ -1,0 +1,498 @@
+"""The asynchronous SDK: ``AsyncClient`` and ``AsyncSandbox``, the same operations as
+``sandbox_sdk.sync`` (the same generators of ``sandbox_sdk._core``) under asyncio.
+
+Every operation is one of ``sandbox_sdk._core``'s generators; this module only carries out the
+calls they yield."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
+
+from sandbox_sdk import _core
+from sandbox_sdk._base import Snapshot, VMView, snapshot_id
+from sandbox_sdk._core import API, CHUNK, Call, Chunk, Config, ExecResult, ExecStatus, Reply, Sleep
+from sandbox_sdk.errors import NotFound, SandboxError, Unavailable, error_from
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as fh:
+        while block := await asyncio.to_thread(fh.read, CHUNK):
+            yield block
+
+
+def _body_of(call: Call) -> tuple[Any, dict[str, str]]:
+    if call.upload is None:
+        return None, {}
+    headers = {"Content-Type": "application/octet-stream"}
+    if isinstance(call.upload, Path):
+        headers["Content-Length"] = str(call.upload.stat().st_size)
+        return _file_chunks(call.upload), headers
+    return call.upload, headers
+
+
+class AsyncClient:
+    """A connection to one server with one token (``Config.resolve``: arguments, then
+    ``SANDBOX_URL`` / ``SANDBOX_TOKEN``, then the ``sandbox login`` file)."""
+
+    def __init__(
+        self, url: str | None = None, token: str | None = None, *, timeout: float = 60.0
+    ) -> None:
+        base = Config.resolve(url, token)
+        self.config = Config(base.url, base.token, timeout)
+        self.http = httpx.AsyncClient(
+            base_url=self.config.url + API, headers=self.config.headers, timeout=timeout
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- running the core's operations ---
+
+    async def run(self, op: _core.Op) -> Any:
+        try:
+            step = next(op)
+            while True:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = op.send(None)
+                else:
+                    step = op.send(await self.send(step))
+        except StopIteration as done:
+            return done.value
+
+    async def send(self, call: Call) -> Reply:
+        attempt = 0
+        while True:
+            try:
+                reply = await self._once(call)
+            except httpx.TransportError as exc:
+                if not call.idempotent or attempt >= _core.RETRIES:
+                    raise Unavailable(f"cannot reach {self.config.url}: {exc}") from exc
+            else:
+                if reply.status != 503 or not call.idempotent or attempt >= _core.RETRIES:
+                    return reply
+            attempt += 1
+            await asyncio.sleep(_core.backoff(attempt))
+
+    async def _once(self, call: Call) -> Reply:
+        content, headers = _body_of(call)
+        timeout = self.config.timeout + (call.wait_s or 0)
+        request = self.http.build_request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            content=content,
+            headers=headers,
+            timeout=timeout,
+        )
+        response = await self.http.send(request, stream=True)
+        try:
+            if call.download is not None and response.status_code in call.ok:
+                digest = hashlib.sha256()
+                size = 0
+                with call.download.open("wb") as fh:
+                    async for block in response.aiter_bytes(CHUNK):
+                        digest.update(block)
+                        size += len(block)
+                        fh.write(block)
+                return Reply(
+                    response.status_code, dict(response.headers), b"", digest.hexdigest(), size
+                )
+            body = await response.aread()
+        finally:
+            await response.aclose()
+        return Reply(response.status_code, dict(response.headers), body, None, len(body))
+
+    # --- streams ---
+
+    def exec_stream(
+        self,
+        vm_id: str,
+        argv: Iterable[str] | str,
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncExecStream:
+        body = _core.exec_body(argv, stdin, env, cwd, timeout)
+        return AsyncExecStream(self, vm_id, body)
+
+
+class AsyncExecStream:
+    """Iterate for ``Chunk``s as the guest writes them; then ``exit_code`` (and ``status``)."""
+
+    def __init__(self, client: AsyncClient, vm_id: str, body: dict[str, Any]) -> None:
+        self.client, self.vm_id, self.body = client, vm_id, body
+        self.status: ExecStatus | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        if self.status is None:
+            raise SandboxError("the stream has not ended yet")
+        return self.status.exit_code
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[Chunk]:
+        config = self.client.config
+        try:
+            async with ws_connect(
+                config.ws_url(_core.exec_ws_path(self.vm_id)),
+                additional_headers=config.headers,
+                origin=Origin(config.url),
+                open_timeout=config.timeout,
+                max_size=None,
+            ) as ws:
+                await ws.send(json.dumps(self.body))
+                while True:
+                    try:
+                        frame = await ws.recv()
+                    except ConnectionClosed as exc:
+                        raise _core.closed_error(exc.rcvd.code if exc.rcvd else None) from exc
+                    item = _core.parse_frame(frame)
+                    if isinstance(item, ExecStatus):
+                        self.status = item
+                        return
+                    yield item
+        except InvalidStatus as exc:
+            raise error_from(exc.response.status_code, {"detail": "websocket refused"}) from exc
+        except OSError as exc:
+            raise Unavailable(f"cannot reach {config.url}: {exc}") from exc
+
+    async def collect(self) -> ExecResult:
+        out, err = bytearray(), bytearray()
+        async for chunk in self:
+            (out if chunk.stream == "stdout" else err).extend(chunk.data)
+        assert self.status is not None
+        return ExecResult(
+            exit_code=self.status.exit_code,
+            stdout=out.decode(errors="replace"),
+            stderr=err.decode(errors="replace"),
+            stdout_bytes=bytes(out),
+            stderr_bytes=bytes(err),
+            signal=self.status.signal,
+            timed_out=self.status.timed_out,
+            duration_s=self.status.duration_s,
+        )
+
+
+class AsyncConsole:
+    """``sandbox_sdk.sync.Console`` under asyncio: ``async with``, ``await send``, ``await recv``,
+    ``async for``."""
+
+    def __init__(self, client: AsyncClient, vm_id: str, cols: int = 80, rows: int = 24) -> None:
+        self.client, self.vm_id, self.cols, self.rows = client, vm_id, cols, rows
+        self.ws: Any = None
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> AsyncConsole:
+        config = self.client.config
+        try:
+            self.ws = await self._stack.enter_async_context(
+                ws_connect(
+                    config.ws_url(_core.console_ws_path(self.vm_id, self.cols, self.rows)),
+                    additional_headers=config.headers,
+                    origin=Origin(config.url),
+                    open_timeout=config.timeout,
+                    max_size=None,
+                )
+            )
+        except InvalidStatus as exc:
+            raise error_from(exc.response.status_code, {"detail": "console refused"}) from exc
+        except OSError as exc:
+            raise Unavailable(f"cannot reach {config.url}: {exc}") from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def send(self, data: bytes | str) -> None:
+        await self.ws.send(data.encode() if isinstance(data, str) else data)
+
+    async def recv(self, timeout: float | None = None) -> bytes | dict[str, Any]:
+        """The next frame; ``TimeoutError`` after ``timeout`` s, ``SandboxError`` once closed."""
+        try:
+            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            raise _core.closed_error(exc.rcvd.code if exc.rcvd else None) from exc
+        return _core.parse_console_frame(frame)
+
+    def __aiter__(self) -> AsyncIterator[bytes | dict[str, Any]]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes | dict[str, Any]]:
+        while True:
+            try:
+                frame = await self.ws.recv()
+            except ConnectionClosed:
+                return
+            yield _core.parse_console_frame(frame)
+
+
+class AsyncFiles:
+    """Files in a sandbox's guest, SHA-256 checked both ways."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self.sandbox = sandbox
+
+    async def write(self, path: str, data: bytes | str) -> dict[str, Any]:
+        raw = data.encode() if isinstance(data, str) else data
+        digest = hashlib.sha256(raw).hexdigest()
+        return await self.sandbox.client.run(_core.upload(self.sandbox.id, path, raw, digest))
+
+    async def read(self, path: str) -> bytes:
+        return await self.sandbox.client.run(_core.download(self.sandbox.id, path, None))
+
+    async def upload(self, local: str | Path, path: str) -> dict[str, Any]:
+        local = Path(local)
+        digest = hashlib.sha256()
+        with local.open("rb") as fh:
+            while block := fh.read(CHUNK):
+                digest.update(block)
+        op = _core.upload(self.sandbox.id, path, local, digest.hexdigest())
+        return await self.sandbox.client.run(op)
+
+    async def download(self, path: str, local: str | Path) -> Path:
+        local = Path(local)
+        await self.sandbox.client.run(_core.download(self.sandbox.id, path, local))
+        return local
+
+
+class AsyncSandbox(VMView):
+    """One VM. As a context manager it is destroyed on exit unless ``keep`` is true."""
+
+    def __init__(self, client: AsyncClient, info: dict[str, Any], *, keep: bool = False) -> None:
+        self.client, self.info, self.keep = client, info, keep
+        self.owns_client = False  # made for this sandbox alone: closed on exit of its block
+        self.files = AsyncFiles(self)
+
+    # --- finding and making ---
+
+    @classmethod
+    async def create(
+        cls,
+        template: str = "linux-default",
+        name: str | None = None,
+        timeout: float | None = None,
+        *,
+        keep: bool = False,
+        start: bool = True,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_mib: int | None = None,
+        network: str | None = None,
+        client: AsyncClient | None = None,
+        url: str | None = None,
+        token: str | None = None,
+    ) -> AsyncSandbox:
+        """Create a VM and wait (at most ``timeout`` s) until it runs (or exists, unstarted)."""
+        owned = client is None
+        client = client or AsyncClient(url, token)
+        op = _core.create_vm(
+            name=name,
+            template=template,
+            start=start,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_mib=disk_mib,
+            network=network,
+            timeout=timeout,
+        )
+        made = cls(client, await client.run(op), keep=keep)
+        made.owns_client = owned
+        return made
+
+    @classmethod
+    async def connect(
+        cls,
+        vm_id: str,
+        *,
+        client: AsyncClient | None = None,
+        url: str | None = None,
+        token: str | None = None,
+    ) -> AsyncSandbox:
+        """An existing VM; kept on exit of a ``with`` block (it was not made here)."""
+        owned = client is None
+        client = client or AsyncClient(url, token)
+        made = cls(client, await client.run(_core.get_vm(vm_id)), keep=True)
+        made.owns_client = owned
+        return made
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        client: AsyncClient | None = None,
+        url: str | None = None,
+        token: str | None = None,
+    ) -> builtins.list[AsyncSandbox]:
+        client = client or AsyncClient(url, token)
+        rows = await client.run(_core.list_vms(state=state, name=name))
+        return [cls(client, row, keep=True) for row in rows]
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if not self.keep:
+                try:
+                    await self.destroy()
+                except NotFound:
+                    pass
+        finally:
+            if self.owns_client:
+                await self.client.close()
+
+    async def refresh(self) -> AsyncSandbox:
+        self.info = await self.client.run(_core.get_vm(self.id))
+        return self
+
+    # --- the lifecycle ---
+
+    async def _act(
+        self, verb: str, body: dict[str, Any] | None, wait: bool, timeout: float | None
+    ) -> Any:
+        answer = await self.client.run(_core.vm_action(self.id, verb, body, wait, timeout))
+        self.info = answer["vm"]
+        return answer
+
+    async def start(self, *, wait: bool = True, timeout: float | None = None) -> AsyncSandbox:
+        await self._act("start", None, wait, timeout)
+        return self
+
+    async def stop(
+        self,
+        *,
+        force: bool = False,
+        grace_s: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncSandbox:
+        body: dict[str, Any] = {"force": force}
+        if grace_s is not None:
+            body["grace_s"] = grace_s
+        await self._act("stop", body, wait, timeout)
+        return self
+
+    async def pause(self, *, wait: bool = True, timeout: float | None = None) -> AsyncSandbox:
+        await self._act("pause", None, wait, timeout)
+        return self
+
+    async def resume(self, *, wait: bool = True, timeout: float | None = None) -> AsyncSandbox:
+        await self._act("resume", None, wait, timeout)
+        return self
+
+    async def reboot(self, *, wait: bool = True, timeout: float | None = None) -> AsyncSandbox:
+        await self._act("reboot", None, wait, timeout)
+        return self
+
+    async def resize(
+        self,
+        *,
+        vcpus: int | None = None,
+        memory_mib: int | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncSandbox:
+        body = {k: v for k, v in (("vcpus", vcpus), ("memory_mib", memory_mib)) if v is not None}
+        await self._act("resize", body, wait, timeout)
+        return self
+
+    async def snapshot(
+        self, name: str | None = None, *, wait: bool = True, timeout: float | None = None
+    ) -> Snapshot:
+        answer = await self._act("snapshot", {"name": name} if name else {}, wait, timeout)
+        return Snapshot.of(await self.client.run(_core.get_snapshot(answer["snapshot"]["id"])))
+
+    async def snapshots(self) -> builtins.list[Snapshot]:
+        return [Snapshot.of(s) for s in await self.client.run(_core.list_snapshots(self.id))]
+
+    async def restore(
+        self, snapshot: Snapshot | str, *, wait: bool = True, timeout: float | None = None
+    ) -> AsyncSandbox:
+        answer = await self.client.run(_core.restore(snapshot_id(snapshot), wait, timeout))
+        self.info = answer["vm"]
+        return self
+
+    async def clone(
+        self,
+        snapshot: Snapshot | str,
+        name: str | None = None,
+        *,
+        keep: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> AsyncSandbox:
+        """A new VM from one of this VM's snapshots (destroyed on exit of its own ``with``)."""
+        answer = await self.client.run(_core.clone(snapshot_id(snapshot), name, wait, timeout))
+        return AsyncSandbox(self.client, answer["vm"], keep=keep)
+
+    async def destroy(self, *, wait: bool = True, timeout: float | None = None) -> None:
+        answer = await self.client.run(_core.destroy_vm(self.id, wait, timeout))
+        self.info = answer["vm"]
+
+    # --- guest access ---
+
+    async def exec(
+        self,
+        argv: Iterable[str] | str,
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a command (a string runs under ``sh -c``); its exit code and output."""
+        body = _core.exec_body(argv, stdin, env, cwd, timeout)
+        return await self.client.run(_core.run_exec(self.id, body))
+
+    def console(self, *, cols: int = 80, rows: int = 24) -> AsyncConsole:
+        """The serial console (``async with``): see ``AsyncConsole``."""
+        return AsyncConsole(self.client, self.id, cols, rows)
+
+    def exec_stream(
+        self,
+        argv: Iterable[str] | str,
+        *,
+        stdin: str | bytes | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncExecStream:
+        """The command's output as it comes (the exec websocket): iterate for chunks."""
+        return self.client.exec_stream(
+            self.id, argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout
+        )
