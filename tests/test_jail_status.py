@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from pathlib import Path
 
+import pytest
 from django.test import Client
 
 from vms import console
@@ -54,10 +56,12 @@ class _Sub:
         self.statuses.append(status)
 
 
+@pytest.mark.django_db(transaction=True)  # the hub asks which secrets the VM was given
 async def test_the_console_reads_only_a_serial_socket_the_vmm_itself_serves(
     tmp_path: Path,
 ) -> None:
-    rt = RuntimeDir(tmp_path / "vm")
+    vm_id = str(uuid.uuid4())  # a VM id, as the hub is always given one
+    rt = RuntimeDir(tmp_path / "vm")  # short: a unix socket path has a length limit
     rt.create()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -69,7 +73,7 @@ async def test_the_console_reads_only_a_serial_socket_the_vmm_itself_serves(
     # The socket is served by this process; vmm.pid names another (a VMM that linked a
     # foreign socket where its own should be looks just like this).
     rt.pidfile.write_text(f"{os.getppid()}\n")
-    hub = console.ConsoleHub("vm", rt.serial_socket, rt.serial_log)
+    hub = console.ConsoleHub(vm_id, rt.serial_socket, rt.serial_log)
     sub = _Sub()
     try:
         await hub._attach(sub)
