@@ -224,6 +224,7 @@ class TemplateSerializer(serializers.ModelSerializer):
             "disk_mib",
             "source",
             "enabled",
+            "secrets",
         ]
         read_only_fields = fields
 

@@ -451,10 +451,11 @@ def create(
     (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC."""
     policy.require(caller, "create")
     name = _validate_name(name, "name")
-    given = guests.resolve(caller.user, guests.validate_refs(secrets), caller=caller)
+    refs = guests.validate_refs(secrets)
     tpl = Template.objects.filter(name=template, enabled=True).first()
     if tpl is None:
         raise ValidationError({"template": f"no enabled template named {template!r}"})
+    given = _template_secrets(caller, tpl, refs) + guests.resolve(caller.user, refs, caller=caller)
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
     vm_id, events = _new_vm_events(
@@ -473,6 +474,25 @@ def create(
         return Accepted(vm_id, events[0])
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1])
+
+
+def _template_secrets(
+    caller: Caller, tpl: Template, refs: list[dict[str, str]]
+) -> list[guests.Given]:
+    """The secrets ``tpl`` gives every VM made from it, as the creator may use them; a request's
+    own reference wins for the same variable or file. One the creator cannot use is refused."""
+    mine = {r.get("env") or r.get("file") for r in refs}
+    inherited = [
+        r
+        for r in guests.validate_refs(tpl.secrets or [])
+        if (r.get("env") or r.get("file")) not in mine
+    ]
+    try:
+        return guests.resolve(caller.user, inherited, caller=caller)
+    except ValidationError as exc:
+        raise ValidationError(
+            {"secrets": [f"template {tpl.name}: {m}" for m in exc.messages]}
+        ) from exc
 
 
 def _check_snapshot_usable(snap: Snapshot) -> None:

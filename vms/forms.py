@@ -25,10 +25,33 @@ class CreateVMForm(forms.Form):
     memory_mib = forms.IntegerField(min_value=128, required=False, label="Memory (MiB)")
     disk_mib = forms.IntegerField(min_value=64, required=False, label="Disk (MiB)")
     start = forms.BooleanField(required=False, initial=True, label="Start it now")
+    secrets = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),
+        help_text="one per line: NAME=VARIABLE or NAME=/path/in/guest (a group's: NAME@group=…); "
+        "the template's own are given too",
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["template"].choices = template_choices()  # type: ignore[attr-defined]
+
+    def clean_secrets(self) -> list[dict[str, str]]:
+        """References in the API's shape (``secretstore.guests`` checks them further)."""
+        refs = []
+        for n, line in enumerate(self.cleaned_data["secrets"].splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            name, sep, target = (part.strip() for part in line.partition("="))
+            if not sep or not name or not target:
+                raise forms.ValidationError(f"line {n}: write NAME=VARIABLE or NAME=/path")
+            ref = {"name": name}
+            if "@" in name:
+                ref["name"], ref["group"] = (part.strip() for part in name.split("@", 1))
+            ref["file" if target.startswith("/") else "env"] = target
+            refs.append(ref)
+        return refs
 
 
 class ResizeForm(forms.Form):

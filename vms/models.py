@@ -99,6 +99,9 @@ class Template(models.Model):
     disk_mib = models.PositiveIntegerField(default=1024)
     source = models.CharField(max_length=16, default="builtin")
     enabled = models.BooleanField(default=True)
+    # Secrets every VM made from it receives, by reference (``secretstore.guests``): resolved as
+    # the creating user may use them, merged under what the create request names itself.
+    secrets = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["name"]

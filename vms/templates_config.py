@@ -9,8 +9,13 @@ YAML (``SANDBOX_TEMPLATES_FILE``)::
         vcpus: 1
         memory_mib: 256
         disk_mib: 512
+        secrets:              # optional: every VM made from it receives these (docs/security.md)
+          - {name: REGISTRY_TOKEN, env: REGISTRY_TOKEN}
+          - {name: deploy_key, file: /root/.ssh/id_ed25519}
 
-Rows edited in the admin (source "admin") are left alone by the sync.
+A template's secrets are references, resolved when a VM is created as the creating user may use
+them (its own, then its groups'); a create request's own references win for the same variable or
+file. Rows edited in the admin (source "admin") are left alone by the sync.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 
 import yaml
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 
+from secretstore import guests
 from vms.models import Template
 
 BUILTIN: list[dict[str, Any]] = [
@@ -63,7 +69,7 @@ BUILTIN: list[dict[str, Any]] = [
     },
 ]
 
-FIELDS = ("description", "boot", "image", "vcpus", "memory_mib", "disk_mib")
+FIELDS = ("description", "boot", "image", "vcpus", "memory_mib", "disk_mib", "secrets")
 
 
 def load_yaml(path: str | Path) -> list[dict[str, Any]]:
@@ -85,6 +91,12 @@ def load_yaml(path: str | Path) -> list[dict[str, Any]]:
             raise ImproperlyConfigured(
                 f"{path}: template {item['name']}: boot must be linux or uefi"
             )
+        try:
+            item["secrets"] = guests.validate_refs(item.get("secrets"))
+        except ValidationError as exc:
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: secrets {'; '.join(exc.messages)}"
+            ) from exc
         out.append(item)
     return out
 
@@ -99,6 +111,7 @@ def sync_templates() -> None:
             continue
         values = {f: spec[f] for f in FIELDS if f in spec} | {"source": source}
         values.setdefault("image", "linux" if spec["boot"] == "linux" else "uefi")
+        values.setdefault("secrets", [])
         Template.objects.update_or_create(name=spec["name"], defaults=values)
 
 

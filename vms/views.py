@@ -22,6 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
+from secretstore import policy as secret_policy
 from vms import (
     commands,
     console,
@@ -146,6 +147,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
                 memory_mib=d["memory_mib"],
                 disk_mib=d["disk_mib"],
                 start_now=d["start"],
+                secrets=d["secrets"],
             )
         except quotas.QuotaExceeded as exc:
             field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}
@@ -153,17 +155,26 @@ def vm_create(request: HttpRequest) -> HttpResponse:
         except ValidationError as exc:
             for key, errors in exc.message_dict.items():
                 form.add_error(key if key in form.fields else None, errors)
+        except PermissionDenied as exc:  # secrets named without the right to give them
+            form.add_error("secrets", str(exc))
         else:
             messages.success(request, f"VM {result.vm.name} created.")
             return redirect("vms:detail", pk=result.vm.pk)
+    tpls = list(Template.objects.filter(enabled=True))
     templates = [
         {"name": t.name, "vcpus": t.vcpus, "memory_mib": t.memory_mib, "disk_mib": t.disk_mib}
-        for t in Template.objects.filter(enabled=True)
+        for t in tpls
     ]
     return render(
         request,
         "vms/create.html",
-        {"form": form, "templates_json": templates, **_quota_context(request.user)},
+        {
+            "form": form,
+            "templates_json": templates,
+            "template_secrets": [(t.name, t.secrets) for t in tpls if t.secrets],
+            "usable_secrets": secret_policy.usable_by_user(request.user).order_by("name"),
+            **_quota_context(request.user),
+        },
     )
 
 

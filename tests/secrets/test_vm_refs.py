@@ -5,13 +5,14 @@ way when the projection is rebuilt from the log."""
 from __future__ import annotations
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 
 from accounts.caller import Caller
 from audit import projections
 from audit.models import Event
 from secretstore import commands as secrets
-from vms import commands, guest
-from vms.models import VirtualMachine
+from vms import commands, guest, templates_config
+from vms.models import Template, VirtualMachine
 
 VALUE = "vm-ref-value-1234"
 
@@ -122,3 +123,63 @@ def test_the_vm_records_its_secrets_and_a_rebuild_gives_the_same(make_user) -> N
     projections.rebuild("vms.state")
     again = VirtualMachine.objects.get(pk=vm.pk)
     assert (again.secrets, again.secrets_seen) == (row.secrets, row.secrets_seen)
+
+
+@pytest.mark.django_db
+def test_a_templates_secrets_are_given_as_the_creator_may_use_them(make_user) -> None:
+    """A template names secrets; each VM made from it receives them, resolved for its creator,
+    and a create request's own reference wins for the same variable."""
+    alice = Caller.for_user(make_user("operator", "alice"))
+    bob = Caller.for_user(make_user("operator", "bob"))
+    secrets.create_secret(alice, name="REGISTRY", value=VALUE)
+    secrets.create_secret(alice, name="OTHER", value=VALUE + "-o")
+    Template.objects.filter(name="linux-small").update(
+        secrets=[{"name": "REGISTRY", "env": "TOKEN"}, {"name": "REGISTRY", "file": "/run/r"}]
+    )
+    vm = commands.create(
+        alice,
+        name="v",
+        template="linux-small",
+        start_now=False,
+        secrets=[{"name": "OTHER", "env": "TOKEN"}],
+    ).vm
+    given = [(s["name"], s.get("env") or s.get("file")) for s in vm.secrets]
+    assert given == [("REGISTRY", "/run/r"), ("OTHER", "TOKEN")]
+    # Bob cannot use Alice's secret: the template's reference is refused by name, nothing made.
+    before, events = vm_count(), Event.objects.count()
+    with pytest.raises(ValidationError) as info:
+        commands.create(bob, name="w", template="linux-small", start_now=False)
+    assert "template linux-small: REGISTRY" in str(info.value.message_dict["secrets"])
+    assert (vm_count(), Event.objects.count()) == (before, events)
+
+
+def test_templates_from_yaml_have_their_secret_references_checked(tmp_path) -> None:
+    path = tmp_path / "t.yaml"
+    base = "templates:\n  - {name: t1, boot: linux, vcpus: 1, memory_mib: 256, secrets: %s}\n"
+    path.write_text(base % "[{name: TOKEN, env: TOKEN}]")
+    assert templates_config.load_yaml(path)[0]["secrets"] == [{"name": "TOKEN", "env": "TOKEN"}]
+    path.write_text(base % "[{name: TOKEN, file: ../etc/passwd}]")
+    with pytest.raises(ImproperlyConfigured, match="template t1: secrets"):
+        templates_config.load_yaml(path)
+
+
+@pytest.mark.django_db
+def test_the_create_page_gives_secrets_by_line_and_shows_errors_inline(make_user, client) -> None:
+    alice = make_user("operator", "alice")
+    secrets.create_secret(Caller.for_user(alice), name="API_KEY", value=VALUE)
+    client.force_login(alice)
+    page = client.get("/vms/new/")
+    assert b"API_KEY" in page.content and VALUE.encode() not in page.content
+    form = {"name": "v", "template": "linux-small", "memory_mib": "", "vcpus": "", "disk_mib": ""}
+    r = client.post("/vms/new/", {**form, "secrets": "API_KEY=KEY\nAPI_KEY = /run/k\n"})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    vm = VirtualMachine.objects.get(name="v")
+    assert [(s["name"], s.get("env"), s.get("file")) for s in vm.secrets] == [
+        ("API_KEY", "KEY", None),
+        ("API_KEY", None, "/run/k"),
+    ]
+    for bad, says in [("API_KEY", "write NAME=VARIABLE"), ("NOPE=X", "no such secret")]:
+        events = Event.objects.count()
+        r = client.post("/vms/new/", {**form, "name": "w", "secrets": bad})
+        assert r.status_code == 200 and says in r.content.decode()
+        assert Event.objects.count() == events and not VirtualMachine.objects.filter(name="w")
