@@ -237,3 +237,34 @@ def test_a_uid_taken_back_loses_the_cgroups_its_old_vm_left(tmp_path: Path) -> N
                 d.rmdir()
             with contextlib.suppress(OSError):
                 d.parent.rmdir()
+
+
+def test_the_last_release_removes_the_parent_cgroups_and_the_roots_directory(
+    config: jail.JailConfig, tmp_path: Path
+) -> None:
+    """A host with no jailed VMM keeps nothing of the jails: the last VM's release removes the
+    parent cgroups and the roots' directory; an earlier one leaves them to the VMs still there."""
+    mount = tmp_path / "cgroup"
+    for controller in ("memory", "cpu", "pids"):
+        (mount / controller).mkdir(parents=True)
+    cgroups = jail.Cgroups(mount=mount)
+    a, b = tmp_path / "a", tmp_path / "b"
+    names = {}
+    for runtime in (a, b):
+        runtime.mkdir()
+        uid = jail.allocate_uid(config, runtime)
+        names[runtime] = f"vm-{uid}"
+        # Empty, as a real cgroup directory is to rmdir (its files are the kernel's).
+        for d in cgroups.dirs(config.cgroup_parent, names[runtime]).values():
+            d.mkdir(parents=True)
+        (config.state_dir / "roots" / names[runtime]).mkdir(parents=True)
+    parents = [mount / c / config.cgroup_parent for c in ("memory", "cpu", "pids")]
+    a.rmdir()
+    jail.release(config, a, names[a], cgroups)
+    assert all(p.is_dir() for p in parents) and (config.state_dir / "roots").is_dir()
+    assert not (mount / "memory" / config.cgroup_parent / names[a]).exists()
+    b.rmdir()
+    jail.release(config, b, names[b], cgroups)
+    assert not any(p.exists() for p in parents)
+    assert not (config.state_dir / "roots").exists()
+    assert list((config.state_dir / "uids").iterdir()) == [config.state_dir / "uids" / ".lock"]

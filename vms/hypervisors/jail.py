@@ -336,6 +336,17 @@ class Cgroups:
                 with contextlib.suppress(OSError):
                     d.rmdir()
 
+    def remove_parent(self, parent: str) -> None:
+        """Remove the product's parent cgroups if no VM's are left in them."""
+        tops = (
+            [self.mount / parent]
+            if self.version == 2
+            else [self.mount / c / parent for c in ("memory", "cpu", "pids")]
+        )
+        for top in tops:
+            with contextlib.suppress(OSError):
+                top.rmdir()
+
     def memory_limit(self, parent: str, name: str) -> int | None:
         d = next(iter(self.dirs(parent, name).values())) if self.version == 2 else None
         path = (
@@ -393,10 +404,13 @@ def allocate_uid(config: JailConfig, runtime: Path) -> int:
     raise JailError(f"all {config.uid_count} jail uids from {config.uid_base} are in use")
 
 
-def release(config: JailConfig, runtime: Path, name: str) -> None:
+def release(config: JailConfig, runtime: Path, name: str, cgroups: Cgroups | None = None) -> None:
     """Free what ``runtime``'s jail held on the host: its cgroups, its root's mount point and
-    (when the runtime directory is gone) its uid."""
-    Cgroups().remove(config.cgroup_parent, name)
+    (when the runtime directory is gone) its uid. The last VM's release also removes the
+    parent cgroups and the roots' directory, so a host with no jailed VMM keeps nothing of them
+    (the state directory and its lock stay: removing a lock file others may wait on is a race)."""
+    cgroups = cgroups or Cgroups()
+    cgroups.remove(config.cgroup_parent, name)
     with contextlib.suppress(OSError):
         os.rmdir(config.state_dir / "roots" / name)
     if runtime.exists():
@@ -404,11 +418,19 @@ def release(config: JailConfig, runtime: Path, name: str) -> None:
     slots = config.state_dir / "uids"
     with contextlib.suppress(FileNotFoundError), open(slots / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        held = 0
         for entry in os.scandir(slots):
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
                     if Path(entry.path).read_text() == str(runtime):
                         os.unlink(entry.path)
+                        continue
+                held += 1
+        # Under the lock, with no slot held, no VMM is between its uid and its cgroups.
+        if not held:
+            cgroups.remove_parent(config.cgroup_parent)
+            with contextlib.suppress(OSError):
+                os.rmdir(config.state_dir / "roots")
 
 
 def landlock_abi() -> int:
