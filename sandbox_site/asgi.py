@@ -25,6 +25,7 @@ from vms.exec_consumer import ExecConsumer  # noqa: E402
 
 websocket_urlpatterns = [
     path("ws/vms/live/", consumers.VMListConsumer.as_asgi()),
+    path("ws/tasks/live/", consumers.TaskLogConsumer.as_asgi()),
     path("ws/vms/<uuid:vm_id>/live/", consumers.VMLiveConsumer.as_asgi()),
     path("ws/vms/<uuid:vm_id>/console/", consumers.ConsoleConsumer.as_asgi()),
     path("ws/vms/<uuid:vm_id>/exec/", ExecConsumer.as_asgi()),

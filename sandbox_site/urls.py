@@ -15,6 +15,7 @@ from secretstore.api import SecretViewSet
 from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
+from vms.task_views import TaskListView
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -38,6 +39,7 @@ api_v1 = [
     path("me/", MeView.as_view(), name="me"),
     path("vms/<str:vm_pk>/egress/", EgressView.as_view(), name="vm-egress"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
+    path("tasks/", TaskListView.as_view(), name="tasks"),
     path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
     path("audit/accounts/", AccountsReviewView.as_view(), name="audit-accounts-api"),
     path("audit/", include("audit.urls")),
@@ -60,6 +62,7 @@ urlpatterns = [
     path("audit/", include("audit.urls_dashboard")),
     path("vms/", include("vms.urls")),
     path("networks/", include("vms.urls_networks")),
+    path("tasks/", include("vms.urls_tasks")),
     path("secrets/", include("secretstore.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),

@@ -7,8 +7,13 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from accounts.caller import Caller
 from audit.commands import read_details, record_trail_read
 from audit.models import Event
+from vms import tasklog
+from vms.task_views import record_read
+
+RUNNING_ROWS = 10
 
 
 @login_required
@@ -21,7 +26,11 @@ def home(request: HttpRequest) -> HttpResponse:
     events = list(events)
     # Showing events is reading the trail: one audit.trail_read per page view.
     record_trail_read(request, "dashboard.home", read_details({}, events))
-    return render(request, "home.html", {"events": events})
+    # What is running now: the pending tasks on the VMs the user sees (the task log's panel).
+    filters = tasklog.Filters(state="pending")
+    running, _ = tasklog.page(Caller.from_request(request), filters, size=RUNNING_ROWS)
+    record_read(request, "dashboard.home_tasks", filters, running)
+    return render(request, "home.html", {"events": events, "running": running})
 
 
 _FAVICON = settings.BASE_DIR / "static" / "favicon.svg"

@@ -231,6 +231,57 @@ class VMListConsumer(_Rechecked):
             await self.outbox.aclose()
 
 
+class TaskLogConsumer(_Rechecked):
+    """``ws/tasks/live/``: each task on a VM the user may see, as each event changes it (the
+    task log's page and the home page's panel). The page's render was the trail read; what is
+    pushed after it records nothing, as for the VM timeline."""
+
+    outbox: _Outbox | None = None
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        if await socket_refused(self.scope, VM_READ, write=False):
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.caller = _caller(self.scope)
+        self.sees_all = await database_sync_to_async(policy.sees_all_vms)(self.caller)
+        self.sent: dict[str, int] = {}  # task id -> last version sent
+        await self.accept()
+        self.outbox = _Outbox(self)
+        await self.channel_layer.group_add(live.TASK_GROUP, self.channel_name)
+        await live.ensure_follower()
+        await self.watch()
+
+    async def allowed(self) -> bool:
+        self.caller = _caller(self.scope)
+        sees_all = await database_sync_to_async(policy.sees_all_vms)(self.caller)
+        if self.sees_all and not sees_all:
+            return False
+        self.sees_all = sees_all
+        return True
+
+    async def task_event(self, message: dict[str, Any]) -> None:
+        task = message.get("task")
+        if not task or self.ended or self.outbox is None:
+            return
+        if not policy.may_see(self.caller, task["owner_id"], sees_all=self.sees_all):
+            return
+        if self.sent.get(task["id"], -1) >= task["version"]:
+            return  # a duplicate (another process's follower) or older than what was sent
+        self.sent[task["id"]] = task["version"]
+        self.outbox.put(text=json.dumps({"type": "task", "task": task}))
+
+    async def disconnect(self, code: int) -> None:
+        self.ended = True
+        await self.unwatch()
+        if self.outbox is not None:
+            await self.channel_layer.group_discard(live.TASK_GROUP, self.channel_name)
+            await self.outbox.aclose()
+
+
 class VMLiveConsumer(_Rechecked):
     """``ws/vms/<id>/live/?after=<position>``: one VM's state, timeline and metrics."""
 

@@ -33,7 +33,9 @@ from django.db import close_old_connections, connection
 from audit import store
 from audit.db import NOTIFY_CHANNEL
 from audit.models import Event
+from vms import tasklog
 from vms.models import Snapshot, VirtualMachine
+from vms.projectors import TASK_OUTCOMES, TASK_REQUESTS
 from vms.representation import VM_COLUMNS, vm_representation
 
 log = logging.getLogger("sandbox.vms.live")
@@ -42,6 +44,7 @@ POLL_S = 0.25  # SQLite: the delay between an append and its push, at most
 LISTEN_TIMEOUT_S = 0.5  # PostgreSQL: wake up this often even without a NOTIFY (and to stop)
 SEND_TIMEOUT_S = 5.0
 LIST_GROUP = "vms"
+TASK_GROUP = "tasks"  # the task log's pages and panels: a task as each event changes it
 # Every open socket listens here: a change of who may do what (a token revoked, a user demoted,
 # deactivated or given a new password) makes each re-check its caller (``vms.consumers``).
 ACCESS_GROUP = "access"
@@ -139,7 +142,27 @@ def messages_for(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str,
         out.append((vm_group(vm_id), message))
         if e.aggregate_type == "vm" and vm_id in vms:
             out.append((LIST_GROUP, message))
-    return out
+    return out + _task_messages(events)
+
+
+def _task_messages(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str, Any]]]:
+    """Each task these events changed, once, as it is now (the task log's live rows)."""
+    changed: dict[str, int] = {}  # request id -> position of the last event that changed it
+    for e in events:
+        if e.type in TASK_REQUESTS:
+            changed[e.event_id] = e.position
+        elif e.type in TASK_OUTCOMES and e.causation_id:
+            changed[e.causation_id] = e.position
+        elif e.type == "vm.progress" and isinstance(request := e.data.get("request"), str):
+            changed[request] = e.position
+    if not changed:
+        return []
+    tasks = tasklog.tasks_by_request(list(changed))
+    return [
+        (TASK_GROUP, {"type": "task.event", "position": changed[rid], "task": tasks[rid]})
+        for rid in sorted(changed, key=changed.__getitem__)
+        if rid in tasks
+    ]
 
 
 def _uuids(values: Iterable[str]) -> list[uuid.UUID]:

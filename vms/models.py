@@ -370,3 +370,50 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"worker heartbeat of {self.queue}"
+
+
+class Task(models.Model):
+    """One request on a VM (a lifecycle verb or a guest access) as the task log shows it: who
+    asked, its progress, and how it ended. A read model folded from the request, ``vm.progress``
+    and outcome events (``vms.projectors.TaskProjector``); ``version`` is the position of the
+    last event applied, so a live push older than what was sent is dropped."""
+
+    STATES = ("pending", "succeeded", "failed", "superseded")
+
+    request_event_id = models.CharField(max_length=64, primary_key=True)
+    position = models.BigIntegerField(unique=True)  # the request's
+    version = models.BigIntegerField()
+    vm = models.ForeignKey(
+        VirtualMachine, on_delete=models.DO_NOTHING, db_constraint=False, related_name="tasks"
+    )
+    verb = models.CharField(max_length=32)
+    kind = models.CharField(max_length=8)  # "request" (the worker's) or "guest" (exec, files)
+    actor = models.CharField(max_length=150)
+    actor_type = models.CharField(max_length=16)
+    actor_id = models.CharField(max_length=64, blank=True)
+    channel = models.CharField(max_length=16, blank=True)
+    requested_at = models.DateTimeField()
+    state = models.CharField(max_length=12, default="pending")
+    step = models.CharField(max_length=64, blank=True)
+    pct = models.PositiveSmallIntegerField(null=True)
+    message = models.CharField(max_length=200, blank=True)
+    outcome_type = models.CharField(max_length=64, blank=True)
+    outcome_position = models.BigIntegerField(null=True)
+    error = models.CharField(max_length=500, blank=True)
+    finished_at = models.DateTimeField(null=True)
+
+    class Meta:
+        ordering = ["-position"]
+        indexes = [
+            models.Index(fields=["vm", "-position"], name="task_vm_position"),
+            models.Index(fields=["state", "-position"], name="task_state_position"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.verb} of {self.vm_id} ({self.state})"
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return round((self.finished_at - self.requested_at).total_seconds(), 3)

@@ -26,6 +26,7 @@ from vms.models import (
     PreviewLink,
     RequestOutcome,
     Snapshot,
+    Task,
     Usage,
     VirtualMachine,
 )
@@ -468,3 +469,89 @@ class PreviewLinkProjector(Projector):
 
     def reset(self) -> None:
         PreviewLink.objects.all().delete()
+
+
+# The task log: request type -> verb, outcome type -> (verb kind, succeeded?).
+TASK_REQUESTS = {v.requested: v for v in lifecycle.VERBS if v.requested and v.kind != "record"}
+TASK_OUTCOMES: dict[str, bool] = {
+    t: ok for v in TASK_REQUESTS.values() for t, ok in ((v.succeeded, True), (v.failed, False)) if t
+}
+
+
+@register
+class TaskProjector(Projector):
+    """The task log (``Task``): a row per request, its progress (``vm.progress``, which names
+    its request), and its outcome (the event the request caused). A request-kind request (the
+    worker's) that another one overtook before it ended is ``superseded``: at most one of them is
+    pending on a VM at a time (``vms.lifecycle``), so a newer one means the older will not end."""
+
+    name = "vms.tasks"
+    event_types = frozenset(TASK_REQUESTS) | frozenset(TASK_OUTCOMES) | {"vm.progress"}
+    inline = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        made: dict[str, Task] = {}  # this batch's new rows, written once at the end
+        for e in events:
+            verb = TASK_REQUESTS.get(e.type)
+            if verb is not None:
+                if verb.kind == "request":
+                    self._supersede(made, e)
+                made[e.event_id] = Task(
+                    request_event_id=e.event_id,
+                    position=e.position,
+                    version=e.position,
+                    vm_id=uuid.UUID(e.aggregate_id),
+                    verb=verb.name,
+                    kind=verb.kind,
+                    actor=e.actor_name[:150],
+                    actor_type=e.actor_type,
+                    actor_id=e.actor_id or "",
+                    channel=e.channel or "",
+                    requested_at=e.recorded_at,
+                )
+                continue
+            data = e.data
+            request_id = data.get("request") if e.type == "vm.progress" else e.causation_id
+            if not request_id:
+                continue
+            if e.type == "vm.progress":
+                pct = data.get("pct")
+                changes: dict[str, Any] = {
+                    "step": str(data.get("step", ""))[:64],
+                    "pct": max(0, min(100, pct)) if isinstance(pct, int) else None,
+                    "message": str(data.get("message", ""))[:200],
+                }
+            else:
+                ok = TASK_OUTCOMES[e.type]
+                error = data.get("error") or data.get("reason") or ""
+                changes = {
+                    "state": "succeeded" if ok else "failed",
+                    "outcome_type": e.type,
+                    "outcome_position": e.position,
+                    "error": "" if ok else str(error)[:500],
+                    "finished_at": e.recorded_at,
+                }
+                if ok:
+                    changes["pct"] = 100
+            changes["version"] = e.position
+            row = made.get(str(request_id))
+            if row is not None:
+                for k, v in changes.items():
+                    setattr(row, k, v)
+            else:
+                Task.objects.filter(request_event_id=str(request_id)).update(**changes)
+        if made:
+            Task.objects.bulk_create(made.values())
+
+    @staticmethod
+    def _supersede(made: dict[str, Task], e: RecordedEvent) -> None:
+        vm_id = uuid.UUID(e.aggregate_id)
+        done = {"state": "superseded", "finished_at": e.recorded_at, "version": e.position}
+        for row in made.values():
+            if row.vm_id == vm_id and row.kind == "request" and row.state == "pending":
+                for k, v in done.items():
+                    setattr(row, k, v)
+        Task.objects.filter(vm_id=vm_id, kind="request", state="pending").update(**done)
+
+    def reset(self) -> None:
+        Task.objects.all().delete()

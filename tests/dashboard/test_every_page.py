@@ -69,10 +69,12 @@ def site(make_user, make_vm) -> dict[str, Any]:
 MUST_SEE = {
     "admin": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/users/", "/accounts/tokens/", "/audit/",
-        "/networks/", "/networks/<uuid:pk>/edit/",
+        "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/",
     ],
-    "operator": ["/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/tokens/", "/networks/"],
-    "viewer": ["/", "/vms/", "/vms/<uuid:pk>/", "/accounts/tokens/", "/networks/"],
+    "operator": [
+        "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/tokens/", "/networks/", "/tasks/",
+    ],
+    "viewer": ["/", "/vms/", "/vms/<uuid:pk>/", "/accounts/tokens/", "/networks/", "/tasks/"],
     "auditor": [
         "/", "/vms/<uuid:pk>/", "/audit/", "/audit/events/<int:position>/", "/audit/sessions/",
         "/audit/exports/<uuid:pk>/", "/audit/sessions/<int:position>/replay/",
