@@ -4,6 +4,7 @@ checked by ``vms.commands``, whose errors the views attach to these forms."""
 from __future__ import annotations
 
 import shlex
+import uuid
 from typing import Any
 
 from django import forms
@@ -85,13 +86,58 @@ class ExecForm(forms.Form):
         return argv
 
 
+# The VM list's sort keys: the query's value -> the column it orders by (name breaks ties).
+SORTS = {
+    "name": "name", "owner": "owner__username", "state": "state", "template": "template",
+    "vcpus": "vcpus", "memory": "memory_mib", "ip": "ip", "since": "state_changed_at",
+    "created": "created_at",
+}  # fmt: skip
+
+
 class FilterForm(forms.Form):
-    q = forms.CharField(required=False, label="Search")
+    q = forms.CharField(required=False, label="Search", max_length=63)
     state = forms.ChoiceField(
         required=False, choices=[("", "live (not destroyed)"), ("all", "all")] + VMState.choices
     )
-    template = forms.CharField(required=False)
-    owner = forms.CharField(required=False)
+    template = forms.CharField(required=False, max_length=63)
+    owner = forms.CharField(required=False, max_length=150)
+    sort = forms.ChoiceField(
+        required=False,
+        choices=[("", "newest first")]
+        + [
+            (f"{d}{k}", f"{k} {'descending' if d else 'ascending'}")
+            for k in SORTS
+            for d in ("", "-")
+        ],
+    )
+    page = forms.IntegerField(required=False, min_value=1, max_value=10**6)
+
+
+# What the list's bulk bar may ask of many VMs at once (each VM's own rules still apply).
+BULK_VERBS = ("start", "stop", "reboot", "pause", "resume", "destroy")
+
+
+class BulkForm(forms.Form):
+    """A verb for the VMs ticked on the list (``ids``, repeated); ``confirm`` once reviewed."""
+
+    verb = forms.ChoiceField(choices=[(v, v) for v in BULK_VERBS])
+    force = forms.BooleanField(required=False, label="Force (stop at once, no shutdown)")
+    confirm = forms.BooleanField(required=False)
+
+    MAX = 200
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        raw = self.data.getlist("ids") if hasattr(self.data, "getlist") else []
+        if not raw:
+            raise forms.ValidationError("tick at least one VM")
+        if len(raw) > self.MAX:
+            raise forms.ValidationError(f"at most {self.MAX} VMs at once")
+        try:
+            data["ids"] = list(dict.fromkeys(uuid.UUID(v) for v in raw))
+        except ValueError as exc:
+            raise forms.ValidationError("not a VM's id") from exc
+        return data
 
 
 class NetworkForm(forms.Form):

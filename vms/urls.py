@@ -14,6 +14,7 @@ app_name = "vms"
 urlpatterns = [
     path("", views.vm_list, name="list"),
     path("new/", views.vm_create, name="create"),
+    path("bulk/", views.vm_bulk, name="bulk"),
     path("<uuid:pk>/", views.vm_detail, name="detail"),
     path("<uuid:pk>/console/", views.vm_console, name="console"),
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),

@@ -1,12 +1,14 @@
 // The VM list: rows updated live from ws/vms/live/ (state, pending action, address), new VMs
-// added, destroyed ones removed; the search box filters instantly in the page.
+// added (on the first page of the newest-first order), destroyed ones removed; the search box
+// filters instantly in the page; ticks for the bulk bar; filters saved in this browser.
 import { connectLive, el } from "./live.js";
 
 const table = document.getElementById("vm-list");
 const tbody = table.querySelector("tbody");
 const empty = tbody.querySelector("tr.empty");
 const filters = JSON.parse(table.dataset.filters || "{}");
-const seesAll = table.querySelectorAll("thead th").length === 8;
+const seesAll = table.dataset.seesAll === "1";
+const bulk = document.getElementById("tick-all") !== null;
 const search = document.getElementById("vm-search");
 
 function matches(vm) {
@@ -20,6 +22,7 @@ function matches(vm) {
 
 function newRow(vm) {
   const cells = [
+    ...(bulk ? [el("td", {}, el("input", { type: "checkbox", name: "ids", value: vm.id, class: "tick", "aria-label": `Tick ${vm.name}` }))] : []),
     el("td", {}, el("a", { href: `/vms/${vm.id}/` }, vm.name)),
     ...(seesAll ? [el("td", {}, vm.owner)] : []),
     el("td", {}, el("span", { class: `state state-${vm.state}`, "data-field": "state" }, vm.state), " ",
@@ -29,6 +32,7 @@ function newRow(vm) {
     el("td", { "data-field": "memory" }, `${vm.memory_mib} MiB`),
     el("td", { "data-field": "ip" }, vm.ip),
     el("td", { "data-field": "since", class: "muted" }, ""),
+    el("td", { class: "row-actions", "data-field": "actions" }),
   ];
   return el("tr", { dataset: { vmId: vm.id, name: vm.name, template: vm.template, owner: vm.owner } }, ...cells);
 }
@@ -44,6 +48,7 @@ function apply(vm) {
     return;
   }
   if (!row) {
+    if (!filters.takes_new) return; // a sorted or later page: the new VM is a reload away
     row = newRow(vm);
     tbody.prepend(row);
     row.classList.add("flash-row");
@@ -62,6 +67,10 @@ function apply(vm) {
   row.querySelector('[data-field="ip"]').textContent = vm.ip || "";
   row.querySelector('[data-field="vcpus"]').textContent = vm.vcpus;
   row.querySelector('[data-field="memory"]').textContent = `${vm.memory_mib} MiB`;
+  // A row's start/stop buttons fit the state the server rendered them for: hide them once it
+  // moves on (the next render offers what the new state allows).
+  const actions = row.querySelector('[data-field="actions"]');
+  if (actions) for (const b of actions.querySelectorAll("button")) b.hidden = row.dataset.renderedState !== undefined && row.dataset.renderedState !== vm.state;
   refreshEmpty();
 }
 
@@ -80,3 +89,58 @@ search.addEventListener("input", () => {
 
 connectLive(() => "/ws/vms/live/", (msg) => { if (msg.type === "vm") apply(msg.vm); },
   document.getElementById("live-status"));
+
+for (const row of tbody.querySelectorAll("tr[data-vm-id]")) {
+  const badge = row.querySelector('[data-field="state"]');
+  if (badge) row.dataset.renderedState = badge.textContent.trim();
+}
+
+// --- Ticks for the bulk bar --------------------------------------------------------------------
+const tickAll = document.getElementById("tick-all");
+const count = document.getElementById("bulk-count");
+const review = document.getElementById("bulk-review");
+function ticked() { return [...tbody.querySelectorAll("input.tick:checked")]; }
+function refreshTicks() {
+  if (!count) return;
+  const n = ticked().length;
+  count.textContent = n ? `${n} ticked` : "none ticked";
+  if (review) review.disabled = n === 0;
+}
+tbody.addEventListener("change", (ev) => { if (ev.target.classList.contains("tick")) refreshTicks(); });
+if (tickAll) tickAll.addEventListener("change", () => {
+  for (const box of tbody.querySelectorAll("tr:not([hidden]) input.tick")) box.checked = tickAll.checked;
+  refreshTicks();
+});
+refreshTicks();
+
+// --- Saved filters (this browser's) -----------------------------------------------------------
+const KEY = "sandbox.vmFilters";
+const savedNav = document.getElementById("saved-filters");
+function loadSaved() {
+  try { return JSON.parse(localStorage.getItem(KEY) || "{}"); } catch { return {}; }
+}
+function renderSaved() {
+  const saved = loadSaved();
+  savedNav.replaceChildren();
+  const names = Object.keys(saved).sort();
+  savedNav.hidden = names.length === 0;
+  if (names.length) savedNav.append(el("span", { class: "muted small" }, "Saved filters: "));
+  for (const name of names) {
+    const link = el("a", { href: `?${saved[name]}`, class: "saved-filter" }, name);
+    const drop = el("button", { type: "button", class: "link small", "aria-label": `Forget the filter ${name}` }, "×");
+    drop.addEventListener("click", () => { const s = loadSaved(); delete s[name]; localStorage.setItem(KEY, JSON.stringify(s)); renderSaved(); });
+    savedNav.append(el("span", { class: "saved" }, link, drop), " ");
+  }
+}
+const saveButton = document.getElementById("save-filter");
+if (saveButton && savedNav) {
+  saveButton.addEventListener("click", () => {
+    const query = new URLSearchParams(new FormData(document.getElementById("vm-filters")));
+    for (const [k, v] of [...query.entries()]) if (!v) query.delete(k);
+    const name = (window.prompt("A name for this filter:", query.get("q") || query.get("state") || "my VMs") || "").trim().slice(0, 40);
+    if (!name) return;
+    const s = loadSaved(); s[name] = query.toString(); localStorage.setItem(KEY, JSON.stringify(s));
+    renderSaved();
+  });
+  renderSaved();
+}
