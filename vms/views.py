@@ -531,4 +531,9 @@ def vm_console(request: HttpRequest, pk: Any) -> HttpResponse:
     access = console.access_for(request.user, vm.pk)
     if access is None:
         raise Http404("no console for this VM")
-    return render(request, "vms/console.html", {"vm": vm, "mode": access.mode})
+    popout = request.GET.get("popout") == "1"
+    return render(
+        request,
+        "vms/console.html",
+        {"vm": vm, "mode": access.mode, "popout": popout, "bare": popout},
+    )

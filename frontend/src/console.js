@@ -23,16 +23,51 @@ export function mountConsole(element, path, { readOnly = false, onStatus = () =>
   });
   socket.addEventListener("close", (event) => onStatus({ type: "closed", code: event.code }));
   const encoder = new TextEncoder();
-  if (!readOnly) {
-    term.onData((data) => {
-      if (socket.readyState === WebSocket.OPEN) socket.send(encoder.encode(data));
-    });
-  }
-  window.addEventListener("resize", () => fit.fit());
+  const send = (data) => {
+    if (readOnly || socket.readyState !== WebSocket.OPEN) return false;
+    socket.send(encoder.encode(data));
+    return true;
+  };
+  if (!readOnly) term.onData(send);
+  // Ctrl+Shift+C / Ctrl+Shift+V copy and paste (plain Ctrl+C stays an interrupt for the guest).
+  term.attachCustomKeyEventHandler((ev) => {
+    if (ev.type !== "keydown" || !ev.ctrlKey || !ev.shiftKey) return true;
+    if (ev.code === "KeyC") { copySelection(term); return false; }
+    if (ev.code === "KeyV" && !readOnly) { pasteInto(send); return false; }
+    return true;
+  });
+  // The terminal follows its box: the window's size, full screen, a pop-out window.
+  new ResizeObserver(() => fit.fit()).observe(element);
   // Leaving the page ends the session now (and so its recording), not when the tab is dropped.
   window.addEventListener("pagehide", () => socket.close());
   term.focus();
-  return { term, socket, dispose: () => { socket.close(); term.dispose(); } };
+  return { term, socket, send, fit, dispose: () => { socket.close(); term.dispose(); } };
+}
+
+// The send-keys menu: what a serial terminal sends for each key.
+const KEYS = {
+  "ctrl-c": "\x03", "ctrl-d": "\x04", "ctrl-z": "\x1a", "ctrl-backslash": "\x1c",
+  "ctrl-l": "\x0c", esc: "\x1b", tab: "\t", enter: "\r",
+};
+
+function note(text) {
+  const el = document.getElementById("console-note");
+  if (el) el.textContent = text;
+}
+
+async function copySelection(term) {
+  const text = term.getSelection();
+  if (!text) { note("select text in the terminal first"); return; }
+  try { await navigator.clipboard.writeText(text); note(`copied ${text.length} characters`); }
+  catch { note("the browser refused the clipboard: use Ctrl+C outside the terminal"); }
+}
+
+async function pasteInto(send) {
+  let text = "";
+  try { text = await navigator.clipboard.readText(); }
+  catch { note("the browser refused the clipboard: paste with the browser's menu"); return; }
+  // A serial line takes Enter as CR; pasted newlines become CRs.
+  if (text && send(text.replace(/\r?\n/g, "\r"))) note(`pasted ${text.length} characters`);
 }
 
 // The console page: #terminal carries the VM id and the mode the server granted.
@@ -48,6 +83,28 @@ if (element && element.dataset.vmId) {
       else if (s.type === "link") setStatus(s.connected ? "connected to ttyS0" : `serial link down${s.reason ? `: ${s.reason}` : ""}`, s.connected ? "on" : "off");
       else if (s.type === "closed") setStatus(s.code === 4403 ? "not allowed" : `closed (${s.code})`, "off");
     },
+  });
+  const keys = document.getElementById("send-key");
+  if (keys) keys.addEventListener("change", () => {
+    if (!keys.value) return;
+    const data = KEYS[keys.value];
+    if (data === undefined) return;
+    if (mounted.send(data)) note(`sent ${keys.selectedOptions[0].textContent}`);
+    keys.value = "";
+    mounted.term.focus();
+  });
+  document.getElementById("paste")?.addEventListener("click", () => pasteInto(mounted.send));
+  document.getElementById("copy")?.addEventListener("click", () => copySelection(mounted.term));
+  const wrap = document.getElementById("terminal-wrap");
+  document.getElementById("fullscreen")?.addEventListener("click", async () => {
+    try { await wrap.requestFullscreen(); mounted.term.focus(); }
+    catch { note("the browser refused full screen"); }
+  });
+  document.getElementById("popout")?.addEventListener("click", () => {
+    const url = `${location.pathname}?popout=1`;
+    const win = window.open(url, `console-${element.dataset.vmId}`, "popup,width=960,height=640");
+    if (win) { mounted.dispose(); note("the console is in its own window now"); location.href = document.querySelector("h1 a")?.href || "/"; }
+    else note("the browser blocked the pop-out window");
   });
   // For tests and the curious: the terminal's text, without scraping the renderer.
   window.sandboxConsole = {

@@ -170,3 +170,49 @@ def test_the_console_shows_the_prompt_at_once(browser, asgi_server, running_vm) 
     shot(driver, "console-prompt-at-once")
     assert "root@sandbox" not in terminal_text(driver)
     driver.get("about:blank")
+
+
+def test_the_console_tools_send_keys_paste_copy_and_go_full_screen(
+    browser, asgi_server, running_vm
+) -> None:
+    """The send-keys menu interrupts a running command (Ctrl-C as the serial byte), Paste types
+    the clipboard (newlines as Enter), Copy puts the terminal's selection on the clipboard, and
+    full screen fills the screen with the terminal."""
+    from selenium.webdriver.support.ui import Select
+
+    from tests.dashboard.test_browser import type_keys
+
+    driver = browser()
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {
+            "origin": asgi_server.url,
+            "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"],
+        },
+    )
+    login(driver, asgi_server.url, "opal")
+    driver.get(f"{asgi_server.url}/vms/{running_vm.pk}/console/")
+    prompt = f"root@{running_vm.hostname}"
+    WebDriverWait(driver, 30, poll_frequency=0.2).until(lambda d: prompt in terminal_text(d))
+    type_keys(driver, "sleep 300; echo never-$((6*7))\n")
+    WebDriverWait(driver, 10).until(lambda d: "sleep 300" in terminal_text(d))
+    Select(driver.find_element(By.ID, "send-key")).select_by_value("ctrl-c")
+    WebDriverWait(driver, 10).until(lambda d: "^C" in terminal_text(d))
+    # Paste: the clipboard's text typed into the guest, its newline as Enter.
+    driver.execute_async_script(
+        "navigator.clipboard.writeText('echo pasted-$((40+2))\\n').then(arguments[0])"
+    )
+    driver.find_element(By.ID, "paste").click()
+    WebDriverWait(driver, 20, poll_frequency=0.2).until(lambda d: "pasted-42" in terminal_text(d))
+    assert "never-42" not in terminal_text(driver)  # the sleep was interrupted
+    # Copy: the selection onto the clipboard.
+    driver.execute_script("window.sandboxConsole.term.selectAll()")
+    driver.find_element(By.ID, "copy").click()
+    copied = driver.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
+    assert "pasted-42" in copied
+    driver.find_element(By.ID, "fullscreen").click()
+    WebDriverWait(driver, 5).until(
+        lambda d: d.execute_script("return document.fullscreenElement?.id") == "terminal-wrap"
+    )
+    shot(driver, "console-full-screen")
+    driver.get("about:blank")
