@@ -75,14 +75,48 @@ class RoleSerializer(serializers.Serializer):
     role = serializers.ChoiceField(choices=roles.ROLES)
 
 
+class MeSerializer(UserSerializer):
+    """You, and what the credential of this request may do: a client (the MCP server, a UI)
+    needs the token's own limits beside the user's permissions to know what it may offer."""
+
+    permissions = serializers.ListField(child=serializers.CharField(), read_only=True)
+    token = serializers.CharField(
+        allow_null=True,
+        read_only=True,
+        help_text="the public key of the API token used; null: a session",
+    )
+    token_read_only = serializers.BooleanField(
+        allow_null=True, read_only=True, help_text="whether that token may only read"
+    )
+    token_scopes = serializers.ListField(
+        child=serializers.CharField(),
+        allow_null=True,
+        read_only=True,
+        help_text="that token's scopes (empty: all of the user's permissions)",
+    )
+
+    class Meta(UserSerializer.Meta):
+        fields = [
+            *UserSerializer.Meta.fields,
+            "permissions",
+            "token",
+            "token_read_only",
+            "token_scopes",
+        ]
+        read_only_fields = fields
+
+
 class MeView(APIView):
     token_scopes = {"get": OPEN}
 
-    @extend_schema(responses=UserSerializer)
+    @extend_schema(responses=MeSerializer)
     def get(self, request: Request) -> Response:
         data = UserSerializer(request.user).data
         data["permissions"] = sorted(request.user.get_all_permissions())
-        data["token"] = getattr(request.auth, "key", None)
+        token = request.auth if isinstance(request.auth, APIToken) else None
+        data["token"] = None if token is None else token.key
+        data["token_read_only"] = None if token is None else token.read_only
+        data["token_scopes"] = None if token is None else sorted(token.scopes)
         return Response(data)
 
 

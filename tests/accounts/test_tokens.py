@@ -154,3 +154,21 @@ def test_users_cannot_see_or_revoke_each_others_tokens(make_user, issue_token) -
     alice_token = APIToken.objects.get(user=alice)
     assert bob_client.delete(f"/api/v1/tokens/{alice_token.pk}/").status_code == 404
     assert APIToken.objects.get(pk=alice_token.pk).revoked_at is None
+
+
+def test_me_tells_the_tokens_own_limits(make_user, issue_token) -> None:
+    """A client learns what its token may do beside what its user may (the MCP server lists
+    its tools from this)."""
+    user = make_user("operator")
+    token = issue_token(user, read_only=True, scopes=["vms.exec_vm", "vms.read_files"])
+    me = bearer(token).get("/api/v1/me/").json()
+    assert me["token"] == token.split("_")[1]
+    assert me["token_read_only"] is True
+    assert me["token_scopes"] == ["vms.exec_vm", "vms.read_files"]
+    assert "vms.write_files" in me["permissions"]  # the user's, which the token narrows
+    plain = bearer(issue_token(user)).get("/api/v1/me/").json()
+    assert (plain["token_read_only"], plain["token_scopes"]) == (False, [])
+    session = APIClient()
+    session.force_login(user)
+    mine = session.get("/api/v1/me/").json()
+    assert (mine["token"], mine["token_read_only"], mine["token_scopes"]) == (None, None, None)
