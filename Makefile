@@ -34,13 +34,14 @@ test-sqlite: deps
 
 deps: $(VENV)/.installed
 
-# The SDK and the `sandbox` CLI are a package of their own (sdk/), installed beside for the tests.
+# The SDK and the `sandbox` CLI are a package of their own (sdk/), installed beside for the tests,
+# with its mcp extra (`sandbox mcp`).
 $(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	@command -v qemu-system-x86_64 >/dev/null && command -v npm >/dev/null || $(MAKE) system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip setuptools
 	$(VENV)/bin/pip install -q -e '.[dev]'
-	$(VENV)/bin/pip install -q -e ./sdk
+	$(VENV)/bin/pip install -q -e './sdk[mcp]'
 	touch $@
 
 system-deps:

@@ -19,6 +19,7 @@ from sandbox_sdk.errors import (
     QuotaExceeded,
     RequestFailed,
     SandboxError,
+    TooLarge,
     Unavailable,
     WaitTimeout,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Sandbox",
     "SandboxError",
     "Snapshot",
+    "TooLarge",
     "Unavailable",
     "WaitTimeout",
 ]

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Generator, Iterable
@@ -21,8 +22,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from sandbox_sdk.errors import (
     AuthError,
     ChecksumMismatch,
+    Conflict,
+    NotFound,
     RequestFailed,
     SandboxError,
+    TooLarge,
     WaitTimeout,
     error_from,
 )
@@ -48,6 +52,9 @@ class Call:
     download: Path | None = None  # stream the body to this file (the reply carries its digest)
     ok: tuple[int, ...] = (200,)
     wait_s: float | None = None  # how long the server may take (beyond the client's timeout)
+    # At most this many bytes of a body (not streamed to a file) are read: past it the client
+    # stops reading and the reply's ``size`` is what the server announced (``check`` refuses).
+    limit: int | None = None
 
     @property
     def idempotent(self) -> bool:
@@ -65,7 +72,7 @@ class Reply:
     headers: dict[str, str]
     body: bytes = b""
     sha256: str | None = None  # of a body streamed to a file
-    size: int = 0
+    size: int = 0  # of the whole body (announced by the server when it was not all read)
 
     def json(self) -> Any:
         if not self.body:
@@ -94,16 +101,11 @@ class Config:
             token or os.environ.get("SANDBOX_TOKEN")
         ):
             stored = load_stored()
-        url = url or os.environ.get("SANDBOX_URL") or stored.get("url")
         token = token or os.environ.get("SANDBOX_TOKEN") or stored.get("token")
-        if not url:
-            raise AuthError("no server: set SANDBOX_URL, pass url=, or run `sandbox login`")
+        url = server_url(url, stored)
         if not token:
             raise AuthError("no token: set SANDBOX_TOKEN, pass token=, or run `sandbox login`")
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise SandboxError(f"not an http(s) URL: {url!r}")
-        return cls(url=url.rstrip("/"), token=token)
+        return cls(url=url, token=token)
 
     def ws_url(self, path: str) -> str:
         parts = urlsplit(self.url)
@@ -113,6 +115,19 @@ class Config:
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+
+
+def server_url(url: str | None = None, stored: dict[str, Any] | None = None) -> str:
+    """The server's URL: the argument, else ``SANDBOX_URL``, else the ``sandbox login`` file."""
+    if not (url or os.environ.get("SANDBOX_URL")) and stored is None:
+        stored = load_stored()
+    url = url or os.environ.get("SANDBOX_URL") or (stored or {}).get("url")
+    if not url:
+        raise AuthError("no server: set SANDBOX_URL, pass url=, or run `sandbox login`")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SandboxError(f"not an http(s) URL: {url!r}")
+    return url.rstrip("/")
 
 
 def config_path() -> Path:
@@ -147,7 +162,19 @@ def backoff(attempt: int) -> float:
 def check(reply: Reply, call: Call) -> Any:
     if reply.status not in call.ok:
         raise error_from(reply.status, reply.json())
+    if call.limit is not None and max(reply.size, len(reply.body)) > call.limit:
+        raise TooLarge(
+            f"{max(reply.size, len(reply.body))} bytes: more than the {call.limit} allowed",
+            size=max(reply.size, len(reply.body)),
+            limit=call.limit,
+        )
     return reply.json() if call.download is None else None
+
+
+def announced_size(headers: Any, read: int) -> int:
+    """A body's size: its Content-Length when the server gave one, at least what was read."""
+    announced = str(headers.get("content-length") or "")
+    return max(int(announced), read) if announced.isdigit() else read
 
 
 def request(call: Call) -> Op:
@@ -224,6 +251,22 @@ def create_vm(
 
 def get_vm(vm_id: str) -> Op:
     return (yield from request(Call("GET", f"/vms/{_id(vm_id)}/")))
+
+
+UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def find_vm(ref: str) -> Op:
+    """A VM by id, or by its exact name among the live VMs the caller sees (``NotFound``;
+    ``Conflict`` when several share the name)."""
+    if UUID.match(ref):
+        return (yield from get_vm(ref))
+    rows = [r for r in (yield from list_vms(name=ref)) if r["name"] == ref]
+    if not rows:
+        raise NotFound(f"no VM named {ref!r}")
+    if len(rows) > 1:
+        raise Conflict(f"{len(rows)} VMs are named {ref!r}: give the id")
+    return rows[0]
 
 
 def list_all(path: str, params: dict[str, Any] | None = None, limit: int | None = None) -> Op:
@@ -305,6 +348,9 @@ class ExecResult:
     timed_out: bool = False
     duration_s: float = 0.0
     truncated: bool = False
+    # The whole output's sizes as the guest wrote it (more than the bytes above when truncated).
+    stdout_size: int = 0
+    stderr_size: int = 0
 
     @property
     def ok(self) -> bool:
@@ -349,6 +395,8 @@ def run_exec(vm_id: str, body: dict[str, Any]) -> Op:
         timed_out=bool(answer.get("timed_out")),
         duration_s=float(answer.get("duration_s") or 0.0),
         truncated=bool(answer.get("truncated")),
+        stdout_size=int(answer.get("stdout_size") or len(out)),
+        stderr_size=int(answer.get("stderr_size") or len(err)),
     )
 
 
@@ -439,10 +487,11 @@ def upload(vm_id: str, remote: str, data: bytes | Path, sha256: str) -> Op:
     return stored
 
 
-def download(vm_id: str, remote: str, local: Path | None) -> Op:
+def download(vm_id: str, remote: str, local: Path | None, limit: int | None = None) -> Op:
     """GET ``remote`` (into ``local`` when given): the bytes (or None), checked against the
-    ``X-Content-SHA256`` the server reports."""
-    call = Call("GET", files_path(vm_id), params={"path": remote}, download=local)
+    ``X-Content-SHA256`` the server reports. With ``limit``, a file of more bytes than that is
+    ``TooLarge`` (and only that many are read of it)."""
+    call = Call("GET", files_path(vm_id), params={"path": remote}, download=local, limit=limit)
     data, _ = yield from checked_download(call, remote)
     return data
 
@@ -452,7 +501,10 @@ def checked_download(call: Call, remote: str) -> Op:
     server reports (``X-Content-SHA256``)."""
     local = call.download
     reply: Reply = yield call
-    check(reply, call)
+    try:
+        check(reply, call)
+    except TooLarge as exc:
+        raise TooLarge(f"{remote} is {exc}", size=exc.size, limit=exc.limit) from None
     reported = reply.headers.get("x-content-sha256")
     got = reply.sha256
     if got is None:

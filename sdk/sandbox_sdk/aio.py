@@ -118,6 +118,14 @@ class AsyncClient:
                 return Reply(
                     response.status_code, dict(response.headers), b"", digest.hexdigest(), size
                 )
+            if call.limit is not None and response.status_code in call.ok:
+                kept = bytearray()  # enough to know it is over the limit, and no more
+                async for block in response.aiter_bytes(CHUNK):
+                    kept.extend(block)
+                    if len(kept) > call.limit:
+                        break
+                size = _core.announced_size(response.headers, len(kept))
+                return Reply(response.status_code, dict(response.headers), bytes(kept), None, size)
             body = await response.aread()
         finally:
             await response.aclose()
@@ -195,6 +203,8 @@ class AsyncExecStream:
             signal=self.status.signal,
             timed_out=self.status.timed_out,
             duration_s=self.status.duration_s,
+            stdout_size=len(out),
+            stderr_size=len(err),
         )
 
 
@@ -265,8 +275,9 @@ class AsyncFiles:
         digest = hashlib.sha256(raw).hexdigest()
         return await self.sandbox.client.run(_core.upload(self.sandbox.id, path, raw, digest))
 
-    async def read(self, path: str) -> bytes:
-        return await self.sandbox.client.run(_core.download(self.sandbox.id, path, None))
+    async def read(self, path: str, *, limit: int | None = None) -> bytes:
+        """The file's bytes; with ``limit``, a larger file is ``TooLarge`` (not read whole)."""
+        return await self.sandbox.client.run(_core.download(self.sandbox.id, path, None, limit))
 
     async def upload(self, local: str | Path, path: str) -> dict[str, Any]:
         local = Path(local)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import shutil
 import sys
@@ -54,7 +53,7 @@ EXIT = {
 }
 EXIT_EXEC_TIMED_OUT = 124
 
-UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+UUID = _core.UUID
 
 VM_COLUMNS = ("id", "name", "state", "template", "vcpus", "memory_mib", "ip", "created_at")
 SNAPSHOT_COLUMNS = ("id", "name", "vm_name", "state", "size_bytes", "created_at")
@@ -97,14 +96,7 @@ class State:
 
     def sandbox(self, ref: str) -> Sandbox:
         """A VM by id, or by its exact name among the caller's live VMs."""
-        if UUID.match(ref):
-            return Sandbox.connect(ref, client=self.client)
-        rows = [r for r in self.client.run(_core.list_vms(name=ref)) if r["name"] == ref]
-        if not rows:
-            raise NotFound(f"no VM named {ref!r}")
-        if len(rows) > 1:
-            raise Conflict(f"{len(rows)} VMs are named {ref!r}: give the id")
-        return Sandbox(self.client, rows[0], keep=True)
+        return Sandbox(self.client, self.client.run(_core.find_vm(ref)), keep=True)
 
     def snapshot_id(self, ref: str) -> str:
         if UUID.match(ref):
@@ -615,6 +607,115 @@ def _print_events(state: State, rows: list[dict[str, Any]], header: bool) -> Non
             else:
                 click.echo("---\n" + yaml.safe_dump(row, sort_keys=True).rstrip())
     sys.stdout.flush()  # a follower reads each event as it comes, even through a pipe
+
+
+# --- mcp ----------------------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@cli.command("mcp")
+@click.option(
+    "--transport",
+    type=click.Choice(["stdio", "streamable-http"]),
+    default="stdio",
+    show_default=True,
+    help="stdio: one client (the process that started it), with this CLI's token; "
+    "streamable-http: an HTTP endpoint where each client sends its own token",
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="streamable-http: address to listen on"
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8765, show_default=True, help="streamable-http"
+)
+@click.option(
+    "--path", "http_path", default="/mcp", show_default=True, help="streamable-http: endpoint path"
+)
+@click.option(
+    "--max-output",
+    type=click.IntRange(min=1),
+    default=None,
+    help="bytes of each of an exec's stdout and stderr returned (default 65536)",
+)
+@click.option(
+    "--max-file",
+    type=click.IntRange(min=1),
+    default=None,
+    help="bytes a read_file or write_file moves at most (default 1048576)",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="warning",
+    show_default=True,
+    help="of what goes to stderr",
+)
+@pass_state
+def mcp(
+    state: State,
+    transport: str,
+    host: str,
+    port: int,
+    http_path: str,
+    max_output: int | None,
+    max_file: int | None,
+    log_level: str,
+) -> None:
+    """Serve the sandboxes as MCP tools (docs/mcp.md): list_templates, list_sandboxes,
+    create_sandbox, exec, read_file, write_file, snapshot_sandbox, start_sandbox,
+    stop_sandbox, destroy_sandbox.
+
+    Every tool call is an API call with the caller's token, refused and audited by the API as
+    any other. Over stdio the token is this CLI's (--token, SANDBOX_TOKEN or `sandbox login`);
+    over streamable HTTP each client sends its own (Authorization: Bearer <token>), and the
+    --token of this command is not used. Tools the token may not use are not listed.
+
+    \b
+    sandbox mcp                                   # stdio, for a client that starts it
+    sandbox mcp --transport streamable-http --port 8765   # http://127.0.0.1:8765/mcp
+    """
+    # The MCP server is an optional extra of the SDK: imported only by this command.
+    try:
+        from sandbox_sdk import mcp_server
+    except ImportError as exc:
+        raise click.UsageError(
+            f"the MCP server needs the mcp extra: pip install 'microvm-sandbox-sdk[mcp]' ({exc})"
+        ) from exc
+    limits = mcp_server.Limits(
+        max_output=max_output or mcp_server.DEFAULT_MAX_OUTPUT,
+        max_file=max_file or mcp_server.DEFAULT_MAX_FILE,
+    )
+    level: Any = log_level.upper()
+    if transport == "stdio":
+        client = state.client  # the token is checked now: a bad one fails here, not per call
+        me = client.run(_core.request(_core.Call("GET", "/me/")))
+        click.echo(
+            f"sandbox mcp: serving {client.config.url} as {me.get('username')} over stdio",
+            err=True,
+        )
+        server = mcp_server.SandboxMCP(
+            client.config.url, client.config.token, limits=limits, log_level=level
+        )
+        server.run("stdio")
+        return
+    if not http_path.startswith("/"):
+        raise click.UsageError("--path must start with /")
+    url = _core.server_url(state.url)
+    if state.token:
+        click.echo(
+            "sandbox mcp: over HTTP each client sends its own token; --token is not used",
+            err=True,
+        )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(
+            f"sandbox mcp: listening on {host}, beyond this machine: put TLS in front of it "
+            "(clients send their API tokens)",
+            err=True,
+        )
+    click.echo(f"sandbox mcp: serving {url} at http://{host}:{port}{http_path}", err=True)
+    server = mcp_server.SandboxMCP(url, None, limits=limits, log_level=level)
+    server.run("streamable-http", host=host, port=port, streamable_http_path=http_path)
 
 
 @cli.command()

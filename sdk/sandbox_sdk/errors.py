@@ -56,6 +56,16 @@ class BadRequest(SandboxError):
     """The server refused the input (400, 413); ``body`` holds the field errors."""
 
 
+class TooLarge(SandboxError):
+    """More bytes than the caller allowed itself (``size`` of them, ``limit`` allowed): the
+    client stopped reading, or sent nothing."""
+
+    def __init__(self, message: str, *, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class Unavailable(SandboxError):
     """The server, its audit log or the guest cannot take the request now (503), or the server
     cannot be reached."""

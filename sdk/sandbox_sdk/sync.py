@@ -117,6 +117,14 @@ class Client:
                 return Reply(
                     response.status_code, dict(response.headers), b"", digest.hexdigest(), size
                 )
+            if call.limit is not None and response.status_code in call.ok:
+                kept = bytearray()  # enough to know it is over the limit, and no more
+                for block in response.iter_bytes(CHUNK):
+                    kept.extend(block)
+                    if len(kept) > call.limit:
+                        break
+                size = _core.announced_size(response.headers, len(kept))
+                return Reply(response.status_code, dict(response.headers), bytes(kept), None, size)
             body = response.read()
         finally:
             response.close()
@@ -191,6 +199,8 @@ class ExecStream:
             signal=self.status.signal,
             timed_out=self.status.timed_out,
             duration_s=self.status.duration_s,
+            stdout_size=len(out),
+            stderr_size=len(err),
         )
 
 
@@ -259,8 +269,9 @@ class Files:
         digest = hashlib.sha256(raw).hexdigest()
         return self.sandbox.client.run(_core.upload(self.sandbox.id, path, raw, digest))
 
-    def read(self, path: str) -> bytes:
-        return self.sandbox.client.run(_core.download(self.sandbox.id, path, None))
+    def read(self, path: str, *, limit: int | None = None) -> bytes:
+        """The file's bytes; with ``limit``, a larger file is ``TooLarge`` (not read whole)."""
+        return self.sandbox.client.run(_core.download(self.sandbox.id, path, None, limit))
 
     def upload(self, local: str | Path, path: str) -> dict[str, Any]:
         local = Path(local)
