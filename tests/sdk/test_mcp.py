@@ -199,7 +199,9 @@ def test_a_sandbox_through_mcp_over_stdio_and_http(
             )
             assert (ran["exit_code"], ran["stdout"]) == (0, "hello world /tmp\n")
             # Bounded output: the first --max-output bytes, the full size, and the flag.
-            big = await call(mcp, "exec", sandbox="mcp-1", command="head -c 5000 /dev/zero | tr '\\0' a")
+            big = await call(
+                mcp, "exec", sandbox="mcp-1", command="head -c 5000 /dev/zero | tr '\\0' a"
+            )
             assert big["stdout"] == "a" * 1000 and big["stdout_truncated"]
             assert big["stdout_size"] == 5000 and not big["stderr_truncated"]
             timed = await call(mcp, "exec", sandbox="mcp-1", command="sleep 30", timeout_s=1)
@@ -335,9 +337,7 @@ def test_tools_follow_the_tokens_scopes_and_the_api_refuses_the_rest(
     assert Sandbox.connect(stopped.id, client=Client(token=full)).state == "stopped"
 
 
-def test_http_clients_bring_their_own_tokens(
-    sdk_env, http_mcp, make_user, issue_token
-) -> None:
+def test_http_clients_bring_their_own_tokens(sdk_env, http_mcp, make_user, issue_token) -> None:
     """Over HTTP the server has no token: a request without one, or with one the API refuses,
     gets a 401 before any MCP message is read; each client is offered what its token may do;
     a session belongs to the token that opened it."""
@@ -370,11 +370,20 @@ def test_http_clients_bring_their_own_tokens(
         headers={**accept, "Authorization": f"Bearer {read_only}", "mcp-session-id": session},
     )
     assert hijack.status_code == 404, hijack.text
+    # Bound to 127.0.0.1, it answers loopback names only (DNS rebinding).
+    mine = {**accept, "Authorization": f"Bearer {full}"}
+    elsewhere = httpx.post(http_mcp.endpoint, json=hello, headers={**mine, "Host": "evil.example"})
+    assert elsewhere.status_code == 421, elsewhere.text
+    page = httpx.post(
+        http_mcp.endpoint, json=hello, headers={**mine, "Origin": "http://evil.example"}
+    )
+    assert page.status_code == 403, page.text
 
     async def both() -> tuple[set[str], set[str]]:
-        async with over_http(http_mcp.endpoint, full) as a, over_http(
-            http_mcp.endpoint, read_only
-        ) as b:
+        async with (
+            over_http(http_mcp.endpoint, full) as a,
+            over_http(http_mcp.endpoint, read_only) as b,
+        ):
             return await names(a), await names(b)
 
     assert asyncio.run(both()) == (ALL_TOOLS, READ_TOOLS)
@@ -395,3 +404,45 @@ def test_sandbox_mcp_needs_a_token_the_api_accepts(sdk_env, tmp_path) -> None:
         assert done.returncode == 8, (done.stdout, done.stderr)
         assert done.stderr.startswith("sandbox: ") and says in done.stderr, done.stderr
         assert done.stdout == ""  # nothing on the protocol's channel
+
+
+def test_the_http_server_says_when_the_api_cannot_check_a_token(tmp_path) -> None:
+    """No API at its URL: a request is refused with that reason, never let through."""
+    server = HTTPMCP(f"http://127.0.0.1:{free_port()}", tmp_path).wait_ready()
+    try:
+        answer = httpx.post(
+            server.endpoint,
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+            headers={"Authorization": "Bearer sbx_some_token"},
+            timeout=120,
+        )
+    finally:
+        server.stop()
+    assert answer.status_code == 400
+    assert answer.text.startswith("the sandbox API cannot check the token: cannot reach")
+
+
+def test_without_the_mcp_extra_the_command_says_what_to_install(tmp_path) -> None:
+    code = (
+        "import sys; sys.modules['mcp'] = None\n"  # as if the extra were not installed
+        "from sandbox_sdk.cli import main; main(['mcp'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=process_env("http://127.0.0.1:9", "sbx_x_y", tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'microvm-sandbox-sdk[mcp]'" in done.stderr
+
+
+def test_the_cli_page_shows_the_help_as_it_is(tmp_path) -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    shown = page.split("`sandbox mcp --help`:\n\n```text\n", 1)[1].split("```", 1)[0]
+    env = {**process_env("http://127.0.0.1:9", None, tmp_path), "COLUMNS": "80"}
+    helped = subprocess.run(
+        [str(ENTRY), "mcp", "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert helped.returncode == 0 and helped.stdout == shown
