@@ -283,7 +283,14 @@ def test_events_tail_and_follow(sdk_env, make_user, issue_token) -> None:
     table_out = run_cli("events", "tail", "-n", "2", token=auditor).stdout.splitlines()
     assert table_out[0].split()[:3] == ["POSITION", "RECORDED_AT", "TYPE"] and len(table_out) == 3
 
+    from audit.models import Event
+
+    def reads() -> int:  # each read of the trail is recorded, under the reader's token
+        key = auditor.split("_")[1]
+        return Event.objects.filter(type="audit.trail_read", token_id=key).count()
+
     entry = Path(sys.executable).parent / "sandbox"
+    read_before = reads()
     follower = subprocess.Popen(
         [str(entry), "-o", "json", "events", "tail", "-f", "-n", "0", "--interval", "0.2"],
         env={"SANDBOX_URL": sdk_env.url, "SANDBOX_TOKEN": auditor, "PATH": "/usr/bin:/bin"},
@@ -292,7 +299,13 @@ def test_events_tail_and_follow(sdk_env, make_user, issue_token) -> None:
         text=True,
     )
     try:
-        time.sleep(1.5)  # it has read where the trail ends
+        # It has read where the trail ends (two reads) and polled after it once: a fixed pause
+        # was too short when a loaded machine took seconds to start the process.
+        deadline = time.monotonic() + 60
+        while reads() < read_before + 3:
+            assert follower.poll() is None, follower.communicate()
+            assert time.monotonic() < deadline, "the follower never read the trail"
+            time.sleep(0.1)
         made = Sandbox.create(template="linux-small", name="followed", start=False, client=owner)
         assert follower.stdout is not None
         seen: list[dict] = []
