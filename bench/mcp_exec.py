@@ -1,7 +1,7 @@
 """What the MCP server adds to an exec: the ``exec`` tool over stdio and over streamable HTTP
 against the SDK's own exec, on the same guest.
 
-    python bench/mcp.py [--samples 120] [--blocks 4]
+    python bench/mcp_exec.py [--samples 120] [--blocks 4]
 
 Starts everything it needs in a temporary directory (an embedded SQLite database, ``manage.py
 worker``, ``manage.py serve --no-worker`` on 127.0.0.1, ``sandbox mcp --transport
@@ -35,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# (Not named mcp.py: the script's own directory comes first on sys.path, and `import mcp`
+# would find the script instead of the MCP package.)
 
 from bench.sdk import free_port, pct, wait_ready  # noqa: E402
 
