@@ -162,11 +162,10 @@ def backoff(attempt: int) -> float:
 def check(reply: Reply, call: Call) -> Any:
     if reply.status not in call.ok:
         raise error_from(reply.status, reply.json())
-    if call.limit is not None and max(reply.size, len(reply.body)) > call.limit:
+    size = max(reply.size, len(reply.body))
+    if call.limit is not None and size > call.limit:
         raise TooLarge(
-            f"{max(reply.size, len(reply.body))} bytes: more than the {call.limit} allowed",
-            size=max(reply.size, len(reply.body)),
-            limit=call.limit,
+            f"{size} bytes: more than the {call.limit} allowed", size=size, limit=call.limit
         )
     return reply.json() if call.download is None else None
 
