@@ -1,9 +1,14 @@
-"""What the sync and async sandboxes share that is not I/O: their view of a VM and a snapshot."""
+"""What the sync and async sandboxes share that is not I/O: their view of a VM and a snapshot,
+and the TLS context of their HTTP clients."""
 
 from __future__ import annotations
 
+import functools
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
+
+import httpx
 
 
 @dataclass
@@ -48,3 +53,11 @@ class VMView:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.id} {self.state}>"
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """httpx's default TLS context (its CA bundle), built once for every client of the process:
+    building it takes tens of milliseconds, which a client per call (the MCP server's, over
+    HTTP) paid each time."""
+    return httpx.create_ssl_context()

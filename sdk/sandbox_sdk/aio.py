@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
 from sandbox_sdk import _core
-from sandbox_sdk._base import Snapshot, VMView, snapshot_id
+from sandbox_sdk._base import Snapshot, VMView, snapshot_id, tls_context
 from sandbox_sdk._core import API, CHUNK, Call, Chunk, Config, ExecResult, ExecStatus, Reply, Sleep
 from sandbox_sdk.errors import NotFound, SandboxError, Unavailable, error_from
 
@@ -53,7 +53,10 @@ class AsyncClient:
         base = Config.resolve(url, token)
         self.config = Config(base.url, base.token, timeout)
         self.http = httpx.AsyncClient(
-            base_url=self.config.url + API, headers=self.config.headers, timeout=timeout
+            base_url=self.config.url + API,
+            headers=self.config.headers,
+            timeout=timeout,
+            verify=tls_context(),
         )
 
     async def close(self) -> None:

@@ -19,6 +19,8 @@ import base64
 import binascii
 import hashlib
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ log = logging.getLogger("sandbox_sdk.mcp")
 DEFAULT_MAX_OUTPUT = 64 * 1024  # bytes of each of stdout and stderr an exec returns
 DEFAULT_MAX_FILE = 1024 * 1024  # bytes a read or a write moves
 CREATE_TIMEOUT_S = 300.0
+VERIFY_TTL_S = 10.0  # how long the HTTP server trusts the API's word on a token
+VERIFY_CACHE_SIZE = 1024  # tokens remembered at most
 
 INSTRUCTIONS = """\
 MicroVM Sandbox: isolated Linux VMs to run commands in. Create a sandbox (list_templates
@@ -144,28 +148,45 @@ class Limits:
 
 
 class APITokenVerifier:
-    """An HTTP client's bearer token is checked by the API itself (``GET /api/v1/me/``): a token
-    the API refuses gets a 401 from the MCP endpoint; one it accepts carries its ``me`` (user,
-    permissions, the token's scopes and read-only flag) to the tools."""
+    """An HTTP client's bearer token is checked by the API itself (``GET /api/v1/me/``, again
+    after ``ttl_s``): a token the API refuses gets a 401 from the MCP endpoint; one it accepts
+    carries its ``me`` (user, permissions, the token's scopes and read-only flag) to the
+    tools."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ttl_s: float = VERIFY_TTL_S) -> None:
         self.url = url
+        self.ttl_s = ttl_s
+        # What the API said of a token, for ttl_s (keyed by its digest, not the token): an MCP
+        # exchange is several HTTP requests, and each would otherwise cost an API call. A
+        # token revoked meanwhile is still refused by the API at its next tool call.
+        self.accepted: OrderedDict[str, tuple[float, AccessToken]] = OrderedDict()
 
     async def verify_token(self, token: str) -> AccessToken | None:
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.monotonic()
+        known = self.accepted.get(key)
+        if known is not None and known[0] > now:
+            return known[1]
         try:
             async with AsyncClient(self.url, token) as client:
                 me = await client.run(_core.request(_core.Call("GET", "/me/")))
         except (AuthError, Forbidden):
+            self.accepted.pop(key, None)
             return None
         except SandboxError as exc:  # the API cannot say: the request is refused, saying why
             raise AuthenticationError(f"the sandbox API cannot check the token: {exc}") from exc
-        return AccessToken(
+        access = AccessToken(
             token=token,
             client_id=str(me.get("token") or me.get("username")),  # one MCP session per token
             scopes=list(me.get("token_scopes") or []),
             subject=str(me.get("username")),
             claims={"me": me},
         )
+        self.accepted[key] = (now + self.ttl_s, access)
+        self.accepted.move_to_end(key)
+        while len(self.accepted) > VERIFY_CACHE_SIZE:
+            self.accepted.popitem(last=False)
+        return access
 
 
 class SandboxMCP(MCPServer[Any]):
@@ -192,6 +213,7 @@ class SandboxMCP(MCPServer[Any]):
         )
         self.url = url
         self.fixed_token = token
+        self._client: AsyncClient | None = None
         self.limits = limits or Limits()
         for spec in TOOLS.values():
             self.add_tool(
@@ -210,7 +232,7 @@ class SandboxMCP(MCPServer[Any]):
         access = None if self.fixed_token is not None else get_access_token()
         if access is not None and access.claims and "me" in access.claims:
             return cast(dict[str, Any], access.claims["me"])
-        async with AsyncClient(self.url, self.token()) as client:
+        async with self.api() as client:
             return cast(dict[str, Any], await client.run(_core.request(_core.Call("GET", "/me/"))))
 
     async def list_tools(self) -> list[MCPTool]:
@@ -223,8 +245,13 @@ class SandboxMCP(MCPServer[Any]):
         """A client with the caller's token; the API's refusals become tool errors that carry
         its message (``Forbidden: 403: This API token's scopes do not include vms.exec_vm.``)."""
         try:
-            async with AsyncClient(self.url, self.token()) as client:
-                yield client
+            if self.fixed_token is None:  # HTTP: a client for this request's token
+                async with AsyncClient(self.url, self.token()) as client:
+                    yield client
+            else:  # stdio: one client, kept open (and its connection) for the process's life
+                if self._client is None:
+                    self._client = AsyncClient(self.url, self.fixed_token)
+                yield self._client
         except SandboxError as exc:
             raise ToolError(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from exc
 
@@ -330,6 +357,14 @@ WaitS = Annotated[
 ]
 
 
+async def _vm_id(client: AsyncClient, ref: str) -> str:
+    """An id is used as it is (the API answers 404 for one the caller cannot see), a name is
+    looked up: one API call saved for the caller that names sandboxes by id."""
+    if _core.UUID.match(ref):
+        return ref
+    return str((await client.run(_core.find_vm(ref)))["id"])
+
+
 def _clip(data: bytes, limit: int) -> tuple[str, bool]:
     return data[:limit].decode(errors="replace"), len(data) > limit
 
@@ -429,8 +464,8 @@ async def exec_command(
         raise ToolError(f"stdin: more than the {server.limits.max_file} bytes allowed")
     body = _core.exec_body(command, stdin, env, cwd, timeout_s)
     async with server.api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
-        ran = await client.run(_core.run_exec(str(vm["id"]), body))
+        vm_id = await _vm_id(client, sandbox)
+        ran = await client.run(_core.run_exec(vm_id, body))
     limit = server.limits.max_output
     stdout, out_cut = _clip(ran.stdout_bytes, limit)
     stderr, err_cut = _clip(ran.stderr_bytes, limit)
@@ -454,8 +489,8 @@ async def read_file(ctx: Context, sandbox: SandboxRef, path: GuestPath) -> FileR
     part with exec: head -c, tail -c). Text comes back as it is, other bytes as base64."""
     server = _server(ctx)
     async with server.api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
-        data = await client.run(_core.download(str(vm["id"]), path, None, server.limits.max_file))
+        vm_id = await _vm_id(client, sandbox)
+        data = await client.run(_core.download(vm_id, path, None, server.limits.max_file))
     try:
         text, encoding = data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -495,8 +530,8 @@ async def write_file(
         )
     digest = hashlib.sha256(data).hexdigest()
     async with server.api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
-        stored = await client.run(_core.upload(str(vm["id"]), path, data, digest))
+        vm_id = await _vm_id(client, sandbox)
+        stored = await client.run(_core.upload(vm_id, path, data, digest))
     return FileWritten(path=str(stored["path"]), size=int(stored["size"]), sha256=digest)
 
 
@@ -515,9 +550,9 @@ async def snapshot_sandbox(
 ) -> SnapshotInfo:
     """Snapshot a running or paused sandbox (memory and disk) and wait until it is ready."""
     async with _server(ctx).api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
+        vm_id = await _vm_id(client, sandbox)
         body = {"name": name} if name else {}
-        answer = await client.run(_core.vm_action(str(vm["id"]), "snapshot", body, True, timeout_s))
+        answer = await client.run(_core.vm_action(vm_id, "snapshot", body, True, timeout_s))
         snap = await client.run(_core.get_snapshot(str(answer["snapshot"]["id"])))
     return SnapshotInfo.model_validate(snap)
 
@@ -528,8 +563,8 @@ async def start_sandbox(
 ) -> SandboxInfo:
     """Start a stopped sandbox and wait until it runs."""
     async with _server(ctx).api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
-        answer = await client.run(_core.vm_action(str(vm["id"]), "start", None, True, timeout_s))
+        vm_id = await _vm_id(client, sandbox)
+        answer = await client.run(_core.vm_action(vm_id, "start", None, True, timeout_s))
     return SandboxInfo.model_validate(answer["vm"])
 
 
@@ -544,9 +579,9 @@ async def stop_sandbox(
 ) -> SandboxInfo:
     """Stop a sandbox (its disk is kept; start_sandbox starts it again)."""
     async with _server(ctx).api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
+        vm_id = await _vm_id(client, sandbox)
         body = {"force": force}
-        answer = await client.run(_core.vm_action(str(vm["id"]), "stop", body, True, timeout_s))
+        answer = await client.run(_core.vm_action(vm_id, "stop", body, True, timeout_s))
     return SandboxInfo.model_validate(answer["vm"])
 
 
@@ -563,6 +598,6 @@ async def destroy_sandbox(
     """Destroy a sandbox, whatever its state: its disk and memory are gone (its snapshots are
     kept)."""
     async with _server(ctx).api() as client:
-        vm = await client.run(_core.find_vm(sandbox))
-        answer = await client.run(_core.destroy_vm(str(vm["id"]), True, timeout_s))
+        vm_id = await _vm_id(client, sandbox)
+        answer = await client.run(_core.destroy_vm(vm_id, True, timeout_s))
     return SandboxInfo.model_validate(answer["vm"])

@@ -21,7 +21,7 @@ from websockets.sync.client import connect as ws_connect
 from websockets.typing import Origin
 
 from sandbox_sdk import _core
-from sandbox_sdk._base import Snapshot, VMView, snapshot_id
+from sandbox_sdk._base import Snapshot, VMView, snapshot_id, tls_context
 from sandbox_sdk._core import API, CHUNK, Call, Chunk, Config, ExecResult, ExecStatus, Reply, Sleep
 from sandbox_sdk.errors import NotFound, SandboxError, Unavailable, error_from
 
@@ -52,7 +52,10 @@ class Client:
         base = Config.resolve(url, token)
         self.config = Config(base.url, base.token, timeout)
         self.http = httpx.Client(
-            base_url=self.config.url + API, headers=self.config.headers, timeout=timeout
+            base_url=self.config.url + API,
+            headers=self.config.headers,
+            timeout=timeout,
+            verify=tls_context(),
         )
 
     def close(self) -> None:

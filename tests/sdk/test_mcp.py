@@ -388,6 +388,22 @@ def test_http_clients_bring_their_own_tokens(sdk_env, http_mcp, make_user, issue
 
     assert asyncio.run(both()) == (ALL_TOOLS, READ_TOOLS)
 
+    # A token revoked while the server still trusts what the API said of it a moment ago: the
+    # tool's own API call carries it, and the API refuses it.
+    async def revoked_midway() -> str:
+        bearer = {"Authorization": f"Bearer {full}"}
+        async with (
+            over_http(http_mcp.endpoint, full) as mcp,
+            httpx.AsyncClient(base_url=sdk_env.url, headers=bearer) as api,
+        ):
+            assert (await call(mcp, "list_sandboxes"))["count"] == 0
+            mine = (await api.get("/api/v1/tokens/")).json()["results"]
+            (row,) = [t for t in mine if t["key"] == full.split("_")[1]]
+            assert (await api.delete(f"/api/v1/tokens/{row['id']}/")).status_code == 204
+            return await refused(mcp, "list_sandboxes")
+
+    assert "AuthError: 401: Token revoked." in asyncio.run(revoked_midway())
+
 
 def test_sandbox_mcp_needs_a_token_the_api_accepts(sdk_env, tmp_path) -> None:
     """Over stdio the token is checked at start: none, or a refused one, exits at once with
