@@ -320,7 +320,8 @@ def update(
         new["allow_private"] = _allow_private(caller, bool(allow_private))
     elif "url" in new and not caller.has(policy.ALLOW_PRIVATE):
         new["allow_private"] = False
-    if "url" in new or new.get("allow_private"):
+    if "url" in new or "allow_private" in new:
+        # A target that only private permission allowed is refused once that is taken away.
         _check_target(new.get("url", sub.url), new.get("allow_private", sub.allow_private))
     with transaction.atomic():
         store.lock()

@@ -356,6 +356,9 @@ def _record(job: Job, report: PumpReport) -> datetime | None:
         retry_at = now + timedelta(seconds=backoff_s(number))
         report.retrying += 1
     with transaction.atomic():
+        # Locked against a delete of its subscription meanwhile (the delete takes its rows).
+        if not Delivery.objects.select_for_update().filter(pk=d.pk).exists():
+            return None
         DeliveryAttempt.objects.create(
             delivery=d,
             number=number,

@@ -21,6 +21,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float  # time.monotonic() when it arrived
 
 
 class Receiver:
@@ -40,7 +41,9 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 with receiver._lock:
-                    receiver.requests.append(Received(self.path, dict(self.headers), body))
+                    receiver.requests.append(
+                        Received(self.path, dict(self.headers), body, time.monotonic())
+                    )
                     status, reply, extra = (
                         receiver.answers.popleft() if receiver.answers else receiver.default
                     )
@@ -138,3 +141,9 @@ def subscribe(make_user: Callable[..., Any]) -> Callable[..., Any]:
         )
 
     return make
+
+
+# The VM suite's fixtures: a worker process on the test database (tests/webhooks/test_worker.py).
+from tests.vms import conftest as _vms  # noqa: E402
+
+vm_dirs, worker, worker_env = _vms.vm_dirs, _vms.worker, _vms.worker_env
