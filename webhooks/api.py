@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
+from django.core.exceptions import ValidationError as DjangoValidationError
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound
@@ -170,10 +176,6 @@ class WebhookViewSet(
     serializer_class = SubscriptionSerializer
     queryset = Subscription.objects.none()  # for the schema; get_queryset says whose
     filterset_fields = ["active"]
-    # A malformed id is a missing subscription (404), like any other.
-    lookup_value_regex = (
-        "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
-    )
     token_scopes = {
         "list": policy.SUBSCRIPTION_READ,
         "retrieve": policy.SUBSCRIPTION_READ,
@@ -193,6 +195,12 @@ class WebhookViewSet(
 
     def get_queryset(self) -> Any:
         return policy.visible_subscriptions(self.caller())
+
+    def get_object(self) -> Subscription:
+        try:
+            return super().get_object()  # type: ignore[no-any-return]
+        except DjangoValidationError as exc:  # a malformed id: no such subscription either
+            raise NotFound("no such webhook subscription") from exc
 
     def get_serializer_context(self) -> dict[str, Any]:
         return {**super().get_serializer_context(), "caller": self.caller()}
@@ -255,8 +263,13 @@ class WebhookViewSet(
             raise NotFound("no such webhook subscription") from exc
         return Response(status=status.HTTP_204_NO_CONTENT)
 
-    @extend_schema(responses=DeliverySerializer(many=True))
-    @action(detail=True, methods=["get"])
+    @extend_schema(
+        responses=DeliverySerializer(many=True),
+        parameters=[
+            OpenApiParameter("status", str, enum=list(Delivery.Status.values), required=False)
+        ],
+    )
+    @action(detail=True, methods=["get"], filter_backends=[])
     def deliveries(self, request: Request, pk: Any = None) -> Response:
         """The subscription's deliveries, newest event first, each with its attempts.
         ``?status=pending|delivered|failed|skipped|cancelled`` narrows them."""
