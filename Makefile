@@ -87,6 +87,8 @@ MYPY_CORE += sdk/sandbox_sdk
 MYPY_CORE += vms/network_views.py vms/netevidence.py
 # The secrets store: keys, values, masking, who may use them.
 MYPY_CORE += secretstore
+# Webhooks: subscriptions, targets (SSRF), signing, the dispatcher and its pump.
+MYPY_CORE += webhooks core/ticks.py
 
 lint:
 	$(VENV)/bin/ruff check .

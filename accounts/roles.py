@@ -39,14 +39,24 @@ SECRET_DRIVE = [
     "secretstore.use_secret",
 ]
 SECRET_VIEW = ["secretstore.view_secret"]
+# Webhooks (webhooks): subscriptions of one's own, delivered as oneself (operators: their VMs'
+# events; auditors: the whole trail, read-only); seeing every user's subscriptions. Viewers hold
+# none: a subscription sends data out of the product.
+WEBHOOK_DRIVE = [
+    "webhooks.add_subscription",
+    "webhooks.change_subscription",
+    "webhooks.delete_subscription",
+]
+WEBHOOK_VIEW = ["webhooks.view_subscription"]
 # What a token's scopes may name: accounts.scopes.SCOPES.
 AUDIT = ["audit.view_audit_trail", "audit.export_audit", "audit.verify_audit"]
 
 ROLE_PERMISSIONS: dict[str, list[str]] = {
     ADMIN: ["*"],
-    OPERATOR: VM_DRIVE + SECRET_DRIVE,  # its own VMs only: view_* grants reading everyone's
+    # its own VMs only: view_* grants reading everyone's
+    OPERATOR: VM_DRIVE + SECRET_DRIVE + WEBHOOK_DRIVE,
     VIEWER: VM_VIEW,
-    AUDITOR: VM_VIEW + AUDIT + SECRET_VIEW,
+    AUDITOR: VM_VIEW + AUDIT + SECRET_VIEW + WEBHOOK_DRIVE + WEBHOOK_VIEW,
 }
 
 

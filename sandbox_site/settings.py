@@ -41,6 +41,16 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from exc
 
 
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from exc
+
+
 DATA_DIR = Path(os.environ.get("SANDBOX_DATA_DIR", BASE_DIR / "var")).resolve()
 TESTING = "pytest" in sys.modules or env_bool("SANDBOX_TESTING")
 # Where `manage.py serve` listens (and what `bootstrap_admin` tells to open).
@@ -95,6 +105,7 @@ INSTALLED_APPS = [
     "accounts",
     "secretstore",
     "vms",
+    "webhooks",
     # The site itself (top layer): its `serve` command.
     "sandbox_site",
 ]
@@ -323,6 +334,36 @@ SANDBOX_SECRETS_HMAC_KEY = os.environ.get("SANDBOX_SECRETS_HMAC_KEY") or keyfile
     SANDBOX_SECRETS_DIR / "secrets_hmac"
 )
 SANDBOX_SECRET_MAX_BYTES = env_int("SANDBOX_SECRET_MAX_BYTES", 65536)
+
+# --- Webhooks (docs/webhooks.md) ---------------------------------------------------------------
+# One attempt's limit (connect, send, each read; the answer's few KiB are read by then).
+SANDBOX_WEBHOOK_TIMEOUT_S = env_float("SANDBOX_WEBHOOK_TIMEOUT_S", 10.0)
+# Attempts per delivery, and the back-off between them: base * 2^(n-1), capped, jittered.
+SANDBOX_WEBHOOK_MAX_ATTEMPTS = env_int("SANDBOX_WEBHOOK_MAX_ATTEMPTS", 8)
+SANDBOX_WEBHOOK_BACKOFF_BASE_S = env_float("SANDBOX_WEBHOOK_BACKOFF_BASE_S", 15.0)
+SANDBOX_WEBHOOK_BACKOFF_MAX_S = env_float("SANDBOX_WEBHOOK_BACKOFF_MAX_S", 3600.0)
+# Failed deliveries (out of attempts) in a row that disable a subscription.
+SANDBOX_WEBHOOK_DISABLE_AFTER = env_int("SANDBOX_WEBHOOK_DISABLE_AFTER", 5)
+# Loopback and private targets for every subscription (else per subscription, by an admin).
+SANDBOX_WEBHOOK_ALLOW_PRIVATE = env_bool("SANDBOX_WEBHOOK_ALLOW_PRIVATE", False)
+SANDBOX_WEBHOOK_RETENTION_DAYS = env_int("SANDBOX_WEBHOOK_RETENTION_DAYS", 14)
+# How long a rotated-out secret still signs (a second v1 in the signature header).
+SANDBOX_WEBHOOK_SECRET_GRACE_S = env_int("SANDBOX_WEBHOOK_SECRET_GRACE_S", 86400)
+SANDBOX_WEBHOOK_CONCURRENCY = env_int("SANDBOX_WEBHOOK_CONCURRENCY", 4)
+SANDBOX_WEBHOOK_MAX_PER_USER = env_int("SANDBOX_WEBHOOK_MAX_PER_USER", 20)
+# How long one pump task runs before it hands over to the next (the worker starts another).
+SANDBOX_WEBHOOK_PUMP_S = env_float("SANDBOX_WEBHOOK_PUMP_S", 30.0)
+for _name in (
+    "SANDBOX_WEBHOOK_TIMEOUT_S",
+    "SANDBOX_WEBHOOK_BACKOFF_BASE_S",
+    "SANDBOX_WEBHOOK_PUMP_S",
+):
+    if not globals()[_name] > 0:
+        raise ImproperlyConfigured(f"{_name} must be above 0")
+for _name in ("SANDBOX_WEBHOOK_MAX_ATTEMPTS", "SANDBOX_WEBHOOK_DISABLE_AFTER",
+              "SANDBOX_WEBHOOK_CONCURRENCY", "SANDBOX_WEBHOOK_RETENTION_DAYS"):  # fmt: skip
+    if globals()[_name] < 1:
+        raise ImproperlyConfigured(f"{_name} must be 1 or more")
 
 # --- API --------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -16,6 +16,7 @@ from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateVie
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
+from webhooks.api import WebhookViewSet
 
 router = DefaultRouter()
 router.register("tokens", TokenViewSet, basename="token")
@@ -26,6 +27,7 @@ router.register("snapshots", SnapshotViewSet, basename="snapshot")
 router.register("templates", TemplateViewSet, basename="template")
 router.register("secrets", SecretViewSet, basename="secret")
 router.register("networks", NetworkViewSet, basename="network")
+router.register("webhooks", WebhookViewSet, basename="webhook")
 router.register(r"vms/(?P<vm_pk>[^/.]+)/ports", PortForwardViewSet, basename="vm-port")
 
 api_v1 = [
@@ -64,6 +66,7 @@ urlpatterns = [
     path("networks/", include("vms.urls_networks")),
     path("tasks/", include("vms.urls_tasks")),
     path("secrets/", include("secretstore.urls")),
+    path("webhooks/", include("webhooks.urls")),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("favicon.ico", views.favicon, name="favicon"),

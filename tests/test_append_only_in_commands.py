@@ -14,7 +14,7 @@ from tests.astutil import parse
 
 ROOT = Path(__file__).resolve().parents[1]
 # The product's packages (tests, benches and the SDK use the store as they need to).
-PRODUCT = ("core", "audit", "accounts", "secretstore", "vms", "sandbox_site", "images")
+PRODUCT = ("core", "audit", "accounts", "secretstore", "vms", "webhooks", "sandbox_site", "images")
 STORE_MODULE = "audit.store"
 APPEND_FUNCTIONS = frozenset({"append", "append_many"})
 ALLOWED = {Path("audit/store.py")}

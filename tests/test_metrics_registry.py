@@ -15,10 +15,16 @@ from audit.actor import Actor
 from core import metrics
 from sandbox_site import metrics as site_metrics
 from vms import metrics as vms_metrics
+from webhooks import metrics as webhooks_metrics
 
 pytestmark = pytest.mark.django_db
 
-APP_METRICS = {"audit": audit_metrics, "vms": vms_metrics, "sandbox_site": site_metrics}
+APP_METRICS = {
+    "audit": audit_metrics,
+    "vms": vms_metrics,
+    "webhooks": webhooks_metrics,
+    "sandbox_site": site_metrics,
+}
 
 # Every family /metrics has exported (counters by their name without ``_total``).
 FAMILIES = {
@@ -47,6 +53,9 @@ FAMILIES = {
     "sandbox_vm_guest_load1",
     "sandbox_vm_guest_memory_available_bytes",
     "sandbox_vm_guest_processes",
+    "sandbox_webhook_deliveries",
+    "sandbox_webhook_subscriptions",
+    "sandbox_webhook_dispatch_lag_events",
 }
 
 

@@ -41,8 +41,8 @@ __all__ = ["ALLOWED_TASKS", "PACKAGE_KEYS", "install", "refusal", "schedule_refu
 log = logging.getLogger("sandbox.vms.worker")
 
 # Every function the product enqueues (vms.tasks, vms.heartbeat, audit.exports, the secrets
-# store's rotation) or schedules
-# (audit.apps, vms.apps): a new task must be added here, or the worker refuses it.
+# store's rotation, the webhook pump) or schedules (audit.apps, vms.apps, webhooks.apps): a new
+# task must be added here, or the worker refuses it.
 ALLOWED_TASKS = frozenset(
     {
         "audit.tasks.run_export",
@@ -57,6 +57,8 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.collect_net_evidence",
         "vms.tasks.reconcile",
         "vms.tasks.run_request",
+        "webhooks.tasks.maintain",
+        "webhooks.tasks.pump",
     }
 )
 

@@ -42,7 +42,7 @@ def _appended() -> set[str]:
     from vms import lifecycle
 
     found: set[str] = set()
-    for app in ("audit", "accounts", "secretstore", "vms", "sandbox_site"):
+    for app in ("audit", "accounts", "secretstore", "vms", "webhooks", "sandbox_site"):
         for path in (ROOT / app).rglob("*.py"):
             if path.name in READERS or "migrations" in path.parts:
                 continue

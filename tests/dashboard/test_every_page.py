@@ -30,14 +30,17 @@ PASSES = ((1280, False), (390, False), (390, True))  # (width, dark)
 
 
 @pytest.fixture
-def site(make_user, make_vm) -> dict[str, Any]:
-    """One user of each role, an operator's VM (with its events), and the candidates that fill
-    the URL conf's parameters."""
+def site(make_user, make_vm, settings) -> dict[str, Any]:
+    """One user of each role, an operator's VM (with its events), an operator's webhook (with a
+    failed and a delivered attempt), and the candidates that fill the URL conf's parameters."""
+    from accounts.caller import Caller
     from audit import exports
     from audit.actor import Actor
     from audit.models import Event
     from vms import commands
     from vms.models import Network
+    from webhooks import commands as webhooks
+    from webhooks.models import Delivery, DeliveryAttempt
 
     users = {
         role: make_user(role, f"{role}-amy") for role in ("admin", "operator", "viewer", "auditor")
@@ -57,8 +60,29 @@ def site(make_user, make_vm) -> dict[str, Any]:
     )
     closed = {"session": "s1", "recording": "gone.cast", "size": 0, "sha256": "", "duration_s": 1}
     commands.record_console_closed(watcher, str(vm.pk), opened.event_id, closed)
+    # A webhook of the operator's (to a local port nobody serves: no pump runs here), its ping
+    # delivered at the second attempt.
+    settings.SANDBOX_WEBHOOK_ALLOW_PRIVATE = True
+    hook = webhooks.subscribe(
+        Caller.for_user(users["operator"]), url="http://127.0.0.1:9/sandbox?token=x",
+        event_types=["vm.*"], description="page hook",
+    ).subscription  # fmt: skip
+    ping = webhooks.ping(Caller.for_user(users["operator"]), hook)
+    delivery = Delivery.objects.create(
+        subscription=hook, event_position=ping.position, event_id=ping.event_id,
+        event_type=ping.type, status="delivered", attempts=2, created_at=now, finished_at=now,
+        last_status_code=200,
+    )  # fmt: skip
+    DeliveryAttempt.objects.create(
+        delivery=delivery, number=1, started_at=now, duration_ms=31, address="203.0.113.7",
+        status_code=500, error="HTTP 500", response_excerpt="oops", next_retry_at=now,
+    )  # fmt: skip
+    DeliveryAttempt.objects.create(
+        delivery=delivery, number=2, started_at=now, duration_ms=12, address="203.0.113.7",
+        status_code=200, response_excerpt="ok",
+    )  # fmt: skip
     # The VM's network (the first create makes the default one) and any other.
-    uuids = [str(vm.pk), str(job.pk), *(str(n.pk) for n in Network.objects.all())]
+    uuids = [str(vm.pk), str(job.pk), str(hook.pk), *(str(n.pk) for n in Network.objects.all())]
     last = Event.objects.filter(aggregate_id=str(vm.pk)).order_by("-position").first()
     assert last is not None
     ints = [str(last.position), *(str(u.pk) for u in users.values())]
@@ -69,15 +93,17 @@ def site(make_user, make_vm) -> dict[str, Any]:
 MUST_SEE = {
     "admin": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/users/", "/accounts/tokens/", "/audit/",
-        "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/",
+        "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/", "/webhooks/", "/webhooks/<uuid:pk>/",
     ],
     "operator": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/tokens/", "/networks/", "/tasks/",
+        "/webhooks/", "/webhooks/<uuid:pk>/", "/webhooks/<uuid:pk>/delete/",
     ],
     "viewer": ["/", "/vms/", "/vms/<uuid:pk>/", "/accounts/tokens/", "/networks/", "/tasks/"],
     "auditor": [
         "/", "/vms/<uuid:pk>/", "/audit/", "/audit/events/<int:position>/", "/audit/sessions/",
-        "/audit/exports/<uuid:pk>/", "/audit/sessions/<int:position>/replay/",
+        "/audit/exports/<uuid:pk>/", "/audit/sessions/<int:position>/replay/", "/webhooks/",
+        "/webhooks/<uuid:pk>/",
     ],
 }  # fmt: skip
 

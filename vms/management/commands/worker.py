@@ -3,7 +3,8 @@ reconcile VMs with the VMM processes that exist, then the django-q2 cluster. Int
 are settled before new work is taken.
 
 The cluster runs in a fresh process (exec after the reconcile), whose main process also sends
-the heartbeat tasks that ``/readyz`` checks (``vms.heartbeat``) and, when web processes are
+the heartbeat tasks that ``/readyz`` checks (``vms.heartbeat``), runs the apps' quick checks
+every second (``core.ticks``: the webhook pump starts from there) and, when web processes are
 joined by Redis, runs the console relay (``vms.console``: the one reader of each VM's serial
 socket). It exits 0 when stopped by
 SIGTERM or SIGINT (after the cluster has stopped its processes) and 1 when the cluster's
@@ -28,7 +29,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DatabaseError, connections
 from django.utils import timezone
 
-from core import context
+from core import context, ticks
 from vms import console, forwarder, heartbeat, task_guard, vmnet
 from vms.reconcile import reconcile
 
@@ -93,6 +94,9 @@ def run_cluster() -> int:
                 last_sent = now
         except DatabaseError:
             log.warning("worker heartbeat not sent", exc_info=True)
+        try:
+            # The apps' own quick checks (webhook deliveries to start: core.ticks).
+            ticks.run(now)
         finally:
             connections.close_all()
         time.sleep(1.0)
