@@ -15,6 +15,10 @@ from vms.models import VirtualMachine
 
 pytestmark = pytest.mark.django_db
 
+# The task log's projection of a request (vms.projectors.TaskProjector), in the same transaction:
+# the VM's older pending request marked superseded, the new task's row, the checkpoint.
+TASK_LOG = ["UPDATE", "INSERT", "UPDATE"]
+
 
 def _running(caller) -> VirtualMachine:
     accepted = commands.create(caller, name="box", template="linux-small")
@@ -25,10 +29,13 @@ def _running(caller) -> VirtualMachine:
 def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> None:
     caller = caller_for("operator")
     vm = _running(caller)
-    with exact_queries(6) as sql:
+    with exact_queries(9) as sql:
         commands.stop(caller, vm)
+    # The VM under the lock, the head, the INSERT; the VM projection (the row, its UPDATE, the
+    # checkpoint); the task log's (the older pending request superseded, the new task, the
+    # checkpoint): TASK_LOG.
     kinds = [s.split()[0] for s in sql]
-    assert kinds == ["SELECT", "SELECT", "INSERT", "SELECT", "UPDATE", "UPDATE"]
+    assert kinds == ["SELECT", "SELECT", "INSERT", "SELECT", "UPDATE", "UPDATE", *TASK_LOG]
     assert "CASE" not in sql[4]  # one VM: a plain UPDATE, not bulk_update's CASE per field
     assert VirtualMachine.objects.get(pk=vm.pk).state == "stopping"
 
@@ -36,14 +43,14 @@ def test_stop_reads_the_vm_under_the_lock_appends_and_projects(caller_for) -> No
 def test_create_appends_the_definition_and_the_start_request_in_one_append(caller_for) -> None:
     caller = caller_for("operator")
     _running(caller)
-    with exact_queries(12) as sql:
+    with exact_queries(15) as sql:
         accepted = commands.create(caller, name="two", template="linux-small")
     # Before the lock: the template, the default network and the quota definitions (the
     # user's, then its groups'). Under it: the name, the usage, the addresses leased on the
     # network; the head, one INSERT of the three events (definition, lease, start request);
-    # the projection: the new VM's row, the usage, the checkpoint.
+    # the projection: the new VM's row, the usage, the checkpoint; then the task log's.
     kinds = [s.split()[0] for s in sql]
-    assert kinds == ["SELECT"] * 8 + ["INSERT", "INSERT", "UPDATE", "UPDATE"], sql
+    assert kinds == ["SELECT"] * 8 + ["INSERT", "INSERT", "UPDATE", "UPDATE", *TASK_LOG], sql
     vm = VirtualMachine.objects.get(pk=accepted.vm_id)
     assert (vm.state, vm.version, vm.pending_request) == ("starting", 3, accepted.request.event_id)
 
@@ -51,11 +58,12 @@ def test_create_appends_the_definition_and_the_start_request_in_one_append(calle
 def test_resize_reads_the_vm_once_under_the_lock(caller_for) -> None:
     caller = caller_for("operator")
     vm = _running(caller)
-    with exact_queries(9) as sql:
+    with exact_queries(12) as sql:
         commands.resize(caller, vm, vcpus=2)
     # The quota definitions (the user's, its groups') before the lock; under it the VM once,
-    # the usage, the head and the INSERT; the projection: the VM row, its UPDATE, the checkpoint.
+    # the usage, the head and the INSERT; the projection: the VM row, its UPDATE, the checkpoint;
+    # the task log's.
     vm_reads = [i for i, s in enumerate(sql) if s.startswith('SELECT "vms_virtualmachine"')]
     assert vm_reads == [2, 6], sql
-    assert [s.split()[0] for s in sql[5:]] == ["INSERT", "SELECT", "UPDATE", "UPDATE"]
+    assert [s.split()[0] for s in sql[5:]] == ["INSERT", "SELECT", "UPDATE", "UPDATE", *TASK_LOG]
     assert VirtualMachine.objects.get(pk=vm.pk).state == "resizing"
