@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import uuid
@@ -170,9 +171,16 @@ def _visible_vm(caller: Caller, vm_id: str) -> dict[str, Any] | None:
 
 
 class VMListConsumer(_Rechecked):
-    """``ws/vms/live/``: the VMs the user may see, as they change (the list page)."""
+    """``ws/vms/live/``: the VMs the user may see, as they change (the list page), and the
+    metrics of the live ones the page asks for (``receive``)."""
 
     outbox: _Outbox | None = None
+    flusher: asyncio.Task[None] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hubs: dict[str, tuple[metrics_live.MetricsHub, Any]] = {}  # the watched VMs
+        self.samples: dict[str, dict[str, Any]] = {}  # their latest, since the last flush
 
     async def connect(self) -> None:
         user = self.scope.get("user")
@@ -223,12 +231,107 @@ class VMListConsumer(_Rechecked):
         if message.get("vm") and not self.ended:
             self._push(message["vm"])
 
+    # --- The list's live columns: CPU, memory used, uptime of the VMs the page shows ---------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """``{"type": "watch", "vms": [id, ...]}``: the live VMs on the page, whose metrics it
+        shows (at most ``WATCH_MAX``; the ones the caller may not see are left out)."""
+        try:
+            message = parsers.loads(text_data or "")
+        except ValueError:
+            message = None
+        ids = message.get("vms") if isinstance(message, dict) else None
+        if (
+            not isinstance(message, dict)
+            or message.get("type") != "watch"
+            or not isinstance(ids, list)
+            or len(ids) > WATCH_MAX
+            or not all(isinstance(i, str) for i in ids)
+        ):
+            self._send(
+                {
+                    "type": "error",
+                    "detail": f"send {{'type': 'watch', 'vms': [at most {WATCH_MAX} VM ids]}}",
+                }
+            )
+            return
+        wanted = set(await self._watchable(_uuids_of(ids)))
+        for vm_id in [v for v in self.hubs if v not in wanted]:
+            hub, push = self.hubs.pop(vm_id)
+            self.samples.pop(vm_id, None)
+            await metrics_live.unsubscribe(hub, push)
+        for vm_id in wanted - set(self.hubs):
+            push = functools.partial(self._metrics, vm_id)
+            self.hubs[vm_id] = (await metrics_live.subscribe(vm_id, push), push)
+        if self.hubs and (self.flusher is None or self.flusher.done()):
+            self.flusher = asyncio.create_task(self._flush_metrics())
+
+    @database_sync_to_async
+    def _watchable(self, ids: list[uuid.UUID]) -> list[str]:
+        qs = policy.visible_vms(self.caller).filter(pk__in=ids, state__in=metrics_live.LIVE_STATES)
+        return [str(pk) for pk in qs.values_list("pk", flat=True)]
+
+    def _metrics(self, vm_id: str, message: dict[str, Any]) -> None:
+        self.samples[vm_id] = list_metrics(message["sample"])
+
+    async def _flush_metrics(self) -> None:
+        """The samples that came since the last flush, as one message every ``LIST_METRICS_S``
+        (a page of 50 VMs gets one frame, not 50 a second)."""
+        while self.hubs and not self.ended:
+            await asyncio.sleep(LIST_METRICS_S)
+            if self.samples:
+                batch, self.samples = self.samples, {}
+                self._send({"type": "metrics", "samples": batch})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self.outbox is not None:
+            self.outbox.put(text=json.dumps(message))
+
     async def disconnect(self, code: int) -> None:
         self.ended = True
         await self.unwatch()
+        if self.flusher is not None:
+            self.flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flusher
+        for hub, push in self.hubs.values():
+            await metrics_live.unsubscribe(hub, push)
+        self.hubs.clear()
         if self.outbox is not None:
             await self.channel_layer.group_discard(live.LIST_GROUP, self.channel_name)
             await self.outbox.aclose()
+
+
+WATCH_MAX = 100  # a list page shows at most 50 (vms.views.LIST_PAGE)
+LIST_METRICS_S = 2.0
+
+
+def list_metrics(sample: dict[str, Any]) -> dict[str, Any]:
+    """The list's columns of a sample: CPU % of one core, memory the guest uses (its agent's
+    health: total less available) or else the VMM's resident size, and the guest's uptime."""
+    health = sample.get("health") or {}
+    memory = health.get("memory_kib") or {}
+    total, available = memory.get("total"), memory.get("available")
+    used = (
+        (total - available) * 1024
+        if isinstance(total, int) and isinstance(available, int)
+        else None
+    )
+    return {
+        "state": sample.get("state"),
+        "cpu_percent": sample.get("cpu_percent"),
+        "memory_used_bytes": used,
+        "rss_bytes": sample.get("rss_bytes"),
+        "uptime_s": health.get("uptime_s"),
+    }
+
+
+def _uuids_of(values: list[str]) -> list[uuid.UUID]:
+    out = []
+    for v in values:
+        with contextlib.suppress(ValueError):
+            out.append(uuid.UUID(v))
+    return out
 
 
 class TaskLogConsumer(_Rechecked):

@@ -177,7 +177,10 @@ ROW_VERBS = ("start", "stop")
 # The list's columns: label and sort key (None: not sortable).
 LIST_COLUMNS = (
     ("Name", "name"), ("Owner", "owner"), ("State", "state"), ("Template", "template"),
-    ("vCPU", "vcpus"), ("Memory", "memory"), ("Address", "ip"), ("Since", "since"),
+    ("vCPU", "vcpus"), ("Memory", "memory"),
+    # Live (the page's websocket): CPU % of one core, memory the guest uses, its uptime.
+    ("CPU", None), ("Used", None), ("Uptime", None),
+    ("Address", "ip"), ("Since", "since"),
 )  # fmt: skip
 
 

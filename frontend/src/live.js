@@ -5,8 +5,9 @@ export function wsUrl(path) {
 }
 
 // connectLive(pathFn, onMessage, statusEl): pathFn() is called on every (re)connect so that the
-// caller can pass its latest position (?after=) and never miss or repeat an event.
-export function connectLive(pathFn, onMessage, statusEl) {
+// caller can pass its latest position (?after=) and never miss or repeat an event. onOpen(send)
+// runs on every (re)connect: what the page asked of the last socket it asks the new one again.
+export function connectLive(pathFn, onMessage, statusEl, onOpen) {
   let socket = null;
   let delay = 500;
   let closed = false;
@@ -19,7 +20,7 @@ export function connectLive(pathFn, onMessage, statusEl) {
   };
   const open = () => {
     socket = new WebSocket(wsUrl(pathFn()));
-    socket.addEventListener("open", () => { delay = 500; status("live", "on"); });
+    socket.addEventListener("open", () => { delay = 500; status("live", "on"); if (onOpen) onOpen(send); });
     socket.addEventListener("message", (ev) => {
       if (typeof ev.data === "string") onMessage(JSON.parse(ev.data));
     });
@@ -31,12 +32,15 @@ export function connectLive(pathFn, onMessage, statusEl) {
       delay = Math.min(delay * 2, 10000);
     });
   };
+  const send = (obj) => {
+    if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(obj));
+  };
   open();
   const close = () => { closed = true; socket && socket.close(); };
   // Leaving the page closes the socket at once (a page kept in the back/forward cache would
   // otherwise hold it open).
   window.addEventListener("pagehide", close);
-  return { close };
+  return { close, send };
 }
 
 export function csrfToken() {

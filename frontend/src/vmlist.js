@@ -30,6 +30,9 @@ function newRow(vm) {
     el("td", {}, vm.template),
     el("td", { "data-field": "vcpus" }, vm.vcpus),
     el("td", { "data-field": "memory" }, `${vm.memory_mib} MiB`),
+    el("td", { "data-field": "cpu", class: "num" }, ""),
+    el("td", { "data-field": "used", class: "num" }, ""),
+    el("td", { "data-field": "uptime", class: "num" }, ""),
     el("td", { "data-field": "ip" }, vm.ip),
     el("td", { "data-field": "since", class: "muted" }, ""),
     el("td", { class: "row-actions", "data-field": "actions" }),
@@ -87,8 +90,69 @@ search.addEventListener("input", () => {
   refreshEmpty();
 });
 
-connectLive(() => "/ws/vms/live/", (msg) => { if (msg.type === "vm") apply(msg.vm); },
-  document.getElementById("live-status"));
+// --- Live columns: CPU, memory used, uptime of the running and paused VMs on this page ---------
+const LIVE = new Set(["running", "paused"]);
+let watched = "";
+function liveIds() {
+  return [...tbody.querySelectorAll("tr[data-vm-id]")]
+    .filter((r) => LIVE.has(r.querySelector('[data-field="state"]')?.textContent.trim()))
+    .map((r) => r.dataset.vmId).sort();
+}
+function watch(send, force = false) {
+  const ids = liveIds();
+  const key = ids.join(",");
+  if (!force && key === watched) return;
+  watched = key;
+  send({ type: "watch", vms: ids });
+}
+export function formatBytes(n) {
+  if (n == null) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(n >= 100 || i === 0 ? 0 : 1)} ${units[i]}`;
+}
+export function formatUptime(s) {
+  if (s == null) return "";
+  s = Math.floor(s);
+  const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
+  if (d) return `${d}d ${h}h`;
+  if (h) return `${h}h ${m}m`;
+  return m ? `${m}m ${s % 60}s` : `${s}s`;
+}
+function showMetrics(samples) {
+  for (const [id, m] of Object.entries(samples)) {
+    const row = tbody.querySelector(`tr[data-vm-id="${id}"]`);
+    if (!row) continue;
+    const live = LIVE.has(m.state);
+    const set = (field, text, title) => {
+      const cell = row.querySelector(`[data-field="${field}"]`);
+      if (!cell) return;
+      cell.textContent = live ? text : "";
+      if (title) cell.title = title; else cell.removeAttribute("title");
+    };
+    set("cpu", m.cpu_percent == null ? "" : `${m.cpu_percent.toFixed(0)}%`);
+    if (m.memory_used_bytes != null) set("used", formatBytes(m.memory_used_bytes), "used inside the guest (its agent)");
+    else set("used", formatBytes(m.rss_bytes), "the VMM's resident memory (no guest figure yet)");
+    set("uptime", formatUptime(m.uptime_s));
+  }
+}
+function clearMetrics(row) {
+  for (const f of ["cpu", "used", "uptime"]) {
+    const cell = row.querySelector(`[data-field="${f}"]`);
+    if (cell) cell.textContent = "";
+  }
+}
+
+let sendLive = () => {};
+connectLive(() => "/ws/vms/live/", (msg) => {
+  if (msg.type === "vm") {
+    apply(msg.vm);
+    const row = tbody.querySelector(`tr[data-vm-id="${msg.vm.id}"]`);
+    if (row && !LIVE.has(msg.vm.state)) clearMetrics(row);
+    watch(sendLive);
+  } else if (msg.type === "metrics") showMetrics(msg.samples);
+}, document.getElementById("live-status"), (send) => { sendLive = send; watch(send, true); });
 
 for (const row of tbody.querySelectorAll("tr[data-vm-id]")) {
   const badge = row.querySelector('[data-field="state"]');

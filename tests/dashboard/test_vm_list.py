@@ -4,6 +4,7 @@ saved in the browser."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -167,3 +168,66 @@ def test_ticks_review_and_saved_filters_in_the_browser(make_user, web_server, br
         for r in driver.find_elements(By.CSS_SELECTOR, "tr[data-vm-id]")
     ]
     assert sorted(names) == ["web-a", "web-b"]
+
+
+# --- Live columns: CPU, memory used and uptime of the live VMs on the page ----------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("live_stopped")
+async def test_the_list_socket_sends_the_metrics_of_the_live_vms_asked_for(
+    make_user, make_vm, ws_connect, monkeypatch
+) -> None:
+    """The page asks for its live VMs' metrics: input that is not a watch is answered with an
+    error and changes nothing, a VM of another user (or a stopped one) is left out, and the
+    samples come batched, one frame for the page."""
+    from channels.db import database_sync_to_async
+
+    from vms import consumers
+
+    from .test_consumers import _json_until
+
+    monkeypatch.setattr(consumers, "LIST_METRICS_S", 0.2)
+    opal = await database_sync_to_async(make_user)("operator", "opal")
+    otto = await database_sync_to_async(make_user)("operator", "otto")
+
+    def vms() -> tuple[VirtualMachine, VirtualMachine, VirtualMachine]:
+        mine, stopped, theirs = make_vm(opal, "mine"), make_vm(opal, "idle"), make_vm(otto, "x")
+        _running(mine)
+        _running(theirs)
+        return mine, stopped, theirs
+
+    mine, stopped, theirs = await database_sync_to_async(vms)()
+    comm = await ws_connect("/ws/vms/live/", opal)
+    assert (await comm.connect())[0]
+    for bad in ("nonsense", '{"type": "watch", "vms": "all"}', '{"type": "watch", "vms": [1]}',
+                '{"type": "watch", "vms": [' + ",".join(['"a"'] * 101) + "]}"):  # fmt: skip
+        await comm.send_to(text_data=bad)
+        error = await _json_until(comm, lambda m: m["type"] == "error")
+        assert "watch" in error["detail"]
+    await comm.send_to(
+        text_data=json.dumps({"type": "watch", "vms": [str(v.pk) for v in (mine, stopped, theirs)]})
+    )
+    batch = await _json_until(comm, lambda m: m["type"] == "metrics")
+    assert set(batch["samples"]) == {str(mine.pk)}  # not the stopped one, nor otto's
+    sample = batch["samples"][str(mine.pk)]
+    assert sample["state"] == "running"
+    assert set(sample) == {"state", "cpu_percent", "memory_used_bytes", "rss_bytes", "uptime_s"}
+    await comm.send_to(text_data=json.dumps({"type": "watch", "vms": []}))  # nothing watched
+    await comm.disconnect()
+
+
+def test_the_list_columns_of_a_sample() -> None:
+    from vms.consumers import list_metrics
+
+    health = {"uptime_s": 75.5, "memory_kib": {"total": 1000, "available": 250}}
+    row = list_metrics({"state": "running", "cpu_percent": 12.5, "rss_bytes": 9, "health": health})
+    assert row == {
+        "state": "running",
+        "cpu_percent": 12.5,
+        "memory_used_bytes": 750 * 1024,
+        "rss_bytes": 9,
+        "uptime_s": 75.5,
+    }
+    bare = list_metrics({"state": "paused", "cpu_percent": None, "rss_bytes": None, "health": None})
+    assert bare["memory_used_bytes"] is None and bare["uptime_s"] is None

@@ -216,3 +216,27 @@ def test_the_console_tools_send_keys_paste_copy_and_go_full_screen(
     )
     shot(driver, "console-full-screen")
     driver.get("about:blank")
+
+
+def test_the_vm_list_shows_live_cpu_memory_and_uptime(browser, asgi_server, running_vm) -> None:
+    """The list's live columns fill for a running guest without a reload: CPU %, the memory the
+    guest uses (its agent's figure) and its uptime, which then moves on."""
+    driver = browser()
+    login(driver, asgi_server.url, "opal")
+    driver.get(f"{asgi_server.url}/vms/")
+    row = f'tr[data-vm-id="{running_vm.pk}"]'
+
+    def cell(d: Any, field: str) -> str:
+        return d.find_element(By.CSS_SELECTOR, f'{row} [data-field="{field}"]').text
+
+    WebDriverWait(driver, 30, poll_frequency=0.2).until(
+        lambda d: cell(d, "cpu").endswith("%") and cell(d, "uptime") != ""
+    )
+    assert cell(driver, "used").endswith(("MiB", "KiB"))
+    used_title = driver.find_element(By.CSS_SELECTOR, f'{row} [data-field="used"]').get_attribute(
+        "title"
+    )
+    assert "guest" in used_title  # the guest's own figure once its agent answered
+    first = cell(driver, "uptime")
+    WebDriverWait(driver, 20, poll_frequency=0.2).until(lambda d: cell(d, "uptime") != first)
+    driver.get("about:blank")
