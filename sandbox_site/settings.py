@@ -142,6 +142,8 @@ TEMPLATES = [
                 "accounts.context_processors.roles",
                 "vms.context_processors.vm_policy",
             ],
+            # ``|when``: every time label on every page, in UTC with a toggle to local time.
+            "builtins": ["core.templatetags.times"],
         },
     },
 ]

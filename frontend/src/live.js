@@ -50,6 +50,17 @@ export function csrfToken() {
   return input ? input.value : "";
 }
 
+// A moment as the server writes it (core/templatetags/times.py): <time data-when> in UTC with the
+// zone named; static/js/times.js shows it in the browser's zone when the user chose so.
+export function timeLabel(iso, precision = "s") {
+  if (!iso) return document.createTextNode("");
+  const d = new Date(iso);
+  if (Number.isNaN(d.getTime())) return document.createTextNode(String(iso));
+  const s = d.toISOString(); // 2026-11-30T13:24:02.123Z
+  const text = precision === "t" ? `${s.slice(11, 19)} UTC` : `${s.slice(0, 10)} ${s.slice(11, 19)} UTC`;
+  return el("time", { datetime: iso, "data-when": precision }, text);
+}
+
 export function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {

@@ -1,6 +1,6 @@
 // The task log (the Tasks page and the home page's "Running now" panel): rows the server
 // rendered, then each task as ws/tasks/live/ pushes it, matched against the page's filters.
-import { connectLive, el } from "./live.js";
+import { connectLive, el, timeLabel } from "./live.js";
 
 const MAX_ROWS = 200; // the live page keeps the newest; older ones are a page away
 
@@ -26,14 +26,13 @@ function statusCell(task) {
 }
 
 function row(task, showOwner) {
-  const when = task.requested_at.slice(0, 19).replace("T", " ");
   const vm = el("td", {}, el("a", { href: `/vms/${task.vm.id}/` }, task.vm.name));
   if (showOwner && task.vm.owner) vm.append(" ", el("span", { class: "muted small" }, `(${task.vm.owner})`));
   const duration = task.duration_s != null
     ? el("td", { dataset: { field: "duration" } }, `${task.duration_s.toFixed(2)} s`)
     : el("td", { dataset: { field: "duration" } }, el("span", { class: "muted" }, "running"));
   return el("tr", { dataset: { task: task.id, version: String(task.version), position: String(task.position) } },
-    el("td", {}, el("time", { datetime: task.requested_at }, when)),
+    el("td", {}, timeLabel(task.requested_at)),
     vm,
     el("td", {}, el("code", {}, task.verb)),
     el("td", {}, task.actor, " ", el("span", { class: "muted small" }, task.channel)),

@@ -1,6 +1,6 @@
 // A VM's page, live: state, progress of long actions, last error, timeline (ws/vms/<id>/live/),
 // which actions the state allows, metrics charts at 1 Hz, and the exec box.
-import { connectLive, csrfToken, el } from "./live.js";
+import { connectLive, csrfToken, el, timeLabel } from "./live.js";
 import { Sparkline, formatBytes } from "./sparkline.js";
 
 const page = document.getElementById("vm-page");
@@ -79,7 +79,7 @@ function addEvent(e) {
   if (e.position <= after) return;
   after = e.position;
   const row = el("tr", { dataset: { position: e.position }, class: `ev-${e.type.replace(/[._]/g, "-")} flash-row` },
-    el("td", {}, e.position), el("td", {}, e.recorded_at.slice(11, 19)), el("td", {}, el("code", {}, e.type)),
+    el("td", {}, e.position), el("td", {}, timeLabel(e.recorded_at, "t")), el("td", {}, el("code", {}, e.type)),
     el("td", {}, e.actor), el("td", { class: "ev-data" }, describe(e)));
   timeline.prepend(row);
   // Any event that changes a snapshot row (one of the VM's snapshots, or a VM event naming one:

@@ -1,7 +1,8 @@
 // The VM list: rows updated live from ws/vms/live/ (state, pending action, address), new VMs
 // added (on the first page of the newest-first order), destroyed ones removed; the search box
 // filters instantly in the page; ticks for the bulk bar; filters saved in this browser.
-import { connectLive, el } from "./live.js";
+import { connectLive, el, timeLabel } from "./live.js";
+import { formatBytes } from "./sparkline.js";
 
 const table = document.getElementById("vm-list");
 const tbody = table.querySelector("tbody");
@@ -62,7 +63,7 @@ function apply(vm) {
     state.textContent = vm.state;
     state.className = `state state-${vm.state}`;
     row.classList.remove("flash-row"); void row.offsetWidth; row.classList.add("flash-row");
-    row.querySelector('[data-field="since"]').textContent = (vm.state_changed_at || "").replace("T", " ").slice(0, 19);
+    row.querySelector('[data-field="since"]').replaceChildren(timeLabel(vm.state_changed_at));
   }
   const pending = vm.pending_type ? vm.pending_type.replace(/^vm\.|_requested$/g, "") : "";
   const pct = vm.progress && vm.progress.pct != null && vm.pending_type ? ` ${vm.progress.pct}%` : "";
@@ -105,14 +106,7 @@ function watch(send, force = false) {
   watched = key;
   send({ type: "watch", vms: ids });
 }
-export function formatBytes(n) {
-  if (n == null) return "";
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
-  return `${n.toFixed(n >= 100 || i === 0 ? 0 : 1)} ${units[i]}`;
-}
-export function formatUptime(s) {
+function formatUptime(s) {
   if (s == null) return "";
   s = Math.floor(s);
   const d = Math.floor(s / 86400), h = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
@@ -133,7 +127,8 @@ function showMetrics(samples) {
     };
     set("cpu", m.cpu_percent == null ? "" : `${m.cpu_percent.toFixed(0)}%`);
     if (m.memory_used_bytes != null) set("used", formatBytes(m.memory_used_bytes), "used inside the guest (its agent)");
-    else set("used", formatBytes(m.rss_bytes), "the VMM's resident memory (no guest figure yet)");
+    else if (m.rss_bytes != null) set("used", formatBytes(m.rss_bytes), "the VMM's resident memory (no guest figure yet)");
+    else set("used", "");
     set("uptime", formatUptime(m.uptime_s));
   }
 }
