@@ -49,8 +49,9 @@
     for (const el of root.querySelectorAll("time[data-when]")) render(el, mode);
   };
   const label = (button, mode) => {
+    // The accessible name starts with the visible text (axe: label-content-name-mismatch).
     button.textContent = mode === "local" ? "Times: local" : "Times: UTC";
-    button.setAttribute("aria-label", `Times shown in ${mode === "local" ? "your local zone" : "UTC"}. Change`);
+    button.setAttribute("aria-label", `${button.textContent}. Show them in ${mode === "local" ? "UTC" : "your zone"}`);
   };
   document.addEventListener("DOMContentLoaded", () => {
     let mode = stored();
