@@ -33,9 +33,23 @@ class CreateVMForm(forms.Form):
         "the template's own are given too",
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    budget = forms.ChoiceField(
+        required=False,
+        label="Team budget",
+        help_text="the group whose shared budget this VM draws from",
+    )
+
+    def __init__(self, *args: Any, budgets: list[str] | None = None, **kwargs: Any) -> None:
+        """``budgets``: the names of the user's groups with a team budget (none: no field)."""
         super().__init__(*args, **kwargs)
         self.fields["template"].choices = template_choices()  # type: ignore[attr-defined]
+        if not budgets:
+            del self.fields["budget"]
+        elif len(budgets) == 1:
+            self.fields["budget"].choices = [(budgets[0], budgets[0])]  # type: ignore[attr-defined]
+        else:
+            self.fields["budget"].required = True  # several: the user must choose
+            self.fields["budget"].choices = [("", "choose one"), *((b, b) for b in budgets)]  # type: ignore[attr-defined]
 
     def clean_secrets(self) -> list[dict[str, str]]:
         """References in the API's shape (``secretstore.guests`` checks them further)."""
