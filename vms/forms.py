@@ -172,3 +172,27 @@ class NetworkForm(forms.Form):
         required=False, initial=True, label="Isolated (its VMs cannot reach each other)"
     )
     is_default = forms.BooleanField(required=False, label="Default network for new VMs")
+
+
+class QuotaForm(forms.Form):
+    """One level's limits (administrators): a user's quota, a group's quota per member or a
+    group's team budget, every resource at once (an empty one: inherit, or no team limit)."""
+
+    LEVELS = [
+        ("user", "A user's own quota"),
+        ("group", "A group's quota, for each member"),
+        ("budget", "A group's team budget, shared"),
+    ]
+    level = forms.ChoiceField(choices=LEVELS)
+    name = forms.CharField(max_length=150, help_text="the user's or the group's name")
+    vms = forms.IntegerField(min_value=0, max_value=2_147_483_647, required=False, label="VMs")
+    vcpus = forms.IntegerField(min_value=0, max_value=2_147_483_647, required=False, label="vCPUs")
+    memory_mib = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Memory (MiB)"
+    )
+    disk_mib = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Disk (MiB)"
+    )
+    snapshots = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Snapshots"
+    )

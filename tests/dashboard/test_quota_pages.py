@@ -92,3 +92,51 @@ def test_a_user_in_several_budgets_must_choose_one_on_the_create_page(make_user)
 def test_without_a_budget_the_create_page_has_no_budget_field(make_user) -> None:
     page = client_for(make_user("operator")).get("/vms/new/").content.decode()
     assert 'name="budget"' not in page and "Team budget of" not in page
+
+
+def test_an_admin_sets_limits_on_the_quotas_page_and_each_change_is_an_event(make_user) -> None:
+    from audit.models import Event
+    from vms.models import GroupBudget, Quota
+
+    admin, alice = make_user("admin"), make_user("operator")
+    group = Group.objects.create(name="team-a")
+    c = client_for(admin)
+    assert 'id="nav-quotas"' in c.get("/").content.decode()
+    saved = c.post("/vms/quotas/", {"level": "user", "name": alice.username, "vms": "3"})
+    assert saved.status_code == 302
+    budget = c.post("/vms/quotas/", {"level": "budget", "name": "team-a", "vcpus": "8"})
+    assert budget.status_code == 302
+    assert Quota.objects.get(user=alice).max_vms == 3
+    assert GroupBudget.objects.get(group=group).max_vcpus == 8
+    events = list(Event.objects.filter(type="quota.changed").order_by("position"))
+    assert [(e.aggregate_id, e.actor_name) for e in events] == [
+        (f"user:{alice.pk}", admin.username),
+        (f"budget:{group.pk}", admin.username),
+    ]
+    assert events[0].payload["before"]["vms"] is None and events[0].payload["after"]["vms"] == 3
+    page = c.get("/vms/quotas/").content.decode()
+    assert f'data-user="{alice.username}"' in page and 'data-budget="team-a"' in page
+    assert "0 of 8" in page
+    # The edit link fills the form with what is set now.
+    edit = c.get(f"/vms/quotas/?level=user&name={alice.username}").content.decode()
+    assert re.search(r'name="vms" value="3"', edit)
+    # The same again: nothing changes, nothing is recorded.
+    c.post("/vms/quotas/", {"level": "user", "name": alice.username, "vms": "3"})
+    assert Event.objects.filter(type="quota.changed").count() == 2
+
+
+def test_the_quotas_page_refuses_bad_input_and_everyone_but_admins(make_user) -> None:
+    from audit.models import Event
+
+    admin, operator = make_user("admin"), make_user("operator")
+    c = client_for(admin)
+    unknown = c.post("/vms/quotas/", {"level": "user", "name": "nobody", "vms": "3"})
+    assert unknown.status_code == 200 and "no user named" in unknown.content.decode()
+    negative = c.post("/vms/quotas/", {"level": "group", "name": "operator", "vms": "-1"})
+    assert negative.status_code == 200 and "has-error" in negative.content.decode()
+    other = client_for(operator)
+    assert other.get("/vms/quotas/").status_code == 403
+    post = other.post("/vms/quotas/", {"level": "user", "name": operator.username, "vms": "99"})
+    assert post.status_code == 403
+    assert 'id="nav-quotas"' not in other.get("/").content.decode()
+    assert not Event.objects.filter(type="quota.changed").exists()
