@@ -693,9 +693,9 @@ class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_field = "name"
 
 
-def _limits_field(help_text: str) -> serializers.DictField:
+def _limits_field(help_text: str, *, allow_null: bool = False) -> serializers.DictField:
     return serializers.DictField(
-        child=serializers.IntegerField(allow_null=True), help_text=help_text
+        child=serializers.IntegerField(allow_null=True), help_text=help_text, allow_null=allow_null
     )
 
 
@@ -899,8 +899,8 @@ class GroupBudgetView(_LimitsView):
     _answer = {
         **_LIMITS_ANSWER,
         "group": serializers.CharField(),
-        "used": _limits_field("null: the group has no budget"),
-        "remaining": _limits_field("null: the group has no budget"),
+        "used": _limits_field("null: the group has no budget", allow_null=True),
+        "remaining": _limits_field("null: the group has no budget", allow_null=True),
     }
 
     @extend_schema(responses=inline_serializer("GroupBudget", _answer))
