@@ -260,6 +260,7 @@ class BudgetState:
     """A team budget's limits (None: no team limit) and what its VMs hold now."""
 
     group: str
+    group_id: int
     limits: dict[str, int | None]
     used: dict[str, int]
 
@@ -272,6 +273,7 @@ class BudgetState:
     def as_dict(self) -> dict[str, Any]:
         return {
             "group": self.group,
+            "group_id": self.group_id,
             "limits": dict(self.limits),
             "used": dict(self.used),
             "remaining": self.remaining(),
@@ -285,6 +287,7 @@ def budget_state(group_id: int) -> BudgetState | None:
     row = rows[0]
     return BudgetState(
         group=row["group__name"],
+        group_id=group_id,
         limits={r: row[f"max_{r}"] for r in RESOURCES},
         used={r: row[f"used_{r}"] or 0 for r in RESOURCES},
     )

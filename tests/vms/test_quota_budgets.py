@@ -82,11 +82,13 @@ def test_members_draw_from_one_budget_and_the_one_past_it_is_refused_naming_the_
 
 
 def test_a_refusal_by_the_budget_answers_403_with_the_named_group_quota(team) -> None:
-    _, (alice,) = team(n=1, vcpus=2)
+    group, (alice,) = team(n=1, vcpus=2)
     client = APIClient()
     client.force_authenticate(alice)
     ok = client.post("/api/v1/vms/", {"name": "one", "template": "linux-small", "vcpus": 2})
     assert ok.status_code == 202, ok.content
+    assert ok.json()["vm"]["budget_group"] == group.pk  # the VM says what it draws from
+    assert client.get(f"/api/v1/vms/{ok.json()['vm']['id']}/").json()["budget_group"] == group.pk
     refused = client.post("/api/v1/vms/", {"name": "two", "template": "linux-small"})
     assert refused.status_code == 403
     body = refused.json()
