@@ -221,3 +221,37 @@ def test_two_members_creating_at_once_get_exactly_the_budget(team) -> None:
             assert body["used"] == 3
     assert VirtualMachine.objects.filter(budget_group=group).count() == 3
     assert quotas.budget_state(group.pk).used["vms"] == 3
+
+
+def test_a_clone_draws_from_the_budget_it_names_and_is_refused_past_it(team, kept_image) -> None:
+    from audit import store
+    from audit.actor import Actor
+    from vms.models import Snapshot
+
+    group, (alice,) = team(n=1, vms=2)
+    other = Group.objects.create(name="team-b")
+    commands.set_group_budget(_caller_admin(), other, {"vms": 5})
+    alice.groups.add(other)
+    caller = _caller(alice)
+    created = commands.create(caller, name="a1", template="linux-small", budget="team-a")
+    settle(created, "vm.started", host="h1", hypervisor="qemu")
+    taken = commands.snapshot(caller, VirtualMachine.objects.get(pk=created.vm_id), name="s1")
+    settle(taken, "vm.snapshotted", snapshot_id=str(taken.snapshot.pk))
+    store.append(
+        "snapshot",
+        str(taken.snapshot.pk),
+        "snapshot.created",
+        {"manifest": {}, "size_bytes": 1, "image_id": kept_image},
+        actor=Actor.system(),
+        expected_version=0,
+    )
+    snap = Snapshot.objects.get(pk=taken.snapshot.pk)
+    with pytest.raises(ValidationError, match="several groups with a team budget"):
+        commands.clone(caller, snap, name="c0")
+    clone = commands.clone(caller, snap, name="c1", budget="team-a")
+    assert clone.vm.budget_group_id == group.pk
+    with pytest.raises(QuotaExceeded) as refused:
+        commands.clone(caller, snap, name="c2", budget="team-a")
+    assert (refused.value.quota, refused.value.group) == ("vms", "team-a")
+    elsewhere = commands.clone(caller, snap, name="c2", budget="team-b")
+    assert elsewhere.vm.budget_group_id == other.pk
