@@ -265,10 +265,11 @@ class BudgetState:
     used: dict[str, int]
 
     def remaining(self) -> dict[str, int | None]:
-        return {
-            r: None if self.limits[r] is None else max(0, self.limits[r] - self.used[r])  # type: ignore[operator]
-            for r in RESOURCES
-        }
+        out: dict[str, int | None] = {}
+        for r in RESOURCES:
+            limit = self.limits[r]
+            out[r] = None if limit is None else max(0, limit - self.used[r])
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -121,6 +121,10 @@ def test_a_member_of_several_budgets_must_name_one_and_is_charged_to_it(team) ->
         commands.create(_caller(alice), name="x", template="linux-small")
     assert "several groups with a team budget (team-a, team-b)" in str(ambiguous.value)
     assert Event.objects.count() == before  # nothing recorded, nothing guessed
+    client = APIClient()
+    client.force_authenticate(alice)
+    answer = client.post("/api/v1/vms/", {"name": "x", "template": "linux-small"})
+    assert answer.status_code == 400 and "team-a, team-b" in str(answer.json()["budget"])
     vm = commands.create(_caller(alice), name="x", template="linux-small", budget="team-b").vm
     assert vm.budget_group_id == second.pk
     assert quotas.budget_state(second.pk).used["vms"] == 1
