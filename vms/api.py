@@ -42,7 +42,6 @@ from audit.commands import read_details, record_trail_read
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
-from core.permissions import HasPerm
 from secretstore import guests
 from vms import commands, guest, lifecycle, policy, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
@@ -758,8 +757,8 @@ class QuotaLimitsSerializer(serializers.Serializer):
         return attrs
 
 
-QUOTA_ADMIN = needs("vms.change_quota")
-QUOTA_READ = needs("vms.view_quota", "vms.change_quota")
+QUOTA_ADMIN = needs(policy.QUOTA_PERMISSIONS["change"])
+QUOTA_READ = needs(*policy.QUOTA_PERMISSIONS.values())
 
 
 class _LimitsView(APIView):
@@ -767,10 +766,6 @@ class _LimitsView(APIView):
 
     token_scopes = {"get": QUOTA_READ, "put": QUOTA_ADMIN}
     scope = ""
-
-    def get_permissions(self) -> list[Any]:
-        perm = "vms.change_quota" if self.request.method == "PUT" else "vms.view_quota"
-        return [HasPerm.of(perm)()]
 
     def target(self, pk: int) -> Any:
         raise NotImplementedError
@@ -782,9 +777,11 @@ class _LimitsView(APIView):
         raise NotImplementedError
 
     def get(self, request: Request, pk: int) -> Response:
+        policy.require_quota_admin(Caller.from_request(request), "view")
         return Response(self.current(self.target(pk)))
 
     def put(self, request: Request, pk: int) -> Response:
+        policy.require_quota_admin(Caller.from_request(request), "change")
         target = self.target(pk)
         s = QuotaLimitsSerializer(data=request.data)
         s.is_valid(raise_exception=True)

@@ -1330,7 +1330,6 @@ def revoke_preview_links(
 
 # --- Quotas and team budgets ------------------------------------------------------------------
 
-QUOTA_PERMISSION = "vms.change_quota"
 QUOTA_MAX = 2_147_483_647  # PositiveIntegerField's range
 
 
@@ -1371,7 +1370,7 @@ def _change_limits(
     ``quota.changed`` event, with the limits before and after, in one transaction under the
     append lock, so concurrent changes and the creates they limit are serialised. All limits
     empty removes the row. No change, no event."""
-    caller.require(QUOTA_PERMISSION)
+    policy.require_quota_admin(caller)
     after = _clean_limits(limits)
     store.lock()
     row = rows.first()

@@ -1,4 +1,4 @@
-"""Dashboard page of quotas and team budgets, for administrators (``vms.change_quota``).
+"""Dashboard page of quotas and team budgets, for administrators (``vms.policy.may_manage_quotas``).
 
 It lists every quota set for a user or a group and every team budget (with what its VMs hold),
 and its form sets one level's limits through ``vms.commands.set_quota`` /
@@ -20,7 +20,7 @@ from django.views.decorators.http import require_http_methods
 
 from accounts.caller import Caller
 from accounts.models import User
-from vms import commands, quotas
+from vms import commands, policy, quotas
 from vms.forms import QuotaForm
 from vms.models import GroupBudget, Quota
 
@@ -79,7 +79,7 @@ def _initial(level: str, name: str) -> dict[str, Any]:
 @login_required
 def quota_admin(request: HttpRequest) -> HttpResponse:
     caller = Caller.from_request(request)
-    caller.require(commands.QUOTA_PERMISSION)
+    policy.require_quota_admin(caller)
     if request.method == "POST":
         form = QuotaForm(request.POST)
         if form.is_valid():

@@ -24,6 +24,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, IntegerField, Max, OuterRef, Q, Subquery, Sum, Value
 
 from core.compiled import CompiledQuery, cached
+from vms import lifecycle
 from vms.models import GroupBudget, Quota, Snapshot, Usage, VirtualMachine
 
 RESOURCES = ("vms", "vcpus", "memory_mib", "disk_mib", "snapshots")
@@ -228,7 +229,7 @@ def _budget_query() -> CompiledQuery:
     in one row; no row when the group has no budget (compiled once: it runs under the lock)."""
     live = (
         VirtualMachine.objects.filter(budget_group_id=OuterRef("group_id"))
-        .exclude(state="destroyed")
+        .exclude(state=lifecycle.GONE)
         .order_by()
         .values("budget_group_id")
     )
