@@ -98,6 +98,9 @@ SCOPES: tuple[str, ...] = tuple(
             "vms.add_network",
             "vms.change_network",
             "vms.delete_network",
+            # Reading and setting quotas and team budgets (vms.commands.set_quota).
+            "vms.view_quota",
+            "vms.change_quota",
         }
     )
 )

@@ -136,7 +136,15 @@ _define(
 # The VM domain's types are registered by the VM app's lifecycle table, the table of VM verbs
 # they are derived from (``register`` below), while the apps load.
 
-# Quotas are settings (SANDBOX_QUOTA_*), not changed through the product: no quota event yet.
+# Quotas: a user's, a group's allowance per member, a group's shared team budget (the defaults
+# are settings, SANDBOX_QUOTA_*, outside the log). Aggregate "<scope>:<id>" of the target.
+_define(
+    "quota.changed",
+    "quota",
+    "change",
+    "A user's quota, a group's quota per member or a group's team budget was set, changed or "
+    "removed (scope, target, the limits before and after in data).",
+)
 
 # The audit log itself.
 _define("audit.digest_signed", "audit", "monitoring", "A signed digest covers a range of events.")

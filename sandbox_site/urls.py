@@ -12,7 +12,16 @@ from audit.api import EventViewSet
 from sandbox_site import health, metrics, views
 from sandbox_site import schema as _schema  # noqa: F401 - registers the Bearer token scheme
 from secretstore.api import SecretViewSet
-from vms.api import QuotaMeView, RequestStatusView, SnapshotViewSet, TemplateViewSet, VMViewSet
+from vms.api import (
+    GroupBudgetView,
+    GroupQuotaView,
+    QuotaMeView,
+    RequestStatusView,
+    SnapshotViewSet,
+    TemplateViewSet,
+    UserQuotaView,
+    VMViewSet,
+)
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
@@ -41,6 +50,9 @@ api_v1 = [
     path("me/", MeView.as_view(), name="me"),
     path("vms/<str:vm_pk>/egress/", EgressView.as_view(), name="vm-egress"),
     path("quotas/me/", QuotaMeView.as_view(), name="quota-me"),
+    path("quotas/users/<int:pk>/", UserQuotaView.as_view(), name="quota-user"),
+    path("quotas/groups/<int:pk>/", GroupQuotaView.as_view(), name="quota-group"),
+    path("quotas/groups/<int:pk>/budget/", GroupBudgetView.as_view(), name="quota-group-budget"),
     path("tasks/", TaskListView.as_view(), name="tasks"),
     path("requests/<str:event_id>/", RequestStatusView.as_view(), name="request-status"),
     path("audit/accounts/", AccountsReviewView.as_view(), name="audit-accounts-api"),

@@ -16,12 +16,14 @@ from typing import Any
 
 import django_filters
 from django.conf import settings
+from django.contrib.auth.models import Group
 from django.core.exceptions import ImproperlyConfigured
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import StopUpload, TemporaryFileUploadHandler
 from django.db.models import Q
 from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
@@ -33,7 +35,8 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from accounts.caller import Caller
-from accounts.scopes import OPEN, VM_READ, Needs
+from accounts.models import User
+from accounts.scopes import OPEN, VM_READ, Needs, needs
 from audit.api import EventSerializer
 from audit.commands import read_details, record_trail_read
 from audit.models import Event
@@ -135,6 +138,14 @@ class VMCreateSerializer(serializers.Serializer):
         max_length=63, required=False, help_text="a network's name; default: the default network"
     )
     secrets = SecretRefsField()
+    budget = serializers.CharField(
+        max_length=150,
+        required=False,
+        help_text=(
+            "the group whose team budget the VM draws from; default: your only group with a "
+            "team budget (required when you are in several)"
+        ),
+    )
 
 
 class StopSerializer(serializers.Serializer):
@@ -209,6 +220,9 @@ class SnapshotSerializer(serializers.ModelSerializer):
 
 class CloneSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=63)
+    budget = serializers.CharField(
+        max_length=150, required=False, help_text="as for a create: the team budget it draws from"
+    )
 
 
 class TemplateSerializer(serializers.ModelSerializer):
@@ -422,6 +436,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             start_now=d["start"],
             network=d.get("network"),
             secrets=d.get("secrets"),
+            budget=d.get("budget"),
         )
         return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
 
@@ -657,7 +672,11 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         policy.require(caller, "clone", snap.owner_id)
         s = CloneSerializer(data=request.data)
         s.is_valid(raise_exception=True)
-        return accepted(commands.clone(caller, snap, name=s.validated_data["name"]))
+        return accepted(
+            commands.clone(
+                caller, snap, name=s.validated_data["name"], budget=s.validated_data.get("budget")
+            )
+        )
 
     def destroy(self, request: Request, pk: Any = None) -> Response:
         snap = self.get_object()
@@ -673,8 +692,22 @@ class TemplateViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_field = "name"
 
 
+def _limits_field(help_text: str, *, allow_null: bool = False) -> serializers.DictField:
+    return serializers.DictField(
+        child=serializers.IntegerField(allow_null=True), help_text=help_text, allow_null=allow_null
+    )
+
+
 class QuotaMeView(APIView):
-    """Your effective quota, what you use, and what remains."""
+    """Your limits, who set each, what you use, and what remains for a new VM of yours.
+
+    ``quota``: your own limits per resource, each with its level in ``sources`` (``user``: your
+    quota; ``group``: the most generous allowance per member of your groups; ``default``: the
+    settings). ``budgets``: the team budgets of your groups (limits, what the VMs drawing from
+    each hold together, what remains); ``budget``: the one your new VMs draw from by default
+    (null when you are in none, or in several: then a create must name one). ``remaining``: what
+    a new VM may take, the smaller of your own and that budget's; ``limited_by`` says which.
+    """
 
     token_scopes = {"get": OPEN}
 
@@ -683,19 +716,199 @@ class QuotaMeView(APIView):
             "QuotaMe",
             {
                 "quota": serializers.DictField(),
-                "used": serializers.DictField(),
-                "remaining": serializers.DictField(),
+                "used": _limits_field("what your VMs and snapshots hold"),
+                "budgets": serializers.ListField(child=serializers.DictField()),
+                "budget": serializers.CharField(allow_null=True),
+                "remaining": _limits_field("null: no limit"),
+                "limited_by": serializers.DictField(
+                    child=serializers.ChoiceField(["user", "group", "default", "budget"])
+                ),
             },
         )
     )
     def get(self, request: Request) -> Response:
-        quota = quotas.effective_quota(request.user)
-        used = quotas.usage_of(request.user)
-        remaining = {
-            r: (None if getattr(quota, r) is None else max(0, getattr(quota, r) - used[r]))
-            for r in quotas.RESOURCES
+        return Response(quotas.quota_report(request.user))
+
+
+class QuotaLimitsSerializer(serializers.Serializer):
+    """Every resource's limit at once: a resource left out or null is empty (a quota inherits
+    it from the next level; a team budget puts no team limit on it)."""
+
+    vms = serializers.IntegerField(
+        min_value=0, max_value=commands.QUOTA_MAX, allow_null=True, required=False
+    )
+    vcpus = serializers.IntegerField(
+        min_value=0, max_value=commands.QUOTA_MAX, allow_null=True, required=False
+    )
+    memory_mib = serializers.IntegerField(
+        min_value=0, max_value=commands.QUOTA_MAX, allow_null=True, required=False
+    )
+    disk_mib = serializers.IntegerField(
+        min_value=0, max_value=commands.QUOTA_MAX, allow_null=True, required=False
+    )
+    snapshots = serializers.IntegerField(
+        min_value=0, max_value=commands.QUOTA_MAX, allow_null=True, required=False
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(self.initial_data) - set(quotas.RESOURCES))
+        if unknown:
+            raise ValidationError({k: "not a quota resource" for k in unknown})
+        return attrs
+
+
+QUOTA_ADMIN = needs(policy.QUOTA_PERMISSIONS["change"])
+QUOTA_READ = needs(*policy.QUOTA_PERMISSIONS.values())
+
+
+class _LimitsView(APIView):
+    """GET shows the limits set at one level; PUT replaces them (a ``quota.changed`` event)."""
+
+    token_scopes = {"get": QUOTA_READ, "put": QUOTA_ADMIN}
+    scope = ""
+
+    def target(self, pk: int) -> Any:
+        raise NotImplementedError
+
+    def current(self, target: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def change(self, request: Request, target: Any, limits: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def get(self, request: Request, pk: int) -> Response:
+        policy.require_quota_admin(Caller.from_request(request), "view")
+        return Response(self.current(self.target(pk)))
+
+    def put(self, request: Request, pk: int) -> Response:
+        policy.require_quota_admin(Caller.from_request(request), "change")
+        target = self.target(pk)
+        s = QuotaLimitsSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        try:
+            self.change(request, target, s.validated_data)
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from exc
+        return Response(self.current(target))
+
+
+_LIMITS_ANSWER = {
+    "scope": serializers.ChoiceField(["user", "group", "budget"]),
+    "limits": _limits_field("null: empty (inherits, or no team limit)"),
+}
+
+
+class UserQuotaView(_LimitsView):
+    """A user's own quota (admins): its limits, and what is in force for it per resource."""
+
+    def target(self, pk: int) -> Any:
+        return get_object_or_404(User, pk=pk)
+
+    def current(self, target: Any) -> dict[str, Any]:
+        return {
+            "scope": "user",
+            "user": target.username,
+            "limits": quotas.limits_set(user=target),
+            "effective": quotas.effective_quota(target).as_dict(),
         }
-        return Response({"quota": quota.as_dict(), "used": used, "remaining": remaining})
+
+    def change(self, request: Request, target: Any, limits: dict[str, Any]) -> None:
+        commands.set_quota(Caller.from_request(request), user=target, limits=limits)
+
+    @extend_schema(
+        responses=inline_serializer(
+            "UserQuota",
+            {
+                **_LIMITS_ANSWER,
+                "user": serializers.CharField(),
+                "effective": serializers.DictField(),
+            },
+        )
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        return super().get(request, pk)
+
+    @extend_schema(
+        request=QuotaLimitsSerializer,
+        responses=inline_serializer(
+            "UserQuotaSet",
+            {
+                **_LIMITS_ANSWER,
+                "user": serializers.CharField(),
+                "effective": serializers.DictField(),
+            },
+        ),
+    )
+    def put(self, request: Request, pk: int) -> Response:
+        return super().put(request, pk)
+
+
+class GroupQuotaView(_LimitsView):
+    """A group's quota (admins): an allowance for each member on its own."""
+
+    def target(self, pk: int) -> Any:
+        return get_object_or_404(Group, pk=pk)
+
+    def current(self, target: Any) -> dict[str, Any]:
+        return {"scope": "group", "group": target.name, "limits": quotas.limits_set(group=target)}
+
+    def change(self, request: Request, target: Any, limits: dict[str, Any]) -> None:
+        commands.set_quota(Caller.from_request(request), group=target, limits=limits)
+
+    @extend_schema(
+        responses=inline_serializer(
+            "GroupQuota", {**_LIMITS_ANSWER, "group": serializers.CharField()}
+        )
+    )
+    def get(self, request: Request, pk: int) -> Response:
+        return super().get(request, pk)
+
+    @extend_schema(
+        request=QuotaLimitsSerializer,
+        responses=inline_serializer(
+            "GroupQuotaSet", {**_LIMITS_ANSWER, "group": serializers.CharField()}
+        ),
+    )
+    def put(self, request: Request, pk: int) -> Response:
+        return super().put(request, pk)
+
+
+class GroupBudgetView(_LimitsView):
+    """A group's team budget (admins): what the VMs drawing from it hold together, and what
+    they hold now."""
+
+    def target(self, pk: int) -> Any:
+        return get_object_or_404(Group, pk=pk)
+
+    def current(self, target: Any) -> dict[str, Any]:
+        state = quotas.budget_state(target.pk)
+        return {
+            "scope": "budget",
+            "group": target.name,
+            "limits": quotas.limits_set(budget_of=target),
+            "used": state.used if state is not None else None,
+            "remaining": state.remaining() if state is not None else None,
+        }
+
+    def change(self, request: Request, target: Any, limits: dict[str, Any]) -> None:
+        commands.set_group_budget(Caller.from_request(request), target, limits)
+
+    _answer = {
+        **_LIMITS_ANSWER,
+        "group": serializers.CharField(),
+        "used": _limits_field("null: the group has no budget", allow_null=True),
+        "remaining": _limits_field("null: the group has no budget", allow_null=True),
+    }
+
+    @extend_schema(responses=inline_serializer("GroupBudget", _answer))
+    def get(self, request: Request, pk: int) -> Response:
+        return super().get(request, pk)
+
+    @extend_schema(
+        request=QuotaLimitsSerializer, responses=inline_serializer("GroupBudgetSet", _answer)
+    )
+    def put(self, request: Request, pk: int) -> Response:
+        return super().put(request, pk)
 
 
 class RequestStatusView(APIView):

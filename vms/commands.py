@@ -15,7 +15,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -34,9 +34,11 @@ from core.compiled import CompiledQuery, cached
 from secretstore import guests
 from vms import enqueue, identity, images, lifecycle, netconfig, policy, previews, quotas
 from vms.models import (
+    GroupBudget,
     Network,
     PortForward,
     PreviewLink,
+    Quota,
     RequestOutcome,
     Snapshot,
     Template,
@@ -85,6 +87,8 @@ __all__ = [
     "restore",
     "resume",
     "set_egress",
+    "set_group_budget",
+    "set_quota",
     "settle_interrupted_guest_request",
     "snapshot",
     "start",
@@ -244,6 +248,7 @@ def resize(
     quotas.check(
         fresh.owner,
         quota=limits,
+        budget_group_id=fresh.budget_group_id,
         vcpus=new_vcpus - fresh.vcpus,
         memory_mib=new_memory - fresh.memory_mib,
     )
@@ -258,7 +263,7 @@ def snapshot(caller: Caller, vm: VirtualMachine, *, name: str = "") -> Accepted:
     store.lock()
     fresh = _fresh(vm.pk)
     policy.require(caller, "snapshot", fresh.owner_id)
-    quotas.check(fresh.owner, quota=limits, snapshots=1)
+    quotas.check(fresh.owner, quota=limits, budget_group_id=fresh.budget_group_id, snapshots=1)
     snapshot_id = uuid.uuid4()
     vm_id, event = _request(
         caller,
@@ -352,21 +357,31 @@ def _new_vm_events(
     request: tuple[str, dict[str, Any]] | None = None,
     secrets: list[dict[str, Any]] | None = None,
     secrets_seen: list[dict[str, Any]] | None = None,
+    budget: str | None = None,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
     if any) in one append: (new id, events; the request last).
 
-    The quota definitions are read before the lock, which is then held only for what
-    concurrent requests change (usage, names, addresses) and the append.
+    ``budget``: the group whose team budget the VM draws from (``quotas.choose_budget``: by
+    default the creator's only group with one). The quota definitions and the choice of budget
+    are made before the lock, which is then held only for what concurrent requests change
+    (usage, the budget's usage and limits, names, addresses) and the append.
     """
     limits = quotas.effective_quota(caller.user)
+    chosen = quotas.choose_budget(caller.user, budget)
     store.lock()
     vm_id = uuid.uuid4()
     if _name_taken_query().run(owner=caller.user.pk, name=name):
         raise ValidationError({"name": f"you already have a VM named {name!r}"})
     quotas.check(
-        caller.user, quota=limits, vms=1, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib
+        caller.user,
+        quota=limits,
+        budget_group_id=chosen.group_id if chosen is not None else None,
+        vms=1,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        disk_mib=disk_mib,
     )
     mac, ip = identity.allocate(network)
     if network is not None and ip is None:
@@ -395,6 +410,12 @@ def _new_vm_events(
             # Names, owners, versions and HMACs of the secrets it receives: never a value.
             **({"secrets": secrets} if secrets else {}),
             **({"secrets_seen": secrets_seen} if secrets_seen else {}),
+            # The team budget it draws from (vms.quotas), by group id and name.
+            **(
+                {"budget_group_id": chosen.group_id, "budget_group": chosen.group.name}
+                if chosen is not None
+                else {}
+            ),
         },
         expected_version=0,
     )
@@ -445,10 +466,12 @@ def create(
     start_now: bool = True,
     network: str | None = None,
     secrets: list[dict[str, Any]] | None = None,
+    budget: str | None = None,
 ) -> Accepted:
     """A new VM from ``template``. ``secrets``: references to secrets of the caller's (or its
     groups') that the guest receives as variables of every exec or files written at every start
-    (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC."""
+    (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC.
+    ``budget``: the name of the group whose team budget it draws from (``vms.quotas``)."""
     policy.require(caller, "create")
     name = _validate_name(name, "name")
     refs = guests.validate_refs(secrets)
@@ -469,6 +492,7 @@ def create(
         network=_network_for_new_vm(network),
         request=(_requested("start"), {}) if start_now else None,
         secrets=[g.record() for g in given],
+        budget=budget,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -509,8 +533,8 @@ def _check_snapshot_usable(snap: Snapshot) -> None:
 
 
 @transaction.atomic
-def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
-    """A new VM, with its own identity, started from ``snap``."""
+def clone(caller: Caller, snap: Snapshot, *, name: str, budget: str | None = None) -> Accepted:
+    """A new VM, with its own identity, started from ``snap``; ``budget`` as for ``create``."""
     policy.require(caller, "clone", snap.owner_id)
     _check_snapshot_usable(snap)
     name = _validate_name(name, "name")
@@ -530,6 +554,7 @@ def clone(caller: Caller, snap: Snapshot, *, name: str) -> Accepted:
         # The clone's guest holds what its source's held: its secrets and their masking.
         secrets=list(snap.vm.secrets) if snap.vm is not None else None,
         secrets_seen=list(snap.vm.secrets_seen) if snap.vm is not None else None,
+        budget=budget,
     )
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1], snap)
@@ -1301,3 +1326,114 @@ def revoke_preview_links(
             "vm", str(vm.pk), "vm.preview_link_revoked", {"link_ids": ids}, actor=caller.actor
         )
     return ids
+
+
+# --- Quotas and team budgets ------------------------------------------------------------------
+
+QUOTA_MAX = 2_147_483_647  # PositiveIntegerField's range
+
+
+def _clean_limits(limits: Mapping[str, Any]) -> dict[str, int | None]:
+    """Every resource's limit (a whole number, or None: inherit, or for a budget no team
+    limit); a resource left out is None. Unknown names and bad values: field errors."""
+    errors: dict[str, str] = {}
+    for key in sorted(set(limits) - set(quotas.RESOURCES)):
+        errors[key] = f"not a quota resource (one of {', '.join(quotas.RESOURCES)})"
+    out: dict[str, int | None] = {}
+    for r in quotas.RESOURCES:
+        value = limits.get(r)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= QUOTA_MAX
+        ):
+            errors[r] = f"must be empty or a whole number from 0 to {QUOTA_MAX}"
+        out[r] = value
+    if errors:
+        raise ValidationError(errors)
+    return out
+
+
+def _limits_of(row: Quota | GroupBudget | None) -> dict[str, int | None]:
+    return {r: (getattr(row, f"max_{r}") if row is not None else None) for r in quotas.RESOURCES}
+
+
+def _change_limits(
+    caller: Caller,
+    scope: str,
+    rows: Any,
+    owner: dict[str, Any],
+    names: dict[str, Any],
+    limits: Mapping[str, Any],
+) -> dict[str, int | None]:
+    """Replace the limits of one quota or budget row (``rows``: its model's rows filtered to the
+    target; ``owner``: the field a new row is made with; ``names``: the target's id and name,
+    for the event, whose aggregate is ``<scope>:<id>``): the row and a
+    ``quota.changed`` event, with the limits before and after, in one transaction under the
+    append lock, so concurrent changes and the creates they limit are serialised. All limits
+    empty removes the row. No change, no event."""
+    policy.require_quota_admin(caller)
+    after = _clean_limits(limits)
+    store.lock()
+    row = rows.first()
+    before = _limits_of(row)
+    if before == after:
+        return after
+    fields = {f"max_{r}": v for r, v in after.items()}
+    if all(v is None for v in after.values()):
+        rows.delete()
+    elif row is None:
+        rows.model.objects.create(**owner, **fields)
+    else:
+        rows.update(**fields)
+    store.append(
+        "quota",
+        f"{scope}:{next(iter(names.values()))}",
+        "quota.changed",
+        {"scope": scope, **names, "before": before, "after": after},
+        actor=caller.actor,
+    )
+    return after
+
+
+@transaction.atomic
+def set_quota(
+    caller: Caller, *, user: Any = None, group: Any = None, limits: Mapping[str, Any]
+) -> dict[str, int | None]:
+    """Set the quota of ``user`` or (an allowance for each member) of ``group``: every resource
+    at once, an empty one inheriting (``vms.quotas.effective_quota``). Needs
+    ``vms.change_quota``; returns the limits now in force at that level."""
+    if (user is None) == (group is None):
+        raise TypeError("set_quota takes a user or a group")
+    if user is not None:
+        return _change_limits(
+            caller,
+            "user",
+            Quota.objects.filter(user=user),
+            {"user": user},
+            {"user_id": user.pk, "username": user.username},
+            limits,
+        )
+    return _change_limits(
+        caller,
+        "group",
+        Quota.objects.filter(group=group),
+        {"group": group},
+        {"group_id": group.pk, "group": group.name},
+        limits,
+    )
+
+
+@transaction.atomic
+def set_group_budget(
+    caller: Caller, group: Any, limits: Mapping[str, Any]
+) -> dict[str, int | None]:
+    """Set the team budget of ``group``: what the VMs drawing from it hold together (an empty
+    resource: no team limit; all empty removes the budget). Needs ``vms.change_quota``. VMs
+    already created stay charged where they were: a new budget counts the VMs created after it."""
+    return _change_limits(
+        caller,
+        "budget",
+        GroupBudget.objects.filter(group=group),
+        {"group": group},
+        {"group_id": group.pk, "group": group.name},
+        limits,
+    )

@@ -15,5 +15,9 @@ from vms import policy
 def vm_policy(request: Any) -> dict[str, Any]:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
-        return {"may_create": False}
-    return {"may_create": policy.may_create(Caller.from_request(request))}
+        return {"may_create": False, "may_manage_quotas": False}
+    caller = Caller.from_request(request)
+    return {
+        "may_create": policy.may_create(caller),
+        "may_manage_quotas": policy.may_manage_quotas(caller),
+    }

@@ -33,9 +33,23 @@ class CreateVMForm(forms.Form):
         "the template's own are given too",
     )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    budget = forms.ChoiceField(
+        required=False,
+        label="Team budget",
+        help_text="the group whose shared budget this VM draws from",
+    )
+
+    def __init__(self, *args: Any, budgets: list[str] | None = None, **kwargs: Any) -> None:
+        """``budgets``: the names of the user's groups with a team budget (none: no field)."""
         super().__init__(*args, **kwargs)
         self.fields["template"].choices = template_choices()  # type: ignore[attr-defined]
+        if not budgets:
+            del self.fields["budget"]
+        elif len(budgets) == 1:
+            self.fields["budget"].choices = [(budgets[0], budgets[0])]  # type: ignore[attr-defined]
+        else:
+            self.fields["budget"].required = True  # several: the user must choose
+            self.fields["budget"].choices = [("", "choose one"), *((b, b) for b in budgets)]  # type: ignore[attr-defined]
 
     def clean_secrets(self) -> list[dict[str, str]]:
         """References in the API's shape (``secretstore.guests`` checks them further)."""
@@ -158,3 +172,27 @@ class NetworkForm(forms.Form):
         required=False, initial=True, label="Isolated (its VMs cannot reach each other)"
     )
     is_default = forms.BooleanField(required=False, label="Default network for new VMs")
+
+
+class QuotaForm(forms.Form):
+    """One level's limits (administrators): a user's quota, a group's quota per member or a
+    group's team budget, every resource at once (an empty one: inherit, or no team limit)."""
+
+    LEVELS = [
+        ("user", "A user's own quota"),
+        ("group", "A group's quota, for each member"),
+        ("budget", "A group's team budget, shared"),
+    ]
+    level = forms.ChoiceField(choices=LEVELS)
+    name = forms.CharField(max_length=150, help_text="the user's or the group's name")
+    vms = forms.IntegerField(min_value=0, max_value=2_147_483_647, required=False, label="VMs")
+    vcpus = forms.IntegerField(min_value=0, max_value=2_147_483_647, required=False, label="vCPUs")
+    memory_mib = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Memory (MiB)"
+    )
+    disk_mib = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Disk (MiB)"
+    )
+    snapshots = forms.IntegerField(
+        min_value=0, max_value=2_147_483_647, required=False, label="Snapshots"
+    )

@@ -1,8 +1,9 @@
 """Read models of the VM domain, projected from vm.*, snapshot.* and net.* events.
 
 Only ``vms.projectors`` writes VirtualMachine, Snapshot, Usage and RequestOutcome rows, inside
-the append transaction; commands and tasks change them by appending events. Templates and
-quotas are configuration (edited by admins), not projections.
+the append transaction; commands and tasks change them by appending events. Templates are
+configuration (edited by admins). Quotas and group budgets are settings too, changed only
+through ``vms.commands.set_quota`` / ``set_group_budget``, each change a ``quota.changed`` event.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from django.db import models
 __all__ = [
     "ACTIVE_STATES",
     "EGRESS_CHOICES",
+    "GroupBudget",
     "Network",
     "PortForward",
     "Quota",
@@ -158,6 +160,17 @@ class VirtualMachine(models.Model):
     # Every secret the guest was ever given, by this VM's create, an exec or the VM it was
     # cloned from: [{"name", "owner"}]. What comes out of the guest is masked for these.
     secrets_seen = models.JSONField(default=list, blank=True)
+    # The group whose team budget (``GroupBudget``) this VM draws from, chosen at its create
+    # (vm.created's ``budget_group_id``); None: no team budget. Not a database constraint: a
+    # rebuild from the log must not fail on a group deleted since (its budget went with it).
+    budget_group = models.ForeignKey(
+        "auth.Group",
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
@@ -170,6 +183,12 @@ class VirtualMachine(models.Model):
             models.Index(fields=["-created_at"], name="vms_vm_newest"),
             models.Index(fields=["owner", "-created_at"], name="vms_vm_owner_newest"),
             models.Index(fields=["mac"], name="vms_vm_mac"),
+            # A team budget's usage, summed under the append lock: its VMs not destroyed.
+            models.Index(
+                fields=["budget_group"],
+                condition=~models.Q(state="destroyed"),
+                name="vms_vm_budget_live",
+            ),
         ]
         constraints = [
             models.UniqueConstraint(
@@ -339,6 +358,26 @@ class Quota(models.Model):
 
     def __str__(self) -> str:
         return f"quota of {self.user or self.group}"
+
+
+class GroupBudget(models.Model):
+    """A team budget: what the VMs drawing from ``group`` may hold together (``vms.quotas``).
+
+    A group ``Quota`` is an allowance per member; a budget is shared: the VMs charged to the
+    group (``VirtualMachine.budget_group``, chosen at create) and their snapshots must stay
+    within it, each member's own limits applying inside it too. An empty field puts no team
+    limit on that resource. Changed only through ``vms.commands.set_group_budget``.
+    """
+
+    group = models.OneToOneField("auth.Group", on_delete=models.CASCADE, related_name="budget")
+    max_vms = models.PositiveIntegerField(null=True, blank=True)
+    max_vcpus = models.PositiveIntegerField(null=True, blank=True)
+    max_memory_mib = models.PositiveIntegerField(null=True, blank=True)
+    max_disk_mib = models.PositiveIntegerField(null=True, blank=True)
+    max_snapshots = models.PositiveIntegerField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"team budget of {self.group}"
 
 
 class RequestOutcome(models.Model):

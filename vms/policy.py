@@ -28,7 +28,9 @@ from vms.models import Snapshot, VirtualMachine
 __all__ = [
     "MANAGE_ALL",
     "NETWORK_PERMISSIONS",
+    "QUOTA_PERMISSIONS",
     "may_manage_networks",
+    "may_manage_quotas",
     "console_mode",
     "may",
     "may_act_on",
@@ -36,6 +38,7 @@ __all__ = [
     "may_see",
     "require",
     "require_network_admin",
+    "require_quota_admin",
     "scope_of",
     "sees_all_snapshots",
     "sees_all_vms",
@@ -153,3 +156,23 @@ def may_manage_networks(caller: Caller, action: str = "change") -> bool:
 def require_network_admin(caller: Caller, action: str) -> None:
     """``PermissionDenied`` unless ``caller`` may ``action`` (add, change, delete) networks."""
     caller.require(NETWORK_PERMISSIONS[action])
+
+
+# --- Quotas and team budgets: administrators' -----------------------------------------------
+
+QUOTA_PERMISSIONS = {"view": "vms.view_quota", "change": "vms.change_quota"}
+
+
+def may_manage_quotas(caller: Caller, action: str = "change") -> bool:
+    """May ``caller`` read (``view``; ``change`` implies it) or set users' and groups' quotas
+    and team budgets? Everyone reads their own (``/api/v1/quotas/me/``)."""
+    if action == "view" and caller.has(QUOTA_PERMISSIONS["change"]):
+        return True
+    return caller.has(QUOTA_PERMISSIONS[action])
+
+
+def require_quota_admin(caller: Caller, action: str = "change") -> None:
+    """``PermissionDenied`` unless ``caller`` may ``action`` (view, change) quotas."""
+    if not may_manage_quotas(caller, action):
+        caller.require(QUOTA_PERMISSIONS[action])
+        raise PermissionDenied(f"you need the {QUOTA_PERMISSIONS[action]} permission")

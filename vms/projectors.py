@@ -130,6 +130,7 @@ class VMProjector(Projector):
                     last_snapshot_id=data.get("source_snapshot_id"),
                     secrets=list(data.get("secrets", [])),
                     secrets_seen=_seen([], data.get("secrets_seen", data.get("secrets", []))),
+                    budget_group_id=data.get("budget_group_id"),
                     created_at=at,
                     updated_at=at,
                     state_changed_at=at,

@@ -57,6 +57,7 @@ _VM_FIELD_COLUMNS = {
     "egress_allow": "egress_allow",
     "source_snapshot": "source_snapshot_id",
     "last_snapshot": "last_snapshot_id",
+    "budget_group": "budget_group_id",  # the group whose team budget it draws from (docs/quotas.md)
     "version": "version",
     "created_at": "created_at",
     "updated_at": "updated_at",
@@ -103,6 +104,7 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
         "egress_allow": v["egress_allow"],
         "source_snapshot": str(v["source_snapshot_id"]) if v["source_snapshot_id"] else None,
         "last_snapshot": str(v["last_snapshot_id"]) if v["last_snapshot_id"] else None,
+        "budget_group": v["budget_group_id"],
         "version": v["version"],
         "created_at": iso(v["created_at"]),
         "updated_at": iso(v["updated_at"]),

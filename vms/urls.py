@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from vms import preview_views, views
+from vms import preview_views, quota_views, views
 
 app_name = "vms"
 
@@ -15,6 +15,7 @@ urlpatterns = [
     path("", views.vm_list, name="list"),
     path("new/", views.vm_create, name="create"),
     path("bulk/", views.vm_bulk, name="bulk"),
+    path("quotas/", quota_views.quota_admin, name="quotas"),
     path("<uuid:pk>/", views.vm_detail, name="detail"),
     path("<uuid:pk>/console/", views.vm_console, name="console"),
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),

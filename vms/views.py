@@ -78,15 +78,44 @@ def _vm(request: HttpRequest, pk: Any) -> VirtualMachine:
 
 
 def _quota_context(user: Any) -> dict[str, Any]:
-    quota = quotas.effective_quota(user)
-    used = quotas.usage_of(user)
-    rows = []
-    remaining = {}
-    for r in quotas.RESOURCES:
-        limit = getattr(quota, r)
-        remaining[r] = None if limit is None else max(0, limit - used[r])
-        rows.append({"resource": r, "limit": limit, "used": used[r], "remaining": remaining[r]})
-    return {"quota_rows": rows, "quota_source": quota.source, "remaining": remaining}
+    """The user's limits, who set each, its usage and its groups' team budgets
+    (``quotas.quota_report``, as ``GET /api/v1/quotas/me/`` shows them)."""
+    report = quotas.quota_report(user)
+    quota, used, remaining = report["quota"], report["used"], report["remaining"]
+    rows = [
+        {
+            "resource": r,
+            "limit": quota[r],
+            "source": quota["sources"][r],
+            "used": used[r],
+            "remaining": remaining[r],
+            "limited_by": report["limited_by"][r],
+        }
+        for r in quotas.RESOURCES
+    ]
+    budgets = [
+        {
+            "group": b["group"],
+            "default": b["group"] == report["budget"],
+            "rows": [
+                {
+                    "resource": r,
+                    "limit": b["limits"][r],
+                    "used": b["used"][r],
+                    "remaining": b["remaining"][r],
+                }
+                for r in quotas.RESOURCES
+            ],
+        }
+        for b in report["budgets"]
+    ]
+    return {
+        "quota_rows": rows,
+        "quota_source": quota["source"],
+        "remaining": remaining,
+        "budgets": budgets,
+        "budget_default": report["budget"],
+    }
 
 
 # --- The list ---------------------------------------------------------------------------------
@@ -243,7 +272,12 @@ def vm_bulk(request: HttpRequest) -> HttpResponse:
 def vm_create(request: HttpRequest) -> HttpResponse:
     caller = Caller.from_request(request)
     policy.require(caller, "create")
-    form = CreateVMForm(request.POST or None, initial={"template": "linux-small", "start": True})
+    context = _quota_context(request.user)
+    form = CreateVMForm(
+        request.POST or None,
+        initial={"template": "linux-small", "start": True},
+        budgets=[b["group"] for b in context["budgets"]],
+    )
     if request.method == "POST" and form.is_valid():
         d = form.cleaned_data
         try:
@@ -256,6 +290,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
                 disk_mib=d["disk_mib"],
                 start_now=d["start"],
                 secrets=d["secrets"],
+                budget=d.get("budget") or None,
             )
         except quotas.QuotaExceeded as exc:
             field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}
@@ -281,7 +316,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
             "templates_json": templates,
             "template_secrets": [(t.name, t.secrets) for t in tpls if t.secrets],
             "usable_secrets": secret_policy.usable_by_user(request.user).order_by("name"),
-            **_quota_context(request.user),
+            **context,
         },
     )
 

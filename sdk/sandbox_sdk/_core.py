@@ -231,6 +231,7 @@ def create_vm(
     memory_mib: int | None = None,
     disk_mib: int | None = None,
     network: str | None = None,
+    budget: str | None = None,
     wait_for: bool = True,
     timeout: float | None = None,
 ) -> Op:
@@ -240,6 +241,7 @@ def create_vm(
         ("memory_mib", memory_mib),
         ("disk_mib", disk_mib),
         ("network", network),
+        ("budget", budget),
     ):
         if value is not None:
             payload[key] = value

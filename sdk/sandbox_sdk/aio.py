@@ -320,6 +320,7 @@ class AsyncSandbox(VMView):
         memory_mib: int | None = None,
         disk_mib: int | None = None,
         network: str | None = None,
+        budget: str | None = None,
         client: AsyncClient | None = None,
         url: str | None = None,
         token: str | None = None,
@@ -335,6 +336,7 @@ class AsyncSandbox(VMView):
             memory_mib=memory_mib,
             disk_mib=disk_mib,
             network=network,
+            budget=budget,
             timeout=timeout,
         )
         made = cls(client, await client.run(op), keep=keep)

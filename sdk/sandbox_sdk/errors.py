@@ -32,6 +32,8 @@ class QuotaExceeded(Forbidden):
         body = body if isinstance(body, dict) else {}
         self.quota: str | None = body.get("quota")
         self.scope: str | None = body.get("scope")
+        # A team budget's refusal (scope "group"): the group whose shared quota it is.
+        self.group: str | None = body.get("group")
         self.limit: int | None = body.get("limit")
         self.used: int | None = body.get("used")
         self.requested: int | None = body.get("requested")

@@ -314,6 +314,7 @@ class Sandbox(VMView):
         memory_mib: int | None = None,
         disk_mib: int | None = None,
         network: str | None = None,
+        budget: str | None = None,
         client: Client | None = None,
         url: str | None = None,
         token: str | None = None,
@@ -329,6 +330,7 @@ class Sandbox(VMView):
             memory_mib=memory_mib,
             disk_mib=disk_mib,
             network=network,
+            budget=budget,
             timeout=timeout,
         )
         made = cls(client, client.run(op), keep=keep)

@@ -1,6 +1,7 @@
 """Every event type the compliance mapping or docs/compliance.md names as evidence is in the
 catalogue and is appended by the product somewhere: a report never presents as evidence what
-cannot occur (review of issue 11: ``quota.changed`` was listed but nothing emitted it)."""
+cannot occur (review of issue 11: ``quota.changed`` was listed but nothing emitted it; issue 18
+made quota changes events, so it is catalogued again, and appended)."""
 
 from __future__ import annotations
 
@@ -73,4 +74,15 @@ def test_types_not_appended_are_counted_by_no_control_and_said_so() -> None:
     assert set(compliance.NOT_EMITTED).isdisjoint(_appended())
     for name in compliance.NOT_EMITTED:
         assert name in compliance.NOT_EVIDENCE
-    assert catalogue.get("quota.changed") is None
+
+
+def test_quota_changes_are_appended_and_counted_by_the_change_management_controls() -> None:
+    quota_changed = catalogue.get("quota.changed")
+    assert quota_changed is not None and quota_changed.category == "change"
+    assert "quota.changed" in _appended()
+    assert "quota.changed" not in compliance.NOT_EMITTED
+    assert "quota.changed" not in compliance.NOT_EVIDENCE
+    change_controls = {"soc2": "CC8.1", "iso27001": "A.8.32", "pci_dss": "6.5.1"}
+    for framework, control_id in change_controls.items():
+        (control,) = [c for c in compliance.FRAMEWORKS[framework].controls if c.id == control_id]
+        assert control.counts_event("quota.changed", dict, "user"), control_id

@@ -94,6 +94,7 @@ MUST_SEE = {
     "admin": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/users/", "/accounts/tokens/", "/audit/",
         "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/", "/webhooks/", "/webhooks/<uuid:pk>/",
+        "/vms/quotas/",
     ],
     "operator": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/tokens/", "/networks/", "/tasks/",

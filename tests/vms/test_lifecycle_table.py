@@ -36,6 +36,7 @@ from vms import (
     preview_api,
     preview_views,
     projectors,
+    quota_views,
     reconcile,
     views,
     worker,
@@ -430,6 +431,12 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         inspect.unwrap(network_views.network_list): frozenset(),
         inspect.unwrap(network_views.network_edit): frozenset(),
         inspect.unwrap(network_views.network_delete): frozenset(),
+        # Quotas and team budgets (vms.commands.set_quota, set_group_budget) limit VMs but change
+        # none: their commands are admins' and drive no verb of the table.
+        api.UserQuotaView: frozenset(),
+        api.GroupQuotaView: frozenset(),
+        api.GroupBudgetView: frozenset(),
+        inspect.unwrap(quota_views.quota_admin): frozenset(),
     }
 
 
