@@ -179,7 +179,8 @@ def sample_host(slot: int | None = None, vms: Iterable[VirtualMachine] | None = 
     slot = int(now // SAMPLE_S * SAMPLE_S) if slot is None else slot // SAMPLE_S * SAMPLE_S
     if vms is None:
         vms = VirtualMachine.objects.filter(state__in=LIVE_STATES, host=runtime.host_name())
-    vms = list(vms)
+    taken = set(UsageSample.objects.filter(ts=slot).values_list("vm_id", flat=True))
+    vms = [vm for vm in vms if vm.pk not in taken]
     if not vms:
         return 0
     prev = {c.vm_id: c for c in UsageCounter.objects.filter(vm_id__in=[vm.pk for vm in vms])}
@@ -190,7 +191,8 @@ def sample_host(slot: int | None = None, vms: Iterable[VirtualMachine] | None = 
         samples.append(UsageSample(vm_id=vm.pk, ts=slot, **values))
         counters.append(_counter_row(vm.pk, reading))
     with transaction.atomic():
-        written = UsageSample.objects.bulk_create(samples, ignore_conflicts=True)
+        # A task for the same slot that ran alongside wins; this one's rows are dropped.
+        UsageSample.objects.bulk_create(samples, ignore_conflicts=True)
         UsageCounter.objects.bulk_create(
             counters,
             update_conflicts=True,
@@ -205,7 +207,7 @@ def sample_host(slot: int | None = None, vms: Iterable[VirtualMachine] | None = 
                 "net_tx_bytes",
             ],
         )
-    return len(written)
+    return len(samples)
 
 
 def _counter_row(vm_id: Any, reading: Reading) -> UsageCounter:
