@@ -139,35 +139,46 @@ def test_rates_come_only_from_a_recent_sample_of_the_same_vmm(owner: Any) -> Non
 
 
 def test_the_sampler_reads_the_vmm_process_as_the_live_metrics_do(owner: Any) -> None:
-    """The metrics source the live stream uses, on a real process standing in for the VMM (no
-    control socket: disk and network stay null, CPU and memory come from /proc)."""
+    """The metrics source the live stream uses, on real processes standing in for two VMMs, one
+    busy and one asleep (no control socket: disk and network stay null, CPU and memory come
+    from /proc)."""
     import subprocess
     import sys
 
     from vms import runtime
 
-    vm = running_vm(owner, "sampler", host=runtime.host_name())
-    rt = runtime.runtime_dir(vm.pk)
-    rt.create()
+    busy_vm = running_vm(owner, "busy", host=runtime.host_name())
+    idle_vm = running_vm(owner, "idle", host=runtime.host_name())
     burn = "import time\nt=time.time()\nwhile time.time()-t<30: pass"
-    proc = subprocess.Popen([sys.executable, "-c", burn])  # noqa: S603
+    procs = {
+        busy_vm.pk: subprocess.Popen([sys.executable, "-c", burn]),  # noqa: S603
+        idle_vm.pk: subprocess.Popen(["sleep", "30"]),  # noqa: S607
+    }
+    rts = [runtime.runtime_dir(pk) for pk in procs]
     try:
-        rt.pidfile.write_text(str(proc.pid))
+        for rt, proc in zip(rts, procs.values(), strict=True):
+            rt.create()
+            rt.pidfile.write_text(str(proc.pid))
         slot = int(time.time()) // 10 * 10
-        assert usage.sample_host(slot) == 1
-        time.sleep(1.5)
+        assert usage.sample_host(slot) == 2
+        time.sleep(2)
         assert usage.sample_host(slot) == 0  # the slot is taken: idempotent
-        assert usage.sample_host(slot + 10) == 1
+        assert usage.sample_host(slot + 10) == 2
     finally:
-        proc.kill()
-        proc.wait()
-        rt.pidfile.unlink()
-    first, second = UsageSample.objects.filter(vm=vm).order_by("ts")
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+        for rt in rts:
+            rt.pidfile.unlink()
+    first, busy = UsageSample.objects.filter(vm=busy_vm).order_by("ts")
+    _, idle = UsageSample.objects.filter(vm=idle_vm).order_by("ts")
     assert first.cpu is None  # no previous sample
-    assert second.cpu is not None and 40 < second.cpu < 110  # a busy loop: ~one core
-    assert second.mem is not None and second.mem > 1_000_000
-    assert second.disk_read is None and second.net_rx is None
-    assert UsageCounter.objects.get(vm=vm).pid == proc.pid
+    # A busy loop uses up to one core (less on a loaded machine); a sleeper next to nothing.
+    assert busy.cpu is not None and 10 < busy.cpu < 110, busy.cpu
+    assert idle.cpu is not None and idle.cpu < 2, idle.cpu
+    assert busy.mem is not None and busy.mem > 1_000_000
+    assert busy.disk_read is None and busy.net_rx is None
+    assert UsageCounter.objects.get(vm=busy_vm).pid == procs[busy_vm.pk].pid
 
 
 # --- Planning a query over the tiers ----------------------------------------------------------
