@@ -10,6 +10,7 @@ the points) for the first VM, --repeat times each after a warm-up:
 - ``history_query_ms``: the last 7 days at the automatic step (30 min: 336 points, from the
   minute tier and the raw tail), the median;
 - ``day_query_ms`` (24 h at 5 min) and ``year_query_ms`` (365 days at 1 d, from the hour tier);
+- ``prune_ms``: the job's pruning of every tier at steady state (nothing to delete: the scans);
 - the tiers' table and index sizes (``*_bytes``), and the plan of the week's minute query
   (an index scan on the primary key, ``week_plan``).
 The last line is one JSON object with the figures.
@@ -171,6 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     year_ms, _ = timed(
         lambda: usage.series(one, now - 365 * DAY + 3600, now, DAY, now=now), args.repeat
     )
+    # The minute job's pruning at steady state (each tier scanned for rows past its retention).
+    prune_ms, _ = timed(lambda: usage.prune(now), 5)
     with connection.cursor() as cur:
         cur.execute(
             "EXPLAIN SELECT vm_id, ts / 1800 * 1800 AS b, SUM(cpu_sum) FROM vms_usageminute "
@@ -195,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "history_query_p95_ms": round(week_p95, 2),
         "day_query_ms": round(day_ms, 2),
         "year_query_ms": round(year_ms, 2),
+        "prune_ms": round(prune_ms, 2),
         **sizes,
         "total_bytes": total,
         "bytes_per_vm_year": total // args.vms,

@@ -9,7 +9,7 @@
 - ``UsageMinute`` (kept a week) and ``UsageHour`` (kept a year): folded from the finer tier by
   ``vms.tasks.rollup_usage`` (a schedule, every minute) once a slot is complete, with per metric
   the sum, the count and the maximum, so averages and maxima over any range stay exact. The
-  same job prunes each tier past its retention (never what was not folded yet).
+  same job prunes each tier past its retention, once an hour (never what was not folded yet).
 
 A query (``series``) walks the buckets of ``[from, to)`` at the asked step and takes each bucket
 from the coarsest tier whose resolution divides the step and that holds the whole bucket; where
@@ -113,6 +113,7 @@ MINUTE = Tier("1m", UsageMinute, 60, 7 * DAY)
 HOUR = Tier("1h", UsageHour, 3600, 365 * DAY)
 TIERS = (RAW, MINUTE, HOUR)  # finest first
 FOLDS = ((RAW, MINUTE), (MINUTE, HOUR))  # (from, into)
+PRUNED = "pruned"  # the state row of the last pruning (the hour it ran in)
 
 # The steps a query may ask for: each a multiple of every finer tier's resolution, so a bucket
 # never splits a row.
@@ -351,7 +352,12 @@ def rollup(now: float | None = None) -> dict[str, int]:
             if state is None or written == 0 and not _behind(src, dst, state.until, now):
                 break
         out[dst.name] = total
-    out.update({f"pruned_{k}": v for k, v in prune(now).items()})
+    # Pruning scans each tier (no index on the time alone): once an hour is enough, a tier
+    # then keeps at most an hour more than its retention.
+    hour = int(now) // 3600 * 3600
+    if not UsageRollupState.objects.filter(tier=PRUNED, until__gte=hour).exists():
+        out.update({f"pruned_{k}": v for k, v in prune(now).items()})
+        UsageRollupState.objects.update_or_create(tier=PRUNED, defaults={"until": hour})
     return out
 
 
