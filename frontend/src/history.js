@@ -23,10 +23,11 @@ function svg(tag, attrs = {}, text) {
   return node;
 }
 
+// Short enough for four labels under a narrow chart: the day over more than a day, else the time.
 function timeLabel(ts, span) {
   const d = new Date(ts * 1000);
-  const hm = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-  return span > 86400 ? `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${hm}` : hm;
+  if (span > 86400) return d.toLocaleDateString([], { month: "short", day: "numeric" });
+  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
 }
 
 // One chart: the series of each metric (avg solid, max dashed for a single metric).
@@ -39,9 +40,10 @@ export function drawChart(root, spec, body) {
   const x = (t) => L + ((t - from) / span) * (W - L - R);
   const y = (v) => H - B - (v / top) * (H - T - B);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "history-chart" });
-  chart.append(svg("title", {}, `${spec.title}, ${timeLabel(from, span)} to ${timeLabel(to, span)}`));
-  // Axes: three value ticks, four time ticks.
-  for (let i = 0; i <= 2; i += 1) {
+  const when = (t) => new Date(t * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+  chart.append(svg("title", {}, `${spec.title}, ${when(from)} to ${when(to)}`));
+  // Axes: three value ticks (none without a value to scale them), four time ticks.
+  for (let i = 0; values.length && i <= 2; i += 1) {
     const v = (top / 1.1) * (i / 2);
     chart.append(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
     chart.append(svg("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end", class: "tick" }, spec.fmt(v)));
