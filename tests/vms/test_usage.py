@@ -13,6 +13,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from vms import commands, usage
+from vms.task_guard import ALLOWED_TASKS
 from vms.models import (
     UsageCounter,
     UsageHour,
@@ -179,6 +180,35 @@ def test_the_sampler_reads_the_vmm_process_as_the_live_metrics_do(owner: Any) ->
     assert busy.mem is not None and busy.mem > 1_000_000
     assert busy.disk_read is None and busy.net_rx is None
     assert UsageCounter.objects.get(vm=busy_vm).pid == procs[busy_vm.pk].pid
+
+
+def test_the_tick_enqueues_one_sample_per_slot_while_the_host_runs_a_vm(
+    owner: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import UTC, datetime
+
+    from django_q import tasks
+
+    from vms import runtime
+
+    asked: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(tasks, "async_task", lambda *a, **k: asked.append((*a, k["timeout"])))
+    monkeypatch.setattr(usage, "_last_slot", None)
+    at = datetime.fromtimestamp(1_800_000_003, UTC)
+    usage.tick(at)
+    assert asked == []  # no VM runs here
+    monkeypatch.setattr(usage, "_last_slot", None)
+    running_vm(owner, "ticked", host=runtime.host_name())
+    usage.tick(at)
+    usage.tick(datetime.fromtimestamp(1_800_000_009, UTC))  # the same slot
+    usage.tick(datetime.fromtimestamp(1_800_000_010, UTC))
+    assert asked == [
+        ("vms.tasks.sample_usage", 1_800_000_000, 20),
+        ("vms.tasks.sample_usage", 1_800_000_010, 20),
+    ]
+    assert {"vms.tasks.sample_usage", "vms.tasks.rollup_usage"} <= ALLOWED_TASKS
+    # A task taken too late for its slot samples nothing.
+    assert usage.sample_task(int(time.time()) - 60) == 0
 
 
 # --- Planning a query over the tiers ----------------------------------------------------------
