@@ -13,7 +13,6 @@ import pytest
 from rest_framework.test import APIClient
 
 from vms import commands, usage
-from vms.task_guard import ALLOWED_TASKS
 from vms.models import (
     UsageCounter,
     UsageHour,
@@ -22,6 +21,7 @@ from vms.models import (
     UsageSample,
     VirtualMachine,
 )
+from vms.task_guard import ALLOWED_TASKS
 
 pytestmark = pytest.mark.django_db
 
