@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 MAX_RANGE_S = 366 * usage.DAY
+LATEST = datetime(9000, 1, 1, tzinfo=UTC).timestamp()  # far from datetime's year 9999 limit
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": usage.DAY}
 _STEP = re.compile(r"^(\d{1,6})([smhd]?)$")
 HOST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -79,6 +80,9 @@ def parse_query(params: Any, now: float) -> tuple[int, int, int]:
     """(from, to, step) in epoch seconds from the query, validated."""
     end = _parse_time("to", params["to"]) if params.get("to") else now
     start = _parse_time("from", params["from"]) if params.get("from") else end - 3600
+    for name, value in (("from", start), ("to", end)):
+        if not 0 <= value < LATEST:
+            raise ValidationError({name: "between 1970 and 9000"})
     if start >= end:
         raise ValidationError({"from": "must be before to"})
     if end - start > MAX_RANGE_S:
