@@ -23,11 +23,37 @@ function svg(tag, attrs = {}, text) {
   return node;
 }
 
+// The page's choice of zone (the header's Times toggle, static/js/times.js): UTC unless the user
+// chose the browser's zone.
+function localTimes() {
+  try {
+    return localStorage.getItem("times") === "local";
+  } catch (e) {
+    return false;
+  }
+}
+
+const pad = (n) => String(n).padStart(2, "0");
+
 // Short enough for four labels under a narrow chart: the day over more than a day, else the time.
 function timeLabel(ts, span) {
   const d = new Date(ts * 1000);
-  if (span > 86400) return d.toLocaleDateString([], { month: "short", day: "numeric" });
-  return d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  const local = localTimes();
+  const [mo, day, h, mi] = local
+    ? [d.getMonth() + 1, d.getDate(), d.getHours(), d.getMinutes()]
+    : [d.getUTCMonth() + 1, d.getUTCDate(), d.getUTCHours(), d.getUTCMinutes()];
+  return span > 86400 ? `${pad(mo)}-${pad(day)}` : `${pad(h)}:${pad(mi)}`;
+}
+
+function zoneName() {
+  if (!localTimes()) return "UTC";
+  try {
+    const part = new Intl.DateTimeFormat(undefined, { timeZoneName: "short" })
+      .formatToParts(new Date()).find((p) => p.type === "timeZoneName");
+    return part ? part.value : "local time";
+  } catch (e) {
+    return "local time";
+  }
 }
 
 // One chart: the series of each metric (avg solid, max dashed for a single metric).
@@ -40,7 +66,7 @@ export function drawChart(root, spec, body) {
   const x = (t) => L + ((t - from) / span) * (W - L - R);
   const y = (v) => H - B - (v / top) * (H - T - B);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "history-chart" });
-  const when = (t) => new Date(t * 1000).toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+  const when = (t) => new Date(t * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC";
   chart.append(svg("title", {}, `${spec.title}, ${when(from)} to ${when(to)}`));
   // Axes: three value ticks (none without a value to scale them), four time ticks.
   for (let i = 0; values.length && i <= 2; i += 1) {
@@ -83,6 +109,14 @@ export function mountHistory(section, vmId) {
   const note = section.querySelector("[data-history-note]");
   const buttons = [...section.querySelectorAll("button[data-range]")];
   let current = "1h";
+  let last = null;
+
+  function draw() {
+    if (!last) return;
+    for (const spec of CHARTS) if (figures[spec.key]) drawChart(figures[spec.key], spec, last);
+    const tiers = [...new Set(last.segments.map((s) => s.tier))].join(" + ") || "no data";
+    note.textContent = `${last.points.length} points, step ${last.step}s (from ${tiers}), times in ${zoneName()}; solid: average, dashed: maximum`;
+  }
 
   async function load(range) {
     current = range;
@@ -96,15 +130,17 @@ export function mountHistory(section, vmId) {
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       const body = await res.json();
       if (range !== current) return; // a later pick won
-      for (const spec of CHARTS) if (figures[spec.key]) drawChart(figures[spec.key], spec, body);
-      const tiers = [...new Set(body.segments.map((s) => s.tier))].join(" + ") || "no data";
-      note.textContent = `${body.points.length} points, step ${body.step}s (from ${tiers}); solid: average, dashed: maximum`;
+      last = body;
+      draw();
     } catch (err) {
       note.textContent = `history unavailable: ${err.message}`;
     }
   }
 
   for (const b of buttons) b.addEventListener("click", () => load(b.dataset.range));
+  // The header's Times toggle: the axes follow it (after its own handler has stored the choice).
+  const toggle = document.getElementById("times-toggle");
+  if (toggle) toggle.addEventListener("click", () => setTimeout(draw, 0));
   load(current);
   // The last hour moves: refresh it every minute while the page is open.
   setInterval(() => { if (current === "1h" && !document.hidden) load("1h"); }, 60000);

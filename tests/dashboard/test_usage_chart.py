@@ -53,6 +53,7 @@ def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
     note = driver.find_element(By.CSS_SELECTOR, "#vm-history [data-history-note]")
     WebDriverWait(driver, 20).until(lambda d: "points" in note.text)
     assert "from 10s" in note.text, note.text  # the last hour: the fine tier
+    assert "times in UTC" in note.text  # as every time on the pages, unless the user chose
     cpu = driver.find_element(By.CSS_SELECTOR, '[data-history="cpu"] svg')
     assert len(cpu.find_elements(By.CSS_SELECTOR, "path")) == 2  # average and maximum
     ticks = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick")]
@@ -69,6 +70,8 @@ def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
     cpu = driver.find_element(By.CSS_SELECTOR, '[data-history="cpu"] svg')
     # Four hours off each day: the average line breaks into a piece per day (or more).
     avg = cpu.find_elements(By.CSS_SELECTOR, "path")[0].get_attribute("d")
+    days = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick") if "-" in t.text]
+    assert len(days) == 4, days  # MM-DD under a week
     assert avg.count("M") >= 7, avg[:200]
     driver.execute_script("document.getElementById('vm-history').scrollIntoView()")
     shot(driver, "usage-history-7d")
