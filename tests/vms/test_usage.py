@@ -317,6 +317,33 @@ def test_a_users_usage_sums_its_vms(owner: Any) -> None:
     assert p["mem"]["avg"] == 150.0
 
 
+def test_group_and_host_roll_ups_sum_only_their_vms(
+    owner: Any, caller_for: Any, make_user: Any
+) -> None:
+    from django.contrib.auth.models import Group
+
+    other = caller_for("operator")
+    team = Group.objects.create(name="team")
+    owner.user.groups.add(team)
+    mine_a = running_vm(owner, "a", host="host-a")
+    mine_b = running_vm(owner, "b", host="host-b")
+    theirs = running_vm(other, "c", host="host-a")
+    start = int(time.time() - 900) // 300 * 300
+    for vm, cpu in ((mine_a, 10.0), (mine_b, 20.0), (theirs, 40.0)):
+        raw(vm, start, start + 300, cpu=cpu)
+    viewer = api(make_user("viewer"))
+    query = {"from": start, "to": start + 300, "step": "5m"}
+
+    def cpu_of(url: str) -> tuple[int, float]:
+        body = viewer.get(url, query).json()
+        return body["vms"], body["points"][0]["cpu"]["avg"]
+
+    team_id = team.pk
+    assert cpu_of(f"/api/v1/groups/{team_id}/usage/") == (2, 30.0)  # not the other's VM
+    assert cpu_of("/api/v1/hosts/host-a/usage/") == (2, 50.0)  # both users' VMs on host-a
+    assert cpu_of("/api/v1/hosts/host-b/usage/") == (1, 20.0)
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
