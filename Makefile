@@ -75,6 +75,8 @@ MYPY_CORE += audit/events.py audit/metrics.py vms/metrics.py vms/recordings.py c
 	core/scopes.py core/permissions.py
 # The lifecycle table and what it drives.
 MYPY_CORE += vms/lifecycle.py vms/policy.py vms/enqueue.py vms/tasks.py
+# Usage history: sampling, folding, the tier planner and its API.
+MYPY_CORE += vms/usage.py vms/usage_api.py
 # Preview URLs: grants, access decisions, the link endpoint and dashboard views, the proxy.
 MYPY_CORE += vms/previews.py vms/preview_access.py vms/preview_api.py vms/preview_views.py \
 	sandbox_site/preview.py sandbox_site/upstream.py

@@ -33,7 +33,7 @@ class CompiledQuery:
             (i, name)
             for i, param in enumerate(self.params)
             for name, candidates in forms.items()
-            if any(param == c and type(param) is type(c) for c in candidates)
+            if any(param == c and _same_kind(param, c) for c in candidates)
         ]
         missing = set(stand_ins) - {name for _, name in self.slots}
         if missing:
@@ -69,6 +69,14 @@ def _forms(value: Any) -> list[Any]:
     if isinstance(value, uuid.UUID):
         return [value, value.hex, str(value)]
     return [value]
+
+
+def _same_kind(param: Any, stand_in: Any) -> bool:
+    """A compiled parameter is the stand-in itself, or an int the database adapter wrapped
+    (psycopg passes a BigIntegerField's value as its ``Int8``, an int subclass)."""
+    if type(param) is type(stand_in):
+        return True
+    return type(stand_in) is int and isinstance(param, int) and not isinstance(param, bool)
 
 
 def _as_param(value: Any, stand_in_param: Any) -> Any:

@@ -25,6 +25,7 @@ from vms.api import (
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
+from vms.usage_api import GroupUsageView, HostUsageView, UserUsageView, VMUsageView
 from webhooks.api import WebhookViewSet
 
 router = DefaultRouter()
@@ -46,6 +47,10 @@ api_v1 = [
         PreviewLinkDetailView.as_view(),
         name="vm-preview-link",
     ),
+    path("vms/<uuid:pk>/usage/", VMUsageView.as_view(), name="vm-usage"),
+    path("users/<int:pk>/usage/", UserUsageView.as_view(), name="user-usage"),
+    path("groups/<int:pk>/usage/", GroupUsageView.as_view(), name="group-usage"),
+    path("hosts/<str:name>/usage/", HostUsageView.as_view(), name="host-usage"),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),
     path("vms/<str:vm_pk>/egress/", EgressView.as_view(), name="vm-egress"),

@@ -6,7 +6,7 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.db.models.signals import post_migrate
 
-from core import schedules
+from core import schedules, ticks
 
 # The lifecycle table registers the VM domain's event types in the audit catalogue on import:
 # here, while the apps load and before any model, projector or report reads the catalogue.
@@ -15,13 +15,15 @@ from vms import lifecycle  # noqa: F401
 
 def ensure_schedules(sender: Any = None, **kwargs: Any) -> None:
     """Reconcile the host every minute, apply snapshot retention hourly, collect the network
-    evidence every SANDBOX_NET_EVIDENCE_PERIOD_S (in whole minutes, at least one)."""
+    evidence every SANDBOX_NET_EVIDENCE_PERIOD_S (in whole minutes, at least one), fold and
+    prune the usage history every minute."""
     evidence_minutes = max(1, round(int(settings.SANDBOX_NET_EVIDENCE_PERIOD_S) / 60))
     schedules.ensure(
         [
             ("vms.reconcile", "vms.tasks.reconcile", 1),
             ("vms.retention", "vms.tasks.apply_retention", 60),
             ("vms.net_evidence", "vms.tasks.collect_net_evidence", evidence_minutes),
+            ("vms.usage_rollup", "vms.tasks.rollup_usage", 1),
         ]
     )
 
@@ -39,9 +41,12 @@ class VmsConfig(AppConfig):
             metrics,
             recordings,  # noqa: F401
             templates_config,
+            usage,
         )
 
         metrics.register()
+        # A usage sample of this host's VMs every 10 s (the worker's main process runs ticks).
+        ticks.register("usage", usage.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

@@ -24,6 +24,11 @@ __all__ = [
     "Snapshot",
     "Template",
     "Usage",
+    "UsageCounter",
+    "UsageHour",
+    "UsageMinute",
+    "UsageRollupState",
+    "UsageSample",
     "VMState",
     "VirtualMachine",
     "WorkerHeartbeat",
@@ -456,3 +461,108 @@ class Task(models.Model):
         if self.finished_at is None:
             return None
         return round((self.finished_at - self.requested_at).total_seconds(), 3)
+
+
+# --- Usage history (``vms.usage``) -------------------------------------------------------------
+# Operational measurements, not part of the log: the sampler writes them, the roll-up job folds
+# and prunes them. Times are epoch seconds (UTC) of the start of a slot, so that bucketing is
+# integer arithmetic on PostgreSQL and SQLite alike. The primary key (vm, ts) is the one index a
+# query needs: every read is "one VM (or a few), a time range".
+
+
+class UsageSample(models.Model):
+    """One VM's usage over a 10 s slot (the fine tier, kept a day): VMM CPU in % of one core,
+    VMM resident memory in bytes, disk and network in bytes per second. A metric that could not
+    be read in that slot (the VMM busy with a request, the first sample after a start) is null."""
+
+    pk = models.CompositePrimaryKey("vm_id", "ts")
+    # No index of its own: the primary key (vm, ts) starts with it.
+    vm = models.ForeignKey(
+        VirtualMachine, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    ts = models.BigIntegerField()
+    cpu = models.FloatField(null=True)
+    mem = models.FloatField(null=True)
+    disk_read = models.FloatField(null=True)
+    disk_write = models.FloatField(null=True)
+    net_rx = models.FloatField(null=True)
+    net_tx = models.FloatField(null=True)
+
+    def __str__(self) -> str:
+        return f"usage of {self.vm_id} at {self.ts}"
+
+
+class UsageRollup(models.Model):
+    """A coarser slot folded from the finer tier: per metric the sum and the count of the
+    samples that had it, and their maximum, so an average over any union of slots is
+    sum(sum) / sum(count) and a maximum is max(max), both exact."""
+
+    pk = models.CompositePrimaryKey("vm_id", "ts")
+    # No index of its own: the primary key (vm, ts) starts with it.
+    vm = models.ForeignKey(
+        VirtualMachine, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    ts = models.BigIntegerField()
+    cpu_sum = models.FloatField(default=0.0)
+    cpu_count = models.IntegerField(default=0)
+    cpu_max = models.FloatField(null=True)
+    mem_sum = models.FloatField(default=0.0)
+    mem_count = models.IntegerField(default=0)
+    mem_max = models.FloatField(null=True)
+    disk_read_sum = models.FloatField(default=0.0)
+    disk_read_count = models.IntegerField(default=0)
+    disk_read_max = models.FloatField(null=True)
+    disk_write_sum = models.FloatField(default=0.0)
+    disk_write_count = models.IntegerField(default=0)
+    disk_write_max = models.FloatField(null=True)
+    net_rx_sum = models.FloatField(default=0.0)
+    net_rx_count = models.IntegerField(default=0)
+    net_rx_max = models.FloatField(null=True)
+    net_tx_sum = models.FloatField(default=0.0)
+    net_tx_count = models.IntegerField(default=0)
+    net_tx_max = models.FloatField(null=True)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"usage of {self.vm_id} at {self.ts}"
+
+
+class UsageMinute(UsageRollup):
+    """1 min slots, kept a week."""
+
+
+class UsageHour(UsageRollup):
+    """1 h slots, kept a year."""
+
+
+class UsageRollupState(models.Model):
+    """How far each coarse tier has been folded: every slot before ``until`` (epoch seconds) is
+    in the tier. Written in the same transaction as the rows it covers, so a fold runs once."""
+
+    tier = models.CharField(max_length=16, primary_key=True)
+    until = models.BigIntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.tier} folded until {self.until}"
+
+
+class UsageCounter(models.Model):
+    """The cumulative counters of a VM at its last sample, whichever worker process took it, so
+    the next sample's rates cover the time between them (a restarted VMM resets its counters:
+    a counter that went down gives no rate for that slot)."""
+
+    vm = models.OneToOneField(
+        VirtualMachine, primary_key=True, on_delete=models.CASCADE, related_name="+"
+    )
+    at = models.FloatField()  # epoch seconds of the sample
+    pid = models.IntegerField(null=True)
+    cpu_seconds = models.FloatField(null=True)
+    disk_read_bytes = models.BigIntegerField(null=True)
+    disk_write_bytes = models.BigIntegerField(null=True)
+    net_rx_bytes = models.BigIntegerField(null=True)
+    net_tx_bytes = models.BigIntegerField(null=True)
+
+    def __str__(self) -> str:
+        return f"counters of {self.vm_id}"

@@ -36,6 +36,8 @@ __all__ = [
     "may_act_on",
     "may_create",
     "may_see",
+    "may_see_usage_of_user",
+    "may_see_usage_rollups",
     "require",
     "require_network_admin",
     "require_quota_admin",
@@ -90,6 +92,17 @@ def visible_snapshots(caller: Caller) -> QuerySet[Snapshot]:
     if sees_all_snapshots(caller):
         return qs
     return qs.filter(owner=caller.user)
+
+
+def may_see_usage_of_user(caller: Caller, user_id: int) -> bool:
+    """A user's usage history (all its VMs) is for itself and for readers of all VMs; to anyone
+    else the user is not there (404), as its VMs are not."""
+    return may_see(caller, user_id)
+
+
+def may_see_usage_rollups(caller: Caller) -> bool:
+    """A group's or a host's usage sums other users' VMs: readers of all VMs only."""
+    return sees_all_vms(caller)
 
 
 # --- Acting -----------------------------------------------------------------------------------

@@ -56,7 +56,9 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.cleanup_snapshot",
         "vms.tasks.collect_net_evidence",
         "vms.tasks.reconcile",
+        "vms.tasks.rollup_usage",
         "vms.tasks.run_request",
+        "vms.tasks.sample_usage",
         "webhooks.tasks.maintain",
         "webhooks.tasks.pump",
     }

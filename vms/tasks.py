@@ -6,7 +6,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 from __future__ import annotations
 
 from vms import reconcile as reconciler
-from vms import retention, vmnet, worker
+from vms import retention, usage, vmnet, worker
 
 
 def run_request(event_id: str) -> str:
@@ -38,3 +38,13 @@ def apply_network_settings(network_id: str) -> str:
 def collect_net_evidence() -> int:
     """Refused connections and lookups of every plugged VM, as evidence events."""
     return vmnet.collect_evidence()
+
+
+def sample_usage(slot: int) -> int:
+    """One usage sample of every live VM of this host (``vms.usage``; the ticks enqueue it)."""
+    return usage.sample_task(slot)
+
+
+def rollup_usage() -> dict[str, int]:
+    """Fold the usage history into its minute and hour tiers and prune each tier."""
+    return usage.rollup()

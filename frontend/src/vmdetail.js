@@ -2,6 +2,7 @@
 // which actions the state allows, metrics charts at 1 Hz, and the exec box.
 import { connectLive, csrfToken, el, timeLabel } from "./live.js";
 import { Sparkline, formatBytes } from "./sparkline.js";
+import { mountHistory } from "./history.js";
 
 const page = document.getElementById("vm-page");
 const vmId = page.dataset.vmId;
@@ -220,3 +221,7 @@ if (execForm) {
     }
   });
 }
+
+// --- usage history (SVG charts with a range picker) ---------------------------------------------
+const historySection = document.getElementById("vm-history");
+if (historySection) mountHistory(historySection, vmId);

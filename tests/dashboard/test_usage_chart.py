@@ -1,0 +1,77 @@
+"""The VM page's usage history in a real browser: the charts draw the API's points with axes, and
+the range picker asks for another range (no guest: the history is written as the tiers hold it)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.dashboard.test_browser import login, shot
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def _history(vm_id: Any) -> None:
+    from vms.models import UsageMinute, UsageRollupState, UsageSample
+
+    now = int(time.time())
+    UsageSample.objects.bulk_create(
+        UsageSample(vm_id=vm_id, ts=ts, cpu=20.0 + (ts // 60) % 30, mem=3e8, net_rx=1e4 * (ts % 7))
+        for ts in range((now - 3600) // 10 * 10, now // 10 * 10, 10)
+    )
+    minute_until = (now - 3600) // 60 * 60
+    UsageMinute.objects.bulk_create(
+        UsageMinute(
+            vm_id=vm_id,
+            ts=ts,
+            cpu_sum=6 * 40.0,
+            cpu_count=6,
+            cpu_max=90.0,
+            mem_sum=6 * 2e8,
+            mem_count=6,
+            mem_max=2.5e8,
+        )  # fmt: skip
+        for ts in range((now - 7 * 86400) // 60 * 60 + 60, minute_until, 60)
+        if (ts // 3600) % 24 < 20  # four hours off each day: gaps
+    )
+    UsageRollupState.objects.create(tier="1m", until=minute_until)
+
+
+def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
+    make_user, make_vm, web_server, browser
+) -> None:
+    owner = make_user("operator", "chartowner")
+    vm = make_vm(owner, "charted")
+    _history(vm.pk)
+    driver = browser()
+    login(driver, web_server.url, "chartowner")
+    driver.get(f"{web_server.url}/vms/{vm.pk}/")
+    note = driver.find_element(By.CSS_SELECTOR, "#vm-history [data-history-note]")
+    WebDriverWait(driver, 20).until(lambda d: "points" in note.text)
+    assert "from 10s" in note.text, note.text  # the last hour: the fine tier
+    assert "times in UTC" in note.text  # as every time on the pages, unless the user chose
+    cpu = driver.find_element(By.CSS_SELECTOR, '[data-history="cpu"] svg')
+    assert len(cpu.find_elements(By.CSS_SELECTOR, "path")) == 2  # average and maximum
+    ticks = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick")]
+    assert any(t.endswith("%") for t in ticks) and any(":" in t for t in ticks), ticks
+    disk = driver.find_element(By.CSS_SELECTOR, '[data-history="disk"] svg')
+    assert "no samples in this range" in disk.text  # null is not zero
+    driver.execute_script("document.getElementById('vm-history').scrollIntoView()")
+    shot(driver, "usage-history-1h")
+
+    driver.find_element(By.CSS_SELECTOR, 'button[data-range="7d"]').click()
+    WebDriverWait(driver, 20).until(lambda d: "1m" in note.text)
+    pressed = driver.find_element(By.CSS_SELECTOR, 'button[data-range="7d"]')
+    assert pressed.get_attribute("aria-pressed") == "true"
+    cpu = driver.find_element(By.CSS_SELECTOR, '[data-history="cpu"] svg')
+    # Four hours off each day: the average line breaks into a piece per day (or more).
+    avg = cpu.find_elements(By.CSS_SELECTOR, "path")[0].get_attribute("d")
+    days = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick") if "-" in t.text]
+    assert len(days) == 4, days  # MM-DD under a week
+    assert avg.count("M") >= 7, avg[:200]
+    driver.execute_script("document.getElementById('vm-history').scrollIntoView()")
+    shot(driver, "usage-history-7d")
