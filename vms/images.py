@@ -208,8 +208,12 @@ def base_cmdline() -> str:
 
     ``quiet``: every console line costs an emulated UART's worth of exits under TCG.
     ``panic=-1``: a guest that panics resets at once instead of hanging where nobody looks.
+    ``reboot=t``: the guest's own reboot is a triple fault, which QEMU turns into a machine
+    reset; the kernel's default tries firmware paths first, and in a guest restored from a saved
+    state one of them sometimes jumped into nothing and spun there (a reboot then needed the
+    VMM's hard reset after the grace).
     """
-    return f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()}"
+    return f"console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz={host_tsc_khz()}"
 
 
 def linux_image(image_id: str | None = None) -> LinuxImage:

@@ -100,9 +100,25 @@ def may_see_usage_of_user(caller: Caller, user_id: int) -> bool:
     return may_see(caller, user_id)
 
 
+def usage_vms_of_user(caller: Caller, user_id: int) -> QuerySet[VirtualMachine] | None:
+    """Every VM of user ``user_id`` (destroyed ones too: their history stays), for its usage
+    roll-up; None when the caller may not see that user's usage."""
+    if not may_see_usage_of_user(caller, user_id):
+        return None
+    return VirtualMachine.objects.filter(owner_id=user_id)
+
+
 def may_see_usage_rollups(caller: Caller) -> bool:
     """A group's or a host's usage sums other users' VMs: readers of all VMs only."""
     return sees_all_vms(caller)
+
+
+def usage_vms_of_group(caller: Caller, group_id: int) -> QuerySet[VirtualMachine] | None:
+    """Every VM of the members of group ``group_id``, for its usage roll-up; None when the
+    caller may not see roll-ups."""
+    if not may_see_usage_rollups(caller):
+        return None
+    return VirtualMachine.objects.filter(owner__groups=group_id)
 
 
 # --- Acting -----------------------------------------------------------------------------------

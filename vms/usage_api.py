@@ -199,11 +199,10 @@ class UserUsageView(_UsageView):
     kind = "user"
 
     def vms(self, caller: Caller, key: Any) -> tuple[QuerySet[VirtualMachine], bool]:
-        if not policy.may_see_usage_of_user(caller, key):
+        qs = policy.usage_vms_of_user(caller, key)
+        if qs is None or not get_user_model().objects.filter(pk=key).exists():
             raise NotFound("No user matches the given query.")
-        if not get_user_model().objects.filter(pk=key).exists():
-            raise NotFound("No user matches the given query.")
-        return VirtualMachine.objects.filter(owner_id=key), True
+        return qs, True
 
     @extend_schema(parameters=PARAMETERS, responses=USAGE_SCHEMA)
     def get(self, request: Request, pk: int) -> Response:
@@ -216,11 +215,12 @@ class GroupUsageView(_UsageView):
     kind = "group"
 
     def vms(self, caller: Caller, key: Any) -> tuple[QuerySet[VirtualMachine], bool]:
-        if not policy.may_see_usage_rollups(caller):
+        qs = policy.usage_vms_of_group(caller, key)
+        if qs is None:
             raise PermissionDenied("only readers of all VMs see a group's usage")
         if not Group.objects.filter(pk=key).exists():
             raise NotFound("No group matches the given query.")
-        return VirtualMachine.objects.filter(owner__groups=key), True
+        return qs, True
 
     @extend_schema(parameters=PARAMETERS, responses=USAGE_SCHEMA)
     def get(self, request: Request, pk: int) -> Response:
