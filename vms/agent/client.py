@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol v1 (see docs/agent-protocol.md). No Django imports.
+"""Host side of the guest agent protocol v2 (see docs/agent-protocol.md). No Django imports.
 
 ``AgentClient`` wraps one byte stream to one agent (a unix socket QEMU exposes for the
 virtio-serial port, a hybrid-vsock socket after ``CONNECT``, or a test agent's socket). Calls from
@@ -9,6 +9,11 @@ holds at most ``CALL_QUEUE_FRAMES`` frames: when its caller is slower than the g
 websocket), the reader waits, the stream backs up into the guest and the process there blocks on
 its pipe, so the host's memory per call stays bounded. Frames of a call that has ended are
 dropped.
+
+Every request carries the VM's agent credential (``credential``; the agent refuses any other
+request but ``enroll``). The credential is never logged, and never part of an error's message.
+Callers in the product get their client from ``vms.agent.credentials.client_for_vm``, which
+knows where each VM's credential is kept.
 
 Every wait has a timeout. Failures are ``AgentError`` (the agent said no, with its error code),
 ``AgentTimeout`` (no answer in time), ``AgentProtocolError`` (the agent said something that makes
@@ -52,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"\x7fSBA"
 PREFIX_LEN = 12
 MAX_FRAME = 1 << 20
@@ -238,7 +243,9 @@ class AgentClient:
         *,
         timeout: float = 30.0,
         name: str = "agent",
+        credential: str | None = None,
     ) -> None:
+        self.credential = credential
         self._connect_fn = None if isinstance(target, socket.socket) else target
         self._sock: socket.socket | None = target if isinstance(target, socket.socket) else None
         self.timeout = timeout
@@ -266,14 +273,19 @@ class AgentClient:
         *,
         connect_timeout: float = 5.0,
         timeout: float = 30.0,
+        credential: str | None = None,
     ) -> AgentClient:
-        """A client that (re)connects through ``hypervisor.agent_connect(runtime, ...)``.
+        """A client that (re)connects through ``hypervisor.agent_connect(runtime, ...)``,
+        presenting ``credential`` (None: only ``enroll`` will be accepted).
 
         Call ``hello(timeout)`` next: it retries until the guest's agent answers.
         """
         name = f"agent:{getattr(getattr(runtime, 'root', None), 'name', runtime)}"
         return cls(
-            lambda: hypervisor.agent_connect(runtime, connect_timeout), timeout=timeout, name=name
+            lambda: hypervisor.agent_connect(runtime, connect_timeout),
+            timeout=timeout,
+            name=name,
+            credential=credential,
         )
 
     # ---- connection management
@@ -380,7 +392,12 @@ class AgentClient:
         with self._calls_lock:
             self._calls.pop(call.id, None)
 
+    def __repr__(self) -> str:
+        return f"<AgentClient {self.name}>"  # never the credential
+
     def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.credential is not None and header.get("op") != "enroll":
+            header = {**header, "auth": self.credential}
         data = encode_frame(header, payload)
         sock = self._sock
         if sock is None or self._dead is not None:
@@ -475,6 +492,19 @@ class AgentClient:
                 raw=reply,
             )
             return self.hello_info
+
+    def enroll(self, credential: str, *, timeout: float = 10.0) -> None:
+        """Give a guest whose agent has no credential yet (a fresh boot) its first one; from
+        then on this client presents it. AgentError("already_enrolled") if it has one."""
+        self._request({"op": "enroll", "credential": credential}, timeout=timeout)
+        self.credential = credential
+
+    def rotate(self, credential: str, *, timeout: float = 10.0) -> None:
+        """Replace the guest's credential (this client presents the current one) with
+        ``credential``; from then on the old one is refused and this client presents the new."""
+        self._require("rotate")
+        self._request({"op": "rotate", "credential": credential}, timeout=timeout)
+        self.credential = credential
 
     def ping(self, timeout: float = 5.0) -> float:
         """One round trip; returns its duration in seconds."""
