@@ -257,14 +257,18 @@ def claim(request: store.RecordedEvent) -> bool:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def _agent(
-    vm: VirtualMachine,
-    timeout: float = AGENT_READY_TIMEOUT_S,
-    request: store.RecordedEvent | None = None,
-) -> AgentClient:
+def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> AgentClient:
     """The VM's agent, greeted with its credential; a guest that booted afresh (no credential
     yet) is enrolled with a fresh one first (``vms.agent.credentials.connect``)."""
-    return credentials.connect(vm, timeout, enroll=True, request=request)
+    return credentials.connect(vm, timeout, enroll=True)
+
+
+def _give_own_credential(
+    vm: VirtualMachine, current: str | None, reason: str, request: store.RecordedEvent
+) -> None:
+    """A guest restored with another's credential (``current``: its template's or its
+    snapshot's) gets a fresh one of the VM's own at once: the other is refused from then on."""
+    credentials.take_over(vm, current, reason, request=request)
 
 
 def _configure_identity(vm: VirtualMachine, *, nic: bool = True) -> None:
@@ -339,18 +343,14 @@ def _template_cache() -> TemplateStarter | None:
     return runtime.hypervisor().template_cache(TEMPLATE_HOOKS)
 
 
-def _wait_for_agent(
-    vm: VirtualMachine,
-    timeout: float = AGENT_READY_TIMEOUT_S,
-    request: store.RecordedEvent | None = None,
-) -> None:
+def _wait_for_agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> None:
     """Wait for the guest's agent (enrolling it: a cold boot has no credential yet), failing
     at once if the VMM dies (or is torn down) first."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with _agent(vm, min(5.0, max(deadline - time.monotonic(), 0.1)), request):
+            with _agent(vm, min(5.0, max(deadline - time.monotonic(), 0.1))):
                 return
         except Exception:
             if not hv.is_alive(rt):
@@ -394,10 +394,10 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
             vmnet.close_fds(nets)  # the VMM holds its own copies
     if restored:
         # The template's credential, shared by every VM restored from it: the VM's own, now.
-        credentials.take_over(vm, template_secret, "enrolled", request=request)
+        _give_own_credential(vm, template_secret, "enrolled", request)
     else:
         _progress(request, "booting", 50, "waiting for the guest agent")
-        _wait_for_agent(vm, request=request)
+        _wait_for_agent(vm)
         _configure_identity(vm)
     delivered = _deliver_secret_files(vm)
     return {
@@ -741,11 +741,8 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
                 vmnet.close_fds(nets)
         # The saved guest wants the snapshot's credential (its source's of then): this VM's
         # own at once, so the source's is refused here.
-        credentials.take_over(
-            vm,
-            credentials.for_snapshot(snap.pk),
-            "cloned" if clone else "restored",
-            request=request,
+        _give_own_credential(
+            vm, credentials.for_snapshot(snap.pk), "cloned" if clone else "restored", request
         )
         # Its own identity and a correct clock: copies of one snapshot run side by side.
         _configure_identity(vm, nic=with_nic)

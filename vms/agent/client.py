@@ -496,6 +496,8 @@ class AgentClient:
     def enroll(self, credential: str, *, timeout: float = 10.0) -> None:
         """Give a guest whose agent has no credential yet (a fresh boot) its first one; from
         then on this client presents it. AgentError("already_enrolled") if it has one."""
+        if self._connect_fn is not None:
+            self._connect(time.monotonic() + timeout)
         self._request({"op": "enroll", "credential": credential}, timeout=timeout)
         self.credential = credential
 
