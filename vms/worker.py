@@ -525,8 +525,10 @@ def _reboot_guest(vm: VirtualMachine, request: store.RecordedEvent) -> str:
             except AgentError as exc:
                 if exc.code == "not_enrolled":
                     return "agent"  # a new boot: it forgot the credential (enrolled next)
+                log.info("reboot of %s: waiting for the new boot: %s", vm.pk, exc)
                 time.sleep(0.2)
-            except Exception:  # going down, or not up yet
+            except Exception as exc:  # going down, or not up yet
+                log.info("reboot of %s: waiting for the new boot: %r", vm.pk, exc)
                 time.sleep(0.2)
             else:
                 time.sleep(0.2)  # the old boot still answers: it is shutting down

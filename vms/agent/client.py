@@ -256,6 +256,9 @@ class AgentClient:
         # this one.
         self._ids = itertools.count(secrets.randbelow(1 << 48) + 1)
         self._calls: dict[int, _Call] = {}
+        # Ids of hellos sent (a retry loop abandons its unanswered ones): their late answers,
+        # errors too (a guest not enrolled yet answers each with one), are expected.
+        self._hello_ids: set[int] = set()
         self._calls_lock = threading.Lock()
         self._wlock = threading.Lock()
         self._conn_lock = threading.Lock()
@@ -374,7 +377,7 @@ class AgentClient:
         call = self._calls.get(call_id) if isinstance(call_id, int) else None
         if call is not None:
             self._deliver(call, (header, payload))
-        elif header.get("kind") == "error":
+        elif header.get("kind") == "error" and call_id not in self._hello_ids:
             log.warning("%s: error not tied to a live request: %s", self.name, header)
         else:
             # Late answers to abandoned calls (e.g. the hellos a retry loop gave up on).
@@ -459,6 +462,8 @@ class AgentClient:
             elif self._dead is not None:
                 raise self._dead
             call = self._open_call()
+            if len(self._hello_ids) < 4096:
+                self._hello_ids.add(call.id)
             try:
                 header = {"op": "hello", "id": call.id, "protocol": [PROTOCOL_VERSION]}
                 try:
