@@ -577,17 +577,17 @@ class AgentCredential(models.Model):
     Not a projection of the log: no event holds the value, not even encrypted. Written only by
     ``vms.agent.credentials``."""
 
-    # "vm:<uuid>" or "snapshot:<uuid>": what the credential opens.
-    owner = models.CharField(max_length=64, unique=True)
+    # "vm:<uuid>" or "snapshot:<uuid>": what holds the credential.
+    holder = models.CharField(max_length=64, unique=True)
     key_id = models.CharField(max_length=32, db_index=True)
     nonce = models.BinaryField(max_length=12)
     ciphertext = models.BinaryField()
     created_at = models.DateTimeField()
 
     def __str__(self) -> str:
-        return f"agent credential of {self.owner}"
+        return f"agent credential of {self.holder}"
 
     @property
     def aad(self) -> bytes:
         """What the ciphertext is bound to: a copy on another row does not decrypt."""
-        return f"agent-credential:{self.owner}".encode()
+        return f"agent-credential:{self.holder}".encode()

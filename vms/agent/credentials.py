@@ -14,7 +14,7 @@ without it. This module is the one place that knows where a VM's credential is:
   afresh (a reboot forgets the credential: it lives in the guest's /run).
 
 Values are kept in ``AgentCredential`` rows, encrypted under the secrets store's keyring
-(``secretstore.crypto``), bound to their owner ("vm:<id>" or "snapshot:<id>"). A snapshot keeps
+(``secretstore.crypto``), bound to their holder ("vm:<id>" or "snapshot:<id>"). A snapshot keeps
 the credential its saved guest has, so a restore can greet the restored agent and at once rotate
 it to the VM's own: the source's credential is refused by every clone. No value ever goes into an
 event, a log line, an export or a snapshot's files.
@@ -47,6 +47,7 @@ __all__ = [
     "give_fresh",
     "keep_for_snapshot",
     "new_credential",
+    "reencrypt_all",
     "take_over",
 ]
 
@@ -58,20 +59,20 @@ def new_credential() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _vm_owner(vm_id: object) -> str:
+def _vm_holder(vm_id: object) -> str:
     return f"vm:{uuid.UUID(str(vm_id))}"
 
 
-def _snapshot_owner(snapshot_id: object) -> str:
+def _snapshot_holder(snapshot_id: object) -> str:
     return f"snapshot:{uuid.UUID(str(snapshot_id))}"
 
 
-def _put(owner: str, value: str) -> str:
-    """Store ``value`` for ``owner`` (replacing what it had); returns the key id."""
-    row = AgentCredential(owner=owner)
+def _put(holder: str, value: str) -> str:
+    """Store ``value`` for ``holder`` (replacing what it had); returns the key id."""
+    row = AgentCredential(holder=holder)
     sealed = crypto.keyring().seal(value.encode(), row.aad)
     AgentCredential.objects.update_or_create(
-        owner=owner,
+        holder=holder,
         defaults={
             "key_id": sealed.key_id,
             "nonce": sealed.nonce,
@@ -82,8 +83,8 @@ def _put(owner: str, value: str) -> str:
     return sealed.key_id
 
 
-def _get(owner: str) -> str | None:
-    row = AgentCredential.objects.filter(owner=owner).first()
+def _get(holder: str) -> str | None:
+    row = AgentCredential.objects.filter(holder=holder).first()
     if row is None:
         return None
     sealed = crypto.Sealed(row.key_id, bytes(row.nonce), bytes(row.ciphertext))
@@ -92,27 +93,27 @@ def _get(owner: str) -> str | None:
 
 def for_vm(vm_id: object) -> str | None:
     """The VM's credential, or None when it has none yet (never booted with one)."""
-    return _get(_vm_owner(vm_id))
+    return _get(_vm_holder(vm_id))
 
 
 def for_snapshot(snapshot_id: object) -> str | None:
     """The credential the snapshot's saved guest has (None: taken before credentials)."""
-    return _get(_snapshot_owner(snapshot_id))
+    return _get(_snapshot_holder(snapshot_id))
 
 
 def keep_for_snapshot(vm_id: object, snapshot_id: object) -> None:
     """The snapshot's guest has the VM's credential of now: keep a copy bound to the snapshot."""
     value = for_vm(vm_id)
     if value is not None:
-        _put(_snapshot_owner(snapshot_id), value)
+        _put(_snapshot_holder(snapshot_id), value)
 
 
 def forget_vm(vm_id: object) -> None:
-    AgentCredential.objects.filter(owner=_vm_owner(vm_id)).delete()
+    AgentCredential.objects.filter(holder=_vm_holder(vm_id)).delete()
 
 
 def forget_snapshot(snapshot_id: object) -> None:
-    AgentCredential.objects.filter(owner=_snapshot_owner(snapshot_id)).delete()
+    AgentCredential.objects.filter(holder=_snapshot_holder(snapshot_id)).delete()
 
 
 def client_for_vm(
@@ -147,7 +148,7 @@ def give_fresh(
         raise ValueError(f"unknown reason {reason!r}")
     new = new_credential()
     with transaction.atomic():
-        key_id = _put(_vm_owner(vm.pk), new)
+        key_id = _put(_vm_holder(vm.pk), new)
         if client.credential is None:
             client.enroll(new)
         else:
@@ -208,3 +209,24 @@ def take_over(
     with client:
         client.hello(timeout=timeout, interval=0.05)
         give_fresh(vm, client, reason, request=request)
+
+
+def reencrypt_all() -> int:
+    """Seal every stored credential again under the secrets keyring's current key (before a key
+    is retired: a credential under a retired key could no longer be read, and its VM reached).
+    The values, and so the guests, are unchanged. Returns how many rows were sealed again."""
+    ring = crypto.keyring()
+    done = 0
+    for pk in AgentCredential.objects.exclude(key_id=ring.current_id).values_list("pk", flat=True):
+        with transaction.atomic():
+            row = AgentCredential.objects.select_for_update().filter(pk=pk).first()
+            if row is None or row.key_id == ring.current_id:
+                continue
+            value = ring.open(
+                crypto.Sealed(row.key_id, bytes(row.nonce), bytes(row.ciphertext)), row.aad
+            )
+            sealed = ring.seal(value, row.aad)
+            row.key_id, row.nonce, row.ciphertext = sealed.key_id, sealed.nonce, sealed.ciphertext
+            row.save(update_fields=["key_id", "nonce", "ciphertext"])
+            done += 1
+    return done
