@@ -43,7 +43,7 @@ def test_cold_boot_reaches_agent_hello(start_guest: Callable[..., Guest]) -> Non
     started = time.monotonic()
     guest = start_guest("cold", cold=True)
     assert guest.client.hello_info is not None
-    assert guest.client.hello_info.protocol == 1
+    assert guest.client.hello_info.protocol == 2
     info = guest.hv.info(guest.runtime)
     assert info.state is VMState.RUNNING
     assert info.vcpus == 1 and info.memory_mib == 256
