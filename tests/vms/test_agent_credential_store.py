@@ -10,6 +10,8 @@ import uuid
 from typing import Any
 
 import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from audit.models import Event
 from secretstore import crypto
@@ -121,3 +123,10 @@ def test_an_unknown_reason_is_refused_before_anything() -> None:
         commands.record_agent_credential_rotated(str(uuid.uuid4()), "because")
     with pytest.raises(ValueError, match="reason"):
         credentials.give_fresh(FakeVM(), FakeAgent(None), "because")  # type: ignore[arg-type]
+
+
+def test_the_rotate_command_refuses_what_is_not_a_vm() -> None:
+    with pytest.raises(CommandError, match="not a VM id"):
+        call_command("rotate_agent_credential", "../etc")
+    with pytest.raises(CommandError, match="no VM"):
+        call_command("rotate_agent_credential", str(uuid.uuid4()))

@@ -6,14 +6,15 @@ credential's value is ever in an event, a log line or a snapshot's metadata.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 
-from audit.actor import Actor
 from audit.models import Event
 from vms import commands, guest, runtime, worker
 from vms.agent import credentials
@@ -114,13 +115,14 @@ def test_a_vm_agent_wants_its_credential_and_a_rotation_retires_the_old(
     with guest.agent_session(vm) as agent:
         assert agent.exec(["true"]).exit_code == 0
 
-    guest.rotate_agent_credential(vm, actor=Actor.system(channel="cli", name="test"))
+    call_command("rotate_agent_credential", str(vm.pk), stdout=io.StringIO())
     new = credentials.for_vm(vm.pk)
     assert new is not None and new != own
     seen.append(new)
     assert rotations(vm.pk) == ["enrolled", "requested"]
     event = Event.objects.filter(aggregate_id=str(vm.pk), type=ROTATED).last()
     assert event is not None and set(event.payload) == {"reason", "key_id"}
+    assert (event.actor_type, event.channel) == ("system", "cli")
     assert refusal(vm, own) == "unauthorized"
     assert served(vm, new)
     with guest.agent_session(vm) as agent:
@@ -164,3 +166,23 @@ def test_a_clone_refuses_its_source_credential_and_takes_its_own(
     assert served(clone, clone_cred)
     assert served(source, source_cred)  # the source keeps its own
     assert refusal(source, clone_cred) == "unauthorized"
+
+
+def test_a_cold_booted_guest_is_enrolled_by_the_worker_before_it_is_running(
+    owner: Any, made: list[Any], seen: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "_template_cache", lambda: None)  # no template: a cold boot
+    vm = start_vm(owner, made, "cred-cold")
+    started = Event.objects.get(aggregate_id=str(vm.pk), type="vm.started")
+    assert started.payload["from_template"] is False
+    own = credentials.for_vm(vm.pk)
+    assert own is not None
+    seen.append(own)
+    enrolled = Event.objects.get(aggregate_id=str(vm.pk), type=ROTATED)
+    assert enrolled.payload["reason"] == "enrolled"
+    assert enrolled.position < started.position  # before anyone is told it runs
+    with agent_with(vm, None) as intruder, pytest.raises(AgentError) as exc:
+        intruder.enroll("an-intruders-credential-0123456789-abcdefgh")
+    assert exc.value.code == "already_enrolled"
+    assert refusal(vm, None) == "unauthorized"
+    assert served(vm, own)
