@@ -571,7 +571,7 @@ class UsageCounter(models.Model):
 
 class AgentCredential(models.Model):
     """The credential a VM's guest agent wants (``vms.agent.credentials``), encrypted at rest
-    under the secrets store's keys (AES-256-GCM, bound to its owner), one per VM and one per
+    under the secrets store's keys (AES-256-GCM, bound to its holder), one per VM and one per
     snapshot (the credential its saved guest has, so a restore can talk to it).
 
     Not a projection of the log: no event holds the value, not even encrypted. Written only by
