@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -107,12 +108,15 @@ def raw_hello(path: Path, deadline: float) -> None:
     raise TimeoutError("raw hello: no answer")
 
 
+BENCH_CREDENTIAL = secrets.token_urlsafe(32)  # the guests this bench boots are enrolled with it
+
+
 def driver_hello(hv: QemuHypervisor, runtime: RuntimeDir, deadline: float) -> AgentClient:
     """AgentClient.hello, polled at the same cadence as raw_hello."""
     client = AgentClient(lambda: hv.agent_connect(runtime, 2.0), timeout=30.0)
     while True:
         try:
-            client.hello(timeout=POLL_S, interval=POLL_S)
+            client.hello_enrolling(BENCH_CREDENTIAL, timeout=POLL_S, interval=POLL_S)
             return client
         except AgentTimeout:
             if time.monotonic() >= deadline:

@@ -57,9 +57,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+BENCH_CREDENTIAL = secrets.token_urlsafe(32)  # the guests this bench boots are enrolled with it
+
+
 def hello(hv: QemuHypervisor, rt: RuntimeDir, timeout: float = 60.0) -> AgentClient:
     client = AgentClient(lambda: hv.agent_connect(rt, 2.0), timeout=60.0, name=rt.root.name)
-    client.hello(timeout=timeout, interval=0.05)
+    client.hello_enrolling(BENCH_CREDENTIAL, timeout=timeout, interval=0.05)
     return client
 
 

@@ -1251,6 +1251,33 @@ def record_snapshot_created(
     )
 
 
+AGENT_CREDENTIAL_REASONS = frozenset({"enrolled", "restored", "cloned", "requested"})
+
+
+def record_agent_credential_rotated(
+    vm_id: str,
+    reason: str,
+    *,
+    actor: Actor | None = None,
+    request: store.RecordedEvent | None = None,
+    key_id: str = "",
+) -> store.RecordedEvent:
+    """The VM's guest agent was given a new credential (``vms.agent.credentials``): why
+    (``reason``: enrolled after a boot, restored, cloned, requested) and the id of the key its
+    stored copy is encrypted under. Never the value, nor anything derived from it."""
+    if reason not in AGENT_CREDENTIAL_REASONS:
+        raise ValueError(f"unknown agent credential rotation reason {reason!r}")
+    return store.append(
+        "vm",
+        vm_id,
+        "vm.agent_credential_rotated",
+        {"reason": reason, "key_id": key_id},
+        actor=actor or Actor.system(channel="worker", name="worker"),
+        causation_id=request.event_id if request is not None else "",
+        correlation_id=request.correlation_id if request is not None else "",
+    )
+
+
 def record_snapshot_corrupted(
     request: store.RecordedEvent, snapshot_id: str, reason: str
 ) -> store.RecordedEvent:

@@ -30,11 +30,13 @@ from django.core.exceptions import ValidationError
 
 from accounts.caller import Caller
 from audit import store
+from audit.actor import Actor
 from audit.errors import EventStoreUnavailable
 from secretstore import guests
 from secretstore.masking import NO_MASKER, Masker, MaskingWriter
 from vms import commands, lifecycle, runtime
-from vms.agent.client import AgentClient, AgentError, AgentTimeout
+from vms.agent import credentials
+from vms.agent.client import AgentError, AgentTimeout
 from vms.hypervisors.base import HypervisorError
 from vms.models import VirtualMachine
 
@@ -77,7 +79,7 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
                 if time.monotonic() > deadline:
                     raise GuestUnavailable("the guest agent is busy with another session") from None
                 time.sleep(0.05)
-        client = AgentClient.from_hypervisor(runtime.hypervisor(), rt)
+        client = credentials.client_for_vm(vm)
         try:
             client.hello(timeout=hello_timeout)
         except (AgentError, HypervisorError, OSError) as exc:
@@ -89,6 +91,15 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
             client.close()
     finally:
         os.close(fd)
+
+
+def rotate_agent_credential(vm: VirtualMachine, *, actor: Actor) -> None:
+    """Give a running VM's agent a fresh credential now (an operator's request, e.g. after a
+    suspected leak): the old one is refused from then on; ``vm.agent_credential_rotated``
+    (reason ``requested``) records it. Waits for the VM's agent session like any other user of
+    the channel, so no session is cut in the middle of a request."""
+    with agent_session(vm) as agent:
+        credentials.give_fresh(vm, agent, "requested", actor=actor)
 
 
 # Who may reach a guest: the policy (vms.policy) and the state the lifecycle table allows,

@@ -521,6 +521,16 @@ OTHER_EVENTS: tuple[EventType, ...] = (
         not_appended="the reconciler settles a live VM's interrupted request with its outcome",
     ),
     EventType(
+        "vm.agent_credential_rotated",
+        "vm",
+        1,
+        "access",
+        "The VM's guest agent got a new credential (reason: enrolled, restored, cloned, "
+        "requested); the old one is refused from then on. Never the value.",
+        not_evidence="a credential of the host's own channel to the guest changed; "
+        "who may reach the guest did not",
+    ),
+    EventType(
         "snapshot.created",
         "snapshot",
         1,

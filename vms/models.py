@@ -15,6 +15,7 @@ from django.db import models
 
 __all__ = [
     "ACTIVE_STATES",
+    "AgentCredential",
     "EGRESS_CHOICES",
     "GroupBudget",
     "Network",
@@ -566,3 +567,27 @@ class UsageCounter(models.Model):
 
     def __str__(self) -> str:
         return f"counters of {self.vm_id}"
+
+
+class AgentCredential(models.Model):
+    """The credential a VM's guest agent wants (``vms.agent.credentials``), encrypted at rest
+    under the secrets store's keys (AES-256-GCM, bound to its holder), one per VM and one per
+    snapshot (the credential its saved guest has, so a restore can talk to it).
+
+    Not a projection of the log: no event holds the value, not even encrypted. Written only by
+    ``vms.agent.credentials``."""
+
+    # "vm:<uuid>" or "snapshot:<uuid>": what holds the credential.
+    holder = models.CharField(max_length=64, unique=True)
+    key_id = models.CharField(max_length=32, db_index=True)
+    nonce = models.BinaryField(max_length=12)
+    ciphertext = models.BinaryField()
+    created_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"agent credential of {self.holder}"
+
+    @property
+    def aad(self) -> bytes:
+        """What the ciphertext is bound to: a copy on another row does not decrypt."""
+        return f"agent-credential:{self.holder}".encode()

@@ -31,8 +31,8 @@ from audit import store
 from audit.models import Event
 from secretstore import guests
 from vms import commands, lifecycle, runtime, vmnet
-from vms.agent import readiness
-from vms.agent.client import AgentClient
+from vms.agent import credentials, readiness
+from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import (
     HypervisorError,
     NotSupported,
@@ -258,13 +258,17 @@ def claim(request: store.RecordedEvent) -> bool:
 
 
 def _agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> AgentClient:
-    client = AgentClient.from_hypervisor(runtime.hypervisor(), runtime.runtime_dir(vm.pk))
-    try:
-        client.hello(timeout=timeout)
-    except BaseException:
-        client.close()
-        raise
-    return client
+    """The VM's agent, greeted with its credential; a guest that booted afresh (no credential
+    yet) is enrolled with a fresh one first (``vms.agent.credentials.connect``)."""
+    return credentials.connect(vm, timeout, enroll=True)
+
+
+def _give_own_credential(
+    vm: VirtualMachine, current: str | None, reason: str, request: store.RecordedEvent
+) -> None:
+    """A guest restored with another's credential (``current``: its template's or its
+    snapshot's) gets a fresh one of the VM's own at once: the other is refused from then on."""
+    credentials.take_over(vm, current, reason, request=request)
 
 
 def _configure_identity(vm: VirtualMachine, *, nic: bool = True) -> None:
@@ -340,7 +344,8 @@ def _template_cache() -> TemplateStarter | None:
 
 
 def _wait_for_agent(vm: VirtualMachine, timeout: float = AGENT_READY_TIMEOUT_S) -> None:
-    """Wait for the guest's agent, failing at once if the VMM dies (or is torn down) first."""
+    """Wait for the guest's agent (enrolling it: a cold boot has no credential yet), failing
+    at once if the VMM dies (or is torn down) first."""
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     deadline = time.monotonic() + timeout
     while True:
@@ -375,9 +380,11 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
             runtime.record_launched_image(rt, spec)  # before the launch: the reconciler reads it
             _progress(request, "booting", 20, "starting the VMM")
             cache = _template_cache()
+            template_secret: str | None = None
             if cache is not None:
                 result = cache.start(spec, rt, network_ready=network_ready)
                 restored, pid = result.restored, result.pid
+                template_secret = result.guest_secret
             else:
                 network_ready()
                 pid, restored = hv.start(spec, rt), False
@@ -385,7 +392,10 @@ def _boot(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
         finally:
             vmnet.join_plugged(pluggings)  # never unplug (on failure) while it still plugs
             vmnet.close_fds(nets)  # the VMM holds its own copies
-    if not restored:
+    if restored:
+        # The template's credential, shared by every VM restored from it: the VM's own, now.
+        _give_own_credential(vm, template_secret, "enrolled", request)
+    else:
         _progress(request, "booting", 50, "waiting for the guest agent")
         _wait_for_agent(vm)
         _configure_identity(vm)
@@ -497,8 +507,8 @@ def _reboot_guest(vm: VirtualMachine, request: store.RecordedEvent) -> str:
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
     _progress(request, "rebooting", 30, "asking the guest to reboot")
     try:
-        with AgentClient.from_hypervisor(hv, rt) as agent:
-            before = agent.hello(timeout=10.0).boot_id
+        with _agent(vm, 10.0) as agent:
+            before = agent.hello_info.boot_id if agent.hello_info else None
             agent.shutdown("reboot")
     except Exception as exc:
         log.info("reboot of %s through its agent: %s", vm.pk, exc)
@@ -508,11 +518,17 @@ def _reboot_guest(vm: VirtualMachine, request: store.RecordedEvent) -> str:
         deadline = time.monotonic() + REBOOT_GRACE_S
         while time.monotonic() < deadline and hv.is_alive(rt):
             try:
-                with AgentClient.from_hypervisor(hv, rt) as agent:
+                with credentials.client_for_vm(vm) as agent:
                     left = max(min(deadline - time.monotonic(), 5.0), 0.1)
                     if agent.hello(timeout=left).boot_id != before:
                         return "agent"
-            except Exception:  # going down, or not up yet
+            except AgentError as exc:
+                if exc.code == "not_enrolled":
+                    return "agent"  # a new boot: it forgot the credential (enrolled next)
+                log.info("reboot of %s: waiting for the new boot: %s", vm.pk, exc)
+                time.sleep(0.2)
+            except Exception as exc:  # going down, or not up yet
+                log.info("reboot of %s: waiting for the new boot: %r", vm.pk, exc)
                 time.sleep(0.2)
             else:
                 time.sleep(0.2)  # the old boot still answers: it is shutting down
@@ -626,17 +642,20 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
             snapshot_id=snapshot_id,
         ) from exc
     size = sum(f["size"] for f in manifest.values())
-    commands.record_snapshot_created(
-        request,
-        snapshot_id,
-        {
-            "vm_id": str(vm.pk),
-            "manifest": manifest,
-            "size_bytes": size,
-            "files": len(manifest),
-            "image_id": image_id,
-        },
-    )
+    with transaction.atomic():
+        commands.record_snapshot_created(
+            request,
+            snapshot_id,
+            {
+                "vm_id": str(vm.pk),
+                "manifest": manifest,
+                "size_bytes": size,
+                "files": len(manifest),
+                "image_id": image_id,
+            },
+        )
+        # The saved guest has the VM's credential of now: a restore greets it with that.
+        credentials.keep_for_snapshot(vm.pk, snapshot_id)
     return "vm.snapshotted", {
         "snapshot_id": snapshot_id,
         "size_bytes": size,
@@ -722,6 +741,11 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
                 pid = hv.restore(spec, rt, files)
             finally:
                 vmnet.close_fds(nets)
+        # The saved guest wants the snapshot's credential (its source's of then): this VM's
+        # own at once, so the source's is refused here.
+        _give_own_credential(
+            vm, credentials.for_snapshot(snap.pk), "cloned" if clone else "restored", request
+        )
         # Its own identity and a correct clock: copies of one snapshot run side by side.
         _configure_identity(vm, nic=with_nic)
     except Superseded:
@@ -763,6 +787,7 @@ def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     with vm_host_lock(vm.pk, required=False) as held:
         _kill(vm)
         shutil.rmtree(runtime.vm_data_dir(vm.pk), ignore_errors=True)
+        credentials.forget_vm(vm.pk)
         if held:
             with contextlib.suppress(OSError):
                 _host_lock_path(vm.pk).unlink()
@@ -791,3 +816,4 @@ def cleanup_snapshot(snapshot_id: str) -> None:
     snap = Snapshot.objects.filter(pk=snapshot_id, state=Snapshot.State.DELETED).first()
     if snap is not None:
         shutil.rmtree(runtime.snapshot_dir(snap.pk), ignore_errors=True)
+        credentials.forget_snapshot(snap.pk)

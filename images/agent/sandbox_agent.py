@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""MicroVM Sandbox guest agent: runs commands and moves files for the host, protocol v1.
+"""MicroVM Sandbox guest agent: runs commands and moves files for the host, protocol v2.
 
 One stdlib-only file, started as ``python3 -I -S sandbox_agent.py --guest`` by the guest's init.
 It serves the framed protocol described in docs/agent-protocol.md over:
@@ -13,6 +13,11 @@ Start-up time matters (Python starts in about 2 s under TCG), so only what the f
 is imported at module load; subprocess, hashlib, socket and friends are imported on first use.
 Every request carries an id and runs concurrently with the others (threads); a bad frame gets an
 error frame and the agent keeps serving: it never exits because of what a client sent.
+
+Every request but ``enroll`` carries the host's credential for this guest (``auth``): whoever
+can open the guest's agent socket on the host cannot drive it without it. The agent keeps only
+its SHA-256 (in /run: it survives a snapshot restore, not a reboot), takes the first credential
+it is given (``enroll``, done by the host right after boot) and changes it on ``rotate``.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import sys
 import threading
 import time
 
-PROTOCOL_VERSION = 1
-SUPPORTED_PROTOCOLS = (1,)
-AGENT_VERSION = "1.1.0"
+# 2: every request but enroll carries the credential (1 had none: refused, it is the hole 2 shuts)
+PROTOCOL_VERSION = 2
+SUPPORTED_PROTOCOLS = (2,)
+AGENT_VERSION = "2.0.0"
 
 MAGIC = b"\x7fSBA"
 PREFIX_LEN = 12  # magic + header length (u32 BE) + payload length (u32 BE)
@@ -44,11 +50,15 @@ MAX_ACTIVE = 256
 ABORTED_REMEMBERED = 64
 VSOCK_PORT = 1024
 PORT_NAME = "sandbox.agent"
+# Where a guest keeps the SHA-256 of its credential: tmpfs, root only. A snapshot restore keeps
+# it (the host then rotates it at once); a reboot forgets it (the host enrolls the guest again).
+CREDENTIAL_FILE = "/run/sandbox-agent/credential"
+CREDENTIAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 OPS = (
     "hello", "ping", "exec", "stdin", "signal", "put", "data", "get", "list", "stat", "health",
-    "configure", "network", "shutdown",
+    "configure", "network", "shutdown", "enroll", "rotate",
 )  # fmt: skip
 
 _started = time.monotonic()
@@ -578,12 +588,95 @@ def _stat_dict(st: os.stat_result) -> dict:
     }
 
 
+def _credential_value(value: object, field: str) -> str:
+    if (
+        not isinstance(value, str)
+        or not 32 <= len(value) <= 256
+        or not CREDENTIAL_CHARS.issuperset(value)
+    ):
+        raise RequestError(
+            "bad_request", f"{field} must be 32 to 256 characters of A-Z a-z 0-9 - _"
+        )
+    return value
+
+
+class Credential:
+    """The host's credential for this guest, kept as its SHA-256 only (in memory and, when
+    ``path`` is given, in that root-only file), so neither the file nor a snapshot of the
+    guest's memory holds a value that opens the agent."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.digest: bytes | None = None
+        if path:
+            try:
+                with open(path) as fh:
+                    self.digest = bytes.fromhex(fh.read().strip()) or None
+            except (OSError, ValueError):
+                self.digest = None
+
+    @staticmethod
+    def _hash(value: str) -> bytes:
+        import hashlib
+
+        return hashlib.sha256(value.encode()).digest()
+
+    def refusal(self, presented: object) -> RequestError | None:
+        """None when ``presented`` is the credential, else why the request is refused."""
+        import hmac
+
+        digest = self.digest
+        if digest is None:
+            return RequestError("not_enrolled", "this agent has no credential yet: enroll it")
+        if not isinstance(presented, str) or not hmac.compare_digest(self._hash(presented), digest):
+            return RequestError("unauthorized", "missing or wrong credential")
+        return None
+
+    def replace(self, new: str, *, current: object, enrolling: bool) -> None:
+        """Enroll (no credential yet) or rotate (``current`` must be the credential)."""
+        with self.lock:
+            if enrolling:
+                if self.digest is not None:
+                    raise RequestError("already_enrolled", "this agent has a credential")
+            else:
+                refused = self.refusal(current)
+                if refused is not None:
+                    raise refused
+            digest = self._hash(new)
+            if self.path:
+                self._persist(digest)
+            self.digest = digest
+
+    def _persist(self, digest: bytes) -> None:
+        assert self.path
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        tmp = f"{self.path}.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, digest.hex().encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+
+
 class Options:
     """What differs between a guest and a test run on a host."""
 
-    def __init__(self, *, apply_configure: bool, system_shutdown: bool) -> None:
+    def __init__(
+        self,
+        *,
+        apply_configure: bool,
+        system_shutdown: bool,
+        credential: Credential | None = None,
+    ) -> None:
         self.apply_configure = apply_configure
         self.system_shutdown = system_shutdown
+        # One per agent process: every stream (virtio-serial, vsock, unix) checks the same.
+        self.credential = credential or Credential(None)
 
 
 class Session:
@@ -708,6 +801,14 @@ class Session:
             handler = getattr(self, f"op_{op}", None) if op in OPS else None
             if handler is None:
                 raise RequestError("unknown_op", f"unknown op {op!r}")
+            if op != "enroll":
+                if op == "hello":
+                    _common_protocol(req)  # an old client learns why, not just "unauthorized"
+                # Every request, not only the hello: a virtio-serial stream outlives the host's
+                # connections, so no "this connection said hello" state can be trusted.
+                refused = self.options.credential.refusal(req.get("auth"))
+                if refused is not None:
+                    raise refused
             handler(req_id, req, payload)
         except RequestError as exc:
             self.send_error(req_id, exc.code, exc.message)
@@ -720,14 +821,7 @@ class Session:
 
     # ---- operations (run on the reader thread unless they may block)
     def op_hello(self, req_id: object, req: dict, _payload: bytes) -> None:
-        wanted = req.get("protocol", [PROTOCOL_VERSION])
-        if isinstance(wanted, int):
-            wanted = [wanted]
-        common = [v for v in SUPPORTED_PROTOCOLS if isinstance(wanted, list) and v in wanted]
-        if not common:
-            raise RequestError(
-                "unsupported_version", f"agent speaks protocol {list(SUPPORTED_PROTOCOLS)}"
-            )
+        common = _common_protocol(req)
         try:
             with open("/proc/sys/kernel/random/boot_id") as fh:
                 boot_id = fh.read().strip()
@@ -750,6 +844,18 @@ class Session:
                 "transport": self.transport.name,
             }
         )
+
+    def op_enroll(self, req_id: object, req: dict, _payload: bytes) -> None:
+        new = _credential_value(req.get("credential"), "credential")
+        self.options.credential.replace(new, current=None, enrolling=True)
+        log("enrolled: the host's credential is set")
+        self.send({"id": req_id, "kind": "result", "enrolled": True})
+
+    def op_rotate(self, req_id: object, req: dict, _payload: bytes) -> None:
+        new = _credential_value(req.get("credential"), "credential")
+        self.options.credential.replace(new, current=req.get("auth"), enrolling=False)
+        log("credential rotated")
+        self.send({"id": req_id, "kind": "result", "rotated": True})
 
     def op_ping(self, req_id: object, _req: dict, _payload: bytes) -> None:
         self.send({"id": req_id, "kind": "pong"})
@@ -925,7 +1031,7 @@ class Session:
         )
 
     def op_network(self, req_id: object, req: dict, _payload: bytes) -> None:
-        fields = {k: v for k, v in req.items() if k not in ("op", "id")}
+        fields = {k: v for k, v in req.items() if k not in ("op", "id", "auth")}
         plan = _network_plan(fields)
         self._claim(req_id, True)
         self._spawn(req_id, self._network, req_id, plan)
@@ -950,6 +1056,18 @@ class Session:
             raise RequestError("bad_request", "action must be poweroff or reboot")
         self.send({"id": req_id, "kind": "result", "action": action})
         threading.Thread(target=_shutdown, args=(action, self.options), daemon=True).start()
+
+
+def _common_protocol(req: dict) -> list[int]:
+    wanted = req.get("protocol", [PROTOCOL_VERSION])
+    if isinstance(wanted, int):
+        wanted = [wanted]
+    common = [v for v in SUPPORTED_PROTOCOLS if isinstance(wanted, list) and v in wanted]
+    if not common:
+        raise RequestError(
+            "unsupported_version", f"agent speaks protocol {list(SUPPORTED_PROTOCOLS)}"
+        )
+    return common
 
 
 def _uptime() -> float | None:
@@ -1403,13 +1521,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--port-name", default=PORT_NAME)
     parser.add_argument("--vsock-port", type=int, default=VSOCK_PORT)
     parser.add_argument(
+        "--credential-file",
+        metavar="PATH",
+        help=f"keep the credential's SHA-256 here (--guest: {CREDENTIAL_FILE}; else in memory)",
+    )
+    parser.add_argument(
         "--apply-configure",
         action="store_true",
         help="really change clock, hostname and network (implied by --guest)",
     )
     args = parser.parse_args(argv)
     options = Options(
-        apply_configure=args.guest or args.apply_configure, system_shutdown=args.guest
+        apply_configure=args.guest or args.apply_configure,
+        system_shutdown=args.guest,
+        credential=Credential(args.credential_file or (CREDENTIAL_FILE if args.guest else None)),
     )
     log(f"agent {AGENT_VERSION} protocol {PROTOCOL_VERSION} pid {os.getpid()}")
     if args.stdio:

@@ -6,6 +6,7 @@ started with ``--listen-unix``; nothing here needs Django, a VMM or root.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import shutil
 import socket
@@ -19,9 +20,16 @@ from types import ModuleType
 
 import pytest
 
-from vms.agent.client import AgentClient
+from vms.agent.client import AgentClient, encode_frame
 
 AGENT = Path(__file__).resolve().parents[2] / "images" / "agent" / "sandbox_agent.py"
+# The credential the agents started here are enrolled with (``start_agent``).
+CREDENTIAL = "test-credential-of-the-agent-tests-0123456789"
+
+
+def authed(header: dict, payload: bytes = b"") -> bytes:
+    """A frame carrying the test agents' credential, as the client sends it."""
+    return encode_frame({**header, "auth": CREDENTIAL}, payload)
 
 
 class RunningAgent:
@@ -38,12 +46,31 @@ class RunningAgent:
         return self.proc.poll() is None
 
 
-def start_agent(directory: str, *extra: str, prefix: Sequence[str] = ()) -> RunningAgent:
-    """Run the agent on a unix socket in ``directory``; ``prefix`` wraps the command (e.g.
-    ``ip netns exec NS``)."""
+def start_agent(
+    directory: str,
+    *extra: str,
+    prefix: Sequence[str] = (),
+    credential: str | None = CREDENTIAL,
+) -> RunningAgent:
+    """Run the agent on a unix socket in ``directory``, enrolled with ``credential`` (None: not
+    enrolled yet); ``prefix`` wraps the command (e.g. ``ip netns exec NS``)."""
     path = f"{directory}/agent.sock"
+    stored = f"{directory}/credential"
+    if credential is not None:
+        Path(stored).write_text(hashlib.sha256(credential.encode()).hexdigest() + "\n")
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path, *extra],
+        [
+            *prefix,
+            sys.executable,
+            "-I",
+            "-S",
+            str(AGENT),
+            "--listen-unix",
+            path,
+            "--credential-file",
+            stored,
+            *extra,
+        ],
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
@@ -90,7 +117,7 @@ def agent(short_dir: str) -> Iterator[RunningAgent]:
 
 @pytest.fixture
 def client(agent: RunningAgent) -> Iterator[AgentClient]:
-    with AgentClient(agent.connect, timeout=20) as c:
+    with AgentClient(agent.connect, timeout=20, credential=CREDENTIAL) as c:
         c.hello(timeout=10)
         yield c
 

@@ -24,7 +24,7 @@ from vms.agent.client import (
     encode_frame,
 )
 
-from .conftest import AGENT, RunningAgent, start_agent, stop_agent
+from .conftest import AGENT, CREDENTIAL, RunningAgent, authed, start_agent, stop_agent
 
 
 def _gone(pid: int, within: float = 5.0) -> bool:
@@ -48,7 +48,7 @@ def _gone(pid: int, within: float = 5.0) -> bool:
 
 def test_hello_reports_protocol_version_and_capabilities(client: AgentClient) -> None:
     hello = client.hello(timeout=5)
-    assert hello.protocol == 1
+    assert hello.protocol == 2
     assert hello.agent_version
     ops = ("exec", "put", "get", "list", "stat", "health", "configure", "network", "ping")
     for op in (*ops, "shutdown"):
@@ -68,8 +68,8 @@ def test_hello_retries_until_the_agent_listens(short_dir: str) -> None:
     timer = threading.Timer(0.5, lambda: started.append(start_agent(short_dir)))
     timer.start()
     try:
-        with AgentClient(connect) as client:
-            assert client.hello(timeout=15).protocol == 1
+        with AgentClient(connect, credential=CREDENTIAL) as client:
+            assert client.hello(timeout=15).protocol == 2
     finally:
         timer.join()
         for running in started:
@@ -78,7 +78,7 @@ def test_hello_retries_until_the_agent_listens(short_dir: str) -> None:
 
 def test_hello_with_no_common_protocol_is_refused(raw) -> None:
     conn = raw()
-    conn.send(encode_frame({"op": "hello", "id": 1, "protocol": [99]}))
+    conn.send(authed({"op": "hello", "id": 1, "protocol": [99]}))
     header, _ = conn.frame()
     assert header["kind"] == "error" and header["code"] == "unsupported_version"
 
@@ -86,7 +86,7 @@ def test_hello_with_no_common_protocol_is_refused(raw) -> None:
 def test_hello_times_out_when_nothing_answers() -> None:
     left, right = socket.socketpair()
     try:
-        with AgentClient(left) as client, pytest.raises(AgentTimeout):
+        with AgentClient(left, credential=CREDENTIAL) as client, pytest.raises(AgentTimeout):
             client.hello(timeout=0.5)
     finally:
         right.close()
@@ -223,7 +223,7 @@ def test_closing_the_connection_kills_its_running_processes(
     agent: RunningAgent, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "pid"
-    client = AgentClient(agent.connect)
+    client = AgentClient(agent.connect, credential=CREDENTIAL)
     client.hello(timeout=5)
     runner = threading.Thread(
         target=lambda: pytest.raises(
@@ -245,9 +245,9 @@ def test_closing_the_connection_kills_its_running_processes(
 
 def test_signal_reaches_a_running_exec(client: AgentClient, raw) -> None:
     conn = raw()
-    conn.send(encode_frame({"op": "exec", "id": "long", "argv": ["sleep", "1000"]}))
+    conn.send(authed({"op": "exec", "id": "long", "argv": ["sleep", "1000"]}))
     time.sleep(0.2)
-    conn.send(encode_frame({"op": "signal", "id": 2, "target": "long", "signal": 15}))
+    conn.send(authed({"op": "signal", "id": 2, "target": "long", "signal": 15}))
     frames = {}
     while len(frames) < 2:
         header, _ = conn.frame()
@@ -428,7 +428,7 @@ def test_configure_rejects_invalid_identity(client: AgentClient, fields: dict) -
 def test_shutdown_off_a_guest_ends_the_agent(short_dir: str) -> None:
     running = start_agent(short_dir)
     try:
-        with AgentClient(running.connect) as client:
+        with AgentClient(running.connect, credential=CREDENTIAL) as client:
             client.hello(timeout=5)
             client.shutdown("poweroff")
         assert running.proc.wait(timeout=5) == 0
@@ -436,7 +436,7 @@ def test_shutdown_off_a_guest_ends_the_agent(short_dir: str) -> None:
         stop_agent(running)
 
 
-def test_stdio_transport(tmp_path: Path) -> None:
+def test_stdio_transport_and_enrolment_on_first_use(tmp_path: Path) -> None:
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", str(AGENT), "--stdio"],
@@ -447,6 +447,10 @@ def test_stdio_transport(tmp_path: Path) -> None:
     theirs.close()
     try:
         with AgentClient(ours) as client:
+            with pytest.raises(AgentError) as refused:
+                client.hello(timeout=10)  # a fresh agent: nothing but enroll
+            assert refused.value.code == "not_enrolled"
+            client.enroll(CREDENTIAL)
             client.hello(timeout=10)
             assert client.exec(["echo", "over stdio"]).stdout == b"over stdio\n"
     finally:
@@ -462,7 +466,7 @@ def test_garbage_gets_an_error_and_the_agent_keeps_serving(raw, agent: RunningAg
     conn.send(b"this is not a frame at all")
     header, _ = conn.frame()
     assert (header["kind"], header["code"]) == ("error", "bad_frame")
-    conn.send(encode_frame({"op": "ping", "id": 7}))
+    conn.send(authed({"op": "ping", "id": 7}))
     assert conn.frame()[0] == {"id": 7, "kind": "pong"}
     assert agent.alive()
 
@@ -472,7 +476,7 @@ def test_a_header_that_is_not_json_is_answered_with_an_error(raw) -> None:
     head = b"{not json"
     conn.send(b"\x7fSBA" + len(head).to_bytes(4, "big") + (0).to_bytes(4, "big") + head)
     assert conn.frame()[0]["code"] == "bad_frame"
-    conn.send(encode_frame({"op": "ping", "id": 1}))
+    conn.send(authed({"op": "ping", "id": 1}))
     assert conn.frame()[0]["kind"] == "pong"
 
 
@@ -484,7 +488,7 @@ def test_an_oversized_frame_is_refused_by_id_and_skipped(raw, agent: RunningAgen
     conn.send(head + payload)
     header, _ = conn.frame()
     assert (header["id"], header["code"]) == (99, "frame_too_large")
-    conn.send(encode_frame({"op": "ping", "id": 100}))
+    conn.send(authed({"op": "ping", "id": 100}))
     assert conn.frame()[0] == {"id": 100, "kind": "pong"}
     assert agent.alive()
 
@@ -492,7 +496,7 @@ def test_an_oversized_frame_is_refused_by_id_and_skipped(raw, agent: RunningAgen
 def test_absurd_lengths_resynchronise_on_the_next_frame(raw) -> None:
     conn = raw()
     conn.send(b"\x7fSBA" + (0xFFFFFFFF).to_bytes(4, "big") + (5).to_bytes(4, "big"))
-    conn.send(encode_frame({"op": "ping", "id": 3}))
+    conn.send(authed({"op": "ping", "id": 3}))
     frames = [conn.frame()[0], conn.frame()[0]]
     assert frames[0]["code"] == "bad_frame"
     assert frames[1] == {"id": 3, "kind": "pong"}
@@ -511,15 +515,15 @@ def test_absurd_lengths_resynchronise_on_the_next_frame(raw) -> None:
 )
 def test_invalid_requests_get_error_codes(raw, header: dict, code: str) -> None:
     conn = raw()
-    conn.send(encode_frame(header))
+    conn.send(authed(header))
     reply = conn.frame()[0]
     assert (reply["kind"], reply["code"]) == ("error", code)
 
 
 def test_a_duplicate_id_of_a_running_request_is_refused(raw) -> None:
     conn = raw()
-    conn.send(encode_frame({"op": "exec", "id": 5, "argv": ["sleep", "1000"], "timeout": 2}))
-    conn.send(encode_frame({"op": "exec", "id": 5, "argv": ["true"]}))
+    conn.send(authed({"op": "exec", "id": 5, "argv": ["sleep", "1000"], "timeout": 2}))
+    conn.send(authed({"op": "exec", "id": 5, "argv": ["true"]}))
     assert conn.frame()[0]["code"] == "duplicate_id"
 
 
@@ -589,12 +593,23 @@ def test_data_of_a_failed_upload_is_dropped_quietly(short_dir: str) -> None:
     import resource
 
     path = f"{short_dir}/agent.sock"
+    stored = f"{short_dir}/credential"
+    Path(stored).write_text(hashlib.sha256(CREDENTIAL.encode()).hexdigest())
 
     def limit_file_size() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(AGENT), "--listen-unix", path],
+        [
+            sys.executable,
+            "-I",
+            "-S",
+            str(AGENT),
+            "--listen-unix",
+            path,
+            "--credential-file",
+            stored,
+        ],
         stderr=subprocess.DEVNULL,
         preexec_fn=limit_file_size,  # noqa: PLW1509 - a plain rlimit, no threads yet
     )
@@ -607,26 +622,28 @@ def test_data_of_a_failed_upload_is_dropped_quietly(short_dir: str) -> None:
 
         time.sleep(0.2)
         conn = RawConnection(running.connect())
-        conn.send(encode_frame({"op": "put", "id": 5, "path": f"{short_dir}/big", "mode": 420}))
+        conn.send(authed({"op": "put", "id": 5, "path": f"{short_dir}/big", "mode": 420}))
         assert conn.frame()[0]["kind"] == "ready"
         chunk = b"x" * (256 << 10)
         for _ in range(12):  # 3 MiB against a 1 MiB limit: the failure comes mid-way
-            conn.send(encode_frame({"op": "data", "id": 5}, chunk))
-        conn.send(encode_frame({"op": "ping", "id": 6}))
+            conn.send(authed({"op": "data", "id": 5}, chunk))
+        conn.send(authed({"op": "ping", "id": 6}))
         frames = [conn.frame()[0]]
         while frames[-1].get("kind") != "pong":
             frames.append(conn.frame()[0])
         assert [f["kind"] for f in frames] == ["error", "pong"], frames
         assert frames[0]["id"] == 5 and frames[0]["code"] in ("io_error", "no_space")
-        assert not [n for n in os.listdir(short_dir) if n != "agent.sock"]  # nothing half-written
+        assert not [
+            n for n in os.listdir(short_dir) if n not in ("agent.sock", "credential")
+        ]  # nothing half-written
         # An id never used for an upload still gets its error.
-        conn.send(encode_frame({"op": "data", "id": 77}, b"x"))
+        conn.send(authed({"op": "data", "id": 77}, b"x"))
         assert conn.frame()[0]["code"] == "unknown_id"
         # And the id can be used again for a new upload, whose data is taken.
-        conn.send(encode_frame({"op": "put", "id": 5, "path": f"{short_dir}/small", "mode": 420}))
+        conn.send(authed({"op": "put", "id": 5, "path": f"{short_dir}/small", "mode": 420}))
         assert conn.frame()[0]["kind"] == "ready"
         digest = hashlib.sha256(b"again").hexdigest()
-        conn.send(encode_frame({"op": "data", "id": 5, "eof": True, "sha256": digest}, b"again"))
+        conn.send(authed({"op": "data", "id": 5, "eof": True, "sha256": digest}, b"again"))
         assert conn.frame()[0] == {
             "id": 5,
             "kind": "result",
@@ -641,7 +658,10 @@ def test_data_of_a_failed_upload_is_dropped_quietly(short_dir: str) -> None:
 def test_call_ids_differ_between_clients(agent: RunningAgent) -> None:
     """A reply still in flight for an earlier connection (virtio-serial keeps one stream)
     must never be taken for a reply of the next client's calls."""
-    first, second = AgentClient(agent.connect), AgentClient(agent.connect)
+    first, second = (
+        AgentClient(agent.connect, credential=CREDENTIAL),
+        AgentClient(agent.connect, credential=CREDENTIAL),
+    )
     try:
         assert abs(next(first._ids) - next(second._ids)) > 1000
     finally:
@@ -651,11 +671,11 @@ def test_call_ids_differ_between_clients(agent: RunningAgent) -> None:
 
 def test_an_aborted_upload_leaves_nothing_and_gets_no_reply(raw, short_dir: str) -> None:
     conn = raw()
-    conn.send(encode_frame({"op": "put", "id": 8, "path": f"{short_dir}/gone", "mode": 420}))
+    conn.send(authed({"op": "put", "id": 8, "path": f"{short_dir}/gone", "mode": 420}))
     assert conn.frame()[0]["kind"] == "ready"
-    conn.send(encode_frame({"op": "data", "id": 8}, b"x" * 1000))
-    conn.send(encode_frame({"op": "data", "id": 8, "abort": True}))
-    conn.send(encode_frame({"op": "data", "id": 8}, b"late chunk"))  # was already on its way
-    conn.send(encode_frame({"op": "ping", "id": 9}))
+    conn.send(authed({"op": "data", "id": 8}, b"x" * 1000))
+    conn.send(authed({"op": "data", "id": 8, "abort": True}))
+    conn.send(authed({"op": "data", "id": 8}, b"late chunk"))  # was already on its way
+    conn.send(authed({"op": "ping", "id": 9}))
     assert conn.frame()[0] == {"id": 9, "kind": "pong"}
-    assert not [n for n in os.listdir(short_dir) if n != "agent.sock"]
+    assert not [n for n in os.listdir(short_dir) if n not in ("agent.sock", "credential")]

@@ -15,7 +15,7 @@ from pyroute2 import IPRoute
 from vms.agent.client import AgentClient, AgentError
 from vms.network import netns as net_ns
 
-from .conftest import RunningAgent, start_agent, stop_agent
+from .conftest import CREDENTIAL, RunningAgent, start_agent, stop_agent
 
 
 def test_network_off_a_guest_only_plans_the_changes(client: AgentClient) -> None:
@@ -108,7 +108,7 @@ def test_network_finds_the_interface_by_mac_and_configures_it(
     ns_agent: tuple[str, RunningAgent],
 ) -> None:
     ns, running = ns_agent
-    with AgentClient(running.connect, timeout=20) as client:
+    with AgentClient(running.connect, timeout=20, credential=CREDENTIAL) as client:
         client.hello(timeout=10)
         done = client.network(
             match_mac="52:54:00:00:77:01",
@@ -138,7 +138,7 @@ def test_network_finds_the_interface_by_mac_and_configures_it(
 
 def test_network_failure_is_reported_not_fatal(ns_agent: tuple[str, RunningAgent]) -> None:
     _ns, running = ns_agent
-    with AgentClient(running.connect, timeout=20) as client:
+    with AgentClient(running.connect, timeout=20, credential=CREDENTIAL) as client:
         client.hello(timeout=10)
         # A gateway outside every connected network: the kernel refuses the route.
         with pytest.raises(AgentError) as info:

@@ -13,7 +13,7 @@ import pytest
 from vms.agent import readiness
 from vms.hypervisors.base import HypervisorError, NetSpec, RuntimeDir, VMSpec
 
-from .conftest import RunningAgent
+from .conftest import CREDENTIAL, RunningAgent
 
 TEMPLATE_MAC = "02:aa:bb:cc:dd:01"
 VM_MAC = "52:54:00:7a:00:0a"
@@ -49,7 +49,7 @@ def test_the_macs_are_asked_beside_the_hello_and_checked_after(
     agent: RunningAgent, tmp_path: Path
 ) -> None:
     hv = StandIn(agent)
-    readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC)  # type: ignore[arg-type]
+    readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC, CREDENTIAL)  # type: ignore[arg-type]
     # Once on a thread of its own while greeting, once on the caller's after the configure.
     assert len(hv.asked) == 2
     assert hv.asked[0] == "nic-macs" and hv.asked[1] != "nic-macs"
@@ -60,11 +60,11 @@ def test_a_vmm_that_cannot_say_its_macs_fails_the_start(
 ) -> None:
     hv = StandIn(agent, fail=True)
     with pytest.raises(HypervisorError, match="QMP did not answer"):
-        readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC)  # type: ignore[arg-type]
+        readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC, CREDENTIAL)  # type: ignore[arg-type]
     assert hv.asked == ["nic-macs"]
 
 
 def test_a_guest_without_nics_asks_nothing(agent: RunningAgent, tmp_path: Path) -> None:
     hv = StandIn(agent, fail=True)
-    readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC.replace(nets=()))  # type: ignore[arg-type]
+    readiness.reset_identity(hv, RuntimeDir(tmp_path), SPEC.replace(nets=()), CREDENTIAL)  # type: ignore[arg-type]
     assert hv.asked == []

@@ -10,6 +10,7 @@ Runtime directories live under a short temp path (unix socket paths are limited 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from vms.agent import readiness
-from vms.agent.client import AgentClient
+from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import DiskSpec, RuntimeDir, TemplateHooks, VMSpec
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.hypervisors.templates import TemplateCache
@@ -38,7 +39,7 @@ class Guest:
     def reconnect(self, timeout: float = 30.0) -> AgentClient:
         with contextlib.suppress(Exception):
             self.client.close()
-        self.client = connect_agent(self.hv, self.runtime, timeout)
+        self.client = connect_agent(self.hv, self.runtime, timeout, self.client.credential)
         return self.client
 
     def close(self) -> None:
@@ -47,10 +48,21 @@ class Guest:
         self.hv.destroy(self.runtime)
 
 
-def connect_agent(hv: QemuHypervisor, runtime: RuntimeDir, timeout: float) -> AgentClient:
+def connect_agent(
+    hv: QemuHypervisor, runtime: RuntimeDir, timeout: float, credential: str | None
+) -> AgentClient:
+    """Greet the guest's agent with ``credential`` (its template's); None: a cold-booted guest,
+    enrolled here with a fresh one."""
     client = AgentClient(
-        lambda: hv.agent_connect(runtime, 2.0), timeout=30.0, name=runtime.root.name
+        lambda: hv.agent_connect(runtime, 2.0),
+        timeout=30.0,
+        name=runtime.root.name,
+        credential=credential,
     )
+    if credential is None:
+        with contextlib.suppress(AgentError):  # not_enrolled: the agent answers
+            client.hello(timeout=timeout)
+        client.enroll(secrets.token_urlsafe(32))
     client.hello(timeout=timeout)
     return client
 
@@ -126,13 +138,15 @@ def start_guest(
     def start(vm_id: str, *, cold: bool = False, spec: VMSpec | None = None) -> Guest:
         spec = spec or make_spec(vm_id)
         runtime = RuntimeDir(runtime_root / vm_id)
+        credential = None
         if cold:
             hv.start(spec, runtime)
         else:
             result = templates.start(spec, runtime, fallback=False)
             assert result.restored
+            credential = result.guest_secret
         try:
-            client = connect_agent(hv, runtime, HELLO_TIMEOUT)
+            client = connect_agent(hv, runtime, HELLO_TIMEOUT, credential)
         except BaseException:
             hv.destroy(runtime)
             raise

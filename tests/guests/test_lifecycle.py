@@ -43,7 +43,7 @@ def test_cold_boot_reaches_agent_hello(start_guest: Callable[..., Guest]) -> Non
     started = time.monotonic()
     guest = start_guest("cold", cold=True)
     assert guest.client.hello_info is not None
-    assert guest.client.hello_info.protocol == 1
+    assert guest.client.hello_info.protocol == 2
     info = guest.hv.info(guest.runtime)
     assert info.state is VMState.RUNNING
     assert info.vcpus == 1 and info.memory_mib == 256
@@ -84,7 +84,7 @@ def test_uefi_image_boots_to_the_agent(
     runtime = RuntimeDir(runtime_root / "uefi")
     hv.start(spec, runtime)
     try:
-        client = connect_agent(hv, runtime, HELLO_TIMEOUT)
+        client = connect_agent(hv, runtime, HELLO_TIMEOUT, None)
         try:
             assert client.exec(["cat", "/sys/firmware/efi/systab"]).exit_code == 0
         finally:
@@ -291,8 +291,9 @@ def test_template_serves_a_fresh_data_disk_but_never_one_with_data(
     assert templates.usable_for(spec) is None
     runtime = RuntimeDir(runtime_root / "datavm")
     try:
-        assert templates.start(spec, runtime, fallback=False).restored
-        client = connect_agent(hv, runtime, 30)
+        result = templates.start(spec, runtime, fallback=False)
+        assert result.restored
+        client = connect_agent(hv, runtime, 30, result.guest_secret)
         try:
             wrote = client.exec(["sh", "-c", "echo kept > /data/kept && sync && cat /data/kept"])
             assert wrote.stdout == b"kept\n", wrote

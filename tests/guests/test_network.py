@@ -149,7 +149,7 @@ def test_cold_booted_guest_is_configured_by_the_agent_and_answers_at_its_address
     runtime = RuntimeDir(runtime_root / "netcold")
     hv.start(spec, runtime)
     try:
-        client = connect_agent(hv, runtime, HELLO_TIMEOUT)
+        client = connect_agent(hv, runtime, HELLO_TIMEOUT, None)
         try:
             readiness.configure_guest(client, hv, runtime, spec)
             assert hv.nic_macs(runtime) == {"net0": "52:54:00:21:00:10"}
@@ -193,7 +193,7 @@ def test_guests_restored_from_a_nic_template_get_their_own_mac_and_address(
         manifest = json.loads((saved.directory / "snapshot.json").read_text())
         assert manifest["spec"]["nets"][0]["mac"] == template_mac(key, 0)
         for spec, runtime in zip(specs, runtimes, strict=True):
-            client = connect_agent(hv, runtime, 30)
+            client = connect_agent(hv, runtime, 30, result.guest_secret)
             try:
                 mac = client.read_file("/sys/class/net/eth0/address").decode().strip()
                 assert mac == spec.nets[0].mac

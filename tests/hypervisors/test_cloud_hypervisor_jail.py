@@ -33,7 +33,7 @@ def _uid(pid: int) -> int:
 
 def _exec(driver: CloudHypervisor, runtime: RuntimeDir, text: str) -> bytes:
     with AgentClient(lambda: driver.agent_connect(runtime, 10), timeout=10) as agent:
-        agent.hello(timeout=15)
+        agent.hello_enrolling("jail-test-credential-0123456789-abcdefghijkl", timeout=15)
         result = agent.exec(["echo", text], timeout=10)
     assert result.ok
     return result.stdout

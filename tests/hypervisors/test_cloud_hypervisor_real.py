@@ -59,10 +59,16 @@ def work() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# The first guest is enrolled with it; its restored copy has it still (saved RAM).
+CREDENTIAL = "ch-real-test-credential-0123456789-abcdefgh"
+
+
 def _agent(driver: CloudHypervisor, runtime: RuntimeDir) -> Any:
     from vms.agent.client import AgentClient
 
-    return AgentClient(lambda: driver.agent_connect(runtime, BOOT_TIMEOUT), timeout=30)
+    return AgentClient(
+        lambda: driver.agent_connect(runtime, BOOT_TIMEOUT), timeout=30, credential=CREDENTIAL
+    )
 
 
 def test_real_guest_lifecycle(image: Any, work: Path) -> None:
@@ -89,7 +95,7 @@ def test_real_guest_lifecycle(image: Any, work: Path) -> None:
         driver.start(spec, first)
         assert driver.info(first).state is VMState.RUNNING
         with _agent(driver, first) as agent:
-            agent.hello(timeout=BOOT_TIMEOUT)
+            agent.hello_enrolling(CREDENTIAL, timeout=BOOT_TIMEOUT)
             result = agent.exec(["sh", "-c", "echo hello > /data/mark && sync && cat /data/mark"])
             assert result.ok and result.stdout == b"hello\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as console:

@@ -42,6 +42,8 @@ from vms.hypervisors.cloud_hypervisor import (
 from vms.hypervisors.process import wait_for
 
 AGENT = REPO_ROOT / "images" / "agent" / "sandbox_agent.py"
+# What the simulated guests' agents are enrolled with (a fresh agent takes it on first use).
+CREDENTIAL = "chsim-test-credential-0123456789-abcdefghijk"
 
 
 def _agent_client() -> Any:
@@ -121,8 +123,8 @@ def test_full_lifecycle_with_the_real_agent(
     assert {"root", "data", "net0", "vsock0"} <= set(info.detail["devices"])
 
     with real_agent(lambda: driver.agent_connect(runtime, 10), timeout=10) as agent:
-        hello = agent.hello(timeout=15)
-        assert hello.protocol == 1
+        hello = agent.hello_enrolling(CREDENTIAL, timeout=15)
+        assert hello.protocol == 2
         result = agent.exec(["echo", "from the guest"], timeout=10)
         assert result.ok and result.stdout == b"from the guest\n"
 
@@ -179,7 +181,7 @@ def test_full_lifecycle_with_the_real_agent(
     assert not (target.root / "restore").exists()  # staged files are gone
 
     with real_agent(lambda: driver.agent_connect(target, 10), timeout=10) as agent:
-        agent.hello(timeout=15)
+        agent.hello_enrolling(CREDENTIAL, timeout=15)
         assert agent.exec(["true"], timeout=10).ok
 
     driver.power_button(target)

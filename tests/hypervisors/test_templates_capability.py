@@ -102,12 +102,17 @@ class RecordingDriver:
 class RecordingHooks:
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.secrets: list[str | None] = []
 
-    def wait_ready(self, hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> None:
+    def wait_ready(self, hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> str:
         self.calls.append(f"wait_ready {timeout}")
+        return "the-template-guest-secret"
 
-    def reset_identity(self, hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
+    def reset_identity(
+        self, hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec, secret: str | None
+    ) -> None:
         self.calls.append(f"reset_identity {spec.extra.get('hostname')}")
+        self.secrets.append(secret)
 
     def make_disk(self, path: Path, size_mib: int) -> Path:
         self.calls.append(f"make_disk {size_mib}")
@@ -188,6 +193,16 @@ def test_first_start_builds_the_template_through_the_hooks_then_restores(
     assert again.restored
     assert hv.calls == [f"restore vm2 from {key}"]
     assert hooks.calls == ["reset_identity beta"]
+    # What wait_ready answered (the template agent's credential) is kept beside the saved
+    # guest, root-only and out of its files, and handed to reset_identity and the caller.
+    assert hooks.secrets == ["the-template-guest-secret"] * 2
+    assert result.guest_secret == again.guest_secret == "the-template-guest-secret"
+    kept = tmp_path / "cache" / key / "guest-secret"
+    assert kept.read_text() == "the-template-guest-secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert "the-template-guest-secret" not in repr(result)
+    found = cache.lookup(spec)
+    assert found is not None and kept not in found.files
 
 
 def test_the_driver_shape_is_part_of_the_key(tmp_path: Path, files: dict[str, Path]) -> None:
@@ -280,7 +295,7 @@ def test_network_ready_comes_before_anything_can_bring_a_guest_link_up(
     order: list[str] = []
     bundle = TemplateHooks(
         hooks.wait_ready,
-        lambda h, rt, s: order.extend(hv.calls + ["reset_identity"]),
+        lambda h, rt, s, secret: order.extend(hv.calls + ["reset_identity"]),
         hooks.make_disk,
     )
     cache = TemplateCache(hv, bundle, cache_dir=tmp_path / "cache")  # type: ignore[arg-type]

@@ -67,6 +67,7 @@ RECORDED = {
     "vm.console_closed": ("vm", 1, "access"),
     "vm.console_opened": ("vm", 1, "access"),
     "vm.crashed": ("vm", 1, "monitoring"),
+    "vm.agent_credential_rotated": ("vm", 1, "access"),
     "vm.create_requested": ("vm", 1, "change"),
     "vm.created": ("vm", 1, "change"),
     "vm.exec_completed": ("vm", 1, "data"),

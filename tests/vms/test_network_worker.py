@@ -40,6 +40,7 @@ from tests.network.internet import (
 )
 from tests.preview.conftest import bearer, grant_cookie, preview_host, serve_previews, share
 from vms import commands, vmnet
+from vms.agent import credentials
 from vms.agent.client import AgentClient
 from vms.hypervisors.qemu import QemuHypervisor
 from vms.models import Quota, Snapshot, VirtualMachine
@@ -116,7 +117,12 @@ def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Itera
 
 def _agent(vm: VirtualMachine) -> AgentClient:
     hv, rt = QemuHypervisor(), runtime_dir(vm.pk)
-    client = AgentClient(lambda: hv.agent_connect(rt, 2.0), timeout=30.0, name=rt.root.name)
+    client = AgentClient(
+        lambda: hv.agent_connect(rt, 2.0),
+        timeout=30.0,
+        name=rt.root.name,
+        credential=credentials.for_vm(vm.pk),
+    )
     client.hello(timeout=30)
     return client
 

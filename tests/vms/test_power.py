@@ -18,7 +18,7 @@ from django.test import Client
 
 from audit.models import Event
 from vms import commands, live, runtime, worker
-from vms.agent.client import AgentClient
+from vms.agent import credentials
 from vms.models import VirtualMachine
 
 pytestmark = [pytest.mark.guest, pytest.mark.django_db(transaction=True)]
@@ -58,8 +58,7 @@ _OUTCOMES = ("vm.stopped", "vm.stop_failed", "vm.rebooted", "vm.reboot_failed")
 
 
 def guest_run(vm: VirtualMachine, *argv: str) -> str:
-    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
-    with AgentClient.from_hypervisor(hv, rt) as agent:
+    with credentials.client_for_vm(vm) as agent:
         agent.hello(timeout=30)
         result = agent.exec(list(argv), timeout=30)
     assert result.exit_code == 0, result

@@ -126,6 +126,7 @@ def hv(monkeypatch: pytest.MonkeyPatch, vm_dirs: dict[str, Path]) -> RecordingHy
     fake = RecordingHypervisor()
     monkeypatch.setattr(runtime, "hypervisor", lambda: fake)
     monkeypatch.setattr(worker, "_agent", lambda vm, timeout=0: FakeAgent())
+    monkeypatch.setattr(worker, "_give_own_credential", lambda vm, current, reason, request: None)
     return fake
 
 

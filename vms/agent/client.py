@@ -1,4 +1,4 @@
-"""Host side of the guest agent protocol v1 (see docs/agent-protocol.md). No Django imports.
+"""Host side of the guest agent protocol v2 (see docs/agent-protocol.md). No Django imports.
 
 ``AgentClient`` wraps one byte stream to one agent (a unix socket QEMU exposes for the
 virtio-serial port, a hybrid-vsock socket after ``CONNECT``, or a test agent's socket). Calls from
@@ -9,6 +9,11 @@ holds at most ``CALL_QUEUE_FRAMES`` frames: when its caller is slower than the g
 websocket), the reader waits, the stream backs up into the guest and the process there blocks on
 its pipe, so the host's memory per call stays bounded. Frames of a call that has ended are
 dropped.
+
+Every request carries the VM's agent credential (``credential``; the agent refuses any other
+request but ``enroll``). The credential is never logged, and never part of an error's message.
+Callers in the product get their client from ``vms.agent.credentials.client_for_vm``, which
+knows where each VM's credential is kept.
 
 Every wait has a timeout. Failures are ``AgentError`` (the agent said no, with its error code),
 ``AgentTimeout`` (no answer in time), ``AgentProtocolError`` (the agent said something that makes
@@ -52,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"\x7fSBA"
 PREFIX_LEN = 12
 MAX_FRAME = 1 << 20
@@ -238,7 +243,9 @@ class AgentClient:
         *,
         timeout: float = 30.0,
         name: str = "agent",
+        credential: str | None = None,
     ) -> None:
+        self.credential = credential
         self._connect_fn = None if isinstance(target, socket.socket) else target
         self._sock: socket.socket | None = target if isinstance(target, socket.socket) else None
         self.timeout = timeout
@@ -249,6 +256,9 @@ class AgentClient:
         # this one.
         self._ids = itertools.count(secrets.randbelow(1 << 48) + 1)
         self._calls: dict[int, _Call] = {}
+        # Ids of hellos sent (a retry loop abandons its unanswered ones): their late answers,
+        # errors too (a guest not enrolled yet answers each with one), are expected.
+        self._hello_ids: set[int] = set()
         self._calls_lock = threading.Lock()
         self._wlock = threading.Lock()
         self._conn_lock = threading.Lock()
@@ -266,14 +276,19 @@ class AgentClient:
         *,
         connect_timeout: float = 5.0,
         timeout: float = 30.0,
+        credential: str | None = None,
     ) -> AgentClient:
-        """A client that (re)connects through ``hypervisor.agent_connect(runtime, ...)``.
+        """A client that (re)connects through ``hypervisor.agent_connect(runtime, ...)``,
+        presenting ``credential`` (None: only ``enroll`` will be accepted).
 
         Call ``hello(timeout)`` next: it retries until the guest's agent answers.
         """
         name = f"agent:{getattr(getattr(runtime, 'root', None), 'name', runtime)}"
         return cls(
-            lambda: hypervisor.agent_connect(runtime, connect_timeout), timeout=timeout, name=name
+            lambda: hypervisor.agent_connect(runtime, connect_timeout),
+            timeout=timeout,
+            name=name,
+            credential=credential,
         )
 
     # ---- connection management
@@ -362,7 +377,7 @@ class AgentClient:
         call = self._calls.get(call_id) if isinstance(call_id, int) else None
         if call is not None:
             self._deliver(call, (header, payload))
-        elif header.get("kind") == "error":
+        elif header.get("kind") == "error" and call_id not in self._hello_ids:
             log.warning("%s: error not tied to a live request: %s", self.name, header)
         else:
             # Late answers to abandoned calls (e.g. the hellos a retry loop gave up on).
@@ -380,7 +395,12 @@ class AgentClient:
         with self._calls_lock:
             self._calls.pop(call.id, None)
 
+    def __repr__(self) -> str:
+        return f"<AgentClient {self.name}>"  # never the credential
+
     def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        if self.credential is not None and header.get("op") != "enroll":
+            header = {**header, "auth": self.credential}
         data = encode_frame(header, payload)
         sock = self._sock
         if sock is None or self._dead is not None:
@@ -442,6 +462,8 @@ class AgentClient:
             elif self._dead is not None:
                 raise self._dead
             call = self._open_call()
+            if len(self._hello_ids) < 4096:
+                self._hello_ids.add(call.id)
             try:
                 header = {"op": "hello", "id": call.id, "protocol": [PROTOCOL_VERSION]}
                 try:
@@ -475,6 +497,37 @@ class AgentClient:
                 raw=reply,
             )
             return self.hello_info
+
+    def hello_enrolling(
+        self, credential: str, timeout: float = 60.0, *, interval: float = 0.2
+    ) -> Hello:
+        """``hello`` presenting ``credential``; a guest that has none yet (a fresh boot) is
+        enrolled with it first. For benches and tests that boot guests of their own: the product
+        enrolls only through ``vms.agent.credentials``, which keeps each VM's credential."""
+        self.credential = credential
+        try:
+            return self.hello(timeout, interval=interval)
+        except AgentError as exc:
+            if exc.code != "not_enrolled":
+                raise
+        self.credential = None
+        self.enroll(credential)
+        return self.hello(timeout, interval=interval)
+
+    def enroll(self, credential: str, *, timeout: float = 10.0) -> None:
+        """Give a guest whose agent has no credential yet (a fresh boot) its first one; from
+        then on this client presents it. AgentError("already_enrolled") if it has one."""
+        if self._connect_fn is not None:
+            self._connect(time.monotonic() + timeout)
+        self._request({"op": "enroll", "credential": credential}, timeout=timeout)
+        self.credential = credential
+
+    def rotate(self, credential: str, *, timeout: float = 10.0) -> None:
+        """Replace the guest's credential (this client presents the current one) with
+        ``credential``; from then on the old one is refused and this client presents the new."""
+        self._require("rotate")
+        self._request({"op": "rotate", "credential": credential}, timeout=timeout)
+        self.credential = credential
 
     def ping(self, timeout: float = 5.0) -> float:
         """One round trip; returns its duration in seconds."""

@@ -8,18 +8,27 @@ the agent's protocol.
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from typing import Any
 
-from vms.agent.client import AgentClient
+from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import Hypervisor, HypervisorError, RuntimeDir, VMSpec
 
 __all__ = ["configure_guest", "reset_identity", "wait_ready"]
 
 
-def _hello(hv: Hypervisor, runtime: RuntimeDir, timeout: float, interval: float) -> AgentClient:
-    client = AgentClient.from_hypervisor(hv, runtime, connect_timeout=2.0, timeout=30.0)
+def _hello(
+    hv: Hypervisor,
+    runtime: RuntimeDir,
+    timeout: float,
+    interval: float,
+    credential: str | None,
+) -> AgentClient:
+    client = AgentClient.from_hypervisor(
+        hv, runtime, connect_timeout=2.0, timeout=30.0, credential=credential
+    )
     try:
         client.hello(timeout=timeout, interval=interval)
     except BaseException:
@@ -28,14 +37,25 @@ def _hello(hv: Hypervisor, runtime: RuntimeDir, timeout: float, interval: float)
     return client
 
 
-def wait_ready(hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> None:
-    """Wait for the agent, then run each kind of request once before the template is saved.
+def wait_ready(hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> str:
+    """Wait for the agent, enroll it with a credential of the template's own (returned: the
+    template cache keeps it beside the saved guest), then run each kind of request once before
+    the template is saved.
 
     The agent imports its modules lazily (Python start-up is slow under TCG); whatever it has
     imported when the template is saved, every restored guest has for free. Measured: the first
     ``configure`` after a restore took ~0.5 s on a cold agent, a few ms on a warmed one.
     """
-    with _hello(hv, runtime, timeout, 0.2) as client:
+    credential = secrets.token_urlsafe(32)
+    client = AgentClient.from_hypervisor(hv, runtime, connect_timeout=2.0, timeout=30.0)
+    with client:
+        try:
+            client.hello(timeout=timeout, interval=0.2)
+        except AgentError as exc:
+            if exc.code != "not_enrolled":
+                raise
+        client.enroll(credential)
+        client.hello(timeout=10.0)
         client.ping()
         client.health()
         client.configure(time=time.time(), hostname="sandbox")
@@ -47,6 +67,7 @@ def wait_ready(hv: Hypervisor, runtime: RuntimeDir, timeout: float) -> None:
         # sends nothing with the template's MAC before it has its own. Also warms ``network``.
         for mac in hv.nic_macs(runtime).values():
             client.network(match_mac=mac, up=False)
+    return credential
 
 
 def configure_guest(
@@ -100,9 +121,12 @@ def configure_guest(
             raise HypervisorError(f"NIC {nid} still has MAC {moved.get(nid)}, not {net.mac}")
 
 
-def reset_identity(hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
+def reset_identity(
+    hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec, credential: str | None = None
+) -> None:
     """The restored guest's clock lags by the time the template spent saved, and its hostname
-    and MACs are the template's: set them, and the VM's addresses (``configure_guest``)."""
+    and MACs are the template's: set them, and the VM's addresses (``configure_guest``).
+    ``credential``: the template's (``wait_ready``); the caller rotates it to the VM's own."""
     # The MACs the NICs have now are asked of the VMM while the agent is greeted.
     macs: dict[str, str] = {}
     failed: list[BaseException] = []
@@ -120,7 +144,7 @@ def reset_identity(hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
         # The restored guest is already running: poll its agent briskly (a hello sent while
         # the agent is between polls of its port is lost, and the client's back-off would add
         # ~0.3 s).
-        with _hello(hv, runtime, 30.0, 0.05) as client:
+        with _hello(hv, runtime, 30.0, 0.05, credential) as client:
             if asking is not None:
                 asking.join()
                 if failed:

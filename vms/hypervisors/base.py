@@ -176,6 +176,9 @@ class StartResult:
     restored: bool  # False: cold-booted (template unusable for this spec)
     seconds: float
     reason: str = ""  # why a cold boot was used
+    # What the restored guest wants from its host (its agent's credential: the template's,
+    # shared by every VM restored from it until the caller gives the VM its own at once).
+    guest_secret: str | None = field(default=None, repr=False)
 
 
 class TemplateStarter(Protocol):
@@ -202,11 +205,13 @@ class TemplateHooks:
     (a driver knows neither the guest agent nor how a data disk is made)."""
 
     # (hypervisor, runtime, timeout): returns once a freshly booted template guest is ready to
-    # be saved (its agent answers, and has been warmed up).
-    wait_ready: Callable[[Hypervisor, RuntimeDir, float], None]
-    # (hypervisor, runtime, spec): after a restore, sets the guest's clock and identity (it has
-    # the template's) to the VM's.
-    reset_identity: Callable[[Hypervisor, RuntimeDir, VMSpec], None]
+    # be saved (its agent answers, and has been warmed up), with the secret the saved guest
+    # wants from its host (its agent's credential), or None. The cache keeps it beside the
+    # template (a root-only file) and hands it to ``reset_identity`` and the caller.
+    wait_ready: Callable[[Hypervisor, RuntimeDir, float], str | None]
+    # (hypervisor, runtime, spec, secret): after a restore, sets the guest's clock and identity
+    # (it has the template's) to the VM's; ``secret`` is what ``wait_ready`` returned.
+    reset_identity: Callable[[Hypervisor, RuntimeDir, VMSpec, str | None], None]
     # (path, size_mib): makes an empty writable data disk at ``path``.
     make_disk: Callable[[Path, int], object]
 

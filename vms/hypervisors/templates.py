@@ -17,6 +17,11 @@ announcement (QEMU: ``RESTORE_ARGS``), so nothing ever goes out with the shared 
 restore, ``reset_identity`` finds each NIC in the guest by the MAC the driver reports for it
 (``nic_macs``) and gives it the VM's MAC, address, gateway and resolvers through the agent.
 
+The template guest's agent is enrolled by ``wait_ready`` with a credential of the template's
+own, which the cache keeps beside the saved state (``guest-secret``, mode 0600; the saved RAM
+holds only its SHA-256) and hands to ``reset_identity`` and, in ``StartResult.guest_secret``, to
+the caller, who gives each VM a credential of its own at once.
+
 The cache survives across processes; building a template is serialised by a file lock so that
 two workers do not boot the same template twice.
 
@@ -93,6 +98,8 @@ def template_mac(key: str, index: int) -> str:
     digest = hashlib.sha256(f"{key}/{index}".encode()).digest()
     return "02:" + ":".join(f"{b:02x}" for b in digest[:5])
 
+
+GUEST_SECRET = "guest-secret"  # noqa: S105 - a file name, not a secret
 
 _EXT4_MAGIC = 0xEF53
 
@@ -191,8 +198,17 @@ class TemplateCache:
         # its snapshot was written (``_build``).
         directory = self.cache_dir / self.key(spec)
         if directory.is_dir():
-            return SnapshotFiles(directory, tuple(sorted(directory.iterdir())))
+            files = (p for p in directory.iterdir() if p.name != GUEST_SECRET)
+            return SnapshotFiles(directory, tuple(sorted(files)))
         return None
+
+    @staticmethod
+    def guest_secret(snap: SnapshotFiles) -> str | None:
+        """What the template's saved guest wants from its host (``wait_ready``'s answer)."""
+        try:
+            return (snap.directory / GUEST_SECRET).read_text().strip() or None
+        except FileNotFoundError:
+            return None
 
     def ensure(self, spec: VMSpec) -> SnapshotFiles:
         """The template snapshot for ``spec``'s shape, booting and saving it if missing."""
@@ -239,17 +255,23 @@ class TemplateCache:
             # NICs down in the guest, so restored guests come back with carrier.
             for nid in nic_ids:
                 self.hv.set_link(runtime, nid, False)
-            self.hooks.wait_ready(self.hv, runtime, self.boot_timeout)
+            secret = self.hooks.wait_ready(self.hv, runtime, self.boot_timeout)
             for nid in nic_ids:
                 self.hv.set_link(runtime, nid, True)
             # Let the guest settle (agent fully idle) so every restore starts from quiet state.
             time.sleep(0.5)
             self.hv.snapshot(runtime, staging)
+            if secret is not None:
+                fd = os.open(staging / GUEST_SECRET, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secret)
             log.info("template %s built in %.1fs", key, time.monotonic() - t0)
             self.hv.destroy(runtime)
             final = self.cache_dir / key
             staging.rename(final)
-            return SnapshotFiles(final, tuple(sorted(final.iterdir())))
+            found = self.lookup(spec)
+            assert found is not None
+            return found
         except BaseException:
             with contextlib.suppress(Exception):
                 self.hv.destroy(runtime)
@@ -292,8 +314,9 @@ class TemplateCache:
                     snap = self.ensure(spec)
                 pid = self.hv.restore(spec, runtime, snap)
                 ready()
-                self.hooks.reset_identity(self.hv, runtime, spec)
-                return StartResult(pid, True, time.monotonic() - t0)
+                secret = self.guest_secret(snap)
+                self.hooks.reset_identity(self.hv, runtime, spec, secret)
+                return StartResult(pid, True, time.monotonic() - t0, guest_secret=secret)
             except Exception as exc:  # agent errors too: any failure means "cold boot instead"
                 if not fallback:
                     raise
