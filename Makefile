@@ -10,7 +10,7 @@ SYSTEM_PACKAGES := qemu-system-x86 qemu-utils ovmf debootstrap busybox-static e2
 # Installed from Debian only when the command is missing (a machine may have its own Node.js).
 COMMAND_PACKAGES := node:nodejs npm:npm
 
-.PHONY: help run test test-sqlite lint scan format check deps system-deps frontend images bench clean
+.PHONY: help run test test-sqlite lint scan format check deps system-deps frontend images bench clean screenshots
 # A bare `make` (or `make -p` to read the variables) only prints this: `run` serves, and as
 # root sets up the product's network namespace, so it is never run by accident.
 .DEFAULT_GOAL := help
@@ -18,7 +18,7 @@ COMMAND_PACKAGES := node:nodejs npm:npm
 help:
 	@echo "make run     the dashboard and worker on http://127.0.0.1:8000 (installs what it needs)"
 	@echo "make test    the whole suite (DATABASE_URL, REDIS_URL: docs/operations.md)"
-	@echo "other goals: test-sqlite lint format check deps system-deps frontend images bench scan clean"
+	@echo "other goals: test-sqlite lint format check deps system-deps frontend images bench scan screenshots clean"
 
 run: deps frontend images
 	$(PY) manage.py migrate --noinput
@@ -113,6 +113,16 @@ check: deps
 
 bench: deps
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The screenshots of docs/dashboard.md, taken again by the browser tests that make them
+# (artifacts/dashboard/) and copied into docs/screenshots/.
+SHOTS = pages/operator-home-1280 pages/operator-vms-1280 pages/operator-vms-390-dark \
+	pages/operator-vms-id-1280 pages/operator-tasks-1280 \
+	pages/operator-home-390-dark usage-history-1h
+screenshots: deps frontend images
+	$(PY) -m pytest -q "tests/dashboard/test_every_page.py::test_every_page_fits_and_passes_axe[operator]" tests/dashboard/test_usage_chart.py
+	mkdir -p docs/screenshots
+	for s in $(SHOTS); do cp artifacts/dashboard/$$s.png docs/screenshots/$$(basename $$s).png; done
 
 clean:
 	rm -rf static/build frontend/node_modules var/staticfiles
