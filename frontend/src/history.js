@@ -1,4 +1,4 @@
-// Usage history charts (GET /api/v1/vms/<id>/usage/): one SVG chart per metric group with time
+// Usage history charts (GET /api/v1/vms/<id>/usage/, or a user's, group's or host's summed one): one SVG chart per metric group with time
 // and value axes, the average as a line and the maximum as a dashed line, gaps where the VM did
 // not run; a range picker (1h / 24h / 7d) asks the API again. No dependency.
 import { formatBytes } from "./sparkline.js";
@@ -104,7 +104,7 @@ export function drawChart(root, spec, body) {
   root.append(chart);
 }
 
-export function mountHistory(section, vmId) {
+export function mountHistory(section, url = section.dataset.usageUrl) {
   const figures = Object.fromEntries(CHARTS.map((c) => [c.key, section.querySelector(`[data-history="${c.key}"]`)]));
   const note = section.querySelector("[data-history-note]");
   const buttons = [...section.querySelectorAll("button[data-range]")];
@@ -126,7 +126,7 @@ export function mountHistory(section, vmId) {
     const q = new URLSearchParams({ from: from.toISOString(), to: to.toISOString(), step: "auto" });
     note.textContent = "loading…";
     try {
-      const res = await fetch(`/api/v1/vms/${vmId}/usage/?${q}`, { credentials: "same-origin", headers: { Accept: "application/json" } });
+      const res = await fetch(`${url}?${q}`, { credentials: "same-origin", headers: { Accept: "application/json" } });
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       const body = await res.json();
       if (range !== current) return; // a later pick won

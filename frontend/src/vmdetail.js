@@ -224,4 +224,4 @@ if (execForm) {
 
 // --- usage history (SVG charts with a range picker) ---------------------------------------------
 const historySection = document.getElementById("vm-history");
-if (historySection) mountHistory(historySection, vmId);
+if (historySection) mountHistory(historySection);

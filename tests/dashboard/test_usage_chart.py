@@ -38,7 +38,7 @@ def _history(vm_id: Any) -> None:
         for ts in range((now - 7 * 86400) // 60 * 60 + 60, minute_until, 60)
         if (ts // 3600) % 24 < 20  # four hours off each day: gaps
     )
-    UsageRollupState.objects.create(tier="1m", until=minute_until)
+    UsageRollupState.objects.update_or_create(tier="1m", defaults={"until": minute_until})
 
 
 def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
@@ -75,3 +75,33 @@ def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
     assert avg.count("M") >= 7, avg[:200]
     driver.execute_script("document.getElementById('vm-history').scrollIntoView()")
     shot(driver, "usage-history-7d")
+
+
+def test_a_users_page_charts_the_summed_history_of_their_vms(
+    make_user, make_vm, web_server, browser
+) -> None:
+    """An admin's page of a user draws that user's summed history (the users usage API); an
+    operator, who may not see another user's usage, is not offered it."""
+    from django.test import Client
+
+    owner = make_user("operator", "ownerofmany")
+    for name in ("one", "two"):
+        _history(make_vm(owner, name).pk)
+    admin = make_user("admin", "chartadmin")
+    driver = browser()
+    login(driver, web_server.url, "chartadmin")
+    driver.get(f"{web_server.url}/accounts/users/{owner.pk}/")
+    note = driver.find_element(By.CSS_SELECTOR, "#user-history [data-history-note]")
+    WebDriverWait(driver, 20).until(lambda d: "points" in note.text)
+    section = driver.find_element(By.ID, "user-history")
+    assert f"/api/v1/users/{owner.pk}/usage/" in section.text
+    cpu = driver.find_element(By.CSS_SELECTOR, '#user-history [data-history="cpu"] svg')
+    ticks = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick")]
+    # Two VMs at 20-49 % each: the sum's axis goes past what one of them reaches.
+    assert any(t.endswith("%") and float(t.rstrip("%")) > 50 for t in ticks), ticks
+    shot(driver, "usage-history-user")
+    page = Client()
+    page.force_login(admin)
+    assert 'id="user-history"' in page.get(f"/accounts/users/{owner.pk}/").content.decode()
+    page.force_login(owner)  # its own VM page has one; another user's page is not its to see
+    assert page.get(f"/accounts/users/{admin.pk}/").status_code in (403, 404)
