@@ -562,6 +562,51 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
     )
 
 
+# The console's SysRq menu: Magic SysRq keys a serial line cannot send (a BREAK), asked of the
+# guest's kernel through /proc/sysrq-trigger by its agent (an exec, audited as one). The key is
+# the script's argument, never part of its text; the kernel's new lines are written to the
+# console, where the user is looking (a quiet kernel keeps them off it otherwise).
+SYSRQ_KEYS = {
+    "h": "help",
+    "m": "show memory",
+    "t": "show tasks",
+    "w": "show blocked tasks",
+    "l": "show CPU backtraces",
+    "s": "sync filesystems",
+    "u": "remount filesystems read-only",
+}
+SYSRQ_SCRIPT = (
+    'n=$(dmesg | wc -l); echo "$1" > /proc/sysrq-trigger; sleep 0.2; '
+    "dmesg | tail -n +$((n + 1)) > /dev/console"
+)
+
+
+@require_POST
+@login_required
+def vm_sysrq(request: HttpRequest, pk: Any) -> JsonResponse:
+    """One SysRq key of ``SYSRQ_KEYS`` for the guest's kernel (the console page's menu)."""
+    vm = _vm(request, pk)
+    key = request.POST.get("key", "")
+    if key not in SYSRQ_KEYS:
+        return JsonResponse(
+            {"error": f"key: one of {', '.join(SYSRQ_KEYS)}", "key": ["not a SysRq key offered"]},
+            status=400,
+        )
+    try:
+        result = guest.run_exec(
+            Caller.from_request(request), vm, ["sh", "-c", SYSRQ_SCRIPT, "sysrq", key], timeout=15.0
+        )
+    except Exception as exc:
+        answer = errors.answer_for(exc)
+        if answer is None:
+            raise
+        return JsonResponse({**answer.body, "error": answer.message}, status=answer.status)
+    return JsonResponse(
+        {"key": key, "action": SYSRQ_KEYS[key], "exit_code": result.exit_code,
+         "event_position": result.event_position}
+    )  # fmt: skip
+
+
 @require_GET
 @login_required
 def vm_console(request: HttpRequest, pk: Any) -> HttpResponse:
@@ -570,8 +615,20 @@ def vm_console(request: HttpRequest, pk: Any) -> HttpResponse:
     if access is None:
         raise Http404("no console for this VM")
     popout = request.GET.get("popout") == "1"
+    caller = Caller.from_request(request)
     return render(
         request,
         "vms/console.html",
-        {"vm": vm, "mode": access.mode, "popout": popout, "bare": popout},
+        {
+            "vm": vm,
+            "mode": access.mode,
+            "popout": popout,
+            "bare": popout,
+            # Ctrl-Alt-Del is the guest's own reboot (the Reboot verb); SysRq keys are an exec.
+            "may_reboot": vm.state in lifecycle.verb("reboot").allowed_from
+            and policy.may(caller, "reboot", vm.owner_id),
+            "may_sysrq": vm.state in lifecycle.verb("exec").allowed_from
+            and policy.may(caller, "exec", vm.owner_id),
+            "sysrq_keys": SYSRQ_KEYS.items(),
+        },
     )

@@ -85,12 +85,33 @@ if (element && element.dataset.vmId) {
     },
   });
   const keys = document.getElementById("send-key");
-  if (keys) keys.addEventListener("change", () => {
+  if (keys) keys.addEventListener("change", async () => {
     if (!keys.value) return;
-    const data = KEYS[keys.value];
-    if (data === undefined) return;
-    if (mounted.send(data)) note(`sent ${keys.selectedOptions[0].textContent}`);
+    const choice = keys.value;
+    const label = keys.selectedOptions[0].textContent;
     keys.value = "";
+    if (choice === "ctrl-alt-del") {
+      if (window.confirm("Reboot the guest? Its programs are stopped and it boots again.")) document.getElementById("ctrl-alt-del").submit();
+      return;
+    }
+    if (choice.startsWith("sysrq-")) {
+      const form = document.getElementById("sysrq-form");
+      const body = new FormData(form);
+      body.set("key", choice.slice(6));
+      note(`asking the guest's kernel: ${label}…`);
+      try {
+        const res = await fetch(form.action, { method: "POST", body, credentials: "same-origin", headers: { Accept: "application/json" } });
+        const answer = await res.json();
+        note(res.ok ? `${label}: done (audit event #${answer.event_position})` : `${label} refused: ${answer.error || res.status}`);
+      } catch (err) {
+        note(`${label} failed: ${err}`);
+      }
+      mounted.term.focus();
+      return;
+    }
+    const data = KEYS[choice];
+    if (data === undefined) return;
+    if (mounted.send(data)) note(`sent ${label}`);
     mounted.term.focus();
   });
   document.getElementById("paste")?.addEventListener("click", () => pasteInto(mounted.send));

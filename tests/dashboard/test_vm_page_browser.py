@@ -240,3 +240,44 @@ def test_the_vm_list_shows_live_cpu_memory_and_uptime(browser, asgi_server, runn
     first = cell(driver, "uptime")
     WebDriverWait(driver, 20, poll_frequency=0.2).until(lambda d: cell(d, "uptime") != first)
     driver.get("about:blank")
+
+
+def test_the_console_sends_sysrq_and_ctrl_alt_del_through_the_guest(
+    browser, asgi_server, running_vm
+) -> None:
+    """The keys a serial line cannot carry: a SysRq key is written to the guest kernel's
+    /proc/sysrq-trigger by its agent (an exec in the log) and the kernel's answer shows in the
+    console; Ctrl-Alt-Del, once confirmed, is the guest's own reboot."""
+    from selenium.webdriver.support.ui import Select
+
+    from audit.models import Event
+    from tests.vms.conftest import wait_for
+
+    driver = browser()
+    login(driver, asgi_server.url, "opal")
+    driver.get(f"{asgi_server.url}/vms/{running_vm.pk}/console/")
+    WebDriverWait(driver, 30, poll_frequency=0.2).until(
+        lambda d: f"root@{running_vm.hostname}" in terminal_text(d)
+    )
+    Select(driver.find_element(By.ID, "send-key")).select_by_value("sysrq-h")
+    WebDriverWait(driver, 30, poll_frequency=0.2).until(
+        lambda d: "sysrq: HELP" in terminal_text(d)
+    )  # the kernel's help line, written to the console
+    note = driver.find_element(By.ID, "console-note")
+    WebDriverWait(driver, 10).until(lambda d: "done (audit event #" in note.text)
+    execs = Event.objects.filter(aggregate_id=str(running_vm.pk), type="vm.exec_requested")
+    assert any("/proc/sysrq-trigger" in " ".join(e.payload.get("argv", [])) for e in execs)
+    boots = Event.objects.filter(aggregate_id=str(running_vm.pk), type="vm.rebooted").count()
+    Select(driver.find_element(By.ID, "send-key")).select_by_value("ctrl-alt-del")
+    driver.switch_to.alert.accept()
+    wait_for(
+        lambda: (
+            Event.objects.filter(aggregate_id=str(running_vm.pk), type="vm.rebooted").count()
+            > boots
+        ),
+        120,
+        "the guest's reboot",
+    )
+    rebooted = Event.objects.filter(aggregate_id=str(running_vm.pk), type="vm.rebooted").last()
+    assert rebooted.payload["how"] == "agent", rebooted.payload
+    driver.get("about:blank")

@@ -420,6 +420,8 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         # The list's bulk actions: one verb of BULK_VERBS per request, each VM through the commands.
         inspect.unwrap(views.vm_bulk): frozenset(views.BULK_VERBS),
         inspect.unwrap(views.vm_exec): frozenset({"exec"}),
+        # The console's SysRq menu: a fixed script run through the exec verb.
+        inspect.unwrap(views.vm_sysrq): frozenset({"exec"}),
         # A record verb with input of its own, routed apart (its row says where: api=None).
         preview_api.PreviewLinkView: frozenset({"share_preview", "revoke_preview"}),
         preview_api.PreviewLinkDetailView: frozenset({"revoke_preview"}),
