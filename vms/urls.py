@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from vms import preview_views, quota_views, views
+from vms import host_views, preview_views, quota_views, views
 
 app_name = "vms"
 
@@ -16,6 +16,8 @@ urlpatterns = [
     path("new/", views.vm_create, name="create"),
     path("bulk/", views.vm_bulk, name="bulk"),
     path("quotas/", quota_views.quota_admin, name="quotas"),
+    path("hosts/", host_views.host_list, name="hosts"),
+    path("hosts/<str:name>/", host_views.host_detail, name="host"),
     path("<uuid:pk>/", views.vm_detail, name="detail"),
     path("<uuid:pk>/console/", views.vm_console, name="console"),
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),

@@ -86,13 +86,15 @@ def site(make_user, make_vm, settings) -> dict[str, Any]:
     last = Event.objects.filter(aggregate_id=str(vm.pk)).order_by("-position").first()
     assert last is not None
     ints = [str(last.position), *(str(u.pk) for u in users.values())]
-    return {"users": users, "vm": vm, "candidates": {"uuid": uuids, "int": ints}}
+    # A host's name (its page answers for any well-formed name).
+    strs = ["page-host"]
+    return {"users": users, "vm": vm, "candidates": {"uuid": uuids, "int": ints, "str": strs}}
 
 
 # What each role must reach (so that a discovery that finds nothing cannot pass).
 MUST_SEE = {
     "admin": [
-        "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/users/", "/accounts/tokens/", "/audit/",
+        "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/vms/hosts/", "/vms/hosts/<str:name>/", "/accounts/users/", "/accounts/tokens/", "/audit/",
         "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/", "/webhooks/", "/webhooks/<uuid:pk>/",
         "/vms/quotas/",
     ],
