@@ -6,7 +6,8 @@ import { formatBytes } from "./sparkline.js";
 const NS = "http://www.w3.org/2000/svg";
 const W = 320, H = 150, L = 56, R = 8, T = 8, B = 22; // size and margins (axes inside)
 const RANGES = { "1h": 3600, "24h": 86400, "7d": 7 * 86400 };
-const COLORS = ["#2457c5", "#c56a24"];
+// The series colours are the scheme's (app.css: --series-1, --series-2), light or dark.
+const COLORS = ["var(--series-1)", "var(--series-2)"];
 
 // Each chart: its title, the metrics it draws and how a value reads.
 const CHARTS = [
@@ -96,7 +97,7 @@ export function drawChart(root, spec, body) {
       d += `${prevEnd != null && p.ts - prevEnd <= p.step ? "L" : "M"}${x(mid).toFixed(1)},${y(v[line.field]).toFixed(1)}`;
       prevEnd = p.ts + p.step;
     }
-    if (d) chart.append(svg("path", { d, fill: "none", stroke: line.color, "stroke-width": 1.5, "stroke-dasharray": line.dash ? "3 3" : "none" }));
+    if (d) chart.append(svg("path", { d, fill: "none", style: `stroke:${line.color}`, "stroke-width": 1.5, "stroke-dasharray": line.dash ? "3 3" : "none" }));
   }
   if (!body.points.some((p) => spec.metrics.some((m) => p[m]))) {
     chart.append(svg("text", { x: (L + W) / 2, y: H / 2, "text-anchor": "middle", class: "tick" }, "no samples in this range"));

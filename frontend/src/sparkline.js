@@ -1,6 +1,8 @@
 // A tiny canvas sparkline: one or two series over the last N points, autoscaled, no dependency.
 export class Sparkline {
-  constructor(canvas, { points = 60, colors = ["#2457c5", "#c56a24"], min = 0, max = null } = {}) {
+  // colors: CSS colours or custom properties ("--series-1") read when drawing, so a chart
+  // follows the page's light or dark scheme.
+  constructor(canvas, { points = 60, colors = ["--series-1", "--series-2"], min = 0, max = null } = {}) {
     this.canvas = canvas;
     this.points = points;
     this.colors = colors;
@@ -34,13 +36,15 @@ export class Sparkline {
     const max = this.fixedMax ?? Math.max(1e-9, ...all, 0) * 1.15;
     const y = (v) => h - 2 - ((v - this.min) / (max - this.min || 1)) * (h - 4);
     const step = w / (this.points - 1);
-    ctx.strokeStyle = "#e4e8ef";
+    const css = getComputedStyle(this.canvas);
+    const color = (c) => (c.startsWith("--") ? css.getPropertyValue(c).trim() || "#2457c5" : c);
+    ctx.strokeStyle = color("--chart-grid");
     ctx.lineWidth = 1;
     ctx.beginPath(); ctx.moveTo(0, h - 0.5); ctx.lineTo(w, h - 0.5); ctx.stroke();
     this.series.forEach((s, i) => {
       const offset = this.points - s.length;
-      ctx.strokeStyle = this.colors[i];
-      ctx.fillStyle = this.colors[i] + "22";
+      ctx.strokeStyle = color(this.colors[i]);
+      ctx.fillStyle = color(this.colors[i]) + "22";
       ctx.lineWidth = 1.5;
       ctx.beginPath();
       let started = false;

@@ -127,7 +127,7 @@ function refreshSnapshots() {
 const charts = {};
 for (const canvas of document.querySelectorAll("canvas[data-chart]")) {
   const name = canvas.dataset.chart;
-  charts[name] = new Sparkline(canvas, name === "cpu_percent" ? { colors: ["#2457c5"] } : name === "rss_bytes" ? { colors: ["#1e7d3a"] } : {});
+  charts[name] = new Sparkline(canvas, name === "cpu_percent" ? { colors: ["--series-1"] } : name === "rss_bytes" ? { colors: ["--series-3"] } : {});
 }
 const metric = (name) => document.querySelector(`[data-metric="${name}"]`);
 const rate = (v) => (v == null ? "—" : `${formatBytes(v)}/s`);

@@ -105,3 +105,33 @@ def test_a_users_page_charts_the_summed_history_of_their_vms(
     assert 'id="user-history"' in page.get(f"/accounts/users/{owner.pk}/").content.decode()
     page.force_login(owner)  # its own VM page has one; another user's page is not its to see
     assert page.get(f"/accounts/users/{admin.pk}/").status_code in (403, 404)
+
+
+def test_the_charts_follow_the_dark_scheme(make_user, make_vm, web_server, browser) -> None:
+    """In the dark scheme the charts are drawn on the dark chart background with the dark
+    scheme's series colours (light boxes with pale ticks were unreadable there)."""
+    from tests.dashboard.pages import viewport
+
+    owner = make_user("operator", "darkcharts")
+    vm = make_vm(owner, "dark")
+    _history(vm.pk)
+    driver = browser()
+    viewport(driver, 1280, dark=True)
+    login(driver, web_server.url, "darkcharts")
+    driver.get(f"{web_server.url}/vms/{vm.pk}/")
+    note = driver.find_element(By.CSS_SELECTOR, "#vm-history [data-history-note]")
+    WebDriverWait(driver, 20).until(lambda d: "points" in note.text)
+    chart = driver.find_element(By.CSS_SELECTOR, '[data-history="cpu"] svg')
+    style = driver.execute_script(
+        "const s = getComputedStyle(arguments[0]);"
+        "const p = getComputedStyle(arguments[0].querySelector('path'));"
+        "const t = getComputedStyle(arguments[0].querySelector('text.tick'));"
+        "return [s.backgroundColor, p.stroke, t.fill];",
+        chart,
+    )
+    assert style == ["rgb(12, 17, 25)", "rgb(143, 176, 255)", "rgb(161, 171, 186)"], style
+    canvas = driver.find_element(By.CSS_SELECTOR, ".charts canvas")
+    assert (
+        driver.execute_script("return getComputedStyle(arguments[0]).backgroundColor", canvas)
+        == "rgb(12, 17, 25)"
+    )
