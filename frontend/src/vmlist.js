@@ -60,6 +60,7 @@ function apply(vm) {
   row.hidden = false;
   const state = row.querySelector('[data-field="state"]');
   if (state.textContent !== vm.state) {
+    announce(`${vm.name} is ${vm.state}`);
     state.textContent = vm.state;
     state.className = `state state-${vm.state}`;
     row.classList.remove("flash-row"); void row.offsetWidth; row.classList.add("flash-row");
@@ -76,6 +77,17 @@ function apply(vm) {
   const actions = row.querySelector('[data-field="actions"]');
   if (actions) for (const b of actions.querySelectorAll("button")) b.hidden = row.dataset.renderedState !== undefined && row.dataset.renderedState !== vm.state;
   refreshEmpty();
+}
+
+// State changes spoken by screen readers (the live region under the list): the newest few,
+// not every row's repaint.
+const announcer = document.getElementById("vm-announce");
+const heard = [];
+function announce(text) {
+  if (!announcer) return;
+  heard.push(text);
+  while (heard.length > 3) heard.shift();
+  announcer.textContent = heard.join(". ");
 }
 
 function refreshEmpty() {

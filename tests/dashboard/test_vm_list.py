@@ -150,6 +150,18 @@ def test_ticks_review_and_saved_filters_in_the_browser(make_user, web_server, br
     assert "web-a" in plan and "web-b" in plan and "db-a" not in plan
     driver.find_element(By.ID, "bulk-confirm").click()
     WebDriverWait(driver, 10).until(lambda d: "Start requested for 2" in d.page_source)
+    # A state that changes while the list is open is said in its live region (screen readers).
+    WebDriverWait(driver, 15).until(lambda d: d.find_element(By.ID, "live-status").text == "live")
+    web_a = VirtualMachine.objects.get(name="web-a")
+    from vms.worker import load_request
+
+    start = Event.objects.filter(aggregate_id=str(web_a.pk), type="vm.start_requested").last()
+    commands.record_outcome(load_request(str(start.event_id)), "vm.started", {})
+    announcer = driver.find_element(By.ID, "vm-announce")
+    assert announcer.get_attribute("aria-live") == "polite"
+    WebDriverWait(driver, 10).until(
+        lambda d: "web-a is running" in announcer.get_attribute("textContent")
+    )
     # Save the filter; it is offered again on the next visit, in this browser.
     driver.get(f"{web_server.url}/vms/?q=web")
     driver.find_element(By.ID, "save-filter").click()
