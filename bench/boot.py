@@ -62,7 +62,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def raw_hello(path: Path, deadline: float) -> None:
-    """Connect to the agent socket and send hello frames until one is answered."""
+    """Connect to the agent socket and send hello frames until one is answered. Any answer to
+    this hello counts (a fresh guest's agent, not enrolled yet, answers ``not_enrolled``: it is
+    up, which is what is timed); the driver's side enrolls and greets it properly."""
     sock: socket.socket | None = None
     buf = b""
     n = 0
@@ -77,7 +79,7 @@ def raw_hello(path: Path, deadline: float) -> None:
                 continue
             sock = fresh
         n += 1
-        head = json.dumps({"op": "hello", "id": n, "protocol": [1]}).encode()
+        head = json.dumps({"op": "hello", "id": n, "protocol": [2]}).encode()
         sock.settimeout(POLL_S)
         try:
             sock.sendall(MAGIC + len(head).to_bytes(4, "big") + (0).to_bytes(4, "big") + head)
@@ -94,7 +96,7 @@ def raw_hello(path: Path, deadline: float) -> None:
                     hlen = int.from_bytes(buf[at + 4 : at + 8], "big")
                     if len(buf) >= at + 12 + hlen:
                         reply = json.loads(buf[at + 12 : at + 12 + hlen])
-                        if reply.get("kind") == "hello":
+                        if reply.get("id") == n:
                             sock.close()
                             return
                         buf = buf[at + 12 + hlen :]
@@ -111,12 +113,15 @@ def raw_hello(path: Path, deadline: float) -> None:
 BENCH_CREDENTIAL = secrets.token_urlsafe(32)  # the guests this bench boots are enrolled with it
 
 
-def driver_hello(hv: QemuHypervisor, runtime: RuntimeDir, deadline: float) -> AgentClient:
-    """AgentClient.hello, polled at the same cadence as raw_hello."""
+def driver_hello(
+    hv: QemuHypervisor, runtime: RuntimeDir, deadline: float, credential: str = BENCH_CREDENTIAL
+) -> AgentClient:
+    """AgentClient.hello, polled at the same cadence as raw_hello. A cold-booted guest is enrolled
+    with ``credential``; a restored one already has its template's (pass that)."""
     client = AgentClient(lambda: hv.agent_connect(runtime, 2.0), timeout=30.0)
     while True:
         try:
-            client.hello_enrolling(BENCH_CREDENTIAL, timeout=POLL_S, interval=POLL_S)
+            client.hello_enrolling(credential, timeout=POLL_S, interval=POLL_S)
             return client
         except AgentTimeout:
             if time.monotonic() >= deadline:
@@ -124,13 +129,13 @@ def driver_hello(hv: QemuHypervisor, runtime: RuntimeDir, deadline: float) -> Ag
                 raise
 
 
-def raw_pings(sock: socket.socket, n: int) -> list[float]:
+def raw_pings(sock: socket.socket, n: int, credential: str) -> list[float]:
     """Ping round trips with hand-made frames and no client machinery (thread, queues): the
     transport's share of the ping time. Returns milliseconds."""
     # The guest agent notices a new host connection on its next poll: until then pings are lost.
     sock.settimeout(0.1)
     for i in range(100):
-        head = json.dumps({"op": "ping", "id": 9_000 + i}).encode()
+        head = json.dumps({"op": "ping", "id": 9_000 + i, "auth": credential}).encode()
         sock.sendall(MAGIC + len(head).to_bytes(4, "big") + (0).to_bytes(4, "big") + head)
         try:
             if sock.recv(65536):
@@ -145,7 +150,7 @@ def raw_pings(sock: socket.socket, n: int) -> list[float]:
     sock.settimeout(5.0)
     out = []
     for i in range(n):
-        head = json.dumps({"op": "ping", "id": 10_000 + i}).encode()
+        head = json.dumps({"op": "ping", "id": 10_000 + i, "auth": credential}).encode()
         frame = MAGIC + len(head).to_bytes(4, "big") + (0).to_bytes(4, "big") + head
         t0 = time.perf_counter()
         sock.sendall(frame)
@@ -241,13 +246,14 @@ def main() -> int:
         out["state_mib"] = round((snap.directory / "state.bin").stat().st_size / 2**20, 1)
         log(f"template built in {out['template_build_s']}s, state {out['state_mib']} MiB")
 
+        template_credential = templates.guest_secret(snap) or BENCH_CREDENTIAL
         restores, starts = [], []
         for i in range(args.restores):
             rt = RuntimeDir(root / f"rs{i}")
             spec = spec0.replace(vm_id=f"rs{i}")
             t0 = time.monotonic()
             hv.restore(spec, rt, snap)
-            driver_hello(hv, rt, t0 + 30).close()
+            driver_hello(hv, rt, t0 + 30, template_credential).close()
             restores.append(time.monotonic() - t0)
             hv.destroy(rt)
             # The full fast path: restore + hello + clock/hostname reset through the agent.
@@ -258,7 +264,7 @@ def main() -> int:
             log(f"restore {i}: {restores[-1]:.3f}s; template start {starts[-1]:.3f}s")
 
         hv.restore(spec0.replace(vm_id="rtt"), pinged, snap)
-        client = driver_hello(hv, pinged, time.monotonic() + 30)
+        client = driver_hello(hv, pinged, time.monotonic() + 30, template_credential)
         for _ in range(20):  # warm-up
             client.ping()
         pings = [client.ping() * 1000 for _ in range(args.pings)]
@@ -275,7 +281,7 @@ def main() -> int:
         client.close()
         client = None
         with hv.agent_connect(pinged, 5.0) as sock:
-            raw_ping = raw_pings(sock, args.pings)
+            raw_ping = raw_pings(sock, args.pings, template_credential)
 
         raw_s, drv_s = statistics.median(raw), statistics.median(drv)
         restore_s = statistics.median(restores)
