@@ -25,7 +25,13 @@ from vms.api import (
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
-from vms.usage_api import GroupUsageView, HostUsageView, UserUsageView, VMUsageView
+from vms.usage_api import (
+    GroupUsageView,
+    HostUsageView,
+    UserUsageView,
+    VMRightSizingView,
+    VMUsageView,
+)
 from webhooks.api import WebhookViewSet
 
 router = DefaultRouter()
@@ -48,6 +54,7 @@ api_v1 = [
         name="vm-preview-link",
     ),
     path("vms/<uuid:pk>/usage/", VMUsageView.as_view(), name="vm-usage"),
+    path("vms/<uuid:pk>/rightsizing/", VMRightSizingView.as_view(), name="vm-rightsizing"),
     path("users/<int:pk>/usage/", UserUsageView.as_view(), name="user-usage"),
     path("groups/<int:pk>/usage/", GroupUsageView.as_view(), name="group-usage"),
     path("hosts/<str:name>/usage/", HostUsageView.as_view(), name="host-usage"),

@@ -33,7 +33,7 @@ from rest_framework.views import APIView
 
 from accounts.caller import Caller
 from accounts.scopes import VM_READ
-from vms import lifecycle, policy, usage
+from vms import lifecycle, policy, rightsizing, usage
 from vms.models import VirtualMachine
 
 __all__ = [
@@ -245,3 +245,24 @@ class HostUsageView(_UsageView):
     @extend_schema(parameters=PARAMETERS, responses=USAGE_SCHEMA)
     def get(self, request: Request, name: str) -> Response:
         return self.answer(request, name)
+
+
+class VMRightSizingView(APIView):
+    """What a VM's usage history says about its shape (``vms.rightsizing``): recommendations
+    with their reasons, applied by the owner with a resize."""
+
+    token_scopes = {"get": VM_READ}
+
+    @extend_schema(responses=inline_serializer("RightSizing", {
+        "window_hours": serializers.IntegerField(),
+        "hours_of_history": serializers.IntegerField(),
+        "current": serializers.DictField(),
+        "figures": serializers.DictField(),
+        "recommendations": serializers.ListField(child=serializers.DictField()),
+        "note": serializers.CharField(required=False),
+    }))  # fmt: skip
+    def get(self, request: Request, pk: Any) -> Response:
+        vm = policy.visible_vms(Caller.from_request(request)).filter(pk=pk).first()
+        if vm is None:
+            raise NotFound("No VirtualMachine matches the given query.")
+        return Response(rightsizing.recommend(vm))

@@ -36,6 +36,7 @@ from vms import (
     policy,
     preview_views,
     quotas,
+    rightsizing,
 )
 from vms.forms import (
     BULK_VERBS,
@@ -375,6 +376,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
             "preview_links": preview_views.open_links(vm),
+            "sizing": rightsizing.recommend(vm),
         },
     )
 
