@@ -255,7 +255,7 @@ class VMListConsumer(_Rechecked):
                 }
             )
             return
-        wanted = set(await self._watchable(_uuids_of(ids)))
+        wanted = set(await self._watchable(live.uuids_of(ids)))
         for vm_id in [v for v in self.hubs if v not in wanted]:
             hub, push = self.hubs.pop(vm_id)
             self.samples.pop(vm_id, None)
@@ -324,14 +324,6 @@ def list_metrics(sample: dict[str, Any]) -> dict[str, Any]:
         "rss_bytes": sample.get("rss_bytes"),
         "uptime_s": health.get("uptime_s"),
     }
-
-
-def _uuids_of(values: list[str]) -> list[uuid.UUID]:
-    out = []
-    for v in values:
-        with contextlib.suppress(ValueError):
-            out.append(uuid.UUID(v))
-    return out
 
 
 class TaskLogConsumer(_Rechecked):

@@ -117,13 +117,15 @@ def messages_for(events: list[store.RecordedEvent]) -> list[tuple[str, dict[str,
     snap_ids = {e.aggregate_id for e in events if e.aggregate_type == "snapshot"}
     snap_vm = {
         str(pk): str(vm_id)
-        for pk, vm_id in Snapshot.objects.filter(pk__in=_uuids(snap_ids)).values_list("pk", "vm_id")
+        for pk, vm_id in Snapshot.objects.filter(pk__in=uuids_of(snap_ids)).values_list(
+            "pk", "vm_id"
+        )
         if vm_id
     }
     vm_ids |= set(snap_vm.values())
     vms = {
         str(row["id"]): vm_representation(row)
-        for row in VirtualMachine.objects.filter(pk__in=_uuids(vm_ids)).values(*VM_COLUMNS)
+        for row in VirtualMachine.objects.filter(pk__in=uuids_of(vm_ids)).values(*VM_COLUMNS)
     }
     out: list[tuple[str, dict[str, Any]]] = []
     for e in events:
@@ -165,7 +167,8 @@ def _task_messages(events: list[store.RecordedEvent]) -> list[tuple[str, dict[st
     ]
 
 
-def _uuids(values: Iterable[str]) -> list[uuid.UUID]:
+def uuids_of(values: Iterable[str]) -> list[uuid.UUID]:
+    """The values that are UUIDs, as UUIDs (the others left out)."""
     out = []
     for v in values:
         with contextlib.suppress(ValueError):

@@ -528,6 +528,16 @@ def snapshot_action(request: HttpRequest, pk: Any, snapshot_pk: Any, verb: str) 
     return redirect("vms:detail", pk=vm.pk)
 
 
+def _exec_refusal(exc: Exception) -> JsonResponse:
+    """The API's answer to an exec that failed (vms.errors), with the text the page shows as
+    "error"; a failure after the request was recorded is in the log as vm.exec_failed
+    (vms.guest). Anything else is raised again."""
+    answer = errors.answer_for(exc)
+    if answer is None:
+        raise exc
+    return JsonResponse({**answer.body, "error": answer.message}, status=answer.status)
+
+
 @require_POST
 @login_required
 def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
@@ -544,12 +554,7 @@ def vm_exec(request: HttpRequest, pk: Any) -> JsonResponse:
             timeout=form.cleaned_data.get("timeout") or 30.0,
         )
     except Exception as exc:
-        # The API's answers (vms.errors), with the text the page shows as "error"; a failure
-        # after the request was recorded is in the log as vm.exec_failed (vms.guest).
-        answer = errors.answer_for(exc)
-        if answer is None:
-            raise
-        return JsonResponse({**answer.body, "error": answer.message}, status=answer.status)
+        return _exec_refusal(exc)
     return JsonResponse(
         {
             "exit_code": result.exit_code,
@@ -599,10 +604,7 @@ def vm_sysrq(request: HttpRequest, pk: Any) -> JsonResponse:
             Caller.from_request(request), vm, ["sh", "-c", SYSRQ_SCRIPT, "sysrq", key], timeout=15.0
         )
     except Exception as exc:
-        answer = errors.answer_for(exc)
-        if answer is None:
-            raise
-        return JsonResponse({**answer.body, "error": answer.message}, status=answer.status)
+        return _exec_refusal(exc)
     return JsonResponse(
         {"key": key, "action": SYSRQ_KEYS[key], "exit_code": result.exit_code,
          "event_position": result.event_position}
