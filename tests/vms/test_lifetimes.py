@@ -302,3 +302,68 @@ def test_a_rebuild_gives_the_same_lifetimes(caller_for) -> None:
     projections.rebuild("vms.state")
     assert dict(VirtualMachine.objects.values_list("name", "expires_at")) == before
     assert ended.pk
+
+
+# --- The dashboard and the templates file -----------------------------------------------------------
+
+
+def test_the_dashboards_create_form_gives_a_lifetime_and_refuses_a_bad_one(make_user) -> None:
+    from django.test import Client
+
+    page = Client()
+    page.force_login(make_user("operator"))
+    assert "Lifetime (seconds)" in page.get("/vms/new/").content.decode()
+    made = page.post("/vms/new/", {"name": "timed", "template": "linux-small", "timeout_s": 90})
+    assert made.status_code == 302, made.content
+    vm = VirtualMachine.objects.get(name="timed")
+    assert (
+        Event.objects.get(type="vm.lifetime_set", aggregate_id=str(vm.pk)).payload["timeout_s"]
+        == 90
+    )
+    refused = page.post(
+        "/vms/new/", {"name": "too-long", "template": "linux-small", "timeout_s": 604_801}
+    )
+    assert refused.status_code == 200
+    assert "0 (no lifetime) to 604800 seconds" in refused.content.decode()
+    assert not VirtualMachine.objects.filter(name="too-long").exists()
+
+
+def test_a_templates_file_gives_lifetimes_and_refuses_bad_ones(tmp_path, settings) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from vms import templates_config
+
+    path = tmp_path / "templates.yaml"
+    path.write_text(
+        "templates:\n"
+        "  - {name: brief, boot: linux, vcpus: 1, memory_mib: 256, timeout_s: 600,"
+        " on_expiry: destroy}\n"
+    )
+    settings.SANDBOX_TEMPLATES_FILE = str(path)
+    templates_config.sync_templates()
+    brief = Template.objects.get(name="brief")
+    assert (brief.timeout_s, brief.on_expiry) == (600, "destroy")
+    assert Template.objects.get(name="linux-small").timeout_s is None
+    for bad, message in (
+        ("timeout_s: 0", "timeout_s must be 1 to"),
+        ("timeout_s: '60'", "timeout_s must be 1 to"),
+        ("on_expiry: pause", "on_expiry must be stop or destroy"),
+    ):
+        path.write_text(
+            f"templates:\n  - {{name: bad, boot: linux, vcpus: 1, memory_mib: 256, {bad}}}\n"
+        )
+        with pytest.raises(ImproperlyConfigured, match=message):
+            templates_config.load_yaml(path)
+
+
+def test_the_vm_page_says_when_its_lifetime_ends_and_what_then(caller_for) -> None:
+    from django.test import Client
+
+    caller = caller_for("operator")
+    vm = running_vm(caller, timeout_s=600)
+    page = Client()
+    page.force_login(caller.user)
+    html = page.get(f"/vms/{vm.pk}/").content.decode()
+    assert "<dt>Lifetime</dt><dd>ends " in html and ", then stop</dd>" in html
+    commands.set_lifetime(caller, vm, timeout_s=0)
+    assert "<dt>Lifetime</dt><dd>none</dd>" in page.get(f"/vms/{vm.pk}/").content.decode()
