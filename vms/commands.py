@@ -1003,7 +1003,8 @@ def expire_lifetime(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | No
     ordinary request of the table, data ``{"reason": "lifetime", "expired_at"}``), which clears
     its end (the projector), so it is asked once. A VM already where that request would leave it
     (a stopped VM to stop) gets its lifetime cleared instead (vm.lifetime_set with the reason);
-    a VM busy with another request is left for a later tick (a destroy overtakes it).
+    a VM busy with another request is left for a later tick (a destroy overtakes it), and one
+    already being destroyed has its end asked for.
     None when there was nothing to do."""
     store.lock()
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
@@ -1011,8 +1012,8 @@ def expire_lifetime(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | No
         return None
     row = lifecycle.request_verb(vm.on_expiry)
     reason = {"reason": "lifetime", "expired_at": vm.expires_at.isoformat()}
-    if vm.busy and not row.overtakes:
-        return None
+    if (vm.busy and not row.overtakes) or vm.pending_type == row.request_type():
+        return None  # later (or never: what its end asks for is already asked, a destroy)
     if vm.state not in row.allowed_from:
         return store.append(
             "vm",

@@ -11,6 +11,7 @@ second run finds the end already asked for and does nothing).
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime, timedelta
 
 from django.utils import timezone
@@ -24,19 +25,18 @@ log = logging.getLogger("sandbox.lifetimes")
 
 BATCH = 100  # VMs a run takes; the next tick finds the rest
 # While an enqueued run may still be waiting for a worker, the tick does not enqueue another.
-_RUN_S = 30
+_RUN_S = 10
 _enqueued_at: datetime | None = None
 
 
-def due(now: datetime, limit: int = BATCH) -> list[str]:
+def due(now: datetime, limit: int = BATCH) -> list[uuid.UUID]:
     """The VMs whose lifetime has ended by ``now`` (oldest end first)."""
-    return [
-        str(pk)
-        for pk in VirtualMachine.objects.filter(expires_at__lte=now)
+    return list(
+        VirtualMachine.objects.filter(expires_at__lte=now)
         .exclude(state=lifecycle.GONE)
         .order_by("expires_at")
         .values_list("pk", flat=True)[:limit]
-    ]
+    )
 
 
 def expire(now: datetime | None = None) -> int:

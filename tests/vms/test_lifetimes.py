@@ -260,6 +260,11 @@ def test_a_destroy_overtakes_a_busy_vm_and_a_stop_waits_for_it(caller_for) -> No
     commands.pause(caller, goes)
     assert lifetimes.expire(later(11)) == 1
     assert Event.objects.get(type="vm.destroy_requested").aggregate_id == str(goes.pk)
+    # One whose owner asked its destroy already gets no second one.
+    gone = running_vm(caller, name="gone", timeout_s=10)
+    commands.destroy(caller, gone)
+    assert lifetimes.expire(later(11)) == 0
+    assert Event.objects.filter(type="vm.destroy_requested").count() == 2
 
 
 def test_a_stopped_vm_whose_lifetime_ends_has_it_cleared_and_the_log_says_why(caller_for) -> None:
