@@ -558,6 +558,10 @@ SANDBOX_EXEC_OUTPUT_LIMIT = env_int("SANDBOX_EXEC_OUTPUT_LIMIT", 1 << 20)
 if SANDBOX_EXEC_OUTPUT_LIMIT < 0:
     raise ImproperlyConfigured("SANDBOX_EXEC_OUTPUT_LIMIT must be 0 or more bytes")
 SANDBOX_STOP_GRACE_S = env_int("SANDBOX_STOP_GRACE_S", 20)
+# The longest lifetime a VM may be given, at create or later (seconds from then; vms.lifetimes).
+SANDBOX_VM_LIFETIME_MAX_S = env_int("SANDBOX_VM_LIFETIME_MAX_S", 7 * 24 * 3600)
+if SANDBOX_VM_LIFETIME_MAX_S < 1:
+    raise ImproperlyConfigured("SANDBOX_VM_LIFETIME_MAX_S must be 1 second or more")
 
 # --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------
 # New digests are signed with this algorithm; digests of either kind stay verifiable.

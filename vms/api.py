@@ -146,6 +146,22 @@ class VMCreateSerializer(serializers.Serializer):
             "team budget (required when you are in several)"
         ),
     )
+    timeout_s = serializers.IntegerField(
+        min_value=0,
+        required=False,
+        help_text=(
+            "its lifetime in seconds: at its end it is stopped or destroyed (its template "
+            "says which); 0: none; default: its template's"
+        ),
+    )
+
+
+class LifetimeSerializer(serializers.Serializer):
+    timeout_s = serializers.IntegerField(
+        min_value=0,
+        help_text="its lifetime from now, in seconds (0 clears it; at most "
+        "SANDBOX_VM_LIFETIME_MAX_S)",
+    )
 
 
 class StopSerializer(serializers.Serializer):
@@ -437,8 +453,31 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             network=d.get("network"),
             secrets=d.get("secrets"),
             budget=d.get("budget"),
+            timeout_s=d.get("timeout_s"),
         )
         return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=LifetimeSerializer,
+        responses=inline_serializer(
+            "Lifetime",
+            {
+                "timeout_s": serializers.IntegerField(),
+                "expires_at": serializers.DateTimeField(allow_null=True),
+                "on_expiry": serializers.CharField(),
+                "event_position": serializers.IntegerField(),
+            },
+        ),
+    )
+    @action(detail=True, methods=["post"])
+    def lifetime(self, request: Request, pk: Any = None) -> Response:
+        """Set, extend or clear (``timeout_s`` 0) the VM's lifetime, from now: at its end the
+        VM is stopped or destroyed (``on_expiry``, from its template)."""
+        vm = self.target("set_lifetime")
+        s = LifetimeSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        event = commands.set_lifetime(self.caller(), vm, timeout_s=s.validated_data["timeout_s"])
+        return Response({**event.data, "event_position": event.position})
 
     @extend_schema(request=None, responses={202: None})
     def destroy(self, request: Request, pk: Any = None) -> Response:

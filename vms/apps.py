@@ -38,6 +38,7 @@ class VmsConfig(AppConfig):
         # their recordings as bundle attachments: audit names neither.
         from vms import (
             commands,
+            lifetimes,
             metrics,
             recordings,  # noqa: F401
             templates_config,
@@ -47,6 +48,8 @@ class VmsConfig(AppConfig):
         metrics.register()
         # A usage sample of this host's VMs every 10 s (the worker's main process runs ticks).
         ticks.register("usage", usage.tick)
+        # Lifetimes that ended: their stop or destroy asked within a second or so.
+        ticks.register("lifetimes", lifetimes.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

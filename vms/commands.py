@@ -17,6 +17,7 @@ import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -66,6 +67,7 @@ __all__ = [
     "delete_snapshot",
     "destroy",
     "ensure_default_network",
+    "expire_lifetime",
     "is_pending",
     "pause",
     "perform",
@@ -87,6 +89,7 @@ __all__ = [
     "restore",
     "resume",
     "set_egress",
+    "set_lifetime",
     "set_group_budget",
     "set_quota",
     "settle_interrupted_guest_request",
@@ -94,6 +97,7 @@ __all__ = [
     "start",
     "stop",
     "update_network",
+    "validate_timeout",
 ]
 
 NAME_MAX = 63
@@ -358,6 +362,7 @@ def _new_vm_events(
     secrets: list[dict[str, Any]] | None = None,
     secrets_seen: list[dict[str, Any]] | None = None,
     budget: str | None = None,
+    timeout_s: int = 0,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
@@ -367,9 +372,12 @@ def _new_vm_events(
     default the creator's only group with one). The quota definitions and the choice of budget
     are made before the lock, which is then held only for what concurrent requests change
     (usage, the budget's usage and limits, names, addresses) and the append.
+
+    ``timeout_s``: its lifetime (seconds from now; 0: none), appended as vm.lifetime_set.
     """
     limits = quotas.effective_quota(caller.user)
     chosen = quotas.choose_budget(caller.user, budget)
+    on_expiry = template.on_expiry if isinstance(template, Template) else "stop"
     store.lock()
     vm_id = uuid.uuid4()
     if _name_taken_query().run(owner=caller.user.pk, name=name):
@@ -407,6 +415,8 @@ def _new_vm_events(
             "network_id": str(network.pk) if network else None,
             "tap": identity.tap_for(vm_id) if network else "",
             "egress": network.default_egress if network else "none",
+            # What the end of its lifetime does (its template's; vm.lifetime_set sets the end).
+            "on_expiry": on_expiry,
             # Names, owners, versions and HMACs of the secrets it receives: never a value.
             **({"secrets": secrets} if secrets else {}),
             **({"secrets_seen": secrets_seen} if secrets_seen else {}),
@@ -428,6 +438,16 @@ def _new_vm_events(
                 "net.ip_leased",
                 {"ip": ip, "mac": mac, "network_id": str(network.pk), "network": network.name},
                 expected_version=1,
+            )
+        )
+    if timeout_s:
+        pending.append(
+            store.PendingEvent(
+                "vm",
+                str(vm_id),
+                "vm.lifetime_set",
+                _lifetime_data(timeout_s, timezone.now(), on_expiry),
+                expected_version=len(pending),
             )
         )
     if request is not None:
@@ -467,8 +487,11 @@ def create(
     network: str | None = None,
     secrets: list[dict[str, Any]] | None = None,
     budget: str | None = None,
+    timeout_s: int | None = None,
 ) -> Accepted:
-    """A new VM from ``template``. ``secrets``: references to secrets of the caller's (or its
+    """A new VM from ``template``. ``timeout_s``: its lifetime in seconds (0: none; None: the
+    template's, if it has one); at its end the system stops or destroys it (``vms.lifetimes``).
+    ``secrets``: references to secrets of the caller's (or its
     groups') that the guest receives as variables of every exec or files written at every start
     (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC.
     ``budget``: the name of the group whose team budget it draws from (``vms.quotas``)."""
@@ -481,6 +504,7 @@ def create(
     given = _template_secrets(caller, tpl, refs) + guests.resolve(caller.user, refs, caller=caller)
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
+    lifetime = validate_timeout((tpl.timeout_s or 0) if timeout_s is None else timeout_s)
     vm_id, events = _new_vm_events(
         caller,
         name=name,
@@ -493,6 +517,7 @@ def create(
         request=(_requested("start"), {}) if start_now else None,
         secrets=[g.record() for g in given],
         budget=budget,
+        timeout_s=lifetime,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -924,6 +949,87 @@ def set_egress(
         expected_version=fresh.version,
     )
     _rules_on_commit(fresh.pk)
+    return event
+
+
+# --- Lifetimes (vms.lifetimes) ------------------------------------------------------------------
+
+LIFETIME = Actor.system(channel="worker", name="lifetime")
+
+
+def validate_timeout(timeout_s: Any) -> int:
+    """A lifetime in whole seconds from now, 0 (none) to SANDBOX_VM_LIFETIME_MAX_S."""
+    limit = int(settings.SANDBOX_VM_LIFETIME_MAX_S)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int):
+        raise ValidationError({"timeout_s": "whole seconds (an integer)"})
+    if not 0 <= timeout_s <= limit:
+        raise ValidationError({"timeout_s": f"0 (no lifetime) to {limit} seconds"})
+    return timeout_s
+
+
+def _lifetime_data(timeout_s: int, now: datetime, on_expiry: str) -> dict[str, Any]:
+    expires = now + timedelta(seconds=timeout_s) if timeout_s else None
+    return {
+        "timeout_s": timeout_s,
+        "expires_at": expires.isoformat() if expires else None,
+        "on_expiry": on_expiry,
+    }
+
+
+@transaction.atomic
+def set_lifetime(caller: Caller, vm: VirtualMachine, *, timeout_s: int) -> store.RecordedEvent:
+    """Set, extend or clear (0) the VM's lifetime: it ends ``timeout_s`` seconds from now, when
+    the system asks its stop or destroy (``on_expiry``, its template's). Appends vm.lifetime_set."""
+    row = lifecycle.verb("set_lifetime")
+    policy.require(caller, row.name, vm.owner_id)
+    timeout_s = validate_timeout(timeout_s)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    if fresh.state not in row.allowed_from:
+        raise InvalidState(fresh, row.name, row.allowed_from)
+    return store.append(
+        "vm",
+        str(fresh.pk),
+        "vm.lifetime_set",
+        _lifetime_data(timeout_s, timezone.now(), fresh.on_expiry),
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+
+
+@transaction.atomic
+def expire_lifetime(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | None:
+    """The end of a VM's lifetime, if it has come: the system asks its stop or destroy (the
+    ordinary request of the table, data ``{"reason": "lifetime", "expired_at"}``), which clears
+    its end (the projector), so it is asked once. A VM already where that request would leave it
+    (a stopped VM to stop) gets its lifetime cleared instead (vm.lifetime_set with the reason);
+    a VM busy with another request is left for a later tick (a destroy overtakes it), and one
+    already being destroyed has its end asked for.
+    None when there was nothing to do."""
+    store.lock()
+    vm = VirtualMachine.objects.filter(pk=vm_id).first()
+    if vm is None or vm.expires_at is None or vm.expires_at > now:
+        return None
+    row = lifecycle.request_verb(vm.on_expiry)
+    reason = {"reason": "lifetime", "expired_at": vm.expires_at.isoformat()}
+    if (vm.busy and not row.overtakes) or vm.pending_type == row.request_type():
+        return None  # later (or never: what its end asks for is already asked, a destroy)
+    if vm.state not in row.allowed_from:
+        return store.append(
+            "vm",
+            str(vm.pk),
+            "vm.lifetime_set",
+            {**_lifetime_data(0, now, vm.on_expiry), **reason},
+            actor=LIFETIME,
+            expected_version=vm.version,
+        )
+    data: dict[str, Any] = dict(reason)
+    if row.name == "stop":
+        data |= {"force": False, "grace_s": settings.SANDBOX_STOP_GRACE_S}
+    event = store.append(
+        "vm", str(vm.pk), row.request_type(), data, actor=LIFETIME, expected_version=vm.version
+    )
+    _enqueue_on_commit(event)
     return event
 
 

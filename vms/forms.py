@@ -26,6 +26,13 @@ class CreateVMForm(forms.Form):
     memory_mib = forms.IntegerField(min_value=128, required=False, label="Memory (MiB)")
     disk_mib = forms.IntegerField(min_value=64, required=False, label="Disk (MiB)")
     start = forms.BooleanField(required=False, initial=True, label="Start it now")
+    timeout_s = forms.IntegerField(
+        min_value=0,
+        required=False,
+        label="Lifetime (seconds)",
+        help_text="stopped or destroyed (as its template says) this long after its creation; "
+        "empty: the template's, 0: none",
+    )
     secrets = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),

@@ -408,6 +408,16 @@ VERBS: tuple[Verb, ...] = (
         records=("net.egress_policy_changed",),
         api=ApiRoute("egress", "update", ("put",)),
     ),
+    # Its lifetime (vms.lifetimes): when its end comes, the system asks a stop or a destroy.
+    Verb(
+        name="set_lifetime",
+        kind="record",
+        permission=OPERATE,
+        description="The VM's lifetime set, extended or cleared (seconds from now).",
+        records=("vm.lifetime_set",),
+        allowed_from=ALL_STATES - {GONE},
+        api=ApiRoute("vms", "lifetime"),
+    ),
     Verb(
         name="console",
         kind="record",
@@ -613,6 +623,12 @@ _RECORD_TYPES = {
         "vm",
         "access",
         "Shareable preview links were revoked before their expiry (link ids).",
+    ),
+    "vm.lifetime_set": (
+        "vm",
+        "change",
+        "A VM's lifetime was set, extended or cleared (timeout_s from then, expires_at, on_expiry: "
+        "stop or destroy); its end is a stop or destroy request with reason lifetime.",
     ),
     "snapshot.deleted": ("snapshot", "data", "A snapshot was deleted (by a user or retention)."),
     "net.port_forward_added": ("vm", "change", "A host port was forwarded to a VM."),

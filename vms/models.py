@@ -19,6 +19,7 @@ __all__ = [
     "EGRESS_CHOICES",
     "GroupBudget",
     "Network",
+    "ON_EXPIRY_CHOICES",
     "PortForward",
     "Quota",
     "RequestOutcome",
@@ -95,6 +96,10 @@ class Network(models.Model):
         return f"{self.name} ({self.subnet})"
 
 
+# What a VM's lifetime ends in (vms.lifetimes): the ordinary stop or destroy request.
+ON_EXPIRY_CHOICES = [("stop", "Stop"), ("destroy", "Destroy")]
+
+
 class Template(models.Model):
     """A VM shape offered to users: built in, from YAML (SANDBOX_TEMPLATES_FILE) or the admin."""
 
@@ -110,6 +115,10 @@ class Template(models.Model):
     # Secrets every VM made from it receives, by reference (``secretstore.guests``): resolved as
     # the creating user may use them, merged under what the create request names itself.
     secrets = models.JSONField(default=list, blank=True)
+    # The lifetime of a VM made from it (vms.lifetimes): seconds from its create, None for none;
+    # what its expiry does to it (stop or destroy).
+    timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    on_expiry = models.CharField(max_length=8, choices=ON_EXPIRY_CHOICES, default="stop")
 
     class Meta:
         ordering = ["name"]
@@ -177,6 +186,10 @@ class VirtualMachine(models.Model):
         db_constraint=False,
         related_name="+",
     )
+    # Its lifetime (vm.lifetime_set; vms.lifetimes): when it ends (None: none, or already acted
+    # on) and what its end does, from its template at create.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    on_expiry = models.CharField(max_length=8, choices=ON_EXPIRY_CHOICES, default="stop")
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
@@ -189,6 +202,12 @@ class VirtualMachine(models.Model):
             models.Index(fields=["-created_at"], name="vms_vm_newest"),
             models.Index(fields=["owner", "-created_at"], name="vms_vm_owner_newest"),
             models.Index(fields=["mac"], name="vms_vm_mac"),
+            # The lifetime tick's question: which VMs' lifetimes have ended (few have one).
+            models.Index(
+                fields=["expires_at"],
+                condition=models.Q(expires_at__isnull=False),
+                name="vms_vm_expiring",
+            ),
             # A team budget's usage, summed under the append lock: its VMs not destroyed.
             models.Index(
                 fields=["budget_group"],

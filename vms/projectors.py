@@ -131,6 +131,7 @@ class VMProjector(Projector):
                     secrets=list(data.get("secrets", [])),
                     secrets_seen=_seen([], data.get("secrets_seen", data.get("secrets", []))),
                     budget_group_id=data.get("budget_group_id"),
+                    on_expiry=data.get("on_expiry", "stop"),
                     created_at=at,
                     updated_at=at,
                     state_changed_at=at,
@@ -158,6 +159,8 @@ class VMProjector(Projector):
                 vm.pending_type = e.type
                 vm.last_error = ""
                 vm.progress = {}
+                if data.get("reason") == "lifetime":
+                    vm.expires_at = None  # its end asked for: asked once (vms.lifetimes)
                 if e.type == "vm.snapshot_requested":
                     snap = Snapshot(
                         id=uuid.UUID(data["snapshot_id"]),
@@ -230,6 +233,11 @@ class VMProjector(Projector):
                         disk_mib=-vm.disk_mib,
                     )
                     vm.ip = None
+                    vm.expires_at = None  # a destroyed VM's lifetime has nothing left to end
+            elif e.type == "vm.lifetime_set":
+                ends = data.get("expires_at")
+                vm.expires_at = datetime.fromisoformat(ends) if ends else None
+                vm.on_expiry = data.get("on_expiry", vm.on_expiry)
             elif e.type == "vm.exec_requested" and data.get("secrets"):
                 vm.secrets_seen = _seen(vm.secrets_seen, data["secrets"])
             elif e.type == "vm.progress":
@@ -310,6 +318,8 @@ class VMProjector(Projector):
                     "progress",
                     "last_snapshot",
                     "secrets_seen",
+                    "expires_at",
+                    "on_expiry",
                     "version",
                     "updated_at",
                     "state_changed_at",

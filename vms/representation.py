@@ -58,6 +58,8 @@ _VM_FIELD_COLUMNS = {
     "source_snapshot": "source_snapshot_id",
     "last_snapshot": "last_snapshot_id",
     "budget_group": "budget_group_id",  # the group whose team budget it draws from (docs/quotas.md)
+    "expires_at": "expires_at",  # the end of its lifetime (None: none; docs/vms.md, Lifetimes)
+    "on_expiry": "on_expiry",  # what that end does: stop or destroy
     "version": "version",
     "created_at": "created_at",
     "updated_at": "updated_at",
@@ -105,6 +107,8 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
         "source_snapshot": str(v["source_snapshot_id"]) if v["source_snapshot_id"] else None,
         "last_snapshot": str(v["last_snapshot_id"]) if v["last_snapshot_id"] else None,
         "budget_group": v["budget_group_id"],
+        "expires_at": iso(v["expires_at"]),
+        "on_expiry": v["on_expiry"],
         "version": v["version"],
         "created_at": iso(v["created_at"]),
         "updated_at": iso(v["updated_at"]),

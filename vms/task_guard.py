@@ -55,6 +55,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.apply_retention",
         "vms.tasks.cleanup_snapshot",
         "vms.tasks.collect_net_evidence",
+        "vms.tasks.expire_lifetimes",
         "vms.tasks.reconcile",
         "vms.tasks.rollup_usage",
         "vms.tasks.run_request",

@@ -5,8 +5,8 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 
 from __future__ import annotations
 
+from vms import lifetimes, retention, usage, vmnet, worker
 from vms import reconcile as reconciler
-from vms import retention, usage, vmnet, worker
 
 
 def run_request(event_id: str) -> str:
@@ -48,3 +48,8 @@ def sample_usage(slot: int) -> int:
 def rollup_usage() -> dict[str, int]:
     """Fold the usage history into its minute and hour tiers and prune each tier."""
     return usage.rollup()
+
+
+def expire_lifetimes() -> int:
+    """Stop or destroy the VMs whose lifetime has ended (``vms.lifetimes``; a tick enqueues it)."""
+    return lifetimes.expire()

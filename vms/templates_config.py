@@ -9,6 +9,8 @@ YAML (``SANDBOX_TEMPLATES_FILE``)::
         vcpus: 1
         memory_mib: 256
         disk_mib: 512
+        timeout_s: 3600       # optional: its VMs' lifetime (docs/vms.md, "Lifetimes")
+        on_expiry: stop       # optional: what the lifetime's end does, stop (default) or destroy
         secrets:              # optional: every VM made from it receives these (docs/security.md)
           - {name: REGISTRY_TOKEN, env: REGISTRY_TOKEN}
           - {name: deploy_key, file: /root/.ssh/id_ed25519}
@@ -69,7 +71,17 @@ BUILTIN: list[dict[str, Any]] = [
     },
 ]
 
-FIELDS = ("description", "boot", "image", "vcpus", "memory_mib", "disk_mib", "secrets")
+FIELDS = (
+    "description",
+    "boot",
+    "image",
+    "vcpus",
+    "memory_mib",
+    "disk_mib",
+    "secrets",
+    "timeout_s",
+    "on_expiry",
+)
 
 
 def load_yaml(path: str | Path) -> list[dict[str, Any]]:
@@ -90,6 +102,20 @@ def load_yaml(path: str | Path) -> list[dict[str, Any]]:
         if item["boot"] not in ("linux", "uefi"):
             raise ImproperlyConfigured(
                 f"{path}: template {item['name']}: boot must be linux or uefi"
+            )
+        timeout = item.get("timeout_s")
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int)
+            or not 1 <= timeout <= settings.SANDBOX_VM_LIFETIME_MAX_S
+        ):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: timeout_s must be 1 to "
+                f"{settings.SANDBOX_VM_LIFETIME_MAX_S} seconds"
+            )
+        if item.get("on_expiry", "stop") not in ("stop", "destroy"):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: on_expiry must be stop or destroy"
             )
         try:
             item["secrets"] = guests.validate_refs(item.get("secrets"))
@@ -112,6 +138,8 @@ def sync_templates() -> None:
         values = {f: spec[f] for f in FIELDS if f in spec} | {"source": source}
         values.setdefault("image", "linux" if spec["boot"] == "linux" else "uefi")
         values.setdefault("secrets", [])
+        values.setdefault("timeout_s", None)
+        values.setdefault("on_expiry", "stop")
         Template.objects.update_or_create(name=spec["name"], defaults=values)
 
 

@@ -292,6 +292,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
                 start_now=d["start"],
                 secrets=d["secrets"],
                 budget=d.get("budget") or None,
+                timeout_s=d.get("timeout_s"),
             )
         except quotas.QuotaExceeded as exc:
             field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}
