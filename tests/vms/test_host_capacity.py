@@ -202,3 +202,12 @@ def test_the_hosts_page_shows_capacity(caller_for, client) -> None:
     client.force_login(caller_for("viewer").user)
     page = client.get("/vms/hosts/").content.decode()
     assert "1 / 8 vCPUs (0.5 per CPU) · 512 / 2048 MiB" in page
+
+
+def test_the_create_form_says_the_hosts_have_no_room(caller_for, client) -> None:
+    _host("h1")  # 512 MiB
+    client.force_login(caller_for("operator").user)
+    form = {"name": "big", "template": "linux-small", "memory_mib": 1024, "start": ""}
+    refused = client.post("/vms/new/", form).content.decode()
+    assert "No room on the hosts: the cluster has no room: memory_mib 0 committed" in refused
+    assert not VirtualMachine.objects.filter(name="big").exists()
