@@ -9,7 +9,8 @@ hosts really use, and the check that refuses a request past the overcommitted ca
   x SANDBOX_MEMORY_OVERCOMMIT`` MiB, rounded down.
 
 A create has no host yet: it is checked against the cluster, the sum over the hosts measured
-within ``SANDBOX_WORKER_STALE_S`` (their committed VMs and those not placed yet). A start and a
+within ``SANDBOX_WORKER_STALE_S`` (their committed VMs and those not placed yet that are
+being started: ``lifecycle.HOLDS_UNPLACED``). A start and a
 resize up of a VM that holds its host are checked against its host when that host is measured,
 else against the cluster. When no host has been measured (no worker ran yet), nothing is refused:
 there is nothing to compare with. Checks run under the event store's lock, after the quotas, and
@@ -161,7 +162,7 @@ def _fresh_hosts() -> list[HostCapacity]:
 
 def _committed(where: Q) -> dict[str, int]:
     row = (
-        VirtualMachine.objects.filter(where, state__in=lifecycle.HOLDS_HOST)
+        VirtualMachine.objects.filter(where)
         .order_by()
         .aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"))
     )
@@ -189,7 +190,10 @@ def check_cluster(*, vcpus: int, memory_mib: int, hosts: list[HostCapacity] | No
     for h in hosts:
         for r, n in limits(h.cpus, h.memory_mib).items():
             capacity[r] += n
-    committed = _committed(Q(host__in=[h.host for h in hosts]) | Q(host=""))
+    committed = _committed(
+        Q(host__in=[h.host for h in hosts], state__in=lifecycle.HOLDS_HOST)
+        | Q(host="", state__in=lifecycle.HOLDS_UNPLACED)
+    )
     _check(capacity, committed, None, {"vcpus": vcpus, "memory_mib": memory_mib})
 
 
@@ -203,7 +207,7 @@ def check_host(host: str, *, vcpus: int, memory_mib: int) -> None:
         return
     _check(
         limits(row.cpus, row.memory_mib),
-        _committed(Q(host=host)),
+        _committed(Q(host=host, state__in=lifecycle.HOLDS_HOST)),
         host,
         {"vcpus": vcpus, "memory_mib": memory_mib},
     )

@@ -45,6 +45,7 @@ __all__ = [
     "EVENT_STATES",
     "GONE",
     "HOLDS_HOST",
+    "HOLDS_UNPLACED",
     "ApiRoute",
     "GUEST_VERBS",
     "NETWORK_EVENTS",
@@ -88,6 +89,9 @@ GONE = "destroyed"
 # being brought up or torn down. A stopped, crashed or destroyed VM holds none; a failed one may
 # still have its VMM (a failed stop), so it counts until settled.
 HOLDS_HOST = ALL_STATES - frozenset({"creating", "stopped", "crashed", "destroyed"})
+# ... and of those, the states in which a VM not placed on a host yet (no VMM has run for it)
+# holds what it asked for: a failed first start left nothing running.
+HOLDS_UNPLACED = HOLDS_HOST - frozenset({"failed"})
 # The events besides the verbs' outcomes that set a VM's state (the projector's, vms.projectors):
 # a new VM is stopped until its first start; the reconciler found its VMM dead.
 EVENT_STATES: dict[str, str] = {"vm.created": "stopped", "vm.crashed": "crashed"}

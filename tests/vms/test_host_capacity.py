@@ -211,3 +211,20 @@ def test_the_create_form_says_the_hosts_have_no_room(caller_for, client) -> None
     refused = client.post("/vms/new/", form).content.decode()
     assert "No room on the hosts: the cluster has no room: memory_mib 0 committed" in refused
     assert not VirtualMachine.objects.filter(name="big").exists()
+
+
+def test_a_failed_first_start_holds_nothing_but_a_failed_placed_vm_does(caller_for) -> None:
+    caller = caller_for("operator")
+    _host("h1")  # 512 MiB
+    never = commands.create(caller, name="a", template="linux-small", memory_mib=512)
+    commands.record_outcome(never.request, "vm.start_failed", {"error": "no kernel"})
+    assert VirtualMachine.objects.get(pk=never.vm_id).host == ""
+    placed = _running_on(caller, "h1", "b", memory_mib=512)  # fits: "a" holds nothing
+    commands.record_outcome(commands.stop(caller, placed).request, "vm.stopped", {})
+    placed = policy.visible_vms(caller).get(pk=placed.pk)
+    request = commands.start(caller, placed).request  # fits: a stopped VM holds nothing
+    commands.record_outcome(request, "vm.start_failed", {"error": "agent silent"})
+    placed = VirtualMachine.objects.get(pk=placed.pk)
+    assert (placed.state, placed.host) == ("failed", "h1")
+    with pytest.raises(CapacityExceeded):  # its VMM may still run on h1
+        commands.create(caller, name="c", template="linux-small", memory_mib=128)
