@@ -494,6 +494,15 @@ SANDBOX_MAX_VMS = env_int("SANDBOX_MAX_VMS", 50)  # live VMs on this installatio
 SANDBOX_MAX_VCPUS_PER_VM = env_int("SANDBOX_MAX_VCPUS_PER_VM", 8)
 SANDBOX_MAX_MEMORY_MIB_PER_VM = env_int("SANDBOX_MAX_MEMORY_MIB_PER_VM", 16384)
 SANDBOX_MAX_DISK_MIB_PER_VM = env_int("SANDBOX_MAX_DISK_MIB_PER_VM", 65536)
+# Host capacity (vms.capacity, docs/resources.md): vCPUs committed per host CPU, memory committed
+# per MiB of host memory (after the reserve), and the memory kept for the host itself.
+SANDBOX_CPU_OVERCOMMIT = env_float("SANDBOX_CPU_OVERCOMMIT", 4.0)
+SANDBOX_MEMORY_OVERCOMMIT = env_float("SANDBOX_MEMORY_OVERCOMMIT", 1.0)
+SANDBOX_HOST_RESERVED_MEMORY_MIB = env_int("SANDBOX_HOST_RESERVED_MEMORY_MIB", 512)
+if SANDBOX_CPU_OVERCOMMIT <= 0 or SANDBOX_MEMORY_OVERCOMMIT <= 0:
+    raise ImproperlyConfigured("SANDBOX_CPU_OVERCOMMIT and SANDBOX_MEMORY_OVERCOMMIT must be > 0")
+if SANDBOX_HOST_RESERVED_MEMORY_MIB < 0:
+    raise ImproperlyConfigured("SANDBOX_HOST_RESERVED_MEMORY_MIB must be >= 0")
 SANDBOX_DEFAULT_QUOTA = {
     "vms": env_int("SANDBOX_QUOTA_VMS", 10),
     "vcpus": env_int("SANDBOX_QUOTA_VCPUS", 16),

@@ -22,6 +22,7 @@ from vms.api import (
     UserQuotaView,
     VMViewSet,
 )
+from vms.host_api import HostCapacityView
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
@@ -57,6 +58,7 @@ api_v1 = [
     path("vms/<uuid:pk>/rightsizing/", VMRightSizingView.as_view(), name="vm-rightsizing"),
     path("users/<int:pk>/usage/", UserUsageView.as_view(), name="user-usage"),
     path("groups/<int:pk>/usage/", GroupUsageView.as_view(), name="group-usage"),
+    path("hosts/", HostCapacityView.as_view(), name="hosts"),
     path("hosts/<str:name>/usage/", HostUsageView.as_view(), name="host-usage"),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),

@@ -33,7 +33,17 @@ from audit.errors import ConcurrencyError
 from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from secretstore import guests
-from vms import enqueue, identity, images, lifecycle, netconfig, policy, previews, quotas
+from vms import (
+    capacity,
+    enqueue,
+    identity,
+    images,
+    lifecycle,
+    netconfig,
+    policy,
+    previews,
+    quotas,
+)
 from vms.models import (
     GroupBudget,
     Network,
@@ -177,6 +187,9 @@ def _request(
         raise Busy(vm, verb)
     if vm.state not in row.allowed_from:
         raise InvalidState(vm, verb, row.allowed_from)
+    if row.launches_vmm and vm.state not in lifecycle.HOLDS_HOST:
+        # A verb that launches the VMM of a VM that holds no host (a start): it must fit.
+        capacity.check_host(vm.host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
     event = store.append(
         "vm",
         str(vm.pk),
@@ -256,6 +269,12 @@ def resize(
         vcpus=new_vcpus - fresh.vcpus,
         memory_mib=new_memory - fresh.memory_mib,
     )
+    if fresh.state in lifecycle.HOLDS_HOST:  # a stopped VM is checked when it starts
+        capacity.check_host(
+            fresh.host,
+            vcpus=new_vcpus - fresh.vcpus,
+            memory_mib=new_memory - fresh.memory_mib,
+        )
     data = {"vcpus": new_vcpus, "memory_mib": new_memory}
     return Accepted(*_request(caller, fresh, "resize", data, read_under_lock=True))
 
@@ -391,6 +410,7 @@ def _new_vm_events(
         memory_mib=memory_mib,
         disk_mib=disk_mib,
     )
+    capacity.check_cluster(vcpus=vcpus, memory_mib=memory_mib)  # no host chosen yet
     mac, ip = identity.allocate(network)
     if network is not None and ip is None:
         raise ValidationError({"network": f"the network {network.name} has no free address"})

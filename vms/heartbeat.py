@@ -6,7 +6,8 @@ main process (``manage.py worker``) sends a heartbeat *task* through the broker 
 ``SANDBOX_WORKER_HEARTBEAT_S`` seconds, and a worker process that runs it stamps ``beat_at`` in
 the ``WorkerHeartbeat`` row of the queue. A heartbeat that made it shows the whole path works:
 broker, pusher, a free worker, the worker's database connection. ``/readyz`` is not ready when
-no worker took one for ``SANDBOX_WORKER_STALE_S`` seconds.
+no worker took one for ``SANDBOX_WORKER_STALE_S`` seconds. Each heartbeat also records its
+host's capacity (``vms.capacity``).
 
 At most one heartbeat is in flight: the next is sent when the previous one was taken, or again
 after the stale time, so a stuck cluster does not pile heartbeats up in its queue.
@@ -14,6 +15,7 @@ after the stale time, so a stuck cluster does not pile heartbeats up in its queu
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from datetime import datetime, timedelta
@@ -21,7 +23,10 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from vms import capacity
 from vms.models import WorkerHeartbeat
+
+log = logging.getLogger(__name__)
 
 
 def queue_name() -> str:
@@ -77,7 +82,12 @@ def send(now: datetime) -> None:
 
 
 def beat(queue: str, sent_at: str) -> None:
-    """The heartbeat task, run by a worker process."""
+    """The heartbeat task, run by a worker process: it also measures the worker's host
+    (``vms.capacity``). A host that cannot be measured keeps its old row; the beat still counts."""
+    try:
+        capacity.record()
+    except (RuntimeError, OSError):
+        log.exception("could not measure this host's capacity")
     WorkerHeartbeat.objects.filter(queue=queue).update(
         beat_at=timezone.now(), beat_sent_at=datetime.fromisoformat(sent_at)
     )

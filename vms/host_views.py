@@ -1,5 +1,6 @@
 """Dashboard pages of the hypervisor hosts, for readers of all VMs (``vms.policy``): the hosts
 that run VMs or a worker, what each holds (VMs live on it, vCPUs and memory they were given),
+its capacity, what is committed to it and what it really uses (``vms.capacity``),
 and a host's page with its VMs and the summed usage history of the VMs it ran
 (``/api/v1/hosts/<name>/usage/``). Anyone else gets a 403."""
 
@@ -15,7 +16,7 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from accounts.caller import Caller
-from vms import lifecycle, policy, runtime
+from vms import capacity, lifecycle, policy, runtime
 from vms.metrics_live import LIVE_STATES
 from vms.models import VirtualMachine, WorkerHeartbeat
 from vms.usage_api import HOST_NAME
@@ -45,6 +46,8 @@ def host_list(request: HttpRequest) -> HttpResponse:
     _require(request)
     rows = {r["host"]: r for r in _held(VirtualMachine.objects.exclude(host=""))}
     workers = {w.host: w for w in WorkerHeartbeat.objects.all()}
+    report = capacity.report()
+    measured = {h["name"]: h for h in report["hosts"]}
     hosts = [
         {
             "name": name,
@@ -54,10 +57,15 @@ def host_list(request: HttpRequest) -> HttpResponse:
             "memory_mib": rows.get(name, {}).get("memory_mib") or 0,
             "worker": workers.get(name),
             "this": name == runtime.host_name(),
+            "capacity": measured.get(name),
         }
-        for name in sorted(set(rows) | set(workers))
+        for name in sorted(set(rows) | set(workers) | set(measured))
     ]
-    return render(request, "vms/hosts.html", {"hosts": hosts, "section": "hosts"})
+    return render(
+        request,
+        "vms/hosts.html",
+        {"hosts": hosts, "overcommit": report["settings"], "section": "hosts"},
+    )
 
 
 @require_GET

@@ -44,6 +44,8 @@ __all__ = [
     "ALL_STATES",
     "EVENT_STATES",
     "GONE",
+    "HOLDS_HOST",
+    "HOLDS_UNPLACED",
     "ApiRoute",
     "GUEST_VERBS",
     "NETWORK_EVENTS",
@@ -83,6 +85,13 @@ ALL_STATES = frozenset(
 )
 # A destroyed VM's state: its row stays for the record; live lists and sessions leave it out.
 GONE = "destroyed"
+# The states in which a VM holds its host's vCPUs and memory (vms.capacity): its VMM runs or is
+# being brought up or torn down. A stopped, crashed or destroyed VM holds none; a failed one may
+# still have its VMM (a failed stop), so it counts until settled.
+HOLDS_HOST = ALL_STATES - frozenset({"creating", "stopped", "crashed", "destroyed"})
+# ... and of those, the states in which a VM not placed on a host yet (no VMM has run for it)
+# holds what it asked for: a failed first start left nothing running.
+HOLDS_UNPLACED = HOLDS_HOST - frozenset({"failed"})
 # The events besides the verbs' outcomes that set a VM's state (the projector's, vms.projectors):
 # a new VM is stopped until its first start; the reconciler found its VMM dead.
 EVENT_STATES: dict[str, str] = {"vm.created": "stopped", "vm.crashed": "crashed"}

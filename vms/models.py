@@ -18,6 +18,7 @@ __all__ = [
     "AgentCredential",
     "EGRESS_CHOICES",
     "GroupBudget",
+    "HostCapacity",
     "Network",
     "ON_EXPIRY_CHOICES",
     "PortForward",
@@ -434,6 +435,25 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"worker heartbeat of {self.queue}"
+
+
+class HostCapacity(models.Model):
+    """What one hypervisor host has and really uses, as its worker last measured it
+    (operational state, not part of the log): refreshed by each heartbeat a worker on the host
+    runs (``vms.capacity``). What VMs are *committed* to a host is not stored here: it is summed
+    from the VMs placed on it."""
+
+    host = models.CharField(max_length=255, primary_key=True)
+    cpus = models.PositiveIntegerField()  # os.cpu_count()
+    memory_mib = models.PositiveIntegerField()  # /proc/meminfo MemTotal
+    available_mib = models.PositiveIntegerField(null=True)  # MemAvailable
+    load1 = models.FloatField(null=True)  # 1-minute load average
+    cpu_pressure = models.FloatField(null=True)  # /proc/pressure/cpu "some avg10", percent
+    memory_pressure = models.FloatField(null=True)  # /proc/pressure/memory "some avg10"
+    measured_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"capacity of {self.host}"
 
 
 class Task(models.Model):

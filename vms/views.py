@@ -296,7 +296,8 @@ def vm_create(request: HttpRequest) -> HttpResponse:
             )
         except quotas.QuotaExceeded as exc:
             field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}
-            form.add_error(field.get(exc.quota), f"Over quota: {exc}")
+            why = "No room on the hosts" if exc.scope == "host" else "Over quota"
+            form.add_error(field.get(exc.quota), f"{why}: {exc}")
         except ValidationError as exc:
             for key, errors in exc.message_dict.items():
                 form.add_error(key if key in form.fields else None, errors)

@@ -34,6 +34,8 @@ class QuotaExceeded(Forbidden):
         self.scope: str | None = body.get("scope")
         # A team budget's refusal (scope "group"): the group whose shared quota it is.
         self.group: str | None = body.get("group")
+        # The hosts' capacity's refusal (scope "host"): the host, None for the whole cluster.
+        self.host: str | None = body.get("host")
         self.limit: int | None = body.get("limit")
         self.used: int | None = body.get("used")
         self.requested: int | None = body.get("requested")
