@@ -5,7 +5,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("vms", "0012_agent_credentials"),
+        ("vms", "0013_lifetimes"),
     ]
 
     operations = [
