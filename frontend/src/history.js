@@ -68,7 +68,16 @@ export function drawChart(root, spec, body) {
   const y = (v) => H - B - (v / top) * (H - T - B);
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", class: "history-chart" });
   const when = (t) => new Date(t * 1000).toISOString().slice(0, 16).replace("T", " ") + " UTC";
-  chart.append(svg("title", {}, `${spec.title}, ${when(from)} to ${when(to)}`));
+  // The text alternative: what the chart shows, in words (its range, and per series the average
+  // over the range and the peak), for screen readers and as the tooltip.
+  const words = spec.metrics.map((m) => {
+    const seen = body.points.map((p) => p[m]).filter(Boolean);
+    if (!seen.length) return `${m.replace("_", " ")}: no samples`;
+    const avg = seen.reduce((a, v) => a + v.avg, 0) / seen.length;
+    const peak = Math.max(...seen.map((v) => v.max));
+    return `${m.replace("_", " ")}: average ${spec.fmt(avg)}, peak ${spec.fmt(peak)}`;
+  });
+  chart.append(svg("title", {}, `${spec.title}, ${when(from)} to ${when(to)}: ${words.join("; ")}`));
   // Axes: three value ticks (none without a value to scale them), four time ticks.
   for (let i = 0; values.length && i <= 2; i += 1) {
     const v = (top / 1.1) * (i / 2);

@@ -58,6 +58,9 @@ def test_the_vm_page_charts_its_history_and_the_picker_changes_the_range(
     assert len(cpu.find_elements(By.CSS_SELECTOR, "path")) == 2  # average and maximum
     ticks = [t.text for t in cpu.find_elements(By.CSS_SELECTOR, "text.tick")]
     assert any(t.endswith("%") for t in ticks) and any(":" in t for t in ticks), ticks
+    # The text alternative says in words what the chart shows: the range, average and peak.
+    title = cpu.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+    assert "cpu: average" in title and "peak 49" in title and " UTC to " in title, title
     disk = driver.find_element(By.CSS_SELECTOR, '[data-history="disk"] svg')
     assert "no samples in this range" in disk.text  # null is not zero
     driver.execute_script("document.getElementById('vm-history').scrollIntoView()")
