@@ -460,7 +460,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     @extend_schema(
         request=LifetimeSerializer,
         responses=inline_serializer(
-            "Lifetime",
+            "LifetimeSet",  # not "Lifetime": the request's component (LifetimeSerializer) has it
             {
                 "timeout_s": serializers.IntegerField(),
                 "expires_at": serializers.DateTimeField(allow_null=True),
