@@ -571,6 +571,10 @@ SANDBOX_STOP_GRACE_S = env_int("SANDBOX_STOP_GRACE_S", 20)
 SANDBOX_VM_LIFETIME_MAX_S = env_int("SANDBOX_VM_LIFETIME_MAX_S", 7 * 24 * 3600)
 if SANDBOX_VM_LIFETIME_MAX_S < 1:
     raise ImproperlyConfigured("SANDBOX_VM_LIFETIME_MAX_S must be 1 second or more")
+# When the stop or destroy a lifetime's end asked for fails, it is asked again this much later.
+SANDBOX_LIFETIME_RETRY_S = env_int("SANDBOX_LIFETIME_RETRY_S", 60)
+if SANDBOX_LIFETIME_RETRY_S < 1:
+    raise ImproperlyConfigured("SANDBOX_LIFETIME_RETRY_S must be 1 second or more")
 
 # --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------
 # New digests are signed with this algorithm; digests of either kind stay verifiable.

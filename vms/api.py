@@ -239,6 +239,14 @@ class CloneSerializer(serializers.Serializer):
     budget = serializers.CharField(
         max_length=150, required=False, help_text="as for a create: the team budget it draws from"
     )
+    timeout_s = serializers.IntegerField(
+        min_value=0,
+        required=False,
+        help_text=(
+            "its lifetime in seconds, as for a create; default: the lifetime of the template "
+            "the snapshot's VM came from"
+        ),
+    )
 
 
 class TemplateSerializer(serializers.ModelSerializer):
@@ -713,7 +721,11 @@ class SnapshotViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
         s.is_valid(raise_exception=True)
         return accepted(
             commands.clone(
-                caller, snap, name=s.validated_data["name"], budget=s.validated_data.get("budget")
+                caller,
+                snap,
+                name=s.validated_data["name"],
+                budget=s.validated_data.get("budget"),
+                timeout_s=s.validated_data.get("timeout_s"),
             )
         )
 

@@ -382,6 +382,7 @@ def _new_vm_events(
     secrets_seen: list[dict[str, Any]] | None = None,
     budget: str | None = None,
     timeout_s: int = 0,
+    on_expiry: str = "stop",
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
@@ -392,11 +393,11 @@ def _new_vm_events(
     are made before the lock, which is then held only for what concurrent requests change
     (usage, the budget's usage and limits, names, addresses) and the append.
 
-    ``timeout_s``: its lifetime (seconds from now; 0: none), appended as vm.lifetime_set.
+    ``timeout_s``: its lifetime (seconds from now; 0: none), appended as vm.lifetime_set;
+    ``on_expiry``: what its end does (its template's).
     """
     limits = quotas.effective_quota(caller.user)
     chosen = quotas.choose_budget(caller.user, budget)
-    on_expiry = template.on_expiry if isinstance(template, Template) else "stop"
     store.lock()
     vm_id = uuid.uuid4()
     if _name_taken_query().run(owner=caller.user.pk, name=name):
@@ -524,7 +525,7 @@ def create(
     given = _template_secrets(caller, tpl, refs) + guests.resolve(caller.user, refs, caller=caller)
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
-    lifetime = validate_timeout((tpl.timeout_s or 0) if timeout_s is None else timeout_s)
+    lifetime, _ = _lifetime_for(tpl, timeout_s)
     vm_id, events = _new_vm_events(
         caller,
         name=name,
@@ -538,6 +539,7 @@ def create(
         secrets=[g.record() for g in given],
         budget=budget,
         timeout_s=lifetime,
+        on_expiry=tpl.on_expiry,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -577,12 +579,32 @@ def _check_snapshot_usable(snap: Snapshot) -> None:
         ) from exc
 
 
+def _lifetime_for(tpl: Template | None, timeout_s: int | None) -> tuple[int, str]:
+    """A new VM's lifetime (seconds; 0: none) and what its end does: ``timeout_s`` as asked,
+    None for its template's (none when the template is gone or has none)."""
+    default = (tpl.timeout_s or 0) if tpl is not None else 0
+    lifetime = validate_timeout(default if timeout_s is None else timeout_s)
+    return lifetime, tpl.on_expiry if tpl is not None else "stop"
+
+
 @transaction.atomic
-def clone(caller: Caller, snap: Snapshot, *, name: str, budget: str | None = None) -> Accepted:
-    """A new VM, with its own identity, started from ``snap``; ``budget`` as for ``create``."""
+def clone(
+    caller: Caller,
+    snap: Snapshot,
+    *,
+    name: str,
+    budget: str | None = None,
+    timeout_s: int | None = None,
+) -> Accepted:
+    """A new VM, with its own identity, started from ``snap``; ``budget`` and ``timeout_s`` (its
+    lifetime; None: the lifetime of the template its snapshot's VM came from) as for
+    ``create``."""
     policy.require(caller, "clone", snap.owner_id)
     _check_snapshot_usable(snap)
     name = _validate_name(name, "name")
+    lifetime, on_expiry = _lifetime_for(
+        Template.objects.filter(name=snap.template).first(), timeout_s
+    )
     vm_id, events = _new_vm_events(
         caller,
         name=name,
@@ -600,6 +622,8 @@ def clone(caller: Caller, snap: Snapshot, *, name: str, budget: str | None = Non
         secrets=list(snap.vm.secrets) if snap.vm is not None else None,
         secrets_seen=list(snap.vm.secrets_seen) if snap.vm is not None else None,
         budget=budget,
+        timeout_s=lifetime,
+        on_expiry=on_expiry,
     )
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1], snap)

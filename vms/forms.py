@@ -89,6 +89,14 @@ class CloneForm(forms.Form):
     name = forms.CharField(max_length=63)
 
 
+class LifetimeForm(forms.Form):
+    timeout_s = forms.IntegerField(
+        min_value=0,
+        label="Ends in (seconds)",
+        help_text="from now; 0 clears it",
+    )
+
+
 class StopForm(forms.Form):
     force = forms.BooleanField(required=False)
 

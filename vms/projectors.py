@@ -206,6 +206,9 @@ class VMProjector(Projector):
                 vm.progress = {}
                 if e.type in FAILURES:
                     vm.last_error = str(data.get("reason", "failed"))[:2000]
+                    if data.get("lifetime_retry_at"):
+                        # A lifetime's stop or destroy that failed: asked again then.
+                        vm.expires_at = datetime.fromisoformat(data["lifetime_retry_at"])
                 if e.type in ("vm.started", "vm.restored"):
                     # A new VMM: its image is what the outcome says, unknown ("") if it says
                     # nothing, never the image of the VMM before it.

@@ -22,6 +22,7 @@ urlpatterns = [
     path("<uuid:pk>/console/", views.vm_console, name="console"),
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),
     path("<uuid:pk>/sysrq/", views.vm_sysrq, name="sysrq"),
+    path("<uuid:pk>/lifetime/", views.vm_lifetime, name="lifetime"),
     path("<uuid:pk>/snapshots/", views.vm_snapshots, name="snapshots"),
     path("<uuid:pk>/preview/", preview_views.vm_preview, name="preview"),
     path("<uuid:pk>/preview/revoke/", preview_views.vm_preview_revoke, name="preview-revoke"),

@@ -46,6 +46,7 @@ from vms.forms import (
     CreateVMForm,
     ExecForm,
     FilterForm,
+    LifetimeForm,
     ResizeForm,
     SnapshotForm,
     StopForm,
@@ -374,6 +375,7 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "rules": RULES_JSON,
             "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
+            "lifetime_form": LifetimeForm(),
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
@@ -496,6 +498,27 @@ def vm_action(request: HttpRequest, pk: Any, verb: str) -> HttpResponse:
         and back.startswith("/vms/")
     ):
         return redirect(back)
+    return redirect("vms:detail", pk=vm.pk)
+
+
+@require_POST
+@login_required
+def vm_lifetime(request: HttpRequest, pk: Any) -> HttpResponse:
+    """The page's lifetime form: set, extend or clear (0) the VM's lifetime from now
+    (``commands.set_lifetime``, as the API's)."""
+    vm = _vm(request, pk)
+    form = LifetimeForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError(form.errors.get_json_data())
+        event = commands.set_lifetime(
+            Caller.from_request(request), vm, timeout_s=form.cleaned_data["timeout_s"]
+        )
+    except REFUSALS as exc:
+        messages.error(request, f"Lifetime refused: {_explain(exc)}")
+    else:
+        ends = event.data["expires_at"]
+        messages.success(request, f"Lifetime set: ends {ends}." if ends else "Lifetime cleared.")
     return redirect("vms:detail", pk=vm.pk)
 
 

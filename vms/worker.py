@@ -21,11 +21,13 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from audit import store
 from audit.models import Event
@@ -121,11 +123,22 @@ def handle(event_id: str) -> str:
         if verb in LAUNCHING_VERBS:
             _kill(vm)
         result = f"error: {exc}"
+    if outcome == failed:
+        data |= lifetime_retry(request)
     # The outcome is appended only while the request is still the one the VM waits for, checked
     # under the append lock in the same transaction: a destroy that came in meanwhile wins.
     if commands.record_outcome_if_pending(request, outcome, data) is commands.SUPERSEDED:
         return _record_superseded(vm, request, verb, launched=True, would_have_been=(outcome, data))
     return result
+
+
+def lifetime_retry(request: store.RecordedEvent) -> dict[str, Any]:
+    """A failed stop or destroy that a lifetime's end asked for: when to ask it again (the
+    projector sets the VM's end to it), so a VM whose stop failed does not run on for good."""
+    if request.data.get("reason") != "lifetime":
+        return {}
+    again = timezone.now() + timedelta(seconds=settings.SANDBOX_LIFETIME_RETRY_S)
+    return {"lifetime_retry_at": again.isoformat()}
 
 
 def _failed(row: lifecycle.Verb) -> str:

@@ -232,9 +232,12 @@ def create_vm(
     disk_mib: int | None = None,
     network: str | None = None,
     budget: str | None = None,
+    lifetime_s: int | None = None,
     wait_for: bool = True,
     timeout: float | None = None,
 ) -> Op:
+    """``lifetime_s``: seconds until the server stops or destroys it (0: none; None: its
+    template's); ``timeout``: how long to wait for it to run."""
     payload: dict[str, Any] = {"name": name or new_name(), "template": template, "start": start}
     for key, value in (
         ("vcpus", vcpus),
@@ -242,6 +245,7 @@ def create_vm(
         ("disk_mib", disk_mib),
         ("network", network),
         ("budget", budget),
+        ("timeout_s", lifetime_s),
     ):
         if value is not None:
             payload[key] = value
@@ -325,10 +329,26 @@ def restore(snapshot_id: str, wait_for: bool, timeout: float | None) -> Op:
     return (yield from accepted(answer, wait_for, timeout))
 
 
-def clone(snapshot_id: str, name: str | None, wait_for: bool, timeout: float | None) -> Op:
+def clone(
+    snapshot_id: str,
+    name: str | None,
+    wait_for: bool,
+    timeout: float | None,
+    lifetime_s: int | None = None,
+) -> Op:
     path = f"/snapshots/{_id(snapshot_id)}/clone/"
-    answer = yield from request(Call("POST", path, json={"name": name or new_name()}, ok=(202,)))
+    body: dict[str, Any] = {"name": name or new_name()}
+    if lifetime_s is not None:
+        body["timeout_s"] = lifetime_s
+    answer = yield from request(Call("POST", path, json=body, ok=(202,)))
     return (yield from accepted(answer, wait_for, timeout))
+
+
+def set_lifetime(vm_id: str, seconds: int) -> Op:
+    """End the VM's lifetime ``seconds`` from now (0 clears it): the server's answer
+    (``timeout_s``, ``expires_at``, ``on_expiry``, ``event_position``)."""
+    path = f"/vms/{_id(vm_id)}/lifetime/"
+    return (yield from request(Call("POST", path, json={"timeout_s": seconds})))
 
 
 def delete_snapshot(snapshot_id: str) -> Op:

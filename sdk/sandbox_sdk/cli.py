@@ -205,6 +205,12 @@ def vm_ls(state: State, everything: bool, state_filter: str | None) -> None:
 @click.option("--memory", "memory_mib", type=int, help="MiB")
 @click.option("--disk", "disk_mib", type=int, help="MiB")
 @click.option("--no-start", is_flag=True, help="create it stopped")
+@click.option(
+    "--lifetime",
+    "lifetime_s",
+    type=click.IntRange(min=0),
+    help="seconds until the server stops or destroys it (0: never; default: its template's)",
+)
 @wait_options
 @pass_state
 def vm_create(
@@ -215,6 +221,7 @@ def vm_create(
     memory_mib: int | None,
     disk_mib: int | None,
     no_start: bool,
+    lifetime_s: int | None,
     no_wait: bool,
     timeout: float | None,
 ) -> None:
@@ -226,6 +233,7 @@ def vm_create(
         vcpus=vcpus,
         memory_mib=memory_mib,
         disk_mib=disk_mib,
+        lifetime_s=lifetime_s,
         wait_for=not no_wait,
         timeout=timeout,
     )
@@ -270,6 +278,17 @@ _verb("pause", "Pause a running VM.")
 _verb("resume", "Resume a paused VM.")
 _verb("reboot", "Reboot a running VM.")
 _verb("destroy", "Destroy a VM (whatever its state).")
+
+
+@vm.command("lifetime")
+@click.argument("ref")
+@click.argument("seconds", type=click.IntRange(min=0))
+@pass_state
+def vm_lifetime(state: State, ref: str, seconds: int) -> None:
+    """End a VM's lifetime SECONDS from now (extend or shorten it; 0 clears it): the server then
+    stops or destroys it, as its template says."""
+    answer = state.sandbox(ref).set_lifetime(seconds)
+    render(state, answer, ["timeout_s", "expires_at", "on_expiry"])
 
 
 @vm.command(

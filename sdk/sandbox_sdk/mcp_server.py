@@ -414,6 +414,14 @@ async def create_sandbox(
     memory_mib: Annotated[
         int | None, Field(ge=64, le=1 << 20, description="default: the template's")
     ] = None,
+    lifetime_s: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            description="seconds until the server stops or destroys it (0: never; default: "
+            "its template's lifetime)",
+        ),
+    ] = None,
     timeout_s: WaitS = CREATE_TIMEOUT_S,
 ) -> SandboxInfo:
     """Create a sandbox and wait until it runs (at most timeout_s seconds)."""
@@ -424,6 +432,7 @@ async def create_sandbox(
                 template=template,
                 vcpus=vcpus,
                 memory_mib=memory_mib,
+                lifetime_s=lifetime_s,
                 timeout=timeout_s,
             )
         )

@@ -315,11 +315,14 @@ class Sandbox(VMView):
         disk_mib: int | None = None,
         network: str | None = None,
         budget: str | None = None,
+        lifetime_s: int | None = None,
         client: Client | None = None,
         url: str | None = None,
         token: str | None = None,
     ) -> Sandbox:
-        """Create a VM and wait (at most ``timeout`` s) until it runs (or exists, unstarted)."""
+        """Create a VM and wait (at most ``timeout`` s) until it runs (or exists, unstarted).
+        ``lifetime_s``: the server stops or destroys it (as its template says) that many seconds
+        after its creation (0: never; None: its template's lifetime)."""
         owned = client is None
         client = client or Client(url, token)
         op = _core.create_vm(
@@ -331,6 +334,7 @@ class Sandbox(VMView):
             disk_mib=disk_mib,
             network=network,
             budget=budget,
+            lifetime_s=lifetime_s,
             timeout=timeout,
         )
         made = cls(client, client.run(op), keep=keep)
@@ -465,14 +469,25 @@ class Sandbox(VMView):
         keep: bool = False,
         wait: bool = True,
         timeout: float | None = None,
+        lifetime_s: int | None = None,
     ) -> Sandbox:
         """A new VM from one of this VM's snapshots (destroyed on exit of its own ``with``)."""
-        answer = self.client.run(_core.clone(snapshot_id(snapshot), name, wait, timeout))
+        answer = self.client.run(
+            _core.clone(snapshot_id(snapshot), name, wait, timeout, lifetime_s)
+        )
         return Sandbox(self.client, answer["vm"], keep=keep)
 
     def destroy(self, *, wait: bool = True, timeout: float | None = None) -> None:
         answer = self.client.run(_core.destroy_vm(self.id, wait, timeout))
         self.info = answer["vm"]
+
+    def set_lifetime(self, seconds: int) -> dict[str, Any]:
+        """End this VM's lifetime ``seconds`` from now (extend or shorten it; 0 clears it): the
+        server then stops or destroys it, as its template says. The server's answer
+        (``timeout_s``, ``expires_at``, ``on_expiry``)."""
+        answer = self.client.run(_core.set_lifetime(self.id, seconds))
+        self.info = {**self.info, "expires_at": answer["expires_at"]}
+        return answer
 
     # --- guest access ---
 

@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 from sandbox_sdk import (
     AuthError,
+    BadRequest,
     ChecksumMismatch,
     Client,
     Conflict,
@@ -319,3 +320,44 @@ def test_events_tail_and_follow(sdk_env, make_user, issue_token) -> None:
     finally:
         follower.terminate()
         follower.wait(timeout=10)
+
+
+def test_lifetimes_from_the_sdk_and_the_cli(sdk_env, make_user, issue_token) -> None:
+    """A lifetime given at create (SDK and CLI), set later, cleared, and refused when bad: the
+    server's VM says what each asked."""
+    from datetime import datetime, timedelta
+
+    from django.utils import timezone
+
+    from vms.models import VirtualMachine
+
+    token = issue_token(make_user("operator", "owner"))
+    client = Client(token=token)
+    timed = Sandbox.create(
+        template="linux-small", name="timed", start=False, lifetime_s=600, client=client
+    )
+    ends = VirtualMachine.objects.get(pk=timed.id).expires_at
+    assert timezone.now() + timedelta(seconds=590) < ends <= timezone.now() + timedelta(seconds=600)
+    answer = timed.set_lifetime(60)
+    assert answer["timeout_s"] == 60 and answer["on_expiry"] == "stop"
+    assert timed.info["expires_at"] == answer["expires_at"]
+    assert VirtualMachine.objects.get(pk=timed.id).expires_at == datetime.fromisoformat(
+        answer["expires_at"]
+    )
+    with pytest.raises(BadRequest) as bad:
+        timed.set_lifetime(-1)
+    assert bad.value.status == 400
+    assert VirtualMachine.objects.get(pk=timed.id).expires_at is not None  # unchanged
+
+    made = run_cli(
+        "-o", "json", "vm", "create", "cli-timed", "-t", "linux-small", "--no-start",
+        "--lifetime", "300", token=token,
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert VirtualMachine.objects.get(name="cli-timed").expires_at is not None
+    cleared = run_cli("-o", "json", "vm", "lifetime", "cli-timed", "0", token=token)
+    assert cleared.exit_code == 0, cleared.output
+    assert json.loads(cleared.stdout)["expires_at"] is None
+    assert VirtualMachine.objects.get(name="cli-timed").expires_at is None
+    refused = run_cli("vm", "lifetime", "cli-timed", "-5", token=token)
+    assert refused.exit_code == 2  # a usage error: nothing sent

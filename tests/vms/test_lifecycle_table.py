@@ -423,6 +423,8 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         inspect.unwrap(views.vm_exec): frozenset({"exec"}),
         # The console's SysRq menu: a fixed script run through the exec verb.
         inspect.unwrap(views.vm_sysrq): frozenset({"exec"}),
+        # The page's lifetime form: a record verb with input of its own.
+        inspect.unwrap(views.vm_lifetime): frozenset({"set_lifetime"}),
         # A record verb with input of its own, routed apart (its row says where: api=None).
         preview_api.PreviewLinkView: frozenset({"share_preview", "revoke_preview"}),
         preview_api.PreviewLinkDetailView: frozenset({"revoke_preview"}),

@@ -372,3 +372,150 @@ def test_the_vm_page_says_when_its_lifetime_ends_and_what_then(caller_for) -> No
     assert "<dt>Lifetime</dt><dd>ends " in html and ", then stop</dd>" in html
     commands.set_lifetime(caller, vm, timeout_s=0)
     assert "<dt>Lifetime</dt><dd>none</dd>" in page.get(f"/vms/{vm.pk}/").content.decode()
+
+
+# --- A failed end, clones, the page's form ------------------------------------------------------------
+
+
+def test_a_failed_lifetime_stop_is_asked_again_later_not_forgotten(caller_for, monkeypatch) -> None:
+    """The stop a lifetime's end asked fails in the worker: its failure carries when to ask again,
+    the VM's end becomes that time, and the next run past it asks the stop again."""
+    from vms import worker
+
+    def failing_stop(vm: Any, request: Any) -> Any:
+        raise worker.RequestFailed("the guest ignored its shutdown", state="running")
+
+    monkeypatch.setitem(worker.HANDLERS, "stop", failing_stop)
+    caller = caller_for("operator")
+    vm = running_vm(caller, timeout_s=10)
+    assert lifetimes.expire(later(11)) == 1
+    stop = Event.objects.get(type="vm.stop_requested", aggregate_id=str(vm.pk))
+    before = timezone.now()
+    assert worker.handle(str(stop.event_id)).startswith("failed")
+    failed = Event.objects.get(type="vm.stop_failed", aggregate_id=str(vm.pk))
+    retry_at = datetime.fromisoformat(failed.payload["lifetime_retry_at"])
+    assert before + timedelta(seconds=60) <= retry_at <= timezone.now() + timedelta(seconds=60)
+    vm.refresh_from_db()
+    assert (vm.state, vm.expires_at) == ("running", retry_at)
+    assert lifetimes.expire(retry_at - timedelta(seconds=1)) == 0
+    assert lifetimes.expire(retry_at + timedelta(seconds=1)) == 1
+    assert Event.objects.filter(type="vm.stop_requested", aggregate_id=str(vm.pk)).count() == 2
+    # The rebuild from the log gives the same end.
+    vm.refresh_from_db()
+    ends = vm.expires_at
+    projections.rebuild("vms.state")
+    vm.refresh_from_db()
+    assert vm.expires_at == ends
+
+
+def test_an_owners_failed_stop_does_not_give_a_lifetime(caller_for, monkeypatch) -> None:
+    from vms import worker
+
+    monkeypatch.setitem(
+        worker.HANDLERS,
+        "stop",
+        lambda vm, request: (_ for _ in ()).throw(worker.RequestFailed("no", state="running")),
+    )
+    caller = caller_for("operator")
+    vm = running_vm(caller)
+    stop = commands.stop(caller, vm)
+    worker.handle(str(stop.request.event_id))
+    failed = Event.objects.get(type="vm.stop_failed", aggregate_id=str(vm.pk))
+    assert "lifetime_retry_at" not in failed.payload
+    vm.refresh_from_db()
+    assert vm.expires_at is None
+
+
+def _snapshot_of(caller: Any, vm: VirtualMachine, kept_image: str) -> Any:
+    from audit import store
+    from audit.actor import Actor
+    from vms.models import Snapshot
+
+    taken = commands.snapshot(caller, vm, name="s1")
+    commands.record_outcome(
+        taken.request, "vm.snapshotted", {"snapshot_id": str(taken.snapshot.pk)}
+    )
+    store.append(
+        "snapshot",
+        str(taken.snapshot.pk),
+        "snapshot.created",
+        {
+            "manifest": {"state.bin": {"size": 1, "sha256": "0" * 64}},
+            "size_bytes": 1,
+            "image_id": kept_image,
+        },
+        actor=Actor.system(),
+        expected_version=0,
+    )
+    return Snapshot.objects.get(pk=taken.snapshot.pk)
+
+
+def test_a_clone_takes_its_templates_lifetime_or_the_one_asked(caller_for, kept_image) -> None:
+    Template.objects.filter(name="linux-small").update(timeout_s=600, on_expiry="destroy")
+    caller = caller_for("operator")
+    vm = running_vm(caller)
+    snap = _snapshot_of(caller, vm, kept_image)
+    by_template = commands.clone(caller, snap, name="c1").vm
+    asked = commands.clone(caller, snap, name="c2", timeout_s=60).vm
+    none = commands.clone(caller, snap, name="c3", timeout_s=0).vm
+    for clone, seconds in ((by_template, 600), (asked, 60)):
+        clone.refresh_from_db()
+        assert clone.on_expiry == "destroy"
+        assert later(seconds - 5) < clone.expires_at <= later(seconds)
+        assert types_of(clone.pk)[-2:] == ["vm.lifetime_set", "vm.restore_requested"]
+    none.refresh_from_db()
+    assert none.expires_at is None and "vm.lifetime_set" not in types_of(none.pk)
+    with pytest.raises(ValidationError):
+        commands.clone(caller, snap, name="c4", timeout_s=-1)
+    assert not VirtualMachine.objects.filter(name="c4").exists()
+
+
+def test_the_api_clones_with_a_lifetime_and_refuses_a_bad_one(
+    make_user, token_client, kept_image
+) -> None:
+    from accounts.caller import Caller
+
+    user = make_user("operator")
+    client = token_client(user)
+    vm = running_vm(Caller.for_user(user))
+    snap = _snapshot_of(Caller.for_user(user), vm, kept_image)
+    made = client.post(
+        f"/api/v1/snapshots/{snap.pk}/clone/", {"name": "timed", "timeout_s": 120}, format="json"
+    )
+    assert made.status_code == 202, made.content
+    timed = VirtualMachine.objects.get(name="timed")
+    assert later(115) < timed.expires_at <= later(120)
+    bad = client.post(
+        f"/api/v1/snapshots/{snap.pk}/clone/", {"name": "bad", "timeout_s": "soon"}, format="json"
+    )
+    assert bad.status_code == 400 and "timeout_s" in bad.json(), bad.content
+    assert not VirtualMachine.objects.filter(name="bad").exists()
+
+
+def test_the_vm_pages_form_sets_extends_and_clears_the_lifetime(caller_for, make_user) -> None:
+    from django.test import Client
+
+    caller = caller_for("operator")
+    vm = running_vm(caller)
+    page = Client()
+    page.force_login(caller.user)
+    assert 'id="vm-lifetime"' in page.get(f"/vms/{vm.pk}/").content.decode()
+    done = page.post(f"/vms/{vm.pk}/lifetime/", {"timeout_s": 300}, follow=True)
+    assert "Lifetime set: ends" in done.content.decode()
+    vm.refresh_from_db()
+    assert later(295) < vm.expires_at <= later(300)
+    refused = page.post(f"/vms/{vm.pk}/lifetime/", {"timeout_s": "-3"}, follow=True)
+    assert "Lifetime refused" in refused.content.decode()
+    vm.refresh_from_db()
+    assert vm.expires_at is not None  # unchanged
+    page.post(f"/vms/{vm.pk}/lifetime/", {"timeout_s": 0})
+    vm.refresh_from_db()
+    assert vm.expires_at is None
+    assert Event.objects.filter(type="vm.lifetime_set", aggregate_id=str(vm.pk)).count() == 2
+    # A viewer sees no form and is refused; the lifetime stays as it was.
+    viewer = Client()
+    viewer.force_login(make_user("viewer"))
+    assert 'id="vm-lifetime"' not in viewer.get(f"/vms/{vm.pk}/").content.decode()
+    answer = viewer.post(f"/vms/{vm.pk}/lifetime/", {"timeout_s": 30}, follow=True)
+    assert answer.status_code in (403, 404) or "Lifetime refused" in answer.content.decode()
+    assert Event.objects.filter(type="vm.lifetime_set", aggregate_id=str(vm.pk)).count() == 2
