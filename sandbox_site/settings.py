@@ -575,6 +575,12 @@ if SANDBOX_VM_LIFETIME_MAX_S < 1:
 SANDBOX_LIFETIME_RETRY_S = env_int("SANDBOX_LIFETIME_RETRY_S", 60)
 if SANDBOX_LIFETIME_RETRY_S < 1:
     raise ImproperlyConfigured("SANDBOX_LIFETIME_RETRY_S must be 1 second or more")
+# The most VMs one fork may make (POST /api/v1/vms/{id}/fork/, vms.commands.fork).
+SANDBOX_FORK_MAX = env_int("SANDBOX_FORK_MAX", 10)
+if SANDBOX_FORK_MAX < 1:
+    raise ImproperlyConfigured("SANDBOX_FORK_MAX must be 1 or more")
+# The idle policy's bounds (vms.idle): an idle timeout is 1 to this many seconds.
+SANDBOX_IDLE_TIMEOUT_MAX_S = env_int("SANDBOX_IDLE_TIMEOUT_MAX_S", 7 * 24 * 3600)
 
 # --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------
 # New digests are signed with this algorithm; digests of either kind stay verifiable.

@@ -164,6 +164,34 @@ class LifetimeSerializer(serializers.Serializer):
     )
 
 
+class ForkSerializer(serializers.Serializer):
+    count = serializers.IntegerField(
+        min_value=1, help_text="how many new VMs (at most SANDBOX_FORK_MAX)"
+    )
+    names = serializers.ListField(
+        child=serializers.CharField(max_length=63),
+        required=False,
+        max_length=1000,
+        help_text="one name per new VM (default: <source>-fork-<k>)",
+    )
+    budget = serializers.CharField(
+        required=False,
+        max_length=150,
+        help_text="the team budget the new VMs draw from (default: the source's)",
+    )
+
+
+class IdleSerializer(serializers.Serializer):
+    idle_timeout_s = serializers.IntegerField(
+        min_value=1,
+        allow_null=True,
+        help_text=(
+            "seconds without exec, file transfer or console input before the system pauses "
+            "the VM (the next exec or file request resumes it); null: never"
+        ),
+    )
+
+
 class StopSerializer(serializers.Serializer):
     force = serializers.BooleanField(default=False)
     grace_s = serializers.IntegerField(min_value=0, max_value=600, required=False)
@@ -267,13 +295,13 @@ class TemplateSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+def _request_brief(request: Any) -> dict[str, Any]:
+    return {"event_id": request.event_id, "type": request.type, "position": request.position}
+
+
 def accepted(result: commands.Accepted, status_code: int = status.HTTP_202_ACCEPTED) -> Response:
     body: dict[str, Any] = {
-        "request": {
-            "event_id": result.request.event_id,
-            "type": result.request.type,
-            "position": result.request.position,
-        },
+        "request": _request_brief(result.request),
         "status_url": f"/api/v1/requests/{result.request.event_id}/",
         "vm": VMSerializer(result.vm).data,
     }
@@ -464,6 +492,65 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             timeout_s=d.get("timeout_s"),
         )
         return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=ForkSerializer,
+        responses={202: inline_serializer("Forked", {"status_url": serializers.CharField()})},
+    )
+    @action(detail=True, methods=["post"])
+    def fork(self, request: Request, pk: Any = None) -> Response:
+        """``count`` new VMs from this running VM's state of now (snapshot once, restore each
+        with its own identity). 202: the snapshot request (``status_url``) and, per new VM, its
+        id, name and restore request (its own ``status_url``)."""
+        vm = self.target("fork")
+        s = ForkSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        d = s.validated_data
+        forked = commands.fork(
+            self.caller(), vm, count=d["count"], names=d.get("names"), budget=d.get("budget")
+        )
+        return Response(
+            {
+                "request": _request_brief(forked.request),
+                "status_url": f"/api/v1/requests/{forked.request.event_id}/",
+                "source": str(forked.source_id),
+                "snapshot": SnapshotBriefSerializer(forked.snapshot).data,
+                "vms": [
+                    {
+                        "id": str(a.vm_id),
+                        "name": a.vm.name,
+                        "hostname": a.vm.hostname,
+                        "request": _request_brief(a.request),
+                        "status_url": f"/api/v1/requests/{a.request.event_id}/",
+                    }
+                    for a in forked.vms
+                ],
+            },
+            status=status.HTTP_202_ACCEPTED,
+        )
+
+    @extend_schema(
+        request=IdleSerializer,
+        responses=inline_serializer(
+            "IdlePolicySet",
+            {
+                "idle_timeout_s": serializers.IntegerField(allow_null=True),
+                "event_position": serializers.IntegerField(),
+            },
+        ),
+    )
+    @action(detail=True, methods=["post"])
+    def idle(self, request: Request, pk: Any = None) -> Response:
+        """Set or clear (``null``) the VM's idle policy: after ``idle_timeout_s`` seconds
+        without exec, file transfer or console input the system pauses it (reason idle), and
+        the next exec or file request resumes it first (reason activity)."""
+        vm = self.target("set_idle")
+        s = IdleSerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        event = commands.set_idle(
+            self.caller(), vm, idle_timeout_s=s.validated_data["idle_timeout_s"]
+        )
+        return Response({**event.data, "event_position": event.position})
 
     @extend_schema(
         request=LifetimeSerializer,

@@ -38,6 +38,7 @@ class VmsConfig(AppConfig):
         # their recordings as bundle attachments: audit names neither.
         from vms import (
             commands,
+            idle,
             lifetimes,
             metrics,
             recordings,  # noqa: F401
@@ -50,6 +51,8 @@ class VmsConfig(AppConfig):
         ticks.register("usage", usage.tick)
         # Lifetimes that ended: their stop or destroy asked within a second or so.
         ticks.register("lifetimes", lifetimes.tick)
+        # Idle policies that ran out: their VMs' pause asked within a second or so.
+        ticks.register("idle", idle.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

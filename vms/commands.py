@@ -22,6 +22,7 @@ from functools import cached_property
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -78,6 +79,11 @@ __all__ = [
     "destroy",
     "ensure_default_network",
     "expire_lifetime",
+    "pause_idle",
+    "request_activity_resume",
+    "set_idle",
+    "validate_idle_timeout",
+    "fork",
     "is_pending",
     "pause",
     "perform",
@@ -367,6 +373,13 @@ def _name_taken_query() -> CompiledQuery:
     )
 
 
+@dataclass(frozen=True)
+class _Counted:
+    """What a fork checked under the lock for all its new VMs at once: the budget they draw on."""
+
+    budget: GroupBudget | None
+
+
 def _new_vm_events(
     caller: Caller,
     *,
@@ -383,6 +396,9 @@ def _new_vm_events(
     budget: str | None = None,
     timeout_s: int = 0,
     on_expiry: str = "stop",
+    idle_timeout_s: int | None = None,
+    counted: _Counted | None = None,
+    vm_id: uuid.UUID | None = None,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
@@ -395,23 +411,30 @@ def _new_vm_events(
 
     ``timeout_s``: its lifetime (seconds from now; 0: none), appended as vm.lifetime_set;
     ``on_expiry``: what its end does (its template's).
+    ``idle_timeout_s``: its idle policy (``vms.idle``; None: none).
+    ``counted``: the caller (a fork) holds the lock and has checked the quotas and the
+    cluster's capacity for this VM among others; its budget was chosen then.
     """
-    limits = quotas.effective_quota(caller.user)
-    chosen = quotas.choose_budget(caller.user, budget)
+    if counted is None:
+        limits = quotas.effective_quota(caller.user)
+        chosen = quotas.choose_budget(caller.user, budget)
+    else:
+        chosen = counted.budget
     store.lock()
-    vm_id = uuid.uuid4()
+    vm_id = vm_id or uuid.uuid4()
     if _name_taken_query().run(owner=caller.user.pk, name=name):
         raise ValidationError({"name": f"you already have a VM named {name!r}"})
-    quotas.check(
-        caller.user,
-        quota=limits,
-        budget_group_id=chosen.group_id if chosen is not None else None,
-        vms=1,
-        vcpus=vcpus,
-        memory_mib=memory_mib,
-        disk_mib=disk_mib,
-    )
-    capacity.check_cluster(vcpus=vcpus, memory_mib=memory_mib)  # no host chosen yet
+    if counted is None:
+        quotas.check(
+            caller.user,
+            quota=limits,
+            budget_group_id=chosen.group_id if chosen is not None else None,
+            vms=1,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_mib=disk_mib,
+        )
+        capacity.check_cluster(vcpus=vcpus, memory_mib=memory_mib)  # no host chosen yet
     mac, ip = identity.allocate(network)
     if network is not None and ip is None:
         raise ValidationError({"network": f"the network {network.name} has no free address"})
@@ -438,6 +461,8 @@ def _new_vm_events(
             "egress": network.default_egress if network else "none",
             # What the end of its lifetime does (its template's; vm.lifetime_set sets the end).
             "on_expiry": on_expiry,
+            # Its idle policy (vms.idle): seconds without guest activity before it is paused.
+            **({"idle_timeout_s": idle_timeout_s} if idle_timeout_s else {}),
             # Names, owners, versions and HMACs of the secrets it receives: never a value.
             **({"secrets": secrets} if secrets else {}),
             **({"secrets_seen": secrets_seen} if secrets_seen else {}),
@@ -540,6 +565,7 @@ def create(
         budget=budget,
         timeout_s=lifetime,
         on_expiry=tpl.on_expiry,
+        idle_timeout_s=tpl.idle_timeout_s,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -627,6 +653,146 @@ def clone(
     )
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1], snap)
+
+
+# --- Fork: snapshot once, restore N times ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forked:
+    """A fork the log has taken: the source's snapshot request (the worker takes the snapshot,
+    then starts every new VM's restore) and the new VMs with their restore requests."""
+
+    source_id: uuid.UUID
+    request: store.RecordedEvent
+    snapshot: Snapshot
+    vms: list[Accepted]
+
+
+def _fork_names(caller: Caller, source: VirtualMachine, count: int) -> list[str]:
+    """``<source>-fork-<k>`` for the first ``count`` k from 1 that name none of the caller's
+    live VMs (the source's name cut so that the name fits); under the lock."""
+    stem = f"{source.name[: NAME_MAX - 10]}-fork-"
+    names: list[str] = []
+    k = 0
+    while len(names) < count:
+        k += 1
+        if not _name_taken_query().run(owner=caller.user.pk, name=f"{stem}{k}"):
+            names.append(f"{stem}{k}")
+    return names
+
+
+def validate_fork_count(count: Any) -> int:
+    limit = int(settings.SANDBOX_FORK_MAX)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
+        raise ValidationError({"count": f"a whole number from 1 to {limit} (SANDBOX_FORK_MAX)"})
+    return count
+
+
+@transaction.atomic
+def fork(
+    caller: Caller,
+    vm: VirtualMachine,
+    *,
+    count: int,
+    names: list[str] | None = None,
+    budget: str | None = None,
+) -> Forked:
+    """``count`` new VMs from ``vm``'s state of now, each with its own identity (name, hostname,
+    MAC and address, agent credential), as E2B's fork: one snapshot of ``vm`` (its ordinary
+    snapshot request, data ``fork``: the new VMs), then each new VM restored from it (its
+    restore request, data ``fork_of``), carried out by the worker once the snapshot is taken.
+
+    All of it is checked under the lock before anything is appended, in one transaction: the
+    source running, the snapshot quota (the source's owner's), and the quotas, team budget and
+    cluster capacity for all ``count`` VMs at once (the caller's: they are its VMs). ``names``:
+    one per VM (default ``<source>-fork-<k>``); ``budget`` as for ``create`` (default the
+    source's team budget, if it has one)."""
+    row = lifecycle.verb("fork")
+    policy.require(caller, row.name, vm.owner_id)
+    count = validate_fork_count(count)
+    if names is not None:
+        if len(names) != count:
+            raise ValidationError({"names": f"one name per VM: {count}"})
+        names = [_validate_name(n, "names") for n in names]
+        if len(set(names)) != count:
+            raise ValidationError({"names": "each name once"})
+    if budget is None and vm.budget_group_id is not None:
+        budget = Group.objects.filter(pk=vm.budget_group_id).values_list("name", flat=True).first()
+    owner_limits = quotas.effective_quota(vm.owner)  # definitions before the lock
+    limits = quotas.effective_quota(caller.user)
+    chosen = quotas.choose_budget(caller.user, budget)
+    network = _network_for_new_vm(None, vm)
+    # As a clone: the lifetime of the template the source came from (vms.lifetimes).
+    lifetime, on_expiry = _lifetime_for(Template.objects.filter(name=vm.template).first(), None)
+    store.lock()
+    source = _fresh(vm.pk)
+    if source.busy:
+        raise Busy(source, row.name)
+    if source.state not in row.allowed_from:
+        raise InvalidState(source, row.name, row.allowed_from)
+    names = names or _fork_names(caller, source, count)
+    quotas.check(
+        source.owner, quota=owner_limits, budget_group_id=source.budget_group_id, snapshots=1
+    )
+    quotas.check(
+        caller.user,
+        quota=limits,
+        budget_group_id=chosen.group_id if chosen is not None else None,
+        vms=count,
+        vcpus=count * source.vcpus,
+        memory_mib=count * source.memory_mib,
+        disk_mib=count * source.disk_mib,
+    )
+    capacity.check_cluster(vcpus=count * source.vcpus, memory_mib=count * source.memory_mib)
+    snapshot_id = uuid.uuid4()
+    vm_ids = [uuid.uuid4() for _ in names]
+    _, request = _request(
+        caller,
+        source,
+        "snapshot",
+        {
+            "snapshot_id": str(snapshot_id),
+            "name": _validate_name(
+                f"{source.name[: NAME_MAX - 16]}-fork-{snapshot_id.hex[:8]}", "name"
+            ),
+            "parent_id": str(source.last_snapshot_id) if source.last_snapshot_id else None,
+            "fork": {"count": count, "vm_ids": [str(i) for i in vm_ids], "names": names},
+        },
+        read_under_lock=True,
+    )
+    snap = Snapshot.objects.get(pk=snapshot_id)
+    made: list[Accepted] = []
+    for vm_id, name in zip(vm_ids, names, strict=True):
+        new_id, events = _new_vm_events(
+            caller,
+            name=name,
+            template=snap,
+            vcpus=source.vcpus,
+            memory_mib=source.memory_mib,
+            disk_mib=source.disk_mib,
+            source_snapshot=snap,
+            network=network,
+            # Not enqueued now: the worker starts it once the snapshot is taken (vms.worker).
+            request=(
+                _requested("restore"),
+                {
+                    "snapshot_id": str(snapshot_id),
+                    "clone": True,
+                    "fork_of": str(source.pk),
+                    "fork_request": str(request.event_id),
+                },
+            ),
+            secrets=list(source.secrets),
+            secrets_seen=list(source.secrets_seen),
+            timeout_s=lifetime,
+            on_expiry=on_expiry,
+            idle_timeout_s=source.idle_timeout_s,
+            counted=_Counted(chosen),
+            vm_id=vm_id,
+        )
+        made.append(Accepted(new_id, events[-1], snap))
+    return Forked(source.pk, request, snap, made)
 
 
 @transaction.atomic
@@ -1077,6 +1243,98 @@ def expire_lifetime(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | No
     return event
 
 
+# --- Idle pause (vms.idle) ---------------------------------------------------------------------
+
+IDLE = Actor.system(channel="worker", name="idle")
+
+
+def validate_idle_timeout(idle_timeout_s: Any) -> int | None:
+    """An idle timeout in whole seconds, 1 to SANDBOX_IDLE_TIMEOUT_MAX_S, or None (never)."""
+    if idle_timeout_s is None:
+        return None
+    limit = int(settings.SANDBOX_IDLE_TIMEOUT_MAX_S)
+    if isinstance(idle_timeout_s, bool) or not isinstance(idle_timeout_s, int):
+        raise ValidationError({"idle_timeout_s": "whole seconds (an integer), or null"})
+    if not 1 <= idle_timeout_s <= limit:
+        raise ValidationError({"idle_timeout_s": f"1 to {limit} seconds, or null (never)"})
+    return idle_timeout_s
+
+
+@transaction.atomic
+def set_idle(
+    caller: Caller, vm: VirtualMachine, *, idle_timeout_s: int | None
+) -> store.RecordedEvent:
+    """Set (seconds without guest activity before the system pauses it) or clear (None) the
+    VM's idle policy. Appends vm.idle_policy_set."""
+    row = lifecycle.verb("set_idle")
+    policy.require(caller, row.name, vm.owner_id)
+    idle_timeout_s = validate_idle_timeout(idle_timeout_s)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    if fresh.state not in row.allowed_from:
+        raise InvalidState(fresh, row.name, row.allowed_from)
+    return store.append(
+        "vm",
+        str(fresh.pk),
+        "vm.idle_policy_set",
+        {"idle_timeout_s": idle_timeout_s},
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+
+
+@transaction.atomic
+def pause_idle(vm_id: uuid.UUID, idle_since: datetime, now: datetime) -> store.RecordedEvent | None:
+    """The system's pause of a VM unused since ``idle_since``: the ordinary pause request, data
+    ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, if the VM still has an idle policy
+    that has run out, may be paused and is busy with nothing (checked under the lock). None when
+    there was nothing to do."""
+    store.lock()
+    vm = VirtualMachine.objects.filter(pk=vm_id).first()
+    if vm is None or vm.idle_timeout_s is None or vm.busy or not lifecycle.may_idle(vm.state):
+        return None
+    idle_s = (now - max(idle_since, vm.state_changed_at)).total_seconds()
+    if idle_s < vm.idle_timeout_s:
+        return None
+    event = store.append(
+        "vm",
+        str(vm.pk),
+        lifecycle.request_verb("pause").request_type(),
+        {"reason": "idle", "idle_s": round(idle_s, 1), "idle_timeout_s": vm.idle_timeout_s},
+        actor=IDLE,
+        expected_version=vm.version,
+    )
+    _enqueue_on_commit(event)
+    return event
+
+
+@transaction.atomic(durable=True)
+def request_activity_resume(
+    caller: Caller, vm: VirtualMachine, kind: str, *, claimed_by: str
+) -> store.RecordedEvent | None:
+    """Before ``kind`` (exec, file_upload, file_download) reaches a VM the system paused for
+    idleness: its resume request (the system's, data ``{"reason": "activity", "for": kind,
+    "by"}``) and the claim of it by this web process, committed, for the caller to carry out at
+    once (``vms.idle.wake``). The caller must be allowed ``kind`` on the VM. None when the VM is
+    no longer one to wake (resumed meanwhile, or paused by its owner since)."""
+    policy.require(caller, kind, vm.owner_id)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    if fresh.busy or not lifecycle.wakes_on_activity(fresh.state, fresh.idle_paused):
+        return None
+    event = store.append(
+        "vm",
+        str(fresh.pk),
+        lifecycle.request_verb("resume").request_type(),
+        {"reason": "activity", "for": kind, "by": caller.actor.username},
+        actor=IDLE,
+        expected_version=fresh.version,
+    )
+    # Claimed at once (as a worker claims): the reconciler settles it if this process dies.
+    record_progress(event, "accepted", 5, claimed_by)
+    return event
+
+
 def _bounded_counts(counts: dict[str, int] | None, limit: int) -> dict[str, Any]:
     items = sorted(((str(k), int(v)) for k, v in (counts or {}).items()), key=lambda i: -i[1])
     return {"counts": dict(items[:limit]), "more": max(0, len(items) - limit)}
@@ -1164,7 +1422,10 @@ def require_guest_access(caller: Caller, vm: VirtualMachine, kind: str) -> None:
     has an upload parsed."""
     row = lifecycle.guest_verb(kind)
     policy.require(caller, kind, vm.owner_id)
-    if vm.state not in row.allowed_from:
+    # A VM the system paused for idleness is resumed first (vms.idle.wake).
+    if vm.state not in row.allowed_from and not lifecycle.wakes_on_activity(
+        vm.state, vm.idle_paused
+    ):
         raise InvalidState(vm, "reach the guest of", row.allowed_from)
 
 

@@ -36,7 +36,7 @@ from accounts.models import APIToken
 from accounts.scopes import VM_READ, check_socket
 from audit.commands import read_details, record_trail_read
 from core import parsers
-from vms import console, lifecycle, live, metrics_live, policy
+from vms import console, idle, lifecycle, live, metrics_live, policy
 from vms.models import VirtualMachine
 from vms.representation import represent_vm
 
@@ -468,6 +468,7 @@ class ConsoleConsumer(_Rechecked):
     keeper: asyncio.Task[None] | None = None
     outbox: _Outbox | None = None
     recording: console.Recording | None = None
+    touched_at = float("-inf")  # the loop time console input last marked the VM used
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         # Whatever ends the consumer (a clean close, or an error), the session ends recorded.
@@ -627,6 +628,10 @@ class ConsoleConsumer(_Rechecked):
             self.notify({"type": "link", "connected": False, "reason": "input not delivered"})
             return
         self.recording.input(data)
+        if now - self.touched_at >= idle.TOUCH_EVERY_S:
+            # Console input is use of the VM (its idle policy, vms.idle), noted now and then.
+            self.touched_at = now
+            await database_sync_to_async(idle.touch)(self.access.vm_id)
         await self.channel_layer.send(
             self.relay,
             {

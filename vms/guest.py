@@ -34,7 +34,7 @@ from audit.actor import Actor
 from audit.errors import EventStoreUnavailable
 from secretstore import guests
 from secretstore.masking import NO_MASKER, Masker, MaskingWriter
-from vms import commands, lifecycle, runtime
+from vms import commands, idle, lifecycle, runtime
 from vms.agent import credentials
 from vms.agent.client import AgentError, AgentTimeout
 from vms.hypervisors.base import HypervisorError
@@ -105,6 +105,15 @@ def rotate_agent_credential(vm: VirtualMachine, *, actor: Actor) -> None:
 # Who may reach a guest: the policy (vms.policy) and the state the lifecycle table allows,
 # checked by the commands; re-exported for the views.
 require_guest_access = commands.require_guest_access
+
+
+def _woken(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
+    """``vm`` resumed first if the system paused it for idleness (``vms.idle.wake``), and
+    marked used."""
+    try:
+        return idle.wake(caller, vm, kind)
+    except idle.WakeFailed as exc:
+        raise GuestUnavailable(str(exc)) from exc
 
 
 def _failure(exc: BaseException, started: float, masker: Masker = NO_MASKER) -> dict[str, Any]:
@@ -243,6 +252,7 @@ def run_exec(
     }
     if given:
         asked["secrets"] = [g.record() for g in given]
+    vm = _woken(caller, vm, "exec")
     request = commands.request_guest_access(caller, vm, "exec", asked)
     out, err = _Capture(on_stdout, limit, masker), _Capture(on_stderr, limit, masker)
     started = time.monotonic()
@@ -340,6 +350,7 @@ def _transfer(
     require_guest_access(caller, vm, kind)
     path = validate_guest_path(path)
     done, failed = lifecycle.guest_verb(kind).outcomes()
+    vm = _woken(caller, vm, kind)
     request = commands.request_guest_access(caller, vm, kind, {"path": path, **asked})
     started = time.monotonic()
     try:

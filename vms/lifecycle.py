@@ -59,7 +59,9 @@ __all__ = [
     "guest_verb",
     "outcome_states",
     "request_verb",
+    "may_idle",
     "verb",
+    "wakes_on_activity",
 ]
 
 # The values of vms.models.VMState (a test keeps the two equal).
@@ -382,6 +384,20 @@ VERBS: tuple[Verb, ...] = (
         api=ApiRoute("snapshots", "clone"),
     ),
     Verb(
+        name="fork",
+        kind="record",
+        permission="vms.add_virtualmachine",
+        also_requires=("vms.snapshot_vm", "vms.rollback_snapshot"),
+        description=(
+            "N new VMs from a running VM's state of now: one snapshot of it (its ordinary "
+            "snapshot request, data fork), then each new VM restored from it with its own "
+            "identity (their restore requests, data fork_of)."
+        ),
+        records=("vm.created",),
+        allowed_from=frozenset({"running"}),
+        api=ApiRoute("vms", "fork"),
+    ),
+    Verb(
         name="delete_snapshot",
         kind="record",
         permission="vms.snapshot_vm",
@@ -426,6 +442,16 @@ VERBS: tuple[Verb, ...] = (
         records=("vm.lifetime_set",),
         allowed_from=ALL_STATES - {GONE},
         api=ApiRoute("vms", "lifetime"),
+    ),
+    # Its idle policy (vms.idle): paused by the system when unused, resumed by the next use.
+    Verb(
+        name="set_idle",
+        kind="record",
+        permission=OPERATE,
+        description="The VM's idle policy set or cleared (seconds without guest activity).",
+        records=("vm.idle_policy_set",),
+        allowed_from=ALL_STATES - {GONE},
+        api=ApiRoute("vms", "idle"),
     ),
     Verb(
         name="console",
@@ -499,6 +525,17 @@ def outcome_states() -> dict[str, str]:
         out[succeeded] = v.settles_to
         out[failed] = v.fails_to
     return out
+
+
+def wakes_on_activity(state: str, idle_paused: bool) -> bool:
+    """A VM the system paused for idleness (vms.idle) in a state its resume may be asked from:
+    the next exec or file request resumes it first. One its owner paused is not (409)."""
+    return idle_paused and state in _BY_NAME["resume"].allowed_from
+
+
+def may_idle(state: str) -> bool:
+    """A VM in a state the idle policy's pause may be asked from (running)."""
+    return state in _BY_NAME["pause"].allowed_from
 
 
 # --- The VM part of the event catalogue -------------------------------------------------------
@@ -638,6 +675,12 @@ _RECORD_TYPES = {
         "change",
         "A VM's lifetime was set, extended or cleared (timeout_s from then, expires_at, on_expiry: "
         "stop or destroy); its end is a stop or destroy request with reason lifetime.",
+    ),
+    "vm.idle_policy_set": (
+        "vm",
+        "change",
+        "A VM's idle policy was set or cleared (idle_timeout_s: seconds without exec, file "
+        "transfer or console input before the system pauses it, reason idle; null: never).",
     ),
     "snapshot.deleted": ("snapshot", "data", "A snapshot was deleted (by a user or retention)."),
     "net.port_forward_added": ("vm", "change", "A host port was forwarded to a VM."),

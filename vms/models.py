@@ -33,6 +33,7 @@ __all__ = [
     "UsageRollupState",
     "UsageSample",
     "VMState",
+    "VMActivity",
     "VirtualMachine",
     "WorkerHeartbeat",
 ]
@@ -120,6 +121,9 @@ class Template(models.Model):
     # what its expiry does to it (stop or destroy).
     timeout_s = models.PositiveIntegerField(null=True, blank=True)
     on_expiry = models.CharField(max_length=8, choices=ON_EXPIRY_CHOICES, default="stop")
+    # The idle policy of a VM made from it (vms.idle): paused after this many seconds without
+    # exec, file transfer or console input; None: never.
+    idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -191,6 +195,11 @@ class VirtualMachine(models.Model):
     # on) and what its end does, from its template at create.
     expires_at = models.DateTimeField(null=True, blank=True)
     on_expiry = models.CharField(max_length=8, choices=ON_EXPIRY_CHOICES, default="stop")
+    # Its idle policy (vm.created from its template, vm.idle_policy_set; vms.idle): paused by
+    # the system after this many seconds without guest activity (None: never); ``idle_paused``:
+    # its pause was the system's for idleness, so the next exec or file request resumes it.
+    idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    idle_paused = models.BooleanField(default=False)
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()
@@ -240,6 +249,19 @@ class VirtualMachine(models.Model):
     @property
     def busy(self) -> bool:
         return bool(self.pending_request)
+
+
+class VMActivity(models.Model):
+    """When a VM's guest was last used (exec, file transfer, console input; vms.idle): not
+    state, so not an event, and not a projection: written by the web tier (console input at
+    most once per ``vms.idle.TOUCH_EVERY_S``), read by the idle tick. A VM without a row counts
+    from its last change of state."""
+
+    vm_id = models.UUIDField(primary_key=True)
+    last_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.vm_id} used at {self.last_at}"
 
 
 class PortForward(models.Model):

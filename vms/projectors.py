@@ -132,6 +132,7 @@ class VMProjector(Projector):
                     secrets_seen=_seen([], data.get("secrets_seen", data.get("secrets", []))),
                     budget_group_id=data.get("budget_group_id"),
                     on_expiry=data.get("on_expiry", "stop"),
+                    idle_timeout_s=data.get("idle_timeout_s"),
                     created_at=at,
                     updated_at=at,
                     state_changed_at=at,
@@ -161,6 +162,11 @@ class VMProjector(Projector):
                 vm.progress = {}
                 if data.get("reason") == "lifetime":
                     vm.expires_at = None  # its end asked for: asked once (vms.lifetimes)
+                if e.type == "vm.pause_requested":
+                    # The system's pause for idleness: the next guest request resumes it.
+                    vm.idle_paused = data.get("reason") == "idle"
+                elif e.type != "vm.snapshot_requested":  # a snapshot leaves it as it was
+                    vm.idle_paused = False
                 if e.type == "vm.snapshot_requested":
                     snap = Snapshot(
                         id=uuid.UUID(data["snapshot_id"]),
@@ -241,6 +247,8 @@ class VMProjector(Projector):
                 ends = data.get("expires_at")
                 vm.expires_at = datetime.fromisoformat(ends) if ends else None
                 vm.on_expiry = data.get("on_expiry", vm.on_expiry)
+            elif e.type == "vm.idle_policy_set":
+                vm.idle_timeout_s = data.get("idle_timeout_s")
             elif e.type == "vm.exec_requested" and data.get("secrets"):
                 vm.secrets_seen = _seen(vm.secrets_seen, data["secrets"])
             elif e.type == "vm.progress":
@@ -323,6 +331,8 @@ class VMProjector(Projector):
                     "secrets_seen",
                     "expires_at",
                     "on_expiry",
+                    "idle_timeout_s",
+                    "idle_paused",
                     "version",
                     "updated_at",
                     "state_changed_at",

@@ -60,6 +60,8 @@ _VM_FIELD_COLUMNS = {
     "budget_group": "budget_group_id",  # the group whose team budget it draws from (docs/quotas.md)
     "expires_at": "expires_at",  # the end of its lifetime (None: none; docs/vms.md, Lifetimes)
     "on_expiry": "on_expiry",  # what that end does: stop or destroy
+    "idle_timeout_s": "idle_timeout_s",  # its idle policy (None: none; docs/vms.md, Idle pause)
+    "idle_paused": "idle_paused",  # paused by the system for idleness: the next use resumes it
     "version": "version",
     "created_at": "created_at",
     "updated_at": "updated_at",
@@ -109,6 +111,8 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
         "budget_group": v["budget_group_id"],
         "expires_at": iso(v["expires_at"]),
         "on_expiry": v["on_expiry"],
+        "idle_timeout_s": v["idle_timeout_s"],
+        "idle_paused": v["idle_paused"],
         "version": v["version"],
         "created_at": iso(v["created_at"]),
         "updated_at": iso(v["updated_at"]),

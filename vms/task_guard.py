@@ -56,6 +56,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.cleanup_snapshot",
         "vms.tasks.collect_net_evidence",
         "vms.tasks.expire_lifetimes",
+        "vms.tasks.pause_idle_vms",
         "vms.tasks.reconcile",
         "vms.tasks.rollup_usage",
         "vms.tasks.run_request",

@@ -5,7 +5,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 
 from __future__ import annotations
 
-from vms import lifetimes, retention, usage, vmnet, worker
+from vms import idle, lifetimes, retention, usage, vmnet, worker
 from vms import reconcile as reconciler
 
 
@@ -53,3 +53,8 @@ def rollup_usage() -> dict[str, int]:
 def expire_lifetimes() -> int:
     """Stop or destroy the VMs whose lifetime has ended (``vms.lifetimes``; a tick enqueues it)."""
     return lifetimes.expire()
+
+
+def pause_idle_vms() -> int:
+    """Pause the VMs whose idle policy has run out (``vms.idle``; a tick enqueues it)."""
+    return idle.pause_idle_vms()

@@ -11,6 +11,7 @@ YAML (``SANDBOX_TEMPLATES_FILE``)::
         disk_mib: 512
         timeout_s: 3600       # optional: its VMs' lifetime (docs/vms.md, "Lifetimes")
         on_expiry: stop       # optional: what the lifetime's end does, stop (default) or destroy
+        idle_timeout_s: 600   # optional: paused after this long unused (docs/vms.md, "Idle pause")
         secrets:              # optional: every VM made from it receives these (docs/security.md)
           - {name: REGISTRY_TOKEN, env: REGISTRY_TOKEN}
           - {name: deploy_key, file: /root/.ssh/id_ed25519}
@@ -81,6 +82,7 @@ FIELDS = (
     "secrets",
     "timeout_s",
     "on_expiry",
+    "idle_timeout_s",
 )
 
 
@@ -113,6 +115,16 @@ def load_yaml(path: str | Path) -> list[dict[str, Any]]:
                 f"{path}: template {item['name']}: timeout_s must be 1 to "
                 f"{settings.SANDBOX_VM_LIFETIME_MAX_S} seconds"
             )
+        idle = item.get("idle_timeout_s")
+        if idle is not None and (
+            isinstance(idle, bool)
+            or not isinstance(idle, int)
+            or not 1 <= idle <= settings.SANDBOX_IDLE_TIMEOUT_MAX_S
+        ):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: idle_timeout_s must be 1 to "
+                f"{settings.SANDBOX_IDLE_TIMEOUT_MAX_S} seconds"
+            )
         if item.get("on_expiry", "stop") not in ("stop", "destroy"):
             raise ImproperlyConfigured(
                 f"{path}: template {item['name']}: on_expiry must be stop or destroy"
@@ -140,6 +152,7 @@ def sync_templates() -> None:
         values.setdefault("secrets", [])
         values.setdefault("timeout_s", None)
         values.setdefault("on_expiry", "stop")
+        values.setdefault("idle_timeout_s", None)
         Template.objects.update_or_create(name=spec["name"], defaults=values)
 
 

@@ -32,7 +32,7 @@ from django.utils import timezone
 from audit import store
 from audit.models import Event
 from secretstore import guests
-from vms import commands, lifecycle, runtime, vmnet
+from vms import commands, enqueue, lifecycle, runtime, vmnet
 from vms.agent import credentials, readiness
 from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import (
@@ -85,6 +85,43 @@ def handle(event_id: str) -> str:
     request = load_request(event_id)
     if request is None:
         return f"no request event {event_id}"
+    if request.data.get("fork") and request.type == lifecycle.request_verb("snapshot").requested:
+        # A fork's snapshot (commands.fork): whatever became of it, its new VMs' restores go
+        # on now (each fails on its own with the reason when there is no snapshot to restore).
+        try:
+            return _handle(request, event_id)
+        finally:
+            start_forks(request)
+    return _handle(request, event_id)
+
+
+def start_forks(request: store.RecordedEvent) -> int:
+    """Enqueue the restore of each VM of the fork whose snapshot ``request`` asked for, still
+    waiting for it (idempotent: a restore carried out or claimed already is not done twice)."""
+    restore = lifecycle.request_verb("restore").requested
+    started = 0
+    for vm in VirtualMachine.objects.filter(pk__in=request.data["fork"]["vm_ids"]):
+        if vm.pending_request and vm.pending_type == restore:
+            enqueue.request(vm.pending_request)
+            started += 1
+    return started
+
+
+def _fork_snapshot_unready(request: store.RecordedEvent) -> str | None:
+    """For the restore of a fork's VM: None when its snapshot is ready; "creating" while it is
+    being taken (the snapshot's task starts the restore once it is); else the reason the
+    restore fails (the snapshot failed or went)."""
+    snap = Snapshot.objects.filter(pk=request.data["snapshot_id"]).first()
+    if snap is None:
+        return "the fork's snapshot is not recorded"
+    if snap.state == Snapshot.State.READY:
+        return None
+    if snap.state == Snapshot.State.CREATING:
+        return "creating"
+    return f"the fork's snapshot {snap.name} is {snap.state}: {snap.last_error or 'not taken'}"
+
+
+def _handle(request: store.RecordedEvent, event_id: str) -> str:
     if RequestOutcome.objects.filter(request_event_id=event_id).exists():
         return "already done"
     vm = VirtualMachine.objects.filter(pk=request.aggregate_id).first()
@@ -102,6 +139,13 @@ def handle(event_id: str) -> str:
             {"reason": "superseded by a later request", "state": vm.state},
         )
         return "superseded"
+    if request.data.get("fork_of"):
+        unready = _fork_snapshot_unready(request)
+        if unready == "creating":
+            return "waiting for the fork's snapshot"
+        if unready is not None:
+            commands.record_outcome(request, failed, {"reason": unready, "state": "failed"})
+            return f"failed: {unready}"
     if not claim(request):
         return "claimed by another worker"
     handler = HANDLERS[verb]

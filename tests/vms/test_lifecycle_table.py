@@ -80,6 +80,7 @@ RECORDED = {
     "vm.file_upload_requested": ("vm", 1, "data"),
     "vm.file_uploaded": ("vm", 1, "data"),
     "vm.lifetime_set": ("vm", 1, "change"),
+    "vm.idle_policy_set": ("vm", 1, "change"),
     "vm.preview_link_created": ("vm", 1, "access"),
     "vm.preview_link_revoked": ("vm", 1, "access"),
     "vm.progress": ("vm", 1, "operations"),

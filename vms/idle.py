@@ -1,0 +1,172 @@
+"""Idle pause: a VM with an idle policy (``idle_timeout_s``, from its template at create or set
+by its owner: ``commands.set_idle``) that nobody used for that long is paused by the system, and
+the next exec or file request resumes it transparently before it goes on.
+
+- Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written by
+  every exec and file request (``touch``) and by console input at most once per
+  ``TOUCH_EVERY_S`` (``touch_throttled``). A VM without a row counts from its last change of
+  state (a resume, a start).
+- The worker's main process looks every second (``core.ticks``): one query for the running VMs
+  that have a policy; when one has run out it enqueues ``pause_idle_vms``, which asks each
+  such VM's pause through ``commands.pause_idle``: the ordinary pause request, by the system,
+  data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``.
+- ``wake``: before an exec or file request reaches a VM paused for idleness, its resume is
+  appended (the system's, data ``{"reason": "activity", "for", "by"}``) and carried out here, in
+  the web process, on the VM's host (the hypervisor's resume under the VM's host lock), its
+  outcome appended: no worker round trip. A VM its owner paused is not woken (409 as before).
+
+Not done: writing an idle VM's memory to disk and freeing it (the pause keeps its memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timedelta
+
+from django.db.models import OuterRef, Subquery
+from django.utils import timezone
+
+from accounts.caller import Caller
+from vms import commands, lifecycle, runtime, worker
+from vms.models import VirtualMachine, VMActivity
+
+__all__ = [
+    "BATCH",
+    "TOUCH_EVERY_S",
+    "WakeFailed",
+    "due",
+    "pause_idle_vms",
+    "tick",
+    "touch",
+    "touch_throttled",
+    "wake",
+]
+
+log = logging.getLogger("sandbox.idle")
+
+BATCH = 100  # VMs a run takes; the next tick finds the rest
+TOUCH_EVERY_S = 5.0  # console input marks a VM used at most this often (per web process)
+WAKE_WAIT_S = 30.0  # how long a request waits for another request's wake of the same VM
+_RUN_S = 30
+_enqueued_at: datetime | None = None
+_touched: dict[uuid.UUID, float] = {}
+
+
+class WakeFailed(Exception):
+    """The VM paused for idleness could not be resumed (its resume failed, with an event)."""
+
+
+def touch(vm_id: uuid.UUID | str, now: datetime | None = None) -> None:
+    """The VM's guest was used now (one upsert)."""
+    VMActivity.objects.update_or_create(
+        vm_id=uuid.UUID(str(vm_id)), defaults={"last_at": now or timezone.now()}
+    )
+
+
+def touch_throttled(vm_id: uuid.UUID | str) -> bool:
+    """``touch`` at most once per ``TOUCH_EVERY_S`` per VM in this process (console input):
+    whether it wrote."""
+    key, now = uuid.UUID(str(vm_id)), time.monotonic()
+    if now - _touched.get(key, -TOUCH_EVERY_S) < TOUCH_EVERY_S:
+        return False
+    _touched[key] = now
+    touch(key)
+    return True
+
+
+def _candidates() -> list[tuple[uuid.UUID, int, datetime, datetime | None]]:
+    """The VMs with an idle policy, not busy: (id, timeout, state changed at, last used at)."""
+    last = VMActivity.objects.filter(vm_id=OuterRef("pk")).values("last_at")[:1]
+    rows = (
+        VirtualMachine.objects.filter(idle_timeout_s__isnull=False, pending_request="")
+        .exclude(state=lifecycle.GONE)
+        .annotate(last_at=Subquery(last))
+        .values_list("pk", "state", "idle_timeout_s", "state_changed_at", "last_at")
+    )
+    return [
+        (pk, t, changed, used) for pk, state, t, changed, used in rows if lifecycle.may_idle(state)
+    ]
+
+
+def due(now: datetime, limit: int = BATCH) -> list[tuple[uuid.UUID, datetime]]:
+    """The VMs whose idle policy has run out by ``now``: (id, unused since)."""
+    found = []
+    for pk, timeout, changed, used in _candidates():
+        since = max(changed, used) if used else changed
+        if now - since >= timedelta(seconds=timeout):
+            found.append((pk, since))
+    return sorted(found, key=lambda f: f[1])[:limit]
+
+
+def pause_idle_vms(now: datetime | None = None) -> int:
+    """Ask the pause of every VM whose idle policy has run out: the number of requests."""
+    now = now or timezone.now()
+    done = 0
+    for vm_id, since in due(now):
+        try:
+            if commands.pause_idle(vm_id, since, now) is not None:
+                done += 1
+        except Exception:
+            # One VM's failure (a conflict with a concurrent request) leaves it to the next run.
+            log.warning("idle VM %s: not paused", vm_id, exc_info=True)
+    return done
+
+
+def tick(now: datetime) -> None:
+    """``core.ticks``: enqueue ``pause_idle_vms`` when a VM's idle policy has run out (not
+    again while one just enqueued may still be waiting)."""
+    global _enqueued_at
+    if _enqueued_at is not None and now - _enqueued_at < timedelta(seconds=_RUN_S):
+        return
+    if not due(now, limit=1):
+        return
+    from django_q.tasks import async_task
+
+    async_task("vms.tasks.pause_idle_vms", task_name="vm-idle", save=False, timeout=_RUN_S * 2)
+    _enqueued_at = now
+
+
+def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
+    """``vm`` ready for ``kind`` (exec, file_upload, file_download): resumed first when the
+    system paused it for idleness (its resume request and outcome in the log, reason
+    ``activity``), else as it is. While another request is waking it, waits for that. Marks
+    the VM used either way. ``WakeFailed`` when its resume failed (recorded)."""
+    touch(vm.pk)
+    if not lifecycle.wakes_on_activity(vm.state, vm.idle_paused):
+        return vm
+    request = commands.request_activity_resume(
+        caller, vm, kind, claimed_by=f"web {runtime.host_name()}:{os.getpid()}"
+    )
+    if request is None:
+        return _wait_for_wake(vm.pk)
+    started = time.monotonic()
+    resumed, failed = lifecycle.request_verb("resume").outcomes()
+    try:
+        with worker.vm_host_lock(vm.pk):
+            runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
+    except Exception as exc:
+        commands.record_outcome_if_pending(
+            request, failed, {"reason": f"resume failed: {exc}"[:2000], "state": "paused"}
+        )
+        raise WakeFailed(f"the VM was paused for idleness and could not be resumed: {exc}") from exc
+    commands.record_outcome_if_pending(
+        request,
+        resumed,
+        {"reason": "activity", "for": kind, "seconds": round(time.monotonic() - started, 4)},
+    )
+    touch(vm.pk)
+    return VirtualMachine.objects.select_related("owner").get(pk=vm.pk)
+
+
+def _wait_for_wake(vm_id: uuid.UUID) -> VirtualMachine:
+    """The VM once another request's wake of it has settled (or as it is after WAKE_WAIT_S)."""
+    resume = lifecycle.request_verb("resume").requested
+    deadline = time.monotonic() + WAKE_WAIT_S
+    while True:
+        vm = VirtualMachine.objects.select_related("owner").get(pk=vm_id)
+        if vm.pending_type != resume or time.monotonic() > deadline:
+            return vm
+        time.sleep(0.02)
