@@ -9,7 +9,9 @@ token; quotas and the CPU overcommit raised so that a source and its --count for
 * ``fork_10_s``: a running linux-small VM (from the template's saved state), then the wall time
   from ``POST /api/v1/vms/{id}/fork/ {"count": N}`` until every one of the N new VMs has answered
   an exec of ``true`` through the API (each polled in turn; a VM still restoring answers 409).
-  The worker takes the snapshot once and restores the N VMs (``--workers`` restore in parallel).
+  The worker takes the snapshot once and restores the N VMs (``--workers`` restore in parallel);
+  ``fork_snapshot_s`` and ``fork_first_answered_s`` say when the snapshot was ready and when the
+  first new VM answered.
 * ``idle_resume_exec_p50_ms``: a VM with an idle policy of 1 s; for each sample, wait (untimed)
   until the worker's idle tick has paused it, then time one exec of ``true`` through the API:
   the web process resumes the VM inline (its resume request and outcome, reason activity) and
@@ -48,6 +50,9 @@ sys.path.insert(0, str(ROOT))
 
 TEMPLATE = "linux-small"
 READY_TIMEOUT_S = 300.0
+# The last fork_10_s run's phases: seconds from the POST until its snapshot was ready
+# (``snapshot_s``) and until the first new VM answered (``first_answered_s``).
+PHASES: dict[str, float] = {}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -116,20 +121,30 @@ def fork_10_s(url: str, token: str, *, count: int = 10) -> float:
             answer = api.post(f"/api/v1/vms/{source}/fork/", json={"count": count})
             if answer.status_code != 202:
                 raise RuntimeError(f"fork: {answer.status_code} {answer.text}")
-            waiting = [v["id"] for v in answer.json()["vms"]]
+            body = answer.json()
+            waiting = [v["id"] for v in body["vms"]]
             made += waiting
+            snapshot_url = f"/api/v1/snapshots/{body['snapshot']['id']}/"
+            PHASES.clear()
             deadline = time.monotonic() + READY_TIMEOUT_S
             while waiting:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{len(waiting)} forked VMs never answered an exec")
+                if "snapshot_s" not in PHASES and api.get(snapshot_url).json()["state"] == "ready":
+                    PHASES["snapshot_s"] = round(time.perf_counter() - began, 2)
                 for vm_id in list(waiting):
+                    state = _vm(api, vm_id)["state"]
+                    if state == "failed":
+                        raise RuntimeError(f"forked VM {vm_id} failed")
+                    if state != "running":
+                        continue
                     reply = _exec_true(api, vm_id)
                     if reply.status_code == 200 and reply.json()["exit_code"] == 0:
                         waiting.remove(vm_id)
-                    elif reply.status_code == 409 and _vm(api, vm_id)["state"] == "failed":
-                        raise RuntimeError(f"forked VM {vm_id} failed: {reply.text}")
+                        PHASES.setdefault("first_answered_s", time.perf_counter() - began)
                 if waiting:
-                    time.sleep(0.05)
+                    time.sleep(0.1)
+            PHASES["first_answered_s"] = round(PHASES["first_answered_s"], 2)
             return time.perf_counter() - began
         finally:
             _destroy(api, made)
@@ -278,6 +293,7 @@ def main() -> None:
         result["fork_10_s" if args.count == 10 else f"fork_{args.count}_s"] = round(
             fork_10_s(url, token, count=args.count), 2
         )
+        result |= {f"fork_{k}": v for k, v in PHASES.items()}
     print(json.dumps(result))
 
 

@@ -82,6 +82,8 @@ ENDPOINTS = [
     ("resize", "post", "/api/v1/vms/{vm}/resize/", {"vcpus": 2}, W, 202),
     ("snapshot", "post", "/api/v1/vms/{vm}/snapshot/", {"name": "s2"}, W, 202),
     ("lifetime", "post", "/api/v1/vms/{vm}/lifetime/", {"timeout_s": 600}, W, 200),
+    ("fork", "post", "/api/v1/vms/{vm}/fork/", {"count": 2}, W, 202),
+    ("idle", "post", "/api/v1/vms/{vm}/idle/", {"idle_timeout_s": 60}, W, 200),
     ("exec", "post", "/api/v1/vms/{vm}/exec/", {"argv": ["true"]}, W, 503),
     ("download", "get", "/api/v1/vms/{vm}/files/?path=/etc/hostname", None, "guest-read", 503),
     ("upload", "put", "/api/v1/vms/{vm}/files/?path=/tmp/x", b"data", W, 503),
