@@ -74,7 +74,7 @@ MYPY_CORE := audit/store.py audit/hashing.py audit/verify.py audit/digests.py au
 MYPY_CORE += audit/events.py audit/metrics.py vms/metrics.py vms/recordings.py core/metrics.py \
 	core/scopes.py core/permissions.py
 # The lifecycle table and what it drives.
-MYPY_CORE += vms/lifecycle.py vms/policy.py vms/enqueue.py vms/tasks.py vms/lifetimes.py
+MYPY_CORE += vms/lifecycle.py vms/policy.py vms/enqueue.py vms/tasks.py vms/lifetimes.py vms/idle.py
 # Usage history: sampling, folding, the tier planner and its API.
 MYPY_CORE += vms/usage.py vms/usage_api.py
 # Preview URLs: grants, access decisions, the link endpoint and dashboard views, the proxy.

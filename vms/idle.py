@@ -60,9 +60,12 @@ class WakeFailed(Exception):
 
 
 def touch(vm_id: uuid.UUID | str, now: datetime | None = None) -> None:
-    """The VM's guest was used now (one upsert)."""
-    VMActivity.objects.update_or_create(
-        vm_id=uuid.UUID(str(vm_id)), defaults={"last_at": now or timezone.now()}
+    """The VM's guest was used now (one upsert, one query)."""
+    VMActivity.objects.bulk_create(
+        [VMActivity(vm_id=uuid.UUID(str(vm_id)), last_at=now or timezone.now())],
+        update_conflicts=True,
+        unique_fields=["vm_id"],
+        update_fields=["last_at"],
     )
 
 
@@ -87,7 +90,9 @@ def _candidates() -> list[tuple[uuid.UUID, int, datetime, datetime | None]]:
         .values_list("pk", "state", "idle_timeout_s", "state_changed_at", "last_at")
     )
     return [
-        (pk, t, changed, used) for pk, state, t, changed, used in rows if lifecycle.may_idle(state)
+        (pk, int(t or 0), changed, used)
+        for pk, state, t, changed, used in rows
+        if t and lifecycle.may_idle(state)
     ]
 
 

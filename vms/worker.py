@@ -117,6 +117,9 @@ def _fork_snapshot_unready(request: store.RecordedEvent) -> str | None:
     if snap.state == Snapshot.State.READY:
         return None
     if snap.state == Snapshot.State.CREATING:
+        if RequestOutcome.objects.filter(request_event_id=request.data["fork_request"]).exists():
+            # Its request was settled without taking it (a destroy of the source overtook it).
+            return f"the fork's snapshot {snap.name} was not taken: its source's request ended"
         return "creating"
     return f"the fork's snapshot {snap.name} is {snap.state}: {snap.last_error or 'not taken'}"
 

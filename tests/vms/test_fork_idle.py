@@ -300,3 +300,18 @@ def test_fork_and_idle_through_the_api(
         client.post(f"/api/v1/vms/{vm.pk}/idle/", {"idle_timeout_s": 0}, format="json").status_code
         == 400
     )
+
+
+def test_a_forks_vms_fail_when_a_destroy_of_the_source_overtakes_its_snapshot(
+    caller_for: Any, enqueued: list[str]
+) -> None:
+    owner = caller_for("operator")
+    vm = running_vm(owner)
+    forked = commands.fork(owner, vm, count=1)
+    commands.destroy(owner, VirtualMachine.objects.get(pk=vm.pk))
+    assert worker.handle(forked.request.event_id) == "superseded"
+    assert enqueued == [str(forked.vms[0].request.event_id)]  # the restore goes on, and fails
+    assert worker.handle(enqueued[0]).startswith("failed: ")
+    failed = Event.objects.get(type="vm.restore_failed", causation_id=enqueued[0])
+    assert "was not taken" in failed.payload["reason"]
+    assert VirtualMachine.objects.get(pk=forked.vms[0].vm_id).state == "failed"

@@ -51,7 +51,7 @@ def made(owner: Any, vm_dirs: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     yield things
     for vm in VirtualMachine.objects.exclude(state="destroyed"):
         worker.handle(commands.destroy(owner, vm).request.event_id)
-    for snap in Snapshot.objects.exclude(state="deleted"):
+    for snap in Snapshot.objects.filter(state="ready"):
         commands.delete_snapshot(owner, snap)
         worker.cleanup_snapshot(str(snap.pk))
 
