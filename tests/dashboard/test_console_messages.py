@@ -47,3 +47,27 @@ async def test_a_message_that_is_not_an_object_gets_an_error_frame(
         await asyncio.sleep(0.02)
     assert bytes(serial.received) == b"ok\r"
     await comm.disconnect()
+
+
+async def test_console_input_marks_the_vm_used_for_its_idle_policy(
+    make_user, make_vm, ws_connect, fake_serial, console_dir
+) -> None:
+    from vms.models import VMActivity
+
+    owner = await database_sync_to_async(make_user)("operator")
+    vm = await database_sync_to_async(make_vm)(owner)
+    serial = await fake_serial(vm)
+    comm = await ws_connect(f"/ws/vms/{vm.pk}/console/", owner)
+    assert (await comm.connect())[0]
+    await _json_until(comm, lambda m: m["type"] == "session")
+    await serial.wait_connected()
+    await _json_until(comm, lambda m: m["type"] == "link" and m["connected"])
+    used = database_sync_to_async(lambda: VMActivity.objects.filter(vm_id=vm.pk).exists())
+    assert not await used()
+    await comm.send_to(text_data=json.dumps({"type": "input", "data": "ls\r"}))
+    for _ in range(100):
+        if b"ls\r" in serial.received:
+            break
+        await asyncio.sleep(0.02)
+    assert await used()
+    await comm.disconnect()
