@@ -95,6 +95,22 @@ def test_a_fork_gives_n_vms_with_the_sources_tmpfs_each_its_own_hostname_and_cre
         assert rotated.payload["reason"] == "cloned"
     assert len(names) == 3 and len(creds) == 3 and None not in creds
     assert run(owner, source, "hostname") == source.hostname
+    # The restores trusted the hashes the snapshot task had just computed, the files untouched;
+    # once one is touched, a restore hashes them again and finds it.
+    for accepted in forked.vms:
+        steps = Event.objects.filter(
+            type="vm.progress", causation_id=str(accepted.request.event_id)
+        )
+        assert "the fork's snapshot: files as hashed when taken" in [
+            e.payload["message"] for e in steps
+        ]
+    snap = Snapshot.objects.get(pk=forked.snapshot.pk)
+    assert worker.hashed_unchanged(snap)
+    name = sorted(snap.manifest)[0]
+    with (runtime.snapshot_dir(snap.pk) / name).open("ab") as fh:
+        fh.write(b"x")
+    assert not worker.hashed_unchanged(snap)
+    assert worker.verify_snapshot(snap) == f"{name} fails its SHA-256 check"
 
 
 def test_an_idle_vm_is_paused_and_the_next_exec_resumes_it_but_not_an_owners_pause(
