@@ -40,6 +40,7 @@ class VmsConfig(AppConfig):
             commands,
             lifetimes,
             metrics,
+            pools,
             recordings,  # noqa: F401
             templates_config,
             usage,
@@ -50,6 +51,8 @@ class VmsConfig(AppConfig):
         ticks.register("usage", usage.tick)
         # Lifetimes that ended: their stop or destroy asked within a second or so.
         ticks.register("lifetimes", lifetimes.tick)
+        # Warm pools kept at their targets (vms.pools; also refilled after each hand-out).
+        ticks.register("pools", pools.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

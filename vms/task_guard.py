@@ -57,6 +57,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.collect_net_evidence",
         "vms.tasks.expire_lifetimes",
         "vms.tasks.reconcile",
+        "vms.tasks.refill_pools",
         "vms.tasks.rollup_usage",
         "vms.tasks.run_request",
         "vms.tasks.sample_usage",

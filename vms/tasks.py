@@ -5,7 +5,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 
 from __future__ import annotations
 
-from vms import lifetimes, retention, usage, vmnet, worker
+from vms import lifetimes, pools, retention, usage, vmnet, worker
 from vms import reconcile as reconciler
 
 
@@ -53,3 +53,8 @@ def rollup_usage() -> dict[str, int]:
 def expire_lifetimes() -> int:
     """Stop or destroy the VMs whose lifetime has ended (``vms.lifetimes``; a tick enqueues it)."""
     return lifetimes.expire()
+
+
+def refill_pools() -> dict[str, int]:
+    """Bring this host's warm pools to their targets (``vms.pools``)."""
+    return pools.refill()

@@ -45,10 +45,12 @@ __all__ = [
     "forget_snapshot",
     "forget_vm",
     "give_fresh",
+    "keep_fresh",
     "keep_for_snapshot",
     "new_credential",
     "reencrypt_all",
     "take_over",
+    "take_over_quietly",
 ]
 
 log = logging.getLogger("sandbox.vms.credentials")
@@ -209,6 +211,31 @@ def take_over(
     with client:
         client.hello(timeout=timeout, interval=0.05)
         give_fresh(vm, client, reason, request=request)
+
+
+def keep_fresh(vm_id: object, client: AgentClient) -> str:
+    """Hand the guest behind ``client`` (presenting its current credential) a fresh one of
+    ``vm_id``'s and keep it; the key id. The caller holds the transaction and records the
+    rotation (a pool hand-out: ``vms.pools``, in the same append as the VM's start)."""
+    new = new_credential()
+    key_id = _put(_vm_holder(vm_id), new)
+    client.rotate(new)
+    return key_id
+
+
+def take_over_quietly(member_id: object, current: str | None, *, timeout: float = 30.0) -> str:
+    """A warm pool member restored with its template's credential (``current``) gets one of
+    its own (kept under the id its VM will have), so the template's is refused at once. No VM
+    event: the member is no VM yet; ``pool.vm_warmed`` records the key id, and the hand-out
+    rotates it again to the VM's. Returns the key id."""
+    if current is None:
+        raise AgentError("no_credential", "the template keeps no credential for its guest")
+    client = AgentClient.from_hypervisor(
+        runtime.hypervisor(), runtime.runtime_dir(member_id), credential=current, timeout=timeout
+    )
+    with client, transaction.atomic():
+        client.hello(timeout=timeout, interval=0.05)
+        return keep_fresh(member_id, client)
 
 
 def reencrypt_all() -> int:
