@@ -1832,4 +1832,4 @@ def record_handout(
             return None
 
 
-_STARTED = lifecycle.request_verb("start").succeeded or "vm.started"
+_STARTED = str(lifecycle.request_verb("start").succeeded)
