@@ -45,7 +45,9 @@ def network_bridge(network_id: str) -> None:
     )
 
 
-def pool_refill() -> None:
+def pool_refill(delay_s: float = 0.0) -> None:
     """Bring the warm pools of the host that runs it to their targets (``vms.tasks.refill_pools``;
-    one refill at a time per host: a second finds the first's lock and returns)."""
-    async_task("vms.tasks.refill_pools", task_name="pool-refill", timeout=600)
+    one refill at a time per host: a second finds the first's lock and returns). ``delay_s``:
+    wait that long first (after a hand-out: the new VM's first commands go before the refill's
+    restore takes a core)."""
+    async_task("vms.tasks.refill_pools", delay_s, task_name="pool-refill", timeout=600)

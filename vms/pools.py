@@ -68,6 +68,10 @@ log = logging.getLogger("sandbox.vms.pools")
 
 HANDOUT_LOCK_WAIT_S = 5.0
 HANDOUT_AGENT_TIMEOUT_S = 5.0
+# After a hand-out the refill waits this long: the new VM's first commands (on 2 cores under TCG)
+# go before the refill's restore takes a core. The pool is one short meanwhile.
+REFILL_AFTER_HANDOUT_S = 1.0
+REFILL_DELAY_MAX_S = 10.0
 # While a refill just enqueued may still be waiting for a worker, the tick enqueues no other.
 _TICK_EVERY_S = 10
 _enqueued_at: datetime | None = None
@@ -178,7 +182,7 @@ def finish_handout(accepted: commands.Accepted) -> bool:
         enqueue.request(request.event_id)
         enqueue.pool_refill()
         return False
-    enqueue.pool_refill()
+    enqueue.pool_refill(REFILL_AFTER_HANDOUT_S)
     return True
 
 
@@ -241,10 +245,13 @@ def _stale_reason(member: PoolMember, templates: dict[str, Template], image_id: 
     return ""
 
 
-def refill() -> dict[str, int]:
+def refill(delay_s: float = 0.0) -> dict[str, int]:
     """Evict this host's members that no longer belong, then warm members up to each
-    template's target within the budget. Returns counts (``busy``: another refill runs)."""
+    template's target within the budget. Returns counts (``busy``: another refill runs).
+    ``delay_s``: wait first (capped at ``REFILL_DELAY_MAX_S``)."""
     counts = {"evicted": 0, "warmed": 0, "failed": 0, "busy": 0}
+    if delay_s > 0:
+        time.sleep(min(float(delay_s), REFILL_DELAY_MAX_S))
     with _refill_lock() as held:
         if not held:
             counts["busy"] = 1

@@ -55,6 +55,6 @@ def expire_lifetimes() -> int:
     return lifetimes.expire()
 
 
-def refill_pools() -> dict[str, int]:
+def refill_pools(delay_s: float = 0.0) -> dict[str, int]:
     """Bring this host's warm pools to their targets (``vms.pools``)."""
-    return pools.refill()
+    return pools.refill(delay_s)
