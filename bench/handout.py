@@ -143,9 +143,29 @@ def create_then_exec(run: Run, name: str) -> tuple[float, float, int]:
 # --- phases: each takes the run and returns its figures ---------------------------------------
 
 
+def member_rss_mib(run: Run) -> float:
+    """Median resident memory of the VMMs under the runtime root (at a full pool with no VM:
+    the pool members), from /proc."""
+    from vms.hypervisors.base import RuntimeDir
+
+    sizes = []
+    for d in Path(os.environ["SANDBOX_RUNTIME_DIR"]).iterdir():
+        pid = RuntimeDir(d).pid() if d.is_dir() else None
+        if pid:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            kib = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS:"))
+            sizes.append(kib / 1024)
+    return round(statistics.median(sizes), 1) if sizes else 0.0
+
+
 def phase_warm(run: Run) -> dict[str, Any]:
     target = run.args.pool
     totals, creates, fallbacks = [], [], 0
+    wait_until("the pool full", lambda: pool_of(run)["ready"] >= target)
+    rss = member_rss_mib(run)
     for i in range(run.args.warm):
         wait_until(
             "the pool full", lambda: pool_of(run)["ready"] >= target and not pool_of(run)["warming"]
@@ -163,6 +183,7 @@ def phase_warm(run: Run) -> dict[str, Any]:
         "warm_create_to_exec_p50_ms": round(statistics.median(totals), 1),
         "warm_create_to_exec_p99_ms": round(pct(totals, 0.99), 1),
         "warm_create_p50_ms": round(statistics.median(creates), 1),
+        "pool_member_rss_mib": rss,
     }
 
 
