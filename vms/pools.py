@@ -49,7 +49,7 @@ from django.conf import settings
 from django.db import transaction
 
 from accounts.caller import Caller
-from vms import commands, enqueue, runtime, vmnet, worker
+from vms import commands, enqueue, guest, runtime, vmnet, worker
 from vms.agent import credentials
 from vms.agent.client import AgentClient
 from vms.images import current_image_id, make_data_disk
@@ -135,9 +135,6 @@ def finish_handout(accepted: commands.Accepted) -> bool:
     try:
         with worker.vm_host_lock(accepted.vm_id, wait_s=HANDOUT_LOCK_WAIT_S):
             timings["lock_ms"] = _ms(t0)
-            if member.paused:
-                hv.resume(rt)
-            timings["resume_ms"] = _ms(t0)
             client = AgentClient.from_hypervisor(
                 hv,
                 rt,
@@ -145,7 +142,13 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                 timeout=HANDOUT_AGENT_TIMEOUT_S,
                 credential=credentials.for_vm(accepted.vm_id),
             )
-            with client:
+            try:
+                # Connected before the guest runs: it sees a host at once (``warm_one``).
+                client.connect(HANDOUT_AGENT_TIMEOUT_S)
+                timings["connect_ms"] = _ms(t0)
+                if member.paused:
+                    hv.resume(rt)
+                timings["resume_ms"] = _ms(t0)
                 client.hello(timeout=HANDOUT_AGENT_TIMEOUT_S, interval=0.02)
                 timings["hello_ms"] = _ms(t0)
                 client.configure(time=time.time(), hostname=hostname)
@@ -167,6 +170,11 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                     if outcome is commands.SUPERSEDED:
                         # A destroy came first: the VM must not run; nothing was recorded.
                         raise _Superseded()
+            except BaseException:
+                client.close()
+                raise
+        # Its first session in this process (an exec, mostly) needs no new connection.
+        guest.park(accepted.vm_id, client)
     except _Superseded:
         _teardown(accepted.vm_id)
         return True  # the destroy's request is the VM's now; the worker carries it out
@@ -331,9 +339,23 @@ def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
             if cache is None:
                 raise RuntimeError("this hypervisor has no saved-state templates")
             result = cache.start(spec, rt, fallback=False)
-            key_id = credentials.take_over_quietly(member_id, result.guest_secret)
-            if not running:
-                hv.pause(rt)
+            if result.guest_secret is None:
+                raise RuntimeError("the template keeps no credential for its guest")
+            # A credential of the member's own (kept under its VM's id): the template's is
+            # refused from now on. No VM event: the member is no VM yet (pool.vm_warmed
+            # records the key id).
+            client = AgentClient.from_hypervisor(
+                hv, rt, credential=result.guest_secret, timeout=30.0
+            )
+            with client:
+                client.hello(timeout=30.0, interval=0.05)
+                with transaction.atomic():
+                    key_id = credentials.keep_fresh(member_id, client)
+                if not running:
+                    # Paused while a host is still connected: its agent waits in read(), not
+                    # in its 100 ms poll for a host, so a hand-out that connects before it
+                    # resumes is answered at once.
+                    hv.pause(rt)
         commands.record_pool_warmed(
             member_id,
             {

@@ -50,7 +50,6 @@ __all__ = [
     "new_credential",
     "reencrypt_all",
     "take_over",
-    "take_over_quietly",
 ]
 
 log = logging.getLogger("sandbox.vms.credentials")
@@ -221,21 +220,6 @@ def keep_fresh(vm_id: object, client: AgentClient) -> str:
     key_id = _put(_vm_holder(vm_id), new)
     client.rotate(new)
     return key_id
-
-
-def take_over_quietly(member_id: object, current: str | None, *, timeout: float = 30.0) -> str:
-    """A warm pool member restored with its template's credential (``current``) gets one of
-    its own (kept under the id its VM will have), so the template's is refused at once. No VM
-    event: the member is no VM yet; ``pool.vm_warmed`` records the key id, and the hand-out
-    rotates it again to the VM's. Returns the key id."""
-    if current is None:
-        raise AgentError("no_credential", "the template keeps no credential for its guest")
-    client = AgentClient.from_hypervisor(
-        runtime.hypervisor(), runtime.runtime_dir(member_id), credential=current, timeout=timeout
-    )
-    with client, transaction.atomic():
-        client.hello(timeout=timeout, interval=0.05)
-        return keep_fresh(member_id, client)
 
 
 def reencrypt_all() -> int:
