@@ -187,6 +187,10 @@ def phase_warm(run: Run) -> dict[str, Any]:
         "warm_create_to_exec_p50_ms": round(statistics.median(totals), 1),
         "warm_create_to_exec_p99_ms": round(pct(totals, 0.99), 1),
         "warm_create_p50_ms": round(statistics.median(creates), 1),
+        "warm_first_exec_p50_ms": round(
+            statistics.median(t - c for t, c in zip(totals, creates, strict=True)), 1
+        ),
+        "pool_running": os.environ.get("SANDBOX_POOL_RUNNING", "") not in ("", "0", "false"),
         "pool_member_rss_mib": rss,
     }
 
