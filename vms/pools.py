@@ -72,6 +72,8 @@ HANDOUT_AGENT_TIMEOUT_S = 5.0
 # go before the refill's restore takes a core. The pool is one short meanwhile.
 REFILL_AFTER_HANDOUT_S = 1.0
 REFILL_DELAY_MAX_S = 10.0
+# Commands a warm runs in the member before pausing it (see ``warm_one``).
+WARM_EXECS = 2
 # While a refill just enqueued may still be waiting for a worker, the tick enqueues no other.
 _TICK_EVERY_S = 10
 _enqueued_at: datetime | None = None
@@ -351,6 +353,12 @@ def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
                 client.hello(timeout=30.0, interval=0.05)
                 with transaction.atomic():
                     key_id = credentials.keep_fresh(member_id, client)
+                # Under TCG a restored VMM starts with an empty translation cache: the guest's
+                # first exec and configure would be translated on the user's time. Done here,
+                # the cache (kept while paused) already holds them.
+                for _ in range(WARM_EXECS):
+                    client.exec(["true"], timeout=30.0)
+                client.configure(time=time.time(), hostname=vm.hostname)
                 if not running:
                     # Paused while a host is still connected: its agent waits in read(), not
                     # in its 100 ms poll for a host, so a hand-out that connects before it
