@@ -342,6 +342,12 @@ def main() -> None:
             finally:
                 stop_server(server)
                 connections.close_all()
+                # VMMs run in sessions of their own and outlive the server (by design): those
+                # of this throwaway run (pool members, a VM an error left) go with it.
+                from vms.hypervisors import reconcile as scanner
+
+                left = scanner.scan(Path(env["SANDBOX_RUNTIME_DIR"]), known_ids=[]).orphans
+                scanner.teardown_orphans(left)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(f"/tmp/hb-run-{os.getpid()}", ignore_errors=True)
