@@ -582,6 +582,29 @@ if SANDBOX_FORK_MAX < 1:
 # The idle policy's bounds (vms.idle): an idle timeout is 1 to this many seconds.
 SANDBOX_IDLE_TIMEOUT_MAX_S = env_int("SANDBOX_IDLE_TIMEOUT_MAX_S", 7 * 24 * 3600)
 
+# Warm pools (issue 16; docs/vms.md "Warm pools"): VMs restored from a template's saved state
+# and kept ready for creates. SANDBOX_POOLS: each template's target, "name=N,name=N" (an admin
+# changes it through PUT /api/v1/pools/{template}/); none by default, so a laptop keeps no pool.
+# SANDBOX_POOL_BUDGET_MIB: the guest memory all pool members together may take (a system budget,
+# never a user's quota). SANDBOX_POOL_RUNNING: keep members running instead of paused.
+
+
+def _pool_targets(raw: str) -> dict[str, int]:
+    targets: dict[str, int] = {}
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip().isdigit():
+            raise ImproperlyConfigured(f"SANDBOX_POOLS: {item!r} is not template=count")
+        targets[name.strip()] = int(value)
+    return targets
+
+
+SANDBOX_POOLS = _pool_targets(os.environ.get("SANDBOX_POOLS", ""))
+SANDBOX_POOL_BUDGET_MIB = env_int("SANDBOX_POOL_BUDGET_MIB", 2048)
+if SANDBOX_POOL_BUDGET_MIB < 0:
+    raise ImproperlyConfigured("SANDBOX_POOL_BUDGET_MIB must be 0 or more")
+SANDBOX_POOL_RUNNING = env_bool("SANDBOX_POOL_RUNNING", False)
+
 # --- Signed digests and audit exports (issue 6; see docs/audit-exports.md) --------------------
 # New digests are signed with this algorithm; digests of either kind stay verifiable.
 SANDBOX_DIGEST_ALGORITHM = os.environ.get("SANDBOX_DIGEST_ALGORITHM", "ed25519")

@@ -24,6 +24,7 @@ from vms.api import (
 )
 from vms.host_api import HostCapacityView
 from vms.network_api import EgressView, NetworkViewSet, PortForwardViewSet
+from vms.pool_api import PoolsView, PoolTargetView
 from vms.preview_api import PreviewLinkDetailView, PreviewLinkView
 from vms.task_views import TaskListView
 from vms.usage_api import (
@@ -59,6 +60,8 @@ api_v1 = [
     path("users/<int:pk>/usage/", UserUsageView.as_view(), name="user-usage"),
     path("groups/<int:pk>/usage/", GroupUsageView.as_view(), name="group-usage"),
     path("hosts/", HostCapacityView.as_view(), name="hosts"),
+    path("pools/", PoolsView.as_view(), name="pools"),
+    path("pools/<slug:template>/", PoolTargetView.as_view(), name="pool-target"),
     path("hosts/<str:name>/usage/", HostUsageView.as_view(), name="host-usage"),
     path("", include(router.urls)),
     path("me/", MeView.as_view(), name="me"),

@@ -42,6 +42,8 @@ FAMILIES = {
     "sandbox_audit_last_digest_failure_timestamp_seconds",
     "sandbox_worker_heartbeat_age_seconds",
     "sandbox_worker_up",
+    "sandbox_pool_members",
+    "sandbox_pool_target",
     "sandbox_vm_cpu_seconds",
     "sandbox_vm_cpu_percent",
     "sandbox_vm_memory_rss_bytes",

@@ -43,7 +43,7 @@ from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
 from secretstore import guests
-from vms import commands, guest, lifecycle, policy, quotas
+from vms import commands, guest, lifecycle, policy, pools, quotas
 from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
 from vms.representation import (
     SNAPSHOT_BRIEF_FIELDS,
@@ -478,7 +478,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         s = VMCreateSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         d = s.validated_data
-        result = commands.create(
+        result = pools.create(
             self.caller(),
             name=d["name"],
             template=d["template"],
@@ -491,7 +491,9 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             budget=d.get("budget"),
             timeout_s=d.get("timeout_s"),
         )
-        return accepted(result, status.HTTP_202_ACCEPTED if d["start"] else status.HTTP_201_CREATED)
+        # 201 also for a start served from a warm pool: the VM answers running.
+        done = not d["start"] or result.pooled is not None
+        return accepted(result, status.HTTP_201_CREATED if done else status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         request=ForkSerializer,

@@ -41,6 +41,7 @@ class VmsConfig(AppConfig):
             idle,
             lifetimes,
             metrics,
+            pools,
             recordings,  # noqa: F401
             templates_config,
             usage,
@@ -53,6 +54,8 @@ class VmsConfig(AppConfig):
         ticks.register("lifetimes", lifetimes.tick)
         # Idle policies that ran out: their VMs' pause asked within a second or so.
         ticks.register("idle", idle.tick)
+        # Warm pools kept at their targets (vms.pools; also refilled after each hand-out).
+        ticks.register("pools", pools.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

@@ -24,7 +24,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from accounts.caller import Caller
@@ -44,10 +45,13 @@ from vms import (
     policy,
     previews,
     quotas,
+    runtime,
 )
 from vms.models import (
     GroupBudget,
     Network,
+    PoolMember,
+    PoolTarget,
     PortForward,
     PreviewLink,
     Quota,
@@ -87,7 +91,13 @@ __all__ = [
     "is_pending",
     "pause",
     "perform",
+    "pool_memory_used",
+    "pool_targets",
     "reboot",
+    "record_handout",
+    "record_pool_evicted",
+    "record_pool_warmed",
+    "record_pool_warming",
     "record_console_closed",
     "record_console_opened",
     "record_crashed",
@@ -106,6 +116,7 @@ __all__ = [
     "resume",
     "set_egress",
     "set_lifetime",
+    "set_pool_target",
     "set_group_budget",
     "set_quota",
     "settle_interrupted_guest_request",
@@ -148,6 +159,10 @@ class Accepted:
     vm_id: uuid.UUID
     request: store.RecordedEvent
     snapshot: Snapshot | None = None
+    # A warm pool member was handed out to this create (``vms.pools``): the request is not
+    # enqueued; the caller resumes the member (``vms.pools.finish_handout``).
+    pooled: PoolMember | None = None
+    hostname: str = ""  # the VM's, for a hand-out
 
     @cached_property
     def vm(self) -> VirtualMachine:
@@ -399,7 +414,8 @@ def _new_vm_events(
     idle_timeout_s: int | None = None,
     counted: _Counted | None = None,
     vm_id: uuid.UUID | None = None,
-) -> tuple[uuid.UUID, list[store.RecordedEvent]]:
+    pool_template: str | None = None,
+) -> tuple[uuid.UUID, list[store.RecordedEvent], PoolMember | None]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
     if any) in one append: (new id, events; the request last).
@@ -414,6 +430,10 @@ def _new_vm_events(
     ``idle_timeout_s``: its idle policy (``vms.idle``; None: none).
     ``counted``: the caller (a fork) holds the lock and has checked the quotas and the
     cluster's capacity for this VM among others; its budget was chosen then.
+
+    ``pool_template``: take a ready warm pool member of that template on this host, if there is
+    one (under the lock, and skipping rows another transaction holds), as the new VM: its id is
+    the VM's, and pool.vm_handed_out is appended with the rest.
     """
     if counted is None:
         limits = quotas.effective_quota(caller.user)
@@ -438,6 +458,9 @@ def _new_vm_events(
     mac, ip = identity.allocate(network)
     if network is not None and ip is None:
         raise ValidationError({"network": f"the network {network.name} has no free address"})
+    member = _pick_pool_member(pool_template) if pool_template else None
+    if member is not None:
+        vm_id = member.pk
     created = store.PendingEvent(
         "vm",
         str(vm_id),
@@ -465,6 +488,7 @@ def _new_vm_events(
             **({"idle_timeout_s": idle_timeout_s} if idle_timeout_s else {}),
             # Names, owners, versions and HMACs of the secrets it receives: never a value.
             **({"secrets": secrets} if secrets else {}),
+            **({"from_pool": True} if member is not None else {}),
             **({"secrets_seen": secrets_seen} if secrets_seen else {}),
             # The team budget it draws from (vms.quotas), by group id and name.
             **(
@@ -501,7 +525,40 @@ def _new_vm_events(
         pending.append(
             store.PendingEvent("vm", str(vm_id), *request, expected_version=len(pending))
         )
-    return vm_id, store.append_many(pending, actor=caller.actor)
+    if member is not None:
+        pending.append(
+            store.PendingEvent(
+                "pool",
+                str(member.pk),
+                "pool.vm_handed_out",
+                {
+                    "vm_id": str(vm_id),
+                    "template": member.template,
+                    "host": member.host,
+                    "owner_id": caller.user.pk,
+                    "owner": caller.user.username,
+                    "name": name,
+                },
+                expected_version=POOL_READY_VERSION,
+            )
+        )
+    return vm_id, store.append_many(pending, actor=caller.actor), member
+
+
+# A ready member's events: pool.vm_warming, pool.vm_warmed.
+POOL_READY_VERSION = 2
+
+
+def _pick_pool_member(template: str) -> PoolMember | None:
+    """The oldest ready member of ``template``'s pool on this host, locked for this
+    transaction (PostgreSQL: rows another create holds are skipped, never shared; SQLite
+    serialises writers). The caller holds the append lock."""
+    qs = PoolMember.objects.filter(
+        template=template, host=runtime.host_name(), state=PoolMember.State.READY
+    ).order_by("created_at")
+    if connection.features.has_select_for_update_skip_locked:
+        qs = qs.select_for_update(skip_locked=True)
+    return qs.first()
 
 
 def _network_for_new_vm(name: str | None, source: VirtualMachine | None = None) -> Network:
@@ -534,8 +591,12 @@ def create(
     secrets: list[dict[str, Any]] | None = None,
     budget: str | None = None,
     timeout_s: int | None = None,
+    from_pool: bool = False,
 ) -> Accepted:
-    """A new VM from ``template``. ``timeout_s``: its lifetime in seconds (0: none; None: the
+    """A new VM from ``template``. ``from_pool``: the caller can finish a hand-out
+    (``vms.pools.create``): a started VM of the template's own shape, with no file secrets, is
+    then a ready warm pool member of this host when there is one (``Accepted.pooled``; its
+    start request is not enqueued). ``timeout_s``: its lifetime in seconds (0: none; None: the
     template's, if it has one); at its end the system stops or destroys it (``vms.lifetimes``).
     ``secrets``: references to secrets of the caller's (or its
     groups') that the guest receives as variables of every exec or files written at every start
@@ -551,7 +612,14 @@ def create(
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
     lifetime, _ = _lifetime_for(tpl, timeout_s)
-    vm_id, events = _new_vm_events(
+    poolable = (
+        from_pool
+        and start_now
+        and tpl.boot == "linux"
+        and shape == (tpl.vcpus, tpl.memory_mib, tpl.disk_mib)
+        and not any(g.file for g in given)
+    )
+    vm_id, events, member = _new_vm_events(
         caller,
         name=name,
         template=tpl,
@@ -566,9 +634,13 @@ def create(
         timeout_s=lifetime,
         on_expiry=tpl.on_expiry,
         idle_timeout_s=tpl.idle_timeout_s,
+        pool_template=tpl.name if poolable else None,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
+    if member is not None:
+        request = next(e for e in events if e.type == _requested("start"))
+        return Accepted(vm_id, request, pooled=member, hostname=identity.hostname_for(name))
     _enqueue_on_commit(events[-1])
     return Accepted(vm_id, events[-1])
 
@@ -631,7 +703,7 @@ def clone(
     lifetime, on_expiry = _lifetime_for(
         Template.objects.filter(name=snap.template).first(), timeout_s
     )
-    vm_id, events = _new_vm_events(
+    vm_id, events, _ = _new_vm_events(
         caller,
         name=name,
         template=snap,
@@ -764,7 +836,7 @@ def fork(
     snap = Snapshot.objects.get(pk=snapshot_id)
     made: list[Accepted] = []
     for vm_id, name in zip(vm_ids, names, strict=True):
-        new_id, events = _new_vm_events(
+        new_id, events, _ = _new_vm_events(
             caller,
             name=name,
             template=snap,
@@ -1662,7 +1734,7 @@ def record_snapshot_created(
     )
 
 
-AGENT_CREDENTIAL_REASONS = frozenset({"enrolled", "restored", "cloned", "requested"})
+AGENT_CREDENTIAL_REASONS = frozenset({"enrolled", "restored", "cloned", "requested", "handed_out"})
 
 
 def record_agent_credential_rotated(
@@ -1875,3 +1947,150 @@ def set_group_budget(
         {"group_id": group.pk, "group": group.name},
         limits,
     )
+
+
+# --- Warm pools (vms.pools) -----------------------------------------------------------------
+
+POOL_SYSTEM = Actor.system(channel="system", name="pools")
+POOL_TARGET_MAX = 64
+
+
+def pool_targets() -> dict[str, int]:
+    """Every template's pool target: ``SANDBOX_POOLS``, overridden by what admins set."""
+    targets = dict(settings.SANDBOX_POOLS)
+    targets.update(PoolTarget.objects.values_list("template", "target"))
+    return targets
+
+
+def pool_memory_used() -> int:
+    """Guest memory (MiB) all pool members of every host take: what the pool budget counts."""
+    return PoolMember.objects.aggregate(m=Sum("memory_mib"))["m"] or 0
+
+
+@transaction.atomic
+def set_pool_target(caller: Caller, template: str, target: Any) -> store.RecordedEvent:
+    """Set ``template``'s warm pool target (admins; ``pool.target_set``); the refill follows
+    on commit (a lower target evicts the members over it)."""
+    policy.require_pool_admin(caller)
+    if not Template.objects.filter(name=template).exists():
+        raise NotFound(f"no template {template!r}")
+    if isinstance(target, bool) or not isinstance(target, int):
+        raise ValidationError({"target": "a whole number of VMs"})
+    if not 0 <= target <= POOL_TARGET_MAX:
+        raise ValidationError({"target": f"from 0 to {POOL_TARGET_MAX}"})
+    store.lock()
+    before = pool_targets().get(template, 0)
+    event = store.append(
+        "pool",
+        f"target:{template}",
+        "pool.target_set",
+        {"template": template, "target": target, "before": before},
+        actor=caller.actor,
+    )
+    transaction.on_commit(enqueue.pool_refill)
+    return event
+
+
+@transaction.atomic
+def record_pool_warming(tpl: Template, host: str, image_id: str) -> uuid.UUID | None:
+    """A new member of ``tpl``'s pool on ``host``, counted from now (``pool.vm_warming``); None
+    when the template's pool on this host is at its target or the budget has no room (checked
+    under the append lock: concurrent refills on other hosts see each other's members)."""
+    store.lock()
+    target = pool_targets().get(tpl.name, 0)
+    have = PoolMember.objects.filter(template=tpl.name, host=host).count()
+    if have >= target:
+        return None
+    if pool_memory_used() + tpl.memory_mib > settings.SANDBOX_POOL_BUDGET_MIB:
+        return None
+    member_id = uuid.uuid4()
+    store.append(
+        "pool",
+        str(member_id),
+        "pool.vm_warming",
+        {
+            "template": tpl.name,
+            "host": host,
+            "vcpus": tpl.vcpus,
+            "memory_mib": tpl.memory_mib,
+            "disk_mib": tpl.disk_mib,
+            "image_id": image_id,
+            "target": target,
+        },
+        actor=POOL_SYSTEM,
+        expected_version=0,
+    )
+    return member_id
+
+
+def record_pool_warmed(member_id: uuid.UUID, data: dict[str, Any]) -> store.RecordedEvent:
+    return store.append(
+        "pool", str(member_id), "pool.vm_warmed", data, actor=POOL_SYSTEM, expected_version=1
+    )
+
+
+@transaction.atomic
+def record_pool_evicted(
+    member_id: uuid.UUID, reason: str, *, handed_out_vm: uuid.UUID | None = None
+) -> store.RecordedEvent | None:
+    """``pool.vm_evicted``: a member leaves its pool (before its VMM is torn down, so no create
+    can take it meanwhile); None when it is no longer in the pool (handed out or evicted by
+    another). ``handed_out_vm``: a hand-out that failed after the member was given to that VM
+    (the VM then starts the ordinary way)."""
+    store.lock()
+    if handed_out_vm is not None:
+        version, data = store.ANY_VERSION, {"vm_id": str(handed_out_vm)}
+    else:
+        member = PoolMember.objects.filter(pk=member_id).first()
+        if member is None:
+            return None
+        version = POOL_READY_VERSION if member.state == PoolMember.State.READY else 1
+        data = {"template": member.template, "host": member.host, "state": member.state}
+    return store.append(
+        "pool",
+        str(member_id),
+        "pool.vm_evicted",
+        {**data, "reason": reason[:2000]},
+        actor=POOL_SYSTEM,
+        expected_version=version,
+    )
+
+
+def record_handout(
+    request: store.RecordedEvent, key_id: str, data: dict[str, Any]
+) -> store.RecordedEvent | None | _Superseded:
+    """A handed-out pool member runs as its VM: its own agent credential
+    (``vm.agent_credential_rotated``, reason handed_out) and the start request's outcome
+    (``vm.started`` with ``from_pool``), in one append, if the VM still waits for the start."""
+    actor = Actor.system(channel="web", name="pools")
+    with transaction.atomic():
+        store.lock()
+        if _pending_request_of(request) != request.event_id:
+            return SUPERSEDED
+        try:
+            with transaction.atomic():
+                return store.append_many(
+                    [
+                        store.PendingEvent(
+                            "vm",
+                            request.aggregate_id,
+                            "vm.agent_credential_rotated",
+                            {"reason": "handed_out", "key_id": key_id},
+                            causation_id=request.event_id,
+                        ),
+                        store.PendingEvent(
+                            "vm",
+                            request.aggregate_id,
+                            _STARTED,
+                            data,
+                            causation_id=request.event_id,
+                        ),
+                    ],
+                    actor=actor,
+                    correlation_id=request.correlation_id,
+                )[-1]
+        except (IntegrityError, ConcurrencyError):
+            return None
+
+
+_STARTED = str(lifecycle.request_verb("start").succeeded)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from django.conf import settings
 from django_q.tasks import async_task
 
-__all__ = ["network_bridge", "network_rules", "request", "snapshot_cleanup"]
+__all__ = ["network_bridge", "network_rules", "pool_refill", "request", "snapshot_cleanup"]
 
 
 def request(event_id: str) -> None:
@@ -43,3 +43,11 @@ def network_bridge(network_id: str) -> None:
     async_task(
         "vms.tasks.apply_network_settings", network_id, task_name=f"network-settings-{network_id}"
     )
+
+
+def pool_refill(delay_s: float = 0.0) -> None:
+    """Bring the warm pools of the host that runs it to their targets (``vms.tasks.refill_pools``;
+    one refill at a time per host: a second finds the first's lock and returns). ``delay_s``:
+    wait that long first (after a hand-out: the new VM's first commands go before the refill's
+    restore takes a core)."""
+    async_task("vms.tasks.refill_pools", delay_s, task_name="pool-refill", timeout=600)

@@ -20,6 +20,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from secretstore import guests
 from secretstore.masking import NO_MASKER, Masker, MaskingWriter
 from vms import commands, idle, lifecycle, runtime
 from vms.agent import credentials
-from vms.agent.client import AgentError, AgentTimeout
+from vms.agent.client import AgentClient, AgentError, AgentTimeout
 from vms.hypervisors.base import HypervisorError
 from vms.models import VirtualMachine
 
@@ -62,6 +63,42 @@ class OutcomeNotRecorded(GuestUnavailable):
         self.request = request
 
 
+# A warm pool hand-out's agent connection (vms.pools), kept open a moment for the VM's first
+# session in this process: the guest agent notices a new host connection only at its next poll
+# of the port (every 100 ms while no host is connected), and a create is mostly followed at once
+# by an exec. A session of another process waits (QEMU takes one client at a time) until the
+# parked connection is closed, at most PARK_S later.
+PARK_S = 0.5
+_parked: dict[Any, AgentClient] = {}
+_parked_lock = threading.Lock()
+
+
+def park(vm_id: Any, client: AgentClient) -> None:
+    """Keep ``client`` (greeted, presenting the VM's credential) for the VM's next session in
+    this process, for at most ``PARK_S``; then it is closed."""
+    with _parked_lock:
+        previous = _parked.pop(vm_id, None)
+        _parked[vm_id] = client
+    if previous is not None:
+        previous.close()
+    timer = threading.Timer(PARK_S, _unpark, args=(vm_id, client))
+    timer.daemon = True
+    timer.start()
+
+
+def _unpark(vm_id: Any, client: AgentClient) -> None:
+    with _parked_lock:
+        if _parked.get(vm_id) is not client:
+            return  # taken by a session, which closes it
+        del _parked[vm_id]
+    client.close()
+
+
+def _take_parked(vm_id: Any) -> AgentClient | None:
+    with _parked_lock:
+        return _parked.pop(vm_id, None)
+
+
 @contextlib.contextmanager
 def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterator[Any]:
     rt = runtime.runtime_dir(vm.pk)
@@ -79,7 +116,7 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
                 if time.monotonic() > deadline:
                     raise GuestUnavailable("the guest agent is busy with another session") from None
                 time.sleep(0.05)
-        client = credentials.client_for_vm(vm)
+        client = _take_parked(vm.pk) or credentials.client_for_vm(vm)
         try:
             client.hello(timeout=hello_timeout)
         except (AgentError, HypervisorError, OSError) as exc:

@@ -50,6 +50,7 @@ __all__ = [
     "GUEST_VERBS",
     "NETWORK_EVENTS",
     "OTHER_EVENTS",
+    "POOL_EVENTS",
     "RECORD_VERBS",
     "REQUEST_VERBS",
     "Verb",
@@ -582,7 +583,8 @@ OTHER_EVENTS: tuple[EventType, ...] = (
         1,
         "access",
         "The VM's guest agent got a new credential (reason: enrolled, restored, cloned, "
-        "requested); the old one is refused from then on. Never the value.",
+        "requested, handed_out: a warm pool member given to its VM); the old one is refused "
+        "from then on. Never the value.",
         not_evidence="a credential of the host's own channel to the guest changed; "
         "who may reach the guest did not",
     ),
@@ -637,6 +639,54 @@ NETWORK_EVENTS: tuple[EventType, ...] = (
     EventType("net.network_created", "network", 1, "change", "A network was defined."),
     EventType("net.network_updated", "network", 1, "change", "A network's settings changed."),
     EventType("net.network_deleted", "network", 1, "change", "A network was deleted."),
+)
+
+# Warm pools (aggregate "pool": a member's id, the id of the VM it becomes; "target:<template>"
+# for a template's target; vms.pools).
+POOL_EVENTS: tuple[EventType, ...] = (
+    EventType(
+        "pool.vm_warming",
+        "pool",
+        1,
+        "operations",
+        "A pool member is being restored from its template's saved state (template, host, "
+        "shape): it counts against the pool budget from now.",
+        not_evidence="a VM of no user's being prepared; its hand-out is recorded as vm.created",
+    ),
+    EventType(
+        "pool.vm_warmed",
+        "pool",
+        1,
+        "operations",
+        "A pool member is ready to be handed out (seconds, paused, image, pool size after).",
+        not_evidence="a VM of no user's being prepared; its hand-out is recorded as vm.created",
+    ),
+    EventType(
+        "pool.vm_handed_out",
+        "pool",
+        1,
+        "operations",
+        "A pool member was handed out to a create (the VM's id, owner and name; pool size "
+        "after); it never returns to a pool.",
+        not_evidence="the VM it became is recorded by vm.created and vm.started",
+    ),
+    EventType(
+        "pool.vm_evicted",
+        "pool",
+        1,
+        "operations",
+        "A pool member was removed (reason: target lowered, stale image, template disabled, "
+        "failed warm or hand-out, budget); its VMM goes.",
+        not_evidence="a VM of no user's removed before anyone used it",
+    ),
+    EventType(
+        "pool.target_set",
+        "pool",
+        1,
+        "change",
+        "An administrator set a template's warm pool target (template, target, before).",
+        not_evidence="a capacity setting, not access to any user's data",
+    ),
 )
 
 # Descriptions and categories of the event types the verbs append (categories are part of what
@@ -715,7 +765,7 @@ def event_types(verbs: tuple[Verb, ...] = VERBS) -> tuple[EventType, ...]:
     """Every event type of the VM domain: the verbs' of ``verbs`` (the table) and the others
     (no name twice)."""
     seen: dict[str, EventType] = {}
-    for t in (*_verb_event_types(verbs), *OTHER_EVENTS, *NETWORK_EVENTS):
+    for t in (*_verb_event_types(verbs), *OTHER_EVENTS, *NETWORK_EVENTS, *POOL_EVENTS):
         if t.name in seen and seen[t.name] != t:
             raise ValueError(f"{t.name} is defined twice, differently")
         seen[t.name] = t

@@ -22,9 +22,9 @@ from prometheus_client.registry import Collector
 from core import metrics
 from vms.heartbeat import stale_s
 from vms.metrics_live import prometheus_samples
-from vms.models import WorkerHeartbeat
+from vms.models import PoolMember, PoolTarget, WorkerHeartbeat
 
-__all__ = ["VMCollector", "WorkerCollector", "register"]
+__all__ = ["PoolCollector", "VMCollector", "WorkerCollector", "register"]
 
 
 class WorkerCollector(Collector):
@@ -129,9 +129,45 @@ class VMCollector(Collector):
             yield family
 
 
+class PoolCollector(Collector):
+    """Warm pools (``vms.pools``): members per template, host and state, and the targets admins
+    set (``SANDBOX_POOLS`` targets are in the settings). Hand-outs, refills and evictions are
+    events (``pool.*``): count them in the log."""
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield from self._families()
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "sandbox_pool_members",
+                "Warm pool members by template, host and state (warming, ready).",
+                labels=["template", "host", "state"],
+            ),
+            GaugeMetricFamily(
+                "sandbox_pool_target",
+                "A template's warm pool target as set by an administrator.",
+                labels=["template"],
+            ),
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        members, target = self._families()
+        tally: dict[tuple[str, str, str], int] = {}
+        for key in PoolMember.objects.values_list("template", "host", "state"):
+            tally[key] = tally.get(key, 0) + 1
+        for key, n in sorted(tally.items()):
+            members.add_metric(list(key), n)
+        for name, value in PoolTarget.objects.values_list("template", "target"):
+            target.add_metric([name], value)
+        yield members
+        yield target
+
+
 COLLECTORS: tuple[Collector, ...] = (
     VMCollector(),
     WorkerCollector(),  # worker heartbeat per queue
+    PoolCollector(),
 )
 
 

@@ -21,6 +21,8 @@ __all__ = [
     "HostCapacity",
     "Network",
     "ON_EXPIRY_CHOICES",
+    "PoolMember",
+    "PoolTarget",
     "PortForward",
     "Quota",
     "RequestOutcome",
@@ -652,3 +654,48 @@ class AgentCredential(models.Model):
     def aad(self) -> bytes:
         """What the ciphertext is bound to: a copy on another row does not decrypt."""
         return f"agent-credential:{self.holder}".encode()
+
+
+class PoolMember(models.Model):
+    """A VM of a template's warm pool (``vms.pools``), as the log says: restored from the
+    template's saved state on ``host`` and kept paused (or running), owned by nobody, until a
+    create hands it out. Its id is the id the VM it becomes will have (its runtime directory,
+    data disk and agent credential are keyed by it already). Not a ``VirtualMachine``: users'
+    lists and quotas never see it. Handed out or evicted, its row goes (the log keeps it)."""
+
+    class State(models.TextChoices):
+        WARMING = "warming"
+        READY = "ready"
+
+    id = models.UUIDField(primary_key=True)
+    template = models.CharField(max_length=63, db_index=True)
+    host = models.CharField(max_length=100)
+    state = models.CharField(max_length=8, choices=State.choices)
+    vcpus = models.PositiveSmallIntegerField()
+    memory_mib = models.PositiveIntegerField()
+    disk_mib = models.PositiveIntegerField()
+    # The guest image it was restored on (vms.images): a member of an older image is evicted.
+    image_id = models.CharField(max_length=64, blank=True)
+    paused = models.BooleanField(default=True)
+    created_at = models.DateTimeField()
+    ready_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        indexes = [models.Index(fields=["template", "host", "state"])]
+
+    def __str__(self) -> str:
+        return f"{self.template} pool member {self.pk} ({self.state})"
+
+
+class PoolTarget(models.Model):
+    """A template's pool target set by an administrator (``pool.target_set``); a template
+    without a row has the target of ``SANDBOX_POOLS`` (zero when it names none)."""
+
+    template = models.CharField(max_length=63, primary_key=True)
+    target = models.PositiveIntegerField()
+    set_by = models.CharField(max_length=150, blank=True)
+    set_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.template}: {self.target}"

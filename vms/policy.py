@@ -187,6 +187,16 @@ def require_network_admin(caller: Caller, action: str) -> None:
     caller.require(NETWORK_PERMISSIONS[action])
 
 
+# --- Warm pools: administrators' ------------------------------------------------------------
+
+POOL_PERMISSIONS = {"view": "vms.view_poolmember", "change": "vms.change_poolmember"}
+
+
+def require_pool_admin(caller: Caller, action: str = "change") -> None:
+    """``PermissionDenied`` unless ``caller`` may ``action`` (view, change) the warm pools."""
+    caller.require(POOL_PERMISSIONS[action])
+
+
 # --- Quotas and team budgets: administrators' -----------------------------------------------
 
 QUOTA_PERMISSIONS = {"view": "vms.view_quota", "change": "vms.change_quota"}

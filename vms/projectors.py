@@ -22,6 +22,8 @@ from audit.store import RecordedEvent
 from vms import lifecycle
 from vms.models import (
     Network,
+    PoolMember,
+    PoolTarget,
     PortForward,
     PreviewLink,
     RequestOutcome,
@@ -493,6 +495,55 @@ class PreviewLinkProjector(Projector):
 
     def reset(self) -> None:
         PreviewLink.objects.all().delete()
+
+
+@register
+class PoolProjector(Projector):
+    """Warm pools (``vms.pools``): members warming and ready, and the targets set by admins. A
+    member handed out or evicted leaves the read model (the VM it became is a VirtualMachine)."""
+
+    name = "vms.pools"
+    event_types = frozenset(t.name for t in lifecycle.POOL_EVENTS)
+    inline = True
+
+    def handle(self, events: Sequence[RecordedEvent]) -> None:
+        for e in events:
+            data = e.data
+            if e.type == "pool.target_set":
+                PoolTarget.objects.update_or_create(
+                    template=data["template"],
+                    defaults={
+                        "target": data["target"],
+                        "set_by": e.actor_name,
+                        "set_at": e.recorded_at,
+                    },
+                )
+                continue
+            member_id = uuid.UUID(e.aggregate_id)
+            if e.type == "pool.vm_warming":
+                PoolMember.objects.create(
+                    id=member_id,
+                    template=data["template"],
+                    host=data["host"],
+                    state=PoolMember.State.WARMING,
+                    vcpus=data["vcpus"],
+                    memory_mib=data["memory_mib"],
+                    disk_mib=data["disk_mib"],
+                    image_id=data.get("image_id", ""),
+                    created_at=e.recorded_at,
+                )
+            elif e.type == "pool.vm_warmed":
+                PoolMember.objects.filter(pk=member_id).update(
+                    state=PoolMember.State.READY,
+                    paused=data.get("paused", True),
+                    ready_at=e.recorded_at,
+                )
+            else:  # pool.vm_handed_out, pool.vm_evicted
+                PoolMember.objects.filter(pk=member_id).delete()
+
+    def reset(self) -> None:
+        PoolMember.objects.all().delete()
+        PoolTarget.objects.all().delete()
 
 
 # The task log: request type -> verb, outcome type -> (verb kind, succeeded?).

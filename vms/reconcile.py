@@ -29,7 +29,7 @@ from audit.actor import Actor
 from audit.models import Event
 from vms import commands, enqueue, lifecycle, runtime, vmnet, worker
 from vms.hypervisors import reconcile as scanner
-from vms.models import VirtualMachine
+from vms.models import PoolMember, VirtualMachine
 
 log = logging.getLogger("sandbox.vms.reconcile")
 
@@ -176,9 +176,10 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
     root = Path(settings.SANDBOX_RUNTIME_DIR)
     vms = list(VirtualMachine.objects.exclude(state=lifecycle.GONE))
     by_key = {vm.pk.hex[:12]: vm for vm in vms}
-    report = (
-        scanner.scan(root, known_ids=by_key.keys()) if root.is_dir() else scanner.ReconcileReport()
-    )
+    # Warm pool members (vms.pools) are VMMs of no VM yet: not orphans; the pools' refill
+    # evicts those whose VMM died.
+    known = by_key.keys() | {m.hex[:12] for m in PoolMember.objects.values_list("pk", flat=True)}
+    report = scanner.scan(root, known_ids=known) if root.is_dir() else scanner.ReconcileReport()
     counts = {"orphans": len(report.orphans), "crashed": 0, "settled": 0, "requeued": 0, "stray": 0}
     if report.orphans:
         scanner.teardown_orphans(report.orphans)

@@ -58,6 +58,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.expire_lifetimes",
         "vms.tasks.pause_idle_vms",
         "vms.tasks.reconcile",
+        "vms.tasks.refill_pools",
         "vms.tasks.rollup_usage",
         "vms.tasks.run_request",
         "vms.tasks.sample_usage",

@@ -5,7 +5,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 
 from __future__ import annotations
 
-from vms import idle, lifetimes, retention, usage, vmnet, worker
+from vms import idle, lifetimes, pools, retention, usage, vmnet, worker
 from vms import reconcile as reconciler
 
 
@@ -58,3 +58,8 @@ def expire_lifetimes() -> int:
 def pause_idle_vms() -> int:
     """Pause the VMs whose idle policy has run out (``vms.idle``; a tick enqueues it)."""
     return idle.pause_idle_vms()
+
+
+def refill_pools(delay_s: float = 0.0) -> dict[str, int]:
+    """Bring this host's warm pools to their targets (``vms.pools``)."""
+    return pools.refill(delay_s)

@@ -34,6 +34,7 @@ from vms import (
     live,
     netevidence,
     policy,
+    pools,
     preview_views,
     quotas,
     rightsizing,
@@ -283,7 +284,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         d = form.cleaned_data
         try:
-            result = commands.create(
+            result = pools.create(
                 caller,
                 name=d["name"],
                 template=d["template"],

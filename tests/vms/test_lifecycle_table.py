@@ -33,6 +33,7 @@ from vms import (
     network_api,
     network_views,
     policy,
+    pool_api,
     preview_api,
     preview_views,
     projectors,
@@ -44,7 +45,7 @@ from vms import (
 from vms.models import VMState
 
 ROOT = Path(__file__).resolve().parents[2]
-VM_AGGREGATES = ("vm", "snapshot", "network")
+VM_AGGREGATES = ("vm", "snapshot", "network", "pool")
 READS = {"list", "retrieve", "events"}
 
 # The VM domain's event types as recorded logs hold them: name, aggregate, schema version and
@@ -54,6 +55,11 @@ RECORDED = {
     "net.egress_policy_changed": ("vm", 1, "change"),
     "net.egress_refused": ("vm", 1, "monitoring"),
     "net.network_created": ("network", 1, "change"),
+    "pool.target_set": ("pool", 1, "change"),
+    "pool.vm_evicted": ("pool", 1, "operations"),
+    "pool.vm_handed_out": ("pool", 1, "operations"),
+    "pool.vm_warmed": ("pool", 1, "operations"),
+    "pool.vm_warming": ("pool", 1, "operations"),
     "net.network_deleted": ("network", 1, "change"),
     "net.network_updated": ("network", 1, "change"),
     "net.ip_leased": ("vm", 1, "change"),
@@ -141,7 +147,9 @@ def test_readers_of_the_catalogue_see_the_vm_types() -> None:
     mapping, derived from the catalogue when their modules are imported, hold the VM types."""
     names = {t.name for t in lifecycle.event_types()}
     assert names <= ActivityProjector.event_types
-    assert names <= projectors.VMProjector.event_types
+    pool_types = {t.name for t in lifecycle.POOL_EVENTS}
+    assert names - pool_types <= projectors.VMProjector.event_types
+    assert pool_types == projectors.PoolProjector.event_types
     assert {"vm.started", "vm.destroy_requested"} <= compliance.CHANGES
 
 
@@ -349,7 +357,8 @@ def test_no_module_of_the_vm_domain_checks_ownership_itself() -> None:
 # --- Every route of the product: what changes a VM is a verb of the table -----------------------
 
 # The functions through which a view changes a VM: the VM commands and guest access.
-CHANGING_MODULES = ("vms.commands", "vms.guest")
+# vms.pools: a create served from a warm pool (vms.commands.create underneath).
+CHANGING_MODULES = ("vms.commands", "vms.guest", "vms.pools")
 
 
 def _routes() -> list[tuple[str, Any]]:
@@ -444,6 +453,10 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         api.GroupQuotaView: frozenset(),
         api.GroupBudgetView: frozenset(),
         inspect.unwrap(quota_views.quota_admin): frozenset(),
+        # Warm pool targets (vms.commands.set_pool_target): an admin's setting; pool members are
+        # no VMs until a create (the table's) hands one out.
+        pool_api.PoolTargetView: frozenset(),
+        pool_api.PoolsView: frozenset(),  # reads them (vms.pools.report)
     }
 
 

@@ -318,6 +318,10 @@ class AgentClient:
         )
         self._reader.start()
 
+    def connect(self, timeout: float) -> None:
+        """Connect now (``hello`` does when needed): to be connected before the guest runs."""
+        self._connect(time.monotonic() + timeout)
+
     def _connect(self, deadline: float) -> None:
         """(Re)connect through the connect function, retrying until ``deadline``."""
         with self._conn_lock:

@@ -45,6 +45,7 @@ __all__ = [
     "forget_snapshot",
     "forget_vm",
     "give_fresh",
+    "keep_fresh",
     "keep_for_snapshot",
     "new_credential",
     "reencrypt_all",
@@ -209,6 +210,16 @@ def take_over(
     with client:
         client.hello(timeout=timeout, interval=0.05)
         give_fresh(vm, client, reason, request=request)
+
+
+def keep_fresh(vm_id: object, client: AgentClient) -> str:
+    """Hand the guest behind ``client`` (presenting its current credential) a fresh one of
+    ``vm_id``'s and keep it; the key id. The caller holds the transaction and records the
+    rotation (a pool hand-out: ``vms.pools``, in the same append as the VM's start)."""
+    new = new_credential()
+    key_id = _put(_vm_holder(vm_id), new)
+    client.rotate(new)
+    return key_id
 
 
 def reencrypt_all() -> int:

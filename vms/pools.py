@@ -1,0 +1,427 @@
+"""Warm pools: VMs restored from a template's saved state and kept ready, so that a create is a
+hand-out (about a tenth of a second) instead of a restore or a boot.
+
+A member (``PoolMember``) is a VMM with no owner, warmed on its host by the worker (``refill``):
+``pool.vm_warming`` counts it from the start against the system's pool budget
+(``SANDBOX_POOL_BUDGET_MIB``, never a user's quota), the template's saved guest is restored
+(``TemplateCache.start`` with no fallback), its agent gets a credential of the member's own
+(the template's is refused from then on), it is paused (unless ``SANDBOX_POOL_RUNNING``) and
+``pool.vm_warmed`` makes it ready. Its id is the id of the VM it will become: its runtime
+directory, data disk and credential are already that VM's.
+
+A create that a member can serve (``commands.create(from_pool=True)``: a started VM of its
+template's own shape, without file secrets, on a host where it gets no NIC) takes the oldest
+ready member of this host in its own transaction (``pool.vm_handed_out`` with ``vm.created``
+and the start request: the VM exists, owned and named, and the member is gone from the pool,
+so no second create can have it). ``finish_handout`` then, in the web process and under the
+VM's host lock: resumes it (QMP ``cont``), gives it its identity (hostname and clock, one
+agent request), rotates its credential to a fresh one of the VM's (in the same connection) and
+appends ``vm.agent_credential_rotated`` and ``vm.started`` (``from_pool``, with the timings)
+in one append. When anything fails, the VMM goes, ``pool.vm_evicted`` says why, and the start
+request is enqueued for the worker, the ordinary way (a template restore). A VM handed out never
+returns to a pool.
+
+The refill runs after every hand-out (on commit), after a target change, and from a tick of the
+worker's main process; one at a time per host (a file lock). It evicts what no longer belongs
+(members of an older image, a disabled or changed template, over the target, a dead VMM, one
+left warming by a refill that died), then warms members until each template is at its target or
+the budget is full.
+
+Not yet: members with NICs. A host with networking on keeps no pools (a member would need its
+own address lease, TAP and rules before its VM exists); there every create restores as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+
+from accounts.caller import Caller
+from vms import commands, enqueue, guest, runtime, vmnet, worker
+from vms.agent import credentials
+from vms.agent.client import AgentClient
+from vms.images import current_image_id, make_data_disk
+from vms.models import PoolMember, Template, VirtualMachine
+
+__all__ = [
+    "create",
+    "finish_handout",
+    "poolable_here",
+    "refill",
+    "report",
+    "tick",
+]
+
+log = logging.getLogger("sandbox.vms.pools")
+
+HANDOUT_LOCK_WAIT_S = 5.0
+HANDOUT_AGENT_TIMEOUT_S = 5.0
+# After a hand-out the refill waits this long: the new VM's first commands (on 2 cores under TCG)
+# go before the refill's restore takes a core. The pool is one short meanwhile.
+REFILL_AFTER_HANDOUT_S = 1.0
+REFILL_DELAY_MAX_S = 10.0
+# Commands a warm runs in the member before pausing it (see ``warm_one``).
+WARM_EXECS = 2
+# While a refill just enqueued may still be waiting for a worker, the tick enqueues no other.
+_TICK_EVERY_S = 10
+_enqueued_at: datetime | None = None
+
+
+# --- Hand-out (the web process) ---------------------------------------------------------------
+
+
+def poolable_here() -> bool:
+    """Whether creates on this host may be served from a pool: only where VMs get no NIC."""
+    return vmnet.host() is None
+
+
+def create(caller: Caller, **fields: Any) -> commands.Accepted:
+    """``commands.create``, served from a warm pool when one can: the API's and the dashboard's
+    create. A hand-out answers with the VM running (``Accepted.pooled`` set); otherwise the
+    start is queued as always."""
+    accepted = commands.create(caller, from_pool=poolable_here(), **fields)
+    if accepted.pooled is not None and not finish_handout(accepted):
+        return commands.Accepted(accepted.vm_id, accepted.request)
+    return accepted
+
+
+def _stand_in(
+    member_id: uuid.UUID,
+    *,
+    template: str,
+    vcpus: int,
+    memory_mib: int,
+    disk_mib: int,
+    boot: str = "linux",
+    image: str = "linux",
+    hostname: str = "",
+) -> VirtualMachine:
+    """An unsaved VM of the member's id and shape: what ``runtime`` and ``credentials`` take
+    (never saved: the member is no VM until it is handed out)."""
+    return VirtualMachine(
+        id=member_id,
+        name=hostname or f"pool-{member_id.hex[:8]}",
+        template=template,
+        boot=boot,
+        image=image,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        disk_mib=disk_mib,
+        hostname=hostname or f"pool-{member_id.hex[:8]}",
+    )
+
+
+def finish_handout(accepted: commands.Accepted) -> bool:
+    """Resume the member handed out to ``accepted``'s create as its VM, give it its identity
+    and a credential of its own, and record it started. False (the VMM gone, the member's
+    eviction recorded, the start request enqueued for the worker) when anything failed."""
+    member = accepted.pooled
+    assert member is not None
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
+    request = accepted.request
+    hostname = accepted.hostname
+    try:
+        with worker.vm_host_lock(accepted.vm_id, wait_s=HANDOUT_LOCK_WAIT_S):
+            timings["lock_ms"] = _ms(t0)
+            client = AgentClient.from_hypervisor(
+                hv,
+                rt,
+                connect_timeout=HANDOUT_AGENT_TIMEOUT_S,
+                timeout=HANDOUT_AGENT_TIMEOUT_S,
+                credential=credentials.for_vm(accepted.vm_id),
+            )
+            try:
+                # Connected before the guest runs: it sees a host at once (``warm_one``).
+                client.connect(HANDOUT_AGENT_TIMEOUT_S)
+                timings["connect_ms"] = _ms(t0)
+                if member.paused:
+                    hv.resume(rt)
+                timings["resume_ms"] = _ms(t0)
+                client.hello(timeout=HANDOUT_AGENT_TIMEOUT_S, interval=0.02)
+                timings["hello_ms"] = _ms(t0)
+                client.configure(time=time.time(), hostname=hostname)
+                timings["configure_ms"] = _ms(t0)
+                with transaction.atomic():
+                    key_id = credentials.keep_fresh(accepted.vm_id, client)
+                    timings["rotate_ms"] = _ms(t0)
+                    data = {
+                        "host": member.host,
+                        "hypervisor": hv.name,
+                        "pid": rt.pid(),
+                        "from_template": True,
+                        "from_pool": True,
+                        "image_id": member.image_id,
+                        "seconds": round(time.perf_counter() - t0, 4),
+                        "handout_ms": {k: round(v, 2) for k, v in timings.items()},
+                    }
+                    outcome = commands.record_handout(request, key_id, data)
+                    if outcome is commands.SUPERSEDED:
+                        # A destroy came first: the VM must not run; nothing was recorded.
+                        raise _Superseded()
+            except BaseException:
+                client.close()
+                raise
+        # Its first session in this process (an exec, mostly) needs no new connection.
+        guest.park(accepted.vm_id, client)
+    except _Superseded:
+        _teardown(accepted.vm_id)
+        return True  # the destroy's request is the VM's now; the worker carries it out
+    except Exception as exc:
+        log.warning("hand-out of pool member %s failed: %s", accepted.vm_id, exc)
+        _teardown(accepted.vm_id)
+        with contextlib.suppress(Exception):
+            commands.record_pool_evicted(
+                accepted.vm_id,
+                f"hand-out failed: {exc}; the VM starts from its template",
+                handed_out_vm=accepted.vm_id,
+            )
+        enqueue.request(request.event_id)
+        enqueue.pool_refill()
+        return False
+    enqueue.pool_refill(REFILL_AFTER_HANDOUT_S)
+    return True
+
+
+class _Superseded(Exception):
+    pass
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000
+
+
+def _teardown(member_id: uuid.UUID) -> None:
+    """The member's VMM, disk and credential go (whatever became of each)."""
+    with worker.vm_host_lock(member_id, required=False, wait_s=30.0):
+        with contextlib.suppress(Exception):
+            runtime.hypervisor().destroy(runtime.runtime_dir(member_id))
+        shutil.rmtree(runtime.vm_data_dir(member_id), ignore_errors=True)
+        credentials.forget_vm(member_id)
+
+
+# --- Refill (the worker) ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _refill_lock() -> Iterator[bool]:
+    path = Path(settings.SANDBOX_RUNTIME_DIR) / "pool-refill.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _evict(member: PoolMember, reason: str) -> bool:
+    """Out of the pool first (so no create takes it), then its VMM goes."""
+    if commands.record_pool_evicted(member.pk, reason) is None:
+        return False
+    _teardown(member.pk)
+    return True
+
+
+def _stale_reason(member: PoolMember, templates: dict[str, Template], image_id: str) -> str:
+    tpl = templates.get(member.template)
+    if tpl is None or not tpl.enabled:
+        return "template disabled or removed"
+    if (tpl.vcpus, tpl.memory_mib, tpl.disk_mib) != (
+        member.vcpus,
+        member.memory_mib,
+        member.disk_mib,
+    ):
+        return "template shape changed"
+    if member.image_id != image_id:
+        return "guest image changed"
+    return ""
+
+
+def refill(delay_s: float = 0.0) -> dict[str, int]:
+    """Evict this host's members that no longer belong, then warm members up to each
+    template's target within the budget. Returns counts (``busy``: another refill runs).
+    ``delay_s``: wait first (capped at ``REFILL_DELAY_MAX_S``)."""
+    counts = {"evicted": 0, "warmed": 0, "failed": 0, "busy": 0}
+    if delay_s > 0:
+        time.sleep(min(float(delay_s), REFILL_DELAY_MAX_S))
+    with _refill_lock() as held:
+        if not held:
+            counts["busy"] = 1
+            return counts
+        host = runtime.host_name()
+        hv = runtime.hypervisor()
+        try:
+            image_id = current_image_id()
+        except Exception as exc:
+            log.warning("pools: no guest image: %s", exc)
+            image_id = ""
+        templates = {t.name: t for t in Template.objects.all()}
+        targets = commands.pool_targets() if poolable_here() else {}
+        mine = list(PoolMember.objects.filter(host=host).order_by("-created_at"))
+        kept: dict[str, int] = {}
+        for member in mine:
+            if member.state == PoolMember.State.WARMING:
+                # Under the refill lock no warm of this host is under way: left by one that died.
+                reason = "left warming by a refill that stopped"
+            elif not hv.is_alive(runtime.runtime_dir(member.pk)):
+                reason = "its VMM is gone"
+            else:
+                reason = _stale_reason(member, templates, image_id)
+            if not reason and kept.get(member.template, 0) >= targets.get(member.template, 0):
+                reason = "over the target"  # the newest go first
+            if reason:
+                counts["evicted"] += _evict(member, reason)
+            else:
+                kept[member.template] = kept.get(member.template, 0) + 1
+        if not image_id:
+            return counts
+        for name, target in sorted(targets.items()):
+            tpl = templates.get(name)
+            if tpl is None or not tpl.enabled or tpl.boot != "linux" or tpl.image != "linux":
+                continue
+            failures = 0
+            while kept.get(name, 0) < target and failures < 2:
+                outcome = warm_one(tpl, host, image_id)
+                if outcome is None:
+                    break  # at the target or out of budget
+                if outcome:
+                    kept[name] = kept.get(name, 0) + 1
+                    counts["warmed"] += 1
+                else:
+                    failures += 1
+                    counts["failed"] += 1
+    return counts
+
+
+def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
+    """Warm one member of ``tpl``'s pool: True when ready, False when it failed (evicted with
+    the reason), None when the pool is at its target or the budget is full."""
+    member_id = commands.record_pool_warming(tpl, host, image_id)
+    if member_id is None:
+        return None
+    t0 = time.monotonic()
+    vm = _stand_in(
+        member_id,
+        template=tpl.name,
+        vcpus=tpl.vcpus,
+        memory_mib=tpl.memory_mib,
+        disk_mib=tpl.disk_mib,
+        boot=tpl.boot,
+        image=tpl.image,
+    )
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(member_id)
+    running = bool(settings.SANDBOX_POOL_RUNNING)
+    try:
+        with worker.vm_host_lock(member_id):
+            rt.create()
+            disk = runtime.vm_data_dir(member_id) / "data.img"
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            make_data_disk(disk, tpl.disk_mib)
+            spec = runtime.build_spec(vm)
+            runtime.record_launched_image(rt, spec)
+            cache = hv.template_cache(worker.TEMPLATE_HOOKS)
+            if cache is None:
+                raise RuntimeError("this hypervisor has no saved-state templates")
+            result = cache.start(spec, rt, fallback=False)
+            if result.guest_secret is None:
+                raise RuntimeError("the template keeps no credential for its guest")
+            # A credential of the member's own (kept under its VM's id): the template's is
+            # refused from now on. No VM event: the member is no VM yet (pool.vm_warmed
+            # records the key id).
+            client = AgentClient.from_hypervisor(
+                hv, rt, credential=result.guest_secret, timeout=30.0
+            )
+            with client:
+                client.hello(timeout=30.0, interval=0.05)
+                with transaction.atomic():
+                    key_id = credentials.keep_fresh(member_id, client)
+                # Under TCG a restored VMM starts with an empty translation cache: the guest's
+                # first exec and configure would be translated on the user's time. Done here,
+                # the cache (kept while paused) already holds them.
+                for _ in range(WARM_EXECS):
+                    client.exec(["true"], timeout=30.0)
+                client.configure(time=time.time(), hostname=vm.hostname)
+                if not running:
+                    # Paused while a host is still connected: its agent waits in read(), not
+                    # in its 100 ms poll for a host, so a hand-out that connects before it
+                    # resumes is answered at once.
+                    hv.pause(rt)
+        commands.record_pool_warmed(
+            member_id,
+            {
+                "seconds": round(time.monotonic() - t0, 3),
+                "paused": not running,
+                "pid": result.pid,
+                "image_id": spec.extra.get("image_id", image_id),
+                "key_id": key_id,
+                "ready": PoolMember.objects.filter(
+                    template=tpl.name, host=host, state=PoolMember.State.READY
+                ).count()
+                + 1,
+            },
+        )
+    except Exception as exc:
+        log.warning("warming a member of pool %s failed: %s", tpl.name, exc)
+        with contextlib.suppress(Exception):
+            commands.record_pool_evicted(member_id, f"warm failed: {exc}")
+        _teardown(member_id)
+        return False
+    return True
+
+
+# --- Reports and the tick ---------------------------------------------------------------------
+
+
+def report() -> dict[str, Any]:
+    """Per template: target, ready and warming members (all hosts), and the budget."""
+    targets = commands.pool_targets()
+    names = set(targets) | set(PoolMember.objects.values_list("template", flat=True))
+    pools = []
+    for name in sorted(names):
+        members = PoolMember.objects.filter(template=name)
+        pools.append(
+            {
+                "template": name,
+                "target": targets.get(name, 0),
+                "ready": members.filter(state=PoolMember.State.READY).count(),
+                "warming": members.filter(state=PoolMember.State.WARMING).count(),
+                "memory_mib": sum(members.values_list("memory_mib", flat=True)),
+            }
+        )
+    return {
+        "pools": pools,
+        "budget_mib": settings.SANDBOX_POOL_BUDGET_MIB,
+        "used_mib": commands.pool_memory_used(),
+        "running": bool(settings.SANDBOX_POOL_RUNNING),
+        "serves_creates_here": poolable_here(),
+    }
+
+
+def tick(now: datetime) -> None:
+    """``core.ticks``: enqueue a refill every ``_TICK_EVERY_S`` while any template has a
+    target or this host has members (a crashed member, a changed image are found so)."""
+    global _enqueued_at
+    if _enqueued_at is not None and now - _enqueued_at < timedelta(seconds=_TICK_EVERY_S):
+        return
+    _enqueued_at = now
+    if not any(commands.pool_targets().values()) and not PoolMember.objects.exists():
+        return
+    enqueue.pool_refill()
