@@ -17,6 +17,11 @@ Then, as a user would, with the token:
   ``cold_create_to_exec_p50_ms``.
 * ``bare_restore``: in this process, the driver's restore of the template's saved state plus
   the agent's first answer, no product around it (``bare_restore_s``, median).
+* ``idle``: a VM given a short idle policy, paused by the worker's tick, then an exec through the
+  API that resumes it (``idle_resume_exec_p50_ms``, with the running VM's exec as baseline;
+  bench/forkidle.py).
+* ``fork``: ``POST /api/v1/vms/{id}/fork/ {"count": 10}`` of a running VM until all 10 answered an
+  exec (``fork_10_s``; bench/forkidle.py).
 
 Each phase is one function of ``PHASES`` taking the run's context and answering its figures, so
 phases can be added. The last line of output is one JSON object with the figures.
@@ -260,12 +265,32 @@ def phase_bare_restore(run: Run) -> dict[str, Any]:
     return {"bare_restore_s": round(statistics.median(times), 3)}
 
 
+def phase_idle(run: Run) -> dict[str, Any]:
+    """Execs on a VM its idle policy paused (bench/forkidle.py), with the running baseline."""
+    import forkidle
+
+    return forkidle.idle_resume_exec_p50_ms(
+        f"http://127.0.0.1:{run.user.port}", run.user.token, samples=run.args.idle
+    )
+
+
+def phase_fork(run: Run) -> dict[str, Any]:
+    """A fork of 10 of a running VM, until all 10 answered an exec (bench/forkidle.py)."""
+    import forkidle
+
+    seconds = forkidle.fork_10_s(f"http://127.0.0.1:{run.user.port}", run.user.token, count=10)
+    return {"fork_10_s": round(seconds, 2)} | {f"fork_{k}": v for k, v in forkidle.PHASES.items()}
+
+
 # Run in this order: the warm phase first (the pool the server filled at start), then cold
-# (it empties the pool), then the driver alone.
+# (it empties the pool), then the driver alone, then an idle VM's resume and a fork (with the
+# pool empty: its refills would compete for the two cores).
 PHASES: list[tuple[str, Callable[[Run], dict[str, Any]]]] = [
     ("warm", phase_warm),
     ("cold", phase_cold),
     ("bare_restore", phase_bare_restore),
+    ("idle", phase_idle),
+    ("fork", phase_fork),
 ]
 
 
@@ -295,6 +320,7 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=5, help="cold rounds")
     parser.add_argument("--warmup", type=int, default=1, help="warm rounds not counted")
     parser.add_argument("--bare", type=int, default=3, help="bare restores")
+    parser.add_argument("--idle", type=int, default=7, help="idle resumes timed")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds of quiet per round")
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument(
@@ -317,6 +343,8 @@ def main() -> None:
                 SANDBOX_LOG_LEVEL="WARNING",
                 SANDBOX_NETWORKING="off",  # pools serve hosts where VMs get no NIC (docs/vms.md)
                 SANDBOX_POOLS=f"{args.template}={args.pool}",
+                # A fork of 10 beside the rest: the host's CPU commitment allows it.
+                SANDBOX_CPU_OVERCOMMIT="32",
                 DJANGO_SETTINGS_MODULE="sandbox_site.settings",
             )
             os.environ.update(env)
