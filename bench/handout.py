@@ -167,6 +167,18 @@ def member_rss_mib(run: Run) -> float:
     return round(statistics.median(sizes), 1) if sizes else 0.0
 
 
+def handout_steps() -> dict[str, float]:
+    """The medians of the hand-outs' step times, as their vm.started events record them (ms
+    since the hand-out began, cumulative: lock, connect, resume, hello, configure, rotate)."""
+    from audit.models import Event
+
+    steps: dict[str, list[float]] = {}
+    for event in Event.objects.filter(type="vm.started"):
+        for step, ms in (event.payload.get("handout_ms") or {}).items():
+            steps.setdefault(step, []).append(ms)
+    return {step: round(statistics.median(v), 1) for step, v in steps.items()}
+
+
 def phase_warm(run: Run) -> dict[str, Any]:
     target = run.args.pool
     totals, creates, fallbacks = [], [], 0
@@ -195,6 +207,7 @@ def phase_warm(run: Run) -> dict[str, Any]:
         "warm_first_exec_p50_ms": round(
             statistics.median(t - c for t, c in zip(totals, creates, strict=True)), 1
         ),
+        "warm_handout_steps_p50_ms": handout_steps(),
         "pool_running": os.environ.get("SANDBOX_POOL_RUNNING", "") not in ("", "0", "false"),
         "pool_member_rss_mib": rss,
     }
