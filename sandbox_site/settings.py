@@ -397,7 +397,10 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Create, run, snapshot and audit hardware-isolated microVM sandboxes.",
     "VERSION": "1.0.0",
     # One name for the egress policies (a VM's egress, a network's default_egress).
-    "ENUM_NAME_OVERRIDES": {"EgressEnum": "vms.models.EGRESS_CHOICES"},
+    "ENUM_NAME_OVERRIDES": {
+        "EgressEnum": "vms.models.EGRESS_CHOICES",
+        "PriorityEnum": "vms.models.PRIORITY_CHOICES",
+    },
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -503,6 +506,46 @@ if SANDBOX_CPU_OVERCOMMIT <= 0 or SANDBOX_MEMORY_OVERCOMMIT <= 0:
     raise ImproperlyConfigured("SANDBOX_CPU_OVERCOMMIT and SANDBOX_MEMORY_OVERCOMMIT must be > 0")
 if SANDBOX_HOST_RESERVED_MEMORY_MIB < 0:
     raise ImproperlyConfigured("SANDBOX_HOST_RESERVED_MEMORY_MIB must be >= 0")
+# Host pressure (vms.pressure, docs/resources.md "Priorities under pressure"): the control loop
+# looks every SANDBOX_PRESSURE_PERIOD_S. The host is under memory pressure when MemAvailable is
+# below SANDBOX_PRESSURE_MEM_AVAILABLE_MIB or memory PSI "some avg10" is above
+# SANDBOX_PRESSURE_MEM_PSI (where the kernel has /proc/pressure); it is calm again when both are
+# past their release values (hysteresis). A balloon takes SANDBOX_PRESSURE_BALLOON_FRACTION of a
+# VM's memory, leaving it at least SANDBOX_PRESSURE_MIN_GUEST_MIB, and stays at least
+# SANDBOX_PRESSURE_HOLD_S; pressure that outlasts the low-priority VMs' balloons by
+# SANDBOX_PRESSURE_ESCALATE_S reaches normal-priority VMs. High-priority VMs are never ballooned.
+SANDBOX_PRESSURE_ENABLED = env_bool("SANDBOX_PRESSURE_ENABLED", True)
+SANDBOX_PRESSURE_PERIOD_S = env_float("SANDBOX_PRESSURE_PERIOD_S", 2.0)
+SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = env_int("SANDBOX_PRESSURE_MEM_AVAILABLE_MIB", 1024)
+SANDBOX_PRESSURE_MEM_PSI = env_float("SANDBOX_PRESSURE_MEM_PSI", 10.0)
+SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = env_int("SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB", 2048)
+SANDBOX_PRESSURE_RELEASE_PSI = env_float("SANDBOX_PRESSURE_RELEASE_PSI", 1.0)
+SANDBOX_PRESSURE_BALLOON_FRACTION = env_float("SANDBOX_PRESSURE_BALLOON_FRACTION", 0.5)
+SANDBOX_PRESSURE_MIN_GUEST_MIB = env_int("SANDBOX_PRESSURE_MIN_GUEST_MIB", 128)
+SANDBOX_PRESSURE_HOLD_S = env_float("SANDBOX_PRESSURE_HOLD_S", 60.0)
+SANDBOX_PRESSURE_ESCALATE_S = env_float("SANDBOX_PRESSURE_ESCALATE_S", 30.0)
+# CPU pressure: PSI "some avg10" of /proc/pressure/cpu above SANDBOX_PRESSURE_CPU_PSI lowers the
+# CPU weight of low-priority VMs' VMM cgroups to SANDBOX_PRESSURE_CPU_WEIGHT (cgroup v2 scale; a
+# VM's own is 100 per vCPU); at or below SANDBOX_PRESSURE_RELEASE_CPU_PSI it is set back.
+SANDBOX_PRESSURE_CPU_PSI = env_float("SANDBOX_PRESSURE_CPU_PSI", 50.0)
+SANDBOX_PRESSURE_RELEASE_CPU_PSI = env_float("SANDBOX_PRESSURE_RELEASE_CPU_PSI", 20.0)
+SANDBOX_PRESSURE_CPU_WEIGHT = env_int("SANDBOX_PRESSURE_CPU_WEIGHT", 10)
+if not 1 <= SANDBOX_PRESSURE_CPU_WEIGHT <= 10000:
+    raise ImproperlyConfigured("SANDBOX_PRESSURE_CPU_WEIGHT must be 1 to 10000")
+if not 0 < SANDBOX_PRESSURE_BALLOON_FRACTION < 1:
+    raise ImproperlyConfigured("SANDBOX_PRESSURE_BALLOON_FRACTION must be between 0 and 1")
+if SANDBOX_PRESSURE_PERIOD_S <= 0 or SANDBOX_PRESSURE_MIN_GUEST_MIB < 64:
+    raise ImproperlyConfigured(
+        "SANDBOX_PRESSURE_PERIOD_S must be > 0 and SANDBOX_PRESSURE_MIN_GUEST_MIB >= 64"
+    )
+if (
+    SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB < SANDBOX_PRESSURE_MEM_AVAILABLE_MIB
+    or SANDBOX_PRESSURE_RELEASE_PSI > SANDBOX_PRESSURE_MEM_PSI
+    or SANDBOX_PRESSURE_RELEASE_CPU_PSI > SANDBOX_PRESSURE_CPU_PSI
+):
+    raise ImproperlyConfigured(
+        "the pressure release values must be past the pressure thresholds (hysteresis)"
+    )
 SANDBOX_DEFAULT_QUOTA = {
     "vms": env_int("SANDBOX_QUOTA_VMS", 10),
     "vcpus": env_int("SANDBOX_QUOTA_VCPUS", 16),

@@ -44,7 +44,7 @@ from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
 from secretstore import guests
 from vms import commands, guest, lifecycle, policy, pools, quotas
-from vms.models import RequestOutcome, Snapshot, Template, VirtualMachine
+from vms.models import PRIORITY_CHOICES, RequestOutcome, Snapshot, Template, VirtualMachine
 from vms.representation import (
     SNAPSHOT_BRIEF_FIELDS,
     SNAPSHOT_FIELDS,
@@ -154,6 +154,30 @@ class VMCreateSerializer(serializers.Serializer):
             "says which); 0: none; default: its template's"
         ),
     )
+    priority = serializers.ChoiceField(
+        choices=PRIORITY_CHOICES,
+        required=False,
+        help_text="who gives way first under host pressure (low first; high never); "
+        "default: its template's",
+    )
+    pressure_opt_out = serializers.BooleanField(
+        required=False,
+        default=None,
+        allow_null=True,
+        help_text="true: never ballooned under host pressure; default: its template's",
+    )
+
+
+class PrioritySerializer(serializers.Serializer):
+    priority = serializers.ChoiceField(choices=PRIORITY_CHOICES, required=False)
+    pressure_opt_out = serializers.BooleanField(required=False, default=None, allow_null=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("priority") is None and attrs.get("pressure_opt_out") is None:
+            raise serializers.ValidationError(
+                {"priority": "give priority, pressure_opt_out or both"}
+            )
+        return attrs
 
 
 class LifetimeSerializer(serializers.Serializer):
@@ -490,6 +514,8 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             secrets=d.get("secrets"),
             budget=d.get("budget"),
             timeout_s=d.get("timeout_s"),
+            priority=d.get("priority"),
+            pressure_opt_out=d.get("pressure_opt_out"),
         )
         # 201 also for a start served from a warm pool: the VM answers running.
         done = not d["start"] or result.pooled is not None
@@ -574,6 +600,33 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
         s = LifetimeSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         event = commands.set_lifetime(self.caller(), vm, timeout_s=s.validated_data["timeout_s"])
+        return Response({**event.data, "event_position": event.position})
+
+    @extend_schema(
+        request=PrioritySerializer,
+        responses=inline_serializer(
+            "PrioritySet",
+            {
+                "priority": serializers.CharField(),
+                "pressure_opt_out": serializers.BooleanField(),
+                "before": serializers.DictField(),
+                "event_position": serializers.IntegerField(),
+            },
+        ),
+    )
+    @action(detail=True, methods=["post"])
+    def priority(self, request: Request, pk: Any = None) -> Response:
+        """Change the VM's priority under host pressure (high, normal, low: low gives way
+        first, high never) and/or its opt-out (``pressure_opt_out``: never ballooned)."""
+        vm = self.target("set_priority")
+        s = PrioritySerializer(data=request.data)
+        s.is_valid(raise_exception=True)
+        event = commands.set_priority(
+            self.caller(),
+            vm,
+            priority=s.validated_data.get("priority"),
+            pressure_opt_out=s.validated_data.get("pressure_opt_out"),
+        )
         return Response({**event.data, "event_position": event.position})
 
     @extend_schema(request=None, responses={202: None})

@@ -42,6 +42,7 @@ class VmsConfig(AppConfig):
             lifetimes,
             metrics,
             pools,
+            pressure,
             recordings,  # noqa: F401
             templates_config,
             usage,
@@ -56,6 +57,8 @@ class VmsConfig(AppConfig):
         ticks.register("idle", idle.tick)
         # Warm pools kept at their targets (vms.pools; also refilled after each hand-out).
         ticks.register("pools", pools.tick)
+        # Host pressure: low-priority VMs ballooned first, memory given back when it passes.
+        ticks.register("pressure", pressure.tick)
 
         def ensure_default_network(sender: Any = None, **kwargs: Any) -> None:
             """The default network from the settings, once (net.network_created). Not under

@@ -105,6 +105,7 @@ __all__ = [
     "record_guest_outcome",
     "record_outcome",
     "record_outcome_if_pending",
+    "record_pressure_action",
     "record_progress",
     "record_snapshot_corrupted",
     "record_snapshot_created",
@@ -117,6 +118,7 @@ __all__ = [
     "set_egress",
     "set_lifetime",
     "set_pool_target",
+    "set_priority",
     "set_group_budget",
     "set_quota",
     "settle_interrupted_guest_request",
@@ -415,6 +417,8 @@ def _new_vm_events(
     counted: _Counted | None = None,
     vm_id: uuid.UUID | None = None,
     pool_template: str | None = None,
+    priority: str = "normal",
+    pressure_opt_out: bool = False,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent], PoolMember | None]:
     """Take the lock, check the name and the quotas, lease an address on ``network``, append
     vm.created, net.ip_leased and ``request`` (the type and data of the new VM's first request,
@@ -486,6 +490,9 @@ def _new_vm_events(
             "on_expiry": on_expiry,
             # Its idle policy (vms.idle): seconds without guest activity before it is paused.
             **({"idle_timeout_s": idle_timeout_s} if idle_timeout_s else {}),
+            # Who gives way first under host pressure (vms.pressure), and whether it never does.
+            "priority": priority,
+            "pressure_opt_out": pressure_opt_out,
             # Names, owners, versions and HMACs of the secrets it receives: never a value.
             **({"secrets": secrets} if secrets else {}),
             **({"from_pool": True} if member is not None else {}),
@@ -592,12 +599,16 @@ def create(
     budget: str | None = None,
     timeout_s: int | None = None,
     from_pool: bool = False,
+    priority: str | None = None,
+    pressure_opt_out: bool | None = None,
 ) -> Accepted:
     """A new VM from ``template``. ``from_pool``: the caller can finish a hand-out
     (``vms.pools.create``): a started VM of the template's own shape, with no file secrets, is
     then a ready warm pool member of this host when there is one (``Accepted.pooled``; its
     start request is not enqueued). ``timeout_s``: its lifetime in seconds (0: none; None: the
     template's, if it has one); at its end the system stops or destroys it (``vms.lifetimes``).
+    ``priority`` (high, normal, low) and ``pressure_opt_out``: how it fares under host pressure
+    (``vms.pressure``; None: the template's).
     ``secrets``: references to secrets of the caller's (or its
     groups') that the guest receives as variables of every exec or files written at every start
     (``secretstore.guests``); checked now, recorded by name, owner, version and HMAC.
@@ -612,6 +623,10 @@ def create(
     shape = (vcpus or tpl.vcpus, memory_mib or tpl.memory_mib, disk_mib or tpl.disk_mib)
     _validate_shape(*shape)
     lifetime, _ = _lifetime_for(tpl, timeout_s)
+    prio = validate_priority(tpl.priority if priority is None else priority)
+    opt_out = validate_opt_out(
+        tpl.pressure_opt_out if pressure_opt_out is None else pressure_opt_out
+    )
     poolable = (
         from_pool
         and start_now
@@ -635,6 +650,8 @@ def create(
         on_expiry=tpl.on_expiry,
         idle_timeout_s=tpl.idle_timeout_s,
         pool_template=tpl.name if poolable else None,
+        priority=prio,
+        pressure_opt_out=opt_out,
     )
     if not start_now:
         return Accepted(vm_id, events[0])
@@ -1405,6 +1422,83 @@ def request_activity_resume(
     # Claimed at once (as a worker claims): the reconciler settles it if this process dies.
     record_progress(event, "accepted", 5, claimed_by)
     return event
+
+
+# --- Host pressure (vms.pressure) --------------------------------------------------------------
+
+PRESSURE = Actor.system(channel="worker", name="pressure")
+PRIORITIES = ("high", "normal", "low")
+
+
+def validate_priority(priority: Any) -> str:
+    if priority not in PRIORITIES:
+        raise ValidationError({"priority": "one of high, normal, low"})
+    return str(priority)
+
+
+def validate_opt_out(opt_out: Any) -> bool:
+    if not isinstance(opt_out, bool):
+        raise ValidationError({"pressure_opt_out": "true or false"})
+    return opt_out
+
+
+@transaction.atomic
+def set_priority(
+    caller: Caller,
+    vm: VirtualMachine,
+    *,
+    priority: str | None = None,
+    pressure_opt_out: bool | None = None,
+) -> store.RecordedEvent:
+    """Change the VM's priority under host pressure and/or its opt-out (None: unchanged).
+    Appends vm.priority_set with both values and what they were; the control loop acts on them
+    at its next look (an opted-out VM's balloon is released)."""
+    row = lifecycle.verb("set_priority")
+    policy.require(caller, row.name, vm.owner_id)
+    if priority is None and pressure_opt_out is None:
+        raise ValidationError({"priority": "give priority, pressure_opt_out or both"})
+    if priority is not None:
+        priority = validate_priority(priority)
+    if pressure_opt_out is not None:
+        pressure_opt_out = validate_opt_out(pressure_opt_out)
+    store.lock()
+    fresh = _fresh(vm.pk)
+    if fresh.state not in row.allowed_from:
+        raise InvalidState(fresh, row.name, row.allowed_from)
+    return store.append(
+        "vm",
+        str(fresh.pk),
+        "vm.priority_set",
+        {
+            "priority": fresh.priority if priority is None else priority,
+            "pressure_opt_out": (
+                fresh.pressure_opt_out if pressure_opt_out is None else pressure_opt_out
+            ),
+            "before": {"priority": fresh.priority, "pressure_opt_out": fresh.pressure_opt_out},
+        },
+        actor=caller.actor,
+        expected_version=fresh.version,
+    )
+
+
+PRESSURE_EVENTS = frozenset(
+    {"vm.ballooned", "vm.balloon_released", "vm.cpu_lowered", "vm.cpu_restored"}
+)
+
+
+@transaction.atomic
+def record_pressure_action(
+    vm_id: uuid.UUID, event_type: str, data: dict[str, Any]
+) -> store.RecordedEvent:
+    """What the pressure loop did to a VM's balloon or CPU weight (done: this records it), with
+    the reason and the readings that made it; appended by the system, the VM's state unchanged."""
+    if event_type not in PRESSURE_EVENTS:
+        raise ValueError(f"not a pressure event: {event_type}")
+    store.lock()
+    fresh = _fresh(vm_id)
+    return store.append(
+        "vm", str(fresh.pk), event_type, data, actor=PRESSURE, expected_version=fresh.version
+    )
 
 
 def _bounded_counts(counts: dict[str, int] | None, limit: int) -> dict[str, Any]:

@@ -33,6 +33,12 @@ class CreateVMForm(forms.Form):
         help_text="stopped or destroyed (as its template says) this long after its creation; "
         "empty: the template's, 0: none",
     )
+    priority = forms.ChoiceField(
+        required=False,
+        choices=[("", "the template's"), ("high", "High"), ("normal", "Normal"), ("low", "Low")],
+        label="Priority under host pressure",
+        help_text="low gives memory back first when the host runs short; high never does",
+    )
     secrets = forms.CharField(
         required=False,
         widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),

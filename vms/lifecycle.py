@@ -42,6 +42,7 @@ from audit.catalogue import EventType
 
 __all__ = [
     "ALL_STATES",
+    "BALLOONABLE",
     "EVENT_STATES",
     "GONE",
     "HOLDS_HOST",
@@ -95,6 +96,9 @@ HOLDS_HOST = ALL_STATES - frozenset({"creating", "stopped", "crashed", "destroye
 # ... and of those, the states in which a VM not placed on a host yet (no VMM has run for it)
 # holds what it asked for: a failed first start left nothing running.
 HOLDS_UNPLACED = HOLDS_HOST - frozenset({"failed"})
+# The states in which the pressure loop may balloon a VM or give its memory back (vms.pressure):
+# its guest runs, so its balloon driver answers.
+BALLOONABLE = frozenset({"running"})
 # The events besides the verbs' outcomes that set a VM's state (the projector's, vms.projectors):
 # a new VM is stopped until its first start; the reconciler found its VMM dead.
 EVENT_STATES: dict[str, str] = {"vm.created": "stopped", "vm.crashed": "crashed"}
@@ -454,6 +458,16 @@ VERBS: tuple[Verb, ...] = (
         allowed_from=ALL_STATES - {GONE},
         api=ApiRoute("vms", "idle"),
     ),
+    # Its priority under host pressure and its opt-out (vms.pressure).
+    Verb(
+        name="set_priority",
+        kind="record",
+        permission=OPERATE,
+        description="The VM's priority under host pressure (high, normal, low) or opt-out changed.",
+        records=("vm.priority_set",),
+        allowed_from=ALL_STATES - {GONE},
+        api=ApiRoute("vms", "priority"),
+    ),
     Verb(
         name="console",
         kind="record",
@@ -568,6 +582,44 @@ OTHER_EVENTS: tuple[EventType, ...] = (
         "monitoring",
         "The reconciler found the VM's VMM dead.",
         evidence=frozenset({"crash"}),
+    ),
+    # Host pressure (vms.pressure): what the control loop did to a VM and the readings that made
+    # it. The VM's state does not move (a ballooned VM is still running).
+    EventType(
+        "vm.ballooned",
+        "vm",
+        1,
+        "monitoring",
+        "Under host pressure the VM's balloon took memory back (action, reason, the readings and "
+        "thresholds that caused it, before_mib, target_mib).",
+        not_evidence="a resource adjustment by the host, not an access or a change of the VM",
+    ),
+    EventType(
+        "vm.balloon_released",
+        "vm",
+        1,
+        "monitoring",
+        "The host's pressure passed (or the VM opted out) and its balloon gave the memory back "
+        "(reason, readings, before_mib, target_mib).",
+        not_evidence="a resource adjustment by the host, not an access or a change of the VM",
+    ),
+    EventType(
+        "vm.cpu_lowered",
+        "vm",
+        1,
+        "monitoring",
+        "Under host CPU pressure the CPU weight of the VM's VMM cgroup was lowered (action, "
+        "reason, the readings and thresholds that caused it, before, weight).",
+        not_evidence="a resource adjustment by the host, not an access or a change of the VM",
+    ),
+    EventType(
+        "vm.cpu_restored",
+        "vm",
+        1,
+        "monitoring",
+        "The host's CPU pressure passed (or the VM opted out) and the VM's CPU weight was set "
+        "back to its own (reason, readings, before, weight).",
+        not_evidence="a resource adjustment by the host, not an access or a change of the VM",
     ),
     EventType(
         "vm.recovered",
@@ -731,6 +783,12 @@ _RECORD_TYPES = {
         "change",
         "A VM's idle policy was set or cleared (idle_timeout_s: seconds without exec, file "
         "transfer or console input before the system pauses it, reason idle; null: never).",
+    ),
+    "vm.priority_set": (
+        "vm",
+        "change",
+        "A VM's priority under host pressure or its opt-out changed (priority, pressure_opt_out, "
+        "and what they were).",
     ),
     "snapshot.deleted": ("snapshot", "data", "A snapshot was deleted (by a user or retention)."),
     "net.port_forward_added": ("vm", "change", "A host port was forwarded to a VM."),

@@ -104,6 +104,10 @@ class Network(models.Model):
 ON_EXPIRY_CHOICES = [("stop", "Stop"), ("destroy", "Destroy")]
 
 
+# Who gives way first when the host runs short (vms.pressure): low, then normal; high never.
+PRIORITY_CHOICES = [("high", "High"), ("normal", "Normal"), ("low", "Low")]
+
+
 class Template(models.Model):
     """A VM shape offered to users: built in, from YAML (SANDBOX_TEMPLATES_FILE) or the admin."""
 
@@ -126,6 +130,9 @@ class Template(models.Model):
     # The idle policy of a VM made from it (vms.idle): paused after this many seconds without
     # exec, file transfer or console input; None: never.
     idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    # Its VMs' priority under host pressure, and whether they opt out of it (vms.pressure).
+    priority = models.CharField(max_length=8, choices=PRIORITY_CHOICES, default="normal")
+    pressure_opt_out = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["name"]
@@ -202,6 +209,17 @@ class VirtualMachine(models.Model):
     # its pause was the system's for idleness, so the next exec or file request resumes it.
     idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
     idle_paused = models.BooleanField(default=False)
+    # Host pressure (vms.pressure): its priority and opt-out (vm.created, vm.priority_set), and
+    # the memory its balloon leaves it while the host took some back (vm.ballooned; None: none,
+    # vm.balloon_released), since when.
+    priority = models.CharField(max_length=8, choices=PRIORITY_CHOICES, default="normal")
+    pressure_opt_out = models.BooleanField(default=False)
+    balloon_target_mib = models.PositiveIntegerField(null=True, blank=True)
+    ballooned_at = models.DateTimeField(null=True, blank=True)
+    # ... and the CPU weight its VMM's cgroup was lowered to under CPU pressure (vm.cpu_lowered;
+    # None: its own, vm.cpu_restored), since when.
+    cpu_weight = models.PositiveIntegerField(null=True, blank=True)
+    cpu_lowered_at = models.DateTimeField(null=True, blank=True)
     version = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField()

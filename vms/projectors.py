@@ -135,6 +135,8 @@ class VMProjector(Projector):
                     budget_group_id=data.get("budget_group_id"),
                     on_expiry=data.get("on_expiry", "stop"),
                     idle_timeout_s=data.get("idle_timeout_s"),
+                    priority=data.get("priority", "normal"),
+                    pressure_opt_out=bool(data.get("pressure_opt_out", False)),
                     created_at=at,
                     updated_at=at,
                     state_changed_at=at,
@@ -245,6 +247,19 @@ class VMProjector(Projector):
                     )
                     vm.ip = None
                     vm.expires_at = None  # a destroyed VM's lifetime has nothing left to end
+            elif e.type == "vm.priority_set":
+                vm.priority = data["priority"]
+                vm.pressure_opt_out = bool(data["pressure_opt_out"])
+            elif e.type == "vm.ballooned":
+                vm.balloon_target_mib = data["target_mib"]
+                vm.ballooned_at = at
+            elif e.type == "vm.balloon_released":
+                vm.balloon_target_mib = vm.ballooned_at = None
+            elif e.type == "vm.cpu_lowered":
+                vm.cpu_weight = data["weight"]
+                vm.cpu_lowered_at = at
+            elif e.type == "vm.cpu_restored":
+                vm.cpu_weight = vm.cpu_lowered_at = None
             elif e.type == "vm.lifetime_set":
                 ends = data.get("expires_at")
                 vm.expires_at = datetime.fromisoformat(ends) if ends else None
@@ -335,6 +350,12 @@ class VMProjector(Projector):
                     "on_expiry",
                     "idle_timeout_s",
                     "idle_paused",
+                    "priority",
+                    "pressure_opt_out",
+                    "balloon_target_mib",
+                    "ballooned_at",
+                    "cpu_weight",
+                    "cpu_lowered_at",
                     "version",
                     "updated_at",
                     "state_changed_at",
@@ -410,6 +431,10 @@ class VMProjector(Projector):
         if vm.state != state:
             vm.state = state
             vm.state_changed_at = at
+        if state not in lifecycle.HOLDS_HOST:
+            # Its VMM is gone, and its balloon and cgroup with it: the next start has all.
+            vm.balloon_target_mib = vm.ballooned_at = None
+            vm.cpu_weight = vm.cpu_lowered_at = None
 
     @staticmethod
     def _snapshot_event(

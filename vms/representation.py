@@ -62,6 +62,9 @@ _VM_FIELD_COLUMNS = {
     "on_expiry": "on_expiry",  # what that end does: stop or destroy
     "idle_timeout_s": "idle_timeout_s",  # its idle policy (None: none; docs/vms.md, Idle pause)
     "idle_paused": "idle_paused",  # paused by the system for idleness: the next use resumes it
+    "priority": "priority",  # under host pressure: high, normal, low (docs/resources.md)
+    "pressure_opt_out": "pressure_opt_out",
+    "balloon_target_mib": "balloon_target_mib",  # what its balloon leaves it (None: no balloon)
     "version": "version",
     "created_at": "created_at",
     "updated_at": "updated_at",
@@ -113,6 +116,9 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
         "on_expiry": v["on_expiry"],
         "idle_timeout_s": v["idle_timeout_s"],
         "idle_paused": v["idle_paused"],
+        "priority": v["priority"],
+        "pressure_opt_out": v["pressure_opt_out"],
+        "balloon_target_mib": v["balloon_target_mib"],
         "version": v["version"],
         "created_at": iso(v["created_at"]),
         "updated_at": iso(v["updated_at"]),

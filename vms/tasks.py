@@ -5,7 +5,7 @@ They are enqueued by name (``vms.enqueue``), so nothing below the worker imports
 
 from __future__ import annotations
 
-from vms import idle, lifetimes, pools, retention, usage, vmnet, worker
+from vms import idle, lifetimes, pools, pressure, retention, usage, vmnet, worker
 from vms import reconcile as reconciler
 
 
@@ -63,3 +63,8 @@ def pause_idle_vms() -> int:
 def refill_pools(delay_s: float = 0.0) -> dict[str, int]:
     """Bring this host's warm pools to their targets (``vms.pools``)."""
     return pools.refill(delay_s)
+
+
+def relieve_pressure() -> int:
+    """One pass of the host pressure loop (``vms.pressure``; a tick enqueues it)."""
+    return len(pressure.relieve())

@@ -12,6 +12,8 @@ YAML (``SANDBOX_TEMPLATES_FILE``)::
         timeout_s: 3600       # optional: its VMs' lifetime (docs/vms.md, "Lifetimes")
         on_expiry: stop       # optional: what the lifetime's end does, stop (default) or destroy
         idle_timeout_s: 600   # optional: paused after this long unused (docs/vms.md, "Idle pause")
+        priority: normal      # optional: under host pressure high, normal (default) or low
+        pressure_opt_out: false  # optional: true: its VMs are never ballooned
         secrets:              # optional: every VM made from it receives these (docs/security.md)
           - {name: REGISTRY_TOKEN, env: REGISTRY_TOKEN}
           - {name: deploy_key, file: /root/.ssh/id_ed25519}
@@ -83,6 +85,8 @@ FIELDS = (
     "timeout_s",
     "on_expiry",
     "idle_timeout_s",
+    "priority",
+    "pressure_opt_out",
 )
 
 
@@ -129,6 +133,14 @@ def load_yaml(path: str | Path) -> list[dict[str, Any]]:
             raise ImproperlyConfigured(
                 f"{path}: template {item['name']}: on_expiry must be stop or destroy"
             )
+        if item.get("priority", "normal") not in ("high", "normal", "low"):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: priority must be high, normal or low"
+            )
+        if not isinstance(item.get("pressure_opt_out", False), bool):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: pressure_opt_out must be true or false"
+            )
         try:
             item["secrets"] = guests.validate_refs(item.get("secrets"))
         except ValidationError as exc:
@@ -153,6 +165,8 @@ def sync_templates() -> None:
         values.setdefault("timeout_s", None)
         values.setdefault("on_expiry", "stop")
         values.setdefault("idle_timeout_s", None)
+        values.setdefault("priority", "normal")
+        values.setdefault("pressure_opt_out", False)
         Template.objects.update_or_create(name=spec["name"], defaults=values)
 
 

@@ -295,6 +295,7 @@ def vm_create(request: HttpRequest) -> HttpResponse:
                 secrets=d["secrets"],
                 budget=d.get("budget") or None,
                 timeout_s=d.get("timeout_s"),
+                priority=d.get("priority") or None,
             )
         except quotas.QuotaExceeded as exc:
             field = {"vcpus": "vcpus", "memory_mib": "memory_mib", "disk_mib": "disk_mib"}

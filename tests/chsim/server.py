@@ -566,6 +566,8 @@ class Vmm:
             # Shrinking with ACPI hotplug is accepted and takes effect only after a reboot.
         if "desired_balloon" in body and not cfg.get("balloon"):
             raise failed(action, "No balloon device")
+        if "desired_balloon" in body:
+            cfg["balloon"]["size"] = body["desired_balloon"]
 
     def op_vm_snapshot(self, body: dict[str, Any]) -> None:
         action = "Error snapshotting VM"

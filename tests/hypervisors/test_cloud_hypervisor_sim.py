@@ -421,6 +421,41 @@ def test_memory_resize_grows_in_128_mib_steps_and_never_shrinks(
         driver.resize(runtime, memory_mib=384)
 
 
+def test_the_balloon_takes_memory_back_through_vm_resize_and_gives_it_back(
+    driver: CloudHypervisor,
+    runtime: RuntimeDir,
+    make_spec: Callable[..., VMSpec],
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record = workdir / "requests.jsonl"
+    monkeypatch.setenv("CHSIM_RECORD", str(record))
+    driver.start(make_spec(memory_mib=256, max_memory_mib=None), runtime)
+    assert driver.balloon_mib(runtime) == 256
+    driver.balloon(runtime, 160)
+    assert driver.balloon_mib(runtime) == 160
+    driver.balloon(runtime, 256)
+    assert driver.balloon_mib(runtime) == 256
+    sent = [json.loads(line) for line in record.read_text().splitlines()]
+    create = next(r for r in sent if r["path"].endswith("/vm.create"))
+    assert json.loads(create["body"])["balloon"] == {
+        "size": 0,
+        "deflate_on_oom": False,
+        "free_page_reporting": False,
+    }
+    resizes = [json.loads(r["body"]) for r in sent if r["path"].endswith("/vm.resize")]
+    assert resizes == [{"desired_balloon": 96 << 20}, {"desired_balloon": 0}]
+
+
+def test_a_vm_without_a_balloon_device_says_so(
+    driver: CloudHypervisor, runtime: RuntimeDir, make_spec: Callable[..., VMSpec]
+) -> None:
+    driver.start(make_spec(max_memory_mib=None).replace(balloon=False), runtime)
+    assert driver.balloon_mib(runtime) is None
+    with pytest.raises(NotSupported, match="without a balloon device"):
+        driver.balloon(runtime, 128)
+
+
 def test_vcpu_resize_during_a_pending_removal_is_resize_busy(
     driver: CloudHypervisor,
     runtime: RuntimeDir,

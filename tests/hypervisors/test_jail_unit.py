@@ -211,6 +211,29 @@ def test_the_qemu_jail_follows_the_spec(tmp_path: Path) -> None:
     assert "/dev/kvm" in hv.jail_spec(by_name, runtime, "kvm").devices
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_running_vms_cpu_weight_is_changed_and_read_back(tmp_path: Path, version: int) -> None:
+    if version == 2:
+        (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+        (tmp_path / "sbx").mkdir()
+        (tmp_path / "sbx" / "cgroup.controllers").write_text("cpu memory pids\n")
+    else:
+        for controller in ("memory", "cpu", "pids"):
+            (tmp_path / controller).mkdir()
+    cgroups = jail.Cgroups(mount=tmp_path)
+    cgroups.setup(_spec(cgroup_parent="sbx", cpu_weight=100))
+    config = jail.JailConfig(mode="on", cgroup_parent="sbx")
+    assert jail.reweigh(config, "vm-200000", 10, cgroups) == 100
+    assert cgroups.cpu_weight("sbx", "vm-200000") == 10
+    where = "sbx/vm-200000/cpu.weight" if version == 2 else "cpu/sbx/vm-200000/cpu.shares"
+    assert (tmp_path / where).read_text() == ("10" if version == 2 else "102")
+    assert jail.reweigh(config, "vm-200000", 100, cgroups) == 10
+    with pytest.raises(jail.JailError, match="1..10000"):
+        cgroups.set_cpu_weight("sbx", "vm-200000", 0)
+    with pytest.raises(jail.JailError, match="no CPU cgroup"):
+        jail.reweigh(config, "vm-gone", 10, cgroups)
+
+
 def test_a_uid_taken_back_loses_the_cgroups_its_old_vm_left(tmp_path: Path) -> None:
     config = jail.JailConfig(
         mode="on",

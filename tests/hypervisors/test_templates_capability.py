@@ -83,6 +83,15 @@ class RecordingDriver:
     def resize(
         self, runtime: RuntimeDir, *, vcpus: int | None = None, memory_mib: int | None = None
     ) -> None: ...  # noqa: E501
+    def balloon(self, runtime: RuntimeDir, target_mib: int) -> None:
+        self.calls.append("balloon")
+
+    def balloon_mib(self, runtime: RuntimeDir) -> int | None:
+        return None
+
+    def set_cpu_weight(self, runtime: RuntimeDir, weight: int | None) -> int:
+        return 100
+
     def info(self, runtime: RuntimeDir) -> VMInfo:
         return VMInfo(VMState.RUNNING, 101)
 

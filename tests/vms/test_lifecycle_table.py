@@ -91,6 +91,11 @@ RECORDED = {
     "vm.preview_link_revoked": ("vm", 1, "access"),
     "vm.progress": ("vm", 1, "operations"),
     "vm.recovered": ("vm", 1, "monitoring"),
+    "vm.ballooned": ("vm", 1, "monitoring"),
+    "vm.balloon_released": ("vm", 1, "monitoring"),
+    "vm.cpu_lowered": ("vm", 1, "monitoring"),
+    "vm.cpu_restored": ("vm", 1, "monitoring"),
+    "vm.priority_set": ("vm", 1, "change"),
     **{
         name: ("vm", 1, "change")
         for verb, done in (

@@ -103,6 +103,10 @@ class VMSpec:
     disks: tuple[DiskSpec, ...] = ()
     nets: tuple[NetSpec, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    # A virtio-balloon device, so the host can take guest memory back under pressure
+    # (``Hypervisor.balloon``). A spec saved before balloons existed reads back without one,
+    # so its saved state restores under the command line it was saved with.
+    balloon: bool = True
 
     def replace(self, **changes: object) -> VMSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -259,6 +263,22 @@ class Hypervisor(Protocol):
         self, runtime: RuntimeDir, *, vcpus: int | None = None, memory_mib: int | None = None
     ) -> None:
         """Change vCPUs and/or memory of a running guest; ``NotSupported`` where impossible."""
+        ...
+
+    def balloon(self, runtime: RuntimeDir, target_mib: int) -> None:
+        """Set the guest's memory to ``target_mib`` through its virtio-balloon (at most its
+        boot memory: that gives everything back); ``NotSupported`` without a balloon device.
+        The guest's driver inflates or deflates towards it at its own pace."""
+        ...
+
+    def balloon_mib(self, runtime: RuntimeDir) -> int | None:
+        """The memory the guest has now, after its balloon (None: no balloon device)."""
+        ...
+
+    def set_cpu_weight(self, runtime: RuntimeDir, weight: int | None) -> int:
+        """Set the CPU weight of the VM's VMM cgroup (cgroup v2 scale, 1..10000; None: the one
+        it started with, from its vCPUs); returns the weight it had. ``NotSupported`` when the
+        VMM is not jailed (no cgroup of its own)."""
         ...
 
     def info(self, runtime: RuntimeDir) -> VMInfo: ...

@@ -169,6 +169,10 @@ def build_vm_config(spec: VMSpec, runtime: RuntimeDir, *, vsock_cid: int = 3) ->
         "vsock": {"cid": vsock_cid, "socket": str(runtime.agent_socket), "id": "vsock0"},
         "rng": {"src": "/dev/urandom"},
     }
+    if spec.balloon:
+        # Empty at boot; vm.resize's desired_balloon inflates it under host pressure
+        # (vms.pressure). No deflate_on_oom: what the host took, the guest does not take back.
+        config["balloon"] = {"size": 0, "deflate_on_oom": False, "free_page_reporting": False}
     if disks:
         config["disks"] = disks
     if nets:
@@ -414,7 +418,12 @@ class CloudHypervisor:
             except (jail.JailError, OSError) as exc:
                 raise HypervisorError(f"cannot jail cloud-hypervisor: {exc}") from exc
             launcher = [*jail.launcher_argv(jail_spec), "--"]
-            record = {"name": jail_spec.name, "uid": jail_spec.uid, "gid": jail_spec.gid}
+            record = {
+                "name": jail_spec.name,
+                "uid": jail_spec.uid,
+                "gid": jail_spec.gid,
+                "cpu_weight": jail_spec.cpu_weight,
+            }
         else:
             log.warning("%s (VM %s)", jail.OFF_WARNING, spec.vm_id)
         _write_record(runtime.root / JAIL_RECORD, record)
@@ -795,6 +804,46 @@ class CloudHypervisor:
                 f" (from {current // MiB} MiB)"
             )
         return {"desired_ram": target}
+
+    @staticmethod
+    def _balloon_state(info: dict[str, Any]) -> tuple[int, int] | None:
+        """(the guest's memory in bytes without its balloon, the balloon's size) or None."""
+        config = info.get("config", {})
+        balloon = config.get("balloon")
+        if not balloon:
+            return None
+        memory = config.get("memory", {})
+        actual = int(
+            info.get("memory_actual_size")
+            or int(memory.get("size", 0)) + int(memory.get("hotplugged_size") or 0)
+        )
+        return actual, int(balloon.get("size") or 0)
+
+    def balloon(self, runtime: RuntimeDir, target_mib: int) -> None:
+        if target_mib < 1:
+            raise HypervisorError(f"a balloon target must be positive, not {target_mib}")
+        api = self._live_api(runtime)
+        state = self._balloon_state(api.info())
+        if state is None:
+            raise NotSupported("this VM was started without a balloon device")
+        actual, _ = state
+        api.call("vm.resize", {"desired_balloon": max(0, actual - target_mib * MiB)})
+
+    def balloon_mib(self, runtime: RuntimeDir) -> int | None:
+        state = self._balloon_state(self._live_api(runtime).info())
+        if state is None:
+            return None
+        actual, size = state
+        return max(0, actual - size) // MiB
+
+    def set_cpu_weight(self, runtime: RuntimeDir, weight: int | None) -> int:
+        record = _read_record(runtime.root / JAIL_RECORD)
+        if not record or not self.is_alive(runtime):
+            raise NotSupported("this VMM is not jailed: it has no cgroup of its own")
+        try:
+            return jail.reweigh(self.jail, record["name"], weight or record.get("cpu_weight", 100))
+        except jail.JailError as exc:
+            raise HypervisorError(str(exc)) from exc
 
     def info(self, runtime: RuntimeDir) -> VMInfo:
         pid = runtime.pid()

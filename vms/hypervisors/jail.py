@@ -55,6 +55,7 @@ __all__ = [
     "allocate_uid",
     "launcher_argv",
     "release",
+    "reweigh",
 ]
 
 JailMode = Literal["auto", "on", "off"]
@@ -347,6 +348,26 @@ class Cgroups:
             with contextlib.suppress(OSError):
                 top.rmdir()
 
+    def set_cpu_weight(self, parent: str, name: str, weight: int) -> None:
+        """Change a VM's CPU weight (cgroup v2 scale, 1..10000; v1: shares) while it runs."""
+        if not 1 <= weight <= 10000:
+            raise JailError(f"a CPU weight is 1..10000, not {weight}")
+        dirs = self.dirs(parent, name)
+        if self.version == 2:
+            _write(dirs["unified"] / "cpu.weight", str(weight))
+        else:
+            _write(dirs["cpu"] / "cpu.shares", str(max(2, weight * 1024 // 100)))
+
+    def cpu_weight(self, parent: str, name: str) -> int | None:
+        """A VM's CPU weight now (v2 scale), None when its cgroup is not there."""
+        dirs = self.dirs(parent, name)
+        path = dirs["unified"] / "cpu.weight" if self.version == 2 else dirs["cpu"] / "cpu.shares"
+        try:
+            raw = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return raw if self.version == 2 else max(1, round(raw * 100 / 1024))
+
     def memory_limit(self, parent: str, name: str) -> int | None:
         d = next(iter(self.dirs(parent, name).values())) if self.version == 2 else None
         path = (
@@ -431,6 +452,17 @@ def release(config: JailConfig, runtime: Path, name: str, cgroups: Cgroups | Non
             cgroups.remove_parent(config.cgroup_parent)
             with contextlib.suppress(OSError):
                 os.rmdir(config.state_dir / "roots")
+
+
+def reweigh(config: JailConfig, name: str, weight: int, cgroups: Cgroups | None = None) -> int:
+    """Set the CPU weight of the jailed VMM ``name``; returns the weight it had (JailError when
+    its cgroup is not there)."""
+    cgroups = cgroups or Cgroups()
+    before = cgroups.cpu_weight(config.cgroup_parent, name)
+    if before is None:
+        raise JailError(f"no CPU cgroup for {name}")
+    cgroups.set_cpu_weight(config.cgroup_parent, name, weight)
+    return before
 
 
 def landlock_abi() -> int:

@@ -24,6 +24,7 @@ measurements behind them are in ``../shared/guest-notes.md``; the full write-up 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import logging
@@ -33,15 +34,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from . import jail, process
 from .base import (
@@ -159,6 +158,7 @@ def spec_from_dict(raw: dict[str, Any]) -> VMSpec:
             for n in raw.get("nets", ())
         ),
         extra=dict(raw.get("extra", {})),
+        balloon=bool(raw.get("balloon", False)),  # saved before balloons: none
     )
 
 
@@ -204,35 +204,59 @@ def _copy_file(src: Path, dst: Path) -> None:
 _TAP_KEYS = ("rx_bytes", "rx_packets", "rx_dropped", "tx_bytes", "tx_packets", "tx_dropped")
 
 
-def _tap_stats(ns: str, pid: int, names: set[str]) -> dict[str, dict[str, int]]:
-    """Counters of the TAPs ``names`` as the host sees them: read over netlink in namespace
-    ``ns`` (TAPs opened there and passed by descriptor), or from ``/proc/<pid>/net/dev`` (the
-    QEMU process's own namespace) when ``ns`` is empty. Unreadable: nothing."""
-    out: dict[str, dict[str, int]] = {}
-    if ns:
-        if not _NETNS.match(ns) or not os.path.exists(f"/run/netns/{ns}"):
-            return out  # never let pyroute2 create a namespace by asking about one
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_CLONE_NEWNET = 0x40000000
+
+
+def _net_dev_in(ns: str, timeout: float = 5.0) -> str | None:
+    """``/proc/net/dev`` as namespace ``ns`` sees it, read by a short-lived thread that joins
+    it (``setns`` moves only the calling thread): no process is forked, unlike a netlink socket
+    opened in the namespace, so sampling many VMs stays cheap. None: unreadable."""
+    found: dict[str, str] = {}
+
+    def read() -> None:
         try:
-            with IPRoute(netns=ns) as ipr:
-                for link in ipr.get_links():
-                    name = link.get_attr("IFLA_IFNAME")
-                    stats = link.get_attr("IFLA_STATS64") or link.get_attr("IFLA_STATS")
-                    if name in names and stats is not None:
-                        out[name] = {k: int(stats[k]) for k in _TAP_KEYS}
-        except (OSError, NetlinkError):
-            return {}
-        return out
-    try:
-        lines = Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]
-    except OSError:
-        return out
-    for line in lines:
+            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _LIBC.setns(fd, _CLONE_NEWNET) != 0:
+                    return
+            finally:
+                os.close(fd)
+            found["text"] = Path("/proc/thread-self/net/dev").read_text()
+        except OSError:
+            return
+
+    reader = threading.Thread(target=read, name=f"netdev-{ns}", daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return found.get("text")
+
+
+def _parse_net_dev(text: str, names: set[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines()[2:]:
         ifname, _, rest = line.partition(":")
         if ifname.strip() in names:
             f = [int(x) for x in rest.split()]
             picked = (f[0], f[1], f[3], f[8], f[9], f[11])  # the columns of _TAP_KEYS
             out[ifname.strip()] = dict(zip(_TAP_KEYS, picked, strict=True))
     return out
+
+
+def _tap_stats(ns: str, pid: int, names: set[str]) -> dict[str, dict[str, int]]:
+    """Counters of the TAPs ``names`` as the host sees them: read in namespace ``ns`` (TAPs
+    opened there and passed by descriptor), or from ``/proc/<pid>/net/dev`` (the QEMU process's
+    own namespace) when ``ns`` is empty. Unreadable: nothing."""
+    if ns:
+        if not _NETNS.match(ns) or not os.path.exists(f"/run/netns/{ns}"):
+            return {}
+        text = _net_dev_in(ns)
+    else:
+        try:
+            text = Path(f"/proc/{pid}/net/dev").read_text()
+        except OSError:
+            text = None
+    return _parse_net_dev(text, names) if text is not None else {}
 
 
 class QemuHypervisor:
@@ -389,6 +413,9 @@ class QemuHypervisor:
             "-device",
             f"virtio-rng-{bus},rng=rng0",
         ]
+        if spec.balloon:
+            # Taken back under host pressure (vms.pressure); QEMU frees what the guest gives up.
+            argv += ["-device", f"virtio-balloon-{bus},id=balloon0"]
         for i, disk in enumerate(spec.disks):
             did = disk.id or f"disk{i}"
             drive = f"id={did},if=none,file={_opt(disk.path)},format={disk.format}"
@@ -475,7 +502,11 @@ class QemuHypervisor:
             except jail.JailError as exc:
                 raise HypervisorError(str(exc)) from exc
             launcher = [*jail.launcher_argv(jail_spec), "--"]
-            jailed = {"name": jail_spec.name, "uid": jail_spec.uid}
+            jailed = {
+                "name": jail_spec.name,
+                "uid": jail_spec.uid,
+                "cpu_weight": jail_spec.cpu_weight,
+            }
         else:
             log.warning("%s (VM %s)", jail.OFF_WARNING, spec.vm_id)
         self._save_vm(
@@ -563,6 +594,8 @@ class QemuHypervisor:
             raise HypervisorError(
                 f"spec does not match the snapshot's hardware: {_shape(saved)} != {_shape(spec)}"
             )
+        # The devices are the snapshot's: one saved without a balloon restores without one.
+        spec = spec.replace(balloon=saved.balloon)
         self._prepare(spec, runtime, restoring=True)
         for entry in manifest["disks"]:
             target = spec.disks[entry["index"]]
@@ -837,6 +870,30 @@ class QemuHypervisor:
         )
         qmp.execute("device_add", {"driver": "pc-dimm", "id": dimm_id, "memdev": mem_id})
         hotplugged.append({"kind": "memory", "id": dimm_id, "mib": add})
+
+    def balloon(self, runtime: RuntimeDir, target_mib: int) -> None:
+        spec = spec_from_dict(self._load_vm(runtime)["spec"])
+        if not spec.balloon:
+            raise NotSupported("this VM was started without a balloon device")
+        if target_mib < 1:
+            raise HypervisorError(f"a balloon target must be positive, not {target_mib}")
+        with self._qmp(runtime) as qmp:
+            qmp.execute("balloon", {"value": target_mib << 20})
+
+    def balloon_mib(self, runtime: RuntimeDir) -> int | None:
+        if not spec_from_dict(self._load_vm(runtime)["spec"]).balloon:
+            return None
+        with self._qmp(runtime) as qmp:
+            return int(qmp.execute("query-balloon")["actual"]) >> 20
+
+    def set_cpu_weight(self, runtime: RuntimeDir, weight: int | None) -> int:
+        jailed = self._jail_record(runtime)
+        if not jailed or not self.is_alive(runtime):
+            raise NotSupported("this VMM is not jailed: it has no cgroup of its own")
+        try:
+            return jail.reweigh(self.jail, jailed["name"], weight or jailed.get("cpu_weight", 100))
+        except jail.JailError as exc:
+            raise HypervisorError(str(exc)) from exc
 
     def info(self, runtime: RuntimeDir) -> VMInfo:
         pid = runtime.pid()

@@ -1,0 +1,161 @@
+"""Priorities under host pressure against the projections (no guests): from the template or the
+create, validated, changed by the owner with vm.priority_set, refused to others; the pressure
+events fold into the VM's row and a rebuild gives the same; the tick enqueues a pass only when
+there may be something to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.utils import timezone
+
+from accounts.caller import Caller
+from audit import projections
+from audit.models import Event
+from vms import commands, pressure
+from vms.models import Template, VirtualMachine
+
+pytestmark = pytest.mark.django_db
+
+
+def running_vm(caller: Any, name: str = "box", **create: Any) -> VirtualMachine:
+    accepted = commands.create(caller, name=name, template="linux-small", **create)
+    commands.record_outcome(accepted.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
+    return VirtualMachine.objects.get(pk=accepted.vm_id)
+
+
+def test_a_vm_takes_its_templates_priority_unless_the_create_gives_one(caller_for) -> None:
+    Template.objects.filter(name="linux-small").update(priority="low", pressure_opt_out=True)
+    caller = caller_for("operator")
+    inherited = running_vm(caller, name="a")
+    given = running_vm(caller, name="b", priority="high", pressure_opt_out=False)
+    assert (inherited.priority, inherited.pressure_opt_out) == ("low", True)
+    assert (given.priority, given.pressure_opt_out) == ("high", False)
+    created = Event.objects.get(type="vm.created", aggregate_id=str(given.pk)).payload
+    assert (created["priority"], created["pressure_opt_out"]) == ("high", False)
+
+
+def test_the_api_sets_it_at_create_and_the_owner_changes_it(make_user, token_client) -> None:
+    owner = make_user("operator")
+    client = token_client(owner)
+    made = client.post(
+        "/api/v1/vms/", {"name": "api-box", "template": "linux-small", "priority": "low"}, "json"
+    )
+    assert made.status_code == 202, made.content
+    vm = VirtualMachine.objects.get(name="api-box")
+    shown = client.get(f"/api/v1/vms/{vm.pk}/").json()
+    assert (shown["priority"], shown["pressure_opt_out"]) == ("low", False)
+    assert shown["balloon_target_mib"] is None
+    answer = client.post(f"/api/v1/vms/{vm.pk}/priority/", {"pressure_opt_out": True}, "json")
+    assert answer.status_code == 200, answer.content
+    body = answer.json()
+    assert (body["priority"], body["pressure_opt_out"]) == ("low", True)
+    assert body["before"] == {"priority": "low", "pressure_opt_out": False}
+    event = Event.objects.get(position=body["event_position"])
+    assert event.type == "vm.priority_set" and event.actor_name == owner.username
+    vm.refresh_from_db()
+    assert (vm.priority, vm.pressure_opt_out) == ("low", True)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "priority"),
+        ({"priority": "urgent"}, "priority"),
+        ({"pressure_opt_out": "maybe"}, "pressure_opt_out"),
+    ],
+)
+def test_a_bad_priority_is_a_400_naming_its_field_and_changes_nothing(
+    make_user, token_client, body, field
+) -> None:
+    owner = make_user("operator")
+    vm = running_vm(Caller.for_user(owner, channel="api"))
+    events = Event.objects.filter(aggregate_type="vm").count()
+    answer = token_client(owner).post(f"/api/v1/vms/{vm.pk}/priority/", body, "json")
+    assert answer.status_code == 400 and field in answer.json(), answer.content
+    assert Event.objects.filter(aggregate_type="vm").count() == events
+    if body:
+        made = token_client(owner).post(
+            "/api/v1/vms/", {"name": "n", "template": "linux-small", **body}, "json"
+        )
+        assert made.status_code == 400 and field in made.json(), made.content
+
+
+def test_a_viewer_is_refused_and_anothers_vm_is_hidden(make_user, token_client) -> None:
+    owner = make_user("operator")
+    vm = running_vm(Caller.for_user(owner, channel="api"))
+    url = f"/api/v1/vms/{vm.pk}/priority/"
+    assert (
+        token_client(make_user("viewer")).post(url, {"priority": "low"}, "json").status_code == 403
+    )
+    other = token_client(make_user("operator"))
+    assert other.post(url, {"priority": "low"}, "json").status_code == 404
+    assert not Event.objects.filter(type="vm.priority_set").exists()
+
+
+def test_pressure_events_fold_into_the_row_and_a_rebuild_gives_the_same(caller_for) -> None:
+    vm = running_vm(caller_for("operator"), priority="low")
+    commands.record_pressure_action(vm.pk, "vm.ballooned", {"target_mib": 128, "before_mib": 256})
+    commands.record_pressure_action(vm.pk, "vm.cpu_lowered", {"weight": 10, "before": 100})
+    vm.refresh_from_db()
+    assert (vm.state, vm.balloon_target_mib, vm.cpu_weight) == ("running", 128, 10)
+    assert vm.ballooned_at is not None and vm.cpu_lowered_at is not None
+    row = VirtualMachine.objects.values(
+        "balloon_target_mib", "ballooned_at", "cpu_weight", "cpu_lowered_at", "priority"
+    ).get(pk=vm.pk)
+    projections.rebuild("vms.state")
+    assert (
+        VirtualMachine.objects.values(
+            "balloon_target_mib", "ballooned_at", "cpu_weight", "cpu_lowered_at", "priority"
+        ).get(pk=vm.pk)
+        == row
+    )
+    stopped = commands.stop(caller_for("admin"), vm)
+    commands.record_outcome(stopped.request, "vm.stopped", {})
+    vm.refresh_from_db()
+    assert (vm.balloon_target_mib, vm.cpu_weight) == (None, None)  # gone with its VMM
+    with pytest.raises(ValueError, match="not a pressure event"):
+        commands.record_pressure_action(vm.pk, "vm.started", {})
+
+
+def test_the_tick_enqueues_a_pass_only_when_there_is_something_to_do(
+    caller_for, monkeypatch, settings
+) -> None:
+    import django_q.tasks
+
+    monkeypatch.setattr("vms.runtime.host_name", lambda: "h1")
+    enqueued: list[str] = []
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda func, **kw: enqueued.append(func))
+
+    def look() -> None:
+        monkeypatch.setattr(pressure, "_next_look", 0.0)
+        pressure.tick(timezone.now())
+
+    running_vm(caller_for("operator"), priority="high")
+    settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = 10**9  # pressure, whatever the host has
+    settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = 10**9
+    look()
+    assert enqueued == []  # only a high-priority VM: nothing to balloon
+    running_vm(caller_for("operator"), name="low", priority="low")
+    look()
+    assert enqueued == ["vms.tasks.relieve_pressure"]
+    settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = 0  # calm, nothing ballooned
+    settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = 0
+    settings.SANDBOX_PRESSURE_CPU_PSI = settings.SANDBOX_PRESSURE_RELEASE_CPU_PSI = 100.0
+    look()
+    assert enqueued == ["vms.tasks.relieve_pressure"]
+    settings.SANDBOX_PRESSURE_ENABLED = False
+    settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = 10**9
+    settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = 10**9
+    look()
+    assert enqueued == ["vms.tasks.relieve_pressure"]
+
+
+def test_the_vm_page_says_its_priority_and_what_the_host_took(caller_for, client) -> None:
+    caller = caller_for("operator")
+    vm = running_vm(caller, priority="low")
+    commands.record_pressure_action(vm.pk, "vm.ballooned", {"target_mib": 128, "before_mib": 256})
+    client.force_login(caller.user)
+    page = client.get(f"/vms/{vm.pk}/").content.decode()
+    assert "priority low; ballooned to 128 MiB" in page
