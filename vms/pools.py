@@ -269,7 +269,7 @@ def refill(delay_s: float = 0.0) -> dict[str, int]:
         host = runtime.host_name()
         hv = runtime.hypervisor()
         try:
-            image_id = current_image_id()
+            image_id = current_image_id() or ""
         except Exception as exc:
             log.warning("pools: no guest image: %s", exc)
             image_id = ""
