@@ -1010,6 +1010,7 @@ class Session:
     def _configure(self, req_id: object, plan: list[tuple]) -> None:
         applied: list[str] = []
         extra: dict = {}
+        renamed = False
         if self.options.apply_configure:
             for step in plan:
                 if step[0] == "network":
@@ -1017,7 +1018,7 @@ class Session:
                     applied += done.pop("applied")
                     extra["network"] = done
                 else:
-                    _apply_step(step)
+                    renamed |= _apply_step(step)
                     applied += _describe(step)
         self.send(
             {
@@ -1029,6 +1030,9 @@ class Session:
                 **extra,
             }
         )
+        if renamed:
+            # After the answer: the host (a warm pool's hand-out) does not wait for the scan.
+            _restart_console()
 
     def op_network(self, req_id: object, req: dict, _payload: bytes) -> None:
         fields = {k: v for k, v in req.items() if k not in ("op", "id", "auth")}
@@ -1368,7 +1372,9 @@ def _apply_network(plan: dict) -> dict:
         rtnl.close()
 
 
-def _apply_step(step: tuple) -> None:
+def _apply_step(step: tuple) -> bool:
+    """Apply one configure step; True when the host name changed (the console's login shell
+    is then restarted, after the answer: ``_restart_console``)."""
     import socket
 
     kind = step[0]
@@ -1387,10 +1393,10 @@ def _apply_step(step: tuple) -> None:
                     fh.write(text)
             except OSError as exc:
                 log(f"configure: cannot write {path}: {exc}")
-        if renamed:
-            _restart_console()
+        return renamed
     else:
         raise RequestError("internal", f"unknown configure step {kind!r}")
+    return False
 
 
 def _restart_console(tty: str = "/dev/ttyS0") -> None:
