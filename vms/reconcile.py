@@ -172,14 +172,30 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
     return "failed"
 
 
+def _member_keys() -> set[str]:
+    return {m.hex[:12] for m in PoolMember.objects.values_list("pk", flat=True)}
+
+
 def reconcile(*, startup: bool = False) -> dict[str, int]:
     root = Path(settings.SANDBOX_RUNTIME_DIR)
+    # Warm pool members (vms.pools) are VMMs of no VM yet: not orphans; the pools' refill
+    # evicts those whose VMM died. Read before the VMs: a hand-out that commits in between (the
+    # member's row gone, its VM's row new) is then in one of the two reads.
+    members = _member_keys()
     vms = list(VirtualMachine.objects.exclude(state=lifecycle.GONE))
     by_key = {vm.pk.hex[:12]: vm for vm in vms}
-    # Warm pool members (vms.pools) are VMMs of no VM yet: not orphans; the pools' refill
-    # evicts those whose VMM died.
-    known = by_key.keys() | {m.hex[:12] for m in PoolMember.objects.values_list("pk", flat=True)}
+    known = by_key.keys() | members
     report = scanner.scan(root, known_ids=known) if root.is_dir() else scanner.ReconcileReport()
+    if report.orphans:
+        # A VMM whose VM or member was recorded after the reads above (a create, a hand-out or
+        # a warm that committed meanwhile) is not an orphan: ask again before killing it.
+        now_known = _member_keys() | {
+            pk.hex[:12]
+            for pk in VirtualMachine.objects.exclude(state=lifecycle.GONE).values_list(
+                "pk", flat=True
+            )
+        }
+        report.orphans = [o for o in report.orphans if o.vm_id not in now_known]
     counts = {"orphans": len(report.orphans), "crashed": 0, "settled": 0, "requeued": 0, "stray": 0}
     if report.orphans:
         scanner.teardown_orphans(report.orphans)

@@ -37,3 +37,42 @@ def test_an_interrupted_start_overtaken_by_a_destroy_is_not_settled_as_started(
     assert outcome.payload["superseded"] is True and outcome.payload["vmm_launched"] is True
     vm.refresh_from_db()
     assert vm.state == "destroying" and vm.pending_type == "vm.destroy_requested"
+
+
+def test_a_vmm_whose_vm_was_recorded_while_the_reconciler_scanned_is_not_an_orphan(
+    caller_for, vm_dirs, monkeypatch
+) -> None:
+    """The reconciler reads the VMs and pool members, then scans the host's processes: a VM
+    created (or a member handed out as a VM) in between has a VMM the first read did not know.
+    It is asked again before anything is killed; a VMM of no VM at all still goes."""
+    from pathlib import Path
+
+    from vms.hypervisors import reconcile as scanner
+    from vms.hypervisors.base import RuntimeDir
+
+    caller = caller_for("operator")
+    made: list[str] = []
+
+    def scan(root: Path, known_ids: Any = None) -> scanner.ReconcileReport:
+        report = scanner.ReconcileReport()
+        if made:  # a later scan (the fixtures' clean-up): nothing
+            return report
+        accepted = commands.create(caller, name="meanwhile", template="linux-small")
+        key = accepted.vm_id.hex[:12]
+        made.append(key)
+        assert key not in known_ids  # recorded after the reads
+        for vm_id, pid in ((key, 1_000_001), ("0123456789ab", 1_000_002)):
+            report.orphans.append(
+                scanner.OrphanVMM(vm_id, pid, RuntimeDir(Path(root) / vm_id), ("qemu",))
+            )
+        return report
+
+    killed: list[str] = []
+    monkeypatch.setattr(scanner, "scan", scan)
+    monkeypatch.setattr(
+        scanner, "teardown_orphans", lambda orphans: killed.extend(o.vm_id for o in orphans)
+    )
+    vm_dirs["run"].mkdir(parents=True, exist_ok=True)
+    counts = reconcile.reconcile()
+    assert killed == ["0123456789ab"] and counts["orphans"] == 1
+    assert made and made[0] not in killed
