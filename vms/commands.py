@@ -462,7 +462,11 @@ def _new_vm_events(
     mac, ip = identity.allocate(network)
     if network is not None and ip is None:
         raise ValidationError({"network": f"the network {network.name} has no free address"})
-    member = _pick_pool_member(pool_template) if pool_template else None
+    member = (
+        _pick_pool_member(pool_template, vcpus=vcpus, memory_mib=memory_mib, disk_mib=disk_mib)
+        if pool_template
+        else None
+    )
     if member is not None:
         vm_id = member.pk
     created = store.PendingEvent(
@@ -556,12 +560,25 @@ def _new_vm_events(
 POOL_READY_VERSION = 2
 
 
-def _pick_pool_member(template: str) -> PoolMember | None:
-    """The oldest ready member of ``template``'s pool on this host, locked for this
+def _pick_pool_member(
+    template: str, *, vcpus: int, memory_mib: int, disk_mib: int
+) -> PoolMember | None:
+    """The oldest ready member of ``template``'s pool on this host that is what the VM will be
+    recorded as (its shape, on the current guest image: one the refill has not evicted yet
+    after a change of the template or the image is never handed out), locked for this
     transaction (PostgreSQL: rows another create holds are skipped, never shared; SQLite
     serialises writers). The caller holds the append lock."""
+    image_id = images.current_image_id()
+    if not image_id:
+        return None
     qs = PoolMember.objects.filter(
-        template=template, host=runtime.host_name(), state=PoolMember.State.READY
+        template=template,
+        host=runtime.host_name(),
+        state=PoolMember.State.READY,
+        vcpus=vcpus,
+        memory_mib=memory_mib,
+        disk_mib=disk_mib,
+        image_id=image_id,
     ).order_by("created_at")
     if connection.features.has_select_for_update_skip_locked:
         qs = qs.select_for_update(skip_locked=True)

@@ -11,7 +11,7 @@ import pytest
 from django.db import connection
 
 from audit.models import Event
-from vms import commands, enqueue, runtime
+from vms import commands, enqueue, images, runtime
 from vms.models import PoolMember, PoolTarget, Template
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -26,10 +26,17 @@ def no_queue(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return queued
 
 
-def _ready_member(template: str = TEMPLATE) -> uuid.UUID:
+@pytest.fixture(autouse=True)
+def current_image(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The guest image new VMs get, as this host says (no image is built for these tests)."""
+    monkeypatch.setattr(images, "current_image_id", lambda: "img")
+    return "img"
+
+
+def _ready_member(template: str = TEMPLATE, image_id: str = "img") -> uuid.UUID:
     """A member as the log would have it once warmed (no VMM: these tests stop at the log)."""
     tpl = Template.objects.get(name=template)
-    member_id = commands.record_pool_warming(tpl, runtime.host_name(), "img")
+    member_id = commands.record_pool_warming(tpl, runtime.host_name(), image_id)
     assert member_id is not None
     commands.record_pool_warmed(member_id, {"paused": True})
     return member_id
@@ -147,3 +154,32 @@ def test_concurrent_creates_take_one_member_once(caller_for: Any, postgres_only:
     assert [r.vm_id for r in pooled] == [member_id]
     assert all(r is not None for r in results)
     assert Event.objects.filter(type="pool.vm_handed_out").count() == 1
+
+
+def test_a_member_unlike_what_the_vm_is_recorded_as_is_never_handed_out(
+    caller_for: Any, no_queue: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members of an older guest image, or of the template's shape before an admin changed
+    it, wait for the refill's eviction: a create meanwhile is not handed one (its VM would be
+    recorded as what it is not), it starts the ordinary way."""
+    commands.set_pool_target(caller_for("admin"), TEMPLATE, 3)
+    old_image = _ready_member(image_id="older")
+    old_shape = _ready_member()
+    tpl = Template.objects.get(name=TEMPLATE)
+    tpl.memory_mib *= 2
+    tpl.save()
+    owner = caller_for("operator")
+    made = commands.create(owner, name="fresh", template=TEMPLATE, from_pool=True)
+    assert made.pooled is None and "vms.tasks.run_request" in no_queue
+    assert made.vm.memory_mib == tpl.memory_mib
+    assert set(PoolMember.objects.values_list("pk", flat=True)) == {old_image, old_shape}
+    assert not Event.objects.filter(type="pool.vm_handed_out").exists()
+    # One of the template's shape now, on the current image: handed out.
+    good = _ready_member()
+    again = commands.create(owner, name="pooled", template=TEMPLATE, from_pool=True)
+    assert again.pooled is not None and again.vm_id == good
+    # No current image on this host: nothing is handed out.
+    _ready_member()
+    monkeypatch.setattr(images, "current_image_id", lambda: None)
+    none = commands.create(owner, name="no-image", template=TEMPLATE, from_pool=True)
+    assert none.pooled is None
