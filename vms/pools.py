@@ -172,6 +172,10 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                     if outcome is commands.SUPERSEDED:
                         # A destroy came first: the VM must not run; nothing was recorded.
                         raise _Superseded()
+                    if outcome is None:
+                        # Not recorded (another outcome or a conflict came first): the VM must
+                        # not run as if started; the credential row goes back with this block.
+                        raise RuntimeError("its start could not be recorded")
             except BaseException:
                 client.close()
                 raise
@@ -204,13 +208,18 @@ def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def _teardown(member_id: uuid.UUID) -> None:
-    """The member's VMM, disk and credential go (whatever became of each)."""
-    with worker.vm_host_lock(member_id, required=False, wait_s=30.0):
+def _teardown(member_id: uuid.UUID, *, drop_lock: bool = False) -> None:
+    """The member's VMM, disk and credential go (whatever became of each); ``drop_lock``: its
+    host lock file too (an evicted member: nothing waits on it; a failed hand-out's VM lives on
+    and its start takes the lock)."""
+    with worker.vm_host_lock(member_id, required=False, wait_s=30.0) as held:
         with contextlib.suppress(Exception):
             runtime.hypervisor().destroy(runtime.runtime_dir(member_id))
         shutil.rmtree(runtime.vm_data_dir(member_id), ignore_errors=True)
         credentials.forget_vm(member_id)
+        if held and drop_lock:  # as a destroy does: no lock file left per member
+            with contextlib.suppress(OSError):
+                worker.host_lock_path(member_id).unlink()
 
 
 # --- Refill (the worker) ----------------------------------------------------------------------
@@ -236,7 +245,7 @@ def _evict(member: PoolMember, reason: str) -> bool:
     """Out of the pool first (so no create takes it), then its VMM goes."""
     if commands.record_pool_evicted(member.pk, reason) is None:
         return False
-    _teardown(member.pk)
+    _teardown(member.pk, drop_lock=True)
     return True
 
 

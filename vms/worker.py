@@ -238,7 +238,7 @@ def _record_superseded(
     return "superseded"
 
 
-def _host_lock_path(vm_id: object) -> Path:
+def host_lock_path(vm_id: object) -> Path:
     return Path(settings.SANDBOX_RUNTIME_DIR) / f"{runtime.runtime_dir(vm_id).root.name}.lock"
 
 
@@ -254,7 +254,7 @@ def vm_host_lock(
     reconciler); a destroy removes it once the VM is gone, which is safe because every later
     taker re-checks the VM's state under the append lock before it launches anything.
     """
-    path = _host_lock_path(vm_id)
+    path = host_lock_path(vm_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -888,7 +888,7 @@ def do_destroy(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
         credentials.forget_vm(vm.pk)
         if held:
             with contextlib.suppress(OSError):
-                _host_lock_path(vm.pk).unlink()
+                host_lock_path(vm.pk).unlink()
     return "vm.destroyed", {}
 
 

@@ -127,6 +127,7 @@ def test_a_hand_out_runs_as_its_own_vm_and_the_pool_refills(
         evicted = Event.objects.get(aggregate_id=str(fresh.pk), type="pool.vm_evicted")
         assert evicted.payload["reason"] == "over the target"
         assert not runtime.hypervisor().is_alive(runtime.runtime_dir(fresh.pk))
+        assert not worker.host_lock_path(fresh.pk).exists()  # nothing left per member
         assert not PoolMember.objects.exists()
     finally:
         commands.set_pool_target(admin, TEMPLATE, 0)
@@ -176,3 +177,34 @@ def test_concurrent_creates_never_share_a_pool_member(
         _refill()
         for owner in owners:
             _destroy_all(owner)
+
+
+def test_a_hand_out_whose_start_is_not_recorded_is_undone_and_started_the_ordinary_way(
+    caller_for: Any, pool_env: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start's outcome could not be appended (a conflict): the hand-out does not answer as
+    if the VM ran. Its VMM goes, the member's eviction says why, no vm.started is recorded, and
+    the start request goes to the worker (a template restore)."""
+    admin, owner = caller_for("admin"), caller_for("operator")
+    commands.set_pool_target(admin, TEMPLATE, 1)
+    try:
+        assert _refill()["warmed"] == 1
+        member = PoolMember.objects.get(template=TEMPLATE)
+        monkeypatch.setattr(commands, "record_handout", lambda request, key_id, data: None)
+        pool_env.clear()
+        accepted = pools.create(owner, name="not-recorded", template=TEMPLATE)
+        assert accepted.pooled is None and accepted.vm_id == member.pk
+        assert not runtime.hypervisor().is_alive(runtime.runtime_dir(member.pk))
+        assert not Event.objects.filter(aggregate_id=str(member.pk), type="vm.started").exists()
+        assert not Event.objects.filter(
+            aggregate_id=str(member.pk), type="vm.agent_credential_rotated"
+        ).exists()
+        evicted = Event.objects.get(aggregate_id=str(member.pk), type="pool.vm_evicted")
+        assert "could not be recorded" in evicted.payload["reason"]
+        assert "vms.tasks.run_request" in pool_env
+        assert VirtualMachine.objects.get(pk=member.pk).state == "starting"
+    finally:
+        monkeypatch.undo()
+        commands.set_pool_target(admin, TEMPLATE, 0)
+        _refill()
+        _destroy_all(owner)
