@@ -1102,6 +1102,19 @@ def _configure_plan(req: dict) -> list[tuple]:
         if not isinstance(net, dict):
             raise RequestError("bad_request", "network must be an object")
         plan.append(("network", _network_plan(net, default_interface="eth0")))
+    entropy = req.get("entropy")
+    if entropy is not None:
+        import base64
+        import binascii
+
+        try:
+            seed = base64.b64decode(entropy, validate=True) if isinstance(entropy, str) else b""
+        except (binascii.Error, ValueError):
+            seed = b""
+        if not 16 <= len(seed) <= 512:
+            raise RequestError("bad_request", "entropy must be 16 to 512 bytes in base64")
+        # First: a guest restored from a shared saved state draws nothing before it is reseeded.
+        plan.insert(0, ("entropy", seed))
     if not plan:
         raise RequestError("bad_request", "nothing to configure")
     return plan
@@ -1110,6 +1123,8 @@ def _configure_plan(req: dict) -> list[tuple]:
 def _describe(step: tuple) -> list[str]:
     if step[0] == "network":
         return _network_describe(step[1])
+    if step[0] == "entropy":  # never the bytes
+        return [f"entropy {len(step[1])} bytes, crng reseeded"]
     return [" ".join(str(x) for x in step)]
 
 
@@ -1378,6 +1393,9 @@ def _apply_step(step: tuple) -> bool:
     import socket
 
     kind = step[0]
+    if kind == "entropy":
+        _reseed(step[1])
+        return False
     if kind == "time":
         time.clock_settime(time.CLOCK_REALTIME, step[1])
     elif kind == "hostname":
@@ -1397,6 +1415,23 @@ def _apply_step(step: tuple) -> bool:
     else:
         raise RequestError("internal", f"unknown configure step {kind!r}")
     return False
+
+
+# _IO('R', 0x07): the kernel's CRNG reseeds from its input pool now (CAP_SYS_ADMIN).
+RNDRESEEDCRNG = 0x5207
+
+
+def _reseed(seed: bytes) -> None:
+    """Mix the host's ``seed`` into the kernel's input pool (a write to /dev/urandom) and reseed
+    the CRNG from it, so guests restored from one saved state stop sharing random numbers."""
+    import fcntl
+
+    fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, seed)
+        fcntl.ioctl(fd, RNDRESEEDCRNG)
+    finally:
+        os.close(fd)
 
 
 def _restart_console(tty: str = "/dev/ttyS0") -> None:

@@ -416,13 +416,29 @@ def test_configure_off_a_guest_only_plans_the_changes(client: AgentClient) -> No
         {"address": "10.0.0.300/24"},
         {"mac": "52:54:00"},
         {"gateway": "nowhere"},
-        {},
+        {"reseed": False},  # nothing to configure
     ],
 )
 def test_configure_rejects_invalid_identity(client: AgentClient, fields: dict) -> None:
     with pytest.raises(AgentError) as info:
         client.configure(**fields)
     assert info.value.code == "bad_request"
+
+
+@pytest.mark.parametrize("entropy", ["not base64!", "c2hvcnQ=", 42, "A" * 1024])
+def test_configure_refuses_bad_entropy(client: AgentClient, entropy: object) -> None:
+    with pytest.raises(AgentError) as info:
+        client._request({"op": "configure", "entropy": entropy, "hostname": "fine"})
+    assert info.value.code == "bad_request"
+
+
+def test_configure_reseeds_first_and_never_echoes_the_bytes(client: AgentClient) -> None:
+    """The host's entropy is planned before anything else (a restored guest draws nothing
+    before it is reseeded), and the plan names its size only."""
+    result = client.configure(hostname="clone-2")
+    assert result["planned"][0] == "entropy 32 bytes, crng reseeded"
+    assert "hostname clone-2" in result["planned"]
+    assert all("=" not in line for line in result["planned"])
 
 
 def test_shutdown_off_a_guest_ends_the_agent(short_dir: str) -> None:

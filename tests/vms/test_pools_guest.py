@@ -208,3 +208,29 @@ def test_a_hand_out_whose_start_is_not_recorded_is_undone_and_started_the_ordina
         commands.set_pool_target(admin, TEMPLATE, 0)
         _refill()
         _destroy_all(owner)
+
+
+def test_guests_restored_from_one_saved_state_do_not_share_random_numbers(
+    caller_for: Any, pool_env: list[str]
+) -> None:
+    """Two pool members are restored from the template's one saved state, CRNG state included:
+    the hand-out's configure carries fresh host entropy and the guest reseeds, so what each
+    reads from /dev/urandom differs."""
+    admin, owner = caller_for("admin"), caller_for("operator")
+    commands.set_pool_target(admin, TEMPLATE, 2)
+    try:
+        assert _refill()["warmed"] == 2
+        read = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+        seen = []
+        for name in ("rng-a", "rng-b"):
+            accepted = pools.create(owner, name=name, template=TEMPLATE)
+            assert accepted.pooled is not None
+            vm = VirtualMachine.objects.get(pk=accepted.vm_id)
+            out = guest.run_exec(owner, vm, ["sh", "-c", read])
+            assert out.exit_code == 0, out
+            seen.append(out.stdout.decode())
+        assert len(seen[0]) == 64 and seen[0] != seen[1]
+    finally:
+        commands.set_pool_target(admin, TEMPLATE, 0)
+        _refill()
+        _destroy_all(owner)

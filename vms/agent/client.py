@@ -22,6 +22,7 @@ no sense) or ``AgentDisconnected`` (the stream ended).
 
 from __future__ import annotations
 
+import base64
 import builtins
 import contextlib
 import hashlib
@@ -158,6 +159,10 @@ class Transfer:
 
 
 # --------------------------------------------------------------------------- framing
+
+
+# Host randomness a configure gives the guest to reseed its CRNG with (``configure``).
+ENTROPY_BYTES = 32
 
 
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
@@ -842,14 +847,22 @@ class AgentClient:
         dns: builtins.list[str] | None = None,  # `list` is a method of this class
         interface: str | None = None,
         match_mac: str | None = None,
+        reseed: bool = True,
     ) -> dict[str, Any]:
         """Give the guest its identity in one request: wall clock (unix time), hostname, and
         one NIC as in ``network`` (the one whose MAC is ``match_mac`` now, or ``interface``;
         ``eth0`` when neither is given). The NIC's outcome is the result's ``network``.
 
         Used after every snapshot restore, so clones differ and the clock is right again.
+        ``reseed``: with ``ENTROPY_BYTES`` fresh random bytes of the host's, which the agent
+        mixes into the guest's pool before it reseeds the kernel's CRNG: guests restored from
+        one saved state (clones, forks, pool members) must not share their random numbers. The
+        bytes are never logged; an agent that predates it ignores them (the result's
+        ``applied`` says ``entropy ... reseeded`` when it did).
         """
         header: dict[str, Any] = {"op": "configure"}
+        if reseed:
+            header["entropy"] = base64.b64encode(os.urandom(ENTROPY_BYTES)).decode()
         if time is not None:
             header["time"] = time
         if hostname is not None:
