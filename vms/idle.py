@@ -2,18 +2,22 @@
 by its owner: ``commands.set_idle``) that nobody used for that long is paused by the system, and
 the next exec or file request resumes it transparently before it goes on.
 
-- Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written by
-  every exec and file request (``touch``) and by console input at most once per
-  ``TOUCH_EVERY_S`` (``touch_throttled``). A VM without a row counts from its last change of
-  state (a resume, a start).
+- Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written when
+  every exec and file request starts (``touch``) and when it ends (in its outcome's transaction:
+  ``commands.record_guest_outcome``), and by console input at most once per ``TOUCH_EVERY_S``
+  (``touch_throttled``). A VM without a row counts from its last change of state (a resume, a
+  start); the row goes with the VM's ``vm.destroyed`` (``commands.record_outcome``).
 - The worker's main process looks every second (``core.ticks``): one query for the running VMs
   that have a policy; when one has run out it enqueues ``pause_idle_vms``, which asks each
   such VM's pause through ``commands.pause_idle``: the ordinary pause request, by the system,
-  data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``.
+  data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, decided under the append lock from
+  the VM's use then (never while a guest request of it is in flight).
 - ``wake``: before an exec or file request reaches a VM paused for idleness, its resume is
   appended (the system's, data ``{"reason": "activity", "for", "by"}``) and carried out here, in
   the web process, on the VM's host (the hypervisor's resume under the VM's host lock), its
   outcome appended: no worker round trip. A VM its owner paused is not woken (409 as before).
+  A request that finds the idle pause asked and not yet carried out waits for its outcome (at
+  most ``PAUSE_WAIT_S``) and then wakes it.
 
 Not done: writing an idle VM's memory to disk and freeing it (the pause keeps its memory).
 """
