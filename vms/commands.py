@@ -59,6 +59,7 @@ from vms.models import (
     Snapshot,
     Template,
     VirtualMachine,
+    VMActivity,
 )
 
 __all__ = [
@@ -83,6 +84,8 @@ __all__ = [
     "destroy",
     "ensure_default_network",
     "expire_lifetime",
+    "guest_request_in_flight",
+    "mark_used",
     "pause_idle",
     "request_activity_resume",
     "set_idle",
@@ -1389,18 +1392,53 @@ def set_idle(
     )
 
 
+# A guest request older than its verb's time limit plus this has no process waiting for it any
+# more: the reconciler settles it as interrupted (vms.reconcile).
+GUEST_MARGIN_S = 300
+
+
+def guest_request_in_flight(vm_id: uuid.UUID | str, now: datetime) -> bool:
+    """Has the VM a guest request (exec, file upload or download) asked and not yet answered
+    (no outcome caused by it)? Only requests young enough to still be carried out count (older
+    ones are the reconciler's to settle). Two queries on the VM's own events."""
+    window = max(float(getattr(settings, v.time_limit or "")) for v in lifecycle.GUEST_VERBS)
+    asked = list(
+        Event.objects.filter(
+            aggregate_type="vm",
+            aggregate_id=str(vm_id),
+            type__in=list(_GUEST_REQUESTS),
+            recorded_at__gte=now - timedelta(seconds=window + GUEST_MARGIN_S),
+        ).values_list("event_id", flat=True)
+    )
+    if not asked:
+        return False
+    answered = Event.objects.filter(
+        aggregate_type="vm",
+        aggregate_id=str(vm_id),
+        type__in=sorted(set().union(*GUEST_OUTCOMES.values())),
+        causation_id__in=[str(a) for a in asked],
+    ).count()
+    return answered < len(asked)
+
+
 @transaction.atomic
-def pause_idle(vm_id: uuid.UUID, idle_since: datetime, now: datetime) -> store.RecordedEvent | None:
-    """The system's pause of a VM unused since ``idle_since``: the ordinary pause request, data
-    ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, if the VM still has an idle policy
-    that has run out, may be paused and is busy with nothing (checked under the lock). None when
-    there was nothing to do."""
+def pause_idle(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | None:
+    """The system's pause of a VM its idle policy says is unused: the ordinary pause request,
+    data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``. Everything is decided under the
+    append lock, from what holds then: the VM still has an idle policy, may be paused, is busy
+    with no request of its own and has no guest request in flight (an exec running for longer
+    than the policy keeps its VM awake), and its last use (``VMActivity``, written when a guest
+    request starts and when its outcome is recorded) or change of state is at least the
+    policy's timeout before ``now``; ``idle_s`` is that measure. None when there was nothing to
+    do."""
     store.lock()
     vm = VirtualMachine.objects.filter(pk=vm_id).first()
     if vm is None or vm.idle_timeout_s is None or vm.busy or not lifecycle.may_idle(vm.state):
         return None
-    idle_s = (now - max(idle_since, vm.state_changed_at)).total_seconds()
-    if idle_s < vm.idle_timeout_s:
+    used = VMActivity.objects.filter(vm_id=vm.pk).values_list("last_at", flat=True).first()
+    since = max(vm.state_changed_at, used) if used else vm.state_changed_at
+    idle_s = (now - since).total_seconds()
+    if idle_s < vm.idle_timeout_s or guest_request_in_flight(vm.pk, now):
         return None
     event = store.append(
         "vm",
@@ -1655,7 +1693,7 @@ def record_guest_outcome(
     store.lock()
     if _guest_outcome_of(request, GUEST_OUTCOMES[kind]):
         raise AlreadySettled(f"request {request.event_id} has an outcome already")
-    return store.append(
+    event = store.append(
         request.aggregate_type,
         request.aggregate_id,
         outcome,
@@ -1663,6 +1701,27 @@ def record_guest_outcome(
         actor=caller.actor,
         causation_id=request.event_id,
         correlation_id=request.correlation_id,
+    )
+    # The guest was used until now (vms.idle counts from the end of the last request), in the
+    # outcome's transaction: an idle pause under the lock never sees the request answered but
+    # the VM's use still dated from when it was asked.
+    if (
+        VirtualMachine.objects.filter(pk=request.aggregate_id)
+        .exclude(state=lifecycle.GONE)
+        .exists()
+    ):
+        # Not for a VM destroyed meanwhile: its row went with its vm.destroyed (record_outcome).
+        mark_used(request.aggregate_id, event.recorded_at)
+    return event
+
+
+def mark_used(vm_id: uuid.UUID | str, at: datetime) -> None:
+    """The VM's guest was used at ``at`` (``VMActivity``, vms.idle; one upsert)."""
+    VMActivity.objects.bulk_create(
+        [VMActivity(vm_id=uuid.UUID(str(vm_id)), last_at=at)],
+        update_conflicts=True,
+        unique_fields=["vm_id"],
+        update_fields=["last_at"],
     )
 
 
@@ -1734,7 +1793,15 @@ def record_outcome(
             ]
             if outcome == DESTROYED:
                 pending += _release_events(request.aggregate_id, request.event_id)
-            return store.append_many(pending, actor=actor, correlation_id=request.correlation_id)[0]
+            recorded = store.append_many(
+                pending, actor=actor, correlation_id=request.correlation_id
+            )[0]
+            if outcome == DESTROYED:
+                # Its last use (vms.idle) is of no VM any more: not state, so no event; gone
+                # with its vm.destroyed, under the append lock (a guest outcome after this
+                # does not write it again: record_guest_outcome).
+                VMActivity.objects.filter(vm_id=uuid.UUID(request.aggregate_id)).delete()
+            return recorded
     except (IntegrityError, ConcurrencyError):
         # The unique RequestOutcome key: another attempt recorded it first.
         return None

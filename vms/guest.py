@@ -153,6 +153,24 @@ def _woken(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
         raise GuestUnavailable(str(exc)) from exc
 
 
+def _asked(
+    caller: Caller, vm: VirtualMachine, kind: str, data: dict[str, Any]
+) -> tuple[VirtualMachine, store.RecordedEvent]:
+    """``vm`` woken if need be (``_woken``) and the guest request recorded. When the system's
+    idle pause was asked between the wake's look and the request (the request finds the VM
+    pausing), the wake waits for that pause and resumes it, and the request is asked again,
+    once: resume stays transparent."""
+    vm = _woken(caller, vm, kind)
+    try:
+        return vm, commands.request_guest_access(caller, vm, kind, data)
+    except commands.InvalidState as exc:
+        if not idle.idle_pause_pending(exc.vm):
+            raise
+        pausing = exc.vm
+    vm = _woken(caller, pausing, kind)
+    return vm, commands.request_guest_access(caller, vm, kind, data)
+
+
 def _failure(exc: BaseException, started: float, masker: Masker = NO_MASKER) -> dict[str, Any]:
     code = exc.code if isinstance(exc, AgentError) else type(exc).__name__
     return {
@@ -289,8 +307,7 @@ def run_exec(
     }
     if given:
         asked["secrets"] = [g.record() for g in given]
-    vm = _woken(caller, vm, "exec")
-    request = commands.request_guest_access(caller, vm, "exec", asked)
+    vm, request = _asked(caller, vm, "exec", asked)
     out, err = _Capture(on_stdout, limit, masker), _Capture(on_stderr, limit, masker)
     started = time.monotonic()
     try:
@@ -387,8 +404,7 @@ def _transfer(
     require_guest_access(caller, vm, kind)
     path = validate_guest_path(path)
     done, failed = lifecycle.guest_verb(kind).outcomes()
-    vm = _woken(caller, vm, kind)
-    request = commands.request_guest_access(caller, vm, kind, {"path": path, **asked})
+    vm, request = _asked(caller, vm, kind, {"path": path, **asked})
     started = time.monotonic()
     try:
         with agent_session(vm) as agent:

@@ -2,18 +2,22 @@
 by its owner: ``commands.set_idle``) that nobody used for that long is paused by the system, and
 the next exec or file request resumes it transparently before it goes on.
 
-- Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written by
-  every exec and file request (``touch``) and by console input at most once per
-  ``TOUCH_EVERY_S`` (``touch_throttled``). A VM without a row counts from its last change of
-  state (a resume, a start).
+- Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written when
+  every exec and file request starts (``touch``) and when it ends (in its outcome's transaction:
+  ``commands.record_guest_outcome``), and by console input at most once per ``TOUCH_EVERY_S``
+  (``touch_throttled``). A VM without a row counts from its last change of state (a resume, a
+  start); the row goes with the VM's ``vm.destroyed`` (``commands.record_outcome``).
 - The worker's main process looks every second (``core.ticks``): one query for the running VMs
   that have a policy; when one has run out it enqueues ``pause_idle_vms``, which asks each
   such VM's pause through ``commands.pause_idle``: the ordinary pause request, by the system,
-  data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``.
+  data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, decided under the append lock from
+  the VM's use then (never while a guest request of it is in flight).
 - ``wake``: before an exec or file request reaches a VM paused for idleness, its resume is
   appended (the system's, data ``{"reason": "activity", "for", "by"}``) and carried out here, in
   the web process, on the VM's host (the hypervisor's resume under the VM's host lock), its
   outcome appended: no worker round trip. A VM its owner paused is not woken (409 as before).
+  A request that finds the idle pause asked and not yet carried out waits for its outcome (at
+  most ``PAUSE_WAIT_S``) and then wakes it.
 
 Not done: writing an idle VM's memory to disk and freeing it (the pause keeps its memory).
 """
@@ -38,6 +42,7 @@ __all__ = [
     "TOUCH_EVERY_S",
     "WakeFailed",
     "due",
+    "idle_pause_pending",
     "pause_idle_vms",
     "tick",
     "touch",
@@ -50,6 +55,7 @@ log = logging.getLogger("sandbox.idle")
 BATCH = 100  # VMs a run takes; the next tick finds the rest
 TOUCH_EVERY_S = 5.0  # console input marks a VM used at most this often (per web process)
 WAKE_WAIT_S = 30.0  # how long a request waits for another request's wake of the same VM
+PAUSE_WAIT_S = 10.0  # how long a request waits for a pending idle pause before it resumes it
 _RUN_S = 30
 _enqueued_at: datetime | None = None
 _touched: dict[uuid.UUID, float] = {}
@@ -61,12 +67,7 @@ class WakeFailed(Exception):
 
 def touch(vm_id: uuid.UUID | str, now: datetime | None = None) -> None:
     """The VM's guest was used now (one upsert, one query)."""
-    VMActivity.objects.bulk_create(
-        [VMActivity(vm_id=uuid.UUID(str(vm_id)), last_at=now or timezone.now())],
-        update_conflicts=True,
-        unique_fields=["vm_id"],
-        update_fields=["last_at"],
-    )
+    commands.mark_used(vm_id, now or timezone.now())
 
 
 def touch_throttled(vm_id: uuid.UUID | str) -> bool:
@@ -110,9 +111,10 @@ def pause_idle_vms(now: datetime | None = None) -> int:
     """Ask the pause of every VM whose idle policy has run out: the number of requests."""
     now = now or timezone.now()
     done = 0
-    for vm_id, since in due(now):
+    for vm_id, _since in due(now):
         try:
-            if commands.pause_idle(vm_id, since, now) is not None:
+            # Checked again under the lock, from the VM's use then (not ``_since``).
+            if commands.pause_idle(vm_id, now) is not None:
                 done += 1
         except Exception:
             # One VM's failure (a conflict with a concurrent request) leaves it to the next run.
@@ -134,12 +136,21 @@ def tick(now: datetime) -> None:
     _enqueued_at = now
 
 
+def idle_pause_pending(vm: VirtualMachine) -> bool:
+    """The system asked ``vm``'s pause for idleness and it has no outcome yet."""
+    return vm.idle_paused and vm.pending_type == lifecycle.request_verb("pause").requested
+
+
 def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
     """``vm`` ready for ``kind`` (exec, file_upload, file_download): resumed first when the
     system paused it for idleness (its resume request and outcome in the log, reason
-    ``activity``), else as it is. While another request is waking it, waits for that. Marks
-    the VM used either way. ``WakeFailed`` when its resume failed (recorded)."""
+    ``activity``), else as it is. While the system's pause for idleness is still being carried
+    out, waits for its outcome (at most ``PAUSE_WAIT_S``) and then resumes it; while another
+    request is waking it, waits for that. Marks the VM used either way. ``WakeFailed`` when
+    its resume failed (recorded)."""
     touch(vm.pk)
+    if idle_pause_pending(vm):
+        vm = _wait_for_pause(vm.pk)
     if not lifecycle.wakes_on_activity(vm.state, vm.idle_paused):
         return vm
     request = commands.request_activity_resume(
@@ -164,6 +175,18 @@ def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
     )
     touch(vm.pk)
     return VirtualMachine.objects.select_related("owner").get(pk=vm.pk)
+
+
+def _wait_for_pause(vm_id: uuid.UUID) -> VirtualMachine:
+    """The VM once the system's pause of it for idleness has its outcome (or as it is after
+    ``PAUSE_WAIT_S``: then the guest request meets a VM still pausing, 409 as for any busy VM).
+    """
+    deadline = time.monotonic() + PAUSE_WAIT_S
+    while True:
+        vm = VirtualMachine.objects.select_related("owner").get(pk=vm_id)
+        if not idle_pause_pending(vm) or time.monotonic() > deadline:
+            return vm
+        time.sleep(0.02)
 
 
 def _wait_for_wake(vm_id: uuid.UUID) -> VirtualMachine:

@@ -273,9 +273,10 @@ class VirtualMachine(models.Model):
 
 class VMActivity(models.Model):
     """When a VM's guest was last used (exec, file transfer, console input; vms.idle): not
-    state, so not an event, and not a projection: written by the web tier (console input at
-    most once per ``vms.idle.TOUCH_EVERY_S``), read by the idle tick. A VM without a row counts
-    from its last change of state."""
+    state, so not an event, and not a projection: written by the web tier when a guest request
+    starts and with its outcome (console input at most once per ``vms.idle.TOUCH_EVERY_S``),
+    read by the idle tick and the idle pause, deleted with the VM's ``vm.destroyed``. A VM
+    without a row counts from its last change of state."""
 
     vm_id = models.UUIDField(primary_key=True)
     last_at = models.DateTimeField()

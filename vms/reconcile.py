@@ -37,7 +37,7 @@ SYSTEM = Actor(kind="system", username="reconciler", channel="worker")
 REQUEUE_AFTER_S = 120  # a request nobody claimed for this long gets enqueued again
 # On top of a guest verb's time limit: waiting for the agent's lock and hello, the client's
 # grace after an exec's deadline, a slow append of the outcome.
-GUEST_MARGIN_S = 300
+GUEST_MARGIN_S = commands.GUEST_MARGIN_S
 # How far back the minutely pass looks for guest requests without an outcome (the pass at
 # startup looks at the whole log: the reconciler may have been down for longer).
 GUEST_LOOKBACK_S = 86400

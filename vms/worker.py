@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -685,13 +685,7 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
         if not was_paused:
             hv.resume(rt)
         _progress(request, "snapshotting", 70, "hashing the snapshot files")
-        manifest: dict[str, dict[str, Any]] = {
-            str(path.relative_to(directory)): {
-                "size": path.stat().st_size,
-                "sha256": runtime.sha256_file(path),
-            }
-            for path in sorted(files.files)
-        }
+        manifest, stats = hash_files(directory, files.files)
     except Exception as exc:
         with contextlib.suppress(Exception):
             if not was_paused and hv.is_alive(rt):
@@ -704,7 +698,7 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
         ) from exc
     size = sum(f["size"] for f in manifest.values())
     if request.data.get("fork"):
-        _note_hashed(directory, manifest)
+        _note_hashed(snapshot_id, stats)
     with transaction.atomic():
         commands.record_snapshot_created(
             request,
@@ -726,29 +720,66 @@ def do_snapshot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, 
     }
 
 
-# A fork's snapshot: what its files were (size, mtime, inode) when this host hashed them for its
-# manifest, moments before its restores (beside the files; not one of them, not in the log).
-_HASHED = ".hashed-stat.json"
+# A fork's snapshot: what each of its files was (size, mtime, ctime, inode) while this host hashed
+# it for the manifest, moments before its restores: kept on this host, outside the snapshot's
+# directory (so nothing that may write the files writes what vouches for them), readable by
+# this user only, never in the log; gone with the snapshot (``cleanup_snapshot``).
 
 
 def _stat_of(path: Path) -> list[int]:
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def _note_hashed(directory: Path, manifest: dict[str, dict[str, Any]]) -> None:
-    stats = {name: _stat_of(directory / name) for name in manifest}
-    (directory / _HASHED).write_text(json.dumps(stats))
+def hash_files(
+    directory: Path, paths: Iterable[Path]
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[int] | None]]:
+    """The manifest of ``paths`` (name -> size and SHA-256), and each file's stat as it was
+    while it was hashed: taken before and after hashing it, None when the two differ (the file
+    changed while it was read: its hash vouches for nothing)."""
+    manifest: dict[str, dict[str, Any]] = {}
+    stats: dict[str, list[int] | None] = {}
+    for path in sorted(paths):
+        name = str(path.relative_to(directory))
+        before = _stat_of(path)
+        digest = runtime.sha256_file(path)
+        after = _stat_of(path)
+        manifest[name] = {"size": before[0], "sha256": digest}
+        stats[name] = before if before == after else None
+    return manifest, stats
+
+
+def _hashed_path(snapshot_id: object) -> Path:
+    return Path(settings.SANDBOX_RUNTIME_DIR) / f".hashed-{snapshot_id}.json"
+
+
+def _note_hashed(snapshot_id: object, stats: dict[str, list[int] | None]) -> None:
+    path = _hashed_path(snapshot_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(stats))
+    os.replace(tmp, path)
+
+
+def _forget_hashed(snapshot_id: object) -> None:
+    with contextlib.suppress(OSError):
+        _hashed_path(snapshot_id).unlink()
 
 
 def hashed_unchanged(snap: Snapshot) -> bool:
-    """A fork's snapshot whose files are as they were when this host hashed them for the
-    manifest (same size, mtime and inode): its restores need not hash them again."""
+    """A fork's snapshot whose every file was unchanged while this host hashed it for the
+    manifest and is as it was then (same size, mtime, ctime and inode): its restores need not
+    hash them again. False when there is no such record (another host, a reboot) or a file
+    changed while it was hashed."""
     directory = runtime.snapshot_dir(snap.pk)
     try:
-        noted = json.loads((directory / _HASHED).read_text())
+        noted = json.loads(_hashed_path(snap.pk).read_text())
         return bool(snap.manifest) and all(
-            noted.get(name) == _stat_of(directory / name) and noted[name][0] == entry["size"]
+            noted.get(name) is not None
+            and noted[name] == _stat_of(directory / name)
+            and noted[name][0] == entry["size"]
             for name, entry in snap.manifest.items()
         )
     except (OSError, ValueError, TypeError, KeyError, IndexError):
@@ -915,3 +946,4 @@ def cleanup_snapshot(snapshot_id: str) -> None:
     if snap is not None:
         shutil.rmtree(runtime.snapshot_dir(snap.pk), ignore_errors=True)
         credentials.forget_snapshot(snap.pk)
+        _forget_hashed(snap.pk)

@@ -5,8 +5,11 @@ VM unused past it (reason idle), which the next guest request may wake, unlike a
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,6 +19,7 @@ from django.utils import timezone
 from accounts.caller import Caller
 from audit.models import Event
 from vms import commands, enqueue, idle, worker
+from vms.hypervisors.base import SnapshotFiles
 from vms.models import Snapshot, Template, VirtualMachine, VMActivity
 from vms.quotas import QuotaExceeded
 
@@ -159,6 +163,79 @@ def test_a_forks_restore_waits_for_its_snapshot_and_fails_on_its_own_when_it_fai
     assert VirtualMachine.objects.get(pk=vm.pk).state == "running"
 
 
+class SnapshottingHypervisor:
+    """Takes a snapshot of two files (what the worker's snapshot task asks of a driver)."""
+
+    name = "fake"
+
+    def info(self, rt: Any) -> Any:
+        return SimpleNamespace(state=SimpleNamespace(value="running"))
+
+    def snapshot(self, rt: Any, directory: Path) -> SnapshotFiles:
+        for name, body in (("memory", b"m" * 4096), ("state.json", b"{}")):
+            (directory / name).write_bytes(body)
+        return SnapshotFiles(directory, (directory / "memory", directory / "state.json"))
+
+    def resume(self, rt: Any) -> None:
+        pass
+
+    def is_alive(self, rt: Any) -> bool:
+        return True
+
+
+def forked_snapshot(owner: Any, vm: VirtualMachine) -> tuple[Any, Snapshot]:
+    forked = commands.fork(owner, VirtualMachine.objects.get(pk=vm.pk), count=1)
+    assert worker.handle(str(forked.request.event_id)) == "vm.snapshotted"
+    return forked, Snapshot.objects.get(pk=forked.snapshot.pk)
+
+
+def test_a_forks_restore_trusts_only_files_unchanged_while_they_were_hashed(
+    caller_for: Any, vm_dirs: Any, enqueued: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vms import runtime
+
+    monkeypatch.setattr(runtime, "hypervisor", SnapshottingHypervisor)
+    monkeypatch.setattr(runtime, "launched_image", lambda rt: "img-1")
+    owner = caller_for("operator")
+    vm = running_vm(owner)
+    # A file written to after its hash was taken, before the snapshot task is done with it.
+    real = runtime.sha256_file
+
+    def hash_then_write(path: Path, *args: Any) -> str:
+        digest = real(path, *args)
+        if path.name == "memory":
+            written = path.stat().st_mtime_ns + 1_000_000_000
+            with path.open("r+b") as fh:
+                fh.write(b"X")  # same size: only the content differs
+            # Its mtime as a write a moment later gives it (not the same filesystem tick).
+            os.utime(path, ns=(written, written))
+        return digest
+
+    monkeypatch.setattr(runtime, "sha256_file", hash_then_write)
+    forked, snap = forked_snapshot(owner, vm)
+    monkeypatch.setattr(runtime, "sha256_file", real)
+    assert not worker.hashed_unchanged(snap)
+    restore = forked.vms[0].request
+    assert worker.handle(str(restore.event_id)).startswith("failed: ")
+    failed = Event.objects.get(type="vm.restore_failed", causation_id=str(restore.event_id))
+    assert "memory fails its SHA-256 check" in failed.payload["reason"]
+    steps = [
+        e.payload["message"]
+        for e in Event.objects.filter(type="vm.progress", causation_id=str(restore.event_id))
+    ]
+    assert "checking the snapshot's SHA-256 manifest" in steps
+    assert Snapshot.objects.get(pk=snap.pk).state == "corrupted"
+
+    # Untouched: trusted; what vouches for the files is kept outside their directory, 0600.
+    _, snap = forked_snapshot(owner, vm)
+    assert worker.hashed_unchanged(snap)
+    kept = [p for p in runtime.snapshot_dir(snap.pk).iterdir()]
+    assert sorted(p.name for p in kept) == ["memory", "state.json"]
+    record = worker._hashed_path(snap.pk)
+    assert record.is_file() and (record.stat().st_mode & 0o777) == 0o600
+    assert not record.is_relative_to(runtime.snapshot_dir(snap.pk))
+
+
 # --- Idle pause ---------------------------------------------------------------------------------
 
 
@@ -255,7 +332,7 @@ def test_guest_access_may_wake_an_idle_pause_but_not_an_owners_pause(caller_for:
     sleepy = running_vm(owner, name="idle-paused")
     commands.set_idle(owner, sleepy, idle_timeout_s=1)
     later = timezone.now() + timedelta(seconds=5)
-    pause = commands.pause_idle(sleepy.pk, timezone.now(), later)
+    pause = commands.pause_idle(sleepy.pk, later)
     assert pause is not None
     commands.record_outcome(pause, "vm.paused", {})
     sleepy.refresh_from_db()
@@ -268,6 +345,109 @@ def test_guest_access_may_wake_an_idle_pause_but_not_an_owners_pause(caller_for:
     assert worker.is_claimed(resume)  # claimed: no worker carries it out too
     sleepy.refresh_from_db()
     assert sleepy.state == "resuming"
+
+
+def test_no_idle_pause_while_a_guest_request_runs_and_idleness_counts_from_its_end(
+    caller_for: Any, enqueued: list[str]
+) -> None:
+    owner = caller_for("operator")
+    vm = running_vm(owner)
+    commands.set_idle(owner, vm, idle_timeout_s=60)
+    idle.touch(vm.pk)
+    request = commands.request_guest_access(owner, vm, "exec", {"argv": ["make"]})
+    now = timezone.now() + timedelta(seconds=300)  # `make` still runs 5 minutes later
+    assert [pk for pk, _ in idle.due(now)] == [vm.pk]  # its use dates from when it was asked
+    assert idle.pause_idle_vms(now) == 0
+    assert not Event.objects.filter(type="vm.pause_requested", aggregate_id=str(vm.pk)).exists()
+    assert commands.guest_request_in_flight(vm.pk, now)
+    # Its outcome marks the VM used: the idle time counts from the end of the command.
+    done = commands.record_guest_outcome(owner, request, "vm.exec_completed", {"exit_code": 0})
+    assert not commands.guest_request_in_flight(vm.pk, now)
+    assert VMActivity.objects.get(vm_id=vm.pk).last_at == done.recorded_at
+    assert idle.pause_idle_vms(done.recorded_at + timedelta(seconds=59)) == 0
+    assert idle.pause_idle_vms(done.recorded_at + timedelta(seconds=61)) == 1
+    pause = Event.objects.get(type="vm.pause_requested", aggregate_id=str(vm.pk))
+    assert pause.payload["idle_s"] == 61.0
+
+
+def test_the_idle_pause_is_decided_and_measured_from_the_use_seen_under_the_lock(
+    caller_for: Any, enqueued: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = caller_for("operator")
+    used, late = running_vm(owner, name="used"), running_vm(owner, name="late")
+    for vm in (used, late):
+        commands.set_idle(owner, vm, idle_timeout_s=60)
+    now = timezone.now() + timedelta(seconds=300)  # unused for 5 minutes
+    found = idle.due
+
+    def due_then_used(when: Any, limit: int = idle.BATCH) -> Any:
+        # Between the tick's look and the pause: one VM is used now, the other 90 s ago.
+        out = found(when, limit)
+        idle.touch(used.pk, when)
+        idle.touch(late.pk, when - timedelta(seconds=90))
+        return out
+
+    monkeypatch.setattr(idle, "due", due_then_used)
+    assert idle.pause_idle_vms(now) == 1
+    assert not Event.objects.filter(type="vm.pause_requested", aggregate_id=str(used.pk)).exists()
+    pause = Event.objects.get(type="vm.pause_requested", aggregate_id=str(late.pk))
+    assert pause.payload["idle_s"] == 90.0  # not the 300 s the tick had seen
+
+
+class FakeHypervisor:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.resumed: list[Any] = []
+
+    def resume(self, rt: Any) -> None:
+        self.resumed.append(rt)
+
+
+def test_a_guest_request_during_a_pending_idle_pause_waits_for_it_then_resumes(
+    caller_for: Any, vm_dirs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vms import guest, runtime
+
+    owner = caller_for("operator")
+    vm = running_vm(owner)
+    commands.set_idle(owner, vm, idle_timeout_s=1)
+    stale = VirtualMachine.objects.get(pk=vm.pk)  # read by the view before the pause
+    assert idle.pause_idle_vms(timezone.now() + timedelta(seconds=5)) == 1
+    pause = pause_event(Event.objects.get(type="vm.pause_requested", aggregate_id=str(vm.pk)))
+    hv = FakeHypervisor()
+    monkeypatch.setattr(runtime, "hypervisor", lambda: hv)
+    waits: list[float] = []
+
+    def the_worker_pauses_it(seconds: float) -> None:
+        # While the request waits, the worker carries out the pause.
+        if not waits:
+            commands.record_outcome(pause, "vm.paused", {})
+        waits.append(seconds)
+
+    monkeypatch.setattr(idle.time, "sleep", the_worker_pauses_it)
+    woken, request = guest._asked(owner, stale, "exec", {"argv": ["true"]})
+    assert waits and hv.resumed == [runtime.runtime_dir(vm.pk)]
+    resume = Event.objects.get(type="vm.resume_requested", aggregate_id=str(vm.pk))
+    assert resume.payload["reason"] == "activity"
+    resumed = Event.objects.get(type="vm.resumed", causation_id=str(resume.event_id))
+    assert pause.position < resume.position < resumed.position < request.position
+    assert request.type == "vm.exec_requested"
+    assert (woken.state, woken.idle_paused) == ("running", False)
+
+
+def test_a_destroyed_vms_last_use_goes_with_it(caller_for: Any) -> None:
+    owner = caller_for("operator")
+    vm = running_vm(owner)
+    request = commands.request_guest_access(owner, vm, "exec", {"argv": ["sleep", "60"]})
+    assert VMActivity.objects.filter(vm_id=vm.pk).exists() is False
+    idle.touch(vm.pk)
+    destroy = commands.destroy(owner, VirtualMachine.objects.get(pk=vm.pk)).request
+    commands.record_outcome(destroy, "vm.destroyed", {})
+    assert not VMActivity.objects.filter(vm_id=vm.pk).exists()
+    # The outcome of an exec that ran through the destroy does not write it again.
+    commands.record_guest_outcome(owner, request, "vm.exec_failed", {"reason": "gone"})
+    assert not VMActivity.objects.filter(vm_id=vm.pk).exists()
 
 
 # --- The API --------------------------------------------------------------------------------------
