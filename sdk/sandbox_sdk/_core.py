@@ -344,6 +344,37 @@ def clone(
     return (yield from accepted(answer, wait_for, timeout))
 
 
+def fork(
+    vm_id: str,
+    count: int,
+    names: list[str] | None,
+    wait_for: bool,
+    timeout: float | None,
+) -> Op:
+    """``count`` new VMs from the VM's running state (one snapshot, a restore each): the new
+    VMs (as they are once each restore succeeded, unless ``wait_for`` is false)."""
+    body: dict[str, Any] = {"count": count}
+    if names is not None:
+        body["names"] = names
+    path = f"/vms/{_id(vm_id)}/fork/"
+    answer = yield from request(Call("POST", path, json=body, ok=(202,)))
+    made: list[dict[str, Any]] = []
+    for vm in answer["vms"]:
+        if wait_for:
+            status = yield from wait(vm["status_url"], timeout)
+            made.append(status.get("vm") or (yield from get_vm(vm["id"])))
+        else:
+            made.append((yield from get_vm(vm["id"])))
+    return made
+
+
+def set_idle(vm_id: str, seconds: int | None) -> Op:
+    """The VM's idle policy: paused after ``seconds`` without exec, file transfer or console
+    input (None: never); the next exec or file request resumes it."""
+    path = f"/vms/{_id(vm_id)}/idle/"
+    return (yield from request(Call("POST", path, json={"idle_timeout_s": seconds})))
+
+
 def set_lifetime(vm_id: str, seconds: int) -> Op:
     """End the VM's lifetime ``seconds`` from now (0 clears it): the server's answer
     (``timeout_s``, ``expires_at``, ``on_expiry``, ``event_position``)."""

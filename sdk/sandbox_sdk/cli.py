@@ -280,6 +280,36 @@ _verb("reboot", "Reboot a running VM.")
 _verb("destroy", "Destroy a VM (whatever its state).")
 
 
+@vm.command("fork")
+@click.argument("ref")
+@click.option("-n", "--count", type=click.IntRange(min=1), default=1, show_default=True)
+@wait_options
+@pass_state
+def vm_fork(state: State, ref: str, count: int, no_wait: bool, timeout: float | None) -> None:
+    """COUNT new VMs from a running VM's state of now (memory and disk), each its own identity."""
+    made = state.sandbox(ref).fork(count, keep=True, wait=not no_wait, timeout=timeout)
+    render(state, [m.info for m in made], VM_COLUMNS)
+
+
+@vm.command("idle")
+@click.argument("ref")
+@click.argument("seconds")
+@pass_state
+def vm_idle(state: State, ref: str, seconds: str) -> None:
+    """Pause a VM after SECONDS without exec, file transfer or console input ("off": never);
+    the next exec or file request resumes it."""
+    if seconds == "off":
+        value: int | None = None
+    else:
+        try:
+            value = int(seconds)
+        except ValueError:
+            raise click.BadParameter("whole seconds, or off", param_hint="SECONDS") from None
+        if value < 1:
+            raise click.BadParameter("at least 1, or off", param_hint="SECONDS")
+    render(state, state.sandbox(ref).set_idle(value), ["idle_timeout_s", "event_position"])
+
+
 @vm.command("lifetime")
 @click.argument("ref")
 @click.argument("seconds", type=click.IntRange(min=0))

@@ -481,6 +481,26 @@ class Sandbox(VMView):
         answer = self.client.run(_core.destroy_vm(self.id, wait, timeout))
         self.info = answer["vm"]
 
+    def fork(
+        self,
+        count: int = 1,
+        *,
+        names: list[str] | None = None,
+        keep: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> list[Sandbox]:
+        """``count`` new VMs from this VM's running state of now (its memory and disk: one
+        snapshot, restored once per new VM, each with its own identity); each is destroyed on
+        exit of its own ``with`` unless ``keep``. Waits (``timeout`` per VM) until each runs."""
+        made = self.client.run(_core.fork(self.id, count, names, wait, timeout))
+        return [Sandbox(self.client, info, keep=keep) for info in made]
+
+    def set_idle(self, seconds: int | None) -> dict[str, Any]:
+        """Pause this VM after ``seconds`` without exec, file transfer or console input (None:
+        never); the next exec or file request resumes it. The server's answer."""
+        return self.client.run(_core.set_idle(self.id, seconds))
+
     def set_lifetime(self, seconds: int) -> dict[str, Any]:
         """End this VM's lifetime ``seconds`` from now (extend or shorten it; 0 clears it): the
         server then stops or destroys it, as its template says. The server's answer

@@ -235,3 +235,35 @@ def console_through_a_pty(args: list[str], token: str, typed: bytes, expect: byt
             proc.wait(timeout=10)
         os.close(master)
     return seen
+
+
+def test_fork_and_idle_from_the_sdk_and_the_cli(sdk_env, worker, make_user, issue_token) -> None:
+    """A fork of 2 from the SDK: each new VM holds what the source had in its tmpfs, under a
+    host name of its own; the idle policy set and cleared from the SDK and the CLI."""
+    from vms.models import VirtualMachine
+
+    token = issue_token(make_user("operator", "owner"))
+    client = Client(token=token)
+    with Sandbox.create(template="linux-small", name="src", timeout=240, client=client) as src:
+        src.exec(["sh", "-c", "echo forked > /tmp/mark"])
+        made = src.fork(2, timeout=240)
+        try:
+            assert [m.state for m in made] == ["running", "running"]
+            assert {m.name for m in made} == {"src-fork-1", "src-fork-2"}
+            for m in made:
+                assert m.exec(["cat", "/tmp/mark"]).stdout == "forked\n"
+                assert m.exec("hostname").stdout == f"{m.name}\n"
+        finally:
+            for m in made:
+                m.destroy()
+
+        answer = src.set_idle(300)
+        assert answer["idle_timeout_s"] == 300
+        assert VirtualMachine.objects.get(pk=src.id).idle_timeout_s == 300
+        env = {"SANDBOX_TOKEN": token}
+        cleared = CliRunner().invoke(cli, ["-o", "json", "vm", "idle", "src", "off"], env=env)
+        assert cleared.exit_code == 0, cleared.output
+        assert json.loads(cleared.stdout)["idle_timeout_s"] is None
+        assert VirtualMachine.objects.get(pk=src.id).idle_timeout_s is None
+        bad = CliRunner().invoke(cli, ["vm", "idle", "src", "soon"], env=env)
+        assert bad.exit_code == 2 and VirtualMachine.objects.get(pk=src.id).idle_timeout_s is None
