@@ -59,6 +59,7 @@ ALLOWED_TASKS = frozenset(
         "vms.tasks.pause_idle_vms",
         "vms.tasks.reconcile",
         "vms.tasks.refill_pools",
+        "vms.tasks.relieve_pressure",
         "vms.tasks.rollup_usage",
         "vms.tasks.run_request",
         "vms.tasks.sample_usage",
