@@ -159,3 +159,133 @@ def test_the_vm_page_says_its_priority_and_what_the_host_took(caller_for, client
     client.force_login(caller.user)
     page = client.get(f"/vms/{vm.pk}/").content.decode()
     assert "priority low; ballooned to 128 MiB" in page
+
+
+# --- An action the log cannot take is undone (vms.pressure._relieve) ----------------------------
+
+
+class FakeVMM:
+    """A hypervisor double with a balloon and a CPU weight per VM (what QMP and the cgroup
+    would say); ``fail_undo`` makes the next N calls that put a value back fail."""
+
+    name = "fake"
+
+    def __init__(self, memory: dict[Any, int]) -> None:
+        self.memory, self.weight = dict(memory), dict.fromkeys(memory, 100)
+        self.calls: list[tuple[str, Any, Any]] = []
+        self.fail_undo = 0
+        self.during_action: Any = None
+
+    @staticmethod
+    def _vm(rt: Any) -> Any:
+        return next(k for k in ALL if str(k).replace("-", "")[:12] == rt.root.name)
+
+    def balloon_mib(self, rt: Any) -> int:
+        return self.memory[self._vm(rt)]
+
+    def balloon(self, rt: Any, target: int) -> None:
+        self._set("balloon", self.memory, rt, target)
+
+    def set_cpu_weight(self, rt: Any, weight: int | None) -> int:
+        before = self.weight[self._vm(rt)]
+        self._set("cpu", self.weight, rt, weight or 100)
+        return before
+
+    def _set(self, what: str, values: dict[Any, int], rt: Any, value: int) -> None:
+        from vms.hypervisors.base import HypervisorError
+
+        vm_id = self._vm(rt)
+        self.calls.append((what, vm_id, value))
+        if len([c for c in self.calls if c[:2] == (what, vm_id)]) > 1 and self.fail_undo:
+            self.fail_undo -= 1
+            raise HypervisorError("QMP socket gone away")
+        values[vm_id] = value
+
+
+ALL: list[Any] = []
+
+
+@pytest.fixture
+def loop_host(monkeypatch, settings, tmp_path) -> None:
+    monkeypatch.setattr("vms.runtime.host_name", lambda: "h1")
+    settings.SANDBOX_RUNTIME_DIR = tmp_path
+    monkeypatch.setattr(pressure, "_unrecorded", {}, raising=False)
+    monkeypatch.setattr(pressure, "_cannot", {})
+    settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = 1024
+    settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = 2048
+    settings.SANDBOX_PRESSURE_MEM_PSI = settings.SANDBOX_PRESSURE_RELEASE_PSI = 100.0
+    settings.SANDBOX_PRESSURE_CPU_PSI, settings.SANDBOX_PRESSURE_RELEASE_CPU_PSI = 50.0, 20.0
+    settings.SANDBOX_PRESSURE_BALLOON_FRACTION = 0.5
+    settings.SANDBOX_PRESSURE_MIN_GUEST_MIB = 64
+
+
+PRESSED = pressure.Readings(available_mib=500, memory_psi=0.0, cpu_psi=0.0)
+CPU_PRESSED = pressure.Readings(available_mib=20000, memory_psi=0.0, cpu_psi=80.0)
+
+
+def test_a_balloon_whose_event_meets_a_concurrent_append_is_undone(
+    caller_for, monkeypatch, loop_host
+) -> None:
+    owner = caller_for("operator")
+    vm = running_vm(owner, priority="low")
+    ALL[:] = [vm.pk]
+    hv = FakeVMM({vm.pk: vm.memory_mib})
+    monkeypatch.setattr("vms.runtime.hypervisor", lambda: hv)
+    # The owner opts the VM out between the loop's read of its version and the loop's append:
+    # the loop's expected version is stale, and the real store refuses it.
+    fresh, armed = commands._fresh, [True]
+
+    def read_then_someone_appends(vm_id: Any) -> VirtualMachine:
+        row = fresh(vm_id)
+        if armed:
+            armed.clear()
+            commands.set_priority(owner, row, pressure_opt_out=True)
+        return row
+
+    monkeypatch.setattr(commands, "_fresh", read_then_someone_appends)
+    assert pressure.relieve(PRESSED) == []
+    full, half = vm.memory_mib, vm.memory_mib // 2
+    assert hv.calls == [("balloon", vm.pk, half), ("balloon", vm.pk, full)]  # done, undone
+    assert hv.memory[vm.pk] == full
+    assert not Event.objects.filter(aggregate_id=str(vm.pk), type="vm.ballooned").exists()
+    vm.refresh_from_db()
+    assert vm.balloon_target_mib is None
+    assert pressure._unrecorded == {}
+
+
+def test_a_cpu_weight_unrecorded_is_undone_and_a_failed_undo_is_retried_next_pass(
+    caller_for, monkeypatch, loop_host, tmp_path
+) -> None:
+    from audit import store
+    from audit.errors import EventStoreUnavailable
+    from vms import runtime
+
+    vm = running_vm(caller_for("operator"), priority="low")
+    ALL[:] = [vm.pk]
+    rt = runtime.runtime_dir(vm.pk)
+    rt.create()
+    rt.pidfile.write_text("4242\n")  # the VMM the action was done to
+    hv = FakeVMM({vm.pk: vm.memory_mib})
+    hv.fail_undo = 1
+    monkeypatch.setattr("vms.runtime.hypervisor", lambda: hv)
+    append = store.append
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise EventStoreUnavailable("database is down")
+
+    monkeypatch.setattr(store, "append", unavailable)
+    assert pressure.relieve(CPU_PRESSED) == []
+    assert hv.calls == [("cpu", vm.pk, 10), ("cpu", vm.pk, 100)]
+    assert hv.weight[vm.pk] == 10  # the undo failed: still lowered, and known to be
+    assert set(pressure._unrecorded) == {(vm.pk, "cpu")}
+    # The next pass (the store back, the host still pressed) undoes it first and does not act
+    # on it again in the same pass.
+    monkeypatch.setattr(store, "append", append)
+    assert pressure.relieve(CPU_PRESSED) == []
+    assert hv.weight[vm.pk] == 100 and pressure._unrecorded == {}
+    assert not Event.objects.filter(aggregate_id=str(vm.pk), type="vm.cpu_lowered").exists()
+    # The pass after that acts and records as usual.
+    done = pressure.relieve(CPU_PRESSED)
+    assert [d["type"] for d in done] == ["vm.cpu_lowered"] and hv.weight[vm.pk] == 10
+    vm.refresh_from_db()
+    assert vm.cpu_weight == 10
