@@ -14,7 +14,7 @@ from accounts.caller import Caller
 from audit import projections
 from audit.models import Event
 from vms import commands, pressure
-from vms.models import Template, VirtualMachine
+from vms.models import Snapshot, Template, VirtualMachine
 
 pytestmark = pytest.mark.django_db
 
@@ -117,6 +117,59 @@ def test_pressure_events_fold_into_the_row_and_a_rebuild_gives_the_same(caller_f
     assert (vm.balloon_target_mib, vm.cpu_weight) == (None, None)  # gone with its VMM
     with pytest.raises(ValueError, match="not a pressure event"):
         commands.record_pressure_action(vm.pk, "vm.started", {})
+
+
+def _pressed(vm: VirtualMachine) -> None:
+    commands.record_pressure_action(vm.pk, "vm.ballooned", {"target_mib": 128, "before_mib": 256})
+    commands.record_pressure_action(vm.pk, "vm.cpu_lowered", {"weight": 10, "before": 100})
+
+
+PRESSURE_FIELDS = ("balloon_target_mib", "ballooned_at", "cpu_weight", "cpu_lowered_at")
+
+
+def test_a_new_vmm_restored_or_started_has_no_balloon_nor_lowered_cpu_weight(
+    caller_for, monkeypatch
+) -> None:
+    """An in-place restore never leaves the VM stopped (its state holds the host throughout):
+    vm.restored itself says the VMM is new; so does vm.started (after a failed restore)."""
+    from vms import images
+
+    monkeypatch.setattr(images, "snapshot_image", lambda image_id: None)  # no image cache here
+    admin = caller_for("admin")
+    vm = running_vm(caller_for("operator"), priority="low")
+    taken = commands.snapshot(admin, vm, name="s")
+    commands.record_snapshot_created(
+        taken.request,
+        taken.request.data["snapshot_id"],
+        {"vm_id": str(vm.pk), "manifest": {}, "size_bytes": 1, "files": 0},
+    )
+    commands.record_outcome(taken.request, "vm.snapshotted", {})
+    _pressed(vm)
+    vm.refresh_from_db()
+    assert vm.balloon_target_mib == 128 and vm.cpu_weight == 10
+    snap = Snapshot.objects.get(pk=taken.snapshot.pk)
+    restore = commands.restore(admin, vm, snap)
+    commands.record_outcome(restore.request, "vm.restored", {"snapshot_id": str(snap.pk)})
+    vm.refresh_from_db()
+    assert vm.state == "running"
+    assert [getattr(vm, f) for f in PRESSURE_FIELDS] == [None] * 4
+    # A restore that failed after the old VMM went leaves it failed (its fields as they were:
+    # the loop acts on running VMs only); the start that follows is a new VMM.
+    _pressed(vm)
+    failed = commands.restore(admin, vm, snap)
+    commands.record_outcome(failed.request, "vm.restore_failed", {"reason": "x", "state": "failed"})
+    vm.refresh_from_db()
+    assert vm.state == "failed"
+    started = commands.start(admin, vm)
+    commands.record_outcome(started.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
+    vm.refresh_from_db()
+    assert vm.state == "running"
+    assert [getattr(vm, f) for f in PRESSURE_FIELDS] == [None] * 4
+    _pressed(vm)  # and a balloon of the new VMM is its own
+    row = VirtualMachine.objects.values(*PRESSURE_FIELDS).get(pk=vm.pk)
+    assert row["balloon_target_mib"] == 128
+    projections.rebuild("vms.state")
+    assert VirtualMachine.objects.values(*PRESSURE_FIELDS).get(pk=vm.pk) == row
 
 
 def test_the_tick_enqueues_a_pass_only_when_there_is_something_to_do(
