@@ -22,7 +22,10 @@ VMs that matter least when the host runs short, and gives it back when the press
 
 Each action is done, then recorded (``vm.ballooned``, ``vm.balloon_released``,
 ``vm.cpu_lowered``, ``vm.cpu_restored``) with the reason and the readings and thresholds that
-caused it; the VM's state does not move. Nothing is paused.
+caused it; the VM's state does not move. Nothing is paused. An action whose event cannot be
+appended (the store unavailable, a concurrent append) is undone at once (balloon and CPU weight
+back to what they were), so the log never says what did not happen and nothing happens that it
+does not say; an undo that fails is tried again each pass while the same VMM runs.
 
 The worker's main process looks every ``SANDBOX_PRESSURE_PERIOD_S`` (``core.ticks``: two small
 file reads and, when there may be something to do, one indexed query) and enqueues ``relieve``,
@@ -282,6 +285,9 @@ def candidates(vms: Iterable[VirtualMachine]) -> list[Candidate]:
 # What a VM's VMM cannot do (no balloon device: started before balloons existed; no cgroup of
 # its own: not jailed), by (VM, "memory" | "cpu"), with the VMM's pid it was found for.
 _cannot: dict[tuple[uuid.UUID, str], int | None] = {}
+# Actions done whose event could not be appended and whose undo failed too, by (VM, family):
+# (kind, the event's fields, the VMM's pid); undone at the start of the next passes.
+_unrecorded: dict[tuple[uuid.UUID, str], tuple[str, dict[str, Any], int | None]] = {}
 _EVENTS = {
     "balloon": "vm.ballooned",
     "release": "vm.balloon_released",
@@ -327,15 +333,70 @@ def _act(hv: Any, rt: Any, action: Action) -> dict[str, Any] | None:
     return {"before": before, "weight": action.target}
 
 
+def _undo(hv: Any, rt: Any, kind: str, fields: dict[str, Any]) -> None:
+    """Put the VMM back to what it had before an action whose event could not be appended."""
+    if _family(kind) == "memory":
+        hv.balloon(rt, fields["before_mib"])
+    else:
+        hv.set_cpu_weight(rt, fields["before"])
+
+
+def _undo_unrecorded(hv: Any, rt: Any, action: Action, fields: dict[str, Any], why: str) -> None:
+    """An action done whose event could not be appended (the store unavailable, a concurrent
+    append): undone at once, so nothing happens that the log does not say. An undo that fails
+    too is kept and tried again at the start of every pass while the same VMM runs."""
+    key = (action.vm_id, _family(action.kind))
+    try:
+        _undo(hv, rt, action.kind, fields)
+    except Exception as exc:
+        _unrecorded[key] = (action.kind, fields, rt.pid())
+        log.error(
+            "pressure: %s of VM %s could not be recorded (%s) nor undone (%s): tried again "
+            "next pass",
+            action.kind,
+            action.vm_id,
+            why,
+            exc,
+        )
+        return
+    _unrecorded.pop(key, None)
+    log.warning(
+        "pressure: %s of VM %s could not be recorded (%s): undone (%s)",
+        action.kind,
+        action.vm_id,
+        why,
+        fields,
+    )
+
+
+def _undo_pending(hv: Any) -> set[tuple[uuid.UUID, str]]:
+    """Retry the undos that failed before; their keys (not acted on again in this pass)."""
+    tried = set(_unrecorded)
+    for key, (kind, fields, pid) in list(_unrecorded.items()):
+        rt = runtime.runtime_dir(key[0])
+        if pid is None or rt.pid() != pid:
+            del _unrecorded[key]  # that VMM is gone, and what was done to it with it
+            continue
+        try:
+            _undo(hv, rt, kind, fields)
+        except Exception as exc:
+            log.error("pressure: undo of %s of VM %s failed again: %s", kind, key[0], exc)
+            continue
+        del _unrecorded[key]
+        log.warning("pressure: %s of VM %s undone (%s)", kind, key[0], fields)
+    return tried
+
+
 def _relieve(r: Readings) -> list[dict[str, Any]]:
     t = Thresholds.from_settings()
     hv = runtime.hypervisor()
+    pending = _undo_pending(hv)
     rows = {vm.pk: vm for vm in _host_vms()}
     for key, pid in list(_cannot.items()):
         if key[0] not in rows or runtime.runtime_dir(key[0]).pid() != pid:
             del _cannot[key]
     done: list[dict[str, Any]] = []
-    acted: set[tuple[uuid.UUID, str]] = set()
+    acted: set[tuple[uuid.UUID, str]] = set(pending)
     while True:
         actions = [
             a
@@ -367,8 +428,9 @@ def _relieve(r: Readings) -> list[dict[str, Any]]:
             event_type = _EVENTS[action.kind]
             try:
                 commands.record_pressure_action(action.vm_id, event_type, data)
-            except Exception:
-                log.warning("pressure: could not record %s of %s", event_type, action.vm_id)
+            except Exception as exc:
+                # Not in the log: not done either (the VMM goes back to what it had).
+                _undo_unrecorded(hv, rt, action, fields, f"{type(exc).__name__}: {exc}")
                 continue
             done.append({"vm_id": str(action.vm_id), "type": event_type, **data})
         if not retry:

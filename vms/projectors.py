@@ -221,8 +221,13 @@ class VMProjector(Projector):
                         vm.expires_at = datetime.fromisoformat(data["lifetime_retry_at"])
                 if e.type in ("vm.started", "vm.restored"):
                     # A new VMM: its image is what the outcome says, unknown ("") if it says
-                    # nothing, never the image of the VMM before it.
+                    # nothing, never the image of the VMM before it; its balloon is deflated
+                    # and its cgroup has the VM's own CPU weight (a restore gives a guest saved
+                    # while ballooned all its memory back: vms.worker.do_restore), whatever
+                    # the pressure loop had done to the VMM before it.
                     vm.image_id = data.get("image_id", "")
+                    vm.balloon_target_mib = vm.ballooned_at = None
+                    vm.cpu_weight = vm.cpu_lowered_at = None
                 if e.type == "vm.started":
                     vm.host = data.get("host", vm.host)
                     vm.hypervisor = data.get("hypervisor", vm.hypervisor)

@@ -870,6 +870,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
                 pid = hv.restore(spec, rt, files)
             finally:
                 vmnet.close_fds(nets)
+            deflated = _deflate(vm, hv, rt)
         # The saved guest wants the snapshot's credential (its source's of then): this VM's
         # own at once, so the source's is refused here.
         _give_own_credential(
@@ -889,6 +890,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     )
     return "vm.restored", {
         **without_nic,
+        **deflated,
         "snapshot_id": str(snap.pk),
         "clone": clone,
         "pid": pid,
@@ -897,6 +899,21 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
         "image_id": image_id,
         "seconds": round(time.monotonic() - started, 3),
     }
+
+
+def _deflate(vm: VirtualMachine, hv: Any, rt: Any) -> dict[str, Any]:
+    """A balloon's target is part of a saved guest's device state: a guest saved while the
+    pressure loop had it ballooned comes back ballooned. A restored VM is a new VMM, which its
+    read model says is not ballooned (the projector clears that on ``vm.restored``), so it gets
+    all its memory back here; the outcome says what it came back with (``balloon_saved_mib``)."""
+    try:
+        saved = hv.balloon_mib(rt)
+    except NotSupported:
+        return {}
+    if saved is None or saved >= vm.memory_mib:
+        return {}  # no balloon device, or nothing held
+    hv.balloon(rt, vm.memory_mib)
+    return {"balloon_saved_mib": saved}
 
 
 def _untouched_state(vm: VirtualMachine) -> str:

@@ -249,3 +249,58 @@ def test_under_cpu_pressure_the_low_guest_gets_a_lower_cpu_weight_and_it_comes_b
             if vm.state != "destroyed":
                 destroy = commands.destroy(owner, vm)
                 worker.handle(destroy.request.event_id)
+
+
+def test_a_guest_snapshotted_while_ballooned_is_restored_with_all_its_memory(
+    caller_for: Any, vm_dirs: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The balloon's target is part of the saved guest (QEMU migrates virtio-balloon's state):
+    the restore gives it back its full memory, as its read model (not ballooned) says."""
+    import django_q.tasks
+
+    from vms import images
+    from vms.models import Snapshot
+
+    image = images.ensure_built()
+    monkeypatch.setenv("SANDBOX_IMAGE_DIR", str(image.directory))
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda func, **kw: import_string(func)())
+    settings.SANDBOX_PRESSURE_BALLOON_FRACTION = 0.375
+    settings.SANDBOX_PRESSURE_MEM_PSI = settings.SANDBOX_PRESSURE_RELEASE_PSI = 100.0
+    settings.SANDBOX_PRESSURE_CPU_PSI = settings.SANDBOX_PRESSURE_RELEASE_CPU_PSI = 100.0
+    owner = caller_for("operator")
+    low = commands.create(owner, name="saved-ballooned", template="linux-small", priority="low")
+    try:
+        assert worker.handle(low.request.event_id) == "vm.started"
+        vm = VirtualMachine.objects.get(pk=low.vm_id)
+        hv, rt = runtime.hypervisor(), runtime.runtime_dir(low.vm_id)
+        assert hv.balloon_mib(rt) == vm.memory_mib == 256
+        total_before = _mem_total_kib(owner, vm)
+        # Induced pressure (the threshold above the host's total memory): ballooned to 160 MiB.
+        host_total = pressure.read().memory_mib
+        assert host_total
+        settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = host_total + 1
+        settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = host_total + 1
+        monkeypatch.setattr(pressure, "_next_look", 0.0)
+        pressure.tick(timezone.now())
+        wait_for(lambda: hv.balloon_mib(rt) <= 176, 60, "the balloon to inflate", 0.5)
+        # Snapshot it while ballooned; no more pressure passes from here on.
+        settings.SANDBOX_PRESSURE_ENABLED = False
+        taken = commands.snapshot(owner, VirtualMachine.objects.get(pk=vm.pk), name="ballooned")
+        assert worker.handle(taken.request.event_id) == "vm.snapshotted"
+        snap = Snapshot.objects.get(pk=taken.snapshot.pk)
+        assert snap.state == "ready", snap.last_error
+
+        restore = commands.restore(owner, VirtualMachine.objects.get(pk=vm.pk), snap)
+        assert worker.handle(restore.request.event_id) == "vm.restored"
+        restored = Event.objects.get(causation_id=restore.request.event_id, type="vm.restored")
+        assert restored.payload["balloon_saved_mib"] <= 176  # it came back ballooned ...
+        # ... and gets all its memory back (QMP query-balloon, then the guest's own MemTotal).
+        wait_for(lambda: hv.balloon_mib(rt) == 256, 60, "the balloon to deflate", 0.5)
+        vm = VirtualMachine.objects.get(pk=vm.pk)
+        assert _mem_total_kib(owner, vm) == total_before
+        assert (vm.state, vm.balloon_target_mib, vm.ballooned_at) == ("running", None, None)
+    finally:
+        vm = VirtualMachine.objects.get(pk=low.vm_id)
+        if vm.state != "destroyed":
+            destroy = commands.destroy(owner, vm)
+            worker.handle(destroy.request.event_id)

@@ -14,7 +14,7 @@ from accounts.caller import Caller
 from audit import projections
 from audit.models import Event
 from vms import commands, pressure
-from vms.models import Template, VirtualMachine
+from vms.models import Snapshot, Template, VirtualMachine
 
 pytestmark = pytest.mark.django_db
 
@@ -119,6 +119,59 @@ def test_pressure_events_fold_into_the_row_and_a_rebuild_gives_the_same(caller_f
         commands.record_pressure_action(vm.pk, "vm.started", {})
 
 
+def _pressed(vm: VirtualMachine) -> None:
+    commands.record_pressure_action(vm.pk, "vm.ballooned", {"target_mib": 128, "before_mib": 256})
+    commands.record_pressure_action(vm.pk, "vm.cpu_lowered", {"weight": 10, "before": 100})
+
+
+PRESSURE_FIELDS = ("balloon_target_mib", "ballooned_at", "cpu_weight", "cpu_lowered_at")
+
+
+def test_a_new_vmm_restored_or_started_has_no_balloon_nor_lowered_cpu_weight(
+    caller_for, monkeypatch
+) -> None:
+    """An in-place restore never leaves the VM stopped (its state holds the host throughout):
+    vm.restored itself says the VMM is new; so does vm.started (after a failed restore)."""
+    from vms import images
+
+    monkeypatch.setattr(images, "snapshot_image", lambda image_id: None)  # no image cache here
+    admin = caller_for("admin")
+    vm = running_vm(caller_for("operator"), priority="low")
+    taken = commands.snapshot(admin, vm, name="s")
+    commands.record_snapshot_created(
+        taken.request,
+        taken.request.data["snapshot_id"],
+        {"vm_id": str(vm.pk), "manifest": {}, "size_bytes": 1, "files": 0},
+    )
+    commands.record_outcome(taken.request, "vm.snapshotted", {})
+    _pressed(vm)
+    vm.refresh_from_db()
+    assert vm.balloon_target_mib == 128 and vm.cpu_weight == 10
+    snap = Snapshot.objects.get(pk=taken.snapshot.pk)
+    restore = commands.restore(admin, vm, snap)
+    commands.record_outcome(restore.request, "vm.restored", {"snapshot_id": str(snap.pk)})
+    vm.refresh_from_db()
+    assert vm.state == "running"
+    assert [getattr(vm, f) for f in PRESSURE_FIELDS] == [None] * 4
+    # A restore that failed after the old VMM went leaves it failed (its fields as they were:
+    # the loop acts on running VMs only); the start that follows is a new VMM.
+    _pressed(vm)
+    failed = commands.restore(admin, vm, snap)
+    commands.record_outcome(failed.request, "vm.restore_failed", {"reason": "x", "state": "failed"})
+    vm.refresh_from_db()
+    assert vm.state == "failed"
+    started = commands.start(admin, vm)
+    commands.record_outcome(started.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
+    vm.refresh_from_db()
+    assert vm.state == "running"
+    assert [getattr(vm, f) for f in PRESSURE_FIELDS] == [None] * 4
+    _pressed(vm)  # and a balloon of the new VMM is its own
+    row = VirtualMachine.objects.values(*PRESSURE_FIELDS).get(pk=vm.pk)
+    assert row["balloon_target_mib"] == 128
+    projections.rebuild("vms.state")
+    assert VirtualMachine.objects.values(*PRESSURE_FIELDS).get(pk=vm.pk) == row
+
+
 def test_the_tick_enqueues_a_pass_only_when_there_is_something_to_do(
     caller_for, monkeypatch, settings
 ) -> None:
@@ -159,3 +212,133 @@ def test_the_vm_page_says_its_priority_and_what_the_host_took(caller_for, client
     client.force_login(caller.user)
     page = client.get(f"/vms/{vm.pk}/").content.decode()
     assert "priority low; ballooned to 128 MiB" in page
+
+
+# --- An action the log cannot take is undone (vms.pressure._relieve) ----------------------------
+
+
+class FakeVMM:
+    """A hypervisor double with a balloon and a CPU weight per VM (what QMP and the cgroup
+    would say); ``fail_undo`` makes the next N calls that put a value back fail."""
+
+    name = "fake"
+
+    def __init__(self, memory: dict[Any, int]) -> None:
+        self.memory, self.weight = dict(memory), dict.fromkeys(memory, 100)
+        self.calls: list[tuple[str, Any, Any]] = []
+        self.fail_undo = 0
+        self.during_action: Any = None
+
+    @staticmethod
+    def _vm(rt: Any) -> Any:
+        return next(k for k in ALL if str(k).replace("-", "")[:12] == rt.root.name)
+
+    def balloon_mib(self, rt: Any) -> int:
+        return self.memory[self._vm(rt)]
+
+    def balloon(self, rt: Any, target: int) -> None:
+        self._set("balloon", self.memory, rt, target)
+
+    def set_cpu_weight(self, rt: Any, weight: int | None) -> int:
+        before = self.weight[self._vm(rt)]
+        self._set("cpu", self.weight, rt, weight or 100)
+        return before
+
+    def _set(self, what: str, values: dict[Any, int], rt: Any, value: int) -> None:
+        from vms.hypervisors.base import HypervisorError
+
+        vm_id = self._vm(rt)
+        self.calls.append((what, vm_id, value))
+        if len([c for c in self.calls if c[:2] == (what, vm_id)]) > 1 and self.fail_undo:
+            self.fail_undo -= 1
+            raise HypervisorError("QMP socket gone away")
+        values[vm_id] = value
+
+
+ALL: list[Any] = []
+
+
+@pytest.fixture
+def loop_host(monkeypatch, settings, tmp_path) -> None:
+    monkeypatch.setattr("vms.runtime.host_name", lambda: "h1")
+    settings.SANDBOX_RUNTIME_DIR = tmp_path
+    monkeypatch.setattr(pressure, "_unrecorded", {}, raising=False)
+    monkeypatch.setattr(pressure, "_cannot", {})
+    settings.SANDBOX_PRESSURE_MEM_AVAILABLE_MIB = 1024
+    settings.SANDBOX_PRESSURE_RELEASE_AVAILABLE_MIB = 2048
+    settings.SANDBOX_PRESSURE_MEM_PSI = settings.SANDBOX_PRESSURE_RELEASE_PSI = 100.0
+    settings.SANDBOX_PRESSURE_CPU_PSI, settings.SANDBOX_PRESSURE_RELEASE_CPU_PSI = 50.0, 20.0
+    settings.SANDBOX_PRESSURE_BALLOON_FRACTION = 0.5
+    settings.SANDBOX_PRESSURE_MIN_GUEST_MIB = 64
+
+
+PRESSED = pressure.Readings(available_mib=500, memory_psi=0.0, cpu_psi=0.0)
+CPU_PRESSED = pressure.Readings(available_mib=20000, memory_psi=0.0, cpu_psi=80.0)
+
+
+def test_a_balloon_whose_event_meets_a_concurrent_append_is_undone(
+    caller_for, monkeypatch, loop_host
+) -> None:
+    owner = caller_for("operator")
+    vm = running_vm(owner, priority="low")
+    ALL[:] = [vm.pk]
+    hv = FakeVMM({vm.pk: vm.memory_mib})
+    monkeypatch.setattr("vms.runtime.hypervisor", lambda: hv)
+    # The owner opts the VM out between the loop's read of its version and the loop's append:
+    # the loop's expected version is stale, and the real store refuses it.
+    fresh, armed = commands._fresh, [True]
+
+    def read_then_someone_appends(vm_id: Any) -> VirtualMachine:
+        row = fresh(vm_id)
+        if armed:
+            armed.clear()
+            commands.set_priority(owner, row, pressure_opt_out=True)
+        return row
+
+    monkeypatch.setattr(commands, "_fresh", read_then_someone_appends)
+    assert pressure.relieve(PRESSED) == []
+    full, half = vm.memory_mib, vm.memory_mib // 2
+    assert hv.calls == [("balloon", vm.pk, half), ("balloon", vm.pk, full)]  # done, undone
+    assert hv.memory[vm.pk] == full
+    assert not Event.objects.filter(aggregate_id=str(vm.pk), type="vm.ballooned").exists()
+    vm.refresh_from_db()
+    assert vm.balloon_target_mib is None
+    assert pressure._unrecorded == {}
+
+
+def test_a_cpu_weight_unrecorded_is_undone_and_a_failed_undo_is_retried_next_pass(
+    caller_for, monkeypatch, loop_host, tmp_path
+) -> None:
+    from audit import store
+    from audit.errors import EventStoreUnavailable
+    from vms import runtime
+
+    vm = running_vm(caller_for("operator"), priority="low")
+    ALL[:] = [vm.pk]
+    rt = runtime.runtime_dir(vm.pk)
+    rt.create()
+    rt.pidfile.write_text("4242\n")  # the VMM the action was done to
+    hv = FakeVMM({vm.pk: vm.memory_mib})
+    hv.fail_undo = 1
+    monkeypatch.setattr("vms.runtime.hypervisor", lambda: hv)
+    append = store.append
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise EventStoreUnavailable("database is down")
+
+    monkeypatch.setattr(store, "append", unavailable)
+    assert pressure.relieve(CPU_PRESSED) == []
+    assert hv.calls == [("cpu", vm.pk, 10), ("cpu", vm.pk, 100)]
+    assert hv.weight[vm.pk] == 10  # the undo failed: still lowered, and known to be
+    assert set(pressure._unrecorded) == {(vm.pk, "cpu")}
+    # The next pass (the store back, the host still pressed) undoes it first and does not act
+    # on it again in the same pass.
+    monkeypatch.setattr(store, "append", append)
+    assert pressure.relieve(CPU_PRESSED) == []
+    assert hv.weight[vm.pk] == 100 and pressure._unrecorded == {}
+    assert not Event.objects.filter(aggregate_id=str(vm.pk), type="vm.cpu_lowered").exists()
+    # The pass after that acts and records as usual.
+    done = pressure.relieve(CPU_PRESSED)
+    assert [d["type"] for d in done] == ["vm.cpu_lowered"] and hv.weight[vm.pk] == 10
+    vm.refresh_from_db()
+    assert vm.cpu_weight == 10

@@ -45,6 +45,10 @@ class RecordingHypervisor:
         self.paused: set[Path] = set()
         self.starts: list[VMSpec] = []
         self.restores: list[VMSpec] = []
+        # What each VMM's balloon leaves its guest (MiB; absent: no balloon device), and what a
+        # restored guest comes back with (the balloon's target is part of its saved state).
+        self.balloons: dict[Path, int] = {}
+        self.saved_balloon: int | None = None
 
     def start(self, spec: VMSpec, rt: RuntimeDir) -> int:
         self.starts.append(spec)
@@ -54,7 +58,15 @@ class RecordingHypervisor:
     def restore(self, spec: VMSpec, rt: RuntimeDir, snapshot: SnapshotFiles) -> int:
         self.restores.append(spec)
         self.alive.add(rt.root)
+        if self.saved_balloon is not None:
+            self.balloons[rt.root] = self.saved_balloon
         return 4343
+
+    def balloon_mib(self, rt: RuntimeDir) -> int | None:
+        return self.balloons.get(rt.root)
+
+    def balloon(self, rt: RuntimeDir, target_mib: int) -> None:
+        self.balloons[rt.root] = target_mib
 
     def snapshot_nics(self, snapshot: SnapshotFiles) -> int:
         return 0  # networking is off under these tests: no VM has a NIC
@@ -82,6 +94,7 @@ class RecordingHypervisor:
     def destroy(self, rt: RuntimeDir) -> None:
         self.alive.discard(rt.root)
         self.paused.discard(rt.root)
+        self.balloons.pop(rt.root, None)
         shutil.rmtree(rt.root, ignore_errors=True)
 
     def template_cache(self, hooks: TemplateHooks, **_: Any) -> None:
@@ -479,3 +492,42 @@ def test_a_first_start_the_reconciler_completes_without_a_recorded_image_says_un
     run(snap_req)
     assert snap_req.snapshot is not None
     assert Snapshot.objects.get(pk=snap_req.snapshot.pk).state == "failed"
+
+
+def test_a_guest_saved_while_ballooned_is_restored_and_cloned_with_all_its_memory(
+    owner: Caller, cache: Path, hv: RecordingHypervisor
+) -> None:
+    """The balloon's target is part of the saved guest: the worker deflates it after the
+    restore (the outcome says from what), and the row says not ballooned, CPU weight its own."""
+    first = fabricate(cache, "a000000000000001", b"first")
+    vm, snap = started_vm_with_snapshot(owner, cache, first)
+    commands.record_pressure_action(
+        vm.pk, "vm.ballooned", {"target_mib": 128, "before_mib": vm.memory_mib}
+    )
+    commands.record_pressure_action(vm.pk, "vm.cpu_lowered", {"weight": 10, "before": 100})
+    hv.saved_balloon = 128  # as if the snapshot had been taken while ballooned
+
+    accepted = commands.restore(owner, VirtualMachine.objects.get(pk=vm.pk), snap)
+    vm = run(accepted)
+    restored = outcome_of(accepted)
+    assert restored.type == "vm.restored", restored.payload
+    assert restored.payload["balloon_saved_mib"] == 128
+    assert hv.balloons[runtime.runtime_dir(vm.pk).root] == vm.memory_mib
+    assert (vm.balloon_target_mib, vm.ballooned_at, vm.cpu_weight, vm.cpu_lowered_at) == (
+        None,
+        None,
+        None,
+        None,
+    )
+
+    cloned = commands.clone(owner, snap, name="copy")
+    copy = run(cloned)
+    assert copy.state == "running", copy.last_error
+    assert outcome_of(cloned).payload["balloon_saved_mib"] == 128
+    assert hv.balloons[runtime.runtime_dir(copy.pk).root] == copy.memory_mib
+
+    # A guest saved unballooned (or a VMM without a balloon device) is left as it is.
+    hv.saved_balloon = None
+    again = commands.restore(owner, VirtualMachine.objects.get(pk=vm.pk), snap)
+    run(again)
+    assert "balloon_saved_mib" not in outcome_of(again).payload
