@@ -27,6 +27,7 @@ from tests.preview.conftest import (
     preview_host,
     share,
 )
+from tests.vms.conftest import wait_for
 from vms import commands, previews
 from vms.models import VirtualMachine
 
@@ -457,7 +458,12 @@ def test_a_guests_websocket_redirect_is_not_followed(served, guest, vm, owner, i
     with pytest.raises(InvalidStatus) as refused:
         _ws(served, host, "/ws-redirect", additional_headers=bearer(issue_token(owner)))
     assert refused.value.response.status_code == 403  # every refused handshake
-    assert "redirected the websocket (302)" in served.log.read_text()
+    # The server logs it as it refuses: the line may reach the file just after the answer.
+    wait_for(
+        lambda: "redirected the websocket (302)" in served.log.read_text(),
+        10,
+        "the refusal's log line",
+    )
 
 
 def test_a_websocket_with_the_link_cookie_from_the_preview_origin(http, served, guest, vm, owner):
