@@ -101,6 +101,9 @@ SCOPES: tuple[str, ...] = tuple(
             # Reading and setting quotas and team budgets (vms.commands.set_quota).
             "vms.view_quota",
             "vms.change_quota",
+            # Reading warm pools and setting their targets (vms.policy.POOL_PERMISSIONS).
+            "vms.view_poolmember",
+            "vms.change_poolmember",
         }
     )
 )
