@@ -491,11 +491,11 @@ class AsyncSandbox(VMView):
         self,
         count: int = 1,
         *,
-        names: list[str] | None = None,
+        names: builtins.list[str] | None = None,
         keep: bool = False,
         wait: bool = True,
         timeout: float | None = None,
-    ) -> list[AsyncSandbox]:
+    ) -> builtins.list[AsyncSandbox]:
         """``count`` new VMs from this VM's running state of now (its memory and disk: one
         snapshot, restored once per new VM, each with its own identity); each is destroyed on
         exit of its own ``with`` unless ``keep``. Waits (``timeout`` per VM) until each runs."""
