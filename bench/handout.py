@@ -169,7 +169,8 @@ def member_rss_mib(run: Run) -> float:
 
 def handout_steps() -> dict[str, float]:
     """The medians of the hand-outs' step times, as their vm.started events record them (ms
-    since the hand-out began, cumulative: lock, connect, resume, hello, configure, rotate)."""
+    since the hand-out began, cumulative: lock, connect, resume, identity: hello, configure and
+    rotate in one round trip)."""
     from audit.models import Event
 
     steps: dict[str, list[float]] = {}

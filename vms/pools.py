@@ -14,10 +14,11 @@ template's own shape, without file secrets, on a host where it gets no NIC) take
 ready member of this host in its own transaction (``pool.vm_handed_out`` with ``vm.created``
 and the start request: the VM exists, owned and named, and the member is gone from the pool,
 so no second create can have it). ``finish_handout`` then, in the web process and under the
-VM's host lock: resumes it (QMP ``cont``), gives it its identity (hostname and clock, one
-agent request), rotates its credential to a fresh one of the VM's (in the same connection) and
-appends ``vm.agent_credential_rotated`` and ``vm.started`` (``from_pool``, with the timings)
-in one append. When anything fails, the VMM goes, ``pool.vm_evicted`` says why, and the start
+VM's host lock: resumes it (QMP ``cont``), gives it its identity (hostname, clock and fresh
+entropy) and rotates its credential to a fresh one of the VM's, in one round trip (the agent's
+``hello``, ``configure`` and ``rotate`` sent at once: ``AgentClient.pipeline``), and appends
+``vm.agent_credential_rotated`` and ``vm.started`` (``from_pool``, with the timings) in one
+append. When anything fails, the VMM goes, ``pool.vm_evicted`` says why, and the start
 request is enqueued for the worker, the ordinary way (a template restore). A VM handed out never
 returns to a pool.
 
@@ -145,19 +146,26 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                 credential=credentials.for_vm(accepted.vm_id),
             )
             try:
-                # Connected before the guest runs: it sees a host at once (``warm_one``).
-                client.connect(HANDOUT_AGENT_TIMEOUT_S)
-                timings["connect_ms"] = _ms(t0)
-                if member.paused:
-                    hv.resume(rt)
-                timings["resume_ms"] = _ms(t0)
-                client.hello(timeout=HANDOUT_AGENT_TIMEOUT_S, interval=0.02)
-                timings["hello_ms"] = _ms(t0)
-                client.configure(time=time.time(), hostname=hostname)
-                timings["configure_ms"] = _ms(t0)
                 with transaction.atomic():
-                    key_id = credentials.keep_fresh(accepted.vm_id, client)
-                    timings["rotate_ms"] = _ms(t0)
+                    # The VM's fresh credential, kept before the guest runs; handed over below.
+                    fresh, key_id = credentials.keep_new(accepted.vm_id)
+                    # Connected before the guest runs: it sees a host at once (``warm_one``).
+                    client.connect(HANDOUT_AGENT_TIMEOUT_S)
+                    timings["connect_ms"] = _ms(t0)
+                    if member.paused:
+                        hv.resume(rt)
+                    timings["resume_ms"] = _ms(t0)
+                    # Hello, identity and the credential in one round trip: the agent checks
+                    # and starts them in this order, each with the member's credential.
+                    client.pipeline(
+                        [
+                            client.hello_request(),
+                            client.configure_request(time=time.time(), hostname=hostname),
+                            client.rotate_request(fresh),
+                        ],
+                        timeout=HANDOUT_AGENT_TIMEOUT_S,
+                    )
+                    timings["identity_ms"] = _ms(t0)
                     data = {
                         "host": member.host,
                         "hypervisor": hv.name,

@@ -44,6 +44,10 @@ LIST_BATCH = 500
 # scanning for the next magic instead of swallowing gigabytes.
 MAX_SKIP = 64 << 20
 MAX_ACTIVE = 256
+# After a rename the console's login shell is started again once the host is quiet this long
+# (or at the latest after the second figure): see ``Session._restart_console_when_quiet``.
+CONSOLE_RESTART_QUIET_S = 0.5
+CONSOLE_RESTART_MAX_WAIT_S = 5.0
 # Uploads that failed or were cut off: the data frames the host had already sent for them are
 # dropped without a reply (one error per stale chunk would flood, and over virtio-serial block,
 # the next connection). The last ones are remembered per stream.
@@ -690,6 +694,7 @@ class Session:
         self.alock = threading.Lock()
         self.closed = False
         self.aborted: dict[object, None] = {}  # ids of failed uploads, oldest first
+        self.last_input = time.monotonic()  # when the host last sent anything
 
     # ---- output
     def send(self, header: dict, payload: bytes = b"") -> None:
@@ -755,6 +760,7 @@ class Session:
                 self._abort_puts()
                 time.sleep(0.1)
                 continue
+            self.last_input = time.monotonic()
             for item in parser.feed(data):
                 if item[0] == "error":
                     self.send_error(item[1], item[2], item[3])
@@ -1031,8 +1037,27 @@ class Session:
             }
         )
         if renamed:
-            # After the answer: the host (a warm pool's hand-out) does not wait for the scan.
+            # Not on the host's time: a warm pool's hand-out sends its first command right after
+            # this answer, and a new login shell takes the guest's one vCPU for tens of ms
+            # under TCG. So after the host has gone quiet (``CONSOLE_RESTART_QUIET_S``).
+            self._restart_console_when_quiet()
+
+    def _restart_console_when_quiet(self) -> None:
+        """``_restart_console`` once no request has run and none came for
+        ``CONSOLE_RESTART_QUIET_S`` (at the latest after ``CONSOLE_RESTART_MAX_WAIT_S``), on a
+        thread of its own."""
+
+        def wait_then_restart() -> None:
+            deadline = time.monotonic() + CONSOLE_RESTART_MAX_WAIT_S
+            while time.monotonic() < deadline:
+                time.sleep(CONSOLE_RESTART_QUIET_S / 2)
+                with self.alock:
+                    busy = bool(self.active)
+                if not busy and time.monotonic() - self.last_input >= CONSOLE_RESTART_QUIET_S:
+                    break
             _restart_console()
+
+        threading.Thread(target=wait_then_restart, daemon=True).start()
 
     def op_network(self, req_id: object, req: dict, _payload: bytes) -> None:
         fields = {k: v for k, v in req.items() if k not in ("op", "id", "auth")}

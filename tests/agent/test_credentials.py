@@ -134,6 +134,46 @@ def test_a_rotation_makes_the_old_credential_useless(agent: RunningAgent) -> Non
         new.hello(timeout=10)
 
 
+def test_a_pipeline_hands_over_a_credential_in_one_write(agent: RunningAgent) -> None:
+    """A warm pool's hand-out: hello, configure and rotate sent at once, each checked with the
+    credential of before in the order sent; the same client goes on with the new one and the
+    old one is refused from then on."""
+    with AgentClient(agent.connect, timeout=10, credential=CREDENTIAL) as client:
+        hello, configured, rotated = client.pipeline(
+            [
+                client.hello_request(),
+                client.configure_request(time=1_700_000_000.0, hostname="handed-out"),
+                client.rotate_request(OTHER),
+            ]
+        )
+        assert hello["kind"] == "hello" and client.hello_info is not None
+        assert client.hello_info.capabilities == tuple(hello["capabilities"])
+        assert "hostname handed-out" in " ".join(configured["planned"])
+        assert rotated["rotated"] is True and client.credential == OTHER
+        assert client.exec(["true"]).exit_code == 0
+    with AgentClient(agent.connect, timeout=10, credential=CREDENTIAL) as old:
+        with pytest.raises(AgentError) as exc:
+            old.hello(timeout=10)
+        assert exc.value.code == "unauthorized"
+
+
+def test_a_pipeline_raises_the_first_failure_after_every_answer(agent: RunningAgent) -> None:
+    """One refused request of a pipeline does not stop the others (each is answered) and the
+    caller learns of it; a rotation that was refused leaves the client's credential alone."""
+    with AgentClient(agent.connect, timeout=10, credential=CREDENTIAL) as client:
+        with pytest.raises(AgentError) as exc:
+            client.pipeline(
+                [
+                    client.hello_request(),
+                    {"op": "rotate", "credential": "short"},
+                    {"op": "no-such-op"},
+                ]
+            )
+        assert exc.value.code == "bad_request"
+        assert client.credential == CREDENTIAL and client.hello_info is not None
+        assert client.exec(["true"]).exit_code == 0  # the old credential still opens it
+
+
 def test_the_credential_check_compares_in_constant_time(agent_module) -> None:  # noqa: ANN001
     """In process: the check goes through hmac.compare_digest over SHA-256 digests."""
     import hmac

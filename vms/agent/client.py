@@ -407,10 +407,15 @@ class AgentClient:
     def __repr__(self) -> str:
         return f"<AgentClient {self.name}>"  # never the credential
 
-    def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+    def _frame(self, header: dict[str, Any], payload: bytes = b"") -> bytes:
         if self.credential is not None and header.get("op") != "enroll":
             header = {**header, "auth": self.credential}
-        data = encode_frame(header, payload)
+        return encode_frame(header, payload)
+
+    def _send(self, header: dict[str, Any], payload: bytes = b"") -> None:
+        self._write(self._frame(header, payload))
+
+    def _write(self, data: bytes) -> None:
         sock = self._sock
         if sock is None or self._dead is not None:
             raise self._dead or AgentDisconnected("not connected")
@@ -494,18 +499,71 @@ class AgentClient:
                     continue
             finally:
                 self._close_call(call)
-            if reply.get("kind") != "hello" or reply.get("protocol") != PROTOCOL_VERSION:
-                raise AgentProtocolError(f"unexpected hello reply: {reply}")
-            self.hello_info = Hello(
-                protocol=int(reply["protocol"]),
-                agent_version=str(reply.get("agent_version", "")),
-                capabilities=tuple(reply.get("capabilities", ())),
-                max_frame=int(reply.get("max_frame", MAX_FRAME)),
-                chunk_size=int(reply.get("chunk_size", DEFAULT_CHUNK)),
-                boot_id=reply.get("boot_id"),
-                raw=reply,
+            return self._took_hello(reply)
+
+    def _took_hello(self, reply: dict[str, Any]) -> Hello:
+        if reply.get("kind") != "hello" or reply.get("protocol") != PROTOCOL_VERSION:
+            raise AgentProtocolError(f"unexpected hello reply: {reply}")
+        self.hello_info = Hello(
+            protocol=int(reply["protocol"]),
+            agent_version=str(reply.get("agent_version", "")),
+            capabilities=tuple(reply.get("capabilities", ())),
+            max_frame=int(reply.get("max_frame", MAX_FRAME)),
+            chunk_size=int(reply.get("chunk_size", DEFAULT_CHUNK)),
+            boot_id=reply.get("boot_id"),
+            raw=reply,
+        )
+        return self.hello_info
+
+    def pipeline(
+        self, ops: builtins.list[dict[str, Any]], *, timeout: float | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """Send the requests ``ops`` (headers without ``id``: ``hello_request``,
+        ``configure_request``, ``rotate_request``) in one write, then wait for each one's reply:
+        one round trip for all of them. The agent checks each request's credential and starts
+        it in the order sent, so every one of them carries the credential of now, and a
+        ``rotate`` among them holds for what is sent after this call. A ``hello``'s reply is
+        kept as ``hello_info``. Replies in the order of ``ops``; the first request that failed
+        raises its error (after every reply came or the deadline passed)."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if self._connect_fn is not None:
+            self._connect(deadline)
+        calls = [self._open_call() for _ in ops]
+        try:
+            self._write(
+                b"".join(
+                    self._frame({**op, "id": call.id}) for op, call in zip(ops, calls, strict=True)
+                )
             )
-            return self.hello_info
+            replies: builtins.list[dict[str, Any]] = []
+            failed: AgentError | None = None
+            for op, call in zip(ops, calls, strict=True):
+                try:
+                    head = self._next(call, deadline, str(op["op"]))[0]
+                    if op["op"] == "hello":
+                        self._took_hello(head)
+                    elif op["op"] == "rotate":
+                        self.credential = str(op["credential"])
+                except AgentError as exc:
+                    failed = failed or exc
+                    head = {}
+                replies.append(head)
+        finally:
+            for call in calls:
+                self._close_call(call)
+        if failed is not None:
+            raise failed
+        return replies
+
+    @staticmethod
+    def hello_request() -> dict[str, Any]:
+        """A ``hello`` for ``pipeline``."""
+        return {"op": "hello", "protocol": [PROTOCOL_VERSION]}
+
+    def rotate_request(self, credential: str) -> dict[str, Any]:
+        """A ``rotate`` to ``credential`` for ``pipeline``."""
+        self._require("rotate")
+        return {"op": "rotate", "credential": credential}
 
     def hello_enrolling(
         self, credential: str, timeout: float = 60.0, *, interval: float = 0.2
@@ -860,6 +918,35 @@ class AgentClient:
         bytes are never logged; an agent that predates it ignores them (the result's
         ``applied`` says ``entropy ... reseeded`` when it did).
         """
+        head = self._request(
+            self.configure_request(
+                time=time,
+                hostname=hostname,
+                mac=mac,
+                address=address,
+                gateway=gateway,
+                dns=dns,
+                interface=interface,
+                match_mac=match_mac,
+                reseed=reseed,
+            )
+        )
+        return {k: v for k, v in head.items() if k not in ("id", "kind")}
+
+    def configure_request(
+        self,
+        *,
+        time: float | None = None,  # noqa: A002 - the protocol's field name
+        hostname: str | None = None,
+        mac: str | None = None,
+        address: str | None = None,
+        gateway: str | None = None,
+        dns: builtins.list[str] | None = None,
+        interface: str | None = None,
+        match_mac: str | None = None,
+        reseed: bool = True,
+    ) -> dict[str, Any]:
+        """The ``configure`` request ``configure`` sends (for ``pipeline``)."""
         header: dict[str, Any] = {"op": "configure"}
         if reseed:
             header["entropy"] = base64.b64encode(os.urandom(ENTROPY_BYTES)).decode()
@@ -883,8 +970,7 @@ class AgentClient:
             if match_mac is not None:
                 self._require("network")  # an older agent would ignore match_mac
             header["network"] = network
-        head = self._request(header)
-        return {k: v for k, v in head.items() if k not in ("id", "kind")}
+        return header
 
     def network(
         self,

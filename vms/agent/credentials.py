@@ -46,6 +46,7 @@ __all__ = [
     "forget_vm",
     "give_fresh",
     "keep_fresh",
+    "keep_new",
     "keep_for_snapshot",
     "new_credential",
     "reencrypt_all",
@@ -212,12 +213,20 @@ def take_over(
         give_fresh(vm, client, reason, request=request)
 
 
+def keep_new(vm_id: object) -> tuple[str, str]:
+    """A fresh credential of ``vm_id``'s, kept (replacing its current one) but not given to its
+    guest yet: (the value, its key id). The caller holds the transaction and hands the value to
+    the guest (a ``rotate``) within it, and records the rotation (a pool hand-out:
+    ``vms.pools``, in the same append as the VM's start)."""
+    new = new_credential()
+    return new, _put(_vm_holder(vm_id), new)
+
+
 def keep_fresh(vm_id: object, client: AgentClient) -> str:
     """Hand the guest behind ``client`` (presenting its current credential) a fresh one of
-    ``vm_id``'s and keep it; the key id. The caller holds the transaction and records the
-    rotation (a pool hand-out: ``vms.pools``, in the same append as the VM's start)."""
-    new = new_credential()
-    key_id = _put(_vm_holder(vm_id), new)
+    ``vm_id``'s and keep it; the key id. As ``keep_new``, the caller holds the transaction and
+    records the rotation."""
+    new, key_id = keep_new(vm_id)
     client.rotate(new)
     return key_id
 
