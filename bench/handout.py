@@ -355,7 +355,9 @@ def main() -> None:
                 SANDBOX_DATA_DIR=str(data_dir),
                 SANDBOX_RUNTIME_DIR=f"/tmp/hb-run-{os.getpid()}",
                 SANDBOX_LOG_LEVEL="WARNING",
-                SANDBOX_NETWORKING="off",  # pools serve hosts where VMs get no NIC (docs/vms.md)
+                # No namespace of the bench's own on this machine: the figures are without NICs
+                # (a hand-out with one also plugs its TAP and sets the guest's address).
+                SANDBOX_NETWORKING="off",
                 SANDBOX_POOLS=f"{args.template}={args.pool}",
                 # A fork of 10 beside the rest: the host's CPU commitment allows it.
                 SANDBOX_CPU_OVERCOMMIT="32",

@@ -13,6 +13,9 @@ calls of that plumbing, in the order the lifecycle needs:
   ``plug_begin`` does the same with the bridge port, resolver and rules on a thread, so that
   they are set up while the VMM restores its guest (``Plugging.wait`` before the guest's link
   comes up);
+- ``open_loose_tap`` and ``attach_begin``: a warm pool member's NIC in two steps (``vms.pools``):
+  at its warm, a TAP on no bridge (the member is no VM yet, and has no address); at its
+  hand-out, that TAP on its VM's bridge with its rules and resolver, as ``plug_begin`` does;
 - ``reapply``: the VM's rules again after a forward or its egress policy changed;
 - ``unplug``: at stop and destroy, the rules, the resolver and the TAP (each step runs even when
   an earlier one failed, and a VM without any of them is fine);
@@ -55,9 +58,11 @@ __all__ = [
     "HostNet",
     "NicPlan",
     "Plugging",
+    "attach_begin",
     "collect",
     "host_config",
     "network_in_place",
+    "open_loose_tap",
     "plug",
     "plug_begin",
     "reapply",
@@ -334,6 +339,37 @@ def plug_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> Plu
         os.close(fd)
         unplug(host, nic.key, nic.tap)
         raise
+
+
+def open_loose_tap(host: HostNet, tap_name: str) -> int:
+    """A TAP ``tap_name`` in the product namespace on no bridge, and a descriptor of it for a
+    VMM (the caller closes it once the VMM runs): a warm pool member's NIC, which reaches
+    nothing until ``attach_begin`` puts it on its VM's bridge (the base rules drop what comes
+    in on a port of no bridge). A TAP of that name left by an earlier try is replaced."""
+    return tap.create_and_open(host.netns, tap_name, replace=True)
+
+
+def attach_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> Plugging:
+    """As ``plug_begin`` for a TAP that exists already (``open_loose_tap``: a pool member's,
+    whose VMM holds it): its bridge port, resolver and rules on a thread (``Plugging.wait``
+    before the guest's link comes up; whatever was set up, the TAP included, is removed when a
+    step fails). The NIC's network must be in place (the worker makes bridges and the base
+    rules): this runs in the web process, which sets up nothing of the namespace itself."""
+
+    def connect() -> None:
+        if not _bridge_present(host, nic.bridge):
+            raise NetworkError(f"the bridge {nic.bridge.ifname} of the network is not in place")
+        if not tap.exists(host.netns, nic.tap):
+            raise NetworkError(f"no TAP {nic.tap} in {host.netns}")
+        br.attach(host.netns, nic.tap, nic.bridge)
+        resolver = nic.resolver(host)
+        if resolver is not None:
+            dns.start(host.netns, resolver, host.run_dir)
+        else:
+            dns.stop(host.run_dir, nic.key)
+        ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
+
+    return Plugging(host, nic, nic.netspec(host, None), connect)
 
 
 def plug(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> NetSpec:

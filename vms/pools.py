@@ -7,34 +7,42 @@ A member (``PoolMember``) is a VMM with no owner, warmed on its host by the work
 (``TemplateCache.start`` with no fallback), its agent gets a credential of the member's own
 (the template's is refused from then on), it is paused (unless ``SANDBOX_POOL_RUNNING``) and
 ``pool.vm_warmed`` makes it ready. Its id is the id of the VM it will become: its runtime
-directory, data disk and credential are already that VM's.
+directory, data disk, credential and TAP are already that VM's.
 
-A create that a member can serve (``commands.create(from_pool=True)``: a started VM of its
-template's own shape, without file secrets, on a host where it gets no NIC) takes the oldest
-ready member of this host in its own transaction (``pool.vm_handed_out`` with ``vm.created``
-and the start request: the VM exists, owned and named, and the member is gone from the pool,
-so no second create can have it). ``finish_handout`` then, in the web process and under the
-VM's host lock: resumes it (QMP ``cont``), gives it its identity (hostname, clock and fresh
-entropy) and rotates its credential to a fresh one of the VM's, in one round trip (the agent's
-``hello``, ``configure`` and ``rotate`` sent at once: ``AgentClient.pipeline``), and appends
-``vm.agent_credential_rotated`` and ``vm.started`` (``from_pool``, with the timings) in one
-append. When anything fails, the VMM goes, ``pool.vm_evicted`` says why, and the start
-request is enqueued for the worker, the ordinary way (a template restore). A VM handed out never
-returns to a pool.
+Where VMs get a NIC (networking on), a member is restored with one, on a TAP of its own
+(``identity.tap_for`` of its id: its VM's TAP to be) in the product namespace on no bridge
+(``vmnet.member_nic``), with its cable out (``set_link``) and its NIC down in the guest, with
+the template's MAC (as the template saved it): it has no network, address or rules until it is
+a VM. The reconciler leaves its TAP alone (``vmnet.remove_orphans``); it goes with the member.
+
+A create that a member can serve (``create``, ``commands.create(from_pool=True)``: a started VM
+of its template's own shape, without file secrets, on a network whose bridge is in place where
+VMs get a NIC) takes the oldest ready member of this host in its own transaction
+(``pool.vm_handed_out`` with ``vm.created`` and the start request: the VM exists, owned and
+named, and the member is gone from the pool, so no second create can have it; the create leased
+the VM's MAC and address on its network as for any VM). ``finish_handout`` then, in the web
+process and under the VM's host lock: plugs the TAP into the VM's network's bridge with the
+VM's rules and resolver (``vmnet.attach_begin``, on a thread while the guest resumes), resumes
+it (QMP ``cont``), plugs its cable in once the rules are in place, gives it its identity
+(hostname, clock and fresh entropy, and the VM's MAC, address, gateway and resolver) and
+rotates its credential to a fresh one of the VM's, in one round trip (the agent's ``hello``,
+``configure`` and ``rotate`` sent at once: ``AgentClient.pipeline``), and appends
+``vm.agent_credential_rotated`` and ``vm.started`` (``from_pool``, with the timings and the
+NIC) in one append. When anything fails, the NIC is unplugged (its evidence recorded, its rules
+and TAP gone), the VMM goes, ``pool.vm_evicted`` says why, and the start request is enqueued
+for the worker, the ordinary way (a template restore). A VM handed out never returns to a pool.
 
 The refill runs after every hand-out (on commit), after a target change, and from a tick of the
 worker's main process; one at a time per host (a file lock). It evicts what no longer belongs
 (members of an older image, a disabled or changed template, over the target, a dead VMM, one
-left warming by a refill that died), then warms members until each template is at its target or
-the budget is full.
-
-Not yet: members with NICs. A host with networking on keeps no pools (a member would need its
-own address lease, TAP and rules before its VM exists); there every create restores as before.
+left warming by a refill that died, one without its TAP where VMs get a NIC), then warms
+members until each template is at its target or the budget is full.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -50,11 +58,12 @@ from django.conf import settings
 from django.db import transaction
 
 from accounts.caller import Caller
-from vms import commands, enqueue, guest, runtime, vmnet, worker
-from vms.agent import credentials
+from vms import commands, enqueue, guest, identity, runtime, vmnet, worker
+from vms.agent import credentials, readiness
 from vms.agent.client import AgentClient
+from vms.hypervisors.base import Hypervisor, NetSpec, RuntimeDir, VMSpec
 from vms.images import current_image_id, make_data_disk
-from vms.models import PoolMember, Template, VirtualMachine
+from vms.models import Network, PoolMember, Template, VirtualMachine
 
 __all__ = [
     "create",
@@ -84,18 +93,34 @@ _enqueued_at: datetime | None = None
 
 
 def poolable_here() -> bool:
-    """Whether creates on this host may be served from a pool: only where VMs get no NIC."""
-    return vmnet.host() is None
+    """Whether creates on this host may be served from a pool: where VMs get no NIC, or where
+    the product's network namespace is in place (a hand-out plugs the member's TAP there)."""
+    return vmnet.namespace_in_place()
 
 
 def create(caller: Caller, **fields: Any) -> commands.Accepted:
     """``commands.create``, served from a warm pool when one can: the API's and the dashboard's
     create. A hand-out answers with the VM running (``Accepted.pooled`` set); otherwise the
     start is queued as always."""
-    accepted = commands.create(caller, from_pool=poolable_here(), **fields)
+    accepted = commands.create(caller, from_pool=_serves(fields.get("network")), **fields)
     if accepted.pooled is not None and not finish_handout(accepted):
         return commands.Accepted(accepted.vm_id, accepted.request)
     return accepted
+
+
+def _serves(network: str | None) -> bool:
+    """Whether a create on ``network`` (its name; None: the default) may be handed a member:
+    where VMs get a NIC, only once the network's bridge is in place (a hand-out plugs into it
+    and sets up nothing of the namespace itself; the worker makes bridges). The create checks
+    the name itself."""
+    if not poolable_here():
+        return False
+    if vmnet.host() is None:
+        return True
+    found = Network.objects.filter(**({"name": network} if network else {"is_default": True}))
+    net = found.first()
+    # None: no such network (the create says so), or no default one yet (it makes it).
+    return net is not None and vmnet.network_in_place(net)
 
 
 def _stand_in(
@@ -135,7 +160,12 @@ def finish_handout(accepted: commands.Accepted) -> bool:
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
     request = accepted.request
     hostname = accepted.hostname
+    vm: VirtualMachine | None = None
     try:
+        # Its network, address, MAC and TAP, as the create leased them (the TAP is the
+        # member's: ``identity.tap_for`` of their one id).
+        vm = VirtualMachine.objects.select_related("network").get(pk=accepted.vm_id)
+        nets = vmnet.netspecs(vm)
         with worker.vm_host_lock(accepted.vm_id, wait_s=HANDOUT_LOCK_WAIT_S):
             timings["lock_ms"] = _ms(t0)
             client = AgentClient.from_hypervisor(
@@ -145,6 +175,7 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                 timeout=HANDOUT_AGENT_TIMEOUT_S,
                 credential=credentials.for_vm(accepted.vm_id),
             )
+            pluggings: tuple[Any, ...] = ()
             try:
                 with transaction.atomic():
                     # The VM's fresh credential, kept before the guest runs; handed over below.
@@ -152,19 +183,33 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                     # Connected before the guest runs: it sees a host at once (``warm_one``).
                     client.connect(HANDOUT_AGENT_TIMEOUT_S)
                     timings["connect_ms"] = _ms(t0)
+                    # The TAP's bridge port, resolver and rules, while the guest resumes (its
+                    # NIC is down in the guest and its cable out until they are in place).
+                    pluggings = vmnet.attach_begin(vm)
                     if member.paused:
                         hv.resume(rt)
                     timings["resume_ms"] = _ms(t0)
+                    nic: dict[str, Any] = {}
+                    if nets:
+                        vmnet.wait_plugged(pluggings)
+                        timings["plugged_ms"] = _ms(t0)
+                        _cable(hv, rt, nets, up=True)
+                        # The VM's MAC (the guest's NIC has the template's), address, gateway
+                        # and resolver ride with the clock and hostname, as after a restore.
+                        spec = VMSpec(vm_id=vm.pk.hex[:12], nets=nets)
+                        nic = readiness.nic_settings(spec, hv.nic_macs(rt))[0]
                     # Hello, identity and the credential in one round trip: the agent checks
                     # and starts them in this order, each with the member's credential.
                     client.pipeline(
                         [
                             client.hello_request(),
-                            client.configure_request(time=time.time(), hostname=hostname),
+                            client.configure_request(time=time.time(), hostname=hostname, **nic),
                             client.rotate_request(fresh),
                         ],
                         timeout=HANDOUT_AGENT_TIMEOUT_S,
                     )
+                    if nets:
+                        readiness.check_macs(hv, rt, spec)
                     timings["identity_ms"] = _ms(t0)
                     data = {
                         "host": member.host,
@@ -175,6 +220,7 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                         "image_id": member.image_id,
                         "seconds": round(time.perf_counter() - t0, 4),
                         "handout_ms": {k: round(v, 2) for k, v in timings.items()},
+                        **_nic_data(nets),
                     }
                     outcome = commands.record_handout(request, key_id, data)
                     if outcome is commands.SUPERSEDED:
@@ -187,13 +233,17 @@ def finish_handout(accepted: commands.Accepted) -> bool:
             except BaseException:
                 client.close()
                 raise
+            finally:
+                vmnet.join_plugged(pluggings)  # never unplug (on failure) while it still plugs
         # Its first session in this process (an exec, mostly) needs no new connection.
         guest.park(accepted.vm_id, client)
     except _Superseded:
+        _unplug(vm)
         _teardown(accepted.vm_id)
         return True  # the destroy's request is the VM's now; the worker carries it out
     except Exception as exc:
         log.warning("hand-out of pool member %s failed: %s", accepted.vm_id, exc)
+        _unplug(vm)
         _teardown(accepted.vm_id)
         with contextlib.suppress(Exception):
             commands.record_pool_evicted(
@@ -212,17 +262,50 @@ class _Superseded(Exception):
     pass
 
 
+def _cable(hv: Hypervisor, rt: RuntimeDir, nets: tuple[NetSpec, ...], *, up: bool) -> None:
+    """Plug or unplug the NICs' cables where the VMM can (QEMU ``set_link``): a member's guest
+    sees no carrier until its hand-out. Its NIC is down in the guest anyway (the template's
+    guest took it down before it was saved)."""
+    set_link = getattr(hv, "set_link", None)
+    if set_link is None:
+        return
+    for i, net in enumerate(nets):
+        set_link(rt, net.id or f"net{i}", up)
+
+
+def _nic_data(nets: tuple[NetSpec, ...]) -> dict[str, Any]:
+    if not nets:
+        return {}
+    net = nets[0]
+    return {"nic": {"tap": net.tap, "mac": net.mac, "address": net.address, "netns": net.netns}}
+
+
+def _unplug(vm: VirtualMachine | None) -> None:
+    """A hand-out that did not finish: its VM's last evidence, rules, resolver and TAP go."""
+    if vm is None:
+        return
+    try:
+        errors = vmnet.unplug(vm)
+    except Exception:  # the teardown goes on; the reconciler removes what is left
+        log.exception("unplugging the NIC of %s failed", vm.pk)
+        return
+    if errors:
+        log.warning("unplugging the NIC of %s: %s", vm.pk, "; ".join(errors))
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
 def _teardown(member_id: uuid.UUID, *, drop_lock: bool = False) -> None:
-    """The member's VMM, disk and credential go (whatever became of each); ``drop_lock``: its
+    """The member's VMM, TAP, disk and credential go (whatever became of each); ``drop_lock``: its
     host lock file too (an evicted member: nothing waits on it; a failed hand-out's VM lives on
     and its start takes the lock)."""
     with worker.vm_host_lock(member_id, required=False, wait_s=30.0) as held:
         with contextlib.suppress(Exception):
             runtime.hypervisor().destroy(runtime.runtime_dir(member_id))
+        with contextlib.suppress(Exception):
+            vmnet.unplug_member(member_id)  # its TAP (after its VMM: nothing holds it then)
         shutil.rmtree(runtime.vm_data_dir(member_id), ignore_errors=True)
         credentials.forget_vm(member_id)
         if held and drop_lock:  # as a destroy does: no lock file left per member
@@ -292,6 +375,7 @@ def refill(delay_s: float = 0.0) -> dict[str, int]:
             image_id = ""
         templates = {t.name: t for t in Template.objects.all()}
         targets = commands.pool_targets() if poolable_here() else {}
+        taps = vmnet.member_taps()  # None: VMs get no NIC here
         mine = list(PoolMember.objects.filter(host=host).order_by("-created_at"))
         kept: dict[str, int] = {}
         for member in mine:
@@ -300,6 +384,8 @@ def refill(delay_s: float = 0.0) -> dict[str, int]:
                 reason = "left warming by a refill that stopped"
             elif not hv.is_alive(runtime.runtime_dir(member.pk)):
                 reason = "its VMM is gone"
+            elif taps is not None and identity.tap_for(member.pk) not in taps:
+                reason = "it has no TAP (VMs get a NIC here)"
             else:
                 reason = _stale_reason(member, templates, image_id)
             if not reason and kept.get(member.template, 0) >= targets.get(member.template, 0):
@@ -352,12 +438,20 @@ def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
             disk = runtime.vm_data_dir(member_id) / "data.img"
             disk.parent.mkdir(parents=True, exist_ok=True)
             make_data_disk(disk, tpl.disk_mib)
-            spec = runtime.build_spec(vm)
-            runtime.record_launched_image(rt, spec)
-            cache = hv.template_cache(worker.TEMPLATE_HOOKS)
-            if cache is None:
-                raise RuntimeError("this hypervisor has no saved-state templates")
-            result = cache.start(spec, rt, fallback=False)
+            # Where VMs get a NIC: one on a TAP of its own on no bridge (``vmnet.member_nic``).
+            nic = vmnet.member_nic(member_id)
+            nets = (nic,) if nic is not None else ()
+            try:
+                spec = runtime.build_spec(vm, nets=nets)
+                runtime.record_launched_image(rt, spec)
+                cache = hv.template_cache(_MEMBER_HOOKS)
+                if cache is None:
+                    raise RuntimeError("this hypervisor has no saved-state templates")
+                result = cache.start(spec, rt, fallback=False)
+            finally:
+                vmnet.close_fds(nets)  # the VMM holds its own copy
+            # No carrier until the hand-out (the guest's NIC is down, with the template's MAC).
+            _cable(hv, rt, nets, up=False)
             if result.guest_secret is None:
                 raise RuntimeError("the template keeps no credential for its guest")
             # A credential of the member's own (kept under its VM's id): the template's is
@@ -389,6 +483,7 @@ def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
                 "pid": result.pid,
                 "image_id": spec.extra.get("image_id", image_id),
                 "key_id": key_id,
+                **({"tap": nets[0].tap} if nets else {}),
                 "ready": PoolMember.objects.filter(
                     template=tpl.name, host=host, state=PoolMember.State.READY
                 ).count()
@@ -402,6 +497,17 @@ def warm_one(tpl: Template, host: str, image_id: str) -> bool | None:
         _teardown(member_id)
         return False
     return True
+
+
+def _member_identity(
+    hv: Hypervisor, rt: RuntimeDir, spec: VMSpec, credential: str | None = None
+) -> None:
+    """After a member's restore: its clock and hostname only. Its NIC keeps the template's MAC
+    and stays down until the hand-out gives it its VM's MAC, address and rules."""
+    readiness.reset_identity(hv, rt, spec.replace(nets=()), credential)
+
+
+_MEMBER_HOOKS = dataclasses.replace(worker.TEMPLATE_HOOKS, reset_identity=_member_identity)
 
 
 # --- Reports and the tick ---------------------------------------------------------------------

@@ -13,20 +13,22 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import uuid
 from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import close_old_connections
 
-from vms import commands, lifecycle, netplumb
+from vms import commands, identity, lifecycle, netplumb
 from vms.hypervisors.base import NetSpec
-from vms.models import Network, PortForward, VirtualMachine
+from vms.models import Network, PoolMember, PortForward, VirtualMachine
 from vms.network import bridge as br
-from vms.network import ruleset
+from vms.network import netns, ruleset, tap
 
 log = logging.getLogger("sandbox.vms.network")
 
 __all__ = [
+    "attach_begin",
     "bridge_of",
     "bridges",
     "close_fds",
@@ -34,7 +36,11 @@ __all__ = [
     "has_nic",
     "host",
     "join_plugged",
+    "member_nic",
+    "member_taps",
+    "namespace_in_place",
     "netspecs",
+    "network_in_place",
     "plan_for",
     "plug",
     "plug_begin",
@@ -43,6 +49,7 @@ __all__ = [
     "setup",
     "teardown_if_idle",
     "unplug",
+    "unplug_member",
     "wait_plugged",
     "wanted_forwards",
 ]
@@ -153,6 +160,74 @@ def plug_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
     return (netplumb.plug_begin(hn, bridges(), plan),)
 
 
+# --- Warm pool members (vms.pools) --------------------------------------------------------------
+# A member gets its NIC in two steps: at its warm a TAP on no bridge (``member_nic``: the member
+# is no VM yet, so it has no network, address or rules), at its hand-out that TAP on its VM's
+# bridge with the VM's rules (``attach_begin``). The TAP is named for the member's id, which is
+# its VM's id: it is the VM's TAP (``identity.tap_for``) from the hand-out on.
+
+# The MAC a member's NIC is described with before its restore: the driver puts the saved MAC of
+# the template on the device (a restored guest keeps it until its hand-out gives it the VM's).
+_MEMBER_MAC = "02:00:00:00:00:01"
+
+
+def namespace_in_place() -> bool:
+    """Whether a hand-out here can plug a member's NIC: networking off (members have none), or
+    the product namespace exists (the worker made it)."""
+    hn = host()
+    return hn is None or netns.exists(hn.netns)
+
+
+def network_in_place(network: Network) -> bool:
+    """Whether a hand-out to a VM of ``network`` can plug its NIC: networking off, or the
+    network's bridge exists (the worker makes it, at its start or at its first VM's)."""
+    hn = host()
+    if hn is None:
+        return True
+    return netplumb.network_in_place(hn, bridge_of(network))
+
+
+def member_nic(member_id: uuid.UUID) -> NetSpec | None:
+    """The NIC of pool member ``member_id`` for its restore: a TAP of its own in the product
+    namespace on no bridge, with an open descriptor (``close_fds`` once the VMM runs); None
+    where VMs get no NIC."""
+    hn = host()
+    if hn is None:
+        return None
+    name = identity.tap_for(member_id)
+    fd = netplumb.open_loose_tap(hn, name)
+    return NetSpec(tap=name, mac=_MEMBER_MAC, id="net0", fd=fd, netns=hn.netns)
+
+
+def attach_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
+    """At a hand-out: the member's TAP (the VM's now) on its network's bridge, with the VM's
+    rules and resolver, on a thread (``wait_plugged`` before the guest's link comes up,
+    ``join_plugged`` in any case). Nothing for a VM without a NIC."""
+    hn, plan = host(), plan_for(vm)
+    if hn is None or plan is None:
+        return ()
+    return (netplumb.attach_begin(hn, bridges(), plan),)
+
+
+def unplug_member(member_id: uuid.UUID) -> list[str]:
+    """A member's TAP (and whatever rules or resolver its hand-out had set up) goes."""
+    hn = host()
+    if hn is None:
+        return []
+    return netplumb.unplug(hn, member_id.hex, identity.tap_for(member_id))
+
+
+def member_taps() -> set[str] | None:
+    """The TAPs of the product namespace (what the refill checks members against); None where
+    VMs get no NIC."""
+    hn = host()
+    if hn is None:
+        return None
+    if not netns.exists(hn.netns):
+        return set()
+    return set(tap.list_taps(hn.netns, "t"))
+
+
 def wait_plugged(pluggings: Iterable[netplumb.Plugging]) -> None:
     for plugging in pluggings:
         plugging.wait()
@@ -240,6 +315,9 @@ def teardown_if_idle() -> bool:
     if VirtualMachine.objects.filter(state__in=PLUGGED_STATES).exclude(tap="").exists():
         log.info("network namespace %s kept: VMs still have their NICs", hn.netns)
         return False
+    if PoolMember.objects.exists():
+        log.info("network namespace %s kept: warm pool members have their TAPs", hn.netns)
+        return False
     netplumb.teardown_host(hn)
     return True
 
@@ -251,11 +329,17 @@ def _live() -> tuple[set[str], set[str]]:
         keys.add(pk.hex)
         if tap_name:
             taps.add(tap_name)
+    # Warm pool members are VMs to be: their TAPs are no orphans. A member's row exists before
+    # its TAP is made and goes in the commit that makes it a VM (whose row names the TAP).
+    for pk in PoolMember.objects.values_list("id", flat=True):
+        keys.add(pk.hex)
+        taps.add(identity.tap_for(pk))
     return keys, taps
 
 
 def remove_orphans() -> dict[str, int]:
-    """TAPs, rules and resolvers of VMs that are not live (the reconciler)."""
+    """TAPs, rules and resolvers of VMs that are not live (the reconciler); a warm pool
+    member's TAP is not an orphan."""
     hn = host()
     if hn is None:
         return {}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,96 @@ def kept_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     image = fabricate(root, "c000000000000003", b"kept")
     build.point_current(root, image)
     return image_id_of(image)
+
+
+@dataclass
+class NetHost:
+    """Sandbox networking in namespaces of a test's own (``net_host``): the product namespace
+    ``netns`` (made by whoever sets networking up: a worker, or ``vmnet.setup()``), the
+    namespace ``host_ns`` standing in for the host, the resolvers' ``run_dir``, and the
+    settings given (``env``, for a worker's environment)."""
+
+    netns: str
+    host_ns: str
+    run_dir: Path
+    env: dict[str, str]
+
+    def links(self) -> str:
+        return _out(["ip", "-n", self.netns, "-br", "link"])
+
+    def ruleset(self) -> str:
+        return _out(["ip", "netns", "exec", self.netns, "nft", "list", "ruleset"])
+
+
+def _out(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+@pytest.fixture
+def net_host(settings: Any) -> Iterator[NetHost]:
+    """Networking on, in namespaces named per run: this process's settings point at them (and
+    ``env`` holds them for a worker); afterwards the resolvers, the product namespace (made by
+    the test or its worker) and the host's stand-in are removed, even on failure."""
+    import secrets
+    import shutil
+    import tempfile
+
+    from tests.network.internet import INTERNET_DNS, UPLINK
+    from vms.network import netns
+
+    if os.geteuid() != 0:
+        pytest.fail("the networking tests need root (network namespaces, nftables)")
+    tag = secrets.token_hex(3)
+    name, host_ns = f"nbw{tag}", f"nbx{tag}"
+    link = f"10.254.{secrets.randbelow(256)}.{4 * secrets.randbelow(64)}/30"
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    env = {
+        "SANDBOX_NETWORKING": "on",
+        "SANDBOX_NETNS": name,
+        "SANDBOX_NET_HOST_LINK": link,
+        "SANDBOX_NET_HOST_NS": host_ns,
+        "SANDBOX_NET_RUN_DIR": str(run_dir),
+        "SANDBOX_NETNS_KEEP": "0",
+        # The test's "internet" (tests.network.internet), attached by the tests that need it.
+        "SANDBOX_NET_UPLINK": UPLINK,
+        "SANDBOX_NET_DNS": str(INTERNET_DNS),
+        # The worker's scheduled evidence collection stays out of the tests' way (an hourly
+        # schedule): a test collects when it has made its traffic, so one period holds all.
+        "SANDBOX_NET_EVIDENCE_PERIOD_S": "3600",
+    }
+    for key, value in env.items():
+        setattr(settings, key, value)
+    settings.SANDBOX_NETNS_KEEP = False
+    settings.SANDBOX_NET_EVIDENCE_PERIOD_S = 3600
+    netns.create(host_ns)
+    try:
+        yield NetHost(name, host_ns, run_dir, env)
+    finally:
+        for pidfile in run_dir.glob("dns-*.pid"):
+            with contextlib.suppress(Exception):
+                os.kill(int(pidfile.read_text()), 9)
+        with contextlib.suppress(Exception):
+            netns.teardown(name)
+        netns.remove(host_ns)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert not netns.exists(name) and not netns.exists(host_ns)
+
+
+@pytest.fixture
+def pool_env(vm_dirs: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """For warm pools on real guests: the guest image, and the worker's tasks recorded (a test
+    runs the refill itself)."""
+    import django_q.tasks
+
+    from vms import enqueue, images
+
+    image = images.ensure_built()
+    monkeypatch.setenv("SANDBOX_IMAGE_DIR", str(image.directory))
+    queued: list[str] = []
+
+    def record(func: str, *args: Any, **kwargs: Any) -> None:
+        queued.append(func)
+
+    monkeypatch.setattr(django_q.tasks, "async_task", record)
+    monkeypatch.setattr(enqueue, "async_task", record)
+    return queued

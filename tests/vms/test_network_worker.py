@@ -8,14 +8,10 @@ only between the guests and those namespaces.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import os
-import secrets
-import shutil
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,10 +28,8 @@ from accounts.caller import Caller
 from audit.models import Event
 from tests.network.internet import (
     APP_DOMAIN,
-    INTERNET_DNS,
     OTHER_DOMAIN,
     OTHER_HOST,
-    UPLINK,
     internet,
 )
 from tests.preview.conftest import bearer, grant_cookie, preview_host, serve_previews, share
@@ -47,7 +41,7 @@ from vms.models import Quota, Snapshot, VirtualMachine
 from vms.network import netns, tap
 from vms.runtime import runtime_dir
 
-from .conftest import Worker, wait_for
+from .conftest import NetHost, Worker, wait_for
 
 pytestmark = [pytest.mark.guest, pytest.mark.django_db(transaction=True)]
 
@@ -59,12 +53,13 @@ class NetSite:
     run_dir: Path
     worker: Worker
     env: dict[str, str]  # the networking settings the worker was given
+    host: NetHost
 
     def links(self) -> str:
-        return _out(["ip", "-n", self.netns, "-br", "link"])
+        return self.host.links()
 
     def ruleset(self) -> str:
-        return _out(["ip", "netns", "exec", self.netns, "nft", "list", "ruleset"])
+        return self.host.ruleset()
 
 
 def _out(argv: list[str]) -> str:
@@ -72,47 +67,15 @@ def _out(argv: list[str]) -> str:
 
 
 @pytest.fixture
-def net_site(worker_env: dict[str, str], settings: Any, tmp_path: Path) -> Iterator[NetSite]:
-    if os.geteuid() != 0:
-        pytest.fail("the networking tests need root (network namespaces, nftables)")
-    tag = secrets.token_hex(3)
-    name, host_ns = f"nbw{tag}", f"nbx{tag}"
-    link = f"10.254.{secrets.randbelow(256)}.{4 * secrets.randbelow(64)}/30"
-    run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    net_settings = {
-        "SANDBOX_NETWORKING": "on",
-        "SANDBOX_NETNS": name,
-        "SANDBOX_NET_HOST_LINK": link,
-        "SANDBOX_NET_HOST_NS": host_ns,
-        "SANDBOX_NET_RUN_DIR": str(run_dir),
-        "SANDBOX_NETNS_KEEP": "0",
-        # The test's "internet" (tests.network.internet), attached by the tests that need it.
-        "SANDBOX_NET_UPLINK": UPLINK,
-        "SANDBOX_NET_DNS": str(INTERNET_DNS),
-    }
-    for key, value in net_settings.items():
-        setattr(settings, key, value if key != "SANDBOX_NETNS_KEEP" else False)
-    worker_env.update(net_settings)
-    # The worker's scheduled evidence collection stays out of the tests' way (an hourly
-    # schedule): a test collects when it has made its traffic, so one period holds all of it.
-    settings.SANDBOX_NET_EVIDENCE_PERIOD_S = 3600
-    worker_env["SANDBOX_NET_EVIDENCE_PERIOD_S"] = "3600"
-    netns.create(host_ns)
+def net_site(net_host: NetHost, worker_env: dict[str, str], tmp_path: Path) -> Iterator[NetSite]:
+    worker_env.update(net_host.env)
     w = Worker(worker_env, tmp_path / "worker.log")
     try:
         w.start()
-        wait_for(lambda: netns.exists(name), 60, "the worker to set up its namespace")
-        yield NetSite(name, host_ns, run_dir, w, net_settings)
+        wait_for(lambda: netns.exists(net_host.netns), 60, "the worker to set up its namespace")
+        yield NetSite(net_host.netns, net_host.host_ns, net_host.run_dir, w, net_host.env, net_host)
     finally:
         w.stop()
-        for pidfile in run_dir.glob("dns-*.pid"):
-            with contextlib.suppress(Exception):
-                os.kill(int(pidfile.read_text()), 9)
-        with contextlib.suppress(Exception):
-            netns.teardown(name)
-        netns.remove(host_ns)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    assert not netns.exists(name) and not netns.exists(host_ns)
 
 
 def _agent(vm: VirtualMachine) -> AgentClient:

@@ -11,7 +11,7 @@ from django.db import connection
 from django.utils.module_loading import import_string
 
 from audit.models import Event
-from vms import commands, enqueue, guest, identity, pools, runtime, worker
+from vms import commands, guest, identity, pools, runtime, worker
 from vms.agent import credentials
 from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.templates import TemplateCache
@@ -20,25 +20,6 @@ from vms.models import PoolMember, VirtualMachine
 pytestmark = [pytest.mark.guest, pytest.mark.django_db(transaction=True)]
 
 TEMPLATE = "linux-small"
-
-
-@pytest.fixture
-def pool_env(vm_dirs: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The guest image, and the worker's tasks recorded (a test runs the refill itself)."""
-    import django_q.tasks
-
-    from vms import images
-
-    image = images.ensure_built()
-    monkeypatch.setenv("SANDBOX_IMAGE_DIR", str(image.directory))
-    queued: list[str] = []
-
-    def record(func: str, *args: Any, **kwargs: Any) -> None:
-        queued.append(func)
-
-    monkeypatch.setattr(django_q.tasks, "async_task", record)
-    monkeypatch.setattr(enqueue, "async_task", record)
-    return queued
 
 
 def _refill() -> dict[str, int]:

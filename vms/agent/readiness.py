@@ -16,7 +16,7 @@ from typing import Any
 from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import Hypervisor, HypervisorError, RuntimeDir, VMSpec
 
-__all__ = ["configure_guest", "reset_identity", "wait_ready"]
+__all__ = ["check_macs", "configure_guest", "nic_settings", "reset_identity", "wait_ready"]
 
 
 def _hello(
@@ -90,6 +90,23 @@ def configure_guest(
         current: dict[str, str] = {}
     else:
         current = current_macs if current_macs is not None else hv.nic_macs(runtime)
+    nics = nic_settings(spec, current)
+    # The first NIC rides with the clock and hostname: one round trip fewer on every restore.
+    client.configure(
+        time=time.time(),
+        hostname=spec.extra.get("hostname", spec.vm_id),
+        **(nics[0] if nics else {}),
+    )
+    for nic in nics[1:]:
+        client.network(**nic)
+    if nics:
+        check_macs(hv, runtime, spec)
+
+
+def nic_settings(spec: VMSpec, current: dict[str, str]) -> list[dict[str, Any]]:
+    """For each of ``spec``'s NICs, what ``configure`` (or ``network``) gives the guest: the
+    NIC found by the MAC its device has now (``current``, from ``hv.nic_macs``), its new MAC,
+    address, gateway and resolvers."""
     nics: list[dict[str, Any]] = []
     for i, net in enumerate(spec.nets):
         nid = net.id or f"net{i}"
@@ -104,16 +121,11 @@ def configure_guest(
                 "dns": list(net.dns) if net.dns else None,
             }
         )
-    # The first NIC rides with the clock and hostname: one round trip fewer on every restore.
-    client.configure(
-        time=time.time(),
-        hostname=spec.extra.get("hostname", spec.vm_id),
-        **(nics[0] if nics else {}),
-    )
-    for nic in nics[1:]:
-        client.network(**nic)
-    if not nics:
-        return
+    return nics
+
+
+def check_macs(hv: Hypervisor, runtime: RuntimeDir, spec: VMSpec) -> None:
+    """Each NIC's device has the spec's MAC now (the guest set it), or HypervisorError."""
     moved = hv.nic_macs(runtime)
     for i, net in enumerate(spec.nets):
         nid = net.id or f"net{i}"
