@@ -180,6 +180,29 @@ def handout_steps() -> dict[str, float]:
     return {step: round(statistics.median(v), 1) for step, v in steps.items()}
 
 
+def first_exec_steps() -> dict[str, float]:
+    """Of the first exec of each VM handed out by a pool, as its ``vm.exec_completed`` records
+    it: the server's time from the agent session to the exit (``wall_ms``) and the command's own
+    in the guest (``duration_ms``); medians."""
+    from audit.models import Event
+
+    pooled = {
+        e.aggregate_id
+        for e in Event.objects.filter(type="vm.started")
+        if (e.payload or {}).get("from_pool")
+    }
+    firsts: dict[str, Any] = {}
+    for event in Event.objects.filter(type="vm.exec_completed").order_by("position"):
+        if event.aggregate_id in pooled and event.aggregate_id not in firsts:
+            firsts[event.aggregate_id] = event.payload
+    if not firsts:
+        return {}
+    return {
+        "wall_ms": round(statistics.median(p["wall_s"] * 1000 for p in firsts.values()), 1),
+        "duration_ms": round(statistics.median(p["duration_s"] * 1000 for p in firsts.values()), 1),
+    }
+
+
 def phase_warm(run: Run) -> dict[str, Any]:
     target = run.args.pool
     totals, creates, fallbacks = [], [], 0
@@ -209,6 +232,7 @@ def phase_warm(run: Run) -> dict[str, Any]:
             statistics.median(t - c for t, c in zip(totals, creates, strict=True)), 1
         ),
         "warm_handout_steps_p50_ms": handout_steps(),
+        "warm_first_exec_guest_p50_ms": first_exec_steps(),
         "pool_running": os.environ.get("SANDBOX_POOL_RUNNING", "") not in ("", "0", "false"),
         "pool_member_rss_mib": rss,
     }

@@ -1667,6 +1667,9 @@ def request_guest_access(
     fresh = _fresh(vm.pk)  # the state under the lock: a stop or destroy may have come first
     if fresh.state not in row.allowed_from:
         raise InvalidState(fresh, "reach the guest of", row.allowed_from)
+    # Used from now (vms.idle): in the request's transaction, under the lock the idle pause is
+    # decided under, so no pause falls between the two.
+    mark_used(vm.pk, timezone.now())
     return store.append("vm", str(vm.pk), row.request_type(), data, actor=caller.actor)
 
 

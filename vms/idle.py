@@ -3,7 +3,8 @@ by its owner: ``commands.set_idle``) that nobody used for that long is paused by
 the next exec or file request resumes it transparently before it goes on.
 
 - Use is recorded outside the event log (it is not state): ``VMActivity.last_at``, written when
-  every exec and file request starts (``touch``) and when it ends (in its outcome's transaction:
+  every exec and file request starts (in its request's transaction, under the append lock:
+  ``commands.request_guest_access``) and when it ends (in its outcome's transaction:
   ``commands.record_guest_outcome``), and by console input at most once per ``TOUCH_EVERY_S``
   (``touch_throttled``). A VM without a row counts from its last change of state (a resume, a
   start); the row goes with the VM's ``vm.destroyed`` (``commands.record_outcome``).
@@ -146,9 +147,9 @@ def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
     system paused it for idleness (its resume request and outcome in the log, reason
     ``activity``), else as it is. While the system's pause for idleness is still being carried
     out, waits for its outcome (at most ``PAUSE_WAIT_S``) and then resumes it; while another
-    request is waking it, waits for that. Marks the VM used either way. ``WakeFailed`` when
-    its resume failed (recorded)."""
-    touch(vm.pk)
+    request is waking it, waits for that. The request's own append marks the VM used
+    (``commands.request_guest_access``, in its transaction). ``WakeFailed`` when its resume
+    failed (recorded)."""
     if idle_pause_pending(vm):
         vm = _wait_for_pause(vm.pk)
     if not lifecycle.wakes_on_activity(vm.state, vm.idle_paused):

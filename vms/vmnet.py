@@ -139,7 +139,8 @@ def setup() -> netplumb.HostNet | None:
 def plug(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     """Before the VM's VMM starts: its NIC, with an open TAP descriptor (``close_fds`` once the
     VMM runs). Nothing for a VM without a NIC."""
-    hn, plan = host(), plan_for(vm)
+    hn = host()
+    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
     if hn is None or plan is None:
         return ()
     return (netplumb.plug(hn, bridges(), plan),)
@@ -154,7 +155,8 @@ def plug_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
     """As ``plug``, with the NIC's bridge port, resolver and rules still being set up on a
     thread when this returns (``wait_plugged`` before the guest's link comes up, ``join_plugged``
     in any case before going on)."""
-    hn, plan = host(), plan_for(vm)
+    hn = host()
+    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
     if hn is None or plan is None:
         return ()
     return (netplumb.plug_begin(hn, bridges(), plan),)
@@ -203,7 +205,8 @@ def attach_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
     """At a hand-out: the member's TAP (the VM's now) on its network's bridge, with the VM's
     rules and resolver, on a thread (``wait_plugged`` before the guest's link comes up,
     ``join_plugged`` in any case). Nothing for a VM without a NIC."""
-    hn, plan = host(), plan_for(vm)
+    hn = host()
+    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
     if hn is None or plan is None:
         return ()
     return (netplumb.attach_begin(hn, bridges(), plan),)
@@ -240,7 +243,8 @@ def join_plugged(pluggings: Iterable[netplumb.Plugging]) -> None:
 
 def netspecs(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     """The VM's NICs as the guest sees them (no descriptor): for configuring a running guest."""
-    hn, plan = host(), plan_for(vm)
+    hn = host()
+    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
     if hn is None or plan is None:
         return ()
     return (plan.netspec(hn, None),)
