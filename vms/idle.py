@@ -160,18 +160,32 @@ def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
         return _wait_for_wake(vm.pk)
     started = time.monotonic()
     resumed, failed = lifecycle.request_verb("resume").outcomes()
+    # As the request found it (under the append lock): paused in its VMM, or on disk.
+    on_disk = VirtualMachine.objects.filter(pk=vm.pk, suspended_to_disk=True).exists()
+    restored: dict[str, object] = {}
     try:
-        with worker.vm_host_lock(vm.pk):
-            runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
+        if on_disk:
+            restored = worker.resume_from_disk(vm, request)
+        else:
+            with worker.vm_host_lock(vm.pk):
+                runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
     except Exception as exc:
+        reason = str(exc) if isinstance(exc, worker.RequestFailed) else f"resume failed: {exc}"
         commands.record_outcome_if_pending(
-            request, failed, {"reason": f"resume failed: {exc}"[:2000], "state": "paused"}
+            request, failed, {"reason": reason[:2000], "state": "paused"}
         )
-        raise WakeFailed(f"the VM was paused for idleness and could not be resumed: {exc}") from exc
+        raise WakeFailed(
+            f"the VM was paused for idleness and could not be resumed: {reason}"
+        ) from exc
     commands.record_outcome_if_pending(
         request,
         resumed,
-        {"reason": "activity", "for": kind, "seconds": round(time.monotonic() - started, 4)},
+        {
+            **restored,
+            "reason": "activity",
+            "for": kind,
+            "seconds": round(time.monotonic() - started, 4),
+        },
     )
     touch(vm.pk)
     return VirtualMachine.objects.select_related("owner").get(pk=vm.pk)

@@ -218,7 +218,8 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
                 enqueue.request(request.event_id)
                 counts["requeued"] += 1
             continue
-        if vm.state in ("running", "paused") and not alive:
+        if vm.state in ("running", "paused") and not alive and not vm.suspended_to_disk:
+            # (A VM suspended to disk has no VMM: its state is in a file; vms.idle.)
             commands.record_crashed(
                 str(vm.pk),
                 {"reason": "the VMM process is gone", "host": runtime.host_name()},
