@@ -1462,7 +1462,8 @@ def guest_request_in_flight(vm_id: uuid.UUID | str, now: datetime) -> bool:
 @transaction.atomic
 def pause_idle(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | None:
     """The system's pause of a VM its idle policy says is unused: the ordinary pause request,
-    data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``. Everything is decided under the
+    data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, with ``"to_disk": true`` when the
+    policy suspends it to disk (``vms.worker.suspend_to_disk``). Everything is decided under the
     append lock, from what holds then: the VM still has an idle policy, may be paused, is busy
     with no request of its own and has no guest request in flight (an exec running for longer
     than the policy keeps its VM awake), and its last use (``VMActivity``, written when a guest
