@@ -688,6 +688,11 @@ def _verify_suspended(directory: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
+def suspended_complete(vm_id: object) -> bool:
+    """Has the VM a saved suspended state whose record was written (the save finished)?"""
+    return (runtime.suspend_dir(vm_id) / SUSPEND_RECORD).is_file()
+
+
 def drop_suspended(vm_id: object) -> bool:
     """Remove a VM's saved suspended state, if any: whether there was one."""
     directory = runtime.suspend_dir(vm_id)
@@ -737,6 +742,13 @@ def suspend_to_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[st
     _progress(request, "suspending", 90, "stopping the VMM")
     with vm_host_lock(vm.pk, required=False):
         _kill(vm)
+    if hv.is_alive(rt):
+        # Never both: a VM whose VMM still holds its memory is not suspended to disk.
+        drop_suspended(vm.pk)
+        raise RequestFailed(
+            "suspend to disk failed: the VMM could not be stopped after its state was saved",
+            state="paused",
+        )
     return {
         "to_disk": True,
         **{k: request.data[k] for k in ("reason", "idle_s") if k in request.data},

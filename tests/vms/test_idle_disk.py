@@ -265,3 +265,32 @@ def test_a_destroy_removes_the_file_and_the_reconciler_sees_no_crash(
     assert not runtime.suspend_dir(vm.pk).exists()
     vm.refresh_from_db()
     assert (vm.state, vm.suspended_to_disk) == ("destroyed", False)
+
+
+def test_a_suspend_whose_worker_died_is_settled_from_what_it_left(
+    caller_for: Any, hv: DiskHypervisor, enqueued: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vms import vmnet
+
+    monkeypatch.setattr(vmnet, "remove_orphans", lambda: {})
+    owner = caller_for("operator")
+    saved, cut = running_vm(owner, "saved"), running_vm(owner, "cut")
+    for vm in (saved, cut):
+        commands.set_idle(owner, vm, idle_timeout_s=60, idle_to_disk=True)
+        pause = commands.pause_idle(vm.pk, timezone.now() + timedelta(seconds=61))
+        assert pause is not None and worker.claim(pause)
+        if vm is saved:  # saved and its VMM stopped; the worker died before the outcome
+            worker.suspend_to_disk(VirtualMachine.objects.get(pk=vm.pk), pause)
+        else:  # died while saving: a partial file, no record
+            runtime.suspend_dir(vm.pk).mkdir(parents=True)
+            (runtime.suspend_dir(vm.pk) / "state.bin").write_bytes(b"partial")
+    reconcile.reconcile(startup=True)
+    saved.refresh_from_db()
+    cut.refresh_from_db()
+    assert (saved.state, saved.suspended_to_disk) == ("paused", True)
+    done = Event.objects.get(type="vm.paused", aggregate_id=str(saved.pk))
+    assert done.payload["to_disk"] is True and done.payload["recovered"] is True
+    assert worker.suspended_complete(saved.pk)
+    assert (cut.state, cut.suspended_to_disk) == ("crashed", False)
+    assert Event.objects.filter(type="vm.pause_failed", aggregate_id=str(cut.pk)).exists()
+    assert not runtime.suspend_dir(cut.pk).exists()
