@@ -793,7 +793,9 @@ def resume_from_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[s
         )
     started = time.monotonic()
     try:
-        with vm_host_lock(vm.pk):
+        # Under the host lock, once the resume is checked still pending (a destroy may have
+        # overtaken it): a destroyed VM never gets a VMM again.
+        with _launching(vm, request):
             hv.destroy(rt)  # nothing should be there: never two VMMs for one VM
             rt.create()
             _ensure_data_disk(vm)
@@ -808,6 +810,8 @@ def resume_from_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[s
         # The saved guest has the VM's own credential: greeted with it; then a correct clock
         # (it stood still while on disk), its hostname and its NIC's address.
         _configure_identity(vm, nic=with_nic)
+    except Superseded:
+        raise
     except Exception as exc:
         _kill(vm)
         raise RequestFailed(

@@ -195,6 +195,14 @@ def test_the_idle_pause_with_the_disk_mode_saves_the_state_and_frees_the_host(
     # It holds nothing on its host (the paused plain one does).
     host = {h["name"]: h for h in capacity.report()["hosts"]}["h1"]
     assert host["committed"] == {"vcpus": plain.vcpus, "memory_mib": plain.memory_mib}
+    # The list and its page say so.
+    from django.test import Client
+
+    page = Client()
+    page.force_login(owner.user)
+    for url in ("/vms/", f"/vms/{vm.pk}/"):
+        html = page.get(url).content.decode()
+        assert html.count("(suspended to disk)") == 1, url
 
 
 def test_only_a_resume_stop_restore_or_destroy_is_taken_while_on_disk(
