@@ -169,7 +169,7 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
         worker.HANDLERS[verb](vm, request)
         commands.record_outcome(request, succeeded, {"recovered": True})
         return "completed"
-    if verb == "pause" and request.data.get("to_disk"):
+    if request.data.get("to_disk"):  # the idle policy's suspend to disk (vms.idle)
         if not alive and worker.suspended_complete(vm.pk):
             # Its state was saved and its VMM stopped: only the outcome was missing.
             commands.record_outcome(
