@@ -17,6 +17,8 @@ token; quotas and the CPU overcommit raised so that a source and its --count for
   the web process resumes the VM inline (its resume request and outcome, reason activity) and
   runs the exec. The median of --samples, with the p95 and the median of execs on a running VM
   (``running_exec_p50_ms``) measured in the same run as the baseline.
+* ``idle_disk_resume_exec_p50_ms``: the same with ``idle_to_disk``: each exec restores the VM
+  from its saved state first (its file checked, a new VMM, the guest's clock and identity).
 
 Importable: ``server()`` (a context manager giving ``(url, token)``), ``fork_10_s(url, token)``
 and ``idle_resume_exec_p50_ms(url, token)``, each creating and destroying its own VMs; a server
@@ -150,38 +152,48 @@ def fork_10_s(url: str, token: str, *, count: int = 10) -> float:
             _destroy(api, made)
 
 
-def idle_resume_exec_p50_ms(url: str, token: str, *, samples: int = 7) -> dict[str, Any]:
+def idle_resume_exec_p50_ms(
+    url: str, token: str, *, samples: int = 7, to_disk: bool = False
+) -> dict[str, Any]:
     """Execs through the API on a VM the idle tick paused: their median and p95 (ms), and the
-    median of execs on the same VM running (the baseline, same run)."""
+    median of execs on the same VM running (the baseline, same run). ``to_disk``: the policy
+    suspends it to disk, and the figures are ``idle_disk_resume_exec_*`` (the restore from
+    the file included)."""
     made: list[str] = []
+    key = "idle_disk_resume_exec" if to_disk else "idle_resume_exec"
     with _client(url, token) as api:
         try:
-            vm_id = _running_vm(api, f"bench-idle-{os.getpid()}")
+            vm_id = _running_vm(api, f"bench-idle{'disk' if to_disk else ''}-{os.getpid()}")
             made.append(vm_id)
             running: list[float] = []
             for _ in range(samples + 2):
                 began = time.perf_counter()
                 assert _exec_true(api, vm_id).status_code == 200
                 running.append((time.perf_counter() - began) * 1000)
-            answer = api.post(f"/api/v1/vms/{vm_id}/idle/", json={"idle_timeout_s": 1})
+            policy = {"idle_timeout_s": 1, "idle_to_disk": to_disk}
+            answer = api.post(f"/api/v1/vms/{vm_id}/idle/", json=policy)
             answer.raise_for_status()
             resumed: list[float] = []
             for _ in range(samples):
                 _wait_state(api, vm_id, "paused", timeout=60)
-                if not _vm(api, vm_id)["idle_paused"]:
-                    raise RuntimeError("paused, but not for idleness")
+                shown = _vm(api, vm_id)
+                if not shown["idle_paused"] or shown["suspended_to_disk"] is not to_disk:
+                    raise RuntimeError(f"paused, but not as the policy says: {shown}")
                 began = time.perf_counter()
                 reply = _exec_true(api, vm_id)
                 elapsed = (time.perf_counter() - began) * 1000
                 if reply.status_code != 200 or reply.json()["exit_code"] != 0:
                     raise RuntimeError(f"exec on the idle VM: {reply.status_code} {reply.text}")
                 resumed.append(elapsed)
-            return {
-                "idle_resume_exec_p50_ms": round(statistics.median(resumed), 1),
-                "idle_resume_exec_p95_ms": round(pct(resumed, 0.95), 1),
-                "idle_resume_samples": len(resumed),
-                "running_exec_p50_ms": round(statistics.median(running[2:]), 1),
+            result = {
+                f"{key}_p50_ms": round(statistics.median(resumed), 1),
+                f"{key}_p95_ms": round(pct(resumed, 0.95), 1),
+                f"{key.removesuffix('_exec')}_samples": len(resumed),
+                f"{'disk_' if to_disk else ''}running_exec_p50_ms": round(
+                    statistics.median(running[2:]), 1
+                ),
             }
+            return result
         finally:
             _destroy(api, made)
 
@@ -290,6 +302,7 @@ def main() -> None:
     with server(workers=args.workers, vms=args.count + 5) as (url, token):
         result: dict[str, Any] = {"bench": "forkidle", "count": args.count, "workers": args.workers}
         result |= idle_resume_exec_p50_ms(url, token, samples=args.samples)
+        result |= idle_resume_exec_p50_ms(url, token, samples=args.samples, to_disk=True)
         result["fork_10_s" if args.count == 10 else f"fork_{args.count}_s"] = round(
             fork_10_s(url, token, count=args.count), 2
         )

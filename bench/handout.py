@@ -19,7 +19,8 @@ Then, as a user would, with the token:
   the agent's first answer, no product around it (``bare_restore_s``, median).
 * ``idle``: a VM given a short idle policy, paused by the worker's tick, then an exec through the
   API that resumes it (``idle_resume_exec_p50_ms``, with the running VM's exec as baseline;
-  bench/forkidle.py).
+  bench/forkidle.py), and the same with the disk mode (``idle_disk_resume_exec_p50_ms``: the
+  VM suspended to disk and restored from its file by the exec).
 * ``fork``: ``POST /api/v1/vms/{id}/fork/ {"count": 10}`` of a running VM until all 10 answered an
   exec (``fork_10_s``; bench/forkidle.py).
 
@@ -307,9 +308,13 @@ def phase_idle(run: Run) -> dict[str, Any]:
     """Execs on a VM its idle policy paused (bench/forkidle.py), with the running baseline."""
     import forkidle
 
-    return forkidle.idle_resume_exec_p50_ms(
-        f"http://127.0.0.1:{run.user.port}", run.user.token, samples=run.args.idle
+    url = f"http://127.0.0.1:{run.user.port}"
+    kept = forkidle.idle_resume_exec_p50_ms(url, run.user.token, samples=run.args.idle)
+    # The same with the policy's disk mode: each exec restores the VM from its saved state.
+    on_disk = forkidle.idle_resume_exec_p50_ms(
+        url, run.user.token, samples=run.args.idle, to_disk=True
     )
+    return kept | on_disk
 
 
 def phase_fork(run: Run) -> dict[str, Any]:

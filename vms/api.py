@@ -214,6 +214,14 @@ class IdleSerializer(serializers.Serializer):
             "the VM (the next exec or file request resumes it); null: never"
         ),
     )
+    idle_to_disk = serializers.BooleanField(
+        default=False,
+        help_text=(
+            "the idle pause suspends the VM to disk: its memory and device state saved to a "
+            "file, its VMM stopped and its memory freed; the next exec or file request "
+            "restores it (needs idle_timeout_s)"
+        ),
+    )
 
 
 class StopSerializer(serializers.Serializer):
@@ -563,6 +571,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             "IdlePolicySet",
             {
                 "idle_timeout_s": serializers.IntegerField(allow_null=True),
+                "idle_to_disk": serializers.BooleanField(),
                 "event_position": serializers.IntegerField(),
             },
         ),
@@ -571,12 +580,16 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     def idle(self, request: Request, pk: Any = None) -> Response:
         """Set or clear (``null``) the VM's idle policy: after ``idle_timeout_s`` seconds
         without exec, file transfer or console input the system pauses it (reason idle), and
-        the next exec or file request resumes it first (reason activity)."""
+        the next exec or file request resumes it first (reason activity). ``idle_to_disk``:
+        that pause suspends it to disk (its memory freed), and the resume restores it."""
         vm = self.target("set_idle")
         s = IdleSerializer(data=request.data)
         s.is_valid(raise_exception=True)
         event = commands.set_idle(
-            self.caller(), vm, idle_timeout_s=s.validated_data["idle_timeout_s"]
+            self.caller(),
+            vm,
+            idle_timeout_s=s.validated_data["idle_timeout_s"],
+            idle_to_disk=s.validated_data["idle_to_disk"],
         )
         return Response({**event.data, "event_position": event.position})
 

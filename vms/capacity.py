@@ -4,7 +4,8 @@ hosts really use, and the check that refuses a request past the overcommitted ca
 - *Capacity*: each worker measures its host (CPUs, memory, and what is really used: available
   memory, load, pressure) on every heartbeat it runs, into the host's ``HostCapacity`` row.
 - *Committed*: the vCPUs and memory of the VMs placed on a host in a state that holds them
-  (``lifecycle.HOLDS_HOST``), summed from the VMs.
+  (``lifecycle.HOLDS_HOST``), summed from the VMs; a VM suspended to disk (paused with no VMM,
+  ``suspended_to_disk``: vms.idle) holds none, and its resume is checked like a start.
 - *Limit*: ``cpus x SANDBOX_CPU_OVERCOMMIT`` vCPUs and ``(memory - SANDBOX_HOST_RESERVED_MEMORY_MIB)
   x SANDBOX_MEMORY_OVERCOMMIT`` MiB, rounded down.
 
@@ -160,9 +161,15 @@ def _fresh_hosts() -> list[HostCapacity]:
     return list(HostCapacity.objects.filter(measured_at__gte=since).order_by("host"))
 
 
+# A VM suspended to disk (vms.idle) is paused with no VMM: it holds none of its host's vCPUs or
+# memory until a resume restores it (which is checked like a start).
+_ON_DISK = Q(suspended_to_disk=True)
+
+
 def _committed(where: Q) -> dict[str, int]:
     row = (
         VirtualMachine.objects.filter(where)
+        .exclude(_ON_DISK)
         .order_by()
         .aggregate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"))
     )
@@ -262,6 +269,7 @@ def report() -> dict[str, Any]:
         r["host"]: {"vcpus": r["vcpus"] or 0, "memory_mib": r["memory_mib"] or 0}
         for r in VirtualMachine.objects.filter(state__in=lifecycle.HOLDS_HOST)
         .exclude(host="")
+        .exclude(_ON_DISK)
         .order_by()
         .values("host")
         .annotate(vcpus=Sum("vcpus"), memory_mib=Sum("memory_mib"))

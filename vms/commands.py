@@ -90,6 +90,7 @@ __all__ = [
     "request_activity_resume",
     "set_idle",
     "validate_idle_timeout",
+    "validate_idle_to_disk",
     "fork",
     "is_pending",
     "pause",
@@ -146,6 +147,17 @@ class InvalidState(Exception):
         self.vm, self.action, self.allowed = vm, action, allowed
         super().__init__(
             f"cannot {action} a VM that is {vm.state} (allowed from: {', '.join(sorted(allowed))})"
+        )
+
+
+class SuspendedToDisk(InvalidState):
+    """The VM is suspended to disk (no VMM): only a resume, stop, restore or destroy is taken."""
+
+    def __init__(self, vm: VirtualMachine, action: str) -> None:
+        self.vm, self.action, self.allowed = vm, action, frozenset()
+        Exception.__init__(
+            self,
+            f"cannot {action}: the VM is suspended to disk (it has no VMM); resume it first",
         )
 
 
@@ -213,8 +225,13 @@ def _request(
         raise Busy(vm, verb)
     if vm.state not in row.allowed_from:
         raise InvalidState(vm, verb, row.allowed_from)
-    if row.launches_vmm and vm.state not in lifecycle.HOLDS_HOST:
-        # A verb that launches the VMM of a VM that holds no host (a start): it must fit.
+    if vm.suspended_to_disk and not lifecycle.may_while_on_disk(verb):
+        raise SuspendedToDisk(vm, verb)
+    if (row.launches_vmm and vm.state not in lifecycle.HOLDS_HOST) or (
+        verb == "resume" and vm.suspended_to_disk
+    ):
+        # A verb that launches the VMM of a VM that holds no host (a start, the resume of one
+        # suspended to disk): it must fit.
         capacity.check_host(vm.host, vcpus=vm.vcpus, memory_mib=vm.memory_mib)
     event = store.append(
         "vm",
@@ -417,6 +434,7 @@ def _new_vm_events(
     timeout_s: int = 0,
     on_expiry: str = "stop",
     idle_timeout_s: int | None = None,
+    idle_to_disk: bool = False,
     counted: _Counted | None = None,
     vm_id: uuid.UUID | None = None,
     pool_template: str | None = None,
@@ -434,7 +452,8 @@ def _new_vm_events(
 
     ``timeout_s``: its lifetime (seconds from now; 0: none), appended as vm.lifetime_set;
     ``on_expiry``: what its end does (its template's).
-    ``idle_timeout_s``: its idle policy (``vms.idle``; None: none).
+    ``idle_timeout_s``: its idle policy (``vms.idle``; None: none); ``idle_to_disk``: its idle
+    pause suspends it to disk.
     ``counted``: the caller (a fork) holds the lock and has checked the quotas and the
     cluster's capacity for this VM among others; its budget was chosen then.
 
@@ -497,6 +516,8 @@ def _new_vm_events(
             "on_expiry": on_expiry,
             # Its idle policy (vms.idle): seconds without guest activity before it is paused.
             **({"idle_timeout_s": idle_timeout_s} if idle_timeout_s else {}),
+            # ... and whether that pause suspends it to disk (its memory freed).
+            **({"idle_to_disk": True} if idle_timeout_s and idle_to_disk else {}),
             # Who gives way first under host pressure (vms.pressure), and whether it never does.
             "priority": priority,
             "pressure_opt_out": pressure_opt_out,
@@ -669,6 +690,7 @@ def create(
         timeout_s=lifetime,
         on_expiry=tpl.on_expiry,
         idle_timeout_s=tpl.idle_timeout_s,
+        idle_to_disk=tpl.idle_to_disk,
         pool_template=tpl.name if poolable else None,
         priority=prio,
         pressure_opt_out=opt_out,
@@ -897,6 +919,7 @@ def fork(
             timeout_s=lifetime,
             on_expiry=on_expiry,
             idle_timeout_s=source.idle_timeout_s,
+            idle_to_disk=source.idle_to_disk,
             counted=_Counted(chosen),
             vm_id=vm_id,
         )
@@ -1369,15 +1392,30 @@ def validate_idle_timeout(idle_timeout_s: Any) -> int | None:
     return idle_timeout_s
 
 
+def validate_idle_to_disk(idle_to_disk: Any, idle_timeout_s: int | None) -> bool:
+    """Whether the idle pause suspends to disk: true or false, and true only with a timeout."""
+    if not isinstance(idle_to_disk, bool):
+        raise ValidationError({"idle_to_disk": "true or false"})
+    if idle_to_disk and idle_timeout_s is None:
+        raise ValidationError({"idle_to_disk": "needs an idle_timeout_s (the policy it modifies)"})
+    return idle_to_disk
+
+
 @transaction.atomic
 def set_idle(
-    caller: Caller, vm: VirtualMachine, *, idle_timeout_s: int | None
+    caller: Caller,
+    vm: VirtualMachine,
+    *,
+    idle_timeout_s: int | None,
+    idle_to_disk: bool = False,
 ) -> store.RecordedEvent:
     """Set (seconds without guest activity before the system pauses it) or clear (None) the
-    VM's idle policy. Appends vm.idle_policy_set."""
+    VM's idle policy; ``idle_to_disk``: that pause suspends it to disk (its memory and device
+    state saved to a file, its VMM stopped and its memory freed). Appends vm.idle_policy_set."""
     row = lifecycle.verb("set_idle")
     policy.require(caller, row.name, vm.owner_id)
     idle_timeout_s = validate_idle_timeout(idle_timeout_s)
+    idle_to_disk = validate_idle_to_disk(idle_to_disk, idle_timeout_s)
     store.lock()
     fresh = _fresh(vm.pk)
     if fresh.state not in row.allowed_from:
@@ -1386,7 +1424,7 @@ def set_idle(
         "vm",
         str(fresh.pk),
         "vm.idle_policy_set",
-        {"idle_timeout_s": idle_timeout_s},
+        {"idle_timeout_s": idle_timeout_s, "idle_to_disk": idle_to_disk},
         actor=caller.actor,
         expected_version=fresh.version,
     )
@@ -1424,7 +1462,8 @@ def guest_request_in_flight(vm_id: uuid.UUID | str, now: datetime) -> bool:
 @transaction.atomic
 def pause_idle(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | None:
     """The system's pause of a VM its idle policy says is unused: the ordinary pause request,
-    data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``. Everything is decided under the
+    data ``{"reason": "idle", "idle_s", "idle_timeout_s"}``, with ``"to_disk": true`` when the
+    policy suspends it to disk (``vms.worker.suspend_to_disk``). Everything is decided under the
     append lock, from what holds then: the VM still has an idle policy, may be paused, is busy
     with no request of its own and has no guest request in flight (an exec running for longer
     than the policy keeps its VM awake), and its last use (``VMActivity``, written when a guest
@@ -1440,11 +1479,18 @@ def pause_idle(vm_id: uuid.UUID, now: datetime) -> store.RecordedEvent | None:
     idle_s = (now - since).total_seconds()
     if idle_s < vm.idle_timeout_s or guest_request_in_flight(vm.pk, now):
         return None
+    data: dict[str, Any] = {
+        "reason": "idle",
+        "idle_s": round(idle_s, 1),
+        "idle_timeout_s": vm.idle_timeout_s,
+    }
+    if vm.idle_to_disk:
+        data["to_disk"] = True  # suspended to disk: its VMM stopped, its memory freed
     event = store.append(
         "vm",
         str(vm.pk),
         lifecycle.request_verb("pause").request_type(),
-        {"reason": "idle", "idle_s": round(idle_s, 1), "idle_timeout_s": vm.idle_timeout_s},
+        data,
         actor=IDLE,
         expected_version=vm.version,
     )
@@ -1466,6 +1512,8 @@ def request_activity_resume(
     fresh = _fresh(vm.pk)
     if fresh.busy or not lifecycle.wakes_on_activity(fresh.state, fresh.idle_paused):
         return None
+    if fresh.suspended_to_disk:  # its VMM is launched again: it must fit
+        capacity.check_host(fresh.host, vcpus=fresh.vcpus, memory_mib=fresh.memory_mib)
     event = store.append(
         "vm",
         str(fresh.pk),

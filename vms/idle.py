@@ -20,7 +20,19 @@ the next exec or file request resumes it transparently before it goes on.
   A request that finds the idle pause asked and not yet carried out waits for its outcome (at
   most ``PAUSE_WAIT_S``) and then wakes it.
 
-Not done: writing an idle VM's memory to disk and freeing it (the pause keeps its memory).
+Suspend to disk (the policy's ``idle_to_disk``, from the template or ``set_idle``): the idle
+pause's request carries ``to_disk``, and the worker (``vms.worker.suspend_to_disk``) saves the
+guest's memory and device state with the driver's snapshot into the VM's data dir
+(``runtime.suspend_dir``, with a SHA-256 manifest), then stops its VMM and unplugs its NIC; the
+``vm.paused`` outcome says ``to_disk``, the reason, ``idle_s``, the size and the hashes. The VM
+is ``paused`` with ``suspended_to_disk`` in its read model: it holds no host vCPUs or memory
+(``vms.capacity``), the reconciler does not take its missing VMM for a crash, and the file (on
+the data dir, not the runtime dir) outlives a host restart. ``wake`` then restores it
+(``vms.worker.resume_from_disk``: the files checked, a new VMM, its NIC plugged again, the
+guest greeted with the VM's own credential and given its clock, hostname and address), and the
+file goes after a good restore; an owner's resume does the same through the worker. Only a
+resume, stop, restore or destroy may be asked of it (``lifecycle.ON_DISK_VERBS``); a stop, a
+restore, a start and a destroy drop the file.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ BATCH = 100  # VMs a run takes; the next tick finds the rest
 TOUCH_EVERY_S = 5.0  # console input marks a VM used at most this often (per web process)
 WAKE_WAIT_S = 30.0  # how long a request waits for another request's wake of the same VM
 PAUSE_WAIT_S = 10.0  # how long a request waits for a pending idle pause before it resumes it
+SUSPEND_WAIT_S = 60.0  # ... for a pending suspend to disk (it writes the guest's memory)
 _RUN_S = 30
 _enqueued_at: datetime | None = None
 _touched: dict[uuid.UUID, float] = {}
@@ -161,18 +174,32 @@ def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
         return _wait_for_wake(vm.pk)
     started = time.monotonic()
     resumed, failed = lifecycle.request_verb("resume").outcomes()
+    # As the request found it (under the append lock): paused in its VMM, or on disk.
+    on_disk = VirtualMachine.objects.filter(pk=vm.pk, suspended_to_disk=True).exists()
+    restored: dict[str, object] = {}
     try:
-        with worker.vm_host_lock(vm.pk):
-            runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
+        if on_disk:
+            restored = worker.resume_from_disk(vm, request)
+        else:
+            with worker.vm_host_lock(vm.pk):
+                runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
     except Exception as exc:
+        reason = str(exc) if isinstance(exc, worker.RequestFailed) else f"resume failed: {exc}"
         commands.record_outcome_if_pending(
-            request, failed, {"reason": f"resume failed: {exc}"[:2000], "state": "paused"}
+            request, failed, {"reason": reason[:2000], "state": "paused"}
         )
-        raise WakeFailed(f"the VM was paused for idleness and could not be resumed: {exc}") from exc
+        raise WakeFailed(
+            f"the VM was paused for idleness and could not be resumed: {reason}"
+        ) from exc
     commands.record_outcome_if_pending(
         request,
         resumed,
-        {"reason": "activity", "for": kind, "seconds": round(time.monotonic() - started, 4)},
+        {
+            **restored,
+            "reason": "activity",
+            "for": kind,
+            "seconds": round(time.monotonic() - started, 4),
+        },
     )
     touch(vm.pk)
     return VirtualMachine.objects.select_related("owner").get(pk=vm.pk)
@@ -180,14 +207,15 @@ def wake(caller: Caller, vm: VirtualMachine, kind: str) -> VirtualMachine:
 
 def _wait_for_pause(vm_id: uuid.UUID) -> VirtualMachine:
     """The VM once the system's pause of it for idleness has its outcome (or as it is after
-    ``PAUSE_WAIT_S``: then the guest request meets a VM still pausing, 409 as for any busy VM).
-    """
-    deadline = time.monotonic() + PAUSE_WAIT_S
+    ``PAUSE_WAIT_S``, ``SUSPEND_WAIT_S`` for a VM whose policy suspends it to disk: then the
+    guest request meets a VM still pausing, 409 as for any busy VM)."""
+    vm = VirtualMachine.objects.select_related("owner").get(pk=vm_id)
+    deadline = time.monotonic() + (SUSPEND_WAIT_S if vm.idle_to_disk else PAUSE_WAIT_S)
     while True:
-        vm = VirtualMachine.objects.select_related("owner").get(pk=vm_id)
         if not idle_pause_pending(vm) or time.monotonic() > deadline:
             return vm
         time.sleep(0.02)
+        vm = VirtualMachine.objects.select_related("owner").get(pk=vm_id)
 
 
 def _wait_for_wake(vm_id: uuid.UUID) -> VirtualMachine:

@@ -62,6 +62,9 @@ __all__ = [
     "outcome_states",
     "request_verb",
     "may_idle",
+    "may_while_on_disk",
+    "stays_on_disk",
+    "ON_DISK_VERBS",
     "verb",
     "wakes_on_activity",
 ]
@@ -548,6 +551,24 @@ def wakes_on_activity(state: str, idle_paused: bool) -> bool:
     return idle_paused and state in _BY_NAME["resume"].allowed_from
 
 
+# The verbs a VM suspended to disk (paused with no VMM, its state in a file: vms.idle) may be
+# asked: the others need its VMM. A resume restores it from the file; a stop or a restore drops
+# the file; a destroy removes it with the VM's data.
+ON_DISK_VERBS = frozenset({"resume", "stop", "restore", "destroy"})
+
+
+def may_while_on_disk(verb: str) -> bool:
+    """May ``verb`` be asked of a VM suspended to disk?"""
+    return verb in ON_DISK_VERBS
+
+
+def stays_on_disk(state: str) -> bool:
+    """May a VM suspended to disk still be so once an outcome left it in ``state``? Only while
+    it is paused (the pause's state): any other outcome (resumed, stopped, restored, failed)
+    ends it."""
+    return state == _BY_NAME["pause"].settles_to
+
+
 def may_idle(state: str) -> bool:
     """A VM in a state the idle policy's pause may be asked from (running)."""
     return state in _BY_NAME["pause"].allowed_from
@@ -782,7 +803,8 @@ _RECORD_TYPES = {
         "vm",
         "change",
         "A VM's idle policy was set or cleared (idle_timeout_s: seconds without exec, file "
-        "transfer or console input before the system pauses it, reason idle; null: never).",
+        "transfer or console input before the system pauses it, reason idle; null: never; "
+        "idle_to_disk: that pause suspends it to disk, its memory freed).",
     ),
     "vm.priority_set": (
         "vm",

@@ -107,7 +107,8 @@ class VMSampler:
             now = time.monotonic()
             s = Sample(self.vm_id, vm.name if vm else "", vm.state if vm else "gone", time.time())
             prev = self.last
-            if vm is not None and vm.state in LIVE_STATES:
+            # A VM suspended to disk (vms.idle) has no VMM to sample.
+            if vm is not None and vm.state in LIVE_STATES and not vm.suspended_to_disk:
                 rt = runtime.runtime_dir(vm.pk)
                 s.pid = rt.pid()
                 proc = read_proc(s.pid) if s.pid else None

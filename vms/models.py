@@ -128,8 +128,11 @@ class Template(models.Model):
     timeout_s = models.PositiveIntegerField(null=True, blank=True)
     on_expiry = models.CharField(max_length=8, choices=ON_EXPIRY_CHOICES, default="stop")
     # The idle policy of a VM made from it (vms.idle): paused after this many seconds without
-    # exec, file transfer or console input; None: never.
+    # exec, file transfer or console input; None: never. ``idle_to_disk``: the idle pause
+    # suspends to disk (memory and device state saved to a file, the VMM stopped, its memory
+    # freed) rather than keeping the paused VMM.
     idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
+    idle_to_disk = models.BooleanField(default=False)
     # Its VMs' priority under host pressure, and whether they opt out of it (vms.pressure).
     priority = models.CharField(max_length=8, choices=PRIORITY_CHOICES, default="normal")
     pressure_opt_out = models.BooleanField(default=False)
@@ -207,8 +210,13 @@ class VirtualMachine(models.Model):
     # Its idle policy (vm.created from its template, vm.idle_policy_set; vms.idle): paused by
     # the system after this many seconds without guest activity (None: never); ``idle_paused``:
     # its pause was the system's for idleness, so the next exec or file request resumes it.
+    # ``idle_to_disk``: its idle pause suspends it to disk; ``suspended_to_disk``: it is paused
+    # with no VMM, its state in a file under its data dir (vm.paused with ``to_disk``): it holds
+    # no host memory or vCPUs (vms.capacity), and a resume restores it from the file.
     idle_timeout_s = models.PositiveIntegerField(null=True, blank=True)
     idle_paused = models.BooleanField(default=False)
+    idle_to_disk = models.BooleanField(default=False)
+    suspended_to_disk = models.BooleanField(default=False)
     # Host pressure (vms.pressure): its priority and opt-out (vm.created, vm.priority_set), and
     # the memory its balloon leaves it while the host took some back (vm.ballooned; None: none,
     # vm.balloon_released), since when.

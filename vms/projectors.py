@@ -135,6 +135,7 @@ class VMProjector(Projector):
                     budget_group_id=data.get("budget_group_id"),
                     on_expiry=data.get("on_expiry", "stop"),
                     idle_timeout_s=data.get("idle_timeout_s"),
+                    idle_to_disk=bool(data.get("idle_to_disk", False)),
                     priority=data.get("priority", "normal"),
                     pressure_opt_out=bool(data.get("pressure_opt_out", False)),
                     created_at=at,
@@ -219,6 +220,11 @@ class VMProjector(Projector):
                     if data.get("lifetime_retry_at"):
                         # A lifetime's stop or destroy that failed: asked again then.
                         vm.expires_at = datetime.fromisoformat(data["lifetime_retry_at"])
+                if e.type == "vm.paused":
+                    # Suspended to disk (vms.idle): no VMM, its state in a file.
+                    vm.suspended_to_disk = bool(data.get("to_disk"))
+                elif not lifecycle.stays_on_disk(state):
+                    vm.suspended_to_disk = False
                 if e.type in ("vm.started", "vm.restored"):
                     # A new VMM: its image is what the outcome says, unknown ("") if it says
                     # nothing, never the image of the VMM before it; its balloon is deflated
@@ -271,12 +277,14 @@ class VMProjector(Projector):
                 vm.on_expiry = data.get("on_expiry", vm.on_expiry)
             elif e.type == "vm.idle_policy_set":
                 vm.idle_timeout_s = data.get("idle_timeout_s")
+                vm.idle_to_disk = bool(data.get("idle_to_disk", False))
             elif e.type == "vm.exec_requested" and data.get("secrets"):
                 vm.secrets_seen = _seen(vm.secrets_seen, data["secrets"])
             elif e.type == "vm.progress":
                 vm.progress = {k: data[k] for k in ("step", "pct", "message") if k in data}
             elif e.type == "vm.crashed":
                 self._set_state(vm, lifecycle.EVENT_STATES[e.type], at)
+                vm.suspended_to_disk = False
                 vm.pending_request = vm.pending_type = ""
                 vm.last_error = str(data.get("reason", "the VMM died"))[:2000]
             elif e.type == "vm.recovered":
@@ -355,6 +363,8 @@ class VMProjector(Projector):
                     "on_expiry",
                     "idle_timeout_s",
                     "idle_paused",
+                    "idle_to_disk",
+                    "suspended_to_disk",
                     "priority",
                     "pressure_opt_out",
                     "balloon_target_mib",

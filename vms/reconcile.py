@@ -134,11 +134,24 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
                         vm, request, verb, launched=True, would_have_been=(outcome, data)
                     )
                     return "superseded"
+                if vm.suspended_to_disk:
+                    worker.drop_suspended(vm.pk)  # restored from it: its saved state goes
                 return "completed"
             except Exception as exc:  # noqa: BLE001 - any failure: the guest is not usable
                 log.warning("interrupted %s of %s: guest not answering: %s", verb, vm.pk, exc)
         with contextlib.suppress(Exception):
             hv.destroy(rt)
+        if vm.suspended_to_disk and worker.suspended_complete(vm.pk):
+            # A restore from disk cut short: the VM is still suspended, its file kept.
+            commands.record_outcome(
+                request,
+                failed,
+                {
+                    "reason": f"the worker stopped during the {verb}; the saved state is kept",
+                    "state": "paused",
+                },
+            )
+            return "failed"
         commands.record_outcome(
             request,
             failed,
@@ -156,6 +169,16 @@ def _settle(vm: VirtualMachine, alive: bool) -> str:
         worker.HANDLERS[verb](vm, request)
         commands.record_outcome(request, succeeded, {"recovered": True})
         return "completed"
+    if request.data.get("to_disk"):  # the idle policy's suspend to disk (vms.idle)
+        if not alive and worker.suspended_complete(vm.pk):
+            # Its state was saved and its VMM stopped: only the outcome was missing.
+            commands.record_outcome(
+                request,
+                succeeded,
+                {"to_disk": True, "recovered": True, "reason": request.data.get("reason", "")},
+            )
+            return "completed"
+        worker.drop_suspended(vm.pk)  # a save cut short, or its VMM still runs: not suspended
     # "report" (pause, resize, snapshot): failed, where the VM really is.
     state = "crashed"
     if alive:
@@ -218,7 +241,8 @@ def reconcile(*, startup: bool = False) -> dict[str, int]:
                 enqueue.request(request.event_id)
                 counts["requeued"] += 1
             continue
-        if vm.state in ("running", "paused") and not alive:
+        if vm.state in ("running", "paused") and not alive and not vm.suspended_to_disk:
+            # (A VM suspended to disk has no VMM: its state is in a file; vms.idle.)
             commands.record_crashed(
                 str(vm.pk),
                 {"reason": "the VMM process is gone", "host": runtime.host_name()},

@@ -62,6 +62,8 @@ _VM_FIELD_COLUMNS = {
     "on_expiry": "on_expiry",  # what that end does: stop or destroy
     "idle_timeout_s": "idle_timeout_s",  # its idle policy (None: none; docs/vms.md, Idle pause)
     "idle_paused": "idle_paused",  # paused by the system for idleness: the next use resumes it
+    "idle_to_disk": "idle_to_disk",  # its idle pause suspends it to disk (memory freed)
+    "suspended_to_disk": "suspended_to_disk",  # paused with no VMM: its state in a file
     "priority": "priority",  # under host pressure: high, normal, low (docs/resources.md)
     "pressure_opt_out": "pressure_opt_out",
     "balloon_target_mib": "balloon_target_mib",  # what its balloon leaves it (None: no balloon)
@@ -116,6 +118,8 @@ def vm_representation(v: dict[str, Any]) -> dict[str, Any]:
         "on_expiry": v["on_expiry"],
         "idle_timeout_s": v["idle_timeout_s"],
         "idle_paused": v["idle_paused"],
+        "idle_to_disk": v["idle_to_disk"],
+        "suspended_to_disk": v["suspended_to_disk"],
         "priority": v["priority"],
         "pressure_opt_out": v["pressure_opt_out"],
         "balloon_target_mib": v["balloon_target_mib"],

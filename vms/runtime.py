@@ -29,6 +29,12 @@ def vm_data_dir(vm_id: object) -> Path:
     return Path(settings.SANDBOX_VM_DATA_DIR) / str(vm_id)
 
 
+def suspend_dir(vm_id: object) -> Path:
+    """Where a VM suspended to disk keeps its saved state (vms.idle): under its data dir, so
+    it outlives a host restart and goes with the VM's destroy."""
+    return vm_data_dir(vm_id) / "suspended"
+
+
 def snapshot_dir(snapshot_id: object) -> Path:
     return Path(settings.SANDBOX_SNAPSHOT_DIR) / str(snapshot_id)
 

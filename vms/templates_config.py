@@ -12,6 +12,7 @@ YAML (``SANDBOX_TEMPLATES_FILE``)::
         timeout_s: 3600       # optional: its VMs' lifetime (docs/vms.md, "Lifetimes")
         on_expiry: stop       # optional: what the lifetime's end does, stop (default) or destroy
         idle_timeout_s: 600   # optional: paused after this long unused (docs/vms.md, "Idle pause")
+        idle_to_disk: true    # optional: that pause suspends it to disk (its memory freed)
         priority: normal      # optional: under host pressure high, normal (default) or low
         pressure_opt_out: false  # optional: true: its VMs are never ballooned
         secrets:              # optional: every VM made from it receives these (docs/security.md)
@@ -85,6 +86,7 @@ FIELDS = (
     "timeout_s",
     "on_expiry",
     "idle_timeout_s",
+    "idle_to_disk",
     "priority",
     "pressure_opt_out",
 )
@@ -129,6 +131,14 @@ def load_yaml(path: str | Path) -> list[dict[str, Any]]:
                 f"{path}: template {item['name']}: idle_timeout_s must be 1 to "
                 f"{settings.SANDBOX_IDLE_TIMEOUT_MAX_S} seconds"
             )
+        if not isinstance(item.get("idle_to_disk", False), bool):
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: idle_to_disk must be true or false"
+            )
+        if item.get("idle_to_disk") and idle is None:
+            raise ImproperlyConfigured(
+                f"{path}: template {item['name']}: idle_to_disk needs an idle_timeout_s"
+            )
         if item.get("on_expiry", "stop") not in ("stop", "destroy"):
             raise ImproperlyConfigured(
                 f"{path}: template {item['name']}: on_expiry must be stop or destroy"
@@ -165,6 +175,7 @@ def sync_templates() -> None:
         values.setdefault("timeout_s", None)
         values.setdefault("on_expiry", "stop")
         values.setdefault("idle_timeout_s", None)
+        values.setdefault("idle_to_disk", False)
         values.setdefault("priority", "normal")
         values.setdefault("pressure_opt_out", False)
         Template.objects.update_or_create(name=spec["name"], defaults=values)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import io
 import json
 import logging
@@ -484,6 +485,7 @@ def _nic_data(spec: VMSpec) -> dict[str, Any]:
 
 
 def do_start(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    drop_suspended(vm.pk)  # a start is cold: a VM that crashed while suspended left its state
     try:
         data = _boot(vm, request)
     except Superseded:
@@ -554,10 +556,13 @@ def do_stop(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict
         how = _power_off(vm, request, float(request.data.get("grace_s", 20))) or "timeout"
     hv.destroy(rt)
     _unplug(vm)
+    # A VM suspended to disk (vms.idle) starts cold next: its saved state goes.
+    dropped = {"suspended_state_removed": True} if drop_suspended(vm.pk) else {}
     return "vm.stopped", {
         "graceful": how in ("acpi", "agent"),
         "how": how,
         "seconds": round(time.monotonic() - started, 3),
+        **dropped,
     }
 
 
@@ -617,6 +622,8 @@ def do_reboot(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, di
 
 
 def do_pause(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    if request.data.get("to_disk"):
+        return "vm.paused", suspend_to_disk(vm, request)
     try:
         runtime.hypervisor().pause(runtime.runtime_dir(vm.pk))
     except HypervisorError as exc:
@@ -625,11 +632,207 @@ def do_pause(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dic
 
 
 def do_resume(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
+    if vm.suspended_to_disk:
+        return "vm.resumed", resume_from_disk(vm, request)
     try:
         runtime.hypervisor().resume(runtime.runtime_dir(vm.pk))
     except HypervisorError as exc:
         raise RequestFailed(f"resume failed: {exc}", state="paused") from exc
     return "vm.resumed", {}
+
+
+# --- Suspend to disk (vms.idle) ----------------------------------------------------------------
+# The driver's snapshot of the VM into its data dir (``runtime.suspend_dir``), its files'
+# SHA-256 manifest with the image and NICs the state was saved with in ``suspended.json``
+# beside them (written last: a directory without it is no suspended state), then its VMM and
+# NIC torn down. A resume checks the files against the record, restores them as a snapshot's
+# restore does, greets the guest with the VM's own credential (the saved guest has it) and
+# gives it the clock, hostname and NIC again; the files go once the guest answers.
+
+SUSPEND_RECORD = "suspended.json"
+
+
+def _suspend_record(vm_id: object) -> dict[str, Any]:
+    path = runtime.suspend_dir(vm_id) / SUSPEND_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RequestFailed(
+            "the VM is suspended to disk but its saved state is not on this host "
+            f"({path} is missing): stop it (it starts cold) or destroy it",
+            state="paused",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise RequestFailed(f"the VM's saved state is unreadable: {exc}", state="paused") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("manifest"), dict):
+        raise RequestFailed(f"{path} is not a suspended state record", state="paused")
+    return record
+
+
+def _verify_suspended(directory: Path, record: dict[str, Any]) -> str | None:
+    """The first saved file not as it was saved, or None. A file whose size, mtime, ctime and
+    inode are as they were when it was hashed is taken as hashed (as a fork's restores do);
+    any other is hashed again."""
+    stats = record.get("stats") or {}
+    for name, expected in sorted(record["manifest"].items()):
+        path = directory / name
+        if not path.is_file() or path.is_symlink():
+            return f"{name} is missing"
+        if stats.get(name) is not None and stats[name] == _stat_of(path):
+            continue
+        if (
+            path.stat().st_size != expected["size"]
+            or runtime.sha256_file(path) != (expected["sha256"])
+        ):
+            return f"{name} fails its SHA-256 check"
+    return None
+
+
+def suspended_complete(vm_id: object) -> bool:
+    """Has the VM a saved suspended state whose record was written (the save finished)?"""
+    return (runtime.suspend_dir(vm_id) / SUSPEND_RECORD).is_file()
+
+
+def drop_suspended(vm_id: object) -> bool:
+    """Remove a VM's saved suspended state, if any: whether there was one."""
+    directory = runtime.suspend_dir(vm_id)
+    if not directory.exists():
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def suspend_to_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
+    """Save the running VM's memory and device state under its data dir, then stop its VMM
+    and unplug its NIC: it holds no host memory until it is resumed. The outcome's data."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    directory = runtime.suspend_dir(vm.pk)
+    # Restored on the image its VMM runs on (its page cache holds that image's root).
+    image_id = runtime.launched_image(rt)
+    if image_id is None:
+        raise RequestFailed(
+            "suspend to disk refused: the image this VM's VMM runs on is not recorded on this "
+            "host; stop and start the VM",
+            state="running",
+        )
+    started = time.monotonic()
+    try:
+        drop_suspended(vm.pk)  # what a failed earlier attempt left
+        directory.mkdir(parents=True, mode=0o700)
+        _progress(request, "suspending", 20, "saving guest memory and devices to disk")
+        files = hv.snapshot(rt, directory)  # leaves the guest paused
+        nics = hv.snapshot_nics(files)
+        _progress(request, "suspending", 60, "hashing the saved state")
+        manifest, stats = hash_files(directory, files.files)
+        record = {"manifest": manifest, "stats": stats, "image_id": image_id, "nics": nics}
+        tmp = directory / f".{SUSPEND_RECORD}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record))
+        os.replace(tmp, directory / SUSPEND_RECORD)
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            if hv.is_alive(rt):
+                hv.resume(rt)
+        drop_suspended(vm.pk)
+        raise RequestFailed(
+            f"suspend to disk failed: {exc}", state="running" if hv.is_alive(rt) else "crashed"
+        ) from exc
+    saved = round(time.monotonic() - started, 3)
+    _progress(request, "suspending", 90, "stopping the VMM")
+    with vm_host_lock(vm.pk, required=False):
+        _kill(vm)
+    if hv.is_alive(rt):
+        # Never both: a VM whose VMM still holds its memory is not suspended to disk.
+        drop_suspended(vm.pk)
+        raise RequestFailed(
+            "suspend to disk failed: the VMM could not be stopped after its state was saved",
+            state="paused",
+        )
+    return {
+        "to_disk": True,
+        **{k: request.data[k] for k in ("reason", "idle_s") if k in request.data},
+        "directory": str(directory),
+        "size_bytes": sum(f["size"] for f in manifest.values()),
+        "files": manifest,
+        # One hash of it all: of the manifest (each file's size and SHA-256).
+        "sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+        "image_id": image_id,
+        "seconds": saved,
+    }
+
+
+def resume_from_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[str, Any]:
+    """Restore a VM suspended to disk from its saved state: a new VMM (its NIC plugged again
+    when it was saved with one), the guest greeted with the VM's credential and given its
+    clock, hostname and address; the saved files go once it answers. The outcome's data
+    (``RequestFailed``, the VM left paused on disk, when it cannot)."""
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    directory = runtime.suspend_dir(vm.pk)
+    record = _suspend_record(vm.pk)
+    began = time.monotonic()
+    _progress(request, "resuming", 10, "checking the saved state")
+    problem = _verify_suspended(directory, record)
+    if problem:
+        raise RequestFailed(
+            f"the VM's saved state is corrupted: {problem}; stop it (it starts cold)",
+            state="paused",
+        )
+    files = SnapshotFiles(directory, tuple(directory / name for name in record["manifest"]))
+    try:
+        image_id = runtime.build_spec(vm, snapshot_image(record["image_id"])).extra["image_id"]
+    except ImageNotBuilt as exc:
+        raise RequestFailed(
+            f"the VM's saved state cannot be restored: {exc}", state="paused"
+        ) from exc
+    with_nic = bool(record.get("nics")) and vmnet.has_nic(vm)
+    if record.get("nics") and not with_nic:
+        raise RequestFailed(
+            "the VM was suspended with a NIC, and gets none on this host now (networking is "
+            "off here): resume it where it gets one, or stop it",
+            state="paused",
+        )
+    started = time.monotonic()
+    try:
+        # Under the host lock, once the resume is checked still pending (a destroy may have
+        # overtaken it): a destroyed VM never gets a VMM again.
+        with _launching(vm, request):
+            hv.destroy(rt)  # nothing should be there: never two VMMs for one VM
+            rt.create()
+            _ensure_data_disk(vm)
+            nets = vmnet.plug(vm) if with_nic else ()
+            try:
+                spec = runtime.build_spec(vm, image_id, nets=nets)
+                runtime.record_launched_image(rt, spec)
+                _progress(request, "resuming", 40, "starting the VMM from the saved state")
+                pid = hv.restore(spec, rt, files)
+            finally:
+                vmnet.close_fds(nets)
+        restored = time.monotonic()
+        # The saved guest has the VM's own credential: greeted with it; then a correct clock
+        # (it stood still while on disk), its hostname and its NIC's address.
+        _configure_identity(vm, nic=with_nic)
+    except Superseded:
+        raise
+    except Exception as exc:
+        _kill(vm)
+        raise RequestFailed(
+            f"resume from disk failed: {exc} (the saved state is kept)", state="paused"
+        ) from exc
+    drop_suspended(vm.pk)
+    return {
+        "from_disk": True,
+        "pid": pid,
+        "host": runtime.host_name(),
+        "image_id": image_id,
+        # Where the time went: checking the files, the VMM's restore, the guest's identity.
+        "phases": {
+            "check_s": round(started - began, 3),
+            "restore_s": round(restored - started, 3),
+            "identity_s": round(time.monotonic() - restored, 3),
+        },
+        "seconds": round(time.monotonic() - started, 3),
+    }
 
 
 def do_resize(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, dict[str, Any]]:
@@ -858,6 +1061,7 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
     try:
         with _launching(vm, request):
             hv.destroy(rt)  # in place: the old VMM goes; a clone has none yet
+            drop_suspended(vm.pk)  # and a VM suspended to disk (vms.idle) its saved state
             rt.create()
             _ensure_data_disk(vm)
             if not with_nic:

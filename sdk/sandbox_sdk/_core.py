@@ -368,11 +368,13 @@ def fork(
     return made
 
 
-def set_idle(vm_id: str, seconds: int | None) -> Op:
+def set_idle(vm_id: str, seconds: int | None, to_disk: bool = False) -> Op:
     """The VM's idle policy: paused after ``seconds`` without exec, file transfer or console
-    input (None: never); the next exec or file request resumes it."""
+    input (None: never); the next exec or file request resumes it. ``to_disk``: that pause
+    suspends it to disk (its memory saved to a file and freed on the host)."""
     path = f"/vms/{_id(vm_id)}/idle/"
-    return (yield from request(Call("POST", path, json={"idle_timeout_s": seconds})))
+    body = {"idle_timeout_s": seconds, "idle_to_disk": to_disk}
+    return (yield from request(Call("POST", path, json=body)))
 
 
 def set_lifetime(vm_id: str, seconds: int) -> Op:

@@ -502,10 +502,11 @@ class AsyncSandbox(VMView):
         made = await self.client.run(_core.fork(self.id, count, names, wait, timeout))
         return [AsyncSandbox(self.client, info, keep=keep) for info in made]
 
-    async def set_idle(self, seconds: int | None) -> dict[str, Any]:
+    async def set_idle(self, seconds: int | None, *, to_disk: bool = False) -> dict[str, Any]:
         """Pause this VM after ``seconds`` without exec, file transfer or console input (None:
-        never); the next exec or file request resumes it. The server's answer."""
-        return await self.client.run(_core.set_idle(self.id, seconds))
+        never); the next exec or file request resumes it. ``to_disk``: that pause suspends it
+        to disk (its memory saved to a file and freed on the host). The server's answer."""
+        return await self.client.run(_core.set_idle(self.id, seconds, to_disk))
 
     async def set_lifetime(self, seconds: int) -> dict[str, Any]:
         """End this VM's lifetime ``seconds`` from now (extend or shorten it; 0 clears it): the

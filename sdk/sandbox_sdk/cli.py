@@ -294,8 +294,13 @@ def vm_fork(state: State, ref: str, count: int, no_wait: bool, timeout: float | 
 @vm.command("idle")
 @click.argument("ref")
 @click.argument("seconds")
+@click.option(
+    "--to-disk",
+    is_flag=True,
+    help="suspend it to disk instead (its memory saved to a file and freed on the host)",
+)
 @pass_state
-def vm_idle(state: State, ref: str, seconds: str) -> None:
+def vm_idle(state: State, ref: str, seconds: str, to_disk: bool) -> None:
     """Pause a VM after SECONDS without exec, file transfer or console input ("off": never);
     the next exec or file request resumes it."""
     if seconds == "off":
@@ -307,7 +312,13 @@ def vm_idle(state: State, ref: str, seconds: str) -> None:
             raise click.BadParameter("whole seconds, or off", param_hint="SECONDS") from None
         if value < 1:
             raise click.BadParameter("at least 1, or off", param_hint="SECONDS")
-    render(state, state.sandbox(ref).set_idle(value), ["idle_timeout_s", "event_position"])
+    if to_disk and value is None:
+        raise click.BadParameter("--to-disk needs SECONDS, not off", param_hint="--to-disk")
+    render(
+        state,
+        state.sandbox(ref).set_idle(value, to_disk=to_disk),
+        ["idle_timeout_s", "idle_to_disk", "event_position"],
+    )
 
 
 @vm.command("lifetime")

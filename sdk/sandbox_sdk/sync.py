@@ -496,10 +496,11 @@ class Sandbox(VMView):
         made = self.client.run(_core.fork(self.id, count, names, wait, timeout))
         return [Sandbox(self.client, info, keep=keep) for info in made]
 
-    def set_idle(self, seconds: int | None) -> dict[str, Any]:
+    def set_idle(self, seconds: int | None, *, to_disk: bool = False) -> dict[str, Any]:
         """Pause this VM after ``seconds`` without exec, file transfer or console input (None:
-        never); the next exec or file request resumes it. The server's answer."""
-        return self.client.run(_core.set_idle(self.id, seconds))
+        never); the next exec or file request resumes it. ``to_disk``: that pause suspends it
+        to disk (its memory saved to a file and freed on the host). The server's answer."""
+        return self.client.run(_core.set_idle(self.id, seconds, to_disk))
 
     def set_lifetime(self, seconds: int) -> dict[str, Any]:
         """End this VM's lifetime ``seconds`` from now (extend or shorten it; 0 clears it): the

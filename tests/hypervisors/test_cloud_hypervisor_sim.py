@@ -240,6 +240,45 @@ def test_a_snapshot_tells_how_many_nics_its_guest_has(
         driver.snapshot_nics(files)
 
 
+def test_suspend_to_disk_and_restore_in_the_same_runtime_directory(
+    driver: CloudHypervisor,
+    runtimes: Callable[..., RuntimeDir],
+    make_spec: Callable[..., VMSpec],
+    workdir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What an idle VM's suspend to disk asks of the driver (vms.worker.suspend_to_disk and
+    resume_from_disk): a snapshot into the VM's data dir, its VMM destroyed (its runtime
+    directory gone), then a restore of the same spec (same disks, same taps) into a runtime
+    directory of the same path, with ``vm.restore`` from the saved files and ``vm.resume``."""
+    record = workdir / "requests.jsonl"
+    monkeypatch.setenv("CHSIM_RECORD", str(record))
+    runtime = runtimes("idle")
+    spec = make_spec()
+    pid = driver.start(spec, runtime)
+    data_disk = spec.disks[1].path
+    data_disk.write_bytes(data_disk.read_bytes() + b"written before the suspend")
+    saved = workdir / "vmdata" / "suspended"
+    saved.mkdir(parents=True)
+    files = driver.snapshot(runtime, saved)
+    assert driver.snapshot_nics(files) == 1
+    driver.destroy(runtime)
+    assert not driver.is_alive(runtime) and not runtime.root.exists()
+    assert all(Path(f).is_file() for f in files.files)  # the saved state outlives its VMM
+
+    new_pid = driver.restore(spec, runtime, files)
+    assert new_pid != pid and driver.is_alive(runtime)
+    assert driver.info(runtime).state is VMState.RUNNING
+    assert data_disk.read_bytes().endswith(b"written before the suspend")
+    config = ChApi(runtime.control_socket).info()["config"]
+    assert config["net"][0]["tap"] == spec.nets[0].tap
+    with driver.agent_connect(runtime, 5) as sock:
+        assert _echo(sock) == b"ping\n"
+    sent = _records(record)
+    restore_at = sent.index("vm.restore")
+    assert sent.index("vm.snapshot") < restore_at < sent.index("vm.resume", restore_at)
+
+
 # -------------------------------------------------------------------------- error paths
 
 

@@ -261,6 +261,16 @@ def test_fork_and_idle_from_the_sdk_and_the_cli(sdk_env, worker, make_user, issu
         assert answer["idle_timeout_s"] == 300
         assert VirtualMachine.objects.get(pk=src.id).idle_timeout_s == 300
         env = {"SANDBOX_TOKEN": token}
+        answer = src.set_idle(300, to_disk=True)
+        assert (answer["idle_timeout_s"], answer["idle_to_disk"]) == (300, True)
+        assert VirtualMachine.objects.get(pk=src.id).idle_to_disk is True
+        args = ["-o", "json", "vm", "idle", "src", "120", "--to-disk"]
+        on_disk = CliRunner().invoke(cli, args, env=env)
+        assert on_disk.exit_code == 0, on_disk.output
+        assert json.loads(on_disk.stdout)["idle_to_disk"] is True
+        bad = CliRunner().invoke(cli, ["vm", "idle", "src", "off", "--to-disk"], env=env)
+        assert bad.exit_code == 2
+        assert VirtualMachine.objects.get(pk=src.id).idle_timeout_s == 120
         cleared = CliRunner().invoke(cli, ["-o", "json", "vm", "idle", "src", "off"], env=env)
         assert cleared.exit_code == 0, cleared.output
         assert json.loads(cleared.stdout)["idle_timeout_s"] is None

@@ -243,7 +243,8 @@ def test_the_owner_sets_and_clears_the_idle_policy(caller_for: Any) -> None:
     owner = caller_for("operator")
     vm = running_vm(owner)
     event = commands.set_idle(owner, vm, idle_timeout_s=30)
-    assert event.type == "vm.idle_policy_set" and event.data == {"idle_timeout_s": 30}
+    assert event.type == "vm.idle_policy_set"
+    assert event.data == {"idle_timeout_s": 30, "idle_to_disk": False}
     vm.refresh_from_db()
     assert vm.idle_timeout_s == 30
     commands.set_idle(owner, vm, idle_timeout_s=None)

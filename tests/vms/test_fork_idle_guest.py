@@ -17,6 +17,7 @@ from accounts.caller import Caller
 from audit.models import Event
 from vms import commands, enqueue, guest, idle, runtime, worker
 from vms.agent import credentials
+from vms.hypervisors import process
 from vms.models import Snapshot, VirtualMachine
 
 pytestmark = [pytest.mark.guest, pytest.mark.django_db(transaction=True)]
@@ -162,3 +163,90 @@ def test_an_idle_vm_is_paused_and_the_next_exec_resumes_it_but_not_an_owners_pau
     assert answer.status_code == 409, answer.content
     assert Event.objects.filter(type="vm.resume_requested", aggregate_id=str(vm.pk)).count() == 1
     assert hv.info(rt).state.value == "paused"
+
+
+def test_an_idle_vm_with_the_disk_mode_is_suspended_to_disk_and_the_next_exec_restores_it(
+    owner: Any,
+    owner_user: Any,
+    made: list[Any],
+    asked: list[str],
+    token_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import django_q.tasks
+
+    from vms import capacity, reconcile
+
+    monkeypatch.setattr(django_q.tasks, "async_task", lambda func, **kw: import_string(func)())
+    monkeypatch.setattr(idle, "_enqueued_at", None)
+    vm = start_vm(owner, "disk-idle")
+    # A file in its tmpfs, and a process of its own that outlives the exec that started it.
+    sleeper = run(
+        owner,
+        vm,
+        "echo kept-$((6*7)) > /tmp/marker; grep -q ' /tmp tmpfs ' /proc/mounts; "
+        "setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    assert sleeper.isdigit()
+    commands.set_idle(owner, vm, idle_timeout_s=1, idle_to_disk=True)
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(vm.pk)
+    vmm_pid = rt.pid()
+    assert vmm_pid is not None
+    vm.refresh_from_db()
+    host = vm.host
+
+    def committed() -> dict[str, int]:
+        rows = {h["name"]: h["committed"] for h in capacity.report()["hosts"]}
+        return rows.get(host, {"vcpus": 0, "memory_mib": 0})
+
+    assert committed() == {"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}
+    idle.touch(vm.pk)
+    asked.clear()
+    time.sleep(1.2)  # unused past its policy
+    idle.tick(timezone.now())
+    pause = Event.objects.get(type="vm.pause_requested", aggregate_id=str(vm.pk))
+    assert pause.payload["reason"] == "idle" and pause.payload["to_disk"] is True
+    assert asked == [str(pause.event_id)]
+    assert worker.handle(str(pause.event_id)) == "vm.paused"
+
+    # Suspended: its state in a file under its data dir, no VMM, no host memory held.
+    paused = Event.objects.get(type="vm.paused", causation_id=str(pause.event_id))
+    assert paused.payload["to_disk"] is True and paused.payload["reason"] == "idle"
+    assert paused.payload["idle_s"] >= 1 and len(paused.payload["sha256"]) == 64
+    directory = runtime.suspend_dir(vm.pk)
+    files = paused.payload["files"]
+    assert paused.payload["size_bytes"] == sum(f["size"] for f in files.values()) > 0
+    for name, entry in files.items():
+        assert (directory / name).stat().st_size == entry["size"]
+        assert runtime.sha256_file(directory / name) == entry["sha256"]
+    assert not hv.is_alive(rt)
+    assert process.process_cmdline(vmm_pid) is None  # its VMM process is gone (or a zombie)
+    vm.refresh_from_db()
+    assert (vm.state, vm.idle_paused, vm.suspended_to_disk) == ("paused", True, True)
+    assert committed() == {"vcpus": 0, "memory_mib": 0}
+    client = token_client(owner_user)
+    shown = client.get(f"/api/v1/vms/{vm.pk}/").json()
+    assert (shown["state"], shown["suspended_to_disk"]) == ("paused", True)
+    # The reconciler (as after a host restart) finds no VMM, and that is no crash.
+    assert reconcile.reconcile(startup=True)["crashed"] == 0
+    vm.refresh_from_db()
+    assert (vm.state, vm.suspended_to_disk) == ("paused", True)
+
+    # The next exec restores it from the file and goes on: its tmpfs and its process are there.
+    answer = client.post(
+        f"/api/v1/vms/{vm.pk}/exec/",
+        {"argv": ["sh", "-c", f"cat /tmp/marker; kill -0 {sleeper} && echo alive"]},
+        format="json",
+    )
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["stdout"] == "kept-42\nalive\n"
+    resume = Event.objects.get(type="vm.resume_requested", aggregate_id=str(vm.pk))
+    assert resume.payload["reason"] == "activity" and resume.payload["for"] == "exec"
+    resumed = Event.objects.get(type="vm.resumed", causation_id=str(resume.event_id))
+    assert resumed.payload["reason"] == "activity" and resumed.payload["from_disk"] is True
+    assert not directory.exists()  # the saved state goes after a good restore
+    vm.refresh_from_db()
+    assert (vm.state, vm.idle_paused, vm.suspended_to_disk) == ("running", False, False)
+    assert hv.is_alive(rt) and hv.info(rt).state.value == "running"
+    assert committed() == {"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}
+    assert asked == [str(pause.event_id)]  # restored inline, not by a worker

@@ -498,6 +498,76 @@ def test_a_snapshot_taken_without_networking_restores_without_a_nic_until_a_cold
     assert tap.list_taps(net_site.netns) == []
 
 
+def test_a_vm_suspended_to_disk_by_its_idle_policy_comes_back_with_its_nic_and_address(
+    net_site: NetSite, caller_for: Callable[..., Any], vm_dirs: dict[str, Path]
+) -> None:
+    """The worker's idle tick suspends a VM with a NIC to disk: its VMM and its NIC go (TAP,
+    rules); its owner's resume restores it from the file with a NIC plugged again, and the
+    guest has its address: another VM reaches a server it ran before the suspend."""
+    admin = caller_for("admin")
+    tag = net_site.netns[-6:]
+    commands.create_network(
+        admin,
+        name=f"idle-{tag}",
+        subnet="10.219.12.0/24",
+        bridge=f"nbi{tag}",
+        isolated=False,
+        port_min=30200,
+        port_max=30300,
+        default_egress="none",
+    )
+    operator = caller_for("operator")
+    ids = [
+        commands.create(
+            operator, name=f"idle-{i}", template="linux-small", network=f"idle-{tag}"
+        ).vm_id
+        for i in range(2)
+    ]
+    a, b = (_settled(str(i), "running", "failed") for i in ids)
+    assert (a.state, b.state) == ("running", "running"), (a.last_error, b.last_error)
+    client_a = _agent(a)
+    try:
+        # A server started before the suspend, in the background: the restored guest still has it.
+        script = (
+            "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+            "s.bind(('0.0.0.0',8090));s.listen(1);c,_=s.accept();c.sendall(b'kept-a');c.close()"
+        )
+        started = client_a.exec(
+            ["sh", "-c", f'setsid python3 -c "{script}" </dev/null >/dev/null 2>&1 &']
+        )
+        assert started.exit_code == 0, started.stderr
+    finally:
+        client_a.close()
+    commands.set_idle(operator, a, idle_timeout_s=1, idle_to_disk=True)
+
+    def suspended() -> VirtualMachine | None:
+        vm = VirtualMachine.objects.get(pk=a.pk)
+        return vm if vm.suspended_to_disk and not vm.pending_request else None
+
+    a = wait_for(suspended, 120, "the idle tick to suspend the VM to disk", interval=0.3)
+    assert a.state == "paused" and a.idle_paused
+    assert a.tap not in net_site.links()
+    assert f"vm_{a.pk.hex}" not in net_site.ruleset()
+    commands.set_idle(operator, a, idle_timeout_s=None)  # not suspended again once resumed
+
+    commands.resume(operator, VirtualMachine.objects.get(pk=a.pk))
+    a = _settled(str(a.pk), "running", "paused", "failed")
+    assert (a.state, a.suspended_to_disk) == ("running", False), a.last_error
+    resumed = Event.objects.filter(aggregate_id=str(a.pk), type="vm.resumed").get().payload
+    assert resumed["from_disk"] is True
+    assert a.tap in net_site.links()
+    client_b = _agent(b)
+    try:
+        assert _read_from(client_b, str(a.ip), 8090) == "kept-a"
+    finally:
+        client_b.close()
+    for vm_id in ids:
+        commands.destroy(operator, VirtualMachine.objects.get(pk=vm_id))
+    for vm_id in ids:
+        _settled(str(vm_id), "destroyed", timeout=120)
+    assert tap.list_taps(net_site.netns) == []
+
+
 def test_twenty_concurrent_creates_get_twenty_addresses_and_destroy_leaves_nothing(
     net_site: NetSite, make_user: Callable[..., Any], vm_dirs: dict[str, Path]
 ) -> None:
