@@ -518,8 +518,9 @@ def report() -> dict[str, Any]:
     """Per template: target, ready and warming members (all hosts), and the budget. A constant
     number of queries, whatever the number of templates (one grouped count of the members)."""
     targets = commands.pool_targets()
-    counted = {
-        row["template"]: row
+    none: dict[str, Any] = {}
+    counted: dict[str, dict[str, Any]] = {
+        row["template"]: dict(row)
         for row in PoolMember.objects.values("template").annotate(
             ready=Count("pk", filter=Q(state=PoolMember.State.READY)),
             warming=Count("pk", filter=Q(state=PoolMember.State.WARMING)),
@@ -530,9 +531,9 @@ def report() -> dict[str, Any]:
         {
             "template": name,
             "target": targets.get(name, 0),
-            "ready": counted.get(name, {}).get("ready", 0),
-            "warming": counted.get(name, {}).get("warming", 0),
-            "memory_mib": counted.get(name, {}).get("memory_mib") or 0,
+            "ready": counted.get(name, none).get("ready", 0),
+            "warming": counted.get(name, none).get("warming", 0),
+            "memory_mib": counted.get(name, none).get("memory_mib") or 0,
         }
         for name in sorted(set(targets) | set(counted))
     ]
