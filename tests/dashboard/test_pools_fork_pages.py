@@ -268,3 +268,18 @@ def test_the_apis_fork_answer_names_the_forks_status_which_counts_its_vms(
     assert api.get(f"/api/v1/vms/{other.pk}/forks/{body['snapshot']['id']}/").status_code == 404
     stranger = token_client(make_user("operator", "stranger"))
     assert stranger.get(url).status_code == 404
+
+
+def test_the_target_form_needs_the_csrf_token(make_user: Any) -> None:
+    import re
+
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(make_user("admin", "pool-admin"))
+    assert client.post(f"/vms/pools/{TEMPLATE}/target/", {"target": "1"}).status_code == 403
+    assert targets_set() == 0
+    page = client.get("/vms/pools/").content.decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+    assert token is not None
+    body = {"target": "1", "csrfmiddlewaretoken": token.group(1)}
+    assert client.post(f"/vms/pools/{TEMPLATE}/target/", body).status_code == 302
+    assert targets_set() == 1
