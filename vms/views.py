@@ -381,7 +381,6 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "lifetime_form": LifetimeForm(),
-            "fork_form": ForkForm(),
             "fork_max": forks.fork_limit(),
             "idle_form": IdleForm(initial={"idle_timeout_s": vm.idle_timeout_s or "off"}),
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
