@@ -43,7 +43,7 @@ from audit.models import Event
 from core.compiled import CompiledQuery, cached
 from core.pagination import NOT_FILTERS, TOTAL, with_total
 from secretstore import guests
-from vms import commands, guest, lifecycle, policy, pools, quotas
+from vms import commands, forks, guest, lifecycle, policy, pools, quotas
 from vms.models import PRIORITY_CHOICES, RequestOutcome, Snapshot, Template, VirtualMachine
 from vms.representation import (
     SNAPSHOT_BRIEF_FIELDS,
@@ -446,7 +446,13 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     filterset_class = VMFilter
     # Reads, and every verb the lifecycle table offers here (the worker's verbs are actions
     # made from the table below the class).
-    token_scopes = {"list": VM_READ, "retrieve": VM_READ, "events": VM_READ, **scopes_of("vms")}
+    token_scopes = {
+        "list": VM_READ,
+        "retrieve": VM_READ,
+        "events": VM_READ,
+        "fork_status": VM_READ,
+        **scopes_of("vms"),
+    }
 
     def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         if not NOT_FILTERS.issuperset(request.query_params):
@@ -531,13 +537,22 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
 
     @extend_schema(
         request=ForkSerializer,
-        responses={202: inline_serializer("Forked", {"status_url": serializers.CharField()})},
+        responses={
+            202: inline_serializer(
+                "Forked",
+                {
+                    "status_url": serializers.CharField(),
+                    "fork_status_url": serializers.CharField(),
+                },
+            )
+        },
     )
     @action(detail=True, methods=["post"])
     def fork(self, request: Request, pk: Any = None) -> Response:
         """``count`` new VMs from this running VM's state of now (snapshot once, restore each
-        with its own identity). 202: the snapshot request (``status_url``) and, per new VM, its
-        id, name and restore request (its own ``status_url``)."""
+        with its own identity). 202: the snapshot request (``status_url``), the whole fork's
+        progress (``fork_status_url``: how many of the N run, failed, are pending) and, per new
+        VM, its id, name and restore request (its own ``status_url``)."""
         vm = self.target("fork")
         s = ForkSerializer(data=request.data)
         s.is_valid(raise_exception=True)
@@ -549,6 +564,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             {
                 "request": _request_brief(forked.request),
                 "status_url": f"/api/v1/requests/{forked.request.event_id}/",
+                "fork_status_url": forks.status_path(forked.source_id, forked.snapshot.pk),
                 "source": str(forked.source_id),
                 "snapshot": SnapshotBriefSerializer(forked.snapshot).data,
                 "vms": [
@@ -564,6 +580,61 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
             },
             status=status.HTTP_202_ACCEPTED,
         )
+
+    @extend_schema(
+        responses=inline_serializer(
+            "ForkStatus",
+            {
+                "source": serializers.UUIDField(),
+                "request_id": serializers.UUIDField(),
+                "snapshot": inline_serializer(
+                    "ForkStatusSnapshot",
+                    {
+                        "id": serializers.UUIDField(),
+                        "name": serializers.CharField(),
+                        "state": serializers.CharField(),
+                        "last_error": serializers.CharField(),
+                    },
+                ),
+                "count": serializers.IntegerField(help_text="N: the fork's new VMs"),
+                "running": serializers.IntegerField(),
+                "failed": serializers.IntegerField(help_text="failed or crashed"),
+                "pending": serializers.IntegerField(help_text="their restore still asked"),
+                "other": serializers.IntegerField(help_text="stopped, paused or gone since"),
+                "settled": serializers.IntegerField(help_text="count less pending"),
+                "done": serializers.BooleanField(help_text="none pending"),
+                "vms": inline_serializer(
+                    "ForkStatusVM",
+                    {
+                        "id": serializers.UUIDField(),
+                        "name": serializers.CharField(),
+                        "state": serializers.CharField(),
+                        "phase": serializers.ChoiceField(["running", "failed", "pending", "other"]),
+                        "last_error": serializers.CharField(),
+                    },
+                    many=True,
+                ),
+            },
+        )
+    )
+    @action(
+        detail=True,
+        methods=["get"],
+        url_path=r"forks/(?P<snapshot_id>[0-9a-fA-F-]{36})",
+        url_name="fork-status",
+    )
+    def fork_status(self, request: Request, pk: Any = None, snapshot_id: str = "") -> Response:
+        """A fork's progress (its ``fork_status_url``): how many of its N new VMs run, failed
+        or are still being restored, counted over all N; ``vms``: those the caller sees."""
+        vm = self.get_object()
+        try:
+            sid = uuid.UUID(snapshot_id)
+        except ValueError:
+            raise Http404("no such fork") from None
+        body = forks.status(self.caller(), vm, sid)
+        if body is None:
+            raise Http404("no such fork")
+        return Response(body)
 
     @extend_schema(
         request=IdleSerializer,

@@ -38,6 +38,7 @@ from secretstore import guests
 from vms import (
     capacity,
     enqueue,
+    forks,
     identity,
     images,
     lifecycle,
@@ -814,7 +815,7 @@ def _fork_names(caller: Caller, source: VirtualMachine, count: int) -> list[str]
 
 
 def validate_fork_count(count: Any) -> int:
-    limit = int(settings.SANDBOX_FORK_MAX)
+    limit = forks.fork_limit()
     if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= limit:
         raise ValidationError({"count": f"a whole number from 1 to {limit} (SANDBOX_FORK_MAX)"})
     return count

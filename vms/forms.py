@@ -103,6 +103,37 @@ class LifetimeForm(forms.Form):
     )
 
 
+class ForkForm(forms.Form):
+    """A fork's count; its range is ``commands.validate_fork_count``'s (SANDBOX_FORK_MAX)."""
+
+    count = forms.IntegerField(label="New VMs", initial=1)
+
+
+class IdleForm(forms.Form):
+    """An idle policy: whole seconds (``commands.validate_idle_timeout`` bounds them), or off."""
+
+    idle_timeout_s = forms.CharField(
+        max_length=12,
+        label="Pause when idle for (seconds)",
+        help_text='"off": never',
+    )
+
+    def clean_idle_timeout_s(self) -> int | None:
+        value = self.cleaned_data["idle_timeout_s"].strip().lower()
+        if value in ("off", "never", "none"):
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise forms.ValidationError('whole seconds, or "off"') from None
+
+
+class PoolTargetForm(forms.Form):
+    """A warm pool's target; its range is ``commands.set_pool_target``'s."""
+
+    target = forms.IntegerField(label="Target")
+
+
 class StopForm(forms.Form):
     force = forms.BooleanField(required=False)
 

@@ -43,6 +43,7 @@ from audit.catalogue import EventType
 __all__ = [
     "ALL_STATES",
     "BALLOONABLE",
+    "BROKEN",
     "EVENT_STATES",
     "GONE",
     "HOLDS_HOST",
@@ -106,6 +107,8 @@ BALLOONABLE = frozenset({"running"})
 # a new VM is stopped until its first start; the reconciler found its VMM dead.
 EVENT_STATES: dict[str, str] = {"vm.created": "stopped", "vm.crashed": "crashed"}
 _SETTLED_OR_BROKEN = frozenset({"running", "paused", "stopped", "failed", "crashed"})
+# The states of a VM whose VMM failed or died: what a fork's progress counts as failed (vms.forks).
+BROKEN = frozenset({"failed", "crashed"})
 
 # How a verb is carried out:
 #   request: the command appends the request, the worker carries it out and appends the outcome;

@@ -192,6 +192,11 @@ def require_network_admin(caller: Caller, action: str) -> None:
 POOL_PERMISSIONS = {"view": "vms.view_poolmember", "change": "vms.change_poolmember"}
 
 
+def may_manage_pools(caller: Caller, action: str = "change") -> bool:
+    """May ``caller`` read (``view``) the warm pools or set their targets (``change``)?"""
+    return caller.has(POOL_PERMISSIONS[action])
+
+
 def require_pool_admin(caller: Caller, action: str = "change") -> None:
     """``PermissionDenied`` unless ``caller`` may ``action`` (view, change) the warm pools."""
     caller.require(POOL_PERMISSIONS[action])

@@ -56,6 +56,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Count, Q, Sum
 
 from accounts.caller import Caller
 from vms import commands, enqueue, guest, identity, runtime, vmnet, worker
@@ -514,25 +515,32 @@ _MEMBER_HOOKS = dataclasses.replace(worker.TEMPLATE_HOOKS, reset_identity=_membe
 
 
 def report() -> dict[str, Any]:
-    """Per template: target, ready and warming members (all hosts), and the budget."""
+    """Per template: target, ready and warming members (all hosts), and the budget. A constant
+    number of queries, whatever the number of templates (one grouped count of the members)."""
     targets = commands.pool_targets()
-    names = set(targets) | set(PoolMember.objects.values_list("template", flat=True))
-    pools = []
-    for name in sorted(names):
-        members = PoolMember.objects.filter(template=name)
-        pools.append(
-            {
-                "template": name,
-                "target": targets.get(name, 0),
-                "ready": members.filter(state=PoolMember.State.READY).count(),
-                "warming": members.filter(state=PoolMember.State.WARMING).count(),
-                "memory_mib": sum(members.values_list("memory_mib", flat=True)),
-            }
+    none: dict[str, Any] = {}
+    counted: dict[str, dict[str, Any]] = {
+        row["template"]: dict(row)
+        for row in PoolMember.objects.values("template").annotate(
+            ready=Count("pk", filter=Q(state=PoolMember.State.READY)),
+            warming=Count("pk", filter=Q(state=PoolMember.State.WARMING)),
+            memory_mib=Sum("memory_mib"),
         )
+    }
+    pools = [
+        {
+            "template": name,
+            "target": targets.get(name, 0),
+            "ready": counted.get(name, none).get("ready", 0),
+            "warming": counted.get(name, none).get("warming", 0),
+            "memory_mib": counted.get(name, none).get("memory_mib") or 0,
+        }
+        for name in sorted(set(targets) | set(counted))
+    ]
     return {
         "pools": pools,
         "budget_mib": settings.SANDBOX_POOL_BUDGET_MIB,
-        "used_mib": commands.pool_memory_used(),
+        "used_mib": sum(p["memory_mib"] for p in pools),
         "running": bool(settings.SANDBOX_POOL_RUNNING),
         "serves_creates_here": poolable_here(),
     }

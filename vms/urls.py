@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from vms import host_views, preview_views, quota_views, views
+from vms import host_views, pool_views, preview_views, quota_views, views
 
 app_name = "vms"
 
@@ -16,6 +16,8 @@ urlpatterns = [
     path("new/", views.vm_create, name="create"),
     path("bulk/", views.vm_bulk, name="bulk"),
     path("quotas/", quota_views.quota_admin, name="quotas"),
+    path("pools/", pool_views.pool_list, name="pools"),
+    path("pools/<slug:template>/target/", pool_views.pool_target, name="pool-target"),
     path("hosts/", host_views.host_list, name="hosts"),
     path("hosts/<str:name>/", host_views.host_detail, name="host"),
     path("<uuid:pk>/", views.vm_detail, name="detail"),
@@ -23,6 +25,9 @@ urlpatterns = [
     path("<uuid:pk>/exec/", views.vm_exec, name="exec"),
     path("<uuid:pk>/sysrq/", views.vm_sysrq, name="sysrq"),
     path("<uuid:pk>/lifetime/", views.vm_lifetime, name="lifetime"),
+    path("<uuid:pk>/fork/", views.vm_fork, name="fork"),
+    path("<uuid:pk>/forks/<uuid:snapshot_pk>/", views.vm_fork_status, name="fork-status"),
+    path("<uuid:pk>/idle/", views.vm_idle, name="idle"),
     path("<uuid:pk>/snapshots/", views.vm_snapshots, name="snapshots"),
     path("<uuid:pk>/preview/", preview_views.vm_preview, name="preview"),
     path("<uuid:pk>/preview/revoke/", preview_views.vm_preview_revoke, name="preview-revoke"),

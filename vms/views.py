@@ -29,6 +29,7 @@ from vms import (
     commands,
     console,
     errors,
+    forks,
     guest,
     lifecycle,
     live,
@@ -47,6 +48,8 @@ from vms.forms import (
     CreateVMForm,
     ExecForm,
     FilterForm,
+    ForkForm,
+    IdleForm,
     LifetimeForm,
     ResizeForm,
     SnapshotForm,
@@ -378,6 +381,8 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "buttons": [verb for verb in BUTTON_VERBS if may[verb]],
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "lifetime_form": LifetimeForm(),
+            "fork_max": forks.fork_limit(),
+            "idle_form": IdleForm(initial={"idle_timeout_s": vm.idle_timeout_s or "off"}),
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
@@ -521,6 +526,69 @@ def vm_lifetime(request: HttpRequest, pk: Any) -> HttpResponse:
     else:
         ends = event.data["expires_at"]
         messages.success(request, f"Lifetime set: ends {ends}." if ends else "Lifetime cleared.")
+    return redirect("vms:detail", pk=vm.pk)
+
+
+@require_POST
+@login_required
+def vm_fork(request: HttpRequest, pk: Any) -> HttpResponse:
+    """The page's fork form: ``count`` new VMs from this running VM (``commands.fork``, as the
+    API's); then the fork's progress page."""
+    vm = _vm(request, pk)
+    form = ForkForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError(form.errors.get_json_data())
+        forked = commands.fork(Caller.from_request(request), vm, count=form.cleaned_data["count"])
+    except REFUSALS as exc:
+        messages.error(request, f"Fork refused: {_explain(exc)}")
+        return redirect("vms:detail", pk=vm.pk)
+    n = len(forked.vms)
+    messages.success(
+        request, f"Fork of {vm.name} into {n} new VM{'s' if n != 1 else ''} requested."
+    )
+    return redirect("vms:fork-status", pk=vm.pk, snapshot_pk=forked.snapshot.pk)
+
+
+@require_GET
+@login_required
+def vm_fork_status(request: HttpRequest, pk: Any, snapshot_pk: Any) -> HttpResponse:
+    """A fork's progress (``vms.forks.status``): k of its N new VMs running, failed, pending;
+    the page's script follows the API's fork status until none is pending."""
+    vm = _vm(request, pk)
+    status = forks.status(Caller.from_request(request), vm, snapshot_pk)
+    if status is None:
+        raise Http404("no such fork")
+    return render(
+        request,
+        "vms/fork.html",
+        {"vm": vm, "fork": status, "status_url": forks.status_path(vm.pk, snapshot_pk)},
+    )
+
+
+@require_POST
+@login_required
+def vm_idle(request: HttpRequest, pk: Any) -> HttpResponse:
+    """The page's idle policy form: pause after so many seconds without guest activity, or
+    "off" (``commands.set_idle``, as the API's)."""
+    vm = _vm(request, pk)
+    form = IdleForm(request.POST)
+    try:
+        if not form.is_valid():
+            raise ValidationError(form.errors.get_json_data())
+        event = commands.set_idle(
+            Caller.from_request(request), vm, idle_timeout_s=form.cleaned_data["idle_timeout_s"]
+        )
+    except REFUSALS as exc:
+        messages.error(request, f"Idle policy refused: {_explain(exc)}")
+    else:
+        after = event.data["idle_timeout_s"]
+        messages.success(
+            request,
+            f"Idle policy set: paused after {after} s without activity."
+            if after
+            else "Idle policy off.",
+        )
     return redirect("vms:detail", pk=vm.pk)
 
 

@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -344,20 +344,57 @@ def clone(
     return (yield from accepted(answer, wait_for, timeout))
 
 
+def fork_status(status_url: str) -> Op:
+    """A fork's progress (its ``fork_status_url``): ``count``, ``running``, ``failed``,
+    ``pending``, ``settled``, ``done`` and the new VMs the caller sees."""
+    path = status_url.removeprefix(API) if status_url.startswith(API) else status_url
+    return (yield from request(Call("GET", path)))
+
+
+def wait_fork(
+    status_url: str, timeout: float | None, progress: Callable[[dict[str, Any]], None] | None
+) -> Op:
+    """Poll a fork's status until none of its VMs is pending (its last status), calling
+    ``progress`` with each status read; ``WaitTimeout`` after ``timeout`` seconds."""
+    limit = DEFAULT_WAIT_S if timeout is None else timeout
+    deadline = time.monotonic() + limit
+    delay = POLL_FIRST_S
+    while True:
+        status = yield from fork_status(status_url)
+        if progress is not None:
+            progress(status)
+        if status["done"]:
+            return status
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(
+                f"fork still has {status['pending']} of {status['count']} VMs pending after "
+                f"{limit:g} s: {status_url}"
+            )
+        yield Sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(POLL_MAX_S, delay * 2)
+
+
 def fork(
     vm_id: str,
     count: int,
     names: list[str] | None,
     wait_for: bool,
     timeout: float | None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Op:
     """``count`` new VMs from the VM's running state (one snapshot, a restore each): the new
-    VMs (as they are once each restore succeeded, unless ``wait_for`` is false)."""
+    VMs (as they are once each restore succeeded, unless ``wait_for`` is false). While waiting,
+    ``progress`` is called with each read of the whole fork's status (k of N settled), when the
+    server names one (``fork_status_url``); a failed restore raises ``RequestFailed``."""
     body: dict[str, Any] = {"count": count}
     if names is not None:
         body["names"] = names
     path = f"/vms/{_id(vm_id)}/fork/"
     answer = yield from request(Call("POST", path, json=body, ok=(202,)))
+    if wait_for and answer.get("fork_status_url"):
+        # The whole fork first (its VMs restore side by side); each VM's own status then
+        # answers at once, and says why, if its restore failed.
+        yield from wait_fork(answer["fork_status_url"], timeout, progress)
     made: list[dict[str, Any]] = []
     for vm in answer["vms"]:
         if wait_for:

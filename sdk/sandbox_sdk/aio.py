@@ -11,7 +11,7 @@ import builtins
 import contextlib
 import hashlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -495,11 +495,14 @@ class AsyncSandbox(VMView):
         keep: bool = False,
         wait: bool = True,
         timeout: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> builtins.list[AsyncSandbox]:
         """``count`` new VMs from this VM's running state of now (its memory and disk: one
         snapshot, restored once per new VM, each with its own identity); each is destroyed on
-        exit of its own ``with`` unless ``keep``. Waits (``timeout`` per VM) until each runs."""
-        made = await self.client.run(_core.fork(self.id, count, names, wait, timeout))
+        exit of its own ``with`` unless ``keep``. Waits (``timeout``) until all N settled, then
+        each runs (``RequestFailed`` names a failed one); ``progress`` is called with each read
+        of the fork's status (``count``, ``running``, ``failed``, ``pending``, ``settled``)."""
+        made = await self.client.run(_core.fork(self.id, count, names, wait, timeout, progress))
         return [AsyncSandbox(self.client, info, keep=keep) for info in made]
 
     async def set_idle(self, seconds: int | None, *, to_disk: bool = False) -> dict[str, Any]:

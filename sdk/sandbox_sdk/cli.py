@@ -286,8 +286,26 @@ _verb("destroy", "Destroy a VM (whatever its state).")
 @wait_options
 @pass_state
 def vm_fork(state: State, ref: str, count: int, no_wait: bool, timeout: float | None) -> None:
-    """COUNT new VMs from a running VM's state of now (memory and disk), each its own identity."""
-    made = state.sandbox(ref).fork(count, keep=True, wait=not no_wait, timeout=timeout)
+    """COUNT new VMs from a running VM's state of now (memory and disk), each its own identity.
+    Waits for all COUNT with a progress bar (k of COUNT settled) on stderr."""
+    source = state.sandbox(ref)
+    if no_wait:
+        made = source.fork(count, keep=True, wait=False, timeout=timeout)
+    else:
+        with click.progressbar(length=count, label=f"forking {count}", file=sys.stderr) as bar:
+            shown = 0
+
+            def progress(status: dict[str, Any]) -> None:
+                nonlocal shown
+                settled = int(status.get("settled") or 0)
+                bar.label = (
+                    f"forking: {status.get('running', 0)} running, "
+                    f"{status.get('failed', 0)} failed, {status.get('pending', 0)} pending"
+                )
+                bar.update(max(0, settled - shown))
+                shown = max(shown, settled)
+
+            made = source.fork(count, keep=True, wait=True, timeout=timeout, progress=progress)
     render(state, [m.info for m in made], VM_COLUMNS)
 
 

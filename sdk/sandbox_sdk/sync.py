@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -489,11 +489,14 @@ class Sandbox(VMView):
         keep: bool = False,
         wait: bool = True,
         timeout: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> builtins.list[Sandbox]:
         """``count`` new VMs from this VM's running state of now (its memory and disk: one
         snapshot, restored once per new VM, each with its own identity); each is destroyed on
-        exit of its own ``with`` unless ``keep``. Waits (``timeout`` per VM) until each runs."""
-        made = self.client.run(_core.fork(self.id, count, names, wait, timeout))
+        exit of its own ``with`` unless ``keep``. Waits (``timeout``) until all N settled, then
+        each runs (``RequestFailed`` names a failed one); ``progress`` is called with each read
+        of the fork's status (``count``, ``running``, ``failed``, ``pending``, ``settled``)."""
+        made = self.client.run(_core.fork(self.id, count, names, wait, timeout, progress))
         return [Sandbox(self.client, info, keep=keep) for info in made]
 
     def set_idle(self, seconds: int | None, *, to_disk: bool = False) -> dict[str, Any]:

@@ -81,8 +81,25 @@ def site(make_user, make_vm, settings) -> dict[str, Any]:
         delivery=delivery, number=2, started_at=now, duration_ms=12, address="203.0.113.7",
         status_code=200, response_excerpt="ok",
     )  # fmt: skip
+    # A running VM of the operator's, forked into two (one restored, one pending): its fork's
+    # progress page; its id and the fork's snapshot come first among the candidates.
+    started = commands.create(
+        Caller.for_user(users["operator"]), name="fork-src", template="linux-small"
+    )
+    commands.record_outcome(started.request, "vm.started", {"host": "h1", "hypervisor": "qemu"})
+    forked = commands.fork(Caller.for_user(users["operator"]), started.vm, count=2)
+    commands.record_outcome(
+        forked.vms[0].request, "vm.restored", {"host": "h1", "hypervisor": "qemu"}
+    )
+    fork_ids = [str(started.vm_id), str(forked.snapshot.pk)]
     # The VM's network (the first create makes the default one) and any other.
-    uuids = [str(vm.pk), str(job.pk), str(hook.pk), *(str(n.pk) for n in Network.objects.all())]
+    uuids = [
+        *fork_ids,
+        str(vm.pk),
+        str(job.pk),
+        str(hook.pk),
+        *(str(n.pk) for n in Network.objects.all()),
+    ]
     last = Event.objects.filter(aggregate_id=str(vm.pk)).order_by("-position").first()
     assert last is not None
     ints = [str(last.position), *(str(u.pk) for u in users.values())]
@@ -96,11 +113,12 @@ MUST_SEE = {
     "admin": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/vms/hosts/", "/vms/hosts/<str:name>/", "/accounts/users/", "/accounts/tokens/", "/audit/",
         "/networks/", "/networks/<uuid:pk>/edit/", "/tasks/", "/webhooks/", "/webhooks/<uuid:pk>/",
-        "/vms/quotas/",
+        "/vms/quotas/", "/vms/pools/", "/vms/<uuid:pk>/forks/<uuid:snapshot_pk>/",
     ],
     "operator": [
         "/", "/vms/", "/vms/<uuid:pk>/", "/vms/new/", "/accounts/tokens/", "/networks/", "/tasks/",
         "/webhooks/", "/webhooks/<uuid:pk>/", "/webhooks/<uuid:pk>/delete/",
+        "/vms/<uuid:pk>/forks/<uuid:snapshot_pk>/",
     ],
     "viewer": ["/", "/vms/", "/vms/<uuid:pk>/", "/accounts/tokens/", "/networks/", "/tasks/"],
     "auditor": [

@@ -34,6 +34,7 @@ from vms import (
     network_views,
     policy,
     pool_api,
+    pool_views,
     preview_api,
     preview_views,
     projectors,
@@ -46,7 +47,7 @@ from vms.models import VMState
 
 ROOT = Path(__file__).resolve().parents[2]
 VM_AGGREGATES = ("vm", "snapshot", "network", "pool")
-READS = {"list", "retrieve", "events"}
+READS = {"list", "retrieve", "events", "fork_status"}
 
 # The VM domain's event types as recorded logs hold them: name, aggregate, schema version and
 # category must never change (a log appended before must stay valid and report the same).
@@ -440,6 +441,9 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         inspect.unwrap(views.vm_sysrq): frozenset({"exec"}),
         # The page's lifetime form: a record verb with input of its own.
         inspect.unwrap(views.vm_lifetime): frozenset({"set_lifetime"}),
+        # The page's fork and idle policy forms: record verbs with input of their own.
+        inspect.unwrap(views.vm_fork): frozenset({"fork"}),
+        inspect.unwrap(views.vm_idle): frozenset({"set_idle"}),
         # A record verb with input of its own, routed apart (its row says where: api=None).
         preview_api.PreviewLinkView: frozenset({"share_preview", "revoke_preview"}),
         preview_api.PreviewLinkDetailView: frozenset({"revoke_preview"}),
@@ -462,6 +466,9 @@ def _table_routes() -> dict[Any, frozenset[str]]:
         # no VMs until a create (the table's) hands one out.
         pool_api.PoolTargetView: frozenset(),
         pool_api.PoolsView: frozenset(),  # reads them (vms.pools.report)
+        # The dashboard's pools page (vms.pool_views): the same report and the same command.
+        inspect.unwrap(pool_views.pool_list): frozenset(),
+        inspect.unwrap(pool_views.pool_target): frozenset(),
     }
 
 
