@@ -117,6 +117,11 @@ class IdleForm(forms.Form):
         label="Pause when idle for (seconds)",
         help_text='"off": never',
     )
+    idle_to_disk = forms.BooleanField(
+        required=False,
+        label="to disk",
+        help_text="suspend it to disk and free its memory (restored on the next use)",
+    )
 
     def clean_idle_timeout_s(self) -> int | None:
         value = self.cleaned_data["idle_timeout_s"].strip().lower()

@@ -382,7 +382,12 @@ def vm_detail(request: HttpRequest, pk: Any) -> HttpResponse:
             "can": {**may, **{group: may[verb] for group, verb in _CAN.items()}},
             "lifetime_form": LifetimeForm(),
             "fork_max": forks.fork_limit(),
-            "idle_form": IdleForm(initial={"idle_timeout_s": vm.idle_timeout_s or "off"}),
+            "idle_form": IdleForm(
+                initial={
+                    "idle_timeout_s": vm.idle_timeout_s or "off",
+                    "idle_to_disk": vm.idle_to_disk,
+                }
+            ),
             "resize_form": ResizeForm(initial={"vcpus": vm.vcpus, "memory_mib": vm.memory_mib}),
             "snapshot_form": SnapshotForm(),
             "exec_form": ExecForm(),
@@ -577,15 +582,19 @@ def vm_idle(request: HttpRequest, pk: Any) -> HttpResponse:
         if not form.is_valid():
             raise ValidationError(form.errors.get_json_data())
         event = commands.set_idle(
-            Caller.from_request(request), vm, idle_timeout_s=form.cleaned_data["idle_timeout_s"]
+            Caller.from_request(request),
+            vm,
+            idle_timeout_s=form.cleaned_data["idle_timeout_s"],
+            idle_to_disk=form.cleaned_data["idle_to_disk"],
         )
     except REFUSALS as exc:
         messages.error(request, f"Idle policy refused: {_explain(exc)}")
     else:
         after = event.data["idle_timeout_s"]
+        how = "suspended to disk" if event.data.get("idle_to_disk") else "paused"
         messages.success(
             request,
-            f"Idle policy set: paused after {after} s without activity."
+            f"Idle policy set: {how} after {after} s without activity."
             if after
             else "Idle policy off.",
         )

@@ -222,9 +222,15 @@ def test_the_idle_form_sets_and_clears_the_policy_and_refuses_bad_input(make_use
     assert "paused after 120 s" in answer.content.decode()
     vm.refresh_from_db()
     assert vm.idle_timeout_s == 120
+    answer = client.post(
+        f"/vms/{vm.pk}/idle/", {"idle_timeout_s": "90", "idle_to_disk": "on"}, follow=True
+    )
+    assert "suspended to disk after 90 s" in answer.content.decode()
+    vm.refresh_from_db()
+    assert (vm.idle_timeout_s, vm.idle_to_disk) == (90, True)
     client.post(f"/vms/{vm.pk}/idle/", {"idle_timeout_s": "off"})
     vm.refresh_from_db()
-    assert vm.idle_timeout_s is None
+    assert (vm.idle_timeout_s, vm.idle_to_disk) == (None, False)
     set_before = Event.objects.filter(type="vm.idle_policy_set").count()
     for bad in ("0", "-3", "soon", "99999999999"):
         answer = client.post(f"/vms/{vm.pk}/idle/", {"idle_timeout_s": bad}, follow=True)
