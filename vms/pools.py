@@ -165,8 +165,9 @@ def finish_handout(accepted: commands.Accepted) -> bool:
     try:
         # Its network, address, MAC and TAP, as the create leased them (the TAP is the
         # member's: ``identity.tap_for`` of their one id).
-        vm = VirtualMachine.objects.select_related("network").get(pk=accepted.vm_id)
-        nets = vmnet.netspecs(vm)
+        if vmnet.host() is not None:
+            vm = VirtualMachine.objects.select_related("network").get(pk=accepted.vm_id)
+        nets = vmnet.netspecs(vm) if vm is not None else ()
         with worker.vm_host_lock(accepted.vm_id, wait_s=HANDOUT_LOCK_WAIT_S):
             timings["lock_ms"] = _ms(t0)
             client = AgentClient.from_hypervisor(
@@ -186,7 +187,7 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                     timings["connect_ms"] = _ms(t0)
                     # The TAP's bridge port, resolver and rules, while the guest resumes (its
                     # NIC is down in the guest and its cable out until they are in place).
-                    pluggings = vmnet.attach_begin(vm)
+                    pluggings = vmnet.attach_begin(vm) if vm is not None else ()
                     if member.paused:
                         hv.resume(rt)
                     timings["resume_ms"] = _ms(t0)
@@ -197,7 +198,7 @@ def finish_handout(accepted: commands.Accepted) -> bool:
                         _cable(hv, rt, nets, up=True)
                         # The VM's MAC (the guest's NIC has the template's), address, gateway
                         # and resolver ride with the clock and hostname, as after a restore.
-                        spec = VMSpec(vm_id=vm.pk.hex[:12], nets=nets)
+                        spec = VMSpec(vm_id=accepted.vm_id.hex[:12], nets=nets)
                         nic = readiness.nic_settings(spec, hv.nic_macs(rt))[0]
                     # Hello, identity and the credential in one round trip: the agent checks
                     # and starts them in this order, each with the member's credential.

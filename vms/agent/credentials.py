@@ -73,14 +73,14 @@ def _put(holder: str, value: str) -> str:
     """Store ``value`` for ``holder`` (replacing what it had); returns the key id."""
     row = AgentCredential(holder=holder)
     sealed = crypto.keyring().seal(value.encode(), row.aad)
-    AgentCredential.objects.update_or_create(
-        holder=holder,
-        defaults={
-            "key_id": sealed.key_id,
-            "nonce": sealed.nonce,
-            "ciphertext": sealed.ciphertext,
-            "created_at": timezone.now(),
-        },
+    row.key_id, row.nonce, row.ciphertext = sealed.key_id, sealed.nonce, sealed.ciphertext
+    row.created_at = timezone.now()
+    # One statement (an upsert on the holder), where update_or_create took four.
+    AgentCredential.objects.bulk_create(
+        [row],
+        update_conflicts=True,
+        unique_fields=["holder"],
+        update_fields=["key_id", "nonce", "ciphertext", "created_at"],
     )
     return sealed.key_id
 
