@@ -306,6 +306,18 @@ class Plugging:
             raise self._error
 
 
+def _connect(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> None:
+    """The NIC's TAP on its bridge, its resolver (or none) and its rules: what a plugging does
+    on its thread once the TAP and the bridge exist."""
+    br.attach(host.netns, nic.tap, nic.bridge)
+    resolver = nic.resolver(host)
+    if resolver is not None:
+        dns.start(host.netns, resolver, host.run_dir)
+    else:
+        dns.stop(host.run_dir, nic.key)
+    ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
+
+
 def plug_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> Plugging:
     """Start plugging VM ``nic``'s NIC: its TAP now (with the descriptor for the VMM), then its
     bridge port, resolver and rules on a thread, so that a VMM restoring a guest (a tenth of a
@@ -325,13 +337,7 @@ def plug_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> Plu
     def connect() -> None:
         if in_place:
             ensure_network(host, bridges, nic.bridge)
-        br.attach(host.netns, nic.tap, nic.bridge)
-        resolver = nic.resolver(host)
-        if resolver is not None:
-            dns.start(host.netns, resolver, host.run_dir)
-        else:
-            dns.stop(host.run_dir, nic.key)
-        ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
+        _connect(host, bridges, nic)
 
     try:
         return Plugging(host, nic, nic.netspec(host, fd), connect)
@@ -361,13 +367,7 @@ def attach_begin(host: HostNet, bridges: Sequence[br.Bridge], nic: NicPlan) -> P
             raise NetworkError(f"the bridge {nic.bridge.ifname} of the network is not in place")
         if not tap.exists(host.netns, nic.tap):
             raise NetworkError(f"no TAP {nic.tap} in {host.netns}")
-        br.attach(host.netns, nic.tap, nic.bridge)
-        resolver = nic.resolver(host)
-        if resolver is not None:
-            dns.start(host.netns, resolver, host.run_dir)
-        else:
-            dns.stop(host.run_dir, nic.key)
-        ruleset.apply_vm(host.netns, host.fabric(bridges), nic.rules(host))
+        _connect(host, bridges, nic)
 
     return Plugging(host, nic, nic.netspec(host, None), connect)
 

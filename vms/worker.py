@@ -38,8 +38,10 @@ from vms import commands, enqueue, lifecycle, runtime, vmnet
 from vms.agent import credentials, readiness
 from vms.agent.client import AgentClient, AgentError
 from vms.hypervisors.base import (
+    Hypervisor,
     HypervisorError,
     NotSupported,
+    RuntimeDir,
     SnapshotFiles,
     TemplateHooks,
     TemplateStarter,
@@ -800,14 +802,16 @@ def resume_from_disk(vm: VirtualMachine, request: store.RecordedEvent) -> dict[s
             hv.destroy(rt)  # nothing should be there: never two VMMs for one VM
             rt.create()
             _ensure_data_disk(vm)
-            nets = vmnet.plug(vm) if with_nic else ()
-            try:
-                spec = runtime.build_spec(vm, image_id, nets=nets)
-                runtime.record_launched_image(rt, spec)
-                _progress(request, "resuming", 40, "starting the VMM from the saved state")
-                pid = hv.restore(spec, rt, files)
-            finally:
-                vmnet.close_fds(nets)
+            pid = _restore_vmm(
+                hv,
+                vm,
+                request,
+                rt,
+                image_id,
+                files,
+                with_nic=with_nic,
+                step=("resuming", "starting the VMM from the saved state"),
+            )
         restored = time.monotonic()
         # The saved guest has the VM's own credential: greeted with it; then a correct clock
         # (it stood still while on disk), its hostname and its NIC's address.
@@ -1066,14 +1070,16 @@ def do_restore(vm: VirtualMachine, request: store.RecordedEvent) -> tuple[str, d
             _ensure_data_disk(vm)
             if not with_nic:
                 _unplug(vm)  # in place: the NIC of the VMM that went, if it had one
-            nets = vmnet.plug(vm) if with_nic else ()
-            try:
-                spec = runtime.build_spec(vm, image_id, nets=nets)
-                runtime.record_launched_image(rt, spec)
-                _progress(request, "restoring", 40, "starting the VMM from the snapshot")
-                pid = hv.restore(spec, rt, files)
-            finally:
-                vmnet.close_fds(nets)
+            pid = _restore_vmm(
+                hv,
+                vm,
+                request,
+                rt,
+                image_id,
+                files,
+                with_nic=with_nic,
+                step=("restoring", "starting the VMM from the snapshot"),
+            )
             deflated = _deflate(vm, hv, rt)
         # The saved guest wants the snapshot's credential (its source's of then): this VM's
         # own at once, so the source's is refused here.
@@ -1168,3 +1174,27 @@ def cleanup_snapshot(snapshot_id: str) -> None:
         shutil.rmtree(runtime.snapshot_dir(snap.pk), ignore_errors=True)
         credentials.forget_snapshot(snap.pk)
         _forget_hashed(snap.pk)
+
+
+def _restore_vmm(
+    hv: Hypervisor,
+    vm: VirtualMachine,
+    request: store.RecordedEvent,
+    rt: RuntimeDir,
+    image_id: str,
+    files: SnapshotFiles,
+    *,
+    with_nic: bool,
+    step: tuple[str, str],
+) -> int:
+    """The VMM of ``vm`` restored from ``files`` into ``rt`` (its NIC plugged first when
+    ``with_nic``; the TAP's descriptor closed once the VMM holds its own): its pid. The
+    caller holds the launch (``_launching``) and made the runtime directory and data disk."""
+    nets = vmnet.plug(vm) if with_nic else ()
+    try:
+        spec = runtime.build_spec(vm, image_id, nets=nets)
+        runtime.record_launched_image(rt, spec)
+        _progress(request, step[0], 40, step[1])
+        return hv.restore(spec, rt, files)
+    finally:
+        vmnet.close_fds(nets)
