@@ -620,7 +620,7 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
     @action(
         detail=True,
         methods=["get"],
-        url_path=r"forks/(?P<snapshot_id>[0-9a-fA-F-]{36})",
+        url_path=r"forks/(?P<snapshot_id>[^/.]+)",  # checked in the view: auth comes first
         url_name="fork-status",
     )
     def fork_status(self, request: Request, pk: Any = None, snapshot_id: str = "") -> Response:
