@@ -615,7 +615,15 @@ class VMViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gener
                     many=True,
                 ),
             },
-        )
+        ),
+        parameters=[
+            OpenApiParameter(
+                "snapshot_id",
+                OpenApiTypes.UUID,
+                OpenApiParameter.PATH,
+                description="the fork's snapshot (the id in its fork_status_url)",
+            )
+        ],
     )
     @action(
         detail=True,
