@@ -139,26 +139,34 @@ def setup() -> netplumb.HostNet | None:
 def plug(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     """Before the VM's VMM starts: its NIC, with an open TAP descriptor (``close_fds`` once the
     VMM runs). Nothing for a VM without a NIC."""
-    hn = host()
-    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
-    if hn is None or plan is None:
+    found = _nic_here(vm)
+    if found is None:
         return ()
+    hn, plan = found
     return (netplumb.plug(hn, bridges(), plan),)
+
+
+def _nic_here(vm: VirtualMachine) -> tuple[netplumb.HostNet, netplumb.NicPlan] | None:
+    """This host's networking and the VM's NIC, when a start here gives it one (no forwards
+    are read where VMs get no NIC)."""
+    hn = host()
+    plan = plan_for(vm) if hn is not None else None
+    return None if hn is None or plan is None else (hn, plan)
 
 
 def has_nic(vm: VirtualMachine) -> bool:
     """Whether a start of the VM on this host gets a NIC (networking on, and the VM has one)."""
-    return host() is not None and plan_for(vm) is not None
+    return _nic_here(vm) is not None
 
 
 def plug_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
     """As ``plug``, with the NIC's bridge port, resolver and rules still being set up on a
     thread when this returns (``wait_plugged`` before the guest's link comes up, ``join_plugged``
     in any case before going on)."""
-    hn = host()
-    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
-    if hn is None or plan is None:
+    found = _nic_here(vm)
+    if found is None:
         return ()
+    hn, plan = found
     return (netplumb.plug_begin(hn, bridges(), plan),)
 
 
@@ -205,10 +213,10 @@ def attach_begin(vm: VirtualMachine) -> tuple[netplumb.Plugging, ...]:
     """At a hand-out: the member's TAP (the VM's now) on its network's bridge, with the VM's
     rules and resolver, on a thread (``wait_plugged`` before the guest's link comes up,
     ``join_plugged`` in any case). Nothing for a VM without a NIC."""
-    hn = host()
-    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
-    if hn is None or plan is None:
+    found = _nic_here(vm)
+    if found is None:
         return ()
+    hn, plan = found
     return (netplumb.attach_begin(hn, bridges(), plan),)
 
 
@@ -243,10 +251,10 @@ def join_plugged(pluggings: Iterable[netplumb.Plugging]) -> None:
 
 def netspecs(vm: VirtualMachine) -> tuple[NetSpec, ...]:
     """The VM's NICs as the guest sees them (no descriptor): for configuring a running guest."""
-    hn = host()
-    plan = plan_for(vm) if hn is not None else None  # no forwards read where VMs get no NIC
-    if hn is None or plan is None:
+    found = _nic_here(vm)
+    if found is None:
         return ()
+    hn, plan = found
     return (plan.netspec(hn, None),)
 
 
