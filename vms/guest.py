@@ -116,12 +116,19 @@ def agent_session(vm: VirtualMachine, *, hello_timeout: float = 20.0) -> Iterato
                 if time.monotonic() > deadline:
                     raise GuestUnavailable("the guest agent is busy with another session") from None
                 time.sleep(0.05)
-        client = _take_parked(vm.pk) or credentials.client_for_vm(vm)
-        try:
-            client.hello(timeout=hello_timeout)
-        except (AgentError, HypervisorError, OSError) as exc:
-            client.close()
-            raise GuestUnavailable(f"the guest agent does not answer: {exc}") from exc
+        # A parked connection was greeted by the hand-out a moment ago (and its rotate gave it
+        # the VM's credential): no second hello round trip. Every request carries the
+        # credential anyway; the hello only proves the agent answers.
+        client = _take_parked(vm.pk)
+        if client is None or not client.greeted:
+            if client is not None:
+                client.close()
+            client = credentials.client_for_vm(vm)
+            try:
+                client.hello(timeout=hello_timeout)
+            except (AgentError, HypervisorError, OSError) as exc:
+                client.close()
+                raise GuestUnavailable(f"the guest agent does not answer: {exc}") from exc
         try:
             yield client
         finally:

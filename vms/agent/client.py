@@ -323,6 +323,17 @@ class AgentClient:
         )
         self._reader.start()
 
+    @property
+    def greeted(self) -> bool:
+        """Connected, its hello answered on this connection, and the connection not lost since:
+        a request sent now reaches the agent that answered."""
+        return (
+            not self._closed
+            and self._sock is not None
+            and self._dead is None
+            and self.hello_info is not None
+        )
+
     def connect(self, timeout: float) -> None:
         """Connect now (``hello`` does when needed): to be connected before the guest runs."""
         self._connect(time.monotonic() + timeout)
