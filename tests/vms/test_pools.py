@@ -183,3 +183,27 @@ def test_a_member_unlike_what_the_vm_is_recorded_as_is_never_handed_out(
     monkeypatch.setattr(images, "current_image_id", lambda: None)
     none = commands.create(owner, name="no-image", template=TEMPLATE, from_pool=True)
     assert none.pooled is None
+
+
+def test_a_hand_outs_append_saves_each_projections_checkpoint_at_its_own_event_at_once(
+    caller_for: Any, no_queue: list[str]
+) -> None:
+    """The create's one append feeds three inline projections (the VM, its task, the pool):
+    one statement saves their checkpoints, each at the last event it projected."""
+    from django.test.utils import CaptureQueriesContext
+
+    from audit.models import ProjectionCheckpoint
+
+    commands.set_pool_target(caller_for("admin"), TEMPLATE, 1)
+    member_id = _ready_member()
+    owner = caller_for("operator")
+    commands.create(owner, name="first", template=TEMPLATE)  # the default network made first
+    with CaptureQueriesContext(connection) as queries:
+        commands.create(owner, name="pooled", template=TEMPLATE, from_pool=True)
+    writes = [q["sql"] for q in queries.captured_queries if "projectioncheckpoint" in q["sql"]]
+    assert len(writes) == 1, writes
+    saved = dict(ProjectionCheckpoint.objects.values_list("name", "position"))
+    handed = Event.objects.get(type="pool.vm_handed_out")
+    requested = Event.objects.get(aggregate_id=str(member_id), type="vm.start_requested")
+    assert saved["vms.pools"] == handed.position
+    assert saved["vms.state"] == saved["vms.tasks"] == requested.position < handed.position
