@@ -122,7 +122,7 @@ def _save_checkpoints(positions: dict[str, int]) -> None:
         cur.execute(
             f"UPDATE {table} SET position = CASE name {cases} END, "
             f"updated_at = CURRENT_TIMESTAMP WHERE name IN ({marks})",
-            [x for name in names for x in (name, positions[name])] + names,
+            [*(x for name in names for x in (name, positions[name])), *names],
         )
         if cur.rowcount == len(names):
             return

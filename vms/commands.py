@@ -439,6 +439,7 @@ def _new_vm_events(
     counted: _Counted | None = None,
     vm_id: uuid.UUID | None = None,
     pool_template: str | None = None,
+    on_pool_member: Callable[[PoolMember, str], None] | None = None,
     priority: str = "normal",
     pressure_opt_out: bool = False,
 ) -> tuple[uuid.UUID, list[store.RecordedEvent], PoolMember | None]:
@@ -460,7 +461,8 @@ def _new_vm_events(
 
     ``pool_template``: take a ready warm pool member of that template on this host, if there is
     one (under the lock, and skipping rows another transaction holds), as the new VM: its id is
-    the VM's, and pool.vm_handed_out is appended with the rest.
+    the VM's, and pool.vm_handed_out is appended with the rest; ``on_pool_member`` is told
+    first (``create``).
     """
     if counted is None:
         limits = quotas.effective_quota(caller.user)
@@ -492,6 +494,8 @@ def _new_vm_events(
     )
     if member is not None:
         vm_id = member.pk
+        if on_pool_member is not None:
+            on_pool_member(member, identity.hostname_for(name))
     created = store.PendingEvent(
         "vm",
         str(vm_id),
@@ -641,14 +645,18 @@ def create(
     budget: str | None = None,
     timeout_s: int | None = None,
     from_pool: bool = False,
+    on_pool_member: Callable[[PoolMember, str], None] | None = None,
     priority: str | None = None,
     pressure_opt_out: bool | None = None,
 ) -> Accepted:
     """A new VM from ``template``. ``from_pool``: the caller can finish a hand-out
     (``vms.pools.create``): a started VM of the template's own shape, with no file secrets, is
     then a ready warm pool member of this host when there is one (``Accepted.pooled``; its
-    start request is not enqueued). ``timeout_s``: its lifetime in seconds (0: none; None: the
-    template's, if it has one); at its end the system stops or destroys it (``vms.lifetimes``).
+    start request is not enqueued). ``on_pool_member(member, hostname)`` is called as soon as
+    that member is taken, under the append lock and in this transaction (before the VM's events
+    are appended): the hand-out may begin the guest's part meanwhile. ``timeout_s``: its
+    lifetime in seconds (0: none; None: the template's, if it has one); at its end the system
+    stops or destroys it (``vms.lifetimes``).
     ``priority`` (high, normal, low) and ``pressure_opt_out``: how it fares under host pressure
     (``vms.pressure``; None: the template's).
     ``secrets``: references to secrets of the caller's (or its
@@ -693,6 +701,7 @@ def create(
         idle_timeout_s=tpl.idle_timeout_s,
         idle_to_disk=tpl.idle_to_disk,
         pool_template=tpl.name if poolable else None,
+        on_pool_member=on_pool_member,
         priority=prio,
         pressure_opt_out=opt_out,
     )

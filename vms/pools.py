@@ -31,6 +31,9 @@ rotates its credential to a fresh one of the VM's, in one round trip (the agent'
 NIC) in one append. When anything fails, the NIC is unplugged (its evidence recorded, its rules
 and TAP gone), the VMM goes, ``pool.vm_evicted`` says why, and the start request is enqueued
 for the worker, the ordinary way (a template restore). A VM handed out never returns to a pool.
+Where VMs get no NIC the guest's part (resume, identity, credential) begins inside the create's
+transaction as soon as the member is taken, on a thread beside the create's appends
+(``_Begun``); a create that then does not commit evicts the member.
 
 The refill runs after every hand-out (on commit), after a target change, and from a tick of the
 worker's main process; one at a time per host (a file lock). It evicts what no longer belongs
@@ -47,6 +50,7 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -102,11 +106,144 @@ def poolable_here() -> bool:
 def create(caller: Caller, **fields: Any) -> commands.Accepted:
     """``commands.create``, served from a warm pool when one can: the API's and the dashboard's
     create. A hand-out answers with the VM running (``Accepted.pooled`` set); otherwise the
-    start is queued as always."""
-    accepted = commands.create(caller, from_pool=_serves(fields.get("network")), **fields)
-    if accepted.pooled is not None and not finish_handout(accepted):
+    start is queued as always. Where VMs get no NIC, the guest's part of the hand-out begins
+    as soon as the create has taken the member (``_Begun``), beside the create's appends."""
+    begun = _Begun()
+    try:
+        accepted = commands.create(
+            caller,
+            from_pool=_serves(fields.get("network")),
+            on_pool_member=begun.begin,
+            **fields,
+        )
+    except BaseException as exc:
+        begun.undo(f"the create was not recorded ({exc.__class__.__name__})")
+        raise
+    if accepted.pooled is not None and not finish_handout(accepted, begun):
         return commands.Accepted(accepted.vm_id, accepted.request)
     return accepted
+
+
+class _Begun:
+    """The guest's part of a hand-out, begun inside the create's transaction the moment the
+    member is taken (``commands.create``'s ``on_pool_member``), where VMs get no NIC: the
+    member's host lock is taken and its credential read, and a fresh one of the VM's kept, in
+    the create's transaction; then, on a thread, its agent is connected, the member resumed and
+    given its identity and the fresh credential (``AgentClient.pipeline``) while the create
+    appends the VM's events and commits. ``finish_handout`` waits for the thread and records
+    the start (``vm.started``), as the hand-out without it does; if the create does not commit,
+    ``undo`` evicts the member (its guest may have run) with the reason.
+
+    Where VMs get a NIC the hand-out stays in one piece after the create
+    (``finish_handout``): its identity rides with the NIC's settings, which need the VM's
+    records committed first."""
+
+    def __init__(self) -> None:
+        self.member_id: uuid.UUID | None = None
+        self.client: AgentClient | None = None
+        self.key_id = ""
+        self.timings: dict[str, float] = {}
+        self.error: BaseException | None = None
+        self._t0 = 0.0
+        self._lock = contextlib.ExitStack()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def begin(self, member: PoolMember, hostname: str) -> None:
+        """In the create's transaction, under the append lock: begin, or leave the hand-out to
+        ``finish_handout`` (VMs get a NIC here, or the member's host lock is held)."""
+        if vmnet.host() is not None:
+            return
+        self._t0 = time.perf_counter()
+        held = self._lock.enter_context(
+            worker.vm_host_lock(member.pk, wait_s=HANDOUT_LOCK_WAIT_S, required=False)
+        )
+        if not held:
+            self._lock.close()
+            return  # finish_handout waits for it again, and fails the ordinary way
+        self.timings["lock_ms"] = _ms(self._t0)
+        hv, rt = runtime.hypervisor(), runtime.runtime_dir(member.pk)
+        self.client = AgentClient.from_hypervisor(
+            hv,
+            rt,
+            connect_timeout=HANDOUT_AGENT_TIMEOUT_S,
+            timeout=HANDOUT_AGENT_TIMEOUT_S,
+            credential=credentials.for_vm(member.pk),
+        )
+        # Kept in the create's transaction, before the guest has it: if the create does not
+        # commit, neither does the credential, and the member is evicted (``undo``).
+        fresh, self.key_id = credentials.keep_new(member.pk)
+        self.member_id = member.pk
+        self._thread = threading.Thread(
+            target=self._guest,
+            args=(hv, rt, member.paused, hostname, fresh),
+            name=f"handout-{member.pk.hex[:8]}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _guest(
+        self, hv: Hypervisor, rt: RuntimeDir, paused: bool, hostname: str, fresh: str
+    ) -> None:
+        client = self.client
+        assert client is not None
+        try:
+            # Connected before the guest runs: it sees a host at once (``warm_one``).
+            client.connect(HANDOUT_AGENT_TIMEOUT_S)
+            self.timings["connect_ms"] = _ms(self._t0)
+            if paused:
+                hv.resume(rt)
+            self.timings["resume_ms"] = _ms(self._t0)
+            client.pipeline(
+                [
+                    client.hello_request(),
+                    client.configure_request(time=time.time(), hostname=hostname),
+                    client.rotate_request(fresh),
+                ],
+                timeout=HANDOUT_AGENT_TIMEOUT_S,
+            )
+            self.timings["identity_ms"] = _ms(self._t0)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            self.error = exc
+
+    def wait(self) -> None:
+        """Until the guest's part is done; raises what failed in it."""
+        assert self._thread is not None and self.client is not None
+        self._thread.join(3 * HANDOUT_AGENT_TIMEOUT_S + 5.0)
+        if self._thread.is_alive():
+            self.client.close()  # its pipeline fails and the thread ends
+            raise RuntimeError("the guest's identity step did not finish in time")
+        if self.error is not None:
+            raise self.error
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def release(self) -> None:
+        """The member's host lock (before a teardown, which takes it again)."""
+        self._lock.close()
+
+    def undo(self, reason: str) -> None:
+        """The create that took the member did not commit: the member is still in its pool as
+        far as the log says, but its guest may have been resumed and given another credential.
+        It is evicted with ``reason`` and torn down."""
+        if not self.started or self.member_id is None:
+            self.release()
+            return
+        with contextlib.suppress(Exception):
+            self.wait()
+        if self.client is not None:
+            self.client.close()
+        self.release()
+        try:
+            commands.record_pool_evicted(self.member_id, f"hand-out failed: {reason}")
+        except Exception:  # the refill evicts it (its VMM is gone)
+            log.exception("recording the eviction of pool member %s failed", self.member_id)
+        _teardown(self.member_id, drop_lock=True)
+        enqueue.pool_refill()
 
 
 def _serves(network: str | None) -> bool:
@@ -150,12 +287,15 @@ def _stand_in(
     )
 
 
-def finish_handout(accepted: commands.Accepted) -> bool:
+def finish_handout(accepted: commands.Accepted, begun: _Begun | None = None) -> bool:
     """Resume the member handed out to ``accepted``'s create as its VM, give it its identity
-    and a credential of its own, and record it started. False (the VMM gone, the member's
-    eviction recorded, the start request enqueued for the worker) when anything failed."""
+    and a credential of its own, and record it started (``begun``: the guest's part begun in
+    the create, ``_Begun``). False (the VMM gone, the member's eviction recorded, the start
+    request enqueued for the worker) when anything failed."""
     member = accepted.pooled
     assert member is not None
+    if begun is not None and begun.started:
+        return _finish_begun(accepted, begun)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
@@ -244,20 +384,65 @@ def finish_handout(accepted: commands.Accepted) -> bool:
         _teardown(accepted.vm_id)
         return True  # the destroy's request is the VM's now; the worker carries it out
     except Exception as exc:
-        log.warning("hand-out of pool member %s failed: %s", accepted.vm_id, exc)
         _unplug(vm)
-        _teardown(accepted.vm_id)
-        with contextlib.suppress(Exception):
-            commands.record_pool_evicted(
-                accepted.vm_id,
-                f"hand-out failed: {exc}; the VM starts from its template",
-                handed_out_vm=accepted.vm_id,
-            )
-        enqueue.request(request.event_id)
-        enqueue.pool_refill()
-        return False
+        return _handout_failed(accepted, exc)
     enqueue.pool_refill(REFILL_AFTER_HANDOUT_S)
     return True
+
+
+def _finish_begun(accepted: commands.Accepted, begun: _Begun) -> bool:
+    """``finish_handout`` of a hand-out whose guest part began in the create: wait for it,
+    then record the start."""
+    member = accepted.pooled
+    assert member is not None and begun.client is not None
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
+    try:
+        try:
+            begun.wait()
+            data = {
+                "host": member.host,
+                "hypervisor": hv.name,
+                "pid": rt.pid(),
+                "from_template": True,
+                "from_pool": True,
+                "image_id": member.image_id,
+                "seconds": round(begun.seconds(), 4),
+                "handout_ms": {k: round(v, 2) for k, v in begun.timings.items()},
+            }
+            outcome = commands.record_handout(accepted.request, begun.key_id, data)
+            if outcome is commands.SUPERSEDED:
+                raise _Superseded()
+            if outcome is None:
+                raise RuntimeError("its start could not be recorded")
+        except BaseException:
+            begun.client.close()
+            raise
+        finally:
+            begun.release()
+        guest.park(accepted.vm_id, begun.client)
+    except _Superseded:
+        _teardown(accepted.vm_id)
+        return True
+    except Exception as exc:
+        return _handout_failed(accepted, exc)
+    enqueue.pool_refill(REFILL_AFTER_HANDOUT_S)
+    return True
+
+
+def _handout_failed(accepted: commands.Accepted, exc: Exception) -> bool:
+    """A hand-out that did not finish (its NIC already unplugged): the VMM goes, the member's
+    eviction says why, and the VM's start request goes to the worker. False."""
+    log.warning("hand-out of pool member %s failed: %s", accepted.vm_id, exc)
+    _teardown(accepted.vm_id)
+    with contextlib.suppress(Exception):
+        commands.record_pool_evicted(
+            accepted.vm_id,
+            f"hand-out failed: {exc}; the VM starts from its template",
+            handed_out_vm=accepted.vm_id,
+        )
+    enqueue.request(accepted.request.event_id)
+    enqueue.pool_refill()
+    return False
 
 
 class _Superseded(Exception):

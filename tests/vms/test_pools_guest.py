@@ -191,6 +191,78 @@ def test_a_hand_out_whose_start_is_not_recorded_is_undone_and_started_the_ordina
         _destroy_all(owner)
 
 
+def test_a_create_that_does_not_commit_after_its_member_resumed_evicts_the_member(
+    caller_for: Any, pool_env: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest's part of a hand-out begins as soon as the create takes the member, beside the
+    create's appends. When the create then fails (here its append), no VM exists, and the
+    member, whose guest may have run and got another credential, does not go back to the pool:
+    its eviction says why and its VMM goes."""
+    from audit import store
+
+    admin, owner = caller_for("admin"), caller_for("operator")
+    commands.set_pool_target(admin, TEMPLATE, 1)
+    try:
+        assert _refill()["warmed"] == 1
+        member = PoolMember.objects.get(template=TEMPLATE)
+        real_append_many = store.append_many
+        failed: list[str] = []
+
+        def failing_append(pending: Any, **kwargs: Any) -> Any:
+            if any(p.type == "pool.vm_handed_out" for p in pending):
+                failed.append(pending[0].aggregate_id)  # the guest's part is under way by now
+                raise RuntimeError("the append failed")
+            return real_append_many(pending, **kwargs)
+
+        monkeypatch.setattr(store, "append_many", failing_append)
+        with pytest.raises(RuntimeError, match="the append failed"):
+            pools.create(owner, name="never-made", template=TEMPLATE)
+        monkeypatch.undo()
+        assert failed == [str(member.pk)]
+        assert not VirtualMachine.objects.filter(pk=member.pk).exists()
+        assert not PoolMember.objects.filter(pk=member.pk).exists()
+        evicted = Event.objects.get(aggregate_id=str(member.pk), type="pool.vm_evicted")
+        assert "the create was not recorded" in evicted.payload["reason"]
+        assert not Event.objects.filter(type="pool.vm_handed_out").exists()
+        assert not runtime.hypervisor().is_alive(runtime.runtime_dir(member.pk))
+        assert credentials.for_vm(member.pk) is None  # its credential went with it
+        assert "vms.tasks.refill_pools" in pool_env
+    finally:
+        monkeypatch.undo()
+        commands.set_pool_target(admin, TEMPLATE, 0)
+        _refill()
+        _destroy_all(owner)
+
+
+def test_a_hand_out_whose_guest_refuses_its_identity_starts_the_vm_the_ordinary_way(
+    caller_for: Any, pool_env: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest's part fails (here the member's agent refuses the credential presented): the
+    VM, created and committed, is not answered as running; the member is torn down and its
+    eviction says why, and the VM's start request goes to the worker."""
+    admin, owner = caller_for("admin"), caller_for("operator")
+    commands.set_pool_target(admin, TEMPLATE, 1)
+    try:
+        assert _refill()["warmed"] == 1
+        member = PoolMember.objects.get(template=TEMPLATE)
+        monkeypatch.setattr(credentials, "for_vm", lambda vm_id: "not-the-member-credential")
+        pool_env.clear()
+        accepted = pools.create(owner, name="refused", template=TEMPLATE)
+        monkeypatch.undo()
+        assert accepted.pooled is None and accepted.vm_id == member.pk
+        assert VirtualMachine.objects.get(pk=member.pk).state == "starting"
+        assert not Event.objects.filter(aggregate_id=str(member.pk), type="vm.started").exists()
+        evicted = Event.objects.get(aggregate_id=str(member.pk), type="pool.vm_evicted")
+        assert "unauthorized" in evicted.payload["reason"], evicted.payload
+        assert not runtime.hypervisor().is_alive(runtime.runtime_dir(member.pk))
+        assert "vms.tasks.run_request" in pool_env
+    finally:
+        monkeypatch.undo()
+        commands.set_pool_target(admin, TEMPLATE, 0)
+        _refill()
+        _destroy_all(owner)
+
+
 def test_guests_restored_from_one_saved_state_do_not_share_random_numbers(
     caller_for: Any, pool_env: list[str]
 ) -> None:
