@@ -21,6 +21,16 @@ def test_exec_echo_returns_stdout_and_zero_exit(shared_guest: Guest) -> None:
     assert result.stderr == b""
 
 
+def test_processes_get_no_address_space_randomization(shared_guest: Guest) -> None:
+    # rc.sysinit: under TCG a process at the addresses of the last one reuses its translations.
+    assert shared_guest.client.exec(["cat", "/proc/sys/kernel/randomize_va_space"]).stdout == b"0\n"
+    maps = [
+        shared_guest.client.exec(["grep", "-m1", "libc", "/proc/self/maps"]).stdout
+        for _ in range(2)
+    ]
+    assert maps[0] and maps[0] == maps[1]
+
+
 def test_exec_keeps_stderr_apart_from_stdout(shared_guest: Guest) -> None:
     result = shared_guest.client.exec(["sh", "-c", "echo out; echo err >&2"])
     assert result.stdout == b"out\n"
