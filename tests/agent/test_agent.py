@@ -194,6 +194,34 @@ def test_exec_timeout_kills_the_whole_process_tree(client: AgentClient, tmp_path
     assert _gone(int(pidfile.read_text()))
 
 
+def test_exec_timeout_kills_a_process_that_closed_its_output(client: AgentClient) -> None:
+    # Its pipes are at EOF at once: the deadline is kept by the wait for its exit (a pidfd).
+    result = client.exec(["sh", "-c", "exec >/dev/null 2>&1; sleep 1000"], timeout=1)
+    assert result.timed_out
+    assert result.signal == signal.SIGKILL
+    assert 0.9 < result.duration_s < 5
+
+
+def test_the_wait_for_an_exit_wakes_at_the_exit_not_at_a_poll(agent_module) -> None:  # noqa: ANN001
+    # Popen.wait(timeout) polls with sleeps growing to 50 ms: a process ending 70 ms in was
+    # reaped about 40 ms late. Asleep on its pidfd, the wait returns at the exit.
+    lags = []
+    for _ in range(5):
+        started = time.monotonic()
+        proc = subprocess.Popen(["sleep", "0.07"])
+        agent_module._wait_exit(proc, 10.0)
+        lags.append(time.monotonic() - started - 0.07)
+        assert proc.returncode == 0
+    assert statistics.median(lags) < 0.02
+    proc = subprocess.Popen(["sleep", "1000"])
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            agent_module._wait_exit(proc, 0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_client_side_wait_timeout_raises_and_kills_the_process(
     client: AgentClient, tmp_path: Path
 ) -> None:
