@@ -40,6 +40,15 @@ REQUESTED: dict[str, str] = {
 }
 OUTCOMES: dict[str, str] = lifecycle.outcome_states()
 FAILURES = frozenset(v.failed for v in lifecycle.REQUEST_VERBS if v.failed)
+# Guest access requests and their outcomes (exec, file transfers): folded into nothing but the
+# VM's version, except an exec request that gives the guest secrets (``secrets_seen``).
+VERSION_ONLY = frozenset(
+    t for v in lifecycle.GUEST_VERBS for t in (v.requested, v.succeeded, v.failed) if t
+)
+
+
+def _version_only(e: RecordedEvent) -> bool:
+    return e.type in VERSION_ONLY and not (e.type == "vm.exec_requested" and e.data.get("secrets"))
 
 
 def _usage_delta(usage: dict[int, dict[str, int]], user_id: int, **delta: int) -> None:
@@ -69,6 +78,21 @@ class VMProjector(Projector):
     inline = True
 
     def handle(self, events: Sequence[RecordedEvent]) -> None:
+        if all(_version_only(e) for e in events):
+            # An exec's or a transfer's events (most appends of a busy VM): its row is not read,
+            # only its version and time written.
+            last = {e.aggregate_id: e for e in events}
+            update_rows(
+                VirtualMachine,
+                [
+                    VirtualMachine(
+                        id=uuid.UUID(e.aggregate_id), version=e.version, updated_at=e.recorded_at
+                    )
+                    for e in last.values()
+                ],
+                ["version", "updated_at"],
+            )
+            return
         vm_ids = {uuid.UUID(e.aggregate_id) for e in events if e.aggregate_type == "vm"}
         snap_ids = {uuid.UUID(e.aggregate_id) for e in events if e.aggregate_type == "snapshot"}
         snap_ids |= {

@@ -91,3 +91,42 @@ def test_a_create_charged_to_a_team_budget_reads_it_once_under_the_lock(caller_f
     budget_reads = [i for i, s in enumerate(sql) if "vms_groupbudget" in s]
     assert budget_reads == [4, 7], sql
     assert sql[6].startswith("SELECT 1 AS") and "vms_usage" in sql[6]  # the user's usage first
+
+
+def test_an_execs_request_and_outcome_write_the_vm_row_without_reading_it_again(
+    caller_for,
+) -> None:
+    """The events of a guest request (an exec, a file transfer) move only the VM's version: the
+    projection writes that with one narrow UPDATE and reads no row."""
+    caller = caller_for("operator")
+    vm = _running(caller)
+    with exact_queries(7) as sql:
+        request = commands.request_guest_access(caller, vm, "exec", {"argv": ["true"]})
+    # The VM under the lock, its use, the head, the INSERT; the VM's version; the task; the
+    # checkpoints.
+    kinds = [s.split()[0] for s in sql]
+    assert kinds == ["SELECT", "INSERT", "SELECT", "INSERT", "UPDATE", "INSERT", CHECKPOINTS], sql
+    assert sql[4].startswith('UPDATE "vms_virtualmachine" SET "version"') and "state" not in sql[4]
+    with exact_queries(8) as sql:
+        outcome = commands.record_guest_outcome(
+            caller, request, "vm.exec_completed", {"exit_code": 0}
+        )
+    # No outcome yet, the head, the INSERT; the VM's version; the task; the checkpoints; the VM
+    # still there, its use.
+    kinds = [s.split()[0] for s in sql]
+    assert kinds == [
+        "SELECT",
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "UPDATE",
+        CHECKPOINTS,
+        "SELECT",
+        "INSERT",
+    ]
+    assert not any(
+        s.startswith('SELECT "vms_virtualmachine"."id", "vms_virtualmachine"."name"') for s in sql
+    )
+    fresh = VirtualMachine.objects.get(pk=vm.pk)
+    assert (fresh.state, fresh.version) == ("running", outcome.version)
+    assert outcome.version == request.version + 1
