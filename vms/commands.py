@@ -411,6 +411,40 @@ def _name_taken_query() -> CompiledQuery:
     )
 
 
+VM_STAND_IN = uuid.UUID("5a4d0000-0000-4000-8000-00000000057a")
+REQUEST_STAND_IN = "stand-in-request-event-id"
+POSITION_STAND_IN = -7_319_446_589
+
+
+@cached
+def _vm_state_query() -> CompiledQuery:
+    """A VM's state (read under the lock by the guest requests: compiled)."""
+    return CompiledQuery(
+        VirtualMachine.objects.filter(pk=VM_STAND_IN).values("state"), {"vm": VM_STAND_IN}
+    )
+
+
+@cached
+def _pending_request_query() -> CompiledQuery:
+    """A VM's pending request (read under the lock by the outcomes: compiled)."""
+    return CompiledQuery(
+        VirtualMachine.objects.filter(pk=VM_STAND_IN).values("pending_request"),
+        {"vm": VM_STAND_IN},
+    )
+
+
+@cached
+def _guest_outcome_query(outcomes: frozenset[str]) -> CompiledQuery:
+    """An outcome of a guest request, if any (outcomes come after their request: the (type,
+    position) index reads only what follows it)."""
+    qs = Event.objects.filter(
+        type__in=sorted(outcomes), position__gt=POSITION_STAND_IN, causation_id=REQUEST_STAND_IN
+    )
+    return CompiledQuery(
+        qs.values("position")[:1], {"position": POSITION_STAND_IN, "request": REQUEST_STAND_IN}
+    )
+
+
 @dataclass(frozen=True)
 class _Counted:
     """What a fork checked under the lock for all its new VMs at once: the budget they draw on."""
@@ -1722,9 +1756,13 @@ def request_guest_access(
     row = lifecycle.guest_verb(kind)
     require_guest_access(caller, vm, kind)
     store.lock()
-    fresh = _fresh(vm.pk)  # the state under the lock: a stop or destroy may have come first
-    if fresh.state not in row.allowed_from:
-        raise InvalidState(fresh, "reach the guest of", row.allowed_from)
+    # The state under the lock: a stop or destroy may have come first.
+    found = _vm_state_query().run(vm=vm.pk)
+    if not found:
+        raise NotFound(f"no VM {vm.pk}")
+    if found[0]["state"] not in row.allowed_from:
+        # The whole row for the refusal: a caller reads why (an idle pause under way: vms.guest).
+        raise InvalidState(_fresh(vm.pk), "reach the guest of", row.allowed_from)
     # Used from now (vms.idle): in the request's transaction, under the lock the idle pause is
     # decided under, so no pause falls between the two.
     mark_used(vm.pk, timezone.now())
@@ -1736,10 +1774,9 @@ class AlreadySettled(Exception):
 
 
 def _guest_outcome_of(request: store.RecordedEvent, outcomes: frozenset[str]) -> bool:
-    # Outcomes come after their request: the (type, position) index reads only what follows it.
-    return Event.objects.filter(
-        type__in=outcomes, position__gt=request.position, causation_id=str(request.event_id)
-    ).exists()
+    return bool(
+        _guest_outcome_query(outcomes).run(position=request.position, request=str(request.event_id))
+    )
 
 
 @transaction.atomic
@@ -1910,11 +1947,8 @@ SUPERSEDED = _Superseded()
 
 
 def _pending_request_of(request: store.RecordedEvent) -> str | None:
-    return (
-        VirtualMachine.objects.filter(pk=request.aggregate_id)
-        .values_list("pending_request", flat=True)
-        .first()
-    )
+    found = _pending_request_query().run(vm=uuid.UUID(request.aggregate_id))
+    return found[0]["pending_request"] if found else None
 
 
 def is_pending(request: store.RecordedEvent) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
 
 from django.conf import settings
 from django_q.brokers import Broker, get_broker
@@ -38,36 +37,41 @@ def broker() -> Broker:
     return found
 
 
-def _task(func: str, *args: Any, **options: Any) -> None:
-    async_task(func, *args, broker=broker(), **options)
-
-
 def request(event_id: str) -> None:
     """Carry out the request event ``event_id`` (``vms.tasks.run_request``)."""
-    _task(
+    async_task(
         "vms.tasks.run_request",
         event_id,
         task_name=f"request-{event_id}",
         timeout=settings.Q_CLUSTER["timeout"],
+        broker=broker(),
     )
 
 
 def snapshot_cleanup(snapshot_id: str) -> None:
     """Remove a deleted snapshot's files (``vms.tasks.cleanup_snapshot``)."""
-    _task("vms.tasks.cleanup_snapshot", snapshot_id, task_name=f"snapshot-cleanup-{snapshot_id}")
+    async_task(
+        "vms.tasks.cleanup_snapshot",
+        snapshot_id,
+        task_name=f"snapshot-cleanup-{snapshot_id}",
+        broker=broker(),
+    )
 
 
 def network_rules(vm_id: str) -> None:
     """Apply a VM's network rules again after its forwards or egress changed
     (``vms.tasks.apply_network``; idempotent: it applies what the records say now)."""
-    _task("vms.tasks.apply_network", vm_id, task_name=f"network-{vm_id}")
+    async_task("vms.tasks.apply_network", vm_id, task_name=f"network-{vm_id}", broker=broker())
 
 
 def network_bridge(network_id: str) -> None:
     """Apply a network's isolation setting to its bridge and base rules after it changed
     (``vms.tasks.apply_network_settings``), so VMs already on it follow at once."""
-    _task(
-        "vms.tasks.apply_network_settings", network_id, task_name=f"network-settings-{network_id}"
+    async_task(
+        "vms.tasks.apply_network_settings",
+        network_id,
+        task_name=f"network-settings-{network_id}",
+        broker=broker(),
     )
 
 
@@ -76,4 +80,6 @@ def pool_refill(delay_s: float = 0.0) -> None:
     one refill at a time per host: a second finds the first's lock and returns). ``delay_s``:
     wait that long first (after a hand-out: the new VM's first commands go before the refill's
     restore takes a core)."""
-    _task("vms.tasks.refill_pools", delay_s, task_name="pool-refill", timeout=600)
+    async_task(
+        "vms.tasks.refill_pools", delay_s, task_name="pool-refill", timeout=600, broker=broker()
+    )
