@@ -299,7 +299,6 @@ def finish_handout(accepted: commands.Accepted, begun: _Begun | None = None) -> 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
-    request = accepted.request
     hostname = accepted.hostname
     vm: VirtualMachine | None = None
     try:
@@ -353,25 +352,10 @@ def finish_handout(accepted: commands.Accepted, begun: _Begun | None = None) -> 
                     if nets:
                         readiness.check_macs(hv, rt, spec)
                     timings["identity_ms"] = _ms(t0)
-                    data = {
-                        "host": member.host,
-                        "hypervisor": hv.name,
-                        "pid": rt.pid(),
-                        "from_template": True,
-                        "from_pool": True,
-                        "image_id": member.image_id,
-                        "seconds": round(time.perf_counter() - t0, 4),
-                        "handout_ms": {k: round(v, 2) for k, v in timings.items()},
-                        **_nic_data(nets),
-                    }
-                    outcome = commands.record_handout(request, key_id, data)
-                    if outcome is commands.SUPERSEDED:
-                        # A destroy came first: the VM must not run; nothing was recorded.
-                        raise _Superseded()
-                    if outcome is None:
-                        # Not recorded (another outcome or a conflict came first): the VM must
-                        # not run as if started; the credential row goes back with this block.
-                        raise RuntimeError("its start could not be recorded")
+                    # The credential row goes back with this block if the start is not recorded.
+                    _record_started(
+                        accepted, key_id, time.perf_counter() - t0, timings, _nic_data(nets)
+                    )
             except BaseException:
                 client.close()
                 raise
@@ -393,27 +377,11 @@ def finish_handout(accepted: commands.Accepted, begun: _Begun | None = None) -> 
 def _finish_begun(accepted: commands.Accepted, begun: _Begun) -> bool:
     """``finish_handout`` of a hand-out whose guest part began in the create: wait for it,
     then record the start."""
-    member = accepted.pooled
-    assert member is not None and begun.client is not None
-    hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
+    assert begun.client is not None
     try:
         try:
             begun.wait()
-            data = {
-                "host": member.host,
-                "hypervisor": hv.name,
-                "pid": rt.pid(),
-                "from_template": True,
-                "from_pool": True,
-                "image_id": member.image_id,
-                "seconds": round(begun.seconds(), 4),
-                "handout_ms": {k: round(v, 2) for k, v in begun.timings.items()},
-            }
-            outcome = commands.record_handout(accepted.request, begun.key_id, data)
-            if outcome is commands.SUPERSEDED:
-                raise _Superseded()
-            if outcome is None:
-                raise RuntimeError("its start could not be recorded")
+            _record_started(accepted, begun.key_id, begun.seconds(), begun.timings, {})
         except BaseException:
             begun.client.close()
             raise
@@ -427,6 +395,38 @@ def _finish_begun(accepted: commands.Accepted, begun: _Begun) -> bool:
         return _handout_failed(accepted, exc)
     enqueue.pool_refill(REFILL_AFTER_HANDOUT_S)
     return True
+
+
+def _record_started(
+    accepted: commands.Accepted,
+    key_id: str,
+    seconds: float,
+    timings: dict[str, float],
+    nic: dict[str, Any],
+) -> None:
+    """``vm.agent_credential_rotated`` and ``vm.started`` of a hand-out (``record_handout``);
+    ``_Superseded`` when a destroy came first (nothing recorded: the VM must not run), and an
+    error when it was not recorded (another outcome or a conflict came first: the VM must not
+    run as if started)."""
+    member = accepted.pooled
+    assert member is not None
+    hv, rt = runtime.hypervisor(), runtime.runtime_dir(accepted.vm_id)
+    data = {
+        "host": member.host,
+        "hypervisor": hv.name,
+        "pid": rt.pid(),
+        "from_template": True,
+        "from_pool": True,
+        "image_id": member.image_id,
+        "seconds": round(seconds, 4),
+        "handout_ms": {k: round(v, 2) for k, v in timings.items()},
+        **nic,
+    }
+    outcome = commands.record_handout(accepted.request, key_id, data)
+    if outcome is commands.SUPERSEDED:
+        raise _Superseded()
+    if outcome is None:
+        raise RuntimeError("its start could not be recorded")
 
 
 def _handout_failed(accepted: commands.Accepted, exc: Exception) -> bool:
